@@ -1,0 +1,60 @@
+# rnnserve: `make run` trains (if needed) and serves; `make test` runs the whole suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+MODELS ?= models
+PORT   ?= 50051
+METRICS_PORT ?= 8000
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test venv proto lint models serve bench clean system-deps
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[train,serve,client,dev]'
+	touch $(STAMP)
+
+# Trains and exports the default model zoo once, then serves it.
+models: $(STAMP)
+	@if [ ! -f $(MODELS)/.zoo-complete ]; then \
+	  echo "== training the default models into $(MODELS)/ (first run only) =="; \
+	  $(BIN)/rnn-trainer zoo --out $(MODELS) && touch $(MODELS)/.zoo-complete; \
+	fi
+
+run: models
+	@echo "== rnn-server on localhost:$(PORT), metrics on http://localhost:$(METRICS_PORT)/metrics =="
+	@echo "   try:  $(BIN)/rnn-client models"
+	@echo "         $(BIN)/rnn-client generate --model lstm --prompt 'the time'"
+	@echo "         $(BIN)/rnn-client score --model lstm 'the time traveller'"
+	@echo "         grpcurl -plaintext localhost:$(PORT) list"
+	$(BIN)/rnn-server --model-repo $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# Regenerates the committed gRPC stubs from the .proto (tests fail when they are stale).
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto \
+	  --grpc_python_out=proto proto/rnnserve/v1/rnnserve.proto
+
+bench: models
+	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/forecast.py
+	$(BIN)/python bench/serve.py
+
+# Tools the end-to-end tests use that do not come from PyPI (Prometheus, promtool).
+system-deps:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  else echo "prometheus not installed and not root: its e2e test will be skipped"; fi; }
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,83 @@
+"""Char- and word-level tokenizers with a documented, reproducible normalisation.
+
+The trainer and the server must split text identically, so the settings travel in the
+manifest and this module is the only implementation.
+
+Normalisation (applied in this order):
+1. Unicode NFKC, so visually identical strings tokenize identically.
+2. `lowercase` (default on): str.lower().
+3. `letters_only` (default off): every run of characters outside a-z (after lowercasing) is
+   replaced by a single space — the classic Time Machine preprocessing.
+4. Runs of whitespace collapse to one space.
+
+Char level: every character of the normalised text is a token.
+Word level: tokens are runs of word characters or single punctuation marks (regex
+``\\w+|[^\\w\\s]``); whitespace separates and is dropped, so decode joins with spaces.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import asdict, dataclass
+
+_WORD_RE = re.compile(r"\w+|[^\w\s]")
+_NON_LETTERS_RE = re.compile(r"[^a-z]+")
+_SPACE_RE = re.compile(r"\s+")
+
+LEVELS = ("char", "word")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """How text becomes tokens; stored in manifest.json under `tokenizer`."""
+
+    level: str = "char"
+    lowercase: bool = True
+    letters_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise ValueError(f"tokenizer level must be one of {LEVELS}, got {self.level!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TokenizerConfig:
+        return cls(
+            level=str(data.get("level", "char")),
+            lowercase=bool(data.get("lowercase", True)),
+            letters_only=bool(data.get("letters_only", False)),
+        )
+
+
+class Tokenizer:
+    """Splits text into string tokens and joins them back."""
+
+    def __init__(self, config: TokenizerConfig | None = None) -> None:
+        self.config = config or TokenizerConfig()
+
+    def normalize(self, text: str) -> str:
+        text = unicodedata.normalize("NFKC", text)
+        if self.config.lowercase:
+            text = text.lower()
+        if self.config.letters_only:
+            text = _NON_LETTERS_RE.sub(" ", text)
+        return _SPACE_RE.sub(" ", text)
+
+    def tokenize(self, text: str) -> list[str]:
+        text = self.normalize(text)
+        if self.config.level == "char":
+            return list(text)
+        return _WORD_RE.findall(text)
+
+    def detokenize(self, tokens: list[str]) -> str:
+        if self.config.level == "char":
+            return "".join(tokens)
+        return " ".join(tokens)
+
+    @property
+    def separator(self) -> str:
+        """What goes between two tokens when text is streamed token by token."""
+        return "" if self.config.level == "char" else " "

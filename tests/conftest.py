@@ -1,0 +1,22 @@
+"""Fixtures shared by every test layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository with one tiny model of every architecture, trained once per session.
+
+    Layout: <repo>/<name>/1/{model.onnx,manifest.json}; see trainer.zoo for the names.
+    """
+    from trainer.zoo import build_zoo
+
+    out = tmp_path_factory.mktemp("models")
+    build_zoo(out, preset="tiny")
+    return out
