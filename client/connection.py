@@ -1,0 +1,98 @@
+"""Connection settings shared by both clients: address, TLS, bearer token, default deadline.
+
+Why: the sync and async clients build channels the same way; keeping it here means TLS/mTLS
+and auth behave identically whichever one a caller picks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+DEFAULT_ADDRESS = "localhost:50051"
+DEFAULT_TIMEOUT = 30.0  # seconds per call (per whole stream for Generate)
+
+# Large enough for Score's per-token log-probs on long texts.
+_CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS settings. No root CA: the system roots. cert+key together: mutual TLS.
+    server_name overrides the name checked against the server certificate."""
+
+    root_ca: bytes | None = None
+    cert_chain: bytes | None = None
+    private_key: bytes | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_chain is None) != (self.private_key is None):
+            raise ValueError("TLS client certificate and key must be given together")
+
+    @classmethod
+    def from_files(
+        cls,
+        ca: str | Path | None = None,
+        cert: str | Path | None = None,
+        key: str | Path | None = None,
+        server_name: str | None = None,
+    ) -> TlsConfig:
+        """Read PEM files; raises ValueError naming the file that cannot be read."""
+        return cls(_read(ca, "CA"), _read(cert, "cert"), _read(key, "key"), server_name)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_ca,
+            private_key=self.private_key,
+            certificate_chain=self.cert_chain,
+        )
+
+
+def _read(path: str | Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read TLS {what} file {path}: {exc.strerror}") from None
+
+
+def channel_options(tls: TlsConfig | None) -> list[tuple[str, int | str]]:
+    options = list(_CHANNEL_OPTIONS)
+    if tls is not None and tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return options
+
+
+def sync_channel(address: str, tls: TlsConfig | None) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(address, options=channel_options(None))
+    return grpc.secure_channel(address, tls.credentials(), options=channel_options(tls))
+
+
+def aio_channel(address: str, tls: TlsConfig | None) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=channel_options(None))
+    return grpc.aio.secure_channel(address, tls.credentials(), options=channel_options(tls))
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Bearer token as call metadata. Sent per call (not call credentials) so it also works
+    on plaintext channels, e.g. behind a TLS-terminating proxy."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def resolve_timeout(per_call: float | None, default: float | None) -> float | None:
+    """Per-call timeout if given, else the client's default; math.inf means no deadline."""
+    timeout = default if per_call is None else per_call
+    if timeout is None or math.isinf(timeout):
+        return None
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    return float(timeout)

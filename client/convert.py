@@ -1,0 +1,193 @@
+"""Protobuf <-> plain data, in one place shared by the sync and async clients.
+
+Why: handlers of both clients stay three lines long, and request validation that can be done
+locally (clear message, no round trip) happens before anything is sent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+from client.errors import InvalidArgument
+from client.results import (
+    ForecastResult,
+    InfillCandidate,
+    ModelInfo,
+    ReloadResult,
+    ScoreResult,
+    StateTensor,
+    TokenEvent,
+    VersionInfo,
+)
+
+_FINISH = {
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_EOS: "eos",
+}
+
+
+def generate_request(
+    model: str,
+    prompt: str = "",
+    *,
+    version: str = "",
+    max_tokens: int = 0,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    return_state: bool = False,
+    state: bytes | None = None,
+) -> pb.GenerateRequest:
+    _require_model(model)
+    if not prompt and not state:
+        raise InvalidArgument("prompt: required unless a resume state is given")
+    if isinstance(stop, str):
+        stop = [stop]
+    sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    if seed is not None:
+        if seed < 0:
+            raise InvalidArgument("seed: must be >= 0")
+        sampling.seed = seed
+    return pb.GenerateRequest(
+        model=model,
+        version=version,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        stop=list(stop),
+        return_state=return_state,
+        state=state or b"",
+    )
+
+
+def score_request(model: str, texts: str | Iterable[str], version: str = "") -> pb.ScoreRequest:
+    _require_model(model)
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise InvalidArgument("texts: at least one text is required")
+    return pb.ScoreRequest(model=model, version=version, texts=texts)
+
+
+def infill_request(
+    model: str, left: str, right: str, *, top_k: int = 0, version: str = ""
+) -> pb.InfillRequest:
+    _require_model(model)
+    if not left and not right:
+        raise InvalidArgument("left/right: at least one context must be non-empty")
+    return pb.InfillRequest(model=model, version=version, left=left, right=right, top_k=top_k)
+
+
+def forecast_request(
+    model: str,
+    history: Iterable[float],
+    horizon: int,
+    *,
+    return_fitted: bool = False,
+    version: str = "",
+) -> pb.ForecastRequest:
+    _require_model(model)
+    values = [float(v) for v in history]
+    if not values:
+        raise InvalidArgument("history: at least one value is required")
+    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise InvalidArgument(f"history: value {bad} is {values[bad]}, not a finite number")
+    if horizon < 1:
+        raise InvalidArgument("horizon: must be >= 1")
+    return pb.ForecastRequest(
+        model=model,
+        version=version,
+        history=values,
+        horizon=horizon,
+        return_fitted=return_fitted,
+    )
+
+
+def get_model_request(model: str, version: str = "") -> pb.GetModelRequest:
+    _require_model(model)
+    return pb.GetModelRequest(model=model, version=version)
+
+
+def _require_model(model: str) -> None:
+    if not model:
+        raise InvalidArgument("model: required")
+
+
+def token_event(msg: pb.GenerateResponse) -> TokenEvent:
+    ids = tuple(msg.token_ids) or ((msg.token_id,) if msg.token_id >= 0 else ())
+    return TokenEvent(
+        text=msg.text,
+        token_id=msg.token_id,
+        token_ids=ids,
+        logprob=msg.logprob,
+        finish_reason=_FINISH.get(msg.finish_reason),
+        state=msg.state or None,
+    )
+
+
+def score_results(msg: pb.ScoreResponse) -> list[ScoreResult]:
+    return [
+        ScoreResult(
+            perplexity=r.perplexity,
+            log_likelihood=r.log_likelihood,
+            num_tokens=r.num_tokens,
+            unknown_tokens=r.unknown_tokens,
+            token_logprobs=tuple(r.token_logprobs),
+            tokens=tuple(r.tokens),
+        )
+        for r in msg.results
+    ]
+
+
+def infill_candidates(msg: pb.InfillResponse) -> list[InfillCandidate]:
+    return [
+        InfillCandidate(text=c.text, token_id=c.token_id, probability=c.probability)
+        for c in msg.candidates
+    ]
+
+
+def forecast_result(msg: pb.ForecastResponse) -> ForecastResult:
+    return ForecastResult(
+        forecast=tuple(msg.forecast), fitted=tuple(msg.fitted), fitted_offset=msg.fitted_offset
+    )
+
+
+def model_info(msg: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        name=msg.name,
+        default_version=msg.default_version,
+        versions=tuple(_version_info(v) for v in msg.versions),
+    )
+
+
+def _version_info(v: pb.VersionInfo) -> VersionInfo:
+    return VersionInfo(
+        version=v.version,
+        task=v.task,
+        architecture=v.architecture,
+        status=v.status,
+        status_reason=v.status_reason,
+        vocab_size=v.vocab_size,
+        tokenizer=v.tokenizer,
+        execution_provider=v.execution_provider,
+        rpcs=tuple(v.rpcs),
+        hyperparameters=dict(v.hyperparameters),
+        metrics=dict(v.metrics),
+        state=tuple(StateTensor(s.name, tuple(s.shape), s.dtype) for s in v.state),
+    )
+
+
+def model_list(msg: pb.ListModelsResponse) -> list[ModelInfo]:
+    return [model_info(m) for m in msg.models]
+
+
+def reload_result(msg: pb.ReloadModelsResponse) -> ReloadResult:
+    return ReloadResult(
+        loaded=tuple(msg.loaded), unloaded=tuple(msg.unloaded), failed=tuple(msg.failed)
+    )

@@ -1,0 +1,44 @@
+"""Retry policy for unary calls: exponential backoff with full jitter, on UNAVAILABLE only.
+
+Why: a server restarting or a replica draining answers UNAVAILABLE for a moment; unary calls
+are idempotent reads, so retrying them is safe. Generate is never retried: tokens may already
+have reached the caller, and a retry would silently repeat or fork the stream.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """max_attempts counts the first try; backoff before retry n is up to
+    min(max_backoff, initial_backoff * multiplier ** (n - 1)) seconds, drawn uniformly from
+    [jitter_floor * cap, cap] so concurrent clients do not retry in lockstep."""
+
+    max_attempts: int = 4
+    initial_backoff: float = 0.1
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+    jitter_floor: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
+            raise ValueError("backoff must be >= 0 and multiplier >= 1")
+        if not 0.0 <= self.jitter_floor <= 1.0:
+            raise ValueError("jitter_floor must be in [0, 1]")
+
+    def cap(self, retry: int) -> float:
+        """Upper bound of the pause before retry number `retry` (1-based)."""
+        return min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry - 1))
+
+    def backoff(self, retry: int, rng: random.Random | None = None) -> float:
+        """The jittered pause before retry number `retry` (1-based), in seconds."""
+        cap = self.cap(retry)
+        return (rng or random).uniform(self.jitter_floor * cap, cap)
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
