@@ -1,0 +1,211 @@
+"""Hidden Markov model language model, exportable through the common state interface.
+
+State semantics (the graph's `alpha` float32 [batch, K]): the normalised forward
+probability of the hidden state that will emit the NEXT token, p(z_{t+1} | x_<=t).
+Before any token it is p(z_0) = pi, so the initial state is exactly pi and the first token's
+distribution pi @ B is available without a fictitious start token. One step with token x_t:
+
+    f = alpha * B[:, x_t]; f /= f.sum()      # filtering p(z_t | x_<=t)
+    alpha' = f @ A                           # predictive p(z_{t+1} | x_<=t)
+    logits[t] = log(alpha' @ B)              # log p(x_{t+1} | x_<=t), normalised
+
+The time recursion is a real ONNX Loop: `onnx_module()` returns the step loop compiled with
+torch.jit.script, which the legacy exporter turns into Loop + ConcatFromSequence with
+symbolic batch and time axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from artifact.manifest import StateSpec
+from trainer.hmm_fit import HmmParams, chunk_ids, fit_em, fit_gradient, unigram
+from trainer.hmm_recursions import infill_posterior
+
+try:
+    from trainer.errors import TrainerError
+except ImportError:  # until trainer/errors.py lands; switch to the import alone then
+
+    class TrainerError(ValueError):  # type: ignore[no-redef]
+        """Stand-in for trainer.errors.TrainerError."""
+
+
+METHODS = ("em", "gradient")
+
+
+@dataclass(frozen=True)
+class HmmConfig:
+    """How the HMM was trained; stored in the manifest's hyper-parameters."""
+
+    states: int
+    vocab_size: int
+    method: str = "em"
+    epochs: int = 20
+    seed: int = 0
+    chunk: int = 200
+    pseudocount: float = 1e-3
+    lr: float = 0.05
+
+    def validate(self) -> None:
+        if self.states < 1:
+            raise TrainerError(f"HMM needs at least 1 hidden state, got --states {self.states}")
+        if self.vocab_size < 1:
+            raise TrainerError(f"vocabulary size must be >= 1, got {self.vocab_size}")
+        if self.method not in METHODS:
+            raise TrainerError(f"HMM method must be one of {METHODS}, got {self.method!r}")
+        if self.epochs < 0 or self.chunk < 1:
+            raise TrainerError("HMM epochs must be >= 0 and chunk >= 1")
+        if self.pseudocount < 0 or self.lr <= 0:
+            raise TrainerError("HMM pseudocount must be >= 0 and lr > 0")
+
+
+class HmmLoop(nn.Module):
+    """The step loop over time; scripted for export so time stays symbolic."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("a", a)  # [K, K]
+        self.register_buffer("b", b)  # [K, V]
+        self.register_buffer("bt", b.t().contiguous())  # [V, K]
+
+    def forward(
+        self, tokens: torch.Tensor, alpha: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        outs: list[torch.Tensor] = []
+        p = alpha  # [batch, K] predictive p(z_t | x_<t)
+        for t in range(tokens.size(1)):
+            f = p * self.bt[tokens[:, t]]  # [batch, K] joint with x_t
+            f = f / f.sum(dim=1, keepdim=True)  # filtering p(z_t | x_<=t)
+            p = f @ self.a  # predictive p(z_{t+1} | x_<=t)
+            outs.append(torch.log(p @ self.b))  # [batch, V]
+        if len(outs) == 0:
+            return torch.zeros(tokens.size(0), 0, self.b.size(1)), p
+        return torch.stack(outs, dim=1), p  # [batch, time, V], [batch, K]
+
+
+class HmmLM(nn.Module):
+    """Exportable HMM LM: tokens int64 [batch, time], alpha float32 [batch, K]."""
+
+    task = "lm"
+    arch = "hmm"
+    input_name = "tokens"
+    output_name = "logits"
+
+    def __init__(self, params: HmmParams, config: HmmConfig) -> None:
+        super().__init__()
+        config.validate()
+        k, v = config.states, config.vocab_size
+        if params.pi.shape != (k,) or params.a.shape != (k, k) or params.b.shape != (k, v):
+            raise TrainerError(f"HMM parameter shapes do not match K={k}, V={v}")
+        self.config = config
+        self.register_buffer("pi", params.pi.float())  # [K]
+        self.loop = HmmLoop(params.a.float(), params.b.float())
+
+    @property
+    def params(self) -> HmmParams:
+        return HmmParams(self.pi.double(), self.loop.a.double(), self.loop.b.double())
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {**asdict(self.config), "state": "alpha = p(z_{t+1} | x_<=t), init pi"}
+
+    def state_specs(self) -> list[StateSpec]:
+        return [
+            StateSpec(
+                name="alpha",
+                input="alpha",
+                output="alpha_out",
+                shape=[-1, self.config.states],
+                batch_axis=0,
+                dtype="float32",
+                init=[float(p) for p in self.pi],
+            )
+        ]
+
+    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        return (self.pi.expand(batch_size, -1).clone(),)  # [batch, K]
+
+    def forward(self, tokens: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.loop(tokens, alpha)
+
+    def onnx_module(self) -> torch.nn.Module:
+        return torch.jit.script(HmmLoop(self.loop.a, self.loop.b))
+
+    def first_token_log_probs(self) -> torch.Tensor:
+        """log p(x_0) [V], the distribution before any token."""
+        return torch.log(self.pi @ self.loop.b)
+
+    @torch.no_grad()
+    def perplexity(self, ids: Sequence[int]) -> float:
+        """exp(mean NLL) of every id, the first scored from pi (chunking is not applied)."""
+        if len(ids) < 1:
+            raise TrainerError("cannot measure perplexity on an empty sequence")
+        _check_ids(ids, self.config.vocab_size)
+        tokens = torch.tensor([list(ids)], dtype=torch.int64)  # [1, time]
+        logits, _ = self.forward(tokens[:, :-1], self.initial_state(1)[0])
+        picked = logits[0].gather(1, tokens[0, 1:, None]).double().sum()
+        total = float(self.first_token_log_probs()[ids[0]]) + float(picked)
+        return math.exp(-total / len(ids))
+
+    @torch.no_grad()
+    def posterior_blank(self, left_ids: Sequence[int], right_ids: Sequence[int]) -> np.ndarray:
+        """p(x_t = v | left, right) [V] by forward-backward (left starts from pi)."""
+        _check_ids([*left_ids, *right_ids], self.config.vocab_size)
+        p = self.params
+        left = torch.as_tensor(list(left_ids), dtype=torch.int64)
+        right = torch.as_tensor(list(right_ids), dtype=torch.int64)
+        return infill_posterior(p.pi, p.a, p.b, left, right).numpy()
+
+
+def _check_ids(ids: Sequence[int], vocab_size: int) -> None:
+    bad = [i for i in ids if not 0 <= int(i) < vocab_size]
+    if bad:
+        raise TrainerError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+
+
+def train_hmm(
+    ids: list[int],
+    vocab_size: int,
+    states: int = 16,
+    method: str = "em",
+    epochs: int = 20,
+    seed: int = 0,
+    progress: bool = True,
+    **options: Any,
+) -> HmmLM:
+    """Trains a K-state HMM on `ids` by EM or gradient; options: chunk, pseudocount, lr."""
+    config = HmmConfig(states, vocab_size, method, epochs, seed, **options)
+    config.validate()
+    if len(ids) < 2:
+        raise TrainerError(f"the HMM needs at least 2 tokens to train on, got {len(ids)}")
+    _check_ids(ids, vocab_size)
+    batches = chunk_ids(ids, config.chunk)
+    params = HmmParams.random(states, vocab_size, unigram(ids, vocab_size), seed)
+    bar = tqdm(total=epochs, desc=f"hmm-{method} K={states}", disable=not progress, unit="epoch")
+
+    def on_epoch(ll: float) -> None:
+        bar.update(1)
+        bar.set_postfix(ppl=f"{math.exp(-ll):.3f}")
+
+    try:
+        if method == "em":
+            params, history = fit_em(params, batches, epochs, config.pseudocount, on_epoch)
+        else:
+            params, history = fit_gradient(
+                params, batches, epochs, config.lr, seed=seed, on_epoch=on_epoch
+            )
+    finally:
+        bar.close()
+    final = history.log_likelihood_per_token[-1]
+    if not math.isfinite(final):
+        raise TrainerError(f"HMM training ({method}) diverged: log-likelihood became {final}")
+    model = HmmLM(params, config)
+    model.history = history
+    return model

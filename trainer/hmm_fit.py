@@ -1,0 +1,156 @@
+"""Fitting a discrete HMM: Baum-Welch EM, or gradient ascent on the forward log-likelihood.
+
+The corpus is cut into chunks of `chunk` ids, each treated as an independent sequence that
+starts from pi. That lets one forward-backward pass run over all chunks at once (a batch of
+small matrix products per time step) instead of a Python step per id; the objective is the
+sum of the chunks' log-likelihoods, which EM never decreases (with pseudocount 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from trainer.hmm_recursions import emissions, forward_log, posterior
+
+
+@dataclass
+class HmmParams:
+    """Probabilities of a K-state HMM over V symbols (float64)."""
+
+    pi: torch.Tensor  # [K]
+    a: torch.Tensor  # [K, K], rows sum to 1
+    b: torch.Tensor  # [K, V], rows sum to 1
+
+    @classmethod
+    def random(cls, states: int, vocab_size: int, unigram: torch.Tensor, seed: int) -> HmmParams:
+        """Near-uniform transitions; emissions = the unigram distribution, perturbed per state."""
+        gen = torch.Generator().manual_seed(seed)
+        k, v = states, vocab_size
+        pi = torch.rand(k, generator=gen, dtype=torch.float64) + 1.0
+        a = torch.rand(k, k, generator=gen, dtype=torch.float64) + 0.5
+        noise = torch.rand(k, v, generator=gen, dtype=torch.float64) + 0.25
+        b = (unigram[None, :] + 1e-3) * noise
+        return cls(pi / pi.sum(), a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True))
+
+
+@dataclass
+class FitHistory:
+    """Mean log-likelihood per id, measured before each update (and once at the end)."""
+
+    log_likelihood_per_token: list[float] = field(default_factory=list)
+
+
+def chunk_ids(ids: Sequence[int], chunk: int) -> list[torch.Tensor]:
+    """[N, chunk] of the whole chunks, plus a [1, rest] batch for the tail if any."""
+    x = torch.as_tensor(list(ids), dtype=torch.int64)
+    whole = len(x) // chunk
+    batches = [x[: whole * chunk].view(whole, chunk)] if whole else []
+    if len(x) % chunk:
+        batches.append(x[whole * chunk :].view(1, -1))
+    return batches
+
+
+def unigram(ids: Sequence[int], vocab_size: int) -> torch.Tensor:
+    counts = torch.bincount(torch.as_tensor(list(ids), dtype=torch.int64), minlength=vocab_size)
+    return counts.double() / max(1, len(ids))
+
+
+def em_step(
+    params: HmmParams, batches: list[torch.Tensor], pseudocount: float
+) -> tuple[HmmParams, float]:
+    """One Baum-Welch update; returns the new params and the total log-likelihood before it."""
+    k, v = params.b.shape
+    pi_c = torch.zeros(k, dtype=torch.float64)
+    a_c = torch.zeros(k, k, dtype=torch.float64)
+    b_c = torch.zeros(v, k, dtype=torch.float64)
+    total = 0.0
+    for x in batches:
+        gamma, beta, fwd = posterior(params.pi, params.a, params.b, x)  # [N, T, K] each
+        total += float(fwd.log_likelihood.sum())
+        pi_c += gamma[:, 0].sum(0)
+        if x.shape[1] > 1:
+            lhs = fwd.alpha[:, :-1].reshape(-1, k)  # alpha_hat_t [N(T-1), K]
+            e = emissions(params.b, x)[:, 1:]  # B[:, x_{t+1}] [N, T-1, K]
+            rhs = (e * beta[:, 1:] / fwd.scale[:, 1:, None]).reshape(-1, k)
+            a_c += params.a * (lhs.t() @ rhs)  # expected transitions xi, summed
+        b_c.index_add_(0, x.reshape(-1), gamma.reshape(-1, k))
+    pi_c, a_c, b_c = pi_c + pseudocount, a_c + pseudocount, b_c.t() + pseudocount
+    new = HmmParams(
+        pi_c / pi_c.sum(), a_c / a_c.sum(1, keepdim=True), b_c / b_c.sum(1, keepdim=True)
+    )
+    return new, total
+
+
+def log_likelihood(params: HmmParams, batches: list[torch.Tensor]) -> float:
+    """Total log-likelihood of the chunks (scaled forward recursion)."""
+    with torch.no_grad():
+        return sum(
+            float(posterior(params.pi, params.a, params.b, x)[2].log_likelihood.sum())
+            for x in batches
+        )
+
+
+def fit_em(
+    params: HmmParams,
+    batches: list[torch.Tensor],
+    epochs: int,
+    pseudocount: float = 1e-3,
+    on_epoch: Callable[[float], None] | None = None,
+) -> tuple[HmmParams, FitHistory]:
+    """Baum-Welch for `epochs` iterations."""
+    tokens = sum(x.numel() for x in batches)
+    history = FitHistory()
+    with torch.no_grad():
+        for _ in range(epochs):
+            params, total = em_step(params, batches, pseudocount)
+            history.log_likelihood_per_token.append(total / tokens)
+            if on_epoch:
+                on_epoch(total / tokens)
+        history.log_likelihood_per_token.append(log_likelihood(params, batches) / tokens)
+    return params, history
+
+
+def fit_gradient(
+    params: HmmParams,
+    batches: list[torch.Tensor],
+    epochs: int,
+    lr: float = 0.05,
+    batch_chunks: int = 32,
+    seed: int = 0,
+    on_epoch: Callable[[float], None] | None = None,
+) -> tuple[HmmParams, FitHistory]:
+    """Adam on -log p(x) by the log-space forward recursion; softmax keeps rows normalised."""
+    logits = [torch.nn.Parameter(t.log().clone()) for t in (params.pi, params.a, params.b)]
+    opt = torch.optim.Adam(logits, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = sum(x.numel() for x in batches)
+    history = FitHistory()
+
+    def current() -> HmmParams:
+        pi, a, b = (torch.softmax(p.detach(), dim=-1) for p in logits)
+        return HmmParams(pi, a, b)
+
+    for _ in range(epochs):
+        total = 0.0
+        for x in batches:
+            order = torch.randperm(x.shape[0], generator=gen)
+            for start in range(0, x.shape[0], batch_chunks):
+                xb = x[order[start : start + batch_chunks]]  # [n, T]
+                log_pi, log_a, log_b = (torch.log_softmax(p, dim=-1) for p in logits)
+                ll = forward_log(log_pi, log_a, log_b, xb).sum()
+                opt.zero_grad()
+                (-ll / xb.numel()).backward()
+                opt.step()
+                total += ll.item()
+        if not math.isfinite(total):
+            break
+        history.log_likelihood_per_token.append(total / tokens)
+        if on_epoch:
+            on_epoch(total / tokens)
+    final = current()
+    history.log_likelihood_per_token.append(log_likelihood(final, batches) / tokens)
+    return final, history

@@ -1,0 +1,220 @@
+"""n-gram language model with Laplace (add-alpha) smoothing, exportable as one dense Gather.
+
+p(w | c) = (count(c, w) + alpha) / (count(c) + alpha * V), where c is the last n-1 tokens and
+the text is padded with n-1 `<bos>` ids at the start, so the first token is predicted from a
+context of `<bos>` only.
+
+Two implementations of the same numbers:
+- `NgramCounts`: the pure reference (Python dicts), works for any n and V (used for held-out
+  perplexity at large n, and as the oracle in tests);
+- `NgramLM`: an `ExportableModel` holding the dense log-probability table [V^(n-1), V]; its
+  graph is vectorised (no loop over time): the context index of every position is computed
+  with slices and looked up with one Gather.
+
+The graph's state `context` int64 [batch, max(n-1, 1)] holds the last n-1 tokens seen
+(initially `<bos>` everywhere). For n = 1 the state is one ignored column, because zero-sized
+tensors are poorly supported by runtimes and by batching code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from artifact.manifest import StateSpec
+
+try:
+    from trainer.errors import TrainerError
+except ImportError:  # until trainer/errors.py lands; switch to the import alone then
+
+    class TrainerError(ValueError):  # type: ignore[no-redef]
+        """Stand-in for trainer.errors.TrainerError."""
+
+
+BOS_ID = 2
+# Largest dense table exported: 2**24 float32 entries = 64 MiB of model.onnx.
+MAX_TABLE_ENTRIES = 2**24
+
+
+@dataclass(frozen=True)
+class NgramConfig:
+    """Hyper-parameters of an n-gram model; stored in the manifest."""
+
+    vocab_size: int
+    n: int = 3
+    alpha: float = 1.0
+
+    def validate(self) -> None:
+        if self.n < 1:
+            raise TrainerError(f"n-gram order n must be >= 1, got {self.n}")
+        if self.vocab_size < 1:
+            raise TrainerError(f"vocabulary size must be >= 1, got {self.vocab_size}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise TrainerError(
+                f"Laplace alpha must be a positive number, got {self.alpha} "
+                "(alpha = 0 gives unseen n-grams probability 0 and infinite perplexity)"
+            )
+
+    @property
+    def table_entries(self) -> int:
+        return self.vocab_size**self.n
+
+
+def _check_ids(ids: Sequence[int], vocab_size: int) -> None:
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise TrainerError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+
+
+class NgramCounts:
+    """Reference n-gram counts in dicts: context tuple -> Counter of next ids."""
+
+    def __init__(self, config: NgramConfig) -> None:
+        config.validate()
+        self.config = config
+        self.counts: dict[tuple[int, ...], Counter[int]] = defaultdict(Counter)
+
+    @classmethod
+    def fit(cls, ids: Sequence[int], config: NgramConfig) -> NgramCounts:
+        model = cls(config)
+        _check_ids(ids, config.vocab_size)
+        k = config.n - 1
+        padded = [BOS_ID] * k + list(ids)
+        for i, w in enumerate(ids):
+            model.counts[tuple(padded[i : i + k])][w] += 1
+        return model
+
+    def prob(self, context: Sequence[int], w: int) -> float:
+        """p(w | last n-1 ids of `context`), `context` already padded to length >= n-1."""
+        k, v, a = self.config.n - 1, self.config.vocab_size, self.config.alpha
+        ctx = tuple(context[len(context) - k :]) if k else ()
+        row = self.counts.get(ctx)
+        total = sum(row.values()) if row else 0
+        return ((row[w] if row else 0) + a) / (total + a * v)
+
+    def log_likelihoods(self, ids: Sequence[int]) -> list[float]:
+        """log p(ids[i] | previous ids, <bos>-padded), for every i."""
+        _check_ids(ids, self.config.vocab_size)
+        k = self.config.n - 1
+        padded = [BOS_ID] * k + list(ids)
+        return [math.log(self.prob(padded[i : i + k], w)) for i, w in enumerate(ids)]
+
+    def perplexity(self, ids: Sequence[int]) -> float:
+        """exp(mean negative log-likelihood) over every id, starting from a `<bos>` context."""
+        if not ids:
+            raise TrainerError("cannot measure perplexity on an empty sequence")
+        lls = self.log_likelihoods(ids)
+        return math.exp(-sum(lls) / len(lls))
+
+
+def dense_log_probs(ids: Sequence[int], config: NgramConfig) -> np.ndarray:
+    """The smoothed log-probability table, float32 [V^(n-1), V]; row = context in base V."""
+    config.validate()
+    if config.table_entries > MAX_TABLE_ENTRIES:
+        raise TrainerError(
+            f"n-gram table V^n = {config.vocab_size}^{config.n} = {config.table_entries:,} entries "
+            f"exceeds the dense export limit of {MAX_TABLE_ENTRIES:,} (2**24); "
+            "use a smaller n or a smaller vocabulary (e.g. char level or --min-freq)"
+        )
+    _check_ids(ids, config.vocab_size)
+    v, k = config.vocab_size, config.n - 1
+    padded = np.concatenate([np.full(k, BOS_ID, dtype=np.int64), np.asarray(ids, dtype=np.int64)])
+    num = len(ids)
+    index = np.zeros(num, dtype=np.int64)  # context * V + next, for every position [num]
+    for j in range(k + 1):
+        index = index * v + padded[j : j + num]
+    counts = np.bincount(index, minlength=v**config.n).reshape(v**k, v).astype(np.float64)
+    probs = (counts + config.alpha) / (counts.sum(axis=1, keepdims=True) + config.alpha * v)
+    return np.log(probs).astype(np.float32)
+
+
+class NgramLM(nn.Module):
+    """Exportable n-gram LM: tokens int64 [batch, time], context int64 [batch, max(n-1, 1)]."""
+
+    task = "lm"
+    arch = "ngram"
+    input_name = "tokens"
+    output_name = "logits"
+
+    def __init__(self, config: NgramConfig, log_probs: np.ndarray | torch.Tensor) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        table = torch.as_tensor(np.asarray(log_probs), dtype=torch.float32)
+        expected = (config.vocab_size ** (config.n - 1), config.vocab_size)
+        if tuple(table.shape) != expected:
+            raise TrainerError(f"n-gram table has shape {tuple(table.shape)}, expected {expected}")
+        self.register_buffer("log_probs", table)  # [V^(n-1), V]
+
+    @property
+    def context_width(self) -> int:
+        return max(self.config.n - 1, 1)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {**asdict(self.config), "context_width": self.context_width, "bos_id": BOS_ID}
+
+    def state_specs(self) -> list[StateSpec]:
+        return [
+            StateSpec(
+                name="context",
+                input="context",
+                output="context_out",
+                shape=[-1, self.context_width],
+                batch_axis=0,
+                dtype="int64",
+                init=BOS_ID,
+            )
+        ]
+
+    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        return (torch.full((batch_size, self.context_width), BOS_ID, dtype=torch.int64),)
+
+    def forward(self, tokens: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """logits[:, t] = log p(. | last n-1 tokens up to and including tokens[:, t])."""
+        k, v = self.config.n - 1, self.config.vocab_size
+        if k == 0:
+            index = torch.zeros_like(tokens)  # [batch, time]: the single unigram row
+            return self.log_probs[index], context
+        full = torch.cat([context, tokens], dim=1)  # [batch, k + time]
+        length = full.size(1)
+        index = torch.zeros_like(tokens)  # [batch, time]
+        for j in range(k):
+            # column j of the window that ends at tokens[:, t] is full[:, t + 1 + j]
+            index = index * v + full[:, 1 + j : length - (k - 1 - j)]
+        logits = self.log_probs[index]  # Gather -> [batch, time, V]
+        return logits, full[:, -k:]
+
+    @torch.no_grad()
+    def perplexity(self, ids: Sequence[int]) -> float:
+        """Same number as NgramCounts.perplexity, computed by the graph's forward."""
+        if len(ids) < 1:
+            raise TrainerError("cannot measure perplexity on an empty sequence")
+        _check_ids(ids, self.config.vocab_size)
+        tokens = torch.tensor([list(ids)], dtype=torch.int64)  # [1, time]
+        (context,) = self.initial_state(1)
+        first = self.log_probs[self._bos_row(), ids[0]]  # p(ids[0] | <bos>...)
+        logits, _ = self.forward(tokens[:, :-1], context)  # predicts ids[1:]
+        picked = logits[0].gather(1, tokens[0, 1:, None]).squeeze(1)  # [time - 1]
+        total = float(first) + float(picked.double().sum())
+        return math.exp(-total / len(ids))
+
+    def _bos_row(self) -> int:
+        v, row = self.config.vocab_size, 0
+        for _ in range(self.config.n - 1):
+            row = row * v + BOS_ID
+        return row
+
+
+def train_ngram(ids: list[int], vocab_size: int, n: int = 3, alpha: float = 1.0) -> NgramLM:
+    """Counts n-grams of `ids` and returns the exportable model (refuses oversized tables)."""
+    config = NgramConfig(vocab_size=vocab_size, n=n, alpha=alpha)
+    if not ids:
+        raise TrainerError("cannot train an n-gram model on an empty corpus")
+    return NgramLM(config, dense_log_probs(ids, config))
