@@ -1,0 +1,98 @@
+"""Text -> tokens -> vocabulary -> ids, plus one-hot encoding and the train/validation split.
+
+Why here and not in artifact/: only the trainer reads whole corpora; the tokenizer and the
+vocabulary it uses are the shared ones, so the server splits prompts identically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from artifact.tokenizer import Tokenizer, TokenizerConfig
+from artifact.vocab import Vocab
+from trainer.errors import TrainerError
+
+DEFAULT_CORPUS = "timemachine.txt"
+MIN_TOKENS = 16
+
+
+def default_corpus_text() -> str:
+    """The Time Machine (H. G. Wells), shipped as package data so no download is needed."""
+    return resources.files("trainer").joinpath("data", DEFAULT_CORPUS).read_text(encoding="utf-8")
+
+
+def read_corpus(path: Path | str | None) -> str:
+    """Reads a UTF-8 text file (None: the built-in corpus); bad input raises TrainerError."""
+    if path is None:
+        return default_corpus_text()
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise TrainerError(f"corpus {path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise TrainerError(f"corpus {path} is a directory, not a text file") from exc
+    except OSError as exc:
+        raise TrainerError(f"cannot read corpus {path}: {exc.strerror}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TrainerError(
+            f"corpus {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from exc
+    if not text.strip():
+        raise TrainerError(f"corpus {path} is empty")
+    return text
+
+
+@dataclass
+class Corpus:
+    """A tokenized corpus: the token strings, their vocabulary and the id sequence."""
+
+    tokens: list[str]
+    vocab: Vocab
+    ids: list[int]
+    tokenizer: TokenizerConfig
+
+
+def build_corpus(
+    text: str,
+    tokenizer: TokenizerConfig | None = None,
+    min_freq: int = 1,
+    stop_words: Iterable[str] = (),
+    max_tokens: int | None = None,
+) -> Corpus:
+    """Tokenizes `text`, builds the vocabulary, and encodes; stop words are dropped (word level)."""
+    config = tokenizer or TokenizerConfig()
+    tokens = Tokenizer(config).tokenize(text)
+    stop = set(stop_words)
+    if stop:
+        if config.level != "word":
+            raise TrainerError("stop words apply to word-level tokens only (use --level word)")
+        tokens = [t for t in tokens if t not in stop]
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    if len(tokens) < MIN_TOKENS:
+        raise TrainerError(
+            f"corpus has {len(tokens)} tokens after tokenization; at least {MIN_TOKENS} are needed"
+        )
+    vocab = Vocab.build(tokens, min_freq=min_freq)
+    return Corpus(tokens=tokens, vocab=vocab, ids=vocab.encode(tokens), tokenizer=config)
+
+
+def one_hot(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[batch, time] int64 -> [batch, time, vocab] float32; an embedding is one_hot @ W."""
+    return torch.nn.functional.one_hot(ids, vocab_size).float()
+
+
+def split_ids(ids: list[int], val_fraction: float = 0.1) -> tuple[list[int], list[int]]:
+    """Contiguous split: the first (1 - f) for training, the last f for validation."""
+    if not 0.0 < val_fraction < 1.0:
+        raise TrainerError(f"validation fraction must be in (0, 1), got {val_fraction}")
+    cut = int(len(ids) * (1.0 - val_fraction))
+    return ids[:cut], ids[cut:]

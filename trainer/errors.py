@@ -1,0 +1,11 @@
+"""The one exception the trainer raises for bad input or a failed check.
+
+Why one class: the CLI turns exactly this into ``error: <message>`` and exit status 2, so a
+user never sees a traceback for a mistake they can fix; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class TrainerError(Exception):
+    """A one-line, user-facing reason why training, sampling or export cannot go on."""

@@ -1,0 +1,151 @@
+"""Exports any `ExportableModel` to a checked model package, atomically.
+
+Why atomic: the server scans models/<name>/<version>/ and must never see half a package, and a
+failed export must leave nothing behind. We write into a temp dir beside the target, check it,
+and rename it into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from artifact.manifest import MANIFEST_FILE, ONNX_FILE, Manifest, ManifestError, sha256_file
+from artifact.tokenizer import TokenizerConfig
+from artifact.vocab import Vocab
+from trainer.errors import TrainerError
+from trainer.export_check import check_parity
+from trainer.exportable import onnx_module_of
+
+CHECKPOINT_FILE = "checkpoint.pt"
+OPSET = 17
+
+
+def _dynamic_axes(model: Any) -> dict[str, dict[int, str]]:
+    axes = {model.input_name: {0: "batch", 1: "time"}, model.output_name: {0: "batch", 1: "time"}}
+    for spec in model.state_specs():
+        axes[spec.input] = {spec.batch_axis: "batch"}
+        axes[spec.output] = {spec.batch_axis: "batch"}
+    return axes
+
+
+def write_onnx(model: Any, path: Path, vocab_size: int | None) -> None:
+    """Legacy (TorchScript) exporter: dynamo=False keeps the time axis symbolic."""
+    specs = model.state_specs()
+    if model.input_name == "tokens":
+        x = torch.zeros(2, 3, dtype=torch.long)  # [batch, time]
+        if vocab_size:
+            x = torch.arange(6).reshape(2, 3) % vocab_size
+    else:
+        x = torch.zeros(2, 3, 1)  # [batch, time, 1]
+    state = tuple(model.initial_state(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            onnx_module_of(model),
+            (x, *state),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[model.input_name, *(s.input for s in specs)],
+            output_names=[model.output_name, *(s.output for s in specs)],
+            dynamic_axes=_dynamic_axes(model),
+        )
+
+
+def export_model(
+    model: Any,
+    out_dir: Path,
+    *,
+    name: str,
+    version: str = "1",
+    vocab: Vocab | None,
+    tokenizer: TokenizerConfig | None,
+    series: dict | None = None,
+    metrics: dict[str, float] | None = None,
+    training: dict | None = None,
+    checkpoint: dict | None = None,
+) -> Path:
+    """Writes out_dir/<name>/<version>/{model.onnx, manifest.json}; returns that directory.
+
+    `checkpoint` (optional, a plain dict of tensors and primitives) is saved beside them as
+    checkpoint.pt, so `rnn-trainer sample --model <that dir>` can rebuild the torch model.
+    Raises TrainerError with a one-line message on any failure; nothing is left behind.
+    """
+    if not name or "/" in name or name.startswith("."):
+        raise TrainerError(f"model name {name!r} must be a plain, non-empty directory name")
+    if not version or "/" in version or version.startswith("."):
+        raise TrainerError(f"model version {version!r} must be a plain, non-empty directory name")
+    model.eval()
+    vocab_size = len(vocab) if vocab is not None else model.hyperparameters().get("vocab_size")
+    target = Path(out_dir) / name / version
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainerError(f"cannot create {target.parent}: {exc.strerror}") from exc
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=target.parent))
+    try:
+        onnx_path = tmp / ONNX_FILE
+        try:
+            write_onnx(model, onnx_path, vocab_size)
+        except TrainerError:
+            raise
+        except Exception as exc:  # the exporter raises many types; report one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainerError(f"ONNX export of {name!r} failed: {first}") from exc
+        parity = check_parity(onnx_path, model, vocab_size)
+        manifest = Manifest(
+            name=name,
+            version=version,
+            task=model.task,
+            architecture=model.arch,
+            hyperparameters=dict(model.hyperparameters()),
+            input_name=model.input_name,
+            output_name=model.output_name,
+            state=list(model.state_specs()),
+            tokenizer=tokenizer,
+            vocab=vocab.to_list() if vocab is not None else None,
+            series=series,
+            metrics=dict(metrics or {}),
+            training=dict(training or {}),
+            onnx_sha256=sha256_file(onnx_path),
+            parity=parity,
+        )
+        manifest.save(tmp)
+        Manifest.load(tmp)  # what the server will do: fail here, not there
+        if checkpoint is not None:
+            torch.save(checkpoint, tmp / CHECKPOINT_FILE)
+        _replace_dir(tmp, target)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_if_empty(target.parent)
+        if isinstance(exc, ManifestError):
+            raise TrainerError(f"manifest for {name!r} is invalid: {exc}") from exc
+        raise
+    return target
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Moves `new` to `target`; an existing version is swapped out, then removed."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{new.name}")
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_if_empty(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+
+
+def is_package(directory: Path) -> bool:
+    return (Path(directory) / MANIFEST_FILE).is_file() and (Path(directory) / ONNX_FILE).is_file()

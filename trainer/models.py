@@ -1,0 +1,123 @@
+"""The fast (torch.nn) recurrent models: a left-to-right LM and a bidirectional infill model.
+
+Both embed tokens (an embedding is one-hot times a matrix, see corpus.one_hot), run
+nn.RNN/GRU/LSTM, and project to vocabulary logits. They satisfy `ExportableModel`, so the one
+exporter writes both; nn.RNN/GRU/LSTM export as single ONNX ops with a symbolic time axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from artifact.manifest import StateSpec
+from trainer.errors import TrainerError
+from trainer.exportable import ExportableBase
+
+RNN_ARCHS = ("rnn", "gru", "lstm")
+_CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model from its state_dict (stored in checkpoints)."""
+
+    arch: str
+    vocab_size: int
+    hidden: int = 128
+    layers: int = 1
+    embed: int = 32
+    bidirectional: bool = False
+
+    def __post_init__(self) -> None:
+        if self.arch not in RNN_ARCHS:
+            raise TrainerError(
+                f"unknown arch {self.arch!r} for a recurrent model; choose one of "
+                f"{', '.join(RNN_ARCHS)}"
+            )
+        for field_name in ("vocab_size", "hidden", "layers", "embed"):
+            if getattr(self, field_name) < 1:
+                raise TrainerError(f"{field_name} must be at least 1")
+
+
+def _stack(config: ModelConfig) -> nn.Module:
+    return _CELLS[config.arch](config.embed, config.hidden, config.layers, batch_first=True)
+
+
+class RNNLM(ExportableBase):
+    """Task lm: logits[t] scores token t+1 given tokens <= t and the incoming state."""
+
+    task = "lm"
+    input_name = "tokens"
+    output_name = "logits"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.arch = config.arch
+        self.embedding = nn.Embedding(config.vocab_size, config.embed)
+        self.rnn = _stack(config)
+        self.head = nn.Linear(config.hidden, config.vocab_size)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    def state_specs(self) -> list[StateSpec]:
+        names = ("h", "c") if self.arch == "lstm" else ("h",)
+        shape = [self.config.layers, -1, self.config.hidden]
+        return [StateSpec(n, f"{n}_in", f"{n}_out", shape, batch_axis=1) for n in names]
+
+    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        device = self.head.weight.device
+        h = torch.zeros(self.config.layers, batch_size, self.config.hidden, device=device)
+        return (h, h.clone()) if self.arch == "lstm" else (h,)
+
+    def forward(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.embedding(tokens)  # [batch, time, embed]
+        if self.arch == "lstm":
+            out, (h, c) = self.rnn(x, (state[0], state[1]))  # out: [batch, time, hidden]
+            return self.head(out), h, c  # logits: [batch, time, vocab]
+        out, h = self.rnn(x, state[0])
+        return self.head(out), h
+
+
+class BiRNNInfill(ExportableBase):
+    """Task infill: logits[t] scores token t from tokens < t (forward) and > t (backward).
+
+    Two separate unidirectional stacks, not nn.LSTM(bidirectional=True): in a deep
+    bidirectional stack layer 2's forward pass reads layer 1's backward output at t, which
+    has seen token t itself, so the model could copy its answer. The input at t is ignored.
+    """
+
+    task = "infill"
+    input_name = "tokens"
+    output_name = "logits"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.arch = config.arch
+        self.embedding = nn.Embedding(config.vocab_size, config.embed)
+        self.fwd = _stack(config)
+        self.bwd = _stack(config)
+        self.head = nn.Linear(2 * config.hidden, config.vocab_size)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    def forward(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.embedding(tokens)  # [batch, time, embed]
+        f, _ = self.fwd(x)  # f[t]: summary of tokens <= t, [batch, time, hidden]
+        b, _ = self.bwd(torch.flip(x, dims=[1]))
+        b = torch.flip(b, dims=[1])  # b[t]: summary of tokens >= t
+        zero = torch.zeros_like(f[:, :1])  # [batch, 1, hidden]
+        left = torch.cat([zero, f[:, :-1]], dim=1)  # tokens < t
+        right = torch.cat([b[:, 1:], zero], dim=1)  # tokens > t
+        return (self.head(torch.cat([left, right], dim=-1)),)  # [batch, time, vocab]
+
+
+def build_model(config: ModelConfig) -> RNNLM | BiRNNInfill:
+    return BiRNNInfill(config) if config.bidirectional else RNNLM(config)
