@@ -1,0 +1,151 @@
+"""Token statistics: the most frequent uni-, bi- and trigrams, and Zipf's law as a PNG.
+
+`rnn-trainer stats [--corpus PATH] [--level char|word] [--top 10] [--plot zipf.png]`
+tokenizes with the same tokenizer the models use (artifact.tokenizer, default settings), so
+the numbers describe exactly what a model sees. Zipf's law says frequency ∝ rank^(-s): a
+straight line on log-log axes; we print the fitted exponent s for each order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from artifact.tokenizer import LEVELS, Tokenizer, TokenizerConfig
+
+try:
+    from trainer.errors import TrainerError
+except ImportError:  # until trainer/errors.py lands; switch to the import alone then
+
+    class TrainerError(ValueError):  # type: ignore[no-redef]
+        """Stand-in for trainer.errors.TrainerError."""
+
+
+DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "timemachine.txt"
+ORDERS = (1, 2, 3)
+NAMES = {1: "unigrams", 2: "bigrams", 3: "trigrams"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `rnn-trainer stats`."""
+    parser.add_argument(
+        "--corpus", type=Path, default=None, help="UTF-8 text file (default: built-in Time Machine)"
+    )
+    parser.add_argument("--level", choices=LEVELS, default="char", help="token level")
+    parser.add_argument("--top", type=int, default=10, help="rows per n-gram table (default 10)")
+    parser.add_argument(
+        "--plot", type=Path, default=Path("zipf.png"), help="Zipf plot PNG (default zipf.png)"
+    )
+
+
+def read_corpus(path: Path | None) -> str:
+    """The corpus text; a clear TrainerError for a missing, unreadable or non-UTF-8 file."""
+    path = DEFAULT_CORPUS if path is None else Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise TrainerError(f"corpus {path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise TrainerError(f"corpus {path} is a directory, not a text file") from exc
+    except OSError as exc:
+        raise TrainerError(f"cannot read corpus {path}: {exc.strerror}") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TrainerError(
+            f"corpus {path} is not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x})"
+        ) from exc
+
+
+def ngram_counts(tokens: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
+    """Counts of every run of n consecutive tokens."""
+    return Counter(zip(*(tokens[i:] for i in range(n)), strict=False))
+
+
+def zipf_exponent(counts: Counter) -> float:
+    """Least-squares slope s of log(freq) = c - s log(rank); nan with fewer than 2 ranks."""
+    freqs = np.array(sorted(counts.values(), reverse=True), dtype=np.float64)
+    if len(freqs) < 2:
+        return math.nan
+    ranks = np.arange(1, len(freqs) + 1, dtype=np.float64)
+    slope = np.polyfit(np.log(ranks), np.log(freqs), 1)[0]
+    return float(-slope)
+
+
+def _show(gram: tuple[str, ...], level: str) -> str:
+    """A readable n-gram: char n-grams quoted with spaces visible, words joined by spaces."""
+    if level == "char":
+        return repr("".join(gram))
+    return " ".join(gram)
+
+
+def format_table(counts: Counter, n: int, level: str, top: int) -> str:
+    """A fixed-width table of the `top` most frequent n-grams (ties by text, stable)."""
+    total = sum(counts.values())
+    rows = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    shown = [_show(g, level) for g, _ in rows]
+    width = max([len(NAMES[n]), *map(len, shown)])
+    lines = [f"{'rank':>4}  {NAMES[n]:<{width}}  {'count':>8}  {'freq':>7}"]
+    for rank, (text, (_, count)) in enumerate(zip(shown, rows, strict=True), start=1):
+        lines.append(f"{rank:>4}  {text:<{width}}  {count:>8}  {count / total:>7.4f}")
+    return "\n".join(lines)
+
+
+def plot_zipf(all_counts: dict[int, Counter], path: Path, title: str) -> None:
+    """log-log frequency vs rank for each order, written as PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for n, counts in all_counts.items():
+        freqs = sorted(counts.values(), reverse=True)
+        ax.loglog(range(1, len(freqs) + 1), freqs, label=NAMES[n])
+    ax.set_xlabel("rank")
+    ax.set_ylabel("frequency")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(True, which="major", alpha=0.3)
+    fig.tight_layout()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    except OSError as exc:
+        raise TrainerError(f"cannot write plot {path}: {exc.strerror or exc}") from exc
+    finally:
+        plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prints the n-gram tables and Zipf exponents, writes the plot; returns 0."""
+    top = getattr(args, "top", 10)
+    if top < 1:
+        raise TrainerError(f"--top must be >= 1, got {top}")
+    level = getattr(args, "level", "char") or "char"
+    corpus = getattr(args, "corpus", None)
+    text = read_corpus(corpus)
+    tokens = Tokenizer(TokenizerConfig(level=level)).tokenize(text)
+    if not tokens:
+        raise TrainerError(f"corpus {corpus or DEFAULT_CORPUS} has no tokens at {level} level")
+    name = Path(corpus).name if corpus else DEFAULT_CORPUS.name
+    print(f"corpus {name}: {len(tokens)} {level} tokens, {len(set(tokens))} distinct")
+    all_counts = {n: ngram_counts(tokens, n) for n in ORDERS}
+    for n, counts in all_counts.items():
+        if not counts:
+            print(f"\n{NAMES[n]}: none (corpus shorter than {n} tokens)")
+            continue
+        s = zipf_exponent(counts)
+        print(f"\n{NAMES[n]}: {sum(counts.values())} total, {len(counts)} distinct, zipf s={s:.3f}")
+        print(format_table(counts, n, level, top))
+    plot = getattr(args, "plot", None)
+    if plot is not None:
+        title = f"Zipf: {name} ({level} level)"
+        plot_zipf({n: c for n, c in all_counts.items() if c}, Path(plot), title)
+        print(f"\nwrote {plot}")
+    return 0
