@@ -27,16 +27,9 @@ from torch import nn
 from tqdm import tqdm
 
 from artifact.manifest import StateSpec
+from trainer.errors import TrainerError
 from trainer.hmm_fit import HmmParams, chunk_ids, fit_em, fit_gradient, unigram
 from trainer.hmm_recursions import infill_posterior
-
-try:
-    from trainer.errors import TrainerError
-except ImportError:  # until trainer/errors.py lands; switch to the import alone then
-
-    class TrainerError(ValueError):  # type: ignore[no-redef]
-        """Stand-in for trainer.errors.TrainerError."""
-
 
 METHODS = ("em", "gradient")
 

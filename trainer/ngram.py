@@ -29,14 +29,7 @@ import torch
 from torch import nn
 
 from artifact.manifest import StateSpec
-
-try:
-    from trainer.errors import TrainerError
-except ImportError:  # until trainer/errors.py lands; switch to the import alone then
-
-    class TrainerError(ValueError):  # type: ignore[no-redef]
-        """Stand-in for trainer.errors.TrainerError."""
-
+from trainer.errors import TrainerError
 
 BOS_ID = 2
 # Largest dense table exported: 2**24 float32 entries = 64 MiB of model.onnx.

@@ -17,14 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from artifact.tokenizer import LEVELS, Tokenizer, TokenizerConfig
-
-try:
-    from trainer.errors import TrainerError
-except ImportError:  # until trainer/errors.py lands; switch to the import alone then
-
-    class TrainerError(ValueError):  # type: ignore[no-redef]
-        """Stand-in for trainer.errors.TrainerError."""
-
+from trainer.errors import TrainerError
 
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "timemachine.txt"
 ORDERS = (1, 2, 3)
