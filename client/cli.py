@@ -1,0 +1,169 @@
+"""rnn-client: call an rnnserve server from the shell.
+
+Why: one layer turns flags into a configured RnnClient and every failure into one line on
+stderr and a documented exit code; the commands themselves live in cli_commands.py.
+
+Exit codes: 0 success; a gRPC error exits with its status number (3 INVALID_ARGUMENT,
+4 DEADLINE_EXCEEDED, 5 NOT_FOUND, 8 RESOURCE_EXHAUSTED, 9 FAILED_PRECONDITION, 13 INTERNAL,
+14 UNAVAILABLE, 16 UNAUTHENTICATED, ...; see client/errors.py); 64 bad usage or unreadable
+local input (flags, CSV, TLS or resume files); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from client import cli_commands as cmds
+from client.connection import DEFAULT_ADDRESS, TlsConfig
+from client.errors import RnnServeError
+from client.forecast_plot import PlotError
+from client.series_csv import SeriesFileError
+from client.sync_client import RnnClient
+
+EXIT_USAGE = 64
+EXIT_INTERRUPTED = 130
+DEFAULT_CLI_TIMEOUT = 30.0  # seconds per unary call; generate has no deadline unless given
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on bad usage; 2 is UNKNOWN here, so usage errors exit 64."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"error: {message}\n")
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Connection flags, accepted before or after the subcommand."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    g = parser.add_argument_group("connection")
+    address = os.environ.get("RNNSERVE_ADDRESS", DEFAULT_ADDRESS)
+    g.add_argument("--address", default=default(address), help="host:port (env RNNSERVE_ADDRESS)")
+    g.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=default(None),
+        help=f"deadline in seconds per call (default {DEFAULT_CLI_TIMEOUT:g}; generate: none)",
+    )
+    token = os.environ.get("RNNSERVE_TOKEN")
+    g.add_argument("--token", default=default(token), help="bearer token (env RNNSERVE_TOKEN)")
+    g.add_argument("--tls", action="store_true", default=default(False), help="use TLS")
+    g.add_argument("--tls-ca", default=default(None), help="root CA PEM (implies --tls)")
+    g.add_argument("--tls-cert", default=default(None), help="client certificate PEM (mTLS)")
+    g.add_argument("--tls-key", default=default(None), help="client key PEM (mTLS)")
+    g.add_argument("--tls-server-name", default=default(None), help="expected server name")
+    g.add_argument("--json", action="store_true", default=default(False), help="JSON output")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rnn-client", description="Call an rnnserve server.")
+    _global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        _global_options(p, suppress=True)
+        return p
+
+    g = command("generate", "stream generated text to stdout")
+    g.add_argument("--model", required=True)
+    g.add_argument("--version", default="", help="model version (default: the highest)")
+    g.add_argument("--prompt", default="", help="text to warm up on")
+    g.add_argument("--max-tokens", type=int, default=0, help="tokens to generate (0: 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--resume-file", help="continue from this state file, and save the new state")
+    g.set_defaults(func=cmds.cmd_generate)
+
+    s = command("score", "perplexity of texts")
+    s.add_argument("--model", required=True)
+    s.add_argument("--version", default="")
+    s.add_argument("texts", nargs="+", metavar="TEXT")
+    s.set_defaults(func=cmds.cmd_score)
+
+    i = command("infill", "rank candidates for one blank token")
+    i.add_argument("--model", required=True)
+    i.add_argument("--version", default="")
+    i.add_argument("--left", default="")
+    i.add_argument("--right", default="")
+    i.add_argument("--top-k", type=int, default=0, help="candidates to show (0: 5)")
+    i.set_defaults(func=cmds.cmd_infill)
+
+    f = command("forecast", "continue a time series from a CSV file")
+    f.add_argument("--model", required=True)
+    f.add_argument("--version", default="")
+    f.add_argument("--history-file", required=True, metavar="FILE.csv")
+    f.add_argument("--column", help="header name or 0-based index (default: the last column)")
+    f.add_argument("--horizon", type=int, required=True, help="values to predict")
+    f.add_argument("--fitted", action="store_true", help="also show one-step fitted values")
+    f.add_argument("--plot", metavar="OUT.png", help="draw history and forecast")
+    f.set_defaults(func=cmds.cmd_forecast)
+
+    m = command("models", "list models")
+    m.set_defaults(func=cmds.cmd_models)
+
+    d = command("model", "describe one model")
+    d.add_argument("name")
+    d.add_argument("--version", default="")
+    d.set_defaults(func=cmds.cmd_model)
+
+    r = command("reload", "rescan the server's model repository (Admin)")
+    r.set_defaults(func=cmds.cmd_reload)
+    return parser
+
+
+def make_client(args: argparse.Namespace) -> RnnClient:
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+        tls = TlsConfig.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    return RnnClient(args.address, timeout=DEFAULT_CLI_TIMEOUT, token=args.token, tls=tls)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with make_client(args) as client:
+            return args.func(client, args)
+    except RnnServeError as err:
+        _say(f"error: {err.code}: {err.details}")
+        return err.exit_code
+    except (ValueError, SeriesFileError, PlotError) as err:
+        _say(f"error: {err}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `rnn-client generate ... | head` closed stdout: stop quietly, without the
+        # interpreter's own complaint when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _say(line: str) -> None:
+    sys.stdout.flush()
+    print(line, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

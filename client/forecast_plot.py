@@ -1,0 +1,51 @@
+"""Draw a history, its forecast and (optionally) the one-step fitted values to a PNG.
+
+Why: a forecast is judged by eye first. matplotlib is imported lazily with the Agg backend so
+the rest of the client works, headless, without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from client.results import ForecastResult
+
+
+class PlotError(RuntimeError):
+    """Plotting is unavailable or the file cannot be written."""
+
+
+def plot_forecast(
+    path: str | Path, history: list[float], result: ForecastResult, title: str = ""
+) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotError("--plot needs matplotlib: pip install 'rnnserve[client]'") from None
+    n = len(history)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(range(n), history, label="history", color="tab:blue", linewidth=1)
+    if result.fitted:
+        start = result.fitted_offset
+        xs = range(start, start + len(result.fitted))
+        ax.plot(xs, result.fitted, label="one-step fitted", color="tab:green", linewidth=1)
+    # Join the forecast to the last observed value so the two lines meet.
+    xs = range(n - 1, n + len(result.forecast))
+    ax.plot(xs, [history[-1], *result.forecast], label="forecast", color="tab:red")
+    ax.axvline(n - 1, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("value")
+    ax.set_title(title or f"forecast of {len(result.forecast)} steps")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as exc:
+        raise PlotError(f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        plt.close(fig)
+    return path

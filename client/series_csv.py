@@ -1,0 +1,87 @@
+"""Read one numeric column of a CSV file as a forecast history.
+
+Why: `rnn-client forecast --history-file` must accept the files people have (with or without
+a header, one or many columns) and say exactly which cell is wrong, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class SeriesFileError(ValueError):
+    """A CSV history that cannot be used; the message names the file, line and column."""
+
+
+@dataclass(frozen=True)
+class Series:
+    values: list[float]
+    column: str  # header name, or "column <index>" when the file has no header
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def read_series(path: str | Path, column: str | None = None) -> Series:
+    """Values of `column` (header name or 0-based index; default: the last column).
+
+    A first row with any non-numeric cell is a header. Empty, NaN or infinite cells are
+    refused: fill them in first (the server would refuse them anyway).
+    """
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    except OSError as exc:
+        raise SeriesFileError(f"cannot read {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise SeriesFileError(f"{path} is not a readable CSV file: {exc}") from None
+    if not rows:
+        raise SeriesFileError(f"{path} has no rows")
+    header = None
+    if not all(_is_number(cell.strip()) for cell in rows[0]):
+        header = [cell.strip() for cell in rows[0]]
+        rows = rows[1:]
+    width = len(header) if header else len(rows[0])
+    index, name = _pick_column(path, header, width, column)
+    first_line = 2 if header else 1
+    values = []
+    for line, row in enumerate(rows, start=first_line):
+        cell = row[index].strip() if index < len(row) else ""
+        if not cell:
+            raise SeriesFileError(f"{path} line {line}: missing value in {name}")
+        try:
+            value = float(cell)
+        except ValueError:
+            raise SeriesFileError(
+                f"{path} line {line}: {cell!r} in {name} is not a number"
+            ) from None
+        if not math.isfinite(value):
+            raise SeriesFileError(f"{path} line {line}: {cell!r} in {name} is not finite")
+        values.append(value)
+    if not values:
+        raise SeriesFileError(f"{path} has a header but no values")
+    return Series(values, name)
+
+
+def _pick_column(
+    path: Path, header: list[str] | None, width: int, column: str | None
+) -> tuple[int, str]:
+    if column is None:
+        index = width - 1
+    elif header and column in header:
+        index = header.index(column)
+    elif column.lstrip("-").isdigit() and -width <= int(column) < width:
+        index = int(column) % width
+    else:
+        known = ", ".join(header) if header else f"indexes 0..{width - 1}"
+        raise SeriesFileError(f"{path}: no column {column!r} (columns: {known})")
+    return index, (header[index] if header else f"column {index}")
