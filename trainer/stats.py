@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from artifact.tokenizer import LEVELS, Tokenizer, TokenizerConfig
+from trainer.corpus import read_corpus
 from trainer.errors import TrainerError
 
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "timemachine.txt"
@@ -34,25 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plot", type=Path, default=Path("zipf.png"), help="Zipf plot PNG (default zipf.png)"
     )
-
-
-def read_corpus(path: Path | None) -> str:
-    """The corpus text; a clear TrainerError for a missing, unreadable or non-UTF-8 file."""
-    path = DEFAULT_CORPUS if path is None else Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise TrainerError(f"corpus {path} does not exist") from exc
-    except IsADirectoryError as exc:
-        raise TrainerError(f"corpus {path} is a directory, not a text file") from exc
-    except OSError as exc:
-        raise TrainerError(f"cannot read corpus {path}: {exc.strerror}") from exc
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TrainerError(
-            f"corpus {path} is not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x})"
-        ) from exc
 
 
 def ngram_counts(tokens: Sequence[str], n: int) -> Counter[tuple[str, ...]]:

@@ -1,0 +1,160 @@
+"""n-gram LM: the dense table against the dict reference, the graph, perplexity, limits."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trainer.errors import TrainerError
+from trainer.ngram import (
+    BOS_ID,
+    MAX_TABLE_ENTRIES,
+    NgramConfig,
+    NgramCounts,
+    dense_log_probs,
+    train_ngram,
+)
+
+V = 7
+
+
+def random_ids(length: int, seed: int, vocab: int = V) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(4, vocab) for _ in range(length)]  # reserved ids 0..3 unused
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("alpha", [0.1, 1.0])
+def test_dense_table_equals_dict_reference(n: int, alpha: float) -> None:
+    ids = random_ids(300, seed=n)
+    config = NgramConfig(vocab_size=V, n=n, alpha=alpha)
+    table = dense_log_probs(ids, config)
+    ref = NgramCounts.fit(ids, config)
+    assert table.shape == (V ** (n - 1), V)
+    for row, context in enumerate(itertools.product(range(V), repeat=n - 1)):
+        want = [math.log(ref.prob(context, w)) for w in range(V)]
+        np.testing.assert_allclose(table[row], want, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    ids=st.lists(st.integers(0, 4), min_size=1, max_size=40),
+    n=st.integers(1, 3),
+    alpha=st.floats(0.01, 5.0),
+)
+def test_dense_table_matches_reference_property(ids: list[int], n: int, alpha: float) -> None:
+    config = NgramConfig(vocab_size=5, n=n, alpha=alpha)
+    table = np.exp(dense_log_probs(ids, config).astype(np.float64))
+    np.testing.assert_allclose(table.sum(axis=1), 1.0, rtol=1e-5)
+    ref = NgramCounts.fit(ids, config)
+    padded = [BOS_ID] * (n - 1) + ids
+    for i, w in enumerate(ids):  # every observed context row, the observed word
+        context = padded[i : i + n - 1]
+        row = 0
+        for c in context:
+            row = row * 5 + c
+        assert table[row, w] == pytest.approx(ref.prob(context, w), rel=1e-5)
+
+
+def test_laplace_formula_by_hand() -> None:
+    # bigram contexts: <bos>->4, 4->5, 5->4, 4->4; so count(4)=2, count(4,5)=1
+    ref = NgramCounts.fit([4, 5, 4, 4], NgramConfig(vocab_size=6, n=2, alpha=1.0))
+    assert ref.prob([4], 5) == pytest.approx((1 + 1) / (2 + 6))
+    assert ref.prob([4], 3) == pytest.approx((0 + 1) / (2 + 6))
+    assert ref.prob([3], 3) == pytest.approx(1 / 6)  # unseen context: uniform
+    assert ref.prob([BOS_ID], 4) == pytest.approx((1 + 1) / (1 + 6))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_forward_gives_reference_log_probs_and_carries_context(n: int) -> None:
+    train = random_ids(400, seed=10 + n)
+    model = train_ngram(train, V, n=n, alpha=0.5).eval()
+    ref = NgramCounts.fit(train, NgramConfig(vocab_size=V, n=n, alpha=0.5))
+    seq = random_ids(12, seed=99)
+    tokens = torch.tensor([seq])  # [1, time]
+    (context,) = model.initial_state(1)
+    assert context.tolist() == [[BOS_ID] * max(n - 1, 1)]
+    logits, next_context = model(tokens, context)
+    assert logits.shape == (1, len(seq), V)
+    padded = [BOS_ID] * (n - 1) + seq
+    for t in range(len(seq)):  # logits[t] predicts the token after seq[t]
+        window = padded[: n + t]  # <bos> padding and seq[..t]
+        want = [math.log(ref.prob(window, w)) for w in range(V)]
+        np.testing.assert_allclose(logits[0, t].numpy(), want, rtol=1e-5, atol=1e-5)
+    # two calls with the state carried equal one call
+    first, mid = model(tokens[:, :5], context)
+    second, end = model(tokens[:, 5:], mid)
+    torch.testing.assert_close(torch.cat([first, second], 1), logits)
+    torch.testing.assert_close(end, next_context)
+    if n > 1:
+        assert next_context.tolist() == [seq[-(n - 1) :]]
+
+
+def test_batched_forward_equals_per_row() -> None:
+    model = train_ngram(random_ids(200, 3), V, n=3, alpha=1.0).eval()
+    tokens = torch.tensor([random_ids(9, 4), random_ids(9, 5)])  # [2, 9]
+    context = torch.tensor([[BOS_ID, BOS_ID], [5, 6]])
+    logits, nxt = model(tokens, context)
+    for b in range(2):
+        one, one_next = model(tokens[b : b + 1], context[b : b + 1])
+        torch.testing.assert_close(logits[b : b + 1], one)
+        torch.testing.assert_close(nxt[b : b + 1], one_next)
+
+
+def test_perplexity_graph_equals_reference_and_orders_sensibly() -> None:
+    text = random_ids(2000, seed=7)
+    # a corpus with structure: a repeating pattern a bigram model captures exactly
+    pattern = [4, 5, 6, 4, 6, 5] * 300
+    train, held = pattern[:1500], pattern[1500:]
+    for n in (1, 2, 3):
+        model = train_ngram(train, V, n=n, alpha=0.1)
+        ref = NgramCounts.fit(train, NgramConfig(V, n, 0.1))
+        assert model.perplexity(held) == pytest.approx(ref.perplexity(held), rel=1e-5)
+    ppl = [train_ngram(train, V, n=n, alpha=0.1).perplexity(held) for n in (1, 2, 3)]
+    assert ppl[0] > ppl[1] > ppl[2]  # more context, better on this pattern
+    assert ppl[2] < 1.5  # the trigram model almost knows the pattern
+    # a huge alpha washes out the counts: perplexity tends to the uniform baseline V
+    flat = train_ngram(text, V, n=2, alpha=1e9)
+    assert flat.perplexity(text[:300]) == pytest.approx(V, rel=1e-3)
+
+
+def test_refuses_table_over_the_limit() -> None:
+    vocab = 4097  # 4097^2 > 2**24
+    assert vocab**2 > MAX_TABLE_ENTRIES
+    with pytest.raises(TrainerError, match=r"exceeds the dense export limit"):
+        train_ngram([4, 5, 6], vocab, n=2, alpha=1.0)
+    # the dict reference still works for any size (benchmarks use it for large n)
+    ref = NgramCounts.fit([4, 5, 6, 4, 5], NgramConfig(vocab, 5, 1.0))
+    assert ref.perplexity([4, 5, 6]) > 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ids": [], "vocab_size": V, "n": 2, "alpha": 1.0}, "empty corpus"),
+        ({"ids": [4, 5], "vocab_size": V, "n": 0, "alpha": 1.0}, "n must be >= 1"),
+        ({"ids": [4, 5], "vocab_size": V, "n": 2, "alpha": 0.0}, "alpha must be a positive"),
+        ({"ids": [4, 9], "vocab_size": V, "n": 2, "alpha": 1.0}, "outside the vocabulary"),
+    ],
+)
+def test_bad_input_is_a_clear_error(kwargs: dict, message: str) -> None:
+    with pytest.raises(TrainerError, match=message):
+        train_ngram(**kwargs)
+
+
+def test_state_spec_describes_initial_state() -> None:
+    for n in (1, 3):
+        model = train_ngram(random_ids(50, 1), V, n=n, alpha=1.0)
+        (spec,) = model.state_specs()
+        (state,) = model.initial_state(3)
+        assert spec.dtype == "int64" and spec.batch_axis == 0
+        assert spec.shape == [-1, state.shape[1]]
+        assert (state == spec.init).all()
+        assert model.hyperparameters()["n"] == n
