@@ -1,0 +1,123 @@
+"""One-step and k-step recursive prediction over the test range, and the MSE table.
+
+As in the textbook, the k-step prediction of x_{t+k} is made at t from the true values up to
+t: the model warms up on x_1..x_t, predicts x̂_{t+1}, is fed x̂_{t+1} to predict x̂_{t+2}, and
+so on k times. Every predictor is scored on the same targets: the test range x_i,
+i >= num_train, each predicted from origin t = i - k. MSE is reported in the series' own
+units (normalisation undone), so models and baselines compare directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainer.forecast.series import Series
+
+HORIZONS = (1, 4, 16, 64)
+
+
+class KStepPredictor(Protocol):
+    name: str
+    tau: int
+
+    def k_step(self, values: np.ndarray, origins: np.ndarray, k_max: int) -> np.ndarray: ...
+
+
+class TorchForecaster:
+    """Adapts an exportable forecast model (state interface) to `k_step`."""
+
+    def __init__(self, model: nn.Module, name: str | None = None) -> None:
+        self.model = model
+        self.name = name or str(model.arch)
+        self.tau = int(getattr(model, "tau", 1)) if model.arch == "mlp" else 1
+
+    @torch.no_grad()
+    def k_step(self, values: np.ndarray, origins: np.ndarray, k_max: int) -> np.ndarray:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        axes = [spec.batch_axis for spec in model.state_specs()]
+        state = model.initial_state(1)
+        wanted = {int(t): i for i, t in enumerate(origins)}
+        first = [torch.empty(0)] * len(origins)  # x̂_{t+1} per origin, [1, 1, 1]
+        saved: list[tuple[torch.Tensor, ...]] = [()] * len(origins)
+        series = torch.as_tensor(values, dtype=torch.float32)
+        for t in range(int(origins.max()) + 1):  # warm up one true value at a time
+            out, *state = model(series[t].view(1, 1, 1), *state)
+            if t in wanted:
+                first[wanted[t]] = out
+                saved[wanted[t]] = tuple(state)
+        pred = torch.cat(first, dim=0)  # [n, 1, 1]
+        state = [torch.cat([s[j] for s in saved], dim=ax) for j, ax in enumerate(axes)]
+        columns = [pred[:, 0, 0]]
+        for _ in range(k_max - 1):  # feed predictions back, all origins as one batch
+            pred, *state = model(pred, *state)
+            columns.append(pred[:, 0, 0])
+        model.train(was_training)
+        return torch.stack(columns, dim=1).numpy()  # [n, k_max]
+
+
+@dataclass
+class KStepResult:
+    """Predictions x̂_{t+k} (raw units) for origins t and horizons k = 1..k_max."""
+
+    name: str
+    origins: np.ndarray  # int [n]
+    predictions: np.ndarray  # float32 [n, k_max]; [i, k-1] predicts x_{origins[i] + k}
+
+    def at_horizon(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(target indices t + k, predictions) for horizon k."""
+        return self.origins + k, self.predictions[:, k - 1]
+
+
+def predict(
+    predictor: KStepPredictor, series: Series, k_max: int, first_origin: int
+) -> KStepResult:
+    """k-step predictions from every origin first_origin..T-2, denormalised."""
+    values = series.normalised
+    origins = np.arange(first_origin, len(values) - 1)
+    normalised = predictor.k_step(values, origins, k_max)
+    return KStepResult(predictor.name, origins, series.normaliser.undo(normalised))
+
+
+def mse_by_horizon(result: KStepResult, series: Series, horizons=HORIZONS) -> dict[int, float]:
+    """MSE over the test targets x_i (i >= num_train, i < T) for each horizon k."""
+    table: dict[int, float] = {}
+    for k in horizons:
+        targets, preds = result.at_horizon(k)
+        keep = (targets >= series.num_train) & (targets < len(series.values))
+        if not keep.any():
+            table[k] = float("nan")
+            continue
+        err = preds[keep].astype(np.float64) - series.values[targets[keep]]
+        table[k] = float(np.mean(err**2))
+    return table
+
+
+def evaluate_all(
+    predictors: list[KStepPredictor], series: Series, horizons=HORIZONS
+) -> tuple[dict[str, dict[int, float]], list[KStepResult]]:
+    """The MSE table {name: {k: mse}} and the raw predictions, on shared origins."""
+    k_max = max(horizons)
+    first = max(max(p.tau for p in predictors) - 1, series.num_train - k_max, 0)
+    results = [predict(p, series, k_max, first) for p in predictors]
+    return {r.name: mse_by_horizon(r, series, horizons) for r in results}, results
+
+
+def format_table(table: dict[str, dict[int, float]], horizons=HORIZONS) -> str:
+    """A fixed-width text table, one row per predictor."""
+    width = max(12, *(len(n) + 2 for n in table))
+    lines = ["model".ljust(width) + "".join(f"k={k}".rjust(10) for k in horizons)]
+    for name, row in table.items():
+        lines.append(name.ljust(width) + "".join(f"{row[k]:10.4f}" for k in horizons))
+    return "\n".join(lines)
+
+
+def metrics_for_manifest(row: dict[int, float]) -> dict[str, float]:
+    """{mse_k1, mse_k4, mse_k16, mse_k64} for manifest.metrics."""
+    return {f"mse_k{k}": float(v) for k, v in row.items()}
