@@ -1,0 +1,85 @@
+"""AsyncRnnClient against the fake server: same results, errors, retry rules as RnnClient."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+import pytest
+
+from client import (
+    AsyncRnnClient,
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+    RetryPolicy,
+    Unavailable,
+)
+
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.001, max_backoff=0.01)
+U = grpc.StatusCode.UNAVAILABLE
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_async_generate_and_unary_calls(fake) -> None:
+    rec, address = fake
+
+    async def scenario():
+        async with AsyncRnnClient(address, token="t", retry=FAST_RETRY) as c:
+            await c.wait_ready(5)
+            stream = c.generate("lstm", "abc", max_tokens=4, return_state=True)
+            events = [e async for e in stream]
+            score = await c.score("lstm", ["hello"])
+            cands = await c.infill("lstm", "a", "c", top_k=2)
+            fc = await c.forecast("sine-gru", [1.0, 2.0], 3)
+            models = await c.list_models()
+            info = await c.get_model("sine-gru")
+            reload = await c.reload_models()
+            return stream, events, score, cands, fc, models, info, reload
+
+    stream, events, score, cands, fc, models, info, reload = run(scenario())
+    assert stream.text == "cbac" and events[-1].finish_reason == "length"
+    assert stream.state == b"abccbac"
+    assert score[0].num_tokens == 4
+    assert len(cands) == 2
+    assert fc.forecast == (3.0, 4.0, 5.0)
+    assert [m.name for m in models] == ["lstm", "sine-gru"]
+    assert info.version().task == "forecast"
+    assert reload.loaded == ("gru/2",)
+    assert {m.get("authorization") for m in rec.metadata} == {"Bearer t"}
+
+
+def test_async_errors_and_retries(fake) -> None:
+    rec, address = fake
+    rec.script.failures["Score"] = [U]
+    rec.script.failures["Generate"] = [U]
+
+    async def scenario():
+        async with AsyncRnnClient(address, retry=FAST_RETRY) as c:
+            await c.score("lstm", ["ab"])  # retried once, then succeeds
+            with pytest.raises(Unavailable):
+                [e async for e in c.generate("lstm", "ab")]
+            with pytest.raises(NotFound):
+                await c.get_model("nope")
+            with pytest.raises(FailedPrecondition):
+                [e async for e in c.generate("bilstm", "ab")]
+
+    run(scenario())
+    assert rec.calls["Score"] == 2
+    assert rec.calls["Generate"] == 2  # one UNAVAILABLE (not retried) + the bilstm call
+
+
+def test_async_deadline(fake) -> None:
+    rec, address = fake
+    rec.script.hold = threading.Event()
+
+    async def scenario():
+        async with AsyncRnnClient(address, timeout=0.2) as c:
+            with pytest.raises(DeadlineExceeded):
+                await c.list_models()
+
+    run(scenario())

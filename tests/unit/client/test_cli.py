@@ -1,0 +1,177 @@
+"""rnn-client in-process against the fake server: output, JSON, resume files, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from client.cli import main
+
+
+@pytest.fixture
+def cli(fake, capsys):
+    _rec, address = fake
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(["--address", address, *argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_generate_writes_the_stream(cli, fake) -> None:
+    code, out, err = cli("generate", "--model", "lstm", "--prompt", "abc", "--max-tokens", "4")
+    assert (code, out, err) == (0, "cbac\n", "")
+    req = fake[0].requests[-1]
+    assert (req.prompt, req.max_tokens, req.return_state) == ("abc", 4, False)
+
+
+def test_generate_sampling_flags_reach_the_server(cli, fake) -> None:
+    args = ["--temperature", "0.7", "--top-k", "5", "--top-p", "0.9", "--seed", "3"]
+    code, _, _ = cli("generate", "--model", "lstm", "--prompt", "a", *args, "--stop", "x")
+    assert code == 0
+    s = fake[0].requests[-1].sampling
+    assert (round(s.temperature, 3), s.top_k, round(s.top_p, 3), s.seed) == (0.7, 5, 0.9, 3)
+    assert list(fake[0].requests[-1].stop) == ["x"]
+
+
+def test_generate_json_lines(cli) -> None:
+    code, out, _ = cli(
+        "generate", "--model", "lstm", "--prompt", "ab", "--max-tokens", "2", "--json"
+    )
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [e["text"] for e in lines] == ["b", "a"]
+    assert lines[-1]["finish_reason"] == "length"
+
+
+def test_resume_file_is_saved_then_continued(cli, fake, tmp_path) -> None:
+    state = tmp_path / "state.bin"
+    code, out, _ = cli(
+        "generate",
+        "--model",
+        "lstm",
+        "--prompt",
+        "ab",
+        "--max-tokens",
+        "2",
+        "--resume-file",
+        str(state),
+    )
+    assert code == 0 and state.read_bytes() == b"abba"
+    code, out, _ = cli(
+        "generate", "--model", "lstm", "--max-tokens", "3", "--resume-file", str(state)
+    )
+    assert code == 0
+    assert fake[0].requests[-1].state == b"abba"  # continued from the file
+    assert out == "abb\n"
+    assert state.read_bytes() == b"abbaabb"  # and saved again
+
+
+def test_score_table_and_json(cli) -> None:
+    code, out, _ = cli("score", "--model", "lstm", "hello", "hi")
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split() == ["perplexity", "log_likelihood", "tokens", "unknown", "text"]
+    assert rows[0].split()[2:] == ["4", "0", "hello"]
+    code, out, _ = cli("--json", "score", "--model", "lstm", "hello")
+    [row] = json.loads(out)
+    assert row["text"] == "hello" and row["num_tokens"] == 4
+
+
+def test_json_flag_after_the_subcommand(cli) -> None:
+    code, out, _ = cli("models", "--json")
+    assert code == 0 and [m["name"] for m in json.loads(out)] == ["lstm", "sine-gru"]
+
+
+def test_infill_models_model_reload(cli) -> None:
+    code, out, _ = cli("infill", "--model", "lstm", "--left", "a", "--right", "c", "--top-k", "2")
+    assert code == 0 and out.splitlines()[0].split() == ["rank", "token", "id", "probability"]
+    assert len(out.splitlines()) == 3
+    code, out, _ = cli("models")
+    assert code == 0 and "sine-gru" in out and "Forecast" in out
+    code, out, _ = cli("model", "lstm")
+    assert code == 0 and "architecture  lstm" in out and "hidden = 32" in out
+    code, out, _ = cli("reload")
+    assert code == 0 and "loaded: gru/2" in out and "failed: bad/1" in out
+
+
+def test_forecast_prints_and_plots(cli, tmp_path) -> None:
+    csv = tmp_path / "h.csv"
+    csv.write_text("t,value\n0,1.0\n1,2.0\n2,3.0\n")
+    png = tmp_path / "out.png"
+    code, out, err = cli(
+        "forecast",
+        "--model",
+        "sine-gru",
+        "--history-file",
+        str(csv),
+        "--horizon",
+        "2",
+        "--fitted",
+        "--plot",
+        str(png),
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["step", "index", "forecast"]
+    assert lines[1].split() == ["1", "3", "4.0000"]
+    assert "fitted" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, _ = cli(
+        "--json", "forecast", "--model", "sine-gru", "--history-file", str(csv), "--horizon", "1"
+    )
+    assert json.loads(out)["forecast"] == [4.0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "exit_code"),
+    [
+        (["model", "nope"], "NOT_FOUND", 5),
+        (["generate", "--model", "bilstm", "--prompt", "a"], "FAILED_PRECONDITION", 9),
+        (["generate", "--model", "lstm"], "INVALID_ARGUMENT", 3),  # no prompt: refused locally
+    ],
+)
+def test_errors_print_one_line_and_exit_with_the_status(cli, argv, status, exit_code) -> None:
+    code, _, err = cli(*argv)
+    assert code == exit_code
+    [line] = err.splitlines()
+    assert line.startswith(f"error: {status}: ")
+
+
+def test_unavailable_after_retries_exits_14(cli, fake) -> None:
+    fake[0].script.failures["ListModels"] = [grpc.StatusCode.UNAVAILABLE] * 10
+    code, _, err = cli("models")
+    assert code == 14 and err.startswith("error: UNAVAILABLE: ")
+
+
+def test_token_from_environment(cli, fake, monkeypatch) -> None:
+    monkeypatch.setenv("RNNSERVE_TOKEN", "envtok")
+    assert cli("models")[0] == 0
+    assert fake[0].metadata[-1]["authorization"] == "Bearer envtok"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["score", "--model", "lstm"],  # no text
+        ["bogus"],
+        ["--timeout", "0", "models"],
+        ["generate", "--model", "lstm", "--prompt", "a", "--max-tokens", "many"],
+    ],
+)
+def test_usage_errors_exit_64_without_traceback(cli, argv) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli(*argv)
+    assert info.value.code == 64
+
+
+def test_bad_csv_exits_64_with_the_reason(cli, tmp_path) -> None:
+    csv = tmp_path / "h.csv"
+    csv.write_text("value\n1\nx\n")
+    code, _, err = cli(
+        "forecast", "--model", "sine-gru", "--history-file", str(csv), "--horizon", "2"
+    )
+    assert code == 64 and "line 3" in err and "Traceback" not in err

@@ -1,0 +1,51 @@
+"""Reading forecast histories from CSV: headers, column choice, and clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from client.series_csv import SeriesFileError, read_series
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "s.csv"
+    path.write_text(text)
+    return path
+
+
+def test_header_and_default_last_column(tmp_path) -> None:
+    s = read_series(write(tmp_path, "t,x\n1,0.5\n2,1.5\n"))
+    assert (s.values, s.column) == ([0.5, 1.5], "x")
+
+
+def test_column_by_name_and_by_index(tmp_path) -> None:
+    path = write(tmp_path, "t,x\n1,0.5\n2,1.5\n")
+    assert read_series(path, "t").values == [1.0, 2.0]
+    assert read_series(path, "0").values == [1.0, 2.0]
+
+
+def test_no_header_single_column_and_blank_lines(tmp_path) -> None:
+    s = read_series(write(tmp_path, "1\n\n2.5\n-3e-1\n"))
+    assert (s.values, s.column) == ([1.0, 2.5, -0.3], "column 0")
+
+
+@pytest.mark.parametrize(
+    ("text", "column", "message"),
+    [
+        ("t,x\n1,\n", None, "line 2: missing value in x"),
+        ("t,x\n1,abc\n", None, "line 2: 'abc' in x is not a number"),
+        ("x\n1\nnan\n", None, "line 3: 'nan' in x is not finite"),
+        ("t,x\n1,2\n", "y", "no column 'y' (columns: t, x)"),
+        ("t,x\n", None, "has a header but no values"),
+        ("", None, "has no rows"),
+    ],
+)
+def test_bad_files_are_refused_with_the_place(tmp_path, text, column, message) -> None:
+    with pytest.raises(SeriesFileError, match=r"s\.csv") as info:
+        read_series(write(tmp_path, text), column)
+    assert message in str(info.value)
+
+
+def test_missing_file(tmp_path) -> None:
+    with pytest.raises(SeriesFileError, match="cannot read"):
+        read_series(tmp_path / "absent.csv")

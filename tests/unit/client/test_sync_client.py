@@ -1,0 +1,188 @@
+"""RnnClient against a fake in-process server: typed results, errors, retries, deadlines."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+
+from client import (
+    NO_RETRY,
+    DeadlineExceeded,
+    FailedPrecondition,
+    ForecastResult,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    RetryPolicy,
+    RnnClient,
+    ScoreResult,
+    TokenEvent,
+    Unavailable,
+)
+from tests.unit.client.fake_server import Recorder
+
+FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff=0.001, max_backoff=0.01)
+U = grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.fixture
+def client(fake: tuple[Recorder, str]):
+    with RnnClient(fake[1], timeout=10, retry=FAST_RETRY, token="s3cret") as c:
+        yield c
+
+
+def test_generate_streams_typed_events(client: RnnClient, fake) -> None:
+    stream = client.generate("lstm", "abc", max_tokens=5, seed=7, stop=["x"])
+    events = list(stream)
+    assert all(isinstance(e, TokenEvent) for e in events)
+    assert "".join(e.text for e in events) == stream.text == "cbacb"
+    assert [e.finish_reason for e in events] == [None] * 4 + ["length"]
+    assert events[0].token_ids == (events[0].token_id,)
+    request = fake[0].requests[-1]
+    assert (request.sampling.seed, list(request.stop), request.max_tokens) == (7, ["x"], 5)
+    assert stream.finish_reason == "length" and stream.state is None
+
+
+def test_generate_returns_and_accepts_resume_state(client: RnnClient) -> None:
+    first = client.generate("lstm", "ab", max_tokens=2, return_state=True)
+    list(first)
+    assert first.state == b"abba"
+    second = client.generate("lstm", state=first.state, max_tokens=3)
+    assert "".join(e.text for e in second) == "abb"
+
+
+def test_score_returns_dataclasses_in_order(client: RnnClient) -> None:
+    texts = ["hello", "hi there"]
+    results = client.score("lstm", texts)
+    assert all(isinstance(r, ScoreResult) for r in results)
+    assert [r.num_tokens for r in results] == [len(t) - 1 for t in texts]
+    assert results[1].tokens == tuple(texts[1][1:])
+    assert client.score("lstm", "one text")[0].num_tokens == len("one text") - 1
+
+
+def test_infill_forecast_models_reload(client: RnnClient) -> None:
+    cands = client.infill("lstm", "the ", "ime", top_k=3)
+    assert len(cands) == 3 and cands[0].probability > cands[1].probability
+    result = client.forecast("sine-gru", [1.0, 2.0, 3.0], 4, return_fitted=True)
+    assert isinstance(result, ForecastResult)
+    assert result.forecast == (4.0, 5.0, 6.0, 7.0)
+    assert result.fitted == (1.0, 2.0) and result.fitted_offset == 1
+    models = client.list_models()
+    assert [m.name for m in models] == ["lstm", "sine-gru"]
+    info = client.get_model("lstm")
+    assert info.version().state[0].shape == (1, -1, 32)
+    assert info.version().hyperparameters["hidden"] == "32"
+    reload = client.reload_models()
+    assert reload.loaded == ("gru/2",) and reload.failed[0].startswith("bad/1")
+
+
+def test_status_codes_become_exceptions_with_details(client: RnnClient) -> None:
+    with pytest.raises(NotFound) as info:
+        client.get_model("nope")
+    assert info.value.code == "NOT_FOUND" and "nope" in info.value.details
+    with pytest.raises(FailedPrecondition, match="language model"):
+        client.forecast("lstm", [1.0], 2)
+    with pytest.raises(FailedPrecondition):
+        list(client.generate("bilstm", "ab"))
+
+
+def test_error_in_the_middle_of_a_stream_is_raised_after_earlier_tokens(client, fake) -> None:
+    fake[0].script.stream_failure = grpc.StatusCode.RESOURCE_EXHAUSTED
+    fake[0].script.fail_after = 2
+    seen = []
+    with pytest.raises(ResourceExhausted) as info:
+        for event in client.generate("lstm", "abc", max_tokens=5):
+            seen.append(event.text)
+    assert info.value.code == "RESOURCE_EXHAUSTED"
+    assert seen == ["c", "b"]
+
+
+def test_unary_calls_retry_on_unavailable(client: RnnClient, fake) -> None:
+    rec = fake[0]
+    rec.script.failures["Score"] = [U, U]
+    assert client.score("lstm", ["ab"])[0].num_tokens == 1
+    assert rec.calls["Score"] == 3
+
+
+def test_retries_stop_after_max_attempts(client: RnnClient, fake) -> None:
+    rec = fake[0]
+    rec.script.failures["ListModels"] = [U] * 10
+    with pytest.raises(Unavailable):
+        client.list_models()
+    assert rec.calls["ListModels"] == FAST_RETRY.max_attempts
+
+
+def test_other_errors_are_not_retried(client: RnnClient, fake) -> None:
+    rec = fake[0]
+    rec.script.failures["Score"] = [grpc.StatusCode.INVALID_ARGUMENT, U]
+    with pytest.raises(InvalidArgument):
+        client.score("lstm", ["ab"])
+    assert rec.calls["Score"] == 1
+
+
+def test_generate_is_never_retried(client: RnnClient, fake) -> None:
+    rec = fake[0]
+    rec.script.failures["Generate"] = [U]
+    with pytest.raises(Unavailable):
+        list(client.generate("lstm", "ab"))
+    assert rec.calls["Generate"] == 1
+
+
+def test_no_retry_policy_makes_one_attempt(fake) -> None:
+    rec, address = fake
+    rec.script.failures["ListModels"] = [U]
+    with RnnClient(address, retry=NO_RETRY) as c, pytest.raises(Unavailable):
+        c.list_models()
+    assert rec.calls["ListModels"] == 1
+
+
+def test_deadline_exceeded_is_raised(client: RnnClient, fake) -> None:
+    fake[0].script.hold = threading.Event()
+    with pytest.raises(DeadlineExceeded):
+        client.score("lstm", ["ab"], timeout=0.2)
+    with pytest.raises(DeadlineExceeded):
+        list(client.generate("lstm", "ab", timeout=0.2))
+
+
+def test_bearer_token_is_sent_as_metadata(client: RnnClient, fake) -> None:
+    client.list_models()
+    list(client.generate("lstm", "ab", max_tokens=1))
+    assert [m.get("authorization") for m in fake[0].metadata] == ["Bearer s3cret"] * 2
+
+
+def test_no_token_sends_no_authorization(fake) -> None:
+    with RnnClient(fake[1]) as c:
+        c.list_models()
+    assert "authorization" not in fake[0].metadata[-1]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.generate("lstm", ""),
+        lambda c: c.generate("", "ab"),
+        lambda c: c.score("lstm", []),
+        lambda c: c.infill("lstm", "", ""),
+        lambda c: c.forecast("sine-gru", [1.0, float("nan")], 2),
+        lambda c: c.forecast("sine-gru", [], 2),
+        lambda c: c.forecast("sine-gru", [1.0], 0),
+    ],
+)
+def test_obviously_bad_requests_fail_locally(client: RnnClient, fake, call) -> None:
+    with pytest.raises(InvalidArgument):
+        call(client)
+    assert sum(fake[0].calls.values()) == 0
+
+
+def test_cancelling_a_stream_stops_it(client: RnnClient) -> None:
+    with client.generate("lstm", "abc", max_tokens=50) as stream:
+        first = next(iter(stream))
+    assert first.text == "c"
+    assert stream.finish_reason is None
+
+
+def test_wait_ready_on_a_dead_address_raises_unavailable() -> None:
+    with RnnClient("127.0.0.1:1") as c, pytest.raises(Unavailable):
+        c.wait_ready(timeout=0.2)

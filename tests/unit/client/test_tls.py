@@ -1,0 +1,67 @@
+"""TLS and mutual TLS against a fake server with throw-away certificates."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client import NO_RETRY, RnnClient, TlsConfig, Unavailable
+from client.cli import main
+from tests.unit.client import fake_server
+from tests.unit.client.certs import make_pki
+
+
+@pytest.fixture(scope="module")
+def mtls_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    ca, server, client = make_pki()
+    creds = grpc.ssl_server_credentials(
+        [(server.key, server.cert)], root_certificates=ca.cert, require_client_auth=True
+    )
+    srv, _rec, port = fake_server.start(creds)
+    d = tmp_path_factory.mktemp("pki")
+    for name, data in {
+        "ca.pem": ca.cert,
+        "client.pem": client.cert,
+        "client.key": client.key,
+    }.items():
+        (d / name).write_bytes(data)
+    yield f"localhost:{port}", d
+    srv.stop(grace=None)
+
+
+def test_mtls_with_client_certificate_works(mtls_server) -> None:
+    address, d = mtls_server
+    tls = TlsConfig.from_files(d / "ca.pem", d / "client.pem", d / "client.key")
+    with RnnClient(address, tls=tls, timeout=10) as c:
+        assert [m.name for m in c.list_models()] == ["lstm", "sine-gru"]
+
+
+def test_mtls_without_client_certificate_is_refused(mtls_server) -> None:
+    address, d = mtls_server
+    tls = TlsConfig.from_files(d / "ca.pem")
+    with RnnClient(address, tls=tls, timeout=10, retry=NO_RETRY) as c, pytest.raises(Unavailable):
+        c.list_models()
+
+
+def test_cli_tls_flags(mtls_server, capsys) -> None:
+    address, d = mtls_server
+    argv = ["--address", address, "--tls-ca", str(d / "ca.pem")]
+    argv += ["--tls-cert", str(d / "client.pem"), "--tls-key", str(d / "client.key"), "models"]
+    assert main(argv) == 0
+    assert "sine-gru" in capsys.readouterr().out
+
+
+def test_cert_without_key_is_a_clear_error(tmp_path, capsys) -> None:
+    with pytest.raises(ValueError, match="together"):
+        TlsConfig(cert_chain=b"x")
+    assert main(["--tls-cert", str(tmp_path / "c.pem"), "models"]) == 64
+    assert "error:" in capsys.readouterr().err
+
+
+def test_missing_ca_file_is_a_clear_error(tmp_path, capsys) -> None:
+    assert main(["--tls-ca", str(tmp_path / "nope.pem"), "models"]) == 64
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read TLS CA file")
