@@ -23,7 +23,12 @@ MIN_TOKENS = 16
 
 def default_corpus_text() -> str:
     """The Time Machine (H. G. Wells), shipped as package data so no download is needed."""
-    return resources.files("trainer").joinpath("data", DEFAULT_CORPUS).read_text(encoding="utf-8")
+    try:
+        data = resources.files("trainer").joinpath("data", DEFAULT_CORPUS)
+        return data.read_text(encoding="utf-8")
+    except (NotADirectoryError, FileNotFoundError, TypeError):
+        # a stale editable install can make `trainer` a namespace package: read beside us
+        return (Path(__file__).parent / "data" / DEFAULT_CORPUS).read_text(encoding="utf-8")
 
 
 def read_corpus(path: Path | str | None) -> str:

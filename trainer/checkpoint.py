@@ -1,0 +1,84 @@
+"""Checkpoints: state_dict + config dataclasses + vocabulary, never a pickled module.
+
+Why: a pickled module breaks when the code moves and can run arbitrary code on load; a dict of
+tensors and primitives loads with `torch.load(weights_only=True)` and rebuilds via ModelConfig.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from artifact.tokenizer import TokenizerConfig
+from artifact.vocab import Vocab
+from trainer.errors import TrainerError
+from trainer.models import ModelConfig, build_model
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def make_checkpoint(
+    model: torch.nn.Module,
+    config: ModelConfig,
+    vocab: Vocab,
+    tokenizer: TokenizerConfig,
+    train: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    epoch: int = 0,
+    history: list[dict] | None = None,
+) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "model_config": asdict(config),
+        "train_config": dict(train or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "epoch": epoch,
+        "history": list(history or []),
+        "vocab": vocab.to_list(),
+        "tokenizer": tokenizer.to_dict(),
+    }
+
+
+def save_checkpoint(data: dict[str, Any], path: Path) -> Path:
+    """Writes atomically (temp file + rename), so an interrupted save keeps the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def resolve(path: Path | str) -> Path:
+    """Accepts a checkpoint file or a directory holding checkpoint.pt."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise TrainerError(f"no checkpoint at {path} (expected a {CHECKPOINT_FILE} or its dir)")
+    return path
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    file = resolve(path)
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign file: one line, not a traceback
+        raise TrainerError(f"{file} is not a readable rnnserve checkpoint: {exc}") from exc
+    if not isinstance(data, dict) or "model_config" not in data or "state_dict" not in data:
+        raise TrainerError(f"{file} is not an rnnserve checkpoint (missing model_config)")
+    return data
+
+
+def restore(data: dict[str, Any]) -> tuple[torch.nn.Module, ModelConfig, Vocab, TokenizerConfig]:
+    """Rebuilds the model from config + state_dict."""
+    config = ModelConfig(**data["model_config"])
+    model = build_model(config)
+    model.load_state_dict(data["state_dict"])
+    model.eval()
+    return model, config, Vocab(data["vocab"]), TokenizerConfig.from_dict(data["tokenizer"])

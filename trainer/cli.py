@@ -1,0 +1,227 @@
+"""`rnn-trainer`: train, sample, export, zoo, stats.
+
+The only layer that knows argparse: it fills the config dataclasses and calls pipeline/zoo.
+Any TrainerError (or a manifest/tokenizer ValueError from bad flags) becomes one line
+``error: ...`` on stderr and exit status 2; modules owned by others are imported lazily so a
+missing one is reported the same way instead of breaking every subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from trainer.errors import TrainerError
+
+ARCHS = ("rnn", "gru", "lstm", "ngram", "hmm", "mlp")
+
+
+def _optional(module: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise TrainerError(f"{module} is not available in this install ({exc})") from exc
+
+
+def _add_common_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--task",
+        choices=("lm", "infill", "forecast"),
+        default=None,
+        help="lm (default), infill (implies --bidirectional) or forecast",
+    )
+    p.add_argument(
+        "--arch", default="lstm", help="rnn | gru | lstm | ngram | hmm (| mlp, forecast)"
+    )
+    p.add_argument(
+        "--corpus", default=None, help="UTF-8 text file (default: built-in Time Machine)"
+    )
+    p.add_argument("--out", default="models", help="model repository: writes OUT/NAME/VERSION/")
+    p.add_argument("--name", default=None, help="model name (default: the arch)")
+    p.add_argument("--version", default="1")
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="checkpoint.pt, log.jsonl, curve.png per epoch (default: runs/NAME)",
+    )
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--num-steps", type=int, default=32, help="window length (time steps)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--embed", type=int, default=32)
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--bidirectional", action="store_true", help="infill model (both directions)")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--optimizer", default="adam", help="adam | sgd")
+    p.add_argument("--clip", type=float, default=1.0, help="global grad-norm bound, 0 = off")
+    p.add_argument("--bptt", default="full", help="full | truncated | random")
+    p.add_argument("--bptt-k", type=int, default=8, help="chunk length for --bptt truncated")
+    p.add_argument("--bptt-p", type=float, default=0.5, help="keep probability, --bptt random")
+    p.add_argument("--sampling", default="random", help="random | sequential")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--resume", default=None, help="checkpoint file or run dir to continue from")
+    p.add_argument("--n", type=int, default=3, help="n-gram order")
+    p.add_argument("--alpha", type=float, default=1.0, help="Laplace smoothing for ngram")
+    p.add_argument("--states", type=int, default=16, help="HMM hidden states")
+    p.add_argument("--hmm-method", default="em", help="em | gradient")
+    p.add_argument("--level", default="char", help="char | word tokens")
+    p.add_argument(
+        "--keep-punctuation",
+        action="store_true",
+        help="keep non-letters (default: letters and spaces only, lowercased)",
+    )
+    p.add_argument("--min-freq", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
+    p.add_argument("--no-progress", action="store_true")  # fmt: skip
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rnn-trainer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model and export it to OUT/NAME/VERSION")
+    _add_common_train(train)
+    argv = sys.argv[1:] if argv is None else argv
+    if "forecast" in argv or "mlp" in argv:  # forecast flags only when asked for
+        _optional("trainer.forecast.cli").add_arguments(train)
+    sample = sub.add_parser("sample", help="greedy generation in torch (the server's reference)")
+    sample.add_argument("--model", required=True, help="package dir (OUT/NAME/VERSION) or run dir")
+    sample.add_argument("--prefix", required=True)
+    sample.add_argument("--num-tokens", type=int, default=100)
+    sample.add_argument("--ids", action="store_true", help="print token ids, not text")
+    export = sub.add_parser("export", help="export a checkpoint to OUT/NAME/VERSION")
+    export.add_argument("--checkpoint", required=True, help="checkpoint.pt or a dir holding one")
+    export.add_argument("--out", default="models")
+    export.add_argument("--name", required=True)
+    export.add_argument("--version", default="1")
+    zoo = sub.add_parser("zoo", help="train and export every zoo model (what `make run` serves)")
+    zoo.add_argument("--out", default="models")
+    zoo.add_argument("--preset", default="default", help="default | tiny")
+    zoo.add_argument("--only", nargs="*", default=None, help="subset of zoo names")
+    zoo.add_argument("--no-progress", action="store_true")
+    stats = sub.add_parser("stats", help="token statistics and a Zipf plot")
+    try:
+        importlib.import_module("trainer.stats").add_arguments(stats)
+    except ImportError:
+        stats.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _data(args: argparse.Namespace):
+    from artifact.tokenizer import TokenizerConfig
+    from trainer.pipeline import DataConfig
+
+    tok = TokenizerConfig(level=args.level, letters_only=not args.keep_punctuation)
+    return DataConfig(args.corpus, tok, args.min_freq, args.max_tokens)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.task == "forecast" or args.arch == "mlp":
+        return int(_optional("trainer.forecast.cli").run_train(args))
+    from trainer.models import ModelConfig
+    from trainer.pipeline import ALL_ARCHS, train_count_model, train_recurrent
+    from trainer.train import TrainConfig
+
+    if args.arch not in ALL_ARCHS:
+        raise TrainerError(f"unknown arch {args.arch!r}; choose one of {', '.join(ALL_ARCHS)}")
+    bidirectional = args.bidirectional or args.task == "infill"
+    if args.task == "lm" and bidirectional:
+        raise TrainerError("a bidirectional model cannot be a left-to-right lm; use --task infill")
+    name = args.name or (f"bi{args.arch}" if bidirectional else args.arch)
+    progress = not args.no_progress
+    data = _data(args)
+    if args.arch in ("ngram", "hmm"):
+        if bidirectional:
+            raise TrainerError(f"--bidirectional applies to rnn/gru/lstm, not {args.arch}")
+        path = train_count_model(
+            args.arch, data, out=Path(args.out), name=name, version=args.version, n=args.n,
+            alpha=args.alpha, states=args.states, hmm_method=args.hmm_method, epochs=args.epochs,
+            seed=args.seed, progress=progress,
+        )  # fmt: skip
+    else:
+        model = ModelConfig(args.arch, 1, args.hidden, args.layers, args.embed, bidirectional)
+        train = TrainConfig(
+            epochs=args.epochs, num_steps=args.num_steps, batch_size=args.batch_size, lr=args.lr,
+            optimizer=args.optimizer, clip=args.clip, bptt=args.bptt, bptt_k=args.bptt_k,
+            bptt_p=args.bptt_p, sampling=args.sampling, seed=args.seed, device=args.device,
+        )  # fmt: skip
+        run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
+        path = train_recurrent(
+            model, train, data, out=Path(args.out), name=name, version=args.version,
+            run_dir=run_dir, resume=Path(args.resume) if args.resume else None, progress=progress,
+        )  # fmt: skip
+        print(f"training log and curve: {run_dir}/log.jsonl, {run_dir}/curve.png")
+    print(f"exported {path}")
+    return 0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from trainer.sample import greedy_text, greedy_tokens
+
+    if args.ids:
+        print(" ".join(str(i) for i in greedy_tokens(args.model, args.prefix, args.num_tokens)))
+    else:
+        print(args.prefix + greedy_text(args.model, args.prefix, args.num_tokens))
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from trainer.checkpoint import load_checkpoint, restore
+    from trainer.export import export_model
+
+    data = load_checkpoint(args.checkpoint)
+    model, _config, vocab, tok = restore(data)
+    metrics = {}
+    if data.get("history"):
+        metrics = {"val_perplexity": float(data["history"][-1]["val_ppl"])}
+    path = export_model(
+        model, Path(args.out), name=args.name, version=args.version, vocab=vocab, tokenizer=tok,
+        metrics=metrics, training=dict(data.get("train_config") or {}), checkpoint=data,
+    )  # fmt: skip
+    print(f"exported {path}")
+    return 0
+
+
+def run_zoo(args: argparse.Namespace) -> int:
+    from trainer.zoo import build_zoo
+
+    paths = build_zoo(Path(args.out), preset=args.preset, only=args.only,
+                      progress=not args.no_progress)  # fmt: skip
+    print(f"zoo: {len(paths)} models in {args.out}: " + ", ".join(p.parent.name for p in paths))
+    return 0
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    return int(_optional("trainer.stats").run(args))
+
+
+COMMANDS = {
+    "train": run_train,
+    "sample": run_sample,
+    "export": run_export,
+    "zoo": run_zoo,
+    "stats": run_stats,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except TrainerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad flag values caught by the shared artifact dataclasses
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else exc!r}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""One training run end to end: corpus -> vocabulary -> model -> fit -> checkpoint -> package.
+
+Why separate from the CLI: the CLI, the zoo and the tests call the same functions with
+dataclasses; argparse stays in cli.py. Nothing is written to the model repository until the
+model is trained and its export check passed (export_model is atomic).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from artifact.tokenizer import TokenizerConfig
+from artifact.vocab import Vocab
+from trainer.checkpoint import load_checkpoint, make_checkpoint, restore, save_checkpoint
+from trainer.corpus import build_corpus, read_corpus, split_ids
+from trainer.errors import TrainerError
+from trainer.export import export_model
+from trainer.models import RNN_ARCHS, ModelConfig, build_model
+from trainer.plot import plot_history
+from trainer.train import TrainConfig, fit, make_optimizer, resolve_device
+
+COUNT_ARCHS = ("ngram", "hmm")
+ALL_ARCHS = (*RNN_ARCHS, *COUNT_ARCHS)
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes ids."""
+
+    corpus: str | None = None  # None: the built-in Time Machine
+    tokenizer: TokenizerConfig = field(
+        default_factory=lambda: TokenizerConfig(level="char", letters_only=True)
+    )
+    min_freq: int = 1
+    max_tokens: int | None = None
+    val_fraction: float = 0.1
+
+
+@dataclass
+class Prepared:
+    train_ids: list[int]
+    val_ids: list[int]
+    vocab: Any
+    tokenizer: TokenizerConfig
+    digest: str
+    num_tokens: int
+
+
+def prepare(data: DataConfig, vocab_from: list[str] | None = None) -> Prepared:
+    """Reads, tokenizes and splits; a resumed run re-uses its checkpoint's vocabulary."""
+    text = read_corpus(data.corpus)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    corpus = build_corpus(text, data.tokenizer, data.min_freq, max_tokens=data.max_tokens)
+    vocab = Vocab(vocab_from) if vocab_from is not None else corpus.vocab
+    ids = vocab.encode(corpus.tokens)
+    train_ids, val_ids = split_ids(ids, data.val_fraction)
+    return Prepared(train_ids, val_ids, vocab, data.tokenizer, digest, len(ids))
+
+
+def _training_record(data: DataConfig, prep: Prepared, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "corpus": data.corpus or "builtin:timemachine.txt",
+        "corpus_sha256": prep.digest,
+        "tokens": prep.num_tokens,
+        "val_fraction": data.val_fraction,
+        **extra,
+    }
+
+
+def train_recurrent(
+    model_config: ModelConfig | None,
+    train_config: TrainConfig,
+    data: DataConfig,
+    *,
+    out: Path | None,
+    name: str,
+    version: str = "1",
+    run_dir: Path | None = None,
+    resume: Path | None = None,
+    progress: bool = True,
+    log=print,
+) -> Path | None:
+    """Trains an RNN/GRU/LSTM (lm, or infill when bidirectional) and exports it to out/."""
+    train_config.validate()
+    resolve_device(train_config.device)
+    ckpt = load_checkpoint(resume) if resume is not None else None
+    if ckpt is not None:
+        data.tokenizer = TokenizerConfig.from_dict(ckpt["tokenizer"])
+        model_config = ModelConfig(**ckpt["model_config"])
+    prep = prepare(data, ckpt["vocab"] if ckpt else None)
+    assert model_config is not None
+    model_config.vocab_size = len(prep.vocab)
+    torch.manual_seed(train_config.seed)
+    model = build_model(model_config)
+    optimizer = make_optimizer(model, train_config)
+    start, history = 0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["state_dict"])
+        model.to(resolve_device(train_config.device))
+        if (
+            ckpt.get("optimizer")
+            and ckpt["train_config"].get("optimizer") == train_config.optimizer
+        ):
+            optimizer.load_state_dict(ckpt["optimizer"])
+        start, history = int(ckpt["epoch"]), list(ckpt.get("history") or [])
+        log(f"resuming {resume} after epoch {start}")
+        if start >= train_config.epochs:
+            raise TrainerError(f"checkpoint already has {start} epochs; raise --epochs to continue")
+    run_dir = Path(run_dir) if run_dir is not None else None
+    log(
+        f"{name}: {model_config.arch} layers={model_config.layers} hidden={model_config.hidden}"
+        f" bidirectional={model_config.bidirectional} |V|={len(prep.vocab)}"
+        f" train={len(prep.train_ids)} val={len(prep.val_ids)} tokens"
+    )
+
+    def on_epoch(record: dict, opt: torch.optim.Optimizer) -> None:
+        history.append(record)
+        if run_dir is None:
+            return
+        cp = make_checkpoint(
+            model, model_config, prep.vocab, prep.tokenizer, asdict(train_config), opt,
+            record["epoch"], history,
+        )  # fmt: skip
+        save_checkpoint(cp, run_dir / "checkpoint.pt")
+        with open(run_dir / "log.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"name": name, **record}) + "\n")
+        plot_history(history, run_dir / "curve.png", title=name)
+
+    fit(
+        model, prep.train_ids, prep.val_ids, train_config, optimizer=optimizer,
+        start_epoch=start, history=list(history), on_epoch=on_epoch, progress=progress, log=log,
+    )  # fmt: skip
+    if out is None:
+        return None
+    model.cpu().eval()
+    last = history[-1]
+    kind = "infill_perplexity" if model.task == "infill" else "perplexity"
+    cp = make_checkpoint(model, model_config, prep.vocab, prep.tokenizer, asdict(train_config))
+    cp["history"] = history
+    return export_model(
+        model, Path(out), name=name, version=version, vocab=prep.vocab, tokenizer=prep.tokenizer,
+        metrics={f"val_{kind}": last["val_ppl"], f"train_{kind}": last["train_ppl"],
+                 "uniform_perplexity": last["uniform_ppl"]},
+        training=_training_record(data, prep, {"epochs": last["epoch"], **asdict(train_config)}),
+        checkpoint=cp,
+    )  # fmt: skip
+
+
+def train_count_model(
+    arch: str,
+    data: DataConfig,
+    *,
+    out: Path,
+    name: str,
+    version: str = "1",
+    n: int = 3,
+    alpha: float = 1.0,
+    states: int = 16,
+    hmm_method: str = "em",
+    epochs: int = 20,
+    seed: int = 0,
+    progress: bool = True,
+    log=print,
+) -> Path:
+    """n-gram or HMM (owned by other modules), exported through the same interface."""
+    prep = prepare(data)
+    vocab_size = len(prep.vocab)
+    if arch == "ngram":
+        from trainer.ngram import train_ngram
+
+        model = train_ngram(prep.train_ids, vocab_size, n=n, alpha=alpha)
+        extra = {"n": n, "alpha": alpha}
+    elif arch == "hmm":
+        from trainer.hmm import train_hmm
+
+        model = train_hmm(
+            prep.train_ids, vocab_size, states=states, method=hmm_method, epochs=epochs,
+            seed=seed, progress=progress,
+        )  # fmt: skip
+        extra = {"states": states, "method": hmm_method, "epochs": epochs, "seed": seed}
+    else:
+        raise TrainerError(f"unknown arch {arch!r}; choose one of {', '.join(ALL_ARCHS)}")
+    metrics: dict[str, float] = {"uniform_perplexity": float(vocab_size)}
+    if hasattr(model, "perplexity"):
+        metrics["val_perplexity"] = float(model.perplexity(prep.val_ids))
+        log(
+            f"{name}: val ppl {metrics['val_perplexity']:.3f} (uniform baseline |V| = {vocab_size})"
+        )
+    return export_model(
+        model, Path(out), name=name, version=version, vocab=prep.vocab, tokenizer=prep.tokenizer,
+        metrics=metrics, training=_training_record(data, prep, extra),
+    )  # fmt: skip
+
+
+def restore_from(path: Path):
+    """(model, config, vocab, tokenizer) from a checkpoint file/dir or a package dir."""
+    return restore(load_checkpoint(path))

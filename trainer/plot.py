@@ -1,0 +1,31 @@
+"""Training-curve PNG (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def plot_history(history: list[dict], path: Path, title: str = "training") -> Path:
+    """Train and validation perplexity per epoch, with the uniform baseline |V| for scale."""
+    epochs = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [r["train_ppl"] for r in history], marker="o", label="train")
+    ax.plot(epochs, [r["val_ppl"] for r in history], marker="o", label="validation")
+    if history:
+        ax.axhline(history[-1]["uniform_ppl"], color="grey", linestyle="--", label="uniform |V|")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

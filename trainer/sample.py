@@ -1,0 +1,58 @@
+"""Greedy generation in torch: the reference the server's greedy decoding must equal.
+
+Convention (docs/contracts.md): warm up on the whole prefix in one call, pick argmax of the last
+logits (ties to the lowest id: torch.argmax returns the first maximum), feed it back one token
+at a time. `model_dir` is a model package dir (models/<name>/<version>, which holds
+checkpoint.pt beside model.onnx) or a training run dir / checkpoint file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from artifact.tokenizer import Tokenizer
+from trainer.checkpoint import load_checkpoint, restore
+from trainer.errors import TrainerError
+
+
+def _load(model_dir: Path | str):
+    model, _config, vocab, tok = restore(load_checkpoint(model_dir))
+    if model.task != "lm":
+        raise TrainerError(
+            f"{model_dir} holds a {model.task} model; only left-to-right (lm) models generate"
+        )
+    return model, vocab, Tokenizer(tok)
+
+
+@torch.no_grad()
+def greedy_ids(model, prefix_ids: list[int], k: int) -> list[int]:
+    """k greedy continuation ids after warming up on prefix_ids."""
+    if not prefix_ids:
+        raise TrainerError("the prefix must contain at least one token")
+    if k < 0:
+        raise TrainerError("--num-tokens must be >= 0")
+    model.eval()
+    state = tuple(model.initial_state(1))
+    x = torch.tensor([prefix_ids])  # [1, time]
+    out: list[int] = []
+    for _ in range(k):
+        logits, *rest = model(x, *state)  # logits: [1, time, vocab]
+        state = tuple(rest)
+        nxt = int(torch.argmax(logits[0, -1]).item())
+        out.append(nxt)
+        x = torch.tensor([[nxt]])  # [1, 1]
+    return out
+
+
+def greedy_tokens(model_dir: Path | str, prefix: str, k: int) -> list[int]:
+    """Token ids the server must produce for (prefix, max_tokens=k) under greedy decoding."""
+    model, vocab, tokenizer = _load(model_dir)
+    return greedy_ids(model, vocab.encode(tokenizer.tokenize(prefix)), k)
+
+
+def greedy_text(model_dir: Path | str, prefix: str, k: int) -> str:
+    model, vocab, tokenizer = _load(model_dir)
+    ids = greedy_ids(model, vocab.encode(tokenizer.tokenize(prefix)), k)
+    return tokenizer.detokenize(vocab.decode(ids))

@@ -1,0 +1,177 @@
+"""The training loop: minibatches, BPTT, clipping, perplexity per epoch.
+
+Why a plain function over a model and id lists: the CLI, the zoo, the benchmark and the tests
+all train the same way; they differ only in TrainConfig and what they do after each epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from trainer.bptt import BPTT_MODES, run_window
+from trainer.errors import TrainerError
+from trainer.sampling import SAMPLINGS, batches, check_fits, detach_state, num_batches
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; filled by the CLI, stored in checkpoints and manifests."""
+
+    epochs: int = 10
+    num_steps: int = 32
+    batch_size: int = 32
+    lr: float = 0.01
+    optimizer: str = "adam"
+    clip: float = 1.0  # global gradient-norm bound; 0 disables clipping
+    bptt: str = "full"
+    bptt_k: int = 8  # chunk length for --bptt truncated
+    bptt_p: float = 0.5  # keep probability for --bptt random
+    sampling: str = "random"
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise TrainerError("--epochs must be at least 1")
+        if not self.lr > 0:
+            raise TrainerError("--lr must be positive")
+        if self.clip < 0:
+            raise TrainerError("--clip must be >= 0 (0 disables clipping)")
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainerError(f"unknown optimizer {self.optimizer!r}; choose {OPTIMIZERS}")
+        if self.bptt not in BPTT_MODES:
+            raise TrainerError(f"unknown --bptt {self.bptt!r}; choose one of {BPTT_MODES}")
+        if self.sampling not in SAMPLINGS:
+            raise TrainerError(f"unknown --sampling {self.sampling!r}; choose one of {SAMPLINGS}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainerError("--device cuda requested but CUDA is not available (try --device auto)")
+    if name not in ("cpu", "cuda"):
+        raise TrainerError(f"unknown --device {name!r}; choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+def window_loss(model: Any, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor):
+    """Mean NLL per token: lm predicts y (x shifted by one), infill predicts x itself."""
+    target = x if model.task == "infill" else y
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+@torch.no_grad()
+def perplexity(model: Any, ids: list[int], device: torch.device, rows: int = 16, chunk: int = 256):
+    """exp(mean NLL): lm over tokens 2..n of each of `rows` contiguous rows (state carried);
+    infill over every token of independent windows of `chunk` tokens."""
+    model.eval()
+    rows = max(1, min(rows, (len(ids) - 1) // 2))
+    usable = ((len(ids) - 1) // rows) * rows
+    xs = torch.tensor(ids[:usable], device=device).reshape(rows, -1)  # [rows, L]
+    ys = torch.tensor(ids[1 : usable + 1], device=device).reshape(rows, -1)
+    state = tuple(model.initial_state(rows))
+    total, count = 0.0, 0
+    for i in range(0, xs.shape[1], chunk):
+        x, y = xs[:, i : i + chunk], ys[:, i : i + chunk]
+        out, *rest = model(x, *state)
+        state = tuple(rest)
+        loss = window_loss(model, x, y, out)
+        total += loss.item() * x.numel()
+        count += x.numel()
+    model.train()
+    return math.exp(total / max(count, 1))
+
+
+def fit(
+    model: Any,
+    train_ids: list[int],
+    val_ids: list[int],
+    cfg: TrainConfig,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    start_epoch: int = 0,
+    history: list[dict] | None = None,
+    on_epoch: Callable[[dict, torch.optim.Optimizer], None] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Trains for epochs start_epoch+1..cfg.epochs; returns one record per epoch."""
+    cfg.validate()
+    check_fits(len(train_ids), cfg.batch_size, cfg.num_steps, "training split")
+    if len(val_ids) < 3:
+        raise TrainerError(f"validation split has {len(val_ids)} tokens; the corpus is too small")
+    device = resolve_device(cfg.device)
+    model.to(device).train()
+    optimizer = optimizer or make_optimizer(model, cfg)
+    history = list(history or [])
+    vocab_size = model.hyperparameters()["vocab_size"]
+    stateful = bool(model.state_specs())
+    steps = num_batches(len(train_ids), cfg.batch_size, cfg.num_steps)
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        rng = random.Random(cfg.seed * 1_000_003 + epoch)  # resumable: depends on epoch only
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
+        gen = torch.Generator().manual_seed(cfg.seed + epoch)
+        total, count = 0.0, 0
+        state = tuple(model.initial_state(cfg.batch_size))
+        bar = tqdm(
+            batches(train_ids, cfg.batch_size, cfg.num_steps, cfg.sampling, rng),
+            total=steps,
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            disable=not progress,
+            leave=False,
+        )
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(device), y.to(device)
+            if cfg.sampling == "random" or not stateful:
+                state = tuple(model.initial_state(x.shape[0]))
+            else:
+                state = detach_state(state)
+            mode = cfg.bptt if stateful else "full"
+            logits, state = run_window(model, x, state, mode, cfg.bptt_k, cfg.bptt_p, gen)
+            loss = window_loss(model, x, y, logits)
+            if not torch.isfinite(loss):
+                raise TrainerError(
+                    f"loss became {loss.item()} at epoch {epoch}, batch {step + 1}; "
+                    "try a lower --lr or a --clip value"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            optimizer.step()
+            total += loss.item() * x.numel()
+            count += x.numel()
+            bar.set_postfix(ppl=f"{math.exp(total / count):.2f}", refresh=False)
+        record = {
+            "epoch": epoch,
+            "train_ppl": math.exp(total / max(count, 1)),
+            "val_ppl": perplexity(model, val_ids, device),
+            "uniform_ppl": float(vocab_size),
+            "tokens": count,
+        }
+        history.append(record)
+        kind = "infill ppl" if model.task == "infill" else "ppl"
+        log(
+            f"epoch {epoch}/{cfg.epochs}  train {kind} {record['train_ppl']:.3f}  "
+            f"val {kind} {record['val_ppl']:.3f}  (uniform baseline |V| = {vocab_size})"
+        )
+        if on_epoch is not None:
+            on_epoch(record, optimizer)
+    return history

@@ -1,0 +1,110 @@
+"""The default model zoo (docs/contracts.md): one small model of every architecture.
+
+Why presets: `default` is what `make run` serves (a few minutes on 2 cores, the lstm writes
+English-ish text); `tiny` builds the same names and interfaces in seconds for tests.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.errors import TrainerError
+from trainer.models import ModelConfig
+from trainer.pipeline import DataConfig, train_count_model, train_recurrent
+from trainer.train import TrainConfig
+
+TEXT_MODELS = ("rnn", "gru", "lstm", "lstm-deep", "bilstm", "ngram", "hmm")
+FORECAST_MODELS = ("sine-mlp", "sine-gru")
+ZOO = (*TEXT_MODELS, *FORECAST_MODELS)
+
+
+@dataclass(frozen=True)
+class Preset:
+    max_tokens: int | None  # corpus prefix used (None: all of it)
+    hidden: int
+    embed: int
+    epochs: int
+    deep_epochs: int
+    num_steps: int
+    batch_size: int
+    lr: float
+    hmm_states: int
+    hmm_epochs: int
+
+
+PRESETS = {
+    "tiny": Preset(12_000, 16, 8, 1, 1, 16, 32, 0.01, 4, 2),
+    "default": Preset(None, 128, 32, 12, 10, 64, 64, 0.01, 32, 15),
+}
+
+
+def _recurrent(name: str) -> tuple[str, int, bool]:
+    """(arch, layers, bidirectional) for a zoo name."""
+    return {
+        "rnn": ("rnn", 1, False),
+        "gru": ("gru", 1, False),
+        "lstm": ("lstm", 1, False),
+        "lstm-deep": ("lstm", 2, False),
+        "bilstm": ("lstm", 1, True),
+    }[name]
+
+
+def build_zoo(
+    out: Path, preset: str = "default", only: list[str] | None = None, progress: bool = True
+) -> list[Path]:
+    """Trains and exports the zoo into out/<name>/1/; returns the package dirs written."""
+    if preset not in PRESETS:
+        raise TrainerError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    unknown = sorted(set(only or []) - set(ZOO))
+    if unknown:
+        raise TrainerError(f"unknown zoo model(s) {', '.join(unknown)}; known: {', '.join(ZOO)}")
+    wanted = [n for n in ZOO if only is None or n in only]
+    p = PRESETS[preset]
+    out = Path(out)
+    data = DataConfig(max_tokens=p.max_tokens)
+    log = print if progress else (lambda *_: None)
+    written: list[Path] = []
+    for i, name in enumerate(n for n in wanted if n in TEXT_MODELS):
+        started = time.monotonic()
+        log(f"== [{i + 1}/{len(wanted)}] {name} ({preset}) ==")
+        if name in ("ngram", "hmm"):
+            try:
+                path = train_count_model(
+                    name, data, out=out, name=name, n=3, alpha=1.0, states=p.hmm_states,
+                    epochs=p.hmm_epochs, progress=progress, log=log,
+                )  # fmt: skip
+            except ImportError as exc:
+                print(
+                    f"warning: skipping {name}: its module is not available ({exc})",
+                    file=sys.stderr,
+                )
+                continue
+        else:
+            arch, layers, bi = _recurrent(name)
+            config = ModelConfig(arch, 1, p.hidden, layers, p.embed, bi)
+            train = TrainConfig(
+                epochs=p.deep_epochs if layers > 1 or bi else p.epochs, num_steps=p.num_steps,
+                batch_size=p.batch_size, lr=p.lr, sampling="sequential", seed=0,
+            )  # fmt: skip
+            path = train_recurrent(
+                config, train, data, out=out, name=name, progress=progress, log=log
+            )
+        assert path is not None
+        written.append(path)
+        log(f"   -> {path} ({time.monotonic() - started:.1f}s)")
+    forecast = [n for n in wanted if n in FORECAST_MODELS]
+    if forecast:
+        try:
+            from trainer.forecast.zoo import build_forecast_models
+        except ImportError as exc:
+            print(
+                f"warning: skipping {', '.join(forecast)}: trainer.forecast.zoo is missing ({exc})",
+                file=sys.stderr,
+            )
+        else:
+            log(f"== forecasting models {', '.join(forecast)} ({preset}) ==")
+            written += build_forecast_models(out, preset, only=forecast)
+    return written
