@@ -1,0 +1,83 @@
+"""Baum-Welch and gradient training of the HMM."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.errors import TrainerError
+from trainer.hmm import train_hmm
+from trainer.hmm_fit import HmmParams, chunk_ids, em_step, fit_em, log_likelihood, unigram
+
+from .brute import expected_counts, random_params, sample
+
+V = 6
+
+
+def test_em_step_equals_enumerated_expected_counts() -> None:
+    p = random_params(3, 4, seed=11)
+    x = [0, 3, 1, 1, 2]
+    new, total = em_step(p, [torch.tensor([x])], pseudocount=0.0)
+    c_pi, c_a, c_b = expected_counts(p, x)
+    np.testing.assert_allclose(new.pi.numpy(), c_pi / c_pi.sum(), rtol=1e-9)
+    np.testing.assert_allclose(new.a.numpy(), c_a / c_a.sum(1, keepdims=True), rtol=1e-9)
+    np.testing.assert_allclose(new.b.numpy(), c_b / c_b.sum(1, keepdims=True), rtol=1e-9)
+    assert total == pytest.approx(log_likelihood(p, [torch.tensor([x])]))
+
+
+def test_chunking_keeps_every_id() -> None:
+    batches = chunk_ids(list(range(23)), chunk=5)
+    assert [tuple(b.shape) for b in batches] == [(4, 5), (1, 3)]
+    assert torch.cat([b.reshape(-1) for b in batches]).tolist() == list(range(23))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_em_never_decreases_likelihood(seed: int) -> None:
+    truth = random_params(3, V, seed=100 + seed)
+    ids = sample(truth, 600, seed=seed)
+    batches = chunk_ids(ids, chunk=50)
+    start = HmmParams.random(4, V, unigram(ids, V), seed=seed)
+    _, history = fit_em(start, batches, epochs=15, pseudocount=0.0)
+    ll = history.log_likelihood_per_token
+    assert len(ll) == 16
+    assert all(b >= a - 1e-10 for a, b in itertools.pairwise(ll)), ll
+    assert ll[-1] > ll[0]
+
+
+def test_train_hmm_em_and_gradient_improve_and_are_deterministic() -> None:
+    truth = random_params(2, V, seed=7)
+    ids = sample(truth, 800, seed=3)
+    for method in ("em", "gradient"):
+        model = train_hmm(ids, V, states=3, method=method, epochs=8, seed=5, progress=False)
+        ll = model.history.log_likelihood_per_token
+        assert ll[-1] > ll[0], (method, ll)
+        again = train_hmm(ids, V, states=3, method=method, epochs=8, seed=5, progress=False)
+        torch.testing.assert_close(model.loop.b, again.loop.b)
+        for t in (model.pi, model.loop.a, model.loop.b):  # still distributions
+            torch.testing.assert_close(t.sum(-1), torch.ones_like(t.sum(-1)))
+            assert (t > 0).all()
+    # trained on data from a strongly structured HMM, it beats the unigram baseline held out
+    a = torch.tensor([[0.1, 0.9], [0.9, 0.1]], dtype=torch.float64)
+    b = [[0.3, 0.3, 0.3, 0.05, 0.05, 0.0], [0.0, 0.05, 0.05, 0.3, 0.3, 0.3]]
+    truth = HmmParams(a[0] * 0 + 0.5, a, torch.tensor(b, dtype=torch.float64))
+    ids, held = sample(truth, 800, seed=3), sample(truth, 400, seed=9)
+    model = train_hmm(ids, V, states=2, method="em", epochs=30, seed=0, progress=False)
+    uni = unigram(ids, V)[torch.tensor(held)]
+    assert model.perplexity(held) < float(torch.exp(-(uni.log().mean())))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ids": [4], "vocab_size": V, "states": 2}, "at least 2 tokens"),
+        ({"ids": [4, 5], "vocab_size": V, "states": 0}, "at least 1 hidden state"),
+        ({"ids": [4, 5], "vocab_size": V, "states": 2, "method": "sgd"}, "method must be one"),
+        ({"ids": [4, 9], "vocab_size": V, "states": 2}, "outside the vocabulary"),
+    ],
+)
+def test_bad_input_is_a_clear_error(kwargs: dict, message: str) -> None:
+    with pytest.raises(TrainerError, match=message):
+        train_hmm(progress=False, **kwargs)
