@@ -1,0 +1,96 @@
+"""`rnn-trainer stats`: n-gram tables and the Zipf plot, through add_arguments/run."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from trainer import stats
+from trainer.errors import TrainerError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    stats.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_ngram_counts_and_zipf_exponent() -> None:
+    tokens = list("abcab")
+    assert stats.ngram_counts(tokens, 1) == Counter({("a",): 2, ("b",): 2, ("c",): 1})
+    assert stats.ngram_counts(tokens, 2)[("a", "b")] == 2
+    assert stats.ngram_counts(tokens, 3) == Counter(
+        {("a", "b", "c"): 1, ("b", "c", "a"): 1, ("c", "a", "b"): 1}
+    )
+    # frequencies exactly 1/rank give s = 1
+    zipf = Counter({str(r): round(10000 / r) for r in range(1, 21)})
+    assert stats.zipf_exponent(zipf) == pytest.approx(1.0, abs=0.01)
+
+
+def test_word_level_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat . the cat ran .\n", encoding="utf-8")
+    plot = tmp_path / "out" / "zipf.png"
+    assert stats.run(parse("--corpus", str(corpus), "--level", "word", "--plot", str(plot))) == 0
+    out = capsys.readouterr().out
+    assert "11 word tokens, 7 distinct" in out
+    lines = out.splitlines()
+    uni = lines.index(next(x for x in lines if x.startswith("unigrams:")))
+    assert lines[uni + 2].split() == ["1", "the", "3", f"{3 / 11:.4f}"]
+    assert lines[uni + 3].split()[1:3] == [".", "2"]  # ties ("." and "cat") by text
+    bi = lines.index(next(x for x in lines if x.startswith("bigrams:")))
+    assert lines[bi + 2].split() == ["1", "the", "cat", "2", f"{2 / 10:.4f}"]
+    assert any(x.startswith("trigrams:") for x in lines)
+    data = plot.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+
+def test_char_level_top_limits_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abracadabra", encoding="utf-8")
+    stats.run(parse("--corpus", str(corpus), "--top", "2", "--plot", str(tmp_path / "z.png")))
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    uni = lines.index(next(x for x in lines if x.startswith("unigrams:")))
+    assert lines[uni + 2].split() == ["1", "'a'", "5", f"{5 / 11:.4f}"]
+    assert lines[uni + 3].split() == ["2", "'b'", "2", f"{2 / 11:.4f}"]  # ties by text: b < r
+    assert lines[uni + 4] == ""  # only --top rows
+    assert "'abr'" in out and (tmp_path / "z.png").is_file()
+
+
+def test_default_corpus_is_the_builtin_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stats.run(parse("--top", "1", "--plot", str(tmp_path / "z.png")))
+    out = capsys.readouterr().out
+    assert "timemachine.txt" in out and "' '" in out  # space is the most frequent char
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "does not exist"), (b"caf\xe9 au lait", "not UTF-8"), (b"   \n", "empty")],
+)
+def test_bad_corpus_is_a_clear_error(tmp_path: Path, content: bytes | None, message: str) -> None:
+    corpus = tmp_path / "bad.txt"
+    if content is not None:
+        corpus.write_bytes(content)
+    plot = tmp_path / "z.png"
+    with pytest.raises(TrainerError, match=message):
+        stats.run(parse("--corpus", str(corpus), "--plot", str(plot)))
+    assert not plot.exists()
+
+
+def test_bad_top_and_unwritable_plot(tmp_path: Path) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world", encoding="utf-8")
+    with pytest.raises(TrainerError, match="--top"):
+        stats.run(parse("--corpus", str(corpus), "--top", "0"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(TrainerError, match="cannot write plot"):
+        stats.run(parse("--corpus", str(corpus), "--plot", str(blocker / "z.png")))
