@@ -22,6 +22,7 @@ from torch import nn
 from trainer.errors import TrainerError
 from trainer.forecast.models import build_model
 from trainer.forecast.series import Series
+from trainer.train import resolve_device
 
 
 @dataclass
@@ -40,7 +41,7 @@ class ForecastTrainConfig:
     lr: float = 0.01
     clip: float | None = 1.0
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # auto | cpu | cuda
 
     def resolved_warmup(self) -> int:
         if self.warmup is not None:
@@ -81,7 +82,20 @@ def train_forecaster(
     config: ForecastTrainConfig, series: Series, progress: bool = False
 ) -> tuple[nn.Module, list[float]]:
     """Train config.arch on series' training range; returns the model (eval mode, on CPU)
-    and the mean training loss of every epoch."""
+    and the mean training loss of every epoch.
+
+    Runs torch on one CPU thread: these models are tiny, and more threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(config, series, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    config: ForecastTrainConfig, series: Series, progress: bool
+) -> tuple[nn.Module, list[float]]:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = build_model(config.arch, tau=config.tau, hidden=config.hidden, layers=config.layers)
@@ -100,7 +114,7 @@ def train_forecaster(
             f"a training subsequence needs {length} values (warm-up {warmup} + --num-steps "
             f"{steps} + 1) but the training range has {len(train)}: lower --num-steps"
         )
-    device = torch.device(config.device)
+    device = resolve_device(config.device)
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     history: list[float] = []

@@ -1,0 +1,111 @@
+"""`rnn-trainer train --task forecast`: the forecasting flags and the run.
+
+trainer/cli.py owns the common train flags and calls `add_arguments` only for forecast
+invocations, so the forecast defaults set here (a GRU, more epochs on a short series, a
+smaller model) never change the language models' defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from trainer.errors import TrainerError
+from trainer.forecast.models import FORECAST_ARCHS
+from trainer.forecast.pipeline import run_forecast
+from trainer.forecast.series import MISSING_POLICIES, load_series
+from trainer.forecast.train import ForecastTrainConfig
+
+# Common flags whose language-model defaults do not suit a 1000-value series.
+FORECAST_DEFAULTS = {
+    "arch": "gru",
+    "epochs": 300,
+    "num_steps": 100,
+    "batch_size": 16,
+    "hidden": None,  # 10 for mlp (the textbook's), 16 for rnn/gru/lstm
+}
+MLP_HIDDEN, RECURRENT_HIDDEN = 10, 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds only the forecast-specific flags to the trainer's `train` parser."""
+    group = parser.add_argument_group("forecast (--task forecast)")
+    group.add_argument(
+        "--series", default=None, help="CSV file with a header row (default: the textbook sine)"
+    )
+    group.add_argument("--column", default=None, help="the CSV column to forecast")
+    group.add_argument(
+        "--tau", type=int, default=4, help="mlp window and AR(tau) baseline order (default 4)"
+    )
+    group.add_argument(
+        "--missing",
+        default="interpolate",
+        choices=MISSING_POLICIES,
+        help="missing CSV cells: interpolate linearly (default) or stop with an error",
+    )
+    group.add_argument(
+        "--rollout",
+        type=int,
+        default=16,
+        help="last steps of each training window fed with the model's own predictions (16)",
+    )
+    group.add_argument(
+        "--warmup", type=int, default=None, help="unscored steps per window (tau-1 / 16)"
+    )
+    group.add_argument(
+        "--plot", default=None, help="PNG of the k-step predictions (default: PKG/forecast.png)"
+    )
+    parser.set_defaults(**FORECAST_DEFAULTS)
+
+
+def config_from_args(args: argparse.Namespace) -> ForecastTrainConfig:
+    """Fills the training dataclass from the parsed flags (validating what argparse cannot)."""
+    arch = args.arch
+    if arch not in FORECAST_ARCHS:
+        raise TrainerError(f"--task forecast needs --arch {' | '.join(FORECAST_ARCHS)}, not {arch}")
+    if args.layers != 1 and arch == "mlp":
+        raise TrainerError("--layers applies to rnn/gru/lstm; the mlp has one hidden layer")
+    hidden = args.hidden if args.hidden is not None else (
+        MLP_HIDDEN if arch == "mlp" else RECURRENT_HIDDEN
+    )  # fmt: skip
+    return ForecastTrainConfig(
+        arch=arch,
+        tau=args.tau,
+        hidden=hidden,
+        layers=args.layers,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        num_steps=args.num_steps,
+        warmup=args.warmup,
+        rollout=args.rollout,
+        lr=args.lr,
+        clip=args.clip or None,
+        seed=args.seed,
+        device=args.device,
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Trains, prints the MSE table, exports to args.out/<name>/<version>; returns 0."""
+    if getattr(args, "bidirectional", False):
+        raise TrainerError("--bidirectional does not apply to forecasting (the future is unknown)")
+    config = config_from_args(args)
+    series = load_series(args.series, args.column, config.tau, args.missing)
+    name = args.name or f"{'sine' if args.series is None else 'series'}-{config.arch}"
+    version = str(getattr(args, "version", "1") or "1")
+    out = Path(args.out)
+    plot = Path(args.plot) if args.plot else out / name / version / "forecast.png"
+    print(
+        f"forecast {config.arch}: {len(series.values)} values from {series.source}, "
+        f"train {series.num_train}, test {len(series.values) - series.num_train}"
+    )
+    run_forecast(
+        config,
+        series,
+        out=out,
+        name=name,
+        version=version,
+        plot_path=plot,
+        progress=not getattr(args, "no_progress", False),
+    )
+    return 0

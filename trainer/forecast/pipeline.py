@@ -1,0 +1,102 @@
+"""One forecasting run end to end: train -> evaluate beside the baselines -> export -> plot.
+
+Why separate from cli.py: the CLI, the zoo and the benchmark call the same function with a
+dataclass; argparse stays in cli.py. Nothing is written until the model is trained and its
+export check passed (export_model is atomic).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from trainer.export import export_model
+from trainer.forecast.baselines import LastValue, LinearAR
+from trainer.forecast.evaluate import (
+    HORIZONS,
+    KStepResult,
+    TorchForecaster,
+    evaluate_all,
+    format_table,
+    metrics_for_manifest,
+    predict,
+)
+from trainer.forecast.models import min_history
+from trainer.forecast.series import Series
+from trainer.forecast.train import ForecastTrainConfig, train_forecaster
+
+
+@dataclass
+class ForecastRun:
+    """What one run produced: the model, its MSE table (with baselines) and where it went."""
+
+    model: nn.Module
+    table: dict[str, dict[int, float]]  # {predictor name: {k: test MSE}}
+    results: list[KStepResult] = field(default_factory=list)
+    path: Path | None = None  # the package directory, when exported
+    plot: Path | None = None
+    history: list[float] = field(default_factory=list)
+
+
+def baselines(series: Series, tau: int) -> list:
+    """Last value and AR(tau) fitted on the normalised training range."""
+    return [LastValue(), LinearAR.fit(series.normalised[: series.num_train], tau)]
+
+
+def series_digest(series: Series) -> str:
+    return hashlib.sha256(series.values.tobytes()).hexdigest()
+
+
+def run_forecast(
+    config: ForecastTrainConfig,
+    series: Series,
+    *,
+    out: Path | None,
+    name: str,
+    version: str = "1",
+    plot_path: Path | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> ForecastRun:
+    """Trains config.arch, scores it and the baselines at k = 1, 4, 16, 64, exports to
+    out/<name>/<version>/ (when `out` is given) with metrics {mse_k1, ..., mse_k64}."""
+    model, history = train_forecaster(config, series, progress=progress)
+    predictor = TorchForecaster(model, name=config.arch)
+    table, results = evaluate_all([predictor, *baselines(series, config.tau)], series)
+    log(f"test MSE ({len(series.values) - series.num_train} values, series units):")
+    log(format_table(table))
+    run = ForecastRun(model, table, results, history=history)
+    if out is not None:
+        metrics = metrics_for_manifest(table[config.arch])
+        training = {
+            "series": series.source,
+            "series_sha256": series_digest(series),
+            "num_values": len(series.values),
+            "num_train": series.num_train,
+            "config": config.to_dict(),
+            "final_train_mse": history[-1],
+            "baselines": {k: metrics_for_manifest(v) for k, v in table.items() if k != config.arch},
+        }
+        run.path = export_model(
+            model,
+            Path(out),
+            name=name,
+            version=version,
+            vocab=None,
+            tokenizer=None,
+            series=series.normaliser.manifest_series(min_history(model)),
+            metrics=metrics,
+            training=training,
+        )
+        log(f"exported {run.path}")
+    if plot_path is not None:
+        from trainer.forecast.plot import plot_k_step
+
+        full = predict(predictor, series, max(HORIZONS), first_origin=predictor.tau - 1)
+        run.plot = plot_k_step(series, full, plot_path, title=f"{name} ({config.arch})")
+        log(f"wrote {run.plot}")
+    return run
