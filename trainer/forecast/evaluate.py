@@ -47,7 +47,10 @@ class TorchForecaster:
         first = [torch.empty(0)] * len(origins)  # x̂_{t+1} per origin, [1, 1, 1]
         saved: list[tuple[torch.Tensor, ...]] = [()] * len(origins)
         series = torch.as_tensor(values, dtype=torch.float32)
-        for t in range(int(origins.max()) + 1):  # warm up one true value at a time
+        start = int(origins.min())
+        if start > 0:  # before the first origin: one call over the whole prefix
+            _, *state = model(series[:start].view(1, -1, 1), *state)
+        for t in range(start, int(origins.max()) + 1):  # then one true value at a time
             out, *state = model(series[t].view(1, 1, 1), *state)
             if t in wanted:
                 first[wanted[t]] = out

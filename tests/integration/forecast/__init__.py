@@ -1,0 +1,1 @@
+"""trainer.forecast through the real exporter and ONNX Runtime, and its CLI."""

@@ -1,0 +1,70 @@
+"""`rnn-trainer train --task forecast` and the zoo's sine models, end to end in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer.cli import main
+from trainer.forecast.zoo import build_forecast_models
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--epochs", "2", "--num-steps", "16", "--rollout", "2", "--hidden", "4", "--no-progress"]
+
+
+def sine_csv(path: Path, n: int = 200, gap: bool = False) -> Path:
+    t = np.arange(n)
+    rows = [f"{i},{'' if gap and i == 50 else f'{np.sin(0.05 * i) + 3:.5f}'}" for i in t]
+    path.write_text("t,level\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_train_csv_mlp_exports_package_with_metrics_and_plot(tmp_path: Path, capsys) -> None:
+    csv = sine_csv(tmp_path / "s.csv", gap=True)
+    argv = ["train", "--task", "forecast", "--arch", "mlp", "--tau", "5", "--series", str(csv)]
+    argv += ["--column", "level", "--out", str(tmp_path / "models"), "--name", "lvl", *TINY]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "linear-ar" in out and "last-value" in out and "k=64" in out
+    package = tmp_path / "models" / "lvl" / "1"
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert manifest["task"] == "forecast" and manifest["architecture"] == "mlp"
+    assert set(manifest["metrics"]) == {"mse_k1", "mse_k4", "mse_k16", "mse_k64"}
+    values = np.sin(0.05 * np.arange(120)) + 3
+    assert manifest["series"]["tau"] == 5 and manifest["series"]["features"] == 1
+    assert manifest["series"]["mean"] == pytest.approx(values.mean(), abs=1e-3)
+    assert manifest["series"]["std"] == pytest.approx(values.std(), abs=1e-3)
+    assert manifest["training"]["num_train"] == 120
+    assert (package / "forecast.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--column", "nope"], "column 'nope' is not in"),
+        (["--column", "level", "--missing", "error"], "missing value"),
+        (["--column", "level", "--arch", "ngram"], "--task forecast needs --arch"),
+        (["--column", "level", "--tau", "0"], "--tau must be at least 1"),
+    ],
+)
+def test_bad_input_is_one_error_line(tmp_path: Path, capsys, extra: list[str], message) -> None:
+    csv = sine_csv(tmp_path / "s.csv", gap=True)
+    argv = ["train", "--task", "forecast", "--series", str(csv), "--out", str(tmp_path), *TINY]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "series-gru").exists()
+
+
+@pytest.mark.slow
+def test_zoo_tiny_builds_sine_mlp_and_sine_gru(tmp_path: Path) -> None:
+    paths = build_forecast_models(tmp_path, "tiny")
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["sine-mlp/1", "sine-gru/1"]
+    taus = [json.loads((p / "manifest.json").read_text())["series"]["tau"] for p in paths]
+    assert taus == [4, 1]
+    only = build_forecast_models(tmp_path / "only", "tiny", only=["sine-gru", "lstm"])
+    assert [p.name for p in only] == ["1"] and only[0].parent.name == "sine-gru"

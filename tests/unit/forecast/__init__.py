@@ -1,0 +1,1 @@
+"""Unit tests of trainer.forecast: pure, no export."""

@@ -1,0 +1,84 @@
+"""k-step evaluation: the batched torch path equals a naive per-origin loop; MSE in series units."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.forecast.evaluate import (
+    TorchForecaster,
+    evaluate_all,
+    format_table,
+    metrics_for_manifest,
+    mse_by_horizon,
+    predict,
+)
+from trainer.forecast.models import LatentForecaster, WindowMLP
+from trainer.forecast.series import split_series, textbook_series
+
+
+def naive_k_step(model, values: np.ndarray, origin: int, k: int) -> list[float]:
+    """Warm up on values[: origin + 1] in one call, then feed predictions back one by one."""
+    with torch.no_grad():
+        history = torch.as_tensor(values[: origin + 1]).view(1, -1, 1)
+        out, *state = model(history, *model.initial_state(1))
+        preds = [out[:, -1:]]
+        for _ in range(k - 1):
+            out, *state = model(preds[-1], *state)
+            preds.append(out)
+    return [float(p) for p in preds]
+
+
+@pytest.mark.parametrize(
+    "model",
+    [WindowMLP(tau=3, hidden=4), LatentForecaster("gru", hidden=5, layers=2)],
+    ids=["mlp", "gru2"],
+)
+def test_batched_k_step_equals_naive_loop(model) -> None:
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    model.eval()
+    values = np.random.default_rng(0).normal(size=40).astype(np.float32)
+    origins = np.array([2, 3, 17, 30])
+    out = TorchForecaster(model).k_step(values, origins, 6)
+    assert out.shape == (4, 6)
+    for i, t in enumerate(origins):
+        assert np.allclose(out[i], naive_k_step(model, values, int(t), 6), atol=1e-5)
+
+
+class Oracle:
+    """Predicts the true normalised future plus a constant offset."""
+
+    tau = 1
+
+    def __init__(self, name: str, offset: float) -> None:
+        self.name, self.offset = name, offset
+
+    def k_step(self, values, origins, k_max):
+        padded = np.concatenate([values, np.zeros(k_max, dtype=np.float32)])
+        idx = origins[:, None] + np.arange(1, k_max + 1)[None, :]
+        return padded[idx] + self.offset
+
+
+def test_mse_is_over_the_test_range_in_series_units() -> None:
+    series = split_series(textbook_series(), 4, "textbook")
+    table, results = evaluate_all([Oracle("exact", 0.0), Oracle("off", 0.5)], series)
+    assert set(table) == {"exact", "off"}
+    for k in (1, 4, 16, 64):
+        assert table["exact"][k] == pytest.approx(0.0, abs=1e-10)
+        # an offset of 0.5 normalised units is 0.5 * std in series units
+        assert table["off"][k] == pytest.approx((0.5 * series.normaliser.std) ** 2, rel=1e-4)
+    targets, _ = results[0].at_horizon(64)
+    assert targets.min() <= series.num_train  # every test target is covered at k = 64
+    assert metrics_for_manifest(table["off"]).keys() == {"mse_k1", "mse_k4", "mse_k16", "mse_k64"}
+    text = format_table(table)
+    assert "k=16" in text and text.splitlines()[2].startswith("off")
+
+
+def test_mse_skips_targets_outside_the_test_range() -> None:
+    series = split_series(textbook_series(), 4, "textbook")
+    result = predict(Oracle("x", 0.0), series, 4, first_origin=3)
+    result.predictions[: series.num_train - 8] += 10.0  # only training-range targets wrong
+    assert mse_by_horizon(result, series, (1, 4))[1] == pytest.approx(0.0, abs=1e-10)

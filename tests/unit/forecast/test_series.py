@@ -1,0 +1,110 @@
+"""Series: the textbook sine, CSV columns with missing values, split and normalisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer.forecast.series import (
+    TEXTBOOK_NOISE_STD,
+    Normaliser,
+    SeriesError,
+    load_csv,
+    load_series,
+    split_series,
+    textbook_series,
+)
+
+
+def write_csv(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_textbook_series_is_seeded_sine_plus_normal_noise() -> None:
+    x = textbook_series()
+    assert x.shape == (1000,) and x.dtype == np.float32
+    assert np.array_equal(x, textbook_series())
+    assert not np.array_equal(x, textbook_series(seed=1))
+    noise = x - np.sin(0.01 * np.arange(1, 1001))
+    # the noise's standard deviation is 0.2 (variance 0.04), within sampling error
+    assert abs(noise.std() - TEXTBOOK_NOISE_STD) < 0.02
+    assert abs(noise.mean()) < 0.03
+
+
+def test_textbook_split_is_600_400_with_train_only_statistics() -> None:
+    s = load_series(None, None, tau=4)
+    assert s.num_train == 600 and s.source == "textbook"
+    assert s.normaliser.mean == pytest.approx(float(np.mean(s.values[:600])), abs=1e-6)
+    assert s.normaliser.std == pytest.approx(float(np.std(s.values[:600])), rel=1e-6)
+    z = s.normalised[:600]
+    assert abs(z.mean()) < 1e-5 and abs(z.std() - 1) < 1e-5
+
+
+def test_test_range_does_not_leak_into_normalisation() -> None:
+    x = textbook_series()
+    y = x.copy()
+    y[600:] += 100.0
+    assert split_series(x, 4, "a").normaliser == split_series(y, 4, "b").normaliser
+
+
+def test_normaliser_round_trip_and_manifest_dict() -> None:
+    norm = Normaliser(mean=3.0, std=2.0)
+    x = np.array([1.0, 3.0, 7.5], dtype=np.float32)
+    assert np.allclose(norm.apply(x), [-1.0, 0.0, 2.25])
+    assert np.allclose(norm.undo(norm.apply(x)), x)
+    assert norm.manifest_series(4) == {"mean": 3.0, "std": 2.0, "tau": 4, "features": 1}
+
+
+def test_csv_column_is_read(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "s.csv", "date,temp\n1,2.5\n2,-1\n\n3,4e1\n")
+    assert load_csv(path, "temp").tolist() == [2.5, -1.0, 40.0]
+
+
+def test_missing_values_are_interpolated(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "s.csv", "t,v\n0,NA\n1,1\n2,\n3,?\n4,4\n5,nan\n\n")
+    # leading gap takes the first value, inner gaps are linear, trailing gap the last value
+    assert load_csv(path, "v", "interpolate").tolist() == [1.0, 1.0, 2.0, 3.0, 4.0, 4.0]
+
+
+def test_missing_values_refused_with_line_number(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "s.csv", "a,v\n1,1\n2,\n3,3\n")
+    with pytest.raises(SeriesError, match=r"s\.csv:3: column 'v' has a missing value"):
+        load_csv(path, "v", "error")
+
+
+@pytest.mark.parametrize(
+    ("text", "column", "message"),
+    [
+        ("a,b\n1,2\n", "c", r"column 'c' is not in .* \(columns: a, b\)"),
+        ("a\n1\nabc\n", "a", r":3: column 'a' holds 'abc', not a finite number"),
+        ("a\n1\ninf\n", "a", r"not a finite number"),
+        ("a\nNA\n", "a", r"has no numeric values"),
+        ("", "a", r"is empty"),
+    ],
+)
+def test_bad_csv_gives_clear_error(tmp_path: Path, text: str, column: str, message: str) -> None:
+    with pytest.raises(SeriesError, match=message):
+        load_csv(write_csv(tmp_path / "s.csv", text), column)
+
+
+def test_missing_file_and_bad_policy(tmp_path: Path) -> None:
+    with pytest.raises(SeriesError, match="does not exist"):
+        load_csv(tmp_path / "nope.csv", "a")
+    with pytest.raises(SeriesError, match="--missing must be one of"):
+        load_csv(tmp_path / "nope.csv", "a", "drop")
+
+
+def test_too_short_and_flat_series_are_refused(tmp_path: Path) -> None:
+    short = write_csv(tmp_path / "short.csv", "v\n" + "\n".join(map(str, range(10))) + "\n")
+    with pytest.raises(SeriesError, match=r"has 10 values; with --tau 4 it needs at least \d+"):
+        load_series(short, "v", tau=4)
+    flat = write_csv(tmp_path / "flat.csv", "v\n" + "1\n" * 50)
+    with pytest.raises(SeriesError, match="constant"):
+        load_series(flat, "v", tau=2)
+    with pytest.raises(SeriesError, match="--column"):
+        load_series(flat, None, tau=2)
+    with pytest.raises(SeriesError, match="--tau must be at least 1"):
+        load_series(None, None, tau=0)
