@@ -63,6 +63,7 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampling", default="random", help="random | sequential")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch default)")
     p.add_argument("--resume", default=None, help="checkpoint file or run dir to continue from")
     p.add_argument("--n", type=int, default=3, help="n-gram order")
     p.add_argument("--alpha", type=float, default=1.0, help="Laplace smoothing for ngram")
@@ -147,6 +148,7 @@ def run_train(args: argparse.Namespace) -> int:
             epochs=args.epochs, num_steps=args.num_steps, batch_size=args.batch_size, lr=args.lr,
             optimizer=args.optimizer, clip=args.clip, bptt=args.bptt, bptt_k=args.bptt_k,
             bptt_p=args.bptt_p, sampling=args.sampling, seed=args.seed, device=args.device,
+            threads=args.threads,
         )  # fmt: skip
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
         path = train_recurrent(
