@@ -75,7 +75,10 @@ def check_parity(path: Path, model: Any, vocab_size: int | None, seed: int = 0) 
     """Runs the graph in ONNX Runtime and torch; returns the record stored in manifest.parity."""
     specs: list[StateSpec] = list(model.state_specs())
     check_symbolic_axes(path, model.input_name, model.output_name, specs)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise TrainerError(f"export check: ONNX Runtime cannot load the graph: {exc}") from exc
     state0 = tuple(model.initial_state(CHECK_BATCH))
     if len(state0) != len(specs):
         raise TrainerError(f"initial_state has {len(state0)} tensors, state_specs {len(specs)}")
@@ -87,7 +90,13 @@ def check_parity(path: Path, model: Any, vocab_size: int | None, seed: int = 0) 
     def ort_run(x: torch.Tensor, state: list[np.ndarray]) -> list[np.ndarray]:
         feed = {model.input_name: x.numpy()}
         feed.update({s.input: v for s, v in zip(specs, state, strict=True)})
-        return session.run([model.output_name, *(s.output for s in specs)], feed)
+        try:
+            return session.run([model.output_name, *(s.output for s in specs)], feed)
+        except Exception as exc:  # ORT's own error types; a baked-in shape fails here
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TrainerError(
+                f"export check: ONNX Runtime failed at time {x.shape[1]}: {first[:300]}"
+            ) from exc
 
     np_state0 = [t.numpy() for t in state0]
     for time in (1, LONG_TIME):

@@ -58,6 +58,11 @@ class TrainConfig:
             raise TrainerError(f"unknown --sampling {self.sampling!r}; choose one of {SAMPLINGS}")
 
 
+def ppl(mean_nll: float) -> float:
+    """exp of the mean NLL, inf instead of an OverflowError for a diverged model."""
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,7 +104,7 @@ def perplexity(model: Any, ids: list[int], device: torch.device, rows: int = 16,
         total += loss.item() * x.numel()
         count += x.numel()
     model.train()
-    return math.exp(total / max(count, 1))
+    return ppl(total / max(count, 1))
 
 
 def fit(
@@ -164,14 +169,19 @@ def fit(
             optimizer.step()
             total += loss.item() * x.numel()
             count += x.numel()
-            bar.set_postfix(ppl=f"{math.exp(total / count):.2f}", refresh=False)
+            bar.set_postfix(ppl=f"{ppl(total / count):.2f}", refresh=False)
         record = {
             "epoch": epoch,
-            "train_ppl": math.exp(total / max(count, 1)),
+            "train_ppl": ppl(total / max(count, 1)),
             "val_ppl": perplexity(model, val_ids, device),
             "uniform_ppl": float(vocab_size),
             "tokens": count,
         }
+        if not (math.isfinite(record["train_ppl"]) and math.isfinite(record["val_ppl"])):
+            raise TrainerError(
+                f"training diverged at epoch {epoch} (perplexity overflowed to inf); "
+                "try a lower --lr or a --clip value"
+            )
         history.append(record)
         kind = "infill ppl" if model.task == "infill" else "ppl"
         log(

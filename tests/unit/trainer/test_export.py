@@ -1,0 +1,109 @@
+"""The exporter: a checked, atomic package for every recurrent model; failures leave nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from artifact.manifest import Manifest, sha256_file
+from artifact.tokenizer import TokenizerConfig
+from artifact.vocab import Vocab
+from trainer.errors import TrainerError
+from trainer.export import export_model
+from trainer.exportable import ExportableModel, state_from_spec
+from trainer.models import RNNLM, ModelConfig, build_model
+
+VOCAB = Vocab.build(list("the time machine"))
+
+
+def _export(model, out: Path, **kw) -> Path:
+    return export_model(model, out, name="m", vocab=VOCAB, tokenizer=TokenizerConfig(), **kw)
+
+
+@pytest.mark.parametrize(
+    ("arch", "layers", "bidirectional"),
+    [("rnn", 1, False), ("gru", 2, False), ("lstm", 2, False), ("lstm", 1, True)],
+)
+def test_export_writes_a_checked_package(tmp_path, arch, layers, bidirectional) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch, len(VOCAB), 8, layers, 4, bidirectional))
+    assert isinstance(model, ExportableModel)
+    path = _export(model, tmp_path, metrics={"val_perplexity": 3.0})
+    assert path == tmp_path / "m" / "1"
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.onnx"]
+    manifest = Manifest.load(path)
+    assert manifest.task == ("infill" if bidirectional else "lm")
+    assert manifest.architecture == arch
+    assert manifest.parity["ok"] is True and manifest.parity["max_abs_diff"] <= 1e-4
+    assert manifest.onnx_sha256 == sha256_file(path / "model.onnx")
+    assert manifest.vocab == VOCAB.to_list()
+    graph = onnx.load(str(path / "model.onnx")).graph
+    tokens = next(i for i in graph.input if i.name == "tokens")
+    assert all(d.dim_param for d in tokens.type.tensor_type.shape.dim)
+
+
+def test_onnx_matches_torch_for_a_fresh_state_built_from_the_manifest(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig("lstm", len(VOCAB), 8, 2, 4))
+    manifest = Manifest.load(_export(model, tmp_path))
+    session = ort.InferenceSession(str(tmp_path / "m" / "1" / "model.onnx"))
+    x = torch.randint(0, len(VOCAB), (3, 17))
+    feed = {"tokens": x.numpy()}
+    feed.update({s.input: state_from_spec(s, 3) for s in manifest.state})
+    got = session.run(["logits"], feed)[0]
+    want = model(x, *model.initial_state(3))[0].detach().numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_checkpoint_is_saved_beside_when_given(tmp_path) -> None:
+    model = RNNLM(ModelConfig("rnn", len(VOCAB), 4, 1, 4))
+    path = _export(model, tmp_path, checkpoint={"state_dict": model.state_dict()})
+    assert (path / "checkpoint.pt").is_file()
+
+
+class _Lies(RNNLM):
+    """Exports a different function than it computes in torch: parity must catch it."""
+
+    def onnx_module(self):
+        other = RNNLM(self.config)
+        return other
+
+
+class _FixedTime(RNNLM):
+    """Bakes the example's time length into the graph (a reshape with Python ints)."""
+
+    def forward(self, tokens, *state):
+        logits, *rest = super().forward(tokens, *state)
+        b, t, v = logits.shape
+        return (logits.reshape(int(b), int(t), int(v)), *rest)
+
+
+@pytest.mark.parametrize("cls", [_Lies, _FixedTime])
+def test_failed_check_leaves_nothing_behind(tmp_path, cls) -> None:
+    torch.manual_seed(0)
+    model = cls(ModelConfig("gru", len(VOCAB), 4, 1, 4))
+    with pytest.raises(TrainerError, match="export check"):
+        _export(model, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_re_export_keeps_the_old_version(tmp_path) -> None:
+    torch.manual_seed(0)
+    good = _export(RNNLM(ModelConfig("gru", len(VOCAB), 4, 1, 4)), tmp_path)
+    digest = sha256_file(good / "model.onnx")
+    with pytest.raises(TrainerError):
+        _export(_Lies(ModelConfig("gru", len(VOCAB), 4, 1, 4)), tmp_path)
+    assert sha256_file(good / "model.onnx") == digest
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]
+
+
+def test_bad_names_are_refused(tmp_path) -> None:
+    model = RNNLM(ModelConfig("rnn", len(VOCAB), 4, 1, 4))
+    for name in ("", "../x", ".hidden"):
+        with pytest.raises(TrainerError, match="name"):
+            export_model(model, tmp_path, name=name, vocab=VOCAB, tokenizer=TokenizerConfig())
