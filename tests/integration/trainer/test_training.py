@@ -1,0 +1,86 @@
+"""Training runs in-process: seed determinism, resume == uninterrupted, clipping, zoo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from artifact.manifest import Manifest
+from trainer.checkpoint import load_checkpoint
+from trainer.models import RNNLM, ModelConfig
+from trainer.pipeline import DataConfig, train_recurrent
+from trainer.train import TrainConfig, fit
+from trainer.zoo import TEXT_MODELS, build_zoo
+
+
+def _train(run_dir: Path, epochs: int, seed: int = 0, resume: Path | None = None, **kw) -> dict:
+    cfg = TrainConfig(epochs=epochs, num_steps=8, batch_size=8, seed=seed, **kw)
+    model = ModelConfig("gru", 1, hidden=8, embed=4)
+    data = DataConfig(max_tokens=2500)
+    quiet = {"progress": False, "log": lambda *_: None}
+    train_recurrent(model, cfg, data, out=None, name="t", run_dir=run_dir, resume=resume, **quiet)
+    return load_checkpoint(run_dir)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("sampling", ["random", "sequential"])
+@pytest.mark.parametrize("bptt", ["full", "random"])
+def test_same_seed_same_weights(tmp_path: Path, sampling: str, bptt: str) -> None:
+    a = _train(tmp_path / "a", 2, seed=3, sampling=sampling, bptt=bptt)
+    b = _train(tmp_path / "b", 2, seed=3, sampling=sampling, bptt=bptt)
+    c = _train(tmp_path / "c", 2, seed=4, sampling=sampling, bptt=bptt)
+    assert _same(a["state_dict"], b["state_dict"])
+    assert not _same(a["state_dict"], c["state_dict"])
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    full = _train(tmp_path / "full", 3)
+    _train(tmp_path / "part", 1)
+    resumed = _train(tmp_path / "part2", 3, resume=tmp_path / "part")
+    assert resumed["epoch"] == 3
+    assert _same(full["state_dict"], resumed["state_dict"])
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
+    lines = (tmp_path / "part2" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [2, 3]
+
+
+def test_checkpoint_holds_no_pickled_module(tmp_path: Path) -> None:
+    _train(tmp_path, 1)
+    data = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # refuses pickled code
+    assert data["model_config"]["arch"] == "gru"
+
+
+def _movement(clip: float) -> float:
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig("rnn", 30, hidden=8, embed=4))
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    ids = [(i * 7) % 30 for i in range(6000)]
+    cfg = TrainConfig(epochs=1, num_steps=8, batch_size=300, lr=1.0, optimizer="sgd", clip=clip)
+    fit(model, ids[:5000], ids[5000:], cfg, progress=False, log=lambda *_: None)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return float((after - before).norm())
+
+
+def test_clipping_bounds_the_update() -> None:
+    """SGD with lr 1: each of the <= 2 steps moves the weights by at most --clip (global norm)."""
+    steps = 5000 // (300 * 8)
+    assert 0 < _movement(clip=0.01) <= 0.01 * steps + 1e-6
+    assert _movement(clip=0) > 0.01 * steps  # unclipped it moves further: the bound is real
+
+
+@pytest.mark.slow
+def test_tiny_zoo_builds_every_text_model(tmp_path: Path) -> None:
+    paths = build_zoo(tmp_path, preset="tiny", only=list(TEXT_MODELS), progress=False)
+    names = {p.parent.name for p in paths}
+    assert {"rnn", "gru", "lstm", "lstm-deep", "bilstm"} <= names
+    for path in paths:
+        m = Manifest.load(path)
+        assert m.version == "1" and m.parity["ok"]
+    assert Manifest.load(tmp_path / "bilstm" / "1").task == "infill"
+    assert Manifest.load(tmp_path / "lstm-deep" / "1").hyperparameters["layers"] == 2

@@ -1,0 +1,68 @@
+"""Corpus loading, tokenization into ids, one-hot encoding and the split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from artifact.tokenizer import TokenizerConfig
+from trainer.corpus import build_corpus, default_corpus_text, one_hot, read_corpus, split_ids
+from trainer.errors import TrainerError
+
+
+def test_builtin_corpus_is_the_time_machine() -> None:
+    text = read_corpus(None)
+    assert text == default_corpus_text()
+    assert "time traveller" in text.lower() and len(text) > 100_000
+
+
+def test_char_corpus_round_trip() -> None:
+    c = build_corpus("The Time, the time!", TokenizerConfig(letters_only=True))
+    assert "".join(c.vocab.decode(c.ids)) == "the time the time "
+    assert c.vocab.to_list()[:4] == ["<unk>", "<pad>", "<bos>", "<eos>"]
+    counts = [c.tokens.count(t) for t in c.vocab.to_list()[4:]]
+    assert counts == sorted(counts, reverse=True)  # most frequent first
+
+
+def test_word_stop_words_and_min_freq() -> None:
+    text = "the cat and the dog and the bird " * 3 + "zebra"
+    c = build_corpus(text, TokenizerConfig(level="word"), min_freq=2, stop_words={"the"})
+    assert "the" not in c.tokens and "the" not in c.vocab
+    assert "zebra" not in c.vocab and c.ids[-1] == c.vocab.unk
+
+
+def test_stop_words_need_word_level() -> None:
+    with pytest.raises(TrainerError, match="word"):
+        build_corpus("a b c " * 20, TokenizerConfig(), stop_words={"a"})
+
+
+def test_one_hot() -> None:
+    x = torch.tensor([[0, 2], [1, 1]])
+    oh = one_hot(x, 3)
+    assert oh.shape == (2, 2, 3) and oh.dtype == torch.float32
+    assert torch.equal(oh.argmax(-1), x) and torch.equal(oh.sum(-1), torch.ones(2, 2))
+
+
+def test_split_is_contiguous() -> None:
+    train, val = split_ids(list(range(100)), 0.1)
+    assert train == list(range(90)) and val == list(range(90, 100))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [(b"", "empty"), (b"\n \n", "empty"), (b"caf\xe9 " * 10, "not UTF-8"), (b"ab", "tokens")],
+)
+def test_bad_corpora_raise_trainer_error(tmp_path: Path, data: bytes, message: str) -> None:
+    path = tmp_path / "c.txt"
+    path.write_bytes(data)
+    with pytest.raises(TrainerError, match=message):
+        build_corpus(read_corpus(path))
+
+
+def test_missing_and_directory_corpus(tmp_path: Path) -> None:
+    with pytest.raises(TrainerError, match="does not exist"):
+        read_corpus(tmp_path / "none.txt")
+    with pytest.raises(TrainerError, match="directory"):
+        read_corpus(tmp_path)
