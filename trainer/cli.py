@@ -53,6 +53,7 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--embed", type=int, default=32)
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout while training")
     p.add_argument("--bidirectional", action="store_true", help="infill model (both directions)")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--optimizer", default="adam", help="adam | sgd")
@@ -143,7 +144,9 @@ def run_train(args: argparse.Namespace) -> int:
             seed=args.seed, progress=progress,
         )  # fmt: skip
     else:
-        model = ModelConfig(args.arch, 1, args.hidden, args.layers, args.embed, bidirectional)
+        model = ModelConfig(
+            args.arch, 1, args.hidden, args.layers, args.embed, bidirectional, args.dropout
+        )
         train = TrainConfig(
             epochs=args.epochs, num_steps=args.num_steps, batch_size=args.batch_size, lr=args.lr,
             optimizer=args.optimizer, clip=args.clip, bptt=args.bptt, bptt_k=args.bptt_k,

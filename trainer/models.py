@@ -31,6 +31,7 @@ class ModelConfig:
     layers: int = 1
     embed: int = 32
     bidirectional: bool = False
+    dropout: float = 0.0  # on embeddings, between layers and before the head (training only)
 
     def __post_init__(self) -> None:
         if self.arch not in RNN_ARCHS:
@@ -41,10 +42,15 @@ class ModelConfig:
         for field_name in ("vocab_size", "hidden", "layers", "embed"):
             if getattr(self, field_name) < 1:
                 raise TrainerError(f"{field_name} must be at least 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TrainerError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 def _stack(config: ModelConfig) -> nn.Module:
-    return _CELLS[config.arch](config.embed, config.hidden, config.layers, batch_first=True)
+    between = config.dropout if config.layers > 1 else 0.0
+    return _CELLS[config.arch](
+        config.embed, config.hidden, config.layers, batch_first=True, dropout=between
+    )
 
 
 class RNNLM(ExportableBase):
@@ -59,6 +65,7 @@ class RNNLM(ExportableBase):
         self.config = config
         self.arch = config.arch
         self.embedding = nn.Embedding(config.vocab_size, config.embed)
+        self.drop = nn.Dropout(config.dropout)
         self.rnn = _stack(config)
         self.head = nn.Linear(config.hidden, config.vocab_size)
 
@@ -76,12 +83,12 @@ class RNNLM(ExportableBase):
         return (h, h.clone()) if self.arch == "lstm" else (h,)
 
     def forward(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = self.embedding(tokens)  # [batch, time, embed]
+        x = self.drop(self.embedding(tokens))  # [batch, time, embed]
         if self.arch == "lstm":
             out, (h, c) = self.rnn(x, (state[0], state[1]))  # out: [batch, time, hidden]
-            return self.head(out), h, c  # logits: [batch, time, vocab]
+            return self.head(self.drop(out)), h, c  # logits: [batch, time, vocab]
         out, h = self.rnn(x, state[0])
-        return self.head(out), h
+        return self.head(self.drop(out)), h
 
 
 class BiRNNInfill(ExportableBase):
@@ -101,6 +108,7 @@ class BiRNNInfill(ExportableBase):
         self.config = config
         self.arch = config.arch
         self.embedding = nn.Embedding(config.vocab_size, config.embed)
+        self.drop = nn.Dropout(config.dropout)
         self.fwd = _stack(config)
         self.bwd = _stack(config)
         self.head = nn.Linear(2 * config.hidden, config.vocab_size)
@@ -109,14 +117,15 @@ class BiRNNInfill(ExportableBase):
         return asdict(self.config)
 
     def forward(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = self.embedding(tokens)  # [batch, time, embed]
+        x = self.drop(self.embedding(tokens))  # [batch, time, embed]
         f, _ = self.fwd(x)  # f[t]: summary of tokens <= t, [batch, time, hidden]
         b, _ = self.bwd(torch.flip(x, dims=[1]))
         b = torch.flip(b, dims=[1])  # b[t]: summary of tokens >= t
         zero = torch.zeros_like(f[:, :1])  # [batch, 1, hidden]
         left = torch.cat([zero, f[:, :-1]], dim=1)  # tokens < t
         right = torch.cat([b[:, 1:], zero], dim=1)  # tokens > t
-        return (self.head(torch.cat([left, right], dim=-1)),)  # [batch, time, vocab]
+        both = self.drop(torch.cat([left, right], dim=-1))  # [batch, time, 2 * hidden]
+        return (self.head(both),)  # [batch, time, vocab]
 
 
 def build_model(config: ModelConfig) -> RNNLM | BiRNNInfill:
