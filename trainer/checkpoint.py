@@ -44,6 +44,33 @@ def make_checkpoint(
     }
 
 
+def make_count_checkpoint(model: torch.nn.Module, vocab: Vocab, tokenizer: TokenizerConfig):
+    """n-gram / HMM: their config dataclass + buffers (tables, probabilities), no code."""
+    return {
+        "format": 1,
+        "kind": model.arch,
+        "count_config": asdict(model.config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "vocab": vocab.to_list(),
+        "tokenizer": tokenizer.to_dict(),
+    }
+
+
+def _restore_count_model(data: dict[str, Any]) -> torch.nn.Module:
+    kind, cfg, sd = data["kind"], data["count_config"], data["state_dict"]
+    if kind == "ngram":
+        from trainer.ngram import NgramConfig, NgramLM
+
+        return NgramLM(NgramConfig(**cfg), sd["log_probs"])
+    if kind == "hmm":
+        from trainer.hmm import HmmConfig, HmmLM
+        from trainer.hmm_fit import HmmParams
+
+        params = HmmParams(sd["pi"].double(), sd["loop.a"].double(), sd["loop.b"].double())
+        return HmmLM(params, HmmConfig(**cfg))
+    raise TrainerError(f"checkpoint holds an unknown model kind {kind!r}")
+
+
 def save_checkpoint(data: dict[str, Any], path: Path) -> Path:
     """Writes atomically (temp file + rename), so an interrupted save keeps the old one."""
     path = Path(path)
@@ -70,15 +97,21 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         data = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign file: one line, not a traceback
         raise TrainerError(f"{file} is not a readable rnnserve checkpoint: {exc}") from exc
-    if not isinstance(data, dict) or "model_config" not in data or "state_dict" not in data:
-        raise TrainerError(f"{file} is not an rnnserve checkpoint (missing model_config)")
+    if not isinstance(data, dict) or "state_dict" not in data or "vocab" not in data:
+        raise TrainerError(f"{file} is not an rnnserve checkpoint (no state_dict/vocab)")
+    if "model_config" not in data and "count_config" not in data:
+        raise TrainerError(f"{file} is not an rnnserve checkpoint (no model config)")
     return data
 
 
-def restore(data: dict[str, Any]) -> tuple[torch.nn.Module, ModelConfig, Vocab, TokenizerConfig]:
-    """Rebuilds the model from config + state_dict."""
-    config = ModelConfig(**data["model_config"])
-    model = build_model(config)
-    model.load_state_dict(data["state_dict"])
+def restore(data: dict[str, Any]) -> tuple[torch.nn.Module, Any, Vocab, TokenizerConfig]:
+    """Rebuilds the model (and returns its config) from config + state_dict."""
+    if "count_config" in data:
+        model = _restore_count_model(data)
+        config: Any = model.config
+    else:
+        config = ModelConfig(**data["model_config"])
+        model = build_model(config)
+        model.load_state_dict(data["state_dict"])
     model.eval()
     return model, config, Vocab(data["vocab"]), TokenizerConfig.from_dict(data["tokenizer"])

@@ -179,12 +179,14 @@ def run_export(args: argparse.Namespace) -> int:
 
     data = load_checkpoint(args.checkpoint)
     model, _config, vocab, tok = restore(data)
-    metrics = {}
+    metrics: dict[str, float] = {}
     if data.get("history"):
-        metrics = {"val_perplexity": float(data["history"][-1]["val_ppl"])}
+        kind = "infill_perplexity" if model.task == "infill" else "perplexity"
+        metrics = {f"val_{kind}": float(data["history"][-1]["val_ppl"])}
+    keep = {k: v for k, v in data.items() if k != "optimizer"}  # weights, not training state
     path = export_model(
         model, Path(args.out), name=args.name, version=args.version, vocab=vocab, tokenizer=tok,
-        metrics=metrics, training=dict(data.get("train_config") or {}), checkpoint=data,
+        metrics=metrics, training=dict(data.get("train_config") or {}), checkpoint=keep,
     )  # fmt: skip
     print(f"exported {path}")
     return 0

@@ -17,7 +17,13 @@ import torch
 
 from artifact.tokenizer import TokenizerConfig
 from artifact.vocab import Vocab
-from trainer.checkpoint import load_checkpoint, make_checkpoint, restore, save_checkpoint
+from trainer.checkpoint import (
+    load_checkpoint,
+    make_checkpoint,
+    make_count_checkpoint,
+    restore,
+    save_checkpoint,
+)
 from trainer.corpus import build_corpus, read_corpus, split_ids
 from trainer.errors import TrainerError
 from trainer.export import export_model
@@ -195,6 +201,7 @@ def train_count_model(
     return export_model(
         model, Path(out), name=name, version=version, vocab=prep.vocab, tokenizer=prep.tokenizer,
         metrics=metrics, training=_training_record(data, prep, extra),
+        checkpoint=make_count_checkpoint(model, prep.vocab, prep.tokenizer),
     )  # fmt: skip
 
 

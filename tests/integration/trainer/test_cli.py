@@ -104,3 +104,19 @@ def test_sample_errors_are_one_line(tmp_path: Path) -> None:
     run = rnn_trainer("sample", "--model", str(tmp_path), "--prefix", "x", cwd=tmp_path)
     assert run.returncode == 2
     assert run.stderr.startswith("error: no checkpoint") and "Traceback" not in run.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["ngram", "hmm"])
+def test_count_models_sample_and_re_export(tmp_path: Path, arch: str) -> None:
+    models = tmp_path / "models"
+    flags = ["--states", "4", "--epochs", "2", "--max-tokens", "3000", "--no-progress"]
+    run = rnn_trainer("train", "--arch", arch, "--out", str(models), *flags, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    package = models / arch / "1"
+    ids = greedy_tokens(package, "the time", 10)
+    assert ids == ort_greedy(package, "the time", 10)
+    again = rnn_trainer("export", "--checkpoint", str(package), "--out", str(models),
+                        "--name", arch, "--version", "2", cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert greedy_tokens(models / arch / "2", "the time", 10) == ids
