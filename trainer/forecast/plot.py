@@ -1,4 +1,4 @@
-"""The textbook pictures as PNG: a series with its k-step predictions, and an MSE bar chart.
+"""The textbook pictures as PNG: a series with its k-step predictions, and MSE bars.
 
 matplotlib runs headless (Agg) and is imported only here, so the rest of the package and
 its tests do not need it.
@@ -26,13 +26,9 @@ def _pyplot():
     return plt
 
 
-def plot_k_step(
-    series: Series, result: KStepResult, path: Path, horizons=(1, 4, 16, 64), title: str = ""
-) -> Path:
+def draw_k_step(ax, series: Series, result: KStepResult, horizons=(1, 4, 16, 64), title=""):
     """The series, with the k-step predictions x̂_{t+k} drawn at time t + k, for each k."""
-    plt = _pyplot()
     time = np.arange(1, len(series.values) + 1)  # the textbook counts t from 1
-    fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot(time, series.values, color="0.6", lw=0.8, label="data")
     for k in horizons:
         if k > result.predictions.shape[1]:
@@ -45,17 +41,12 @@ def plot_k_step(
     ax.set_ylabel("x")
     ax.set_title(title or f"{result.name}: k-step predictions (train | test)")
     ax.legend(loc="lower left", fontsize=8)
-    return _save(fig, plt, path)
 
 
-def plot_mse_bars(
-    table: dict[str, dict[int, float]], path: Path, horizons=(1, 4, 16, 64), title: str = ""
-) -> Path:
+def draw_mse_bars(ax, table: dict[str, dict[int, float]], horizons=(1, 4, 16, 64), title=""):
     """Grouped bars: test MSE of every predictor at every horizon (log scale)."""
-    plt = _pyplot()
     names = list(table)
     width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(8, 4))
     x = np.arange(len(horizons))
     for i, name in enumerate(names):
         ax.bar(x + i * width, [table[name][k] for k in horizons], width, label=name)
@@ -64,6 +55,24 @@ def plot_mse_bars(
     ax.set_ylabel("test MSE")
     ax.set_title(title or "k-step prediction error on the test range")
     ax.legend(fontsize=8)
+
+
+def plot_k_step(series: Series, result: KStepResult, path: Path, title: str = "") -> Path:
+    """PNG of `draw_k_step` (the textbook's figure)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    draw_k_step(ax, series, result, title=title)
+    return _save(fig, plt, path)
+
+
+def plot_report(
+    series: Series, result: KStepResult, table: dict[str, dict[int, float]], path: Path
+) -> Path:
+    """Two panels: the textbook figure for one model, and the MSE bars of all predictors."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.5))
+    draw_k_step(left, series, result)
+    draw_mse_bars(right, table)
     return _save(fig, plt, path)
 
 

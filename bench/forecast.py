@@ -1,0 +1,141 @@
+"""Forecasting benchmark: test MSE at k = 1, 4, 16, 64 on the textbook sine, every model.
+
+Trains mlp (tau 4), rnn, gru and lstm with the `rnn-trainer train --task forecast` defaults
+for several seeds, scores them beside the last-value and AR(4) baselines on the same test
+targets (x_601..x_1000, each predicted k steps ahead from true values up to t = i - k,
+feeding predictions back), and writes:
+
+    bench/results/forecast.json   the table (mean and std over seeds, and per seed)
+    bench/results/forecast.png    the textbook figure for the best recurrent model + MSE bars
+
+Target (issue 4): at k = 16 the best recurrent model beats both baselines.
+Run: .venv/bin/python bench/forecast.py   (about a minute on one core)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.errors import TrainerError
+from trainer.forecast.evaluate import HORIZONS, TorchForecaster, evaluate_all, predict
+from trainer.forecast.pipeline import baselines
+from trainer.forecast.plot import plot_report
+from trainer.forecast.series import TEXTBOOK_NOISE_STD, load_series
+from trainer.forecast.train import ForecastTrainConfig, train_forecaster
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TAU = 4
+MODELS = {
+    "mlp": ForecastTrainConfig(arch="mlp", tau=TAU, hidden=10),
+    "rnn": ForecastTrainConfig(arch="rnn", tau=TAU, hidden=32),
+    "gru": ForecastTrainConfig(arch="gru", tau=TAU, hidden=32),
+    "lstm": ForecastTrainConfig(arch="lstm", tau=TAU, hidden=32),
+}
+RECURRENT = ("rnn", "gru", "lstm")
+
+
+def markdown(mean: dict, std: dict) -> str:
+    """The README/docs table: mean (± std over seeds) per predictor and horizon."""
+    head = "| model | " + " | ".join(f"k={k}" for k in HORIZONS) + " |"
+    lines = [head, "|---|" + "---:|" * len(HORIZONS)]
+    for name, row in mean.items():
+        cells = [
+            f"{row[k]:.4f} ± {std[name][k]:.4f}" if name in std else f"{row[k]:.4f}"
+            for k in HORIZONS
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run(seeds: list[int], epochs: int | None, out_dir: Path) -> dict:
+    series = load_series(None, None, TAU)
+    started = time.monotonic()
+    base_table, _ = evaluate_all(baselines(series, TAU), series)
+    per_seed: dict[str, dict[int, dict[int, float]]] = {}
+    seed0: dict[str, TorchForecaster] = {}
+    for name, config in MODELS.items():
+        per_seed[name] = {}
+        for seed in seeds:
+            cfg = replace(config, seed=seed, epochs=epochs or config.epochs)
+            t0 = time.monotonic()
+            model, _ = train_forecaster(cfg, series)
+            predictor = TorchForecaster(model, name)
+            table, _ = evaluate_all([predictor], series)
+            per_seed[name][seed] = table[name]
+            seed0.setdefault(name, predictor)
+            row = "  ".join(f"k={k}: {v:.4f}" for k, v in table[name].items())
+            print(f"{name} seed {seed} ({time.monotonic() - t0:.1f} s)  {row}", flush=True)
+    mean = {n: {k: float(np.mean([r[k] for r in rows.values()])) for k in HORIZONS}
+            for n, rows in per_seed.items()}  # fmt: skip
+    std = {n: {k: float(np.std([r[k] for r in rows.values()])) for k in HORIZONS}
+           for n, rows in per_seed.items()}  # fmt: skip
+    mean.update(base_table)
+    best = min(RECURRENT, key=lambda n: mean[n][16])
+    best_baseline = min(base_table[b][16] for b in base_table)
+    report = {
+        "series": {
+            "kind": "textbook",
+            "formula": "sin(0.01 t) + N(0, 0.2^2), t = 1..1000",
+            "noise_std": TEXTBOOK_NOISE_STD,
+            "train": series.num_train,
+            "test": len(series.values) - series.num_train,
+        },
+        "metric": "test MSE in series units, x_601..x_1000, k-step recursive from true values",
+        "horizons": list(HORIZONS),
+        "seeds": seeds,
+        "configs": {n: replace(c, epochs=epochs or c.epochs).to_dict() for n, c in MODELS.items()},
+        "mse": mean,
+        "mse_std_over_seeds": std,
+        "per_seed": per_seed,
+        "target": {
+            "rule": "at k=16 the best recurrent model beats both baselines",
+            "best_recurrent": best,
+            "best_recurrent_mse_k16": mean[best][16],
+            "best_baseline_mse_k16": best_baseline,
+            "met": mean[best][16] < best_baseline,
+        },
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "threads": 1,
+        },
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "forecast.json").write_text(json.dumps(report, indent=2) + "\n")
+    full = predict(seed0[best], series, max(HORIZONS), first_origin=0)
+    plot_report(series, full, mean, out_dir / "forecast.png")
+    print(markdown(mean, std))
+    verdict = "met" if report["target"]["met"] else "MISSED"
+    print(f"target {verdict}: best recurrent {best} k=16 MSE {mean[best][16]:.4f} "
+          f"vs best baseline {best_baseline:.4f}")  # fmt: skip
+    print(f"wrote {out_dir / 'forecast.json'} and {out_dir / 'forecast.png'}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--epochs", type=int, default=None, help="override (for a quick look)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    try:
+        run(args.seeds, args.epochs, args.out_dir)
+    except TrainerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
