@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from trainer.errors import TrainerError
+from trainer.forecast.evaluate import TorchForecaster
+from trainer.forecast.models import build_model
 from trainer.forecast.series import load_series
-from trainer.forecast.train import ForecastTrainConfig, train_forecaster
+from trainer.forecast.train import ORIGIN_STRIDE, ForecastTrainConfig, _loss, train_forecaster
 
 
 @pytest.mark.parametrize(("arch", "rollout"), [("mlp", 0), ("gru", 4), ("lstm", 0)])
@@ -44,3 +48,22 @@ def test_bad_settings_are_refused(changes: dict, message: str) -> None:
         setattr(config, key, value)
     with pytest.raises(TrainerError, match=message):
         train_forecaster(config, series)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "gru", "lstm"])
+def test_multi_step_loss_is_the_k_step_error_of_the_evaluator(arch: str) -> None:
+    """The rollout term trains exactly what evaluate.py scores: predictions fed back."""
+    torch.manual_seed(0)
+    model = build_model(arch, tau=3, hidden=5, layers=2 if arch != "mlp" else 1).eval()
+    batch = torch.randn(2, 30)  # [b, warmup + steps + 1]
+    warmup, rollout = 4, 6
+    with torch.no_grad():
+        one_step = _loss(model, batch, warmup, rollout=0)
+        both = _loss(model, batch, warmup, rollout=rollout)
+    origins = np.arange(warmup, 29 - rollout + 1, ORIGIN_STRIDE)
+    errors = []
+    for row in batch.numpy():
+        preds = TorchForecaster(model).k_step(row, origins, rollout)  # [m, rollout]
+        for i, o in enumerate(origins):
+            errors += list(preds[i, 1:] - row[o + 2 : o + rollout + 1])
+    assert float(both - one_step) == pytest.approx(float(np.mean(np.square(errors))), rel=1e-4)
