@@ -1,4 +1,4 @@
-"""One forecasting run end to end: train -> evaluate beside the baselines -> export -> plot.
+"""One forecasting run end to end: train -> evaluate beside baselines -> intervals -> export.
 
 Why separate from cli.py: the CLI, the zoo and the benchmark call the same function with a
 dataclass; argparse stays in cli.py. Nothing is written until the model is trained and its
@@ -25,8 +25,9 @@ from trainer.forecast.evaluate import (
     metrics_for_manifest,
     predict,
 )
+from trainer.forecast.intervals import manifest_intervals
 from trainer.forecast.models import min_history
-from trainer.forecast.series import Series
+from trainer.forecast.series import Series, SeriesError
 from trainer.forecast.train import ForecastTrainConfig, train_forecaster
 
 
@@ -70,6 +71,16 @@ def run_forecast(
     log(f"test MSE ({len(series.values) - series.num_train} values, series units):")
     log(format_table(table))
     run = ForecastRun(model, table, results, history=history)
+    warmed = max(predictor.tau - 1, config.resolved_warmup())
+    full = predict(predictor, series, max(HORIZONS), first_origin=warmed)  # whole series
+    manifest_series = series.normaliser.manifest_series(min_history(model))
+    try:
+        manifest_series["intervals"] = manifest_intervals(full, series)
+        cover = manifest_series["intervals"]["test_coverage"]
+        log("90% interval coverage on the test range: " + ", ".join(
+            f"k={k}: {v:.2f}" for k, v in cover.items()))  # fmt: skip
+    except SeriesError as exc:
+        log(f"no prediction intervals: {exc}")
     if out is not None:
         metrics = metrics_for_manifest(table[config.arch])
         training = {
@@ -88,7 +99,7 @@ def run_forecast(
             version=version,
             vocab=None,
             tokenizer=None,
-            series=series.normaliser.manifest_series(min_history(model)),
+            series=manifest_series,
             metrics=metrics,
             training=training,
         )
@@ -96,7 +107,6 @@ def run_forecast(
     if plot_path is not None:
         from trainer.forecast.plot import plot_k_step
 
-        full = predict(predictor, series, max(HORIZONS), first_origin=predictor.tau - 1)
         run.plot = plot_k_step(series, full, plot_path, title=f"{name} ({config.arch})")
         log(f"wrote {run.plot}")
     return run

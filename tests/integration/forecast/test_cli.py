@@ -39,6 +39,10 @@ def test_train_csv_mlp_exports_package_with_metrics_and_plot(tmp_path: Path, cap
     assert manifest["series"]["mean"] == pytest.approx(values.mean(), abs=1e-3)
     assert manifest["series"]["std"] == pytest.approx(values.std(), abs=1e-3)
     assert manifest["training"]["num_train"] == 120
+    intervals = manifest["series"]["intervals"]
+    assert len(intervals["lower"]) == 64 and all(
+        lo <= hi for lo, hi in zip(intervals["lower"], intervals["upper"], strict=True)
+    )
     assert (package / "forecast.png").read_bytes()[:8] == PNG_MAGIC
 
 

@@ -1,0 +1,53 @@
+"""Residual-quantile prediction intervals: quantiles from training targets, test coverage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from trainer.forecast.evaluate import KStepResult
+from trainer.forecast.intervals import coverage, manifest_intervals, residual_quantiles
+from trainer.forecast.series import SeriesError, split_series, textbook_series
+
+
+def shifted_truth(series, k_max: int, noise_scale: float, seed: int = 0) -> KStepResult:
+    """Predictions = truth + uniform noise growing with k, so quantiles are known."""
+    rng = np.random.default_rng(seed)
+    origins = np.arange(0, len(series.values) - 1)
+    idx = np.minimum(origins[:, None] + np.arange(1, k_max + 1)[None, :], len(series.values) - 1)
+    scale = noise_scale * np.arange(1, k_max + 1)[None, :]  # [1, k_max]
+    preds = series.values[idx] + rng.uniform(-1, 1, size=idx.shape) * scale
+    return KStepResult("fake", origins, preds.astype(np.float32))
+
+
+def test_quantiles_follow_the_residual_spread() -> None:
+    series = split_series(textbook_series(), 4, "textbook")
+    result = shifted_truth(series, 8, noise_scale=0.1)
+    lower, upper = residual_quantiles(result, series)
+    # residual = truth - pred ~ U(-0.1k, 0.1k): 5 % / 95 % quantiles are -/+ 0.09k
+    k = np.arange(1, 9)
+    assert np.allclose(upper, 0.09 * k, atol=0.02 * k)
+    assert np.allclose(lower, -0.09 * k, atol=0.02 * k)
+    cover = coverage(result, series, lower, upper, horizons=(1, 8))
+    assert all(0.8 <= v <= 0.97 for v in cover.values())
+
+
+def test_coverage_counts_only_test_targets() -> None:
+    series = split_series(textbook_series(), 4, "textbook")
+    result = shifted_truth(series, 2, noise_scale=0.0)
+    result.predictions[result.origins + 1 >= series.num_train] += 5.0  # test targets missed
+    lower, upper = residual_quantiles(result, series)
+    assert np.allclose(lower, 0.0, atol=1e-6) and np.allclose(upper, 0.0, atol=1e-6)
+    assert coverage(result, series, lower, upper, horizons=(1,))[1] == 0.0
+
+
+def test_manifest_entry_and_too_little_data() -> None:
+    series = split_series(textbook_series(), 4, "textbook")
+    entry = manifest_intervals(shifted_truth(series, 64, 0.01), series)
+    assert entry["levels"] == [0.05, 0.95]
+    assert len(entry["lower"]) == len(entry["upper"]) == 64
+    assert set(entry["test_coverage"]) == {"1", "4", "16", "64"}
+    short = split_series(textbook_series()[:40], 4, "short")
+    with pytest.raises(SeriesError, match="too few"):
+        late = KStepResult("late", np.arange(20, 39), np.zeros((19, 4), dtype=np.float32))
+        residual_quantiles(late, short)

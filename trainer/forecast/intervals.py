@@ -1,0 +1,64 @@
+"""Prediction intervals from residual quantiles, stored in manifest.series["intervals"].
+
+For every horizon k = 1..K the k-step residuals x_{t+k} - x̂_{t+k} over the training range
+give an empirical lower and upper quantile; the interval for step k of a forecast is
+[x̂_k + lower[k-1], x̂_k + upper[k-1]] in series units (steps beyond K reuse the last entry).
+They are in-sample residuals, so they tend to be a little narrow: the coverage measured on
+the test range travels with them (`test_coverage`), and docs/forecasting.md reports it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trainer.forecast.evaluate import HORIZONS, KStepResult
+from trainer.forecast.series import Series, SeriesError
+
+LEVELS = (0.05, 0.95)  # a central 90 % interval
+MIN_RESIDUALS = 20  # fewer training residuals at a horizon: reuse the previous horizon's
+
+
+def residual_quantiles(
+    result: KStepResult, series: Series, levels: tuple[float, float] = LEVELS
+) -> tuple[np.ndarray, np.ndarray]:
+    """(lower [K], upper [K]): quantiles of the k-step residuals with training-range targets."""
+    k_max = result.predictions.shape[1]
+    lower, upper = np.zeros(k_max), np.zeros(k_max)
+    for k in range(1, k_max + 1):
+        targets, preds = result.at_horizon(k)
+        keep = targets < series.num_train
+        if keep.sum() < MIN_RESIDUALS:
+            if k == 1:
+                raise SeriesError("too few training values to estimate prediction intervals")
+            lower[k - 1], upper[k - 1] = lower[k - 2], upper[k - 2]
+            continue
+        residuals = series.values[targets[keep]] - preds[keep].astype(np.float64)
+        lower[k - 1], upper[k - 1] = np.quantile(residuals, levels)
+    return lower, upper
+
+
+def coverage(
+    result: KStepResult, series: Series, lower: np.ndarray, upper: np.ndarray, horizons=HORIZONS
+) -> dict[int, float]:
+    """Fraction of test-range targets inside their interval, per horizon."""
+    out: dict[int, float] = {}
+    for k in horizons:
+        targets, preds = result.at_horizon(k)
+        keep = (targets >= series.num_train) & (targets < len(series.values))
+        truth = series.values[targets[keep]]
+        lo = preds[keep] + lower[k - 1]
+        hi = preds[keep] + upper[k - 1]
+        out[k] = float(np.mean((truth >= lo) & (truth <= hi))) if keep.any() else float("nan")
+    return out
+
+
+def manifest_intervals(result: KStepResult, series: Series) -> dict:
+    """The manifest.series["intervals"] entry (all numbers in series units)."""
+    lower, upper = residual_quantiles(result, series)
+    return {
+        "method": "empirical quantiles of k-step residuals over the training range",
+        "levels": list(LEVELS),
+        "lower": [round(float(v), 6) for v in lower],
+        "upper": [round(float(v), 6) for v in upper],
+        "test_coverage": {str(k): v for k, v in coverage(result, series, lower, upper).items()},
+    }
