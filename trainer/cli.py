@@ -56,6 +56,7 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, default=0.0, help="dropout while training")
     p.add_argument("--bidirectional", action="store_true", help="infill model (both directions)")
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr-decay", type=float, default=1.0, help="lr *= this every epoch")
     p.add_argument("--optimizer", default="adam", help="adam | sgd")
     p.add_argument("--clip", type=float, default=1.0, help="global grad-norm bound, 0 = off")
     p.add_argument("--bptt", default="full", help="full | truncated | random")
@@ -149,6 +150,7 @@ def run_train(args: argparse.Namespace) -> int:
         )
         train = TrainConfig(
             epochs=args.epochs, num_steps=args.num_steps, batch_size=args.batch_size, lr=args.lr,
+            lr_decay=args.lr_decay,
             optimizer=args.optimizer, clip=args.clip, bptt=args.bptt, bptt_k=args.bptt_k,
             bptt_p=args.bptt_p, sampling=args.sampling, seed=args.seed, device=args.device,
             threads=args.threads,

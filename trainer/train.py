@@ -31,6 +31,7 @@ class TrainConfig:
     num_steps: int = 32
     batch_size: int = 32
     lr: float = 0.01
+    lr_decay: float = 1.0  # the learning rate of epoch e is lr * lr_decay ** (e - 1)
     optimizer: str = "adam"
     clip: float = 1.0  # global gradient-norm bound; 0 disables clipping
     bptt: str = "full"
@@ -46,6 +47,8 @@ class TrainConfig:
             raise TrainerError("--epochs must be at least 1")
         if not self.lr > 0:
             raise TrainerError("--lr must be positive")
+        if not 0 < self.lr_decay <= 1:
+            raise TrainerError("--lr-decay must be in (0, 1]")
         if self.clip < 0:
             raise TrainerError("--clip must be >= 0 (0 disables clipping)")
         if self.optimizer not in OPTIMIZERS:
@@ -139,6 +142,8 @@ def fit(
         rng = random.Random(cfg.seed * 1_000_003 + epoch)  # resumable: depends on epoch only
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)
         gen = torch.Generator().manual_seed(cfg.seed + epoch)
+        for group in optimizer.param_groups:  # a schedule that depends on the epoch only
+            group["lr"] = cfg.lr * cfg.lr_decay ** (epoch - 1)
         total, count = 0.0, 0
         state = tuple(model.initial_state(cfg.batch_size))
         bar = tqdm(

@@ -40,9 +40,9 @@ def test_same_seed_same_weights(tmp_path: Path, sampling: str, bptt: str) -> Non
 
 
 def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    full = _train(tmp_path / "full", 3)
-    _train(tmp_path / "part", 1)
-    resumed = _train(tmp_path / "part2", 3, resume=tmp_path / "part")
+    full = _train(tmp_path / "full", 3, lr_decay=0.7)
+    _train(tmp_path / "part", 1, lr_decay=0.7)
+    resumed = _train(tmp_path / "part2", 3, resume=tmp_path / "part", lr_decay=0.7)
     assert resumed["epoch"] == 3
     assert _same(full["state_dict"], resumed["state_dict"])
     assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
