@@ -5,7 +5,8 @@ for several seeds, scores them beside the last-value and AR(4) baselines on the 
 targets (x_601..x_1000, each predicted k steps ahead from true values up to t = i - k,
 feeding predictions back), and writes:
 
-    bench/results/forecast.json   the table (mean and std over seeds, and per seed)
+    bench/results/forecast.json   the table (mean and std over seeds, and per seed), and the
+                                  test coverage of the 90 % residual-quantile intervals
     bench/results/forecast.png    the textbook figure for the best recurrent model + MSE bars
 
 Target (issue 4): at k = 16 the best recurrent model beats both baselines.
@@ -27,6 +28,7 @@ import torch
 
 from trainer.errors import TrainerError
 from trainer.forecast.evaluate import HORIZONS, TorchForecaster, evaluate_all, predict
+from trainer.forecast.intervals import manifest_intervals
 from trainer.forecast.pipeline import baselines
 from trainer.forecast.plot import plot_report
 from trainer.forecast.series import TEXTBOOK_NOISE_STD, load_series
@@ -62,6 +64,7 @@ def run(seeds: list[int], epochs: int | None, out_dir: Path) -> dict:
     base_table, _ = evaluate_all(baselines(series, TAU), series)
     per_seed: dict[str, dict[int, dict[int, float]]] = {}
     seed0: dict[str, TorchForecaster] = {}
+    coverage: dict[str, list[list[float]]] = {}
     for name, config in MODELS.items():
         per_seed[name] = {}
         for seed in seeds:
@@ -71,6 +74,10 @@ def run(seeds: list[int], epochs: int | None, out_dir: Path) -> dict:
             predictor = TorchForecaster(model, name)
             table, _ = evaluate_all([predictor], series)
             per_seed[name][seed] = table[name]
+            warmed = max(predictor.tau - 1, cfg.resolved_warmup())
+            full = predict(predictor, series, max(HORIZONS), first_origin=warmed)
+            cover = manifest_intervals(full, series)["test_coverage"]
+            coverage.setdefault(name, []).append([cover[str(k)] for k in HORIZONS])
             seed0.setdefault(name, predictor)
             row = "  ".join(f"k={k}: {v:.4f}" for k, v in table[name].items())
             print(f"{name} seed {seed} ({time.monotonic() - t0:.1f} s)  {row}", flush=True)
@@ -96,6 +103,13 @@ def run(seeds: list[int], epochs: int | None, out_dir: Path) -> dict:
         "mse": mean,
         "mse_std_over_seeds": std,
         "per_seed": per_seed,
+        "interval_coverage_90": {
+            "method": "manifest.series.intervals: 5/95 % quantiles of training k-step residuals",
+            "mean_over_seeds": {
+                n: dict(zip(HORIZONS, np.mean(rows, axis=0).round(4).tolist(), strict=True))
+                for n, rows in coverage.items()
+            },
+        },
         "target": {
             "rule": "at k=16 the best recurrent model beats both baselines",
             "best_recurrent": best,
