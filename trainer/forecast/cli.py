@@ -89,6 +89,10 @@ def run_train(args: argparse.Namespace) -> int:
     """Trains, prints the MSE table, exports to args.out/<name>/<version>; returns 0."""
     if getattr(args, "bidirectional", False):
         raise TrainerError("--bidirectional does not apply to forecasting (the future is unknown)")
+    if getattr(args, "corpus", None):
+        raise TrainerError("--task forecast reads --series FILE.csv --column NAME, not --corpus")
+    if getattr(args, "resume", None):
+        raise TrainerError("--resume is not supported for --task forecast (runs take seconds)")
     config = config_from_args(args)
     series = load_series(args.series, args.column, config.tau, args.missing)
     name = args.name or f"{'sine' if args.series is None else 'series'}-{config.arch}"

@@ -53,6 +53,9 @@ def test_train_csv_mlp_exports_package_with_metrics_and_plot(tmp_path: Path, cap
         (["--column", "level", "--missing", "error"], "missing value"),
         (["--column", "level", "--arch", "ngram"], "--task forecast needs --arch"),
         (["--column", "level", "--tau", "0"], "--tau must be at least 1"),
+        (["--column", "level", "--corpus", "x.txt"], "not --corpus"),
+        (["--column", "level", "--bidirectional"], "does not apply to forecasting"),
+        (["--column", "level", "--rollout", "99"], "--rollout must be between"),
     ],
 )
 def test_bad_input_is_one_error_line(tmp_path: Path, capsys, extra: list[str], message) -> None:
