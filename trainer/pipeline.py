@@ -134,7 +134,8 @@ def train_recurrent(
             record["epoch"], history,
         )  # fmt: skip
         save_checkpoint(cp, run_dir / "checkpoint.pt")
-        with open(run_dir / "log.jsonl", "a", encoding="utf-8") as fh:
+        fresh = record["epoch"] == start + 1 and ckpt is None  # a new run starts a new log
+        with open(run_dir / "log.jsonl", "w" if fresh else "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"name": name, **record}) + "\n")
         plot_history(history, run_dir / "curve.png", title=name)
 

@@ -50,6 +50,13 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert [json.loads(line)["epoch"] for line in lines] == [2, 3]
 
 
+def test_a_fresh_run_starts_a_fresh_log(tmp_path: Path) -> None:
+    _train(tmp_path, 2)
+    _train(tmp_path, 1)
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1]
+
+
 def test_checkpoint_holds_no_pickled_module(tmp_path: Path) -> None:
     _train(tmp_path, 1)
     data = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # refuses pickled code
