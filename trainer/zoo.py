@@ -106,5 +106,5 @@ def build_zoo(
             )
         else:
             log(f"== forecasting models {', '.join(forecast)} ({preset}) ==")
-            written += build_forecast_models(out, preset, only=forecast)
+            written += build_forecast_models(out, preset, only=forecast, progress=progress)
     return written
