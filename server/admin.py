@@ -1,0 +1,46 @@
+"""Admin.ReloadModels: rescan the repository; removed versions unload once their streams end."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+from server.engine import Engine
+from server.health import ModelHealth
+
+log = logging.getLogger(__name__)
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, engine: Engine, health: ModelHealth) -> None:
+        self.engine = engine
+        self.health = health
+        self._lock = asyncio.Lock()
+
+    async def ReloadModels(self, request, context):
+        async with self._lock:
+            report = await reload(self.engine, self.health)
+        return pb.ReloadModelsResponse(
+            loaded=report.loaded, unloaded=report.unloaded, failed=report.failed
+        )
+
+
+async def reload(engine: Engine, health: ModelHealth):
+    """Rescans; unloads vanished versions after draining their scheduler. Returns the report."""
+    report = engine.repository.rescan()
+    for tag in report.unloaded:
+        name, version = tag.rsplit("/", 1)
+        sched = engine.pop_scheduler(name, version)
+        if sched is not None:
+            await sched.drain()
+            await sched.close()
+        engine.repository.remove(name, version)
+    log.info(
+        "repository rescanned",
+        extra={"loaded": report.loaded, "unloaded": report.unloaded, "failed": report.failed},
+    )
+    await health.refresh()
+    return report

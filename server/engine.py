@@ -1,0 +1,124 @@
+"""The server's use cases in plain Python: look up a model version, check the task, run it.
+
+`Engine` holds what the composition root built (repository, runtime, limiter, signer,
+settings, metrics) and keeps one Scheduler, Generator and TextCodec per serving version.
+The gRPC service only converts protobuf to these calls and back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from server.errors import BadRequest
+from server.forecasting import ForecastResult, forecast
+from server.generation import GenerateParams, Generator, check_task
+from server.infill import Candidate, infill
+from server.metrics import Metrics
+from server.repository import ModelVersion, Repository
+from server.resume import StateSigner
+from server.runtime import Runtime
+from server.scheduler import Scheduler, StreamLimiter
+from server.scoring import ScoreResult, encode_texts, score
+from server.settings import Settings
+from server.stream import Chunk
+from server.text import TextCodec
+
+
+class Engine:
+    def __init__(
+        self,
+        repository: Repository,
+        runtime: Runtime,
+        limiter: StreamLimiter,
+        signer: StateSigner,
+        settings: Settings,
+        metrics: Metrics,
+    ) -> None:
+        self.repository = repository
+        self.runtime = runtime
+        self.limiter = limiter
+        self.signer = signer
+        self.settings = settings
+        self.metrics = metrics
+        self._schedulers: dict[tuple[str, str], Scheduler] = {}
+        self._generators: dict[tuple[str, str], Generator] = {}
+        self._codecs: dict[tuple[str, str], TextCodec] = {}
+
+    # -- per-version helpers ----------------------------------------------------------------
+    def lookup(self, model: str, version: str, rpc: str) -> ModelVersion:
+        entry = self.repository.get(model, version)
+        check_task(entry, rpc)
+        return entry
+
+    def scheduler(self, entry: ModelVersion) -> Scheduler:
+        key = (entry.name, entry.version)
+        if key not in self._schedulers:
+            assert entry.model is not None
+            self._schedulers[key] = Scheduler(
+                entry.name,
+                entry.model,
+                self.runtime,
+                self.limiter,
+                self.metrics,
+                self.settings.max_batch,
+            )
+        return self._schedulers[key]
+
+    def pop_scheduler(self, name: str, version: str) -> Scheduler | None:
+        """Forgets a version's helpers (hot reload); returns its scheduler to drain."""
+        key = (name, version)
+        self._generators.pop(key, None)
+        self._codecs.pop(key, None)
+        return self._schedulers.pop(key, None)
+
+    def schedulers(self) -> list[Scheduler]:
+        return list(self._schedulers.values())
+
+    def codec(self, entry: ModelVersion) -> TextCodec:
+        key = (entry.name, entry.version)
+        if key not in self._codecs:
+            self._codecs[key] = TextCodec(entry.manifest)
+        return self._codecs[key]
+
+    def model_label(self, name: str) -> str:
+        """Metric label for a requested model name: unknown names collapse to one value."""
+        return name if name in self.repository.models else "unknown"
+
+    # -- use cases --------------------------------------------------------------------------
+    def generate(
+        self, model: str, version: str, params: GenerateParams, deadline: float | None
+    ) -> AsyncIterator[Chunk]:
+        entry = self.lookup(model, version, "Generate")
+        key = (entry.name, entry.version)
+        if key not in self._generators:
+            self._generators[key] = Generator(
+                entry, self.scheduler(entry), self.signer, self.settings
+            )
+        return self._generators[key].run(params, deadline)
+
+    async def score(self, model: str, version: str, texts: list[str]) -> list[ScoreResult]:
+        entry = self.lookup(model, version, "Score")
+        codec = self.codec(entry)
+        s = self.settings
+        encoded = encode_texts(codec, texts, s.max_score_texts, s.max_prompt_tokens)
+        return await score(entry.model, self.runtime, codec, encoded)
+
+    async def infill(
+        self, model: str, version: str, left: str, right: str, top_k: int
+    ) -> list[Candidate]:
+        entry = self.lookup(model, version, "Infill")
+        return await infill(
+            entry, self.codec(entry), self.runtime, self.settings, left, right, top_k
+        )
+
+    async def forecast(
+        self, model: str, version: str, history: list[float], horizon: int, fitted: bool
+    ) -> ForecastResult:
+        entry = self.lookup(model, version, "Forecast")
+        return await forecast(entry, self.runtime, self.settings, history, horizon, fitted)
+
+
+def require(value: str, field: str) -> str:
+    if not value:
+        raise BadRequest(field, "is required")
+    return value

@@ -1,0 +1,127 @@
+"""Generate: validate a request into plain parameters, then run it through the scheduler."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from server.errors import BadRequest, UnsupportedTask
+from server.repository import ModelVersion
+from server.resume import Resumed, StateSigner
+from server.sampling import Sampler, SamplingParams
+from server.scheduler import Scheduler
+from server.settings import Settings
+from server.stopping import StopChecker, validate_stop
+from server.stream import Chunk, Stream
+from server.text import TextCodec
+
+DEFAULT_MAX_TOKENS = 64
+
+
+@dataclass
+class GenerateParams:
+    """A validated Generate request, free of protobuf."""
+
+    prompt: str = ""
+    max_tokens: int = 0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    return_state: bool = False
+    state: bytes = b""
+
+
+def check_task(entry: ModelVersion, rpc: str) -> None:
+    """FAILED_PRECONDITION with the reason when the model cannot serve `rpc`."""
+    assert entry.manifest is not None
+    if rpc in entry.rpcs:
+        return
+    m = entry.manifest
+    if m.task == "infill":
+        why = "it is bidirectional: it reads the text in both directions, so it cannot predict "
+        why += "the next token (the future is unknown); use Infill"
+    elif m.task == "forecast":
+        why = "it is a time-series model; use Forecast"
+    else:
+        why = f"task {m.task!r} models answer {', '.join(entry.rpcs)}"
+    raise UnsupportedTask(f"model {entry.name}/{entry.version} cannot serve {rpc}: {why}")
+
+
+class Generator:
+    """Turns GenerateParams into a stream of Chunks for one model version."""
+
+    def __init__(
+        self, entry: ModelVersion, scheduler: Scheduler, signer: StateSigner, settings: Settings
+    ) -> None:
+        self.entry = entry
+        self.scheduler = scheduler
+        self.signer = signer
+        self.settings = settings
+        self.codec = TextCodec(entry.manifest)
+
+    def _validate(self, p: GenerateParams) -> tuple[list[int], Resumed | None, int]:
+        s = self.settings
+        max_tokens = p.max_tokens or DEFAULT_MAX_TOKENS
+        if not 1 <= max_tokens <= s.max_tokens:
+            raise BadRequest("max_tokens", f"must be in [1, {s.max_tokens}], got {p.max_tokens}")
+        p.sampling.validate(len(self.codec))
+        validate_stop(p.stop)
+        resumed = None
+        if p.state:
+            m = self.entry.manifest
+            resumed = self.signer.verify(
+                p.state, self.entry.name, self.entry.version, m.state, len(self.codec)
+            )
+        ids = self.codec.encode(p.prompt, "prompt", s.max_prompt_tokens).ids if p.prompt else []
+        if not ids and resumed is None:
+            raise BadRequest("prompt", "is empty (give a prompt, or a resume state)")
+        if resumed is not None:
+            ids = [resumed.last_token, *ids]
+        return ids, resumed, max_tokens
+
+    async def run(self, p: GenerateParams, deadline: float | None) -> AsyncIterator[Chunk]:
+        """Admits, prefills, joins the batch, and yields messages until the stream ends."""
+        started = time.perf_counter()
+        ids, resumed, max_tokens = self._validate(p)
+        entry, sched, metrics = self.entry, self.scheduler, self.scheduler.metrics
+        name = entry.name
+
+        def on_token(stream: Stream, now: float) -> None:
+            metrics.generated_tokens.labels(model=name).inc()
+            if stream.tokens == 1:
+                metrics.time_to_first_token.labels(model=name).observe(now - stream.started)
+            else:
+                metrics.inter_token_latency.labels(model=name).observe(now - stream.last_time)
+
+        signer = None
+        if p.return_state:
+
+            def signer(state, last_token):
+                return self.signer.sign(name, entry.version, state, last_token)
+
+        stream = Stream(
+            model=name,
+            sampler=Sampler(p.sampling),
+            stopper=StopChecker(max_tokens, p.stop, self.codec.vocab.eos),
+            decode=self.codec.piece,
+            signer=signer,
+            started=started,
+            deadline=deadline,
+            on_token=on_token,
+        )
+        sched.admit()
+        joined = False
+        try:
+            logprobs, state = await sched.prefill(ids, resumed.state if resumed else None)
+            token = stream.sampler.pick(logprobs)
+            if stream.accept(token, logprobs):
+                stream.close(state if signer else None)
+            else:
+                sched.join(stream, state)
+                joined = True
+            while (chunk := await stream.buffer.next()) is not None:
+                yield chunk
+        finally:
+            stream.cancel()
+            if not joined:
+                sched.release()

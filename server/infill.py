@@ -1,0 +1,107 @@
+"""Infill: rank candidates for one blank token between a left and a right context.
+
+Task `infill` (bidirectional) models answer in one pass, with the blank fed as `<unk>`.
+Task `lm` models answer exactly by Bayes' rule over every candidate v:
+    p(v | left, right) ∝ p(v | left) · p(right | left, v)
+computed as one batch of |V| continuations [v, right...] from the state after `left` (the
+HMM's backward recursion, done by the forward graph). An empty left gives a uniform prior.
+Reserved tokens (<unk>, <pad>, <bos>, <eos>) are never candidates; probabilities are
+normalised over the real tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from artifact.vocab import RESERVED
+from server.errors import BadRequest, UnsupportedTask
+from server.repository import ModelVersion
+from server.runtime import OnnxModel, Runtime, State, log_softmax
+from server.settings import Settings
+from server.text import TextCodec
+
+DEFAULT_TOP_K = 5
+MAX_LOGIT_ELEMENTS = 32_000_000  # per ORT call, as in scoring
+
+
+@dataclass
+class Candidate:
+    text: str
+    token_id: int
+    probability: float
+
+
+async def infill(
+    entry: ModelVersion,
+    codec: TextCodec,
+    runtime: Runtime,
+    settings: Settings,
+    left: str,
+    right: str,
+    top_k: int,
+) -> list[Candidate]:
+    vocab = len(codec)
+    first = len(RESERVED)
+    if not left and not right:
+        raise BadRequest("left", "left and right are both empty: give at least one context")
+    top_k = top_k or DEFAULT_TOP_K
+    if not 1 <= top_k <= vocab - first:
+        raise BadRequest("top_k", f"must be in [1, {vocab - first}], got {top_k}")
+    limit = settings.max_prompt_tokens
+    lids = codec.encode(left, "left", limit).ids if left else []
+    rids = codec.encode(right, "right", limit).ids if right else []
+    model = entry.model
+    assert model is not None and entry.manifest is not None
+    if entry.manifest.task == "infill":
+        scores = await runtime.call(_bidirectional_sync, model, lids, rids, codec.vocab.unk)
+    else:
+        if vocab > settings.max_infill_vocab:
+            raise UnsupportedTask(
+                f"model {entry.name} has {vocab} tokens, more than --max-infill-vocab "
+                f"{settings.max_infill_vocab}: scoring every candidate would be too costly"
+            )
+        scores = await runtime.call(_bayes_sync, model, lids, rids, vocab)
+    post = scores[first:].astype(np.float64)  # [vocab - reserved]
+    post = np.exp(post - post.max())
+    post /= post.sum()
+    order = np.argsort(-post, kind="stable")[:top_k]
+    return [
+        Candidate(codec.vocab.idx_to_token[first + i], first + int(i), float(post[i]))
+        for i in order
+    ]
+
+
+def _bidirectional_sync(model: OnnxModel, lids: list[int], rids: list[int], unk: int) -> np.ndarray:
+    x = np.asarray([[*lids, unk, *rids]], dtype=np.int64)  # [1, time]
+    logits, _ = model.run(x, model.initial_state(1))  # [1, time, vocab]
+    return log_softmax(logits[0, len(lids)])  # [vocab]
+
+
+def _repeat(model: OnnxModel, state: State, n: int) -> State:
+    return [np.repeat(t, n, axis=s.batch_axis) for t, s in zip(state, model.specs, strict=True)]
+
+
+def _bayes_sync(model: OnnxModel, lids: list[int], rids: list[int], vocab: int) -> np.ndarray:
+    """log p(v | left) + log p(right | left, v) for every v: [vocab]."""
+    state = model.initial_state(1)
+    prior = np.full(vocab, -np.log(vocab), dtype=np.float32)  # uniform without a left context
+    if lids:
+        logits, state = model.run(np.asarray([lids], dtype=np.int64), state)
+        prior = log_softmax(logits[0, -1])
+    if not rids:
+        return prior
+    likelihood = np.empty(vocab, dtype=np.float32)
+    width = 1 + len(rids)
+    rows = max(1, MAX_LOGIT_ELEMENTS // (width * vocab))
+    target = np.asarray(rids, dtype=np.int64)
+    for lo in range(0, vocab, rows):
+        hi = min(vocab, lo + rows)
+        x = np.empty((hi - lo, width), dtype=np.int64)  # [candidates, 1 + right]
+        x[:, 0] = np.arange(lo, hi)
+        x[:, 1:] = target
+        logits, _ = model.run(x, _repeat(model, state, hi - lo))  # [candidates, width, vocab]
+        lp = log_softmax(logits[:, :-1])  # predictions of right[0..]
+        likelihood[lo:hi] = lp[:, np.arange(len(rids)), target].sum(axis=-1)
+    return prior + likelihood

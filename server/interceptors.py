@@ -1,0 +1,160 @@
+"""The one call interceptor: request id, JSON access log, metrics, and error -> status mapping.
+
+Every rnnserve.v1 RPC passes through `CallInterceptor`. Domain errors (server/errors.py)
+become their documented status with their message; anything else is logged with its
+traceback and answered INTERNAL without details. `guards` are checks run before the
+handler inside the same mapping (auth, draining): raise a ServeError to refuse the call.
+A request that does not even parse as its protobuf message is INVALID_ARGUMENT, not INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from server import logs
+from server.errors import BadRequest, ServeError, status_for
+from server.metrics import Metrics
+
+log = logging.getLogger("server.access")
+
+Guard = Callable[[str, dict[str, str]], None]  # (full method, metadata) -> None or raise
+ModelLabel = Callable[[str], str]  # request.model -> metric label (bounded cardinality)
+SERVICE_PREFIX = "/rnnserve.v1."
+
+
+class _Unparsable:
+    """Stands in for a request whose bytes are not a valid message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Unparsable(exc)
+
+    return parse
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(
+        self, metrics: Metrics, model_label: ModelLabel, guards: Sequence[Guard] = ()
+    ) -> None:
+        self.metrics = metrics
+        self.model_label = model_label
+        self.guards = list(guards)
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        rpc = method.rsplit("/", 1)[-1]
+        metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        safe = _safe(handler.request_deserializer)
+        if handler.unary_unary is not None:
+            return handler._replace(
+                request_deserializer=safe,
+                unary_unary=self._unary(handler.unary_unary, rpc, method, metadata),
+            )
+        if handler.unary_stream is not None:
+            return handler._replace(
+                request_deserializer=safe,
+                unary_stream=self._stream(handler.unary_stream, rpc, method, metadata),
+            )
+        return handler
+
+    # -- per call ---------------------------------------------------------------------------
+    def _begin(self, method: str, metadata: dict[str, str], request: Any) -> str:
+        rid = metadata.get("x-request-id", "")[:64] or uuid.uuid4().hex[:16]
+        logs.request_id.set(rid)
+        if isinstance(request, _Unparsable):
+            raise BadRequest("request", f"is not a valid protobuf message: {request.error}")
+        for guard in self.guards:
+            guard(method, metadata)
+        return rid
+
+    def _label(self, request: Any) -> str:
+        name = getattr(request, "model", "")
+        return self.model_label(name) if isinstance(name, str) else ""
+
+    def _end(self, rpc: str, model: str, code: grpc.StatusCode, start: float, err: str) -> None:
+        elapsed = time.perf_counter() - start
+        self.metrics.request_duration.labels(rpc=rpc, model=model, code=code.name).observe(elapsed)
+        if code != grpc.StatusCode.OK:
+            self.metrics.errors.labels(rpc=rpc, code=code.name).inc()
+        extra = {"rpc": rpc, "model": model, "code": code.name, "ms": round(elapsed * 1e3, 3)}
+        if err:
+            extra["error"] = err
+        log.info("%s %s", rpc, code.name, extra=extra)
+
+    def _fail(self, exc: BaseException, rpc: str) -> tuple[grpc.StatusCode, str]:
+        code, message = status_for(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.error("unhandled error in %s", rpc, exc_info=exc)
+        return code, message
+
+    def _unary(self, behavior, rpc: str, method: str, metadata: dict[str, str]):
+        async def wrapper(request, context: grpc.aio.ServicerContext):
+            start, model = time.perf_counter(), self._label(request)
+            code, message = grpc.StatusCode.OK, ""
+            try:
+                self._begin(method, metadata, request)
+                return await behavior(request, context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                if _is_abort(exc):
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                code, message = self._fail(exc, rpc)
+            finally:
+                self._end(rpc, model, code, start, message)
+            await context.abort(code, message)
+
+        return wrapper
+
+    def _stream(self, behavior, rpc: str, method: str, metadata: dict[str, str]):
+        async def wrapper(request, context: grpc.aio.ServicerContext):
+            start, model = time.perf_counter(), self._label(request)
+            code, message = grpc.StatusCode.OK, ""
+            try:
+                self._begin(method, metadata, request)
+                async for response in behavior(request, context):
+                    yield response
+                return
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                if _is_abort(exc):
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                code, message = self._fail(exc, rpc)
+            finally:
+                self._end(rpc, model, code, start, message)
+            await context.abort(code, message)
+
+        return wrapper
+
+
+def _is_abort(exc: BaseException) -> bool:
+    """context.abort() raises grpc.aio.AbortError; let it through untouched."""
+    return isinstance(exc, grpc.aio.AbortError)
+
+
+__all__ = ["CallInterceptor", "Guard", "ServeError"]

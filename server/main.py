@@ -1,0 +1,164 @@
+"""rnn-server's composition root: settings -> repository -> runtime -> scheduler -> service.
+
+Nothing else in server/ builds its own collaborators; `build_app` is what tests call to get
+an in-process server on an ephemeral port, `main` is the console script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+from server import logs
+from server.admin import AdminService
+from server.engine import Engine
+from server.errors import ShuttingDown
+from server.health import ModelHealth
+from server.interceptors import CallInterceptor, Guard
+from server.metrics import Metrics
+from server.repository import ModelVersion, Repository
+from server.resume import StateSigner
+from server.runtime import OnnxModel, Runtime, resolve_providers
+from server.scheduler import StreamLimiter
+from server.service import InferenceService
+from server.settings import Settings, settings_from_args
+
+log = logging.getLogger("server")
+
+
+@dataclass
+class App:
+    """A built (not yet started) server and the parts tests and operators poke at."""
+
+    server: grpc.aio.Server
+    port: int
+    engine: Engine
+    health: ModelHealth
+    metrics: Metrics
+    settings: Settings
+    draining: bool = False
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.health.refresh()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, new calls UNAVAILABLE, in-flight calls get `grace` seconds."""
+        self.draining = True
+        self.engine.limiter.closed = True
+        await self.health.shutdown()
+        await self.server.stop(self.settings.grace if grace is None else grace)
+        for sched in self.engine.schedulers():
+            await sched.close()
+        self.engine.runtime.close()
+
+
+def build_app(
+    settings: Settings, metrics: Metrics | None = None, guards: list[Guard] | None = None
+) -> App:
+    """Wires every part together. Call inside a running event loop."""
+    metrics = metrics or Metrics()
+    providers = resolve_providers(settings.providers)
+
+    def load(path, manifest) -> OnnxModel:
+        return OnnxModel(path, manifest, providers, settings.intra_op_threads)
+
+    def observe(entry: ModelVersion) -> None:
+        metrics.model_load.labels(model=entry.name).observe(entry.load_seconds)
+        metrics.model_serving.labels(model=entry.name, version=entry.version).set(
+            1 if entry.serving else 0
+        )
+
+    repository = Repository(settings.model_repo, load, observe)
+    repository.scan()
+    engine = Engine(
+        repository,
+        Runtime(settings.executor_threads),
+        StreamLimiter(settings.max_streams),
+        StateSigner(settings.state_key),
+        settings,
+        metrics,
+    )
+    health = ModelHealth(repository)
+    app_ref: dict[str, App] = {}
+
+    def not_draining(method: str, metadata: dict[str, str]) -> None:
+        if app_ref["app"].draining:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+
+    interceptor = CallInterceptor(metrics, engine.model_label, [not_draining, *(guards or [])])
+    size = settings.max_message_bytes
+    server = grpc.aio.server(
+        interceptors=[interceptor],
+        options=[
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_InferenceServicer_to_server(InferenceService(engine), server)
+    pb_grpc.add_AdminServicer_to_server(AdminService(engine, health), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    names = (
+        pb.DESCRIPTOR.services_by_name["Inference"].full_name,
+        pb.DESCRIPTOR.services_by_name["Admin"].full_name,
+        "grpc.health.v1.Health",
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    app = App(server, port, engine, health, metrics, settings)
+    app_ref["app"] = app
+    return app
+
+
+async def serve(settings: Settings) -> int:
+    """Runs until SIGTERM/SIGINT, then drains within --grace seconds."""
+    try:
+        app = build_app(settings)
+    except RuntimeError as exc:  # e.g. the port is taken
+        log.error("cannot start: %s", exc)
+        return 2
+    app.metrics.serve_http(settings.metrics_port)
+    await app.start()
+    log.info(
+        "rnn-server listening on %s:%d",
+        settings.host,
+        app.port,
+        extra={"port": app.port, "models": app.engine.repository.names()},
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.1fs", settings.grace)
+    await app.shutdown()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = settings_from_args(argv)
+    logs.configure(settings.log_level)
+    if not settings.model_repo.is_dir():
+        print(f"error: model repository {settings.model_repo} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(settings))
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The model repository: models/<name>/<version>/{model.onnx,manifest.json}, every version loaded.
+
+A version that cannot be used (bad manifest, unknown format, sha256 mismatch, ORT refuses
+the graph) is kept as NOT_SERVING with its reason, so GetModel can say what is wrong while the
+other models serve. The default version of a model is its highest SERVING version.
+`rescan()` is the seam for hot reload: it loads new directories and reports removed ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from artifact.manifest import MANIFEST_FILE, ONNX_FILE, Manifest, ManifestError, sha256_file
+from server.errors import BadRequest, UnknownModel, UnsupportedTask
+from server.runtime import OnnxModel
+
+log = logging.getLogger(__name__)
+
+RPCS_BY_TASK = {
+    "lm": ["Generate", "Score", "Infill"],
+    "infill": ["Infill"],
+    "forecast": ["Forecast"],
+}
+
+
+@dataclass
+class ModelVersion:
+    """One version directory: its manifest and session when SERVING, its reason when not."""
+
+    name: str
+    version: str
+    path: Path
+    manifest: Manifest | None = None
+    model: OnnxModel | None = None
+    reason: str = ""
+    load_seconds: float = 0.0
+    mtime: float = 0.0
+
+    @property
+    def serving(self) -> bool:
+        return self.model is not None
+
+    @property
+    def status(self) -> str:
+        return "SERVING" if self.serving else "NOT_SERVING"
+
+    @property
+    def rpcs(self) -> list[str]:
+        return RPCS_BY_TASK.get(self.manifest.task, []) if self.manifest else []
+
+
+@dataclass
+class ReloadReport:
+    """What a scan changed, as "name/version" strings (failed ones carry ": reason")."""
+
+    loaded: list[str] = field(default_factory=list)
+    unloaded: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+Loader = Callable[[Path, Manifest], OnnxModel]
+LoadObserver = Callable[[ModelVersion], None]
+
+
+def _version_key(version: str) -> tuple[int, str]:
+    return (int(version), version) if version.isdigit() else (-1, version)
+
+
+class Repository:
+    """Loaded model versions, keyed by name then version."""
+
+    def __init__(
+        self,
+        root: Path,
+        loader: Loader,
+        on_load: LoadObserver | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self._loader = loader
+        self._on_load = on_load
+        self.models: dict[str, dict[str, ModelVersion]] = {}
+
+    # -- loading ----------------------------------------------------------------------------
+    def scan(self) -> ReloadReport:
+        """Loads every version directory not loaded yet; reports directories that vanished."""
+        report = ReloadReport()
+        if not self.root.is_dir():
+            log.error("model repository %s is not a directory", self.root)
+            return report
+        seen: set[tuple[str, str]] = set()
+        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            if model_dir.name.startswith("."):
+                continue
+            for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+                if not version_dir.name.isdigit() or int(version_dir.name) < 1:
+                    log.warning(
+                        "ignoring %s: version directories are positive integers", version_dir
+                    )
+                    continue
+                key = (model_dir.name, version_dir.name)
+                seen.add(key)
+                if version_dir.name in self.models.get(model_dir.name, {}):
+                    continue
+                entry = self._load(model_dir.name, version_dir.name, version_dir)
+                self.models.setdefault(entry.name, {})[entry.version] = entry
+                tag = f"{entry.name}/{entry.version}"
+                (report.loaded if entry.serving else report.failed).append(
+                    tag if entry.serving else f"{tag}: {entry.reason}"
+                )
+        for name, versions in self.models.items():
+            for version in versions:
+                if (name, version) not in seen:
+                    report.unloaded.append(f"{name}/{version}")
+        return report
+
+    rescan = scan
+
+    def remove(self, name: str, version: str) -> None:
+        """Forgets a version (call once its streams have finished)."""
+        versions = self.models.get(name, {})
+        versions.pop(version, None)
+        if not versions:
+            self.models.pop(name, None)
+
+    def _load(self, name: str, version: str, path: Path) -> ModelVersion:
+        entry = ModelVersion(name=name, version=version, path=path)
+        start = time.perf_counter()
+        try:
+            entry.manifest = Manifest.load(path)
+            onnx_path = path / ONNX_FILE
+            if not onnx_path.is_file():
+                raise ManifestError(f"{ONNX_FILE} is missing")
+            if entry.manifest.onnx_sha256:
+                digest = sha256_file(onnx_path)
+                if digest != entry.manifest.onnx_sha256:
+                    raise ManifestError(
+                        f"{ONNX_FILE} sha256 {digest[:12]}... does not match the manifest's "
+                        f"{entry.manifest.onnx_sha256[:12]}..."
+                    )
+            entry.model = self._loader(onnx_path, entry.manifest)
+            entry.mtime = (path / MANIFEST_FILE).stat().st_mtime
+        except Exception as exc:  # any failure makes this one version NOT_SERVING
+            entry.model = None
+            entry.reason = _one_line(exc)
+            log.error(
+                "model %s/%s is NOT_SERVING: %s",
+                name,
+                version,
+                entry.reason,
+                extra={"model": name, "version": version},
+            )
+        entry.load_seconds = time.perf_counter() - start
+        if entry.serving:
+            log.info(
+                "loaded model %s/%s (%s, %s) in %.3fs on %s",
+                name,
+                version,
+                entry.manifest.task,
+                entry.manifest.architecture,
+                entry.load_seconds,
+                entry.model.provider,
+                extra={"model": name, "version": version},
+            )
+        if self._on_load:
+            self._on_load(entry)
+        return entry
+
+    # -- lookup -----------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(self.models)
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        """Every loaded version of `name`, highest first."""
+        if name not in self.models:
+            raise UnknownModel(f"model {name!r} is not in the repository")
+        found = self.models[name].values()
+        return sorted(found, key=lambda v: _version_key(v.version), reverse=True)
+
+    def default_version(self, name: str) -> ModelVersion | None:
+        return next((v for v in self.versions(name) if v.serving), None)
+
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        """The requested version (or the default); NOT_FOUND or FAILED_PRECONDITION otherwise."""
+        if not name:
+            raise BadRequest("model", "is required")
+        versions = self.versions(name)
+        if version:
+            entry = next((v for v in versions if v.version == version), None)
+            if entry is None:
+                raise UnknownModel(f"model {name!r} has no version {version!r}")
+        else:
+            entry = next((v for v in versions if v.serving), versions[0] if versions else None)
+            if entry is None:
+                raise UnknownModel(f"model {name!r} has no versions")
+        if not entry.serving:
+            raise UnsupportedTask(f"model {name}/{entry.version} is NOT_SERVING: {entry.reason}")
+        return entry
+
+    def get_any(self, name: str, version: str) -> ModelVersion:
+        """A version whatever its status (GetModel describes NOT_SERVING ones too)."""
+        entry = next((v for v in self.versions(name) if v.version == version), None)
+        if entry is None:
+            raise UnknownModel(f"model {name!r} has no version {version!r}")
+        return entry
+
+    def all_versions(self) -> Sequence[ModelVersion]:
+        return [v for name in self.names() for v in self.versions(name)]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return first[:500]

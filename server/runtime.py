@@ -1,0 +1,148 @@
+"""ONNX Runtime sessions and the recurrent state they carry, batched along `batch_axis`.
+
+One `OnnxModel` per loaded model version. `run` is synchronous (call it from a worker
+thread: see `Runtime.call`); state helpers are pure numpy, so the scheduler can batch
+streams by concatenation and split them again without knowing the architecture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import onnxruntime as ort
+
+from artifact.manifest import Manifest, StateSpec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "dml": "DmlExecutionProvider",
+}
+
+State = list[np.ndarray]  # one array per manifest.state entry, batch on spec.batch_axis
+
+
+def resolve_providers(requested: Sequence[str]) -> list[str]:
+    """Maps short names to ORT providers, keeping only available ones (logged); CPU last resort."""
+    available = set(ort.get_available_providers())
+    chosen: list[str] = []
+    for name in requested:
+        full = PROVIDER_NAMES.get(name.lower(), name)
+        if full in available:
+            chosen.append(full)
+        else:
+            log.warning(
+                "execution provider %s is not available in this onnxruntime build; skipping",
+                full,
+                extra={"available": sorted(available)},
+            )
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+class OnnxModel:
+    """An inference session plus the manifest's interface: input, output and state tensors."""
+
+    def __init__(
+        self, path: Path, manifest: Manifest, providers: Sequence[str], intra_op_threads: int
+    ) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        self.manifest = manifest
+        self.specs: list[StateSpec] = list(manifest.state)
+        self.provider = self.session.get_providers()[0]
+        self._outputs = [manifest.output_name] + [s.output for s in self.specs]
+        self._init = [_init_element(s) for s in self.specs]
+        self._check_interface()
+
+    def _check_interface(self) -> None:
+        inputs = {i.name for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        want_in = {self.manifest.input_name} | {s.input for s in self.specs}
+        want_out = set(self._outputs)
+        if want_in != inputs or not want_out <= outputs:
+            raise ValueError(
+                f"graph interface does not match the manifest: graph inputs {sorted(inputs)}, "
+                f"outputs {sorted(outputs)}; manifest wants {sorted(want_in)} -> {sorted(want_out)}"
+            )
+
+    # -- state ------------------------------------------------------------------------------
+    def initial_state(self, batch: int) -> State:
+        """Fresh state for `batch` streams, broadcast from the manifest's init value."""
+        return [
+            np.repeat(np.expand_dims(init, s.batch_axis), batch, axis=s.batch_axis)
+            for s, init in zip(self.specs, self._init, strict=True)
+        ]
+
+    def concat(self, states: Sequence[State]) -> State:
+        """Joins per-stream (or per-batch) states along each tensor's batch axis."""
+        if len(states) == 1:
+            return list(states[0])
+        return [
+            np.concatenate([st[i] for st in states], axis=s.batch_axis)
+            for i, s in enumerate(self.specs)
+        ]
+
+    def take(self, state: State, index: Sequence[int] | int) -> State:
+        """Selects batch elements (an int keeps the batch axis with size 1)."""
+        idx = [index] if isinstance(index, int) else list(index)
+        return [np.take(t, idx, axis=s.batch_axis) for t, s in zip(state, self.specs, strict=True)]
+
+    def split(self, state: State) -> list[State]:
+        """One batch-of-1 state per batch element."""
+        if not self.specs:
+            return []
+        n = state[0].shape[self.specs[0].batch_axis]
+        return [self.take(state, i) for i in range(n)]
+
+    # -- inference --------------------------------------------------------------------------
+    def run(self, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """One ORT call: x [batch, time] int64 (or [batch, time, 1] float32) -> (output, state)."""
+        feeds: dict[str, np.ndarray] = {self.manifest.input_name: x}
+        for s, t in zip(self.specs, state, strict=True):
+            feeds[s.input] = t
+        out = self.session.run(self._outputs, feeds)
+        return out[0], list(out[1:])
+
+
+def _init_element(spec: StateSpec) -> np.ndarray:
+    """The init value of one batch element: shape without the batch axis."""
+    shape = [d for i, d in enumerate(spec.shape) if i != spec.batch_axis]
+    value = np.asarray(spec.init, dtype=spec.dtype)
+    return np.ascontiguousarray(np.broadcast_to(value, shape))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable log-softmax over the last axis (logits may be unnormalised)."""
+    z = logits.astype(np.float32, copy=False)
+    z = z - np.max(z, axis=-1, keepdims=True)
+    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+
+
+class Runtime:
+    """The thread pool that keeps ONNX Runtime off the event loop."""
+
+    def __init__(self, threads: int = 4) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ort")
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

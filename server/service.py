@@ -1,0 +1,132 @@
+"""Thin gRPC handlers: protobuf -> plain data -> Engine -> protobuf. No logic lives here."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+from server.engine import Engine, require
+from server.generation import GenerateParams
+from server.repository import ModelVersion
+from server.sampling import SamplingParams
+
+FINISH = {
+    "length": pb.FINISH_REASON_LENGTH,
+    "stop": pb.FINISH_REASON_STOP,
+    "eos": pb.FINISH_REASON_EOS,
+}
+
+
+def version_info(entry: ModelVersion) -> pb.VersionInfo:
+    info = pb.VersionInfo(
+        version=entry.version, status=entry.status, status_reason=entry.reason, rpcs=entry.rpcs
+    )
+    m = entry.manifest
+    if m is not None:
+        info.task, info.architecture = m.task, m.architecture
+        info.hyperparameters.update({k: str(v) for k, v in m.hyperparameters.items()})
+        info.vocab_size = m.vocab_size
+        info.metrics.update(m.metrics)
+        info.tokenizer = m.tokenizer.level if m.tokenizer else ""
+        for s in m.state:
+            info.state.add(name=s.name, shape=s.shape, dtype=s.dtype)
+    if entry.model is not None:
+        info.execution_provider = entry.model.provider
+    return info
+
+
+def model_info(engine: Engine, name: str, version: str = "") -> pb.ModelInfo:
+    versions = engine.repository.versions(name)
+    default = engine.repository.default_version(name)
+    if version:
+        versions = [engine.repository.get_any(name, version)]
+    return pb.ModelInfo(
+        name=name,
+        default_version=default.version if default else "",
+        versions=[version_info(v) for v in versions],
+    )
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.perf_counter() + remaining
+
+
+class InferenceService(pb_grpc.InferenceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def ListModels(self, request, context):
+        names = self.engine.repository.names()
+        return pb.ListModelsResponse(models=[model_info(self.engine, n) for n in names])
+
+    async def GetModel(self, request, context):
+        return model_info(self.engine, require(request.model, "model"), request.version)
+
+    async def Generate(self, request, context):
+        s = request.sampling
+        params = GenerateParams(
+            prompt=request.prompt,
+            max_tokens=request.max_tokens,
+            sampling=SamplingParams(
+                temperature=s.temperature,
+                top_k=s.top_k,
+                top_p=s.top_p,
+                seed=s.seed if s.HasField("seed") else None,
+            ),
+            stop=list(request.stop),
+            return_state=request.return_state,
+            state=request.state,
+        )
+        model = require(request.model, "model")
+        chunks = self.engine.generate(model, request.version, params, _deadline(context))
+        async for c in chunks:
+            yield pb.GenerateResponse(
+                text=c.text,
+                token_id=c.token_ids[-1] if c.token_ids else -1,
+                token_ids=c.token_ids,
+                logprob=c.logprob,
+                finish_reason=FINISH.get(c.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
+                state=c.state,
+            )
+
+    async def Score(self, request, context):
+        model = require(request.model, "model")
+        results = await self.engine.score(model, request.version, list(request.texts))
+        return pb.ScoreResponse(
+            results=[
+                pb.ScoreResult(
+                    perplexity=r.perplexity,
+                    log_likelihood=r.log_likelihood,
+                    num_tokens=r.num_tokens,
+                    token_logprobs=r.token_logprobs,
+                    unknown_tokens=r.unknown_tokens,
+                    tokens=r.tokens,
+                )
+                for r in results
+            ]
+        )
+
+    async def Infill(self, request, context):
+        model = require(request.model, "model")
+        found = await self.engine.infill(
+            model, request.version, request.left, request.right, request.top_k
+        )
+        return pb.InfillResponse(
+            candidates=[
+                pb.InfillCandidate(text=c.text, token_id=c.token_id, probability=c.probability)
+                for c in found
+            ]
+        )
+
+    async def Forecast(self, request, context):
+        model = require(request.model, "model")
+        result = await self.engine.forecast(
+            model, request.version, list(request.history), request.horizon, request.return_fitted
+        )
+        return pb.ForecastResponse(
+            forecast=result.forecast, fitted=result.fitted, fitted_offset=result.fitted_offset
+        )

@@ -1,0 +1,144 @@
+"""Server settings: one typed dataclass, filled from flags or RNNSERVE_* environment variables.
+
+Every flag `--some-flag` can also be given as `RNNSERVE_SOME_FLAG`; a flag on the command line
+wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+ENV_PREFIX = "RNNSERVE_"
+
+
+@dataclass
+class Settings:
+    """Everything the composition root needs; defaults are the documented ones."""
+
+    model_repo: Path = Path("models")
+    host: str = "[::]"
+    port: int = 50051
+    metrics_port: int = 8000
+    providers: list[str] = field(default_factory=lambda: ["cpu"])
+    intra_op_threads: int = 1
+    max_prompt_tokens: int = 4096
+    max_tokens: int = 2048
+    max_horizon: int = 1000
+    max_history: int = 100_000
+    max_score_texts: int = 64
+    max_streams: int = 512
+    max_batch: int = 256
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_infill_vocab: int = 4096
+    state_key: str = ""
+    grace: float = 10.0
+    log_level: str = "INFO"
+    executor_threads: int = 4
+
+
+# flag name -> (type, help). Kept next to the dataclass so --help documents every field.
+_HELP: dict[str, tuple[type, str]] = {
+    "model_repo": (Path, "model repository: <dir>/<name>/<version>/{model.onnx,manifest.json}"),
+    "host": (str, "address to bind the gRPC server to"),
+    "port": (int, "gRPC port (0 picks a free one, logged at start)"),
+    "metrics_port": (int, "Prometheus /metrics HTTP port; 0 disables the endpoint"),
+    "providers": (
+        str,
+        "comma list of ONNX Runtime execution providers in preference order, "
+        "e.g. cuda,cpu; unavailable ones are skipped with a log line",
+    ),
+    "intra_op_threads": (int, "ONNX Runtime intra-op threads per session (0 = ORT default)"),
+    "max_prompt_tokens": (int, "longest prompt / scored text / infill context, in tokens"),
+    "max_tokens": (int, "largest max_tokens a Generate call may ask for"),
+    "max_horizon": (int, "largest Forecast horizon"),
+    "max_history": (int, "longest Forecast history, in values"),
+    "max_score_texts": (int, "most texts in one Score call"),
+    "max_streams": (int, "concurrent Generate streams; past it RESOURCE_EXHAUSTED (no queue)"),
+    "max_batch": (int, "most streams stepped by one ONNX Runtime call (1 disables batching)"),
+    "max_message_bytes": (int, "largest gRPC message accepted or sent, in bytes"),
+    "max_infill_vocab": (
+        int,
+        "largest vocabulary for which lm models answer Infill by scoring every candidate",
+    ),
+    "state_key": (str, "secret that signs resume tokens; empty = random per process"),
+    "grace": (float, "seconds in-flight calls get to finish after SIGTERM"),
+    "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
+    "executor_threads": (int, "threads that run ONNX Runtime off the event loop"),
+}
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The rnn-server argument parser; defaults come from the environment, then the dataclass."""
+    parser = argparse.ArgumentParser(
+        prog="rnn-server",
+        description="Serve exported recurrent models over gRPC (rnnserve.v1.Inference). "
+        f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG>.",
+    )
+    defaults = Settings()
+    for f in fields(Settings):
+        kind, text = _HELP[f.name]
+        default = getattr(defaults, f.name)
+        if isinstance(default, list):
+            default = ",".join(default)
+        env = _env_name(f.name)
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=kind,
+            default=os.environ.get(env, default),
+            help=f"{text} (env {env}; default {default!r})",
+        )
+    return parser
+
+
+def settings_from_args(argv: list[str] | None = None) -> Settings:
+    """Parses flags (and the environment) into Settings; bad values exit with a usage error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values = {}
+    for f in fields(Settings):
+        kind, _ = _HELP[f.name]
+        raw = getattr(args, f.name)
+        try:
+            values[f.name] = kind(raw) if not isinstance(raw, kind) else raw
+        except (TypeError, ValueError):
+            parser.error(f"--{f.name.replace('_', '-')}: cannot read {raw!r} as {kind.__name__}")
+    values["providers"] = [p.strip().lower() for p in str(values["providers"]).split(",") if p]
+    settings = Settings(**values)
+    problem = validate(settings)
+    if problem:
+        parser.error(problem)
+    return settings
+
+
+def validate(settings: Settings) -> str | None:
+    """Returns a one-line problem with the settings, or None."""
+    positive = [
+        "max_prompt_tokens",
+        "max_tokens",
+        "max_horizon",
+        "max_history",
+        "max_score_texts",
+        "max_streams",
+        "max_batch",
+        "max_message_bytes",
+        "executor_threads",
+    ]
+    for name in positive:
+        if getattr(settings, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1"
+    if not 0 <= settings.port <= 65535 or not 0 <= settings.metrics_port <= 65535:
+        return "ports must be in 0..65535"
+    if settings.intra_op_threads < 0:
+        return "--intra-op-threads must be 0 or more"
+    if settings.grace < 0:
+        return "--grace must be 0 or more"
+    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        return "--log-level must be DEBUG, INFO, WARNING or ERROR"
+    return None

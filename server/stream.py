@@ -1,0 +1,142 @@
+"""One Generate stream: its sampler and stop rules, and a bounded, coalescing output buffer.
+
+The scheduler pushes tokens without ever waiting; the RPC handler takes whatever has
+accumulated as one message. A slow reader therefore gets several tokens per message and
+never holds up the batch, and each stream buffers at most one pending message (whose size
+is bounded by max_tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.sampling import Sampler
+from server.stopping import StopChecker
+
+StateSigner = Callable[[list[np.ndarray], int], bytes]
+
+
+@dataclass
+class Chunk:
+    """What one GenerateResponse carries."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprob: float = 0.0
+    finish_reason: str | None = None
+    state: bytes = b""
+
+
+class OutputBuffer:
+    """At most one pending Chunk; pushes coalesce into it, `next()` takes it."""
+
+    def __init__(self) -> None:
+        self._pending: Chunk | None = None
+        self._event = asyncio.Event()
+        self._closed = False
+        self._error: BaseException | None = None
+
+    def push(self, token_id: int | None, text: str, logprob: float) -> None:
+        chunk = self._pending or Chunk()
+        if token_id is not None:
+            chunk.token_ids.append(token_id)
+            chunk.logprob += logprob
+        chunk.text += text
+        self._pending = chunk
+        self._event.set()
+
+    def finish(self, reason: str, state: bytes = b"") -> None:
+        chunk = self._pending or Chunk()
+        chunk.finish_reason, chunk.state = reason, state
+        self._pending = chunk
+        self._closed = True
+        self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error, self._closed = error, True
+        self._event.set()
+
+    async def next(self) -> Chunk | None:
+        """The next message, or None once the stream is over and everything was taken."""
+        while True:
+            if self._pending is not None:
+                chunk, self._pending = self._pending, None
+                self._event.clear()
+                return chunk
+            if self._error is not None:
+                raise self._error
+            if self._closed:
+                return None
+            await self._event.wait()
+
+
+class Stream:
+    """A live Generate call as the scheduler sees it."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        sampler: Sampler,
+        stopper: StopChecker,
+        decode: Callable[[int], str],
+        signer: StateSigner | None,
+        started: float,
+        deadline: float | None,
+        on_token: Callable[[Stream, float], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.sampler = sampler
+        self.stopper = stopper
+        self.decode = decode
+        self.signer = signer
+        self.started = started  # perf_counter() at request arrival
+        self.deadline = deadline  # perf_counter() deadline, or None
+        self.on_token = on_token
+        self.buffer = OutputBuffer()
+        self.last_token = -1  # sampled, not yet fed to the model
+        self.last_time = started
+        self.tokens = 0
+        self.finished = False
+        self.cancelled = False
+        self.joined_at = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.finished or self.cancelled
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def cancel(self) -> None:
+        """Called when the client goes away; the scheduler drops the stream by its next step."""
+        self.cancelled = True
+
+    def accept(self, token_id: int, logprobs: np.ndarray) -> bool:
+        """Records a sampled token (logprobs [vocab]); returns True when the stream finished."""
+        self.last_token = token_id
+        self.tokens += 1
+        text, reason = self.stopper.feed(token_id, self.decode(token_id))
+        shown = None if reason == "eos" else token_id
+        if shown is not None or text:
+            self.buffer.push(shown, text, float(logprobs[token_id]) if shown is not None else 0.0)
+        now = time.perf_counter()
+        if self.on_token:
+            self.on_token(self, now)
+        self.last_time = now
+        if reason is not None:
+            self.finished = True
+            self._pending_reason = reason
+        return reason is not None
+
+    def close(self, state: list[np.ndarray] | None) -> None:
+        """Ends a finished stream: the last message gets the reason and, if asked, the state."""
+        token = b""
+        if self.signer is not None and state is not None:
+            token = self.signer(state, self.last_token)
+        self.buffer.finish(self._pending_reason, token)

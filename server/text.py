@@ -1,0 +1,42 @@
+"""Text <-> token ids for one model, from its manifest's tokenizer settings and vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from artifact.manifest import Manifest
+from artifact.tokenizer import Tokenizer
+from artifact.vocab import Vocab
+from server.errors import BadRequest
+
+
+@dataclass
+class Encoded:
+    """A tokenized text: ids, the token strings, and how many were not in the vocabulary."""
+
+    ids: list[int]
+    tokens: list[str]
+    unknown: int
+
+
+class TextCodec:
+    """The manifest's tokenizer and vocabulary; `piece(id)` is the streamed text of one token."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.tokenizer = Tokenizer(manifest.tokenizer)
+        self.vocab: Vocab = manifest.build_vocab()
+        sep = self.tokenizer.separator
+        self._pieces = [sep + t for t in self.vocab.idx_to_token]
+
+    def encode(self, text: str, field: str, max_tokens: int) -> Encoded:
+        """Tokenizes; BadRequest(field) when the text has more than max_tokens tokens."""
+        tokens = self.tokenizer.tokenize(text)
+        if len(tokens) > max_tokens:
+            raise BadRequest(field, f"has {len(tokens)} tokens, more than the limit {max_tokens}")
+        return Encoded(self.vocab.encode(tokens), tokens, self.vocab.count_unknown(tokens))
+
+    def piece(self, token_id: int) -> str:
+        return self._pieces[token_id]
+
+    def __len__(self) -> int:
+        return len(self.vocab)
