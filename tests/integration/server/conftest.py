@@ -12,7 +12,8 @@ from tests.integration.server.harness import ServerThread, make_settings
 
 @pytest.fixture(scope="module")
 def server(model_repo: Path) -> Iterator[ServerThread]:
-    srv = ServerThread(make_settings(model_repo)).start()
+    # a high --max-tokens lets a test keep a stream alive long enough to cancel it
+    srv = ServerThread(make_settings(model_repo, max_tokens=200_000)).start()
     yield srv
     srv.stop()
 

@@ -1,0 +1,221 @@
+"""Generate through a real in-process gRPC server and ONNX Runtime (tiny zoo models)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+from artifact.manifest import Manifest
+from artifact.tokenizer import Tokenizer
+
+LM_MODELS = ["rnn", "gru", "lstm", "lstm-deep", "ngram", "hmm"]
+PROMPT = "the time traveller "
+
+
+def _generate(stub, **kw) -> list[pb.GenerateResponse]:
+    return list(stub.Generate(pb.GenerateRequest(**kw), timeout=60))
+
+
+def _ids(msgs: list[pb.GenerateResponse]) -> list[int]:
+    return [i for m in msgs for i in m.token_ids]
+
+
+def _ort_greedy(package: Path, prompt: str, k: int) -> list[int]:
+    """Independent reference: plain onnxruntime, batch 1, one token at a time."""
+    m = Manifest.load(package)
+    sess = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = m.build_vocab().encode(Tokenizer(m.tokenizer).tokenize(prompt))
+    state = {}
+    for s in m.state:
+        shape = [1 if d == -1 else d for d in s.shape]
+        init = np.asarray(s.init, dtype=s.dtype)
+        elem = np.broadcast_to(init, [d for i, d in enumerate(shape) if i != s.batch_axis])
+        state[s.input] = np.expand_dims(elem, s.batch_axis).astype(s.dtype)
+    x, out = np.asarray([ids], dtype=np.int64), []
+    for _ in range(k):
+        res = sess.run(None, {m.input_name: x, **state})
+        names = [o.name for o in sess.get_outputs()]
+        got = dict(zip(names, res, strict=True))
+        state = {s.input: got[s.output] for s in m.state}
+        nxt = int(np.argmax(got[m.output_name][0, -1]))
+        out.append(nxt)
+        x = np.asarray([[nxt]], dtype=np.int64)
+    return out
+
+
+def _until_eos(ids: list[int], eos: int = 3) -> list[int]:
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+@pytest.mark.parametrize("name", LM_MODELS)
+def test_greedy_equals_the_reference(stub, model_repo: Path, name: str) -> None:
+    package = model_repo / name / "1"
+    k = 24
+    msgs = _generate(stub, model=name, prompt=PROMPT, max_tokens=k)
+    if (package / "checkpoint.pt").exists():
+        from trainer.sample import greedy_tokens  # the trainer's torch reference
+
+        want = greedy_tokens(package, PROMPT, k)
+    else:
+        want = _ort_greedy(package, PROMPT, k)
+    assert _ids(msgs) == _until_eos(want)
+    assert msgs[-1].finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS)
+    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
+
+
+def test_text_matches_token_ids_and_logprobs_are_log_probabilities(stub, model_repo) -> None:
+    msgs = _generate(stub, model="lstm", prompt=PROMPT, max_tokens=10)
+    vocab = Manifest.load(model_repo / "lstm" / "1").vocab
+    assert "".join(m.text for m in msgs) == "".join(vocab[i] for i in _ids(msgs))
+    assert all(m.logprob <= 0.0 for m in msgs)
+
+
+def test_seeded_sampling_is_reproducible_while_others_share_the_batch(stub, server) -> None:
+    request = dict(
+        model="lstm",
+        prompt=PROMPT,
+        max_tokens=40,
+        sampling=pb.SamplingParams(temperature=1.5, seed=1234),
+    )
+    alone = _ids(_generate(stub, **request))
+    before = _batch_sizes(server)
+    with cf.ThreadPoolExecutor(12) as pool:
+        noise = [
+            pool.submit(
+                _generate,
+                stub,
+                model="lstm",
+                prompt=PROMPT,
+                max_tokens=200,
+                sampling=pb.SamplingParams(temperature=1.0, seed=s),
+            )
+            for s in range(10)
+        ]
+        shared = [pool.submit(lambda: _ids(_generate(stub, **request))) for _ in range(3)]
+        results = [f.result() for f in shared]
+        for f in noise:
+            f.result()
+    assert results == [alone] * 3
+    other = _ids(
+        _generate(stub, **{**request, "sampling": pb.SamplingParams(temperature=1.5, seed=99)})
+    )
+    assert other != alone
+    after = _batch_sizes(server)
+    assert after["steps_over_1"] > before["steps_over_1"]  # streams really shared steps
+
+
+def _batch_sizes(server) -> dict[str, float]:
+    reg = server.app.metrics.registry
+    total = reg.get_sample_value("rnnserve_batch_size_count", {"model": "lstm"}) or 0.0
+    ones = reg.get_sample_value("rnnserve_batch_size_bucket", {"model": "lstm", "le": "1.0"})
+    return {"steps_over_1": total - (ones or 0.0)}
+
+
+def _slots(server) -> tuple[int, float, int]:
+    sched = server.app.engine.schedulers()
+
+    def read():
+        s = next(x for x in server.app.engine.schedulers() if x.name == "lstm")
+        gauge = server.app.metrics.registry.get_sample_value(
+            "rnnserve_live_streams", {"model": "lstm"}
+        )
+        return s.admitted, gauge, s.live
+
+    assert sched
+    return server.call(read)
+
+
+def test_cancelled_stream_frees_its_slot(stub, server) -> None:
+    call = stub.Generate(pb.GenerateRequest(model="lstm", prompt=PROMPT, max_tokens=150_000))
+    next(call)
+    admitted, gauge, live = _slots(server)
+    assert admitted == 1 and gauge == 1 and live == 1
+    call.cancel()
+    for _ in range(200):  # bounded wait for the server to notice; no timing assertion
+        if _slots(server) == (0, 0.0, 0):
+            break
+        time.sleep(0.05)
+    assert _slots(server) == (0, 0.0, 0)
+
+
+def test_resume_token_continues_exactly(stub) -> None:
+    full = _ids(_generate(stub, model="gru", prompt=PROMPT, max_tokens=30))
+    first = _generate(stub, model="gru", prompt=PROMPT, max_tokens=12, return_state=True)
+    token = first[-1].state
+    assert token
+    rest = _generate(stub, model="gru", max_tokens=18, state=token)
+    assert _ids(first) + _ids(rest) == full[: len(_ids(first)) + len(_ids(rest))]
+
+
+def test_stop_string_ends_the_stream_and_is_not_returned(stub) -> None:
+    free = "".join(m.text for m in _generate(stub, model="lstm", prompt=PROMPT, max_tokens=30))
+    stop = free[5:7]
+    msgs = _generate(stub, model="lstm", prompt=PROMPT, max_tokens=30, stop=[stop])
+    text = "".join(m.text for m in msgs)
+    assert msgs[-1].finish_reason == pb.FINISH_REASON_STOP
+    assert text == free[: free.index(stop)]
+
+
+@pytest.mark.parametrize(
+    "request_kw, code, field",
+    [
+        (dict(model="nope", prompt="x"), grpc.StatusCode.NOT_FOUND, "nope"),
+        (dict(model="lstm", version="9", prompt="x"), grpc.StatusCode.NOT_FOUND, "version"),
+        (dict(model="bilstm", prompt="x"), grpc.StatusCode.FAILED_PRECONDITION, "bidirectional"),
+        (dict(model="sine-gru", prompt="x"), grpc.StatusCode.FAILED_PRECONDITION, "Forecast"),
+        (dict(model="", prompt="x"), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+        (dict(model="lstm", prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (dict(model="lstm", prompt="x" * 5000), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (
+            dict(model="lstm", prompt="x", max_tokens=-3),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_tokens",
+        ),
+        (
+            dict(model="lstm", prompt="x", max_tokens=10**9),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_tokens",
+        ),
+        (
+            dict(model="lstm", prompt="x", sampling=pb.SamplingParams(temperature=-1)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "sampling.temperature",
+        ),
+        (
+            dict(model="lstm", prompt="x", sampling=pb.SamplingParams(temperature=1, top_k=10**6)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "sampling.top_k",
+        ),
+        (
+            dict(model="lstm", prompt="x", sampling=pb.SamplingParams(top_p=float("nan"))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "sampling.top_p",
+        ),
+        (dict(model="lstm", prompt="x", stop=["a"] * 9), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+        (
+            dict(model="lstm", prompt="x", state=b"garbage-token-bytes" * 3),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "state",
+        ),
+    ],
+)
+def test_bad_generate_requests(stub, request_kw, code, field) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        _generate(stub, **request_kw)
+    assert err.value.code() == code
+    assert field in err.value.details()
+
+
+def test_resume_token_of_another_model_is_invalid(stub) -> None:
+    msgs = _generate(stub, model="gru", prompt=PROMPT, max_tokens=2, return_state=True)
+    with pytest.raises(grpc.RpcError) as err:
+        _generate(stub, model="rnn", prompt="x", state=msgs[-1].state)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "state" in err.value.details()

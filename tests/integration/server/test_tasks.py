@@ -1,0 +1,173 @@
+"""Score, Infill, Forecast and model metadata for every zoo model, plus their bad inputs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+from artifact.manifest import Manifest
+
+ZOO = {
+    "rnn": "lm", "gru": "lm", "lstm": "lm", "lstm-deep": "lm", "ngram": "lm", "hmm": "lm",
+    "bilstm": "infill", "sine-mlp": "forecast", "sine-gru": "forecast",
+}  # fmt: skip
+LM = [n for n, t in ZOO.items() if t == "lm"]
+SINE = [math.sin(0.3 * i) for i in range(40)]
+
+
+def test_list_models_describes_every_version(stub, model_repo: Path) -> None:
+    models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
+    assert set(ZOO) <= set(models)
+    for name, task in ZOO.items():
+        info = models[name]
+        assert info.default_version == "1"
+        (v,) = info.versions
+        manifest = Manifest.load(model_repo / name / "1")
+        assert (v.task, v.status, v.architecture) == (task, "SERVING", manifest.architecture)
+        assert v.vocab_size == manifest.vocab_size
+        assert [s.name for s in v.state] == [s.name for s in manifest.state]
+        assert v.execution_provider == "CPUExecutionProvider"
+        assert dict(v.metrics) == pytest.approx(manifest.metrics)
+
+
+def test_get_model_and_unknown_version(stub) -> None:
+    info = stub.GetModel(pb.GetModelRequest(model="lstm", version="1"))
+    assert info.versions[0].rpcs == ["Generate", "Score", "Infill"]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetModel(pb.GetModelRequest(model="lstm", version="7"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("name", LM)
+def test_score_every_lm_model(stub, name: str) -> None:
+    texts = ["the time traveller", "zzqx", "the time traveller"]
+    res = stub.Score(pb.ScoreRequest(model=name, texts=texts)).results
+    assert len(res) == 3
+    for text, r in zip(texts, res, strict=True):
+        assert r.num_tokens == len(text) - 1 == len(r.token_logprobs) == len(r.tokens)
+        assert r.log_likelihood == pytest.approx(sum(r.token_logprobs), rel=1e-4)
+        assert r.perplexity == pytest.approx(math.exp(-r.log_likelihood / r.num_tokens), rel=1e-5)
+    # padding in a shared batch must not change a text's score
+    alone = stub.Score(pb.ScoreRequest(model=name, texts=[texts[1]])).results[0]
+    assert alone.log_likelihood == pytest.approx(res[1].log_likelihood, rel=1e-4, abs=1e-4)
+
+
+def test_score_counts_unknown_tokens(stub) -> None:
+    r = stub.Score(pb.ScoreRequest(model="lstm", texts=["ab"])).results[0]
+    assert r.unknown_tokens == 0
+    word = stub.Score(pb.ScoreRequest(model="lstm", texts=["a\u4e2db"])).results[0]
+    # letters_only tokenizers drop non-letters; otherwise the CJK char is unknown
+    assert word.unknown_tokens in (0, 1)
+
+
+@pytest.mark.parametrize("name", [*LM, "bilstm"])
+def test_infill_ranks_candidates(stub, name: str) -> None:
+    res = stub.Infill(pb.InfillRequest(model=name, left="the tim", right=" traveller", top_k=5))
+    probs = [c.probability for c in res.candidates]
+    assert len(probs) == 5
+    assert probs == sorted(probs, reverse=True)
+    assert all(0.0 <= p <= 1.0 for p in probs) and sum(probs) <= 1.0 + 1e-6
+    assert all(c.token_id >= 4 for c in res.candidates)  # reserved tokens are never candidates
+
+
+@pytest.mark.parametrize("name", ["sine-mlp", "sine-gru"])
+def test_forecast_every_forecast_model(stub, model_repo: Path, name: str) -> None:
+    tau = int(Manifest.load(model_repo / name / "1").series["tau"])
+    res = stub.Forecast(pb.ForecastRequest(model=name, history=SINE, horizon=7, return_fitted=True))
+    assert len(res.forecast) == 7 and all(math.isfinite(v) for v in res.forecast)
+    assert res.fitted_offset == tau
+    assert len(res.fitted) == len(SINE) - tau
+    want_fit, want_forecast = _ort_forecast(model_repo / name / "1", SINE, 7)
+    np.testing.assert_allclose(res.fitted, want_fit, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(res.forecast, want_forecast, rtol=1e-4, atol=1e-5)
+
+
+def _ort_forecast(package: Path, history: list[float], horizon: int):
+    """Independent reference: normalise, feed one value at a time, feed predictions back."""
+    import onnxruntime as ort
+
+    m = Manifest.load(package)
+    mean, std, tau = m.series["mean"], m.series["std"], int(m.series["tau"])
+    sess = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"])
+    state = {}
+    for s in m.state:
+        shape = [1 if d == -1 else d for d in s.shape]
+        state[s.input] = np.full(shape, s.init if np.isscalar(s.init) else 0.0, dtype=s.dtype)
+        if not np.isscalar(s.init):
+            state[s.input] = np.expand_dims(np.asarray(s.init, dtype=s.dtype), s.batch_axis)
+    names = [o.name for o in sess.get_outputs()]
+
+    def step(v: float) -> float:
+        nonlocal state
+        x = np.asarray([[[v]]], dtype=np.float32)
+        got = dict(zip(names, sess.run(None, {m.input_name: x, **state}), strict=True))
+        state = {s.input: got[s.output] for s in m.state}
+        return float(got[m.output_name][0, -1, 0])
+
+    preds = [step((v - mean) / std) for v in history]
+    out = [preds[-1]]
+    for _ in range(horizon - 1):
+        out.append(step(out[-1]))
+    fitted = [p * std + mean for p in preds[tau - 1 : -1]]
+    return fitted, [p * std + mean for p in out]
+
+
+@pytest.mark.parametrize(
+    "rpc, req, code, field",
+    [
+        ("Score", pb.ScoreRequest(model="lstm"), "INVALID_ARGUMENT", "texts"),
+        ("Score", pb.ScoreRequest(model="lstm", texts=["a"]), "INVALID_ARGUMENT", "texts[0]"),
+        ("Score", pb.ScoreRequest(model="lstm", texts=["ab"] * 65), "INVALID_ARGUMENT", "texts"),
+        ("Score", pb.ScoreRequest(model="bilstm", texts=["ab"]), "FAILED_PRECONDITION", "Infill"),
+        ("Score", pb.ScoreRequest(model="nope", texts=["ab"]), "NOT_FOUND", "nope"),
+        ("Infill", pb.InfillRequest(model="lstm"), "INVALID_ARGUMENT", "left"),
+        ("Infill", pb.InfillRequest(model="lstm", left="a", top_k=-1), "INVALID_ARGUMENT", "top_k"),
+        ("Infill", pb.InfillRequest(model="sine-mlp", left="a"), "FAILED_PRECONDITION", "Forecast"),
+        (
+            "Forecast",
+            pb.ForecastRequest(model="sine-gru", horizon=3),
+            "INVALID_ARGUMENT",
+            "history",
+        ),
+        (
+            "Forecast",
+            pb.ForecastRequest(model="sine-mlp", history=[1.0], horizon=3),
+            "INVALID_ARGUMENT",
+            "history",
+        ),
+        (
+            "Forecast",
+            pb.ForecastRequest(model="sine-gru", history=[1.0, float("nan")], horizon=3),
+            "INVALID_ARGUMENT",
+            "history[1]",
+        ),
+        (
+            "Forecast",
+            pb.ForecastRequest(model="sine-gru", history=SINE, horizon=0),
+            "INVALID_ARGUMENT",
+            "horizon",
+        ),
+        (
+            "Forecast",
+            pb.ForecastRequest(model="sine-gru", history=SINE, horizon=10**6),
+            "INVALID_ARGUMENT",
+            "horizon",
+        ),
+        (
+            "Forecast",
+            pb.ForecastRequest(model="lstm", history=SINE, horizon=2),
+            "FAILED_PRECONDITION",
+            "Forecast",
+        ),
+    ],
+)
+def test_bad_requests_name_the_field(stub, rpc, req, code, field) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        getattr(stub, rpc)(req)
+    assert err.value.code().name == code
+    assert field in err.value.details()

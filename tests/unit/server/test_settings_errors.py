@@ -1,0 +1,48 @@
+"""Flags and RNNSERVE_* environment variables; domain errors map to their status codes."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from server.errors import BadRequest, Overloaded, UnknownModel, UnsupportedTask, status_for
+from server.settings import build_parser, settings_from_args
+
+
+def test_flags_override_environment_which_overrides_defaults(monkeypatch) -> None:
+    monkeypatch.setenv("RNNSERVE_MAX_STREAMS", "7")
+    monkeypatch.setenv("RNNSERVE_PROVIDERS", "cuda,cpu")
+    s = settings_from_args(["--max-batch", "3"])
+    assert (s.max_streams, s.max_batch, s.providers) == (7, 3, ["cuda", "cpu"])
+    assert settings_from_args(["--max-streams", "9"]).max_streams == 9
+
+
+def test_help_documents_every_flag_with_its_env_var() -> None:
+    text = build_parser().format_help()
+    for flag in ("--max-streams", "--state-key", "--grace", "--metrics-port", "--providers"):
+        assert flag in text
+    assert "RNNSERVE_MAX_PROMPT_TOKENS" in text
+
+
+@pytest.mark.parametrize("argv", [["--max-batch", "0"], ["--port", "x"], ["--log-level", "loud"]])
+def test_bad_settings_exit_with_usage_error(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as err:
+        settings_from_args(argv)
+    assert err.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "exc, code",
+    [
+        (BadRequest("prompt", "empty"), grpc.StatusCode.INVALID_ARGUMENT),
+        (UnknownModel("x"), grpc.StatusCode.NOT_FOUND),
+        (UnsupportedTask("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (Overloaded("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (RuntimeError("secret detail"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_status_mapping(exc, code) -> None:
+    got, message = status_for(exc)
+    assert got == code
+    assert "secret detail" not in message
