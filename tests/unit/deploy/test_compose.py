@@ -3,12 +3,15 @@ Prometheus, Grafana and Envoy (no Docker engine here, so these checks stand in f
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 import yaml
 
 from tests.unit.deploy.deployfiles import (
     DEPLOY,
     dockerfile_stages,
+    exec_form,
     healthcheck_cmd,
     interpolate,
     k8s_one,
@@ -78,7 +81,7 @@ def test_trainer_and_server_share_the_model_volume(compose: dict, server_flags) 
     trainer = _volume_targets(services["trainer"])
     assert trainer["/models"] == ("models", "rw")
     argv = services["trainer"]["command"][0]
-    assert "rnn-trainer zoo --out /models" in argv
+    assert "rnn-trainer zoo --preset default --out /models &&" in argv
     job = k8s_one("Job")["spec"]["template"]["spec"]["containers"][0]
     assert job["args"] == services["trainer"]["command"], "compose and k8s train the same way"
     for name in SERVING:
@@ -170,3 +173,25 @@ def test_envoy_balances_the_replicas(compose: dict) -> None:
     published = {p.rsplit(":", 1)[-1]: p for p in envoy["ports"]}
     assert str(listen) in published
     assert envoy["depends_on"]["replica"]["condition"] == "service_healthy"
+
+
+def _trainer_argv(shell_command: str) -> list[str]:
+    """The `rnn-trainer ...` argv inside `test -f marker || { rnn-trainer ... && touch ...; }`."""
+    words = shlex.split(shell_command)
+    start = words.index("rnn-trainer")
+    return words[start + 1 : words.index("&&", start)]
+
+
+@pytest.mark.parametrize("preset", [None, "tiny"])
+def test_trainer_commands_parse_with_the_real_cli(preset: str | None) -> None:
+    from trainer.cli import build_parser
+
+    env = {"RNNSERVE_ZOO_PRESET": preset} if preset else {}
+    compose = load_compose(env)["services"]["trainer"]["command"][0]
+    job = k8s_one("Job")["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    image = dockerfile_stages(DEPLOY / "Dockerfile.trainer")[-1]
+    image_argv = exec_form(image.args("CMD")[-1])
+    for argv in (_trainer_argv(compose), _trainer_argv(job), image_argv):
+        args = build_parser(argv).parse_args(argv)
+        assert (args.command, args.out) == ("zoo", "/models")
+    assert build_parser().parse_args(_trainer_argv(compose)).preset == (preset or "default")

@@ -3,12 +3,16 @@ agree with each other and with the server (ports, probes, volumes, secret, label
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
 from tests.unit.deploy.deployfiles import K8S, k8s_docs, k8s_one
 
-K8S_VERSION = "1.30"
+# The oldest Kubernetes we document (native gRPC probes are GA from 1.27) and the newest
+# schema the installed kubernetes-validate knows; old schemas drop out of newer releases.
+OLDEST_SUPPORTED = "1.30"
 # Custom resources and kustomize's own file have no schema in kubernetes-validate.
 NOT_CORE = {"Kustomization", "ServiceMonitor"}
 
@@ -29,18 +33,25 @@ def _ports(container: dict) -> dict[str, int]:
 )
 def test_schema_valid(path, doc: dict) -> None:
     kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
-    try:
-        kv.validate(doc, K8S_VERSION, strict=True)
-    except kv.ValidationError as exc:
-        pytest.fail(f"{path.name} {doc['kind']}: {exc}")
+    from kubernetes_validate.utils import all_versions, latest_version
+
+    known = {v.rsplit(".", 1)[0] for v in all_versions()}
+    versions = {latest_version()} | ({OLDEST_SUPPORTED} & known)
+    for version in sorted(versions):
+        try:
+            kv.validate(doc, version, strict=True)
+        except kv.ValidationError as exc:
+            pytest.fail(f"{path.name} {doc['kind']} (Kubernetes {version}): {exc}")
 
 
 def test_schema_check_rejects_a_misspelled_field() -> None:
     kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
     deployment = k8s_one("Deployment")
     deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    from kubernetes_validate.utils import latest_version
+
     with pytest.raises(kv.ValidationError):
-        kv.validate(deployment, K8S_VERSION, strict=True)
+        kv.validate(deployment, latest_version(), strict=True)
 
 
 def test_kustomization_lists_every_core_manifest() -> None:
@@ -79,7 +90,7 @@ def test_model_volume_is_the_model_repo_and_shared_with_the_trainer(server_parse
     assert job_volume["persistentVolumeClaim"]["claimName"] == claim
     (trainer,) = job_pod["containers"]
     assert {m["mountPath"] for m in trainer["volumeMounts"]} == {repo}
-    assert f"rnn-trainer zoo --out {repo}" in trainer["args"][0]
+    assert re.search(rf"rnn-trainer zoo (--preset \w+ )?--out {repo} &&", trainer["args"][0])
     # Server pods wait for the marker the Job writes last.
     (wait,) = pod["initContainers"]
     assert f"{repo}/.zoo-complete" in wait["args"][0]
