@@ -133,6 +133,26 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(result: dict) -> str:
+    """The README/docs table for a results JSON."""
+    lines = ["| model | val perplexity | train s |", "|---|---|---|"]
+    for r in result["models"]:
+        extra = f" (alpha {r['alpha']})" if "alpha" in r else ""
+        lines.append(f"| {r['model']}{extra} | {r['val_ppl']:.3f} | {r['seconds']:.0f} |")
+    t = result["target"]
+    lines.append("")
+    met = "met" if t["met"] else "not met"
+    lines.append(f"Uniform baseline |V| = {result['vocab_size']}. LSTM / best n-gram = "
+                 f"{t['ratio']:.3f} (target < 0.8: {met}).")  # fmt: skip
+    lines += ["", "| cell | scratch tokens/s | torch.nn tokens/s |", "|---|---|---|"]
+    speed = {(r["arch"], r["cell"]): r["train_tokens_per_s"] for r in result["cell_speed"]}
+    for arch in ("rnn", "gru", "lstm"):
+        lines.append(
+            f"| {arch} | {speed[(arch, 'scratch')]:.0f} | {speed[(arch, 'torch.nn')]:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=16)
@@ -145,7 +165,11 @@ def main() -> int:
     parser.add_argument("--hmm-states", type=int, default=64)
     parser.add_argument("--hmm-epochs", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, small models")
+    parser.add_argument("--table", action="store_true", help="print the table of the results")
     args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads((RESULTS / "quality.json").read_text())))
+        return 0
     if args.quick:
         args.epochs, args.hidden, args.hmm_states, args.hmm_epochs = 1, 32, 4, 2
     torch.set_num_threads(1)
