@@ -10,8 +10,10 @@ import torch
 
 from artifact.manifest import Manifest
 from trainer.checkpoint import load_checkpoint
+from trainer.errors import TrainerError
 from trainer.models import RNNLM, ModelConfig
 from trainer.pipeline import DataConfig, train_recurrent
+from trainer.sample import greedy_tokens
 from trainer.train import TrainConfig, fit
 from trainer.zoo import TEXT_MODELS, build_zoo
 
@@ -91,3 +93,14 @@ def test_tiny_zoo_builds_every_text_model(tmp_path: Path) -> None:
         assert m.version == "1" and m.parity["ok"]
     assert Manifest.load(tmp_path / "bilstm" / "1").task == "infill"
     assert Manifest.load(tmp_path / "lstm-deep" / "1").hyperparameters["layers"] == 2
+
+
+def test_infill_package_refuses_to_generate(tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=1, num_steps=8, batch_size=8)
+    model = ModelConfig("lstm", 1, hidden=8, embed=4, bidirectional=True)
+    path = train_recurrent(model, cfg, DataConfig(max_tokens=2500), out=tmp_path, name="bi",
+                           progress=False, log=lambda *_: None)  # fmt: skip
+    assert path is not None and Manifest.load(path).task == "infill"
+    assert "val_infill_perplexity" in Manifest.load(path).metrics
+    with pytest.raises(TrainerError, match="only left-to-right"):
+        greedy_tokens(path, "the time", 3)
