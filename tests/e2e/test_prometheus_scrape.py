@@ -244,6 +244,14 @@ def test_health_script_sees_the_real_server(replicas: list[Replica], capsys) -> 
         assert health.main([r.target, MODEL]) == 0, "one health service per model"
         assert health.main([r.target, "no-such-model"]) == 1
     assert "SERVING" in capsys.readouterr().out
+    # Exactly as the images run it (HEALTHCHECK CMD python /opt/rnnserve/healthcheck.py):
+    # no arguments, the port from RNNSERVE_PORT.
+    env = {**os.environ, "RNNSERVE_PORT": str(replicas[0].port)}
+    done = subprocess.run(
+        [sys.executable, str(DEPLOY / "healthcheck.py")],
+        capture_output=True, text=True, env=env, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_every_replica_is_scraped(scraped) -> None:

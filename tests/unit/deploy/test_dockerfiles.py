@@ -62,6 +62,11 @@ def test_slim_python_base_and_no_torch_in_server_image() -> None:
     assert '".[serve]"' in runs or "'.[serve]'" in runs
     assert "torch" not in runs.replace('! python -c "import torch"', "")
     assert "[train]" not in runs and "[gpu]" not in runs
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    for extra in ("serve", "gpu"):  # what deploy/healthcheck.py imports inside the image
+        assert any(d.startswith("grpcio-health-checking") for d in extras[extra]), extra
 
 
 def test_trainer_image_uses_cpu_torch_and_builds_the_zoo() -> None:
