@@ -1,0 +1,89 @@
+"""A real `rnn-server` process: health, Generate, /metrics, JSON logs, SIGTERM -> exit 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(channel: grpc.Channel, proc: subprocess.Popen) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    for _ in range(300):  # bounded: the server loads the tiny zoo in a few seconds
+        if proc.poll() is not None:
+            raise AssertionError(f"rnn-server exited early with {proc.returncode}")
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("rnn-server never became healthy")
+
+
+def test_real_server_process(model_repo: Path, tmp_path: Path) -> None:
+    port, metrics_port = _free_port(), _free_port()
+    env = {**os.environ, "RNNSERVE_METRICS_PORT": str(metrics_port), "RNNSERVE_GRACE": "5"}
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "rnn-server"), "--model-repo", str(model_repo), "--port", str(port),
+             "--host", "127.0.0.1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            _wait_healthy(channel, proc)
+            stub = pb_grpc.InferenceStub(channel)
+            msgs = list(
+                stub.Generate(
+                    pb.GenerateRequest(model="lstm", prompt="the time", max_tokens=8), timeout=30
+                )
+            )
+            assert sum(len(m.token_ids) for m in msgs) >= 1
+            assert msgs[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+            text = body.read().decode()
+            assert (
+                'rnnserve_request_duration_seconds_count{code="OK",model="lstm",rpc="Generate"}'
+                in text
+            )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    access = [e for e in lines if e.get("rpc") == "Generate"]
+    assert access and access[0]["code"] == "OK" and access[0]["request_id"]
+
+
+def test_missing_model_repo_is_a_clear_error(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [str(BIN / "rnn-server"), "--model-repo", str(tmp_path / "nope"), "--metrics-port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert "error:" in res.stderr and "Traceback" not in res.stderr

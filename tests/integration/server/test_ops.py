@@ -1,0 +1,137 @@
+"""Health, reflection, metrics, admission limits, broken packages, reload and shutdown."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+from tests.integration.server.harness import ServerThread, make_settings
+
+METRICS = [
+    "rnnserve_request_duration_seconds", "rnnserve_time_to_first_token_seconds",
+    "rnnserve_inter_token_latency_seconds", "rnnserve_generated_tokens_total",
+    "rnnserve_live_streams", "rnnserve_batch_size", "rnnserve_step_duration_seconds",
+    "rnnserve_queue_wait_seconds", "rnnserve_model_load_seconds", "rnnserve_errors_total",
+    "rnnserve_model_serving",
+]  # fmt: skip
+
+
+def _health(server: ServerThread, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(server.channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service)).status
+
+
+def test_health_overall_and_per_model(server) -> None:
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert _health(server, "") == serving
+    assert _health(server, "rnnserve.v1.Inference") == serving
+    assert _health(server, "lstm") == serving
+
+
+def test_reflection_lists_the_services(server) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    req = reflection_pb2.ServerReflectionRequest(list_services="")
+    (resp,) = list(stub.ServerReflectionInfo(iter([req])))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"rnnserve.v1.Inference", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_have_the_contract_names_and_labels(server) -> None:
+    from prometheus_client import generate_latest
+
+    stub = server.stub
+    list(stub.Generate(pb.GenerateRequest(model="lstm", prompt="the ", max_tokens=3)))
+    with pytest.raises(grpc.RpcError):
+        stub.Score(pb.ScoreRequest(model="lstm", texts=[]))
+    text = generate_latest(server.app.metrics.registry).decode()
+    for name in METRICS:
+        assert f"# TYPE {name.removesuffix('_total')}" in text, name
+    reg = server.app.metrics.registry
+    ok = {"rpc": "Generate", "model": "lstm", "code": "OK"}
+    assert reg.get_sample_value("rnnserve_request_duration_seconds_count", ok) >= 1
+    assert (
+        reg.get_sample_value("rnnserve_errors_total", {"rpc": "Score", "code": "INVALID_ARGUMENT"})
+        >= 1
+    )
+    assert reg.get_sample_value("rnnserve_model_serving", {"model": "lstm", "version": "1"}) == 1
+    # unknown model names collapse into one label value (bounded cardinality)
+    with pytest.raises(grpc.RpcError):
+        stub.Score(pb.ScoreRequest(model="no-such-model-xyz", texts=["ab"]))
+    assert 'model="no-such-model-xyz"' not in generate_latest(reg).decode()
+
+
+def test_streams_past_the_limit_are_refused_not_queued(model_repo: Path) -> None:
+    srv = ServerThread(make_settings(model_repo, max_streams=1, max_tokens=200_000)).start()
+    try:
+        first = srv.stub.Generate(pb.GenerateRequest(model="lstm", prompt="a", max_tokens=150_000))
+        next(first)
+        with pytest.raises(grpc.RpcError) as err:
+            list(srv.stub.Generate(pb.GenerateRequest(model="gru", prompt="a", max_tokens=2)))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        first.cancel()
+    finally:
+        srv.stop()
+
+
+def test_broken_packages_are_not_serving_with_a_reason(model_repo: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "lstm", repo / "lstm")
+    shutil.copytree(model_repo / "gru" / "1", repo / "lstm" / "2")
+    (repo / "lstm" / "2" / "model.onnx").write_bytes(b"not an onnx file")
+    shutil.copytree(model_repo / "rnn", repo / "rnn")
+    (repo / "rnn" / "1" / "manifest.json").write_text('{"format_version": 99}')
+    srv = ServerThread(make_settings(repo)).start()
+    try:
+        info = srv.stub.GetModel(pb.GetModelRequest(model="lstm"))
+        assert info.default_version == "1"  # the highest SERVING version
+        v2 = next(v for v in info.versions if v.version == "2")
+        assert v2.status == "NOT_SERVING" and "sha256" in v2.status_reason
+        bad = srv.stub.GetModel(pb.GetModelRequest(model="rnn")).versions[0]
+        assert bad.status == "NOT_SERVING" and "format_version" in bad.status_reason
+        with pytest.raises(grpc.RpcError) as err:
+            list(srv.stub.Generate(pb.GenerateRequest(model="rnn", prompt="ab")))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(grpc.RpcError) as err:
+            list(srv.stub.Generate(pb.GenerateRequest(model="lstm", version="2", prompt="ab")))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert list(srv.stub.Generate(pb.GenerateRequest(model="lstm", prompt="ab")))
+        assert _health(srv, "rnn") == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        srv.stop()
+
+
+def test_reload_loads_new_and_unloads_removed_versions(model_repo: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "gru", repo / "gru")
+    srv = ServerThread(make_settings(repo)).start()
+    try:
+        shutil.copytree(model_repo / "gru" / "1", repo / "gru" / "2")
+        report = srv.admin.ReloadModels(pb.ReloadModelsRequest())
+        assert list(report.loaded) == ["gru/2"]
+        assert srv.stub.GetModel(pb.GetModelRequest(model="gru")).default_version == "2"
+        shutil.rmtree(repo / "gru" / "2")
+        report = srv.admin.ReloadModels(pb.ReloadModelsRequest())
+        assert list(report.unloaded) == ["gru/2"]
+        assert srv.stub.GetModel(pb.GetModelRequest(model="gru")).default_version == "1"
+    finally:
+        srv.stop()
+
+
+def test_shutdown_turns_health_off_and_refuses_new_calls(model_repo: Path) -> None:
+    srv = ServerThread(make_settings(model_repo, grace=5.0)).start()
+    channel = srv.channel
+    health = health_pb2_grpc.HealthStub(channel)
+    srv.app.draining = True  # what shutdown sets first
+    srv.run(srv.app.health.shutdown())
+    status = health.Check(health_pb2.HealthCheckRequest(service="")).status
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        srv.stub.Score(pb.ScoreRequest(model="lstm", texts=["ab"]))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    srv.stop(grace=1.0)
