@@ -1,0 +1,72 @@
+"""Any language works: the Node.js example (client/examples/node) streams Generate and calls
+Score against a real rnn-server, loading the committed .proto with @grpc/proto-loader.
+
+`npm install` runs into client/examples/node/node_modules (git-ignored, reused next time).
+Skipped, with the reason, only where node or npm is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_client_cli import CALL_TIMEOUT_S, ServerProcess, running_server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "client" / "examples" / "node"
+NPM_TIMEOUT_S = 300.0
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        pytest.skip("node/npm not installed: the Node.js client example cannot run here")
+    if not (EXAMPLE / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        done = subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=EXAMPLE,
+            capture_output=True,
+            text=True,
+            timeout=NPM_TIMEOUT_S,
+        )
+        assert done.returncode == 0, f"npm install failed:\n{done.stderr[-3000:]}"
+    return node
+
+
+@pytest.fixture(scope="module")
+def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with running_server(model_repo, tmp_path_factory.mktemp("node")) as srv:
+        yield srv
+
+
+def run_example(node: str, server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [node, str(EXAMPLE / "client.js"), "--address", server.address, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=CALL_TIMEOUT_S)
+
+
+def test_node_streams_generate_and_scores(node, server) -> None:
+    texts = ["the time traveller", "hello"]
+    args = ["--model", "lstm", "--prompt", "the time", "--max-tokens", "6"]
+    done = run_example(node, server, *args, "--score", texts[0], "--score", texts[1])
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    tokens = [e for e in lines if e["event"] == "token"]
+    scores = [e for e in lines if e["event"] == "score"]
+    assert len(tokens) >= 2
+    assert tokens[-1]["finish_reason"] != "FINISH_REASON_UNSPECIFIED"
+    assert [s["text"] for s in scores] == texts
+    assert all(s["perplexity"] >= 1 and s["num_tokens"] == len(s["text"]) - 1 for s in scores)
+
+
+def test_node_reports_grpc_errors(node, server) -> None:
+    done = run_example(node, server, "--model", "no-such-model")
+    assert done.returncode == 5  # NOT_FOUND, as rnn-client
+    error = json.loads(done.stderr.splitlines()[-1])
+    assert error["code"] == "NOT_FOUND"
