@@ -175,3 +175,42 @@ def test_bad_csv_exits_64_with_the_reason(cli, tmp_path) -> None:
         "forecast", "--model", "sine-gru", "--history-file", str(csv), "--horizon", "2"
     )
     assert code == 64 and "line 3" in err and "Traceback" not in err
+
+
+class _RecordingStdout:
+    """Records writes and flushes in order, to show each token is flushed as it arrives."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.log.append("w:" + text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.append("flush")
+
+    def fileno(self) -> int:
+        raise OSError("not a real file")
+
+
+def test_generate_flushes_every_token(fake, monkeypatch) -> None:
+    out = _RecordingStdout()
+    monkeypatch.setattr("sys.stdout", out)
+    code = main(
+        [
+            "--address",
+            fake[1],
+            "generate",
+            "--model",
+            "lstm",
+            "--prompt",
+            "abc",
+            "--max-tokens",
+            "3",
+        ]
+    )
+    assert code == 0
+    tokens = [i for i, entry in enumerate(out.log) if entry in ("w:c", "w:b", "w:a")]
+    assert len(tokens) == 3
+    assert all(out.log[i + 1] == "flush" for i in tokens)
