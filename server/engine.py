@@ -61,6 +61,7 @@ class Engine:
                 self.limiter,
                 self.metrics,
                 self.settings.max_batch,
+                self.settings.decode_steps,
             )
         return self._schedulers[key]
 

@@ -114,7 +114,7 @@ class Generator:
         try:
             logprobs, state = await sched.prefill(ids, resumed.state if resumed else None)
             token = stream.sampler.pick(logprobs)
-            if stream.accept(token, logprobs):
+            if stream.accept(token, float(logprobs[token])):
                 stream.close(state if signer else None)
             else:
                 sched.join(stream, state)

@@ -48,6 +48,16 @@ class StreamLimiter:
 
 
 @dataclass
+class StepResult:
+    """What a trip to the ORT thread produced for one batch."""
+
+    tokens: np.ndarray  # [steps, batch] int64
+    logprobs: np.ndarray  # [steps, batch] float32, of the chosen tokens
+    state: State  # after the last step
+    snapshots: dict[int, list[State]]  # row -> state after each step (resume-token streams)
+
+
+@dataclass
 class Batch:
     """Streams stepped by one ORT call, and their stacked state."""
 
@@ -66,6 +76,7 @@ class Scheduler:
         limiter: StreamLimiter,
         metrics: Metrics,
         max_batch: int,
+        decode_steps: int = 1,
     ) -> None:
         self.name = name
         self.model = model
@@ -73,6 +84,7 @@ class Scheduler:
         self.limiter = limiter
         self.metrics = metrics
         self.max_batch = max_batch
+        self.decode_steps = decode_steps
         self.batches: list[Batch] = []
         self.pending: list[tuple[Stream, State]] = []
         self.admitted = 0  # prefilling + pending + in a batch
@@ -141,8 +153,9 @@ class Scheduler:
                 await self._wake.wait()
                 continue
             batches = list(self.batches)
+            k = self._steps_per_trip()
             try:
-                results = await self.runtime.call(self._step_sync, batches)
+                results = await self.runtime.call(self._step_sync, batches, k)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a failed step fails its streams, never the loop
@@ -152,33 +165,57 @@ class Scheduler:
                         s.buffer.fail(exc)
                         s.finished = True
                 continue
-            for batch, (logprobs, state) in zip(batches, results, strict=True):
-                batch.state = state
-                self._advance(batch, logprobs)
+            for batch, result in zip(batches, results, strict=True):
+                self._advance(batch, result)
 
-    def _step_sync(self, batches: list[Batch]) -> list[tuple[np.ndarray, State]]:
-        """Runs in a worker thread: one ORT call per batch -> (logprobs [batch, vocab], state)."""
-        out = []
-        for batch in batches:
+    def _steps_per_trip(self) -> int:
+        """1 step per trip for a few streams (lowest latency); up to --decode-steps under load,
+        so the event loop sends fewer, larger messages instead of one per token per stream."""
+        return max(1, min(self.decode_steps, self.live // 8))
+
+    def _step_sync(self, batches: list[Batch], k: int) -> list[StepResult]:
+        """Worker thread: k decode steps per batch, one ORT call each, tokens picked here.
+
+        Samplers are only touched by this thread while a step runs, so each stream's RNG
+        still draws once per token in order. Streams that want a resume token get a state
+        snapshot after every step (they may stop at any of them).
+        """
+        return [self._decode(batch, k) for batch in batches]
+
+    def _decode(self, batch: Batch, k: int) -> StepResult:
+        streams = batch.streams
+        n = len(streams)
+        tokens = np.empty((k, n), dtype=np.int64)  # [steps, batch]
+        logps = np.empty((k, n), dtype=np.float32)
+        snaps: dict[int, list[State]] = {i: [] for i, s in enumerate(streams) if s.signer}
+        sampled = [i for i, s in enumerate(streams) if not s.sampler.params.greedy]
+        x = np.fromiter((s.last_token for s in streams), dtype=np.int64, count=n)[:, None]
+        state = batch.state
+        for j in range(k):
             start = time.perf_counter()
-            x = np.fromiter((s.last_token for s in batch.streams), dtype=np.int64)[:, None]
-            logits, state = self.model.run(x, batch.state)  # [batch, 1, vocab]
-            out.append((log_softmax(logits[:, -1, :]), state))
+            logits, state = self.model.run(x, state)  # [batch, 1, vocab]
+            lp = log_softmax(logits[:, -1, :])  # [batch, vocab]
+            tokens[j] = np.argmax(lp, axis=-1)  # greedy; ties to the lowest id
+            for i in sampled:
+                if not streams[i].done:
+                    tokens[j, i] = streams[i].sampler.pick(lp[i])
+            logps[j] = lp[np.arange(n), tokens[j]]
+            for i, kept in snaps.items():
+                kept.append(self.model.take(state, i))
+            x = tokens[j][:, None]
             self.metrics.step_duration.labels(model=self.name).observe(time.perf_counter() - start)
-            self.metrics.batch_size.labels(model=self.name).observe(len(batch.streams))
-        return out
+            self.metrics.batch_size.labels(model=self.name).observe(n)
+        return StepResult(tokens, logps, state, snaps)
 
-    def _advance(self, batch: Batch, logprobs: np.ndarray) -> None:
-        """Samples each stream's next token; finished streams get their final message."""
-        greedy = np.argmax(logprobs, axis=-1)  # [batch]; ties to the lowest id
+    def _advance(self, batch: Batch, result: StepResult) -> None:
+        """Hands each stream its tokens; finished streams get their final message."""
+        batch.state = result.state
         for i, stream in enumerate(batch.streams):
-            if stream.done:
-                continue
-            row = logprobs[i]
-            token = int(greedy[i]) if stream.sampler.params.greedy else stream.sampler.pick(row)
-            if stream.accept(token, row):
-                state = self.model.take(batch.state, i) if stream.signer else None
-                stream.close(state)
+            for j in range(result.tokens.shape[0]):
+                if stream.done:
+                    break
+                if stream.accept(int(result.tokens[j, i]), float(result.logprobs[j, i])):
+                    stream.close(result.snapshots[i][j] if stream.signer else None)
 
     def _admit_pending(self) -> None:
         now = time.perf_counter()

@@ -31,6 +31,7 @@ class Settings:
     max_score_texts: int = 64
     max_streams: int = 512
     max_batch: int = 256
+    decode_steps: int = 8
     max_message_bytes: int = 4 * 1024 * 1024
     max_infill_vocab: int = 4096
     state_key: str = ""
@@ -58,6 +59,12 @@ _HELP: dict[str, tuple[type, str]] = {
     "max_score_texts": (int, "most texts in one Score call"),
     "max_streams": (int, "concurrent Generate streams; past it RESOURCE_EXHAUSTED (no queue)"),
     "max_batch": (int, "most streams stepped by one ONNX Runtime call (1 disables batching)"),
+    "decode_steps": (
+        int,
+        "most decode steps run per trip to the ORT thread when many "
+        "streams are live (one per 8 live streams; 1 = always one): fewer, "
+        "larger messages under load",
+    ),
     "max_message_bytes": (int, "largest gRPC message accepted or sent, in bytes"),
     "max_infill_vocab": (
         int,
@@ -127,6 +134,7 @@ def validate(settings: Settings) -> str | None:
         "max_score_texts",
         "max_streams",
         "max_batch",
+        "decode_steps",
         "max_message_bytes",
         "executor_threads",
     ]

@@ -117,14 +117,14 @@ class Stream:
         """Called when the client goes away; the scheduler drops the stream by its next step."""
         self.cancelled = True
 
-    def accept(self, token_id: int, logprobs: np.ndarray) -> bool:
-        """Records a sampled token (logprobs [vocab]); returns True when the stream finished."""
+    def accept(self, token_id: int, logprob: float) -> bool:
+        """Records a sampled token and its log-probability; True when the stream finished."""
         self.last_token = token_id
         self.tokens += 1
         text, reason = self.stopper.feed(token_id, self.decode(token_id))
         shown = None if reason == "eos" else token_id
         if shown is not None or text:
-            self.buffer.push(shown, text, float(logprobs[token_id]) if shown is not None else 0.0)
+            self.buffer.push(shown, text, logprob if shown is not None else 0.0)
         now = time.perf_counter()
         if self.on_token:
             self.on_token(self, now)

@@ -219,3 +219,21 @@ def test_resume_token_of_another_model_is_invalid(stub) -> None:
         _generate(stub, model="rnn", prompt="x", state=msgs[-1].state)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "state" in err.value.details()
+
+
+def test_multi_step_trips_keep_greedy_and_resume_exact(stub, server) -> None:
+    """24 live streams make the scheduler run several steps per ORT trip; nothing changes."""
+    full = _ids(_generate(stub, model="lstm", prompt=PROMPT, max_tokens=40))
+    lengths = [5 + i for i in range(24)]
+    with cf.ThreadPoolExecutor(24) as pool:
+        firsts = list(pool.map(
+            lambda n: _generate(stub, model="lstm", prompt=PROMPT, max_tokens=n,
+                                return_state=True), lengths))  # fmt: skip
+    for n, msgs in zip(lengths, firsts, strict=True):
+        assert _ids(msgs) == full[:n]
+    with cf.ThreadPoolExecutor(24) as pool:
+        rests = list(pool.map(
+            lambda m: _ids(_generate(stub, model="lstm", max_tokens=40 - len(_ids(m)),
+                                     state=m[-1].state)), firsts))  # fmt: skip
+    for msgs, rest in zip(firsts, rests, strict=True):
+        assert _ids(msgs) + rest == full

@@ -1,0 +1,321 @@
+"""Serving benchmark: Generate at several concurrencies, batching on vs --max-batch 1, and
+Score tokens/s vs a bare onnxruntime loop over the same model.
+
+Starts real `rnn-server` processes on free localhost ports (bounded: a few minutes at most),
+drives them with a grpc.aio client, and writes bench/results/serve.json + serve.png.
+Usage: python bench/serve.py [--model-repo models] [--model lstm] [--profile]
+When the model package is missing it builds the tiny zoo `lstm` into a temp dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from artifact.manifest import Manifest
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+# -- bare onnxruntime ---------------------------------------------------------------------------
+def _session(package: Path) -> tuple[ort.InferenceSession, Manifest]:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(package / "model.onnx"), opts,
+                                providers=["CPUExecutionProvider"])  # fmt: skip
+    return sess, Manifest.load(package)
+
+
+def _init(m: Manifest, batch: int) -> dict[str, np.ndarray]:
+    out = {}
+    for s in m.state:
+        shape = [batch if d == -1 else d for d in s.shape]
+        out[s.input] = np.full(shape, s.init if np.isscalar(s.init) else 0.0, dtype=s.dtype)
+    return out
+
+
+def bare_step_time(package: Path, steps: int = 3000) -> dict[str, float]:
+    """p50/p99 of one [1, 1] ORT call with state carried — the floor for inter-token latency."""
+    sess, m = _session(package)
+    state, names = _init(m, 1), [o.name for o in sess.get_outputs()]
+    x, times = np.asarray([[5]], dtype=np.int64), []
+    for _ in range(steps):
+        t = time.perf_counter()
+        got = dict(zip(names, sess.run(None, {m.input_name: x, **state}), strict=True))
+        state = {s.input: got[s.output] for s in m.state}
+        x = np.asarray([[int(np.argmax(got[m.output_name][0, -1]))]], dtype=np.int64)
+        times.append(time.perf_counter() - t)
+    return {"p50_s": _pct(times, 50), "p99_s": _pct(times, 99)}
+
+
+def score_texts(m: Manifest, n: int, length: int) -> list[str]:
+    rng = np.random.default_rng(0)
+    letters = [t for t in m.vocab[4:] if len(t) == 1]
+    return ["".join(rng.choice(letters, size=length)) for _ in range(n)]
+
+
+def bare_score(package: Path, texts: list[str]) -> float:
+    """tokens/s of one ORT call per text (time = text length), log-softmax included."""
+    sess, m = _session(package)
+    vocab = {t: i for i, t in enumerate(m.vocab)}
+    start, tokens = time.perf_counter(), 0
+    for text in texts:
+        ids = np.asarray([[vocab.get(c, 0) for c in text]], dtype=np.int64)
+        logits = sess.run([m.output_name], {m.input_name: ids, **_init(m, 1)})[0]
+        z = logits - logits.max(-1, keepdims=True)
+        _ = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        tokens += ids.shape[1] - 1
+    return tokens / (time.perf_counter() - start)
+
+
+# -- through gRPC --------------------------------------------------------------------------------
+async def _stream(stub, pb, model: str, prompt: str, tokens: int, seed: int) -> dict:
+    req = pb.GenerateRequest(model=model, prompt=prompt, max_tokens=tokens,
+                             sampling=pb.SamplingParams(temperature=1.0, seed=seed))  # fmt: skip
+    start = last = time.perf_counter()
+    ttft, gaps, count = None, [], 0
+    async for msg in stub.Generate(req, timeout=300):
+        now = time.perf_counter()
+        n = len(msg.token_ids)
+        if n:
+            if ttft is None:
+                ttft = now - start
+            else:
+                gaps.extend([(now - last) / n] * n)
+            last = now
+            count += n
+    return {"ttft": ttft, "gaps": gaps, "tokens": count}
+
+
+async def generate_level(port: int, model: str, concurrency: int, tokens: int) -> dict:
+    import grpc
+    from rnnserve.v1 import rnnserve_pb2 as pb
+    from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+                for _ in range(max(1, concurrency // 32))]  # fmt: skip
+    stubs = [pb_grpc.InferenceStub(c) for c in channels]
+    prompt = "the time traveller "
+    await _stream(stubs[0], pb, model, prompt, 8, 0)  # warm-up
+    rounds = 4 if concurrency == 1 else 1
+    results, start = [], time.perf_counter()
+    for r in range(rounds):
+        results += await asyncio.gather(*[
+            _stream(stubs[i % len(stubs)], pb, model, prompt, tokens, r * 1000 + i)
+            for i in range(concurrency)
+        ])  # fmt: skip
+    wall = time.perf_counter() - start
+    for c in channels:
+        await c.close()
+    gaps = [g for r in results for g in r["gaps"]]
+    ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
+    total = sum(r["tokens"] for r in results)
+    return {
+        "concurrency": concurrency,
+        "tokens": total,
+        "wall_s": wall,
+        "tokens_per_s": total / wall,
+        "ttft_p50_s": _pct(ttfts, 50),
+        "ttft_p99_s": _pct(ttfts, 99),
+        "itl_p50_s": _pct(gaps, 50),
+        "itl_p99_s": _pct(gaps, 99),
+    }
+
+
+async def grpc_score(port: int, model: str, texts: list[str]) -> float:
+    import grpc
+    from rnnserve.v1 import rnnserve_pb2 as pb
+    from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        await stub.Score(pb.ScoreRequest(model=model, texts=texts[:1]))
+        start, tokens = time.perf_counter(), 0
+        for text in texts:
+            res = await stub.Score(pb.ScoreRequest(model=model, texts=[text]))
+            tokens += res.results[0].num_tokens
+        return tokens / (time.perf_counter() - start)
+
+
+class Server:
+    """A real rnn-server process on a free port."""
+
+    def __init__(self, repo: Path, extra: list[str], profile: Path | None = None) -> None:
+        self.port = _free_port()
+        cmd = [str(BIN / "rnn-server")]
+        if profile is not None:
+            cmd = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "server.main"]
+        cmd += ["--model-repo", str(repo), "--port", str(self.port), "--host", "127.0.0.1",
+                "--metrics-port", "0", "--log-level", "WARNING", "--max-streams", "1024",
+                *extra]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self._wait()
+
+    def _wait(self) -> None:
+        for _ in range(600):
+            if self.proc.poll() is not None:
+                raise SystemExit(f"error: rnn-server exited with {self.proc.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise SystemExit("error: rnn-server did not start")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+def ensure_model(repo: Path, model: str) -> Path:
+    if (repo / model / "1" / "model.onnx").exists():
+        return repo
+    out = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    print(f"{repo}/{model} missing: building the tiny zoo {model} into {out}")
+    from trainer.zoo import build_zoo
+
+    build_zoo(out, preset="tiny", only=[model], progress=False)
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, rows in results["generate"].items():
+        c = [r["concurrency"] for r in rows]
+        a.plot(c, [r["tokens_per_s"] for r in rows], marker="o", label=mode)
+        b.plot(c, [r["itl_p50_s"] * 1e3 for r in rows], marker="o", label=f"{mode} p50")
+        b.plot(c, [r["itl_p99_s"] * 1e3 for r in rows], marker="x", ls="--", label=f"{mode} p99")
+    b.axhline(results["bare_step"]["p50_s"] * 1e3, color="gray", ls=":", label="bare ORT step")
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.legend()
+    a.set_ylabel("aggregate tokens/s")
+    b.set_ylabel("inter-token latency (ms)")
+    b.set_yscale("log")
+    fig.suptitle(f"rnn-server Generate, model {results['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(results: dict) -> str:
+    lines = ["| mode | streams | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for mode, rows in results["generate"].items():
+        for r in rows:
+            lines.append(
+                f"| {mode} | {r['concurrency']} | {r['tokens_per_s']:.0f} | "
+                f"{r['ttft_p50_s'] * 1e3:.2f} | {r['ttft_p99_s'] * 1e3:.2f} | "
+                f"{r['itl_p50_s'] * 1e3:.3f} | {r['itl_p99_s'] * 1e3:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-repo", type=Path, default=ROOT / "models")
+    p.add_argument("--model", default="lstm")
+    p.add_argument("--concurrency", default="1,8,32,64,128")
+    p.add_argument("--tokens", type=int, default=128, help="tokens per stream")
+    p.add_argument("--score-texts", type=int, default=16)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--profile", action="store_true", help="also profile the server at 1 stream")
+    args = p.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    repo = ensure_model(args.model_repo, args.model)
+    package = repo / args.model / "1"
+    manifest = Manifest.load(package)
+    texts = score_texts(manifest, args.score_texts, 512)
+    results: dict = {
+        "model": args.model,
+        "hyperparameters": manifest.hyperparameters,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_avg_at_start": os.getloadavg(),
+        },
+        "bare_step": bare_step_time(package),
+        "generate": {},
+    }
+    results["score"] = {"bare_ort_tokens_per_s": bare_score(package, texts)}
+    for mode, extra in (("batched", []), ("max_batch_1", ["--max-batch", "1"])):
+        server = Server(repo, extra)
+        try:
+            rows = []
+            for c in levels:
+                row = asyncio.run(generate_level(server.port, args.model, c, args.tokens))
+                print(f"{mode:12s} c={c:4d} {row['tokens_per_s']:9.0f} tok/s "
+                      f"itl p50 {row['itl_p50_s'] * 1e3:.3f} ms", flush=True)  # fmt: skip
+                rows.append(row)
+            results["generate"][mode] = rows
+            if mode == "batched":
+                tps = asyncio.run(grpc_score(server.port, args.model, texts))
+                results["score"]["grpc_tokens_per_s"] = tps
+        finally:
+            server.stop()
+    rows = {r["concurrency"]: r for r in results["generate"]["batched"]}
+    c_hi = 64 if 64 in rows else max(rows)
+    speedup = rows[c_hi]["tokens_per_s"] / rows[1]["tokens_per_s"] if 1 in rows else float("nan")
+    itl_ratio = rows[1]["itl_p50_s"] / results["bare_step"]["p50_s"] if 1 in rows else 0.0
+    results["targets"] = {
+        f"speedup_c{c_hi}_vs_c1": speedup, "speedup_target": 8.0, "speedup_met": speedup >= 8,
+        "itl_p50_over_bare_step": itl_ratio, "itl_target": 3.0, "itl_met": itl_ratio <= 3,
+    }  # fmt: skip
+    if args.profile:
+        prof = args.out / "serve.profile"
+        server = Server(repo, [], profile=prof)
+        try:
+            asyncio.run(generate_level(server.port, args.model, 1, 512))
+        finally:
+            server.stop()
+        results["profile_top"] = _profile_top(prof)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out / "serve.png")
+    print(table(results))
+    print(json.dumps({"score": results["score"], "bare_step": results["bare_step"],
+                      "targets": results["targets"]}, indent=2))  # fmt: skip
+    return 0
+
+
+def _profile_top(path: Path, n: int = 25) -> list[str]:
+    import io
+    import pstats
+
+    buf = io.StringIO()
+    pstats.Stats(str(path), stream=buf).sort_stats("tottime").print_stats(n)
+    path.unlink(missing_ok=True)
+    return [line for line in buf.getvalue().splitlines() if line.strip()][: n + 8]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
