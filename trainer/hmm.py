@@ -32,6 +32,7 @@ from trainer.hmm_fit import HmmParams, chunk_ids, fit_em, fit_gradient, unigram
 from trainer.hmm_recursions import infill_posterior
 
 METHODS = ("em", "gradient")
+SCREEN_EPOCHS = 3
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class HmmConfig:
     chunk: int = 200
     pseudocount: float = 1e-3
     lr: float = 0.05
+    restarts: int = 1  # random initialisations, screened by SCREEN_EPOCHS of EM each
 
     def validate(self) -> None:
         if self.states < 1:
@@ -56,8 +58,8 @@ class HmmConfig:
             raise TrainerError(f"HMM method must be one of {METHODS}, got {self.method!r}")
         if self.epochs < 0 or self.chunk < 1:
             raise TrainerError("HMM epochs must be >= 0 and chunk >= 1")
-        if self.pseudocount < 0 or self.lr <= 0:
-            raise TrainerError("HMM pseudocount must be >= 0 and lr > 0")
+        if self.pseudocount < 0 or self.lr <= 0 or self.restarts < 1:
+            raise TrainerError("HMM pseudocount must be >= 0, lr > 0 and restarts >= 1")
 
 
 class HmmLoop(nn.Module):
@@ -163,6 +165,20 @@ def _check_ids(ids: Sequence[int], vocab_size: int) -> None:
         raise TrainerError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
 
 
+def _best_start(ids: list[int], batches: list[torch.Tensor], config: HmmConfig) -> HmmParams:
+    """The initialisation to train: the best of `config.restarts` after a short EM screen."""
+    uni = unigram(ids, config.vocab_size)
+    starts = [
+        HmmParams.random(config.states, config.vocab_size, uni, config.seed + i)
+        for i in range(config.restarts)
+    ]
+    if len(starts) == 1:
+        return starts[0]
+    screened = [fit_em(p, batches, SCREEN_EPOCHS, config.pseudocount)[1] for p in starts]
+    scores = [h.log_likelihood_per_token[-1] for h in screened]
+    return starts[max(range(len(starts)), key=lambda i: scores[i])]
+
+
 def train_hmm(
     ids: list[int],
     vocab_size: int,
@@ -173,14 +189,19 @@ def train_hmm(
     progress: bool = True,
     **options: Any,
 ) -> HmmLM:
-    """Trains a K-state HMM on `ids` by EM or gradient; options: chunk, pseudocount, lr."""
+    """Trains a K-state HMM on `ids` by EM or gradient.
+
+    options: chunk, pseudocount, lr, restarts. EM only finds a local optimum; with
+    restarts = R, R random initialisations (seeds seed..seed+R-1) each get SCREEN_EPOCHS EM
+    iterations and the one with the highest likelihood is trained for `epochs`.
+    """
     config = HmmConfig(states, vocab_size, method, epochs, seed, **options)
     config.validate()
     if len(ids) < 2:
         raise TrainerError(f"the HMM needs at least 2 tokens to train on, got {len(ids)}")
     _check_ids(ids, vocab_size)
     batches = chunk_ids(ids, config.chunk)
-    params = HmmParams.random(states, vocab_size, unigram(ids, vocab_size), seed)
+    params = _best_start(ids, batches, config)
     bar = tqdm(total=epochs, desc=f"hmm-{method} K={states}", disable=not progress, unit="epoch")
 
     def on_epoch(ll: float) -> None:

@@ -27,14 +27,18 @@ class HmmParams:
 
     @classmethod
     def random(cls, states: int, vocab_size: int, unigram: torch.Tensor, seed: int) -> HmmParams:
-        """Near-uniform transitions; emissions = the unigram distribution, perturbed per state."""
+        """Peaked random transitions, emissions = the unigram distribution perturbed per state.
+
+        Why peaked: near-uniform transitions make the states exchangeable in time, and EM then
+        spends many iterations as a mixture of unigrams before it finds temporal structure.
+        """
         gen = torch.Generator().manual_seed(seed)
         k, v = states, vocab_size
-        pi = torch.rand(k, generator=gen, dtype=torch.float64) + 1.0
-        a = torch.rand(k, k, generator=gen, dtype=torch.float64) + 0.5
-        noise = torch.rand(k, v, generator=gen, dtype=torch.float64) + 0.25
+        pi = torch.full((k,), 1.0 / k, dtype=torch.float64)
+        a = torch.softmax(torch.randn(k, k, generator=gen, dtype=torch.float64), dim=1)
+        noise = torch.randn(k, v, generator=gen, dtype=torch.float64).exp()
         b = (unigram[None, :] + 1e-3) * noise
-        return cls(pi / pi.sum(), a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True))
+        return cls(pi, a, b / b.sum(1, keepdim=True))
 
 
 @dataclass
