@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-repo", type=Path, default=ROOT / "models")
     p.add_argument("--model", default="lstm")
     p.add_argument("--concurrency", default="1,8,32,64,128")
-    p.add_argument("--tokens", type=int, default=128, help="tokens per stream")
+    p.add_argument("--tokens", type=int, default=512, help="tokens per stream")
     p.add_argument("--score-texts", type=int, default=16)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--profile", action="store_true", help="also profile the server at 1 stream")

@@ -77,6 +77,9 @@ _HELP: dict[str, tuple[type, str]] = {
 }
 
 
+_SECRET = {"state_key"}  # never echoed by --help, even when set in the environment
+
+
 def _env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
@@ -95,11 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(default, list):
             default = ",".join(default)
         env = _env_name(f.name)
+        shown = "" if f.name in _SECRET else f"; default {default}"
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             type=kind,
             default=os.environ.get(env, default),
-            help=f"{text} (env {env}; default {default!r})",
+            help=f"{text} (env {env}{shown})",
         )
     return parser
 
