@@ -135,3 +135,11 @@ def test_shutdown_turns_health_off_and_refuses_new_calls(model_repo: Path) -> No
         srv.stub.Score(pb.ScoreRequest(model="lstm", texts=["ab"]))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     srv.stop(grace=1.0)
+
+
+def test_unparsable_request_bytes_are_invalid_argument_not_internal(server) -> None:
+    raw = server.channel.unary_unary("/rnnserve.v1.Inference/Score")
+    with pytest.raises(grpc.RpcError) as err:
+        raw(b"\x0a\x05\xff\xfe\xfd\xfc\xfb")  # field 1 (model) with invalid UTF-8
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request" in err.value.details()
