@@ -94,3 +94,18 @@ def test_bad_top_and_unwritable_plot(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(TrainerError, match="cannot write plot"):
         stats.run(parse("--corpus", str(corpus), "--plot", str(blocker / "z.png")))
+
+
+def test_cli_stats_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.cli import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("to be or not to be", encoding="utf-8")
+    plot = tmp_path / "z.png"
+    args = ["stats", "--corpus", str(corpus), "--level", "word", "--plot", str(plot)]
+    assert main(args) == 0
+    assert "1  to be" in capsys.readouterr().out and plot.is_file()
+    corpus.write_bytes(b"\xff\xfe")
+    assert main(["stats", "--corpus", str(corpus), "--plot", str(plot)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not UTF-8" in err and "Traceback" not in err
