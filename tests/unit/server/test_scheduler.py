@@ -1,0 +1,150 @@
+"""The scheduler and output buffer with a fake model: no ONNX, no gRPC.
+
+The fake "model" predicts token (last + 1) mod V and counts steps in its state, so every
+stream's expected output is known exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from artifact.manifest import StateSpec
+from server.errors import Overloaded
+from server.metrics import Metrics
+from server.runtime import OnnxModel, Runtime
+from server.sampling import Sampler, SamplingParams
+from server.scheduler import Scheduler, StreamLimiter
+from server.stopping import StopChecker
+from server.stream import OutputBuffer, Stream
+
+V = 10
+
+
+class FakeModel(OnnxModel):
+    """OnnxModel's state helpers with a pure-numpy `run` (no session)."""
+
+    def __init__(self) -> None:
+        self.specs = [StateSpec("n", "n_in", "n_out", [1, -1, 1], 1)]
+        self._init = [np.zeros((1, 1), dtype=np.float32)]
+        self.calls: list[int] = []  # batch size of every call
+
+    def run(self, x, state):
+        self.calls.append(x.shape[0])
+        nxt = (x[:, -1] + 1) % V  # [batch]
+        logits = np.full((x.shape[0], x.shape[1], V), -10.0, dtype=np.float32)
+        logits[np.arange(x.shape[0]), -1, nxt] = 10.0
+        return logits, [state[0] + x.shape[1]]
+
+
+def _stream(max_tokens: int) -> Stream:
+    return Stream(
+        model="fake", sampler=Sampler(SamplingParams()), stopper=StopChecker(max_tokens),
+        decode=str, signer=None, started=0.0, deadline=None,
+    )  # fmt: skip
+
+
+async def _start(sched: Scheduler, first: int, max_tokens: int) -> Stream:
+    stream = _stream(max_tokens)
+    sched.admit()
+    logprobs, state = await sched.prefill([first], None)
+    token = stream.sampler.pick(logprobs)
+    stream.accept(token, float(logprobs[token]))
+    sched.join(stream, state)
+    return stream
+
+
+async def _collect(stream: Stream) -> list[int]:
+    ids = []
+    while (chunk := await stream.buffer.next()) is not None:
+        ids += chunk.token_ids
+    return ids
+
+
+def _scheduler(max_batch: int = 64, limit: int = 100, steps: int = 1):
+    model = FakeModel()
+    sched = Scheduler("fake", model, Runtime(2), StreamLimiter(limit), Metrics(), max_batch,
+                      steps)  # fmt: skip
+    return sched, model
+
+
+def test_streams_share_steps_and_each_gets_its_own_tokens() -> None:
+    async def main():
+        sched, model = _scheduler()
+        streams = [await _start(sched, first, 6) for first in range(4)]
+        outs = await asyncio.gather(*[_collect(s) for s in streams])
+        await sched.close()
+        return outs, model.calls, sched
+
+    outs, calls, sched = asyncio.run(main())
+    for first, ids in enumerate(outs):
+        assert ids == [(first + k) % V for k in range(1, 7)]
+    assert max(calls) > 1  # decode steps were batched
+    assert sched.admitted == 0 and sched.limiter.active == 0
+
+
+def test_max_batch_splits_a_step_into_chunks() -> None:
+    async def main():
+        sched, model = _scheduler(max_batch=2)
+        streams = [await _start(sched, 0, 5) for _ in range(5)]
+        await asyncio.gather(*[_collect(s) for s in streams])
+        await sched.close()
+        return model.calls
+
+    calls = asyncio.run(main())
+    assert max(calls) == 2
+
+
+def test_multi_step_trips_give_the_same_tokens() -> None:
+    async def main():
+        sched, _ = _scheduler(steps=8)
+        streams = [await _start(sched, i % V, 30) for i in range(20)]
+        outs = await asyncio.gather(*[_collect(s) for s in streams])
+        await sched.close()
+        return outs
+
+    for i, ids in enumerate(asyncio.run(main())):
+        assert ids == [(i + k) % V for k in range(1, 31)]
+
+
+def test_cancelled_stream_leaves_by_the_next_step() -> None:
+    async def main():
+        sched, _ = _scheduler()
+        keep = await _start(sched, 0, 400)
+        gone = await _start(sched, 0, 10**6)
+        await gone.buffer.next()
+        gone.cancel()
+        ids = await _collect(keep)  # the batch goes on without it
+        await sched.close()
+        return sched, ids
+
+    sched, ids = asyncio.run(main())
+    assert len(ids) == 400
+    assert sched.live == 0 and sched.admitted == 0 and sched.limiter.active == 0
+
+
+def test_admission_is_bounded() -> None:
+    sched, _ = _scheduler(limit=2)
+    sched.admit()
+    sched.admit()
+    with pytest.raises(Overloaded):
+        sched.admit()
+    sched.release()
+    sched.admit()
+
+
+def test_output_buffer_coalesces_for_a_slow_reader() -> None:
+    async def main():
+        buf = OutputBuffer()
+        for i in range(5):
+            buf.push(i, str(i), -0.5)
+        buf.finish("length")
+        first = await buf.next()
+        return first, await buf.next()
+
+    first, end = asyncio.run(main())
+    assert first.token_ids == [0, 1, 2, 3, 4] and first.text == "01234"
+    assert first.logprob == pytest.approx(-2.5) and first.finish_reason == "length"
+    assert end is None
