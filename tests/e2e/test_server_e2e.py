@@ -87,3 +87,34 @@ def test_missing_model_repo_is_a_clear_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert res.returncode == 2
     assert "error:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_sigterm_lets_in_flight_streams_finish_and_exits_0(model_repo: Path) -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "rnn-server"), "--model-repo", str(model_repo), "--port", str(port),
+         "--host", "127.0.0.1", "--metrics-port", "0", "--grace", "20", "--log-level", "ERROR",
+         "--max-tokens", "5000"],
+    )  # fmt: skip
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            _wait_healthy(channel, proc)
+            stub = pb_grpc.InferenceStub(channel)
+            call = stub.Generate(
+                pb.GenerateRequest(model="lstm", prompt="the time", max_tokens=5000), timeout=60
+            )
+            tokens = len(next(call).token_ids)
+            proc.send_signal(signal.SIGTERM)
+            msgs = list(call)  # the in-flight stream runs to its end
+            tokens += sum(len(m.token_ids) for m in msgs)
+            assert msgs[-1].finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS)
+            if msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH:
+                assert tokens == 5000
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Score(pb.ScoreRequest(model="lstm", texts=["ab"]), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
