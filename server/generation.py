@@ -86,12 +86,16 @@ class Generator:
         entry, sched, metrics = self.entry, self.scheduler, self.scheduler.metrics
         name = entry.name
 
+        generated = metrics.generated_tokens.labels(model=name)
+        ttft = metrics.time_to_first_token.labels(model=name)
+        itl = metrics.inter_token_latency.labels(model=name)
+
         def on_token(stream: Stream, now: float) -> None:
-            metrics.generated_tokens.labels(model=name).inc()
+            generated.inc()
             if stream.tokens == 1:
-                metrics.time_to_first_token.labels(model=name).observe(now - stream.started)
+                ttft.observe(now - stream.started)
             else:
-                metrics.inter_token_latency.labels(model=name).observe(now - stream.last_time)
+                itl.observe(now - stream.last_time)
 
         signer = None
         if p.return_state:

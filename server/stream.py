@@ -105,6 +105,7 @@ class Stream:
         self.finished = False
         self.cancelled = False
         self.joined_at = 0.0
+        self._pending_reason = ""
 
     @property
     def done(self) -> bool:
