@@ -1,0 +1,49 @@
+"""Provider fall-back and the state helpers used to batch streams."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnxruntime as ort
+
+from artifact.manifest import StateSpec
+from server.runtime import OnnxModel, _init_element, log_softmax, resolve_providers
+
+
+def test_unavailable_provider_falls_back_to_cpu_with_a_log_line(caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        chosen = resolve_providers(["nosuchgpu", "cpu"])
+    assert chosen == ["CPUExecutionProvider"]
+    assert "nosuchgpu" in caplog.text
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert resolve_providers(["cuda"]) == ["CPUExecutionProvider"]
+
+
+class _States(OnnxModel):
+    def __init__(self, specs: list[StateSpec]) -> None:
+        self.specs = specs
+        self._init = [_init_element(s) for s in specs]
+
+
+def test_init_broadcast_concat_and_take_along_the_batch_axis() -> None:
+    specs = [
+        StateSpec("h", "h_in", "h_out", [2, -1, 3], 1, init=0.5),
+        StateSpec("ctx", "c_in", "c_out", [-1, 2], 0, dtype="int64", init=[2, 2]),
+    ]
+    m = _States(specs)
+    a, b = m.initial_state(2), m.initial_state(1)
+    assert a[0].shape == (2, 2, 3) and np.all(a[0] == 0.5)
+    assert a[1].dtype == np.int64 and a[1].tolist() == [[2, 2], [2, 2]]
+    b[0][:] = 7.0
+    joined = m.concat([a, b])
+    assert joined[0].shape == (2, 3, 3) and joined[1].shape == (3, 2)
+    row = m.take(joined, 2)
+    assert np.all(row[0] == 7.0) and row[0].shape == (2, 1, 3)
+    assert [s[0].shape for s in m.split(joined)] == [(2, 1, 3)] * 3
+
+
+def test_log_softmax_normalises() -> None:
+    lp = log_softmax(np.asarray([[1000.0, 1000.0, -5.0]], dtype=np.float32))
+    assert np.allclose(np.exp(lp).sum(-1), 1.0)
+    assert np.isfinite(lp).all()
