@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.errors import Overloaded, ShuttingDown
+from server.errors import DeadlineExceeded, Overloaded, ShuttingDown
 from server.metrics import Metrics
 from server.runtime import OnnxModel, Runtime, State, log_softmax
 from server.stream import Stream
@@ -244,6 +244,7 @@ class Scheduler:
             for i, s in enumerate(batch.streams):
                 if not s.done and s.expired(now):
                     s.cancel()
+                    s.buffer.fail(DeadlineExceeded("the call's deadline passed"))
                 if s.done:
                     self.release()
                 else:

@@ -148,3 +148,19 @@ def test_output_buffer_coalesces_for_a_slow_reader() -> None:
     assert first.token_ids == [0, 1, 2, 3, 4] and first.text == "01234"
     assert first.logprob == pytest.approx(-2.5) and first.finish_reason == "length"
     assert end is None
+
+
+def test_expired_stream_ends_with_deadline_exceeded() -> None:
+    from server.errors import DeadlineExceeded
+
+    async def main():
+        sched, _ = _scheduler()
+        stream = await _start(sched, 0, 10**6)
+        stream.deadline = 0.0  # long past
+        with pytest.raises(DeadlineExceeded):
+            await _collect(stream)
+        await sched.close()
+        return sched
+
+    sched = asyncio.run(main())
+    assert sched.admitted == 0
