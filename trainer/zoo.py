@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.errors import TrainerError
@@ -33,11 +33,21 @@ class Preset:
     lr: float
     hmm_states: int
     hmm_epochs: int
+    lstm: dict = field(default_factory=dict)  # overrides for `lstm`, the model the docs use
 
 
+_DEFAULT_LSTM = {
+    "hidden": 256,
+    "embed": 64,
+    "dropout": 0.2,
+    "epochs": 16,
+    "batch_size": 32,
+    "lr": 0.005,
+    "lr_decay": 0.93,
+}
 PRESETS = {
     "tiny": Preset(12_000, 16, 8, 1, 1, 16, 32, 0.01, 4, 2),
-    "default": Preset(None, 128, 32, 12, 10, 64, 64, 0.01, 32, 15),
+    "default": Preset(None, 128, 32, 12, 10, 64, 64, 0.01, 32, 15, lstm=_DEFAULT_LSTM),
 }
 
 
@@ -84,10 +94,16 @@ def build_zoo(
                 continue
         else:
             arch, layers, bi = _recurrent(name)
-            config = ModelConfig(arch, 1, p.hidden, layers, p.embed, bi)
+            extra = p.lstm if name == "lstm" else {}
+            config = ModelConfig(
+                arch, 1, extra.get("hidden", p.hidden), layers, extra.get("embed", p.embed), bi,
+                extra.get("dropout", 0.0),
+            )  # fmt: skip
             train = TrainConfig(
-                epochs=p.deep_epochs if layers > 1 or bi else p.epochs, num_steps=p.num_steps,
-                batch_size=p.batch_size, lr=p.lr, sampling="sequential", seed=0,
+                epochs=extra.get("epochs", p.deep_epochs if layers > 1 or bi else p.epochs),
+                num_steps=p.num_steps, batch_size=extra.get("batch_size", p.batch_size),
+                lr=extra.get("lr", p.lr), lr_decay=extra.get("lr_decay", 1.0),
+                sampling="sequential", seed=0,
             )  # fmt: skip
             path = train_recurrent(
                 config, train, data, out=out, name=name, progress=progress, log=log
