@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -82,13 +83,18 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")  # fmt: skip
 
 
+def _wants_forecast(argv: list[str]) -> bool:
+    """`--task forecast` or `--arch mlp` (also as --flag=value) anywhere in argv."""
+    pairs = set(itertools.pairwise(argv)) | {tuple(a.split("=", 1)) for a in argv}
+    return ("--task", "forecast") in pairs or ("--arch", "mlp") in pairs
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnn-trainer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model and export it to OUT/NAME/VERSION")
     _add_common_train(train)
-    argv = sys.argv[1:] if argv is None else argv
-    if "forecast" in argv or "mlp" in argv:  # forecast flags only when asked for
+    if _wants_forecast(argv or []):  # forecast flags (and defaults) only when asked for
         _optional("trainer.forecast.cli").add_arguments(train)
     sample = sub.add_parser("sample", help="greedy generation in torch (the server's reference)")
     sample.add_argument("--model", required=True, help="package dir (OUT/NAME/VERSION) or run dir")
