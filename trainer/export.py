@@ -90,6 +90,7 @@ def export_model(
     except OSError as exc:
         raise TrainerError(f"cannot create {target.parent}: {exc.strerror}") from exc
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; a server running as another user must read it
     try:
         onnx_path = tmp / ONNX_FILE
         try:

@@ -35,6 +35,7 @@ def test_export_writes_a_checked_package(tmp_path, arch, layers, bidirectional) 
     assert isinstance(model, ExportableModel)
     path = _export(model, tmp_path, metrics={"val_perplexity": 3.0})
     assert path == tmp_path / "m" / "1"
+    assert path.stat().st_mode & 0o755 == 0o755  # readable by a server running as another user
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.onnx"]
     manifest = Manifest.load(path)
     assert manifest.task == ("infill" if bidirectional else "lm")
