@@ -20,3 +20,12 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models")
     build_zoo(out, preset="tiny")
     return out
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tiny models train and run far faster on one thread, and tests share two cores."""
+    try:
+        import torch
+    except ImportError:  # a serve-only install has no torch
+        return
+    torch.set_num_threads(1)

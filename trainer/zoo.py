@@ -47,7 +47,7 @@ _DEFAULT_LSTM = {
 }
 PRESETS = {
     "tiny": Preset(12_000, 16, 8, 1, 1, 16, 32, 0.01, 4, 2),
-    "default": Preset(None, 128, 32, 12, 10, 64, 64, 0.01, 32, 15, lstm=_DEFAULT_LSTM),
+    "default": Preset(None, 128, 32, 12, 10, 64, 64, 0.01, 32, 50, lstm=_DEFAULT_LSTM),
 }
 
 
