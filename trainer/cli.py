@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -236,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rnn-trainer stats | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
