@@ -20,6 +20,7 @@ from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 from server import logs
 from server.admin import AdminService
+from server.auth import TokenFileError, bearer_guard, load_tokens
 from server.engine import Engine
 from server.errors import ShuttingDown
 from server.health import ModelHealth
@@ -31,6 +32,7 @@ from server.runtime import OnnxModel, Runtime, resolve_providers
 from server.scheduler import StreamLimiter
 from server.service import InferenceService
 from server.settings import Settings, settings_from_args
+from server.tls import TlsConfigError, server_credentials
 
 log = logging.getLogger("server")
 
@@ -115,7 +117,9 @@ def build_app(
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    creds = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     app = App(server, port, engine, health, metrics, settings)
     app_ref["app"] = app
     return app
@@ -124,7 +128,11 @@ def build_app(
 async def serve(settings: Settings) -> int:
     """Runs until SIGTERM/SIGINT, then drains within --grace seconds."""
     try:
-        app = build_app(settings)
+        tokens = load_tokens(settings.tokens_file)
+        app = build_app(settings, guards=[bearer_guard(tokens)] if tokens else None)
+    except (TokenFileError, TlsConfigError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     except RuntimeError as exc:  # e.g. the port is taken
         log.error("cannot start: %s", exc)
         return 2

@@ -38,6 +38,10 @@ class Settings:
     grace: float = 10.0
     log_level: str = "INFO"
     executor_threads: int = 4
+    tokens_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
 
 
 # flag name -> (type, help). Kept next to the dataclass so --help documents every field.
@@ -74,6 +78,14 @@ _HELP: dict[str, tuple[type, str]] = {
     "grace": (float, "seconds in-flight calls get to finish after SIGTERM"),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
     "executor_threads": (int, "threads that run ONNX Runtime off the event loop"),
+    "tokens_file": (
+        str,
+        "file of bearer tokens, one per line; with it (or RNNSERVE_TOKENS=a,b) every "
+        "rnnserve.v1 call needs 'authorization: Bearer <token>'",
+    ),
+    "tls_cert": (str, "server certificate PEM; with --tls-key turns on TLS"),
+    "tls_key": (str, "server private key PEM"),
+    "tls_client_ca": (str, "CA PEM that client certificates must chain to (mutual TLS)"),
 }
 
 

@@ -1,0 +1,62 @@
+"""Optional bearer-token auth: a Guard for the call interceptor.
+
+Why a guard and not a separate interceptor: the CallInterceptor already maps ServeErrors to
+status codes and logs every call, so a refused call is counted and logged like any other
+(without the token). Health and reflection never reach the guard (they are not rnnserve.v1
+methods), so they stay open for load balancers and grpcurl.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+
+from server.errors import Unauthenticated
+from server.interceptors import Guard
+
+TOKENS_ENV = "RNNSERVE_TOKENS"
+
+
+class TokenFileError(ValueError):
+    """The tokens file cannot be read or holds no token."""
+
+
+def load_tokens(tokens_file: str | Path | None, env: dict[str, str] | None = None) -> list[str]:
+    """Tokens from the file (one per line, `#` comments) plus RNNSERVE_TOKENS (comma list).
+
+    An empty result means auth is off.
+    """
+    env = os.environ if env is None else env
+    tokens: list[str] = []
+    if tokens_file:
+        path = Path(tokens_file)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise TokenFileError(f"cannot read tokens file {path}: {exc.strerror}") from None
+        tokens += [line.strip() for line in text.splitlines()]
+        tokens = [t for t in tokens if t and not t.startswith("#")]
+        if not tokens:
+            raise TokenFileError(f"tokens file {path} holds no token")
+    tokens += [t.strip() for t in env.get(TOKENS_ENV, "").split(",") if t.strip()]
+    return sorted(set(tokens))
+
+
+def bearer_guard(tokens: list[str]) -> Guard:
+    """A Guard that needs `authorization: Bearer <one of tokens>` metadata."""
+    secrets = [t.encode() for t in tokens]
+
+    def guard(method: str, metadata: dict[str, str]) -> None:
+        header = metadata.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
+        candidate = given.strip().encode()
+        ok = False
+        for secret in secrets:  # no early exit: time does not depend on which token matched
+            ok |= hmac.compare_digest(candidate, secret)
+        if not ok:
+            raise Unauthenticated("invalid bearer token")
+
+    return guard
