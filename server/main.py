@@ -33,6 +33,7 @@ from server.scheduler import StreamLimiter
 from server.service import InferenceService
 from server.settings import Settings, settings_from_args
 from server.tls import TlsConfigError, server_credentials
+from server.workers import run_workers
 
 log = logging.getLogger("server")
 
@@ -104,7 +105,7 @@ def build_app(
         options=[
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ],
     )
     pb_grpc.add_InferenceServicer_to_server(InferenceService(engine), server)
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.model_repo.is_dir():
         print(f"error: model repository {settings.model_repo} is not a directory", file=sys.stderr)
         return 2
+    if settings.workers > 1:
+        return run_workers(settings, list(sys.argv[1:] if argv is None else argv))
     try:
         return asyncio.run(serve(settings))
     except OSError as exc:

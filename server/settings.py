@@ -42,6 +42,8 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    workers: int = 1
+    reuse_port: int = 0
 
 
 # flag name -> (type, help). Kept next to the dataclass so --help documents every field.
@@ -86,6 +88,12 @@ _HELP: dict[str, tuple[type, str]] = {
     "tls_cert": (str, "server certificate PEM; with --tls-key turns on TLS"),
     "tls_key": (str, "server private key PEM"),
     "tls_client_ca": (str, "CA PEM that client certificates must chain to (mutual TLS)"),
+    "workers": (
+        int,
+        "server processes sharing the gRPC port (SO_REUSEPORT); a parent process serves "
+        "their merged metrics on --metrics-port",
+    ),
+    "reuse_port": (int, "1: bind with SO_REUSEPORT (set by --workers for its workers)"),
 }
 
 
@@ -153,6 +161,7 @@ def validate(settings: Settings) -> str | None:
         "decode_steps",
         "max_message_bytes",
         "executor_threads",
+        "workers",
     ]
     for name in positive:
         if getattr(settings, name) < 1:

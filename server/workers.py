@@ -1,0 +1,101 @@
+"""--workers N: N rnn-server processes share one gRPC port; the parent serves merged /metrics.
+
+Why processes: ONNX Runtime calls and protobuf work hold the GIL often enough that one
+process tops out on a core. Each worker is a fresh `python -m server.main` with
+SO_REUSEPORT on (the kernel spreads connections) and PROMETHEUS_MULTIPROC_DIR set before it
+imports prometheus_client, so its metrics land in mmap files; the parent (which loads no
+model) merges them with MultiProcessCollector on --metrics-port. SIGTERM/SIGINT to the parent
+is forwarded to every worker; each drains for --grace seconds; the parent exits 0 when they
+all did. If one worker dies, the parent stops the rest and exits with its code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+from server.settings import Settings
+
+log = logging.getLogger("server.workers")
+POLL_S = 0.2
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host.strip("[]"), 0))
+        return s.getsockname()[1]
+
+
+def run_workers(settings: Settings, argv: list[str]) -> int:
+    """Runs settings.workers worker processes until a signal; returns the exit status."""
+    port = settings.port or _free_port(settings.host)
+    prom_dir = tempfile.mkdtemp(prefix="rnnserve-metrics-")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": prom_dir}
+    # later flags win in argparse: the workers get the shared port and no /metrics of their own
+    extra = ["--port", str(port), "--metrics-port", "0", "--workers", "1", "--reuse-port", "1"]
+    cmd = [sys.executable, "-m", "server.main", *argv, *extra]
+    stop = {"signal": 0}
+
+    def on_signal(signum, frame) -> None:
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    procs: list[subprocess.Popen] = []
+    try:
+        if settings.metrics_port:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=prom_dir)
+            start_http_server(settings.metrics_port, registry=registry)
+            log.info("merged metrics of %d workers on :%d", settings.workers, settings.metrics_port)
+        procs = [subprocess.Popen(cmd, env=env) for _ in range(settings.workers)]
+        log.info(
+            "started %d workers on %s:%d",
+            len(procs),
+            settings.host,
+            port,
+            extra={"port": port, "pids": [p.pid for p in procs]},
+        )
+        status = 0
+        while not stop["signal"]:
+            dead = [p for p in procs if p.poll() is not None]
+            if dead:
+                status = dead[0].returncode or 1
+                log.error("worker %d exited with %d; stopping", dead[0].pid, dead[0].returncode)
+                break
+            time.sleep(POLL_S)
+        return _stop_all(procs, settings.grace) or status
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        shutil.rmtree(prom_dir, ignore_errors=True)
+
+
+def _stop_all(procs: list[subprocess.Popen], grace: float) -> int:
+    """SIGTERM every live worker, wait grace + 10 s, kill stragglers; 0 if all exited 0."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace + 10
+    status = 0
+    for p in procs:
+        try:
+            code = p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            code = p.wait()
+        status = status or (0 if code == 0 else code if code > 0 else 1)
+    log.info("all workers stopped")
+    return status

@@ -1,0 +1,97 @@
+"""`rnn-server --workers 2`: two processes on one port, one merged /metrics, SIGTERM -> exit 0."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+READY_WAIT_S = 90.0  # bound on start-up, not a speed assertion
+CALLS = 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as body:
+        return body.read().decode()
+
+
+def _serving_pids(text: str) -> set[str]:
+    """Workers that published rnnserve_model_serving (multiprocess gauges carry a pid label)."""
+    return set(re.findall(r'rnnserve_model_serving\{[^}]*pid="(\d+)"', text))
+
+
+def _generate_count(text: str) -> float:
+    pattern = r"rnnserve_request_duration_seconds_count\{([^}]*)\} ([0-9.e+]+)"
+    total = 0.0
+    for labels, value in re.findall(pattern, text):
+        if 'rpc="Generate"' in labels and 'code="OK"' in labels:
+            total += float(value)
+    return total
+
+
+def test_two_workers_share_port_and_metrics(model_repo: Path, tmp_path: Path) -> None:
+    port, metrics_port = _free_port(), _free_port()
+    log = tmp_path / "server.log"
+    cmd = [str(BIN / "rnn-server"), "--model-repo", str(model_repo), "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", str(metrics_port), "--grace", "2",
+           "--executor-threads", "1"]  # fmt: skip
+    env = {**os.environ, "RNNSERVE_WORKERS": "2"}  # the env var form of --workers
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        end = time.monotonic() + READY_WAIT_S
+        text = ""
+        while len(_serving_pids(text)) < 2:  # both workers have loaded the zoo
+            if proc.poll() is not None:
+                pytest.fail(f"rnn-server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > end:
+                pytest.fail(f"2 workers not up in {READY_WAIT_S:g}s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+            try:
+                text = _scrape(metrics_port)
+            except OSError:
+                text = ""
+        before = _generate_count(text)
+        for i in range(CALLS):  # a fresh connection each time: the kernel spreads them
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                health = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(), timeout=30
+                )
+                assert health.status == health_pb2.HealthCheckResponse.SERVING
+                msgs = list(
+                    pb_grpc.InferenceStub(ch).Generate(
+                        pb.GenerateRequest(model="lstm", prompt="the", max_tokens=2 + i % 2),
+                        timeout=30,
+                    )
+                )
+                assert msgs[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+        after = _scrape(metrics_port)
+        assert _generate_count(after) - before == CALLS
+        assert len(_serving_pids(after)) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
