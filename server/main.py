@@ -26,6 +26,7 @@ from server.errors import ShuttingDown
 from server.health import ModelHealth
 from server.interceptors import CallInterceptor, Guard
 from server.metrics import Metrics
+from server.reload import Reloader
 from server.repository import ModelVersion, Repository
 from server.resume import StateSigner
 from server.runtime import OnnxModel, Runtime, resolve_providers
@@ -49,6 +50,7 @@ class App:
     metrics: Metrics
     settings: Settings
     draining: bool = False
+    admin: AdminService | None = None
 
     async def start(self) -> None:
         await self.server.start()
@@ -109,7 +111,8 @@ def build_app(
         ],
     )
     pb_grpc.add_InferenceServicer_to_server(InferenceService(engine), server)
-    pb_grpc.add_AdminServicer_to_server(AdminService(engine, health), server)
+    admin = AdminService(engine, health)
+    pb_grpc.add_AdminServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     names = (
         pb.DESCRIPTOR.services_by_name["Inference"].full_name,
@@ -121,7 +124,7 @@ def build_app(
     address = f"{settings.host}:{settings.port}"
     creds = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-    app = App(server, port, engine, health, metrics, settings)
+    app = App(server, port, engine, health, metrics, settings, admin=admin)
     app_ref["app"] = app
     return app
 
@@ -149,7 +152,10 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloader = Reloader(admin=app.admin, poll_interval=settings.poll_interval)
+    reloader.start()
     await stop.wait()
+    await reloader.stop()
     log.info("shutting down: draining for up to %.1fs", settings.grace)
     await app.shutdown()
     log.info("stopped")

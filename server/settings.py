@@ -44,6 +44,7 @@ class Settings:
     tls_client_ca: str = ""
     workers: int = 1
     reuse_port: int = 0
+    poll_interval: float = 0.0
 
 
 # flag name -> (type, help). Kept next to the dataclass so --help documents every field.
@@ -94,6 +95,11 @@ _HELP: dict[str, tuple[type, str]] = {
         "their merged metrics on --metrics-port",
     ),
     "reuse_port": (int, "1: bind with SO_REUSEPORT (set by --workers for its workers)"),
+    "poll_interval": (
+        float,
+        "seconds between model repository rescans (0 = off; SIGHUP and Admin.ReloadModels "
+        "always rescan)",
+    ),
 }
 
 
@@ -170,6 +176,8 @@ def validate(settings: Settings) -> str | None:
         return "ports must be in 0..65535"
     if settings.intra_op_threads < 0:
         return "--intra-op-threads must be 0 or more"
+    if settings.poll_interval < 0:
+        return "--poll-interval must be 0 or more"
     if settings.grace < 0:
         return "--grace must be 0 or more"
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

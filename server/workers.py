@@ -51,6 +51,7 @@ def run_workers(settings: Settings, argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, lambda signum, frame: _forward(procs, signal.SIGHUP))
     procs: list[subprocess.Popen] = []
     try:
         if settings.metrics_port:
@@ -81,6 +82,13 @@ def run_workers(settings: Settings, argv: list[str]) -> int:
                 p.kill()
                 p.wait()
         shutil.rmtree(prom_dir, ignore_errors=True)
+
+
+def _forward(procs: list[subprocess.Popen], signum: int) -> None:
+    """SIGHUP (hot reload) goes to every live worker."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signum)
 
 
 def _stop_all(procs: list[subprocess.Popen], grace: float) -> int:

@@ -1,0 +1,67 @@
+"""Hot reload triggers besides the Admin RPC: SIGHUP and --poll-interval.
+
+Both go through AdminService.ReloadModels, so every rescan (RPC, signal, timer) is serialised
+by its lock and does the same thing: load new version directories (a broken one is logged and
+kept NOT_SERVING while older versions serve), unload removed versions once their streams end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+from server.admin import AdminService
+
+log = logging.getLogger(__name__)
+
+
+class Reloader:
+    """Owns the SIGHUP handler and the polling task of one running server."""
+
+    def __init__(self, admin: AdminService, poll_interval: float) -> None:
+        self.admin = admin
+        self.poll_interval = poll_interval
+        self._tasks: set[asyncio.Task] = set()
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.trigger, "SIGHUP")
+        if self.poll_interval > 0:
+            self._spawn(self._poll())
+
+    def trigger(self, why: str) -> None:
+        """Schedules one rescan (safe to call from a signal handler on the loop)."""
+        self._spawn(self.reload(why))
+
+    async def reload(self, why: str) -> pb.ReloadModelsResponse | None:
+        try:
+            reply = await self.admin.ReloadModels(pb.ReloadModelsRequest(), None)
+        except Exception:
+            log.exception("reload (%s) failed", why)
+            return None
+        if reply.loaded or reply.unloaded or reply.failed:
+            log.info("reload (%s) changed the repository", why, extra={"trigger": why})
+        return reply
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            await self.reload("poll")
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
