@@ -1,0 +1,83 @@
+"""Graceful shutdown of a real `rnn-server`: SIGTERM mid-stream.
+
+Health stops being SERVING, a new call gets UNAVAILABLE, the in-flight stream still runs to
+its full length, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+WAIT_S = 60.0  # bounds, not speed assertions
+TOKENS = 8000  # a couple of seconds of generation: still running when SIGTERM lands
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _health(channel: grpc.Channel) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        return stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+    except grpc.RpcError:
+        return -1
+
+
+def test_sigterm_drains_in_flight_stream(model_repo: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    cmd = [str(BIN / "rnn-server"), "--model-repo", str(model_repo), "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", "0", "--grace", "30",
+           "--max-tokens", str(TOKENS)]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            end = time.monotonic() + WAIT_S
+            while _health(channel) != health_pb2.HealthCheckResponse.SERVING:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < end, log.read_text()[-3000:]
+                time.sleep(0.2)
+            stream = pb_grpc.InferenceStub(channel).Generate(
+                pb.GenerateRequest(model="lstm", prompt="the", max_tokens=TOKENS), timeout=WAIT_S
+            )
+            first = next(stream)
+            proc.send_signal(signal.SIGTERM)
+            end = time.monotonic() + WAIT_S
+            while _health(channel) == health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < end, "health still SERVING after SIGTERM"
+                time.sleep(0.05)
+            with grpc.insecure_channel(address) as fresh, pytest.raises(grpc.RpcError) as info:
+                list(
+                    pb_grpc.InferenceStub(fresh).Generate(
+                        pb.GenerateRequest(model="lstm", prompt="the", max_tokens=2), timeout=10
+                    )
+                )
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            rest = list(stream)
+            assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+            assert sum(len(m.token_ids) for m in [first, *rest]) == TOKENS
+        assert proc.wait(timeout=WAIT_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert "shutting down" in log.read_text()
