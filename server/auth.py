@@ -3,7 +3,8 @@
 Why a guard and not a separate interceptor: the CallInterceptor already maps ServeErrors to
 status codes and logs every call, so a refused call is counted and logged like any other
 (without the token). Health and reflection never reach the guard (they are not rnnserve.v1
-methods), so they stay open for load balancers and grpcurl.
+methods), so they stay open for load balancers and grpcurl, unless --auth-health adds
+OpenServicesAuth.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import hmac
 import os
 from pathlib import Path
+
+import grpc
 
 from server.errors import Unauthenticated
 from server.interceptors import Guard
@@ -60,3 +63,46 @@ def bearer_guard(tokens: list[str]) -> Guard:
             raise Unauthenticated("invalid bearer token")
 
     return guard
+
+
+OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+class OpenServicesAuth(grpc.aio.ServerInterceptor):
+    """--auth-health: the guard also covers health checks and reflection.
+
+    The CallInterceptor only sees rnnserve.v1 methods; this one refuses the others with
+    UNAUTHENTICATED before their handler runs.
+    """
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(OPEN_PREFIXES):
+            return handler
+        metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        try:
+            self.guard(details.method, metadata)
+        except Unauthenticated as exc:
+            return _denied(handler, exc.message)
+        return handler
+
+
+def _denied(handler, message: str):
+    async def deny(request, context) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kind = (
+        (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
+        (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
+        (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
+        (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
+    )
+    make = next(factory for behavior, factory in kind if behavior is not None)
+    return make(
+        deny,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

@@ -20,7 +20,7 @@ from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 from server import logs
 from server.admin import AdminService
-from server.auth import TokenFileError, bearer_guard, load_tokens
+from server.auth import OpenServicesAuth, TokenFileError, bearer_guard, load_tokens
 from server.engine import Engine
 from server.errors import ShuttingDown
 from server.health import ModelHealth
@@ -68,7 +68,10 @@ class App:
 
 
 def build_app(
-    settings: Settings, metrics: Metrics | None = None, guards: list[Guard] | None = None
+    settings: Settings,
+    metrics: Metrics | None = None,
+    guards: list[Guard] | None = None,
+    extra_interceptors: list[grpc.aio.ServerInterceptor] | None = None,
 ) -> App:
     """Wires every part together. Call inside a running event loop."""
     metrics = metrics or Metrics()
@@ -103,7 +106,7 @@ def build_app(
     interceptor = CallInterceptor(metrics, engine.model_label, [not_draining, *(guards or [])])
     size = settings.max_message_bytes
     server = grpc.aio.server(
-        interceptors=[interceptor],
+        interceptors=[*(extra_interceptors or []), interceptor],
         options=[
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
@@ -133,7 +136,9 @@ async def serve(settings: Settings) -> int:
     """Runs until SIGTERM/SIGINT, then drains within --grace seconds."""
     try:
         tokens = load_tokens(settings.tokens_file)
-        app = build_app(settings, guards=[bearer_guard(tokens)] if tokens else None)
+        guards = [bearer_guard(tokens)] if tokens else []
+        extra = [OpenServicesAuth(guards[0])] if guards and settings.auth_health else []
+        app = build_app(settings, guards=guards, extra_interceptors=extra)
     except (TokenFileError, TlsConfigError) as exc:
         log.error("cannot start: %s", exc)
         return 2

@@ -45,6 +45,7 @@ class Settings:
     workers: int = 1
     reuse_port: int = 0
     poll_interval: float = 0.0
+    auth_health: int = 0
 
 
 # flag name -> (type, help). Kept next to the dataclass so --help documents every field.
@@ -86,6 +87,7 @@ _HELP: dict[str, tuple[type, str]] = {
         "file of bearer tokens, one per line; with it (or RNNSERVE_TOKENS=a,b) every "
         "rnnserve.v1 call needs 'authorization: Bearer <token>'",
     ),
+    "auth_health": (int, "1: health checks and reflection need a token too (default: open)"),
     "tls_cert": (str, "server certificate PEM; with --tls-key turns on TLS"),
     "tls_key": (str, "server private key PEM"),
     "tls_client_ca": (str, "CA PEM that client certificates must chain to (mutual TLS)"),

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
@@ -99,10 +100,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serving(channel: grpc.Channel) -> bool:
+def _serving(channel: grpc.Channel, metadata: tuple = ()) -> bool:
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=2
+            health_pb2.HealthCheckRequest(), timeout=2, metadata=metadata
         )
     except grpc.RpcError:
         return False
@@ -111,7 +112,12 @@ def _serving(channel: grpc.Channel) -> bool:
 
 @contextlib.contextmanager
 def server(
-    model_repo: Path, log: Path, args: list[str], env: dict[str, str], channel: ChannelFactory
+    model_repo: Path,
+    log: Path,
+    args: list[str],
+    env: dict[str, str],
+    channel: ChannelFactory,
+    metadata: tuple = (),
 ) -> Iterator[str]:
     """Starts rnn-server with `args`, waits for SERVING over `channel`, SIGTERMs it after."""
     port = _free_port()
@@ -126,7 +132,7 @@ def server(
         end = time.monotonic() + READY_WAIT_S
         while True:
             with channel(address) as ch:
-                if _serving(ch):
+                if _serving(ch, metadata):
                     break
             if proc.poll() is not None:
                 pytest.fail(f"rnn-server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
@@ -230,3 +236,30 @@ def test_tls_and_mutual_tls(model_repo: Path, tmp_path: Path, pki: dict[str, str
         foreign = client(address, "--tls-ca", pki["ca"], "--tls-cert", pki["other_client_cert"],
                          "--tls-key", pki["other_client_key"], "models")  # fmt: skip
         assert foreign.returncode != 0
+
+
+def test_auth_health_closes_health_and_reflection(model_repo: Path, tmp_path: Path) -> None:
+    token = "health-tok-93b1"
+    meta = (("authorization", f"Bearer {token}"),)
+    env = {"RNNSERVE_TOKENS": token, "RNNSERVE_AUTH_HEALTH": "1"}
+    log = tmp_path / "server.log"
+    with (
+        server(model_repo, log, [], env, grpc.insecure_channel, meta) as address,
+        grpc.insecure_channel(address) as ch,
+    ):
+        health = health_pb2_grpc.HealthStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = health.Check(health_pb2.HealthCheckRequest(service="lstm"), timeout=10,
+                          metadata=meta)  # fmt: skip
+        assert ok.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        with pytest.raises(grpc.RpcError) as info:
+            list(refl.ServerReflectionInfo(iter([ask]), timeout=10))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        listed = list(refl.ServerReflectionInfo(iter([ask]), timeout=10, metadata=meta))
+        names = {s.name for s in listed[0].list_services_response.service}
+        assert "rnnserve.v1.Inference" in names
+    assert token not in log.read_text()
