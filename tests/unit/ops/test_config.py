@@ -1,0 +1,54 @@
+"""Every rnn-server setting is a documented flag and an RNNSERVE_* environment variable."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+
+from server.settings import Settings, build_parser, settings_from_args
+
+OPS_VALUES = {
+    "tokens_file": "/etc/rnnserve/tokens",
+    "tls_cert": "/certs/server.pem",
+    "tls_key": "/certs/server.key",
+    "tls_client_ca": "/certs/ca.pem",
+    "workers": "3",
+    "poll_interval": "2.5",
+    "auth_health": "1",
+}
+
+
+def test_help_documents_every_field_with_its_env_var() -> None:
+    text = " ".join(build_parser().format_help().split())
+    for f in fields(Settings):
+        assert "--" + f.name.replace("_", "-") in text
+        assert "RNNSERVE_" + f.name.upper() in text
+
+
+def test_ops_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in OPS_VALUES.items():
+        monkeypatch.setenv("RNNSERVE_" + name.upper(), value)
+    s = settings_from_args([])
+    assert s.tokens_file == OPS_VALUES["tokens_file"]
+    assert s.tls_client_ca == OPS_VALUES["tls_client_ca"]
+    assert (s.workers, s.poll_interval, s.auth_health) == (3, 2.5, 1)
+    flagged = settings_from_args(["--workers", "2", "--poll-interval", "0"])
+    assert (flagged.workers, flagged.poll_interval) == (2, 0.0)  # a flag beats the env
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--workers", "0"], "--workers"),
+        (["--poll-interval", "-1"], "--poll-interval"),
+        (["--workers", "two"], "--workers"),
+    ],
+)
+def test_bad_ops_values_are_usage_errors(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        settings_from_args(argv)
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
