@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -41,6 +42,8 @@ def run_workers(settings: Settings, argv: list[str]) -> int:
     port = settings.port or _free_port(settings.host)
     prom_dir = tempfile.mkdtemp(prefix="rnnserve-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": prom_dir}
+    if not settings.state_key:  # one key for all: a resume token must verify on any worker
+        env["RNNSERVE_STATE_KEY"] = secrets.token_hex(32)  # env, not argv: not shown by ps
     # later flags win in argparse: the workers get the shared port and no /metrics of their own
     extra = ["--port", str(port), "--metrics-port", "0", "--workers", "1", "--reuse-port", "1"]
     cmd = [sys.executable, "-m", "server.main", *argv, *extra]

@@ -22,7 +22,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 READY_WAIT_S = 90.0  # bound on start-up, not a speed assertion
-CALLS = 6
+CALLS = 8
+# without it, channels to one address share a TCP connection, so one worker would get them all
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 def _free_port() -> int:
@@ -73,19 +75,25 @@ def test_two_workers_share_port_and_metrics(model_repo: Path, tmp_path: Path) ->
             except OSError:
                 text = ""
         before = _generate_count(text)
-        for i in range(CALLS):  # a fresh connection each time: the kernel spreads them
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        state = b""
+        for _ in range(CALLS):  # a fresh connection each time: the kernel spreads them
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=OWN_CONNECTION) as ch:
                 health = health_pb2_grpc.HealthStub(ch).Check(
                     health_pb2.HealthCheckRequest(), timeout=30
                 )
                 assert health.status == health_pb2.HealthCheckResponse.SERVING
-                msgs = list(
-                    pb_grpc.InferenceStub(ch).Generate(
-                        pb.GenerateRequest(model="lstm", prompt="the", max_tokens=2 + i % 2),
-                        timeout=30,
-                    )
-                )
+                # each call resumes the previous one, which likely ran on the other worker:
+                # workers share one resume-token key
+                ask = pb.GenerateRequest(model="lstm", max_tokens=2, version="1")
+                ask.return_state = True
+                if state:
+                    ask.state = state
+                else:
+                    ask.prompt = "the"
+                msgs = list(pb_grpc.InferenceStub(ch).Generate(ask, timeout=30))
                 assert msgs[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+                state = msgs[-1].state
+                assert state
         after = _scrape(metrics_port)
         assert _generate_count(after) - before == CALLS
         assert len(_serving_pids(after)) == 2
