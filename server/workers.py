@@ -60,7 +60,11 @@ def run_workers(settings: Settings, argv: list[str]) -> int:
         if settings.metrics_port:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=prom_dir)
-            start_http_server(settings.metrics_port, registry=registry)
+            try:
+                start_http_server(settings.metrics_port, registry=registry)
+            except OSError as exc:
+                log.error("cannot serve metrics on :%d: %s", settings.metrics_port, exc)
+                return 2
             log.info("merged metrics of %d workers on :%d", settings.workers, settings.metrics_port)
         procs = [subprocess.Popen(cmd, env=env) for _ in range(settings.workers)]
         log.info(
