@@ -8,6 +8,7 @@ Requests go through generic raw-bytes calls so strings with unpaired surrogates 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 
 import grpc
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.slow
 ZOO = ["rnn", "gru", "lstm", "lstm-deep", "bilstm", "ngram", "hmm", "sine-mlp", "sine-gru"]
 BASE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 CHECKED = BASE | {grpc.StatusCode.FAILED_PRECONDITION}
+LM = ["rnn", "gru", "lstm", "lstm-deep", "ngram", "hmm"]
 STREAMS = CHECKED | {grpc.StatusCode.RESOURCE_EXHAUSTED}
 N = 420  # examples per RPC; 5 property tests x N > 2,000 requests
 PROP = settings(
@@ -34,14 +36,20 @@ PROP = settings(
 )
 
 # -- strategies ----------------------------------------------------------------------------
+utf8 = st.characters(codec="utf-8")  # st.text() alone also yields lone surrogates
 control = st.text(st.characters(min_codepoint=0, max_codepoint=0x1F), max_size=8)
 surrogates = st.text(
     st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=4
 )
 hostile = st.one_of(
-    st.text(max_size=40),
+    st.text(utf8, max_size=40),
     control,
-    st.builds(lambda a, b, c: a + b + c, st.text(max_size=10), surrogates, st.text(max_size=10)),
+    st.builds(
+        lambda a, b, c: a + b + c,
+        st.text(utf8, max_size=10),
+        surrogates,
+        st.text(utf8, max_size=10),
+    ),
     st.just(""),
     st.sampled_from(["the time traveller ", "a", "<unk>", "<eos>", "\x00", "x" * 5000]),
 )
@@ -83,6 +91,8 @@ class Caller:
     def __init__(self, channel: grpc.Channel) -> None:
         self.channel = channel
         self.sent = 0
+        self.codes: Counter = Counter()  # (method, status name) -> answers
+        self.details: Counter = Counter()
 
     def unary(self, method: str, body: bytes, parse: Callable) -> tuple[grpc.StatusCode, object]:
         fn = self.channel.unary_unary(
@@ -90,9 +100,12 @@ class Caller:
         )
         self.sent += 1
         try:
-            return grpc.StatusCode.OK, fn(body, timeout=30)
+            out = grpc.StatusCode.OK, fn(body, timeout=30)
         except grpc.RpcError as e:
-            return e.code(), e.details()
+            out = e.code(), e.details()
+        self.codes[method, out[0].name] += 1
+        self.details[str(out[1])[:60]] += 1
+        return out
 
     def stream(self, body: bytes) -> tuple[grpc.StatusCode, list]:
         fn = self.channel.unary_stream(
@@ -100,9 +113,12 @@ class Caller:
         )
         self.sent += 1
         try:
-            return grpc.StatusCode.OK, list(fn(body, timeout=30))
+            out = grpc.StatusCode.OK, list(fn(body, timeout=30))
         except grpc.RpcError as e:
-            return e.code(), e.details()
+            out = e.code(), e.details()
+        self.codes["Generate", out[0].name] += 1
+        self.details[str(out[1])[:60]] += 1
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +166,15 @@ def test_generate(server, caller: Caller) -> None:
         seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
         stop=st.lists(hostile, max_size=10),
         state=st.binary(max_size=64),
+        sane=st.booleans(),
     )
-    def prop(model, version, prompt, max_tokens, temperature, top_k, top_p, seed, stop, state):
+    def prop(
+        model, version, prompt, max_tokens, temperature, top_k, top_p, seed, stop, state, sane
+    ):
+        if sane:  # valid numbers and an LM model: the hostile prompt reaches the real work
+            model, version, state, stop = LM[abs(top_k) % len(LM)], "", b"", []
+            max_tokens, temperature, top_k, top_p = 1 + abs(max_tokens) % 12, 0.7, 5, 0.9
+            prompt = prompt if prompt and is_valid_utf8(prompt) and len(prompt) < 500 else "a"
         if max_tokens == 0 or max_tokens > 12:
             max_tokens = max_tokens if max_tokens < 0 or max_tokens > 4096 else 12
         sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -171,8 +194,11 @@ def test_generate(server, caller: Caller) -> None:
 
 def test_score(server, caller: Caller) -> None:
     @PROP
-    @given(model=model, version=version, texts=st.lists(hostile, max_size=6))
-    def prop(model, version, texts):
+    @given(model=model, version=version, texts=st.lists(hostile, max_size=6), sane=st.booleans())
+    def prop(model, version, texts, sane):
+        if sane:
+            model, version = "lstm", ""
+            texts = [t + "the ti" for t in texts if is_valid_utf8(t)] or ["the time"]
         body = encode(pb.ScoreRequest(), {1: model, 2: version}, {3: texts})
         code, detail = caller.unary("Score", body, pb.ScoreResponse.FromString)
         check(code, CHECKED, detail, "Score")
@@ -187,8 +213,14 @@ def test_score(server, caller: Caller) -> None:
 
 def test_infill(server, caller: Caller) -> None:
     @PROP
-    @given(model=model, version=version, left=hostile, right=hostile, top_k=int32)
-    def prop(model, version, left, right, top_k):
+    @given(
+        model=model, version=version, left=hostile, right=hostile, top_k=int32, sane=st.booleans()
+    )
+    def prop(model, version, left, right, top_k, sane):
+        if sane:
+            model, version, top_k = ["lstm", "bilstm", "ngram", "hmm"][abs(top_k) % 4], "", 3
+            left = left if left and is_valid_utf8(left) else "the "
+            right = right if is_valid_utf8(right) else ""
         body = encode(pb.InfillRequest(top_k=top_k), {1: model, 2: version, 3: left, 4: right}, {})
         code, detail = caller.unary("Infill", body, pb.InfillResponse.FromString)
         check(code, CHECKED, detail, "Infill")
@@ -208,8 +240,12 @@ def test_forecast(server, caller: Caller) -> None:
         history=st.lists(doubles, max_size=40),
         horizon=int32,
         fitted=st.booleans(),
+        sane=st.booleans(),
     )
-    def prop(model, version, history, horizon, fitted):
+    def prop(model, version, history, horizon, fitted, sane):
+        if sane:
+            model, version, horizon = "sine-mlp", "", 1 + abs(horizon) % 16
+            history = [x if math.isfinite(x) and abs(x) < 1e6 else 0.0 for x in history] + [0.5] * 8
         msg = pb.ForecastRequest(history=history, horizon=horizon, return_fitted=fitted)
         body = encode(msg, {1: model, 2: version}, {})
         code, detail = caller.unary("Forecast", body, pb.ForecastResponse.FromString)
@@ -230,6 +266,10 @@ def test_at_least_2000_requests(server, caller: Caller) -> None:
     assert_healthy(server)
     if caller.sent < 2000:
         pytest.skip(f"only {caller.sent} requests (run the whole module for the 2,000 total)")
+    # the generated requests reached the real work as well as the validation paths
+    for method in ("GetModel", "Generate", "Score", "Infill", "Forecast"):
+        assert caller.codes[method, "OK"] > 0, caller.details.most_common(12)
+        assert caller.codes[method, "INVALID_ARGUMENT"] + caller.codes[method, "NOT_FOUND"] > 0
 
 
 @pytest.mark.parametrize(
