@@ -48,6 +48,7 @@ bench: models
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/forecast.py
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/load.py
 
 # Tools the end-to-end tests use that do not come from PyPI (Prometheus, promtool).
 system-deps:
