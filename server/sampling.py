@@ -52,7 +52,9 @@ class Sampler:
 
     def pick(self, logprobs: np.ndarray) -> int:
         """logprobs [vocab] (log-softmax of the model's logits) -> token id."""
-        return sample_token(logprobs, self.params, self.rng)
+        if self.params.greedy:
+            return greedy_token(logprobs)
+        return int(sample_rows(logprobs[None, :], [self])[0])
 
 
 def greedy_token(logprobs: np.ndarray) -> int:
@@ -62,31 +64,45 @@ def greedy_token(logprobs: np.ndarray) -> int:
 
 def filtered_probs(logprobs: np.ndarray, params: SamplingParams) -> np.ndarray:
     """The distribution sampled from: tempered, then top-k, then top-p; float64 [vocab]."""
-    z = logprobs.astype(np.float64) / params.temperature
-    z -= z.max()
+    return filtered_rows(logprobs[None, :], [params])[0]
+
+
+def filtered_rows(logprobs: np.ndarray, params: list[SamplingParams]) -> np.ndarray:
+    """filtered_probs for a [rows, vocab] batch, one SamplingParams per row (temperature > 0).
+
+    Vectorised so a decode step samples every stream of the batch in a few numpy calls
+    instead of a Python loop of them per stream.
+    """
+    vocab = logprobs.shape[1]
+    temperature = np.array([p.temperature for p in params], dtype=np.float64)[:, None]
+    z = logprobs.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
     probs = np.exp(z)
-    probs /= probs.sum()
-    order = np.argsort(-probs, kind="stable")  # most likely first, ties by id
-    keep = len(order)
-    if params.top_k:
-        keep = min(keep, params.top_k)
-    if 0.0 < params.top_p < 1.0:
-        cumulative = np.cumsum(probs[order])
-        keep = min(keep, int(np.searchsorted(cumulative, params.top_p)) + 1)
-    mask = np.zeros_like(probs)
-    mask[order[:keep]] = 1.0
-    probs = probs * mask
-    return probs / probs.sum()
+    probs /= probs.sum(axis=1, keepdims=True)
+    if any(p.top_k or 0.0 < p.top_p < 1.0 for p in params):
+        order = np.argsort(-probs, axis=1, kind="stable")  # most likely first, ties by id
+        ranked = np.take_along_axis(probs, order, axis=1)
+        top_k = np.array([p.top_k or vocab for p in params])[:, None]
+        keep = np.arange(vocab)[None, :] < top_k  # [rows, vocab] in rank order
+        top_p = np.array([p.top_p if 0.0 < p.top_p < 1.0 else 2.0 for p in params])[:, None]
+        before = np.zeros_like(ranked)  # probability mass ranked strictly ahead
+        np.cumsum(ranked[:, :-1], axis=1, out=before[:, 1:])
+        keep &= (before < top_p) | (np.arange(vocab)[None, :] == 0)  # the top one always
+        mask = np.zeros_like(probs)
+        np.put_along_axis(mask, order, keep.astype(np.float64), axis=1)
+        probs *= mask
+        probs /= probs.sum(axis=1, keepdims=True)
+    return probs
 
 
-def sample_token(logprobs: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token: greedy at temperature 0, else inverse-CDF with one uniform draw."""
-    if params.greedy:
-        return greedy_token(logprobs)
-    probs = filtered_probs(logprobs, params)
-    u = rng.random()
-    idx = int(np.searchsorted(np.cumsum(probs), u, side="right"))
+def sample_rows(logprobs: np.ndarray, samplers: list[Sampler]) -> np.ndarray:
+    """One token per row of [rows, vocab], each by inverse CDF with one uniform draw from
+    that row's own sampler (temperature > 0 for every row)."""
+    probs = filtered_rows(logprobs, [s.params for s in samplers])
+    u = np.array([s.rng.random() for s in samplers])[:, None]
+    cumulative = np.cumsum(probs, axis=1)
+    idx = np.sum(cumulative <= u, axis=1)  # = searchsorted(side="right") per row
     # side="right" never lands on a zero-probability id; rounding can push u past the total
-    if idx >= len(probs):
-        idx = int(np.flatnonzero(probs)[-1])
+    for row in np.flatnonzero(idx >= probs.shape[1]):
+        idx[row] = np.flatnonzero(probs[row])[-1]
     return idx

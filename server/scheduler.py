@@ -21,6 +21,7 @@ import numpy as np
 from server.errors import DeadlineExceeded, Overloaded, ShuttingDown
 from server.metrics import Metrics
 from server.runtime import OnnxModel, Runtime, State, log_softmax
+from server.sampling import sample_rows
 from server.stream import Stream
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,10 @@ class StreamLimiter:
 
 @dataclass
 class StepResult:
-    """What a trip to the ORT thread produced for one batch."""
+    """Tokens of one batch from consecutive steps, handed to the event loop at once."""
 
     tokens: np.ndarray  # [steps, batch] int64
     logprobs: np.ndarray  # [steps, batch] float32, of the chosen tokens
-    state: State  # after the last step
     snapshots: dict[int, list[State]]  # row -> state after each step (resume-token streams)
 
 
@@ -93,6 +93,8 @@ class Scheduler:
         self._idle.set()
         self._task: asyncio.Task | None = None
         self._gauge = metrics.live_streams.labels(model=name)
+        self._step_seconds = metrics.step_duration.labels(model=name)
+        self._batch_size = metrics.batch_size.labels(model=name)
 
     # -- admission --------------------------------------------------------------------------
     def admit(self) -> None:
@@ -145,6 +147,7 @@ class Scheduler:
 
     # -- the loop ---------------------------------------------------------------------------
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             self._admit_pending()
             self._filter()
@@ -153,9 +156,8 @@ class Scheduler:
                 await self._wake.wait()
                 continue
             batches = list(self.batches)
-            k = self._steps_per_trip()
             try:
-                results = await self.runtime.call(self._step_sync, batches, k)
+                states = await self.runtime.call(self._trip, loop, batches)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a failed step fails its streams, never the loop
@@ -165,52 +167,50 @@ class Scheduler:
                         s.buffer.fail(exc)
                         s.finished = True
                 continue
-            for batch, result in zip(batches, results, strict=True):
-                self._advance(batch, result)
+            for batch, state in zip(batches, states, strict=True):
+                batch.state = state
 
-    def _steps_per_trip(self) -> int:
-        """1 step per trip for a few streams (lowest latency); up to --decode-steps under load,
-        so the event loop sends fewer, larger messages instead of one per token per stream."""
-        return max(1, min(self.decode_steps, self.live // 8))
+    def _trip(self, loop: asyncio.AbstractEventLoop, batches: list[Batch]) -> list[State]:
+        """Worker thread: decode steps back to back, one ORT call per batch each, until the
+        batch must change; returns each batch's state after the last step.
 
-    def _step_sync(self, batches: list[Batch], k: int) -> list[StepResult]:
-        """Worker thread: k decode steps per batch, one ORT call each, tokens picked here.
-
-        Samplers are only touched by this thread while a step runs, so each stream's RNG
-        still draws once per token in order. Streams that want a resume token get a state
-        snapshot after every step (they may stop at any of them).
+        The trip ends after the step in which a stream is waiting to join, a stream left
+        (finished, cancelled, past its deadline) or reaches its max_tokens, or after
+        --decode-steps steps: the loop then filters and concatenates before the next step.
+        Tokens reach the event loop every `_hand_every` steps (every step for a few streams,
+        so a single stream streams at the model's pace, not the thread hop's). Samplers are
+        only touched by this thread, so each stream's RNG still draws once per token in order.
         """
-        return [self._decode(batch, k) for batch in batches]
+        streams = [s for b in batches for s in b.streams]
+        hand_every = self._hand_every(len(streams))
+        budget = min(s.stopper.max_tokens - s.tokens for s in streams)
+        deadline = min((s.deadline for s in streams if s.deadline is not None), default=None)
+        rows = [_Rows(self, b) for b in batches]
+        for step in range(1, self.decode_steps + 1):
+            for r in rows:
+                r.step()
+            end = (
+                step >= budget
+                or step == self.decode_steps
+                or bool(self.pending)
+                or any(s.done for s in streams)
+                or (deadline is not None and time.perf_counter() >= deadline)
+            )
+            if end or step % hand_every == 0:
+                for r in rows:
+                    loop.call_soon_threadsafe(self._advance, r.batch.streams, r.flush())
+            if end:
+                break
+        return [r.state for r in rows]
 
-    def _decode(self, batch: Batch, k: int) -> StepResult:
-        streams = batch.streams
-        n = len(streams)
-        tokens = np.empty((k, n), dtype=np.int64)  # [steps, batch]
-        logps = np.empty((k, n), dtype=np.float32)
-        snaps: dict[int, list[State]] = {i: [] for i, s in enumerate(streams) if s.signer}
-        sampled = [i for i, s in enumerate(streams) if not s.sampler.params.greedy]
-        x = np.fromiter((s.last_token for s in streams), dtype=np.int64, count=n)[:, None]
-        state = batch.state
-        for j in range(k):
-            start = time.perf_counter()
-            logits, state = self.model.run(x, state)  # [batch, 1, vocab]
-            lp = log_softmax(logits[:, -1, :])  # [batch, vocab]
-            tokens[j] = np.argmax(lp, axis=-1)  # greedy; ties to the lowest id
-            for i in sampled:
-                if not streams[i].done:
-                    tokens[j, i] = streams[i].sampler.pick(lp[i])
-            logps[j] = lp[np.arange(n), tokens[j]]
-            for i, kept in snaps.items():
-                kept.append(self.model.take(state, i))
-            x = tokens[j][:, None]
-            self.metrics.step_duration.labels(model=self.name).observe(time.perf_counter() - start)
-            self.metrics.batch_size.labels(model=self.name).observe(n)
-        return StepResult(tokens, logps, state, snaps)
+    def _hand_every(self, live: int) -> int:
+        """Steps per hand-over to the event loop: 1 for a few streams (lowest latency); under
+        load up to 8, so the loop sends fewer, larger messages instead of one per token."""
+        return max(1, min(8, live // 8))
 
-    def _advance(self, batch: Batch, result: StepResult) -> None:
-        """Hands each stream its tokens; finished streams get their final message."""
-        batch.state = result.state
-        for i, stream in enumerate(batch.streams):
+    def _advance(self, streams: list[Stream], result: StepResult) -> None:
+        """Event loop: hands each stream its tokens; finished streams get their final message."""
+        for i, stream in enumerate(streams):
             for j in range(result.tokens.shape[0]):
                 if stream.done:
                     break
@@ -255,3 +255,47 @@ class Scheduler:
                 streams = [batch.streams[i] for i in keep]
                 kept.append(Batch(streams, self.model.take(batch.state, keep)))
         self.batches = kept
+
+
+class _Rows:
+    """One batch during a trip (worker thread): its input, state, and unsent tokens."""
+
+    def __init__(self, sched: Scheduler, batch: Batch) -> None:
+        self.sched = sched
+        self.batch = batch
+        self.state = batch.state
+        streams = batch.streams
+        n = len(streams)
+        self.x = np.fromiter((s.last_token for s in streams), dtype=np.int64, count=n)[:, None]
+        self.sampled = [i for i, s in enumerate(streams) if not s.sampler.params.greedy]
+        self.signed = [i for i, s in enumerate(streams) if s.signer]
+        self._clear()
+
+    def _clear(self) -> None:
+        self.tokens: list[np.ndarray] = []
+        self.logprobs: list[np.ndarray] = []
+        self.snapshots: dict[int, list[State]] = {i: [] for i in self.signed}
+
+    def step(self) -> None:
+        """One ORT call [batch, 1] and one token per stream."""
+        sched, streams = self.sched, self.batch.streams
+        start = time.perf_counter()
+        logits, self.state = sched.model.run(self.x, self.state)  # [batch, 1, vocab]
+        lp = log_softmax(logits[:, -1, :])  # [batch, vocab]
+        tokens = np.argmax(lp, axis=-1)  # greedy; ties to the lowest id
+        rows = [i for i in self.sampled if not streams[i].done]
+        if rows:
+            tokens[rows] = sample_rows(lp[rows], [streams[i].sampler for i in rows])
+        self.tokens.append(tokens)
+        self.logprobs.append(lp[np.arange(len(tokens)), tokens])
+        for i, kept in self.snapshots.items():
+            kept.append(sched.model.take(self.state, i))
+        self.x = tokens[:, None]
+        sched._step_seconds.observe(time.perf_counter() - start)
+        sched._batch_size.observe(len(tokens))
+
+    def flush(self) -> StepResult:
+        """The tokens since the last flush, as [steps, batch]."""
+        result = StepResult(np.stack(self.tokens), np.stack(self.logprobs), self.snapshots)
+        self._clear()
+        return result

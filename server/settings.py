@@ -31,7 +31,7 @@ class Settings:
     max_score_texts: int = 64
     max_streams: int = 512
     max_batch: int = 256
-    decode_steps: int = 8
+    decode_steps: int = 64
     max_message_bytes: int = 4 * 1024 * 1024
     max_infill_vocab: int = 4096
     state_key: str = ""
@@ -69,9 +69,9 @@ _HELP: dict[str, tuple[type, str]] = {
     "max_batch": (int, "most streams stepped by one ONNX Runtime call (1 disables batching)"),
     "decode_steps": (
         int,
-        "most decode steps run per trip to the ORT thread when many "
-        "streams are live (one per 8 live streams; 1 = always one): fewer, "
-        "larger messages under load",
+        "most decode steps one trip to the ORT thread runs back to back "
+        "(a trip also ends when a stream joins or leaves); tokens still "
+        "reach clients step by step. 1 = one step per trip",
     ),
     "max_message_bytes": (int, "largest gRPC message accepted or sent, in bytes"),
     "max_infill_vocab": (

@@ -7,6 +7,7 @@ stream's expected output is known exactly.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -117,6 +118,7 @@ def test_cancelled_stream_leaves_by_the_next_step() -> None:
         await gone.buffer.next()
         gone.cancel()
         ids = await _collect(keep)  # the batch goes on without it
+        await asyncio.wait_for(sched.drain(), 5)  # keep's slot frees at the trip's end
         await sched.close()
         return sched, ids
 
@@ -164,3 +166,32 @@ def test_expired_stream_ends_with_deadline_exceeded() -> None:
 
     sched = asyncio.run(main())
     assert sched.admitted == 0
+
+
+class SlowModel(FakeModel):
+    """A fake model whose step takes a few milliseconds."""
+
+    def run(self, x, state):
+        time.sleep(0.003)
+        return super().run(x, state)
+
+
+def test_a_long_trip_still_hands_over_every_step() -> None:
+    """One stream, 64 steps per trip: its tokens reach the reader step by step, not at the
+    trip's end (the reader sees many messages, not one coalesced one)."""
+
+    async def main():
+        model = SlowModel()
+        sched = Scheduler("slow", model, Runtime(1), StreamLimiter(4), Metrics(), 64, 64)
+        stream = await _start(sched, 0, 40)
+        messages, ids = 0, []
+        while (chunk := await stream.buffer.next()) is not None:
+            messages += 1
+            ids += chunk.token_ids
+        await sched.close()
+        return messages, ids, model.calls
+
+    messages, ids, calls = asyncio.run(main())
+    assert ids == [k % V for k in range(1, 41)]
+    assert len(calls) == 40  # 1 prefill + 39 decode steps, none wasted
+    assert messages >= 30
