@@ -91,7 +91,6 @@ class Generator:
         itl = metrics.inter_token_latency.labels(model=name)
 
         def on_token(stream: Stream, now: float) -> None:
-            generated.inc()
             if stream.tokens == 1:
                 ttft.observe(now - stream.started)
             else:
@@ -118,6 +117,7 @@ class Generator:
         try:
             logprobs, state = await sched.prefill(ids, resumed.state if resumed else None)
             token = stream.sampler.pick(logprobs)
+            generated.inc()  # the scheduler counts the rest, per hand-over
             if stream.accept(token, float(logprobs[token])):
                 stream.close(state if signer else None)
             else:

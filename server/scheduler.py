@@ -54,6 +54,7 @@ class StepResult:
 
     tokens: np.ndarray  # [steps, batch] int64
     logprobs: np.ndarray  # [steps, batch] float32, of the chosen tokens
+    times: list[float]  # perf_counter() at the end of each step: when its tokens existed
     snapshots: dict[int, list[State]]  # row -> state after each step (resume-token streams)
 
 
@@ -95,6 +96,7 @@ class Scheduler:
         self._gauge = metrics.live_streams.labels(model=name)
         self._step_seconds = metrics.step_duration.labels(model=name)
         self._batch_size = metrics.batch_size.labels(model=name)
+        self._generated = metrics.generated_tokens.labels(model=name)
 
     # -- admission --------------------------------------------------------------------------
     def admit(self) -> None:
@@ -210,12 +212,15 @@ class Scheduler:
 
     def _advance(self, streams: list[Stream], result: StepResult) -> None:
         """Event loop: hands each stream its tokens; finished streams get their final message."""
+        accepted = 0
         for i, stream in enumerate(streams):
-            for j in range(result.tokens.shape[0]):
+            for j, at in enumerate(result.times):
                 if stream.done:
                     break
-                if stream.accept(int(result.tokens[j, i]), float(result.logprobs[j, i])):
+                accepted += 1
+                if stream.accept(int(result.tokens[j, i]), float(result.logprobs[j, i]), at):
                     stream.close(result.snapshots[i][j] if stream.signer else None)
+        self._generated.inc(accepted)
 
     def _admit_pending(self) -> None:
         now = time.perf_counter()
@@ -272,6 +277,7 @@ class _Rows:
         self._clear()
 
     def _clear(self) -> None:
+        self.times: list[float] = []
         self.tokens: list[np.ndarray] = []
         self.logprobs: list[np.ndarray] = []
         self.snapshots: dict[int, list[State]] = {i: [] for i in self.signed}
@@ -291,11 +297,14 @@ class _Rows:
         for i, kept in self.snapshots.items():
             kept.append(sched.model.take(self.state, i))
         self.x = tokens[:, None]
-        sched._step_seconds.observe(time.perf_counter() - start)
+        self.times.append(time.perf_counter())
+        sched._step_seconds.observe(self.times[-1] - start)
         sched._batch_size.observe(len(tokens))
 
     def flush(self) -> StepResult:
         """The tokens since the last flush, as [steps, batch]."""
-        result = StepResult(np.stack(self.tokens), np.stack(self.logprobs), self.snapshots)
+        result = StepResult(
+            np.stack(self.tokens), np.stack(self.logprobs), self.times, self.snapshots
+        )
         self._clear()
         return result

@@ -118,15 +118,16 @@ class Stream:
         """Called when the client goes away; the scheduler drops the stream by its next step."""
         self.cancelled = True
 
-    def accept(self, token_id: int, logprob: float) -> bool:
-        """Records a sampled token and its log-probability; True when the stream finished."""
+    def accept(self, token_id: int, logprob: float, at: float | None = None) -> bool:
+        """Records a sampled token and its log-probability, made at perf_counter() `at`
+        (now if None); True when the stream finished."""
         self.last_token = token_id
         self.tokens += 1
         text, reason = self.stopper.feed(token_id, self.decode(token_id))
         shown = None if reason == "eos" else token_id
         if shown is not None or text:
             self.buffer.push(shown, text, logprob if shown is not None else 0.0)
-        now = time.perf_counter()
+        now = time.perf_counter() if at is None else at
         if self.on_token:
             self.on_token(self, now)
         self.last_time = now
