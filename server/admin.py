@@ -29,8 +29,13 @@ class AdminService(pb_grpc.AdminServicer):
 
 
 async def reload(engine: Engine, health: ModelHealth):
-    """Rescans; unloads vanished versions after draining their scheduler. Returns the report."""
-    report = engine.repository.rescan()
+    """Rescans; unloads vanished versions after draining their scheduler. Returns the report.
+
+    Sessions are built in a worker thread (a large model takes a while to load), so live
+    streams keep their pace; only publishing the new versions runs on the event loop.
+    """
+    repository = engine.repository
+    report = repository.install(*await asyncio.to_thread(repository.load_new))
     for tag in report.unloaded:
         name, version = tag.rsplit("/", 1)
         sched = engine.pop_scheduler(name, version)
@@ -38,7 +43,9 @@ async def reload(engine: Engine, health: ModelHealth):
             await sched.drain()
             await sched.close()
         engine.repository.remove(name, version)
-    log.info(
+    changed = report.loaded or report.unloaded or report.failed
+    log.log(
+        logging.INFO if changed else logging.DEBUG,
         "repository rescanned",
         extra={"loaded": report.loaded, "unloaded": report.unloaded, "failed": report.failed},
     )

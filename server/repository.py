@@ -3,7 +3,8 @@
 A version that cannot be used (bad manifest, unknown format, sha256 mismatch, ORT refuses
 the graph) is kept as NOT_SERVING with its reason, so GetModel can say what is wrong while the
 other models serve. The default version of a model is its highest SERVING version.
-`rescan()` is the seam for hot reload: it loads new directories and reports removed ones.
+`load_new()` + `install()` are the seam for hot reload: load new directories (off the event
+loop), then publish them and report removed ones.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from artifact.manifest import MANIFEST_FILE, ONNX_FILE, Manifest, ManifestError, sha256_file
+from artifact.manifest import ONNX_FILE, Manifest, ManifestError, sha256_file
 from server.errors import BadRequest, UnknownModel, UnsupportedTask
 from server.runtime import OnnxModel
 
@@ -38,7 +39,7 @@ class ModelVersion:
     model: OnnxModel | None = None
     reason: str = ""
     load_seconds: float = 0.0
-    mtime: float = 0.0
+    mtime: float = 0.0  # newest modification time in the directory when it was loaded
 
     @property
     def serving(self) -> bool:
@@ -86,12 +87,22 @@ class Repository:
 
     # -- loading ----------------------------------------------------------------------------
     def scan(self) -> ReloadReport:
-        """Loads every version directory not loaded yet; reports directories that vanished."""
-        report = ReloadReport()
+        """Loads and installs in one go (startup, before the server takes calls)."""
+        return self.install(*self.load_new())
+
+    def load_new(self) -> tuple[list[ModelVersion], set[tuple[str, str]]]:
+        """Loads every version directory not loaded yet, and every NOT_SERVING one whose files
+        changed since it failed (fixed in place: retried under the same number).
+
+        Changes nothing the server reads, so hot reload runs it in a worker thread while
+        streams go on; `install` then publishes the result on the event loop. Returns the new
+        entries and every (name, version) directory present.
+        """
+        loaded: list[ModelVersion] = []
+        seen: set[tuple[str, str]] = set()
         if not self.root.is_dir():
             log.error("model repository %s is not a directory", self.root)
-            return report
-        seen: set[tuple[str, str]] = set()
+            return loaded, seen
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
             if model_dir.name.startswith("."):
                 continue
@@ -101,23 +112,28 @@ class Repository:
                         "ignoring %s: version directories are positive integers", version_dir
                     )
                     continue
-                key = (model_dir.name, version_dir.name)
-                seen.add(key)
-                if version_dir.name in self.models.get(model_dir.name, {}):
+                seen.add((model_dir.name, version_dir.name))
+                known = self.models.get(model_dir.name, {}).get(version_dir.name)
+                if known is not None and (known.serving or known.mtime == _changed(version_dir)):
                     continue
-                entry = self._load(model_dir.name, version_dir.name, version_dir)
-                self.models.setdefault(entry.name, {})[entry.version] = entry
-                tag = f"{entry.name}/{entry.version}"
-                (report.loaded if entry.serving else report.failed).append(
-                    tag if entry.serving else f"{tag}: {entry.reason}"
-                )
+                loaded.append(self._load(model_dir.name, version_dir.name, version_dir))
+        return loaded, seen
+
+    def install(self, loaded: list[ModelVersion], seen: set[tuple[str, str]]) -> ReloadReport:
+        """Publishes what `load_new` loaded; reports the versions whose directory vanished."""
+        report = ReloadReport()
+        for entry in loaded:
+            self.models.setdefault(entry.name, {})[entry.version] = entry
+            tag = f"{entry.name}/{entry.version}"
+            if entry.serving:
+                report.loaded.append(tag)
+            else:
+                report.failed.append(f"{tag}: {entry.reason}")
         for name, versions in self.models.items():
             for version in versions:
                 if (name, version) not in seen:
                     report.unloaded.append(f"{name}/{version}")
         return report
-
-    rescan = scan
 
     def remove(self, name: str, version: str) -> None:
         """Forgets a version (call once its streams have finished)."""
@@ -127,7 +143,7 @@ class Repository:
             self.models.pop(name, None)
 
     def _load(self, name: str, version: str, path: Path) -> ModelVersion:
-        entry = ModelVersion(name=name, version=version, path=path)
+        entry = ModelVersion(name=name, version=version, path=path, mtime=_changed(path))
         start = time.perf_counter()
         try:
             entry.manifest = Manifest.load(path)
@@ -142,7 +158,6 @@ class Repository:
                         f"{entry.manifest.onnx_sha256[:12]}..."
                     )
             entry.model = self._loader(onnx_path, entry.manifest)
-            entry.mtime = (path / MANIFEST_FILE).stat().st_mtime
         except Exception as exc:  # any failure makes this one version NOT_SERVING
             entry.model = None
             entry.reason = _one_line(exc)
@@ -209,6 +224,14 @@ class Repository:
 
     def all_versions(self) -> Sequence[ModelVersion]:
         return [v for name in self.names() for v in self.versions(name)]
+
+
+def _changed(path: Path) -> float:
+    """Newest modification time of a version directory and its files (0 if unreadable)."""
+    try:
+        return max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.iterdir())])
+    except OSError:
+        return 0.0
 
 
 def _one_line(exc: BaseException) -> str:

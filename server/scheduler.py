@@ -3,11 +3,11 @@
 A stream is admitted (bounded: past --max-streams the call is refused, never queued),
 prefilled on its own (one ORT call over its prompt), and then joins the running batch at the
 next step. Each step feeds every live stream's last token as one [batch, 1] ORT call (or
-one call per --max-batch chunk) off the event loop, samples each stream's next token with
-its own RNG, and drops streams that finished, were cancelled or ran past their deadline.
+one call per --max-batch chunk) off the event loop and samples each stream's next token with
+its own RNG. Steps run back to back in the ORT thread (a "trip") until a stream has to join
+or leave; tokens are handed to the event loop as they are made, not at the trip's end.
 Batch state follows TGI's filter/concatenate: rows are taken out along each state tensor's
-batch axis when streams leave and concatenated when they join.
-"""
+batch axis when streams leave and concatenated when they join."""
 
 from __future__ import annotations
 

@@ -123,6 +123,29 @@ def test_reload_loads_new_and_unloads_removed_versions(model_repo: Path, tmp_pat
         srv.stop()
 
 
+def test_a_broken_version_fixed_in_place_loads_on_the_next_reload(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "gru", repo / "gru")
+    good = (repo / "gru" / "1" / "manifest.json").read_text()
+    (repo / "gru" / "1" / "manifest.json").write_text("{ broken")
+    srv = ServerThread(make_settings(repo)).start()
+    try:
+        assert srv.stub.GetModel(pb.GetModelRequest(model="gru")).versions[0].status == (
+            "NOT_SERVING"
+        )
+        report = srv.admin.ReloadModels(pb.ReloadModelsRequest())  # unchanged: not retried
+        assert not report.loaded and not report.failed
+        (repo / "gru" / "1" / "manifest.json").write_text(good)
+        report = srv.admin.ReloadModels(pb.ReloadModelsRequest())
+        assert list(report.loaded) == ["gru/1"]
+        assert srv.stub.GetModel(pb.GetModelRequest(model="gru")).versions[0].status == "SERVING"
+        assert list(srv.stub.Generate(pb.GenerateRequest(model="gru", prompt="ab")))
+    finally:
+        srv.stop()
+
+
 def test_shutdown_turns_health_off_and_refuses_new_calls(model_repo: Path) -> None:
     srv = ServerThread(make_settings(model_repo, grace=5.0)).start()
     channel = srv.channel
