@@ -56,11 +56,16 @@ class App:
         await self.server.start()
         await self.health.refresh()
 
-    async def shutdown(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, new calls UNAVAILABLE, in-flight calls get `grace` seconds."""
+    async def shutdown(self, grace: float | None = None, delay: float | None = None) -> None:
+        """Health NOT_SERVING; `delay` (--drain-delay) seconds later new calls get UNAVAILABLE
+        and in-flight calls get `grace` (--grace) seconds."""
+        await self.health.shutdown()
+        delay = self.settings.drain_delay if delay is None else delay
+        if delay > 0:
+            log.info("health is NOT_SERVING; still taking calls for %.1fs", delay)
+            await asyncio.sleep(delay)
         self.draining = True
         self.engine.limiter.closed = True
-        await self.health.shutdown()
         await self.server.stop(self.settings.grace if grace is None else grace)
         for sched in self.engine.schedulers():
             await sched.close()
@@ -161,7 +166,11 @@ async def serve(settings: Settings) -> int:
     reloader.start()
     await stop.wait()
     await reloader.stop()
-    log.info("shutting down: draining for up to %.1fs", settings.grace)
+    log.info(
+        "shutting down: drain delay %.1fs, then up to %.1fs for in-flight calls",
+        settings.drain_delay,
+        settings.grace,
+    )
     await app.shutdown()
     log.info("stopped")
     return 0

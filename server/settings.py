@@ -36,6 +36,7 @@ class Settings:
     max_infill_vocab: int = 4096
     state_key: str = ""
     grace: float = 10.0
+    drain_delay: float = 0.0
     log_level: str = "INFO"
     executor_threads: int = 4
     tokens_file: str = ""
@@ -80,6 +81,11 @@ _HELP: dict[str, tuple[type, str]] = {
     ),
     "state_key": (str, "secret that signs resume tokens; empty = random per process"),
     "grace": (float, "seconds in-flight calls get to finish after SIGTERM"),
+    "drain_delay": (
+        float,
+        "seconds between SIGTERM turning health NOT_SERVING and new calls being refused, "
+        "so load balancers stop routing here first (the --grace period follows)",
+    ),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
     "executor_threads": (int, "threads that run ONNX Runtime off the event loop"),
     "tokens_file": (
@@ -182,6 +188,8 @@ def validate(settings: Settings) -> str | None:
         return "--poll-interval must be 0 or more"
     if settings.grace < 0:
         return "--grace must be 0 or more"
+    if settings.drain_delay < 0:
+        return "--drain-delay must be 0 or more"
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         return "--log-level must be DEBUG, INFO, WARNING or ERROR"
     return None

@@ -15,8 +15,13 @@ def test_committed_stubs_are_fresh(tmp_path: Path) -> None:
     proto_dir = REPO_ROOT / "proto"
     subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc", f"-I{proto_dir}",
-            f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{proto_dir}",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
             str(proto_dir / "rnnserve/v1/rnnserve.proto"),
         ],
         check=True,

@@ -56,7 +56,7 @@ class ServerThread:
     def stop(self, grace: float = 0.0) -> None:
         self.channel.close()
         if self.app is not None:
-            self.run(self.app.shutdown(grace))
+            self.run(self.app.shutdown(grace, delay=0.0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import time
 from pathlib import Path
 
 import grpc
@@ -157,6 +159,23 @@ def test_shutdown_turns_health_off_and_refuses_new_calls(model_repo: Path) -> No
     with pytest.raises(grpc.RpcError) as err:
         srv.stub.Score(pb.ScoreRequest(model="lstm", texts=["ab"]))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    srv.stop(grace=1.0)
+
+
+def test_drain_delay_turns_health_off_before_calls_are_refused(model_repo: Path) -> None:
+    srv = ServerThread(make_settings(model_repo, drain_delay=30.0)).start()
+    health = health_pb2_grpc.HealthStub(srv.channel)
+    stopping = asyncio.run_coroutine_threadsafe(srv.app.shutdown(grace=1.0), srv.loop)
+    for _ in range(200):  # health turns NOT_SERVING at once...
+        status = health.Check(health_pb2.HealthCheckRequest(service="")).status
+        if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        time.sleep(0.01)
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    # ...while calls still succeed during the delay
+    assert srv.stub.Score(pb.ScoreRequest(model="lstm", texts=["ab"])).results
+    assert not stopping.done()
+    stopping.cancel()
     srv.stop(grace=1.0)
 
 

@@ -7,7 +7,7 @@ stream's expected output is known exactly.
 from __future__ import annotations
 
 import asyncio
-import time
+import threading
 
 import numpy as np
 import pytest
@@ -168,30 +168,45 @@ def test_expired_stream_ends_with_deadline_exceeded() -> None:
     assert sched.admitted == 0
 
 
-class SlowModel(FakeModel):
-    """A fake model whose step takes a few milliseconds."""
+class LockstepModel(FakeModel):
+    """Computes step k only once the reader has received the tokens of the steps before it
+    (or gives up after a while and counts a stall)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.consumed = 0
+        self.stalls = 0
+        self.cond = threading.Condition()
 
     def run(self, x, state):
-        time.sleep(0.003)
+        with self.cond:
+            made = len(self.calls)  # tokens made so far (the prefill makes the first)
+            if not self.cond.wait_for(lambda: self.consumed >= made, timeout=5):
+                self.stalls += 1
         return super().run(x, state)
 
+    def received(self, n: int) -> None:
+        with self.cond:
+            self.consumed += n
+            self.cond.notify_all()
 
-def test_a_long_trip_still_hands_over_every_step() -> None:
-    """One stream, 64 steps per trip: its tokens reach the reader step by step, not at the
-    trip's end (the reader sees many messages, not one coalesced one)."""
+
+def test_a_long_trip_hands_over_every_step() -> None:
+    """One stream, up to 64 steps per trip: each step's token reaches the reader before the
+    next step runs (were tokens handed over only at the trip's end, every step would stall)."""
 
     async def main():
-        model = SlowModel()
-        sched = Scheduler("slow", model, Runtime(1), StreamLimiter(4), Metrics(), 64, 64)
+        model = LockstepModel()
+        sched = Scheduler("lockstep", model, Runtime(1), StreamLimiter(4), Metrics(), 64, 64)
         stream = await _start(sched, 0, 40)
-        messages, ids = 0, []
+        ids = []
         while (chunk := await stream.buffer.next()) is not None:
-            messages += 1
             ids += chunk.token_ids
+            model.received(len(chunk.token_ids))
         await sched.close()
-        return messages, ids, model.calls
+        return ids, model
 
-    messages, ids, calls = asyncio.run(main())
+    ids, model = asyncio.run(main())
     assert ids == [k % V for k in range(1, 41)]
-    assert len(calls) == 40  # 1 prefill + 39 decode steps, none wasted
-    assert messages >= 30
+    assert len(model.calls) == 40  # 1 prefill + 39 decode steps, none wasted
+    assert model.stalls == 0
