@@ -97,8 +97,9 @@ async def _stream(stub, pb, model: str, prompt: str, tokens: int, seed: int) -> 
     req = pb.GenerateRequest(model=model, prompt=prompt, max_tokens=tokens,
                              sampling=pb.SamplingParams(temperature=1.0, seed=seed))  # fmt: skip
     start = last = time.perf_counter()
-    ttft, gaps, count = None, [], 0
+    ttft, gaps, count, messages = None, [], 0, 0
     async for msg in stub.Generate(req, timeout=300):
+        messages += 1
         now = time.perf_counter()
         n = len(msg.token_ids)
         if n:
@@ -108,7 +109,7 @@ async def _stream(stub, pb, model: str, prompt: str, tokens: int, seed: int) -> 
                 gaps.extend([(now - last) / n] * n)
             last = now
             count += n
-    return {"ttft": ttft, "gaps": gaps, "tokens": count}
+    return {"ttft": ttft, "gaps": gaps, "tokens": count, "messages": messages}
 
 
 async def generate_level(port: int, model: str, concurrency: int, tokens: int) -> dict:
@@ -143,6 +144,7 @@ async def generate_level(port: int, model: str, concurrency: int, tokens: int) -
         "ttft_p99_s": _pct(ttfts, 99),
         "itl_p50_s": _pct(gaps, 50),
         "itl_p99_s": _pct(gaps, 99),
+        "tokens_per_message": total / max(1, sum(r["messages"] for r in results)),
     }
 
 
@@ -228,14 +230,15 @@ def plot(results: dict, path: Path) -> None:
 
 
 def table(results: dict) -> str:
-    lines = ["| mode | streams | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| mode | streams | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
+             "| tokens/msg |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for mode, rows in results["generate"].items():
         for r in rows:
             lines.append(
                 f"| {mode} | {r['concurrency']} | {r['tokens_per_s']:.0f} | "
                 f"{r['ttft_p50_s'] * 1e3:.2f} | {r['ttft_p99_s'] * 1e3:.2f} | "
-                f"{r['itl_p50_s'] * 1e3:.3f} | {r['itl_p99_s'] * 1e3:.3f} |"
+                f"{r['itl_p50_s'] * 1e3:.3f} | {r['itl_p99_s'] * 1e3:.3f} | "
+                f"{r.get('tokens_per_message', float('nan')):.1f} |"
             )
     return "\n".join(lines)
 
