@@ -59,6 +59,10 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bidirectional", action="store_true", help="infill model (both directions)")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--lr-decay", type=float, default=1.0, help="lr *= this every epoch")
+    p.add_argument(
+        "--average-from", type=int, default=0, metavar="EPOCH",
+        help="export the mean of the weights after epochs EPOCH..last (SWA); 0 = off",
+    )  # fmt: skip
     p.add_argument("--optimizer", default="adam", help="adam | sgd")
     p.add_argument("--clip", type=float, default=1.0, help="global grad-norm bound, 0 = off")
     p.add_argument("--bptt", default="full", help="full | truncated | random")
@@ -157,7 +161,7 @@ def run_train(args: argparse.Namespace) -> int:
         )
         train = TrainConfig(
             epochs=args.epochs, num_steps=args.num_steps, batch_size=args.batch_size, lr=args.lr,
-            lr_decay=args.lr_decay,
+            lr_decay=args.lr_decay, average_from=args.average_from,
             optimizer=args.optimizer, clip=args.clip, bptt=args.bptt, bptt_k=args.bptt_k,
             bptt_p=args.bptt_p, sampling=args.sampling, seed=args.seed, device=args.device,
             threads=args.threads,

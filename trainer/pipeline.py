@@ -17,6 +17,7 @@ import torch
 
 from artifact.tokenizer import TokenizerConfig
 from artifact.vocab import Vocab
+from trainer.averaging import WeightAverage
 from trainer.checkpoint import (
     load_checkpoint,
     make_checkpoint,
@@ -105,6 +106,7 @@ def train_recurrent(
     torch.manual_seed(train_config.seed)
     model = build_model(model_config)
     optimizer = make_optimizer(model, train_config)
+    average = WeightAverage()
     start, history = 0, []
     if ckpt is not None:
         model.load_state_dict(ckpt["state_dict"])
@@ -115,6 +117,11 @@ def train_recurrent(
         ):
             optimizer.load_state_dict(ckpt["optimizer"])
         start, history = int(ckpt["epoch"]), list(ckpt.get("history") or [])
+        if ckpt.get("average"):
+            average.load_state_dict(ckpt["average"])
+            if average.last is not None:  # the run ended on the mean: go on from its weights
+                model.load_state_dict(average.last)
+                average.last = None
         log(f"resuming {resume} after epoch {start}")
         if start >= train_config.epochs:
             raise TrainerError(f"checkpoint already has {start} epochs; raise --epochs to continue")
@@ -133,6 +140,7 @@ def train_recurrent(
             model, model_config, prep.vocab, prep.tokenizer, asdict(train_config), opt,
             record["epoch"], history,
         )  # fmt: skip
+        cp["average"] = average.state_dict() if average.count else None
         save_checkpoint(cp, run_dir / "checkpoint.pt")
         fresh = record["epoch"] == start + 1 and ckpt is None  # a new run starts a new log
         with open(run_dir / "log.jsonl", "w" if fresh else "a", encoding="utf-8") as fh:
@@ -142,6 +150,7 @@ def train_recurrent(
     fit(
         model, prep.train_ids, prep.val_ids, train_config, optimizer=optimizer,
         start_epoch=start, history=list(history), on_epoch=on_epoch, progress=progress, log=log,
+        average=average,
     )  # fmt: skip
     if out is None:
         return None

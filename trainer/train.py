@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from trainer.averaging import WeightAverage
 from trainer.bptt import BPTT_MODES, run_window
 from trainer.errors import TrainerError
 from trainer.sampling import SAMPLINGS, batches, check_fits, detach_state, num_batches
@@ -41,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 1  # CPU intra-op threads; 0 keeps torch's default
+    average_from: int = 0  # export the mean weights of epochs >= this one (SWA); 0 = off
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -57,6 +59,11 @@ class TrainConfig:
             raise TrainerError(f"unknown --bptt {self.bptt!r}; choose one of {BPTT_MODES}")
         if self.threads < 0:
             raise TrainerError("--threads must be >= 0")
+        if not 0 <= self.average_from <= self.epochs:
+            raise TrainerError(
+                f"--average-from must be in [0, --epochs = {self.epochs}] (0 = off), "
+                f"got {self.average_from}"
+            )
         if self.sampling not in SAMPLINGS:
             raise TrainerError(f"unknown --sampling {self.sampling!r}; choose one of {SAMPLINGS}")
 
@@ -122,8 +129,14 @@ def fit(
     on_epoch: Callable[[dict, torch.optim.Optimizer], None] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    average: WeightAverage | None = None,
 ) -> list[dict]:
-    """Trains for epochs start_epoch+1..cfg.epochs; returns one record per epoch."""
+    """Trains for epochs start_epoch+1..cfg.epochs; returns one record per epoch.
+
+    With cfg.average_from, the weights after each epoch from then on enter `average` (a
+    fresh one unless a resumed run passes its own), and after the last epoch the model holds
+    their mean: that record's val_ppl is the mean model's (val_ppl_last_weights: before).
+    """
     cfg.validate()
     check_fits(len(train_ids), cfg.batch_size, cfg.num_steps, "training split")
     if len(val_ids) < 3:
@@ -138,6 +151,7 @@ def fit(
     vocab_size = model.hyperparameters()["vocab_size"]
     stateful = bool(model.state_specs())
     steps = num_batches(len(train_ids), cfg.batch_size, cfg.num_steps)
+    average = average if average is not None else WeightAverage()
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         rng = random.Random(cfg.seed * 1_000_003 + epoch)  # resumable: depends on epoch only
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)
@@ -187,6 +201,17 @@ def fit(
                 f"training diverged at epoch {epoch} (perplexity overflowed to inf); "
                 "try a lower --lr or a --clip value"
             )
+        if cfg.average_from and epoch >= cfg.average_from:
+            average.update(model)
+            if epoch == cfg.epochs:
+                average.copy_to(model)
+                record["val_ppl_last_weights"] = record["val_ppl"]
+                record["val_ppl"] = perplexity(model, val_ids, device)
+                record["averaged_epochs"] = average.count
+                log(
+                    f"weights averaged over epochs {epoch - average.count + 1}-{epoch}: "
+                    f"val ppl {record['val_ppl_last_weights']:.3f} -> {record['val_ppl']:.3f}"
+                )
         history.append(record)
         kind = "infill ppl" if model.task == "infill" else "ppl"
         log(

@@ -52,6 +52,26 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert [json.loads(line)["epoch"] for line in lines] == [2, 3]
 
 
+def test_averaged_weights_are_the_mean_of_the_epochs_and_resume_keeps_them(
+    tmp_path: Path,
+) -> None:
+    snaps = [_train(tmp_path / f"e{e}", e, lr_decay=0.7)["state_dict"] for e in (2, 3, 4)]
+    averaged = _train(tmp_path / "avg", 4, lr_decay=0.7, average_from=2)
+    for k, v in averaged["state_dict"].items():
+        assert torch.allclose(v, sum(s[k] for s in snaps) / 3, atol=1e-6), k
+    last = averaged["history"][-1]
+    assert last["averaged_epochs"] == 3 and last["val_ppl"] != last["val_ppl_last_weights"]
+    _train(tmp_path / "part", 3, lr_decay=0.7, average_from=2)  # stops mid-average
+    resumed = _train(tmp_path / "part2", 4, resume=tmp_path / "part", lr_decay=0.7,
+                     average_from=2)  # fmt: skip
+    assert _same(averaged["state_dict"], resumed["state_dict"])
+
+
+def test_average_from_past_the_last_epoch_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TrainerError, match="--average-from"):
+        _train(tmp_path, 2, average_from=3)
+
+
 def test_a_fresh_run_starts_a_fresh_log(tmp_path: Path) -> None:
     _train(tmp_path, 2)
     _train(tmp_path, 1)
