@@ -75,8 +75,9 @@ def hmm_row(train: list[int], val: list[int], v: int, states: int, epochs: int) 
 
 def neural_rows(train: list[int], val: list[int], v: int, args) -> list[dict]:
     rows = []
-    cfg = TrainConfig(epochs=args.epochs, num_steps=64, batch_size=args.batch_size, lr=args.lr,
-                      lr_decay=args.lr_decay, sampling="sequential", seed=0)  # fmt: skip
+    cfg = TrainConfig(epochs=args.epochs, num_steps=args.num_steps, batch_size=args.batch_size,
+                      lr=args.lr, lr_decay=args.lr_decay, average_from=args.average_from,
+                      sampling="sequential", seed=0)  # fmt: skip
     for name, (arch, layers, bi) in NEURAL.items():
         torch.manual_seed(0)
         model = build_model(ModelConfig(arch, v, args.hidden, layers, args.embed, bi, args.dropout))
@@ -155,15 +156,17 @@ def markdown(result: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=24)
+    parser.add_argument("--num-steps", type=int, default=32)
+    parser.add_argument("--average-from", type=int, default=13, help="SWA from this epoch")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--embed", type=int, default=64)
     parser.add_argument("--dropout", type=float, default=0.4)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=0.003)
+    parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--lr-decay", type=float, default=0.9)
     parser.add_argument("--hmm-states", type=int, default=64)
-    parser.add_argument("--hmm-epochs", type=int, default=20)
+    parser.add_argument("--hmm-epochs", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, small models")
     parser.add_argument("--table", action="store_true", help="print the table of the results")
     args = parser.parse_args()
@@ -172,6 +175,7 @@ def main() -> int:
         return 0
     if args.quick:
         args.epochs, args.hidden, args.hmm_states, args.hmm_epochs = 1, 32, 4, 2
+        args.average_from = 1
     torch.set_num_threads(1)
     text = read_corpus(CORPUS if CORPUS.exists() else None)
     corpus = build_corpus(text, TokenizerConfig(level="char", letters_only=True))
@@ -190,8 +194,9 @@ def main() -> int:
         "vocab_size": v, "train_tokens": len(train), "val_tokens": len(val),
         "uniform_ppl": float(v),
         "budget": {"epochs": args.epochs, "hidden": args.hidden, "embed": args.embed,
-                   "dropout": args.dropout, "num_steps": 64, "batch_size": args.batch_size,
-                   "optimizer": "adam", "lr": args.lr, "lr_decay": args.lr_decay, "clip": 1.0,
+                   "dropout": args.dropout, "num_steps": args.num_steps,
+                   "batch_size": args.batch_size, "optimizer": "adam", "lr": args.lr,
+                   "lr_decay": args.lr_decay, "average_from": args.average_from, "clip": 1.0,
                    "sampling": "sequential"},
         "models": rows,
         "cell_speed": speed,
