@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,6 +91,8 @@ class Scheduler:
         self.pending: list[tuple[Stream, State]] = []
         self.admitted = 0  # prefilling + pending + in a batch
         self._wake = asyncio.Event()
+        self._outbox: deque[tuple[list[Stream], StepResult]] = deque()  # worker -> loop
+        self._wake_pending = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task | None = None
@@ -200,10 +203,26 @@ class Scheduler:
             )
             if end or step % hand_every == 0:
                 for r in rows:
-                    loop.call_soon_threadsafe(self._advance, r.batch.streams, r.flush())
+                    self._hand_over(loop, r.batch.streams, r.flush())
             if end:
                 break
         return [r.state for r in rows]
+
+    def _hand_over(
+        self, loop: asyncio.AbstractEventLoop, streams: list[Stream], result: StepResult
+    ) -> None:
+        """Worker thread: queues tokens for the event loop, waking it only if no wake-up is
+        already pending (each wake-up is a syscall and a GIL hand-off between the threads)."""
+        self._outbox.append((streams, result))
+        if not self._wake_pending:
+            self._wake_pending = True
+            loop.call_soon_threadsafe(self._take_outbox)
+
+    def _take_outbox(self) -> None:
+        """Event loop: advances the streams by everything queued so far, in order."""
+        self._wake_pending = False  # before draining: a later append schedules a new wake-up
+        while self._outbox:
+            self._advance(*self._outbox.popleft())
 
     def _hand_every(self, live: int) -> int:
         """Steps per hand-over to the event loop: 1 for a few streams (lowest latency); under
