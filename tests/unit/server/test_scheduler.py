@@ -76,6 +76,7 @@ def test_streams_share_steps_and_each_gets_its_own_tokens() -> None:
         sched, model = _scheduler()
         streams = [await _start(sched, first, 6) for first in range(4)]
         outs = await asyncio.gather(*[_collect(s) for s in streams])
+        await asyncio.wait_for(sched.drain(), 5)  # slots free when the trip ends
         await sched.close()
         return outs, model.calls, sched
 
@@ -161,6 +162,7 @@ def test_expired_stream_ends_with_deadline_exceeded() -> None:
         stream.deadline = 0.0  # long past
         with pytest.raises(DeadlineExceeded):
             await _collect(stream)
+        await asyncio.wait_for(sched.drain(), 5)
         await sched.close()
         return sched
 
