@@ -122,13 +122,15 @@ async def generate_level(port: int, model: str, concurrency: int, tokens: int) -
     stubs = [pb_grpc.InferenceStub(c) for c in channels]
     prompt = "the time traveller "
     await _stream(stubs[0], pb, model, prompt, 8, 0)  # warm-up
-    rounds = 4 if concurrency == 1 else 1
-    results, start = [], time.perf_counter()
+    rounds = 8 if concurrency == 1 else 1
+    results, start, by_round = [], time.perf_counter(), []
     for r in range(rounds):
-        results += await asyncio.gather(*[
+        got = await asyncio.gather(*[
             _stream(stubs[i % len(stubs)], pb, model, prompt, tokens, r * 1000 + i)
             for i in range(concurrency)
         ])  # fmt: skip
+        by_round.append(_pct([g for x in got for g in x["gaps"]], 50))
+        results += got
     wall = time.perf_counter() - start
     for c in channels:
         await c.close()
@@ -145,6 +147,7 @@ async def generate_level(port: int, model: str, concurrency: int, tokens: int) -
         "itl_p50_s": _pct(gaps, 50),
         "itl_p99_s": _pct(gaps, 99),
         "tokens_per_message": total / max(1, sum(r["messages"] for r in results)),
+        "itl_p50_by_round_s": by_round,  # one stream after another at concurrency 1
     }
 
 
