@@ -93,6 +93,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._outbox: deque[tuple[list[Stream], StepResult]] = deque()  # worker -> loop
         self._wake_pending = False
+        self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task | None = None
@@ -146,6 +147,7 @@ class Scheduler:
         await self._idle.wait()
 
     async def close(self) -> None:
+        self._closed = True  # a trip still running in the ORT thread stops after its step
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -198,6 +200,7 @@ class Scheduler:
                 step >= budget
                 or step == self.decode_steps
                 or bool(self.pending)
+                or self._closed
                 or any(s.done for s in streams)
                 or (deadline is not None and time.perf_counter() >= deadline)
             )
@@ -214,7 +217,7 @@ class Scheduler:
         """Worker thread: queues tokens for the event loop, waking it only if no wake-up is
         already pending (each wake-up is a syscall and a GIL hand-off between the threads)."""
         self._outbox.append((streams, result))
-        if not self._wake_pending:
+        if not self._wake_pending and not loop.is_closed():
             self._wake_pending = True
             loop.call_soon_threadsafe(self._take_outbox)
 
