@@ -10,7 +10,6 @@ import contextlib
 import datetime
 import ipaddress
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+from tests.e2e.processes import reap, stop_gracefully
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -142,12 +143,9 @@ def server(
                 )
             time.sleep(0.3)
         yield address
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        stop_gracefully(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        reap(proc)
 
 
 def client(address: str, *argv: str) -> subprocess.CompletedProcess[str]:

@@ -25,6 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
+from tests.e2e.processes import reap, stop_gracefully
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
@@ -75,12 +77,9 @@ def running(repo: Path, log: Path, *args: str) -> Iterator[tuple[subprocess.Pope
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             _until("SERVING", lambda: _health(channel) == SERVING, proc, log)
             yield proc, channel
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        stop_gracefully(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        reap(proc)
 
 
 def _versions(channel: grpc.Channel, name: str) -> dict[str, pb.VersionInfo]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+from tests.e2e.processes import reap, stop_gracefully
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -97,9 +98,6 @@ def test_two_workers_share_port_and_metrics(model_repo: Path, tmp_path: Path) ->
         after = _scrape(metrics_port)
         assert _generate_count(after) - before == CALLS
         assert len(_serving_pids(after)) == 2
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=40) == 0
+        stop_gracefully(proc, timeout=40)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        reap(proc)

@@ -18,6 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
+from tests.e2e.processes import reap, stop_gracefully
+
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 
@@ -69,12 +71,9 @@ def test_real_server_process(model_repo: Path, tmp_path: Path) -> None:
                 'rnnserve_request_duration_seconds_count{code="OK",model="lstm",rpc="Generate"}'
                 in text
             )
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        stop_gracefully(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     access = [e for e in lines if e.get("rpc") == "Generate"]
     assert access and access[0]["code"] == "OK" and access[0]["request_id"]
