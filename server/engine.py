@@ -62,6 +62,7 @@ class Engine:
                 self.metrics,
                 self.settings.max_batch,
                 self.settings.decode_steps,
+                self.settings.stream_interval_us * 1e-6,
             )
         return self._schedulers[key]
 

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from artifact.manifest import Manifest, StateSpec
+from server import decode_head
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,6 +72,11 @@ class OnnxModel:
         self._outputs = [manifest.output_name] + [s.output for s in self.specs]
         self._init = [_init_element(s) for s in self.specs]
         self._check_interface()
+        in_use = self.session.get_providers()
+        self.heads = {
+            kind: ort.InferenceSession(graph.SerializeToString(), options, providers=in_use)
+            for kind, graph in _decode_heads(path, manifest).items()
+        }
 
     def _check_interface(self) -> None:
         inputs = {i.name for i in self.session.get_inputs()}
@@ -119,6 +126,38 @@ class OnnxModel:
             feeds[s.input] = t
         out = self.session.run(self._outputs, feeds)
         return out[0], list(out[1:])
+
+    def decode(
+        self, x: np.ndarray, state: State, rows: decode_head.RowParams, uniform: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, State]:
+        """One decode step through the decode head (`has_head` only): x [batch, 1] ->
+        (tokens [batch] int64, their logprobs [batch] float32, state)."""
+        feeds = {self.manifest.input_name: x, **rows.feeds}
+        if rows.kind != "greedy":
+            feeds[decode_head.UNIFORM] = uniform
+        for s, t in zip(self.specs, state, strict=True):
+            feeds[s.input] = t
+        out = self.heads[rows.kind].run([*rows.outputs, *self._outputs[1:]], feeds)
+        return out[0], out[1], list(out[2:])
+
+    @property
+    def has_head(self) -> bool:
+        return bool(self.heads)
+
+
+def _decode_heads(path: Path, manifest: Manifest) -> dict[str, onnx.ModelProto]:
+    """lm graphs get one decode-step graph per head kind (tokens picked inside ORT; each
+    session holds its own copy of the weights); other tasks, or graphs the head does not
+    fit, get none and pick tokens in numpy."""
+    if manifest.task != "lm":
+        return {}
+    try:
+        model = onnx.load(str(path))
+        heads = {k: decode_head.attach(model, manifest.output_name, k) for k in decode_head.OUTPUTS}
+    except Exception as exc:  # the base session loaded it, so this is the head's fault
+        log.warning("no decode head for %s (decode steps pick tokens in numpy): %s", path, exc)
+        return {}
+    return {k: h for k, h in heads.items() if h is not None}
 
 
 def _init_element(spec: StateSpec) -> np.ndarray:

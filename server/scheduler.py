@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server.decode_head import RowParams
 from server.errors import DeadlineExceeded, Overloaded, ShuttingDown
 from server.metrics import Metrics
 from server.runtime import OnnxModel, Runtime, State, log_softmax
@@ -79,6 +80,7 @@ class Scheduler:
         metrics: Metrics,
         max_batch: int,
         decode_steps: int = 1,
+        stream_interval: float = 0.0,
     ) -> None:
         self.name = name
         self.model = model
@@ -87,6 +89,7 @@ class Scheduler:
         self.metrics = metrics
         self.max_batch = max_batch
         self.decode_steps = decode_steps
+        self.stream_interval = stream_interval  # seconds
         self.batches: list[Batch] = []
         self.pending: list[tuple[Stream, State]] = []
         self.admitted = 0  # prefilling + pending + in a batch
@@ -184,27 +187,33 @@ class Scheduler:
         The trip ends after the step in which a stream is waiting to join, a stream left
         (finished, cancelled, past its deadline) or reaches its max_tokens, or after
         --decode-steps steps: the loop then filters and concatenates before the next step.
-        Tokens reach the event loop every `_hand_every` steps (every step for a few streams,
-        so a single stream streams at the model's pace, not the thread hop's). Samplers are
-        only touched by this thread, so each stream's RNG still draws once per token in order.
+        Tokens reach the event loop every `_hand_every` steps, and at most once per
+        --stream-interval-us: one gRPC message per token costs the event loop more than a
+        step costs the model, and while the loop sends, this thread waits for the GIL; so a
+        single stream gets a message of a few tokens every interval and streams at the
+        model's pace. Samplers are only touched by this thread, so each stream's RNG still
+        draws once per token in order.
         """
         streams = [s for b in batches for s in b.streams]
         hand_every = self._hand_every(len(streams))
         budget = min(s.stopper.max_tokens - s.tokens for s in streams)
         deadline = min((s.deadline for s in streams if s.deadline is not None), default=None)
         rows = [_Rows(self, b) for b in batches]
+        handed = time.perf_counter()
         for step in range(1, self.decode_steps + 1):
             for r in rows:
                 r.step()
+            now = time.perf_counter()
             end = (
                 step >= budget
                 or step == self.decode_steps
                 or bool(self.pending)
                 or self._closed
                 or any(s.done for s in streams)
-                or (deadline is not None and time.perf_counter() >= deadline)
+                or (deadline is not None and now >= deadline)
             )
-            if end or step % hand_every == 0:
+            if end or (step % hand_every == 0 and now - handed >= self.stream_interval):
+                handed = now
                 for r in rows:
                     self._hand_over(loop, r.batch.streams, r.flush())
             if end:
@@ -295,6 +304,11 @@ class _Rows:
         n = len(streams)
         self.x = np.fromiter((s.last_token for s in streams), dtype=np.int64, count=n)[:, None]
         self.sampled = [i for i, s in enumerate(streams) if not s.sampler.params.greedy]
+        self.head: RowParams | None = None
+        if sched.model.has_head:
+            vocab = len(sched.model.manifest.vocab)
+            self.head = RowParams.of([s.sampler.params for s in streams], vocab)
+            self._uniform = np.zeros(n, dtype=np.float64)
         self.signed = [i for i, s in enumerate(streams) if s.signer]
         self._clear()
 
@@ -308,20 +322,36 @@ class _Rows:
         """One ORT call [batch, 1] and one token per stream."""
         sched, streams = self.sched, self.batch.streams
         start = time.perf_counter()
-        logits, self.state = sched.model.run(self.x, self.state)  # [batch, 1, vocab]
-        lp = log_softmax(logits[:, -1, :])  # [batch, vocab]
-        tokens = np.argmax(lp, axis=-1)  # greedy; ties to the lowest id
-        rows = [i for i in self.sampled if not streams[i].done]
-        if rows:
-            tokens[rows] = sample_rows(lp[rows], [streams[i].sampler for i in rows])
+        if self.head is not None:
+            tokens, logprobs, self.state = self._pick_in_graph(streams)
+        else:
+            tokens, logprobs, self.state = self._pick_in_numpy(streams)
         self.tokens.append(tokens)
-        self.logprobs.append(lp[np.arange(len(tokens)), tokens])
+        self.logprobs.append(logprobs)
         for i, kept in self.snapshots.items():
             kept.append(sched.model.take(self.state, i))
         self.x = tokens[:, None]
         self.times.append(time.perf_counter())
         sched._step_seconds.observe(self.times[-1] - start)
         sched._batch_size.observe(len(tokens))
+
+    def _pick_in_graph(self, streams: list[Stream]) -> tuple[np.ndarray, np.ndarray, State]:
+        """The decode head picks the tokens inside the ORT call (GIL released); this thread
+        only draws each sampled stream's uniform from its own RNG."""
+        uniform = self._uniform
+        for i in self.sampled:
+            if not streams[i].done:
+                uniform[i] = streams[i].sampler.rng.random()
+        return self.sched.model.decode(self.x, self.state, self.head, uniform)
+
+    def _pick_in_numpy(self, streams: list[Stream]) -> tuple[np.ndarray, np.ndarray, State]:
+        logits, state = self.sched.model.run(self.x, self.state)  # [batch, 1, vocab]
+        lp = log_softmax(logits[:, -1, :])  # [batch, vocab]
+        tokens = np.argmax(lp, axis=-1)  # greedy; ties to the lowest id
+        rows = [i for i in self.sampled if not streams[i].done]
+        if rows:
+            tokens[rows] = sample_rows(lp[rows], [streams[i].sampler for i in rows])
+        return tokens, lp[np.arange(len(tokens)), tokens], state
 
     def flush(self) -> StepResult:
         """The tokens since the last flush, as [steps, batch]."""

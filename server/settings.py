@@ -32,6 +32,7 @@ class Settings:
     max_streams: int = 512
     max_batch: int = 256
     decode_steps: int = 64
+    stream_interval_us: int = 250
     max_message_bytes: int = 4 * 1024 * 1024
     max_infill_vocab: int = 4096
     state_key: str = ""
@@ -73,6 +74,12 @@ _HELP: dict[str, tuple[type, str]] = {
         "most decode steps one trip to the ORT thread runs back to back "
         "(a trip also ends when a stream joins or leaves); tokens still "
         "reach clients step by step. 1 = one step per trip",
+    ),
+    "stream_interval_us": (
+        int,
+        "microseconds a stream's tokens may wait to share one message with the tokens made "
+        "after them (one gRPC message per token costs more than a decode step); 0 = every "
+        "step's tokens are sent at once",
     ),
     "max_message_bytes": (int, "largest gRPC message accepted or sent, in bytes"),
     "max_infill_vocab": (
@@ -182,6 +189,8 @@ def validate(settings: Settings) -> str | None:
             return f"--{name.replace('_', '-')} must be at least 1"
     if not 0 <= settings.port <= 65535 or not 0 <= settings.metrics_port <= 65535:
         return "ports must be in 0..65535"
+    if settings.stream_interval_us < 0:
+        return "--stream-interval-us must be 0 or more"
     if settings.intra_op_threads < 0:
         return "--intra-op-threads must be 0 or more"
     if settings.poll_interval < 0:

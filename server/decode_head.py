@@ -1,0 +1,223 @@
+"""The decode head: log-softmax and the choice of each row's next token, appended to an lm
+graph at load time so one decode step is one ONNX Runtime call that returns tokens.
+
+Why: in numpy, a step's log-softmax, tempering, top-k/top-p filter and inverse-CDF draw hold
+the GIL for ~20 µs, time the event loop (sending the previous tokens) and the ORT thread then
+wait on each other for; inside ORT the same work runs with the GIL released. The head follows
+`server.sampling.filtered_rows` / `sample_rows` exactly — float64, ties ranked by id, the top
+one always kept, one uniform per sampled row drawn in Python by that stream's own RNG — and
+tests check that both give the same tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from server.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+PREFIX = "rnnserve_head/"
+TEMPERATURE = PREFIX + "temperature"  # [batch] float64; 0 = greedy
+TOP_K = PREFIX + "top_k"  # [batch] int64; the vocabulary size = no top-k
+TOP_P = PREFIX + "top_p"  # [batch] float64; >= 1 = no top-p
+UNIFORM = PREFIX + "uniform"  # [batch] float64 in [0, 1); ignored for greedy rows
+# token [batch] int64 and its logprob [batch] float32 (under the unfiltered model), three ways:
+GREEDY_TOKEN, GREEDY_LOGPROB = PREFIX + "greedy_token", PREFIX + "greedy_logprob"
+TEMPERED_TOKEN, TEMPERED_LOGPROB = PREFIX + "tempered_token", PREFIX + "tempered_logprob"
+FILTERED_TOKEN, FILTERED_LOGPROB = PREFIX + "filtered_token", PREFIX + "filtered_logprob"
+OUTPUTS = {
+    "greedy": (GREEDY_TOKEN, GREEDY_LOGPROB),  # every row greedy
+    "tempered": (TEMPERED_TOKEN, TEMPERED_LOGPROB),  # no row uses top-k or top-p
+    "filtered": (FILTERED_TOKEN, FILTERED_LOGPROB),
+}
+
+HEAD_INPUTS = {
+    TEMPERATURE: TensorProto.DOUBLE,
+    TOP_K: TensorProto.INT64,
+    TOP_P: TensorProto.DOUBLE,
+    UNIFORM: TensorProto.DOUBLE,
+}
+
+MIN_OPSET = 13  # Softmax over one axis, ReduceSum's axes as an input
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def attach(model: onnx.ModelProto, logits: str, kind: str) -> onnx.ModelProto | None:
+    """A copy of `model` with the `kind` head (a key of OUTPUTS) reading `logits`
+    [batch, time, vocab] at the last time step, or None when the graph cannot take it (then
+    numpy does the work). Each kind carries only the nodes and inputs its outputs need."""
+    opset = default_opset(model)
+    if opset < MIN_OPSET:
+        log.info("opset %d < %d: decode steps pick tokens in numpy", opset, MIN_OPSET)
+        return None
+    out = next((o for o in model.graph.output if o.name == logits), None)
+    if out is None or len(out.type.tensor_type.shape.dim) != 3:
+        log.info("output %s is not [batch, time, vocab]: decode steps pick tokens in numpy", logits)
+        return None
+    taken = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
+    if any(name.startswith(PREFIX) for name in taken):
+        return None
+    token, logprob = OUTPUTS[kind]
+    nodes, needed = _pruned(_nodes(logits), {token, logprob})
+    head = onnx.ModelProto()
+    head.CopyFrom(model)
+    g = head.graph
+    g.input.extend(
+        helper.make_tensor_value_info(name, dtype, ["batch"])
+        for name, dtype in HEAD_INPUTS.items()
+        if name in needed
+    )
+    g.output.extend([
+        helper.make_tensor_value_info(token, TensorProto.INT64, ["batch"]),
+        helper.make_tensor_value_info(logprob, TensorProto.FLOAT, ["batch"]),
+    ])  # fmt: skip
+    g.initializer.extend(c for c in _constants() if c.name in needed)
+    g.node.extend(nodes)
+    onnx.checker.check_model(head)
+    return head
+
+
+def _pruned(
+    nodes: list[onnx.NodeProto], outputs: set[str]
+) -> tuple[list[onnx.NodeProto], set[str]]:
+    """The nodes `outputs` depend on (ORT runs every node of a graph, wanted or not), and
+    every name they read."""
+    needed, kept = set(outputs), []
+    for node in reversed(nodes):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(node.input)
+    return kept[::-1], needed
+
+
+def _constants() -> list[TensorProto]:
+    def const(name: str, value, dtype) -> TensorProto:
+        return numpy_helper.from_array(np.asarray(value, dtype=dtype), PREFIX + name)
+
+    return [
+        const("last", -1, np.int64),  # scalar: the last time step
+        const("axis1", [1], np.int64),
+        const("one_index", 1, np.int64),
+        const("zero_i", 0, np.int64),
+        const("one_i", 1, np.int64),
+        const("zero_d", 0.0, np.float64),
+        const("one_d", 1.0, np.float64),
+    ]
+
+
+def _nodes(logits: str) -> list[onnx.NodeProto]:
+    """The head's computation; comments give the numpy it mirrors (server/sampling.py).
+
+    Three token outputs share the graph, and ORT runs only the nodes a requested output
+    needs: greedy (argmax only), tempered (no filter: one softmax and one draw) and filtered
+    (top-k/top-p: a sort, a mask and a renormalisation first)."""
+    p = PREFIX
+
+    def n(op: str, inputs: list[str], outputs: list[str], **attrs) -> onnx.NodeProto:
+        return helper.make_node(op, [i if i.startswith(p) else p + i for i in inputs],
+                                [o if o.startswith(p) else p + o for o in outputs],
+                                name=p + outputs[0].removeprefix(p), **attrs)  # fmt: skip
+
+    def col(x: str) -> onnx.NodeProto:  # [batch] -> [batch, 1]
+        return n("Unsqueeze", [x, "axis1"], [x.removeprefix(p) + "_col"])
+
+    def draw(dist: str, token: str, logprob: str) -> list[onnx.NodeProto]:
+        """Inverse CDF over `dist` (normalised, id order) with each row's uniform."""
+        return [
+            n("CumSum", [dist, "one_index"], [dist + "_cumulative"]),
+            n("LessOrEqual", [dist + "_cumulative", "uniform_col"], [dist + "_below"]),
+            n("Cast", [dist + "_below"], [dist + "_below_i"], to=TensorProto.INT64),
+            n("ReduceSum", [dist + "_below_i", "axis1"], [dist + "_drawn"], keepdims=0),
+            n("Greater", [dist, "zero_d"], [dist + "_possible"]),
+            n("Cast", [dist + "_possible"], [dist + "_possible_f"], to=TensorProto.FLOAT),
+            n(
+                "ArgMax",
+                [dist + "_possible_f"],
+                [dist + "_last"],
+                axis=1,
+                keepdims=0,
+                select_last_index=1,
+            ),
+            n("Min", [dist + "_drawn", dist + "_last"], [dist + "_sampled"]),  # past the total
+            n("Where", ["is_greedy", "greedy", dist + "_sampled"], [token]),
+            *pick_logprob(token, logprob),
+        ]
+
+    def pick_logprob(token: str, logprob: str) -> list[onnx.NodeProto]:
+        return [
+            n("Unsqueeze", [token, "axis1"], [token + "_col"]),
+            n("GatherElements", ["lp", token + "_col"], [token + "_lp"], axis=1),
+            n("Squeeze", [token + "_lp", "axis1"], [logprob]),
+        ]
+
+    return [
+        helper.make_node(
+            "Gather", [logits, p + "last"], [p + "logits"], axis=1, name=p + "logits"
+        ),  # [batch, vocab]
+        n("LogSoftmax", ["logits"], ["lp"], axis=1),  # log_softmax(logits)
+        n("ArgMax", ["lp"], [GREEDY_TOKEN], axis=1, keepdims=0),  # ties: the lowest id
+        n("Identity", [GREEDY_TOKEN], ["greedy"]),
+        *pick_logprob(GREEDY_TOKEN, GREEDY_LOGPROB),
+        n("Equal", [TEMPERATURE, "zero_d"], ["is_greedy"]),
+        n("Where", ["is_greedy", "one_d", TEMPERATURE], ["temperature_safe"]),
+        col("temperature_safe"),
+        col(UNIFORM),
+        n("Cast", ["lp"], ["lp64"], to=TensorProto.DOUBLE),
+        n("Div", ["lp64", "temperature_safe_col"], ["z"]),  # logprobs / temperature
+        n("Softmax", ["z"], ["probs"], axis=1),  # exp(z - max) / sum
+        *draw("probs", TEMPERED_TOKEN, TEMPERED_LOGPROB),
+        n("Shape", ["probs"], ["shape"]),
+        n("Gather", ["shape", "axis1"], ["vocab_1d"], axis=0),  # [1]
+        n("Gather", ["shape", "one_index"], ["vocab"], axis=0),  # scalar
+        n("TopK", ["probs", "vocab_1d"], ["ranked", "order"], axis=1, largest=1, sorted=1),
+        n("Range", ["zero_i", "vocab", "one_i"], ["rank"]),  # [vocab]
+        n("CumSum", ["ranked", "one_index"], ["before"], exclusive=1),  # mass ranked ahead
+        col(TOP_K),
+        col(TOP_P),
+        n("Less", ["rank", "top_k_col"], ["in_top_k"]),
+        n("Less", ["before", "top_p_col"], ["in_top_p"]),
+        n("Equal", ["rank", "zero_i"], ["is_top"]),
+        n("Or", ["in_top_p", "is_top"], ["in_top_p_or_top"]),  # the top one always
+        n("And", ["in_top_k", "in_top_p_or_top"], ["keep"]),
+        n("Cast", ["keep"], ["keep_d"], to=TensorProto.DOUBLE),
+        n("Mul", ["ranked", "keep_d"], ["kept_ranked"]),
+        n("Mul", ["probs", "zero_d"], ["zeros"]),
+        n("ScatterElements", ["zeros", "order", "kept_ranked"], ["kept"], axis=1),  # id order
+        n("ReduceSum", ["kept", "axis1"], ["kept_total"], keepdims=1),
+        n("Div", ["kept", "kept_total"], ["filtered"]),  # renormalised
+        *draw("filtered", FILTERED_TOKEN, FILTERED_LOGPROB),
+    ]
+
+
+@dataclass(frozen=True)
+class RowParams:
+    """A batch's head inputs that stay fixed for a trip, and which head it needs."""
+
+    kind: str  # a key of OUTPUTS
+    feeds: dict[str, np.ndarray]  # without UNIFORM, which changes every step
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], vocab: int) -> RowParams:
+        """The conventions of filtered_rows: top_k 0 = the whole vocabulary, top_p outside
+        (0, 1) = off, temperature 0 = greedy."""
+        temperature = np.array([p.temperature for p in params], dtype=np.float64)
+        top_k = np.array([p.top_k or vocab for p in params], dtype=np.int64)
+        top_p = np.array([p.top_p if 0.0 < p.top_p < 1.0 else 2.0 for p in params], np.float64)
+        if not temperature.any():
+            return cls("greedy", {})
+        if (top_k < vocab).any() or (top_p <= 1.0).any():
+            return cls("filtered", {TEMPERATURE: temperature, TOP_K: top_k, TOP_P: top_p})
+        return cls("tempered", {TEMPERATURE: temperature})
+
+    @property
+    def outputs(self) -> tuple[str, str]:
+        return OUTPUTS[self.kind]

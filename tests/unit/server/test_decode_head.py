@@ -1,0 +1,119 @@
+"""The decode head picks the same tokens, with the same logprobs, as the numpy sampler.
+
+A one-node "language model" (logits = a row of a table chosen by the input token) lets every
+row's logits be set exactly, ties included; ONNX Runtime runs the head on it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from server import decode_head
+from server.decode_head import RowParams
+from server.runtime import log_softmax
+from server.sampling import Sampler, SamplingParams, sample_rows
+
+V = 12
+
+
+def _table_lm(table: np.ndarray, opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "tokens"], ["logits"], axis=0)],
+        "table_lm",
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "time", V])],
+        [numpy_helper.from_array(table.astype(np.float32), "table")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _numpy_pick(lp: np.ndarray, samplers: list[Sampler]) -> np.ndarray:
+    """What the scheduler does without a head."""
+    tokens = np.argmax(lp, axis=-1)
+    rows = [i for i, s in enumerate(samplers) if not s.params.greedy]
+    if rows:
+        tokens[rows] = sample_rows(lp[rows], [samplers[i] for i in rows])
+    return tokens
+
+
+def _head_pick(table: np.ndarray, x: np.ndarray, samplers: list[Sampler]):
+    rows = RowParams.of([s.params for s in samplers], V)
+    graph = decode_head.attach(_table_lm(table), "logits", rows.kind)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"tokens": x, **rows.feeds}
+    if rows.kind != "greedy":
+        feeds[decode_head.UNIFORM] = np.array(
+            [0.0 if s.params.greedy else s.rng.random() for s in samplers]
+        )
+    return session.run(list(rows.outputs), feeds)
+
+
+def _random_params(rng: np.random.Generator, seed: int) -> SamplingParams:
+    if rng.random() < 0.2:
+        return SamplingParams()
+    return SamplingParams(
+        temperature=float(rng.choice([0.3, 0.7, 1.0, 1.5, 5.0])),
+        top_k=int(rng.choice([0, 0, 1, 3, V])),
+        top_p=float(rng.choice([0.0, 0.0, 0.5, 0.9, 1.0])),
+        seed=seed,
+    )
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_head_picks_what_numpy_picks(trial: int) -> None:
+    rng = np.random.default_rng(trial)
+    table = rng.normal(0, 3, size=(8, V))
+    table[1, :4] = table[1, 0]  # ties: both sides rank them by id
+    table[2] = 0.0  # a uniform row
+    batch = 16
+    x = rng.integers(0, 8, size=(batch, 1))
+    params = [_random_params(rng, trial * 100 + i) for i in range(batch)]
+    if trial % 4 == 0:
+        params = [SamplingParams() for _ in range(batch)]  # the greedy head
+    elif trial % 4 == 1:
+        params = [SamplingParams(temperature=p.temperature or 1.0, seed=i)
+                  for i, p in enumerate(params)]  # fmt: skip  # the tempered head
+    lp = log_softmax(table[x[:, -1]].astype(np.float32))
+    want = _numpy_pick(lp, [Sampler(p) for p in params])
+    tokens, logprobs = _head_pick(table, x, [Sampler(p) for p in params])
+    np.testing.assert_array_equal(tokens, want)
+    np.testing.assert_allclose(logprobs, lp[np.arange(batch), want], rtol=1e-5, atol=1e-6)
+
+
+def test_head_uses_the_last_time_step() -> None:
+    table = np.eye(V)[::-1] * 5  # token t -> most likely V-1-t
+    x = np.array([[0, 3, 7]])
+    tokens, _ = _head_pick(table, x, [Sampler(SamplingParams())])
+    assert tokens.tolist() == [V - 1 - 7]
+
+
+def test_kind_follows_the_batch() -> None:
+    greedy, tempered = SamplingParams(), SamplingParams(temperature=0.9)
+    assert RowParams.of([greedy, greedy], V).kind == "greedy"
+    assert RowParams.of([greedy, tempered], V).kind == "tempered"
+    assert RowParams.of([tempered, SamplingParams(temperature=1, top_k=V)], V).kind == "tempered"
+    assert RowParams.of([tempered, SamplingParams(temperature=1, top_k=2)], V).kind == "filtered"
+    assert RowParams.of([tempered, SamplingParams(temperature=1, top_p=0.5)], V).kind == (
+        "filtered"
+    )
+
+
+def test_each_head_keeps_only_what_it_needs() -> None:
+    table = np.zeros((2, V))
+    inputs = {
+        kind: {i.name for i in decode_head.attach(_table_lm(table), "logits", kind).graph.input}
+        for kind in decode_head.OUTPUTS
+    }
+    assert inputs["greedy"] == {"tokens"}
+    assert inputs["tempered"] == {"tokens", decode_head.TEMPERATURE, decode_head.UNIFORM}
+    assert inputs["filtered"] == {"tokens", *decode_head.HEAD_INPUTS}
+
+
+def test_graphs_the_head_does_not_fit_are_left_to_numpy() -> None:
+    table = np.zeros((2, V))
+    assert decode_head.attach(_table_lm(table, opset=12), "logits", "greedy") is None
+    assert decode_head.attach(_table_lm(table), "not_an_output", "greedy") is None
