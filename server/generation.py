@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from server.errors import BadRequest, UnsupportedTask
+from server.metrics import observe_many
 from server.repository import ModelVersion
 from server.resume import Resumed, StateSigner
 from server.sampling import Sampler, SamplingParams
@@ -90,11 +92,14 @@ class Generator:
         ttft = metrics.time_to_first_token.labels(model=name)
         itl = metrics.inter_token_latency.labels(model=name)
 
-        def on_token(stream: Stream, now: float) -> None:
-            if stream.tokens == 1:
-                ttft.observe(now - stream.started)
+        def on_tokens(stream: Stream, times: list[float]) -> None:
+            if stream.tokens == 0:
+                ttft.observe(times[0] - stream.started)
+                gaps = []
             else:
-                itl.observe(now - stream.last_time)
+                gaps = [times[0] - stream.last_time]
+            gaps += [b - a for a, b in itertools.pairwise(times)]
+            observe_many(itl, gaps)
 
         signer = None
         if p.return_state:
@@ -110,7 +115,7 @@ class Generator:
             signer=signer,
             started=started,
             deadline=deadline,
-            on_token=on_token,
+            on_tokens=on_tokens,
         )
         sched.admit()
         joined = False

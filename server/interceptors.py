@@ -10,6 +10,7 @@ A request that does not even parse as its protobuf message is INVALID_ARGUMENT, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -129,15 +130,19 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         return wrapper
 
     def _stream(self, behavior, rpc: str, method: str, metadata: dict[str, str]):
+        """Wraps an async-generator handler as a coroutine that calls context.write(): grpc.aio
+        sends a message that way in about half the event-loop time of a yielded one."""
+
         async def wrapper(request, context: grpc.aio.ServicerContext):
             start, model = time.perf_counter(), self._label(request)
             code, message = grpc.StatusCode.OK, ""
             try:
                 self._begin(method, metadata, request)
-                async for response in behavior(request, context):
-                    yield response
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        await context.write(response)
                 return
-            except (asyncio.CancelledError, GeneratorExit):
+            except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:

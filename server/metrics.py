@@ -7,7 +7,9 @@ collide; `serve_http` exposes it at /metrics.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
@@ -18,6 +20,26 @@ LATENCY_BUCKETS = (
     0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def observe_many(histogram, values: Sequence[float]) -> None:
+    """histogram.observe for each value, with one lock round per bucket touched instead of two
+    per value: the event loop records every token's inter-token latency, thousands a second.
+    Falls back to observe() if prometheus_client's histogram internals ever change."""
+    if not values:
+        return
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(values) < 4:
+        for v in values:
+            histogram.observe(v)
+        return
+    histogram._raise_if_not_observable()
+    total.inc(float(sum(values)))
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for i in np.flatnonzero(counts):
+        buckets[i].inc(int(counts[i]))
 
 
 class Metrics:

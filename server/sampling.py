@@ -1,8 +1,8 @@
 """Token selection: greedy, temperature, top-k, top-p, each stream with its own seeded RNG.
 
-Pure numpy. A stream draws exactly one uniform number per non-greedy token from its own
-`numpy.random.Generator`, so its text depends only on its seed and its logits, never on
-which other streams share the batch.
+Pure numpy. A stream uses exactly one uniform number per non-greedy token, the next of its
+own `numpy.random.Generator`'s sequence, so its text depends only on its seed and its logits,
+never on which other streams share the batch or how its draws are blocked.
 """
 
 from __future__ import annotations
@@ -49,6 +49,24 @@ class Sampler:
         self.params = params
         seed = params.seed if params.seed is not None else secrets.randbits(64)
         self.rng = np.random.Generator(np.random.PCG64(seed))
+        self._ahead = np.empty(0)  # drawn from rng, not yet used
+
+    def peek(self, n: int) -> np.ndarray:
+        """The next n uniforms of this stream's sequence, without using them: a decode trip
+        draws a block per stream at its start instead of one Python call per row per step."""
+        if len(self._ahead) < n:
+            self._ahead = np.concatenate([self._ahead, self.rng.random(n - len(self._ahead))])
+        return self._ahead[:n]
+
+    def use(self, n: int) -> None:
+        """Marks the first n peeked uniforms as used."""
+        self._ahead = self._ahead[n:]
+
+    def uniform(self) -> float:
+        """The next uniform of the sequence."""
+        u = float(self.peek(1)[0])
+        self.use(1)
+        return u
 
     def pick(self, logprobs: np.ndarray) -> int:
         """logprobs [vocab] (log-softmax of the model's logits) -> token id."""
@@ -99,7 +117,7 @@ def sample_rows(logprobs: np.ndarray, samplers: list[Sampler]) -> np.ndarray:
     """One token per row of [rows, vocab], each by inverse CDF with one uniform draw from
     that row's own sampler (temperature > 0 for every row)."""
     probs = filtered_rows(logprobs, [s.params for s in samplers])
-    u = np.array([s.rng.random() for s in samplers])[:, None]
+    u = np.array([s.uniform() for s in samplers])[:, None]
     cumulative = np.cumsum(probs, axis=1)
     idx = np.sum(cumulative <= u, axis=1)  # = searchsorted(side="right") per row
     # side="right" never lands on a zero-probability id; rounding can push u past the total

@@ -21,7 +21,7 @@ import numpy as np
 
 from server.decode_head import RowParams
 from server.errors import DeadlineExceeded, Overloaded, ShuttingDown
-from server.metrics import Metrics
+from server.metrics import Metrics, observe_many
 from server.runtime import OnnxModel, Runtime, State, log_softmax
 from server.sampling import sample_rows
 from server.stream import Stream
@@ -198,15 +198,15 @@ class Scheduler:
         hand_every = self._hand_every(len(streams))
         budget = min(s.stopper.max_tokens - s.tokens for s in streams)
         deadline = min((s.deadline for s in streams if s.deadline is not None), default=None)
-        rows = [_Rows(self, b) for b in batches]
+        steps = max(1, min(self.decode_steps, budget))
+        rows = [_Rows(self, b, steps) for b in batches]
         handed = time.perf_counter()
-        for step in range(1, self.decode_steps + 1):
+        for step in range(1, steps + 1):
             for r in rows:
                 r.step()
             now = time.perf_counter()
             end = (
-                step >= budget
-                or step == self.decode_steps
+                step == steps
                 or bool(self.pending)
                 or self._closed
                 or any(s.done for s in streams)
@@ -218,6 +218,8 @@ class Scheduler:
                     self._hand_over(loop, r.batch.streams, r.flush())
             if end:
                 break
+        for r in rows:
+            r.use_uniforms()
         return [r.state for r in rows]
 
     def _hand_over(
@@ -237,20 +239,23 @@ class Scheduler:
             self._advance(*self._outbox.popleft())
 
     def _hand_every(self, live: int) -> int:
-        """Steps per hand-over to the event loop: 1 for a few streams (lowest latency); under
-        load up to 8, so the loop sends fewer, larger messages instead of one per token."""
-        return max(1, min(8, live // 8))
+        """Steps per hand-over to the event loop: 1 for a single stream; under load one step
+        per live stream (up to a whole trip). The loop's work is per message and holds the GIL
+        the ORT thread needs between calls, so with many streams it sends fewer, larger
+        messages; each stream still streams at the batch's pace."""
+        return max(1, min(self.decode_steps, live))
 
     def _advance(self, streams: list[Stream], result: StepResult) -> None:
         """Event loop: hands each stream its tokens; finished streams get their final message."""
+        tokens, logprobs = result.tokens.T.tolist(), result.logprobs.T.tolist()  # [batch][steps]
         accepted = 0
         for i, stream in enumerate(streams):
-            for j, at in enumerate(result.times):
-                if stream.done:
-                    break
-                accepted += 1
-                if stream.accept(int(result.tokens[j, i]), float(result.logprobs[j, i]), at):
-                    stream.close(result.snapshots[i][j] if stream.signer else None)
+            if stream.done:
+                continue
+            n = stream.accept_run(tokens[i], logprobs[i], result.times)
+            accepted += n
+            if stream.finished:
+                stream.close(result.snapshots[i][n - 1] if stream.signer else None)
         self._generated.inc(accepted)
 
     def _admit_pending(self) -> None:
@@ -296,7 +301,7 @@ class Scheduler:
 class _Rows:
     """One batch during a trip (worker thread): its input, state, and unsent tokens."""
 
-    def __init__(self, sched: Scheduler, batch: Batch) -> None:
+    def __init__(self, sched: Scheduler, batch: Batch, steps: int) -> None:
         self.sched = sched
         self.batch = batch
         self.state = batch.state
@@ -308,12 +313,16 @@ class _Rows:
         if sched.model.has_head:
             vocab = len(sched.model.manifest.vocab)
             self.head = RowParams.of([s.sampler.params for s in streams], vocab)
-            self._uniform = np.zeros(n, dtype=np.float64)
+            self._uniforms = np.zeros((steps, n), dtype=np.float64)  # [step, row]
+            for i in self.sampled:
+                self._uniforms[:, i] = streams[i].sampler.peek(steps)
+        self.steps = 0
         self.signed = [i for i, s in enumerate(streams) if s.signer]
         self._clear()
 
     def _clear(self) -> None:
         self.times: list[float] = []
+        self.durations: list[float] = []
         self.tokens: list[np.ndarray] = []
         self.logprobs: list[np.ndarray] = []
         self.snapshots: dict[int, list[State]] = {i: [] for i in self.signed}
@@ -322,8 +331,9 @@ class _Rows:
         """One ORT call [batch, 1] and one token per stream."""
         sched, streams = self.sched, self.batch.streams
         start = time.perf_counter()
+        self.steps += 1
         if self.head is not None:
-            tokens, logprobs, self.state = self._pick_in_graph(streams)
+            tokens, logprobs, self.state = self._pick_in_graph()
         else:
             tokens, logprobs, self.state = self._pick_in_numpy(streams)
         self.tokens.append(tokens)
@@ -332,17 +342,19 @@ class _Rows:
             kept.append(sched.model.take(self.state, i))
         self.x = tokens[:, None]
         self.times.append(time.perf_counter())
-        sched._step_seconds.observe(self.times[-1] - start)
-        sched._batch_size.observe(len(tokens))
+        self.durations.append(self.times[-1] - start)
 
-    def _pick_in_graph(self, streams: list[Stream]) -> tuple[np.ndarray, np.ndarray, State]:
-        """The decode head picks the tokens inside the ORT call (GIL released); this thread
-        only draws each sampled stream's uniform from its own RNG."""
-        uniform = self._uniform
-        for i in self.sampled:
-            if not streams[i].done:
-                uniform[i] = streams[i].sampler.rng.random()
+    def _pick_in_graph(self) -> tuple[np.ndarray, np.ndarray, State]:
+        """The decode head picks the tokens inside the ORT call (GIL released), with each
+        sampled stream's next uniform, peeked for the whole trip at its start."""
+        uniform = self._uniforms[self.steps - 1]
         return self.sched.model.decode(self.x, self.state, self.head, uniform)
+
+    def use_uniforms(self) -> None:
+        """Trip end: each sampled stream used one peeked uniform per step run."""
+        if self.head is not None:
+            for i in self.sampled:
+                self.batch.streams[i].sampler.use(self.steps)
 
     def _pick_in_numpy(self, streams: list[Stream]) -> tuple[np.ndarray, np.ndarray, State]:
         logits, state = self.sched.model.run(self.x, self.state)  # [batch, 1, vocab]
@@ -354,7 +366,9 @@ class _Rows:
         return tokens, lp[np.arange(len(tokens)), tokens], state
 
     def flush(self) -> StepResult:
-        """The tokens since the last flush, as [steps, batch]."""
+        """The tokens since the last flush, as [steps, batch]; records the steps' metrics."""
+        observe_many(self.sched._step_seconds, self.durations)
+        observe_many(self.sched._batch_size, [len(self.batch.streams)] * len(self.durations))
         result = StepResult(
             np.stack(self.tokens), np.stack(self.logprobs), self.times, self.snapshots
         )

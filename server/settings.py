@@ -32,7 +32,7 @@ class Settings:
     max_streams: int = 512
     max_batch: int = 256
     decode_steps: int = 64
-    stream_interval_us: int = 250
+    stream_interval_us: int = 500
     max_message_bytes: int = 4 * 1024 * 1024
     max_infill_vocab: int = 4096
     state_key: str = ""

@@ -53,6 +53,27 @@ class StopChecker:
         self._held = pending[len(pending) - keep :] if keep else ""
         return pending[: len(pending) - keep], None
 
+    def feed_run(self, token_ids: list[int], texts: list[str]) -> tuple[int, str, str | None]:
+        """Feeds consecutive tokens at once -> (how many were consumed, text safe to emit,
+        finish reason or None); the same as `feed` token by token, which it falls back to
+        when there are stop strings."""
+        if self.stop:
+            out, reason, n = [], None, 0
+            for token_id, text in zip(token_ids, texts, strict=True):
+                n += 1
+                safe, reason = self.feed(token_id, text)
+                out.append(safe)
+                if reason is not None:
+                    break
+            return n, "".join(out), reason
+        n = min(len(token_ids), self.max_tokens - self.count)
+        if self.eos_id is not None and self.eos_id in token_ids[:n]:
+            n = token_ids.index(self.eos_id) + 1
+            self.count += n
+            return n, "".join(texts[: n - 1]), EOS
+        self.count += n
+        return n, "".join(texts[:n]), LENGTH if self.count >= self.max_tokens else None
+
     def flush(self) -> str:
         """Held-back text, released when the stream ends for another reason."""
         out, self._held = self._held, ""

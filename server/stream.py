@@ -41,11 +41,11 @@ class OutputBuffer:
         self._closed = False
         self._error: BaseException | None = None
 
-    def push(self, token_id: int | None, text: str, logprob: float) -> None:
+    def push(self, token_ids: list[int], text: str, logprob: float) -> None:
+        """Adds tokens (and their summed logprob) and text to the pending message."""
         chunk = self._pending or Chunk()
-        if token_id is not None:
-            chunk.token_ids.append(token_id)
-            chunk.logprob += logprob
+        chunk.token_ids += token_ids
+        chunk.logprob += logprob
         chunk.text += text
         self._pending = chunk
         self._event.set()
@@ -88,7 +88,7 @@ class Stream:
         signer: StateSigner | None,
         started: float,
         deadline: float | None,
-        on_token: Callable[[Stream, float], None] | None = None,
+        on_tokens: Callable[[Stream, list[float]], None] | None = None,
     ) -> None:
         self.model = model
         self.sampler = sampler
@@ -97,7 +97,7 @@ class Stream:
         self.signer = signer
         self.started = started  # perf_counter() at request arrival
         self.deadline = deadline  # perf_counter() deadline, or None
-        self.on_token = on_token
+        self.on_tokens = on_tokens  # (stream, when each new token was made), before counting
         self.buffer = OutputBuffer()
         self.last_token = -1  # sampled, not yet fed to the model
         self.last_time = started
@@ -119,22 +119,28 @@ class Stream:
         self.cancelled = True
 
     def accept(self, token_id: int, logprob: float, at: float | None = None) -> bool:
-        """Records a sampled token and its log-probability, made at perf_counter() `at`
-        (now if None); True when the stream finished."""
-        self.last_token = token_id
-        self.tokens += 1
-        text, reason = self.stopper.feed(token_id, self.decode(token_id))
-        shown = None if reason == "eos" else token_id
-        if shown is not None or text:
-            self.buffer.push(shown, text, logprob if shown is not None else 0.0)
-        now = time.perf_counter() if at is None else at
-        if self.on_token:
-            self.on_token(self, now)
-        self.last_time = now
+        """Records one sampled token made at perf_counter() `at` (now if None); True when the
+        stream finished."""
+        self.accept_run([token_id], [logprob], [time.perf_counter() if at is None else at])
+        return self.finished
+
+    def accept_run(self, token_ids: list[int], logprobs: list[float], times: list[float]) -> int:
+        """Records consecutive tokens (with their logprobs and the perf_counter() each was made
+        at) up to the one that finishes the stream; returns how many were taken. One call per
+        hand-over keeps the event loop's work per stream, not per token."""
+        n, text, reason = self.stopper.feed_run(token_ids, [self.decode(t) for t in token_ids])
+        shown = n - 1 if reason == "eos" else n  # the end-of-sequence token is not shown
+        if shown or text:
+            self.buffer.push(token_ids[:shown], text, sum(logprobs[:shown]))
+        if self.on_tokens:
+            self.on_tokens(self, times[:n])
+        self.last_token = token_ids[n - 1]
+        self.tokens += n
+        self.last_time = times[n - 1]
         if reason is not None:
             self.finished = True
             self._pending_reason = reason
-        return reason is not None
+        return n
 
     def close(self, state: list[np.ndarray] | None) -> None:
         """Ends a finished stream: the last message gets the reason and, if asked, the state."""

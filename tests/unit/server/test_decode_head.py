@@ -47,7 +47,7 @@ def _head_pick(table: np.ndarray, x: np.ndarray, samplers: list[Sampler]):
     feeds = {"tokens": x, **rows.feeds}
     if rows.kind != "greedy":
         feeds[decode_head.UNIFORM] = np.array(
-            [0.0 if s.params.greedy else s.rng.random() for s in samplers]
+            [0.0 if s.params.greedy else s.uniform() for s in samplers]
         )
     return session.run(list(rows.outputs), feeds)
 

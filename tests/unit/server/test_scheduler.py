@@ -143,7 +143,7 @@ def test_output_buffer_coalesces_for_a_slow_reader() -> None:
     async def main():
         buf = OutputBuffer()
         for i in range(5):
-            buf.push(i, str(i), -0.5)
+            buf.push([i], str(i), -0.5)
         buf.finish("length")
         first = await buf.next()
         return first, await buf.next()
