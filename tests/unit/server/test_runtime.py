@@ -47,3 +47,25 @@ def test_log_softmax_normalises() -> None:
     lp = log_softmax(np.asarray([[1000.0, 1000.0, -5.0]], dtype=np.float32))
     assert np.allclose(np.exp(lp).sum(-1), 1.0)
     assert np.isfinite(lp).all()
+
+
+def test_observe_many_records_what_observe_records() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from server.metrics import LATENCY_BUCKETS, observe_many
+
+    values = [0.00005, 0.0001, 0.0003, 0.0003, 0.002, 7.0, 100.0, 0.0]
+    exposed = []
+    for record in ("one by one", "at once"):
+        registry = CollectorRegistry()
+        h = Histogram("t_seconds", "t", ["model"], buckets=LATENCY_BUCKETS, registry=registry)
+        child = h.labels(model="m")
+        if record == "at once":
+            observe_many(child, values)
+        else:
+            for v in values:
+                child.observe(v)
+        lines = generate_latest(registry).decode().splitlines()
+        exposed.append([line for line in lines if "created" not in line])
+    assert exposed[0] == exposed[1]
+    assert 't_seconds_bucket{le="0.0001",model="m"} 3.0' in exposed[1]  # bounds inclusive

@@ -71,3 +71,18 @@ def test_validation_names_the_field(params: SamplingParams, field: str) -> None:
     with pytest.raises(BadRequest) as err:
         params.validate(vocab_size=10)
     assert err.value.field == field
+
+
+def test_peeked_blocks_follow_the_same_sequence_as_single_draws() -> None:
+    """A decode trip peeks a block of uniforms and uses only the steps it ran; the stream's
+    sequence is the generator's, however it is blocked."""
+    plain = np.random.Generator(np.random.PCG64(7))
+    want = [plain.random() for _ in range(12)]
+    s = Sampler(SamplingParams(temperature=1.0, seed=7))
+    got = [s.uniform()]
+    got += list(s.peek(5)[:3])
+    s.use(3)  # a trip of 3 steps that had peeked 5
+    got += list(s.peek(2))
+    s.use(2)
+    got += [s.uniform() for _ in range(6)]
+    assert got == want

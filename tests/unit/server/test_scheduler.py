@@ -213,3 +213,60 @@ def test_a_long_trip_hands_over_every_step() -> None:
     assert ids == [k % V for k in range(1, 41)]
     assert len(model.calls) == 40  # 1 prefill + 39 decode steps, none wasted
     assert model.stalls == 0
+
+
+def _handed_over_steps(sched: Scheduler) -> list[int]:
+    """Records how many steps each hand-over to the event loop carries."""
+    sizes: list[int] = []
+    hand_over = sched._hand_over
+
+    def record(loop, streams, result):
+        sizes.append(len(result.times))
+        hand_over(loop, streams, result)
+
+    sched._hand_over = record
+    return sizes
+
+
+def test_a_stream_interval_coalesces_steps_into_one_message() -> None:
+    """With a long --stream-interval-us a single stream's trip is handed over once, at its
+    end, and the reader gets it as one message; the tokens are the same."""
+
+    async def main():
+        model = FakeModel()
+        sched = Scheduler("fake", model, Runtime(1), StreamLimiter(4), Metrics(), 64, 64, 10.0)
+        sizes = _handed_over_steps(sched)
+        stream = await _start(sched, 0, 40)
+        chunks = []
+        while (chunk := await stream.buffer.next()) is not None:
+            chunks.append(chunk.token_ids)
+        await sched.close()
+        return chunks, sizes
+
+    chunks, sizes = asyncio.run(main())
+    assert [t for c in chunks for t in c] == [k % V for k in range(1, 41)]
+    assert sizes == [39]  # the prefill made the first token; one trip made the rest
+    assert len(chunks) <= 2
+
+
+def test_under_load_each_hand_over_carries_one_step_per_live_stream() -> None:
+    async def main():
+        sched, _ = _scheduler(steps=64)
+        sizes = _handed_over_steps(sched)
+        prefilled = []
+        for first in range(8):
+            stream = _stream(60)
+            sched.admit()
+            logprobs, state = await sched.prefill([first], None)
+            stream.accept(stream.sampler.pick(logprobs), 0.0)
+            prefilled.append((stream, state))
+        for stream, state in prefilled:  # all join before the first decode step
+            sched.join(stream, state)
+        outs = await asyncio.gather(*[_collect(s) for s, _ in prefilled])
+        await sched.close()
+        return sizes, outs
+
+    sizes, outs = asyncio.run(main())
+    for i, ids in enumerate(outs):
+        assert ids == [(i + k) % V for k in range(1, 61)]
+    assert sizes == [8] * 7 + [3]  # one trip of 59 steps, handed over every 8

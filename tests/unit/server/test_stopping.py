@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.errors import BadRequest
 from server.stopping import EOS, LENGTH, STOP, StopChecker, validate_stop
@@ -53,3 +55,34 @@ def test_validate_stop_limits() -> None:
     with pytest.raises(BadRequest) as err:
         validate_stop(["ok", ""])
     assert err.value.field == "stop[1]"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ids=st.lists(st.integers(0, 5), min_size=1, max_size=30),
+    cuts=st.lists(st.integers(1, 6), min_size=1, max_size=30),
+    stop=st.sampled_from([[], ["cd"], ["b", "dca"]]),
+    max_tokens=st.integers(1, 40),
+)
+def test_feed_run_equals_feeding_token_by_token(ids, cuts, stop, max_tokens) -> None:
+    """Whatever runs the tokens come in, feed_run emits what feed emits, and stops at the
+    same token for the same reason (token 0 is the end of sequence)."""
+    piece = "abcd?"
+
+    one = StopChecker(max_tokens, stop, eos_id=0)
+    want, want_reason, want_n = "", None, 0
+    for t in ids:
+        text, want_reason = one.feed(t, piece[t - 1] if t else "")
+        want, want_n = want + text, want_n + 1
+        if want_reason:
+            break
+
+    runs = StopChecker(max_tokens, stop, eos_id=0)
+    got, reason, n, rest, cuts = "", None, 0, list(ids), list(cuts)
+    while rest and reason is None:
+        k = cuts.pop(0) if cuts else len(rest)
+        run, rest = rest[:k], rest[k:]
+        used, text, reason = runs.feed_run(run, [piece[t - 1] if t else "" for t in run])
+        got, n = got + text, n + used
+        assert used == len(run) or reason is not None
+    assert (got, reason, n) == (want, want_reason, want_n)
