@@ -22,6 +22,7 @@ import numpy as np
 from server.decode_head import RowParams
 from server.errors import DeadlineExceeded, Overloaded, ShuttingDown
 from server.metrics import Metrics, observe_many
+from server.prefill import PrefillBatcher
 from server.runtime import OnnxModel, Runtime, State, log_softmax
 from server.sampling import sample_rows
 from server.stream import Stream
@@ -91,6 +92,7 @@ class Scheduler:
         self.decode_steps = decode_steps
         self.stream_interval = stream_interval  # seconds
         self.batches: list[Batch] = []
+        self._prefills = PrefillBatcher(model, runtime, max_batch)
         self.pending: list[tuple[Stream, State]] = []
         self.admitted = 0  # prefilling + pending + in a batch
         self._wake = asyncio.Event()
@@ -126,14 +128,9 @@ class Scheduler:
         return sum(len(b.streams) for b in self.batches)
 
     async def prefill(self, ids: list[int], state: State | None) -> tuple[np.ndarray, State]:
-        """Runs a prompt [1, time] from `state` (fresh if None) -> (logprobs [vocab], state)."""
-        x = np.asarray([ids], dtype=np.int64)  # [1, time]
-        start = state if state is not None else self.model.initial_state(1)
-        return await self.runtime.call(self._prefill_sync, x, start)
-
-    def _prefill_sync(self, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        logits, state = self.model.run(x, state)  # [1, time, vocab]
-        return log_softmax(logits[0, -1]), state
+        """Runs a prompt from `state` (fresh if None) -> (logprobs [vocab], state), batched
+        with the prompts of equal length that arrive at the same time."""
+        return await self._prefills.prefill(ids, state)
 
     def join(self, stream: Stream, state: State) -> None:
         """Queues a prefilled stream; it is stepped from the next step on."""

@@ -270,3 +270,32 @@ def test_under_load_each_hand_over_carries_one_step_per_live_stream() -> None:
     for i, ids in enumerate(outs):
         assert ids == [(i + k) % V for k in range(1, 61)]
     assert sizes == [8] * 7 + [3]  # one trip of 59 steps, handed over every 8
+
+
+def test_prompts_arriving_together_prefill_as_one_call_per_length() -> None:
+    async def main():
+        sched, model = _scheduler()
+        prompts = [[1, 2], [3, 4], [5, 6], [7, 8, 9], [2, 3, 4]]
+        got = await asyncio.gather(*[sched.prefill(p, None) for p in prompts])
+        return prompts, got, model.calls
+
+    prompts, got, calls = asyncio.run(main())
+    assert sorted(calls) == [2, 3]  # three of length 2 in one call, two of length 3 in another
+    for ids, (logprobs, state) in zip(prompts, got, strict=True):
+        assert int(np.argmax(logprobs)) == (ids[-1] + 1) % V  # each row its own prediction
+        assert state[0].shape == (1, 1, 1) and float(state[0][0, 0, 0]) == len(ids)
+
+
+def test_a_prefill_whose_caller_left_is_skipped() -> None:
+    async def main():
+        sched, model = _scheduler()
+        gone = asyncio.ensure_future(sched.prefill([1, 2], None))
+        kept = asyncio.ensure_future(sched.prefill([3, 4], None))
+        await asyncio.sleep(0)  # both queued, the round not started
+        gone.cancel()
+        logprobs, _ = await kept
+        return logprobs, model.calls
+
+    logprobs, calls = asyncio.run(main())
+    assert calls == [1]
+    assert int(np.argmax(logprobs)) == 5
