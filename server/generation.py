@@ -120,10 +120,10 @@ class Generator:
         sched.admit()
         joined = False
         try:
-            logprobs, state = await sched.prefill(ids, resumed.state if resumed else None)
-            token = stream.sampler.pick(logprobs)
+            start = resumed.state if resumed else None
+            token, logprob, state = await sched.prefill(ids, start, stream.sampler)
             generated.inc()  # the scheduler counts the rest, per hand-over
-            if stream.accept(token, float(logprobs[token])):
+            if stream.accept(token, logprob):
                 stream.close(state if signer else None)
             else:
                 sched.join(stream, state)

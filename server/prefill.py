@@ -4,7 +4,8 @@ per prompt length, instead of one call (and one thread hop) each.
 Why: when many Generate calls arrive at once, each prefill queued on its own behind the
 others and behind the decode trips; time to first token grew with the queue. Rows of equal
 length stack without padding, so a recurrent state never sees a pad token; different
-lengths run as separate calls, concurrently.
+lengths run as separate calls, concurrently. Each prompt's first token is picked in the
+same call (by the decode head when the graph has one), so the event loop never samples.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server.decode_head import RowParams
 from server.runtime import OnnxModel, Runtime, State, log_softmax
+from server.sampling import Sampler, sample_rows
 
 
 @dataclass
 class _Prompt:
     ids: list[int]
     state: State | None  # None: the model's initial state
+    sampler: Sampler
     done: asyncio.Future
 
 
@@ -34,11 +38,13 @@ class PrefillBatcher:
         self._waiting: list[_Prompt] = []
         self._task: asyncio.Task | None = None
 
-    async def prefill(self, ids: list[int], state: State | None) -> tuple[np.ndarray, State]:
-        """Runs a prompt from `state` (fresh if None) -> (logprobs [vocab] after its last
-        token, state [batch of 1])."""
+    async def prefill(
+        self, ids: list[int], state: State | None, sampler: Sampler
+    ) -> tuple[int, float, State]:
+        """Runs a prompt from `state` (fresh if None) -> (the first token, picked by
+        `sampler`, its logprob, state [batch of 1] after the prompt)."""
         loop = asyncio.get_running_loop()
-        prompt = _Prompt(list(ids), state, loop.create_future())
+        prompt = _Prompt(list(ids), state, sampler, loop.create_future())
         self._waiting.append(prompt)
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._rounds(), name="prefill")
@@ -65,8 +71,9 @@ class PrefillBatcher:
         x = np.asarray([p.ids for p in group], dtype=np.int64)  # [rows, time]
         fresh = self.model.initial_state(1)
         start = self.model.concat([p.state if p.state is not None else fresh for p in group])
+        samplers = [p.sampler for p in group]
         try:
-            logprobs, states = await self.runtime.call(self._run_sync, x, start)
+            tokens, logprobs, states = await self.runtime.call(self._run_sync, x, start, samplers)
         except Exception as exc:
             for p in group:
                 if not p.done.done():
@@ -74,8 +81,22 @@ class PrefillBatcher:
             return
         for row, p in enumerate(group):
             if not p.done.done():
-                p.done.set_result((logprobs[row], states[row]))
+                p.done.set_result((int(tokens[row]), float(logprobs[row]), states[row]))
 
-    def _run_sync(self, x: np.ndarray, state: State) -> tuple[np.ndarray, list[State]]:
+    def _run_sync(
+        self, x: np.ndarray, state: State, samplers: list[Sampler]
+    ) -> tuple[np.ndarray, np.ndarray, list[State]]:
+        """Worker thread: [rows, time] -> first tokens [rows], their logprobs, states."""
+        if self.model.has_head:
+            vocab = len(self.model.manifest.vocab)
+            rows = RowParams.of([s.params for s in samplers], vocab)
+            uniform = np.array([0.0 if s.params.greedy else s.uniform() for s in samplers])
+            tokens, logprobs, state = self.model.decode(x, state, rows, uniform)
+            return tokens, logprobs, self.model.split(state)
         logits, state = self.model.run(x, state)  # [rows, time, vocab]
-        return log_softmax(logits[:, -1]), self.model.split(state)
+        lp = log_softmax(logits[:, -1])  # [rows, vocab]
+        tokens = np.argmax(lp, axis=-1)  # greedy; ties to the lowest id
+        sampled = [i for i, s in enumerate(samplers) if not s.params.greedy]
+        if sampled:
+            tokens[sampled] = sample_rows(lp[sampled], [samplers[i] for i in sampled])
+        return tokens, lp[np.arange(len(tokens)), tokens], self.model.split(state)

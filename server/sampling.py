@@ -49,18 +49,22 @@ class Sampler:
         self.params = params
         seed = params.seed if params.seed is not None else secrets.randbits(64)
         self.rng = np.random.Generator(np.random.PCG64(seed))
-        self._ahead = np.empty(0)  # drawn from rng, not yet used
+        self._ahead = np.empty(0)  # drawn from rng; used up to _next
+        self._next = 0
 
     def peek(self, n: int) -> np.ndarray:
         """The next n uniforms of this stream's sequence, without using them: a decode trip
-        draws a block per stream at its start instead of one Python call per row per step."""
-        if len(self._ahead) < n:
-            self._ahead = np.concatenate([self._ahead, self.rng.random(n - len(self._ahead))])
-        return self._ahead[:n]
+        takes a block per stream at its start instead of one Python call per row per step.
+        Draws ahead in blocks of at least 64 (the sequence is the generator's either way)."""
+        if self._next + n > len(self._ahead):
+            fresh = self.rng.random(max(n, 64))
+            self._ahead = np.concatenate([self._ahead[self._next :], fresh])
+            self._next = 0
+        return self._ahead[self._next : self._next + n]
 
     def use(self, n: int) -> None:
         """Marks the first n peeked uniforms as used."""
-        self._ahead = self._ahead[n:]
+        self._next += n
 
     def uniform(self) -> float:
         """The next uniform of the sequence."""

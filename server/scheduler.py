@@ -24,7 +24,7 @@ from server.errors import DeadlineExceeded, Overloaded, ShuttingDown
 from server.metrics import Metrics, observe_many
 from server.prefill import PrefillBatcher
 from server.runtime import OnnxModel, Runtime, State, log_softmax
-from server.sampling import sample_rows
+from server.sampling import Sampler, sample_rows
 from server.stream import Stream
 
 log = logging.getLogger(__name__)
@@ -127,10 +127,12 @@ class Scheduler:
         """Streams currently in a batch (the slots a step works on)."""
         return sum(len(b.streams) for b in self.batches)
 
-    async def prefill(self, ids: list[int], state: State | None) -> tuple[np.ndarray, State]:
-        """Runs a prompt from `state` (fresh if None) -> (logprobs [vocab], state), batched
-        with the prompts of equal length that arrive at the same time."""
-        return await self._prefills.prefill(ids, state)
+    async def prefill(
+        self, ids: list[int], state: State | None, sampler: Sampler
+    ) -> tuple[int, float, State]:
+        """Runs a prompt from `state` (fresh if None) -> (first token, its logprob, state),
+        batched with the prompts of equal length that arrive at the same time."""
+        return await self._prefills.prefill(ids, state, sampler)
 
     def join(self, stream: Stream, state: State) -> None:
         """Queues a prefilled stream; it is stepped from the next step on."""

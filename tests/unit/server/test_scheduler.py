@@ -48,12 +48,15 @@ def _stream(max_tokens: int) -> Stream:
     )  # fmt: skip
 
 
+def _greedy() -> Sampler:
+    return Sampler(SamplingParams())
+
+
 async def _start(sched: Scheduler, first: int, max_tokens: int) -> Stream:
     stream = _stream(max_tokens)
     sched.admit()
-    logprobs, state = await sched.prefill([first], None)
-    token = stream.sampler.pick(logprobs)
-    stream.accept(token, float(logprobs[token]))
+    token, logprob, state = await sched.prefill([first], None, stream.sampler)
+    stream.accept(token, logprob)
     sched.join(stream, state)
     return stream
 
@@ -257,8 +260,8 @@ def test_under_load_each_hand_over_carries_one_step_per_live_stream() -> None:
         for first in range(8):
             stream = _stream(60)
             sched.admit()
-            logprobs, state = await sched.prefill([first], None)
-            stream.accept(stream.sampler.pick(logprobs), 0.0)
+            token, logprob, state = await sched.prefill([first], None, stream.sampler)
+            stream.accept(token, logprob)
             prefilled.append((stream, state))
         for stream, state in prefilled:  # all join before the first decode step
             sched.join(stream, state)
@@ -276,26 +279,27 @@ def test_prompts_arriving_together_prefill_as_one_call_per_length() -> None:
     async def main():
         sched, model = _scheduler()
         prompts = [[1, 2], [3, 4], [5, 6], [7, 8, 9], [2, 3, 4]]
-        got = await asyncio.gather(*[sched.prefill(p, None) for p in prompts])
+        got = await asyncio.gather(*[sched.prefill(p, None, _greedy()) for p in prompts])
         return prompts, got, model.calls
 
     prompts, got, calls = asyncio.run(main())
     assert sorted(calls) == [2, 3]  # three of length 2 in one call, two of length 3 in another
-    for ids, (logprobs, state) in zip(prompts, got, strict=True):
-        assert int(np.argmax(logprobs)) == (ids[-1] + 1) % V  # each row its own prediction
+    for ids, (token, logprob, state) in zip(prompts, got, strict=True):
+        assert token == (ids[-1] + 1) % V  # each row its own prediction
+        assert logprob == pytest.approx(0.0, abs=1e-6)
         assert state[0].shape == (1, 1, 1) and float(state[0][0, 0, 0]) == len(ids)
 
 
 def test_a_prefill_whose_caller_left_is_skipped() -> None:
     async def main():
         sched, model = _scheduler()
-        gone = asyncio.ensure_future(sched.prefill([1, 2], None))
-        kept = asyncio.ensure_future(sched.prefill([3, 4], None))
+        gone = asyncio.ensure_future(sched.prefill([1, 2], None, _greedy()))
+        kept = asyncio.ensure_future(sched.prefill([3, 4], None, _greedy()))
         await asyncio.sleep(0)  # both queued, the round not started
         gone.cancel()
-        logprobs, _ = await kept
-        return logprobs, model.calls
+        token, _, _ = await kept
+        return token, model.calls
 
-    logprobs, calls = asyncio.run(main())
+    token, calls = asyncio.run(main())
     assert calls == [1]
-    assert int(np.argmax(logprobs)) == 5
+    assert token == 5
