@@ -44,6 +44,21 @@ def _serving_pids(text: str) -> set[str]:
     return set(re.findall(r'rnnserve_model_serving\{[^}]*pid="(\d+)"', text))
 
 
+def _wait_until_serving(port: int, end: float) -> None:
+    while True:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=OWN_CONNECTION) as ch:
+                ask = health_pb2.HealthCheckRequest()
+                got = health_pb2_grpc.HealthStub(ch).Check(ask, timeout=5)
+            if got.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > end:
+            pytest.fail("the workers never answered health SERVING")
+        time.sleep(0.2)
+
+
 def _generate_count(text: str) -> float:
     pattern = r"rnnserve_request_duration_seconds_count\{([^}]*)\} ([0-9.e+]+)"
     total = 0.0
@@ -75,7 +90,8 @@ def test_two_workers_share_port_and_metrics(model_repo: Path, tmp_path: Path) ->
                 text = _scrape(metrics_port)
             except OSError:
                 text = ""
-        before = _generate_count(text)
+        _wait_until_serving(port, end)  # models load before the port is bound
+        before = _generate_count(_scrape(metrics_port))
         state = b""
         for _ in range(CALLS):  # a fresh connection each time: the kernel spreads them
             with grpc.insecure_channel(f"127.0.0.1:{port}", options=OWN_CONNECTION) as ch:
