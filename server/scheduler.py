@@ -29,6 +29,8 @@ from server.stream import Stream
 
 log = logging.getLogger(__name__)
 
+HAND_EVERY_MAX = 64  # steps: a message per stream at least this often under any load
+
 
 class StreamLimiter:
     """Server-wide count of admitted streams, bounded by --max-streams."""
@@ -184,8 +186,9 @@ class Scheduler:
         batch must change; returns each batch's state after the last step.
 
         The trip ends after the step in which a stream is waiting to join, a stream left
-        (finished, cancelled, past its deadline) or reaches its max_tokens, or after
-        --decode-steps steps: the loop then filters and concatenates before the next step.
+        (finished, cancelled, past its deadline) or reaches its max_tokens, another call
+        waits for an ORT thread, or after --decode-steps steps: the loop then filters and
+        concatenates before the next step.
         Tokens reach the event loop every `_hand_every` steps, and at most once per
         --stream-interval-us: one gRPC message per token costs the event loop more than a
         step costs the model, and while the loop sends, this thread waits for the GIL; so a
@@ -208,6 +211,7 @@ class Scheduler:
                 step == steps
                 or bool(self.pending)
                 or self._closed
+                or self.runtime.queued > 0  # other work waits for an ORT thread
                 or any(s.done for s in streams)
                 or (deadline is not None and now >= deadline)
             )
@@ -239,10 +243,10 @@ class Scheduler:
 
     def _hand_every(self, live: int) -> int:
         """Steps per hand-over to the event loop: 1 for a single stream; under load one step
-        per live stream (up to a whole trip). The loop's work is per message and holds the GIL
-        the ORT thread needs between calls, so with many streams it sends fewer, larger
+        per live stream, at most HAND_EVERY_MAX. The loop's work is per message and holds the
+        GIL the ORT thread needs between calls, so with many streams it sends fewer, larger
         messages; each stream still streams at the batch's pace."""
-        return max(1, min(self.decode_steps, live))
+        return max(1, min(HAND_EVERY_MAX, live))
 
     def _advance(self, streams: list[Stream], result: StepResult) -> None:
         """Event loop: hands each stream its tokens; finished streams get their final message."""

@@ -31,7 +31,7 @@ class Settings:
     max_score_texts: int = 64
     max_streams: int = 512
     max_batch: int = 256
-    decode_steps: int = 64
+    decode_steps: int = 1024
     stream_interval_us: int = 500
     max_message_bytes: int = 4 * 1024 * 1024
     max_infill_vocab: int = 4096
