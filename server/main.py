@@ -83,7 +83,9 @@ def build_app(
     providers = resolve_providers(settings.providers)
 
     def load(path, manifest) -> OnnxModel:
-        return OnnxModel(path, manifest, providers, settings.intra_op_threads)
+        return OnnxModel(
+            path, manifest, providers, settings.intra_op_threads, bool(settings.decode_head)
+        )
 
     def observe(entry: ModelVersion) -> None:
         metrics.model_load.labels(model=entry.name).observe(entry.load_seconds)

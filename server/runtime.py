@@ -60,7 +60,12 @@ class OnnxModel:
     """An inference session plus the manifest's interface: input, output and state tensors."""
 
     def __init__(
-        self, path: Path, manifest: Manifest, providers: Sequence[str], intra_op_threads: int
+        self,
+        path: Path,
+        manifest: Manifest,
+        providers: Sequence[str],
+        intra_op_threads: int,
+        decode_head: bool = True,
     ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
@@ -76,7 +81,7 @@ class OnnxModel:
         in_use = self.session.get_providers()
         self.heads = {
             kind: ort.InferenceSession(graph.SerializeToString(), options, providers=in_use)
-            for kind, graph in _decode_heads(path, manifest).items()
+            for kind, graph in (_decode_heads(path, manifest) if decode_head else {}).items()
         }
 
     def _check_interface(self) -> None:

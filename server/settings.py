@@ -33,6 +33,7 @@ class Settings:
     max_batch: int = 256
     decode_steps: int = 1024
     stream_interval_us: int = 500
+    decode_head: int = 1
     max_message_bytes: int = 4 * 1024 * 1024
     max_infill_vocab: int = 4096
     state_key: str = ""
@@ -80,6 +81,11 @@ _HELP: dict[str, tuple[type, str]] = {
         "microseconds a stream's tokens may wait to share one message with the tokens made "
         "after them (one gRPC message per token costs more than a decode step); 0 = every "
         "step's tokens are sent at once",
+    ),
+    "decode_head": (
+        int,
+        "1: lm models pick decode-step tokens inside ONNX Runtime (one extra session per "
+        "sampling kind, each with its own copy of the weights); 0: in numpy (less memory)",
     ),
     "max_message_bytes": (int, "largest gRPC message accepted or sent, in bytes"),
     "max_infill_vocab": (
