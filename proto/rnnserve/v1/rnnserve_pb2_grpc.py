@@ -88,8 +88,10 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Streams generated tokens: one message per token, or a few tokens per message when the
-        client reads slower than the server produces. The last message has finish_reason set.
+        """Streams generated tokens: each message carries the tokens made since the previous one
+        (at most one message per --stream-interval-us, 0.5 ms by default, for a lone stream;
+        one per few decode steps under load; more tokens when the client reads slowly).
+        The last message has finish_reason set.
         Models with task "lm" only.
         Errors: INVALID_ARGUMENT (empty or too long prompt, max_tokens out of range, bad sampling
         parameters, bad resume state), NOT_FOUND, FAILED_PRECONDITION (not a left-to-right
