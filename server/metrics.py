@@ -87,7 +87,7 @@ class Metrics:
         )
         self.step_duration = hist(
             "rnnserve_step_duration_seconds",
-            "Wall time of one batched decode step (ONNX Runtime call + log-softmax).",
+            "Wall time of one batched decode step (ONNX Runtime call + token choice).",
             ["model"],
         )
         self.queue_wait = hist(
