@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
             "load_avg_at_start": os.getloadavg(),
         },
+        "server_defaults": _server_defaults(),
         "bare_step": bare_step_time(package),
         "generate": {},
     }
@@ -311,6 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"score": results["score"], "bare_step": results["bare_step"],
                       "targets": results["targets"]}, indent=2))  # fmt: skip
     return 0
+
+
+def _server_defaults() -> dict:
+    """The scheduler settings both servers ran with (the flags not given are defaults)."""
+    from server.settings import Settings
+
+    d = Settings()
+    keys = ("decode_steps", "stream_interval_us", "decode_head", "max_batch", "intra_op_threads")
+    return {k: getattr(d, k) for k in keys}
 
 
 def _profile_top(path: Path, n: int = 25) -> list[str]:
