@@ -47,10 +47,17 @@ class Sampler:
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
-        seed = params.seed if params.seed is not None else secrets.randbits(64)
-        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self._rng: np.random.Generator | None = None  # made on first use: greedy never draws
         self._ahead = np.empty(0)  # drawn from rng; used up to _next
         self._next = 0
+
+    @property
+    def rng(self) -> np.random.Generator:
+        if self._rng is None:
+            p = self.params
+            seed = p.seed if p.seed is not None else secrets.randbits(64)
+            self._rng = np.random.Generator(np.random.PCG64(seed))
+        return self._rng
 
     def peek(self, n: int) -> np.ndarray:
         """The next n uniforms of this stream's sequence, without using them: a decode trip
