@@ -78,11 +78,9 @@ class OnnxModel:
         self._outputs = [manifest.output_name] + [s.output for s in self.specs]
         self._init = [_init_element(s) for s in self.specs]
         self._check_interface()
-        in_use = self.session.get_providers()
-        self.heads = {
-            kind: ort.InferenceSession(graph.SerializeToString(), options, providers=in_use)
-            for kind, graph in (_decode_heads(path, manifest) if decode_head else {}).items()
-        }
+        self.heads: dict[str, ort.InferenceSession] = {}
+        if decode_head:
+            self.heads = _head_sessions(path, manifest, options, self.session.get_providers())
 
     def _check_interface(self) -> None:
         inputs = {i.name for i in self.session.get_inputs()}
@@ -149,6 +147,20 @@ class OnnxModel:
     @property
     def has_head(self) -> bool:
         return bool(self.heads)
+
+
+def _head_sessions(
+    path: Path, manifest: Manifest, options: ort.SessionOptions, providers: list[str]
+) -> dict[str, ort.InferenceSession]:
+    """One session per head kind; if any cannot be made the model still serves, in numpy."""
+    try:
+        return {
+            kind: ort.InferenceSession(graph.SerializeToString(), options, providers=providers)
+            for kind, graph in _decode_heads(path, manifest).items()
+        }
+    except Exception as exc:
+        log.warning("no decode head for %s (decode steps pick tokens in numpy): %s", path, exc)
+        return {}
 
 
 def _decode_heads(path: Path, manifest: Manifest) -> dict[str, onnx.ModelProto]:

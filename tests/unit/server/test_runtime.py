@@ -98,3 +98,42 @@ def test_runtime_counts_calls_waiting_for_a_thread() -> None:
         return seen, after_cancel, got, runtime.queued
 
     assert asyncio.run(main()) == (2, 1, 42, 0)
+
+
+def test_a_head_that_cannot_load_leaves_the_model_serving_in_numpy(monkeypatch, tmp_path) -> None:
+    """The decode head is an optimisation: if ONNX Runtime refuses it, the model still loads
+    (tokens are then picked in numpy)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from artifact.manifest import Manifest
+    from server import decode_head, runtime
+
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "tokens"], ["logits"], axis=0)],
+        "table_lm",
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "time", 3])],
+        [numpy_helper.from_array(np.eye(3, dtype=np.float32), "table")],
+    )
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    manifest = Manifest.__new__(Manifest)
+    manifest.task, manifest.output_name, manifest.input_name = "lm", "logits", "tokens"
+    manifest.state, manifest.vocab = [], ["a", "b", "c"]
+
+    model = runtime.OnnxModel(tmp_path / "m.onnx", manifest, ["CPUExecutionProvider"], 1)
+    assert set(model.heads) == set(decode_head.OUTPUTS)
+
+    real = ort.InferenceSession
+
+    def refuse_heads(source, *args, **kwargs):
+        if isinstance(source, bytes):
+            raise RuntimeError("this provider cannot run the head")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.ort, "InferenceSession", refuse_heads)
+    model = runtime.OnnxModel(tmp_path / "m.onnx", manifest, ["CPUExecutionProvider"], 1)
+    assert model.heads == {} and not model.has_head
+    logits, _ = model.run(np.array([[1]]), [])
+    assert logits.shape == (1, 1, 3)
