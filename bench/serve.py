@@ -1,9 +1,9 @@
-"""Serving benchmark: Generate at several concurrencies, batching on vs --max-batch 1, and
-Score tokens/s vs a bare onnxruntime loop over the same model.
+"""Serving benchmark: Generate at several concurrencies, batching on vs --max-batch 1 (and one
+message per step at one stream), and Score tokens/s vs a bare onnxruntime loop.
 
 Starts real `rnn-server` processes on free localhost ports (bounded: a few minutes at most),
 drives them with a grpc.aio client, and writes bench/results/serve.json + serve.png.
-Usage: python bench/serve.py [--model-repo models] [--model lstm] [--profile]
+Usage: python bench/serve.py [--model-repo models] [--model lstm] [--profile] [--client-cpu 0]
 When the model package is missing it builds the tiny zoo `lstm` into a temp dir.
 """
 
@@ -166,6 +166,12 @@ async def grpc_score(port: int, model: str, texts: list[str]) -> float:
         return tokens / (time.perf_counter() - start)
 
 
+def _all_cpus() -> None:
+    """The server may run on every CPU, whatever this (client) process is pinned to."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+
+
 class Server:
     """A real rnn-server process on a free port."""
 
@@ -177,7 +183,8 @@ class Server:
         cmd += ["--model-repo", str(repo), "--port", str(self.port), "--host", "127.0.0.1",
                 "--metrics-port", "0", "--log-level", "WARNING", "--max-streams", "1024",
                 *extra]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, preexec_fn=_all_cpus)
         self._wait()
 
     def _wait(self) -> None:
@@ -255,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--score-texts", type=int, default=16)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--profile", action="store_true", help="also profile the server at 1 stream")
+    p.add_argument("--client-cpu", type=int, default=0,
+                   help="pin this client to one CPU (-1: none); servers use every CPU")  # fmt: skip
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     repo = ensure_model(args.model_repo, args.model)
@@ -273,12 +282,23 @@ def main(argv: list[str] | None = None) -> int:
         "bare_step": bare_step_time(package),
         "generate": {},
     }
+    if args.client_cpu >= 0 and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        # after the bare-ORT loop, before any server starts (they inherit the mask otherwise):
+        # on a 2-core box an unpinned client is sometimes scheduled onto the server's ORT
+        # thread's core, which then runs at half speed for the whole round
+        results["client_cpu"] = args.client_cpu
+        os.sched_setaffinity(0, {args.client_cpu})
     results["score"] = {"bare_ort_tokens_per_s": bare_score(package, texts)}
-    for mode, extra in (("batched", []), ("max_batch_1", ["--max-batch", "1"])):
+    modes = [
+        ("batched", [], levels),
+        ("max_batch_1", ["--max-batch", "1"], levels),
+        ("message_per_step", ["--stream-interval-us", "0"], [1]),  # what the interval buys
+    ]
+    for mode, extra, mode_levels in modes:
         server = Server(repo, extra)
         try:
             rows = []
-            for c in levels:
+            for c in mode_levels:
                 row = asyncio.run(generate_level(server.port, args.model, c, args.tokens))
                 print(f"{mode:12s} c={c:4d} {row['tokens_per_s']:9.0f} tok/s "
                       f"itl p50 {row['itl_p50_s'] * 1e3:.3f} ms", flush=True)  # fmt: skip
