@@ -1,11 +1,12 @@
 """Continuous batching: one asyncio task per model version steps every live stream together.
 
 A stream is admitted (bounded: past --max-streams the call is refused, never queued),
-prefilled on its own (one ORT call over its prompt), and then joins the running batch at the
-next step. Each step feeds every live stream's last token as one [batch, 1] ORT call (or
-one call per --max-batch chunk) off the event loop and samples each stream's next token with
-its own RNG. Steps run back to back in the ORT thread (a "trip") until a stream has to join
-or leave; tokens are handed to the event loop as they are made, not at the trip's end.
+prefilled (server/prefill.py: with the prompts of its length that arrive alongside), and then
+joins the running batch at the next step. Each step feeds every live stream's last token as
+one [batch, 1] ORT call (or one call per --max-batch chunk) off the event loop and picks each
+stream's next token with its own uniforms (server/trip.py). Steps run back to back in the ORT
+thread (a "trip") until the batch has to change; tokens are handed to the event loop every
+few steps, not at the trip's end.
 Batch state follows TGI's filter/concatenate: rows are taken out along each state tensor's
 batch axis when streams leave and concatenated when they join."""
 
@@ -17,15 +18,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from server.decode_head import RowParams
 from server.errors import DeadlineExceeded, Overloaded, ShuttingDown
-from server.metrics import Metrics, observe_many
+from server.metrics import Metrics
 from server.prefill import PrefillBatcher
-from server.runtime import OnnxModel, Runtime, State, log_softmax
-from server.sampling import Sampler, sample_rows
+from server.runtime import OnnxModel, Runtime, State
+from server.sampling import Sampler
 from server.stream import Stream
+from server.trip import StepResult, TripRows
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +50,6 @@ class StreamLimiter:
 
     def release(self) -> None:
         self.active -= 1
-
-
-@dataclass
-class StepResult:
-    """Tokens of one batch from consecutive steps, handed to the event loop at once."""
-
-    tokens: np.ndarray  # [steps, batch] int64
-    logprobs: np.ndarray  # [steps, batch] float32, of the chosen tokens
-    times: list[float]  # perf_counter() at the end of each step: when its tokens existed
-    snapshots: dict[int, list[State]]  # row -> state after each step (resume-token streams)
 
 
 @dataclass
@@ -201,7 +190,10 @@ class Scheduler:
         budget = min(s.stopper.max_tokens - s.tokens for s in streams)
         deadline = min((s.deadline for s in streams if s.deadline is not None), default=None)
         steps = max(1, min(self.decode_steps, budget))
-        rows = [_Rows(self, b, steps) for b in batches]
+        rows = [
+            TripRows(self.model, b.streams, b.state, steps, self._step_seconds, self._batch_size)
+            for b in batches
+        ]
         handed = time.perf_counter()
         for step in range(1, steps + 1):
             for r in rows:
@@ -218,7 +210,7 @@ class Scheduler:
             if end or (step % hand_every == 0 and now - handed >= self.stream_interval):
                 handed = now
                 for r in rows:
-                    self._hand_over(loop, r.batch.streams, r.flush())
+                    self._hand_over(loop, r.streams, r.flush())
             if end:
                 break
         for r in rows:
@@ -299,81 +291,3 @@ class Scheduler:
                 streams = [batch.streams[i] for i in keep]
                 kept.append(Batch(streams, self.model.take(batch.state, keep)))
         self.batches = kept
-
-
-class _Rows:
-    """One batch during a trip (worker thread): its input, state, and unsent tokens."""
-
-    def __init__(self, sched: Scheduler, batch: Batch, steps: int) -> None:
-        self.sched = sched
-        self.batch = batch
-        self.state = batch.state
-        streams = batch.streams
-        n = len(streams)
-        self.x = np.fromiter((s.last_token for s in streams), dtype=np.int64, count=n)[:, None]
-        self.sampled = [i for i, s in enumerate(streams) if not s.sampler.params.greedy]
-        self.head: RowParams | None = None
-        if sched.model.has_head:
-            vocab = len(sched.model.manifest.vocab)
-            self.head = RowParams.of([s.sampler.params for s in streams], vocab)
-            self._uniforms = np.zeros((steps, n), dtype=np.float64)  # [step, row]
-            for i in self.sampled:
-                self._uniforms[:, i] = streams[i].sampler.peek(steps)
-        self.steps = 0
-        self.signed = [i for i, s in enumerate(streams) if s.signer]
-        self._clear()
-
-    def _clear(self) -> None:
-        self.times: list[float] = []
-        self.durations: list[float] = []
-        self.tokens: list[np.ndarray] = []
-        self.logprobs: list[np.ndarray] = []
-        self.snapshots: dict[int, list[State]] = {i: [] for i in self.signed}
-
-    def step(self) -> None:
-        """One ORT call [batch, 1] and one token per stream."""
-        sched, streams = self.sched, self.batch.streams
-        start = time.perf_counter()
-        self.steps += 1
-        if self.head is not None:
-            tokens, logprobs, self.state = self._pick_in_graph()
-        else:
-            tokens, logprobs, self.state = self._pick_in_numpy(streams)
-        self.tokens.append(tokens)
-        self.logprobs.append(logprobs)
-        for i, kept in self.snapshots.items():
-            kept.append(sched.model.take(self.state, i))
-        self.x = tokens[:, None]
-        self.times.append(time.perf_counter())
-        self.durations.append(self.times[-1] - start)
-
-    def _pick_in_graph(self) -> tuple[np.ndarray, np.ndarray, State]:
-        """The decode head picks the tokens inside the ORT call (GIL released), with each
-        sampled stream's next uniform, peeked for the whole trip at its start."""
-        uniform = self._uniforms[self.steps - 1]
-        return self.sched.model.decode(self.x, self.state, self.head, uniform)
-
-    def use_uniforms(self) -> None:
-        """Trip end: each sampled stream used one peeked uniform per step run."""
-        if self.head is not None:
-            for i in self.sampled:
-                self.batch.streams[i].sampler.use(self.steps)
-
-    def _pick_in_numpy(self, streams: list[Stream]) -> tuple[np.ndarray, np.ndarray, State]:
-        logits, state = self.sched.model.run(self.x, self.state)  # [batch, 1, vocab]
-        lp = log_softmax(logits[:, -1, :])  # [batch, vocab]
-        tokens = np.argmax(lp, axis=-1)  # greedy; ties to the lowest id
-        rows = [i for i in self.sampled if not streams[i].done]
-        if rows:
-            tokens[rows] = sample_rows(lp[rows], [streams[i].sampler for i in rows])
-        return tokens, lp[np.arange(len(tokens)), tokens], state
-
-    def flush(self) -> StepResult:
-        """The tokens since the last flush, as [steps, batch]; records the steps' metrics."""
-        observe_many(self.sched._step_seconds, self.durations)
-        observe_many(self.sched._batch_size, [len(self.batch.streams)] * len(self.durations))
-        result = StepResult(
-            np.stack(self.tokens), np.stack(self.logprobs), self.times, self.snapshots
-        )
-        self._clear()
-        return result
