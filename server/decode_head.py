@@ -117,9 +117,9 @@ def _constants() -> list[TensorProto]:
 def _nodes(logits: str) -> list[onnx.NodeProto]:
     """The head's computation; comments give the numpy it mirrors (server/sampling.py).
 
-    Three token outputs share the graph, and ORT runs only the nodes a requested output
-    needs: greedy (argmax only), tempered (no filter: one softmax and one draw) and filtered
-    (top-k/top-p: a sort, a mask and a renormalisation first)."""
+    Three token outputs share this node list — greedy (argmax only), tempered (no filter:
+    one softmax and one draw) and filtered (top-k/top-p: a sort, a mask and a renormalisation
+    first); `attach` keeps the nodes of one of them per graph."""
     p = PREFIX
 
     def n(op: str, inputs: list[str], outputs: list[str], **attrs) -> onnx.NodeProto:
