@@ -1,11 +1,9 @@
-"""The decode head: log-softmax and the choice of each row's next token as a small ONNX graph
-of its own, run by ONNX Runtime on a decode step's logits.
+"""The decode head: log-softmax and the choice of each row's next token, appended to an lm
+graph at load time so one decode step is one ONNX Runtime call that returns tokens.
 
 Why: in numpy, a step's log-softmax, tempering, top-k/top-p filter and inverse-CDF draw hold
 the GIL for ~20 µs, time the event loop (sending the previous tokens) and the ORT thread then
-wait on each other for; inside ORT the same work runs with the GIL released. The graph has no
-weights and a symbolic vocabulary, so one set of sessions serves every lm model (fusing it
-into each model's graph was no faster and copied the weights per session). It follows
+wait on each other for; inside ORT the same work runs with the GIL released. The head follows
 `server.sampling.filtered_rows` / `sample_rows` exactly — float64, ties ranked by id, the top
 one always kept, one uniform per sampled row drawn in Python by that stream's own RNG — and
 tests check that both give the same tokens.
@@ -13,18 +11,18 @@ tests check that both give the same tokens.
 
 from __future__ import annotations
 
-import functools
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from server.sampling import SamplingParams
 
+log = logging.getLogger(__name__)
+
 PREFIX = "rnnserve_head/"
-LOGITS = PREFIX + "model_logits"  # [batch, time, vocab] float32; the last time step is used
 TEMPERATURE = PREFIX + "temperature"  # [batch] float64; 0 = greedy
 TOP_K = PREFIX + "top_k"  # [batch] int64; the vocabulary size = no top-k
 TOP_P = PREFIX + "top_p"  # [batch] float64; >= 1 = no top-p
@@ -46,60 +44,46 @@ HEAD_INPUTS = {
     UNIFORM: TensorProto.DOUBLE,
 }
 
-OPSET = 17
+MIN_OPSET = 13  # Softmax over one axis, ReduceSum's axes as an input
 
 
-def build(kind: str) -> onnx.ModelProto:
-    """The head graph for `kind` (a key of OUTPUTS): LOGITS and the inputs that kind reads ->
-    (token, logprob). Each kind carries only the nodes its outputs need: ORT runs every node
-    of a graph, wanted or not."""
+def default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def attach(model: onnx.ModelProto, logits: str, kind: str) -> onnx.ModelProto | None:
+    """A copy of `model` with the `kind` head (a key of OUTPUTS) reading `logits`
+    [batch, time, vocab] at the last time step, or None when the graph cannot take it (then
+    numpy does the work). Each kind carries only the nodes and inputs its outputs need."""
+    opset = default_opset(model)
+    if opset < MIN_OPSET:
+        log.info("opset %d < %d: decode steps pick tokens in numpy", opset, MIN_OPSET)
+        return None
+    out = next((o for o in model.graph.output if o.name == logits), None)
+    if out is None or len(out.type.tensor_type.shape.dim) != 3:
+        log.info("output %s is not [batch, time, vocab]: decode steps pick tokens in numpy", logits)
+        return None
+    taken = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
+    if any(name.startswith(PREFIX) for name in taken):
+        return None
     token, logprob = OUTPUTS[kind]
-    nodes, needed = _pruned(_nodes(LOGITS), {token, logprob})
-    inputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", "time", "vocab"])]
-    inputs += [
+    nodes, needed = _pruned(_nodes(logits), {token, logprob})
+    head = onnx.ModelProto()
+    head.CopyFrom(model)
+    g = head.graph
+    g.input.extend(
         helper.make_tensor_value_info(name, dtype, ["batch"])
         for name, dtype in HEAD_INPUTS.items()
         if name in needed
-    ]
-    outputs = [
+    )
+    g.output.extend([
         helper.make_tensor_value_info(token, TensorProto.INT64, ["batch"]),
         helper.make_tensor_value_info(logprob, TensorProto.FLOAT, ["batch"]),
-    ]
-    constants = [c for c in _constants() if c.name in needed]
-    graph = helper.make_graph(nodes, f"rnnserve_decode_head_{kind}", inputs, outputs, constants)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8  # readable by every onnxruntime the serve extra allows
-    onnx.checker.check_model(model)
-    return model
-
-
-@functools.lru_cache(maxsize=8)
-def sessions(providers: tuple[str, ...], intra_op_threads: int) -> dict[str, ort.InferenceSession]:
-    """One session per kind, shared by every model loaded with these providers."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return {
-        kind: ort.InferenceSession(
-            build(kind).SerializeToString(), options, providers=list(providers)
-        )
-        for kind in OUTPUTS
-    }
-
-
-def pick(
-    heads: dict[str, ort.InferenceSession],
-    logits: np.ndarray,
-    rows: RowParams,
-    uniform: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """logits [batch, time, vocab] -> (tokens [batch] int64, their logprobs [batch] float32)."""
-    feeds = {LOGITS: logits, **rows.feeds}
-    if rows.kind != "greedy":
-        feeds[UNIFORM] = uniform
-    token, logprob = heads[rows.kind].run(list(rows.outputs), feeds)
-    return token, logprob
+    ])  # fmt: skip
+    g.initializer.extend(c for c in _constants() if c.name in needed)
+    g.node.extend(nodes)
+    onnx.checker.check_model(head)
+    return head
 
 
 def _pruned(
@@ -135,7 +119,7 @@ def _nodes(logits: str) -> list[onnx.NodeProto]:
 
     Three token outputs share this node list — greedy (argmax only), tempered (no filter:
     one softmax and one draw) and filtered (top-k/top-p: a sort, a mask and a renormalisation
-    first); `build` keeps the nodes of one of them per graph."""
+    first); `attach` keeps the nodes of one of them per graph."""
     p = PREFIX
 
     def n(op: str, inputs: list[str], outputs: list[str], **attrs) -> onnx.NodeProto:

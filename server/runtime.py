@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from artifact.manifest import Manifest, StateSpec
@@ -78,8 +79,8 @@ class OnnxModel:
         self._init = [_init_element(s) for s in self.specs]
         self._check_interface()
         self.heads: dict[str, ort.InferenceSession] = {}
-        if decode_head and self._takes_head():
-            self.heads = _head_sessions(tuple(self.session.get_providers()), intra_op_threads)
+        if decode_head:
+            self.heads = _head_sessions(path, manifest, options, self.session.get_providers())
 
     def _check_interface(self) -> None:
         inputs = {i.name for i in self.session.get_inputs()}
@@ -133,29 +134,48 @@ class OnnxModel:
     def decode(
         self, x: np.ndarray, state: State, rows: decode_head.RowParams, uniform: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, State]:
-        """One step through the decode head (`has_head` only): x [batch, time] -> (each row's
-        next token [batch] int64, its logprob [batch] float32, state)."""
-        logits, state = self.run(x, state)
-        tokens, logprobs = decode_head.pick(self.heads, logits, rows, uniform)
-        return tokens, logprobs, state
-
-    def _takes_head(self) -> bool:
-        """lm models whose output is float32 [batch, time, vocab]; others pick in numpy."""
-        out = next(o for o in self.session.get_outputs() if o.name == self.manifest.output_name)
-        return self.manifest.task == "lm" and out.type == "tensor(float)" and len(out.shape) == 3
+        """One decode step through the decode head (`has_head` only): x [batch, 1] ->
+        (tokens [batch] int64, their logprobs [batch] float32, state)."""
+        feeds = {self.manifest.input_name: x, **rows.feeds}
+        if rows.kind != "greedy":
+            feeds[decode_head.UNIFORM] = uniform
+        for s, t in zip(self.specs, state, strict=True):
+            feeds[s.input] = t
+        out = self.heads[rows.kind].run([*rows.outputs, *self._outputs[1:]], feeds)
+        return out[0], out[1], list(out[2:])
 
     @property
     def has_head(self) -> bool:
         return bool(self.heads)
 
 
-def _head_sessions(providers: tuple[str, ...], threads: int) -> dict[str, ort.InferenceSession]:
-    """The server-wide head sessions; if they cannot be made, models pick tokens in numpy."""
+def _head_sessions(
+    path: Path, manifest: Manifest, options: ort.SessionOptions, providers: list[str]
+) -> dict[str, ort.InferenceSession]:
+    """One session per head kind; if any cannot be made the model still serves, in numpy."""
     try:
-        return decode_head.sessions(providers, threads)
+        return {
+            kind: ort.InferenceSession(graph.SerializeToString(), options, providers=providers)
+            for kind, graph in _decode_heads(path, manifest).items()
+        }
     except Exception as exc:
-        log.warning("no decode head (decode steps pick tokens in numpy): %s", exc)
+        log.warning("no decode head for %s (decode steps pick tokens in numpy): %s", path, exc)
         return {}
+
+
+def _decode_heads(path: Path, manifest: Manifest) -> dict[str, onnx.ModelProto]:
+    """lm graphs get one decode-step graph per head kind (tokens picked inside ORT; each
+    session holds its own copy of the weights); other tasks, or graphs the head does not
+    fit, get none and pick tokens in numpy."""
+    if manifest.task != "lm":
+        return {}
+    try:
+        model = onnx.load(str(path))
+        heads = {k: decode_head.attach(model, manifest.output_name, k) for k in decode_head.OUTPUTS}
+    except Exception as exc:  # the base session loaded it, so this is the head's fault
+        log.warning("no decode head for %s (decode steps pick tokens in numpy): %s", path, exc)
+        return {}
+    return {k: h for k, h in heads.items() if h is not None}
 
 
 def _init_element(spec: StateSpec) -> np.ndarray:
