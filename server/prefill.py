@@ -17,7 +17,7 @@ import numpy as np
 
 from server.decode_head import RowParams
 from server.runtime import OnnxModel, Runtime, State, log_softmax
-from server.sampling import Sampler, sample_rows
+from server.sampling import Sampler, choose_tokens
 
 
 @dataclass
@@ -95,8 +95,5 @@ class PrefillBatcher:
             return tokens, logprobs, self.model.split(state)
         logits, state = self.model.run(x, state)  # [rows, time, vocab]
         lp = log_softmax(logits[:, -1])  # [rows, vocab]
-        tokens = np.argmax(lp, axis=-1)  # greedy; ties to the lowest id
-        sampled = [i for i, s in enumerate(samplers) if not s.params.greedy]
-        if sampled:
-            tokens[sampled] = sample_rows(lp[sampled], [samplers[i] for i in sampled])
+        tokens = choose_tokens(lp, list(samplers))
         return tokens, lp[np.arange(len(tokens)), tokens], self.model.split(state)

@@ -152,30 +152,22 @@ class OnnxModel:
 def _head_sessions(
     path: Path, manifest: Manifest, options: ort.SessionOptions, providers: list[str]
 ) -> dict[str, ort.InferenceSession]:
-    """One session per head kind; if any cannot be made the model still serves, in numpy."""
-    try:
-        return {
-            kind: ort.InferenceSession(graph.SerializeToString(), options, providers=providers)
-            for kind, graph in _decode_heads(path, manifest).items()
-        }
-    except Exception as exc:
-        log.warning("no decode head for %s (decode steps pick tokens in numpy): %s", path, exc)
-        return {}
-
-
-def _decode_heads(path: Path, manifest: Manifest) -> dict[str, onnx.ModelProto]:
-    """lm graphs get one decode-step graph per head kind (tokens picked inside ORT; each
-    session holds its own copy of the weights); other tasks, or graphs the head does not
-    fit, get none and pick tokens in numpy."""
+    """lm graphs get one decode-step session per head kind (tokens picked inside ORT; each
+    holds its own copy of the weights). Other tasks, graphs the head does not fit, or a head
+    ORT refuses get none: the model still serves, picking tokens in numpy."""
     if manifest.task != "lm":
         return {}
     try:
         model = onnx.load(str(path))
         heads = {k: decode_head.attach(model, manifest.output_name, k) for k in decode_head.OUTPUTS}
-    except Exception as exc:  # the base session loaded it, so this is the head's fault
+        return {
+            kind: ort.InferenceSession(graph.SerializeToString(), options, providers=providers)
+            for kind, graph in heads.items()
+            if graph is not None
+        }
+    except Exception as exc:  # the base session loaded, so this is the head's fault
         log.warning("no decode head for %s (decode steps pick tokens in numpy): %s", path, exc)
         return {}
-    return {k: h for k, h in heads.items() if h is not None}
 
 
 def _init_element(spec: StateSpec) -> np.ndarray:

@@ -135,3 +135,13 @@ def sample_rows(logprobs: np.ndarray, samplers: list[Sampler]) -> np.ndarray:
     for row in np.flatnonzero(idx >= probs.shape[1]):
         idx[row] = np.flatnonzero(probs[row])[-1]
     return idx
+
+
+def choose_tokens(logprobs: np.ndarray, samplers: list[Sampler | None]) -> np.ndarray:
+    """One token per row of [rows, vocab]: greedy rows (and None: rows whose token will be
+    dropped) take the argmax, the rest one draw each from their own sampler."""
+    tokens = np.argmax(logprobs, axis=-1)  # ties to the lowest id
+    sampled = [i for i, s in enumerate(samplers) if s is not None and not s.params.greedy]
+    if sampled:
+        tokens[sampled] = sample_rows(logprobs[sampled], [samplers[i] for i in sampled])
+    return tokens

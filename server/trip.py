@@ -17,7 +17,7 @@ from prometheus_client import Histogram
 from server.decode_head import RowParams
 from server.metrics import observe_many
 from server.runtime import OnnxModel, State, log_softmax
-from server.sampling import sample_rows
+from server.sampling import choose_tokens
 from server.stream import Stream
 
 
@@ -101,10 +101,7 @@ class TripRows:
     def _pick_in_numpy(self, streams: list[Stream]) -> tuple[np.ndarray, np.ndarray, State]:
         logits, state = self.model.run(self.x, self.state)  # [batch, 1, vocab]
         lp = log_softmax(logits[:, -1, :])  # [batch, vocab]
-        tokens = np.argmax(lp, axis=-1)  # greedy; ties to the lowest id
-        rows = [i for i in self.sampled if not streams[i].done]
-        if rows:
-            tokens[rows] = sample_rows(lp[rows], [streams[i].sampler for i in rows])
+        tokens = choose_tokens(lp, [None if s.done else s.sampler for s in streams])
         return tokens, lp[np.arange(len(tokens)), tokens], state
 
     def flush(self) -> StepResult:
