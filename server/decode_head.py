@@ -1,6 +1,11 @@
 """The decode head: log-softmax and the choice of each row's next token, appended to an lm
 graph at load time so one decode step is one ONNX Runtime call that returns tokens.
 
+The three ways to choose (greedy, tempered, filtered: top-k/top-p) are branches of `If`
+nodes, so ORT runs only the chosen one and one session (one copy of the weights) serves
+decode steps as well as plain calls: every head input has a default (greedy), so Score and
+Infill call the graph without them.
+
 Why: in numpy, a step's log-softmax, tempering, top-k/top-p filter and inverse-CDF draw hold
 the GIL for ~20 µs, time the event loop (sending the previous tokens) and the ORT thread then
 wait on each other for; inside ORT the same work runs with the GIL released. The head follows
@@ -27,7 +32,11 @@ TEMPERATURE = PREFIX + "temperature"  # [batch] float64; 0 = greedy
 TOP_K = PREFIX + "top_k"  # [batch] int64; the vocabulary size = no top-k
 TOP_P = PREFIX + "top_p"  # [batch] float64; >= 1 = no top-p
 UNIFORM = PREFIX + "uniform"  # [batch] float64 in [0, 1); ignored for greedy rows
-# token [batch] int64 and its logprob [batch] float32 (under the unfiltered model), three ways:
+USE_GREEDY = PREFIX + "use_greedy"  # bool scalar, default True: the greedy branch
+USE_FILTERED = PREFIX + "use_filtered"  # bool scalar, default False: tempered, not filtered
+TOKEN = PREFIX + "token"  # [batch] int64: each row's next token
+LOGPROB = PREFIX + "logprob"  # [batch] float32: its log-probability under the unfiltered model
+# inside the branches, three ways:
 GREEDY_TOKEN, GREEDY_LOGPROB = PREFIX + "greedy_token", PREFIX + "greedy_logprob"
 TEMPERED_TOKEN, TEMPERED_LOGPROB = PREFIX + "tempered_token", PREFIX + "tempered_logprob"
 FILTERED_TOKEN, FILTERED_LOGPROB = PREFIX + "filtered_token", PREFIX + "filtered_logprob"
@@ -51,10 +60,10 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def attach(model: onnx.ModelProto, logits: str, kind: str) -> onnx.ModelProto | None:
-    """A copy of `model` with the `kind` head (a key of OUTPUTS) reading `logits`
-    [batch, time, vocab] at the last time step, or None when the graph cannot take it (then
-    numpy does the work). Each kind carries only the nodes and inputs its outputs need."""
+def attach(model: onnx.ModelProto, logits: str) -> onnx.ModelProto | None:
+    """A copy of `model` with the head reading `logits` [batch, time, vocab] at the last time
+    step and adding TOKEN and LOGPROB outputs, or None when the graph cannot take it (then
+    numpy does the work)."""
     opset = default_opset(model)
     if opset < MIN_OPSET:
         log.info("opset %d < %d: decode steps pick tokens in numpy", opset, MIN_OPSET)
@@ -66,31 +75,90 @@ def attach(model: onnx.ModelProto, logits: str, kind: str) -> onnx.ModelProto | 
     taken = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
     if any(name.startswith(PREFIX) for name in taken):
         return None
-    token, logprob = OUTPUTS[kind]
-    nodes, needed = _pruned(_nodes(logits), {token, logprob})
+    nodes = _nodes(logits)
+    shared = [n for n in nodes if set(n.output) & {PREFIX + "logits", PREFIX + "lp"}]
+    sampled = helper.make_graph(
+        [_if(USE_FILTERED, _branch(nodes, "filtered"), _branch(nodes, "tempered"), "sampled")],
+        "sampled",
+        [],
+        _branch_outputs("sampled"),
+    )
     head = onnx.ModelProto()
     head.CopyFrom(model)
     g = head.graph
+    defaults = _defaults()
     g.input.extend(
-        helper.make_tensor_value_info(name, dtype, ["batch"])
-        for name, dtype in HEAD_INPUTS.items()
-        if name in needed
+        helper.make_tensor_value_info(t.name, t.data_type, ["batch"] if t.dims else [])
+        for t in defaults
     )
+    g.initializer.extend([*defaults, *_constants()])
+    g.node.extend([*shared, _if(USE_GREEDY, _branch(nodes, "greedy"), sampled, "head")])
+    g.node.append(helper.make_node("Identity", [PREFIX + "token.head"], [TOKEN], name=TOKEN))
+    g.node.append(helper.make_node("Identity", [PREFIX + "logprob.head"], [LOGPROB], name=LOGPROB))
     g.output.extend([
-        helper.make_tensor_value_info(token, TensorProto.INT64, ["batch"]),
-        helper.make_tensor_value_info(logprob, TensorProto.FLOAT, ["batch"]),
+        helper.make_tensor_value_info(TOKEN, TensorProto.INT64, ["batch"]),
+        helper.make_tensor_value_info(LOGPROB, TensorProto.FLOAT, ["batch"]),
     ])  # fmt: skip
-    g.initializer.extend(c for c in _constants() if c.name in needed)
-    g.node.extend(nodes)
     onnx.checker.check_model(head)
     return head
+
+
+def _defaults() -> list[TensorProto]:
+    """Head inputs with defaults (graph inputs that are also initializers may be left out)."""
+    return [
+        numpy_helper.from_array(np.array(True), USE_GREEDY),
+        numpy_helper.from_array(np.array(False), USE_FILTERED),
+        numpy_helper.from_array(np.zeros(1, np.float64), TEMPERATURE),
+        numpy_helper.from_array(np.zeros(1, np.int64), TOP_K),
+        numpy_helper.from_array(np.zeros(1, np.float64), TOP_P),
+        numpy_helper.from_array(np.zeros(1, np.float64), UNIFORM),
+    ]
+
+
+def _if(cond: str, then: onnx.GraphProto, other: onnx.GraphProto, tag: str) -> onnx.NodeProto:
+    outputs = [f"{PREFIX}token.{tag}", f"{PREFIX}logprob.{tag}"]
+    return helper.make_node(
+        "If", [cond], outputs, name=f"{PREFIX}if.{tag}", then_branch=then, else_branch=other
+    )
+
+
+def _branch_outputs(tag: str) -> list[onnx.ValueInfoProto]:
+    return [
+        helper.make_tensor_value_info(f"{PREFIX}token.{tag}", TensorProto.INT64, None),
+        helper.make_tensor_value_info(f"{PREFIX}logprob.{tag}", TensorProto.FLOAT, None),
+    ]
+
+
+def _branch(nodes: list[onnx.NodeProto], kind: str) -> onnx.GraphProto:
+    """The nodes one kind needs beyond the shared log-softmax, as an If branch. Names made
+    inside get a `.kind` suffix (a model is single-assignment across all its subgraphs);
+    outer names (inputs, constants, `lp`) are read as they are."""
+    token, logprob = OUTPUTS[kind]
+    needed, _ = _pruned(nodes, {token, logprob})
+    own = [n for n in needed if not set(n.output) & {PREFIX + "logits", PREFIX + "lp"}]
+    made = {o for n in own for o in n.output}
+
+    def name(x: str) -> str:
+        return f"{x}.{kind}" if x in made else x
+
+    renamed = []
+    for n in own:
+        r = onnx.NodeProto()
+        r.CopyFrom(n)
+        r.name = name(n.output[0])
+        del r.input[:], r.output[:]
+        r.input.extend(name(i) for i in n.input)
+        r.output.extend(name(o) for o in n.output)
+        renamed.append(r)
+    renamed.append(helper.make_node("Identity", [name(token)], [f"{PREFIX}token.{kind}"]))
+    renamed.append(helper.make_node("Identity", [name(logprob)], [f"{PREFIX}logprob.{kind}"]))
+    return helper.make_graph(renamed, kind, [], _branch_outputs(kind))
 
 
 def _pruned(
     nodes: list[onnx.NodeProto], outputs: set[str]
 ) -> tuple[list[onnx.NodeProto], set[str]]:
-    """The nodes `outputs` depend on (ORT runs every node of a graph, wanted or not), and
-    every name they read."""
+    """The nodes `outputs` depend on, and every name they read."""
     needed, kept = set(outputs), []
     for node in reversed(nodes):
         if needed.intersection(node.output):
@@ -119,7 +187,7 @@ def _nodes(logits: str) -> list[onnx.NodeProto]:
 
     Three token outputs share this node list — greedy (argmax only), tempered (no filter:
     one softmax and one draw) and filtered (top-k/top-p: a sort, a mask and a renormalisation
-    first); `attach` keeps the nodes of one of them per graph."""
+    first); `attach` makes each an If branch of only the nodes it needs."""
     p = PREFIX
 
     def n(op: str, inputs: list[str], outputs: list[str], **attrs) -> onnx.NodeProto:
@@ -200,7 +268,7 @@ def _nodes(logits: str) -> list[onnx.NodeProto]:
 
 @dataclass(frozen=True)
 class RowParams:
-    """A batch's head inputs that stay fixed for a trip, and which head it needs."""
+    """A batch's head inputs that stay fixed for a trip (the branch and its parameters)."""
 
     kind: str  # a key of OUTPUTS
     feeds: dict[str, np.ndarray]  # without UNIFORM, which changes every step
@@ -213,11 +281,9 @@ class RowParams:
         top_k = np.array([p.top_k or vocab for p in params], dtype=np.int64)
         top_p = np.array([p.top_p if 0.0 < p.top_p < 1.0 else 2.0 for p in params], np.float64)
         if not temperature.any():
-            return cls("greedy", {})
+            return cls("greedy", {USE_GREEDY: np.array(True)})
+        feeds = {USE_GREEDY: np.array(False), TEMPERATURE: temperature}
         if (top_k < vocab).any() or (top_p <= 1.0).any():
-            return cls("filtered", {TEMPERATURE: temperature, TOP_K: top_k, TOP_P: top_p})
-        return cls("tempered", {TEMPERATURE: temperature})
-
-    @property
-    def outputs(self) -> tuple[str, str]:
-        return OUTPUTS[self.kind]
+            feeds.update({USE_FILTERED: np.array(True), TOP_K: top_k, TOP_P: top_p})
+            return cls("filtered", feeds)
+        return cls("tempered", {**feeds, USE_FILTERED: np.array(False)})

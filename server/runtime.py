@@ -65,7 +65,7 @@ class OnnxModel:
         manifest: Manifest,
         providers: Sequence[str],
         intra_op_threads: int,
-        decode_head: bool = True,
+        with_head: bool = True,
     ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
@@ -76,14 +76,18 @@ class OnnxModel:
         self.specs: list[StateSpec] = list(manifest.state)
         self.provider = self.session.get_providers()[0]
         self._outputs = [manifest.output_name] + [s.output for s in self.specs]
+        self._head_outputs = [decode_head.TOKEN, decode_head.LOGPROB, *self._outputs[1:]]
         self._init = [_init_element(s) for s in self.specs]
         self._check_interface()
-        self.heads: dict[str, ort.InferenceSession] = {}
-        if decode_head:
-            self.heads = _head_sessions(path, manifest, options, self.session.get_providers())
+        self.has_head = False
+        if with_head:
+            headed = _headed_session(path, manifest, options, self.session.get_providers())
+            if headed is not None:  # replaces the plain session: one copy of the weights
+                self.session, self.has_head = headed, True
 
     def _check_interface(self) -> None:
-        inputs = {i.name for i in self.session.get_inputs()}
+        head = decode_head.PREFIX
+        inputs = {i.name for i in self.session.get_inputs() if not i.name.startswith(head)}
         outputs = {o.name for o in self.session.get_outputs()}
         want_in = {self.manifest.input_name} | {s.input for s in self.specs}
         want_out = set(self._outputs)
@@ -134,40 +138,33 @@ class OnnxModel:
     def decode(
         self, x: np.ndarray, state: State, rows: decode_head.RowParams, uniform: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, State]:
-        """One decode step through the decode head (`has_head` only): x [batch, 1] ->
-        (tokens [batch] int64, their logprobs [batch] float32, state)."""
+        """One call through the decode head (`has_head` only): x [batch, time] -> (each row's
+        next token [batch] int64, its logprob [batch] float32, state)."""
         feeds = {self.manifest.input_name: x, **rows.feeds}
         if rows.kind != "greedy":
             feeds[decode_head.UNIFORM] = uniform
         for s, t in zip(self.specs, state, strict=True):
             feeds[s.input] = t
-        out = self.heads[rows.kind].run([*rows.outputs, *self._outputs[1:]], feeds)
+        out = self.session.run(self._head_outputs, feeds)
         return out[0], out[1], list(out[2:])
 
-    @property
-    def has_head(self) -> bool:
-        return bool(self.heads)
 
-
-def _head_sessions(
+def _headed_session(
     path: Path, manifest: Manifest, options: ort.SessionOptions, providers: list[str]
-) -> dict[str, ort.InferenceSession]:
-    """lm graphs get one decode-step session per head kind (tokens picked inside ORT; each
-    holds its own copy of the weights). Other tasks, graphs the head does not fit, or a head
-    ORT refuses get none: the model still serves, picking tokens in numpy."""
+) -> ort.InferenceSession | None:
+    """The lm graph with the decode head appended (tokens picked inside ORT). Other tasks,
+    graphs the head does not fit, or a head ORT refuses get None: the model still serves,
+    picking tokens in numpy."""
     if manifest.task != "lm":
-        return {}
+        return None
     try:
-        model = onnx.load(str(path))
-        heads = {k: decode_head.attach(model, manifest.output_name, k) for k in decode_head.OUTPUTS}
-        return {
-            kind: ort.InferenceSession(graph.SerializeToString(), options, providers=providers)
-            for kind, graph in heads.items()
-            if graph is not None
-        }
-    except Exception as exc:  # the base session loaded, so this is the head's fault
+        graph = decode_head.attach(onnx.load(str(path)), manifest.output_name)
+        if graph is None:
+            return None
+        return ort.InferenceSession(graph.SerializeToString(), options, providers=providers)
+    except Exception as exc:  # the plain session loaded, so this is the head's fault
         log.warning("no decode head for %s (decode steps pick tokens in numpy): %s", path, exc)
-        return {}
+        return None
 
 
 def _init_element(spec: StateSpec) -> np.ndarray:

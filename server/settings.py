@@ -84,8 +84,8 @@ _HELP: dict[str, tuple[type, str]] = {
     ),
     "decode_head": (
         int,
-        "1: lm models pick decode-step tokens inside ONNX Runtime (one extra session per "
-        "sampling kind, each with its own copy of the weights); 0: in numpy (less memory)",
+        "1: lm models pick decode-step tokens inside ONNX Runtime (a head appended to the "
+        "graph at load, GIL released); 0: in numpy",
     ),
     "max_message_bytes": (int, "largest gRPC message accepted or sent, in bytes"),
     "max_infill_vocab": (

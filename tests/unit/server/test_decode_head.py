@@ -40,16 +40,19 @@ def _numpy_pick(lp: np.ndarray, samplers: list[Sampler]) -> np.ndarray:
     return tokens
 
 
+def _session(table: np.ndarray) -> ort.InferenceSession:
+    graph = decode_head.attach(_table_lm(table), "logits")
+    return ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
 def _head_pick(table: np.ndarray, x: np.ndarray, samplers: list[Sampler]):
     rows = RowParams.of([s.params for s in samplers], V)
-    graph = decode_head.attach(_table_lm(table), "logits", rows.kind)
-    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {"tokens": x, **rows.feeds}
     if rows.kind != "greedy":
         feeds[decode_head.UNIFORM] = np.array(
             [0.0 if s.params.greedy else s.uniform() for s in samplers]
         )
-    return session.run(list(rows.outputs), feeds)
+    return _session(table).run([decode_head.TOKEN, decode_head.LOGPROB], feeds)
 
 
 def _random_params(rng: np.random.Generator, seed: int) -> SamplingParams:
@@ -102,18 +105,36 @@ def test_kind_follows_the_batch() -> None:
     )
 
 
-def test_each_head_keeps_only_what_it_needs() -> None:
-    table = np.zeros((2, V))
-    inputs = {
-        kind: {i.name for i in decode_head.attach(_table_lm(table), "logits", kind).graph.input}
-        for kind in decode_head.OUTPUTS
-    }
-    assert inputs["greedy"] == {"tokens"}
-    assert inputs["tempered"] == {"tokens", decode_head.TEMPERATURE, decode_head.UNIFORM}
-    assert inputs["filtered"] == {"tokens", *decode_head.HEAD_INPUTS}
+def test_each_branch_reads_only_what_it_needs() -> None:
+    """ORT runs only the If branch taken; each reads just the inputs of its way to choose."""
+    graph = decode_head.attach(_table_lm(np.zeros((2, V))), "logits").graph
+
+    def reads(g) -> set[str]:
+        names = {i for n in g.node for i in n.input}
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    names |= reads(a.g)
+        return names & set(decode_head.HEAD_INPUTS)
+
+    head = next(n for n in graph.node if n.op_type == "If")
+    branches = {a.name: a.g for a in head.attribute}
+    assert reads(branches["then_branch"]) == set()  # greedy
+    sampled = {a.name: a.g for a in branches["else_branch"].node[0].attribute}
+    assert reads(sampled["then_branch"]) == set(decode_head.HEAD_INPUTS)  # filtered
+    assert reads(sampled["else_branch"]) == {decode_head.TEMPERATURE, decode_head.UNIFORM}
+
+
+def test_plain_calls_need_no_head_inputs() -> None:
+    """Score and prefill-style calls feed only the model's inputs: the defaults pick the
+    greedy branch."""
+    table = np.random.default_rng(0).normal(size=(4, V))
+    logits, token = _session(table).run(["logits", decode_head.TOKEN], {"tokens": [[1, 3]]})
+    assert logits.shape == (1, 2, V)
+    assert token.tolist() == [int(np.argmax(table[3]))]
 
 
 def test_graphs_the_head_does_not_fit_are_left_to_numpy() -> None:
     table = np.zeros((2, V))
-    assert decode_head.attach(_table_lm(table, opset=12), "logits", "greedy") is None
-    assert decode_head.attach(_table_lm(table), "not_an_output", "greedy") is None
+    assert decode_head.attach(_table_lm(table, opset=12), "logits") is None
+    assert decode_head.attach(_table_lm(table), "not_an_output") is None

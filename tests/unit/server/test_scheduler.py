@@ -31,7 +31,7 @@ class FakeModel(OnnxModel):
         self.specs = [StateSpec("n", "n_in", "n_out", [1, -1, 1], 1)]
         self._init = [np.zeros((1, 1), dtype=np.float32)]
         self.calls: list[int] = []  # batch size of every call
-        self.heads = {}  # no decode head: tokens are picked in numpy
+        self.has_head = False  # tokens are picked in numpy
 
     def run(self, x, state):
         self.calls.append(x.shape[0])
