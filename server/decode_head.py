@@ -53,6 +53,7 @@ HEAD_INPUTS = {
     UNIFORM: TensorProto.DOUBLE,
 }
 
+SHARED = {PREFIX + "logits", PREFIX + "lp"}  # computed once, outside the If branches
 MIN_OPSET = 13  # Softmax over one axis, ReduceSum's axes as an input
 
 
@@ -76,7 +77,7 @@ def attach(model: onnx.ModelProto, logits: str) -> onnx.ModelProto | None:
     if any(name.startswith(PREFIX) for name in taken):
         return None
     nodes = _nodes(logits)
-    shared = [n for n in nodes if set(n.output) & {PREFIX + "logits", PREFIX + "lp"}]
+    shared = [n for n in nodes if set(n.output) & SHARED]
     sampled = helper.make_graph(
         [_if(USE_FILTERED, _branch(nodes, "filtered"), _branch(nodes, "tempered"), "sampled")],
         "sampled",
@@ -134,8 +135,8 @@ def _branch(nodes: list[onnx.NodeProto], kind: str) -> onnx.GraphProto:
     inside get a `.kind` suffix (a model is single-assignment across all its subgraphs);
     outer names (inputs, constants, `lp`) are read as they are."""
     token, logprob = OUTPUTS[kind]
-    needed, _ = _pruned(nodes, {token, logprob})
-    own = [n for n in needed if not set(n.output) & {PREFIX + "logits", PREFIX + "lp"}]
+    used, _ = _pruned(nodes, {token, logprob})
+    own = [n for n in used if not set(n.output) & SHARED]
     made = {o for n in own for o in n.output}
 
     def name(x: str) -> str:
