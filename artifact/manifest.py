@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from artifact.tokenizer import TokenizerConfig
-from artifact.vocab import Vocab
+from rnnserve.artifact.tokenizer import TokenizerConfig
+from rnnserve.artifact.vocab import Vocab
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.errors import TrainerError
-from trainer.forecast.evaluate import HORIZONS, TorchForecaster, evaluate_all, predict
-from trainer.forecast.intervals import manifest_intervals
-from trainer.forecast.pipeline import baselines
-from trainer.forecast.plot import plot_report
-from trainer.forecast.series import TEXTBOOK_NOISE_STD, load_series
-from trainer.forecast.train import ForecastTrainConfig, train_forecaster
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.forecast.evaluate import HORIZONS, TorchForecaster, evaluate_all, predict
+from rnnserve.trainer.forecast.intervals import manifest_intervals
+from rnnserve.trainer.forecast.pipeline import baselines
+from rnnserve.trainer.forecast.plot import plot_report
+from rnnserve.trainer.forecast.series import TEXTBOOK_NOISE_STD, load_series
+from rnnserve.trainer.forecast.train import ForecastTrainConfig, train_forecaster
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TAU = 4

@@ -110,6 +110,7 @@ async def unary_worker(call, make, deadline: float, seed: int, t: Tally, grpc) -
 
 async def run_load(address: str, args, pid: int | None) -> dict:
     import grpc
+
     from rnnserve.v1 import rnnserve_pb2 as pb
     from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
@@ -208,7 +209,7 @@ def ensure_models(repo: Path, names: list[str]) -> Path:
         return repo
     import tempfile
 
-    from trainer.zoo import build_zoo
+    from rnnserve.trainer.zoo import build_zoo
 
     out = Path(tempfile.mkdtemp(prefix="bench-load-"))
     print(f"models missing under {repo}: building tiny {names} into {out}")

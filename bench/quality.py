@@ -25,11 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from artifact.tokenizer import TokenizerConfig  # noqa: E402
-from trainer.corpus import build_corpus, read_corpus, split_ids  # noqa: E402
-from trainer.models import ModelConfig, build_model  # noqa: E402
-from trainer.scratch import scratch_lm  # noqa: E402
-from trainer.train import TrainConfig, fit, perplexity  # noqa: E402
+from rnnserve.artifact.tokenizer import TokenizerConfig  # noqa: E402
+from rnnserve.trainer.corpus import build_corpus, read_corpus, split_ids  # noqa: E402
+from rnnserve.trainer.models import ModelConfig, build_model  # noqa: E402
+from rnnserve.trainer.scratch import scratch_lm  # noqa: E402
+from rnnserve.trainer.train import TrainConfig, fit, perplexity  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "data" / "timemachine.txt"
 RESULTS = ROOT / "bench" / "results"
@@ -44,7 +44,7 @@ ALPHAS = (0.001, 0.01, 0.03, 0.1, 0.2, 0.5, 1.0)
 
 
 def ngram_rows(train: list[int], val: list[int], v: int) -> list[dict]:
-    from trainer.ngram import NgramConfig, NgramCounts
+    from rnnserve.trainer.ngram import NgramConfig, NgramCounts
 
     rows = []
     for n in range(1, 6):
@@ -63,7 +63,7 @@ def ngram_rows(train: list[int], val: list[int], v: int) -> list[dict]:
 
 
 def hmm_row(train: list[int], val: list[int], v: int, states: int, epochs: int) -> dict:
-    from trainer.hmm import train_hmm
+    from rnnserve.trainer.hmm import train_hmm
 
     started = time.monotonic()
     model = train_hmm(train, v, states=states, method="em", epochs=epochs, seed=0, progress=False)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from artifact.manifest import Manifest
+from rnnserve.artifact.manifest import Manifest
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +114,7 @@ async def _stream(stub, pb, model: str, prompt: str, tokens: int, seed: int) -> 
 
 async def generate_level(port: int, model: str, concurrency: int, tokens: int) -> dict:
     import grpc
+
     from rnnserve.v1 import rnnserve_pb2 as pb
     from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
@@ -153,6 +154,7 @@ async def generate_level(port: int, model: str, concurrency: int, tokens: int) -
 
 async def grpc_score(port: int, model: str, texts: list[str]) -> float:
     import grpc
+
     from rnnserve.v1 import rnnserve_pb2 as pb
     from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
@@ -179,7 +181,8 @@ class Server:
         self.port = _free_port()
         cmd = [str(BIN / "rnn-server")]
         if profile is not None:
-            cmd = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "server.main"]
+            cmd = [sys.executable, "-m", "cProfile", "-o", str(profile)]
+            cmd += ["-m", "rnnserve.server.main"]
         cmd += ["--model-repo", str(repo), "--port", str(self.port), "--host", "127.0.0.1",
                 "--metrics-port", "0", "--log-level", "WARNING", "--max-streams", "1024",
                 *extra]  # fmt: skip
@@ -208,7 +211,7 @@ def ensure_model(repo: Path, model: str) -> Path:
         return repo
     out = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     print(f"{repo}/{model} missing: building the tiny zoo {model} into {out}")
-    from trainer.zoo import build_zoo
+    from rnnserve.trainer.zoo import build_zoo
 
     build_zoo(out, preset="tiny", only=[model], progress=False)
     return out
@@ -336,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _server_defaults() -> dict:
     """The scheduler settings both servers ran with (the flags not given are defaults)."""
-    from server.settings import Settings
+    from rnnserve.server.settings import Settings
 
     d = Settings()
     keys = ("decode_steps", "stream_interval_us", "decode_head", "max_batch", "intra_op_threads")

@@ -1,6 +1,6 @@
 """rnnserve's Python client: RnnClient (blocking), AsyncRnnClient (asyncio), and rnn-client.
 
-    from client import RnnClient
+    from rnnserve.client import RnnClient
     with RnnClient("localhost:50051") as c:
         for event in c.generate("lstm", "the time", max_tokens=40):
             print(event.text, end="", flush=True)
@@ -9,9 +9,9 @@
 Never imports torch: it runs wherever grpcio does.
 """
 
-from client.async_client import AsyncRnnClient, AsyncTokenStream
-from client.connection import TlsConfig
-from client.errors import (
+from rnnserve.client.async_client import AsyncRnnClient, AsyncTokenStream
+from rnnserve.client.connection import TlsConfig
+from rnnserve.client.errors import (
     Aborted,
     AlreadyExists,
     Cancelled,
@@ -30,7 +30,7 @@ from client.errors import (
     Unimplemented,
     Unknown,
 )
-from client.results import (
+from rnnserve.client.results import (
     ForecastResult,
     InfillCandidate,
     ModelInfo,
@@ -40,8 +40,8 @@ from client.results import (
     TokenEvent,
     VersionInfo,
 )
-from client.retry import NO_RETRY, RetryPolicy
-from client.sync_client import RnnClient, TokenStream
+from rnnserve.client.retry import NO_RETRY, RetryPolicy
+from rnnserve.client.sync_client import RnnClient, TokenStream
 
 __all__ = [
     "NO_RETRY",

@@ -16,12 +16,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from client import cli_commands as cmds
-from client.connection import DEFAULT_ADDRESS, TlsConfig
-from client.errors import RnnServeError
-from client.forecast_plot import PlotError
-from client.series_csv import SeriesFileError
-from client.sync_client import RnnClient
+from rnnserve.client import cli_commands as cmds
+from rnnserve.client.connection import DEFAULT_ADDRESS, TlsConfig
+from rnnserve.client.errors import RnnServeError
+from rnnserve.client.forecast_plot import PlotError
+from rnnserve.client.series_csv import SeriesFileError
+from rnnserve.client.sync_client import RnnClient
 
 EXIT_USAGE = 64
 EXIT_INTERRUPTED = 130

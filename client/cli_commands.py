@@ -13,11 +13,11 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from client.cli_format import shorten, table, to_json
-from client.forecast_plot import plot_forecast
-from client.results import ModelInfo
-from client.series_csv import read_series
-from client.sync_client import RnnClient
+from rnnserve.client.cli_format import shorten, table, to_json
+from rnnserve.client.forecast_plot import plot_forecast
+from rnnserve.client.results import ModelInfo
+from rnnserve.client.series_csv import read_series
+from rnnserve.client.sync_client import RnnClient
 
 
 def cmd_generate(client: RnnClient, args: argparse.Namespace) -> int:

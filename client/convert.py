@@ -9,10 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from rnnserve.v1 import rnnserve_pb2 as pb
-
-from client.errors import InvalidArgument
-from client.results import (
+from rnnserve.client.errors import InvalidArgument
+from rnnserve.client.results import (
     ForecastResult,
     InfillCandidate,
     ModelInfo,
@@ -22,6 +20,7 @@ from client.results import (
     TokenEvent,
     VersionInfo,
 )
+from rnnserve.v1 import rnnserve_pb2 as pb
 
 _FINISH = {
     pb.FINISH_REASON_LENGTH: "length",

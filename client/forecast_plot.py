@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client.results import ForecastResult
+from rnnserve.client.results import ForecastResult
 
 
 class PlotError(RuntimeError):

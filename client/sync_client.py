@@ -11,20 +11,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
-from rnnserve.v1 import rnnserve_pb2 as pb
-from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
-from client import convert
-from client.connection import (
+from rnnserve.client import convert
+from rnnserve.client.connection import (
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT,
     TlsConfig,
     auth_metadata,
     resolve_timeout,
 )
-from client.connection import sync_channel as _sync_channel
-from client.errors import RnnServeError, Unavailable, from_rpc_error
-from client.results import (
+from rnnserve.client.connection import sync_channel as _sync_channel
+from rnnserve.client.errors import RnnServeError, Unavailable, from_rpc_error
+from rnnserve.client.results import (
     ForecastResult,
     InfillCandidate,
     ModelInfo,
@@ -32,7 +30,9 @@ from client.results import (
     ScoreResult,
     TokenEvent,
 )
-from client.retry import RetryPolicy
+from rnnserve.client.retry import RetryPolicy
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 
 class TokenStream:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from rnnserve.server.engine import Engine
+from rnnserve.server.health import ModelHealth
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-
-from server.engine import Engine
-from server.health import ModelHealth
 
 log = logging.getLogger(__name__)
 

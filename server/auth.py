@@ -15,8 +15,8 @@ from pathlib import Path
 
 import grpc
 
-from server.errors import Unauthenticated
-from server.interceptors import Guard
+from rnnserve.server.errors import Unauthenticated
+from rnnserve.server.interceptors import Guard
 
 TOKENS_ENV = "RNNSERVE_TOKENS"
 

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from server.sampling import SamplingParams
+from rnnserve.server.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

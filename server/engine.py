@@ -9,19 +9,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from server.errors import BadRequest
-from server.forecasting import ForecastResult, forecast
-from server.generation import GenerateParams, Generator, check_task
-from server.infill import Candidate, infill
-from server.metrics import Metrics
-from server.repository import ModelVersion, Repository
-from server.resume import StateSigner
-from server.runtime import Runtime
-from server.scheduler import Scheduler, StreamLimiter
-from server.scoring import ScoreResult, encode_texts, score
-from server.settings import Settings
-from server.stream import Chunk
-from server.text import TextCodec
+from rnnserve.server.errors import BadRequest
+from rnnserve.server.forecasting import ForecastResult, forecast
+from rnnserve.server.generation import GenerateParams, Generator, check_task
+from rnnserve.server.infill import Candidate, infill
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.repository import ModelVersion, Repository
+from rnnserve.server.resume import StateSigner
+from rnnserve.server.runtime import Runtime
+from rnnserve.server.scheduler import Scheduler, StreamLimiter
+from rnnserve.server.scoring import ScoreResult, encode_texts, score
+from rnnserve.server.settings import Settings
+from rnnserve.server.stream import Chunk
+from rnnserve.server.text import TextCodec
 
 
 class Engine:

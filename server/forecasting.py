@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.errors import BadRequest, UnsupportedTask
-from server.repository import ModelVersion
-from server.runtime import OnnxModel, Runtime
-from server.settings import Settings
+from rnnserve.server.errors import BadRequest, UnsupportedTask
+from rnnserve.server.repository import ModelVersion
+from rnnserve.server.runtime import OnnxModel, Runtime
+from rnnserve.server.settings import Settings
 
 
 @dataclass

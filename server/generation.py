@@ -7,16 +7,16 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from server.errors import BadRequest, UnsupportedTask
-from server.metrics import observe_many
-from server.repository import ModelVersion
-from server.resume import Resumed, StateSigner
-from server.sampling import Sampler, SamplingParams
-from server.scheduler import Scheduler
-from server.settings import Settings
-from server.stopping import StopChecker, validate_stop
-from server.stream import Chunk, Stream
-from server.text import TextCodec
+from rnnserve.server.errors import BadRequest, UnsupportedTask
+from rnnserve.server.metrics import observe_many
+from rnnserve.server.repository import ModelVersion
+from rnnserve.server.resume import Resumed, StateSigner
+from rnnserve.server.sampling import Sampler, SamplingParams
+from rnnserve.server.scheduler import Scheduler
+from rnnserve.server.settings import Settings
+from rnnserve.server.stopping import StopChecker, validate_stop
+from rnnserve.server.stream import Chunk, Stream
+from rnnserve.server.text import TextCodec
 
 DEFAULT_MAX_TOKENS = 64
 

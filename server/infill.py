@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from artifact.vocab import RESERVED
-from server.errors import BadRequest, UnsupportedTask
-from server.repository import ModelVersion
-from server.runtime import OnnxModel, Runtime, State, log_softmax
-from server.settings import Settings
-from server.text import TextCodec
+from rnnserve.artifact.vocab import RESERVED
+from rnnserve.server.errors import BadRequest, UnsupportedTask
+from rnnserve.server.repository import ModelVersion
+from rnnserve.server.runtime import OnnxModel, Runtime, State, log_softmax
+from rnnserve.server.settings import Settings
+from rnnserve.server.text import TextCodec
 
 DEFAULT_TOP_K = 5
 MAX_LOGIT_ELEMENTS = 32_000_000  # per ORT call, as in scoring

@@ -20,11 +20,11 @@ from typing import Any
 
 import grpc
 
-from server import logs
-from server.errors import BadRequest, ServeError, status_for
-from server.metrics import Metrics
+from rnnserve.server import logs
+from rnnserve.server.errors import BadRequest, ServeError, status_for
+from rnnserve.server.metrics import Metrics
 
-log = logging.getLogger("server.access")
+log = logging.getLogger("rnnserve.server.access")
 
 Guard = Callable[[str, dict[str, str]], None]  # (full method, metadata) -> None or raise
 ModelLabel = Callable[[str], str]  # request.model -> metric label (bounded cardinality)

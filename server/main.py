@@ -15,26 +15,26 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from rnnserve.server import logs
+from rnnserve.server.admin import AdminService
+from rnnserve.server.auth import OpenServicesAuth, TokenFileError, bearer_guard, load_tokens
+from rnnserve.server.engine import Engine
+from rnnserve.server.errors import ShuttingDown
+from rnnserve.server.health import ModelHealth
+from rnnserve.server.interceptors import CallInterceptor, Guard
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.reload import Reloader
+from rnnserve.server.repository import ModelVersion, Repository
+from rnnserve.server.resume import StateSigner
+from rnnserve.server.runtime import OnnxModel, Runtime, resolve_providers
+from rnnserve.server.scheduler import StreamLimiter
+from rnnserve.server.service import InferenceService
+from rnnserve.server.settings import Settings, settings_from_args
+from rnnserve.server.tls import TlsConfigError, server_credentials
+from rnnserve.server.workers import run_workers
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-
-from server import logs
-from server.admin import AdminService
-from server.auth import OpenServicesAuth, TokenFileError, bearer_guard, load_tokens
-from server.engine import Engine
-from server.errors import ShuttingDown
-from server.health import ModelHealth
-from server.interceptors import CallInterceptor, Guard
-from server.metrics import Metrics
-from server.reload import Reloader
-from server.repository import ModelVersion, Repository
-from server.resume import StateSigner
-from server.runtime import OnnxModel, Runtime, resolve_providers
-from server.scheduler import StreamLimiter
-from server.service import InferenceService
-from server.settings import Settings, settings_from_args
-from server.tls import TlsConfigError, server_credentials
-from server.workers import run_workers
 
 log = logging.getLogger("server")
 

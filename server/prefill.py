@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.decode_head import RowParams
-from server.runtime import OnnxModel, Runtime, State, log_softmax
-from server.sampling import Sampler, choose_tokens
+from rnnserve.server.decode_head import RowParams
+from rnnserve.server.runtime import OnnxModel, Runtime, State, log_softmax
+from rnnserve.server.sampling import Sampler, choose_tokens
 
 
 @dataclass

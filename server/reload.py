@@ -12,9 +12,8 @@ import contextlib
 import logging
 import signal
 
+from rnnserve.server.admin import AdminService
 from rnnserve.v1 import rnnserve_pb2 as pb
-
-from server.admin import AdminService
 
 log = logging.getLogger(__name__)
 

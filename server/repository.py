@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from artifact.manifest import ONNX_FILE, Manifest, ManifestError, sha256_file
-from server.errors import BadRequest, UnknownModel, UnsupportedTask
-from server.runtime import OnnxModel
+from rnnserve.artifact.manifest import ONNX_FILE, Manifest, ManifestError, sha256_file
+from rnnserve.server.errors import BadRequest, UnknownModel, UnsupportedTask
+from rnnserve.server.runtime import OnnxModel
 
 log = logging.getLogger(__name__)
 

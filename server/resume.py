@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from artifact.manifest import StateSpec
-from server.errors import BadRequest
+from rnnserve.artifact.manifest import StateSpec
+from rnnserve.server.errors import BadRequest
 
 MAGIC = b"RS"
 TOKEN_VERSION = 1

@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from artifact.manifest import Manifest, StateSpec
-from server import decode_head
+from rnnserve.artifact.manifest import Manifest, StateSpec
+from rnnserve.server import decode_head
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

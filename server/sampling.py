@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.errors import BadRequest
+from rnnserve.server.errors import BadRequest
 
 
 @dataclass(frozen=True)

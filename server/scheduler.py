@@ -18,13 +18,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from server.errors import DeadlineExceeded, Overloaded, ShuttingDown
-from server.metrics import Metrics
-from server.prefill import PrefillBatcher
-from server.runtime import OnnxModel, Runtime, State
-from server.sampling import Sampler
-from server.stream import Stream
-from server.trip import StepResult, TripRows
+from rnnserve.server.errors import DeadlineExceeded, Overloaded, ShuttingDown
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.prefill import PrefillBatcher
+from rnnserve.server.runtime import OnnxModel, Runtime, State
+from rnnserve.server.sampling import Sampler
+from rnnserve.server.stream import Stream
+from rnnserve.server.trip import StepResult, TripRows
 
 log = logging.getLogger(__name__)
 

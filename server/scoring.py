@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.errors import BadRequest
-from server.runtime import OnnxModel, Runtime, log_softmax
-from server.text import Encoded, TextCodec
+from rnnserve.server.errors import BadRequest
+from rnnserve.server.runtime import OnnxModel, Runtime, log_softmax
+from rnnserve.server.text import Encoded, TextCodec
 
 MAX_LOGIT_ELEMENTS = 32_000_000  # ~128 MB of float32 logits per ORT call
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 
 import grpc
+
+from rnnserve.server.engine import Engine, require
+from rnnserve.server.generation import GenerateParams
+from rnnserve.server.repository import ModelVersion
+from rnnserve.server.sampling import SamplingParams
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-
-from server.engine import Engine, require
-from server.generation import GenerateParams
-from server.repository import ModelVersion
-from server.sampling import SamplingParams
 
 FINISH = {
     "length": pb.FINISH_REASON_LENGTH,

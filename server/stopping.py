@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from server.errors import BadRequest
+from rnnserve.server.errors import BadRequest
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.sampling import Sampler
-from server.stopping import StopChecker
+from rnnserve.server.sampling import Sampler
+from rnnserve.server.stopping import StopChecker
 
 StateSigner = Callable[[list[np.ndarray], int], bytes]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from artifact.manifest import Manifest
-from artifact.tokenizer import Tokenizer
-from artifact.vocab import Vocab
-from server.errors import BadRequest
+from rnnserve.artifact.manifest import Manifest
+from rnnserve.artifact.tokenizer import Tokenizer
+from rnnserve.artifact.vocab import Vocab
+from rnnserve.server.errors import BadRequest
 
 
 @dataclass

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import Histogram
 
-from server.decode_head import RowParams
-from server.metrics import observe_many
-from server.runtime import OnnxModel, State, log_softmax
-from server.sampling import choose_tokens
-from server.stream import Stream
+from rnnserve.server.decode_head import RowParams
+from rnnserve.server.metrics import observe_many
+from rnnserve.server.runtime import OnnxModel, State, log_softmax
+from rnnserve.server.sampling import choose_tokens
+from rnnserve.server.stream import Stream
 
 
 @dataclass

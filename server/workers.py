@@ -24,9 +24,9 @@ import time
 
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
-from server.settings import Settings
+from rnnserve.server.settings import Settings
 
-log = logging.getLogger("server.workers")
+log = logging.getLogger("rnnserve.server.workers")
 POLL_S = 0.2
 
 
@@ -46,7 +46,7 @@ def run_workers(settings: Settings, argv: list[str]) -> int:
         env["RNNSERVE_STATE_KEY"] = secrets.token_hex(32)  # env, not argv: not shown by ps
     # later flags win in argparse: the workers get the shared port and no /metrics of their own
     extra = ["--port", str(port), "--metrics-port", "0", "--workers", "1", "--reuse-port", "1"]
-    cmd = [sys.executable, "-m", "server.main", *argv, *extra]
+    cmd = [sys.executable, "-m", "rnnserve.server.main", *argv, *extra]
     stop = {"signal": 0}
 
     def on_signal(signum, frame) -> None:

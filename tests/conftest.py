@@ -15,7 +15,7 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Layout: <repo>/<name>/1/{model.onnx,manifest.json}; see trainer.zoo for the names.
     """
-    from trainer.zoo import build_zoo
+    from rnnserve.trainer.zoo import build_zoo
 
     out = tmp_path_factory.mktemp("models")
     build_zoo(out, preset="tiny")

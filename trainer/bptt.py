@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.errors import TrainerError
+from rnnserve.trainer.errors import TrainerError
 
 BPTT_MODES = ("full", "truncated", "random")
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from artifact.tokenizer import TokenizerConfig
-from artifact.vocab import Vocab
-from trainer.errors import TrainerError
-from trainer.models import ModelConfig, build_model
+from rnnserve.artifact.tokenizer import TokenizerConfig
+from rnnserve.artifact.vocab import Vocab
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.models import ModelConfig, build_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -59,12 +59,12 @@ def make_count_checkpoint(model: torch.nn.Module, vocab: Vocab, tokenizer: Token
 def _restore_count_model(data: dict[str, Any]) -> torch.nn.Module:
     kind, cfg, sd = data["kind"], data["count_config"], data["state_dict"]
     if kind == "ngram":
-        from trainer.ngram import NgramConfig, NgramLM
+        from rnnserve.trainer.ngram import NgramConfig, NgramLM
 
         return NgramLM(NgramConfig(**cfg), sd["log_probs"])
     if kind == "hmm":
-        from trainer.hmm import HmmConfig, HmmLM
-        from trainer.hmm_fit import HmmParams
+        from rnnserve.trainer.hmm import HmmConfig, HmmLM
+        from rnnserve.trainer.hmm_fit import HmmParams
 
         params = HmmParams(sd["pi"].double(), sd["loop.a"].double(), sd["loop.b"].double())
         return HmmLM(params, HmmConfig(**cfg))

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from trainer.errors import TrainerError
+from rnnserve.trainer.errors import TrainerError
 
 ARCHS = ("rnn", "gru", "lstm", "ngram", "hmm", "mlp")
 
@@ -100,7 +100,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model and export it to OUT/NAME/VERSION")
     _add_common_train(train)
     if _wants_forecast(argv or []):  # forecast flags (and defaults) only when asked for
-        _optional("trainer.forecast.cli").add_arguments(train)
+        _optional("rnnserve.trainer.forecast.cli").add_arguments(train)
     sample = sub.add_parser("sample", help="greedy generation in torch (the server's reference)")
     sample.add_argument("--model", required=True, help="package dir (OUT/NAME/VERSION) or run dir")
     sample.add_argument("--prefix", required=True)
@@ -118,15 +118,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     zoo.add_argument("--no-progress", action="store_true")
     stats = sub.add_parser("stats", help="token statistics and a Zipf plot")
     try:
-        importlib.import_module("trainer.stats").add_arguments(stats)
+        importlib.import_module("rnnserve.trainer.stats").add_arguments(stats)
     except ImportError:
         stats.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
 def _data(args: argparse.Namespace):
-    from artifact.tokenizer import TokenizerConfig
-    from trainer.pipeline import DataConfig
+    from rnnserve.artifact.tokenizer import TokenizerConfig
+    from rnnserve.trainer.pipeline import DataConfig
 
     tok = TokenizerConfig(level=args.level, letters_only=not args.keep_punctuation)
     return DataConfig(args.corpus, tok, args.min_freq, args.max_tokens)
@@ -134,10 +134,10 @@ def _data(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     if args.task == "forecast" or args.arch == "mlp":
-        return int(_optional("trainer.forecast.cli").run_train(args))
-    from trainer.models import ModelConfig
-    from trainer.pipeline import ALL_ARCHS, train_count_model, train_recurrent
-    from trainer.train import TrainConfig
+        return int(_optional("rnnserve.trainer.forecast.cli").run_train(args))
+    from rnnserve.trainer.models import ModelConfig
+    from rnnserve.trainer.pipeline import ALL_ARCHS, train_count_model, train_recurrent
+    from rnnserve.trainer.train import TrainConfig
 
     if args.arch not in ALL_ARCHS:
         raise TrainerError(f"unknown arch {args.arch!r}; choose one of {', '.join(ALL_ARCHS)}")
@@ -177,7 +177,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from trainer.sample import greedy_text, greedy_tokens
+    from rnnserve.trainer.sample import greedy_text, greedy_tokens
 
     if args.ids:
         print(" ".join(str(i) for i in greedy_tokens(args.model, args.prefix, args.num_tokens)))
@@ -187,8 +187,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from trainer.checkpoint import load_checkpoint, restore
-    from trainer.export import export_model
+    from rnnserve.trainer.checkpoint import load_checkpoint, restore
+    from rnnserve.trainer.export import export_model
 
     data = load_checkpoint(args.checkpoint)
     model, _config, vocab, tok = restore(data)
@@ -206,7 +206,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_zoo(args: argparse.Namespace) -> int:
-    from trainer.zoo import build_zoo
+    from rnnserve.trainer.zoo import build_zoo
 
     paths = build_zoo(Path(args.out), preset=args.preset, only=args.only,
                       progress=not args.no_progress)  # fmt: skip
@@ -215,7 +215,7 @@ def run_zoo(args: argparse.Namespace) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    return int(_optional("trainer.stats").run(args))
+    return int(_optional("rnnserve.trainer.stats").run(args))
 
 
 COMMANDS = {

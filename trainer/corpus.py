@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from artifact.tokenizer import Tokenizer, TokenizerConfig
-from artifact.vocab import Vocab
-from trainer.errors import TrainerError
+from rnnserve.artifact.tokenizer import Tokenizer, TokenizerConfig
+from rnnserve.artifact.vocab import Vocab
+from rnnserve.trainer.errors import TrainerError
 
 DEFAULT_CORPUS = "timemachine.txt"
 MIN_TOKENS = 16
@@ -24,7 +24,7 @@ MIN_TOKENS = 16
 def default_corpus_text() -> str:
     """The Time Machine (H. G. Wells), shipped as package data so no download is needed."""
     try:
-        data = resources.files("trainer").joinpath("data", DEFAULT_CORPUS)
+        data = resources.files("rnnserve.trainer").joinpath("data", DEFAULT_CORPUS)
         return data.read_text(encoding="utf-8")
     except (NotADirectoryError, FileNotFoundError, TypeError):
         # a stale editable install can make `trainer` a namespace package: read beside us

@@ -16,12 +16,18 @@ from typing import Any
 
 import torch
 
-from artifact.manifest import MANIFEST_FILE, ONNX_FILE, Manifest, ManifestError, sha256_file
-from artifact.tokenizer import TokenizerConfig
-from artifact.vocab import Vocab
-from trainer.errors import TrainerError
-from trainer.export_check import check_parity
-from trainer.exportable import onnx_module_of
+from rnnserve.artifact.manifest import (
+    MANIFEST_FILE,
+    ONNX_FILE,
+    Manifest,
+    ManifestError,
+    sha256_file,
+)
+from rnnserve.artifact.tokenizer import TokenizerConfig
+from rnnserve.artifact.vocab import Vocab
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.export_check import check_parity
+from rnnserve.trainer.exportable import onnx_module_of
 
 CHECKPOINT_FILE = "checkpoint.pt"
 OPSET = 17

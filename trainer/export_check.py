@@ -15,9 +15,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from artifact.manifest import StateSpec
-from trainer.errors import TrainerError
-from trainer.exportable import state_from_spec
+from rnnserve.artifact.manifest import StateSpec
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.exportable import state_from_spec
 
 TOLERANCE = 1e-4
 CHECK_BATCH = 2

@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from artifact.manifest import StateSpec
+from rnnserve.artifact.manifest import StateSpec
 
 
 @runtime_checkable

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from artifact.manifest import StateSpec
-from trainer.errors import TrainerError
-from trainer.hmm_fit import HmmParams, chunk_ids, fit_em, fit_gradient, unigram
-from trainer.hmm_recursions import infill_posterior
+from rnnserve.artifact.manifest import StateSpec
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.hmm_fit import HmmParams, chunk_ids, fit_em, fit_gradient, unigram
+from rnnserve.trainer.hmm_recursions import infill_posterior
 
 METHODS = ("em", "gradient")
 SCREEN_EPOCHS = 3

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.hmm_recursions import emissions, forward_log, posterior
+from rnnserve.trainer.hmm_recursions import emissions, forward_log, posterior
 
 
 @dataclass

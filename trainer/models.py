@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from artifact.manifest import StateSpec
-from trainer.errors import TrainerError
-from trainer.exportable import ExportableBase
+from rnnserve.artifact.manifest import StateSpec
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.exportable import ExportableBase
 
 RNN_ARCHS = ("rnn", "gru", "lstm")
 _CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from artifact.manifest import StateSpec
-from trainer.errors import TrainerError
+from rnnserve.artifact.manifest import StateSpec
+from rnnserve.trainer.errors import TrainerError
 
 BOS_ID = 2
 # Largest dense table exported: 2**24 float32 entries = 64 MiB of model.onnx.

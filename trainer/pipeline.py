@@ -15,22 +15,22 @@ from typing import Any
 
 import torch
 
-from artifact.tokenizer import TokenizerConfig
-from artifact.vocab import Vocab
-from trainer.averaging import WeightAverage
-from trainer.checkpoint import (
+from rnnserve.artifact.tokenizer import TokenizerConfig
+from rnnserve.artifact.vocab import Vocab
+from rnnserve.trainer.averaging import WeightAverage
+from rnnserve.trainer.checkpoint import (
     load_checkpoint,
     make_checkpoint,
     make_count_checkpoint,
     restore,
     save_checkpoint,
 )
-from trainer.corpus import build_corpus, read_corpus, split_ids
-from trainer.errors import TrainerError
-from trainer.export import export_model
-from trainer.models import RNN_ARCHS, ModelConfig, build_model
-from trainer.plot import plot_history
-from trainer.train import TrainConfig, fit, make_optimizer, resolve_device
+from rnnserve.trainer.corpus import build_corpus, read_corpus, split_ids
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.export import export_model
+from rnnserve.trainer.models import RNN_ARCHS, ModelConfig, build_model
+from rnnserve.trainer.plot import plot_history
+from rnnserve.trainer.train import TrainConfig, fit, make_optimizer, resolve_device
 
 COUNT_ARCHS = ("ngram", "hmm")
 ALL_ARCHS = (*RNN_ARCHS, *COUNT_ARCHS)
@@ -188,12 +188,12 @@ def train_count_model(
     prep = prepare(data)
     vocab_size = len(prep.vocab)
     if arch == "ngram":
-        from trainer.ngram import train_ngram
+        from rnnserve.trainer.ngram import train_ngram
 
         model = train_ngram(prep.train_ids, vocab_size, n=n, alpha=alpha)
         extra = {"n": n, "alpha": alpha}
     elif arch == "hmm":
-        from trainer.hmm import train_hmm
+        from rnnserve.trainer.hmm import train_hmm
 
         model = train_hmm(
             prep.train_ids, vocab_size, states=states, method=hmm_method, epochs=epochs,

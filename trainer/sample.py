@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from artifact.tokenizer import Tokenizer
-from trainer.checkpoint import load_checkpoint, restore
-from trainer.errors import TrainerError
+from rnnserve.artifact.tokenizer import Tokenizer
+from rnnserve.trainer.checkpoint import load_checkpoint, restore
+from rnnserve.trainer.errors import TrainerError
 
 
 def _load(model_dir: Path | str):

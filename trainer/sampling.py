@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from trainer.errors import TrainerError
+from rnnserve.trainer.errors import TrainerError
 
 SAMPLINGS = ("random", "sequential")
 Batch = tuple[torch.Tensor, torch.Tensor]  # X, Y: [batch, num_steps] int64 each

@@ -122,7 +122,7 @@ class ScratchStack(nn.Module):
 
 def scratch_lm(config, reset_after: bool = True):
     """An RNNLM whose recurrent stack is the scratch one (same embedding/head, same API)."""
-    from trainer.models import RNNLM
+    from rnnserve.trainer.models import RNNLM
 
     model = RNNLM(config)
     model.rnn = ScratchStack(config.arch, config.embed, config.hidden, config.layers, reset_after)

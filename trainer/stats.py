@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from artifact.tokenizer import LEVELS, Tokenizer, TokenizerConfig
-from trainer.corpus import read_corpus
-from trainer.errors import TrainerError
+from rnnserve.artifact.tokenizer import LEVELS, Tokenizer, TokenizerConfig
+from rnnserve.trainer.corpus import read_corpus
+from rnnserve.trainer.errors import TrainerError
 
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "timemachine.txt"
 ORDERS = (1, 2, 3)

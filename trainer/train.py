@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from trainer.averaging import WeightAverage
-from trainer.bptt import BPTT_MODES, run_window
-from trainer.errors import TrainerError
-from trainer.sampling import SAMPLINGS, batches, check_fits, detach_state, num_batches
+from rnnserve.trainer.averaging import WeightAverage
+from rnnserve.trainer.bptt import BPTT_MODES, run_window
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.sampling import SAMPLINGS, batches, check_fits, detach_state, num_batches
 
 OPTIMIZERS = ("adam", "sgd")
 

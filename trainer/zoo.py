@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.errors import TrainerError
-from trainer.models import ModelConfig
-from trainer.pipeline import DataConfig, train_count_model, train_recurrent
-from trainer.train import TrainConfig
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.models import ModelConfig
+from rnnserve.trainer.pipeline import DataConfig, train_count_model, train_recurrent
+from rnnserve.trainer.train import TrainConfig
 
 TEXT_MODELS = ("rnn", "gru", "lstm", "lstm-deep", "bilstm", "ngram", "hmm")
 FORECAST_MODELS = ("sine-mlp", "sine-gru")
@@ -114,7 +114,7 @@ def build_zoo(
     forecast = [n for n in wanted if n in FORECAST_MODELS]
     if forecast:
         try:
-            from trainer.forecast.zoo import build_forecast_models
+            from rnnserve.trainer.forecast.zoo import build_forecast_models
         except ImportError as exc:
             print(
                 f"warning: skipping {', '.join(forecast)}: trainer.forecast.zoo is missing ({exc})",

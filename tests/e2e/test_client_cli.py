@@ -63,7 +63,7 @@ def running_server(model_repo: Path, log_dir: Path) -> Iterator[ServerProcess]:
     port = _free_port()
     log = log_dir / "rnn-server.log"
     script = BIN / "rnn-server"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "server.main"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "rnnserve.server.main"]
     cmd += ["--model-repo", str(model_repo), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--metrics-port", "0"]
     env = {**os.environ, "RNNSERVE_LOG_LEVEL": "WARNING"}
@@ -96,7 +96,7 @@ def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 def client_cmd() -> list[str]:
     script = BIN / "rnn-client"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "client.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "rnnserve.client.cli"]
 
 
 @pytest.fixture

@@ -27,9 +27,9 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-
 from tests.unit.deploy.deployfiles import (
     DEPLOY,
     dashboard_exprs,
@@ -105,7 +105,7 @@ def _healthcheck_module():
 
 def _server_cmd() -> list[str]:
     script = Path(sys.executable).with_name("rnn-server")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "server.main"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "rnnserve.server.main"]
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-
 from tests.e2e.processes import reap, stop_gracefully
 
 pytestmark = pytest.mark.e2e

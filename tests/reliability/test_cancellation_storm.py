@@ -12,6 +12,7 @@ import time
 
 import grpc
 import pytest
+
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 pytestmark = pytest.mark.slow

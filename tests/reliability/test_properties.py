@@ -16,8 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rnnserve.v1 import rnnserve_pb2 as pb
 
+from rnnserve.v1 import rnnserve_pb2 as pb
 from tests.reliability.wire import is_valid_utf8, raw_string
 
 pytestmark = pytest.mark.slow

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
@@ -32,8 +33,8 @@ def _free_port() -> int:
 
 def _start(repo: Path) -> tuple[subprocess.Popen, int]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "server.main", "--model-repo", str(repo), "--port", str(port),
-           "--host", "127.0.0.1", "--metrics-port", "0", "--grace", str(GRACE),
+    cmd = [sys.executable, "-m", "rnnserve.server.main", "--model-repo", str(repo),
+           "--port", str(port), "--host", "127.0.0.1", "--metrics-port", "0", "--grace", str(GRACE),
            "--max-tokens", "100000", "--log-level", "WARNING"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)

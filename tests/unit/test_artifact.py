@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from artifact.manifest import FORMAT_VERSION, Manifest, ManifestError, StateSpec
-from artifact.tokenizer import Tokenizer, TokenizerConfig
-from artifact.vocab import RESERVED, Vocab
+from rnnserve.artifact.manifest import FORMAT_VERSION, Manifest, ManifestError, StateSpec
+from rnnserve.artifact.tokenizer import Tokenizer, TokenizerConfig
+from rnnserve.artifact.vocab import RESERVED, Vocab
 
 
 def test_char_tokenizer_normalises_and_round_trips() -> None:

@@ -7,7 +7,12 @@ import sys
 
 import pytest
 
-MODULES = ["server.main", "client.cli", "client", "artifact.manifest"]
+MODULES = [
+    "rnnserve.server.main",
+    "rnnserve.client.cli",
+    "rnnserve.client",
+    "rnnserve.artifact.manifest",
+]
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainer.forecast.series import SeriesError
+from rnnserve.trainer.forecast.series import SeriesError
 
 
 def _windows(values: np.ndarray, tau: int, ends: np.ndarray) -> np.ndarray:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trainer.errors import TrainerError
-from trainer.forecast.models import FORECAST_ARCHS
-from trainer.forecast.pipeline import run_forecast
-from trainer.forecast.series import MISSING_POLICIES, load_series
-from trainer.forecast.train import ForecastTrainConfig
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.forecast.models import FORECAST_ARCHS
+from rnnserve.trainer.forecast.pipeline import run_forecast
+from rnnserve.trainer.forecast.series import MISSING_POLICIES, load_series
+from rnnserve.trainer.forecast.train import ForecastTrainConfig
 
 # Common flags whose language-model defaults do not suit a 1000-value series.
 FORECAST_DEFAULTS = {

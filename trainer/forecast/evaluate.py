@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.forecast.series import Series
+from rnnserve.trainer.forecast.series import Series
 
 HORIZONS = (1, 4, 16, 64)
 

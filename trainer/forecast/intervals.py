@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.forecast.evaluate import HORIZONS, KStepResult
-from trainer.forecast.series import Series, SeriesError
+from rnnserve.trainer.forecast.evaluate import HORIZONS, KStepResult
+from rnnserve.trainer.forecast.series import Series, SeriesError
 
 LEVELS = (0.05, 0.95)  # a central 90 % interval
 MIN_RESIDUALS = 20  # fewer training residuals at a horizon: reuse the previous horizon's

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from artifact.manifest import StateSpec
-from trainer.errors import TrainerError
+from rnnserve.artifact.manifest import StateSpec
+from rnnserve.trainer.errors import TrainerError
 
 RECURRENT_ARCHS = ("rnn", "gru", "lstm")
 FORECAST_ARCHS = ("mlp", *RECURRENT_ARCHS)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from torch import nn
 
-from trainer.export import export_model
-from trainer.forecast.baselines import LastValue, LinearAR
-from trainer.forecast.evaluate import (
+from rnnserve.trainer.export import export_model
+from rnnserve.trainer.forecast.baselines import LastValue, LinearAR
+from rnnserve.trainer.forecast.evaluate import (
     HORIZONS,
     KStepResult,
     TorchForecaster,
@@ -25,10 +25,10 @@ from trainer.forecast.evaluate import (
     metrics_for_manifest,
     predict,
 )
-from trainer.forecast.intervals import manifest_intervals
-from trainer.forecast.models import min_history
-from trainer.forecast.series import Series, SeriesError
-from trainer.forecast.train import ForecastTrainConfig, train_forecaster
+from rnnserve.trainer.forecast.intervals import manifest_intervals
+from rnnserve.trainer.forecast.models import min_history
+from rnnserve.trainer.forecast.series import Series, SeriesError
+from rnnserve.trainer.forecast.train import ForecastTrainConfig, train_forecaster
 
 
 @dataclass
@@ -105,7 +105,7 @@ def run_forecast(
         )
         log(f"exported {run.path}")
     if plot_path is not None:
-        from trainer.forecast.plot import plot_k_step
+        from rnnserve.trainer.forecast.plot import plot_k_step
 
         run.plot = plot_k_step(series, full, plot_path, title=f"{name} ({config.arch})")
         log(f"wrote {run.plot}")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.errors import TrainerError
-from trainer.forecast.evaluate import KStepResult
-from trainer.forecast.series import Series
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.forecast.evaluate import KStepResult
+from rnnserve.trainer.forecast.series import Series
 
 
 def _pyplot():

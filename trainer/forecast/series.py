@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.errors import TrainerError
+from rnnserve.trainer.errors import TrainerError
 
 TEXTBOOK_LENGTH = 1000
 TEXTBOOK_NOISE_STD = 0.2

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.errors import TrainerError
-from trainer.forecast.models import build_model
-from trainer.forecast.series import Series
-from trainer.train import resolve_device
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.forecast.models import build_model
+from rnnserve.trainer.forecast.series import Series
+from rnnserve.trainer.train import resolve_device
 
 ORIGIN_STRIDE = 8  # steps between rollout origins in a training subsequence
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.errors import TrainerError
-from trainer.forecast.pipeline import run_forecast
-from trainer.forecast.series import load_series
-from trainer.forecast.train import ForecastTrainConfig
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.forecast.pipeline import run_forecast
+from rnnserve.trainer.forecast.series import load_series
+from rnnserve.trainer.forecast.train import ForecastTrainConfig
 
 FORECAST_ZOO = ("sine-mlp", "sine-gru")
 TAU = 4

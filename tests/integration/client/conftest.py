@@ -35,9 +35,9 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def live_server(model_repo: Path) -> Iterator[LiveServer]:
-    from server.errors import ShuttingDown, Unauthenticated
-    from server.main import build_app
-    from server.settings import Settings
+    from rnnserve.server.errors import ShuttingDown, Unauthenticated
+    from rnnserve.server.main import build_app
+    from rnnserve.server.settings import Settings
 
     script = GuardScript()
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from client import (
+from rnnserve.client import (
     AsyncRnnClient,
     FailedPrecondition,
     InvalidArgument,

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.cli import main
-from trainer.forecast.zoo import build_forecast_models
+from rnnserve.trainer.cli import main
+from rnnserve.trainer.forecast.zoo import build_forecast_models
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--epochs", "2", "--num-steps", "16", "--rollout", "2", "--hidden", "4", "--no-progress"]

@@ -9,12 +9,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from artifact.manifest import Manifest
-from trainer.export import export_model
-from trainer.exportable import state_from_spec
-from trainer.forecast.evaluate import TorchForecaster
-from trainer.forecast.models import build_model, min_history
-from trainer.forecast.series import load_series
+from rnnserve.artifact.manifest import Manifest
+from rnnserve.trainer.export import export_model
+from rnnserve.trainer.exportable import state_from_spec
+from rnnserve.trainer.forecast.evaluate import TorchForecaster
+from rnnserve.trainer.forecast.models import build_model, min_history
+from rnnserve.trainer.forecast.series import load_series
 
 
 def ort_k_step(package: Path, history: np.ndarray, horizon: int) -> np.ndarray:

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
-from server.main import App, build_app
-from server.settings import Settings
+from rnnserve.server.main import App, build_app
+from rnnserve.server.settings import Settings
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 
 class ServerThread:

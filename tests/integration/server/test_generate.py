@@ -10,10 +10,10 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from rnnserve.v1 import rnnserve_pb2 as pb
 
-from artifact.manifest import Manifest
-from artifact.tokenizer import Tokenizer
+from rnnserve.artifact.manifest import Manifest
+from rnnserve.artifact.tokenizer import Tokenizer
+from rnnserve.v1 import rnnserve_pb2 as pb
 
 LM_MODELS = ["rnn", "gru", "lstm", "lstm-deep", "ngram", "hmm"]
 PROMPT = "the time traveller "
@@ -60,7 +60,7 @@ def test_greedy_equals_the_reference(stub, model_repo: Path, name: str) -> None:
     k = 24
     msgs = _generate(stub, model=name, prompt=PROMPT, max_tokens=k)
     if (package / "checkpoint.pt").exists():
-        from trainer.sample import greedy_tokens  # the trainer's torch reference
+        from rnnserve.trainer.sample import greedy_tokens  # the trainer's torch reference
 
         want = greedy_tokens(package, PROMPT, k)
     else:

@@ -8,9 +8,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from rnnserve.v1 import rnnserve_pb2 as pb
 
-from artifact.manifest import Manifest
+from rnnserve.artifact.manifest import Manifest
+from rnnserve.v1 import rnnserve_pb2 as pb
 
 ZOO = {
     "rnn": "lm", "gru": "lm", "lstm": "lm", "lstm-deep": "lm", "ngram": "lm", "hmm": "lm",

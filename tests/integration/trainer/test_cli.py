@@ -10,10 +10,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from artifact.manifest import Manifest
-from artifact.tokenizer import Tokenizer
-from trainer.exportable import state_from_spec
-from trainer.sample import greedy_tokens
+from rnnserve.artifact.manifest import Manifest
+from rnnserve.artifact.tokenizer import Tokenizer
+from rnnserve.trainer.exportable import state_from_spec
+from rnnserve.trainer.sample import greedy_tokens
 
 TINY = ["--epochs", "1", "--hidden", "8", "--embed", "4", "--num-steps", "8",
         "--batch-size", "8", "--max-tokens", "3000", "--no-progress"]  # fmt: skip
@@ -21,7 +21,7 @@ TINY = ["--epochs", "1", "--hidden", "8", "--embed", "4", "--num-steps", "8",
 
 def rnn_trainer(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "trainer.cli", *args],
+        [sys.executable, "-m", "rnnserve.trainer.cli", *args],
         cwd=cwd, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
 

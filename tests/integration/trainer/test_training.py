@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from artifact.manifest import Manifest
-from trainer.checkpoint import load_checkpoint
-from trainer.errors import TrainerError
-from trainer.models import RNNLM, ModelConfig
-from trainer.pipeline import DataConfig, train_recurrent
-from trainer.sample import greedy_tokens
-from trainer.train import TrainConfig, fit
-from trainer.zoo import TEXT_MODELS, build_zoo
+from rnnserve.artifact.manifest import Manifest
+from rnnserve.trainer.checkpoint import load_checkpoint
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.models import RNNLM, ModelConfig
+from rnnserve.trainer.pipeline import DataConfig, train_recurrent
+from rnnserve.trainer.sample import greedy_tokens
+from rnnserve.trainer.train import TrainConfig, fit
+from rnnserve.trainer.zoo import TEXT_MODELS, build_zoo
 
 
 def _train(run_dir: Path, epochs: int, seed: int = 0, resume: Path | None = None, **kw) -> dict:

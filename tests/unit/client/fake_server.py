@@ -12,6 +12,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 

@@ -8,7 +8,7 @@ import threading
 import grpc
 import pytest
 
-from client import (
+from rnnserve.client import (
     AsyncRnnClient,
     DeadlineExceeded,
     FailedPrecondition,

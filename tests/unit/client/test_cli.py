@@ -7,7 +7,7 @@ import json
 import grpc
 import pytest
 
-from client.cli import main
+from rnnserve.client.cli import main
 
 
 @pytest.fixture

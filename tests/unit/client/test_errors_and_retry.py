@@ -7,8 +7,8 @@ import random
 import grpc
 import pytest
 
-from client import errors
-from client.retry import RetryPolicy
+from rnnserve.client import errors
+from rnnserve.client.retry import RetryPolicy
 
 
 @pytest.mark.parametrize("code", list(grpc.StatusCode))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from client.series_csv import SeriesFileError, read_series
+from rnnserve.client.series_csv import SeriesFileError, read_series
 
 
 def write(tmp_path, text: str):

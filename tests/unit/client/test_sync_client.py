@@ -7,7 +7,7 @@ import threading
 import grpc
 import pytest
 
-from client import (
+from rnnserve.client import (
     NO_RETRY,
     DeadlineExceeded,
     FailedPrecondition,

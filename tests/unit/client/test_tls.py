@@ -8,8 +8,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client import NO_RETRY, RnnClient, TlsConfig, Unavailable
-from client.cli import main
+from rnnserve.client import NO_RETRY, RnnClient, TlsConfig, Unavailable
+from rnnserve.client.cli import main
 from tests.unit.client import fake_server
 from tests.unit.client.certs import make_pki
 

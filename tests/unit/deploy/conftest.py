@@ -24,7 +24,7 @@ class ServerFlags:
 
 def _help_text() -> str:
     script = Path(sys.executable).with_name("rnn-server")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "server.main"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "rnnserve.server.main"]
     if not script.exists() and shutil.which("rnn-server"):
         cmd = ["rnn-server"]
     done = subprocess.run(
@@ -46,6 +46,6 @@ def server_flags() -> ServerFlags:
 @pytest.fixture(scope="session")
 def server_parser():
     """The real rnn-server argument parser (flags -> Settings), for checking argv in configs."""
-    from server.settings import build_parser
+    from rnnserve.server.settings import build_parser
 
     return build_parser()

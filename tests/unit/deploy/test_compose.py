@@ -184,7 +184,7 @@ def _trainer_argv(shell_command: str) -> list[str]:
 
 @pytest.mark.parametrize("preset", [None, "tiny"])
 def test_trainer_commands_parse_with_the_real_cli(preset: str | None) -> None:
-    from trainer.cli import build_parser
+    from rnnserve.trainer.cli import build_parser
 
     env = {"RNNSERVE_ZOO_PRESET": preset} if preset else {}
     compose = load_compose(env)["services"]["trainer"]["command"][0]

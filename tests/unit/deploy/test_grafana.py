@@ -22,7 +22,7 @@ PROMETHEUS_BUILTINS = {"up"}
 
 def _exported_samples() -> set[str]:
     """Series names the real server.metrics registry exports, from its metric families."""
-    from server.metrics import Metrics
+    from rnnserve.server.metrics import Metrics
 
     out = set()
     for family in Metrics().registry.collect():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.forecast.baselines import LastValue, LinearAR
-from trainer.forecast.series import SeriesError
+from rnnserve.trainer.forecast.baselines import LastValue, LinearAR
+from rnnserve.trainer.forecast.series import SeriesError
 
 
 def ar2_series(n: int = 300) -> np.ndarray:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.forecast.evaluate import (
+from rnnserve.trainer.forecast.evaluate import (
     TorchForecaster,
     evaluate_all,
     format_table,
@@ -14,8 +14,8 @@ from trainer.forecast.evaluate import (
     mse_by_horizon,
     predict,
 )
-from trainer.forecast.models import LatentForecaster, WindowMLP
-from trainer.forecast.series import split_series, textbook_series
+from rnnserve.trainer.forecast.models import LatentForecaster, WindowMLP
+from rnnserve.trainer.forecast.series import split_series, textbook_series
 
 
 def naive_k_step(model, values: np.ndarray, origin: int, k: int) -> list[float]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.forecast.evaluate import KStepResult
-from trainer.forecast.intervals import coverage, manifest_intervals, residual_quantiles
-from trainer.forecast.series import SeriesError, split_series, textbook_series
+from rnnserve.trainer.forecast.evaluate import KStepResult
+from rnnserve.trainer.forecast.intervals import coverage, manifest_intervals, residual_quantiles
+from rnnserve.trainer.forecast.series import SeriesError, split_series, textbook_series
 
 
 def shifted_truth(series, k_max: int, noise_scale: float, seed: int = 0) -> KStepResult:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.errors import TrainerError
-from trainer.forecast.models import LatentForecaster, WindowMLP, build_model, min_history
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.forecast.models import LatentForecaster, WindowMLP, build_model, min_history
 
 
 def test_mlp_features_are_the_last_tau_values() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.forecast.series import (
+from rnnserve.trainer.forecast.series import (
     TEXTBOOK_NOISE_STD,
     Normaliser,
     SeriesError,

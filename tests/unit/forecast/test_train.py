@@ -6,11 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.errors import TrainerError
-from trainer.forecast.evaluate import TorchForecaster
-from trainer.forecast.models import build_model
-from trainer.forecast.series import load_series
-from trainer.forecast.train import ORIGIN_STRIDE, ForecastTrainConfig, _loss, train_forecaster
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.forecast.evaluate import TorchForecaster
+from rnnserve.trainer.forecast.models import build_model
+from rnnserve.trainer.forecast.series import load_series
+from rnnserve.trainer.forecast.train import (
+    ORIGIN_STRIDE,
+    ForecastTrainConfig,
+    _loss,
+    train_forecaster,
+)
 
 
 @pytest.mark.parametrize(("arch", "rollout"), [("mlp", 0), ("gru", 4), ("lstm", 0)])

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from server.auth import TokenFileError, bearer_guard, load_tokens
-from server.errors import Unauthenticated
-from server.tls import TlsConfigError, server_credentials
+from rnnserve.server.auth import TokenFileError, bearer_guard, load_tokens
+from rnnserve.server.errors import Unauthenticated
+from rnnserve.server.tls import TlsConfigError, server_credentials
 
 METHOD = "/rnnserve.v1.Inference/Generate"
 

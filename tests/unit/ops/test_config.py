@@ -6,7 +6,7 @@ from dataclasses import fields
 
 import pytest
 
-from server.settings import Settings, build_parser, settings_from_args
+from rnnserve.server.settings import Settings, build_parser, settings_from_args
 
 OPS_VALUES = {
     "tokens_file": "/etc/rnnserve/tokens",

@@ -12,10 +12,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from server import decode_head
-from server.decode_head import RowParams
-from server.runtime import log_softmax
-from server.sampling import Sampler, SamplingParams, sample_rows
+from rnnserve.server import decode_head
+from rnnserve.server.decode_head import RowParams
+from rnnserve.server.runtime import log_softmax
+from rnnserve.server.sampling import Sampler, SamplingParams, sample_rows
 
 V = 12
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from artifact.manifest import StateSpec
-from server.errors import BadRequest
-from server.resume import StateSigner
+from rnnserve.artifact.manifest import StateSpec
+from rnnserve.server.errors import BadRequest
+from rnnserve.server.resume import StateSigner
 
 SPECS = [
     StateSpec("h", "h_in", "h_out", [2, -1, 3], 1),

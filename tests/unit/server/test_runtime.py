@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import onnxruntime as ort
 
-from artifact.manifest import StateSpec
-from server.runtime import OnnxModel, _init_element, log_softmax, resolve_providers
+from rnnserve.artifact.manifest import StateSpec
+from rnnserve.server.runtime import OnnxModel, _init_element, log_softmax, resolve_providers
 
 
 def test_unavailable_provider_falls_back_to_cpu_with_a_log_line(caplog) -> None:
@@ -52,7 +52,7 @@ def test_log_softmax_normalises() -> None:
 def test_observe_many_records_what_observe_records() -> None:
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-    from server.metrics import LATENCY_BUCKETS, observe_many
+    from rnnserve.server.metrics import LATENCY_BUCKETS, observe_many
 
     values = [0.00005, 0.0001, 0.0003, 0.0003, 0.002, 7.0, 100.0, 0.0]
     exposed = []
@@ -77,7 +77,7 @@ def test_runtime_counts_calls_waiting_for_a_thread() -> None:
     import asyncio
     import threading
 
-    from server.runtime import Runtime
+    from rnnserve.server.runtime import Runtime
 
     async def main():
         runtime = Runtime(1)
@@ -107,8 +107,8 @@ def test_a_head_that_cannot_load_leaves_the_model_serving_in_numpy(monkeypatch, 
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper, save
 
-    from artifact.manifest import Manifest
-    from server import decode_head, runtime
+    from rnnserve.artifact.manifest import Manifest
+    from rnnserve.server import decode_head, runtime
 
     graph = helper.make_graph(
         [helper.make_node("Gather", ["table", "tokens"], ["logits"], axis=0)],

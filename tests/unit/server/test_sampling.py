@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.errors import BadRequest
-from server.sampling import Sampler, SamplingParams, filtered_probs, greedy_token
+from rnnserve.server.errors import BadRequest
+from rnnserve.server.sampling import Sampler, SamplingParams, filtered_probs, greedy_token
 
 
 def _logprobs(values: list[float]) -> np.ndarray:

@@ -12,14 +12,14 @@ import threading
 import numpy as np
 import pytest
 
-from artifact.manifest import StateSpec
-from server.errors import Overloaded
-from server.metrics import Metrics
-from server.runtime import OnnxModel, Runtime
-from server.sampling import Sampler, SamplingParams
-from server.scheduler import Scheduler, StreamLimiter
-from server.stopping import StopChecker
-from server.stream import OutputBuffer, Stream
+from rnnserve.artifact.manifest import StateSpec
+from rnnserve.server.errors import Overloaded
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.runtime import OnnxModel, Runtime
+from rnnserve.server.sampling import Sampler, SamplingParams
+from rnnserve.server.scheduler import Scheduler, StreamLimiter
+from rnnserve.server.stopping import StopChecker
+from rnnserve.server.stream import OutputBuffer, Stream
 
 V = 10
 
@@ -158,7 +158,7 @@ def test_output_buffer_coalesces_for_a_slow_reader() -> None:
 
 
 def test_expired_stream_ends_with_deadline_exceeded() -> None:
-    from server.errors import DeadlineExceeded
+    from rnnserve.server.errors import DeadlineExceeded
 
     async def main():
         sched, _ = _scheduler()

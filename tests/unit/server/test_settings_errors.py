@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from server.errors import BadRequest, Overloaded, UnknownModel, UnsupportedTask, status_for
-from server.settings import build_parser, settings_from_args
+from rnnserve.server.errors import BadRequest, Overloaded, UnknownModel, UnsupportedTask, status_for
+from rnnserve.server.settings import build_parser, settings_from_args
 
 
 def test_flags_override_environment_which_overrides_defaults(monkeypatch) -> None:

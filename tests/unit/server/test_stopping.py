@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.errors import BadRequest
-from server.stopping import EOS, LENGTH, STOP, StopChecker, validate_stop
+from rnnserve.server.errors import BadRequest
+from rnnserve.server.stopping import EOS, LENGTH, STOP, StopChecker, validate_stop
 
 
 def _run(checker: StopChecker, pieces: list[str]) -> tuple[str, str | None]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from artifact.manifest import Manifest, StateSpec
-from artifact.tokenizer import TokenizerConfig
-from artifact.vocab import RESERVED
-from server.errors import BadRequest
-from server.text import TextCodec
+from rnnserve.artifact.manifest import Manifest, StateSpec
+from rnnserve.artifact.tokenizer import TokenizerConfig
+from rnnserve.artifact.vocab import RESERVED
+from rnnserve.server.errors import BadRequest
+from rnnserve.server.text import TextCodec
 
 
 def _manifest(level: str, tokens: list[str]) -> Manifest:

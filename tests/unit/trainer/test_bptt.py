@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.bptt import run_window, scale_grad
-from trainer.errors import TrainerError
-from trainer.models import RNNLM, ModelConfig
+from rnnserve.trainer.bptt import run_window, scale_grad
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.models import RNNLM, ModelConfig
 
 T = 6
 

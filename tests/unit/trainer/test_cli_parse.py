@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.cli import _wants_forecast, build_parser, main
+from rnnserve.trainer.cli import _wants_forecast, build_parser, main
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from artifact.tokenizer import TokenizerConfig
-from trainer.corpus import build_corpus, default_corpus_text, one_hot, read_corpus, split_ids
-from trainer.errors import TrainerError
+from rnnserve.artifact.tokenizer import TokenizerConfig
+from rnnserve.trainer.corpus import (
+    build_corpus,
+    default_corpus_text,
+    one_hot,
+    read_corpus,
+    split_ids,
+)
+from rnnserve.trainer.errors import TrainerError
 
 
 def test_builtin_corpus_is_the_time_machine() -> None:

@@ -10,13 +10,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from artifact.manifest import Manifest, sha256_file
-from artifact.tokenizer import TokenizerConfig
-from artifact.vocab import Vocab
-from trainer.errors import TrainerError
-from trainer.export import export_model
-from trainer.exportable import ExportableModel, state_from_spec
-from trainer.models import RNNLM, ModelConfig, build_model
+from rnnserve.artifact.manifest import Manifest, sha256_file
+from rnnserve.artifact.tokenizer import TokenizerConfig
+from rnnserve.artifact.vocab import Vocab
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.export import export_model
+from rnnserve.trainer.exportable import ExportableModel, state_from_spec
+from rnnserve.trainer.models import RNNLM, ModelConfig, build_model
 
 VOCAB = Vocab.build(list("the time machine"))
 

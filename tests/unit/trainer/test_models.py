@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.errors import TrainerError
-from trainer.models import RNNLM, BiRNNInfill, ModelConfig, build_model
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.models import RNNLM, BiRNNInfill, ModelConfig, build_model
 
 V, B, T = 11, 2, 9
 

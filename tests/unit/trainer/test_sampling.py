@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from trainer.errors import TrainerError
-from trainer.sampling import (
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.sampling import (
     check_fits,
     detach_state,
     random_batches,

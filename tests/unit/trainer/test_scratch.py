@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.scratch import ScratchStack
+from rnnserve.trainer.scratch import ScratchStack
 
 B, T, IN, H = 3, 7, 5, 4
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from trainer.models import RNNLM, ModelConfig
-from trainer.train import TrainConfig, fit
+from rnnserve.trainer.models import RNNLM, ModelConfig
+from rnnserve.trainer.train import TrainConfig, fit
 
 
 class Spy(RNNLM):

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from trainer.hmm_fit import HmmParams
+from rnnserve.trainer.hmm_fit import HmmParams
 
 
 def random_params(k: int, v: int, seed: int) -> HmmParams:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.errors import TrainerError
-from trainer.hmm import train_hmm
-from trainer.hmm_fit import HmmParams, chunk_ids, em_step, fit_em, log_likelihood, unigram
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.hmm import train_hmm
+from rnnserve.trainer.hmm_fit import HmmParams, chunk_ids, em_step, fit_em, log_likelihood, unigram
 
 from .brute import expected_counts, random_params, sample
 

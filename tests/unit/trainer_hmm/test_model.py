@@ -11,11 +11,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from artifact.manifest import Manifest
-from artifact.tokenizer import TokenizerConfig
-from artifact.vocab import RESERVED, Vocab
-from trainer.export import export_model
-from trainer.hmm import HmmConfig, HmmLM
+from rnnserve.artifact.manifest import Manifest
+from rnnserve.artifact.tokenizer import TokenizerConfig
+from rnnserve.artifact.vocab import RESERVED, Vocab
+from rnnserve.trainer.export import export_model
+from rnnserve.trainer.hmm import HmmConfig, HmmLM
 
 from .brute import joint, prob, random_params
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.hmm_recursions import (
+from rnnserve.trainer.hmm_recursions import (
     backward_log,
     forward_log,
     forward_scaled,

@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.errors import TrainerError
-from trainer.ngram import (
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.ngram import (
     BOS_ID,
     MAX_TABLE_ENTRIES,
     NgramConfig,

@@ -10,11 +10,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from artifact.manifest import Manifest
-from artifact.tokenizer import TokenizerConfig
-from artifact.vocab import RESERVED, Vocab
-from trainer.export import export_model
-from trainer.ngram import BOS_ID, NgramConfig, NgramCounts, train_ngram
+from rnnserve.artifact.manifest import Manifest
+from rnnserve.artifact.tokenizer import TokenizerConfig
+from rnnserve.artifact.vocab import RESERVED, Vocab
+from rnnserve.trainer.export import export_model
+from rnnserve.trainer.ngram import BOS_ID, NgramConfig, NgramCounts, train_ngram
 
 VOCAB = Vocab([*RESERVED, "a", "b", "c", "d"])
 TRAIN = [4, 5, 6, 4, 7, 5, 6, 6, 4, 5, 7, 7, 4, 5, 6] * 10

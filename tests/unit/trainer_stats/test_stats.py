@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer import stats
-from trainer.errors import TrainerError
+from rnnserve.trainer import stats
+from rnnserve.trainer.errors import TrainerError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -97,7 +97,7 @@ def test_bad_top_and_unwritable_plot(tmp_path: Path) -> None:
 
 
 def test_cli_stats_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer.cli import main
+    from rnnserve.trainer.cli import main
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("to be or not to be", encoding="utf-8")
