@@ -39,10 +39,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# Regenerates the committed gRPC stubs from the .proto (tests fail when they are stale).
+# Regenerates the committed gRPC stubs of every proto/rnnserve/**/*.proto with the pinned
+# generator (pyproject's `protoc` extra); tests fail when they are stale.
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto \
-	  --grpc_python_out=proto proto/rnnserve/v1/rnnserve.proto
+	$(BIN)/python proto/generate.py
 
 bench: models
 	$(BIN)/python bench/quality.py

@@ -2,8 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -128,7 +127,7 @@ class GenerateRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     return_state: bool
     state: bytes
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., return_state: _Optional[bool] = ..., state: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., return_state: bool = ..., state: _Optional[bytes] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_id", "logprob", "finish_reason", "state", "token_ids")
@@ -220,7 +219,7 @@ class ForecastRequest(_message.Message):
     history: _containers.RepeatedScalarFieldContainer[float]
     horizon: int
     return_fitted: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., history: _Optional[_Iterable[float]] = ..., horizon: _Optional[int] = ..., return_fitted: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., history: _Optional[_Iterable[float]] = ..., horizon: _Optional[int] = ..., return_fitted: bool = ...) -> None: ...
 
 class ForecastResponse(_message.Message):
     __slots__ = ("forecast", "fitted", "fitted_offset")
