@@ -1,10 +1,12 @@
-"""The one call interceptor: request id, JSON access log, metrics, and error -> status mapping.
+"""The one call interceptor: request id, trace span, JSON access log, metrics, and error ->
+status mapping.
 
 Every rnnserve.v1 RPC passes through `CallInterceptor`. Domain errors (server/errors.py)
 become their documented status with their message; anything else is logged with its
 traceback and answered INTERNAL without details. `guards` are checks run before the
 handler inside the same mapping (auth, draining): raise a ServeError to refuse the call.
 A request that does not even parse as its protobuf message is INVALID_ARGUMENT, not INTERNAL.
+With a `tracer` (server/tracing.py) each call gets a span, current while its handler runs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import grpc
 from rnnserve.server import logs
 from rnnserve.server.errors import BadRequest, ServeError, status_for
 from rnnserve.server.metrics import Metrics
+from rnnserve.server.tracing import RpcSpan, RpcTracer
 
 log = logging.getLogger("rnnserve.server.access")
 
@@ -54,11 +57,16 @@ def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
-        self, metrics: Metrics, model_label: ModelLabel, guards: Sequence[Guard] = ()
+        self,
+        metrics: Metrics,
+        model_label: ModelLabel,
+        guards: Sequence[Guard] = (),
+        tracer: RpcTracer | None = None,
     ) -> None:
         self.metrics = metrics
         self.model_label = model_label
         self.guards = list(guards)
+        self.tracer = tracer
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -81,20 +89,35 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     # -- per call ---------------------------------------------------------------------------
-    def _begin(self, method: str, metadata: dict[str, str], request: Any) -> str:
+    def _identify(self, method: str, metadata: dict[str, str]) -> RpcSpan | None:
+        """Request id (and trace span) for the logs of this call's task."""
         rid = metadata.get("x-request-id", "")[:64] or f"{_ids.getrandbits(64):016x}"
         logs.request_id.set(rid)
+        if self.tracer is None:
+            return None
+        span = self.tracer.start(method, metadata, rid)
+        logs.trace_id.set(span.trace_id)
+        return span
+
+    def _begin(self, method: str, metadata: dict[str, str], request: Any) -> None:
         if isinstance(request, _Unparsable):
             raise BadRequest("request", f"is not a valid protobuf message: {request.error}")
         for guard in self.guards:
             guard(method, metadata)
-        return rid
 
     def _label(self, request: Any) -> str:
         name = getattr(request, "model", "")
         return self.model_label(name) if isinstance(name, str) else ""
 
-    def _end(self, rpc: str, model: str, code: grpc.StatusCode, start: float, err: str) -> None:
+    def _end(
+        self,
+        rpc: str,
+        model: str,
+        code: grpc.StatusCode,
+        start: float,
+        err: str,
+        span: RpcSpan | None,
+    ) -> None:
         elapsed = time.perf_counter() - start
         self.metrics.request_duration.labels(rpc=rpc, model=model, code=code.name).observe(elapsed)
         if code != grpc.StatusCode.OK:
@@ -103,6 +126,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if err:
             extra["error"] = err
         log.info("%s %s", rpc, code.name, extra=extra)
+        if span is not None:
+            span.finish(code, model, err)
 
     def _fail(self, exc: BaseException, rpc: str) -> tuple[grpc.StatusCode, str]:
         code, message = status_for(exc)
@@ -114,6 +139,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         async def wrapper(request, context: grpc.aio.ServicerContext):
             start, model = time.perf_counter(), self._label(request)
             code, message = grpc.StatusCode.OK, ""
+            span = self._identify(method, metadata)
             try:
                 self._begin(method, metadata, request)
                 return await behavior(request, context)
@@ -126,7 +152,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 code, message = self._fail(exc, rpc)
             finally:
-                self._end(rpc, model, code, start, message)
+                self._end(rpc, model, code, start, message, span)
             await context.abort(code, message)
 
         return wrapper
@@ -138,6 +164,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         async def wrapper(request, context: grpc.aio.ServicerContext):
             start, model = time.perf_counter(), self._label(request)
             code, message = grpc.StatusCode.OK, ""
+            span = self._identify(method, metadata)
             try:
                 self._begin(method, metadata, request)
                 async with contextlib.aclosing(behavior(request, context)) as responses:
@@ -153,7 +180,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 code, message = self._fail(exc, rpc)
             finally:
-                self._end(rpc, model, code, start, message)
+                self._end(rpc, model, code, start, message, span)
             await context.abort(code, message)
 
         return wrapper

@@ -1,4 +1,5 @@
-"""JSON log lines with the current call's request id (a contextvar set by the interceptor)."""
+"""JSON log lines with the current call's request id and, when traced, its trace id
+(contextvars set by the interceptor), so a log line leads to its trace and back."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import sys
 import time
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+trace_id: contextvars.ContextVar[str] = contextvars.ContextVar("trace_id", default="")
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, request_id and any `extra` fields."""
+    """One JSON object per line: ts, level, logger, msg, request_id, trace_id (W3C, 32 hex
+    digits) and any `extra` fields."""
 
     _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -27,6 +30,9 @@ class JsonFormatter(logging.Formatter):
         rid = request_id.get()
         if rid:
             entry["request_id"] = rid
+        tid = trace_id.get()
+        if tid:
+            entry["trace_id"] = tid
         for key, value in vars(record).items():
             if key not in self._STANDARD and not key.startswith("_"):
                 entry[key] = value

@@ -1,4 +1,4 @@
-"""rnn-server's composition root: settings -> repository -> runtime -> scheduler -> service.
+"""rnn-server's composition root: settings -> repository -> runtime -> decode loops -> service.
 
 Nothing else in server/ builds its own collaborators; `build_app` is what tests call to get
 an in-process server on an ephemeral port, `main` is the console script.
@@ -7,10 +7,13 @@ an in-process server on an ephemeral port, `main` is the console script.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
 from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -19,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from rnnserve.server import logs
 from rnnserve.server.admin import AdminService
 from rnnserve.server.auth import OpenServicesAuth, TokenFileError, bearer_guard, load_tokens
+from rnnserve.server.decode.limiter import StreamLimiter
 from rnnserve.server.engine import Engine
 from rnnserve.server.errors import ShuttingDown
 from rnnserve.server.health import ModelHealth
@@ -28,10 +32,10 @@ from rnnserve.server.reload import Reloader
 from rnnserve.server.repository import ModelVersion, Repository
 from rnnserve.server.resume import StateSigner
 from rnnserve.server.runtime import OnnxModel, Runtime, resolve_providers
-from rnnserve.server.scheduler import StreamLimiter
 from rnnserve.server.service import InferenceService
 from rnnserve.server.settings import Settings, settings_from_args
 from rnnserve.server.tls import TlsConfigError, server_credentials
+from rnnserve.server.tracing import RpcTracer, TracingUnavailable, otlp_provider
 from rnnserve.server.workers import run_workers
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
@@ -51,10 +55,19 @@ class App:
     settings: Settings
     draining: bool = False
     admin: AdminService | None = None
+    tracer: RpcTracer | None = None
+    _sampler: asyncio.Task | None = None
 
     async def start(self) -> None:
         await self.server.start()
         await self.health.refresh()
+        self._sampler = asyncio.create_task(self._sample_metrics())
+
+    async def _sample_metrics(self, period_s: float = 1.0) -> None:
+        """Gauges read from live objects, written once a second (for --workers' files)."""
+        while True:
+            self.metrics.sample()
+            await asyncio.sleep(period_s)
 
     async def shutdown(self, grace: float | None = None, delay: float | None = None) -> None:
         """Health NOT_SERVING; `delay` (--drain-delay) seconds later new calls get UNAVAILABLE
@@ -67,9 +80,15 @@ class App:
         self.draining = True
         self.engine.limiter.closed = True
         await self.server.stop(self.settings.grace if grace is None else grace)
-        for sched in self.engine.schedulers():
-            await sched.close()
+        for decoder in self.engine.decoders():
+            await decoder.close()
         self.engine.runtime.close()
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)  # flushes the last spans
 
 
 def build_app(
@@ -77,9 +96,12 @@ def build_app(
     metrics: Metrics | None = None,
     guards: list[Guard] | None = None,
     extra_interceptors: list[grpc.aio.ServerInterceptor] | None = None,
+    tracer_provider: Any = None,
 ) -> App:
-    """Wires every part together. Call inside a running event loop."""
-    metrics = metrics or Metrics()
+    """Wires every part together. Call inside a running event loop. `tracer_provider`: an
+    OpenTelemetry TracerProvider to trace with (tests); else --otlp-endpoint decides."""
+    version = _installed("rnnserve")
+    metrics = metrics or Metrics(version=version, onnxruntime_version=_onnxruntime_version())
     providers = resolve_providers(settings.providers)
 
     def load(path, manifest) -> OnnxModel:
@@ -103,14 +125,24 @@ def build_app(
         settings,
         metrics,
     )
-    health = ModelHealth(repository)
+    metrics.track_admitted(lambda: engine.limiter.active, settings.max_streams)
+    health = ModelHealth(
+        repository,
+        allow_empty=bool(settings.allow_empty_repo),
+        on_change=lambda ready: metrics.ready.set(1 if ready else 0),
+    )
+    if tracer_provider is None and settings.otlp_endpoint:
+        tracer_provider = otlp_provider(settings.otlp_endpoint, version)
+    tracer = RpcTracer(tracer_provider, version) if tracer_provider is not None else None
     app_ref: dict[str, App] = {}
 
     def not_draining(method: str, metadata: dict[str, str]) -> None:
         if app_ref["app"].draining:
             raise ShuttingDown("the server is shutting down; retry on another replica")
 
-    interceptor = CallInterceptor(metrics, engine.model_label, [not_draining, *(guards or [])])
+    interceptor = CallInterceptor(
+        metrics, engine.model_label, [not_draining, *(guards or [])], tracer
+    )
     size = settings.max_message_bytes
     server = grpc.aio.server(
         interceptors=[*(extra_interceptors or []), interceptor],
@@ -134,7 +166,7 @@ def build_app(
     address = f"{settings.host}:{settings.port}"
     creds = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-    app = App(server, port, engine, health, metrics, settings, admin=admin)
+    app = App(server, port, engine, health, metrics, settings, admin=admin, tracer=tracer)
     app_ref["app"] = app
     return app
 
@@ -146,13 +178,13 @@ async def serve(settings: Settings) -> int:
         guards = [bearer_guard(tokens)] if tokens else []
         extra = [OpenServicesAuth(guards[0])] if guards and settings.auth_health else []
         app = build_app(settings, guards=guards, extra_interceptors=extra)
-    except (TokenFileError, TlsConfigError) as exc:
+    except (TokenFileError, TlsConfigError, TracingUnavailable) as exc:
         log.error("cannot start: %s", exc)
         return 2
     except RuntimeError as exc:  # e.g. the port is taken
         log.error("cannot start: %s", exc)
         return 2
-    app.metrics.serve_http(settings.metrics_port)
+    app.metrics.serve_http(settings.metrics_port, ready=lambda: app.health.ready)
     await app.start()
     log.info(
         "rnn-server listening on %s:%d",
@@ -176,6 +208,19 @@ async def serve(settings: Settings) -> int:
     await app.shutdown()
     log.info("stopped")
     return 0
+
+
+def _installed(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime  # already loaded by server/runtime.py
+
+    return onnxruntime.__version__
 
 
 def main(argv: list[str] | None = None) -> int:

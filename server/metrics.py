@@ -1,25 +1,43 @@
-"""Prometheus metrics: the exact names, labels and buckets of docs/contracts.md.
+"""Prometheus metrics: names, labels and buckets as tabled in README.md#metrics.
 
 Each Metrics owns its CollectorRegistry, so several servers in one process (tests) do not
-collide; `serve_http` exposes it at /metrics.
+collide. Under --workers the values live in prometheus_client's multiprocess files instead
+and the parent merges them; every gauge therefore names how its workers' values combine
+(`multiprocess_mode`), so `sum()` over an instance stays true. `serve_http` exposes the
+registry at /metrics with /healthz and /readyz next to it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import platform
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    make_wsgi_app,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
-# Sub-millisecond ORT steps up to minute-long streams.
+# 1-2.5-5 per decade from 10 us (one decode step of a tiny model) to a minute-long stream.
 LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# finish_reason label values of rnnserve_finished_streams_total besides the proto's reasons.
+ABORTED = "aborted"  # cancelled, past its deadline, or failed: the status code says which
 
 
 def observe_many(histogram, values: Sequence[float]) -> None:
@@ -43,11 +61,21 @@ def observe_many(histogram, values: Sequence[float]) -> None:
 
 
 class Metrics:
-    """All server metrics; pass one instance to whatever records."""
+    """All server metrics; pass one instance to whatever records.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    `version`, `onnxruntime_version`: the labels of rnnserve_build_info (main passes the
+    installed ones; tests may leave the defaults).
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        version: str = "",
+        onnxruntime_version: str = "",
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_* of this process (RSS, CPU, fds)
 
         def hist(name: str, doc: str, labels: list[str], buckets=LATENCY_BUCKETS) -> Histogram:
             return Histogram(name, doc, labels, buckets=buckets, registry=r)
@@ -73,11 +101,40 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.prompt_tokens = Counter(
+            "rnnserve_prompt_tokens",
+            "Generate: prompt tokens prefilled (a resumed stream: its new tokens plus the "
+            "resumed last token). Recorded by the engine once a request is admitted.",
+            ["model"],
+            registry=r,
+        )
+        self.finished_streams = Counter(
+            "rnnserve_finished_streams",
+            "Generate streams that ended, by finish_reason: length, stop, eos (the proto's "
+            "reasons in lower case) or aborted (cancelled, deadline, error: see the code label "
+            "of rnnserve_request_duration_seconds).",
+            ["model", "finish_reason"],
+            registry=r,
+        )
         self.live_streams = Gauge(
             "rnnserve_live_streams",
             "Generate streams admitted and not yet finished (prefilling or in the batch).",
             ["model"],
             registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.stream_capacity = Gauge(
+            "rnnserve_stream_capacity",
+            "Generate streams this process admits at once (--max-streams); compare with "
+            "rnnserve_admitted_streams.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.admitted_streams = Gauge(
+            "rnnserve_admitted_streams",
+            "Generate streams holding one of the --max-streams slots right now.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.batch_size = hist(
             "rnnserve_batch_size",
@@ -108,15 +165,134 @@ class Metrics:
         )
         self.model_serving = Gauge(
             "rnnserve_model_serving",
-            "1 when the model version is SERVING, 0 when it is loaded as NOT_SERVING.",
+            "1 when the model version is SERVING, 0 when it is loaded as NOT_SERVING "
+            "(under --workers: the lowest over the workers).",
             ["model", "version"],
             registry=r,
+            multiprocess_mode="livemin",
         )
+        self.ready = Gauge(
+            "rnnserve_ready",
+            "1 while overall health is SERVING (a model version serves, or "
+            "--allow-empty-repo), 0 otherwise and from SIGTERM on (under --workers: the "
+            "lowest over the workers).",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.build_info = Gauge(
+            "rnnserve_build_info",
+            "Always 1; the labels say which rnnserve, ONNX Runtime and Python run.",
+            ["version", "onnxruntime", "python"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.build_info.labels(
+            version=version, onnxruntime=onnxruntime_version, python=platform.python_version()
+        ).set(1)
+        self._samplers: list[Callable[[], None]] = []
 
-    def serve_http(self, port: int, addr: str = "0.0.0.0") -> None:
-        """Starts the /metrics endpoint in a daemon thread (port 0: disabled)."""
+    def track_admitted(self, read: Callable[[], int], capacity: int) -> None:
+        """Publishes the admission limiter: its capacity once, its count via `read`."""
+        self.stream_capacity.set(capacity)
+        if _multiprocess():  # the parent reads files: a value must be written, not computed
+            self._samplers.append(lambda: self.admitted_streams.set(read()))
+        else:
+            self.admitted_streams.set_function(read)
+
+    def sample(self) -> None:
+        """Writes the values that are read from live objects (--workers: call every second)."""
+        for sampler in self._samplers:
+            sampler()
+
+    def serve_http(
+        self, port: int, ready: Callable[[], bool], addr: str = "0.0.0.0"
+    ) -> WSGIServer | None:
+        """Starts /metrics, /healthz and /readyz in a daemon thread (port 0: disabled)."""
         if port == 0:
             log.info("metrics endpoint disabled (--metrics-port 0)")
-            return
-        start_http_server(port, addr=addr, registry=self.registry)
+            return None
+        server = serve_http(self.registry, port, ready, addr)
         log.info("metrics on http://%s:%d/metrics", addr, port)
+        return server
+
+
+def _multiprocess() -> bool:
+    from prometheus_client import values
+
+    return values.ValueClass.__name__ != "MutexValue"
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:
+        """Scrapes and probes every few seconds: no access log."""
+
+
+def endpoints_app(registry: Collector, ready: Callable[[], bool]) -> Callable:
+    """WSGI app: /metrics (Prometheus), /healthz (the process answers), /readyz (200 while
+    `ready()`, else 503); every other path 404, so a probe pointed at a typo fails."""
+    metrics = make_wsgi_app(registry)
+
+    def plain(start_response, status: str, text: str) -> list[bytes]:
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+        return [text.encode()]
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics(environ, start_response)
+        if path == "/healthz":
+            return plain(start_response, "200 OK", "ok\n")
+        if path == "/readyz":
+            if ready():
+                return plain(start_response, "200 OK", "ready\n")
+            return plain(start_response, "503 Service Unavailable", "not ready\n")
+        return plain(start_response, "404 Not Found", "not found: use /metrics\n")
+
+    return app
+
+
+def serve_http(
+    registry: Collector, port: int, ready: Callable[[], bool], addr: str = "0.0.0.0"
+) -> WSGIServer:
+    """Serves endpoints_app on addr:port in a daemon thread; raises OSError if taken."""
+    server = make_server(
+        addr, port, endpoints_app(registry, ready), _ThreadingWSGIServer, _QuietHandler
+    )
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics-http").start()
+    return server
+
+
+class ProcessesCollector(Collector):
+    """process_* metrics of several processes (--workers: the parent and each worker), each
+    sample labelled with its `pid`; prometheus_client's ProcessCollector reads /proc."""
+
+    def __init__(self, pids: Callable[[], Iterable[int]]) -> None:
+        self.pids = pids
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        for pid in self.pids():
+            one = ProcessCollector(pid=lambda pid=pid: pid, registry=None)
+            for family in one.collect():
+                merged = families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                for s in family.samples:
+                    merged.add_sample(s.name, {**s.labels, "pid": str(pid)}, s.value)
+        return list(families.values())
+
+
+def merged_gauge(registry: Collector, name: str) -> float | None:
+    """The value of an unlabelled gauge as `registry` reports it (None: not reported)."""
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return sample.value
+    return None
+
+
+__all__ = ["ABORTED", "LATENCY_BUCKETS", "Metrics", "ProcessesCollector", "observe_many"]

@@ -31,7 +31,7 @@ class Settings:
     max_score_texts: int = 64
     max_streams: int = 512
     max_batch: int = 256
-    decode_steps: int = 1024
+    prefill_chunk: int = 256
     stream_interval_us: int = 500
     decode_head: int = 1
     max_message_bytes: int = 4 * 1024 * 1024
@@ -49,6 +49,8 @@ class Settings:
     reuse_port: int = 0
     poll_interval: float = 0.0
     auth_health: int = 0
+    allow_empty_repo: int = 0
+    otlp_endpoint: str = ""
 
 
 # flag name -> (type, help). Kept next to the dataclass so --help documents every field.
@@ -70,11 +72,10 @@ _HELP: dict[str, tuple[type, str]] = {
     "max_score_texts": (int, "most texts in one Score call"),
     "max_streams": (int, "concurrent Generate streams; past it RESOURCE_EXHAUSTED (no queue)"),
     "max_batch": (int, "most streams stepped by one ONNX Runtime call (1 disables batching)"),
-    "decode_steps": (
+    "prefill_chunk": (
         int,
-        "most decode steps one trip to the ORT thread runs back to back "
-        "(a trip also ends when a stream joins or leaves); tokens still "
-        "reach clients step by step. 1 = one step per trip",
+        "most prompt tokens one prefill call feeds a stream; longer prompts prefill in chunks "
+        "between decode steps, so other streams keep their pace",
     ),
     "stream_interval_us": (
         int,
@@ -120,6 +121,16 @@ _HELP: dict[str, tuple[type, str]] = {
         float,
         "seconds between model repository rescans (0 = off; SIGHUP and Admin.ReloadModels "
         "always rescan)",
+    ),
+    "allow_empty_repo": (
+        int,
+        "1: overall health (and /readyz) is SERVING while the repository has no model at all "
+        "(bootstrapping); by default it is NOT_SERVING until some model version serves",
+    ),
+    "otlp_endpoint": (
+        str,
+        "OpenTelemetry OTLP/gRPC collector, e.g. http://otel-collector:4317: one trace span "
+        "per RPC is exported there (needs the [otel] extra); empty = tracing off",
     ),
 }
 
@@ -185,7 +196,7 @@ def validate(settings: Settings) -> str | None:
         "max_score_texts",
         "max_streams",
         "max_batch",
-        "decode_steps",
+        "prefill_chunk",
         "max_message_bytes",
         "executor_threads",
         "workers",

@@ -4,7 +4,9 @@ Why processes: ONNX Runtime calls and protobuf work hold the GIL often enough th
 process tops out on a core. Each worker is a fresh `python -m server.main` with
 SO_REUSEPORT on (the kernel spreads connections) and PROMETHEUS_MULTIPROC_DIR set before it
 imports prometheus_client, so its metrics land in mmap files; the parent (which loads no
-model) merges them with MultiProcessCollector on --metrics-port. SIGTERM/SIGINT to the parent
+model) merges them with MultiProcessCollector on --metrics-port, adds every process's
+process_* metrics (label `pid`), and answers /readyz while every worker is alive and ready
+(rnnserve_ready, merged as the lowest). SIGTERM/SIGINT to the parent
 is forwarded to every worker; each drains for --grace seconds; the parent exits 0 when they
 all did. If one worker dies, the parent stops the rest and exits with its code.
 """
@@ -22,8 +24,9 @@ import sys
 import tempfile
 import time
 
-from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+from prometheus_client import CollectorRegistry, multiprocess
 
+from rnnserve.server.metrics import ProcessesCollector, merged_gauge, serve_http
 from rnnserve.server.settings import Settings
 
 log = logging.getLogger("rnnserve.server.workers")
@@ -60,8 +63,16 @@ def run_workers(settings: Settings, argv: list[str]) -> int:
         if settings.metrics_port:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=prom_dir)
+            registry.register(ProcessesCollector(lambda: [os.getpid(), *_live(procs)]))
+            workers = CollectorRegistry()
+            multiprocess.MultiProcessCollector(workers, path=prom_dir)
+
+            def ready() -> bool:
+                alive = len(_live(procs)) == settings.workers
+                return alive and (merged_gauge(workers, "rnnserve_ready") or 0) >= 1
+
             try:
-                start_http_server(settings.metrics_port, registry=registry)
+                serve_http(registry, settings.metrics_port, ready)
             except OSError as exc:
                 log.error("cannot serve metrics on :%d: %s", settings.metrics_port, exc)
                 return 2
@@ -80,6 +91,7 @@ def run_workers(settings: Settings, argv: list[str]) -> int:
             if dead:
                 status = dead[0].returncode or 1
                 log.error("worker %d exited with %d; stopping", dead[0].pid, dead[0].returncode)
+                multiprocess.mark_process_dead(dead[0].pid, prom_dir)  # its gauges go too
                 break
             time.sleep(POLL_S)
         return _stop_all(procs, settings.grace) or status
@@ -89,6 +101,10 @@ def run_workers(settings: Settings, argv: list[str]) -> int:
                 p.kill()
                 p.wait()
         shutil.rmtree(prom_dir, ignore_errors=True)
+
+
+def _live(procs: list[subprocess.Popen]) -> list[int]:
+    return [p.pid for p in list(procs) if p.poll() is None]
 
 
 def _forward(procs: list[subprocess.Popen], signum: int) -> None:
