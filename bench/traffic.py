@@ -1,0 +1,831 @@
+"""Traffic benchmark: Generate streams that come and go, measured from outside a real
+`rnn-server`, beside what bare ONNX Runtime does with the same model, threads and workload.
+
+Sections (issue 14): closed-loop churn (C clients, streams back to back; fixed and mixed
+lengths), open-loop Poisson arrivals swept past saturation (goodput), the bare-ORT ceiling
+(single stream, static batches, an ideal in-process churn loop), Score vs bare ORT, and the
+issue's targets as measured ratios. Prompts are real text from the built-in corpus.
+Writes bench/results/traffic.json + traffic.png (or --out). Bounded: every loop stops at its
+deadline and every RPC has a timeout; traffic goes to 127.0.0.1 only.
+Usage: python bench/traffic.py [--models bench-lstm,lstm] [--quick] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import (  # noqa: E402
+    Server,
+    init_state,
+    machine_busy_s,
+    machine_info,
+    ort_session,
+    pct,
+    pin_to_cpu,
+    server_defaults,
+)
+from rnnserve.artifact.manifest import Manifest  # noqa: E402
+from rnnserve.artifact.tokenizer import Tokenizer  # noqa: E402
+from rnnserve.artifact.vocab import Vocab  # noqa: E402
+
+BENCH_MODEL = "bench-lstm"
+RPC_TIMEOUT_S = 60.0
+STREAMS_PER_CHANNEL = 8
+OPEN_LOOP_CHANNELS = 16
+MAX_IN_FLIGHT = 4096  # open loop: arrivals beyond this many unfinished requests are dropped
+SLO_TTFT_S, SLO_TPOT_S, GOODPUT_TARGET = 0.050, 0.005, 0.99
+FIXED = {"prompt_chars": 16, "output_tokens": 64}
+MIXED = {"prompt_chars": (8, 256), "output_tokens": (16, 512), "distribution": "log-uniform",
+         "seed": 1}  # fmt: skip
+WORKLOAD_SIZE = 4096
+SERVER_THREADS = 1  # the server's default --intra-op-threads; bare ORT uses the same
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- workloads -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    """(prompt, max_tokens) pairs, cycled by the clients; `spec` says how they were drawn."""
+
+    name: str
+    requests: list[tuple[str, int]]
+    spec: dict
+
+
+def corpus_text(m: Manifest) -> str:
+    """The built-in corpus as the model's tokenizer sees it, one char per token."""
+    from rnnserve.trainer.corpus import default_corpus_text
+
+    if m.tokenizer is None or m.tokenizer.level != "char":
+        raise SystemExit(f"error: {m.name} is not a char-level lm; this benchmark needs one")
+    text = Tokenizer(m.tokenizer).normalize(default_corpus_text())
+    known = set(m.vocab or [])
+    return "".join(c if c in known else " " for c in text)
+
+
+def _slices(text: str, lengths: np.ndarray, rng: np.random.Generator) -> list[str]:
+    starts = rng.integers(0, len(text) - int(lengths.max()) - 1, size=len(lengths))
+    return [text[s : s + n] for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
+
+
+def log_uniform(rng: np.random.Generator, lo: int, hi: int, n: int) -> np.ndarray:
+    return np.rint(np.exp(rng.uniform(math.log(lo), math.log(hi), size=n))).astype(int)
+
+
+def fixed_workload(text: str, n: int = WORKLOAD_SIZE) -> Workload:
+    rng = np.random.default_rng(0)
+    prompts = _slices(text, np.full(n, FIXED["prompt_chars"]), rng)
+    return Workload("fixed", [(p, FIXED["output_tokens"]) for p in prompts], {**FIXED, "seed": 0})
+
+
+def mixed_workload(text: str, n: int = WORKLOAD_SIZE) -> Workload:
+    rng = np.random.default_rng(MIXED["seed"])
+    plen = log_uniform(rng, *MIXED["prompt_chars"], n)
+    outs = log_uniform(rng, *MIXED["output_tokens"], n)
+    prompts = _slices(text, plen, rng)
+    spec = {**MIXED, "mean_prompt_chars": float(plen.mean()),
+            "mean_output_tokens": float(outs.mean()),
+            "output_tokens_p50": float(np.median(outs))}  # fmt: skip
+    return Workload("mixed", list(zip(prompts, outs.tolist(), strict=True)), spec)
+
+
+# -- per-request latency (what a client sees) ------------------------------------------------
+@dataclass
+class Tally:
+    """Outcomes of the requests a level sent; only requests started in [w0, w1) are measured."""
+
+    w0: float
+    w1: float
+    window_tokens: int = 0  # tokens that arrived inside the window, whoever asked for them
+    completed: int = 0  # measured-or-not requests that finished OK inside the window
+    ttft: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)  # message gaps after the first token...
+    gap_tokens: list[int] = field(default_factory=list)  # ...and the tokens each one carried
+    out_tokens: list[int] = field(default_factory=list)
+    good: int = 0  # measured requests within the SLO (TTFT and TPOT)
+    measured: int = 0
+    errors: Counter = field(default_factory=Counter)  # every request, warm-up included
+    dropped: int = 0  # open loop: arrivals not sent (client in-flight bound)
+
+
+def tpot_of(first: float, last: float, n: int) -> float | None:
+    """vLLM's time per output token: (last - first token time) / (n - 1); None below 2 tokens."""
+    return (last - first) / (n - 1) if n > 1 else None
+
+
+def within_slo(ttft: float | None, tpot: float | None) -> bool:
+    return ttft is not None and ttft <= SLO_TTFT_S and (tpot is None or tpot <= SLO_TPOT_S)
+
+
+async def one_request(stub, req, tally: Tally) -> bool:
+    """Runs one Generate stream; per message only a clock read, a length and two compares."""
+    import grpc
+
+    t0 = time.perf_counter()
+    w0, w1 = tally.w0, tally.w1
+    first = last = 0.0
+    n = in_window = 0
+    gaps: list[float] = []
+    weights: list[int] = []
+    code = "OK"
+    try:
+        async for msg in stub.Generate(req, timeout=RPC_TIMEOUT_S):
+            k = len(msg.token_ids)
+            if k:
+                now = time.perf_counter()
+                if n:
+                    gaps.append(now - last)
+                    weights.append(k)
+                else:
+                    first = now
+                last = now
+                n += k
+                if w0 <= now < w1:
+                    in_window += k
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code().name
+    tally.window_tokens += in_window
+    if code != "OK":
+        tally.errors[code] += 1
+    elif w0 <= last < w1:
+        tally.completed += 1
+    if w0 <= t0 < w1:
+        tally.measured += 1
+        if code == "OK" and n:
+            tally.ttft.append(first - t0)
+            tpot = tpot_of(first, last, n)
+            if tpot is not None:
+                tally.tpot.append(tpot)
+            tally.latency.append(last - t0)
+            tally.out_tokens.append(n)
+            tally.gaps += gaps
+            tally.gap_tokens += weights
+            tally.good += within_slo(first - t0, tpot)
+    return code == "OK"
+
+
+@dataclass
+class CpuWindow:
+    """CPU seconds used by the client, the server and the machine inside the window."""
+
+    server: Server
+    marks: list[tuple[float, float | None, tuple[float, float] | None]] = field(
+        default_factory=list
+    )
+
+    def mark(self) -> None:
+        self.marks.append((time.process_time(), self.server.cpu_s(), machine_busy_s()))
+
+    async def around(self, w0: float, w1: float) -> None:
+        await asyncio.sleep(max(0.0, w0 - time.perf_counter()))
+        self.mark()
+        await asyncio.sleep(max(0.0, w1 - time.perf_counter()))
+        self.mark()
+
+    def summary(self, duration: float) -> dict:
+        if len(self.marks) < 2:
+            return {}
+        (c0, s0, m0), (c1, s1, m1) = self.marks[:2]
+        out = {"client_cpu_s": c1 - c0, "client_cores": (c1 - c0) / duration}
+        if s0 is not None and s1 is not None:
+            out["server_cores"] = (s1 - s0) / duration
+        if m0 is not None and m1 is not None and m1[1] > m0[1]:
+            out["machine_busy_share"] = (m1[0] - m0[0]) / (m1[1] - m0[1])
+        return out
+
+
+def summarize(t: Tally, duration: float) -> dict:
+    itl = np.asarray(t.gaps) / np.maximum(1, np.asarray(t.gap_tokens)) if t.gaps else []
+    return {
+        "tokens_per_s": t.window_tokens / duration,
+        "requests_per_s": t.completed / duration,
+        "measured_requests": t.measured,
+        "errors": dict(t.errors),
+        "error_count": sum(t.errors.values()),
+        "mean_output_tokens": float(np.mean(t.out_tokens)) if t.out_tokens else None,
+        "ttft_p50_s": pct(t.ttft, 50),
+        "ttft_p99_s": pct(t.ttft, 99),
+        "tpot_p50_s": pct(t.tpot, 50),
+        "tpot_p99_s": pct(t.tpot, 99),
+        "itl_p50_s": pct(itl, 50, t.gap_tokens),  # per token: a message's gap / its tokens
+        "itl_p99_s": pct(itl, 99, t.gap_tokens),
+        "latency_p50_s": pct(t.latency, 50),
+        "latency_p99_s": pct(t.latency, 99),
+        "tokens_per_message": (sum(t.gap_tokens) / len(t.gap_tokens)) if t.gap_tokens else None,
+        "goodput_share": t.good / t.measured if t.measured else None,
+        "goodput_requests_per_s": t.good / duration,
+    }
+
+
+def _requests(model: str, workload: Workload) -> list:
+    from rnnserve.v1 import rnnserve_pb2 as pb
+
+    return [pb.GenerateRequest(model=model, prompt=p, max_tokens=n) for p, n in workload.requests]
+
+
+async def closed_loop(server: Server, model: str, clients: int, workload: Workload,
+                      warmup: float, duration: float) -> dict:  # fmt: skip
+    """`clients` clients, each sending the next request as soon as its last one ends."""
+    import grpc
+
+    from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+    reqs = _requests(model, workload)
+    channels = [grpc.aio.insecure_channel(server.address)
+                for _ in range(math.ceil(clients / STREAMS_PER_CHANNEL))]  # fmt: skip
+    stubs = [pb_grpc.InferenceStub(c) for c in channels]
+    await one_request(stubs[0], reqs[0], Tally(0.0, 0.0))  # connect before the clock starts
+    start = time.perf_counter()
+    tally = Tally(start + warmup, start + warmup + duration)
+    cpu = CpuWindow(server)
+
+    async def client(i: int) -> None:
+        j = i
+        while time.perf_counter() < tally.w1:
+            ok = await one_request(stubs[i % len(stubs)], reqs[j % len(reqs)], tally)
+            j += clients
+            if not ok:
+                await asyncio.sleep(0.01)  # an erroring server is not spun on
+
+    try:
+        await asyncio.wait_for(
+            asyncio.gather(cpu.around(tally.w0, tally.w1), *[client(i) for i in range(clients)]),
+            timeout=warmup + duration + RPC_TIMEOUT_S + 30,
+        )
+    finally:
+        for c in channels:
+            await c.close()
+    return {"clients": clients, **summarize(tally, duration), **cpu.summary(duration)}
+
+
+async def open_loop(server: Server, model: str, rate: float, workload: Workload,
+                    warmup: float, duration: float, seed: int) -> dict:  # fmt: skip
+    """Poisson arrivals at `rate` requests/s (fixed seed), whether or not earlier ones ended."""
+    import grpc
+
+    from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+    reqs = _requests(model, workload)
+    channels = [grpc.aio.insecure_channel(server.address) for _ in range(OPEN_LOOP_CHANNELS)]
+    stubs = [pb_grpc.InferenceStub(c) for c in channels]
+    for stub in stubs:
+        await one_request(stub, reqs[0], Tally(0.0, 0.0))
+    rng = np.random.default_rng(seed)
+    span = warmup + duration
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * span * 1.5) + 16))
+    arrivals = arrivals[arrivals < span]
+    start = time.perf_counter()
+    tally = Tally(start + warmup, start + span)
+    cpu = CpuWindow(server)
+    watcher = asyncio.ensure_future(cpu.around(tally.w0, tally.w1))
+    tasks: set[asyncio.Task] = set()
+    lag: list[float] = []
+    try:
+        for i, at in enumerate(arrivals.tolist()):
+            delay = start + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            lag.append(max(0.0, -delay))
+            if len(tasks) >= MAX_IN_FLIGHT:
+                tally.dropped += 1
+                continue
+            task = asyncio.ensure_future(one_request(stubs[i % len(stubs)], reqs[i % len(reqs)],
+                                                     tally))  # fmt: skip
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await watcher
+        if tasks:
+            await asyncio.wait(set(tasks), timeout=RPC_TIMEOUT_S + 5)
+    finally:
+        for task in list(tasks):
+            task.cancel()
+        for c in channels:
+            await c.close()
+    row = {"rate": rate, "sent": len(arrivals) - tally.dropped, "client_dropped": tally.dropped,
+           "send_lag_p99_s": pct(lag, 99)}  # fmt: skip
+    return {**row, **summarize(tally, duration), **cpu.summary(duration)}
+
+
+async def grpc_score(server: Server, model: str, texts: list[str]) -> float:
+    """Score tokens/s, one text per call, back to back (as bench/serve.py measures it)."""
+    import grpc
+
+    from rnnserve.v1 import rnnserve_pb2 as pb
+    from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(server.address) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        await stub.Score(pb.ScoreRequest(model=model, texts=texts[:1]), timeout=RPC_TIMEOUT_S)
+        start, tokens = time.perf_counter(), 0
+        for text in texts:
+            res = await stub.Score(pb.ScoreRequest(model=model, texts=[text]),
+                                   timeout=RPC_TIMEOUT_S)  # fmt: skip
+            tokens += res.results[0].num_tokens
+        return tokens / (time.perf_counter() - start)
+
+
+# -- the ceiling: bare onnxruntime, in process ------------------------------------------------
+class Bare:
+    """The model in a plain ORT session (the server's thread count), greedy with numpy."""
+
+    def __init__(self, package: Path, threads: int = SERVER_THREADS) -> None:
+        self.sess, self.m = ort_session(package, threads)
+        self.names = [o.name for o in self.sess.get_outputs()]
+        self.vocab = Vocab(self.m.vocab or [])
+        self.tokenizer = Tokenizer(self.m.tokenizer)
+
+    def ids(self, texts: list[str]) -> np.ndarray:
+        rows = [self.vocab.encode(self.tokenizer.tokenize(t)) for t in texts]
+        return np.asarray(rows, dtype=np.int64)
+
+    def run(self, x: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
+        got = dict(zip(self.names, self.sess.run(None, {self.m.input_name: x, **state}),
+                       strict=True))  # fmt: skip
+        nxt = np.argmax(got[self.m.output_name][:, -1], axis=-1).astype(np.int64)[:, None]
+        return nxt, {s.input: got[s.output] for s in self.m.state}
+
+    def put_row(self, state: dict, row: int, one: dict) -> None:
+        for s in self.m.state:
+            index = [slice(None)] * state[s.input].ndim
+            index[s.batch_axis] = row
+            state[s.input][tuple(index)] = np.take(one[s.input], 0, axis=s.batch_axis)
+
+
+def bare_single(bare: Bare, prompts: list[str], min_s: float) -> dict:
+    """One stream: prefill time of the fixed prompts, and one decode step, at batch 1."""
+    ids = [bare.ids([p]) for p in prompts[:256]]
+    times: list[float] = []
+    deadline = time.perf_counter() + min_s
+    while time.perf_counter() < deadline or len(times) < 50:
+        for x in ids:
+            t = time.perf_counter()
+            bare.run(x, init_state(bare.m, 1))
+            times.append(time.perf_counter() - t)
+    prefill = times
+    x, state = bare.run(ids[0], init_state(bare.m, 1))
+    steps: list[float] = []
+    deadline = time.perf_counter() + min_s
+    while time.perf_counter() < deadline or len(steps) < 500:
+        t = time.perf_counter()
+        x, state = bare.run(x, state)
+        steps.append(time.perf_counter() - t)
+    return {"prompt_chars": len(prompts[0]), "prefill_p50_s": pct(prefill, 50),
+            "prefill_p99_s": pct(prefill, 99), "step_p50_s": pct(steps, 50),
+            "step_p99_s": pct(steps, 99)}  # fmt: skip
+
+
+def bare_static(bare: Bare, prompts: list[str], batch: int, tokens: int, min_s: float) -> dict:
+    """Static batch: prefill `batch` prompts together, then argmax steps to `tokens` each."""
+    rounds: list[float] = []
+    deadline, r = time.perf_counter() + min_s, 0
+    while time.perf_counter() < deadline or len(rounds) < 3:
+        x = bare.ids(prompts[(r * batch) % len(prompts) :][:batch] or prompts[:batch])
+        if len(x) < batch:
+            x = bare.ids(prompts[:batch])
+        t = time.perf_counter()
+        nxt, state = bare.run(x, init_state(bare.m, batch))
+        for _ in range(tokens - 1):
+            nxt, state = bare.run(nxt, state)
+        rounds.append(time.perf_counter() - t)
+        r += 1
+    per_round = float(np.median(rounds))
+    return {"batch": batch, "tokens_per_s": batch * tokens / per_round,
+            "requests_per_s": batch / per_round, "round_p50_s": per_round}  # fmt: skip
+
+
+def bare_churn(bare: Bare, workload: Workload, slots: int, min_s: float) -> dict:
+    """An ideal engine under churn: `slots` rows always busy; a finished row is refilled at once
+    by a batch-1 prefill of the next request written into that row (no other overhead)."""
+    reqs = [(bare.ids([p]), n) for p, n in workload.requests[: max(4 * slots, 256)]]
+    state = init_state(bare.m, slots)
+    x = np.zeros((slots, 1), dtype=np.int64)
+    left = np.zeros(slots, dtype=int)
+    j = tokens = 0
+
+    def admit(row: int) -> None:
+        nonlocal j, tokens
+        ids, n = reqs[j % len(reqs)]
+        j += 1
+        nxt, one = bare.run(ids, init_state(bare.m, 1))
+        bare.put_row(state, row, one)
+        x[row, 0] = nxt[0, 0]
+        left[row] = n - 1
+        tokens += 1
+
+    for row in range(slots):
+        admit(row)
+    tokens, admitted = 0, j
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_s:
+        steps = int(left.min())  # until the next row finishes: no per-step bookkeeping
+        for _ in range(steps):
+            x, state = bare.run(x, state)
+        tokens += slots * steps
+        left -= steps
+        for row in np.flatnonzero(left <= 0).tolist():
+            admit(row)
+    wall = time.perf_counter() - start
+    return {"slots": slots, "tokens_per_s": tokens / wall,
+            "requests_per_s": (j - admitted) / wall}  # fmt: skip
+
+
+def bare_score(bare: Bare, texts: list[str]) -> float:
+    """tokens/s of one ORT call per text (time = text length), log-softmax included."""
+    start, tokens = time.perf_counter(), 0
+    for text in texts:
+        ids = bare.ids([text])
+        logits = bare.sess.run([bare.m.output_name],
+                               {bare.m.input_name: ids, **init_state(bare.m, 1)})[0]  # fmt: skip
+        z = logits - logits.max(-1, keepdims=True)
+        _ = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        tokens += ids.shape[1] - 1
+    return tokens / (time.perf_counter() - start)
+
+
+def ceiling(bare: Bare, work: dict[str, Workload], levels: list[int], texts: list[str],
+            min_s: float) -> dict:  # fmt: skip
+    fixed = [p for p, _ in work["fixed"].requests]
+    out = {"threads": SERVER_THREADS, "single": bare_single(bare, fixed, min_s)}
+    log(f"  bare single: prefill p50 {out['single']['prefill_p50_s'] * 1e3:.3f} ms, "
+        f"step p50 {out['single']['step_p50_s'] * 1e3:.3f} ms")  # fmt: skip
+    out["static"] = []
+    for b in levels:
+        out["static"].append(bare_static(bare, fixed, b, FIXED["output_tokens"], min_s))
+        log(f"  bare static batch {b}: {out['static'][-1]['tokens_per_s']:.0f} tok/s")
+    out["churn"] = {}
+    for name, w in work.items():
+        out["churn"][name] = []
+        for c in levels:
+            out["churn"][name].append(bare_churn(bare, w, c, min_s))
+            log(f"  bare churn {name} {c}: {out['churn'][name][-1]['tokens_per_s']:.0f} tok/s")
+    out["score_tokens_per_s"] = bare_score(bare, texts)
+    return out
+
+
+# -- targets (issue 14 item 2) ----------------------------------------------------------------
+def _target(name: str, measured, reference, bound: float, upper: bool) -> dict:
+    """measured / reference against `bound` (upper: ratio must be <= bound; else >=)."""
+    if measured is None or reference is None or reference == 0:
+        return {"name": name, "measured": measured, "reference": reference, "ratio": None,
+                "bound": bound, "met": None}  # fmt: skip
+    ratio = measured / reference
+    met = ratio <= bound if upper else ratio >= bound
+    return {"name": name, "measured": measured, "reference": reference, "ratio": ratio,
+            "bound": bound, "met": bool(met)}  # fmt: skip
+
+
+def targets(result: dict) -> list[dict]:
+    """The targets of issue 14 item 2, from one model's rows of this run."""
+    rows = {r["clients"]: r for r in result["closed_loop"].get("fixed", [])}
+    static = {r["batch"]: r for r in result["ceiling"]["static"]}
+    single = result["ceiling"]["single"]
+
+    def at(c: int, key: str):
+        return rows[c][key] if c in rows else None
+
+    out = [_target("churn C=32 tokens/s >= 0.6 x bare static batch 32", at(32, "tokens_per_s"),
+                   static.get(32, {}).get("tokens_per_s"), 0.6, upper=False)]  # fmt: skip
+    for c in (64, 128):
+        t = _target(f"churn C={c} tokens/s >= C=32, 0 errors", at(c, "tokens_per_s"),
+                    at(32, "tokens_per_s"), 1.0, upper=False)  # fmt: skip
+        if t["met"] is not None:
+            t["errors"] = rows[c]["error_count"]
+            t["met"] = t["met"] and rows[c]["error_count"] == 0
+        out.append(t)
+    out += [
+        _target("TTFT p50 C=1 <= 2 x bare prefill", at(1, "ttft_p50_s"),
+                single["prefill_p50_s"], 2.0, upper=True),
+        _target("TPOT p50 C=1 <= 2 x bare step", at(1, "tpot_p50_s"), single["step_p50_s"],
+                2.0, upper=True),
+        _target("TTFT p50 C=32 <= 10 x bare prefill", at(32, "ttft_p50_s"),
+                single["prefill_p50_s"], 10.0, upper=True),
+        _target("Score tokens/s >= 0.9 x bare", result["score"]["grpc_tokens_per_s"],
+                result["ceiling"]["score_tokens_per_s"], 0.9, upper=False),
+    ]  # fmt: skip
+    return out
+
+
+def max_good_rate(rows: list[dict]) -> float | None:
+    """Highest swept rate with goodput >= 99% such that every lower rate also met it."""
+    best = None
+    for r in sorted(rows, key=lambda r: r["rate"]):
+        if (r["goodput_share"] or 0.0) < GOODPUT_TARGET:
+            break
+        best = r["rate"]
+    return best
+
+
+def add_ratios(result: dict) -> None:
+    """Every server figure beside its ceiling: the static batch (fixed) or ideal churn (both)."""
+    static = {r["batch"]: r["tokens_per_s"] for r in result["ceiling"]["static"]}
+    single = result["ceiling"]["single"]
+    for name, rows in result["closed_loop"].items():
+        churn = {r["slots"]: r["tokens_per_s"] for r in result["ceiling"]["churn"][name]}
+        for r in rows:
+            c = r["clients"]
+            r["vs_bare_churn"] = r["tokens_per_s"] / churn[c] if c in churn else None
+            if name == "fixed":
+                r["vs_bare_static"] = r["tokens_per_s"] / static[c] if c in static else None
+            r["ttft_p50_vs_bare_prefill"] = _ratio(r["ttft_p50_s"], single["prefill_p50_s"])
+            r["tpot_p50_vs_bare_step"] = _ratio(r["tpot_p50_s"], single["step_p50_s"])
+    top = max(static.values()) if static else None
+    for r in result.get("open_loop", {}).get("rows", []):
+        r["vs_best_bare_static"] = _ratio(r["tokens_per_s"], top)
+        r["ttft_p50_vs_bare_prefill"] = _ratio(r["ttft_p50_s"], single["prefill_p50_s"])
+        r["tpot_p50_vs_bare_step"] = _ratio(r["tpot_p50_s"], single["step_p50_s"])
+    s = result["score"]
+    s["ratio"] = _ratio(s["grpc_tokens_per_s"], result["ceiling"]["score_tokens_per_s"])
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+# -- report -----------------------------------------------------------------------------------
+def _ms(v) -> str:
+    return "–" if v is None else f"{v * 1e3:.2f}"
+
+
+def _x(v) -> str:
+    return "–" if v is None else f"{v:.2f}×"
+
+
+def markdown(results: dict) -> str:
+    out = []
+    for model, res in results["models"].items():
+        single = res["ceiling"]["single"]
+        out += [f"**{model}** — bare ORT ({res['ceiling']['threads']} thread): prefill "
+                f"{_ms(single['prefill_p50_s'])} ms ({single['prompt_chars']} chars), step "
+                f"{_ms(single['step_p50_s'])} ms; static batch "
+                + ", ".join(f"{r['batch']}: {r['tokens_per_s'] / 1e3:.1f}k"
+                            for r in res["ceiling"]["static"]) + " tokens/s", "",
+                "| workload | C | tokens/s | × bare | req/s | TTFT p50/p99 ms | "
+                "TPOT p50/p99 ms | ITL p50/p99 ms | errors | client cores |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for name, rows in res["closed_loop"].items():
+            for r in rows:
+                ref = r.get("vs_bare_static") if name == "fixed" else r.get("vs_bare_churn")
+                out.append(
+                    f"| {name} | {r['clients']} | {r['tokens_per_s']:.0f} | {_x(ref)} | "
+                    f"{r['requests_per_s']:.0f} | {_ms(r['ttft_p50_s'])} / {_ms(r['ttft_p99_s'])}"
+                    f" | {_ms(r['tpot_p50_s'])} / {_ms(r['tpot_p99_s'])} | {_ms(r['itl_p50_s'])}"
+                    f" / {_ms(r['itl_p99_s'])} | {r['error_count']} | "
+                    f"{r.get('client_cores', 0):.2f} |"
+                )
+        ol = res.get("open_loop")
+        if ol:
+            out += ["", f"open loop (fixed workload, Poisson; base {ol['base_rps']:.0f} req/s = "
+                    f"C={ol['base_clients']} closed loop): highest rate with goodput ≥ 99%: "
+                    + (f"{ol['max_rate_goodput_99']:.0f} req/s" if ol["max_rate_goodput_99"]
+                       else "none") , "",
+                    "| req/s | tokens/s | TTFT p50/p99 ms | TPOT p50/p99 ms | goodput | errors |",
+                    "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+            for r in ol["rows"]:
+                share = r["goodput_share"]
+                out.append(
+                    f"| {r['rate']:.0f} | {r['tokens_per_s']:.0f} | {_ms(r['ttft_p50_s'])} / "
+                    f"{_ms(r['ttft_p99_s'])} | {_ms(r['tpot_p50_s'])} / {_ms(r['tpot_p99_s'])} | "
+                    f"{'–' if share is None else f'{share:.1%}'} | {r['error_count']} |"
+                )
+        out += ["", "| target | ratio | met |", "|---|---:|---|"]
+        for t in res["targets"]:
+            met = {True: "yes", False: "no", None: "not measured"}[t["met"]]
+            out.append(f"| {t['name']} | {_x(t['ratio'])} | {met} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results["models"].items())
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.2 * len(models)), squeeze=False)
+    for (model, res), (a, b) in zip(models, axes, strict=True):
+        for name, rows in res["closed_loop"].items():
+            c = [r["clients"] for r in rows]
+            a.plot(c, [r["tokens_per_s"] for r in rows], marker="o", label=f"server, {name}")
+            bare = res["ceiling"]["churn"][name]
+            a.plot([r["slots"] for r in bare], [r["tokens_per_s"] for r in bare], ls=":",
+                   marker=".", label=f"bare ORT ideal churn, {name}")  # fmt: skip
+        static = res["ceiling"]["static"]
+        a.plot([r["batch"] for r in static], [r["tokens_per_s"] for r in static], ls="--",
+               color="gray", label="bare ORT static batch, fixed")  # fmt: skip
+        a.set_xscale("log", base=2)
+        a.set_xlabel("concurrent clients (closed loop)")
+        a.set_ylabel("tokens/s")
+        a.set_title(f"{model}: closed-loop churn")
+        a.legend(fontsize=8)
+        rows = res.get("open_loop", {}).get("rows", [])
+        if rows:
+            rates = [r["rate"] for r in rows]
+            b.plot(rates, [100 * (r["goodput_share"] or 0) for r in rows], marker="o",
+                   color="tab:green", label="goodput %")  # fmt: skip
+            b.axhline(100 * GOODPUT_TARGET, color="tab:green", ls=":", lw=0.8)
+            b.set_ylabel("goodput (% within TTFT 50 ms, TPOT 5 ms)")
+            b.set_ylim(0, 105)
+            b2 = b.twinx()
+            b2.plot(rates, [(r["ttft_p99_s"] or float("nan")) * 1e3 for r in rows], marker="x",
+                    color="tab:red", label="TTFT p99")  # fmt: skip
+            b2.set_yscale("log")
+            b2.set_ylabel("TTFT p99 (ms)")
+            b.legend(loc="lower left", fontsize=8)
+            b2.legend(loc="upper left", fontsize=8)
+        b.set_xlabel("offered load (requests/s, Poisson)")
+        b.set_title(f"{model}: open loop, fixed workload")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the run ----------------------------------------------------------------------------------
+def ensure_bench_model(repo: Path, quick: bool) -> None:
+    """Trains the issue's model (2-layer char LSTM, embed 128, hidden 256) when missing."""
+    if (repo / BENCH_MODEL / "1" / "model.onnx").exists():
+        return
+    from rnnserve.trainer.models import ModelConfig
+    from rnnserve.trainer.pipeline import DataConfig, train_recurrent
+    from rnnserve.trainer.train import TrainConfig
+
+    epochs = 1 if quick else 6
+    log(f"{repo}/{BENCH_MODEL} missing: training it ({epochs} epochs, ~{13 * epochs} s)")
+    repo.mkdir(parents=True, exist_ok=True)
+    train_recurrent(
+        ModelConfig("lstm", 1, hidden=256, layers=2, embed=128),
+        TrainConfig(epochs=epochs, num_steps=64, batch_size=64, lr=0.005, sampling="sequential",
+                    seed=0, threads=1),
+        DataConfig(), out=repo, name=BENCH_MODEL, progress=False, log=log,
+    )  # fmt: skip
+
+
+def parse_rates(spec: str, base: float) -> list[float]:
+    """'0.5x,1x' are multiples of the measured capacity `base`; plain numbers are requests/s."""
+    out = []
+    for part in spec.split(","):
+        part = part.strip()
+        out.append(float(part[:-1]) * base if part.endswith("x") else float(part))
+    return [r for r in out if r > 0]
+
+
+def run_model(model: str, repo: Path, args, levels: list[int]) -> dict:
+    package = repo / model / "1"
+    m = Manifest.load(package)
+    text = corpus_text(m)
+    work = {"fixed": fixed_workload(text), "mixed": mixed_workload(text)}
+    rng = np.random.default_rng(2)
+    texts = _slices(text, np.full(args.score_texts, args.score_tokens + 1), rng)
+    log(f"[{model}] bare ONNX Runtime ceiling")
+    result: dict = {
+        "hyperparameters": m.hyperparameters,
+        "workloads": {k: w.spec for k, w in work.items()},
+        "ceiling": ceiling(Bare(package), work, levels, texts, args.bare_s),
+    }
+    server_log = Path(tempfile.gettempdir()) / f"bench-traffic-{model}-{os.getpid()}.log"
+    server = Server(repo, shlex.split(args.server_args), log=server_log)
+    try:
+        result["server_cmd"], result["server_log"] = server.cmd, str(server_log)
+        result["closed_loop"] = {}
+        for name, w in work.items():
+            rows = result["closed_loop"][name] = []
+            for c in levels:
+                row = asyncio.run(closed_loop(server, model, c, w, args.warmup, args.duration))
+                rows.append(row)
+                log(f"[{model}] closed {name:5s} C={c:<4d} {row['tokens_per_s']:8.0f} tok/s "
+                    f"{row['requests_per_s']:7.1f} req/s ttft p50 {_ms(row['ttft_p50_s'])} ms "
+                    f"tpot p50 {_ms(row['tpot_p50_s'])} ms errors {row['error_count']} "
+                    f"client {row.get('client_cores', 0):.2f} cores")  # fmt: skip
+        fixed = {r["clients"]: r for r in result["closed_loop"]["fixed"]}
+        base_c = 32 if 32 in fixed else max(fixed, key=lambda c: fixed[c]["requests_per_s"])
+        base = fixed[base_c]["requests_per_s"]
+        ol = result["open_loop"] = {
+            "base_rps": base,
+            "base_clients": base_c,
+            "rows": [],
+            "slo": {"ttft_s": SLO_TTFT_S, "tpot_s": SLO_TPOT_S},
+        }
+        for i, rate in enumerate(parse_rates(args.rates, base)):
+            row = asyncio.run(open_loop(server, model, rate, work["fixed"], args.warmup,
+                                        args.duration, seed=100 + i))  # fmt: skip
+            ol["rows"].append(row)
+            share = row["goodput_share"]
+            log(
+                f"[{model}] open {rate:8.1f} req/s {row['tokens_per_s']:8.0f} tok/s ttft p99 "
+                f"{_ms(row['ttft_p99_s'])} ms goodput "
+                f"{'-' if share is None else f'{share:.1%}'} errors {row['error_count']}"
+            )
+        ol["max_rate_goodput_99"] = max_good_rate(ol["rows"])
+        result["score"] = {
+            "grpc_tokens_per_s": asyncio.run(grpc_score(server, model, texts)),
+            "texts": len(texts),
+            "tokens_per_text": args.score_tokens,
+        }
+    finally:
+        server.stop()
+    add_ratios(result)
+    result["targets"] = targets(result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--model-repo",
+        type=Path,
+        default=ROOT / "models",
+        help="models dir (created; bench-lstm is trained into it when missing)",
+    )
+    p.add_argument(
+        "--models",
+        default=f"{BENCH_MODEL},lstm",
+        help="comma list; a model other than bench-lstm is skipped when absent",
+    )
+    p.add_argument("--levels", default=None, help="closed-loop clients (default 1,8,32,64,128)")
+    p.add_argument(
+        "--rates",
+        default=None,
+        help="open-loop requests/s; 'Nx' = N x the C=32 closed-loop requests/s "
+        "(default 0.25x,0.5x,0.75x,1x,1.25x,1.5x)",
+    )
+    p.add_argument("--duration", type=float, default=None, help="seconds measured per level (15)")
+    p.add_argument("--warmup", type=float, default=None, help="seconds before each level (3)")
+    p.add_argument("--server-args", default="", help="extra rnn-server flags, one string")
+    p.add_argument("--score-texts", type=int, default=16)
+    p.add_argument("--score-tokens", type=int, default=512)
+    p.add_argument("--quick", action="store_true", help="smoke run: short levels, few of them")
+    p.add_argument("--markdown", action="store_true", help="print the README tables")
+    p.add_argument(
+        "--client-cpu",
+        type=int,
+        default=0,
+        help="pin this client to one CPU (-1: none); the server uses every CPU",
+    )
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = p.parse_args(argv)  # fmt: skip
+    q = args.quick
+    args.duration = args.duration or (1.5 if q else 15.0)
+    args.warmup = args.warmup if args.warmup is not None else (0.5 if q else 3.0)
+    args.rates = args.rates or ("0.5x,1x" if q else "0.25x,0.5x,0.75x,1x,1.25x,1.5x")
+    args.bare_s = 0.2 if q else 1.0
+    if q:
+        args.score_texts, args.score_tokens = min(args.score_texts, 4), min(args.score_tokens, 128)
+    levels = [int(c) for c in (args.levels or ("1,8" if q else "1,8,32,64,128")).split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    models = [s.strip() for s in args.models.split(",") if s.strip()]
+    if BENCH_MODEL in models:
+        ensure_bench_model(args.model_repo, q)
+    present = [m for m in models if (args.model_repo / m / "1" / "model.onnx").exists()]
+    for missing in sorted(set(models) - set(present)):
+        log(f"skipping {missing}: not in {args.model_repo}")
+    if not present:
+        raise SystemExit(f"error: none of {models} in {args.model_repo}")
+    results: dict = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+                  | {"levels": levels, "slo": {"ttft_s": SLO_TTFT_S, "tpot_s": SLO_TPOT_S},
+                     "streams_per_channel": STREAMS_PER_CHANNEL, "rpc_timeout_s": RPC_TIMEOUT_S},
+        "server": {"extra_args": shlex.split(args.server_args), "defaults": server_defaults()},
+        "machine": machine_info(),
+        "client": {"pinned_cpu": args.client_cpu if pin_to_cpu(args.client_cpu) else None},
+        "models": {},
+    }  # fmt: skip
+    for model in present:
+        results["models"][model] = run_model(model, args.model_repo, args, levels)
+    results["machine"]["load_avg_at_end"] = os.getloadavg()
+    results["wall_s"] = time.monotonic() - started
+    (args.out / "traffic.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out / "traffic.png")
+    if args.markdown:
+        print(markdown(results))
+    for model, res in results["models"].items():
+        for t in res["targets"]:
+            met = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+            log(f"[{model}] target {t['name']}: {_x(t['ratio'])} -> {met}")
+    log(f"wrote {args.out / 'traffic.json'} and traffic.png in {results['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
