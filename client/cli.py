@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from rnnserve import add_version_flag
 from rnnserve.client import cli_commands as cmds
 from rnnserve.client.connection import DEFAULT_ADDRESS, TlsConfig
 from rnnserve.client.errors import RnnServeError
@@ -73,6 +74,7 @@ def _positive_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rnn-client", description="Call an rnnserve server.")
+    add_version_flag(parser)
     _global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

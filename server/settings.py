@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from rnnserve import add_version_flag
+
 ENV_PREFIX = "RNNSERVE_"
 
 
@@ -149,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve exported recurrent models over gRPC (rnnserve.v1.Inference). "
         f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG>.",
     )
+    add_version_flag(parser)
     defaults = Settings()
     for f in fields(Settings):
         kind, text = _HELP[f.name]

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from rnnserve import add_version_flag
 from rnnserve.trainer.errors import TrainerError
 
 ARCHS = ("rnn", "gru", "lstm", "ngram", "hmm", "mlp")
@@ -96,6 +97,7 @@ def _wants_forecast(argv: list[str]) -> bool:
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnn-trainer", description=__doc__.splitlines()[0])
+    add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model and export it to OUT/NAME/VERSION")
     _add_common_train(train)
