@@ -1,0 +1,130 @@
+"""Overall health is honest: NOT_SERVING while no model version serves (unless
+--allow-empty-repo), re-evaluated on reload; the metrics port answers /metrics, /healthz and
+/readyz and 404 elsewhere. Real in-process servers, real HTTP."""
+
+from __future__ import annotations
+
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rnnserve.server.health import overall_serving
+from rnnserve.server.metrics import Metrics, serve_http
+from rnnserve.v1 import rnnserve_pb2 as pb
+from tests.integration.server.harness import ServerThread, make_settings
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.mark.parametrize(
+    "any_serving,allow_empty,models,expected",
+    [
+        (True, False, 3, True),
+        (False, False, 0, False),  # empty repository
+        (False, False, 1, False),  # only a broken model
+        (False, True, 0, True),  # bootstrapping allowed
+        (False, True, 1, False),  # allowed empty, but a model that is there must serve
+    ],
+)
+def test_overall_verdict(any_serving: bool, allow_empty: bool, models: int, expected) -> None:
+    assert overall_serving(any_serving, allow_empty, models) is expected
+
+
+def _status(server: ServerThread, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(server.channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def _start(repo: Path, **overrides) -> ServerThread:
+    return ServerThread(make_settings(repo, **overrides)).start()
+
+
+def test_empty_repository_is_not_serving_until_a_model_loads(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    srv = _start(repo)
+    try:
+        assert _status(srv, "") == NOT_SERVING
+        assert _status(srv, "rnnserve.v1.Inference") == NOT_SERVING
+        assert _status(srv, "rnnserve.v1.Admin") == SERVING, "Admin is how it gets fixed"
+        assert srv.app.health.ready is False
+        assert srv.app.metrics.registry.get_sample_value("rnnserve_ready") == 0
+        shutil.copytree(model_repo / "lstm", repo / "lstm")
+        srv.admin.ReloadModels(pb.ReloadModelsRequest(), timeout=60)
+        assert _status(srv, "") == SERVING
+        assert _status(srv, "lstm") == SERVING
+        assert srv.app.metrics.registry.get_sample_value("rnnserve_ready") == 1
+        shutil.rmtree(repo / "lstm")
+        srv.admin.ReloadModels(pb.ReloadModelsRequest(), timeout=60)
+        assert _status(srv, "") == NOT_SERVING, "re-evaluated when the last model goes"
+    finally:
+        srv.stop()
+
+
+def test_allow_empty_repo_serves_an_empty_repository(tmp_path: Path) -> None:
+    srv = _start(tmp_path, allow_empty_repo=1)
+    try:
+        assert _status(srv, "") == SERVING
+        assert srv.app.health.ready is True
+    finally:
+        srv.stop()
+
+
+def test_a_repository_whose_only_model_is_broken_is_not_serving(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(model_repo / "lstm", tmp_path / "lstm")
+    (tmp_path / "lstm" / "1" / "model.onnx").write_bytes(b"not onnx")
+    srv = _start(tmp_path, allow_empty_repo=1)  # not empty: the flag does not apply
+    try:
+        assert _status(srv, "lstm") == NOT_SERVING
+        assert _status(srv, "") == NOT_SERVING
+    finally:
+        srv.stop()
+
+
+def test_shutdown_makes_ready_false(model_repo: Path) -> None:
+    srv = _start(model_repo)
+    try:
+        assert srv.app.health.ready is True
+        srv.run(srv.app.health.shutdown())
+        assert srv.app.health.ready is False
+        assert srv.app.metrics.registry.get_sample_value("rnnserve_ready") == 0
+    finally:
+        srv.stop()
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_metrics_port_serves_metrics_health_and_readiness_only() -> None:
+    metrics = Metrics()
+    ready = {"now": False}
+    http = serve_http(metrics.registry, 0, lambda: ready["now"], addr="127.0.0.1")
+    port = http.server_port
+    try:
+        status, body = _get(port, "/metrics")
+        assert status == 200 and "# TYPE rnnserve_request_duration_seconds histogram" in body
+        assert _get(port, "/healthz")[0] == 200
+        assert _get(port, "/readyz")[0] == 503
+        ready["now"] = True
+        assert _get(port, "/readyz")[0] == 200
+        for path in ("/", "/anything", "/metrics/", "/metricsx", "/healthz/x"):
+            status, body = _get(port, path)
+            assert status == 404, path
+            assert "rnnserve_" not in body
+    finally:
+        http.shutdown()
+        http.server_close()

@@ -1,0 +1,100 @@
+"""Metrics an SRE needs: buckets that resolve 10 us to 60 s, process and build info, the
+capacity gauge, and gauges whose merge under --workers keeps sums true (two real processes
+writing prometheus_client multiprocess files, merged as the --workers parent does)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, multiprocess
+
+from rnnserve.server.metrics import LATENCY_BUCKETS, Metrics, ProcessesCollector
+
+
+def test_latency_buckets_resolve_10us_to_60s() -> None:
+    assert LATENCY_BUCKETS[0] == 0.00001 and LATENCY_BUCKETS[-1] == 60
+    assert list(LATENCY_BUCKETS) == sorted(LATENCY_BUCKETS)
+    # no gap wider than x4 between neighbours: a quantile lands within one step
+    assert all(b / a <= 4 for a, b in itertools.pairwise(LATENCY_BUCKETS))
+    m = Metrics()
+    m.inter_token_latency.labels(model="lstm").observe(0.000012)
+    m.step_duration.labels(model="lstm").observe(0.000012)
+    r = m.registry
+    labels = {"model": "lstm", "le": "2.5e-05"}
+    assert r.get_sample_value("rnnserve_inter_token_latency_seconds_bucket", labels) == 1
+    assert r.get_sample_value("rnnserve_step_duration_seconds_bucket", labels) == 1
+    below = {**labels, "le": "1e-05"}
+    assert r.get_sample_value("rnnserve_step_duration_seconds_bucket", below) == 0
+
+
+def test_build_info_and_process_metrics() -> None:
+    m = Metrics(version="9.9.9", onnxruntime_version="1.2.3")
+    labels = {"version": "9.9.9", "onnxruntime": "1.2.3", "python": platform.python_version()}
+    assert m.registry.get_sample_value("rnnserve_build_info", labels) == 1
+    assert m.registry.get_sample_value("process_resident_memory_bytes") > 0
+    assert m.registry.get_sample_value("process_open_fds") > 0
+
+
+def test_capacity_gauges_read_the_limiter_at_scrape_time() -> None:
+    m = Metrics()
+    live = {"n": 0}
+    m.track_admitted(lambda: live["n"], capacity=512)
+    assert m.registry.get_sample_value("rnnserve_stream_capacity") == 512
+    assert m.registry.get_sample_value("rnnserve_admitted_streams") == 0
+    live["n"] = 7
+    assert m.registry.get_sample_value("rnnserve_admitted_streams") == 7
+
+
+def test_processes_collector_labels_each_pid() -> None:
+    registry = CollectorRegistry()
+    registry.register(ProcessesCollector(lambda: [os.getpid(), os.getppid()]))
+    for pid in (os.getpid(), os.getppid()):
+        value = registry.get_sample_value("process_resident_memory_bytes", {"pid": str(pid)})
+        assert value and value > 0
+
+
+_WORKER = textwrap.dedent(
+    """
+    import sys
+    from rnnserve.server.metrics import Metrics
+    m = Metrics(version="v", onnxruntime_version="o")
+    m.model_serving.labels(model="lstm", version="1").set(1)
+    m.model_serving.labels(model="gru", version="1").set(int(sys.argv[1]))
+    m.live_streams.labels(model="lstm").set(3)
+    m.ready.set(int(sys.argv[1]))
+    m.track_admitted(lambda: 5, capacity=512)
+    m.sample()
+    m.generated_tokens.labels(model="lstm").inc(10)
+    """
+)
+
+
+def _run_worker(prom_dir: Path, gru_serving: int) -> int:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _WORKER, str(gru_serving)], env=env, timeout=120, check=True
+    )
+    return proc.returncode
+
+
+def test_two_workers_merge_into_true_sums(tmp_path: Path) -> None:
+    _run_worker(tmp_path, 1)
+    _run_worker(tmp_path, 0)  # this worker's gru version is NOT_SERVING
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    got = registry.get_sample_value
+    assert got("rnnserve_model_serving", {"model": "lstm", "version": "1"}) == 1, "not 2"
+    assert got("rnnserve_model_serving", {"model": "gru", "version": "1"}) == 0, "lowest"
+    assert got("rnnserve_ready") == 0, "one worker not ready: the instance is not"
+    assert got("rnnserve_live_streams", {"model": "lstm"}) == 6
+    assert got("rnnserve_stream_capacity") == 1024
+    assert got("rnnserve_admitted_streams") == 10
+    assert got("rnnserve_generated_tokens_total", {"model": "lstm"}) == 20
+    build = {"version": "v", "onnxruntime": "o", "python": platform.python_version()}
+    assert got("rnnserve_build_info", build) == 1

@@ -1,0 +1,143 @@
+"""A span per RPC, continuing the caller's W3C traceparent, with the stream's events, and the
+trace id in the access log line: a real in-process server traced into the SDK's in-memory
+exporter. (tests/e2e/test_tracing_otlp.py does the same through a real OTLP receiver.)"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from pathlib import Path
+
+import grpc
+import pytest
+
+from rnnserve.server import logs, tracing
+from rnnserve.server.main import build_app
+from rnnserve.v1 import rnnserve_pb2 as pb
+from tests.integration.server.harness import ServerThread, make_settings
+
+sdk_trace = pytest.importorskip("opentelemetry.sdk.trace", reason="pip install 'rnnserve[otel]'")
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
+    InMemorySpanExporter,
+)
+from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+
+
+class TracedServer(ServerThread):
+    """ServerThread whose app traces into `exporter`."""
+
+    def __init__(self, settings, exporter: InMemorySpanExporter) -> None:
+        super().__init__(settings)
+        self.provider = sdk_trace.TracerProvider()
+        self.provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    def start(self) -> TracedServer:
+        provider = self.provider
+
+        async def boot():
+            app = build_app(self.settings, tracer_provider=provider)
+            await app.start()
+            return app
+
+        self._thread.start()
+        self.app = self.run(boot())
+        self.channel = grpc.insecure_channel(f"localhost:{self.app.port}")
+        from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        return self
+
+
+@pytest.fixture()
+def traced(model_repo: Path):
+    exporter = InMemorySpanExporter()
+    server = TracedServer(make_settings(model_repo), exporter).start()
+    access = logging.getLogger("rnnserve.server.access")
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logs.JsonFormatter())
+    access.addHandler(handler)
+    old_level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        yield server, exporter, out
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(old_level)
+        server.stop()
+
+
+def test_generate_span_continues_the_callers_trace(traced) -> None:
+    server, exporter, out = traced
+    replies = list(
+        server.stub.Generate(
+            pb.GenerateRequest(model="lstm", prompt="the ", max_tokens=4),
+            metadata=[("traceparent", TRACEPARENT), ("x-request-id", "req-1")],
+            timeout=30,
+        )
+    )
+    assert replies[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+    (span,) = [s for s in exporter.get_finished_spans() if s.name.endswith("/Generate")]
+    assert span.name == "rnnserve.v1.Inference/Generate"
+    assert span.kind == SpanKind.SERVER
+    assert format(span.context.trace_id, "032x") == TRACE_ID
+    assert format(span.parent.span_id, "016x") == PARENT_ID
+    attrs = span.attributes
+    assert (attrs["rpc.system"], attrs["rpc.method"]) == ("grpc", "Generate")
+    assert attrs["rpc.grpc.status_code"] == 0 and attrs["rnnserve.model"] == "lstm"
+    assert attrs["rnnserve.request_id"] == "req-1"
+    names = [e.name for e in span.events]
+    assert names[:1] == ["first_token"] and names[-1] == "finish"
+    assert span.events[-1].attributes["finish_reason"] in {"length", "stop", "eos"}
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    (line,) = [x for x in lines if x.get("request_id") == "req-1"]
+    assert line["trace_id"] == TRACE_ID
+
+
+def test_without_traceparent_a_new_trace_starts_and_errors_are_marked(traced) -> None:
+    server, exporter, _ = traced
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Score(pb.ScoreRequest(model="no-such-model", texts=["a"]), timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    (span,) = [s for s in exporter.get_finished_spans() if s.name.endswith("/Score")]
+    assert span.parent is None
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert span.status.status_code == StatusCode.UNSET, "the caller's mistake, not an error"
+
+
+def test_engine_events_reach_the_rpc_span(traced) -> None:
+    """What the engine calls (tracing.event / current_span) lands on the call's span."""
+    server, exporter, _ = traced
+    tracer = server.app.tracer
+
+    async def call() -> None:
+        rpc = tracer.start("/rnnserve.v1.Inference/Generate", {}, "rid")
+        tracing.event("admitted", {"queue": 0})
+        later = tracing.current_span()
+        await asyncio.sleep(0)
+        later.add_event("prefill")
+        rpc.finish(grpc.StatusCode.INTERNAL, "lstm", "boom")
+
+    server.run(call())
+    spans = exporter.get_finished_spans()
+    (span,) = [s for s in spans if s.attributes["rnnserve.request_id"] == "rid"]
+    assert [e.name for e in span.events] == ["admitted", "prefill"]
+    assert span.status.status_code == StatusCode.ERROR
+
+
+def test_without_an_endpoint_nothing_is_traced(tmp_path: Path) -> None:
+    server = ServerThread(make_settings(tmp_path, allow_empty_repo=1)).start()
+    try:
+        assert server.app.tracer is None
+        assert server.app.settings.otlp_endpoint == ""
+    finally:
+        server.stop()
+    assert tracing.NO_SPAN.is_recording() is False
+    assert tracing.NO_SPAN.add_event("x") is None
