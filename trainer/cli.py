@@ -1,4 +1,4 @@
-"""`rnn-trainer`: train, sample, export, zoo, stats.
+"""`rnn-trainer`: train, sample, export, zoo, stats, backtest.
 
 The only layer that knows argparse: it fills the config dataclasses and calls pipeline/zoo.
 Any TrainerError (or a manifest/tokenizer ValueError from bad flags) becomes one line
@@ -101,6 +101,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model and export it to OUT/NAME/VERSION")
     _add_common_train(train)
+    train.add_argument(
+        "--nproc", type=int, default=1,
+        help="data-parallel processes on this machine (runs torchrun; see docs/trainer.md)",
+    )  # fmt: skip
+    train.add_argument(
+        "--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+        help="how long a rank waits for the others before the run fails",
+    )  # fmt: skip
     if _wants_forecast(argv or []):  # forecast flags (and defaults) only when asked for
         _optional("rnnserve.trainer.forecast.cli").add_arguments(train)
     sample = sub.add_parser("sample", help="greedy generation in torch (the server's reference)")
@@ -118,6 +126,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     zoo.add_argument("--preset", default="default", help="default | tiny")
     zoo.add_argument("--only", nargs="*", default=None, help="subset of zoo names")
     zoo.add_argument("--no-progress", action="store_true")
+    backtest = sub.add_parser(
+        "backtest", help="rolling-origin forecast backtest against the forecasting baselines"
+    )
+    _optional("rnnserve.trainer.forecast.backtest_cli").add_arguments(backtest)
     stats = sub.add_parser("stats", help="token statistics and a Zipf plot")
     try:
         importlib.import_module("rnnserve.trainer.stats").add_arguments(stats)
@@ -134,7 +146,28 @@ def _data(args: argparse.Namespace):
     return DataConfig(args.corpus, tok, args.min_freq, args.max_tokens)
 
 
+def _data_parallel_setup(args: argparse.Namespace, world: int) -> None:
+    """Setup errors every rank would hit alike: said once, before any process group forms."""
+    if args.task == "forecast" or args.arch in ("mlp", "ngram", "hmm"):
+        raise TrainerError(
+            f"--arch {args.arch} trains in one process; data-parallel training (torchrun, "
+            "--nproc) is for rnn, gru and lstm"
+        )
+    if args.nproc != 1 and world > 1:
+        raise TrainerError("--nproc starts torchrun itself; under torchrun leave it out")
+    from rnnserve.trainer.sampling import rank_rows
+
+    rank_rows(args.batch_size, 0, max(world, args.nproc))
+
+
 def run_train(args: argparse.Namespace) -> int:
+    from rnnserve.trainer import distributed
+
+    world = distributed.env_cluster().world
+    if args.nproc != 1 or world > 1:
+        _data_parallel_setup(args, world)
+    if args.nproc != 1:
+        return distributed.launch(args.argv, args.nproc, args.batch_size, args.dist_timeout)
     if args.task == "forecast" or args.arch == "mlp":
         return int(_optional("rnnserve.trainer.forecast.cli").run_train(args))
     from rnnserve.trainer.models import ModelConfig
@@ -169,10 +202,16 @@ def run_train(args: argparse.Namespace) -> int:
             threads=args.threads,
         )  # fmt: skip
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
-        path = train_recurrent(
-            model, train, data, out=Path(args.out), name=name, version=args.version,
-            run_dir=run_dir, resume=Path(args.resume) if args.resume else None, progress=progress,
-        )  # fmt: skip
+        with distributed.joined(args.device, args.dist_timeout) as cluster:
+            main = cluster.is_main  # rank 0 alone writes the run dir and the package
+            path = train_recurrent(
+                model, train, data, out=Path(args.out) if main else None, name=name,
+                version=args.version, run_dir=run_dir if main else None,
+                resume=Path(args.resume) if args.resume else None, progress=progress and main,
+                log=print if main else lambda _line: None,
+            )  # fmt: skip
+        if not main:
+            return 0
         print(f"training log and curve: {run_dir}/log.jsonl, {run_dir}/curve.png")
     print(f"exported {path}")
     return 0
@@ -191,6 +230,7 @@ def run_sample(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from rnnserve.trainer.checkpoint import load_checkpoint, restore
     from rnnserve.trainer.export import export_model
+    from rnnserve.trainer.pipeline import validation_probe
 
     data = load_checkpoint(args.checkpoint)
     model, _config, vocab, tok = restore(data)
@@ -202,6 +242,7 @@ def run_export(args: argparse.Namespace) -> int:
     path = export_model(
         model, Path(args.out), name=args.name, version=args.version, vocab=vocab, tokenizer=tok,
         metrics=metrics, training=dict(data.get("train_config") or {}), checkpoint=keep,
+        probe=validation_probe(data), probe_source="the validation split",
     )  # fmt: skip
     print(f"exported {path}")
     return 0
@@ -216,6 +257,10 @@ def run_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_backtest(args: argparse.Namespace) -> int:
+    return int(_optional("rnnserve.trainer.forecast.backtest_cli").run(args))
+
+
 def run_stats(args: argparse.Namespace) -> int:
     return int(_optional("rnnserve.trainer.stats").run(args))
 
@@ -226,16 +271,22 @@ COMMANDS = {
     "export": run_export,
     "zoo": run_zoo,
     "stats": run_stats,
+    "backtest": run_backtest,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
+    args.argv = argv
     try:
         return COMMANDS[args.command](args)
     except TrainerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        ddp = sys.modules.get("rnnserve.trainer.distributed")  # loaded if a group may be up
+        if ddp is None or ddp.speaks(exc):
+            print(f"error: {exc}", file=sys.stderr)
+        if ddp is not None and isinstance(exc, ddp.PeerFailure):
+            ddp.abandon(2)
         return 2
     except ValueError as exc:  # bad flag values caught by the shared artifact dataclasses
         print(f"error: {str(exc).splitlines()[0] if str(exc) else exc!r}", file=sys.stderr)

@@ -2,10 +2,15 @@
 
 Why a plain function over a model and id lists: the CLI, the zoo, the benchmark and the tests
 all train the same way; they differ only in TrainConfig and what they do after each epoch.
+Under a torchrun process group (distributed.joined) the same loop is data-parallel: each rank
+trains its slice of every global batch through DDP and the epoch's numbers are summed over
+ranks, so batch size, learning rate, clipping and perplexities mean what they mean in one
+process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Callable
@@ -17,7 +22,8 @@ from torch import nn
 from tqdm import tqdm
 
 from rnnserve.trainer.averaging import WeightAverage
-from rnnserve.trainer.bptt import BPTT_MODES, run_window
+from rnnserve.trainer.bptt import BPTT_MODES
+from rnnserve.trainer.distributed import Cluster, current, window_runner
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.sampling import SAMPLINGS, batches, check_fits, detach_state, num_batches
 
@@ -83,6 +89,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def mixed_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPUs that support it (fp32 master weights and loss); fp32 on CPU."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr)
@@ -96,15 +109,21 @@ def window_loss(model: Any, x: torch.Tensor, y: torch.Tensor, logits: torch.Tens
 
 
 @torch.no_grad()
-def perplexity(model: Any, ids: list[int], device: torch.device, rows: int = 16, chunk: int = 256):
+def perplexity(
+    model: Any, ids: list[int], device: torch.device, rows: int = 16, chunk: int = 256,
+    cluster: Cluster | None = None,
+) -> float:  # fmt: skip
     """exp(mean NLL): lm over tokens 2..n of each of `rows` contiguous rows (state carried);
-    infill over every token of independent windows of `chunk` tokens."""
+    infill over every token of independent windows of `chunk` tokens. With a cluster each rank
+    scores its share of the rows and the sums are reduced: the same number on every rank."""
+    cluster = cluster or Cluster()
     model.eval()
     rows = max(1, min(rows, (len(ids) - 1) // 2))
     usable = ((len(ids) - 1) // rows) * rows
-    xs = torch.tensor(ids[:usable], device=device).reshape(rows, -1)  # [rows, L]
-    ys = torch.tensor(ids[1 : usable + 1], device=device).reshape(rows, -1)
-    state = tuple(model.initial_state(rows))
+    mine = cluster.rows(rows)
+    xs = torch.tensor(ids[:usable], device=device).reshape(rows, -1)[mine]  # [my rows, L]
+    ys = torch.tensor(ids[1 : usable + 1], device=device).reshape(rows, -1)[mine]
+    state = tuple(model.initial_state(xs.shape[0]))
     total, count = 0.0, 0
     for i in range(0, xs.shape[1], chunk):
         x, y = xs[:, i : i + chunk], ys[:, i : i + chunk]
@@ -114,6 +133,7 @@ def perplexity(model: Any, ids: list[int], device: torch.device, rows: int = 16,
         total += loss.item() * x.numel()
         count += x.numel()
     model.train()
+    total, count = cluster.sum([total, count], device)
     return ppl(total / max(count, 1))
 
 
@@ -133,6 +153,9 @@ def fit(
 ) -> list[dict]:
     """Trains for epochs start_epoch+1..cfg.epochs; returns one record per epoch.
 
+    Under a process group every rank calls this alike (same cfg, ids, seed) and gets the same
+    records; only the caller decides that rank 0 writes them.
+
     With cfg.average_from, the weights after each epoch from then on enter `average` (a
     fresh one unless a resumed run passes its own), and after the last epoch the model holds
     their mean: that record's val_ppl is the mean model's (val_ppl_last_weights: before).
@@ -145,6 +168,8 @@ def fit(
     if cfg.threads and device.type == "cpu":
         # small recurrent models: one thread is as fast alone and far faster on a busy machine
         torch.set_num_threads(cfg.threads)
+    cluster = current()
+    local_batch = cluster.local_batch(cfg.batch_size)
     model.to(device).train()
     optimizer = optimizer or make_optimizer(model, cfg)
     history = list(history or [])
@@ -152,16 +177,23 @@ def fit(
     stateful = bool(model.state_specs())
     steps = num_batches(len(train_ids), cfg.batch_size, cfg.num_steps)
     average = average if average is not None else WeightAverage()
+    mode = cfg.bptt if stateful else "full"
+    window = window_runner(model, cluster, device, mode, cfg.bptt_k, cfg.bptt_p)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        rng = random.Random(cfg.seed * 1_000_003 + epoch)  # resumable: depends on epoch only
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
+        # resumable: depends on the epoch only; every rank draws the same windows and BPTT
+        # cuts, while dropout masks differ per rank (as they differ per row in one process)
+        rng = random.Random(cfg.seed * 1_000_003 + epoch)
+        torch.manual_seed((cfg.seed * 1_000_003 + epoch) * cluster.world + cluster.rank)
         gen = torch.Generator().manual_seed(cfg.seed + epoch)
         for group in optimizer.param_groups:  # a schedule that depends on the epoch only
             group["lr"] = cfg.lr * cfg.lr_decay ** (epoch - 1)
         total, count = 0.0, 0
-        state = tuple(model.initial_state(cfg.batch_size))
+        state = tuple(model.initial_state(local_batch))
+        mine = batches(
+            train_ids, cfg.batch_size, cfg.num_steps, cfg.sampling, rng, cluster.rank, cluster.world
+        )
         bar = tqdm(
-            batches(train_ids, cfg.batch_size, cfg.num_steps, cfg.sampling, rng),
+            mine,
             total=steps,
             desc=f"epoch {epoch}/{cfg.epochs}",
             disable=not progress,
@@ -173,26 +205,29 @@ def fit(
                 state = tuple(model.initial_state(x.shape[0]))
             else:
                 state = detach_state(state)
-            mode = cfg.bptt if stateful else "full"
-            logits, state = run_window(model, x, state, mode, cfg.bptt_k, cfg.bptt_p, gen)
-            loss = window_loss(model, x, y, logits)
-            if not torch.isfinite(loss):
+            with mixed_precision(device):
+                logits, state = window(x, state, gen)
+                loss = window_loss(model, x, y, logits)
+            # the global batch's mean loss: equal local batches, so the mean of rank means
+            (mean_loss,) = cluster.sum([loss.item()], device)
+            mean_loss /= cluster.world
+            if not math.isfinite(mean_loss):
                 raise TrainerError(
-                    f"loss became {loss.item()} at epoch {epoch}, batch {step + 1}; "
+                    f"loss became {mean_loss} at epoch {epoch}, batch {step + 1}; "
                     "try a lower --lr or a --clip value"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.clip > 0:
+            if cfg.clip > 0:  # DDP has averaged the gradients: this is the global batch's norm
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             optimizer.step()
-            total += loss.item() * x.numel()
-            count += x.numel()
+            total += mean_loss * x.numel() * cluster.world
+            count += x.numel() * cluster.world
             bar.set_postfix(ppl=f"{ppl(total / count):.2f}", refresh=False)
         record = {
             "epoch": epoch,
             "train_ppl": ppl(total / max(count, 1)),
-            "val_ppl": perplexity(model, val_ids, device),
+            "val_ppl": perplexity(model, val_ids, device, cluster=cluster),
             "uniform_ppl": float(vocab_size),
             "tokens": count,
         }
@@ -206,7 +241,7 @@ def fit(
             if epoch == cfg.epochs:
                 average.copy_to(model)
                 record["val_ppl_last_weights"] = record["val_ppl"]
-                record["val_ppl"] = perplexity(model, val_ids, device)
+                record["val_ppl"] = perplexity(model, val_ids, device, cluster=cluster)
                 record["averaged_epochs"] = average.count
                 log(
                     f"weights averaged over epochs {epoch - average.count + 1}-{epoch}: "

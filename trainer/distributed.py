@@ -1,0 +1,270 @@
+"""Data-parallel training: torchrun's environment -> one process group -> DistributedDataParallel.
+
+Why PyTorch's own engine and not a home-made one: `torchrun` (one node or many, c10d
+rendezvous) and DDP (bucketed gradient all-reduce overlapped with backward) are what the
+ecosystem runs and debugs. This module only adapts them to the recurrent trainer:
+
+- the world is read from the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK,
+  MASTER_ADDR, MASTER_PORT); WORLD_SIZE > 1 starts a group: gloo on CPU, NCCL on CUDA;
+- the process group has a timeout, so a rank that dies or stalls ends the run with one
+  `error:` line (`PeerFailure`) instead of a hang;
+- DDP wraps one BPTT *window* (`WindowModule`), so truncated and randomized BPTT, which call
+  the model several times per step, still do one DDP forward per backward;
+- `rnn-trainer train --nproc N` is a shortcut that runs torchrun's launcher in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rnnserve.trainer.bptt import run_window
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.sampling import rank_rows
+
+DEFAULT_TIMEOUT_S = 300.0
+Window = Callable[
+    [torch.Tensor, tuple[torch.Tensor, ...], torch.Generator | None],
+    tuple[torch.Tensor, tuple[torch.Tensor, ...]],
+]
+
+
+class PeerFailure(TrainerError):
+    """A collective failed: another rank died, stalled past the timeout, or was unreachable.
+
+    Every surviving rank reports it (the others' errors are the same on every rank and only
+    rank 0 reports those)."""
+
+
+class RankError(TrainerError):
+    """An error a non-zero rank met inside the group (its message names the rank)."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where this process stands: rank `rank` of `world` (1 = plain single-process training)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes logs, curves, checkpoints and the export."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def local_batch(self, global_batch: int) -> int:
+        rows = rank_rows(global_batch, self.rank, self.world)
+        return rows.stop - rows.start
+
+    def rows(self, n: int) -> slice:
+        """A contiguous near-equal share of n items (validation rows), possibly empty."""
+        return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+
+    def sum(self, values: Sequence[float], device: torch.device) -> list[float]:
+        """Element-wise sum over ranks (float64; on the GPU under NCCL)."""
+        if not self.distributed:
+            return [float(v) for v in values]
+        t = torch.tensor(list(values), dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def env_cluster(env: dict[str, str] | None = None) -> Cluster:
+    """The world torchrun describes in the environment; no variables = a single process."""
+    env = os.environ if env is None else env
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+        local_rank = int(env.get("LOCAL_RANK", str(rank)))
+    except ValueError as exc:
+        raise TrainerError(f"bad torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {exc}") from exc
+    if world < 1 or not 0 <= rank < world:
+        raise TrainerError(f"bad torchrun environment: RANK={rank} WORLD_SIZE={world}")
+    return Cluster(rank, world, local_rank)
+
+
+def current() -> Cluster:
+    """The live process group's view (fit asks this), or a single process when none is up."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Cluster()
+    return Cluster(dist.get_rank(), dist.get_world_size(), env_cluster().local_rank)
+
+
+def speaks(exc: BaseException) -> bool:
+    """Whether this process prints `exc`: a setup error every rank hits alike is said once,
+    by rank 0; what a rank meets on its own inside the group it says itself."""
+    return isinstance(exc, (PeerFailure, RankError)) or env_cluster().is_main
+
+
+def backend_for(device: str) -> str:
+    """NCCL when the run is on CUDA GPUs (`cuda`, or `auto` with a GPU present), else gloo."""
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return "nccl" if cuda else "gloo"
+
+
+def _is_collective_error(exc: BaseException) -> bool:
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        word in text for word in ("gloo", "NCCL", "Connection closed", "Timed out", "peer")
+    )
+
+
+@contextlib.contextmanager
+def joined(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Cluster]:
+    """Joins torchrun's process group for the duration of a run (a no-op for one process).
+
+    A failed collective inside becomes PeerFailure; after one the group cannot be torn down
+    cleanly (gloo aborts in its destructor), so `abandon()` ends the process once it is said.
+    Setup errors (same argv, same message on every rank) should be raised before joining.
+    """
+    cluster = env_cluster()
+    if not cluster.distributed:
+        yield cluster
+        return
+    if timeout_s <= 0:
+        raise TrainerError("--dist-timeout must be positive (seconds)")
+    backend = backend_for(device)
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    if backend == "nccl":
+        if not torch.cuda.is_available() or cluster.local_rank >= torch.cuda.device_count():
+            raise TrainerError(
+                f"rank {cluster.rank} needs GPU {cluster.local_rank} but "
+                f"{torch.cuda.device_count()} are visible; lower --nproc_per_node"
+            )
+        torch.cuda.set_device(cluster.local_rank)
+    try:
+        dist.init_process_group(
+            backend, timeout=timedelta(seconds=timeout_s), rank=cluster.rank,
+            world_size=cluster.world,
+        )  # fmt: skip
+    except Exception as exc:  # the store or a peer never answered: one line, no traceback
+        raise PeerFailure(
+            f"rank {cluster.rank}/{cluster.world} could not form the {backend} process group at "
+            f"{where} within {timeout_s:g}s (--dist-timeout): {_first_line(exc)}"
+        ) from exc
+    try:
+        yield cluster
+    except TrainerError as exc:
+        _leave()
+        if cluster.is_main or isinstance(exc, PeerFailure):
+            raise
+        raise RankError(f"rank {cluster.rank}/{cluster.world}: {exc}") from exc
+    except Exception as exc:
+        if not _is_collective_error(exc):
+            _leave()
+            raise
+        raise PeerFailure(
+            f"rank {cluster.rank}/{cluster.world}: a collective failed, so another rank died or "
+            f"stalled longer than --dist-timeout {timeout_s:g}s; the run stopped (resume from "
+            f"the last checkpoint with --resume): {_first_line(exc)}"
+        ) from exc
+    else:
+        _leave()
+
+
+def _leave() -> None:
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+
+
+def abandon(code: int) -> None:
+    """Exits at once, skipping destructors: after a failed collective gloo's would abort."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+class WindowModule(nn.Module):
+    """One BPTT window as one module call: DDP then sees one forward per backward."""
+
+    def __init__(self, model: nn.Module, mode: str, k: int, p: float) -> None:
+        super().__init__()
+        self.model, self.mode, self.k, self.p = model, mode, k, p
+
+    def forward(self, x: torch.Tensor, *state: torch.Tensor, gen: torch.Generator | None = None):
+        return run_window(self.model, x, tuple(state), self.mode, self.k, self.p, gen)
+
+
+def window_runner(
+    model: nn.Module, cluster: Cluster, device: torch.device, mode: str, k: int, p: float
+) -> Window:
+    """(x, state, gen) -> (logits, state); under a process group the gradient of every step is
+    averaged over ranks by DDP, so the update is the one-process update of the global batch."""
+    if not cluster.distributed:
+        return lambda x, state, gen: run_window(model, x, state, mode, k, p, gen)
+    ddp = nn.parallel.DistributedDataParallel(
+        WindowModule(model, mode, k, p),
+        device_ids=[device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else None,
+    )
+
+    def run(x: torch.Tensor, state: tuple[torch.Tensor, ...], gen: torch.Generator | None):
+        logits, new_state = ddp(x, *state, gen=gen)
+        return logits, tuple(new_state)
+
+    return run
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def launch(argv: Sequence[str], nproc: int, batch_size: int, timeout_s: float) -> int:
+    """`rnn-trainer train --nproc N ...`: what `torchrun --standalone --nproc_per_node N -m
+    rnnserve.trainer.cli train ...` does, with failures summed up in one line."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if nproc < 1:
+        raise TrainerError("--nproc must be at least 1")
+    rank_rows(batch_size, 0, nproc)  # the world must divide the global batch: say so up front
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0",
+        rdzv_configs={"timeout": int(timeout_s)}, max_restarts=0, monitor_interval=0.2,
+    )  # fmt: skip
+    args = ["-u", "-m", "rnnserve.trainer.cli", *_without_nproc(argv)]
+    try:
+        elastic_launch(config, sys.executable)(*args)
+    except ChildFailedError as exc:
+        rank, failure = min(exc.failures.items())
+        if failure.exitcode > 0:  # the rank said why (error: ... or a traceback)
+            return failure.exitcode
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else "no status"
+        raise TrainerError(
+            f"rank {rank} of {nproc} died ({how}); the run stopped. Resume from the last "
+            "checkpoint with --resume RUN_DIR"
+        ) from exc
+    return 0
