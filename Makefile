@@ -7,7 +7,7 @@ PORT   ?= 50051
 METRICS_PORT ?= 8000
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv proto lint models serve bench clean system-deps
+.PHONY: run test venv proto lint models serve bench clean system-deps triton-venv
 
 venv: $(STAMP)
 
@@ -49,6 +49,17 @@ bench: models
 	$(BIN)/python bench/forecast.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/load.py
+
+# tritonclient[grpc] pins protobuf < 7 (ours needs >= 7.35): the KServe tests run it from its own
+# venv, as a user's separate client would be. TRITON_PYTHON (env RNNSERVE_TRITON_PYTHON in the
+# tests) points elsewhere once one environment can hold both.
+TRITON_VENV ?= $(VENV)/triton-client
+triton-venv: $(TRITON_VENV)/.installed
+
+$(TRITON_VENV)/.installed:
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet 'tritonclient[http,grpc]' numpy
+	touch $@
 
 # Tools the end-to-end tests use that do not come from PyPI (Prometheus, promtool).
 system-deps:

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rnnserve.kserve import grpc_predict_v2_pb2_grpc as kserve_grpc
 from rnnserve.server import logs
 from rnnserve.server.admin import AdminService
 from rnnserve.server.auth import OpenServicesAuth, TokenFileError, bearer_guard, load_tokens
@@ -26,9 +27,16 @@ from rnnserve.server.decode.limiter import StreamLimiter
 from rnnserve.server.engine import Engine
 from rnnserve.server.errors import ShuttingDown
 from rnnserve.server.health import ModelHealth
+from rnnserve.server.http.app import HttpServer, build_web_app
+from rnnserve.server.http.listen import bind, ssl_context
 from rnnserve.server.interceptors import CallInterceptor, Guard
+from rnnserve.server.kserve.interceptor import KServeCallInterceptor
+from rnnserve.server.kserve.service import SERVICE_NAME as KSERVE_SERVICE
+from rnnserve.server.kserve.service import KServeService
+from rnnserve.server.kserve.status import KServeStatus
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.reload import Reloader
+from rnnserve.server.remote_repo import RemoteRepoError, is_remote, open_model_repo
 from rnnserve.server.repository import ModelVersion, Repository
 from rnnserve.server.resume import StateSigner
 from rnnserve.server.runtime import OnnxModel, Runtime, resolve_providers
@@ -56,10 +64,13 @@ class App:
     draining: bool = False
     admin: AdminService | None = None
     tracer: RpcTracer | None = None
+    http: HttpServer | None = None  # --http-port (OpenAI, KServe REST); None when 0
     _sampler: asyncio.Task | None = None
 
     async def start(self) -> None:
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
         await self.health.refresh()
         self._sampler = asyncio.create_task(self._sample_metrics())
 
@@ -79,7 +90,9 @@ class App:
             await asyncio.sleep(delay)
         self.draining = True
         self.engine.limiter.closed = True
-        await self.server.stop(self.settings.grace if grace is None else grace)
+        grace = self.settings.grace if grace is None else grace
+        http_stop = self.http.stop(grace) if self.http is not None else asyncio.sleep(0)
+        await asyncio.gather(self.server.stop(grace), http_stop)
         for decoder in self.engine.decoders():
             await decoder.close()
         self.engine.runtime.close()
@@ -115,7 +128,8 @@ def build_app(
             1 if entry.serving else 0
         )
 
-    repository = Repository(settings.model_repo, load, observe)
+    root, remote = open_model_repo(settings.model_repo, settings.model_cache)
+    repository = Repository(root, load, observe, sync=remote.sync if remote else None)
     repository.scan()
     engine = Engine(
         repository,
@@ -143,9 +157,13 @@ def build_app(
     interceptor = CallInterceptor(
         metrics, engine.model_label, [not_draining, *(guards or [])], tracer
     )
+    health_guards = list(guards or []) if settings.auth_health else []
+    kserve_interceptor = KServeCallInterceptor(
+        metrics, engine.model_label, interceptor.guards, health_guards, tracer
+    )
     size = settings.max_message_bytes
     server = grpc.aio.server(
-        interceptors=[*(extra_interceptors or []), interceptor],
+        interceptors=[*(extra_interceptors or []), interceptor, kserve_interceptor],
         options=[
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
@@ -156,7 +174,12 @@ def build_app(
     admin = AdminService(engine, health)
     pb_grpc.add_AdminServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    kserve_status = KServeStatus(engine, health)
+    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeService(engine, kserve_status), server
+    )
     names = (
+        KSERVE_SERVICE,
         pb.DESCRIPTOR.services_by_name["Inference"].full_name,
         pb.DESCRIPTOR.services_by_name["Admin"].full_name,
         "grpc.health.v1.Health",
@@ -166,7 +189,14 @@ def build_app(
     address = f"{settings.host}:{settings.port}"
     creds = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    http = None
+    if settings.http_port:
+        web_app = build_web_app(engine, kserve_status, interceptor, health_guards, size)
+        tls = ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        sockets = bind(settings.host, settings.http_port, bool(settings.reuse_port))
+        http = HttpServer(web_app, sockets, tls)
     app = App(server, port, engine, health, metrics, settings, admin=admin, tracer=tracer)
+    app.http = http
     app_ref["app"] = app
     return app
 
@@ -190,7 +220,11 @@ async def serve(settings: Settings) -> int:
         "rnn-server listening on %s:%d",
         settings.host,
         app.port,
-        extra={"port": app.port, "models": app.engine.repository.names()},
+        extra={
+            "port": app.port,
+            "http_port": app.http.port if app.http else 0,
+            "models": app.engine.repository.names(),
+        },
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -226,7 +260,13 @@ def _onnxruntime_version() -> str:
 def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(argv)
     logs.configure(settings.log_level)
-    if not settings.model_repo.is_dir():
+    if is_remote(settings.model_repo):
+        try:  # an unknown protocol or a missing extra is a usage error, not a crash loop
+            open_model_repo(settings.model_repo, settings.model_cache)
+        except RemoteRepoError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    elif not open_model_repo(settings.model_repo)[0].is_dir():
         print(f"error: model repository {settings.model_repo} is not a directory", file=sys.stderr)
         return 2
     if settings.workers > 1:

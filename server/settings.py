@@ -20,10 +20,12 @@ ENV_PREFIX = "RNNSERVE_"
 class Settings:
     """Everything the composition root needs; defaults are the documented ones."""
 
-    model_repo: Path = Path("models")
+    model_repo: str | Path = "models"  # a folder, or a URL mirrored into model_cache
+    model_cache: str = ""
     host: str = "[::]"
     port: int = 50051
     metrics_port: int = 8000
+    http_port: int = 8080
     providers: list[str] = field(default_factory=lambda: ["cpu"])
     intra_op_threads: int = 1
     max_prompt_tokens: int = 4096
@@ -57,10 +59,25 @@ class Settings:
 
 # flag name -> (type, help). Kept next to the dataclass so --help documents every field.
 _HELP: dict[str, tuple[type, str]] = {
-    "model_repo": (Path, "model repository: <dir>/<name>/<version>/{model.onnx,manifest.json}"),
+    "model_repo": (
+        str,
+        "model repository: <dir>/<name>/<version>/{model.onnx,manifest.json}, or the same "
+        "layout at an http(s):// or s3:// URL (the [remote] extra), mirrored into --model-cache "
+        "at start and before every rescan",
+    ),
+    "model_cache": (
+        str,
+        "local folder a URL --model-repo is mirrored into; empty = "
+        "$XDG_CACHE_HOME/rnnserve/models/<hash of the URL>",
+    ),
     "host": (str, "address to bind the gRPC server to"),
     "port": (int, "gRPC port (0 picks a free one, logged at start)"),
     "metrics_port": (int, "Prometheus /metrics HTTP port; 0 disables the endpoint"),
+    "http_port": (
+        int,
+        "HTTP port for OpenAI-compatible /v1/completions and KServe v2 REST /v2/... (same "
+        "engine, auth, TLS and limits as gRPC; docs/protocols.md); 0 disables it",
+    ),
     "providers": (
         str,
         "comma list of ONNX Runtime execution providers in preference order, "
@@ -207,7 +224,8 @@ def validate(settings: Settings) -> str | None:
     for name in positive:
         if getattr(settings, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1"
-    if not 0 <= settings.port <= 65535 or not 0 <= settings.metrics_port <= 65535:
+    ports = (settings.port, settings.metrics_port, settings.http_port)
+    if not all(0 <= p <= 65535 for p in ports):
         return "ports must be in 0..65535"
     if settings.stream_interval_us < 0:
         return "--stream-interval-us must be 0 or more"

@@ -1,0 +1,81 @@
+"""The HTTP port: one aiohttp application on the running (gRPC) event loop.
+
+Why aiohttp: its server runs on the loop grpc.aio already owns (AppRunner + sites, no second
+loop, thread or process manager), so handlers await the same Engine as the gRPC handlers;
+it is one dependency, and its StreamResponse writes server-sent events with little overhead.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+from aiohttp import web
+
+from rnnserve.server.engine import Engine
+from rnnserve.server.http.calls import HttpCalls, json_response
+from rnnserve.server.http.kserve_routes import KServeRoutes
+from rnnserve.server.http.openai_routes import OpenAIRoutes
+from rnnserve.server.interceptors import CallInterceptor, Guard
+from rnnserve.server.kserve.status import KServeStatus
+
+
+@web.middleware
+async def json_not_found(request: web.Request, handler) -> web.StreamResponse:
+    """Unknown paths and methods answer JSON too, in both protocols' shape."""
+    try:
+        return await handler(request)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+        message = f"{request.method} {request.path}: {exc.reason}"
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                          "code": str(exc.status)}}  # fmt: skip
+        if request.path.startswith("/v2"):
+            body = {"error": message}
+        return json_response(body, exc.status)
+
+
+def build_web_app(
+    engine: Engine,
+    status: KServeStatus,
+    interceptor: CallInterceptor,
+    health_guards: list[Guard],
+    max_body: int,
+) -> web.Application:
+    calls = HttpCalls(interceptor, health_guards)
+    app = web.Application(client_max_size=max_body, middlewares=[json_not_found])
+    app.add_routes(OpenAIRoutes(engine).routes(calls))
+    app.add_routes(KServeRoutes(engine, status).routes(calls))
+    return app
+
+
+class HttpServer:
+    """Binds at construction (so the port is known and a taken port fails early, like
+    gRPC's add_port), serves after start(), stops within a grace period."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        sockets: list[socket.socket],
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self.app = app
+        self.sockets = sockets
+        self.ssl_context = ssl_context
+        self.port = sockets[0].getsockname()[1]
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        self.runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        await self.runner.setup()
+        for sock in self.sockets:
+            await web.SockSite(self.runner, sock, ssl_context=self.ssl_context).start()
+
+    async def stop(self, grace: float) -> None:
+        """Stops listening; in-flight requests get `grace` seconds, then are cancelled."""
+        if self.runner is None:
+            for sock in self.sockets:
+                sock.close()
+            return
+        self.runner._shutdown_timeout = grace  # aiohttp reads it in cleanup()
+        await self.runner.cleanup()
+        self.runner = None

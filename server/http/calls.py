@@ -1,0 +1,112 @@
+"""Each HTTP request goes through the gRPC CallInterceptor's own steps, so request ids, bearer
+tokens, draining, JSON access logs and metrics are the same code on both ports.
+
+`_identify` (request id, trace span), `_begin` (guards), `_fail` (error -> status, INTERNAL
+logged) and `_end` (log line, rnnserve_request_duration_seconds, rnnserve_errors_total) are
+called as they are for an RPC; the HTTP path is the "method" the guards see. Probes
+(health) skip them like grpc.health.v1 does: open unless --auth-health, not logged or
+counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+
+from rnnserve.server import logs
+from rnnserve.server.errors import BadRequest
+from rnnserve.server.http.errors import http_status
+from rnnserve.server.interceptors import CallInterceptor, Guard
+
+ErrorBody = Callable[[grpc.StatusCode, str, BaseException | None], dict]
+
+
+@dataclass
+class Call:
+    """What a handler reports back: the model label, and the status of a stream that
+    failed after its headers were sent."""
+
+    request_id: str = ""
+    model: str = ""
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    message: str = ""
+
+
+Handler = Callable[[web.Request, Call], Awaitable[web.StreamResponse]]
+
+
+async def read_json(request: web.Request) -> object:
+    """The body as JSON; BadRequest when it is not (413 past --max-message-bytes)."""
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise BadRequest("request", f"the body is not valid JSON: {exc}") from None
+
+
+def json_response(body: object, status: int = 200, request_id: str = "") -> web.Response:
+    headers = {"x-request-id": request_id} if request_id else None
+    return web.Response(
+        body=json.dumps(body).encode(),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+class HttpCalls:
+    def __init__(self, interceptor: CallInterceptor, health_guards: Sequence[Guard] = ()):
+        self.interceptor = interceptor
+        self.health_guards = list(health_guards)
+
+    def endpoint(self, rpc: str, handler: Handler, errors: ErrorBody) -> Handler:
+        """An aiohttp handler that runs `handler` as one logged, counted, guarded call."""
+        icpt = self.interceptor
+
+        async def run(request: web.Request) -> web.StreamResponse:
+            start, call = time.perf_counter(), Call()
+            code, message = grpc.StatusCode.OK, ""
+            metadata = {k.lower(): v for k, v in request.headers.items()}
+            span = icpt._identify(request.path, metadata)
+            call.request_id = logs.request_id.get()
+            try:
+                icpt._begin(request.path, metadata, None)
+                response = await handler(request, call)
+                code, message = call.code, call.message
+                response.headers.setdefault("x-request-id", call.request_id)
+                return response
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except web.HTTPRequestEntityTooLarge as exc:
+                code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, exc.text or "body too large"
+                return json_response(errors(code, message, None), 413, call.request_id)
+            except Exception as exc:
+                code, message = icpt._fail(exc, rpc)
+                body = errors(code, message, exc)
+                return json_response(body, http_status(code), call.request_id)
+            finally:
+                icpt._end(rpc, call.model, code, start, message, span)
+
+        return run
+
+    def probe(self, handler: Handler, errors: ErrorBody) -> Handler:
+        """A health endpoint: only the --auth-health guards, no log line, no metrics."""
+
+        async def run(request: web.Request) -> web.StreamResponse:
+            metadata = {k.lower(): v for k, v in request.headers.items()}
+            try:
+                for guard in self.health_guards:
+                    guard(request.path, metadata)
+                return await handler(request, Call())
+            except Exception as exc:
+                code, message = self.interceptor._fail(exc, request.path)
+                return json_response(errors(code, message, exc), http_status(code))
+
+        return run

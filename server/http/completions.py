@@ -1,0 +1,205 @@
+"""OpenAI `/v1/completions`: the request body -> GenerateParams, and the response objects.
+
+Pure. Fields that mean nothing for these models are refused with the reason (not ignored);
+docs/protocols.md lists them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from rnnserve.server.engine import GenerateParams
+from rnnserve.server.errors import BadRequest
+from rnnserve.server.sampling import SamplingParams
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default (rnnserve.v1 Generate defaults to 64)
+MAX_PROMPTS = 64
+
+# field -> why it is refused unless it has its neutral value
+REFUSED = {
+    "n": "only n=1: send the prompt again (with another seed) for more completions",
+    "best_of": "only best_of=1: the server returns every completion it makes",
+    "suffix": "insertion is not done by completions; use KServe infer with `left`/`right` "
+    "or rnnserve.v1 Infill",
+    "presence_penalty": "penalties are not supported; it must be 0",
+    "frequency_penalty": "penalties are not supported; it must be 0",
+    "logit_bias": "logit_bias is not supported",
+}
+NEUTRAL: dict[str, tuple] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+}
+ACCEPTED = {
+    "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+    "logprobs", "echo", "stream", "stream_options", "user", *REFUSED,
+}  # fmt: skip
+
+
+@dataclass
+class CompletionRequest:
+    """A validated completions request: one GenerateParams per prompt."""
+
+    model: str
+    prompts: list[str]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    echo: bool = False
+    stream: bool = False
+
+    def params(self, prompt: str) -> GenerateParams:
+        return GenerateParams(
+            prompt=prompt, max_tokens=self.max_tokens, sampling=self.sampling, stop=self.stop
+        )
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(name, f"must be a number, got {value!r}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise BadRequest(name, f"must be in [{low:g}, {high:g}], got {value}")
+    return float(value)
+
+
+def _integer(body: dict, name: str, default: int | None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(name, f"must be an integer, got {value!r}")
+    return value
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BadRequest(name, f"must be true or false, got {value!r}")
+    return value
+
+
+def _strings(value: object, name: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise BadRequest(name, "must be a string or a list of strings")
+
+
+def parse_completion(body: object) -> CompletionRequest:
+    """Validates a /v1/completions body; BadRequest names the field (OpenAI's `param`)."""
+    if not isinstance(body, dict):
+        raise BadRequest("request", "the body must be a JSON object")
+    unknown = sorted(set(body) - ACCEPTED)
+    if unknown:
+        raise BadRequest(unknown[0], "is not a completions field this server knows")
+    for name, why in REFUSED.items():
+        if body.get(name) not in NEUTRAL[name]:
+            raise BadRequest(name, why)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("model", "is required (a model name from GET /v1/models)")
+    if "prompt" not in body:
+        raise BadRequest("prompt", "is required")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
+        raise BadRequest("prompt", "token-id prompts are not supported; send text")
+    prompts = _strings(prompt, "prompt")
+    if not 1 <= len(prompts) <= MAX_PROMPTS:
+        raise BadRequest("prompt", f"must hold 1..{MAX_PROMPTS} prompts, got {len(prompts)}")
+    stop = _strings(body["stop"], "stop") if body.get("stop") is not None else []
+    logprobs = _integer(body, "logprobs", None)
+    if logprobs not in (None, 0):
+        raise BadRequest(
+            "logprobs",
+            "only 0 (each token's log-probability); the top alternatives are not computed",
+        )
+    options = body.get("stream_options")
+    if options is not None and (
+        not isinstance(options, dict) or set(options) - {"include_usage"}
+    ):
+        raise BadRequest("stream_options", "only {\"include_usage\": bool} is known")
+    seed = _integer(body, "seed", None)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise BadRequest("seed", f"must be in [0, 2^63), got {seed}")
+    top_k = _integer(body, "top_k", 0) or 0
+    if top_k < 0:
+        raise BadRequest("top_k", f"must be 0 (off) or more, got {top_k}")
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p == 0.0:
+        raise BadRequest("top_p", "must be in (0, 1]")
+    max_tokens = _integer(body, "max_tokens", DEFAULT_MAX_TOKENS)
+    if max_tokens is None or max_tokens < 1:
+        raise BadRequest("max_tokens", f"must be at least 1, got {max_tokens}")
+    return CompletionRequest(
+        model=model,
+        prompts=prompts,
+        max_tokens=max_tokens,
+        sampling=SamplingParams(
+            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+            top_k=top_k,
+            top_p=0.0 if top_p == 1.0 else top_p,  # 1 keeps every token: the engine's "off"
+            seed=seed,
+        ),
+        stop=stop,
+        logprobs=logprobs == 0,
+        echo=_flag(body, "echo"),
+        stream=_flag(body, "stream"),
+    )
+
+
+FINISH = {"length": "length", "stop": "stop", "eos": "stop"}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def token_logprobs(text: str, tokens: list[str], values: list[float | None]) -> dict:
+    """OpenAI's legacy logprobs object for `text`, whose tokens are `tokens`."""
+    offsets, at = [], 0
+    for tok in tokens:
+        found = text.find(tok, at) if tok else -1
+        at = found if found >= 0 else at
+        offsets.append(at)
+        at += len(tok) if found >= 0 else 0
+    return {
+        "tokens": tokens,
+        "token_logprobs": values,
+        "top_logprobs": None,
+        "text_offset": offsets,
+    }
+
+
+def choice(index: int, text: str, finish: str | None, logprobs: dict | None) -> dict:
+    return {
+        "text": text,
+        "index": index,
+        "logprobs": logprobs,
+        "finish_reason": FINISH.get(finish) if finish else None,
+    }
+
+
+def completion(rid: str, created: int, model: str, choices: list[dict], use: dict) -> dict:
+    return {
+        "id": f"cmpl-{rid}",
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": use,
+    }

@@ -1,0 +1,62 @@
+"""gRPC status -> HTTP status, and the two JSON error bodies (OpenAI's and KServe's).
+
+Domain errors keep their one mapping to a gRPC code (server/errors.py); this table is the
+only place that code becomes an HTTP status. docs/protocols.md shows it.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from rnnserve.server.errors import BadRequest
+
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+OPENAI_TYPE = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid_request_error",
+    grpc.StatusCode.FAILED_PRECONDITION: "invalid_request_error",
+    grpc.StatusCode.NOT_FOUND: "invalid_request_error",
+    grpc.StatusCode.UNAUTHENTICATED: "authentication_error",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "rate_limit_error",
+}
+
+# Native field names -> the OpenAI request's names, for the error's `param`.
+OPENAI_PARAM = {
+    "sampling.temperature": "temperature",
+    "sampling.top_p": "top_p",
+    "sampling.top_k": "top_k",
+    "sampling.seed": "seed",
+}
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    return HTTP_STATUS.get(code, 500)
+
+
+def openai_error(code: grpc.StatusCode, message: str, exc: BaseException | None) -> dict:
+    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+    param = None
+    if isinstance(exc, BadRequest):
+        field = exc.field.split("[", 1)[0]
+        param = OPENAI_PARAM.get(field, field)
+    name = "model_not_found" if code == grpc.StatusCode.NOT_FOUND else code.name.lower()
+    kind = OPENAI_TYPE.get(code, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": name}}
+
+
+def kserve_error(code: grpc.StatusCode, message: str, exc: BaseException | None) -> dict:
+    """The Open Inference Protocol's error object: {"error": "<message>"}."""
+    return {"error": message}

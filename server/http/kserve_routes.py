@@ -1,0 +1,157 @@
+"""Thin KServe v2 REST handlers (/v2/...): JSON (and the binary tensor form) <-> Tensors,
+answered by the same mapping and status code as the KServe gRPC servicer."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from rnnserve.server.engine import Engine
+from rnnserve.server.errors import BadRequest
+from rnnserve.server.http.calls import Call, HttpCalls, json_response
+from rnnserve.server.http.errors import kserve_error
+from rnnserve.server.kserve.mapping import infer, select
+from rnnserve.server.kserve.status import KServeStatus
+from rnnserve.server.kserve.tensors import Tensor, from_json, from_raw, to_json, to_raw
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+MODEL = "/v2/models/{name}"
+VERSION = "/v2/models/{name}/versions/{version}"
+
+
+def _field(obj: dict, name: str, kind: type, where: str):
+    value = obj.get(name)
+    if not isinstance(value, kind):
+        raise BadRequest(f"{where}.{name}", f"must be a {kind.__name__}")
+    return value
+
+
+def parse_infer(body: bytes, header_length: str | None) -> tuple[dict, list[Tensor]]:
+    """The request's JSON header and its input tensors (JSON `data` or binary parts)."""
+    binary = b""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise BadRequest(HEADER_LENGTH, f"is not an integer: {header_length!r}") from None
+        if not 0 <= n <= len(body):
+            raise BadRequest(HEADER_LENGTH, f"{n} is outside the body ({len(body)} bytes)")
+        body, binary = body[:n], body[n:]
+    try:
+        head = json.loads(body)
+    except ValueError as exc:
+        raise BadRequest("request", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(head, dict) or not isinstance(head.get("inputs"), list):
+        raise BadRequest("inputs", "the body must be an object with a list `inputs`")
+    tensors, at = [], 0
+    for i, t in enumerate(head["inputs"]):
+        if not isinstance(t, dict):
+            raise BadRequest(f"inputs[{i}]", "must be an object")
+        name = _field(t, "name", str, f"inputs[{i}]")
+        datatype = _field(t, "datatype", str, f"inputs[{name}]")
+        shape = _field(t, "shape", list, f"inputs[{name}]")
+        if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise BadRequest(f"inputs[{name}].shape", "must be a list of integers")
+        size = (t.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            if "data" not in t:
+                raise BadRequest(f"inputs[{name}]", "has no `data` (or binary_data_size)")
+            tensors.append(from_json(name, datatype, shape, t["data"]))
+            continue
+        if not isinstance(size, int) or size < 0 or at + size > len(binary):
+            raise BadRequest(f"inputs[{name}]", f"binary_data_size {size} is past the body")
+        tensors.append(from_raw(name, datatype, shape, binary[at : at + size]))
+        at += size
+    if at != len(binary):
+        raise BadRequest("request", f"{len(binary) - at} binary bytes belong to no input")
+    return head, tensors
+
+
+def _wanted(head: dict) -> tuple[list[str], dict[str, bool]]:
+    """Requested output names, and which of them go back in binary form."""
+    default = bool((head.get("parameters") or {}).get("binary_data_output", False))
+    names, binary = [], {}
+    for i, o in enumerate(head.get("outputs") or []):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise BadRequest(f"outputs[{i}]", "must be an object with a `name`")
+        names.append(o["name"])
+        binary[o["name"]] = bool((o.get("parameters") or {}).get("binary_data", default))
+    return names, binary | {"*": default}
+
+
+class KServeRoutes:
+    def __init__(self, engine: Engine, status: KServeStatus) -> None:
+        self.engine = engine
+        self.status = status
+
+    def routes(self, calls: HttpCalls) -> list[web.RouteDef]:
+        def api(rpc: str, handler) -> object:
+            return calls.endpoint(f"kserve.{rpc}", handler, kserve_error)
+
+        def probe(handler) -> object:
+            return calls.probe(handler, kserve_error)
+
+        return [
+            web.get("/v2/health/live", probe(self.live)),
+            web.get("/v2/health/ready", probe(self.ready)),
+            web.get(MODEL + "/ready", probe(self.model_ready)),
+            web.get(VERSION + "/ready", probe(self.model_ready)),
+            web.get("/v2", api("ServerMetadata", self.server_metadata)),
+            web.get(MODEL, api("ModelMetadata", self.model_metadata)),
+            web.get(VERSION, api("ModelMetadata", self.model_metadata)),
+            web.post(MODEL + "/infer", api("ModelInfer", self.infer)),
+            web.post(VERSION + "/infer", api("ModelInfer", self.infer)),
+        ]
+
+    # -- health: 200 when true; 503 (server) or 400 (model, as the protocol asks) when not --
+    async def live(self, request: web.Request, call: Call) -> web.Response:
+        return json_response({"live": True})
+
+    async def ready(self, request: web.Request, call: Call) -> web.Response:
+        ready = await self.status.server_ready()
+        return json_response({"ready": ready}, 200 if ready else 503)
+
+    async def model_ready(self, request: web.Request, call: Call) -> web.Response:
+        m = request.match_info
+        ready = await self.status.model_ready(m["name"], m.get("version", ""))
+        return json_response({"name": m["name"], "ready": ready}, 200 if ready else 400)
+
+    # -- metadata and inference -------------------------------------------------------------
+    async def server_metadata(self, request: web.Request, call: Call) -> web.Response:
+        return json_response(self.status.server_metadata(), request_id=call.request_id)
+
+    async def model_metadata(self, request: web.Request, call: Call) -> web.Response:
+        m = request.match_info
+        call.model = self.engine.model_label(m["name"])
+        found = self.status.model_metadata(m["name"], m.get("version", ""))
+        return json_response(found, request_id=call.request_id)
+
+    async def infer(self, request: web.Request, call: Call) -> web.Response:
+        m = request.match_info
+        name = m["name"]
+        call.model = self.engine.model_label(name)
+        head, inputs = parse_infer(await request.read(), request.headers.get(HEADER_LENGTH))
+        names, binary = _wanted(head)
+        version, outputs = await infer(self.engine, name, m.get("version", ""), inputs)
+        body: dict = {"model_name": name, "model_version": version}
+        if isinstance(head.get("id"), str):
+            body["id"] = head["id"]
+        body["outputs"], parts = [], []
+        for t in select(outputs, names):
+            out: dict = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
+            if binary.get(t.name, binary["*"]):
+                raw = to_raw(t)
+                out["parameters"] = {"binary_data_size": len(raw)}
+                parts.append(raw)
+            else:
+                out["data"] = to_json(t)
+            body["outputs"].append(out)
+        if not parts:
+            return json_response(body, request_id=call.request_id)
+        head_bytes = json.dumps(body).encode()
+        return web.Response(
+            body=b"".join([head_bytes, *parts]),
+            content_type="application/octet-stream",
+            headers={HEADER_LENGTH: str(len(head_bytes)), "x-request-id": call.request_id},
+        )

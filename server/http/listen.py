@@ -1,0 +1,75 @@
+"""Listening sockets and TLS for the HTTP port, from the same flags as the gRPC port.
+
+Why own sockets: asyncio binds "[::]" IPv6-only and gives each address of a name like
+"localhost" its own ephemeral port; one port for every address (and one dual-stack socket
+for "[::]", as gRPC does) keeps `--http-port 0` and 127.0.0.1 clients working.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+from rnnserve.server.tls import TlsConfigError
+
+ANY = ("", "[::]", "::", "*")
+
+
+def _bind(family: int, address: tuple, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if address[0] == "::" else 1)
+        sock.bind(address)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
+    """Sockets for every address of `host`, all on one port (the first one's when port is 0)."""
+    if host in ANY:
+        try:
+            return [_bind(socket.AF_INET6, ("::", port), reuse_port)]
+        except OSError:  # no IPv6 here
+            return [_bind(socket.AF_INET, ("0.0.0.0", port), reuse_port)]
+    infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    seen, sockets = set(), []
+    try:
+        for family, _, _, _, address in infos:
+            if address[0] in seen:
+                continue
+            seen.add(address[0])
+            if sockets:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sockets.append(_bind(family, address, reuse_port))
+    except OSError:
+        for s in sockets:
+            s.close()
+        raise
+    return sockets
+
+
+def ssl_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext | None:
+    """The HTTP twin of server_credentials(): None when TLS is off."""
+    if not cert and not key:
+        if client_ca:
+            raise TlsConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (cert and key):
+        raise TlsConfigError("--tls-cert and --tls-key must be given together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+        if client_ca:
+            context.load_verify_locations(client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsConfigError(f"TLS for the HTTP port: {exc}") from None
+    return context

@@ -1,0 +1,226 @@
+"""Thin OpenAI-compatible handlers: GET /v1/models, POST /v1/completions (plain and SSE).
+
+Each prompt is one Engine.generate stream, exactly what rnnserve.v1 Generate runs; logprobs
+come from Engine.score over the prompt and the completion (the same log-softmax, unmodified
+distribution that Generate reports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from rnnserve.server.engine import Engine
+from rnnserve.server.errors import status_for
+from rnnserve.server.http import completions as oa
+from rnnserve.server.http.calls import Call, HttpCalls, json_response, read_json
+from rnnserve.server.http.errors import openai_error
+from rnnserve.server.text import Encoded
+
+DONE = b"data: [DONE]\n\n"
+log = logging.getLogger("rnnserve.server.access")
+
+
+@dataclass
+class Finished:
+    """One prompt's completion, gathered from its stream."""
+
+    text: str = ""
+    tokens: int = 0
+    finish: str | None = None
+    parts: list[str] = field(default_factory=list)
+
+
+async def _all(aws: list[Awaitable]) -> list:
+    """gather(), but a failure cancels the other prompts' streams."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+
+
+def _event(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class OpenAIRoutes:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def routes(self, calls: HttpCalls) -> list[web.RouteDef]:
+        return [
+            web.get("/v1/models", calls.endpoint("openai.Models", self.models, openai_error)),
+            web.get(
+                "/v1/models/{model}", calls.endpoint("openai.Models", self.model, openai_error)
+            ),
+            web.post(
+                "/v1/completions",
+                calls.endpoint("openai.Completions", self.completions, openai_error),
+            ),
+        ]
+
+    # -- models -----------------------------------------------------------------------------
+    def _card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "rnnserve"}
+
+    def _generates(self, name: str) -> bool:
+        entry = self.engine.repository.default_version(name)
+        return entry is not None and "Generate" in entry.rpcs
+
+    async def models(self, request: web.Request, call: Call) -> web.Response:
+        names = [n for n in self.engine.repository.names() if self._generates(n)]
+        body = {"object": "list", "data": [self._card(n) for n in names]}
+        return json_response(body, request_id=call.request_id)
+
+    async def model(self, request: web.Request, call: Call) -> web.Response:
+        name = request.match_info["model"]
+        call.model = self.engine.model_label(name)
+        self.engine.lookup(name, "", "Generate")  # NOT_FOUND / FAILED_PRECONDITION
+        return json_response(self._card(name), request_id=call.request_id)
+
+    # -- completions ------------------------------------------------------------------------
+    async def completions(self, request: web.Request, call: Call) -> web.StreamResponse:
+        req = oa.parse_completion(await read_json(request))
+        call.model = self.engine.model_label(req.model)
+        entry = self.engine.lookup(req.model, "", "Generate")
+        codec, limit = self.engine.codec(entry), self.engine.settings.max_prompt_tokens
+        prompts = [
+            codec.encode(p, "prompt" if len(req.prompts) == 1 else f"prompt[{i}]", limit)
+            for i, p in enumerate(req.prompts)
+        ]
+        if req.stream:
+            return await self._stream(request, call, req, prompts)
+        done = await _all([self._collect(req, p) for p in req.prompts])
+        choices = []
+        for i, (prompt, enc, got) in enumerate(zip(req.prompts, prompts, done, strict=True)):
+            text = prompt + got.text if req.echo else got.text
+            lp = await self._logprobs(req, prompt, enc, got.text) if req.logprobs else None
+            choices.append(oa.choice(i, text, got.finish, lp))
+        used = oa.usage(sum(len(p.ids) for p in prompts), sum(d.tokens for d in done))
+        body = oa.completion(call.request_id, int(time.time()), req.model, choices, used)
+        return json_response(body, request_id=call.request_id)
+
+    def _generate(self, req: oa.CompletionRequest, prompt: str) -> AsyncIterator[Any]:
+        return self.engine.generate(req.model, "", req.params(prompt), None)
+
+    async def _collect(self, req: oa.CompletionRequest, prompt: str) -> Finished:
+        got = Finished()
+        async with contextlib.aclosing(self._generate(req, prompt)) as chunks:
+            async for c in chunks:
+                got.parts.append(c.text)
+                got.tokens += len(c.token_ids)
+                got.finish = c.finish_reason or got.finish
+        got.text = "".join(got.parts)
+        return got
+
+    async def _logprobs(
+        self, req: oa.CompletionRequest, prompt: str, enc: Encoded, text: str
+    ) -> dict:
+        """Per-token log-probabilities of the completion (and of the prompt with echo; its
+        first token has none: it conditions the rest)."""
+        first, values = enc.tokens[:1], [None]
+        tokens = list(first)
+        if len(enc.ids) + (1 if text else 0) >= 2 and (text or req.echo):
+            scored = (await self.engine.score(req.model, "", [prompt + text]))[0]
+            tokens += scored.tokens
+            values += scored.token_logprobs
+        keep = 0 if req.echo else len(enc.tokens)
+        shown = prompt + text if req.echo else text
+        return oa.token_logprobs(shown, tokens[keep:], values[keep:])
+
+    async def _stream(
+        self, request: web.Request, call: Call, req: oa.CompletionRequest, prompts: list[Encoded]
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "x-request-id": call.request_id,
+            }
+        )
+        await response.prepare(request)
+        head = {
+            "id": f"cmpl-{call.request_id}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": req.model,
+        }
+        generated = 0
+        try:
+            if req.echo:
+                for i, (prompt, enc) in enumerate(zip(req.prompts, prompts, strict=True)):
+                    lp = await self._logprobs(req, prompt, enc, "") if req.logprobs else None
+                    event = {**head, "choices": [oa.choice(i, prompt, None, lp)]}
+                    await response.write(_event(event))
+            offsets = [len(p) if req.echo else 0 for p in req.prompts]
+            async for i, c in self._merged(req):
+                generated += len(c.token_ids)
+                lp = None
+                if req.logprobs:
+                    # per message: a message carrying several tokens carries their sum
+                    values = [c.logprob] if c.token_ids else []
+                    lp = oa.token_logprobs(c.text, [c.text] * len(values), values)
+                    lp["text_offset"] = [offsets[i]] * len(values)
+                offsets[i] += len(c.text)
+                event = {**head, "choices": [oa.choice(i, c.text, c.finish_reason, lp)]}
+                await response.write(_event(event))
+            used = oa.usage(sum(len(p.ids) for p in prompts), generated)
+            await response.write(_event({**head, "choices": [], "usage": used}))
+            await response.write(DONE)
+        except ConnectionResetError:
+            call.code, call.message = grpc.StatusCode.CANCELLED, "client went away"
+        except Exception as exc:  # headers are sent: the error travels as an event
+            code, message = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("unhandled error in openai.Completions", exc_info=exc)
+            call.code, call.message = code, message
+            with contextlib.suppress(ConnectionResetError):
+                await response.write(_event(openai_error(code, message, exc)))
+                await response.write(DONE)
+        return response
+
+    async def _merged(self, req: oa.CompletionRequest) -> AsyncIterator[tuple[int, Any]]:
+        """(prompt index, chunk) from every prompt's stream, as they come."""
+        if len(req.prompts) == 1:
+            async with contextlib.aclosing(self._generate(req, req.prompts[0])) as chunks:
+                async for c in chunks:
+                    yield 0, c
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, prompt: str) -> None:
+            try:
+                async with contextlib.aclosing(self._generate(req, prompt)) as chunks:
+                    async for c in chunks:
+                        queue.put_nowait((i, c))
+            except Exception as exc:  # handed to the reader, which raises it
+                queue.put_nowait((i, exc))
+            finally:
+                queue.put_nowait((i, None))
+
+        tasks = [asyncio.ensure_future(pump(i, p)) for i, p in enumerate(req.prompts)]
+        try:
+            running = len(tasks)
+            while running:
+                i, item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()

@@ -1,0 +1,184 @@
+"""Which tensors each model task takes and returns, and one ModelInfer call as Engine calls.
+
+The inputs sent choose the use case: `text` scores (lm), `left`+`right` fill a blank
+(lm and infill models), `history`+`horizon` forecast. Each is the same Engine method the
+rnnserve.v1 handlers call; the table lives in docs/protocols.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+
+from rnnserve.server.engine import Engine
+from rnnserve.server.errors import BadRequest
+from rnnserve.server.kserve.tensors import Tensor
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One use case: the Engine method (rpc name) and its tensors."""
+
+    rpc: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    optional: tuple[str, ...] = ()
+
+
+SCORE = Signature(
+    "Score",
+    (TensorSpec("text", "BYTES", (-1,)),),
+    (
+        TensorSpec("perplexity", "FP64", (-1,)),
+        TensorSpec("log_likelihood", "FP64", (-1,)),
+        TensorSpec("num_tokens", "INT64", (-1,)),
+    ),
+)
+INFILL = Signature(
+    "Infill",
+    (
+        TensorSpec("left", "BYTES", (1,)),
+        TensorSpec("right", "BYTES", (1,)),
+        TensorSpec("top_k", "INT64", (1,)),
+    ),
+    (
+        TensorSpec("text", "BYTES", (-1,)),
+        TensorSpec("token_id", "INT64", (-1,)),
+        TensorSpec("probability", "FP32", (-1,)),
+    ),
+    optional=("top_k",),
+)
+FORECAST = Signature(
+    "Forecast",
+    (TensorSpec("history", "FP32", (-1,)), TensorSpec("horizon", "INT64", (1,))),
+    (TensorSpec("forecast", "FP32", (-1,)),),
+)
+SIGNATURES = (SCORE, INFILL, FORECAST)
+
+# task -> signatures, the first one is what ModelMetadata shows
+BY_TASK = {"lm": (SCORE, INFILL), "infill": (INFILL,), "forecast": (FORECAST,)}
+
+FLOATS = ("FP16", "FP32", "FP64")
+INTEGERS = ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")
+
+
+def signatures_for(task: str) -> tuple[Signature, ...]:
+    return BY_TASK.get(task, ())
+
+
+def choose(inputs: dict[str, Tensor]) -> Signature:
+    """The use case named by the inputs sent; BadRequest lists what is accepted."""
+    for sig in SIGNATURES:
+        if sig.inputs[0].name in inputs:
+            names = {s.name for s in sig.inputs}
+            missing = names - set(sig.optional) - set(inputs)
+            extra = set(inputs) - names
+            if missing:
+                raise BadRequest("inputs", f"{sig.rpc} also needs {', '.join(sorted(missing))}")
+            if extra:
+                raise BadRequest("inputs", f"{sig.rpc} takes no {', '.join(sorted(extra))}")
+            return sig
+    accepted = "; ".join(f"{s.rpc}: {', '.join(i.name for i in s.inputs)}" for s in SIGNATURES)
+    raise BadRequest("inputs", f"no known input among {sorted(inputs)}; accepted: {accepted}")
+
+
+def _texts(t: Tensor) -> list[str]:
+    if t.datatype != "BYTES":
+        raise BadRequest(f"inputs[{t.name}]", f"must be BYTES, got {t.datatype}")
+    try:
+        return [b.decode("utf-8") for b in t.data]
+    except UnicodeDecodeError:
+        raise BadRequest(f"inputs[{t.name}]", "is not valid UTF-8") from None
+
+
+def _one_text(t: Tensor) -> str:
+    texts = _texts(t)
+    if len(texts) != 1:
+        raise BadRequest(f"inputs[{t.name}]", f"must hold one element, got {len(texts)}")
+    return texts[0]
+
+
+def _one_int(t: Tensor) -> int:
+    if t.datatype not in INTEGERS or t.size != 1:
+        raise BadRequest(f"inputs[{t.name}]", f"must be one integer, got {t.datatype}{t.shape}")
+    return int(t.data[0])
+
+
+async def infer(
+    engine: Engine, model: str, version: str, inputs: list[Tensor]
+) -> tuple[str, list[Tensor]]:
+    """Runs one ModelInfer; returns (the version that answered, every output of the task)."""
+    by_name: dict[str, Tensor] = {}
+    for t in inputs:
+        if t.name in by_name:
+            raise BadRequest("inputs", f"{t.name!r} is given twice")
+        by_name[t.name] = t
+    sig = choose(by_name)
+    answered = engine.lookup(model, version, sig.rpc).version
+    if sig is SCORE:
+        outputs = await _score(engine, model, version, by_name["text"])
+    elif sig is INFILL:
+        outputs = await _infill(engine, model, version, by_name)
+    else:
+        outputs = await _forecast(engine, model, version, by_name)
+    return answered, outputs
+
+
+async def _score(engine: Engine, model: str, version: str, text: Tensor) -> list[Tensor]:
+    results = await engine.score(model, version, _texts(text))
+    shape = list(text.shape)
+    return [
+        Tensor("perplexity", "FP64", shape, np.array([r.perplexity for r in results], "<f8")),
+        Tensor(
+            "log_likelihood", "FP64", shape, np.array([r.log_likelihood for r in results], "<f8")
+        ),
+        Tensor("num_tokens", "INT64", shape, np.array([r.num_tokens for r in results], "<i8")),
+    ]
+
+
+async def _infill(engine: Engine, model: str, version: str, t: dict[str, Tensor]) -> list[Tensor]:
+    top_k = _one_int(t["top_k"]) if "top_k" in t else 0
+    found = await engine.infill(model, version, _one_text(t["left"]), _one_text(t["right"]), top_k)
+    k = [len(found)]
+    return [
+        Tensor("text", "BYTES", k, np.array([c.text.encode() for c in found], dtype=object)),
+        Tensor("token_id", "INT64", k, np.array([c.token_id for c in found], "<i8")),
+        Tensor("probability", "FP32", k, np.array([c.probability for c in found], "<f4")),
+    ]
+
+
+async def _forecast(engine: Engine, model: str, version: str, t: dict[str, Tensor]) -> list[Tensor]:
+    history, horizon = t["history"], _one_int(t["horizon"])
+    if history.datatype not in FLOATS:
+        raise BadRequest("inputs[history]", f"must be FP32 or FP64, got {history.datatype}")
+    if len(history.shape) not in (1, 2):
+        raise BadRequest("inputs[history]", f"shape must be [T] or [B, T], got {history.shape}")
+    if history.size == 0:
+        raise BadRequest("inputs[history]", "is empty")
+    series = history.data.astype(np.float64).reshape(-1, history.shape[-1])
+    results = await asyncio.gather(
+        *(engine.forecast(model, version, row.tolist(), horizon, False) for row in series)
+    )
+    values = np.array([r.forecast for r in results], dtype="<f4")
+    shape = [horizon] if len(history.shape) == 1 else [len(series), horizon]
+    return [Tensor("forecast", "FP32", shape, values.reshape(-1))]
+
+
+def select(outputs: list[Tensor], wanted: list[str]) -> list[Tensor]:
+    """The requested outputs, in the order asked (all when none is named)."""
+    if not wanted:
+        return outputs
+    by_name = {t.name: t for t in outputs}
+    unknown = [w for w in wanted if w not in by_name]
+    if unknown:
+        raise BadRequest("outputs", f"no output {unknown[0]!r}; this call has {sorted(by_name)}")
+    return [by_name[w] for w in wanted]

@@ -1,0 +1,158 @@
+"""KServe v2 tensors: one plain `Tensor` and its three wire forms (raw bytes, typed protobuf
+contents, JSON data). Pure: no Engine, no transport.
+
+Raw data is little-endian, row-major; a BYTES element is a 4-byte little-endian length and
+its bytes (the protocol's binary form, used by tritonclient on both transports).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from rnnserve.server.errors import BadRequest
+
+# datatype -> numpy dtype (BYTES: an object array of bytes)
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+
+# datatype -> InferTensorContents field
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+_LENGTH = struct.Struct("<I")
+
+
+@dataclass
+class Tensor:
+    """A named, typed tensor; `data` is flat (row-major) with `prod(shape)` elements."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+def check_header(name: str, datatype: str, shape: list[int]) -> None:
+    """BadRequest unless the datatype is known and the shape has no negative dimension."""
+    if datatype not in DTYPES:
+        raise BadRequest(f"inputs[{name}].datatype", f"unknown datatype {datatype!r}")
+    if any(d < 0 for d in shape):
+        raise BadRequest(f"inputs[{name}].shape", f"dimensions must be >= 0, got {shape}")
+
+
+def _checked(name: str, datatype: str, shape: list[int], data: np.ndarray) -> Tensor:
+    t = Tensor(name, datatype, list(shape), data)
+    if len(data) != t.size:
+        raise BadRequest(
+            f"inputs[{name}]", f"shape {shape} needs {t.size} elements, got {len(data)}"
+        )
+    return t
+
+
+# -- raw bytes ------------------------------------------------------------------------------
+def from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> Tensor:
+    """Decodes the protocol's binary form (raw_input_contents / binary_data_size)."""
+    check_header(name, datatype, shape)
+    if datatype != "BYTES":
+        dtype = DTYPES[datatype]
+        if len(raw) % dtype.itemsize:
+            raise BadRequest(f"inputs[{name}]", f"{len(raw)} raw bytes is not whole {datatype}s")
+        return _checked(name, datatype, shape, np.frombuffer(raw, dtype=dtype))
+    items, at = [], 0
+    while at < len(raw):
+        if at + 4 > len(raw):
+            raise BadRequest(f"inputs[{name}]", "BYTES data ends inside an element's length")
+        (n,) = _LENGTH.unpack_from(raw, at)
+        at += 4
+        if at + n > len(raw):
+            raise BadRequest(f"inputs[{name}]", "BYTES element is longer than the data left")
+        items.append(raw[at : at + n])
+        at += n
+    return _checked(name, datatype, shape, np.array(items, dtype=object))
+
+
+def to_raw(tensor: Tensor) -> bytes:
+    """The protocol's binary form of a tensor."""
+    if tensor.datatype != "BYTES":
+        return np.ascontiguousarray(tensor.data, dtype=DTYPES[tensor.datatype]).tobytes()
+    parts = []
+    for item in tensor.data:
+        b = item if isinstance(item, bytes) else str(item).encode()
+        parts += [_LENGTH.pack(len(b)), b]
+    return b"".join(parts)
+
+
+# -- typed protobuf contents ----------------------------------------------------------------
+def from_contents(name: str, datatype: str, shape: list[int], contents) -> Tensor:
+    """Decodes InferTensorContents (the typed repeated field matching the datatype)."""
+    check_header(name, datatype, shape)
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise BadRequest(f"inputs[{name}]", f"{datatype} must be sent as raw contents")
+    values = list(getattr(contents, field))
+    dtype = DTYPES[datatype]
+    data = np.array(values, dtype=object) if datatype == "BYTES" else np.array(values, dtype)
+    return _checked(name, datatype, shape, data)
+
+
+# -- JSON -----------------------------------------------------------------------------------
+def from_json(name: str, datatype: str, shape: list[int], data: object) -> Tensor:
+    """Decodes a REST tensor's `data` (flat or nested list; BYTES as strings)."""
+    check_header(name, datatype, shape)
+    flat = np.asarray(data, dtype=object).reshape(-1)
+    try:
+        if datatype == "BYTES":
+            if not all(isinstance(v, str) for v in flat):
+                raise TypeError("BYTES data must be strings")
+            values = np.array([v.encode() for v in flat], dtype=object)
+        elif datatype == "BOOL":
+            if not all(isinstance(v, bool) for v in flat):
+                raise TypeError("BOOL data must be true or false")
+            values = flat.astype(np.bool_)
+        else:
+            if any(isinstance(v, (bool, str)) or v is None for v in flat):
+                raise TypeError(f"{datatype} data must be numbers")
+            values = flat.astype(DTYPES[datatype])
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BadRequest(f"inputs[{name}].data", str(exc)) from None
+    return _checked(name, datatype, shape, values)
+
+
+def to_json(tensor: Tensor) -> list:
+    """A tensor's flat `data` list for a REST response (BYTES as UTF-8 strings)."""
+    if tensor.datatype == "BYTES":
+        return [b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b)
+                for b in tensor.data]  # fmt: skip
+    return tensor.data.tolist()
