@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Servers the tests start (in process or as `rnn-server`) leave the HTTP port off unless a test
+# asks for one: a fixed default port would collide between tests and between test runs.
+os.environ.setdefault("RNNSERVE_HTTP_PORT", "0")
 
 
 @pytest.fixture(scope="session")

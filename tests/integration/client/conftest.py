@@ -50,7 +50,9 @@ def live_server(model_repo: Path) -> Iterator[LiveServer]:
             script.unavailable[rpc] -= 1
             raise ShuttingDown("scripted: draining")
 
-    settings = Settings(model_repo=model_repo, host="127.0.0.1", port=0, metrics_port=0)
+    settings = Settings(
+        model_repo=model_repo, host="127.0.0.1", port=0, metrics_port=0, http_port=0
+    )
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     holder: dict = {}

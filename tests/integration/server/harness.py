@@ -62,5 +62,7 @@ class ServerThread:
 
 
 def make_settings(repo: Path, **overrides: Any) -> Settings:
-    base = Settings(model_repo=repo, host="localhost", port=0, metrics_port=0, state_key="k")
+    base = Settings(
+        model_repo=repo, host="localhost", port=0, metrics_port=0, http_port=0, state_key="k"
+    )
     return replace(base, **overrides)
