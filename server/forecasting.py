@@ -1,9 +1,14 @@
-"""Forecast: normalise the history, warm up on it, then feed predictions back `horizon` times.
+"""Forecast: represent and normalise the history, warm up on it, feed predictions back
+`horizon` times, and undo the representation.
 
-The graph maps normalised values [batch, time, 1] to the prediction of the next value. One
-call over the whole history warms the state up and gives the one-step-ahead fitted values
-(valid from index tau: before it the model's window is not full); each further call feeds
-the last prediction back. Every value returned is in the series' original units.
+The graph maps the normalised representation [batch, time, 1] (levels, or first and/or
+seasonal differences: manifest.series.representation, docs/forecasting.md) to its next
+value. One call over the whole history warms the state up and gives the one-step-ahead
+fitted values (valid from index tau: before it the window or the differences are not
+full); each further call feeds the last prediction back. Predicted differences are added
+back onto the history (x̂_{t+j} = x̂_{t+j-m} + ŷ_{t+j}, ŷ accumulated from y_t), so every
+value returned is in the series' original units, with the manifest's residual intervals.
+This is the inverse of trainer/forecast/representation.py; a unit test holds them equal.
 """
 
 from __future__ import annotations
@@ -24,22 +29,83 @@ class ForecastResult:
     forecast: list[float]
     fitted: list[float] = field(default_factory=list)
     fitted_offset: int = 0
+    # central interval per forecast step (manifest.series.intervals), empty without one
+    lower: list[float] = field(default_factory=list)
+    upper: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Series:
+    """manifest.series: normalisation, min history, representation and intervals.
+    Manifests written before representations existed read as levels (difference 0)."""
+
     mean: float
     std: float
     tau: int
+    difference: int = 0
+    season: int = 0
+    lower: tuple[float, ...] = ()
+    upper: tuple[float, ...] = ()
+
+    @property
+    def lost(self) -> int:
+        return self.season + self.difference
 
     @classmethod
     def from_manifest(cls, series: dict | None) -> Series:
         try:
             s = series or {}
             std = float(s.get("std", 1.0)) or 1.0
-            return cls(float(s.get("mean", 0.0)), std, max(1, int(s.get("tau", 1))))
-        except (TypeError, ValueError) as exc:
+            rep = s.get("representation") or {}
+            difference, season = int(rep.get("difference", 0)), int(rep.get("season", 0))
+            if difference not in (0, 1) or season < 0 or season == 1:
+                raise ValueError(f"representation {rep} is not one this server can undo")
+            intervals = s.get("intervals") or {}
+            lower = tuple(float(v) for v in intervals.get("lower") or ())
+            upper = tuple(float(v) for v in intervals.get("upper") or ())
+            if len(lower) != len(upper):
+                raise ValueError("intervals.lower and intervals.upper differ in length")
+            tau = max(1, int(s.get("tau", 1)), season + difference + 1)
+            return cls(float(s.get("mean", 0.0)), std, tau, difference, season, lower, upper)
+        except (TypeError, ValueError, AttributeError) as exc:
             raise UnsupportedTask(f"model has an unusable `series` entry: {exc}") from exc
+
+    def represent(self, history: np.ndarray) -> np.ndarray:
+        """Normalised representation of the levels [T]; 0 where it is undefined."""
+        y = history.astype(np.float64).copy()
+        m = self.season
+        if m:
+            y[m:] = history[m:] - history[:-m]
+        if self.difference:
+            y[1:] = y[1:] - y[:-1]
+        z = (y - self.mean) / self.std
+        z[: self.lost] = 0.0
+        return z
+
+    def levels(self, history: np.ndarray, origins: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Levels [n, K] from normalised predictions z [n, K] made at `origins` [n]."""
+        r = z * self.std + self.mean
+        m = self.season
+        if not self.lost:
+            return r
+        y = r
+        if self.difference:
+            y_now = history[origins] - (history[origins - m] if m else 0.0)
+            y = y_now[:, None] + np.cumsum(r, axis=1)
+        if not m:
+            return y
+        out = np.empty_like(y)
+        for j in range(y.shape[1]):
+            out[:, j] = (history[origins - m + 1 + j] if j < m else out[:, j - m]) + y[:, j]
+        return out
+
+    def interval(self, forecast: np.ndarray) -> tuple[list[float], list[float]]:
+        """[x̂_k + lower[k-1], x̂_k + upper[k-1]] per step; the last entry beyond its end."""
+        if not self.lower:
+            return [], []
+        idx = np.minimum(np.arange(len(forecast)), len(self.lower) - 1)
+        lo, hi = np.asarray(self.lower)[idx], np.asarray(self.upper)[idx]
+        return (forecast + lo).tolist(), (forecast + hi).tolist()
 
 
 def validate(history: list[float], horizon: int, tau: int, settings: Settings) -> None:
@@ -48,7 +114,8 @@ def validate(history: list[float], horizon: int, tau: int, settings: Settings) -
     if len(history) < tau:
         raise BadRequest(
             "history",
-            f"has {len(history)} values; this model needs at least {tau} (its window tau)",
+            f"has {len(history)} values; this model needs at least {tau} "
+            "(its window tau, plus the values its differencing uses)",
         )
     if len(history) > settings.max_history:
         raise BadRequest(
@@ -86,11 +153,17 @@ async def forecast(
     assert entry.manifest is not None and entry.model is not None
     series = Series.from_manifest(entry.manifest.series)
     validate(history, horizon, series.tau, settings)
-    z = (np.asarray(history, dtype=np.float64) - series.mean) / series.std
+    levels = np.asarray(history, dtype=np.float64)
+    z = series.represent(levels)
     fitted, out = await runtime.call(_forecast_sync, entry.model, z, horizon)
-    result = ForecastResult(forecast=(out * series.std + series.mean).tolist())
+    last = np.array([len(levels) - 1])
+    forecast_levels = series.levels(levels, last, out[None, :])[0]
+    lower, upper = series.interval(forecast_levels)
+    result = ForecastResult(forecast=forecast_levels.tolist(), lower=lower, upper=upper)
     if return_fitted:
         # fitted[t] predicts history[t + 1]; valid once the window is full (t >= tau - 1)
-        result.fitted = (fitted[series.tau - 1 : -1] * series.std + series.mean).tolist()
+        origins = np.arange(series.tau - 1, len(levels) - 1)
+        one_step = series.levels(levels, origins, fitted[origins][:, None])[:, 0]
+        result.fitted = one_step.tolist()
         result.fitted_offset = series.tau
     return result

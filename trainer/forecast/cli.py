@@ -11,20 +11,20 @@ import argparse
 from pathlib import Path
 
 from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.forecast.flags import MLP_HIDDEN, RECURRENT_HIDDEN, add_series_arguments
 from rnnserve.trainer.forecast.models import FORECAST_ARCHS
 from rnnserve.trainer.forecast.pipeline import run_forecast
-from rnnserve.trainer.forecast.series import MISSING_POLICIES, load_series
+from rnnserve.trainer.forecast.series import MISSING_POLICIES, SPLITS, load_series
 from rnnserve.trainer.forecast.train import ForecastTrainConfig
 
 # Common flags whose language-model defaults do not suit a 1000-value series.
 FORECAST_DEFAULTS = {
     "arch": "gru",
     "epochs": 300,
-    "num_steps": 100,
+    "num_steps": None,  # up to 100, fewer when a short series needs it
     "batch_size": 64,
     "hidden": None,  # 10 for mlp (the textbook's), 32 for rnn/gru/lstm
 }
-MLP_HIDDEN, RECURRENT_HIDDEN = 10, 32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +55,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--plot", default=None, help="PNG of the k-step predictions (default: PKG/forecast.png)"
     )
+    add_series_arguments(group)
+    group.add_argument(
+        "--split",
+        default=None,
+        choices=SPLITS,
+        help="tail: all but --val-size values train (default for --series); textbook: the "
+        "first 60%% train, the rest test (default for the built-in sine)",
+    )
+    group.add_argument(
+        "--patience", type=int, default=10, help="early stopping: validation checks (0 = off)"
+    )
     parser.set_defaults(**FORECAST_DEFAULTS)
 
 
@@ -82,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> ForecastTrainConfig:
         clip=args.clip or None,
         seed=args.seed,
         device=args.device,
+        patience=args.patience,
     )
 
 
@@ -94,14 +106,18 @@ def run_train(args: argparse.Namespace) -> int:
     if getattr(args, "resume", None):
         raise TrainerError("--resume is not supported for --task forecast (runs take seconds)")
     config = config_from_args(args)
-    series = load_series(args.series, args.column, config.tau, args.missing)
+    series = load_series(
+        args.series, args.column, config.tau, args.missing, split=args.split,
+        val_size=args.val_size, transform=args.transform, season=args.season,
+    )  # fmt: skip
     name = args.name or f"{'sine' if args.series is None else 'series'}-{config.arch}"
     version = str(getattr(args, "version", "1") or "1")
     out = Path(args.out)
     plot = Path(args.plot) if args.plot else out / name / version / "forecast.png"
     print(
         f"forecast {config.arch}: {len(series.values)} values from {series.source}, "
-        f"train {series.num_train}, test {len(series.values) - series.num_train}"
+        f"train {series.num_train}, {series.held_out} {len(series.values) - series.num_train}, "
+        f"representation {series.representation.name}"
     )
     run_forecast(
         config,

@@ -3,8 +3,8 @@
 As in the textbook, the k-step prediction of x_{t+k} is made at t from the true values up to
 t: the model warms up on x_1..x_t, predicts x̂_{t+1}, is fed x̂_{t+1} to predict x̂_{t+2}, and
 so on k times. Every predictor is scored on the same targets: the test range x_i,
-i >= num_train, each predicted from origin t = i - k. MSE is reported in the series' own
-units (normalisation undone), so models and baselines compare directly.
+i >= num_train, each predicted from origin t = i - k. Errors are in the series' own units
+(representation and normalisation undone), so models and baselines compare directly.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rnnserve.trainer.forecast.metrics import METRICS, errors, mase_scale
 from rnnserve.trainer.forecast.series import Series
 
 HORIZONS = (1, 4, 16, 64)
@@ -29,7 +30,8 @@ class KStepPredictor(Protocol):
 
 
 class TorchForecaster:
-    """Adapts an exportable forecast model (state interface) to `k_step`."""
+    """Adapts an exportable forecast model (state interface) to `k_step` in the model's own
+    space (the normalised representation); LevelForecaster wraps it in series units."""
 
     def __init__(self, model: nn.Module, name: str | None = None) -> None:
         self.model = model
@@ -42,11 +44,12 @@ class TorchForecaster:
         was_training = model.training
         model.eval()
         axes = [spec.batch_axis for spec in model.state_specs()]
-        state = model.initial_state(1)
+        device = next(model.parameters()).device
+        state = [s.to(device) for s in model.initial_state(1)]
         wanted = {int(t): i for i, t in enumerate(origins)}
         first = [torch.empty(0)] * len(origins)  # x̂_{t+1} per origin, [1, 1, 1]
         saved: list[tuple[torch.Tensor, ...]] = [()] * len(origins)
-        series = torch.as_tensor(values, dtype=torch.float32)
+        series = torch.as_tensor(values, dtype=torch.float32, device=device)
         start = int(origins.min())
         if start > 0:  # before the first origin: one call over the whole prefix
             _, *state = model(series[:start].view(1, -1, 1), *state)
@@ -62,7 +65,26 @@ class TorchForecaster:
             pred, *state = model(pred, *state)
             columns.append(pred[:, 0, 0])
         model.train(was_training)
-        return torch.stack(columns, dim=1).numpy()  # [n, k_max]
+        return torch.stack(columns, dim=1).cpu().numpy()  # [n, k_max]
+
+
+class LevelForecaster:
+    """A model in the series' own units: levels -> representation -> normalise -> the model's
+    k_step -> undo both. Its `tau` is the shortest history it needs (window + differencing)."""
+
+    def __init__(self, inner: TorchForecaster, series: Series) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.representation = series.representation
+        self.normaliser = series.normaliser
+        self.tau = inner.tau + self.representation.lost
+
+    def k_step(self, values: np.ndarray, origins: np.ndarray, k_max: int) -> np.ndarray:
+        rep = self.representation
+        z = self.normaliser.apply(rep.apply(values))
+        z[: rep.lost] = 0.0
+        steps = self.normaliser.undo(self.inner.k_step(z, origins, k_max))
+        return rep.undo(values, origins, steps)
 
 
 @dataclass
@@ -71,7 +93,7 @@ class KStepResult:
 
     name: str
     origins: np.ndarray  # int [n]
-    predictions: np.ndarray  # float32 [n, k_max]; [i, k-1] predicts x_{origins[i] + k}
+    predictions: np.ndarray  # float64 [n, k_max]; [i, k-1] predicts x_{origins[i] + k}
 
     def at_horizon(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(target indices t + k, predictions) for horizon k."""
@@ -81,25 +103,31 @@ class KStepResult:
 def predict(
     predictor: KStepPredictor, series: Series, k_max: int, first_origin: int
 ) -> KStepResult:
-    """k-step predictions from every origin first_origin..T-2, denormalised."""
-    values = series.normalised
-    origins = np.arange(first_origin, len(values) - 1)
-    normalised = predictor.k_step(values, origins, k_max)
-    return KStepResult(predictor.name, origins, series.normaliser.undo(normalised))
+    """k-step predictions (series units) from every origin first_origin..T-2."""
+    origins = np.arange(first_origin, len(series.values) - 1)
+    preds = predictor.k_step(series.values.astype(np.float64), origins, k_max)
+    return KStepResult(predictor.name, origins, np.asarray(preds, dtype=np.float64))
 
 
-def mse_by_horizon(result: KStepResult, series: Series, horizons=HORIZONS) -> dict[int, float]:
-    """MSE over the test targets x_i (i >= num_train, i < T) for each horizon k."""
-    table: dict[int, float] = {}
+def held_out_errors(
+    result: KStepResult, series: Series, horizons=HORIZONS
+) -> dict[int, dict[str, float]]:
+    """{k: {mase, smape, mse}} over the held-out targets x_i (num_train <= i < T)."""
+    scale = mase_scale(series.values[: series.num_train], series.season)
+    table: dict[int, dict[str, float]] = {}
     for k in horizons:
         targets, preds = result.at_horizon(k)
         keep = (targets >= series.num_train) & (targets < len(series.values))
         if not keep.any():
-            table[k] = float("nan")
+            table[k] = {m: float("nan") for m in METRICS}
             continue
-        err = preds[keep].astype(np.float64) - series.values[targets[keep]]
-        table[k] = float(np.mean(err**2))
+        table[k] = errors(series.values[targets[keep]], preds[keep], scale)
     return table
+
+
+def mse_by_horizon(result: KStepResult, series: Series, horizons=HORIZONS) -> dict[int, float]:
+    """MSE over the held-out targets x_i (i >= num_train, i < T) for each horizon k."""
+    return {k: row["mse"] for k, row in held_out_errors(result, series, horizons).items()}
 
 
 def evaluate_all(
@@ -117,10 +145,10 @@ def format_table(table: dict[str, dict[int, float]], horizons=HORIZONS) -> str:
     width = max(12, *(len(n) + 2 for n in table))
     lines = ["model".ljust(width) + "".join(f"k={k}".rjust(10) for k in horizons)]
     for name, row in table.items():
-        lines.append(name.ljust(width) + "".join(f"{row[k]:10.4f}" for k in horizons))
+        lines.append(name.ljust(width) + "".join(f"{row[k]:10.4g}" for k in horizons))
     return "\n".join(lines)
 
 
-def metrics_for_manifest(row: dict[int, float]) -> dict[str, float]:
-    """{mse_k1, mse_k4, mse_k16, mse_k64} for manifest.metrics."""
-    return {f"mse_k{k}": float(v) for k, v in row.items()}
+def metrics_for_manifest(row: dict[int, float], prefix: str = "mse") -> dict[str, float]:
+    """{mse_k1, mse_k4, ...} for manifest.metrics."""
+    return {f"{prefix}_k{k}": float(v) for k, v in row.items()}

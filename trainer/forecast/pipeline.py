@@ -15,13 +15,15 @@ from pathlib import Path
 from torch import nn
 
 from rnnserve.trainer.export import export_model
-from rnnserve.trainer.forecast.baselines import LastValue, LinearAR
+from rnnserve.trainer.forecast.baselines import all_baselines
 from rnnserve.trainer.forecast.evaluate import (
     HORIZONS,
     KStepResult,
+    LevelForecaster,
     TorchForecaster,
     evaluate_all,
     format_table,
+    held_out_errors,
     metrics_for_manifest,
     predict,
 )
@@ -44,8 +46,8 @@ class ForecastRun:
 
 
 def baselines(series: Series, tau: int) -> list:
-    """Last value and AR(tau) fitted on the normalised training range."""
-    return [LastValue(), LinearAR.fit(series.normalised[: series.num_train], tau)]
+    """Naive, seasonal naive (with a season), drift and AR(tau) fitted on the training range."""
+    return all_baselines(series.values[: series.num_train], tau, series.season)
 
 
 def series_digest(series: Series) -> str:
@@ -66,14 +68,16 @@ def run_forecast(
     """Trains config.arch, scores it and the baselines at k = 1, 4, 16, 64, exports to
     out/<name>/<version>/ (when `out` is given) with metrics {mse_k1, ..., mse_k64}."""
     model, history = train_forecaster(config, series, progress=progress)
-    predictor = TorchForecaster(model, name=config.arch)
+    predictor = LevelForecaster(TorchForecaster(model, name=config.arch), series)
     table, results = evaluate_all([predictor, *baselines(series, config.tau)], series)
-    log(f"test MSE ({len(series.values) - series.num_train} values, series units):")
+    held = len(series.values) - series.num_train
+    log(f"representation: {series.representation.name}; {series.held_out} MSE "
+        f"({held} held-out values, series units):")  # fmt: skip
     log(format_table(table))
     run = ForecastRun(model, table, results, history=history)
-    warmed = max(predictor.tau - 1, config.resolved_warmup())
+    warmed = max(predictor.tau - 1, config.resolved_warmup() + series.representation.lost)
     full = predict(predictor, series, max(HORIZONS), first_origin=warmed)  # whole series
-    manifest_series = series.normaliser.manifest_series(min_history(model))
+    manifest_series = series.manifest_series(min_history(model))
     try:
         manifest_series["intervals"] = manifest_intervals(full, series)
         cover = manifest_series["intervals"]["test_coverage"]
@@ -82,12 +86,16 @@ def run_forecast(
     except SeriesError as exc:
         log(f"no prediction intervals: {exc}")
     if out is not None:
+        scores = held_out_errors(results[0], series)
         metrics = metrics_for_manifest(table[config.arch])
+        metrics.update(metrics_for_manifest({k: r["mase"] for k, r in scores.items()}, "mase"))
         training = {
             "series": series.source,
             "series_sha256": series_digest(series),
             "num_values": len(series.values),
             "num_train": series.num_train,
+            "held_out": series.held_out,
+            "representation": series.representation.name,
             "config": config.to_dict(),
             "final_train_mse": history[-1],
             "baselines": {k: metrics_for_manifest(v) for k, v in table.items() if k != config.arch},

@@ -76,6 +76,32 @@ def plot_report(
     return _save(fig, plt, path)
 
 
+def plot_backtest(result, path: Path, k: int = 16, context: int | None = None) -> Path:
+    """Two panels for one backtest (backtest.BacktestResult): the test window with the
+    k-step forecasts of the best model and the best baseline, and MASE bars by horizon."""
+    plt = _pyplot()
+    series = result.series
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.5))
+    start = max(0, series.num_train - (context or 2 * (len(series.values) - series.num_train)))
+    time = np.arange(len(series.values))
+    left.plot(time[start:], series.values[start:], color="0.5", lw=0.9, label="data")
+    by_name = {r.name: r for r in result.results}
+    for name in (result.best("model", k), result.best("baseline", k)):
+        targets, preds = by_name[name].at_horizon(k)
+        keep = (targets >= series.num_train) & (targets < len(series.values))
+        mase = result.scores[name][k]["mase"]
+        left.plot(time[targets[keep]], preds[keep], lw=1.2, label=f"{name} (MASE {mase:.2f})")
+    left.axvline(series.num_train - 0.5, color="k", ls=":", lw=0.8)
+    left.set_title(f"{result.source}: {k}-step forecasts over the test window")
+    left.set_xlabel("time index")
+    left.legend(fontsize=8)
+    horizons = sorted(next(iter(result.scores.values())))
+    table = {n: {h: row[h]["mase"] for h in horizons} for n, row in result.scores.items()}
+    draw_mse_bars(right, table, horizons, title=f"MASE ({result.representation})")
+    right.set_ylabel("MASE (test window)")
+    return _save(fig, plt, path)
+
+
 def _save(fig, plt, path: Path) -> Path:
     path = Path(path)
     try:

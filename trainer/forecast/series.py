@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.forecast.detect import choose_representation
+from rnnserve.trainer.forecast.representation import TRANSFORMS, Representation
 
 TEXTBOOK_LENGTH = 1000
 TEXTBOOK_NOISE_STD = 0.2
 TEXTBOOK_TRAIN = 600
 TRAIN_FRACTION = TEXTBOOK_TRAIN / TEXTBOOK_LENGTH
 MISSING_POLICIES = ("interpolate", "error")
+SPLITS = ("tail", "textbook")  # a small validation tail, or the textbook's 60 % / 40 %
+MIN_DEFAULT_VAL, MAX_DEFAULT_VAL = 16, 64
 MIN_TRAIN_AFTER_WINDOW = 8  # training examples a series must offer beyond the window tau
 _MISSING_TEXT = {"", "na", "nan", "null", "none", "n/a", "?", "-"}
 
@@ -137,40 +141,137 @@ class Normaliser:
 
 @dataclass(frozen=True)
 class Series:
-    """A raw series with its train/test split point and its normalisation."""
+    """A raw series, where its held-out part starts, its representation and normalisation.
+
+    The model reads `normalised`: the representation (representation.py) of the levels,
+    standardised with statistics of the training range, 0 where it is undefined."""
 
     values: np.ndarray  # float32 [T], raw units
-    num_train: int  # values[:num_train] train, values[num_train:] test
-    normaliser: Normaliser
+    num_train: int  # values[:num_train] fit the model, values[num_train:] are held out
+    normaliser: Normaliser  # of the representation over the training range
     source: str  # "textbook" or "<file>:<column>", recorded in manifest.training
+    representation: Representation = field(default_factory=Representation)
+    held_out: str = "test"  # "test" (the textbook split) or "validation" (a tail split)
 
     @property
     def normalised(self) -> np.ndarray:  # float32 [T]
-        return self.normaliser.apply(self.values)
+        z = self.normaliser.apply(self.representation.apply(self.values))
+        z[: self.representation.lost] = 0.0
+        return z
+
+    @property
+    def season(self) -> int:
+        return self.representation.season
+
+    def manifest_series(self, window: int) -> dict:
+        """manifest.series: normalisation, the representation, and `tau`, the shortest
+        history a forecast needs (the model's window plus the values differencing uses)."""
+        entry = self.normaliser.manifest_series(window + self.representation.lost)
+        entry["representation"] = self.representation.to_manifest()
+        return entry
 
 
-def split_series(values: np.ndarray, tau: int, source: str) -> Series:
+def make_series(
+    values: np.ndarray,
+    num_train: int,
+    source: str,
+    representation: Representation | None = None,
+    held_out: str = "test",
+) -> Series:
+    """Fits the normaliser on the representation of values[:num_train]."""
+    rep = representation or Representation()
+    train_rep = rep.apply(values[:num_train])[rep.lost :]
+    if len(train_rep) < 2:
+        raise SeriesError(f"series {source}: too few training values for {rep.name}")
+    return Series(values, num_train, Normaliser.fit(train_rep), source, rep, held_out)
+
+
+def split_series(
+    values: np.ndarray, tau: int, source: str, representation: Representation | None = None
+) -> Series:
     """Split 60 % / 40 % (the textbook's 600 / 400) and fit the normaliser on the train part."""
     n = len(values)
     num_train = round(n * TRAIN_FRACTION)
-    needed_train = tau + MIN_TRAIN_AFTER_WINDOW
+    lost = representation.lost if representation else 0
+    needed_train = tau + lost + MIN_TRAIN_AFTER_WINDOW
     if num_train < needed_train or n - num_train < 1:
         minimum = math.ceil(needed_train / TRAIN_FRACTION) + 1
         raise SeriesError(
             f"series {source} has {n} values; with --tau {tau} it needs at least {minimum} "
             f"(the first {TRAIN_FRACTION:.0%} train, the rest test)"
         )
-    return Series(values, num_train, Normaliser.fit(values[:num_train]), source)
+    return make_series(values, num_train, source, representation, "test")
+
+
+def default_val_size(length: int) -> int:
+    """10 % of the series, at least 16 and at most 64 values, and never over a quarter."""
+    wanted = min(MAX_DEFAULT_VAL, max(MIN_DEFAULT_VAL, round(length * 0.1)))
+    return int(max(1, min(wanted, length // 4)))
+
+
+def tail_split(
+    values: np.ndarray,
+    tau: int,
+    source: str,
+    val_size: int | None = None,
+    transform: str = "auto",
+    season: int | None = None,
+) -> Series:
+    """All but the last `val_size` values train; the tail validates (early stopping).
+    The representation is chosen on the training part (detect.py) unless given by flags."""
+    n = len(values)
+    val = default_val_size(n) if val_size is None else val_size
+    if val < 1:
+        raise SeriesError(f"--val-size must be at least 1, got {val}")
+    num_train = n - val
+    if transform not in TRANSFORMS:
+        raise SeriesError(f"--transform must be one of {', '.join(TRANSFORMS)}, got {transform!r}")
+    if season is not None and (season < 0 or season == 1):
+        raise SeriesError(f"--season must be auto, 0 (none) or a period >= 2, got {season}")
+    if season and 2 * season + tau + MIN_TRAIN_AFTER_WINDOW > num_train:
+        raise SeriesError(f"--season {season} needs at least two seasons of training values")
+    if num_train < tau + MIN_TRAIN_AFTER_WINDOW + 1:
+        raise SeriesError(
+            f"series {source} has {n} values; with --tau {tau} and --val-size {val} it needs "
+            f"at least {tau + MIN_TRAIN_AFTER_WINDOW + 1 + val}"
+        )
+    rep = choose_representation(values[:num_train], transform, season)
+    if num_train < tau + rep.lost + MIN_TRAIN_AFTER_WINDOW:
+        raise SeriesError(f"series {source}: too few training values for {rep.name}")
+    return make_series(values, num_train, source, rep, "validation")
 
 
 def load_series(
-    path: str | Path | None, column: str | None, tau: int, missing: str = "interpolate"
+    path: str | Path | None,
+    column: str | None,
+    tau: int,
+    missing: str = "interpolate",
+    split: str | None = None,
+    val_size: int | None = None,
+    transform: str | None = None,
+    season: int | None = None,
 ) -> Series:
-    """The textbook series (path None; always seed 0) or a CSV column, split and normalised."""
+    """The textbook series (path None; always seed 0) or a CSV column, split and represented.
+
+    `split` None picks the textbook's 600/400 for the built-in series and a validation tail
+    for a CSV; `transform` None is "level" for the textbook split (the textbook experiment
+    learns levels) and "auto" otherwise."""
     if tau < 1:
         raise SeriesError(f"--tau must be at least 1, got {tau}")
     if path is None:
-        return split_series(textbook_series(), tau, "textbook")
-    if not column:
+        values, source = textbook_series(), "textbook"
+    elif not column:
         raise SeriesError("--series needs --column NAME (the CSV column to forecast)")
-    return split_series(load_csv(path, column, missing), tau, f"{path}:{column}")
+    else:
+        values, source = load_csv(path, column, missing), f"{path}:{column}"
+    split = split or ("textbook" if path is None else "tail")
+    if split not in SPLITS:
+        raise SeriesError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "tail":
+        return tail_split(values, tau, source, val_size, transform or "auto", season)
+    rep = None
+    if transform not in (None, "level") or season:
+        rep = choose_representation(
+            values[: round(len(values) * TRAIN_FRACTION)], transform or "auto", season
+        )
+    return split_series(values, tau, source, rep)

@@ -29,6 +29,8 @@ from rnnserve.trainer.forecast.series import Series
 from rnnserve.trainer.train import resolve_device
 
 ORIGIN_STRIDE = 8  # steps between rollout origins in a training subsequence
+AUTO_STEPS = 100  # --num-steps when not given: this, or what a short series allows
+CHECKS_PER_RUN = 50  # validation checks over a full run (early stopping)
 
 
 @dataclass
@@ -41,7 +43,7 @@ class ForecastTrainConfig:
     layers: int = 1
     epochs: int = 300
     batch_size: int = 64
-    num_steps: int = 100  # scored predictions per subsequence
+    num_steps: int | None = 100  # scored predictions per subsequence; None: up to 100
     warmup: int | None = None  # unscored steps first; None: tau - 1 (mlp) or 16 (recurrent)
     rollout: int = 32  # horizon H of the multi-step loss (0 or 1: one-step loss only)
     lr: float = 0.01
@@ -49,6 +51,8 @@ class ForecastTrainConfig:
     clip: float | None = 1.0
     seed: int = 0
     device: str = "cpu"  # auto | cpu | cuda
+    patience: int = 10  # validation checks without improvement before stopping (0: never)
+    val_horizon: int = 16  # the validation score averages k-step MSE over k = 1..this
 
     def resolved_warmup(self) -> int:
         if self.warmup is not None:
@@ -126,13 +130,17 @@ def _train(
     rng = np.random.default_rng(config.seed)
     model = build_model(config.arch, tau=config.tau, hidden=config.hidden, layers=config.layers)
     warmup = config.resolved_warmup()
+    lost = series.representation.lost
+    train = series.normalised[lost : series.num_train]
     steps = config.num_steps
+    if steps is None:  # auto: as long as the training range allows, at most AUTO_STEPS
+        steps = max(1, min(AUTO_STEPS, len(train) - warmup - 1))
+    rollout = min(config.rollout, steps) if config.num_steps is None else config.rollout
     if steps < 1 or config.epochs < 1 or config.batch_size < 1:
         raise TrainerError("--num-steps, --epochs and --batch-size must be at least 1")
-    if not 0 <= config.rollout <= steps:
+    if not 0 <= rollout <= steps:
         raise TrainerError(f"--rollout must be between 0 and --num-steps ({steps})")
     length = warmup + steps + 1
-    train = series.normalised[: series.num_train]
     if length > len(train):
         raise TrainerError(
             f"a training subsequence needs {length} values (warm-up {warmup} + --num-steps "
@@ -146,12 +154,13 @@ def _train(
         optimizer, T_max=config.epochs, eta_min=config.lr * config.min_lr_ratio
     )
     history: list[float] = []
+    stopper = EarlyStopping(series, config) if series.held_out == "validation" else None
     for epoch in range(config.epochs):
         windows = _subsequences(train, length, steps, config.batch_size, rng)
         data = torch.as_tensor(windows, device=device)  # [n, length]
         total, batches = 0.0, 0
         for i in range(0, len(data), config.batch_size):
-            loss = _loss(model, data[i : i + config.batch_size], warmup, config.rollout)
+            loss = _loss(model, data[i : i + config.batch_size], warmup, rollout)
             optimizer.zero_grad()
             loss.backward()
             if config.clip:
@@ -164,4 +173,57 @@ def _train(
             raise TrainerError(f"training diverged at epoch {epoch + 1}: lower --lr or set --clip")
         if progress and (epoch + 1) % max(1, config.epochs // 10) == 0:
             print(f"epoch {epoch + 1}/{config.epochs}  train mse {history[-1]:.4f}", flush=True)
+        if stopper is not None and stopper.should_stop(model, epoch):
+            break
+    if stopper is not None:
+        stopper.restore(model)
+        if progress:
+            print(f"best validation at epoch {stopper.best_epoch + 1} (score {stopper.best:.4g})")
     return model.cpu().eval(), history
+
+
+class EarlyStopping:
+    """Scores the model on the validation tail every `every` epochs and keeps the best
+    weights; stops after `patience` checks without improvement.
+
+    The score is the mean squared k-step error, k = 1..val_horizon, over the tail's targets,
+    in the series' units: what forecasting does, not the training loss."""
+
+    def __init__(self, series: Series, config: ForecastTrainConfig) -> None:
+        self.series = series
+        self.patience = config.patience
+        self.every = max(1, config.epochs // CHECKS_PER_RUN)
+        self.k_max = max(1, config.val_horizon)
+        self.best = math.inf
+        self.best_epoch = -1
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.stale = 0
+
+    def score(self, model: nn.Module) -> float:
+        from rnnserve.trainer.forecast.evaluate import LevelForecaster, TorchForecaster
+
+        series = self.series
+        predictor = LevelForecaster(TorchForecaster(model), series)
+        first = max(predictor.tau - 1, series.num_train - self.k_max)
+        origins = np.arange(first, len(series.values) - 1)
+        preds = predictor.k_step(series.values.astype(np.float64), origins, self.k_max)
+        targets = origins[:, None] + np.arange(1, self.k_max + 1)[None, :]
+        keep = (targets >= series.num_train) & (targets < len(series.values))
+        truth = series.values[np.minimum(targets, len(series.values) - 1)]
+        return float(np.mean(((preds - truth) ** 2)[keep]))
+
+    def should_stop(self, model: nn.Module, epoch: int) -> bool:
+        if (epoch + 1) % self.every:
+            return False
+        value = self.score(model)
+        model.train()
+        if value < self.best:
+            self.best, self.best_epoch, self.stale = value, epoch, 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return False
+        self.stale += 1
+        return 0 < self.patience <= self.stale
+
+    def restore(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)

@@ -27,18 +27,24 @@ def test_train_csv_mlp_exports_package_with_metrics_and_plot(tmp_path: Path, cap
     csv = sine_csv(tmp_path / "s.csv", gap=True)
     argv = ["train", "--task", "forecast", "--arch", "mlp", "--tau", "5", "--series", str(csv)]
     argv += ["--column", "level", "--out", str(tmp_path / "models"), "--name", "lvl", *TINY]
+    argv += ["--transform", "diff", "--season", "0"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "linear-ar" in out and "last-value" in out and "k=64" in out
+    assert "linear-ar" in out and "naive" in out and "drift" in out and "k=64" in out
     package = tmp_path / "models" / "lvl" / "1"
     manifest = json.loads((package / "manifest.json").read_text())
     assert manifest["task"] == "forecast" and manifest["architecture"] == "mlp"
-    assert set(manifest["metrics"]) == {"mse_k1", "mse_k4", "mse_k16", "mse_k64"}
-    values = np.sin(0.05 * np.arange(120)) + 3
-    assert manifest["series"]["tau"] == 5 and manifest["series"]["features"] == 1
-    assert manifest["series"]["mean"] == pytest.approx(values.mean(), abs=1e-3)
-    assert manifest["series"]["std"] == pytest.approx(values.std(), abs=1e-3)
-    assert manifest["training"]["num_train"] == 120
+    horizons = ("k1", "k4", "k16", "k64")
+    assert set(manifest["metrics"]) == {f"{m}_{k}" for m in ("mse", "mase") for k in horizons}
+    # a CSV trains on all but a small validation tail (10 % of 200 is 20 values), and the
+    # model learns normalised first differences of that part
+    diffs = np.diff(np.sin(0.05 * np.arange(180)) + 3)
+    assert manifest["series"]["representation"] == {"name": "diff", "difference": 1, "season": 0}
+    assert manifest["series"]["tau"] == 5 + 1 and manifest["series"]["features"] == 1
+    assert manifest["series"]["mean"] == pytest.approx(diffs.mean(), abs=1e-4)
+    assert manifest["series"]["std"] == pytest.approx(diffs.std(), abs=1e-4)
+    assert manifest["training"]["num_train"] == 180
+    assert manifest["training"]["held_out"] == "validation"
     intervals = manifest["series"]["intervals"]
     assert len(intervals["lower"]) == 64 and all(
         lo <= hi for lo, hi in zip(intervals["lower"], intervals["upper"], strict=True)

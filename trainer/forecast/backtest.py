@@ -1,0 +1,109 @@
+"""Rolling-origin backtest: every model and every baseline on the same held-out window.
+
+The last `test_size` values are the test window; nothing in it is seen by training. Each
+model trains on the values before it (their own last `val_size` values validate, for early
+stopping), baselines are fitted on the same values, then every origin t from the end of the
+training part to the end of the series forecasts up to 16 steps from the true history
+x_1..x_t alone (the model is not refitted). The k-step errors whose targets lie in the test
+window give MASE, sMAPE and MSE at k = 1, 4, 16 (metrics.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rnnserve.trainer.forecast.baselines import all_baselines
+from rnnserve.trainer.forecast.evaluate import (
+    KStepResult,
+    LevelForecaster,
+    TorchForecaster,
+    held_out_errors,
+    predict,
+)
+from rnnserve.trainer.forecast.series import Series, SeriesError, tail_split
+from rnnserve.trainer.forecast.train import ForecastTrainConfig, train_forecaster
+
+BACKTEST_HORIZONS = (1, 4, 16)
+TEST_FRACTION = 0.2
+MIN_TEST = 16
+
+
+def default_test_size(length: int) -> int:
+    """20 % of the series, at least 16 values."""
+    return max(MIN_TEST, round(length * TEST_FRACTION))
+
+
+@dataclass
+class BacktestResult:
+    """Scores {predictor: {k: {mase, smape, mse}}} and the predictions behind them."""
+
+    source: str
+    series: Series  # num_train = start of the test window
+    representation: str
+    scores: dict[str, dict[int, dict[str, float]]]
+    results: list[KStepResult] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)  # names of the learned predictors
+    train_seconds: dict[str, float] = field(default_factory=dict)
+
+    def best(self, kind: str, k: int, metric: str = "mase") -> str:
+        """Name of the best model ("model") or baseline ("baseline") at horizon k."""
+        names = [n for n in self.scores if (n in self.models) == (kind == "model")]
+        return min(names, key=lambda n: self.scores[n][k][metric])
+
+
+def backtest(
+    values: np.ndarray,
+    source: str,
+    configs: dict[str, ForecastTrainConfig],
+    *,
+    tau: int = 8,
+    test_size: int | None = None,
+    val_size: int | None = None,
+    transform: str = "auto",
+    season: int | None = None,
+    horizons: tuple[int, ...] = BACKTEST_HORIZONS,
+    log: Callable[[str], None] = print,
+) -> BacktestResult:
+    """Trains every config (keyed by display name) and scores it beside the baselines."""
+    n = len(values)
+    test = default_test_size(n) if test_size is None else test_size
+    if not 1 <= test < n:
+        raise SeriesError(f"--test-size must be in [1, {n - 1}] for {n} values, got {test}")
+    fit = tail_split(values[: n - test], tau, source, val_size, transform, season)
+    # the evaluation view: same representation and normaliser, test window held out
+    series = Series(values, n - test, fit.normaliser, source, fit.representation, "test")
+    log(f"{source}: {n} values, test window {test}, representation {fit.representation.name}")
+    predictors: list = []
+    seconds: dict[str, float] = {}
+    for name, config in configs.items():
+        started = time.monotonic()
+        model, _ = train_forecaster(config, fit)
+        seconds[name] = round(time.monotonic() - started, 1)
+        predictors.append(LevelForecaster(TorchForecaster(model, name=name), fit))
+        log(f"  trained {name} in {seconds[name]} s")
+    baselines = all_baselines(values[: n - test], tau, fit.season)
+    k_max = max(horizons)
+    everyone = [*predictors, *baselines]
+    first = max(max(p.tau for p in everyone) - 1, series.num_train - k_max, 0)
+    results = [predict(p, series, k_max, first) for p in everyone]
+    scores = {r.name: held_out_errors(r, series, horizons) for r in results}
+    return BacktestResult(
+        source, series, fit.representation.name, scores, results, list(configs), seconds
+    )
+
+
+def format_scores(result: BacktestResult, horizons=BACKTEST_HORIZONS) -> str:
+    """Markdown: one row per predictor, MASE / sMAPE / MSE at every horizon."""
+    head = "| model | " + " | ".join(f"MASE@{k} | sMAPE@{k} | MSE@{k}" for k in horizons) + " |"
+    lines = [head, "|---|" + "---:|" * (3 * len(horizons))]
+    for name, row in result.scores.items():
+        cells = []
+        for k in horizons:
+            cells += [f"{row[k]['mase']:.3f}", f"{row[k]['smape']:.2f}", f"{row[k]['mse']:.4g}"]
+        label = name if name in result.models else f"{name} (baseline)"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
