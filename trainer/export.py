@@ -11,6 +11,7 @@ import contextlib
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +78,15 @@ def export_model(
     metrics: dict[str, float] | None = None,
     training: dict | None = None,
     checkpoint: dict | None = None,
+    probe: Sequence[int] | Sequence[float] | None = None,
+    probe_source: str = "given text",
 ) -> Path:
     """Writes out_dir/<name>/<version>/{model.onnx, manifest.json}; returns that directory.
 
     `checkpoint` (optional, a plain dict of tensors and primitives) is saved beside them as
     checkpoint.pt, so `rnn-trainer sample --model <that dir>` can rebuild the torch model.
+    `probe` (token ids, or normalised values for a forecaster) is what the export check
+    feeds: text of the kind the model serves, e.g. the validation split (trainer/probe.py).
     Raises TrainerError with a one-line message on any failure; nothing is left behind.
     """
     if not name or "/" in name or name.startswith("."):
@@ -106,7 +111,7 @@ def export_model(
         except Exception as exc:  # the exporter raises many types; report one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TrainerError(f"ONNX export of {name!r} failed: {first}") from exc
-        parity = check_parity(onnx_path, model, vocab_size)
+        parity = check_parity(onnx_path, model, vocab_size, probe, probe_source)
         manifest = Manifest(
             name=name,
             version=version,

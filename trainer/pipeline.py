@@ -30,6 +30,7 @@ from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.export import export_model
 from rnnserve.trainer.models import RNN_ARCHS, ModelConfig, build_model
 from rnnserve.trainer.plot import plot_history
+from rnnserve.trainer.retry import export_or_keep
 from rnnserve.trainer.train import TrainConfig, fit, make_optimizer, resolve_device
 
 COUNT_ARCHS = ("ngram", "hmm")
@@ -68,6 +69,33 @@ def prepare(data: DataConfig, vocab_from: list[str] | None = None) -> Prepared:
     ids = vocab.encode(corpus.tokens)
     train_ids, val_ids = split_ids(ids, data.val_fraction)
     return Prepared(train_ids, val_ids, vocab, data.tokenizer, digest, len(ids))
+
+
+def data_record(data: DataConfig) -> dict[str, Any]:
+    """Stored in checkpoints, so `rnn-trainer export` can find the validation split again."""
+    return {
+        "corpus": data.corpus,
+        "min_freq": data.min_freq,
+        "max_tokens": data.max_tokens,
+        "val_fraction": data.val_fraction,
+    }
+
+
+def validation_probe(checkpoint: dict[str, Any]) -> list[int] | None:
+    """The validation split a checkpoint was trained with (its corpus read again and encoded
+    with its vocabulary), or None when the checkpoint does not say or the corpus is gone."""
+    record = checkpoint.get("data")
+    if not isinstance(record, dict):
+        return None
+    tokenizer = TokenizerConfig.from_dict(checkpoint["tokenizer"])
+    try:
+        data = DataConfig(
+            record.get("corpus"), tokenizer, int(record.get("min_freq", 1)),
+            record.get("max_tokens"), float(record.get("val_fraction", 0.1)),
+        )  # fmt: skip
+        return prepare(data, list(checkpoint["vocab"])).val_ids
+    except (TrainerError, OSError, ValueError):
+        return None
 
 
 def _training_record(data: DataConfig, prep: Prepared, extra: dict[str, Any]) -> dict[str, Any]:
@@ -141,6 +169,7 @@ def train_recurrent(
             record["epoch"], history,
         )  # fmt: skip
         cp["average"] = average.state_dict() if average.count else None
+        cp["data"] = data_record(data)
         save_checkpoint(cp, run_dir / "checkpoint.pt")
         fresh = record["epoch"] == start + 1 and ckpt is None  # a new run starts a new log
         with open(run_dir / "log.jsonl", "w" if fresh else "a", encoding="utf-8") as fh:
@@ -159,12 +188,19 @@ def train_recurrent(
     kind = "infill_perplexity" if model.task == "infill" else "perplexity"
     cp = make_checkpoint(model, model_config, prep.vocab, prep.tokenizer, asdict(train_config))
     cp["history"] = history
-    return export_model(
-        model, Path(out), name=name, version=version, vocab=prep.vocab, tokenizer=prep.tokenizer,
-        metrics={f"val_{kind}": last["val_ppl"], f"train_{kind}": last["train_ppl"],
-                 "uniform_perplexity": last["uniform_ppl"]},
-        training=_training_record(data, prep, {"epochs": last["epoch"], **asdict(train_config)}),
-        checkpoint=cp,
+    cp["data"] = data_record(data)
+    return export_or_keep(
+        lambda: export_model(
+            model, Path(out), name=name, version=version, vocab=prep.vocab,
+            tokenizer=prep.tokenizer,
+            metrics={f"val_{kind}": last["val_ppl"], f"train_{kind}": last["train_ppl"],
+                     "uniform_perplexity": last["uniform_ppl"]},
+            training=_training_record(data, prep, {"epochs": last["epoch"],
+                                                   **asdict(train_config)}),
+            checkpoint=cp, probe=prep.val_ids, probe_source="the validation split",
+        ),
+        cp, run_dir / "checkpoint.pt" if run_dir is not None else None,
+        out=Path(out), name=name, version=version,
     )  # fmt: skip
 
 
@@ -208,10 +244,16 @@ def train_count_model(
         log(
             f"{name}: val ppl {metrics['val_perplexity']:.3f} (uniform baseline |V| = {vocab_size})"
         )
-    return export_model(
-        model, Path(out), name=name, version=version, vocab=prep.vocab, tokenizer=prep.tokenizer,
-        metrics=metrics, training=_training_record(data, prep, extra),
-        checkpoint=make_count_checkpoint(model, prep.vocab, prep.tokenizer),
+    cp = make_count_checkpoint(model, prep.vocab, prep.tokenizer)
+    cp["data"] = data_record(data)
+    return export_or_keep(
+        lambda: export_model(
+            model, Path(out), name=name, version=version, vocab=prep.vocab,
+            tokenizer=prep.tokenizer, metrics=metrics,
+            training=_training_record(data, prep, extra), checkpoint=cp, probe=prep.val_ids,
+            probe_source="the validation split",
+        ),
+        cp, None, out=Path(out), name=name, version=version,
     )  # fmt: skip
 
 

@@ -1,0 +1,85 @@
+"""Nothing trained is lost: a failed export keeps the checkpoint and says how to retry, and
+the retry it prints succeeds (run as a real process)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rnnserve.artifact.manifest import Manifest
+from rnnserve.trainer import cli, export
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.models import ModelConfig
+from rnnserve.trainer.pipeline import DataConfig, train_count_model, train_recurrent
+from rnnserve.trainer.train import TrainConfig
+
+TINY = ["--epochs", "1", "--hidden", "8", "--embed", "4", "--num-steps", "8",
+        "--batch-size", "8", "--max-tokens", "3000", "--no-progress"]  # fmt: skip
+RETRY = re.compile(r"retry the export with: (rnn-trainer export .*)$")
+
+
+def _crash_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any failure at all, here one the exporter did not foresee (not a TrainerError)."""
+
+    def crash(*_args, **_kw):
+        raise RuntimeError("simulated crash inside the export check")
+
+    monkeypatch.setattr(export, "check_parity", crash)
+
+
+def _retry(message: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Runs the printed command as a user would (rnn-trainer == python -m ...cli)."""
+    command = shlex.split(RETRY.search(message.strip()).group(1))
+    assert command[:2] == ["rnn-trainer", "export"]
+    return subprocess.run(
+        [sys.executable, "-m", "rnnserve.trainer.cli", *command[1:]],
+        cwd=cwd, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_train_keeps_the_run_checkpoint_and_the_retry_exports_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    _crash_the_check(monkeypatch)
+    models, run_dir = tmp_path / "models", tmp_path / "run"
+    args = ["train", "--arch", "lstm", "--out", str(models), "--run-dir", str(run_dir), *TINY]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "simulated crash" in err and f"kept in {run_dir / 'checkpoint.pt'}" in err
+    assert len(err.strip().splitlines()) == 1
+    assert (run_dir / "checkpoint.pt").is_file()
+    assert not (models / "lstm" / "1").exists()  # nothing half-made in the repository
+    monkeypatch.undo()
+    retry = _retry(err, tmp_path)
+    assert retry.returncode == 0, retry.stderr
+    manifest = Manifest.load(models / "lstm" / "1")
+    assert manifest.parity["ok"] and manifest.parity["probe"].startswith("the validation split")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gru", "ngram"])
+def test_without_a_run_dir_the_model_is_kept_beside_the_repository(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str
+) -> None:
+    _crash_the_check(monkeypatch)
+    models, data = tmp_path / "models", DataConfig(max_tokens=3000)
+    with pytest.raises(TrainerError, match="retry the export with") as caught:
+        if arch == "ngram":
+            train_count_model("ngram", data, out=models, name=arch, progress=False)
+        else:
+            config = ModelConfig(arch, 1, 8, 1, 4)
+            train = TrainConfig(epochs=1, num_steps=8, batch_size=8)
+            train_recurrent(config, train, data, out=models, name=arch, progress=False,
+                            log=lambda *_: None)  # fmt: skip
+    kept = models / ".unexported" / arch / "1" / "checkpoint.pt"
+    assert kept.is_file() and f"kept in {kept}" in str(caught.value)
+    monkeypatch.undo()
+    retry = _retry(str(caught.value), tmp_path)
+    assert retry.returncode == 0, retry.stderr
+    assert Manifest.load(models / arch / "1").parity["ok"]

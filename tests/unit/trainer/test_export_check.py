@@ -1,0 +1,110 @@
+"""The export check: a correct graph passes whatever the training did; a wrong one is refused,
+with a message naming the check that failed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from rnnserve.artifact.tokenizer import TokenizerConfig
+from rnnserve.artifact.vocab import Vocab
+from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.export import export_model, write_onnx
+from rnnserve.trainer.export_check import check_parity
+from rnnserve.trainer.models import RNNLM, ModelConfig
+
+VOCAB = Vocab.build(list("the time machine"))
+TEXT = VOCAB.encode(list("the time traveller for so it will be convenient to speak of him " * 8))
+
+
+def _lstm(chaotic: bool = False) -> RNNLM:
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig("lstm", len(VOCAB), 16, 1, 8)).eval()
+    if chaotic:  # recurrent weights scaled up: float rounding grows until runs disagree
+        with torch.no_grad():
+            model.rnn.weight_hh_l0.mul_(8.0)
+            model.head.weight.mul_(4.0)
+    return model
+
+
+def _rewrite(path: Path, change: Callable[[onnx.ModelProto], None]) -> Path:
+    graph = onnx.load(str(path))
+    change(graph)
+    onnx.save(graph, str(path))
+    return path
+
+
+def _lstm_weights(graph: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """W, R, B of the graph's LSTM node (gate blocks in ONNX order i, o, f, c)."""
+    node = next(n for n in graph.graph.node if n.op_type == "LSTM")
+    inits = {i.name: i for i in graph.graph.initializer}
+    return {"W": inits[node.input[1]], "R": inits[node.input[2]], "B": inits[node.input[3]]}
+
+
+def _set(tensor: onnx.TensorProto, value: np.ndarray) -> None:
+    tensor.CopyFrom(numpy_helper.from_array(value.astype(np.float32), tensor.name))
+
+
+def _perturb_one_weight(graph: onnx.ModelProto) -> None:
+    r = _lstm_weights(graph)["R"]
+    value = numpy_helper.to_array(r).copy()
+    value[0, 3, 5] += 0.05
+    _set(r, value)
+
+
+def _swap_forget_and_output_gates(graph: onnx.ModelProto) -> None:
+    hidden = 16
+    for tensor in _lstm_weights(graph).values():
+        value = numpy_helper.to_array(tensor).copy()
+        blocks = [
+            value[:, i * hidden : (i + 1) * hidden].copy() for i in range(value.shape[1] // hidden)
+        ]
+        blocks[1], blocks[2] = blocks[2], blocks[1]  # o <-> f (B holds W's then R's biases)
+        _set(tensor, np.concatenate(blocks, axis=1))
+
+
+def _fix_time_axis(graph: onnx.ModelProto) -> None:
+    tokens = next(i for i in graph.graph.input if i.name == "tokens")
+    tokens.type.tensor_type.shape.dim[1].dim_value = 3
+
+
+def test_a_chaotic_model_exports(tmp_path: Path) -> None:
+    path = export_model(_lstm(chaotic=True), tmp_path, name="m", vocab=VOCAB,
+                        tokenizer=TokenizerConfig(), probe=TEXT)  # fmt: skip
+    from rnnserve.artifact.manifest import Manifest
+
+    parity = Manifest.load(path).parity
+    assert parity["ok"] is True
+    # really chaotic: torch itself (float32 vs float64) drifts by nats over the window ...
+    assert parity["max_rounding_drift"] > 0.1
+    # ... while one step from a shared state agrees to rounding
+    assert parity["max_abs_diff_by_check"]["one step from torch's state"] < 1e-4
+
+
+@pytest.mark.parametrize("chaotic", [False, True])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_perturb_one_weight, r"export check failed \(.+\): (.+ are .+ apart|the most likely)"),
+        (
+            _swap_forget_and_output_gates,
+            r"export check failed \(.+\): (.+ are .+ apart|the most likely)",
+        ),
+        (_fix_time_axis, r"export check failed \(symbolic axes\): axis 1 \(time\) of 'tokens'"),
+    ],
+)
+def test_a_wrong_graph_is_refused(tmp_path: Path, chaotic: bool, change, message: str) -> None:
+    model = _lstm(chaotic)
+    path = tmp_path / "model.onnx"
+    write_onnx(model, path, len(VOCAB))
+    check_parity(path, model, len(VOCAB), probe=TEXT)  # the graph as written passes
+    _rewrite(path, change)
+    with pytest.raises(TrainerError, match=message) as caught:
+        check_parity(path, model, len(VOCAB), probe=TEXT)
+    print(caught.value)

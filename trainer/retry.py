@@ -1,0 +1,66 @@
+"""Nothing trained is lost: when an export fails, the trained weights stay on disk and the
+error says where they are and the exact command that retries the export.
+
+Why here and not in export.py: export_model is atomic and leaves nothing behind on failure,
+which is right for the model repository but wrong for hours of training; the callers that
+hold a freshly trained model (train, zoo) wrap it with this.
+"""
+
+from __future__ import annotations
+
+import shlex
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rnnserve.trainer.checkpoint import CHECKPOINT_FILE, save_checkpoint
+from rnnserve.trainer.errors import TrainerError
+
+KEPT_DIR = ".unexported"  # under the model repository; the server skips dot directories
+
+
+def retry_command(checkpoint: Path, out: Path, name: str, version: str) -> str:
+    args = ["rnn-trainer", "export", "--checkpoint", str(checkpoint), "--out", str(out)]
+    return shlex.join([*args, "--name", name, "--version", version])
+
+
+def keep(checkpoint: dict[str, Any], out: Path, name: str, version: str) -> Path:
+    """Saves the checkpoint under OUT/.unexported/NAME/VERSION/ (or a temp dir if OUT is not
+    writable) and returns its path."""
+    try:
+        return save_checkpoint(checkpoint, Path(out) / KEPT_DIR / name / version / CHECKPOINT_FILE)
+    except OSError:
+        spare = Path(tempfile.mkdtemp(prefix=f"rnn-trainer-{name}-{version}-"))
+        return save_checkpoint(checkpoint, spare / CHECKPOINT_FILE)
+
+
+def export_or_keep(
+    export: Callable[[], Path],
+    checkpoint: dict[str, Any],
+    saved: Path | None,
+    *,
+    out: Path,
+    name: str,
+    version: str,
+) -> Path:
+    """Runs `export()`; on any failure keeps the model (at `saved` when that file exists, else
+    it saves `checkpoint`) and raises a TrainerError naming the checkpoint and the retry."""
+    try:
+        return export()
+    except BaseException as exc:
+        if saved is not None and saved.is_file():
+            path = saved
+        else:
+            path = keep(checkpoint, out, name, version)
+        if not isinstance(exc, Exception):  # Ctrl-C: the model is kept, the interrupt goes on
+            raise
+        if isinstance(exc, TrainerError):
+            reason = str(exc)
+        else:
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            reason = f"export failed: {type(exc).__name__}: {first}"
+        raise TrainerError(
+            f"{reason}; the trained model is kept in {path}; retry the export with: "
+            f"{retry_command(path, out, name, version)}"
+        ) from exc
