@@ -79,10 +79,12 @@ class Repository:
         root: Path,
         loader: Loader,
         on_load: LoadObserver | None = None,
+        sync: Callable[[], object] | None = None,
     ) -> None:
         self.root = Path(root)
         self._loader = loader
         self._on_load = on_load
+        self._sync = sync  # fills `root` from a URL first (server/remote_repo.py); None: local
         self.models: dict[str, dict[str, ModelVersion]] = {}
 
     # -- loading ----------------------------------------------------------------------------
@@ -100,6 +102,11 @@ class Repository:
         """
         loaded: list[ModelVersion] = []
         seen: set[tuple[str, str]] = set()
+        if self._sync is not None:
+            try:
+                self._sync()
+            except Exception as exc:  # the URL is down: keep serving what the cache holds
+                log.error("model repository sync failed, scanning the cached copy: %s", exc)
         if not self.root.is_dir():
             log.error("model repository %s is not a directory", self.root)
             return loaded, seen

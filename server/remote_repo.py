@@ -1,0 +1,236 @@
+"""A model repository at a URL (http(s)://, s3://, any fsspec protocol), mirrored to a local cache.
+
+The layout at the URL is the local one, <url>/<name>/<version>/<files>. Over HTTP the server
+must answer a GET on each folder URL (ending in '/') with an HTML page linking its entries by
+relative or same-host links, as `python -m http.server`, nginx `autoindex on` or Apache's
+directory index do. S3 (and other object stores) list prefixes natively.
+
+`sync()` runs at start and before every rescan (SIGHUP, --poll-interval, Admin.ReloadModels).
+Each version folder is compared by fingerprint (file names, sizes, ETag or Last-Modified) with
+what the cache holds. A new or changed version downloads into a temporary folder beside the
+cache and is renamed into place only once complete, so a scan never sees half a version; a
+version gone from the URL is removed from the cache, so the repository unloads it. Whatever the
+download brings is then loaded by the same rules as a local folder: a broken version is
+NOT_SERVING with its reason. A version whose download fails keeps its previous cached copy (or
+stays absent) and is retried at the next sync. A file lock lets --workers share one cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = ".rnnserve-sync"  # hidden: the repository scan skips folders starting with '.'
+LOCAL_SCHEMES = ("", "file")
+
+
+class RemoteRepoError(Exception):
+    """The URL cannot be used (unknown protocol, the `remote` extra missing, bad cache dir)."""
+
+
+def is_remote(location: str | Path) -> bool:
+    """True for URLs other than file://; local paths (and Path objects) are not remote."""
+    text = str(location)
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and scheme.lower() not in LOCAL_SCHEMES
+
+
+def default_cache_dir(url: str) -> Path:
+    """$XDG_CACHE_HOME/rnnserve/models/<hash of the URL>: one mirror per URL."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return base / "rnnserve" / "models" / digest
+
+
+@dataclass
+class SyncReport:
+    """What one sync changed in the cache, as "name/version" strings."""
+
+    fetched: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+class RemoteRepository:
+    """Mirrors <url>/<name>/<version>/ folders into `cache`, one version at a time."""
+
+    def __init__(self, url: str, cache: Path | None = None) -> None:
+        try:
+            import fsspec
+        except ImportError as exc:
+            raise RemoteRepoError(
+                f"--model-repo {url} needs fsspec: pip install 'rnnserve[remote]'"
+            ) from exc
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as exc:
+            raise RemoteRepoError(f"--model-repo {url}: {exc}") from exc
+        self.url = url
+        self.root = self.root.rstrip("/")
+        self.cache = Path(cache) if cache else default_cache_dir(url)
+        try:
+            (self.cache / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RemoteRepoError(f"model cache {self.cache}: {exc}") from exc
+
+    # -- listing ---------------------------------------------------------------------------------
+    def _children(self, path: str) -> list[dict[str, Any]]:
+        """Direct children of a folder, each with 'base' (its last name) and 'path'."""
+        entries = self.fs.ls(path + "/" if self._is_http else path, detail=True)
+        children = []
+        for entry in entries:
+            child = entry["name"].rstrip("/")
+            parent, _, base = child.rpartition("/")
+            if parent != path or not base or base.startswith(".") or "?" in base:
+                continue  # parent links, sort links, hidden files
+            children.append({**entry, "base": base, "path": child})
+        return children
+
+    @property
+    def _is_http(self) -> bool:
+        protocols = self.fs.protocol
+        protocols = protocols if isinstance(protocols, tuple) else (protocols,)
+        return bool({"http", "https"} & set(protocols))
+
+    def _files(self, path: str, prefix: str = "") -> dict[str, dict[str, Any]]:
+        """Every file under a version folder, by relative path, with its listing details."""
+        found: dict[str, dict[str, Any]] = {}
+        for entry in self._children(path):
+            rel = prefix + entry["base"]
+            if entry.get("type") == "directory":
+                found.update(self._files(entry["path"], rel + "/"))
+            else:
+                found[rel] = entry
+        return found
+
+    def _fingerprint(self, files: dict[str, dict[str, Any]]) -> str:
+        """Names, sizes and change markers; HTTP listings carry none, so HEAD each file."""
+        marks = []
+        for rel, entry in sorted(files.items()):
+            info = entry
+            if self._is_http:
+                info = {**entry, **self.fs.info(entry["path"])}
+            change = next(
+                (str(info[k]) for k in ("ETag", "LastModified", "Last-Modified", "mtime")
+                 if info.get(k) is not None),
+                "",
+            )  # fmt: skip
+            marks.append([rel, info.get("size"), change])
+        return json.dumps(marks)
+
+    def remote_versions(self) -> dict[tuple[str, str], str]:
+        """(name, version) -> the version folder's remote path, for positive integer versions."""
+        found = {}
+        for model in self._children(self.root):
+            if model.get("type") != "directory":
+                continue
+            for version in self._children(model["path"]):
+                if version.get("type") == "directory" and version["base"].isdigit():
+                    found[(model["base"], version["base"])] = version["path"]
+        return found
+
+    # -- syncing ---------------------------------------------------------------------------------
+    def sync(self) -> SyncReport:
+        """Brings the cache in line with the URL (see the module docstring for the rules)."""
+        report = SyncReport()
+        with self._locked():
+            self.fs.invalidate_cache()
+            remote = self.remote_versions()  # a listing failure raises: the cache stays as is
+            for (name, version), path in sorted(remote.items()):
+                tag = f"{name}/{version}"
+                try:
+                    if self._sync_version(name, version, path):
+                        report.fetched.append(tag)
+                except Exception as exc:
+                    log.error("cannot fetch %s from %s: %s", tag, self.url, exc)
+                    report.failed.append(f"{tag}: {exc}")
+            for name, version in sorted(self._cached_versions() - set(remote)):
+                self._remove(name, version)
+                report.removed.append(f"{name}/{version}")
+        if report.fetched or report.removed or report.failed:
+            log.info(
+                "model repository %s synced into %s",
+                self.url,
+                self.cache,
+                extra={"fetched": report.fetched, "removed": report.removed},
+            )
+        return report
+
+    def _sync_version(self, name: str, version: str, path: str) -> bool:
+        files = self._files(path)
+        fingerprint = self._fingerprint(files)
+        state = self._state_file(name, version)
+        target = self.cache / name / version
+        if target.is_dir() and state.is_file() and state.read_text() == fingerprint:
+            return False
+        incoming = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=self.cache / STATE_DIR))
+        try:
+            for rel, entry in files.items():
+                local = incoming / rel
+                local.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(entry["path"], str(local))
+            self._swap_in(incoming, target)
+        finally:
+            shutil.rmtree(incoming, ignore_errors=True)
+        state.parent.mkdir(parents=True, exist_ok=True)
+        state.write_text(fingerprint)
+        return True
+
+    def _swap_in(self, incoming: Path, target: Path) -> None:
+        """Renames the complete download into place; an older copy is moved aside first."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        retired = None
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix="retired-", dir=self.cache / STATE_DIR))
+            target.rename(retired / "v")
+        incoming.rename(target)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+
+    def _cached_versions(self) -> set[tuple[str, str]]:
+        return {
+            (model.name, version.name)
+            for model in self.cache.iterdir()
+            if model.is_dir() and not model.name.startswith(".")
+            for version in model.iterdir()
+            if version.is_dir()
+        }
+
+    def _remove(self, name: str, version: str) -> None:
+        shutil.rmtree(self.cache / name / version, ignore_errors=True)
+        self._state_file(name, version).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (self.cache / name).rmdir()  # only once its last version is gone
+
+    def _state_file(self, name: str, version: str) -> Path:
+        return self.cache / STATE_DIR / "fingerprints" / name / f"{version}.json"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with (self.cache / STATE_DIR / "lock").open("w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def open_model_repo(location: str | Path, cache: str = "") -> tuple[Path, RemoteRepository | None]:
+    """The local folder the Repository scans, and the mirror that fills it (None if local)."""
+    if not is_remote(location):
+        text = str(location)
+        return Path(text.removeprefix("file://")), None
+    remote = RemoteRepository(str(location), Path(cache) if cache else None)
+    return remote.cache, remote

@@ -1,0 +1,214 @@
+"""`--model-repo URL`: a real HTTP server (http.server's directory listings) and a real
+S3-compatible server (moto's server mode) hold the repository; the server mirrors it.
+
+Shows: the mirror fetches new versions, leaves unchanged ones alone, swaps changed ones in
+whole (a half-downloaded version is never visible), removes vanished ones, and keeps the
+cached copy when a download fails; a served URL answers Generate, and a broken version at the
+URL is NOT_SERVING with its reason while the older one serves, exactly as in a local folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rnnserve.client import RnnClient
+from rnnserve.server.remote_repo import RemoteRepository, is_remote, open_model_repo
+from tests.e2e.served import free_port, rnn_server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """http.server's handler, quiet, with switches to fail or stall chosen paths."""
+
+    failing: set[str]
+    stall: dict[str, tuple[threading.Event, threading.Event]]
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def send_head(self):  # type: ignore[no-untyped-def]
+        if self.path in self.failing:
+            self.send_error(500, "disk on fire")
+            return None
+        if self.command == "GET" and self.path in self.stall:
+            reached, release = self.stall[self.path]
+            reached.set()
+            release.wait(30)
+        return super().send_head()
+
+
+@contextlib.contextmanager
+def http_repo(root: Path) -> Iterator[tuple[str, type[_Handler]]]:
+    """Serves `root` over HTTP on a free port; yields the repository URL and the handler."""
+    handler = type("Handler", (_Handler,), {"failing": set(), "stall": {}})
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(root))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/models", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _publish(package: Path, remote_models: Path, name: str, version: str) -> Path:
+    target = remote_models / name / version
+    shutil.copytree(package, target)
+    return target
+
+
+def _break(version_dir: Path) -> None:
+    (version_dir / "manifest.json").write_text("{ this is not json")
+
+
+def test_urls_are_told_from_paths() -> None:
+    assert is_remote("http://h/models") and is_remote("s3://bucket/models")
+    assert not is_remote("models") and not is_remote(Path("/srv/models"))
+    assert open_model_repo("file:///srv/models") == (Path("/srv/models"), None)
+
+
+def test_mirror_fetches_swaps_removes_and_keeps_copies(model_repo: Path, tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    models = served / "models"
+    lstm = model_repo / "lstm" / "1"
+    _publish(lstm, models, "lstm", "1")
+    cache = tmp_path / "cache"
+    good = (lstm / "manifest.json").read_bytes()
+    with http_repo(served) as (url, handler):
+        mirror = RemoteRepository(url, cache)
+        assert mirror.sync().fetched == ["lstm/1"]
+        for f in lstm.iterdir():
+            assert (cache / "lstm/1" / f.name).read_bytes() == f.read_bytes()
+
+        assert mirror.sync().fetched == []  # unchanged: not downloaded again
+
+        v2 = _publish(lstm, models, "lstm", "2")
+        _break(v2)
+        assert mirror.sync().fetched == ["lstm/2"]
+        assert (cache / "lstm/2/manifest.json").read_text() == "{ this is not json"
+
+        (v2 / "manifest.json").write_text((lstm / "manifest.json").read_text())  # fixed
+        assert mirror.sync().fetched == ["lstm/2"]
+        assert (cache / "lstm/2/manifest.json").read_bytes() == good
+
+        # a failing download keeps the cached copy and is reported
+        (v2 / "manifest.json").write_text((lstm / "manifest.json").read_text() + "\n")
+        handler.failing.add("/models/lstm/2/manifest.json")
+        report = mirror.sync()
+        assert report.fetched == [] and report.failed[0].startswith("lstm/2: ")
+        assert (cache / "lstm/2/manifest.json").read_bytes() == good
+        handler.failing.clear()
+        assert mirror.sync().fetched == ["lstm/2"]  # retried once the server recovers
+
+        shutil.rmtree(v2)
+        assert mirror.sync().removed == ["lstm/2"]
+        assert not (cache / "lstm/2").exists() and (cache / "lstm/1").is_dir()
+
+
+def test_a_half_downloaded_version_is_never_visible(model_repo: Path, tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    _publish(model_repo / "lstm" / "1", served / "models", "lstm", "3")
+    cache = tmp_path / "cache"
+    reached, release = threading.Event(), threading.Event()
+    with http_repo(served) as (url, handler):
+        handler.stall["/models/lstm/3/model.onnx"] = (reached, release)
+        mirror = RemoteRepository(url, cache)
+        done: list[object] = []
+        worker = threading.Thread(target=lambda: done.append(mirror.sync()))
+        worker.start()
+        try:
+            assert reached.wait(60), "the download never started"
+            assert not (cache / "lstm" / "3").exists()
+        finally:
+            release.set()
+            worker.join(60)
+        assert done and (cache / "lstm/3/model.onnx").is_file()
+
+
+def _generate(address: str, model: str) -> str:
+    with RnnClient(address, timeout=30) as client:
+        stream = client.generate(model, "the time", max_tokens=8, seed=1)
+        tokens = list(stream)
+        assert tokens and tokens[-1].is_last
+        return stream.text
+
+
+def _check_reload_rules(address: str, remote_models: Path, package: Path) -> None:
+    """A broken version at the URL is NOT_SERVING; v1 keeps serving; removal unloads."""
+    v2 = _publish(package, remote_models, "lstm", "2")
+    _break(v2)
+    with RnnClient(address, timeout=60) as client:
+        result = client.reload_models()
+        assert [f.split(":")[0] for f in result.failed] == ["lstm/2"], result
+        info = client.get_model("lstm")
+        broken = info.version("2")
+        assert broken is not None and broken.status == "NOT_SERVING"
+        assert "manifest" in broken.status_reason.lower() or "json" in broken.status_reason.lower()
+        assert info.default_version == "1"
+    assert _generate(address, "lstm")
+    shutil.rmtree(v2)
+    with RnnClient(address, timeout=60) as client:
+        assert list(client.reload_models().unloaded) == ["lstm/2"]
+
+
+@pytest.mark.slow
+def test_server_serves_an_http_url(model_repo: Path, tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    package = model_repo / "lstm" / "1"
+    _publish(package, served / "models", "lstm", "1")
+    env = {"RNNSERVE_MODEL_CACHE": str(tmp_path / "cache")}
+    with (
+        http_repo(served) as (url, _),
+        rnn_server(url, tmp_path / "server.log", env=env) as address,
+    ):
+        assert _generate(address, "lstm")
+        _check_reload_rules(address, served / "models", package)
+
+
+@pytest.mark.slow
+def test_server_serves_an_s3_url(model_repo: Path, tmp_path: Path) -> None:
+    boto3 = pytest.importorskip("boto3")  # declared in the dev extra (with moto[server])
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    aws = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,  # botocore's own setting: what an operator would set
+    }
+    try:
+        s3 = boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1",
+            aws_access_key_id="testing", aws_secret_access_key="testing",
+        )  # fmt: skip
+        s3.create_bucket(Bucket="zoo")
+        package = model_repo / "lstm" / "1"
+        for f in package.iterdir():
+            s3.upload_file(str(f), "zoo", f"repo/lstm/1/{f.name}")
+        env = {**aws, "RNNSERVE_MODEL_CACHE": str(tmp_path / "cache")}
+        with rnn_server("s3://zoo/repo", tmp_path / "server.log", env=env) as address:
+            assert _generate(address, "lstm")
+            s3.put_object(Bucket="zoo", Key="repo/lstm/2/manifest.json", Body=b"{ not json")
+            s3.upload_file(str(package / "model.onnx"), "zoo", "repo/lstm/2/model.onnx")
+            with RnnClient(address, timeout=60) as client:
+                result = client.reload_models()
+                assert [f.split(":")[0] for f in result.failed] == ["lstm/2"], result
+                assert client.get_model("lstm").default_version == "1"
+            assert _generate(address, "lstm")
+    finally:
+        moto.stop()
