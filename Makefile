@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[train,serve,client,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[train,serve,client,remote,dev]'
 	touch $(STAMP)
 
 # Trains and exports the default model zoo once, then serves it.
