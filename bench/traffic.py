@@ -583,6 +583,10 @@ def markdown(results: dict) -> str:
                 "| workload | C | tokens/s | × bare | req/s | TTFT p50/p99 ms | "
                 "TPOT p50/p99 ms | ITL p50/p99 ms | errors | client cores |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        note = (
+            "× bare: tokens/s over bare ORT's static batch of C (fixed) or its ideal churn "
+            "loop at C slots (mixed); client cores: CPU the benchmark client itself used"
+        )
         for name, rows in res["closed_loop"].items():
             for r in rows:
                 ref = r.get("vs_bare_static") if name == "fixed" else r.get("vs_bare_churn")
@@ -593,6 +597,7 @@ def markdown(results: dict) -> str:
                     f" / {_ms(r['itl_p99_s'])} | {r['error_count']} | "
                     f"{r.get('client_cores', 0):.2f} |"
                 )
+        out += ["", note]
         ol = res.get("open_loop")
         if ol:
             out += ["", f"open loop (fixed workload, Poisson; base {ol['base_rps']:.0f} req/s = "
@@ -625,16 +630,20 @@ def plot(results: dict, path: Path) -> None:
     models = list(results["models"].items())
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.2 * len(models)), squeeze=False)
     for (model, res), (a, b) in zip(models, axes, strict=True):
+        colors = {"fixed": "tab:blue", "mixed": "tab:green"}
         for name, rows in res["closed_loop"].items():
             c = [r["clients"] for r in rows]
-            a.plot(c, [r["tokens_per_s"] for r in rows], marker="o", label=f"server, {name}")
+            a.plot(c, [r["tokens_per_s"] for r in rows], marker="o", color=colors.get(name),
+                   label=f"server, {name}")  # fmt: skip
             bare = res["ceiling"]["churn"][name]
             a.plot([r["slots"] for r in bare], [r["tokens_per_s"] for r in bare], ls=":",
-                   marker=".", label=f"bare ORT ideal churn, {name}")  # fmt: skip
+                   marker=".", color=colors.get(name),
+                   label=f"bare ORT ideal churn, {name}")  # fmt: skip
         static = res["ceiling"]["static"]
         a.plot([r["batch"] for r in static], [r["tokens_per_s"] for r in static], ls="--",
                color="gray", label="bare ORT static batch, fixed")  # fmt: skip
         a.set_xscale("log", base=2)
+        a.set_xticks([r["batch"] for r in static], [str(r["batch"]) for r in static])
         a.set_xlabel("concurrent clients (closed loop)")
         a.set_ylabel("tokens/s")
         a.set_title(f"{model}: closed-loop churn")
@@ -704,9 +713,13 @@ def run_model(model: str, repo: Path, args, levels: list[int]) -> dict:
         "ceiling": ceiling(Bare(package), work, levels, texts, args.bare_s),
     }
     server_log = Path(tempfile.gettempdir()) / f"bench-traffic-{model}-{os.getpid()}.log"
-    server = Server(repo, shlex.split(args.server_args), log=server_log)
     try:
-        result["server_cmd"], result["server_log"] = server.cmd, str(server_log)
+        server = Server(repo, shlex.split(args.server_args), log=server_log)
+    except SystemExit:
+        log(f"[{model}] server log {server_log}:\n{server_log.read_text()[-3000:]}")
+        raise
+    try:
+        result["server_cmd"] = server.cmd
         result["closed_loop"] = {}
         for name, w in work.items():
             rows = result["closed_loop"][name] = []
@@ -744,6 +757,7 @@ def run_model(model: str, repo: Path, args, levels: list[int]) -> dict:
         }
     finally:
         server.stop()
+    server_log.unlink(missing_ok=True)  # kept only when the run failed
     add_ratios(result)
     result["targets"] = targets(result)
     return result
