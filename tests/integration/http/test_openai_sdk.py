@@ -1,0 +1,149 @@
+"""The official `openai` package against /v1 on a real server: plain and streaming
+completions, models, and its error classes. Greedy text must equal rnnserve.v1 Generate's:
+both ports run the same engine."""
+
+from __future__ import annotations
+
+import math
+
+import openai
+import pytest
+
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+PROMPT = "the time traveller"
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def _native(server, prompt: str, max_tokens: int) -> str:
+    request = pb.GenerateRequest(model="lstm", prompt=prompt, max_tokens=max_tokens)
+    return "".join(r.text for r in server.stub.Generate(request, timeout=30))
+
+
+def test_models_lists_the_lm_models(client: openai.OpenAI) -> None:
+    ids = {m.id for m in client.models.list().data}
+    assert {"lstm", "gru", "rnn"} <= ids
+    assert "bilstm" not in ids and "sine-gru" not in ids  # they cannot Generate
+    assert client.models.retrieve("lstm").id == "lstm"
+
+
+def test_greedy_completion_matches_native_generate(client, server) -> None:
+    done = client.completions.create(model="lstm", prompt=PROMPT, max_tokens=12, temperature=0)
+    assert done.object == "text_completion" and done.model == "lstm"
+    assert done.choices[0].text == _native(server, PROMPT, 12)
+    assert done.choices[0].finish_reason == "length"
+    assert done.usage.prompt_tokens == len(PROMPT)  # char-level tokenizer
+    assert done.usage.completion_tokens == 12
+    assert done.usage.total_tokens == len(PROMPT) + 12
+
+
+def test_stream_gives_the_same_text_and_usage_last(client) -> None:
+    plain = client.completions.create(model="lstm", prompt=PROMPT, max_tokens=20, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model="lstm", prompt=PROMPT, max_tokens=20, temperature=0, stream=True
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == plain.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_seeded_sampling_is_reproducible(client) -> None:
+    def run() -> str:
+        return client.completions.create(
+            model="lstm", prompt=PROMPT, max_tokens=24, temperature=0.9, top_p=0.9, seed=7
+        ).choices[0].text
+
+    assert run() == run()
+
+
+def test_prompt_list_gives_one_choice_each(client) -> None:
+    done = client.completions.create(
+        model="lstm", prompt=["the", "a time"], max_tokens=5, temperature=0
+    )
+    assert [c.index for c in done.choices] == [0, 1]
+    assert done.usage.prompt_tokens == 3 + 6 and done.usage.completion_tokens == 10
+    streamed = list(
+        client.completions.create(
+            model="lstm", prompt=["the", "a time"], max_tokens=5, temperature=0, stream=True
+        )
+    )
+    for i in (0, 1):
+        text = "".join(c.choices[0].text for c in streamed if c.choices and c.choices[0].index == i)
+        assert text == done.choices[i].text
+
+
+def test_stop_echo_and_logprobs(client, server) -> None:
+    full = client.completions.create(model="lstm", prompt=PROMPT, max_tokens=30, temperature=0)
+    text = full.choices[0].text
+    stop = text[3:5]
+    cut = client.completions.create(
+        model="lstm", prompt=PROMPT, max_tokens=30, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+    echoed = client.completions.create(
+        model="lstm", prompt=PROMPT, max_tokens=6, temperature=0, echo=True, logprobs=0
+    )
+    choice = echoed.choices[0]
+    assert choice.text.startswith(PROMPT)
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None  # the first token conditions the rest
+    # the text as Score tokenizes it (normalised: runs of spaces are one token)
+    native = server.stub.Score(pb.ScoreRequest(model="lstm", texts=[choice.text]), timeout=30)
+    assert lp.tokens[1:] == list(native.results[0].tokens)
+    assert lp.tokens[0] == PROMPT[0]
+    expected = list(native.results[0].token_logprobs)
+    assert lp.token_logprobs[1:] == pytest.approx(expected, rel=1e-5)
+    assert all(v <= 0 and math.isfinite(v) for v in lp.token_logprobs[1:])
+
+    only = client.completions.create(
+        model="lstm", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=0
+    ).choices[0]
+    prompt_tokens = len(PROMPT) - 1  # Score reports tokens 2..n
+    assert only.logprobs.token_logprobs == pytest.approx(expected[prompt_tokens:], rel=1e-5)
+    assert only.logprobs.text_offset[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"best_of": 3}, "best_of"),
+        ({"suffix": "x"}, "suffix"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logprobs": 3}, "logprobs"),
+        ({"temperature": 3.0}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+    ],
+)
+def test_fields_that_make_no_sense_are_refused(client, kwargs, param) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="lstm", prompt=PROMPT, **kwargs)
+    assert err.value.status_code == 400
+    assert err.value.body["param"] == param
+    assert err.value.body["type"] == "invalid_request_error"
+
+
+def test_unknown_model_and_wrong_task(client) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="nope", prompt=PROMPT)
+    assert err.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="bilstm", prompt=PROMPT)
+    assert "Infill" in err.value.body["message"]
+
+
+def test_stream_error_after_headers_is_an_event(client) -> None:
+    """A prompt over --max-prompt-tokens fails before the stream starts: plain 400."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="lstm", prompt="x" * 5000, stream=True)
+    assert err.value.body["param"] == "prompt"

@@ -1,0 +1,38 @@
+"""The real tritonclient (its own venv) over KServe v2 gRPC and REST: health, metadata and
+ModelInfer for every task, compared with the native rnnserve.v1 answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rnnserve.v1 import rnnserve_pb2 as pb
+from tests.integration.http.triton import run_triton
+
+
+@pytest.fixture(scope="module")
+def native(server) -> dict:
+    stub = server.stub
+    score = stub.Score(pb.ScoreRequest(model="lstm", texts=["the time traveller", "it was"]))
+    history = np.sin(np.arange(12, dtype=np.float32) / 2).astype(np.float32)
+    forecast = stub.Forecast(
+        pb.ForecastRequest(model="sine-gru", history=history.tolist(), horizon=5)
+    )
+    infill = stub.Infill(pb.InfillRequest(model="bilstm", left="the ti", right="e machine"))
+    return {"score": score, "forecast": forecast, "infill": infill}
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_tritonclient_matches_native(server, native, transport) -> None:
+    app = server.app
+    port = app.port if transport == "grpc" else app.http.port
+    got = run_triton(transport, f"127.0.0.1:{port}")
+    assert got["live"] and got["ready"] and got["lstm_ready"]
+    assert got["lstm_inputs"] == ["text"]
+    results = native["score"].results
+    assert got["score"]["perplexity"] == pytest.approx([r.perplexity for r in results])
+    assert got["score"]["log_likelihood"] == pytest.approx([r.log_likelihood for r in results])
+    assert got["score"]["num_tokens"] == [r.num_tokens for r in results]
+    assert got["forecast"] == pytest.approx(list(native["forecast"].forecast), rel=1e-5)
+    assert got["infill"] == [c.text for c in native["infill"].candidates]
+    assert "nope" in got["unknown_model_error"]
