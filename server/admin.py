@@ -28,7 +28,7 @@ class AdminService(pb_grpc.AdminServicer):
 
 
 async def reload(engine: Engine, health: ModelHealth):
-    """Rescans; unloads vanished versions after draining their scheduler. Returns the report.
+    """Rescans; unloads vanished versions after draining their decode loop. Returns the report.
 
     Sessions are built in a worker thread (a large model takes a while to load), so live
     streams keep their pace; only publishing the new versions runs on the event loop.
@@ -37,10 +37,10 @@ async def reload(engine: Engine, health: ModelHealth):
     report = repository.install(*await asyncio.to_thread(repository.load_new))
     for tag in report.unloaded:
         name, version = tag.rsplit("/", 1)
-        sched = engine.pop_scheduler(name, version)
-        if sched is not None:
-            await sched.drain()
-            await sched.close()
+        decoder = engine.pop_decoder(name, version)
+        if decoder is not None:
+            await decoder.drain()
+            await decoder.close()
         engine.repository.remove(name, version)
     changed = report.loaded or report.unloaded or report.failed
     log.log(

@@ -1,7 +1,7 @@
 """The server's use cases in plain Python: look up a model version, check the task, run it.
 
 `Engine` holds what the composition root built (repository, runtime, limiter, signer,
-settings, metrics) and keeps one Scheduler, Generator and TextCodec per serving version.
+settings, metrics) and keeps one DecodeLoop, Generator and TextCodec per serving version.
 The gRPC service only converts protobuf to these calls and back.
 """
 
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from rnnserve.server.decode.limiter import StreamLimiter
+from rnnserve.server.decode.loop import DecodeLoop
+from rnnserve.server.decode.stream import Chunk
 from rnnserve.server.errors import BadRequest
 from rnnserve.server.forecasting import ForecastResult, forecast
 from rnnserve.server.generation import GenerateParams, Generator, check_task
@@ -17,10 +20,8 @@ from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import ModelVersion, Repository
 from rnnserve.server.resume import StateSigner
 from rnnserve.server.runtime import Runtime
-from rnnserve.server.scheduler import Scheduler, StreamLimiter
 from rnnserve.server.scoring import ScoreResult, encode_texts, score
 from rnnserve.server.settings import Settings
-from rnnserve.server.stream import Chunk
 from rnnserve.server.text import TextCodec
 
 
@@ -40,7 +41,7 @@ class Engine:
         self.signer = signer
         self.settings = settings
         self.metrics = metrics
-        self._schedulers: dict[tuple[str, str], Scheduler] = {}
+        self._decoders: dict[tuple[str, str], DecodeLoop] = {}
         self._generators: dict[tuple[str, str], Generator] = {}
         self._codecs: dict[tuple[str, str], TextCodec] = {}
 
@@ -50,31 +51,30 @@ class Engine:
         check_task(entry, rpc)
         return entry
 
-    def scheduler(self, entry: ModelVersion) -> Scheduler:
+    def decoder(self, entry: ModelVersion) -> DecodeLoop:
         key = (entry.name, entry.version)
-        if key not in self._schedulers:
+        if key not in self._decoders:
             assert entry.model is not None
-            self._schedulers[key] = Scheduler(
+            s = self.settings
+            self._decoders[key] = DecodeLoop(
                 entry.name,
                 entry.model,
-                self.runtime,
-                self.limiter,
                 self.metrics,
-                self.settings.max_batch,
-                self.settings.decode_steps,
-                self.settings.stream_interval_us * 1e-6,
+                s.max_batch,
+                s.stream_interval_us * 1e-6,
+                s.prefill_chunk,
             )
-        return self._schedulers[key]
+        return self._decoders[key]
 
-    def pop_scheduler(self, name: str, version: str) -> Scheduler | None:
-        """Forgets a version's helpers (hot reload); returns its scheduler to drain."""
+    def pop_decoder(self, name: str, version: str) -> DecodeLoop | None:
+        """Forgets a version's helpers (hot reload); returns its decode loop to drain."""
         key = (name, version)
         self._generators.pop(key, None)
         self._codecs.pop(key, None)
-        return self._schedulers.pop(key, None)
+        return self._decoders.pop(key, None)
 
-    def schedulers(self) -> list[Scheduler]:
-        return list(self._schedulers.values())
+    def decoders(self) -> list[DecodeLoop]:
+        return list(self._decoders.values())
 
     def codec(self, entry: ModelVersion) -> TextCodec:
         key = (entry.name, entry.version)
@@ -94,7 +94,7 @@ class Engine:
         key = (entry.name, entry.version)
         if key not in self._generators:
             self._generators[key] = Generator(
-                entry, self.scheduler(entry), self.signer, self.settings
+                entry, self.decoder(entry), self.limiter, self.signer, self.settings, self.metrics
             )
         return self._generators[key].run(params, deadline)
 

@@ -1,4 +1,4 @@
-"""Generate: validate a request into plain parameters, then run it through the scheduler."""
+"""Generate: validate a request into plain parameters, then run it through the decode loop."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from rnnserve.server.decode.limiter import StreamLimiter
+from rnnserve.server.decode.loop import DecodeLoop
+from rnnserve.server.decode.stream import Chunk, Stream
 from rnnserve.server.errors import BadRequest, UnsupportedTask
-from rnnserve.server.metrics import observe_many
+from rnnserve.server.metrics import Metrics, observe_many
 from rnnserve.server.repository import ModelVersion
 from rnnserve.server.resume import Resumed, StateSigner
 from rnnserve.server.sampling import Sampler, SamplingParams
-from rnnserve.server.scheduler import Scheduler
 from rnnserve.server.settings import Settings
 from rnnserve.server.stopping import StopChecker, validate_stop
-from rnnserve.server.stream import Chunk, Stream
 from rnnserve.server.text import TextCodec
 
 DEFAULT_MAX_TOKENS = 64
@@ -53,10 +54,18 @@ class Generator:
     """Turns GenerateParams into a stream of Chunks for one model version."""
 
     def __init__(
-        self, entry: ModelVersion, scheduler: Scheduler, signer: StateSigner, settings: Settings
+        self,
+        entry: ModelVersion,
+        decoder: DecodeLoop,
+        limiter: StreamLimiter,
+        signer: StateSigner,
+        settings: Settings,
+        metrics: Metrics,
     ) -> None:
         self.entry = entry
-        self.scheduler = scheduler
+        self.decoder = decoder
+        self.limiter = limiter
+        self.metrics = metrics
         self.signer = signer
         self.settings = settings
         self.codec = TextCodec(entry.manifest)
@@ -82,15 +91,14 @@ class Generator:
         return ids, resumed, max_tokens
 
     async def run(self, p: GenerateParams, deadline: float | None) -> AsyncIterator[Chunk]:
-        """Admits, prefills, joins the batch, and yields messages until the stream ends."""
+        """Admits, hands the prompt to the decode loop, and yields messages until the stream
+        ends; leaving (normally, by error or by cancellation) frees the slot."""
         started = time.perf_counter()
         ids, resumed, max_tokens = self._validate(p)
-        entry, sched, metrics = self.entry, self.scheduler, self.scheduler.metrics
+        entry, decoder = self.entry, self.decoder
         name = entry.name
-
-        generated = metrics.generated_tokens.labels(model=name)
-        ttft = metrics.time_to_first_token.labels(model=name)
-        itl = metrics.inter_token_latency.labels(model=name)
+        ttft = self.metrics.time_to_first_token.labels(model=name)
+        itl = self.metrics.inter_token_latency.labels(model=name)
 
         def on_tokens(stream: Stream, times: list[float]) -> None:
             if stream.tokens == 0:
@@ -117,20 +125,13 @@ class Generator:
             deadline=deadline,
             on_tokens=on_tokens,
         )
-        sched.admit()
-        joined = False
+        self.limiter.acquire()
+        decoder.admit()
         try:
-            start = resumed.state if resumed else None
-            token, logprob, state = await sched.prefill(ids, start, stream.sampler)
-            generated.inc()  # the scheduler counts the rest, per hand-over
-            if stream.accept(token, logprob):
-                stream.close(state if signer else None)
-            else:
-                sched.join(stream, state)
-                joined = True
+            decoder.submit(stream, ids, resumed.state if resumed else None)
             while (chunk := await stream.buffer.next()) is not None:
                 yield chunk
         finally:
-            stream.cancel()
-            if not joined:
-                sched.release()
+            stream.cancel()  # the decode thread drops it by its next step
+            decoder.release()
+            self.limiter.release()

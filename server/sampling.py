@@ -127,8 +127,16 @@ def filtered_rows(logprobs: np.ndarray, params: list[SamplingParams]) -> np.ndar
 def sample_rows(logprobs: np.ndarray, samplers: list[Sampler]) -> np.ndarray:
     """One token per row of [rows, vocab], each by inverse CDF with one uniform draw from
     that row's own sampler (temperature > 0 for every row)."""
-    probs = filtered_rows(logprobs, [s.params for s in samplers])
-    u = np.array([s.uniform() for s in samplers])[:, None]
+    uniforms = np.array([s.uniform() for s in samplers])
+    return draw_rows(logprobs, [s.params for s in samplers], uniforms)
+
+
+def draw_rows(
+    logprobs: np.ndarray, params: list[SamplingParams], uniforms: np.ndarray
+) -> np.ndarray:
+    """sample_rows with the uniforms given: [rows] in [0, 1), one per row, in row order."""
+    probs = filtered_rows(logprobs, params)
+    u = np.asarray(uniforms, dtype=np.float64)[:, None]
     cumulative = np.cumsum(probs, axis=1)
     idx = np.sum(cumulative <= u, axis=1)  # = searchsorted(side="right") per row
     # side="right" never lands on a zero-probability id; rounding can push u past the total

@@ -1,6 +1,6 @@
 """Cancellation storm: 1,000 Generate streams cancelled at random points leak nothing.
 
-Afterwards every scheduler has no admitted or batched stream, the server-wide stream limiter is
+Afterwards every decode loop has no admitted or batched stream, the server-wide stream limiter is
 back to 0, and the rnnserve_live_streams gauge reads 0 for every model.
 """
 
@@ -50,7 +50,7 @@ def _one(stub, rng: random.Random) -> str:
 def _state(server) -> dict[str, float]:
     def read():
         app = server.app
-        scheds = app.engine.schedulers()
+        scheds = app.engine.decoders()
         reg = app.metrics.registry
         gauges = [
             reg.get_sample_value("rnnserve_live_streams", {"model": s.name}) or 0.0 for s in scheds
@@ -58,7 +58,7 @@ def _state(server) -> dict[str, float]:
         return {
             "admitted": sum(s.admitted for s in scheds),
             "live": sum(s.live for s in scheds),
-            "pending": sum(len(s.pending) for s in scheds),
+            "pending": sum(s.pending for s in scheds),
             "limiter": app.engine.limiter.active,
             "gauge": sum(gauges),
         }

@@ -64,7 +64,7 @@ def _round(server, slow: bool) -> tuple[float, list[pb.GenerateResponse]]:
         t.join(120)
     if slow:
         for _ in range(600):  # bounded wait until the stalled stream has generated everything
-            if server.call(lambda: sum(s.live for s in server.app.engine.schedulers())) == 0:
+            if server.call(lambda: sum(s.live for s in server.app.engine.decoders())) == 0:
                 break
             time.sleep(0.05)
     stop.set()

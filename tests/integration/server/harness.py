@@ -46,7 +46,7 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def call(self, fn: Callable[[], Any]) -> Any:
-        """Runs a plain function on the server's loop (to read scheduler state safely)."""
+        """Runs a plain function on the server's loop (to read decode-loop state safely)."""
 
         async def wrap():
             return fn()

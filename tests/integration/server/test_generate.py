@@ -119,10 +119,10 @@ def _batch_sizes(server) -> dict[str, float]:
 
 
 def _slots(server) -> tuple[int, float, int]:
-    sched = server.app.engine.schedulers()
+    sched = server.app.engine.decoders()
 
     def read():
-        s = next(x for x in server.app.engine.schedulers() if x.name == "lstm")
+        s = next(x for x in server.app.engine.decoders() if x.name == "lstm")
         gauge = server.app.metrics.registry.get_sample_value(
             "rnnserve_live_streams", {"model": "lstm"}
         )
@@ -221,8 +221,9 @@ def test_resume_token_of_another_model_is_invalid(stub) -> None:
     assert "state" in err.value.details()
 
 
-def test_multi_step_trips_keep_greedy_and_resume_exact(stub, server) -> None:
-    """24 live streams make the scheduler run several steps per ORT trip; nothing changes."""
+def test_churn_keeps_greedy_and_resume_exact(stub, server) -> None:
+    """24 streams of different lengths join and leave one batch; each is the lone stream's
+    text, and resuming each from its state finishes it exactly."""
     full = _ids(_generate(stub, model="lstm", prompt=PROMPT, max_tokens=40))
     lengths = [5 + i for i in range(24)]
     with cf.ThreadPoolExecutor(24) as pool:

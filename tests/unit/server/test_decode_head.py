@@ -32,7 +32,7 @@ def _table_lm(table: np.ndarray, opset: int = 17) -> onnx.ModelProto:
 
 
 def _numpy_pick(lp: np.ndarray, samplers: list[Sampler]) -> np.ndarray:
-    """What the scheduler does without a head."""
+    """What the decode loop does without a head."""
     tokens = np.argmax(lp, axis=-1)
     rows = [i for i, s in enumerate(samplers) if not s.params.greedy]
     if rows:

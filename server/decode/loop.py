@@ -1,0 +1,456 @@
+"""The decode loop of one model version: a thread that owns the batch.
+
+Everything a Generate stream goes through after admission happens here, in one thread, in
+this order on every turn:
+
+1. **take admissions** — the event loop tokenizes a request and appends it to a
+   thread-safe inbox (`submit`); the thread wakes if it was idle.
+2. **prefill** — prompts waiting to start run as one ORT call per turn, all rows aligned:
+   every waiting prompt advances by the shortest remaining length (at most
+   `--prefill-chunk` tokens), so prompts of different lengths share calls and a long prompt
+   never holds the batch up for more than one chunk. A prompt that ends in this call gets
+   its first token picked in the same call, is handed to the event loop at once (time to
+   first token) and joins the batch: its state row is concatenated on.
+3. **filter** — streams the event loop finished (a stop string) or cancelled (the client
+   went away), and streams past their deadline, leave: their state rows are taken out.
+4. **step** — one ORT call `[batch, 1]` per batch of at most `--max-batch` rows feeds every
+   stream its last token and picks its next one (server/decode/choose.py). A stream that
+   reaches max_tokens or end-of-sequence leaves inside the thread.
+5. **hand over** — tokens go to the event loop, which only moves them into gRPC messages:
+   new and finished streams at once; the rest every `live` steps (at most 64) and at most
+   once per `--stream-interval-us`, because a gRPC message costs the event loop more than a
+   decode step costs the model and the two share the GIL.
+
+The event loop never decides when the batch changes, so joins and leaves cost no round
+trip between threads (the trips of the previous design ended on every join or leave).
+Batch state follows TGI's filter/concatenate: rows are taken out along each state tensor's
+batch axis when streams leave and concatenated when they join.
+
+Sampling stays batch-invariant: each stream uses exactly one uniform per sampled token, the
+next of its own sequence (peeked in blocks per batch, marked used as they are consumed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rnnserve.server.decode.choose import GREEDY, TokenChooser
+from rnnserve.server.decode.stream import Stream
+from rnnserve.server.decode_head import RowParams
+from rnnserve.server.errors import DeadlineExceeded
+from rnnserve.server.metrics import Metrics, observe_many
+from rnnserve.server.runtime import OnnxModel, State
+
+log = logging.getLogger(__name__)
+
+HAND_EVERY_MAX = 64  # steps: a message per stream at least this often under any load
+UNIFORM_BLOCK = 64  # uniforms peeked per sampled stream at a time
+
+
+@dataclass(eq=False)
+class Slot:
+    """A stream in the decode thread: what it feeds next and what it made since the last
+    hand-over. Only the decode thread touches a slot."""
+
+    stream: Stream
+    ids: list[int]  # the prompt (after a resume: the resumed last token first)
+    state: State | None  # before the prompt: None = the model's initial state
+    budget: int  # tokens it may still make (max_tokens minus those made)
+    fed: int = 0  # prompt tokens consumed by prefill
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    snapshots: list[State] | None = None  # state after each token (resume-token streams)
+
+
+@dataclass
+class Handover:
+    """One stream's news for the event loop."""
+
+    stream: Stream
+    tokens: list[int]
+    logprobs: list[float]
+    times: list[float]  # perf_counter() when each token existed
+    snapshots: list[State] | None
+    error: BaseException | None = None
+
+
+class Batch:
+    """Streams stepped by one ORT call, their stacked state and their token choice."""
+
+    def __init__(self, chooser: TokenChooser) -> None:
+        self.chooser = chooser
+        self.slots: list[Slot] = []
+        self.state: State = []
+        self.x = np.zeros((0, 1), dtype=np.int64)  # each row's last token
+        self._head: RowParams | None = None
+        self._rows: list = []
+        self._sampled: list[int] = []
+        self._uniforms = np.zeros((0, 0))  # [block step, row]
+        self._used = 0  # block steps used
+        self.deadline: float | None = None
+        self.signed = False
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def join(self, slots: list[Slot], states: list[State], tokens: list[int]) -> None:
+        model = self.chooser.model
+        self._settle_uniforms()
+        self.state = model.concat(([self.state] if self.slots else []) + states)
+        self.slots += slots
+        self.x = np.concatenate([self.x, np.asarray(tokens, dtype=np.int64)[:, None]])
+        self._changed()
+
+    def keep(self, rows: list[int]) -> None:
+        """Keeps only these rows (in order): the others left."""
+        self._settle_uniforms()
+        self.slots = [self.slots[i] for i in rows]
+        self.state = self.chooser.model.take(self.state, rows) if rows else []
+        self.x = self.x[rows]
+        self._changed()
+
+    def _changed(self) -> None:
+        params = [s.stream.sampler.params for s in self.slots]
+        self._rows = params
+        self._head = self.chooser.params(params) if self.slots else None
+        self._sampled = [i for i, p in enumerate(params) if not p.greedy]
+        self._uniforms, self._used = np.zeros((0, len(params))), 0
+        deadlines = [s.stream.deadline for s in self.slots if s.stream.deadline is not None]
+        self.deadline = min(deadlines, default=None)
+        self.signed = any(s.snapshots is not None for s in self.slots)
+
+    def _settle_uniforms(self) -> None:
+        """Marks the peeked uniforms each sampled row consumed as used."""
+        for i in self._sampled:
+            self.slots[i].stream.sampler.use(self._used)
+        self._uniforms, self._used = np.zeros((0, len(self.slots))), 0
+
+    def _next_uniforms(self) -> np.ndarray:
+        if not self._sampled:
+            return np.zeros(len(self.slots))  # greedy rows ignore them
+        if self._used == len(self._uniforms):
+            self._settle_uniforms()
+            block = np.zeros((UNIFORM_BLOCK, len(self.slots)))
+            for i in self._sampled:
+                block[:, i] = self.slots[i].stream.sampler.peek(UNIFORM_BLOCK)
+            self._uniforms = block
+        self._used += 1
+        return self._uniforms[self._used - 1]
+
+    def step(self) -> tuple[list[int], list[float]]:
+        """One ORT call: every row's next token and its logprob; state and x move on."""
+        tokens, logprobs, self.state = self.chooser.run(
+            self.x, self.state, self._rows, self._next_uniforms(), self._head
+        )
+        self.x = tokens[:, None]
+        return tokens.tolist(), logprobs.tolist()
+
+    def close(self) -> None:
+        self._settle_uniforms()
+
+
+class DecodeLoop:
+    """Owns the decode thread of one model version; the event loop submits and drains."""
+
+    def __init__(
+        self,
+        name: str,
+        model: OnnxModel,
+        metrics: Metrics,
+        max_batch: int,
+        stream_interval: float = 0.0,
+        prefill_chunk: int = 256,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.chooser = TokenChooser(model)
+        self.max_batch = max_batch
+        self.stream_interval = stream_interval  # seconds
+        self.prefill_chunk = prefill_chunk
+        self.eos = model.manifest.vocab.index("<eos>") if "<eos>" in model.manifest.vocab else -1
+        self.admitted = 0  # event loop: streams between submit and release
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # event loop -> thread
+        self._inbox: deque[Slot] = deque()
+        self._wake = threading.Event()
+        self._closed = False
+        # thread -> event loop
+        self._outbox: deque[list[Handover]] = deque()
+        self._wake_pending = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        # the thread's own
+        self._prefilling: list[Slot] = []
+        self._batches: list[Batch] = []
+        self._news: list[Handover] = []
+        self._since_hand = 0
+        self._handed = 0.0
+        self._gauge = metrics.live_streams.labels(model=name)
+        self._step_seconds = metrics.step_duration.labels(model=name)
+        self._batch_size = metrics.batch_size.labels(model=name)
+        self._queue_wait = metrics.queue_wait.labels(model=name)
+        self._generated = metrics.generated_tokens.labels(model=name)
+        self._durations: list[float] = []
+        self._sizes: list[int] = []
+
+    # -- event loop side ------------------------------------------------------------------
+    def admit(self) -> None:
+        self.admitted += 1
+        self._idle.clear()
+        self._gauge.inc()
+
+    def release(self) -> None:
+        self.admitted -= 1
+        self._gauge.dec()
+        if self.admitted == 0:
+            self._idle.set()
+
+    @property
+    def live(self) -> int:
+        """Streams in a batch (the rows a step works on)."""
+        return sum(len(b) for b in list(self._batches))
+
+    @property
+    def pending(self) -> int:
+        """Streams submitted and not yet in a batch."""
+        return len(self._inbox) + len(self._prefilling)
+
+    def submit(self, stream: Stream, ids: list[int], state: State | None) -> None:
+        """Queues an admitted stream: `ids` is its prompt, fed from `state` (None: fresh).
+        Its tokens arrive in `stream.buffer`; cancel it with `stream.cancel()`."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        snapshots = [] if stream.signer is not None else None
+        budget = stream.stopper.max_tokens
+        self._inbox.append(Slot(stream, list(ids), state, budget, snapshots=snapshots))
+        self._wake.set()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"decode:{self.name}")
+            self._thread.daemon = True
+            self._thread.start()
+
+    async def drain(self) -> None:
+        """Waits until every admitted stream has left (hot reload, shutdown)."""
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        """Stops the thread after its current call."""
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5.0)
+
+    def _deliver(self) -> None:
+        """Event loop: hands each stream its tokens, in order; finished streams get their last
+        message (with the resume state when asked for), failed ones their error."""
+        self._wake_pending = False  # before draining: a later append schedules a new wake-up
+        accepted = 0
+        while self._outbox:
+            for news in self._outbox.popleft():
+                stream = news.stream
+                if stream.done:
+                    continue
+                if news.tokens:
+                    n = stream.accept_run(news.tokens, news.logprobs, news.times)
+                    accepted += n
+                    if stream.finished:
+                        stream.close(news.snapshots[n - 1] if news.snapshots else None)
+                if news.error is not None and not stream.done:
+                    stream.cancel()
+                    stream.buffer.fail(news.error)
+        if accepted:
+            self._generated.inc(accepted)
+
+    # -- the decode thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._closed:
+            if not (self._batches or self._prefilling or self._inbox):
+                self._flush_metrics()
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                self._turn()
+            except Exception as exc:  # a failed call fails its streams, never the thread
+                log.exception("decode failed for %s", self.name)
+                self._fail_all(exc)
+            self._send()
+
+    def _turn(self) -> None:
+        while self._inbox:
+            slot = self._inbox.popleft()
+            self._queue_wait.observe(time.perf_counter() - slot.stream.started)
+            self._prefilling.append(slot)
+        if self._prefilling:
+            self._prefill()
+        self._filter()
+        if self._batches:
+            self._step()
+
+    def _prefill(self) -> None:
+        """One aligned call for the waiting prompts (at most max_batch rows): each advances
+        by the shortest remaining length, capped at --prefill-chunk."""
+        waiting = [s for s in self._prefilling if not s.stream.done]
+        rows, later = waiting[: self.max_batch], waiting[self.max_batch :]
+        if not rows:
+            self._prefilling = later
+            return
+        n = min(self.prefill_chunk, *(len(s.ids) - s.fed for s in rows))
+        x = np.asarray([s.ids[s.fed : s.fed + n] for s in rows], dtype=np.int64)
+        fresh = self.model.initial_state(1)
+        state = self.model.concat([s.state if s.state is not None else fresh for s in rows])
+        ending = [s.fed + n == len(s.ids) for s in rows]
+        # rows that do not end here pick no token: greedy placeholders, no uniform used
+        params = [s.stream.sampler.params if ending[i] else GREEDY for i, s in enumerate(rows)]
+        uniforms = np.array(
+            [0.0 if params[i].greedy else s.stream.sampler.uniform() for i, s in enumerate(rows)]
+        )
+        self._prefilling = later
+        try:
+            tokens, logprobs, state = self.chooser.run(x, state, params, uniforms)
+        except Exception as exc:  # fails these prompts only
+            log.exception("prefill failed for %s", self.name)
+            for slot in rows:
+                news = self._take_news(slot)
+                news.error = exc
+                self._news.append(news)
+            return
+        now = time.perf_counter()
+        states = self.model.split(state) if self.model.specs else [[] for _ in rows]
+        joining: list[tuple[Slot, State, int]] = []
+        for i, slot in enumerate(rows):
+            slot.fed += n
+            slot.state = states[i]
+            if not ending[i]:
+                self._prefilling.append(slot)
+                continue
+            token = int(tokens[i])
+            if self._record(slot, token, float(logprobs[i]), now, states[i]):
+                self._news.append(self._take_news(slot))  # done after one token
+            else:
+                joining.append((slot, states[i], token))
+                self._news.append(self._take_news(slot))  # the first token goes out at once
+        if joining:
+            self._join(joining)
+        self._send()  # first tokens go out before the next step
+
+    def _join(self, joining: list[tuple[Slot, State, int]]) -> None:
+        while joining:
+            target = next((b for b in self._batches if len(b) < self.max_batch), None)
+            if target is None:
+                target = Batch(self.chooser)
+                self._batches.append(target)
+            room = self.max_batch - len(target)
+            now, joining = joining[:room], joining[room:]
+            target.join([s for s, _, _ in now], [st for _, st, _ in now], [t for _, _, t in now])
+            for slot, _, _ in now:
+                slot.state = None  # the batch holds it now
+
+    def _filter(self) -> None:
+        """Drops streams the event loop ended (stop string, cancel) or whose deadline passed."""
+        now = time.perf_counter()
+        kept = []
+        for batch in self._batches:
+            expired = batch.deadline is not None and now >= batch.deadline
+            if expired or any(s.stream.done for s in batch.slots):
+                rows = []
+                for i, slot in enumerate(batch.slots):
+                    if slot.stream.expired(now) and not slot.stream.done:
+                        news = self._take_news(slot)
+                        news.error = DeadlineExceeded("the call's deadline passed")
+                        self._news.append(news)
+                    elif not slot.stream.done:
+                        rows.append(i)
+                if len(rows) < len(batch):
+                    batch.keep(rows)
+            if len(batch):
+                kept.append(batch)
+            else:
+                batch.close()
+        self._batches = kept
+
+    def _step(self) -> None:
+        """One decode step for every batch; streams that reach max_tokens or end-of-sequence
+        leave here, their last tokens handed over at once."""
+        for batch in self._batches:
+            start = time.perf_counter()
+            tokens, logprobs = batch.step()
+            now = time.perf_counter()
+            self._durations.append(now - start)
+            self._sizes.append(len(batch))
+            done = []
+            for i, slot in enumerate(batch.slots):
+                state = self.model.take(batch.state, i) if slot.snapshots is not None else None
+                if self._record(slot, tokens[i], logprobs[i], now, state):
+                    done.append(i)
+                    self._news.append(self._take_news(slot))
+            if done:
+                gone = set(done)
+                batch.keep([i for i in range(len(batch)) if i not in gone])
+        for batch in self._batches:
+            if not len(batch):
+                batch.close()
+        self._batches = [b for b in self._batches if len(b)]
+        self._since_hand += 1
+        live = sum(len(b) for b in self._batches)
+        now = time.perf_counter()
+        if self._since_hand >= max(1, min(HAND_EVERY_MAX, live)) and (
+            now - self._handed >= self.stream_interval
+        ):
+            self._since_hand, self._handed = 0, now
+            for batch in self._batches:
+                self._news.extend(self._take_news(s) for s in batch.slots if s.tokens)
+            self._flush_metrics()
+
+    def _record(self, slot: Slot, token: int, logprob: float, at: float, state) -> bool:
+        """Adds one token to a slot; True when the stream ends with it (max_tokens, eos)."""
+        slot.tokens.append(token)
+        slot.logprobs.append(logprob)
+        slot.times.append(at)
+        if slot.snapshots is not None:
+            slot.snapshots.append(state)
+        slot.budget -= 1
+        return slot.budget <= 0 or token == self.eos
+
+    def _take_news(self, slot: Slot) -> Handover:
+        news = Handover(slot.stream, slot.tokens, slot.logprobs, slot.times, slot.snapshots)
+        slot.tokens, slot.logprobs, slot.times = [], [], []
+        if slot.snapshots is not None:
+            slot.snapshots = []
+        return news
+
+    def _send(self) -> None:
+        """Queues this turn's news for the event loop, waking it only if no wake-up is
+        pending (each wake-up is a syscall and a GIL hand-off)."""
+        if not self._news:
+            return
+        self._outbox.append(self._news)
+        self._news = []
+        loop = self._loop
+        if not self._wake_pending and loop is not None and not loop.is_closed():
+            self._wake_pending = True
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutdown)
+                loop.call_soon_threadsafe(self._deliver)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for slot in [*self._prefilling, *(s for b in self._batches for s in b.slots)]:
+            news = self._take_news(slot)
+            news.error = exc
+            self._news.append(news)
+        self._prefilling, self._batches = [], []
+
+    def _flush_metrics(self) -> None:
+        if self._durations:
+            observe_many(self._step_seconds, self._durations)
+            observe_many(self._batch_size, self._sizes)
+            self._durations, self._sizes = [], []
