@@ -1,15 +1,11 @@
-"""Exports any `ExportableModel` to a checked model package, atomically.
+"""Exports any `ExportableModel` to a checked model package, atomically (trainer/staging.py).
 
-Why atomic: the server scans models/<name>/<version>/ and must never see half a package, and a
-failed export must leave nothing behind. We write into a temp dir beside the target, check it,
-and rename it into place.
+Why check before publishing: the server trusts a package; export_check proves the graph
+computes what the torch model computes before the package is renamed into place.
 """
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +25,7 @@ from rnnserve.artifact.vocab import Vocab
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.export_check import check_parity
 from rnnserve.trainer.exportable import onnx_module_of
+from rnnserve.trainer.staging import package_dir, staged
 
 CHECKPOINT_FILE = "checkpoint.pt"
 OPSET = 17
@@ -89,74 +86,45 @@ def export_model(
     feeds: text of the kind the model serves, e.g. the validation split (trainer/probe.py).
     Raises TrainerError with a one-line message on any failure; nothing is left behind.
     """
-    if not name or "/" in name or name.startswith("."):
-        raise TrainerError(f"model name {name!r} must be a plain, non-empty directory name")
-    if not version or "/" in version or version.startswith("."):
-        raise TrainerError(f"model version {version!r} must be a plain, non-empty directory name")
+    target = package_dir(out_dir, name, version)
     model.eval()
     vocab_size = len(vocab) if vocab is not None else model.hyperparameters().get("vocab_size")
-    target = Path(out_dir) / name / version
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TrainerError(f"cannot create {target.parent}: {exc.strerror}") from exc
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it 0700; a server running as another user must read it
-    try:
-        onnx_path = tmp / ONNX_FILE
-        try:
-            write_onnx(model, onnx_path, vocab_size)
-        except TrainerError:
-            raise
-        except Exception as exc:  # the exporter raises many types; report one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TrainerError(f"ONNX export of {name!r} failed: {first}") from exc
-        parity = check_parity(onnx_path, model, vocab_size, probe, probe_source)
-        manifest = Manifest(
-            name=name,
-            version=version,
-            task=model.task,
-            architecture=model.arch,
-            hyperparameters=dict(model.hyperparameters()),
-            input_name=model.input_name,
-            output_name=model.output_name,
-            state=list(model.state_specs()),
-            tokenizer=tokenizer,
-            vocab=vocab.to_list() if vocab is not None else None,
-            series=series,
-            metrics=dict(metrics or {}),
-            training=dict(training or {}),
-            onnx_sha256=sha256_file(onnx_path),
-            parity=parity,
-        )
-        manifest.save(tmp)
-        Manifest.load(tmp)  # what the server will do: fail here, not there
-        if checkpoint is not None:
-            torch.save(checkpoint, tmp / CHECKPOINT_FILE)
-        _replace_dir(tmp, target)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_if_empty(target.parent)
-        if isinstance(exc, ManifestError):
-            raise TrainerError(f"manifest for {name!r} is invalid: {exc}") from exc
-        raise
+        with staged(target) as tmp:
+            onnx_path = tmp / ONNX_FILE
+            try:
+                write_onnx(model, onnx_path, vocab_size)
+            except TrainerError:
+                raise
+            except Exception as exc:  # the exporter raises many types; report one line
+                text = str(exc).strip()
+                first = text.splitlines()[0] if text else type(exc).__name__
+                raise TrainerError(f"ONNX export of {name!r} failed: {first}") from exc
+            parity = check_parity(onnx_path, model, vocab_size, probe, probe_source)
+            manifest = Manifest(
+                name=name,
+                version=version,
+                task=model.task,
+                architecture=model.arch,
+                hyperparameters=dict(model.hyperparameters()),
+                input_name=model.input_name,
+                output_name=model.output_name,
+                state=list(model.state_specs()),
+                tokenizer=tokenizer,
+                vocab=vocab.to_list() if vocab is not None else None,
+                series=series,
+                metrics=dict(metrics or {}),
+                training=dict(training or {}),
+                onnx_sha256=sha256_file(onnx_path),
+                parity=parity,
+            )
+            manifest.save(tmp)
+            Manifest.load(tmp)  # what the server will do: fail here, not there
+            if checkpoint is not None:
+                torch.save(checkpoint, tmp / CHECKPOINT_FILE)
+    except ManifestError as exc:
+        raise TrainerError(f"manifest for {name!r} is invalid: {exc}") from exc
     return target
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Moves `new` to `target`; an existing version is swapped out, then removed."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{new.name}")
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_if_empty(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        directory.rmdir()
 
 
 def is_package(directory: Path) -> bool:

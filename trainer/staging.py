@@ -1,0 +1,55 @@
+"""Writes a model package atomically: build it in a temp dir beside the target, rename it in.
+
+Why: the server scans models/<name>/<version>/ and must never see half a package, a failed
+write must leave nothing behind, and a failed re-write must keep the old version. `export`
+(trainer models) and `package` (graphs from elsewhere) both publish through this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from rnnserve.trainer.errors import TrainerError
+
+
+def package_dir(out_dir: Path, name: str, version: str) -> Path:
+    """OUT/NAME/VERSION, refusing names that are not plain directory names."""
+    if not name or "/" in name or name.startswith("."):
+        raise TrainerError(f"model name {name!r} must be a plain, non-empty directory name")
+    if not version or "/" in version or version.startswith("."):
+        raise TrainerError(f"model version {version!r} must be a plain, non-empty directory name")
+    return Path(out_dir) / name / version
+
+
+@contextlib.contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """Yields an empty temp dir; on success it replaces `target`, on any failure it goes."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainerError(f"cannot create {target.parent}: {exc.strerror}") from exc
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; a server running as another user must read it
+    try:
+        yield tmp
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            target.parent.rmdir()  # only if empty: a first version that failed
+        raise
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Moves `new` to `target`; an existing version is swapped out, then removed."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{new.name}")
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
