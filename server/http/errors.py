@@ -48,7 +48,7 @@ def http_status(code: grpc.StatusCode) -> int:
 
 def openai_error(code: grpc.StatusCode, message: str, exc: BaseException | None) -> dict:
     """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
-    param = None
+    param = "model" if code == grpc.StatusCode.NOT_FOUND else None
     if isinstance(exc, BadRequest):
         field = exc.field.split("[", 1)[0]
         param = OPENAI_PARAM.get(field, field)

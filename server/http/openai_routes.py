@@ -92,8 +92,10 @@ class OpenAIRoutes:
 
     # -- completions ------------------------------------------------------------------------
     async def completions(self, request: web.Request, call: Call) -> web.StreamResponse:
-        req = oa.parse_completion(await read_json(request))
-        call.model = self.engine.model_label(req.model)
+        body = await read_json(request)
+        named = body.get("model") if isinstance(body, dict) else None
+        call.model = self.engine.model_label(named) if isinstance(named, str) else ""
+        req = oa.parse_completion(body)
         entry = self.engine.lookup(req.model, "", "Generate")
         codec, limit = self.engine.codec(entry), self.engine.settings.max_prompt_tokens
         prompts = [

@@ -1,0 +1,137 @@
+"""curl (a subprocess, as a user would type it) against the HTTP port: SSE framing, JSON
+errors with their HTTP status, request ids, the body limit, unknown paths."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+
+
+def curl(*args: str) -> tuple[int, dict[str, str], str]:
+    """-> (HTTP status, lower-cased headers, body)."""
+    done = subprocess.run(
+        ["curl", "-sS", "-N", "-i", "--max-time", "60", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    head, _, body = done.stdout.replace("\r\n", "\n").partition("\n\n")
+    lines = head.splitlines()
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+def post(url: str, body: object, *extra: str) -> tuple[int, dict[str, str], str]:
+    return curl("-H", "content-type: application/json", "-d", json.dumps(body), *extra, url)
+
+
+def test_sse_stream_frames_and_done(base_url: str) -> None:
+    body = {"model": "lstm", "prompt": "the time", "max_tokens": 8, "stream": True}
+    status, headers, text = post(base_url + "/v1/completions", {**body, "temperature": 0})
+    assert status == 200
+    assert headers["content-type"].startswith("text/event-stream")
+    events = [e for e in text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]}
+
+
+def test_request_id_is_echoed(base_url: str) -> None:
+    body = {"model": "lstm", "prompt": "the", "max_tokens": 2}
+    status, headers, text = post(base_url + "/v1/completions", body, "-H", "x-request-id: abc-1")
+    assert status == 200 and headers["x-request-id"] == "abc-1"
+    assert json.loads(text)["id"] == "cmpl-abc-1"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "lstm"}, 400, "prompt"),
+        ({"model": "lstm", "prompt": "a", "frequency_penalty": 1}, 400, "frequency_penalty"),
+        ({"model": "lstm", "prompt": [1, 2, 3]}, 400, "prompt"),
+        ({"model": "lstm", "prompt": "a", "colour": "red"}, 400, "colour"),
+        ({"model": "missing", "prompt": "a"}, 404, "model"),
+        ({"model": "sine-gru", "prompt": "a"}, 400, None),
+    ],
+)
+def test_openai_errors_are_json_with_status(base_url, body, status, param) -> None:
+    got, headers, text = post(base_url + "/v1/completions", body)
+    assert got == status
+    assert headers["content-type"].startswith("application/json")
+    error = json.loads(text)["error"]
+    assert error["message"] and error["param"] == param
+    assert headers["x-request-id"]
+
+
+def test_not_json_and_unknown_paths(base_url: str) -> None:
+    status, _, text = curl("-d", "{not json", base_url + "/v1/completions")
+    assert status == 400 and "not valid JSON" in json.loads(text)["error"]["message"]
+    status, _, text = curl(base_url + "/v1/nothing")
+    assert status == 404 and json.loads(text)["error"]["message"]
+    status, _, text = curl(base_url + "/v2/nothing")
+    assert status == 404 and "error" in json.loads(text)
+    status, _, _ = curl("-X", "DELETE", base_url + "/v1/completions")
+    assert status == 405
+
+
+def test_kserve_rest_with_curl(base_url: str) -> None:
+    status, _, text = curl(base_url + "/v2/health/live")
+    assert status == 200 and json.loads(text) == {"live": True}
+    status, _, text = curl(base_url + "/v2/health/ready")
+    assert status == 200 and json.loads(text) == {"ready": True}
+    assert curl(base_url + "/v2/models/lstm/ready")[0] == 200
+    assert curl(base_url + "/v2/models/lstm/versions/1/ready")[0] == 200
+    assert curl(base_url + "/v2/models/missing/ready")[0] == 404
+    status, _, text = curl(base_url + "/v2")
+    assert status == 200 and json.loads(text)["name"] == "rnnserve"
+    status, _, text = curl(base_url + "/v2/models/sine-gru/versions/1")
+    meta = json.loads(text)
+    assert [i["name"] for i in meta["inputs"]] == ["history", "horizon"]
+    body = {
+        "id": "r1",
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["the time"]}],
+        "outputs": [{"name": "num_tokens"}],
+    }
+    status, _, text = post(base_url + "/v2/models/lstm/infer", body)
+    got = json.loads(text)
+    assert status == 200 and got["id"] == "r1" and got["model_version"] == "1"
+    assert got["outputs"] == [
+        {"name": "num_tokens", "datatype": "INT64", "shape": [1], "data": [7]}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "status", "words"),
+    [
+        ([{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.0]}], 400, "BYTES"),
+        ([{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a b"]}], 400, "shape"),
+        ([{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["a"]}], 400, "accepted"),
+        ([{"name": "history", "datatype": "FP32", "shape": [1], "data": [1.0]}], 400, "horizon"),
+        ([{"name": "text", "datatype": "WAT", "shape": [1], "data": ["a"]}], 400, "datatype"),
+    ],
+)
+def test_kserve_rest_errors(base_url, inputs, status, words) -> None:
+    got, _, text = post(base_url + "/v2/models/lstm/infer", {"inputs": inputs})
+    assert got == status
+    assert words in json.loads(text)["error"]
+
+
+def test_kserve_task_mismatch_and_unknown(base_url: str) -> None:
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a b"]}]}
+    status, _, text = post(base_url + "/v2/models/sine-gru/infer", body)
+    assert status == 400 and "Forecast" in json.loads(text)["error"]
+    status, _, _ = post(base_url + "/v2/models/missing/infer", body)
+    assert status == 404
+    status, _, _ = post(base_url + "/v2/models/lstm/versions/9/infer", body)
+    assert status == 404

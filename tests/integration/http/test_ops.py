@@ -1,0 +1,173 @@
+"""Bearer tokens, --auth-health, body limit, metrics, access logs and draining on the HTTP
+port and KServe gRPC: the same guards and counters as rnnserve.v1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import openai
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rnnserve.kserve import grpc_predict_v2_pb2 as kpb
+from rnnserve.kserve import grpc_predict_v2_pb2_grpc as kpb_grpc
+from rnnserve.server.auth import bearer_guard
+from rnnserve.server.main import build_app
+from tests.integration.http.conftest import TOKEN, free_port, http_server
+from tests.integration.server.harness import ServerThread, make_settings
+
+
+class GuardedServer(ServerThread):
+    """ServerThread whose app has the bearer guard, as `rnn-server --tokens-file` builds it."""
+
+    def start(self) -> GuardedServer:
+        self._thread.start()
+
+        async def boot():
+            app = build_app(self.settings, guards=[bearer_guard([TOKEN])])
+            await app.start()
+            return app
+
+        self.app = self.run(boot())
+        self.channel = grpc.insecure_channel(f"localhost:{self.app.port}")
+        return self
+
+
+@pytest.fixture(scope="module")
+def guarded(model_repo: Path) -> Iterator[GuardedServer]:
+    settings = make_settings(
+        model_repo, http_port=free_port(), auth_health=1, max_message_bytes=2000
+    )
+    srv = GuardedServer(settings).start()
+    yield srv
+    srv.stop()
+
+
+def request(url: str, body: object | None = None, token: str = "", raw: bytes = b""):
+    """-> (status, parsed JSON body)."""
+    data = raw or (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method="POST" if data else "GET")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_bearer_tokens_on_http(guarded: GuardedServer) -> None:
+    base = f"http://127.0.0.1:{guarded.app.http.port}"
+    body = {"model": "lstm", "prompt": "the", "max_tokens": 2}
+    status, got = request(base + "/v1/completions", body)
+    assert status == 401 and got["error"]["type"] == "authentication_error"
+    status, got = request(base + "/v1/completions", body, token="wrong")
+    assert status == 401 and "invalid bearer token" in got["error"]["message"]
+    assert request(base + "/v1/completions", body, token=TOKEN)[0] == 200
+    assert request(base + "/v2/models/lstm", token="")[0] == 401
+    # --auth-health: probes need the token too
+    assert request(base + "/v2/health/ready")[0] == 401
+    assert request(base + "/v2/health/ready", token=TOKEN) == (200, {"ready": True})
+    client = openai.OpenAI(base_url=base + "/v1", api_key=TOKEN, max_retries=0)
+    assert client.completions.create(model="lstm", prompt="the", max_tokens=3).usage
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base + "/v1", api_key="no", max_retries=0).models.list()
+
+
+def test_bearer_tokens_on_kserve_grpc(guarded: GuardedServer) -> None:
+    stub = kpb_grpc.GRPCInferenceServiceStub(guarded.channel)
+    request_ = kpb.ModelInferRequest(model_name="lstm")
+    t = request_.inputs.add(name="text", datatype="BYTES", shape=[1])
+    t.contents.bytes_contents.append(b"the time")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request_, timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ServerReady(kpb.ServerReadyRequest(), timeout=30)  # --auth-health
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    got = stub.ModelInfer(request_, metadata=auth, timeout=30)
+    assert [o.name for o in got.outputs] == ["perplexity", "log_likelihood", "num_tokens"]
+    assert stub.ServerReady(kpb.ServerReadyRequest(), metadata=auth, timeout=30).ready
+
+
+def test_body_over_the_message_limit_is_413(guarded: GuardedServer) -> None:
+    base = f"http://127.0.0.1:{guarded.app.http.port}"
+    body = {"model": "lstm", "prompt": "x" * 5000}
+    status, got = request(base + "/v1/completions", body, token=TOKEN)
+    assert status == 413 and got["error"]["code"] == "resource_exhausted"
+
+
+def test_metrics_and_access_log(server, base_url, caplog) -> None:
+    registry = server.app.metrics.registry
+
+    def count(rpc: str, code: str, model: str = "lstm") -> float:
+        labels = {"rpc": rpc, "model": model, "code": code}
+        return registry.get_sample_value("rnnserve_request_duration_seconds_count", labels) or 0
+
+    ok, bad = count("openai.Completions", "OK"), count("openai.Completions", "INVALID_ARGUMENT")
+    infer = count("kserve.ModelInfer", "OK")
+    errors = registry.get_sample_value(
+        "rnnserve_errors_total", {"rpc": "openai.Completions", "code": "INVALID_ARGUMENT"}
+    ) or 0
+    with caplog.at_level(logging.INFO, logger="rnnserve.server.access"):
+        assert request(base_url + "/v1/completions", {"model": "lstm", "prompt": "ab"})[0] == 200
+        assert request(base_url + "/v1/completions", {"model": "lstm", "prompt": "a", "n": 2})[
+            0
+        ] == 400
+        body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["ab"]}]}
+        assert request(base_url + "/v2/models/lstm/infer", body)[0] == 200
+        deadline = time.monotonic() + 5
+        while len([r for r in caplog.records if hasattr(r, "rpc")]) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert count("openai.Completions", "OK") == ok + 1
+    assert count("openai.Completions", "INVALID_ARGUMENT") == bad + 1
+    assert count("kserve.ModelInfer", "OK") == infer + 1
+    after = registry.get_sample_value(
+        "rnnserve_errors_total", {"rpc": "openai.Completions", "code": "INVALID_ARGUMENT"}
+    )
+    assert after == errors + 1
+    lines = [(r.rpc, r.code) for r in caplog.records if hasattr(r, "rpc")]
+    assert ("openai.Completions", "OK") in lines
+    assert ("openai.Completions", "INVALID_ARGUMENT") in lines
+    assert ("kserve.ModelInfer", "OK") in lines
+
+
+def test_ready_follows_grpc_health_through_a_drain(model_repo: Path) -> None:
+    """SIGTERM's path (App.shutdown): /v2/health/ready, KServe ServerReady and grpc.health.v1
+    turn not-ready together while calls are still taken (--drain-delay), then the port closes."""
+    srv = http_server(model_repo)
+    base = f"http://127.0.0.1:{srv.app.http.port}"
+    health = health_pb2_grpc.HealthStub(srv.channel)
+    kserve = kpb_grpc.GRPCInferenceServiceStub(srv.channel)
+    try:
+        assert request(base + "/v2/health/ready") == (200, {"ready": True})
+        assert kserve.ServerReady(kpb.ServerReadyRequest(), timeout=10).ready
+        done = asyncio.run_coroutine_threadsafe(srv.app.shutdown(grace=1.0, delay=3.0), srv.loop)
+        deadline = time.monotonic() + 3
+        while request(base + "/v2/health/ready")[0] == 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert request(base + "/v2/health/ready") == (503, {"ready": False})
+        reply = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not kserve.ServerReady(kpb.ServerReadyRequest(), timeout=10).ready
+        assert request(base + "/v2/models/lstm/ready")[0] == 400
+        # still taking calls during the drain delay
+        body = {"model": "lstm", "prompt": "ab", "max_tokens": 2}
+        assert request(base + "/v1/completions", body)[0] == 200
+        done.result(30)
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(base + "/v2/health/live", timeout=5)
+    finally:
+        srv.app = None  # already shut down
+        srv.stop()
