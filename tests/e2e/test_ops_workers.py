@@ -1,4 +1,5 @@
-"""`rnn-server --workers 2`: two processes on one port, one merged /metrics, SIGTERM -> exit 0."""
+"""`rnn-server --workers 2`: two processes on one port, one merged /metrics whose sums are
+true (not doubled), /readyz once both workers serve, SIGTERM -> exit 0."""
 
 from __future__ import annotations
 
@@ -39,9 +40,19 @@ def _scrape(port: int) -> str:
         return body.read().decode()
 
 
-def _serving_pids(text: str) -> set[str]:
-    """Workers that published rnnserve_model_serving (multiprocess gauges carry a pid label)."""
-    return set(re.findall(r'rnnserve_model_serving\{[^}]*pid="(\d+)"', text))
+def _ready(port: int) -> bool:
+    """The parent's /readyz: every worker alive and overall SERVING."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def _values(text: str, name: str) -> list[tuple[str, float]]:
+    """(labels, value) of every sample of `name` in a /metrics page."""
+    pattern = rf"^{name}(?:\{{([^}}]*)\}})? ([0-9.e+-]+)$"
+    return [(labels, float(v)) for labels, v in re.findall(pattern, text, re.M)]
 
 
 def _wait_until_serving(port: int, end: float) -> None:
@@ -79,17 +90,12 @@ def test_two_workers_share_port_and_metrics(model_repo: Path, tmp_path: Path) ->
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         end = time.monotonic() + READY_WAIT_S
-        text = ""
-        while len(_serving_pids(text)) < 2:  # both workers have loaded the zoo
+        while not _ready(metrics_port):  # both workers have loaded the zoo
             if proc.poll() is not None:
                 pytest.fail(f"rnn-server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             if time.monotonic() > end:
                 pytest.fail(f"2 workers not up in {READY_WAIT_S:g}s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-            try:
-                text = _scrape(metrics_port)
-            except OSError:
-                text = ""
         _wait_until_serving(port, end)  # models load before the port is bound
         before = _generate_count(_scrape(metrics_port))
         state = b""
@@ -113,7 +119,15 @@ def test_two_workers_share_port_and_metrics(model_repo: Path, tmp_path: Path) ->
                 assert state
         after = _scrape(metrics_port)
         assert _generate_count(after) - before == CALLS
-        assert len(_serving_pids(after)) == 2
+        serving = _values(after, "rnnserve_model_serving")
+        models = {d.name for d in model_repo.iterdir() if d.is_dir()}
+        assert len(serving) == len(models), "one series per version, not one per worker"
+        assert sum(v for _, v in serving) == len(models), "a true sum under --workers"
+        assert _values(after, "rnnserve_ready") == [("", 1.0)]
+        assert _values(after, "rnnserve_stream_capacity") == [("", 2 * 512.0)]
+        rss = _values(after, "process_resident_memory_bytes")
+        assert len({labels for labels, _ in rss}) == 3, "the parent and each worker, by pid"
+        assert _values(after, "rnnserve_build_info")[0][1] == 1
         stop_gracefully(proc, timeout=40)
     finally:
         reap(proc)

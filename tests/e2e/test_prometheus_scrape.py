@@ -44,6 +44,10 @@ STATE_KEY = "e2e-shared-state-key"
 READY_WAIT_S = 90.0  # upper bounds on waiting, not assertions about speed
 SCRAPE_WAIT_S = 120.0
 RPC_TIMEOUT_S = 30.0  # every call has a deadline: a stuck server fails the test, not hangs it
+# Metrics the decode engine records once it makes the call issue 18 names (the engine is being
+# rewritten); until then their panels are empty. test_engine_metrics_are_recorded turns red
+# (strict xfail) the day they appear, so this set is emptied then.
+AWAITING_ENGINE = {"rnnserve_prompt_tokens_total"}
 
 
 @dataclass
@@ -283,9 +287,48 @@ def test_latency_histogram_and_time_to_first_token_are_scraped(
 def test_every_dashboard_metric_is_scraped_and_every_query_runs(scraped) -> None:
     names = set().union(*(promql_metric_names(e) for _, e in dashboard_exprs()))
     missing = {n for n in names if not _query(scraped, f'count({{__name__="{n}"}})')}
-    assert not missing, f"dashboard names metrics the server does not export: {missing}"
+    assert missing <= AWAITING_ENGINE, (
+        f"dashboard names metrics the server does not export: {missing}"
+    )
     for _, expr in dashboard_exprs():
         _query(scraped, grafana_to_promql(expr))  # asserts status == success
+
+
+def _has_a_number(series: list[dict]) -> bool:
+    return any(s["value"][1] not in ("NaN", "+Inf", "-Inf") for s in series)
+
+
+def test_every_dashboard_panel_shows_data_from_the_live_servers(scraped) -> None:
+    """Each panel's query, as Grafana sends it, returns at least one real number after the
+    traffic: no panel is empty or NaN (the old model-load panel was NaN once start-up left
+    the rate window)."""
+    empty = []
+    for title, expr in dashboard_exprs():
+        if promql_metric_names(expr) & AWAITING_ENGINE:
+            continue
+        if not _has_a_number(_query(scraped, grafana_to_promql(expr))):
+            empty.append((title, expr))
+    assert not empty, f"panels without data: {empty}"
+    load = [e for t, e in dashboard_exprs() if "rnnserve_model_load_seconds" in e]
+    assert load and not any("rate(" in e for e in load), "load events are over at start-up"
+
+
+def test_new_metrics_reach_prometheus(scraped) -> None:
+    assert _query(scraped, 'sum by (instance) (rnnserve_ready{job="rnnserve"}) == 1')
+    assert len(_query(scraped, "rnnserve_build_info == 1")) == 2
+    capacity = _query(scraped, "sum(rnnserve_stream_capacity)")
+    assert float(capacity[0]["value"][1]) == 2 * 512
+    finished = _query(scraped, "sum by (finish_reason) (rnnserve_finished_streams_total)")
+    assert {s["metric"]["finish_reason"] for s in finished} & {"length", "stop", "eos"}
+    assert _query(scraped, 'process_resident_memory_bytes{job="rnnserve"} > 0')
+    fine = _query(scraped, 'rnnserve_inter_token_latency_seconds_bucket{le="1e-05"}')
+    assert fine, "the 10 us bucket is exported"
+
+
+@pytest.mark.xfail(strict=True, reason="needs the engine's prompt_tokens call (issue 18)")
+def test_engine_metrics_are_recorded(scraped) -> None:
+    for name in AWAITING_ENGINE:
+        assert _query(scraped, f"sum({name}) > 0"), name
 
 
 def test_alert_rules_are_loaded(scraped) -> None:

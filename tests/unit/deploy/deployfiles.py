@@ -1,5 +1,5 @@
 """Readers for the files under deploy/: compose (with ${VAR:-default} interpolation), k8s
-documents, Dockerfile instructions, the metric table of docs/contracts.md, PromQL names.
+documents, Dockerfile instructions, the metric table of README.md, PromQL names.
 
 Pure helpers (no pytest), shared by the unit tests here and tests/e2e/test_prometheus_scrape.py.
 """
@@ -101,10 +101,10 @@ def healthcheck_cmd(stage: Stage) -> list[str]:
 
 
 def contract_metrics() -> dict[str, str]:
-    """{metric name: type} from the Metrics table of docs/contracts.md."""
-    text = (REPO_ROOT / "docs" / "contracts.md").read_text()
-    section = text.split("## Metrics", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\|\s*`(rnnserve_[a-z_]+)`\s*\|\s*([a-z]+)", section, re.M)
+    """{metric name: type} from the Metrics table of README.md (the one list of metrics)."""
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\|\s*`((?:rnnserve|process)_[a-z_]+)`\s*\|\s*([a-z]+)", section, re.M)
     return dict(rows)
 
 

@@ -1,5 +1,5 @@
 """The Grafana dashboard: it shows what issue 8 asks for, names only metrics that are both in
-docs/contracts.md and exported by server.metrics, and uses the provisioned datasource."""
+the README's Metrics table and exported by server.metrics, and uses the provisioned datasource."""
 
 from __future__ import annotations
 
