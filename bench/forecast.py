@@ -1,4 +1,14 @@
-"""Forecasting benchmark: test MSE at k = 1, 4, 16, 64 on the textbook sine, every model.
+"""Forecasting benchmark: real series against the forecasters' baselines, and the textbook sine.
+
+Part 1, real series (bench/data/, see its README for sources and licenses): for each, the
+rolling-origin backtest of `rnn-trainer backtest` (trainer/forecast/backtest.py) with every
+model (mlp, rnn, gru, lstm) and every baseline (naive, seasonal naive, drift, AR(8)), MASE,
+sMAPE and MSE at k = 1, 4, 16, default flags (representation and season chosen
+automatically). Targets (issue 22): at k = 16 the best model beats the best baseline (MASE)
+on every series, and every recurrent model beats naive. Writes
+bench/results/forecast-<series>.png and the `real_series` part of forecast.json.
+
+Part 2, the textbook experiment: test MSE at k = 1, 4, 16, 64 on the textbook sine.
 
 Trains mlp (tau 4), rnn, gru and lstm with the `rnn-trainer train --task forecast` defaults
 for several seeds, scores them beside the last-value and AR(4) baselines on the same test
@@ -10,7 +20,8 @@ feeding predictions back), and writes:
     bench/results/forecast.png    the textbook figure for the best recurrent model + MSE bars
 
 Target (issue 4): at k = 16 the best recurrent model beats both baselines.
-Run: .venv/bin/python bench/forecast.py   (about a minute on one core)
+Run: .venv/bin/python bench/forecast.py   (about 8 minutes on one core; --only-real,
+--only-textbook for one part)
 """
 
 from __future__ import annotations
@@ -27,7 +38,13 @@ import numpy as np
 import torch
 
 from rnnserve.trainer.errors import TrainerError
-from rnnserve.trainer.forecast.evaluate import HORIZONS, TorchForecaster, evaluate_all, predict
+from rnnserve.trainer.forecast.evaluate import (
+    HORIZONS,
+    LevelForecaster,
+    TorchForecaster,
+    evaluate_all,
+    predict,
+)
 from rnnserve.trainer.forecast.intervals import manifest_intervals
 from rnnserve.trainer.forecast.pipeline import baselines
 from rnnserve.trainer.forecast.plot import plot_report
@@ -35,6 +52,17 @@ from rnnserve.trainer.forecast.series import TEXTBOOK_NOISE_STD, load_series
 from rnnserve.trainer.forecast.train import ForecastTrainConfig, train_forecaster
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DATA = Path(__file__).resolve().parent / "data"
+# name: (file, column, what it shows)
+REAL_SERIES = {
+    "co2": ("co2.csv", "co2", "trend + season (weekly, Mauna Loa CO2)"),
+    "cpi": ("macro.csv", "cpi", "trend (quarterly US consumer prices)"),
+    "elnino": ("elnino.csv", "temperature", "season (monthly sea temperature, Nino 1+2)"),
+    "sunspots": ("sunspots.csv", "sunactivity", "cycle of ~11 years (yearly sunspots)"),
+    "nile": ("nile.csv", "volume", "level shift in 1898 (yearly Nile flow)"),
+}
+REAL_TAU = 8
+REAL_EPOCHS = 300  # at most: early stopping on the validation tail ends most runs sooner
 TAU = 4
 MODELS = {
     "mlp": ForecastTrainConfig(arch="mlp", tau=TAU, hidden=10),
@@ -58,6 +86,49 @@ def markdown(mean: dict, std: dict) -> str:
     return "\n".join(lines)
 
 
+def real_series(out_dir: Path, epochs: int | None, seed: int = 0) -> dict:
+    """Part 1: the backtest of every model and baseline on every real series."""
+    from rnnserve.trainer.forecast.backtest import backtest, format_scores
+    from rnnserve.trainer.forecast.plot import plot_backtest
+    from rnnserve.trainer.forecast.series import load_csv
+
+    report: dict = {}
+    for name, (file, column, kind) in REAL_SERIES.items():
+        values = load_csv(DATA / file, column)
+        configs = {
+            arch: ForecastTrainConfig(
+                arch=arch, tau=REAL_TAU, hidden=10 if arch == "mlp" else 32,
+                epochs=epochs or REAL_EPOCHS, num_steps=None, seed=seed,
+            )
+            for arch in ("mlp", *RECURRENT)
+        }  # fmt: skip
+        result = backtest(values, f"bench/data/{file}:{column}", configs, tau=REAL_TAU)
+        plot_backtest(result, out_dir / f"forecast-{name}.png")
+        best, base = result.best("model", 16), result.best("baseline", 16)
+        naive16 = result.scores["naive"][16]["mase"]
+        report[name] = {
+            "kind": kind,
+            "values": len(values),
+            "test_size": len(values) - result.series.num_train,
+            "representation": result.representation,
+            "season": result.series.season,
+            "scores": {n: {str(k): v for k, v in r.items()} for n, r in result.scores.items()},
+            "train_seconds": result.train_seconds,
+            "best_model_k16": best,
+            "best_baseline_k16": base,
+            "target_best_beats_best_baseline": result.scores[best][16]["mase"]
+            < result.scores[base][16]["mase"],
+            "target_recurrent_beat_naive": {
+                arch: result.scores[arch][16]["mase"] < naive16 for arch in RECURRENT
+            },
+        }
+        print(f"\n### {name}: {kind}; {result.representation}\n{format_scores(result)}")
+        mase = {n: result.scores[n][16]["mase"] for n in (best, base)}
+        print(f"k=16 MASE: best model {best} {mase[best]:.3f}, best baseline {base} "
+              f"{mase[base]:.3f}", flush=True)  # fmt: skip
+    return report
+
+
 def run(seeds: list[int], epochs: int | None, out_dir: Path) -> dict:
     series = load_series(None, None, TAU)
     started = time.monotonic()
@@ -71,7 +142,7 @@ def run(seeds: list[int], epochs: int | None, out_dir: Path) -> dict:
             cfg = replace(config, seed=seed, epochs=epochs or config.epochs)
             t0 = time.monotonic()
             model, _ = train_forecaster(cfg, series)
-            predictor = TorchForecaster(model, name)
+            predictor = LevelForecaster(TorchForecaster(model, name), series)
             table, _ = evaluate_all([predictor], series)
             per_seed[name][seed] = table[name]
             warmed = max(predictor.tau - 1, cfg.resolved_warmup())
@@ -142,9 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--epochs", type=int, default=None, help="override (for a quick look)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--only-real", action="store_true", help="skip the textbook part")
+    parser.add_argument("--only-textbook", action="store_true", help="skip the real series")
     args = parser.parse_args(argv)
     try:
-        run(args.seeds, args.epochs, args.out_dir)
+        real = {} if args.only_textbook else real_series(args.out_dir, args.epochs)
+        report = {} if args.only_real else run(args.seeds, args.epochs, args.out_dir)
+        path = args.out_dir / "forecast.json"
+        if args.only_real and path.exists():  # keep the textbook part of an earlier run
+            report = json.loads(path.read_text())
+        if real:
+            report["real_series"] = real
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
     except TrainerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -49,3 +49,29 @@ def test_linear_ar_refuses_too_little_data_and_early_origins() -> None:
     ar = LinearAR.fit(ar2_series(), tau=3)
     with pytest.raises(SeriesError, match="needs 3 values"):
         ar.k_step(ar2_series(), np.array([0, 5]), 2)
+
+
+def test_seasonal_naive_repeats_the_last_season() -> None:
+    from rnnserve.trainer.forecast.baselines import SeasonalNaive
+
+    values = np.arange(10.0)
+    out = SeasonalNaive(4).k_step(values, np.array([7]), 9)
+    # x̂_{8..16} = x_{4..7} twice, then x_4 again
+    assert out.tolist() == [[4, 5, 6, 7, 4, 5, 6, 7, 4]]
+
+
+def test_drift_extends_the_line_through_the_first_and_last_value() -> None:
+    from rnnserve.trainer.forecast.baselines import Drift
+
+    values = np.array([1.0, 5.0, 2.0, 7.0])
+    out = Drift().k_step(values, np.array([3]), 3)
+    assert np.allclose(out, [[9.0, 11.0, 13.0]])  # slope (7 - 1) / 3
+
+
+def test_all_baselines_add_seasonal_naive_only_with_a_season() -> None:
+    from rnnserve.trainer.forecast.baselines import all_baselines
+
+    x = ar2_series()
+    assert [b.name for b in all_baselines(x, 4, 0)] == ["naive", "drift", "linear-ar"]
+    names = [b.name for b in all_baselines(x, 4, 12)]
+    assert names == ["naive", "seasonal-naive", "drift", "linear-ar"]

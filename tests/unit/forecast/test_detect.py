@@ -1,0 +1,48 @@
+"""Automatic season and differencing choices on synthetic and real series."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from rnnserve.trainer.forecast.detect import (
+    adf_statistic,
+    choose_representation,
+    detect_season,
+    needs_difference,
+)
+from rnnserve.trainer.forecast.representation import Representation
+from rnnserve.trainer.forecast.series import load_csv
+
+DATA = Path(__file__).resolve().parents[3] / "bench" / "data"
+
+
+def test_season_of_a_noisy_monthly_pattern_is_12_and_noise_has_none() -> None:
+    rng = np.random.default_rng(0)
+    t = np.arange(240)
+    seasonal = 10 + 0.05 * t + np.sin(2 * np.pi * t / 12) + rng.normal(0, 0.3, 240)
+    assert detect_season(seasonal) == 12
+    assert detect_season(rng.normal(size=240)) == 0
+    assert detect_season(np.arange(10.0)) == 0  # too short to tell
+
+
+def test_unit_root_test_separates_a_random_walk_from_white_noise() -> None:
+    rng = np.random.default_rng(0)
+    walk = np.cumsum(rng.normal(size=400))
+    noise = rng.normal(size=400)
+    assert adf_statistic(noise) < -3.5 and not needs_difference(noise)
+    assert needs_difference(walk) and needs_difference(5 + 0.1 * np.arange(400) + noise)
+
+
+def test_real_series_choices() -> None:
+    co2 = load_csv(DATA / "co2.csv", "co2")
+    assert detect_season(co2[:1800]) == 52
+    assert choose_representation(co2[:1800], "auto", None).season == 52
+    cpi = load_csv(DATA / "macro.csv", "cpi")
+    assert choose_representation(cpi, "auto", None) == Representation(1, 0)
+    elnino = load_csv(DATA / "elnino.csv", "temperature")
+    assert choose_representation(elnino[:580], "auto", None).season == 12
+    # flags win over detection
+    assert choose_representation(cpi, "level", 0) == Representation(0, 0)
+    assert choose_representation(cpi, "diff", 4) == Representation(1, 4)
