@@ -342,7 +342,7 @@ def _server_defaults() -> dict:
     from rnnserve.server.settings import Settings
 
     d = Settings()
-    keys = ("decode_steps", "stream_interval_us", "decode_head", "max_batch", "intra_op_threads")
+    keys = ("prefill_chunk", "stream_interval_us", "decode_head", "max_batch", "intra_op_threads")
     return {k: getattr(d, k) for k in keys}
 
 
