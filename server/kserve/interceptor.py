@@ -47,7 +47,7 @@ class KServeCallInterceptor(CallInterceptor):
                     guard(method, metadata)
             except ServeError as exc:
                 return _denied(handler, exc.message)
-            return handler
+            return handler._replace(unary_unary=_quiet(handler.unary_unary))
         return handler._replace(
             request_deserializer=_safe(handler.request_deserializer),
             unary_unary=self._unary(handler.unary_unary, f"kserve.{name}", method, metadata),
@@ -56,3 +56,15 @@ class KServeCallInterceptor(CallInterceptor):
     def _label(self, request: Any) -> str:
         name = getattr(request, "model_name", None) or getattr(request, "name", "")
         return self.model_label(name) if isinstance(name, str) and name else ""
+
+
+def _quiet(behavior):
+    """A probe's errors (an unknown model) get their status, without a log line or metric."""
+
+    async def wrapper(request, context):
+        try:
+            return await behavior(request, context)
+        except ServeError as exc:
+            await context.abort(exc.code, exc.message)
+
+    return wrapper

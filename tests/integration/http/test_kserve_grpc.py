@@ -1,0 +1,98 @@
+"""KServe v2 over gRPC with the generated stubs: typed contents (tritonclient covers raw),
+status codes, metadata, and reflection listing the service."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from rnnserve.kserve import grpc_predict_v2_pb2 as kpb
+from rnnserve.kserve import grpc_predict_v2_pb2_grpc as kpb_grpc
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+
+@pytest.fixture(scope="module")
+def kserve(server) -> kpb_grpc.GRPCInferenceServiceStub:
+    return kpb_grpc.GRPCInferenceServiceStub(server.channel)
+
+
+def _score_request(texts: list[bytes], model: str = "lstm") -> kpb.ModelInferRequest:
+    request = kpb.ModelInferRequest(model_name=model, id="q7")
+    t = request.inputs.add(name="text", datatype="BYTES", shape=[len(texts)])
+    t.contents.bytes_contents.extend(texts)
+    return request
+
+
+def test_typed_contents_score_matches_native(server, kserve) -> None:
+    got = kserve.ModelInfer(_score_request([b"the time traveller"]), timeout=30)
+    assert got.id == "q7" and got.model_version == "1"
+    ppl = np.frombuffer(got.raw_output_contents[0], dtype="<f8")
+    native = server.stub.Score(pb.ScoreRequest(model="lstm", texts=["the time traveller"]))
+    assert ppl.tolist() == pytest.approx([native.results[0].perplexity])
+    assert list(got.outputs[2].shape) == [1] and got.outputs[2].datatype == "INT64"
+
+
+def test_forecast_batch_of_series(server, kserve) -> None:
+    request = kpb.ModelInferRequest(model_name="sine-gru")
+    rows = [[0.0, 0.5, 0.9, 1.0], [1.0, 0.5, 0.0, -0.5]]
+    h = request.inputs.add(name="history", datatype="FP32", shape=[2, 4])
+    h.contents.fp32_contents.extend(v for row in rows for v in row)
+    k = request.inputs.add(name="horizon", datatype="INT64", shape=[1])
+    k.contents.int64_contents.append(3)
+    request.outputs.add(name="forecast")
+    got = kserve.ModelInfer(request, timeout=30)
+    assert list(got.outputs[0].shape) == [2, 3]
+    values = np.frombuffer(got.raw_output_contents[0], dtype="<f4").reshape(2, 3)
+    for row, out in zip(rows, values, strict=True):
+        native = server.stub.Forecast(
+            pb.ForecastRequest(model="sine-gru", history=row, horizon=3)
+        )
+        assert out.tolist() == pytest.approx(list(native.forecast), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("request_", "code"),
+    [
+        (_score_request([b"x y"], model="missing"), grpc.StatusCode.NOT_FOUND),
+        (_score_request([b"x y"], model="sine-gru"), grpc.StatusCode.FAILED_PRECONDITION),
+        (_score_request([b"x"]), grpc.StatusCode.INVALID_ARGUMENT),  # one token: nothing to score
+        (kpb.ModelInferRequest(model_name="lstm"), grpc.StatusCode.INVALID_ARGUMENT),
+        (kpb.ModelInferRequest(), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_errors_have_the_native_codes(kserve, request_, code) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        kserve.ModelInfer(request_, timeout=30)
+    assert err.value.code() == code and err.value.details()
+
+
+def test_raw_count_must_match_inputs(kserve) -> None:
+    request = _score_request([b"ab"])
+    request.raw_input_contents.extend([b"", b""])
+    with pytest.raises(grpc.RpcError) as err:
+        kserve.ModelInfer(request, timeout=30)
+    assert "raw_input_contents" in err.value.details()
+
+
+def test_health_and_metadata(kserve) -> None:
+    assert kserve.ServerLive(kpb.ServerLiveRequest(), timeout=10).live
+    assert kserve.ServerReady(kpb.ServerReadyRequest(), timeout=10).ready
+    assert kserve.ModelReady(kpb.ModelReadyRequest(name="bilstm"), timeout=10).ready
+    with pytest.raises(grpc.RpcError) as err:
+        kserve.ModelReady(kpb.ModelReadyRequest(name="missing"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    meta = kserve.ServerMetadata(kpb.ServerMetadataRequest(), timeout=10)
+    assert meta.name == "rnnserve" and meta.version
+    m = kserve.ModelMetadata(kpb.ModelMetadataRequest(name="bilstm"), timeout=10)
+    assert [i.name for i in m.inputs] == ["left", "right", "top_k"]
+    assert [o.datatype for o in m.outputs] == ["BYTES", "INT64", "FP32"]
+
+
+def test_reflection_lists_the_service(server) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    ask = reflection_pb2.ServerReflectionRequest(list_services="")
+    reply = next(iter(stub.ServerReflectionInfo(iter([ask]), timeout=10)))
+    names = {s.name for s in reply.list_services_response.service}
+    assert "inference.GRPCInferenceService" in names and "rnnserve.v1.Inference" in names

@@ -1,0 +1,67 @@
+"""OpenAI completions request validation (pure): defaults, mapping, refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from rnnserve.server.errors import BadRequest
+from rnnserve.server.http.completions import DEFAULT_MAX_TOKENS, parse_completion, token_logprobs
+
+
+def test_defaults_follow_openai() -> None:
+    req = parse_completion({"model": "lstm", "prompt": "hi"})
+    assert req.prompts == ["hi"] and req.max_tokens == DEFAULT_MAX_TOKENS == 16
+    assert req.sampling.temperature == 1.0 and req.sampling.top_p == 0.0  # 1 = engine's off
+    assert not req.stream and not req.echo and not req.logprobs
+
+
+def test_fields_map_onto_generate() -> None:
+    req = parse_completion(
+        {"model": "m", "prompt": ["a", "b"], "max_tokens": 5, "temperature": 0, "top_p": 0.5,
+         "seed": 3, "stop": "\n", "logprobs": 0, "echo": True, "stream": True, "top_k": 4,
+         "n": 1, "best_of": None, "presence_penalty": 0, "user": "me",
+         "stream_options": {"include_usage": True}}
+    )  # fmt: skip
+    assert req.prompts == ["a", "b"] and req.stop == ["\n"] and req.logprobs and req.echo
+    s = req.sampling
+    assert (s.temperature, s.top_p, s.top_k, s.seed) == (0.0, 0.5, 4, 3)
+    assert req.params("a").prompt == "a" and req.params("a").max_tokens == 5
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "a"}, "model"),
+        ({"model": "m"}, "prompt"),
+        ({"model": "m", "prompt": [[1, 2]]}, "prompt"),
+        ({"model": "m", "prompt": []}, "prompt"),
+        ({"model": "m", "prompt": "a", "n": 3}, "n"),
+        ({"model": "m", "prompt": "a", "best_of": 2}, "best_of"),
+        ({"model": "m", "prompt": "a", "suffix": "z"}, "suffix"),
+        ({"model": "m", "prompt": "a", "frequency_penalty": 0.1}, "frequency_penalty"),
+        ({"model": "m", "prompt": "a", "logit_bias": {"1": 2}}, "logit_bias"),
+        ({"model": "m", "prompt": "a", "logprobs": 1}, "logprobs"),
+        ({"model": "m", "prompt": "a", "temperature": "hot"}, "temperature"),
+        ({"model": "m", "prompt": "a", "top_p": 0}, "top_p"),
+        ({"model": "m", "prompt": "a", "max_tokens": True}, "max_tokens"),
+        ({"model": "m", "prompt": "a", "seed": -1}, "seed"),
+        ({"model": "m", "prompt": "a", "stop": 3}, "stop"),
+        ({"model": "m", "prompt": "a", "stream": "yes"}, "stream"),
+        ({"model": "m", "prompt": "a", "stream_options": {"x": 1}}, "stream_options"),
+        ({"model": "m", "prompt": "a", "functions": []}, "functions"),
+    ],
+)
+def test_refusals_name_the_field(body: dict, field: str) -> None:
+    with pytest.raises(BadRequest) as err:
+        parse_completion(body)
+    assert err.value.field == field
+
+
+def test_not_an_object() -> None:
+    with pytest.raises(BadRequest, match="JSON object"):
+        parse_completion(["model"])
+
+
+def test_logprobs_offsets_follow_the_text() -> None:
+    lp = token_logprobs("ab c", ["a", "b", " ", "c"], [None, -1.0, -2.0, -0.5])
+    assert lp["text_offset"] == [0, 1, 2, 3] and lp["top_logprobs"] is None

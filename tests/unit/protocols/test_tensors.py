@@ -1,0 +1,91 @@
+"""KServe tensor wire forms (pure): raw, typed contents, JSON; and the input -> use case
+choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rnnserve.kserve import grpc_predict_v2_pb2 as pb
+from rnnserve.server.errors import BadRequest
+from rnnserve.server.kserve import mapping
+from rnnserve.server.kserve.tensors import (
+    Tensor,
+    from_contents,
+    from_json,
+    from_raw,
+    to_json,
+    to_raw,
+)
+
+
+def test_bytes_round_trip_through_the_binary_form() -> None:
+    t = Tensor("text", "BYTES", [3], np.array([b"", b"ab", "é".encode()], dtype=object))
+    raw = to_raw(t)
+    assert raw[:4] == b"\x00\x00\x00\x00" and raw[4:8] == b"\x02\x00\x00\x00"
+    back = from_raw("text", "BYTES", [3], raw)
+    assert back.data.tolist() == t.data.tolist()
+    assert to_json(back) == ["", "ab", "é"]
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64", "INT64", "INT32", "UINT8", "BOOL"])
+def test_numbers_round_trip(datatype: str) -> None:
+    values = [1, 0, 1, 1] if datatype == "BOOL" else [1, 2, 3, 4]
+    data = np.array(values).astype(mapping_dtype(datatype))
+    back = from_raw("x", datatype, [2, 2], to_raw(Tensor("x", datatype, [2, 2], data)))
+    assert back.data.tolist() == data.tolist()
+
+
+def mapping_dtype(datatype: str):
+    from rnnserve.server.kserve.tensors import DTYPES
+
+    return DTYPES[datatype]
+
+
+def test_typed_contents_and_json() -> None:
+    contents = pb.InferTensorContents(fp32_contents=[1.5, 2.5])
+    assert from_contents("h", "FP32", [2], contents).data.tolist() == [1.5, 2.5]
+    assert from_json("h", "FP32", [1, 2], [[1.0, 2.0]]).data.tolist() == [1.0, 2.0]
+    assert from_json("t", "BYTES", [1], ["hi"]).data.tolist() == [b"hi"]
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda: from_raw("t", "BYTES", [1], b"\x05\x00\x00\x00ab"), "longer"),
+        (lambda: from_raw("t", "BYTES", [1], b"\x05\x00"), "length"),
+        (lambda: from_raw("x", "FP32", [2], b"\x00" * 5), "whole"),
+        (lambda: from_raw("x", "FP32", [3], b"\x00" * 8), "needs 3"),
+        (lambda: from_raw("x", "NOPE", [1], b""), "unknown datatype"),
+        (lambda: from_json("x", "FP32", [-1], [1.0]), ">= 0"),
+        (lambda: from_json("x", "FP32", [1], ["a"]), "numbers"),
+        (lambda: from_json("x", "BYTES", [1], [1]), "strings"),
+        (lambda: from_json("x", "BOOL", [1], [1]), "true or false"),
+    ],
+)
+def test_bad_tensors_name_the_input(call, words: str) -> None:
+    with pytest.raises(BadRequest) as err:
+        call()
+    assert words in str(err.value)
+
+
+def test_inputs_choose_the_use_case() -> None:
+    def t(name: str) -> Tensor:
+        return Tensor(name, "BYTES", [1], np.array([b"a"], dtype=object))
+
+    assert mapping.choose({"text": t("text")}) is mapping.SCORE
+    assert mapping.choose({"left": t("left"), "right": t("right")}) is mapping.INFILL
+    with pytest.raises(BadRequest, match="also needs right"):
+        mapping.choose({"left": t("left")})
+    with pytest.raises(BadRequest, match="takes no extra"):
+        mapping.choose({"text": t("text"), "extra": t("extra")})
+    with pytest.raises(BadRequest, match="accepted"):
+        mapping.choose({"prompt": t("prompt")})
+
+
+def test_select_orders_and_refuses_unknown_outputs() -> None:
+    outs = [Tensor(n, "FP64", [1], np.zeros(1)) for n in ("a", "b")]
+    assert [o.name for o in mapping.select(outs, ["b", "a"])] == ["b", "a"]
+    assert mapping.select(outs, []) == outs
+    with pytest.raises(BadRequest, match="no output 'c'"):
+        mapping.select(outs, ["c"])
