@@ -133,7 +133,7 @@ def pin_to_cpu(cpu: int) -> bool:
     return True
 
 
-def _all_cpus() -> None:
+def all_cpus() -> None:
     """The server may run on every CPU, whatever this (client) process is pinned to."""
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, range(os.cpu_count() or 1))
@@ -148,7 +148,7 @@ class Server:
                     "--host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
                     "--log-level", "WARNING", *extra]  # fmt: skip
         out = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, preexec_fn=_all_cpus,
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, preexec_fn=all_cpus,
                                      stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
         if log is not None:
             out.close()

@@ -43,7 +43,8 @@ def test_traffic_quick_run_writes_every_section(model_repo: Path, tmp_path: Path
         for r in rows:
             assert r["errors"] == {} and r["tokens_per_s"] > 0 and r["requests_per_s"] > 0
             assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] < 5
-            assert 0 < r["tpot_p50_s"] <= r["tpot_p99_s"] < 1
+            # 0 when one message carried every token: a client sees messages, not steps
+            assert 0 <= r["tpot_p50_s"] <= r["tpot_p99_s"] < 1
             assert r["vs_bare_churn"] > 0 and r["client_cpu_s"] >= 0
     assert res["closed_loop"]["fixed"][0]["mean_output_tokens"] == 64
     (row,) = res["open_loop"]["rows"]
