@@ -42,11 +42,48 @@ def load_compose(env: dict[str, str] | None = None) -> dict:
 
 
 def k8s_docs() -> list[tuple[Path, dict]]:
-    """Every YAML document under deploy/k8s, with its file."""
+    """Every YAML document of deploy/k8s and deploy/k8s/monitoring, with its file (other
+    subfolders are separate deployments with their own tests)."""
     docs = []
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted([*K8S.glob("*.yaml"), *(K8S / "monitoring").glob("*.yaml")]):
         docs.extend((path, d) for d in yaml.safe_load_all(path.read_text()) if d)
     return docs
+
+
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+
+
+def kustomize(folder: Path) -> list[dict]:
+    """What `kubectl kustomize <folder>` renders, for the features our kustomizations use:
+    file resources, `namespace`, and `labels` pairs (metadata only: no includeSelectors or
+    includeTemplates). Anything else raises, so a new feature cannot be silently ignored."""
+    kust = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    known = {"apiVersion", "kind", "namespace", "labels", "resources"}
+    assert set(kust) <= known, f"kustomize() does not implement {set(kust) - known}"
+    out = []
+    for resource in kust["resources"]:
+        for doc in yaml.safe_load_all((folder / resource).read_text()):
+            if not doc:
+                continue
+            meta = doc.setdefault("metadata", {})
+            if "namespace" in kust and doc["kind"] not in CLUSTER_SCOPED:
+                meta["namespace"] = kust["namespace"]
+            for group in kust.get("labels", []):
+                assert set(group) == {"pairs"}, f"kustomize() implements only pairs: {group}"
+                meta.setdefault("labels", {}).update(group["pairs"])
+            out.append(doc)
+    return out
+
+
+def pod_specs(doc: dict) -> list[dict]:
+    """The pod specs a workload document creates (Pod, Deployment, Job, CronJob, ...)."""
+    kind = doc.get("kind")
+    if kind == "Pod":
+        return [doc["spec"]]
+    if kind == "CronJob":
+        return [doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]]
+    template = doc.get("spec", {}).get("template")
+    return [template["spec"]] if isinstance(template, dict) and "spec" in template else []
 
 
 def k8s_one(kind: str, name: str | None = None) -> dict:

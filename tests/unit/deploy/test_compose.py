@@ -63,7 +63,7 @@ def test_images_are_built_from_the_deploy_dockerfiles(compose: dict) -> None:
 
 
 def test_images_match_kubernetes(compose: dict) -> None:
-    deployment = k8s_one("Deployment")["spec"]["template"]["spec"]
+    deployment = k8s_one("Deployment", "rnnserve-server")["spec"]["template"]["spec"]
     job = k8s_one("Job")["spec"]["template"]["spec"]
     assert deployment["containers"][0]["image"] == compose["services"]["server"]["image"]
     assert job["containers"][0]["image"] == compose["services"]["trainer"]["image"]
@@ -83,7 +83,10 @@ def test_trainer_and_server_share_the_model_volume(compose: dict, server_flags) 
     argv = services["trainer"]["command"][0]
     assert "rnn-trainer zoo --preset default --out /models &&" in argv
     job = k8s_one("Job")["spec"]["template"]["spec"]["containers"][0]
-    assert job["args"] == services["trainer"]["command"], "compose and k8s train the same way"
+    # k8s trains the same zoo into a subfolder it then archives for the model store
+    assert _trainer_argv(job["args"][0]) == [
+        w.replace("/models", "/models/zoo") for w in _trainer_argv(argv)
+    ], "compose and k8s train the same way"
     for name in SERVING:
         env = services[name]["environment"]
         assert _volume_targets(services[name])["/models"] == ("models", "ro")
@@ -191,7 +194,11 @@ def test_trainer_commands_parse_with_the_real_cli(preset: str | None) -> None:
     job = k8s_one("Job")["spec"]["template"]["spec"]["containers"][0]["args"][0]
     image = dockerfile_stages(DEPLOY / "Dockerfile.trainer")[-1]
     image_argv = exec_form(image.args("CMD")[-1])
-    for argv in (_trainer_argv(compose), _trainer_argv(job), image_argv):
+    for argv, out in (
+        (_trainer_argv(compose), "/models"),
+        (_trainer_argv(job), "/models/zoo"),  # archived from there for the model store
+        (image_argv, "/models"),
+    ):
         args = build_parser(argv).parse_args(argv)
-        assert (args.command, args.out) == ("zoo", "/models")
+        assert (args.command, args.out) == ("zoo", out)
     assert build_parser().parse_args(_trainer_argv(compose)).preset == (preset or "default")

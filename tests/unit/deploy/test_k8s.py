@@ -1,24 +1,38 @@
-"""deploy/k8s: every manifest valid against the Kubernetes schema (strict), and the pieces
-agree with each other and with the server (ports, probes, volumes, secret, labels)."""
+"""deploy/k8s: every manifest valid against the Kubernetes schema (strict), the pieces agree
+with each other and with the server (ports, probes, volumes, secret, labels), every pod passes
+Pod Security "restricted", the storage works on a ReadWriteOnce class, and the monitoring
+kustomization carries the PrometheusRule generated from deploy/alerts.yml."""
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import re
+import shutil
+import subprocess
+from urllib.parse import urlparse
 
 import pytest
 import yaml
 
-from tests.unit.deploy.deployfiles import K8S, k8s_docs, k8s_one
+from tests.unit.deploy.deployfiles import DEPLOY, K8S, k8s_docs, k8s_one, kustomize, pod_specs
+from tests.unit.deploy.pss import restricted_violations
 
 # The oldest Kubernetes we document (native gRPC probes are GA from 1.27) and the newest
 # schema the installed kubernetes-validate knows; old schemas drop out of newer releases.
 OLDEST_SUPPORTED = "1.30"
 # Custom resources and kustomize's own file have no schema in kubernetes-validate.
-NOT_CORE = {"Kustomization", "ServiceMonitor"}
+NOT_CORE = {"Kustomization", "ServiceMonitor", "PrometheusRule"}
+MONITORING = K8S / "monitoring"
+SERVER = "rnnserve-server"
+
+
+def _server_pod() -> dict:
+    return k8s_one("Deployment", SERVER)["spec"]["template"]["spec"]
 
 
 def _server_container() -> dict:
-    (container,) = k8s_one("Deployment")["spec"]["template"]["spec"]["containers"]
+    (container,) = _server_pod()["containers"]
     return container
 
 
@@ -46,7 +60,7 @@ def test_schema_valid(path, doc: dict) -> None:
 
 def test_schema_check_rejects_a_misspelled_field() -> None:
     kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
-    deployment = k8s_one("Deployment")
+    deployment = k8s_one("Deployment", SERVER)
     deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     from kubernetes_validate.utils import latest_version
 
@@ -60,6 +74,7 @@ def test_kustomization_lists_every_core_manifest() -> None:
     assert all((K8S / r).exists() for r in listed)
     files = {p.name for p, d in k8s_docs() if d["kind"] not in NOT_CORE}
     assert files == listed
+    assert all(p.parent == K8S for p, d in k8s_docs() if d["kind"] not in NOT_CORE)
     for _, doc in k8s_docs():
         if doc["kind"] == "Namespace":
             assert doc["metadata"]["name"] == kust["namespace"]
@@ -67,34 +82,109 @@ def test_kustomization_lists_every_core_manifest() -> None:
             assert doc["metadata"]["namespace"] == kust["namespace"], doc["metadata"]["name"]
 
 
-def test_grpc_probes_target_the_grpc_port(server_parser) -> None:
+def test_probes_readiness_on_grpc_health_liveness_on_healthz(server_parser) -> None:
+    """Readiness is overall gRPC health (NOT_SERVING while no model serves); startup and
+    liveness only ask whether the process answers, so an empty repository does not make
+    the kubelet restart the pod forever."""
+    from wsgiref.util import setup_testing_defaults
+
+    from rnnserve.server.metrics import Metrics, endpoints_app
+
     container = _server_container()
     settings = server_parser.parse_args(container["args"])
-    assert _ports(container) == {"grpc": settings.port, "metrics": settings.metrics_port}
+    ports = _ports(container)
+    assert {"grpc": settings.port, "metrics": settings.metrics_port}.items() <= ports.items()
     assert (settings.port, settings.metrics_port) == (50051, 8000)
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == settings.port, probe
+    assert container["readinessProbe"]["grpc"]["port"] == settings.port
+    app = endpoints_app(Metrics().registry, ready=lambda: False)
+    for probe in ("startupProbe", "livenessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["port"] == "metrics", probe
+        environ = {"PATH_INFO": get["path"]}
+        setup_testing_defaults(environ)
+        status: list[str] = []
+
+        def start_response(line: str, headers: list, status: list[str] = status) -> None:
+            status.append(line)
+
+        app(environ, start_response)
+        assert status == ["200 OK"], f"{probe}: the server answers {get['path']} with {status}"
 
 
-def test_model_volume_is_the_model_repo_and_shared_with_the_trainer(server_parser) -> None:
-    pod = k8s_one("Deployment")["spec"]["template"]["spec"]
+def _fetch_script() -> str:
+    (fetch,) = _server_pod()["initContainers"]
+    assert fetch["command"][:2] == ["python", "-c"]
+    return fetch["args"][0]
+
+
+def test_each_server_pod_fetches_the_zoo_into_its_own_volume(server_parser) -> None:
+    """No volume is shared between server pods: the init container unpacks the model store's
+    archive into an emptyDir that the server reads as --model-repo."""
+    pod = _server_pod()
     container = _server_container()
     repo = str(server_parser.parse_args(container["args"]).model_repo)
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == repo]
     assert mount["readOnly"] is True
     volumes = {v["name"]: v for v in pod["volumes"]}
-    claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
-    assert k8s_one("PersistentVolumeClaim", claim)
-    job_pod = k8s_one("Job")["spec"]["template"]["spec"]
-    (job_volume,) = job_pod["volumes"]
-    assert job_volume["persistentVolumeClaim"]["claimName"] == claim
-    (trainer,) = job_pod["containers"]
-    assert {m["mountPath"] for m in trainer["volumeMounts"]} == {repo}
-    assert re.search(rf"rnn-trainer zoo (--preset \w+ )?--out {repo} &&", trainer["args"][0])
-    # Server pods wait for the marker the Job writes last.
-    (wait,) = pod["initContainers"]
-    assert f"{repo}/.zoo-complete" in wait["args"][0]
-    assert f"touch {repo}/.zoo-complete" in trainer["args"][0]
+    assert "emptyDir" in volumes[mount["name"]], "a pod-local copy, not a shared claim"
+    (fetch,) = pod["initContainers"]
+    (fetch_mount,) = fetch["volumeMounts"]
+    assert (fetch_mount["name"], fetch_mount["mountPath"]) == (mount["name"], repo)
+    assert not fetch_mount.get("readOnly")
+    script = _fetch_script()
+    compile(script, "fetch-models", "exec")  # the inline script is valid Python
+    (url,) = re.findall(r'"(http://[^"]+)"', script)
+    parsed = urlparse(url)
+    store = k8s_one("Service", parsed.hostname)
+    assert parsed.port in {p["port"] for p in store["spec"]["ports"]}
+    assert f'extractall("{repo}"' in script
+    archive = parsed.path.lstrip("/")
+    # the store serves the claim the trainer writes, and the archive the script fetches
+    store_pod = k8s_one("Deployment", parsed.hostname)["spec"]["template"]["spec"]
+    assert store["spec"]["selector"].items() <= (
+        k8s_one("Deployment", parsed.hostname)["spec"]["template"]["metadata"]["labels"].items()
+    )
+    (serve,) = store_pod["containers"]
+    served_dir = serve["command"][serve["command"].index("--directory") + 1]
+    trainer = k8s_one("Job")["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert f"{served_dir}/{archive}" in trainer
+    marker = serve["readinessProbe"]["httpGet"]["path"]
+    assert trainer.rstrip("; }").endswith(f"touch {served_dir}{marker}"), "the marker is last"
+    assert trainer.index(f"{served_dir}/{archive}") < trainer.index(f"touch {served_dir}{marker}")
+
+
+def test_storage_works_on_a_read_write_once_default_class() -> None:
+    claim = k8s_one("PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert "storageClassName" not in claim["spec"], "the cluster's default class"
+    users = []
+    for _, doc in k8s_docs():
+        for pod in pod_specs(doc):
+            claims = [
+                v["persistentVolumeClaim"]["claimName"]
+                for v in pod.get("volumes", [])
+                if "persistentVolumeClaim" in v
+            ]
+            if claim["metadata"]["name"] in claims:
+                users.append(doc)
+    assert {d["kind"] for d in users} == {"Deployment", "Job"}
+    (store,) = [d for d in users if d["kind"] == "Deployment"]
+    assert store["spec"]["replicas"] == 1 and store["spec"]["strategy"]["type"] == "Recreate"
+    job = k8s_one("Job")["spec"]["template"]["spec"]
+    (term,) = job["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname", "the Job runs on the store's node"
+    store_labels = store["spec"]["template"]["metadata"]["labels"]
+    assert term["labelSelector"]["matchLabels"].items() <= store_labels.items()
+
+
+def test_server_pods_spread_across_nodes() -> None:
+    deployment = k8s_one("Deployment", SERVER)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    spread = {c["topologyKey"]: c for c in _server_pod()["topologySpreadConstraints"]}
+    host = spread["kubernetes.io/hostname"]
+    assert host["maxSkew"] == 1
+    assert host["labelSelector"]["matchLabels"].items() <= labels.items()
+    assert host["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
 
 
 def test_env_names_are_real_flags_and_the_state_key_comes_from_a_secret(server_flags) -> None:
@@ -106,8 +196,9 @@ def test_env_names_are_real_flags_and_the_state_key_comes_from_a_secret(server_f
 
 
 def test_every_container_has_requests_limits_and_runs_as_non_root() -> None:
-    for kind in ("Deployment", "Job"):
-        pod = k8s_one(kind)["spec"]["template"]["spec"]
+    pods = [pod for _, doc in k8s_docs() for pod in pod_specs(doc)]
+    assert len(pods) == 3  # server, model store, trainer
+    for pod in pods:
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] == 10001  # the images' user
         for c in pod.get("initContainers", []) + pod["containers"]:
@@ -117,11 +208,15 @@ def test_every_container_has_requests_limits_and_runs_as_non_root() -> None:
 
 
 def test_services_select_the_pods_and_name_their_ports() -> None:
-    deployment = k8s_one("Deployment")
+    deployment = k8s_one("Deployment", SERVER)
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
     ports = _ports(_server_container())
-    services = [d for _, d in k8s_docs() if d["kind"] == "Service"]
+    services = [
+        d
+        for _, d in k8s_docs()
+        if d["kind"] == "Service" and d["metadata"]["name"] != "rnnserve-model-store"
+    ]
     assert {s["metadata"]["name"] for s in services} == {"rnnserve", "rnnserve-headless"}
     for svc in services:
         assert svc["spec"]["selector"].items() <= labels.items()
@@ -131,7 +226,7 @@ def test_services_select_the_pods_and_name_their_ports() -> None:
 
 
 def test_hpa_and_pdb_target_the_deployment() -> None:
-    deployment = k8s_one("Deployment")
+    deployment = k8s_one("Deployment", SERVER)
     hpa = k8s_one("HorizontalPodAutoscaler")["spec"]
     assert hpa["scaleTargetRef"] == {
         "apiVersion": "apps/v1",
@@ -146,7 +241,7 @@ def test_hpa_and_pdb_target_the_deployment() -> None:
 
 
 def test_scrape_annotations_and_service_monitor_point_at_the_metrics_port() -> None:
-    pod = k8s_one("Deployment")["spec"]["template"]
+    pod = k8s_one("Deployment", SERVER)["spec"]["template"]
     notes = pod["metadata"]["annotations"]
     ports = _ports(_server_container())
     assert notes["prometheus.io/scrape"] == "true"
@@ -159,3 +254,156 @@ def test_scrape_annotations_and_service_monitor_point_at_the_metrics_port() -> N
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
     assert endpoint["path"] == notes["prometheus.io/path"]
+
+
+# -- Pod Security "restricted" -----------------------------------------------------------------
+def _rendered_pods() -> list[tuple[str, dict]]:
+    return [
+        (f"{d['kind']}/{d['metadata']['name']}", pod)
+        for d in kustomize(K8S)
+        for pod in pod_specs(d)
+    ]
+
+
+def test_every_rendered_pod_passes_pod_security_restricted() -> None:
+    pods = _rendered_pods()
+    assert {name for name, _ in pods} == {
+        "Deployment/rnnserve-server", "Deployment/rnnserve-model-store", "Job/rnnserve-trainer",
+    }  # fmt: skip
+    for name, pod in pods:
+        assert restricted_violations(pod) == [], name
+
+
+@pytest.mark.parametrize(
+    "break_it,control",
+    [
+        (lambda pod: pod["securityContext"].pop("seccompProfile"), "seccomp_restricted"),
+        (lambda pod: pod["containers"][0]["securityContext"].pop("capabilities"),
+         "restricted_capabilities"),
+        (lambda pod: pod["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True),
+         "privilege_escalation"),
+        (lambda pod: pod["securityContext"].pop("runAsNonRoot"), "run_as_non_root"),
+        (lambda pod: pod["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+         "host_path_volumes"),
+        (lambda pod: pod["containers"][0]["securityContext"].update(privileged=True), "privileged"),
+        (lambda pod: pod.update(hostNetwork=True), "host_namespaces"),
+    ],
+)  # fmt: skip
+def test_the_pod_security_check_catches_each_break(break_it, control: str) -> None:
+    pod = copy.deepcopy(_server_pod())
+    break_it(pod)
+    assert any(v.startswith(f"{control}:") for v in restricted_violations(pod))
+
+
+def test_kustomize_reimplementation_matches_kubectl() -> None:
+    """The rendering the PSS test checks is what kubectl renders (where kubectl exists)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed")
+    for folder in (K8S, MONITORING):
+        done = subprocess.run(
+            [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60
+        )
+        if done.returncode != 0 and "unknown command" in done.stderr:
+            pytest.skip("this kubectl has no kustomize")
+        assert done.returncode == 0, done.stderr
+        theirs = sorted(
+            (d for d in yaml.safe_load_all(done.stdout) if d),
+            key=lambda d: (d["kind"], d["metadata"]["name"]),
+        )
+        ours = sorted(kustomize(folder), key=lambda d: (d["kind"], d["metadata"]["name"]))
+        assert ours == theirs, folder
+
+
+# -- Prometheus Operator ----------------------------------------------------------------------
+def _generator():
+    path = MONITORING / "generate_prometheusrule.py"
+    spec = importlib.util.spec_from_file_location("generate_prometheusrule", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prometheus_rule_is_generated_from_the_alerts_file() -> None:
+    gen = _generator()
+    committed = (MONITORING / "prometheusrule.yaml").read_text()
+    assert committed == gen.render((DEPLOY / "alerts.yml").read_text()), (
+        "stale: run python deploy/k8s/monitoring/generate_prometheusrule.py"
+    )
+    rule = yaml.safe_load(committed)
+    alerts = yaml.safe_load((DEPLOY / "alerts.yml").read_text())
+    assert rule["spec"]["groups"] == alerts["groups"]
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+
+
+def test_the_generated_rule_detects_a_changed_alert() -> None:
+    gen = _generator()
+    alerts = (DEPLOY / "alerts.yml").read_text()
+    changed = alerts.replace("for: 1m", "for: 2m", 1)
+    assert changed != alerts
+    assert gen.render(changed) != (MONITORING / "prometheusrule.yaml").read_text()
+
+
+def test_monitoring_kustomization_labels_what_kube_prometheus_stack_selects() -> None:
+    kust = yaml.safe_load((MONITORING / "kustomization.yaml").read_text())
+    assert set(kust["resources"]) == {"servicemonitor.yaml", "prometheusrule.yaml"}
+    rendered = kustomize(MONITORING)
+    assert {d["kind"] for d in rendered} == {"ServiceMonitor", "PrometheusRule"}
+    for doc in rendered:
+        assert doc["metadata"]["labels"]["release"] == "kube-prometheus-stack", doc["kind"]
+        assert doc["metadata"]["namespace"] == kust["namespace"]
+    monitor = next(d for d in rendered if d["kind"] == "ServiceMonitor")
+    assert "release" not in monitor["spec"]["selector"]["matchLabels"], "labels, not selectors"
+
+
+# -- Data-parallel training Job (deploy/k8s-distributed, applied on its own) -------------------
+def test_distributed_training_job_is_valid_and_its_pods_find_each_other() -> None:
+    """Schema-valid; torchrun's own parser and rnn-trainer's accept the command; the
+    rendezvous host is pod 0's DNS name through the headless Service; the world divides the
+    batch; the run dir (resume) and the package live on the claim every pod mounts."""
+    import shlex
+
+    from torch.distributed.run import get_args_parser
+
+    from rnnserve.trainer.cli import build_parser
+
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    from kubernetes_validate.utils import latest_version
+
+    path = DEPLOY / "k8s-distributed" / "trainer-ddp.yaml"
+    docs = {d["kind"]: d for d in yaml.safe_load_all(path.read_text()) if d}
+    assert set(docs) == {"Service", "PersistentVolumeClaim", "Job"}
+    for doc in docs.values():
+        for version in (latest_version(), OLDEST_SUPPORTED):
+            kv.validate(doc, version, strict=True)
+    svc, claim, job = docs["Service"], docs["PersistentVolumeClaim"], docs["Job"]
+    spec, template = job["spec"], job["spec"]["template"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
+    assert svc["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    assert template["spec"]["subdomain"] == svc["metadata"]["name"]
+    (container,) = template["spec"]["containers"]
+    script = container["args"][0]
+    argv = shlex.split(script.split("exec ", 1)[1].replace("$RESUME", ""))
+    assert argv[0] == "torchrun"
+    run = get_args_parser().parse_args(argv[1:])
+    assert int(run.nnodes) == spec["completions"] and run.rdzv_backend == "c10d"
+    host, port = run.rdzv_endpoint.rsplit(":", 1)
+    assert host == f"{job['metadata']['name']}-0.{svc['metadata']['name']}"  # pod 0's DNS name
+    assert int(port) in {p["port"] for p in svc["spec"]["ports"]}
+    assert int(port) in {p["containerPort"] for p in container["ports"]}
+    assert run.module and run.training_script == "rnnserve.trainer.cli"
+    train = build_parser(run.training_script_args).parse_args(run.training_script_args)
+    assert train.command == "train" and train.nproc == 1  # torchrun starts the ranks
+    assert train.batch_size % (int(run.nnodes) * int(run.nproc_per_node)) == 0
+    (mount,) = container["volumeMounts"]
+    (volume,) = template["spec"]["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "pods on two nodes mount it"
+    for written in (train.out, train.run_dir):
+        assert written.startswith(mount["mountPath"] + "/"), written
+    assert f'test -f {train.run_dir}/checkpoint.pt && RESUME="--resume {train.run_dir}"' in script
+    assert template["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert template["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
