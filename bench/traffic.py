@@ -57,7 +57,6 @@ FIXED = {"prompt_chars": 16, "output_tokens": 64}
 MIXED = {"prompt_chars": (8, 256), "output_tokens": (16, 512), "distribution": "log-uniform",
          "seed": 1}  # fmt: skip
 WORKLOAD_SIZE = 4096
-SERVER_THREADS = 1  # the server's default --intra-op-threads; bare ORT uses the same
 
 
 def log(msg: str) -> None:
@@ -352,7 +351,8 @@ async def grpc_score(server: Server, model: str, texts: list[str]) -> float:
 class Bare:
     """The model in a plain ORT session (the server's thread count), greedy with numpy."""
 
-    def __init__(self, package: Path, threads: int = SERVER_THREADS) -> None:
+    def __init__(self, package: Path, threads: int) -> None:
+        self.threads = threads
         self.sess, self.m = ort_session(package, threads)
         self.names = [o.name for o in self.sess.get_outputs()]
         self.vocab = Vocab(self.m.vocab or [])
@@ -469,7 +469,7 @@ def bare_score(bare: Bare, texts: list[str]) -> float:
 def ceiling(bare: Bare, work: dict[str, Workload], levels: list[int], texts: list[str],
             min_s: float) -> dict:  # fmt: skip
     fixed = [p for p, _ in work["fixed"].requests]
-    out = {"threads": SERVER_THREADS, "single": bare_single(bare, fixed, min_s)}
+    out = {"threads": bare.threads, "single": bare_single(bare, fixed, min_s)}
     log(f"  bare single: prefill p50 {out['single']['prefill_p50_s'] * 1e3:.3f} ms, "
         f"step p50 {out['single']['step_p50_s'] * 1e3:.3f} ms")  # fmt: skip
     out["static"] = []
@@ -723,7 +723,7 @@ def run_model(model: str, repo: Path, args, levels: list[int]) -> dict:
     result: dict = {
         "hyperparameters": m.hyperparameters,
         "workloads": {k: w.spec for k, w in work.items()},
-        "ceiling": ceiling(Bare(package), work, levels, texts, args.bare_s),
+        "ceiling": ceiling(Bare(package, args.bare_threads), work, levels, texts, args.bare_s),
     }
     pinned = pin_to_cpu(args.client_cpu)  # after the bare loops, before the server starts
     server_log = Path(tempfile.gettempdir()) / f"bench-traffic-{model}-{os.getpid()}.log"
@@ -800,6 +800,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=None, help="seconds measured per level (15)")
     p.add_argument("--warmup", type=float, default=None, help="seconds before each level (3)")
     p.add_argument("--server-args", default="", help="extra rnn-server flags, one string")
+    p.add_argument("--bare-threads", type=int, default=None,
+                   help="bare ORT intra-op threads (default: the server's --intra-op-threads "
+                        "default)")  # fmt: skip
     p.add_argument("--score-texts", type=int, default=16)
     p.add_argument("--score-tokens", type=int, default=512)
     p.add_argument("--quick", action="store_true", help="smoke run: short levels, few of them")
@@ -817,11 +820,16 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (0.5 if q else 3.0)
     args.rates = args.rates or ("0.5x,1x" if q else "0.25x,0.5x,0.75x,1x,1.25x,1.5x")
     args.bare_s = 0.2 if q else 1.0
+    if args.bare_threads is None:
+        args.bare_threads = server_defaults()["intra_op_threads"]
     if q:
         args.score_texts, args.score_tokens = min(args.score_texts, 4), min(args.score_tokens, 128)
     levels = [int(c) for c in (args.levels or ("1,8" if q else "1,8,32,64,128")).split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        log(f"warning: load average {load:.1f}: the machine is not quiet; numbers will be low")
     models = [s.strip() for s in args.models.split(",") if s.strip()]
     if BENCH_MODEL in models:
         ensure_bench_model(args.model_repo)
