@@ -356,7 +356,7 @@ def test_monitoring_kustomization_labels_what_kube_prometheus_stack_selects() ->
     assert "release" not in monitor["spec"]["selector"]["matchLabels"], "labels, not selectors"
 
 
-# -- Data-parallel training Job (deploy/k8s-distributed, applied on its own) -------------------
+# -- Data-parallel training Job (deploy/k8s/distributed, applied on its own) -------------------
 def test_distributed_training_job_is_valid_and_its_pods_find_each_other() -> None:
     """Schema-valid; torchrun's own parser and rnn-trainer's accept the command; the
     rendezvous host is pod 0's DNS name through the headless Service; the world divides the
@@ -370,7 +370,7 @@ def test_distributed_training_job_is_valid_and_its_pods_find_each_other() -> Non
     kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
     from kubernetes_validate.utils import latest_version
 
-    path = DEPLOY / "k8s-distributed" / "trainer-ddp.yaml"
+    path = K8S / "distributed" / "trainer-ddp.yaml"
     docs = {d["kind"]: d for d in yaml.safe_load_all(path.read_text()) if d}
     assert set(docs) == {"Service", "PersistentVolumeClaim", "Job"}
     for doc in docs.values():
@@ -403,7 +403,4 @@ def test_distributed_training_job_is_valid_and_its_pods_find_each_other() -> Non
     for written in (train.out, train.run_dir):
         assert written.startswith(mount["mountPath"] + "/"), written
     assert f'test -f {train.run_dir}/checkpoint.pt && RESUME="--resume {train.run_dir}"' in script
-    assert template["spec"]["securityContext"]["runAsNonRoot"] is True
-    assert template["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert restricted_violations(template["spec"]) == []
