@@ -153,6 +153,8 @@ def _prometheus_config(replicas: list[Replica], web_port: int) -> dict:
             job["static_configs"] = [{"targets": [f"127.0.0.1:{r.metrics_port}" for r in replicas]}]
         elif job["job_name"] == "prometheus":
             job["static_configs"] = [{"targets": [f"127.0.0.1:{web_port}"]}]
+    # no Envoy runs here (its job only finds targets in the compose profile `scale`)
+    config["scrape_configs"] = [j for j in config["scrape_configs"] if j["job_name"] != "envoy"]
     return config
 
 

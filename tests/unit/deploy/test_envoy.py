@@ -16,6 +16,7 @@ TYPED_CONFIG_MODULES = (
     "envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2",
     "envoy.extensions.filters.http.router.v3.router_pb2",
     "envoy.extensions.upstreams.http.v3.http_protocol_options_pb2",
+    "envoy.extensions.retry.host.previous_hosts.v3.previous_hosts_pb2",
 )
 
 
@@ -54,12 +55,12 @@ def test_typo_inside_a_typed_config_is_rejected(parse) -> None:
         parse(config)
 
 
-def test_cluster_is_http2_round_robin_with_grpc_health_checks(parse) -> None:
+def test_cluster_is_http2_least_request_with_grpc_health_checks(parse) -> None:
     from envoy.config.cluster.v3 import cluster_pb2
     from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
     (cluster,) = parse(_config()).static_resources.clusters
-    assert cluster.lb_policy == cluster_pb2.Cluster.ROUND_ROBIN
+    assert cluster.lb_policy == cluster_pb2.Cluster.LEAST_REQUEST, "long streams: fewest active"
     assert cluster.type == cluster_pb2.Cluster.STRICT_DNS, "re-resolves scaled replicas"
     options = http_protocol_options_pb2.HttpProtocolOptions()
     cluster.typed_extension_protocol_options[
@@ -70,7 +71,7 @@ def test_cluster_is_http2_round_robin_with_grpc_health_checks(parse) -> None:
     assert check.HasField("grpc_health_check")
 
 
-def test_routes_do_not_cut_long_streams(parse) -> None:
+def _routes(parse):
     from envoy.extensions.filters.network.http_connection_manager.v3 import (
         http_connection_manager_pb2 as hcm_pb2,
     )
@@ -78,7 +79,78 @@ def test_routes_do_not_cut_long_streams(parse) -> None:
     (listener,) = parse(_config()).static_resources.listeners
     hcm = hcm_pb2.HttpConnectionManager()
     listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
-    (route,) = hcm.route_config.virtual_hosts[0].routes
-    assert route.route.cluster == "rnnserve"
-    assert route.route.timeout.ToSeconds() == 0, "0 = no per-request timeout (streams)"
+    return hcm, list(hcm.route_config.virtual_hosts[0].routes)
+
+
+def test_routes_do_not_cut_long_streams(parse) -> None:
+    hcm, routes = _routes(parse)
+    for route in routes:
+        assert route.route.cluster == "rnnserve"
+        assert route.route.timeout.ToSeconds() == 0, "0 = no per-request timeout (streams)"
     assert hcm.stream_idle_timeout.ToSeconds() == 0
+
+
+def _route_for(routes, path: str):
+    """The first route Envoy matches for a request path (path or prefix matches)."""
+    for route in routes:
+        kind = route.match.WhichOneof("path_specifier")
+        if (kind == "path" and path == route.match.path) or (
+            kind == "prefix" and path.startswith(route.match.prefix)
+        ):
+            return route
+    raise AssertionError(f"no route for {path}")
+
+
+def _methods() -> list[tuple[str, bool]]:
+    """(path, streaming) of every rnnserve.v1 RPC, from the compiled proto."""
+    from rnnserve.v1 import rnnserve_pb2
+
+    return [
+        (f"/{svc.full_name}/{m.name}", m.client_streaming or m.server_streaming)
+        for svc in rnnserve_pb2.DESCRIPTOR.services_by_name.values()
+        for m in svc.methods
+    ]
+
+
+def test_unary_rpcs_retry_unavailable_on_another_replica_streams_never(parse) -> None:
+    _, routes = _routes(parse)
+    methods = _methods()
+    assert any(streaming for _, streaming in methods) and any(not s for _, s in methods)
+    for path, streaming in methods:
+        route = _route_for(routes, path)
+        policy = route.route.retry_policy
+        if streaming:
+            assert not route.route.HasField("retry_policy"), f"{path}: a stream is never retried"
+            continue
+        assert "unavailable" in policy.retry_on.split(","), path
+        assert policy.num_retries.value >= 1
+        assert [p.name for p in policy.retry_host_predicate] == [
+            "envoy.retry_host_predicates.previous_hosts"
+        ], "retry on a replica not tried yet"
+    # health checks and reflection (a bidirectional stream) are not retried either
+    for path in ("/grpc.health.v1.Health/Check", "/grpc.reflection.v1alpha.ServerReflection/X"):
+        assert not _route_for(routes, path).route.HasField("retry_policy"), path
+
+
+def test_outlier_detection_ejects_a_failing_replica(parse) -> None:
+    (cluster,) = parse(_config()).static_resources.clusters
+    assert cluster.HasField("outlier_detection")
+    od = cluster.outlier_detection
+    assert od.consecutive_5xx.value >= 3
+    assert od.base_ejection_time.ToSeconds() > 0
+    assert 0 < od.max_ejection_percent.value < 100, "never eject every replica"
+
+
+def test_envoy_admin_stats_are_scraped_by_the_compose_prometheus(parse) -> None:
+    from tests.unit.deploy.deployfiles import load_compose
+
+    bootstrap = parse(_config())
+    admin_port = bootstrap.admin.address.socket_address.port_value
+    prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    (job,) = [j for j in prometheus["scrape_configs"] if j["job_name"] == "envoy"]
+    assert job["metrics_path"] == "/stats/prometheus"
+    (sd,) = job["dns_sd_configs"]
+    assert sd["port"] == admin_port
+    services = load_compose()["services"]
+    (name,) = sd["names"]
+    assert name in services and "envoy" in services[name]["image"]
