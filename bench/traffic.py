@@ -19,6 +19,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import shlex
 import sys
 import tempfile
@@ -262,8 +263,15 @@ async def closed_loop(server: Server, model: str, clients: int, workload: Worklo
     tally = Tally(start + warmup, start + warmup + duration)
     cpu = CpuWindow(server)
 
+    # Clients start at random moments within the warm-up: started together, equal-length
+    # streams would stay in lockstep for the whole run (every client finishing and
+    # re-prefilling in the same step), which is a benchmark artefact, not traffic.
+    offsets = random.Random(clients).uniform
+    stagger = min(1.0, warmup)
+
     async def client(i: int) -> None:
         j = i
+        await asyncio.sleep(offsets(0.0, stagger))
         while time.perf_counter() < tally.w1:
             ok = await one_request(stubs[i % len(stubs)], reqs[j % len(reqs)], tally)
             j += clients
