@@ -366,7 +366,7 @@ def _generate(target: str, **fields) -> tuple[list[int], pb.GenerateResponse]:
 
 
 def test_resume_token_continues_on_the_other_replica(replicas: list[Replica]) -> None:
-    """What Envoy's round robin relies on: no stickiness, any replica continues any stream."""
+    """What Envoy's balancing relies on: no stickiness, any replica continues any stream."""
     a, b = replicas
     first, last = _generate(a.target, prompt="the time ", max_tokens=5, return_state=True)
     assert last.state, "return_state gives a resume token on the last message"
