@@ -3,9 +3,11 @@
 The built-in series is the one of Dive into Deep Learning (section "Working with Sequences"):
 x_t = sin(0.01 t) + eps_t for t = 1..1000, with eps_t drawn i.i.d. from a normal
 distribution with mean 0 and *standard deviation* 0.2 (the book's `torch.normal(0, 0.2, ...)`;
-variance 0.04), seeded so every run sees the same series. The first 600 steps train, the
-rest test. Normalisation statistics come from the training range only, so nothing about the
-test range leaks into the model; they travel in manifest.series and the server undoes them.
+variance 0.04), seeded so every run sees the same series; its textbook split trains on the
+first 600 steps and tests on the rest. A CSV series trains on everything but a small
+validation tail (early stopping). The model sees a representation of the levels
+(representation.py), normalised with statistics of the training range only, so nothing
+held out leaks into the model; both travel in manifest.series and the server undoes them.
 """
 
 from __future__ import annotations
