@@ -1,4 +1,4 @@
-"""`rnn-trainer`: train, sample, export, zoo, stats, backtest.
+"""`rnn-trainer`: train, sample, export, package, zoo, stats, backtest.
 
 The only layer that knows argparse: it fills the config dataclasses and calls pipeline/zoo.
 Any TrainerError (or a manifest/tokenizer ValueError from bad flags) becomes one line
@@ -121,6 +121,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     export.add_argument("--out", default="models")
     export.add_argument("--name", required=True)
     export.add_argument("--version", default="1")
+    package = sub.add_parser("package", help="package an ONNX graph exported elsewhere")
+    importlib.import_module("rnnserve.trainer.package_cli").add_arguments(package)
     zoo = sub.add_parser("zoo", help="train and export every zoo model (what `make run` serves)")
     zoo.add_argument("--out", default="models")
     zoo.add_argument("--preset", default="default", help="default | tiny")
@@ -261,6 +263,10 @@ def run_backtest(args: argparse.Namespace) -> int:
     return int(_optional("rnnserve.trainer.forecast.backtest_cli").run(args))
 
 
+def run_package(args: argparse.Namespace) -> int:
+    return int(importlib.import_module("rnnserve.trainer.package_cli").run(args))
+
+
 def run_stats(args: argparse.Namespace) -> int:
     return int(_optional("rnnserve.trainer.stats").run(args))
 
@@ -271,6 +277,7 @@ COMMANDS = {
     "export": run_export,
     "zoo": run_zoo,
     "stats": run_stats,
+    "package": run_package,
     "backtest": run_backtest,
 }
 

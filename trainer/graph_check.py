@@ -33,13 +33,19 @@ def failure(check: str, detail: str) -> TrainerError:
 
 
 def check_symbolic_axes(
-    graph: onnx.GraphProto, input_name: str, output_name: str, specs: Sequence[StateSpec]
+    graph: onnx.GraphProto,
+    input_name: str,
+    output_name: str,
+    specs: Sequence[StateSpec],
+    time_major: bool = False,
 ) -> None:
-    """Raises unless batch/time of input/output and each state's batch axis are symbolic."""
+    """Raises unless batch/time of input/output and each state's batch axis are symbolic
+    (`time_major`: the input and output are [time, batch, ...])."""
     values = {v.name: v for v in [*graph.input, *graph.output]}
+    batch, time = (1, 0) if time_major else (0, 1)
     wanted: list[tuple[str, int, str]] = [
-        (input_name, 0, "batch"), (input_name, 1, "time"),
-        (output_name, 0, "batch"), (output_name, 1, "time"),
+        (input_name, batch, "batch"), (input_name, time, "time"),
+        (output_name, batch, "batch"), (output_name, time, "time"),
     ]  # fmt: skip
     for spec in specs:
         wanted += [(spec.input, spec.batch_axis, "batch"), (spec.output, spec.batch_axis, "batch")]
@@ -62,15 +68,14 @@ class OrtGraph:
     """One ONNX Runtime session called the way the server calls it: (x, *state) -> (out, *state)."""
 
     def __init__(
-        self, path: Path, input_name: str, output_name: str, specs: Sequence[StateSpec]
+        self, path: Path | bytes, input_name: str, output_name: str, specs: Sequence[StateSpec]
     ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
+            source = path if isinstance(path, bytes) else str(path)  # bytes: a serialized graph
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT's own error types
             raise failure(
                 "load", f"ONNX Runtime cannot load the graph: {_first_line(exc)}"

@@ -1,0 +1,249 @@
+"""Which inputs and outputs of a graph brought from elsewhere play which part for the server.
+
+Why infer: a graph exported by someone else's code has its own names (`input`, `h0`, `hn`
+...). The user may name the token input, the logits output and the state pairs; whatever
+they leave out is inferred from dtypes, ranks, fixed sizes and symbolic axes when only one
+reading fits, and otherwise the message says which tensor is in doubt and the flag to name it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from rnnserve.artifact.manifest import StateSpec
+from rnnserve.trainer.errors import TrainerError
+
+DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}
+Dim = int | str | None  # fixed size, symbolic name, or unknown
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str  # onnx type name, e.g. "float32", "int64", "int32"
+    dims: tuple[Dim, ...]
+
+    def describe(self) -> str:
+        shown = ", ".join("?" if d is None else str(d) for d in self.dims)
+        return f"{self.name} ({self.dtype} [{shown}])"
+
+
+@dataclass
+class GraphInterface:
+    """The graph's parts in the server's terms; `time_major`: tokens [time, batch]."""
+
+    input: str
+    output: str
+    states: list[StateSpec]
+    time_major: bool = False
+    notes: list[str] = field(default_factory=list)  # what was inferred, for the record
+
+
+def misfit(detail: str) -> TrainerError:
+    return TrainerError(f"the graph does not fit: {detail}")
+
+
+def tensors(values) -> dict[str, Tensor]:
+    out = {}
+    for v in values:
+        t = v.type.tensor_type
+        dtype = DTYPES.get(t.elem_type) or onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
+        )
+        out[v.name] = Tensor(v.name, dtype, dims)
+    return out
+
+
+def graph_inputs(graph: onnx.GraphProto) -> dict[str, Tensor]:
+    """Real inputs (older exporters also list the weights as inputs)."""
+    weights = {i.name for i in graph.initializer}
+    return {k: v for k, v in tensors(graph.input).items() if k not in weights}
+
+
+def _listing(values: dict[str, Tensor]) -> str:
+    return ", ".join(t.describe() for t in values.values()) or "none"
+
+
+def _pick_input(inputs: dict[str, Tensor], name: str | None) -> Tensor:
+    if name is not None:
+        if name not in inputs:
+            raise misfit(f"there is no input {name!r}; the inputs are {_listing(inputs)}")
+        chosen = inputs[name]
+    else:
+        found = [t for t in inputs.values() if t.dtype == "int64" and len(t.dims) == 2]
+        if len(found) != 1:
+            why = "no int64 input of rank 2" if not found else "several int64 inputs of rank 2"
+            raise misfit(
+                f"cannot tell the token input ({why}); the inputs are {_listing(inputs)};"
+                " name it with --input"
+            )
+        chosen = found[0]
+    if chosen.dtype != "int64":
+        raise misfit(f"token input {chosen.describe()} must hold int64 token ids")
+    if len(chosen.dims) != 2:
+        raise misfit(f"token input {chosen.describe()} must have 2 axes: [batch, time]")
+    return chosen
+
+
+def _pick_output(outputs: dict[str, Tensor], name: str | None, vocab_size: int) -> Tensor:
+    if name is not None:
+        if name not in outputs:
+            raise misfit(f"there is no output {name!r}; the outputs are {_listing(outputs)}")
+        chosen = outputs[name]
+    else:
+        found = [
+            t for t in outputs.values()
+            if t.dtype == "float32" and len(t.dims) == 3
+            and not (isinstance(t.dims[2], int) and t.dims[2] != vocab_size)
+        ]  # fmt: skip
+        if not found:
+            raise misfit(
+                f"no output scores {vocab_size} tokens per step, the vocabulary's size (the"
+                f" outputs are {_listing(outputs)}); is the vocabulary the one the model was"
+                " trained with? If so, name the logits with --output"
+            )
+        if len(found) > 1:
+            raise misfit(
+                f"cannot tell the logits output: {_listing({t.name: t for t in found})} all"
+                " could be [batch, time, vocabulary]; name it with --output"
+            )
+        chosen = found[0]
+    if chosen.dtype != "float32":
+        raise misfit(f"logits output {chosen.describe()} must be float32")
+    if len(chosen.dims) != 3:
+        raise misfit(
+            f"logits output {chosen.describe()} must have 3 axes, [batch, time, vocabulary];"
+            " a flattened [batch*time, vocabulary] output cannot be split into streams"
+        )
+    if isinstance(chosen.dims[2], int) and chosen.dims[2] != vocab_size:
+        raise misfit(
+            f"logits output {chosen.describe()} scores {chosen.dims[2]} tokens per step but the"
+            f" vocabulary has {vocab_size}"
+        )
+    return chosen
+
+
+def _parse_state(text: str) -> tuple[str, str, int | None]:
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not all(parts[:2]):
+        raise TrainerError(f"--state {text!r}: expected INPUT:OUTPUT or INPUT:OUTPUT:BATCH_AXIS")
+    try:
+        axis = int(parts[2]) if len(parts) == 3 else None
+    except ValueError as exc:
+        raise TrainerError(f"--state {text!r}: BATCH_AXIS must be an integer") from exc
+    return parts[0], parts[1], axis
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    if a.dtype != b.dtype or len(a.dims) != len(b.dims):
+        return False
+    return all(x == y for x, y in zip(a.dims, b.dims, strict=True) if isinstance(x, int))
+
+
+def _pair_states(
+    inputs: dict[str, Tensor], outputs: dict[str, Tensor], notes: list[str]
+) -> list[tuple[Tensor, Tensor, int | None]]:
+    """Each remaining input with the first remaining output of the same dtype and sizes
+    (graph order, which torch.onnx.export keeps: h0, c0 -> hn, cn)."""
+    free = dict(outputs)
+    pairs = []
+    for t in inputs.values():
+        match = next((o for o in free.values() if _same_layout(t, o)), None)
+        if match is None:
+            raise misfit(
+                f"state input {t.describe()} has no output of the same dtype and shape to read"
+                f" the next state from (outputs left: {_listing(free)}); a recurrent graph must"
+                " return its state, or name the pair with --state INPUT:OUTPUT"
+            )
+        del free[match.name]
+        pairs.append((t, match, None))
+    if pairs:
+        notes.append(
+            "state pairs inferred: " + ", ".join(f"{i.name}->{o.name}" for i, o, _ in pairs)
+        )
+    return pairs
+
+
+def _state_spec(inp: Tensor, out: Tensor, axis: int | None) -> StateSpec:
+    if not _same_layout(inp, out):
+        raise misfit(f"state input {inp.describe()} and output {out.describe()} differ in dtype"
+                     " or shape; the output is fed back as the next call's input")  # fmt: skip
+    if inp.dtype not in ("float32", "int64"):
+        raise misfit(f"state {inp.describe()} must be float32 or int64")
+    symbolic = [i for i, d in enumerate(inp.dims) if not isinstance(d, int)]
+    if axis is None:
+        if len(symbolic) != 1:
+            why = "no symbolic axis" if not symbolic else f"symbolic axes {symbolic}"
+            raise misfit(
+                f"cannot tell the batch axis of state {inp.describe()} ({why}); export it with"
+                " dynamic_axes naming its batch axis, or give --state INPUT:OUTPUT:AXIS"
+            )
+        axis = symbolic[0]
+    if not 0 <= axis < len(inp.dims):
+        raise misfit(f"state {inp.describe()} has no axis {axis}")
+    unsized = [i for i in symbolic if i != axis]
+    if unsized:
+        raise misfit(f"state {inp.describe()}: axis {unsized[0]} has no fixed size, and the"
+                     " server must build a fresh state of the right shape")  # fmt: skip
+    shape = [-1 if i == axis else int(d) for i, d in enumerate(inp.dims)]  # type: ignore[arg-type]
+    init = 0 if inp.dtype == "int64" else 0.0
+    return StateSpec(inp.name, inp.name, out.name, shape, axis, inp.dtype, init)
+
+
+def _time_major(token: Tensor, states: list[StateSpec], inputs: dict[str, Tensor]) -> bool | None:
+    """True/False when the token input shares its batch axis name with the states'."""
+    names = {inputs[s.input].dims[s.batch_axis] for s in states}
+    names.discard(None)
+    first, second = token.dims
+    if second in names and first not in names:
+        return True
+    if first in names and second not in names:
+        return False
+    return None
+
+
+def resolve(
+    graph: onnx.GraphProto,
+    vocab_size: int,
+    *,
+    input_name: str | None = None,
+    output_name: str | None = None,
+    states: list[str] | None = None,
+    layout: str | None = None,
+) -> GraphInterface:
+    """The interface, named by the user where given and inferred where not."""
+    inputs, outputs = graph_inputs(graph), tensors(graph.output)
+    notes: list[str] = []
+    token = _pick_input(inputs, input_name)
+    logits = _pick_output(outputs, output_name, vocab_size)
+    rest_in = {k: v for k, v in inputs.items() if k != token.name}
+    rest_out = {k: v for k, v in outputs.items() if k != logits.name}
+    if states is None:
+        pairs = _pair_states(rest_in, rest_out, notes)
+    else:
+        pairs = []
+        for text in states:
+            i, o, axis = _parse_state(text)
+            if i not in rest_in:
+                raise misfit(f"--state {text!r}: no state input {i!r}; left: {_listing(rest_in)}")
+            if o not in rest_out:
+                raise misfit(f"--state {text!r}: no output {o!r}; left: {_listing(rest_out)}")
+            pairs.append((rest_in[i], rest_out[o], axis))
+        unfed = sorted(set(rest_in) - {i.name for i, _, _ in pairs})
+        if unfed:
+            raise misfit(f"input {unfed[0]!r} is neither the token input nor a state input; the"
+                         " server feeds only tokens and state")  # fmt: skip
+    specs = [_state_spec(i, o, axis) for i, o, axis in pairs]
+    if layout is None:
+        guessed = _time_major(token, specs, inputs)
+        time_major = bool(guessed)
+        if guessed is not None:
+            notes.append(f"layout inferred: {'time-major' if guessed else 'batch-major'}")
+    elif layout in ("batch-major", "time-major"):
+        time_major = layout == "time-major"
+    else:
+        raise TrainerError(f"--layout must be batch-major or time-major, got {layout!r}")
+    return GraphInterface(token.name, logits.name, specs, time_major, notes)

@@ -1,0 +1,53 @@
+"""Flags of `rnn-trainer package` (bring your own model; docs/bring-your-own-model.md).
+
+Why its own file: cli.py stays a list of subcommands; this one has many flags of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--onnx", required=True, help="the graph, exported by your own code")
+    p.add_argument("--vocab", required=True, help="token list: one token per line, line 1 = id 0")
+    p.add_argument(
+        "--tokenizer", required=True, metavar="char|word|FILE.json",
+        help="how text becomes those tokens: a level, or a JSON file of tokenizer settings",
+    )  # fmt: skip
+    p.add_argument("--keep-case", action="store_true", help="do not lowercase (char|word)")
+    p.add_argument("--letters-only", action="store_true", help="map non-letters to spaces")
+    p.add_argument("--out", default="models", help="model repository: writes OUT/NAME/VERSION/")
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", default="1")
+    p.add_argument("--input", default=None, help="token input name (default: inferred)")
+    p.add_argument("--output", default=None, help="logits output name (default: inferred)")
+    p.add_argument(
+        "--state", action="append", default=None, metavar="INPUT:OUTPUT[:BATCH_AXIS]",
+        help="a state pair, once per state tensor (default: inferred by shape and order)",
+    )  # fmt: skip
+    p.add_argument(
+        "--layout", choices=("batch-major", "time-major"), default=None,
+        help="token input [batch, time] or [time, batch] (default: inferred, else batch-major)",
+    )  # fmt: skip
+    p.add_argument("--arch", default=None, help="rnn|gru|lstm (default: from the graph's ops)")
+    p.add_argument("--text", default=None, help="sample text the check feeds (default: the"
+                                                " model's own samples)")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from rnnserve.trainer.package import PackageRequest, package_model, tokenizer_spec
+
+    request = PackageRequest(
+        onnx_path=Path(args.onnx), vocab_path=Path(args.vocab),
+        tokenizer=tokenizer_spec(args.tokenizer, not args.keep_case, args.letters_only),
+        out=Path(args.out), name=args.name, version=args.version, input_name=args.input,
+        output_name=args.output, states=args.state, layout=args.layout, arch=args.arch,
+        text=Path(args.text) if args.text else None,
+    )  # fmt: skip
+    path = package_model(request)
+    for note in request.notes:
+        print(note)
+    print(f"packaged {path}")
+    return 0
