@@ -8,6 +8,7 @@ import shlex
 import pytest
 import yaml
 
+from rnnserve.server.settings import Settings
 from tests.unit.deploy.deployfiles import (
     DEPLOY,
     dockerfile_stages,
@@ -103,7 +104,8 @@ def test_ports_match_the_server_defaults_and_expose(compose: dict, server_parser
     published = {int(p.split(":")[-1]) for p in compose["services"]["server"]["ports"]}
     final = dockerfile_stages(DEPLOY / "Dockerfile")[-1]
     exposed = {int(p) for a in final.args("EXPOSE") for p in a.split()}
-    assert published == exposed == {50051, 8000}
+    assert int(env["RNNSERVE_HTTP_PORT"]) == Settings().http_port == 8080
+    assert published == exposed == {50051, 8000, 8080}
     assert "ports" not in compose["services"]["replica"], "replicas are reached through Envoy"
 
 
@@ -162,7 +164,7 @@ def test_envoy_balances_the_replicas(compose: dict) -> None:
     source, _ = mounts["/etc/envoy/envoy.yaml"]
     assert envoy["command"][:3] == ["envoy", "-c", "/etc/envoy/envoy.yaml"]
     config = yaml.safe_load((DEPLOY / source).read_text())
-    (cluster,) = config["static_resources"]["clusters"]
+    cluster, http = config["static_resources"]["clusters"]
     (endpoints,) = cluster["load_assignment"]["endpoints"]
     addresses = {
         (e["endpoint"]["address"]["socket_address"]["address"],
@@ -171,6 +173,10 @@ def test_envoy_balances_the_replicas(compose: dict) -> None:
     }  # fmt: skip
     port = int(compose["services"]["replica"]["environment"]["RNNSERVE_PORT"])
     assert addresses == {("replica", port)}
+    (http_endpoints,) = http["load_assignment"]["endpoints"]
+    (http_endpoint,) = http_endpoints["lb_endpoints"]
+    http_port = int(compose["services"]["replica"]["environment"]["RNNSERVE_HTTP_PORT"])
+    assert http_endpoint["endpoint"]["address"]["socket_address"]["port_value"] == http_port
     (listener,) = config["static_resources"]["listeners"]
     listen = listener["address"]["socket_address"]["port_value"]
     published = {p.rsplit(":", 1)[-1]: p for p in envoy["ports"]}

@@ -98,7 +98,10 @@ def test_server_command_is_valid_and_matches_expose(name: str, server_parser) ->
     assert exec_form(final.args("ENTRYPOINT")[-1]) == ["rnn-server"]
     settings = server_parser.parse_args(exec_form(final.args("CMD")[-1]))
     exposed = {int(p) for a in final.args("EXPOSE") for p in a.split()}
-    assert exposed == {int(settings.port), int(settings.metrics_port)} == {50051, 8000}
+    env = dict(part.split("=", 1) for a in final.args("ENV") for part in a.split() if "=" in part)
+    http_port = int(env["RNNSERVE_HTTP_PORT"])  # set in the image (the tests' env turns it off)
+    ports = {int(settings.port), int(settings.metrics_port), http_port}
+    assert exposed == ports == {50051, 8000, 8080}
     assert str(settings.model_repo) == "/models"
     if name == "Dockerfile.gpu":
         assert settings.providers == "cuda,cpu"

@@ -42,7 +42,8 @@ def _config() -> dict:
 def test_config_parses_as_envoy_bootstrap(parse) -> None:
     bootstrap = parse(_config())
     assert len(bootstrap.static_resources.listeners) == 1
-    assert len(bootstrap.static_resources.clusters) == 1
+    names = [c.name for c in bootstrap.static_resources.clusters]
+    assert names == ["rnnserve", "rnnserve-http"], "gRPC, and the replicas' --http-port"
 
 
 def test_typo_inside_a_typed_config_is_rejected(parse) -> None:
@@ -59,7 +60,7 @@ def test_cluster_is_http2_least_request_with_grpc_health_checks(parse) -> None:
     from envoy.config.cluster.v3 import cluster_pb2
     from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
-    (cluster,) = parse(_config()).static_resources.clusters
+    cluster = parse(_config()).static_resources.clusters[0]
     assert cluster.lb_policy == cluster_pb2.Cluster.LEAST_REQUEST, "long streams: fewest active"
     assert cluster.type == cluster_pb2.Cluster.STRICT_DNS, "re-resolves scaled replicas"
     options = http_protocol_options_pb2.HttpProtocolOptions()
@@ -85,7 +86,8 @@ def _routes(parse):
 def test_routes_do_not_cut_long_streams(parse) -> None:
     hcm, routes = _routes(parse)
     for route in routes:
-        assert route.route.cluster == "rnnserve"
+        http = route.match.prefix in ("/v1/", "/v2")  # OpenAI and KServe REST
+        assert route.route.cluster == ("rnnserve-http" if http else "rnnserve")
         assert route.route.timeout.ToSeconds() == 0, "0 = no per-request timeout (streams)"
     assert hcm.stream_idle_timeout.ToSeconds() == 0
 
@@ -133,7 +135,7 @@ def test_unary_rpcs_retry_unavailable_on_another_replica_streams_never(parse) ->
 
 
 def test_outlier_detection_ejects_a_failing_replica(parse) -> None:
-    (cluster,) = parse(_config()).static_resources.clusters
+    cluster = parse(_config()).static_resources.clusters[0]
     assert cluster.HasField("outlier_detection")
     od = cluster.outlier_detection
     assert od.consecutive_5xx.value >= 3
