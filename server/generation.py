@@ -13,7 +13,7 @@ from rnnserve.server.decode.stream import Chunk, Stream
 from rnnserve.server.errors import BadRequest, UnsupportedTask
 from rnnserve.server.metrics import Metrics, observe_many
 from rnnserve.server.repository import ModelVersion
-from rnnserve.server.resume import Resumed, StateSigner
+from rnnserve.server.resume import Progress, Resumed, StateSigner
 from rnnserve.server.sampling import Sampler, SamplingParams
 from rnnserve.server.settings import Settings
 from rnnserve.server.stopping import StopChecker, validate_stop
@@ -32,6 +32,7 @@ class GenerateParams:
     stop: list[str] = field(default_factory=list)
     return_state: bool = False
     state: bytes = b""
+    state_every: int = 0  # a checkpoint (resume state) every this many tokens; 0 = none
 
 
 def check_task(entry: ModelVersion, rpc: str) -> None:
@@ -48,6 +49,31 @@ def check_task(entry: ModelVersion, rpc: str) -> None:
     else:
         why = f"task {m.task!r} models answer {', '.join(entry.rpcs)}"
     raise UnsupportedTask(f"model {entry.name}/{entry.version} cannot serve {rpc}: {why}")
+
+
+def check_continuation(p: GenerateParams, max_tokens: int, at: Progress) -> None:
+    """A resume state with no new prompt continues its stream exactly, so the request must
+    repeat the original's max_tokens, sampling and stop (INVALID_ARGUMENT naming the field
+    otherwise); the count, random sequence and held-back text come from the state."""
+    sampling = p.sampling
+    same = {
+        "max_tokens": (max_tokens, at.max_tokens),
+        "sampling.temperature": (sampling.temperature, at.temperature),
+        "sampling.top_k": (sampling.top_k, at.top_k),
+        "sampling.top_p": (sampling.top_p, at.top_p),
+        "stop": (tuple(p.stop), at.stop),
+    }
+    if sampling.seed is not None and not sampling.greedy:
+        same["sampling.seed"] = (sampling.seed, at.seed)
+    for name, (asked, original) in same.items():
+        if asked != original:
+            raise BadRequest(
+                name,
+                f"is {asked!r} but the stream this resume state continues had {original!r}: "
+                "a continuation (state and no prompt) repeats the original request",
+            )
+    if at.tokens >= max_tokens:
+        raise BadRequest("state", f"the stream already made all its {max_tokens} tokens")
 
 
 class Generator:
@@ -75,6 +101,8 @@ class Generator:
         max_tokens = p.max_tokens or DEFAULT_MAX_TOKENS
         if not 1 <= max_tokens <= s.max_tokens:
             raise BadRequest("max_tokens", f"must be in [1, {s.max_tokens}], got {p.max_tokens}")
+        if p.state_every < 0:
+            raise BadRequest("state_every", f"must be 0 or more, got {p.state_every}")
         p.sampling.validate(len(self.codec))
         validate_stop(p.stop)
         resumed = None
@@ -88,6 +116,10 @@ class Generator:
             raise BadRequest("prompt", "is empty (give a prompt, or a resume state)")
         if resumed is not None:
             ids = [resumed.last_token, *ids]
+            if not p.prompt and resumed.progress is not None:
+                check_continuation(p, max_tokens, resumed.progress)
+            else:
+                resumed.progress = None  # a new prompt after the state: a new stream from it
         return ids, resumed, max_tokens
 
     async def run(self, p: GenerateParams, deadline: float | None) -> AsyncIterator[Chunk]:
@@ -110,20 +142,29 @@ class Generator:
             observe_many(itl, gaps)
 
         signer = None
-        if p.return_state:
+        if p.return_state or p.state_every:
 
-            def signer(state, last_token):
-                return self.signer.sign(name, entry.version, state, last_token)
+            def signer(state, last_token, progress: Progress | None) -> bytes:
+                return self.signer.sign(name, entry.version, state, last_token, progress)
 
+        eos = self.codec.vocab.eos
+        at = resumed.progress if resumed else None
+        if at is None:
+            sampler, stopper = Sampler(p.sampling), StopChecker(max_tokens, p.stop, eos)
+        else:  # the same stream, continued: its random sequence, count and held-back text
+            sampler = Sampler(p.sampling, seed=at.seed, used=at.uniforms)
+            stopper = StopChecker(max_tokens, p.stop, eos, count=at.tokens, _held=at.held)
         stream = Stream(
             model=name,
-            sampler=Sampler(p.sampling),
-            stopper=StopChecker(max_tokens, p.stop, self.codec.vocab.eos),
+            sampler=sampler,
+            stopper=stopper,
             decode=self.codec.piece,
             signer=signer,
             started=started,
             deadline=deadline,
             on_tokens=on_tokens,
+            state_every=p.state_every,
+            end_state=p.return_state,
         )
         self.limiter.acquire()
         decoder.admit()

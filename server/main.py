@@ -135,7 +135,7 @@ def build_app(
         repository,
         Runtime(settings.executor_threads),
         StreamLimiter(settings.max_streams),
-        StateSigner(settings.state_key),
+        StateSigner(settings.state_key, [k for k in settings.state_key_previous.split(",") if k]),
         settings,
         metrics,
     )

@@ -1,11 +1,16 @@
-"""Resume tokens: a stream's final recurrent state, signed so any replica can trust it.
+"""Resume tokens: a stream's recurrent state and progress, signed so any replica can trust it.
 
 Layout (all integers big-endian):
-    b"RS" | version u8 (=1) | header length u32 | header JSON | tensor bytes | HMAC-SHA256 (32)
+    b"RS" | version u8 | header length u32 | header JSON | tensor bytes | HMAC-SHA256 (32)
 The header binds the token to the model name and version and describes each state tensor
 (name, dtype, shape) plus `last_token`, the sampled token the model has not consumed yet:
 resuming feeds it first, so the continuation is exactly what the stream would have produced.
-The HMAC covers everything before it, keyed with --state-key.
+Version 2 adds `kid` (which key signed it, so a replica with other keys says so) and `stream`
+(a `Progress`: the sampler's seed and how many uniforms it used, tokens made of max_tokens,
+held-back stop-string text, and the sampling/stop parameters a continuation must repeat).
+Version 1 tokens (no kid, no progress) still verify: they resume the state only.
+The HMAC covers everything before it. It is made with the first key of --state-key and
+--state-key-previous; verification accepts any of them (key rotation).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import hmac
 import json
 import secrets
 import struct
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -23,42 +29,82 @@ from rnnserve.artifact.manifest import StateSpec
 from rnnserve.server.errors import BadRequest
 
 MAGIC = b"RS"
-TOKEN_VERSION = 1
+TOKEN_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _MAC_LEN = 32
 _HEAD = struct.Struct(">2sBI")
+_MAX_HEADER = 1 << 20
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a stream stands at a checkpoint: what another replica needs to continue it
+    exactly (the state alone continues a greedy stream but not its count, its random
+    sequence or a stop string that started before the checkpoint)."""
+
+    tokens: int  # generated so far, counted from the original request
+    max_tokens: int
+    seed: int  # the sampler's seed (the server's own when the request gave none)
+    uniforms: int  # uniforms of that seed's sequence used so far
+    held: str  # text held back because it may start a stop string
+    temperature: float
+    top_k: int
+    top_p: float
+    stop: tuple[str, ...]
 
 
 @dataclass
 class Resumed:
-    """A verified token: state tensors (batch of 1) and the token to feed first."""
+    """A verified token: state tensors (batch of 1), the token to feed first, and the
+    stream's progress (None for version 1 tokens)."""
 
     state: list[np.ndarray]
     last_token: int
+    progress: Progress | None = None
+
+
+def key_id(key: bytes) -> str:
+    """A public name for a key (an HMAC of a constant): tells keys apart, reveals nothing."""
+    return hmac.new(key, b"rnnserve resume key id", hashlib.sha256).hexdigest()[:16]
 
 
 class StateSigner:
-    """Makes and checks resume tokens with one secret key."""
+    """Makes resume tokens with the first key and checks them with any of the keys."""
 
-    def __init__(self, key: str | bytes = "") -> None:
-        if isinstance(key, str):
-            key = key.encode()
-        self.key = key or secrets.token_bytes(32)
+    def __init__(self, key: str | bytes = "", previous: Sequence[str | bytes] = ()) -> None:
+        keys = [k.encode() if isinstance(k, str) else k for k in (key, *previous)]
+        keys[0] = keys[0] or secrets.token_bytes(32)
+        self.keys = [k for k in keys if k]
+        self.key = self.keys[0]
+        self._by_id = {key_id(k): k for k in self.keys}
+        self.kid = key_id(self.key)
 
-    def _mac(self, body: bytes) -> bytes:
-        return hmac.new(self.key, body, hashlib.sha256).digest()
+    @staticmethod
+    def _mac(key: bytes, body: bytes) -> bytes:
+        return hmac.new(key, body, hashlib.sha256).digest()
 
-    def sign(self, model: str, version: str, state: list[np.ndarray], last_token: int) -> bytes:
+    def sign(
+        self,
+        model: str,
+        version: str,
+        state: list[np.ndarray],
+        last_token: int,
+        progress: Progress | None = None,
+    ) -> bytes:
         tensors = [np.ascontiguousarray(t) for t in state]
-        header = {
+        header: dict = {
             "model": model,
             "version": version,
+            "kid": self.kid,
             "last_token": int(last_token),
             "tensors": [{"dtype": str(t.dtype), "shape": list(t.shape)} for t in tensors],
         }
+        if progress is not None:
+            header["stream"] = asdict(progress)
         head = json.dumps(header, separators=(",", ":")).encode()
         body = _HEAD.pack(MAGIC, TOKEN_VERSION, len(head)) + head
         body += b"".join(t.tobytes() for t in tensors)
-        return body + self._mac(body)
+        return body + self._mac(self.key, body)
 
     def verify(
         self, token: bytes, model: str, version: str, specs: list[StateSpec], vocab_size: int
@@ -67,15 +113,16 @@ class StateSigner:
         if len(token) < _HEAD.size + _MAC_LEN:
             raise BadRequest("state", "resume token is truncated")
         body, mac = token[:-_MAC_LEN], token[-_MAC_LEN:]
-        if not hmac.compare_digest(mac, self._mac(body)):
+        magic, tv, head_len = _HEAD.unpack_from(body)
+        if magic != MAGIC:
+            raise BadRequest("state", "is not a resume token")
+        if tv not in READABLE_VERSIONS:
             raise BadRequest(
                 "state",
-                "resume token signature is invalid (forged, truncated, "
-                "or signed with another --state-key)",
+                f"unsupported resume token version {tv} (this server reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}): it was made by a newer rnn-server",
             )
-        magic, tv, head_len = _HEAD.unpack_from(body)
-        if magic != MAGIC or tv != TOKEN_VERSION:
-            raise BadRequest("state", f"unsupported resume token version {tv}")
+        self._check_mac(body, mac, tv, head_len)
         try:
             header = json.loads(body[_HEAD.size : _HEAD.size + head_len])
             payload = body[_HEAD.size + head_len :]
@@ -85,22 +132,76 @@ class StateSigner:
                     f"resume token belongs to {header['model']}/"
                     f"{header['version']}, not {model}/{version}",
                 )
-            tensors, offset = [], 0
-            for spec, meta in zip(specs, header["tensors"], strict=True):
-                shape = [1 if d == -1 else d for d in spec.shape]
-                if meta["dtype"] != spec.dtype or list(meta["shape"]) != shape:
-                    raise ValueError(f"tensor {spec.name} does not match the model")
-                count = int(np.prod(shape))
-                arr = np.frombuffer(payload, dtype=spec.dtype, count=count, offset=offset)
-                tensors.append(arr.reshape(shape).copy())
-                offset += arr.nbytes
-            if offset != len(payload):
-                raise ValueError("trailing bytes")
+            tensors = _tensors(payload, header["tensors"], specs)
             last = int(header["last_token"])
             if not 0 <= last < vocab_size:
                 raise ValueError("last_token out of range")
+            progress = _progress(header["stream"]) if "stream" in header else None
         except BadRequest:
             raise
         except (ValueError, KeyError, TypeError) as exc:
             raise BadRequest("state", f"resume token is malformed: {exc}") from exc
-        return Resumed(tensors, last)
+        return Resumed(tensors, last, progress)
+
+    def _check_mac(self, body: bytes, mac: bytes, tv: int, head_len: int) -> None:
+        """Finds the key the token names (version 2) or tries every key (version 1)."""
+        candidates = self.keys
+        if tv >= 2:
+            kid = _key_id_of(body, head_len)
+            if kid not in self._by_id:
+                raise BadRequest(
+                    "state",
+                    f"resume token was signed with a different --state-key (key id {kid}; "
+                    f"this replica accepts {', '.join(self._by_id)}): give every replica the "
+                    "same --state-key, and during a key rotation list the old key in "
+                    "--state-key-previous",
+                )
+            candidates = [self._by_id[kid]]
+        if not any(hmac.compare_digest(mac, self._mac(k, body)) for k in candidates):
+            why = "forged or corrupted" if tv >= 2 else "forged, corrupted, or another --state-key"
+            raise BadRequest("state", f"resume token signature is invalid ({why})")
+
+
+def _key_id_of(body: bytes, head_len: int) -> str:
+    """The `kid` a version 2 header names, read before the MAC is checked (to pick the key)."""
+    if not 0 < head_len <= min(_MAX_HEADER, len(body) - _HEAD.size):
+        raise BadRequest("state", "resume token is malformed: bad header length")
+    try:
+        kid = json.loads(body[_HEAD.size : _HEAD.size + head_len])["kid"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadRequest("state", f"resume token is malformed: {exc}") from exc
+    if not isinstance(kid, str):
+        raise BadRequest("state", "resume token is malformed: kid")
+    return kid
+
+
+def _tensors(payload: bytes, metas: list[dict], specs: list[StateSpec]) -> list[np.ndarray]:
+    tensors, offset = [], 0
+    for spec, meta in zip(specs, metas, strict=True):
+        shape = [1 if d == -1 else d for d in spec.shape]
+        if meta["dtype"] != spec.dtype or list(meta["shape"]) != shape:
+            raise ValueError(f"tensor {spec.name} does not match the model")
+        count = int(np.prod(shape))
+        arr = np.frombuffer(payload, dtype=spec.dtype, count=count, offset=offset)
+        tensors.append(arr.reshape(shape).copy())
+        offset += arr.nbytes
+    if offset != len(payload):
+        raise ValueError("trailing bytes")
+    return tensors
+
+
+def _progress(raw: dict) -> Progress:
+    p = Progress(
+        tokens=int(raw["tokens"]),
+        max_tokens=int(raw["max_tokens"]),
+        seed=int(raw["seed"]),
+        uniforms=int(raw["uniforms"]),
+        held=str(raw["held"]),
+        temperature=float(raw["temperature"]),
+        top_k=int(raw["top_k"]),
+        top_p=float(raw["top_p"]),
+        stop=tuple(str(s) for s in raw["stop"]),
+    )
+    if not 0 < p.tokens <= p.max_tokens or p.uniforms < 0 or p.seed < 0:
+        raise ValueError("stream progress out of range")
+    return p

@@ -45,8 +45,14 @@ class SamplingParams:
 class Sampler:
     """Picks tokens for one stream from log-probabilities over the vocabulary."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, seed: int | None = None, used: int = 0) -> None:
+        """`seed` and `used` restore a stream from a checkpoint: its sequence restarts at
+        uniform number `used` of `seed` (default: the request's seed, else a fresh one, at 0)."""
         self.params = params
+        if seed is None:
+            seed = params.seed if params.seed is not None else secrets.randbits(64)
+        self.seed = seed  # kept: a checkpoint names it so another replica continues the sequence
+        self.start = used  # uniforms of the sequence used before this request
         self._rng: np.random.Generator | None = None  # made on first use: greedy never draws
         self._ahead = np.empty(0)  # drawn from rng; used up to _next
         self._next = 0
@@ -54,9 +60,10 @@ class Sampler:
     @property
     def rng(self) -> np.random.Generator:
         if self._rng is None:
-            p = self.params
-            seed = p.seed if p.seed is not None else secrets.randbits(64)
-            self._rng = np.random.Generator(np.random.PCG64(seed))
+            bits = np.random.PCG64(self.seed)
+            if self.start:
+                bits.advance(self.start)  # one 64-bit draw per float64 uniform
+            self._rng = np.random.Generator(bits)
         return self._rng
 
     def peek(self, n: int) -> np.ndarray:

@@ -41,6 +41,7 @@ class Settings:
     max_message_bytes: int = 4 * 1024 * 1024
     max_infill_vocab: int = 4096
     state_key: str = ""
+    state_key_previous: str = ""
     grace: float = 10.0
     drain_delay: float = 0.0
     log_level: str = "INFO"
@@ -113,6 +114,11 @@ _HELP: dict[str, tuple[type, str]] = {
         "largest vocabulary for which lm models answer Infill by scoring every candidate",
     ),
     "state_key": (str, "secret that signs resume tokens; empty = random per process"),
+    "state_key_previous": (
+        str,
+        "comma list of earlier --state-key values still accepted for resume tokens (key "
+        "rotation: new tokens are signed with --state-key only)",
+    ),
     "grace": (float, "seconds in-flight calls get to finish after SIGTERM"),
     "drain_delay": (
         float,
@@ -154,7 +160,8 @@ _HELP: dict[str, tuple[type, str]] = {
 }
 
 
-_SECRET = {"state_key"}  # never echoed by --help, even when set in the environment
+# never echoed by --help, even when set in the environment
+_SECRET = {"state_key", "state_key_previous"}
 
 
 def _env_name(name: str) -> str:

@@ -68,7 +68,22 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
-    snapshots: list[State] | None = None  # state after each token (resume-token streams)
+    count: int = 0  # tokens made, counted from the original request (a resume starts there)
+    due: bool = False  # the state after the next token must be copied (stream.wants_state)
+
+    @property
+    def snapshots(self) -> list[State] | None:
+        """Non-None when `_step` must copy this row's state for the token it makes next:
+        only where a checkpoint or the end needs it, not every step. `_record` puts the copy
+        on the stream (`stream.snapshots`), so hand-overs carry none."""
+        return _COPY if self.due else None
+
+    @snapshots.setter
+    def snapshots(self, _value: object) -> None:
+        """`_take_news` resets it after a hand-over: nothing to reset, see the getter."""
+
+
+_COPY: list[State] = []  # never filled: Slot.snapshots only signals "copy"
 
 
 @dataclass
@@ -230,9 +245,10 @@ class DecodeLoop:
         Its tokens arrive in `stream.buffer`; cancel it with `stream.cancel()`."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        snapshots = [] if stream.signer is not None else None
-        budget = stream.stopper.max_tokens
-        self._inbox.append(Slot(stream, list(ids), state, budget, snapshots=snapshots))
+        count = stream.stopper.count  # a resumed stream goes on from its checkpoint's count
+        budget = stream.stopper.max_tokens - count
+        due = stream.wants_state(count + 1)
+        self._inbox.append(Slot(stream, list(ids), state, budget, count=count, due=due))
         self._wake.set()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"decode:{self.name}")
@@ -264,7 +280,7 @@ class DecodeLoop:
                     n = stream.accept_run(news.tokens, news.logprobs, news.times)
                     accepted += n
                     if stream.finished:
-                        stream.close(news.snapshots[n - 1] if news.snapshots else None)
+                        stream.close()
                 if news.error is not None and not stream.done:
                     stream.cancel()
                     stream.buffer.fail(news.error)
@@ -417,8 +433,10 @@ class DecodeLoop:
         slot.tokens.append(token)
         slot.logprobs.append(logprob)
         slot.times.append(at)
-        if slot.snapshots is not None:
-            slot.snapshots.append(state)
+        slot.count += 1
+        if slot.due and state is not None:
+            slot.stream.snapshots.append((slot.count, state))  # before the hand-over is queued
+        slot.due = slot.stream.wants_state(slot.count + 1)
         slot.budget -= 1
         return slot.budget <= 0 or token == self.eos
 

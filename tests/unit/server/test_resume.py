@@ -51,7 +51,7 @@ def test_tampered_tokens_are_rejected(mutate) -> None:
 
 def test_other_key_model_or_version_is_rejected() -> None:
     token = StateSigner("secret").sign("lstm", "1", _state(), 7)
-    with pytest.raises(BadRequest, match="signature"):
+    with pytest.raises(BadRequest, match="different --state-key"):
         StateSigner("other").verify(token, "lstm", "1", SPECS, vocab_size=10)
     with pytest.raises(BadRequest, match="belongs to lstm/1"):
         StateSigner("secret").verify(token, "gru", "1", SPECS, vocab_size=10)
