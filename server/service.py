@@ -82,6 +82,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             stop=list(request.stop),
             return_state=request.return_state,
             state=request.state,
+            state_every=request.state_every,
         )
         model = require(request.model, "model")
         chunks = self.engine.generate(model, request.version, params, _deadline(context))
