@@ -19,7 +19,7 @@ from packaging.version import Version
 from tests.conftest import REPO_ROOT
 from tests.e2e.fresh_venv import make_venv, pip_install, run_python
 from tests.e2e.served import rnn_server
-from tests.unit.packaging.dist import build_dist
+from tests.unit.packaging.dist import shared_dist
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -42,8 +42,8 @@ def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_dist(tmp_path_factory.mktemp("dist")).wheel
+def wheel() -> Path:
+    return shared_dist().wheel
 
 
 CLIENT_CALLS = """

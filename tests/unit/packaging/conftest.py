@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.packaging.dist import BuiltDist, build_dist
+from tests.unit.packaging.dist import BuiltDist, shared_dist
 
 
 @pytest.fixture(scope="session")
-def built_dist(tmp_path_factory: pytest.TempPathFactory) -> BuiltDist:
-    return build_dist(tmp_path_factory.mktemp("dist"))
+def built_dist() -> BuiltDist:
+    return shared_dist()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,3 +41,11 @@ def build_dist(out: Path) -> BuiltDist:
     (wheel,) = out.glob("rnnserve-*.whl")
     (sdist,) = out.glob("rnnserve-*.tar.gz")
     return BuiltDist(wheel=wheel, sdist=sdist, log=log)
+
+
+@functools.cache
+def shared_dist() -> BuiltDist:
+    """One build per test process, shared by the packaging and the clean-install tests."""
+    out = Path(tempfile.mkdtemp(prefix="rnnserve-dist-"))
+    atexit.register(shutil.rmtree, out, True)
+    return build_dist(out)
