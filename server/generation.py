@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from rnnserve.server.decode.limiter import StreamLimiter
 from rnnserve.server.decode.loop import DecodeLoop
 from rnnserve.server.decode.stream import Chunk, Stream
 from rnnserve.server.errors import BadRequest, UnsupportedTask
-from rnnserve.server.metrics import Metrics, observe_many
+from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import ModelVersion
 from rnnserve.server.resume import Progress, Resumed, StateSigner
 from rnnserve.server.sampling import Sampler, SamplingParams
@@ -130,16 +129,11 @@ class Generator:
         entry, decoder = self.entry, self.decoder
         name = entry.name
         ttft = self.metrics.time_to_first_token.labels(model=name)
-        itl = self.metrics.inter_token_latency.labels(model=name)
 
         def on_tokens(stream: Stream, times: list[float]) -> None:
+            """Time to first token; the decode thread records the gaps between tokens."""
             if stream.tokens == 0:
                 ttft.observe(times[0] - stream.started)
-                gaps = []
-            else:
-                gaps = [times[0] - stream.last_time]
-            gaps += [b - a for a, b in itertools.pairwise(times)]
-            observe_many(itl, gaps)
 
         signer = None
         if p.return_state or p.state_every:

@@ -46,7 +46,7 @@ from rnnserve.server.decode.choose import GREEDY, TokenChooser
 from rnnserve.server.decode.stream import Stream
 from rnnserve.server.decode_head import RowParams
 from rnnserve.server.errors import DeadlineExceeded
-from rnnserve.server.metrics import Metrics, observe_many
+from rnnserve.server.metrics import Metrics, observe_many, observe_repeated
 from rnnserve.server.runtime import OnnxModel, State
 
 log = logging.getLogger(__name__)
@@ -113,12 +113,17 @@ class Batch:
         self._used = 0  # block steps used
         self.deadline: float | None = None
         self.signed = False
+        self.stepped_at: float | None = None  # when the last step's tokens existed
+        self.joined: list[tuple[Slot, float]] = []  # rows joined since: their first token time
 
     def __len__(self) -> int:
         return len(self.slots)
 
-    def join(self, slots: list[Slot], states: list[State], tokens: list[int]) -> None:
+    def join(
+        self, slots: list[Slot], states: list[State], tokens: list[int], at: float
+    ) -> None:
         model = self.chooser.model
+        self.joined += [(s, at) for s in slots]
         self._settle_uniforms()
         self.state = model.concat(([self.state] if self.slots else []) + states)
         self.slots += slots
@@ -129,6 +134,9 @@ class Batch:
         """Keeps only these rows (in order): the others left."""
         self._settle_uniforms()
         self.slots = [self.slots[i] for i in rows]
+        if self.joined:
+            kept = {id(s) for s in self.slots}
+            self.joined = [(s, at) for s, at in self.joined if id(s) in kept]
         self.state = self.chooser.model.take(self.state, rows) if rows else []
         self.x = self.x[rows]
         self._changed()
@@ -213,6 +221,7 @@ class DecodeLoop:
         self._gauge = metrics.live_streams.labels(model=name)
         self._step_seconds = metrics.step_duration.labels(model=name)
         self._batch_size = metrics.batch_size.labels(model=name)
+        self._itl = metrics.inter_token_latency.labels(model=name)
         self._queue_wait = metrics.queue_wait.labels(model=name)
         self._generated = metrics.generated_tokens.labels(model=name)
         self._durations: list[float] = []
@@ -357,10 +366,10 @@ class DecodeLoop:
                 joining.append((slot, states[i], token))
                 self._news.append(self._take_news(slot))  # the first token goes out at once
         if joining:
-            self._join(joining)
+            self._join(joining, now)
         self._send()  # first tokens go out before the next step
 
-    def _join(self, joining: list[tuple[Slot, State, int]]) -> None:
+    def _join(self, joining: list[tuple[Slot, State, int]], at: float) -> None:
         while joining:
             target = next((b for b in self._batches if len(b) < self.max_batch), None)
             if target is None:
@@ -368,7 +377,9 @@ class DecodeLoop:
                 self._batches.append(target)
             room = self.max_batch - len(target)
             now, joining = joining[:room], joining[room:]
-            target.join([s for s, _, _ in now], [st for _, st, _ in now], [t for _, _, t in now])
+            target.join(
+                [s for s, _, _ in now], [st for _, st, _ in now], [t for _, _, t in now], at
+            )
             for slot, _, _ in now:
                 slot.state = None  # the batch holds it now
 
@@ -404,6 +415,7 @@ class DecodeLoop:
             now = time.perf_counter()
             self._durations.append(now - start)
             self._sizes.append(len(batch))
+            self._observe_gaps(batch, now)
             done = []
             for i, slot in enumerate(batch.slots):
                 state = self.model.take(batch.state, i) if slot.snapshots is not None else None
@@ -427,6 +439,16 @@ class DecodeLoop:
             for batch in self._batches:
                 self._news.extend(self._take_news(s) for s in batch.slots if s.tokens)
             self._flush_metrics()
+
+    def _observe_gaps(self, batch: Batch, now: float) -> None:
+        """Inter-token latency: every row stepped before shares the step's gap (one weighted
+        observation); rows that joined since wait from their first token."""
+        stepped = len(batch) - len(batch.joined)
+        if stepped and batch.stepped_at is not None:
+            observe_repeated(self._itl, now - batch.stepped_at, stepped)
+        for _, at in batch.joined:
+            self._itl.observe(now - at)
+        batch.stepped_at, batch.joined = now, []
 
     def _record(self, slot: Slot, token: int, logprob: float, at: float, state) -> bool:
         """Adds one token to a slot; True when the stream ends with it (max_tokens, eos)."""
