@@ -132,22 +132,24 @@ class RpcTracer:
         _current = trace.get_current_span
 
     def start(self, method: str, metadata: Mapping[str, str], request_id: str) -> RpcSpan:
-        """Span `<service>/<method>` (e.g. rnnserve.v1.Inference/Generate), child of the
-        caller's traceparent when it sent a valid one."""
+        """Span `<service>/<method>` (e.g. rnnserve.v1.Inference/Generate) for a gRPC method,
+        or the path itself for an HTTP request (`/v1/completions`: its service part has no
+        dot); a child of the caller's traceparent (gRPC metadata or HTTP headers, lower-case
+        keys) when it sent a valid one."""
         from opentelemetry import context, trace
 
         parent = self._propagator.extract(dict(metadata))
         service, _, name = method.lstrip("/").partition("/")
+        if "." in service and name:
+            title = f"{service}/{name}"
+            attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        else:
+            title, attributes = method, {"url.path": method}
         span = self._tracer.start_span(
-            f"{service}/{name}",
+            title,
             context=parent,
             kind=trace.SpanKind.SERVER,
-            attributes={
-                "rpc.system": "grpc",
-                "rpc.service": service,
-                "rpc.method": name,
-                "rnnserve.request_id": request_id,
-            },
+            attributes={**attributes, "rnnserve.request_id": request_id},
         )
         return RpcSpan(span, context.attach(trace.set_span_in_context(span, parent)))
 

@@ -1,6 +1,7 @@
 """Tracing end to end: a real `rnn-server --otlp-endpoint` process exports its spans over
 OTLP/gRPC to a collector's TraceService (opentelemetry-proto's, served by this test); the
-span continues the client's W3C traceparent and the JSON access line carries its trace id."""
+span continues the client's W3C traceparent (gRPC metadata, and an HTTP header on the HTTP
+port) and the JSON access line carries its trace id."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent import futures
 from pathlib import Path
 
@@ -34,6 +36,7 @@ BIN = Path(sys.executable).parent
 WAIT_S = 60.0  # bounds, not speed assertions
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"
+HTTP_TRACE_ID = "5b8aa5a2d2c872e8321cf37308d69df2"
 
 
 class Receiver(collector.TraceServiceServicer):
@@ -86,11 +89,12 @@ def test_spans_reach_a_real_otlp_receiver(model_repo: Path, tmp_path: Path) -> N
     collector.add_TraceServiceServicer_to_server(receiver, otlp)
     otlp_port = otlp.add_insecure_port("127.0.0.1:0")
     otlp.start()
-    port = _free_port()
+    port, http_port = _free_port(), _free_port()
     address = f"127.0.0.1:{port}"
     log = tmp_path / "server.log"
     cmd = [str(BIN / "rnn-server"), "--model-repo", str(model_repo), "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", "0", "--grace", "2",
+           "--http-port", str(http_port),
            "--otlp-endpoint", f"http://127.0.0.1:{otlp_port}"]  # fmt: skip
     env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_SERVICE_NAME": "rnnserve-e2e"}
     with log.open("wb") as out:
@@ -119,6 +123,16 @@ def test_spans_reach_a_real_otlp_receiver(model_repo: Path, tmp_path: Path) -> N
         assert resource["service.name"] == "rnnserve-e2e"
         events = [e.name for e in span.events]
         assert "first_token" in events and events[-1] == "finish"
+        ask = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/v1/models",
+            headers={"traceparent": f"00-{HTTP_TRACE_ID}-{PARENT_ID}-01"},
+        )
+        with urllib.request.urlopen(ask, timeout=30) as reply:
+            assert reply.status == 200
+        ((_, http_span),) = _wait(
+            "the HTTP span at the receiver", lambda: receiver.named("/v1/models"), proc, log
+        )
+        assert http_span.trace_id.hex() == HTTP_TRACE_ID
         stop_gracefully(proc, timeout=40)
         lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
         (access,) = [x for x in lines if x.get("request_id") == "otlp-e2e"]

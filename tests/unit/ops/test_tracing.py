@@ -132,6 +132,24 @@ def test_engine_events_reach_the_rpc_span(traced) -> None:
     assert span.status.status_code == StatusCode.ERROR
 
 
+def test_http_paths_get_their_own_span_name_and_the_headers_traceparent(traced) -> None:
+    """The HTTP port runs requests through the same interceptor steps with its headers."""
+    server, exporter, _ = traced
+    headers = {"traceparent": TRACEPARENT, "content-type": "application/json"}
+
+    async def call() -> None:
+        server.app.tracer.start("/v1/completions", headers, "http-1").finish(
+            grpc.StatusCode.OK, "lstm", ""
+        )
+
+    server.run(call())
+    spans = exporter.get_finished_spans()
+    (span,) = [s for s in spans if s.attributes["rnnserve.request_id"] == "http-1"]
+    assert span.name == "/v1/completions" and span.attributes["url.path"] == "/v1/completions"
+    assert "rpc.system" not in span.attributes
+    assert format(span.context.trace_id, "032x") == TRACE_ID
+
+
 def test_without_an_endpoint_nothing_is_traced(tmp_path: Path) -> None:
     server = ServerThread(make_settings(tmp_path, allow_empty_repo=1)).start()
     try:
