@@ -26,7 +26,8 @@ def http_server(model_repo: Path, **overrides) -> ServerThread:
 
 @pytest.fixture(scope="module")
 def server(model_repo: Path) -> Iterator[ServerThread]:
-    srv = http_server(model_repo)
+    # a high --max-tokens keeps a stream alive long enough to walk away from it
+    srv = http_server(model_repo, max_tokens=200_000)
     yield srv
     srv.stop()
 

@@ -171,3 +171,23 @@ def test_ready_follows_grpc_health_through_a_drain(model_repo: Path) -> None:
     finally:
         srv.app = None  # already shut down
         srv.stop()
+
+
+def test_client_going_away_ends_its_stream(server, base_url) -> None:
+    """A disconnected SSE client frees its decode slot (aiohttp cancels the handler)."""
+    import http.client
+
+    host, port = base_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = {"model": "lstm", "prompt": "the", "max_tokens": 150_000, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+    reply = conn.getresponse()
+    assert reply.status == 200 and reply.readline().startswith(b"data: ")
+    limiter = server.app.engine.limiter
+    assert server.call(lambda: limiter.active) >= 1
+    conn.sock.close()
+    conn.close()
+    deadline = time.monotonic() + 10
+    while server.call(lambda: limiter.active) != 0:
+        assert time.monotonic() < deadline, "the stream kept running after its client left"
+        time.sleep(0.05)
