@@ -59,7 +59,7 @@ def test_slim_python_base_and_no_torch_in_server_image() -> None:
     stages = dockerfile_stages(DEPLOY / "Dockerfile")
     assert all(s.base.startswith("python:") and "slim" in s.base for s in stages)
     runs = " ".join(r for s in stages for r in s.args("RUN"))
-    assert "pip wheel" in runs and '[serve,remote]"' in runs  # installs the wheel users get
+    assert "pip wheel" in runs and '[serve,remote,otel]"' in runs  # installs the wheel users get
     assert "torch" not in runs.replace('! python -c "import torch"', "")
     assert "[train]" not in runs and "[gpu]" not in runs
     extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
@@ -84,7 +84,7 @@ def test_gpu_image_uses_cuda_base_and_onnxruntime_gpu() -> None:
     stages = dockerfile_stages(DEPLOY / "Dockerfile.gpu")
     assert all(s.base.startswith("nvidia/cuda:") and "runtime" in s.base for s in stages)
     runs = " ".join(r for s in stages for r in s.args("RUN"))
-    assert '".[gpu]"' in runs
+    assert '".[gpu,otel]"' in runs
     gpu_extra = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]["gpu"]
