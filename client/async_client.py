@@ -7,8 +7,9 @@ without threads. Shares request building, conversion and the retry policy with R
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -18,11 +19,18 @@ from rnnserve.client.connection import (
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT,
     TlsConfig,
+    address_list,
     aio_channel,
     auth_metadata,
     resolve_timeout,
 )
 from rnnserve.client.errors import RnnServeError, Unavailable, from_rpc_error
+from rnnserve.client.failover import (
+    DEFAULT_STATE_EVERY,
+    StreamLedger,
+    is_replica_failure,
+    with_failover_defaults,
+)
 from rnnserve.client.results import (
     ForecastResult,
     InfillCandidate,
@@ -37,30 +45,65 @@ from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 
 class AsyncTokenStream:
-    """Async iterator of TokenEvents from one Generate call; see TokenStream."""
+    """Async iterator of TokenEvents from one Generate call; see TokenStream (failover
+    included)."""
 
-    def __init__(self, call: Any) -> None:
-        self._call = call  # grpc.aio.UnaryStreamCall
-        self._parts: list[str] = []
+    def __init__(
+        self, client: AsyncRnnClient, ledger: StreamLedger, deadline: float | None, failover: bool
+    ) -> None:
+        self._client = client
+        self._ledger = ledger
+        self._deadline = deadline
+        self._failover = failover
+        self._replica = client._pick()
+        self._cancelled = False
+        self._call = client._open(ledger.attempt(), deadline, self._replica)
         self.finish_reason: str | None = None
         self.state: bytes | None = None
+        self.failovers = 0
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        try:
-            async for msg in self._call:
-                event = convert.token_event(msg)
-                self._parts.append(event.text)
-                if event.is_last:
-                    self.finish_reason, self.state = event.finish_reason, event.state
-                yield event
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+        failures = 0
+        while True:
+            try:
+                async for msg in self._call:
+                    failures = 0  # this replica answered: count failures in a row only
+                    event = self._ledger.take(msg)
+                    if event is None:
+                        continue
+                    if event.is_last:
+                        self.finish_reason, self.state = event.finish_reason, event.state
+                    yield event
+                return
+            except grpc.RpcError as err:
+                error: RnnServeError = from_rpc_error(err)
+            failures += 1
+            await self._next_attempt(error, failures)
+
+    async def _next_attempt(self, error: RnnServeError, failures: int) -> None:
+        """Raises `error` unless the stream can go on elsewhere; then waits and reopens."""
+        if self._cancelled or not self._failover or not is_replica_failure(error):
+            raise error
+        client = self._client
+        if failures >= client.retry.max_attempts:
+            raise Unavailable(
+                f"the stream could not be resumed: {failures} attempts in a row failed "
+                f"(replicas {', '.join(client.addresses)}); last error: {error}"
+            )
+        pause = client.retry.backoff(failures)
+        if self._deadline is not None and time.monotonic() + pause >= self._deadline:
+            raise error
+        await asyncio.sleep(pause)
+        self._replica = (self._replica + 1) % len(client.addresses)
+        self.failovers += 1
+        self._call = client._open(self._ledger.attempt(), self._deadline, self._replica)
 
     @property
     def text(self) -> str:
-        return "".join(self._parts)
+        return "".join(self._ledger.text)
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
 
     async def __aenter__(self) -> AsyncTokenStream:
@@ -76,23 +119,28 @@ class AsyncRnnClient:
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | Sequence[str] = DEFAULT_ADDRESS,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         token: str | None = None,
         tls: TlsConfig | None = None,
         retry: RetryPolicy | None = None,
+        state_every: int = DEFAULT_STATE_EVERY,
     ) -> None:
-        self.address = address
+        self.addresses = address_list(address)
+        self.address = ",".join(self.addresses)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
+        self.state_every = state_every
         self._metadata = auth_metadata(token)
-        self._channel = aio_channel(address, tls)
-        self._inference = pb_grpc.InferenceStub(self._channel)
-        self._admin = pb_grpc.AdminStub(self._channel)
+        self._channels = [aio_channel(a, tls) for a in self.addresses]
+        self._inference = [pb_grpc.InferenceStub(c) for c in self._channels]
+        self._admin = [pb_grpc.AdminStub(c) for c in self._channels]
+        self._turn = itertools.count()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def __aenter__(self) -> AsyncRnnClient:
         return self
@@ -101,11 +149,13 @@ class AsyncRnnClient:
         await self.close()
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
-        """Wait until the channel connects; raises Unavailable after `timeout` seconds."""
-        try:
-            await asyncio.wait_for(self._channel.channel_ready(), timeout)
-        except asyncio.TimeoutError:
-            raise Unavailable(f"no server at {self.address} after {timeout:g}s") from None
+        """Wait until a replica connects; raises Unavailable after `timeout` seconds."""
+        waits = [asyncio.ensure_future(c.channel_ready()) for c in self._channels]
+        done, pending = await asyncio.wait(waits, timeout=timeout, return_when="FIRST_COMPLETED")
+        for w in pending:
+            w.cancel()
+        if not done:
+            raise Unavailable(f"no server at {self.address} after {timeout:g}s")
 
     def generate(
         self,
@@ -121,9 +171,11 @@ class AsyncRnnClient:
         stop: Sequence[str] = (),
         return_state: bool = False,
         state: bytes | None = None,
+        state_every: int | None = None,
+        failover: bool = True,
         timeout: float | None = None,
     ) -> AsyncTokenStream:
-        """Stream generated tokens (`async for`). Never retried."""
+        """Stream generated tokens (`async for`); failover as RnnClient.generate."""
         request = convert.generate_request(
             model,
             prompt,
@@ -136,11 +188,13 @@ class AsyncRnnClient:
             stop=stop,
             return_state=return_state,
             state=state,
+            state_every=state_every or 0,
         )
-        call = self._inference.Generate(
-            request, timeout=resolve_timeout(timeout, self.timeout), metadata=self._metadata
-        )
-        return AsyncTokenStream(call)
+        if failover:
+            with_failover_defaults(request, state_every or self.state_every)
+        budget = resolve_timeout(timeout, self.timeout)
+        deadline = None if budget is None else time.monotonic() + budget
+        return AsyncTokenStream(self, StreamLedger(request), deadline, failover)
 
     async def score(
         self,
@@ -151,7 +205,7 @@ class AsyncRnnClient:
         timeout: float | None = None,
     ) -> list[ScoreResult]:
         request = convert.score_request(model, texts, version)
-        return convert.score_results(await self._unary(self._inference.Score, request, timeout))
+        return convert.score_results(await self._unary("Score", request, timeout))
 
     async def infill(
         self,
@@ -164,7 +218,7 @@ class AsyncRnnClient:
         timeout: float | None = None,
     ) -> list[InfillCandidate]:
         request = convert.infill_request(model, left, right, top_k=top_k, version=version)
-        response = await self._unary(self._inference.Infill, request, timeout)
+        response = await self._unary("Infill", request, timeout)
         return convert.infill_candidates(response)
 
     async def forecast(
@@ -180,30 +234,43 @@ class AsyncRnnClient:
         request = convert.forecast_request(
             model, history, horizon, return_fitted=return_fitted, version=version
         )
-        response = await self._unary(self._inference.Forecast, request, timeout)
+        response = await self._unary("Forecast", request, timeout)
         return convert.forecast_result(response)
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         request = pb.ListModelsRequest()
-        return convert.model_list(await self._unary(self._inference.ListModels, request, timeout))
+        return convert.model_list(await self._unary("ListModels", request, timeout))
 
     async def get_model(
         self, model: str, version: str = "", *, timeout: float | None = None
     ) -> ModelInfo:
         request = convert.get_model_request(model, version)
-        return convert.model_info(await self._unary(self._inference.GetModel, request, timeout))
+        return convert.model_info(await self._unary("GetModel", request, timeout))
 
     async def reload_models(self, *, timeout: float | None = None) -> ReloadResult:
         request = pb.ReloadModelsRequest()
-        return convert.reload_result(await self._unary(self._admin.ReloadModels, request, timeout))
+        return convert.reload_result(await self._unary("ReloadModels", request, timeout))
 
-    async def _unary(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
-        """As RnnClient._unary: one deadline over all attempts, retry UNAVAILABLE only."""
+    def _pick(self) -> int:
+        """The replica for a new call: round robin over the addresses."""
+        return next(self._turn) % len(self.addresses)
+
+    def _open(self, request: pb.GenerateRequest, deadline: float | None, replica: int) -> Any:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        stub = self._inference[replica]
+        return stub.Generate(request, timeout=remaining, metadata=self._metadata)
+
+    async def _unary(self, name: str, request: Any, timeout: float | None) -> Any:
+        """As RnnClient._unary: one deadline over all attempts, retry UNAVAILABLE only, each
+        retry on the next replica."""
         budget = resolve_timeout(timeout, self.timeout)
         deadline = None if budget is None else time.monotonic() + budget
+        replica = self._pick()
         attempt = 1
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            stubs = self._admin if name == "ReloadModels" else self._inference
+            method = getattr(stubs[replica], name)
             try:
                 return await method(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as err:
@@ -214,4 +281,5 @@ class AsyncRnnClient:
             if deadline is not None and time.monotonic() + pause >= deadline:
                 raise error
             await asyncio.sleep(pause)
+            replica = (replica + 1) % len(self.addresses)
             attempt += 1

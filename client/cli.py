@@ -45,7 +45,12 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
     g = parser.add_argument_group("connection")
     address = os.environ.get("RNNSERVE_ADDRESS", DEFAULT_ADDRESS)
-    g.add_argument("--address", default=default(address), help="host:port (env RNNSERVE_ADDRESS)")
+    g.add_argument(
+        "--address",
+        default=default(address),
+        help="host:port, or replicas as host:port,host:port: calls and generate streams move "
+        "to the next one when a replica fails (env RNNSERVE_ADDRESS)",
+    )
     g.add_argument(
         "--timeout",
         type=_positive_float,
@@ -94,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--resume-file", help="continue from this state file, and save the new state")
+    g.add_argument(
+        "--state-every",
+        type=int,
+        default=None,
+        help="tokens between checkpoints a failed-over stream continues from (default 16)",
+    )
+    g.add_argument(
+        "--no-failover",
+        dest="failover",
+        action="store_false",
+        help="end the stream when its replica fails instead of continuing on another",
+    )
     g.set_defaults(func=cmds.cmd_generate)
 
     s = command("score", "perplexity of texts")

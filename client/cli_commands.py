@@ -34,6 +34,8 @@ def cmd_generate(client: RnnClient, args: argparse.Namespace) -> int:
         stop=args.stop or (),
         return_state=args.resume_file is not None,
         state=state,
+        state_every=args.state_every,
+        failover=args.failover,
         timeout=args.timeout if args.timeout is not None else float("inf"),
     )
     with stream:

@@ -7,6 +7,7 @@ and auth behave identically whichever one a caller picks.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,21 @@ def channel_options(tls: TlsConfig | None) -> list[tuple[str, int | str]]:
     if tls is not None and tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
     return options
+
+
+def address_list(address: str | Sequence[str]) -> list[str]:
+    """One gRPC target (a replica, or a name that load-balances) or several replicas. A
+    plain "host:port,host:port" string is split; targets with a scheme (dns:///, ipv4:...,
+    unix:) are gRPC's own and kept whole."""
+    if isinstance(address, str):
+        plain = "://" not in address and not address.startswith(("ipv4:", "ipv6:", "unix:"))
+        items = address.split(",") if plain else [address]
+    else:
+        items = list(address)
+    items = [a.strip() for a in items if a.strip()]
+    if not items:
+        raise ValueError("address: give at least one host:port")
+    return items
 
 
 def sync_channel(address: str, tls: TlsConfig | None) -> grpc.Channel:

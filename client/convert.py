@@ -42,12 +42,15 @@ def generate_request(
     stop: Sequence[str] = (),
     return_state: bool = False,
     state: bytes | None = None,
+    state_every: int = 0,
 ) -> pb.GenerateRequest:
     _require_model(model)
     if not prompt and not state:
         raise InvalidArgument("prompt: required unless a resume state is given")
     if isinstance(stop, str):
         stop = [stop]
+    if state_every < 0:
+        raise InvalidArgument("state_every: must be >= 0")
     sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     if seed is not None:
         if seed < 0:
@@ -62,6 +65,7 @@ def generate_request(
         stop=list(stop),
         return_state=return_state,
         state=state or b"",
+        state_every=state_every,
     )
 
 
@@ -116,6 +120,11 @@ def get_model_request(model: str, version: str = "") -> pb.GetModelRequest:
 def _require_model(model: str) -> None:
     if not model:
         raise InvalidArgument("model: required")
+
+
+def finish_reason(code: int) -> str | None:
+    """The reason ("length", "stop" or "eos") a FinishReason names; None: not the last."""
+    return _FINISH.get(code)
 
 
 def token_event(msg: pb.GenerateResponse) -> TokenEvent:

@@ -1,8 +1,9 @@
-"""Retry policy for unary calls: exponential backoff with full jitter, on UNAVAILABLE only.
+"""Retry policy: exponential backoff with jitter, on UNAVAILABLE (and, for streams, resets).
 
 Why: a server restarting or a replica draining answers UNAVAILABLE for a moment; unary calls
-are idempotent reads, so retrying them is safe. Generate is never retried: tokens may already
-have reached the caller, and a retry would silently repeat or fork the stream.
+are idempotent reads, so retrying them is safe. Generate is not simply retried (tokens may
+already have reached the caller, and a retry would repeat or fork the stream): it fails over
+from its last checkpoint instead (client/failover.py), paced by the same policy.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ results and raise typed errors; retries, deadlines and auth are handled once, he
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -17,11 +18,18 @@ from rnnserve.client.connection import (
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT,
     TlsConfig,
+    address_list,
     auth_metadata,
     resolve_timeout,
 )
 from rnnserve.client.connection import sync_channel as _sync_channel
 from rnnserve.client.errors import RnnServeError, Unavailable, from_rpc_error
+from rnnserve.client.failover import (
+    DEFAULT_STATE_EVERY,
+    StreamLedger,
+    is_replica_failure,
+    with_failover_defaults,
+)
 from rnnserve.client.results import (
     ForecastResult,
     InfillCandidate,
@@ -41,30 +49,69 @@ class TokenStream:
     After the stream ends, `finish_reason`, `state` (resume token, if asked for) and `text`
     (everything generated) describe it. Use as a context manager, or call `cancel()`, to stop
     early; the server then frees the stream's batch slot.
+
+    With failover (the default), a stream whose replica dies or whose connection resets
+    continues from its last checkpoint on the next replica, after a jittered pause; the
+    events go on as if nothing happened (no token repeated or missing). `failovers` counts
+    the moves. After `retry.max_attempts` failed attempts in a row it raises Unavailable.
     """
 
-    def __init__(self, call: Any) -> None:
-        self._call = call  # grpc response iterator, also a grpc.Call
-        self._parts: list[str] = []
+    def __init__(
+        self, client: RnnClient, ledger: StreamLedger, deadline: float | None, failover: bool
+    ) -> None:
+        self._client = client
+        self._ledger = ledger
+        self._deadline = deadline
+        self._failover = failover
+        self._replica = client._pick()
+        self._cancelled = False
+        self._call = client._open(ledger.attempt(), deadline, self._replica)
         self.finish_reason: str | None = None
         self.state: bytes | None = None
+        self.failovers = 0
 
     def __iter__(self) -> Iterator[TokenEvent]:
-        try:
-            for msg in self._call:
-                event = convert.token_event(msg)
-                self._parts.append(event.text)
-                if event.is_last:
-                    self.finish_reason, self.state = event.finish_reason, event.state
-                yield event
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+        failures = 0
+        while True:
+            try:
+                for msg in self._call:
+                    failures = 0  # this replica answered: count failures in a row only
+                    event = self._ledger.take(msg)
+                    if event is None:
+                        continue
+                    if event.is_last:
+                        self.finish_reason, self.state = event.finish_reason, event.state
+                    yield event
+                return
+            except grpc.RpcError as err:
+                error: RnnServeError = from_rpc_error(err)
+            failures += 1
+            self._next_attempt(error, failures)
+
+    def _next_attempt(self, error: RnnServeError, failures: int) -> None:
+        """Raises `error` unless the stream can go on elsewhere; then waits and reopens."""
+        if self._cancelled or not self._failover or not is_replica_failure(error):
+            raise error
+        client = self._client
+        if failures >= client.retry.max_attempts:
+            raise Unavailable(
+                f"the stream could not be resumed: {failures} attempts in a row failed "
+                f"(replicas {', '.join(client.addresses)}); last error: {error}"
+            )
+        pause = client.retry.backoff(failures)
+        if self._deadline is not None and time.monotonic() + pause >= self._deadline:
+            raise error
+        client._sleep(pause)
+        self._replica = (self._replica + 1) % len(client.addresses)
+        self.failovers += 1
+        self._call = client._open(self._ledger.attempt(), self._deadline, self._replica)
 
     @property
     def text(self) -> str:
-        return "".join(self._parts)
+        return "".join(self._ledger.text)
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
 
     def __enter__(self) -> TokenStream:
@@ -78,34 +125,42 @@ class TokenStream:
 class RnnClient:
     """Blocking client for rnnserve's Inference and Admin services.
 
+    address: "host:port", or several replicas (a list, or "a:1,b:2"): unary calls that get
+    UNAVAILABLE and Generate streams that lose their replica move on to the next one.
     timeout: default deadline in seconds for each call (a Generate stream as a whole);
     None waits forever. Every method also takes its own `timeout` (None: this default,
     math.inf: no deadline).
     token: bearer token sent as `authorization` metadata. tls: TlsConfig, or None for
-    plaintext. retry: policy for unary calls that fail with UNAVAILABLE.
+    plaintext. retry: attempts and backoff for unary calls that fail with UNAVAILABLE and for
+    streams that fail over. state_every: tokens between a failover stream's checkpoints.
     """
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | Sequence[str] = DEFAULT_ADDRESS,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         token: str | None = None,
         tls: TlsConfig | None = None,
         retry: RetryPolicy | None = None,
+        state_every: int = DEFAULT_STATE_EVERY,
     ) -> None:
-        self.address = address
+        self.addresses = address_list(address)
+        self.address = ",".join(self.addresses)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
+        self.state_every = state_every
         self._metadata = auth_metadata(token)
-        self._channel = _sync_channel(address, tls)
-        self._inference = pb_grpc.InferenceStub(self._channel)
-        self._admin = pb_grpc.AdminStub(self._channel)
+        self._channels = [_sync_channel(a, tls) for a in self.addresses]
+        self._inference = [pb_grpc.InferenceStub(c) for c in self._channels]
+        self._admin = [pb_grpc.AdminStub(c) for c in self._channels]
+        self._turn = itertools.count()
         self._sleep: Callable[[float], None] = time.sleep
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> RnnClient:
         return self
@@ -114,11 +169,17 @@ class RnnClient:
         self.close()
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        """Block until the channel connects; raises Unavailable after `timeout` seconds."""
+        """Block until a replica connects; raises Unavailable after `timeout` seconds."""
+        futures = [grpc.channel_ready_future(c) for c in self._channels]
+        end = time.monotonic() + timeout
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise Unavailable(f"no server at {self.address} after {timeout:g}s") from None
+            while not any(f.done() for f in futures):
+                if time.monotonic() >= end:
+                    raise Unavailable(f"no server at {self.address} after {timeout:g}s")
+                time.sleep(0.02)
+        finally:
+            for f in futures:
+                f.cancel()
 
     # -- Inference ---------------------------------------------------------------------------
     def generate(
@@ -135,9 +196,14 @@ class RnnClient:
         stop: Sequence[str] = (),
         return_state: bool = False,
         state: bytes | None = None,
+        state_every: int | None = None,
+        failover: bool = True,
         timeout: float | None = None,
     ) -> TokenStream:
-        """Stream generated tokens. Never retried (tokens may already have been delivered)."""
+        """Stream generated tokens. With `failover` the stream asks for checkpoints every
+        `state_every` tokens (default: the client's) and a sampled request without a seed gets
+        one, so that a replica's death costs a pause, not the stream; without it, a failure
+        ends the stream (`state_every` then only asks for checkpoints, in `event.state`)."""
         request = convert.generate_request(
             model,
             prompt,
@@ -150,11 +216,13 @@ class RnnClient:
             stop=stop,
             return_state=return_state,
             state=state,
+            state_every=state_every or 0,
         )
-        call = self._inference.Generate(
-            request, timeout=self._timeout(timeout), metadata=self._metadata
-        )
-        return TokenStream(call)
+        if failover:
+            with_failover_defaults(request, state_every or self.state_every)
+        budget = self._timeout(timeout)
+        deadline = None if budget is None else time.monotonic() + budget
+        return TokenStream(self, StreamLedger(request), deadline, failover)
 
     def score(
         self,
@@ -166,7 +234,7 @@ class RnnClient:
     ) -> list[ScoreResult]:
         """Perplexity, log-likelihood and per-token log-probs, one result per text."""
         request = convert.score_request(model, texts, version)
-        return convert.score_results(self._unary(self._inference.Score, request, timeout))
+        return convert.score_results(self._unary("Score", request, timeout))
 
     def infill(
         self,
@@ -180,7 +248,7 @@ class RnnClient:
     ) -> list[InfillCandidate]:
         """Candidates for one blank token between `left` and `right`, most probable first."""
         request = convert.infill_request(model, left, right, top_k=top_k, version=version)
-        return convert.infill_candidates(self._unary(self._inference.Infill, request, timeout))
+        return convert.infill_candidates(self._unary("Infill", request, timeout))
 
     def forecast(
         self,
@@ -196,10 +264,10 @@ class RnnClient:
         request = convert.forecast_request(
             model, history, horizon, return_fitted=return_fitted, version=version
         )
-        return convert.forecast_result(self._unary(self._inference.Forecast, request, timeout))
+        return convert.forecast_result(self._unary("Forecast", request, timeout))
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        response = self._unary(self._inference.ListModels, pb.ListModelsRequest(), timeout)
+        response = self._unary("ListModels", pb.ListModelsRequest(), timeout)
         return convert.model_list(response)
 
     def get_model(
@@ -210,25 +278,38 @@ class RnnClient:
         timeout: float | None = None,
     ) -> ModelInfo:
         request = convert.get_model_request(model, version)
-        return convert.model_info(self._unary(self._inference.GetModel, request, timeout))
+        return convert.model_info(self._unary("GetModel", request, timeout))
 
     # -- Admin -------------------------------------------------------------------------------
     def reload_models(self, *, timeout: float | None = None) -> ReloadResult:
         """Ask the server to rescan its model repository."""
-        response = self._unary(self._admin.ReloadModels, pb.ReloadModelsRequest(), timeout)
+        response = self._unary("ReloadModels", pb.ReloadModelsRequest(), timeout)
         return convert.reload_result(response)
 
     # -- plumbing ----------------------------------------------------------------------------
     def _timeout(self, timeout: float | None) -> float | None:
         return resolve_timeout(timeout, self.timeout)
 
-    def _unary(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
-        """Call with the deadline spanning every attempt; retry UNAVAILABLE with backoff."""
+    def _pick(self) -> int:
+        """The replica for a new call: round robin over the addresses."""
+        return next(self._turn) % len(self.addresses)
+
+    def _open(self, request: pb.GenerateRequest, deadline: float | None, replica: int) -> Any:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        stub = self._inference[replica]
+        return stub.Generate(request, timeout=remaining, metadata=self._metadata)
+
+    def _unary(self, name: str, request: Any, timeout: float | None) -> Any:
+        """Call with the deadline spanning every attempt; retry UNAVAILABLE with backoff,
+        each retry on the next replica."""
         budget = self._timeout(timeout)
         deadline = None if budget is None else time.monotonic() + budget
+        replica = self._pick()
         attempt = 1
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            stubs = self._admin if name == "ReloadModels" else self._inference
+            method = getattr(stubs[replica], name)
             try:
                 return method(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as err:
@@ -239,4 +320,5 @@ class RnnClient:
             if deadline is not None and time.monotonic() + pause >= deadline:
                 raise error
             self._sleep(pause)
+            replica = (replica + 1) % len(self.addresses)
             attempt += 1

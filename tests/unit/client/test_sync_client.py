@@ -122,11 +122,11 @@ def test_other_errors_are_not_retried(client: RnnClient, fake) -> None:
     assert rec.calls["Score"] == 1
 
 
-def test_generate_is_never_retried(client: RnnClient, fake) -> None:
+def test_generate_without_failover_is_never_retried(client: RnnClient, fake) -> None:
     rec = fake[0]
     rec.script.failures["Generate"] = [U]
     with pytest.raises(Unavailable):
-        list(client.generate("lstm", "ab"))
+        list(client.generate("lstm", "ab", failover=False))
     assert rec.calls["Generate"] == 1
 
 

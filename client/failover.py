@@ -1,0 +1,123 @@
+"""Generate failover: continue a stream from its last checkpoint on another replica.
+
+Why: a recurrent model's whole context is a few kilobytes of state, which the server hands
+out every `state_every` tokens as a signed resume token (a "checkpoint"; the message it
+arrives on ends exactly there). When a replica dies mid-stream, the client asks another one
+to continue from that checkpoint. The continuation is exact (same state, same random
+sequence, same stop-string bookkeeping), so the tokens the caller already received after
+the checkpoint come again: `StreamLedger` checks they match and passes on only what is new.
+The caller sees one uninterrupted stream.
+
+This module is the pure part shared by both clients: which errors mean "the replica or the
+connection died", the ledger, and the request for each attempt.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from rnnserve.client.convert import finish_reason
+from rnnserve.client.errors import DataLoss, RnnServeError
+from rnnserve.client.results import TokenEvent
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+DEFAULT_STATE_EVERY = 16  # tokens between checkpoints when a stream may fail over
+
+# A connection reset through a proxy (Envoy resets the client's stream when its upstream
+# dies after the response started) arrives as INTERNAL or UNKNOWN with one of these.
+_RESET_MARKS = ("rst_stream", "stream removed", "connection reset", "socket closed", "goaway",
+                "broken pipe", "upstream reset", "connection terminated")  # fmt: skip
+
+
+def is_replica_failure(error: RnnServeError) -> bool:
+    """UNAVAILABLE (replica gone, refusing while it drains, connection failed), or a stream
+    reset by the peer or a proxy: worth continuing elsewhere. Everything else is an answer."""
+    if error.code == "UNAVAILABLE":
+        return True
+    if error.code in ("INTERNAL", "UNKNOWN"):
+        details = error.details.lower()
+        return any(mark in details for mark in _RESET_MARKS)
+    return False
+
+
+def with_failover_defaults(request: pb.GenerateRequest, state_every: int) -> None:
+    """Makes a request continuable: checkpoints every `state_every` tokens, and a seed of the
+    client's own for sampled requests without one (so a restart before the first checkpoint
+    also repeats the same tokens)."""
+    if not request.state_every:
+        request.state_every = state_every
+    if request.sampling.temperature > 0 and not request.sampling.HasField("seed"):
+        request.sampling.seed = secrets.randbits(63)
+
+
+class StreamDiverged(DataLoss):
+    """A resumed stream repeated tokens that differ from those already delivered (replicas
+    serving different models under one name, or a bug): the stream cannot go on."""
+
+
+@dataclass
+class StreamLedger:
+    """What the caller has received, and the last checkpoint; turns each attempt's messages
+    into events that carry only what is new."""
+
+    request: pb.GenerateRequest
+    token_ids: list[int] = field(default_factory=list)  # delivered, in order
+    text: list[str] = field(default_factory=list)  # delivered parts
+    logprob: float = 0.0  # delivered, summed
+    checkpoint: bytes | None = None
+    _at: tuple[int, int, float] = (0, 0, 0.0)  # tokens, characters, logprob at the checkpoint
+    _cursor: tuple[int, int, float] = (0, 0, 0.0)  # the same, for the current attempt
+    _chars: int = 0  # len("".join(text))
+
+    def attempt(self) -> pb.GenerateRequest:
+        """The request for the next attempt: the original one until there is a checkpoint,
+        then a continuation of the checkpoint (no prompt, same parameters)."""
+        self._cursor = self._at
+        if self.checkpoint is None:
+            return self.request
+        continuation = pb.GenerateRequest()
+        continuation.CopyFrom(self.request)
+        continuation.prompt = ""
+        continuation.state = self.checkpoint
+        return continuation
+
+    def take(self, msg: pb.GenerateResponse) -> TokenEvent | None:
+        """One message of the current attempt -> the event for the caller (None when the
+        message only repeats what the caller has). Raises StreamDiverged on a mismatch."""
+        tokens, chars, lp = self._cursor
+        ids = list(msg.token_ids) or ([msg.token_id] if msg.token_id >= 0 else [])
+        known = len(self.token_ids)
+        seen = self.token_ids[tokens : tokens + len(ids)]
+        if ids[: len(seen)] != seen:
+            raise StreamDiverged(
+                f"the resumed stream repeated tokens {ids[: len(seen)]} where {seen} were "
+                f"delivered (after token {tokens}): do all replicas serve the same model?"
+            )
+        new_ids = ids[max(0, known - tokens) :]
+        shown = "".join(self.text)[chars:] if chars < self._chars else ""
+        same = msg.text[: len(shown)]
+        if same != shown[: len(same)]:
+            raise StreamDiverged(f"the resumed stream's text {same!r} differs from {shown!r}")
+        new_text = msg.text[len(shown) :]
+        tokens, chars, lp = tokens + len(ids), chars + len(msg.text), lp + msg.logprob
+        self._cursor = (tokens, chars, lp)
+        if msg.state and not msg.finish_reason:
+            self.checkpoint, self._at = msg.state, self._cursor
+        last = msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+        if not (new_ids or new_text or last):
+            return None
+        new_lp = lp - self.logprob if new_ids else 0.0  # only the new tokens' share
+        self.token_ids += new_ids
+        self.text.append(new_text)
+        self._chars += len(new_text)
+        if new_ids:
+            self.logprob = lp
+        return TokenEvent(
+            text=new_text,
+            token_id=new_ids[-1] if new_ids else -1,
+            token_ids=tuple(new_ids),
+            logprob=new_lp,
+            finish_reason=finish_reason(msg.finish_reason),
+            state=msg.state or None,
+        )
