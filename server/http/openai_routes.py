@@ -51,6 +51,12 @@ async def _all(aws: list[Awaitable]) -> list:
         raise
 
 
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
+
+
 def _event(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
@@ -145,6 +151,21 @@ class OpenAIRoutes:
     async def _stream(
         self, request: web.Request, call: Call, req: oa.CompletionRequest, prompts: list[Encoded]
     ) -> web.StreamResponse:
+        async with contextlib.aclosing(self._merged(req)) as merged:
+            # The first message is awaited before the headers go out, so a request the engine
+            # refuses (max_tokens over the limit, stream limit reached) gets its HTTP status.
+            first = await anext(merged)
+            return await self._send(request, call, req, prompts, first, merged)
+
+    async def _send(
+        self,
+        request: web.Request,
+        call: Call,
+        req: oa.CompletionRequest,
+        prompts: list[Encoded],
+        first: tuple[int, Any],
+        rest: AsyncIterator[tuple[int, Any]],
+    ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -167,7 +188,7 @@ class OpenAIRoutes:
                     event = {**head, "choices": [oa.choice(i, prompt, None, lp)]}
                     await response.write(_event(event))
             offsets = [len(p) if req.echo else 0 for p in req.prompts]
-            async for i, c in self._merged(req):
+            async for i, c in _prepend(first, rest):
                 generated += len(c.token_ids)
                 lp = None
                 if req.logprobs:

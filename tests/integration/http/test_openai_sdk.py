@@ -142,8 +142,12 @@ def test_unknown_model_and_wrong_task(client) -> None:
     assert "Infill" in err.value.body["message"]
 
 
-def test_stream_error_after_headers_is_an_event(client) -> None:
-    """A prompt over --max-prompt-tokens fails before the stream starts: plain 400."""
+def test_stream_refused_by_the_engine_gets_its_status(client) -> None:
+    """Errors the engine raises before the first token come back as the HTTP status, not as
+    an event inside a 200 stream."""
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="lstm", prompt="x" * 5000, stream=True)
     assert err.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="lstm", prompt="the", max_tokens=10**6, stream=True)
+    assert err.value.body["param"] == "max_tokens"
