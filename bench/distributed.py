@@ -8,9 +8,10 @@ For every recurrent model size of the zoo's default preset it measures
   is the same message DDP sends), and of the 2-float loss reduction fit adds per step.
 The ranks are started the way torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT). The
 machine has 2 cores shared with other work: the figures are honest for it, not for a quiet box.
-Writes bench/results/distributed.{json,png}. About 1-2 minutes.
+Rounds are interleaved and the median is kept. Writes bench/results/distributed.{json,png}.
+About 1 minute per round on the shared machine.
 
-Usage: .venv/bin/python bench/distributed.py [--steps N]
+Usage: .venv/bin/python bench/distributed.py [--steps N] [--repeats R]
 """
 
 from __future__ import annotations
@@ -138,6 +139,14 @@ def launch(world: int, threads: int, steps: int) -> dict:
     return json.loads(outs[0].strip().splitlines()[-1])
 
 
+def _medians(rounds: list[dict]) -> dict:
+    """Per model, the median of each measured number over the rounds."""
+    return {
+        name: {key: statistics.median(r[name][key] for r in rounds) for key in rounds[0][name]}
+        for name in rounds[0]
+    }
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -155,12 +164,13 @@ def plot(result: dict, path: Path) -> None:
     left.set_ylabel("training tokens/s (global)")
     left.set_title("throughput on 2 shared cores")
     left.legend(fontsize=8)
-    params = [result["models"][n]["params"] for n in names]
-    comm = [result["models"][n]["grad_allreduce_ms"] for n in names]
-    step = [result["models"][n]["step_ms_1x1"] for n in names]
-    right.plot(params, comm, "o-", label="gradient all-reduce (gloo, 2 ranks)")
-    right.plot(params, step, "s--", label="one step, 1 process x 1 thread")
-    for n, x, y in zip(names, params, comm, strict=True):
+    by_size = sorted(names, key=lambda n: result["models"][n]["params"])
+    params = [result["models"][n]["params"] for n in by_size]
+    comm = [result["models"][n]["grad_allreduce_ms"] for n in by_size]
+    step = [result["models"][n]["step_ms_1x1"] for n in by_size]
+    right.plot(params, comm, "o", label="gradient all-reduce (gloo, 2 ranks)")
+    right.plot(params, step, "s", label="one step, 1 process x 1 thread")
+    for n, x, y in zip(by_size, params, comm, strict=True):
         right.annotate(n, (x, y), fontsize=8)
     right.set_xscale("log")
     right.set_yscale("log")
@@ -176,6 +186,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per model")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds; the median is reported")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -185,14 +196,20 @@ def main() -> int:
     started = time.monotonic()
     runs = {"1 process x 1 thread": (1, 1), "1 process x 2 threads": (1, 2),
             "2 ranks x 1 thread": (2, 1)}  # fmt: skip
-    measured = {run: launch(world, threads, args.steps) for run, (world, threads) in runs.items()}
+    load_before = os.getloadavg()[0]
+    rounds = [  # interleaved, so a burst of other work hits every configuration alike
+        {run: launch(world, threads, args.steps) for run, (world, threads) in runs.items()}
+        for _ in range(args.repeats)
+    ]
+    measured = {run: _medians([r[run] for r in rounds]) for run in runs}
     two = measured["2 ranks x 1 thread"]
     models = {}
     for name in MODELS:
         one = measured["1 process x 1 thread"][name]
         step_ms = 1000 * one["global_batch"] * one["num_steps"] / one["tokens_per_s"]
         models[name] = {
-            **{run: {"tokens_per_s": round(m[name]["tokens_per_s"])}
+            **{run: {"tokens_per_s": round(m[name]["tokens_per_s"]),
+                     "rounds": [round(r[run][name]["tokens_per_s"]) for r in rounds]}
                for run, m in measured.items()},
             "params": one["params"], "global_batch": one["global_batch"],
             "num_steps": one["num_steps"], "step_ms_1x1": round(step_ms, 2),
@@ -201,12 +218,13 @@ def main() -> int:
             "speedup_2_ranks_vs_1x1": round(
                 two[name]["tokens_per_s"] / one["tokens_per_s"], 2),
         }  # fmt: skip
-    load = os.getloadavg()
     result = {
         "what": "zoo default-preset recurrent models, real fit(), sequential sampling, fp32 CPU",
-        "machine": f"{platform.machine()} {os.cpu_count()} cores (shared), load {load[0]:.1f}",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, shared with other work",
+        "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         "torch": torch.__version__,
         "steps_timed": args.steps,
+        "repeats": args.repeats,
         "runs": list(runs),
         "models": models,
         "seconds": round(time.monotonic() - started, 1),

@@ -249,7 +249,7 @@ def launch(argv: Sequence[str], nproc: int, batch_size: int, timeout_s: float) -
     if nproc < 1:
         raise TrainerError("--nproc must be at least 1")
     rank_rows(batch_size, 0, nproc)  # the world must divide the global batch: say so up front
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we say it
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
         rdzv_backend="c10d", rdzv_endpoint="localhost:0",
