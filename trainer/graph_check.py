@@ -72,7 +72,7 @@ class OrtGraph:
     ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures become one-line errors, not ORT logs
         try:
             source = path if isinstance(path, bytes) else str(path)  # bytes: a serialized graph
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

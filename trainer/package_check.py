@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from rnnserve.trainer import probe as probes
+from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.exportable import state_from_spec
 from rnnserve.trainer.graph_check import (
     LOGPROB_TOL,
@@ -48,7 +49,12 @@ def check_interface(
         )
     graph = OrtGraph(adapted, iface.input, iface.output, iface.states)
     x = np.zeros((2, 3), np.int64)
-    out, state = graph.run(x, [state_from_spec(s, 2) for s in iface.states])
+    layout = "[time, batch]" if iface.time_major else "[batch, time]"
+    try:
+        out, state = graph.run(x, [state_from_spec(s, 2) for s in iface.states])
+    except TrainerError as exc:  # often a layout read the wrong way round
+        hint = f"the token input was read as {layout}; --layout sets it"
+        raise TrainerError(f"{exc} ({hint})") from exc
     if out.shape != (2, 3, vocab_size):
         order = "[time, batch, vocabulary]" if iface.time_major else "[batch, time, vocabulary]"
         raise misfit(
