@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -65,19 +66,37 @@ print(json.dumps({{
 """
 
 
-@pytest.mark.parametrize("end", ["lowest", "highest"])
-def test_client_at_each_end_of_the_protobuf_range(
-    end: str, wheel: Path, server: str, tmp_path: Path
-) -> None:
+def _pins(end: str) -> list[str]:
     pb_low, pb_ceiling = _declared("protobuf")
     grpc_low, _ = _declared("grpcio")
     if end == "lowest":
-        pins = [f"protobuf=={pb_low}", f"grpcio=={grpc_low}"]
-    else:
-        pins = [f"protobuf<{pb_ceiling}" if pb_ceiling else "protobuf", "grpcio"]
-    python = make_venv(tmp_path / "venv")
-    pip_install(python, f"rnnserve[client] @ {wheel.as_uri()}", *pins)
-    proc = run_python(python, CLIENT_CALLS.format(address=server))
+        return [f"protobuf=={pb_low}", f"grpcio=={grpc_low}"]
+    return [f"protobuf<{pb_ceiling}" if pb_ceiling else "protobuf", "grpcio"]
+
+
+ENDS = ("lowest", "highest")
+
+
+@pytest.fixture(scope="module")
+def venvs(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Both venvs, installed side by side (the downloads overlap)."""
+
+    def install(end: str) -> Path:
+        python = make_venv(tmp_path_factory.mktemp(f"pb-{end}") / "venv")
+        pip_install(python, f"rnnserve[client] @ {wheel.as_uri()}", *_pins(end))
+        return python
+
+    with ThreadPoolExecutor(len(ENDS)) as pool:
+        return dict(zip(ENDS, pool.map(install, ENDS), strict=True))
+
+
+@pytest.mark.parametrize("end", ENDS)
+def test_client_at_each_end_of_the_protobuf_range(
+    end: str, venvs: dict[str, Path], server: str
+) -> None:
+    pb_low, pb_ceiling = _declared("protobuf")
+    grpc_low, _ = _declared("grpcio")
+    proc = run_python(venvs[end], CLIENT_CALLS.format(address=server))
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     if end == "lowest":
