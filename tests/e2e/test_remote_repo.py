@@ -13,6 +13,8 @@ import contextlib
 import functools
 import http.server
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,3 +214,13 @@ def test_server_serves_an_s3_url(model_repo: Path, tmp_path: Path) -> None:
             assert _generate(address, "lstm")
     finally:
         moto.stop()
+
+
+def test_unknown_protocol_stops_the_server_with_a_usage_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "rnnserve.server.main", "--model-repo", "nosuch://bucket/models",
+         "--model-cache", str(tmp_path / "cache"), "--port", "0", "--metrics-port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "nosuch://bucket/models" in proc.stderr and "nosuch" in proc.stderr.splitlines()[-1]
