@@ -18,7 +18,8 @@ from rnnserve.server.repository import Repository
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-OVERALL = ("", "rnnserve.v1.Inference")
+# KServe v2 gRPC (server/kserve) serves from the same engine: it is ready exactly when "" is.
+OVERALL = ("", "rnnserve.v1.Inference", "inference.GRPCInferenceService")
 ADMIN = "rnnserve.v1.Admin"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -98,6 +99,35 @@ def test_tls_tokens_openai_and_curl(model_repo: Path, tmp_path: Path, pki: dict)
     assert ("openai.Completions", "OK") in rpcs and ("openai.Models", "UNAUTHENTICATED") in rpcs
     assert all(a.get("request_id") for a in access)
     assert TOKEN not in log.read_text()
+
+
+def test_mutual_tls_on_the_http_port(model_repo: Path, tmp_path: Path, pki: dict) -> None:  # noqa: F811
+    log = tmp_path / "server.log"
+    proc, _, http_port = start(
+        model_repo, log, "--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"],
+        "--tls-client-ca", pki["ca"],
+    )  # fmt: skip
+    url = f"https://localhost:{http_port}"
+
+    def tls(prefix: str | None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=pki["ca"])
+        if prefix is not None:
+            context.load_cert_chain(pki[f"{prefix}client_cert"], pki[f"{prefix}client_key"])
+        return context
+
+    try:
+        wait_ready(proc, url, log, verify=tls(""))
+        body = {"model": "lstm", "prompt": "ab", "max_tokens": 2}
+        ok = httpx.post(url + "/v1/completions", json=body, verify=tls(""))
+        assert ok.status_code == 200
+        for refused in (None, "other_"):  # no certificate; one from an unrelated CA
+            with pytest.raises(httpx.HTTPError):
+                httpx.post(url + "/v1/completions", json=body, verify=tls(refused))
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        reap(proc)
 
 
 def test_sigterm_turns_http_ready_503_then_exits(model_repo: Path, tmp_path: Path) -> None:

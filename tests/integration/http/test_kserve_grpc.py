@@ -90,6 +90,14 @@ def test_health_and_metadata(kserve) -> None:
     assert [o.datatype for o in m.outputs] == ["BYTES", "INT64", "FP32"]
 
 
+def test_grpc_health_knows_the_service(server) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    ask = health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
+    reply = health_pb2_grpc.HealthStub(server.channel).Check(ask, timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_reflection_lists_the_service(server) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
     ask = reflection_pb2.ServerReflectionRequest(list_services="")
