@@ -14,9 +14,12 @@ no Python protobuf to run. The pin lives in pyproject.toml's `protoc` extra, now
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import tomllib
@@ -42,13 +45,18 @@ def ensure_generator(pin: str) -> Path:
     """Installs the pinned grpcio-tools (no dependencies) once; returns its folder."""
     target = TOOLS_HOME / pin.replace("==", "-")
     if not (target / "grpc_tools").is_dir():
-        staging = target.with_name(target.name + ".partial")
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-             str(staging), pin],
-            check=True,
-        )
-        staging.rename(target)
+        TOOLS_HOME.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=TOOLS_HOME))
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
+                 str(staging), pin],
+                check=True,
+            )
+            with contextlib.suppress(OSError):  # another run finished first: use theirs
+                staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
