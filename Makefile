@@ -50,9 +50,10 @@ bench: models
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/load.py
 
-# tritonclient[grpc] pins protobuf < 7 (ours needs >= 7.35): the KServe tests run it from its own
-# venv, as a user's separate client would be. RNNSERVE_TRITON_PYTHON=<python> makes the tests use
-# another interpreter (e.g. .venv/bin/python once one environment can hold both).
+# tritonclient[grpc] pins protobuf < 7 (the server's grpcio-health-checking needs >= 7.35): the
+# KServe tests run it from its own venv, as a user's separate client would be.
+# RNNSERVE_TRITON_PYTHON=<python> makes the tests use another interpreter (e.g. .venv/bin/python
+# once one environment can hold both).
 TRITON_VENV ?= $(VENV)/triton-client
 triton-venv: $(TRITON_VENV)/.installed
 

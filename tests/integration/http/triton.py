@@ -1,6 +1,7 @@
 """Where the real tritonclient runs: its own venv (tritonclient[grpc] pins protobuf < 7, the
-project needs >= 7.35), made by `make triton-venv`. RNNSERVE_TRITON_PYTHON points elsewhere,
-e.g. at .venv/bin/python once one environment can hold both."""
+server's grpcio-health-checking needs >= 7.35), made by `make triton-venv`.
+RNNSERVE_TRITON_PYTHON points elsewhere, e.g. at .venv/bin/python once one environment can
+hold both."""
 
 from __future__ import annotations
 
