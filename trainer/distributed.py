@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -259,8 +260,13 @@ def launch(argv: Sequence[str], nproc: int, batch_size: int, timeout_s: float) -
     try:
         elastic_launch(config, sys.executable)(*args)
     except ChildFailedError as exc:
-        rank, failure = min(exc.failures.items())
-        if failure.exitcode > 0:  # the rank said why (error: ... or a traceback)
+        # the cause first: a rank that exited by itself said why (error: ... or a traceback);
+        # else one killed by something other than the launcher's own SIGTERM to the others
+        rank, failure = min(
+            exc.failures.items(),
+            key=lambda kv: (kv[1].exitcode <= 0, kv[1].exitcode == -signal.SIGTERM, kv[0]),
+        )
+        if failure.exitcode > 0:
             return failure.exitcode
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else "no status"
         raise TrainerError(

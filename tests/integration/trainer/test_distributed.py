@@ -263,3 +263,36 @@ def test_a_rank_that_never_joins_ends_after_the_timeout(tmp_path: Path) -> None:
     assert code == 2
     (line,) = _errors(err)
     assert "could not form the gloo process group" in line and "within 3s" in line
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def _local_rank(pid: int) -> str | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    found = [e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"LOCAL_RANK=")]
+    return found[0] if found else None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_nproc_reports_a_killed_rank_in_one_line(tmp_path: Path) -> None:
+    launcher = subprocess.Popen(
+        _train_cmd("--nproc", "2", *TINY, "--arch", "lstm", "--epochs", "50", "--batch-size",
+                   "8", "--out", "m", "--run-dir", "r"),
+        cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    _wait_for(tmp_path / "r" / "log.jsonl", [launcher])
+    (rank1,) = [pid for pid in _children(launcher.pid) if _local_rank(pid) == "1"]
+    os.kill(rank1, signal.SIGKILL)
+    _out, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 2, err
+    (line,) = _errors(err)  # rank 0's lost-peer line or the launcher's dead-rank line
+    assert "rank 1 of 2 died (signal SIGKILL)" in line or "another rank died" in line, line
+    assert "Traceback" not in err and "ChildFailedError" not in err
