@@ -20,6 +20,14 @@ MODEL = "/v2/models/{name}"
 VERSION = "/v2/models/{name}/versions/{version}"
 
 
+def _params(obj: dict, where: str) -> dict:
+    """An object's `parameters` (absent: empty); BadRequest unless it is a JSON object."""
+    params = obj.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest(f"{where}.parameters", "must be an object")
+    return params
+
+
 def _field(obj: dict, name: str, kind: type, where: str):
     value = obj.get(name)
     if not isinstance(value, kind):
@@ -53,7 +61,7 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[dict, list[Tens
         shape = _field(t, "shape", list, f"inputs[{name}]")
         if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise BadRequest(f"inputs[{name}].shape", "must be a list of integers")
-        size = (t.get("parameters") or {}).get("binary_data_size")
+        size = _params(t, f"inputs[{name}]").get("binary_data_size")
         if size is None:
             if "data" not in t:
                 raise BadRequest(f"inputs[{name}]", "has no `data` (or binary_data_size)")
@@ -70,13 +78,13 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[dict, list[Tens
 
 def _wanted(head: dict) -> tuple[list[str], dict[str, bool]]:
     """Requested output names, and which of them go back in binary form."""
-    default = bool((head.get("parameters") or {}).get("binary_data_output", False))
+    default = bool(_params(head, "request").get("binary_data_output", False))
     names, binary = [], {}
     for i, o in enumerate(head.get("outputs") or []):
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise BadRequest(f"outputs[{i}]", "must be an object with a `name`")
         names.append(o["name"])
-        binary[o["name"]] = bool((o.get("parameters") or {}).get("binary_data", default))
+        binary[o["name"]] = bool(_params(o, f"outputs[{i}]").get("binary_data", default))
     return names, binary | {"*": default}
 
 

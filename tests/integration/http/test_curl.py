@@ -135,3 +135,38 @@ def test_kserve_task_mismatch_and_unknown(base_url: str) -> None:
     assert status == 404
     status, _, _ = post(base_url + "/v2/models/lstm/versions/9/infer", body)
     assert status == 404
+
+
+def test_kserve_rest_binary_form_and_malformed_bodies(base_url: str) -> None:
+    """The binary tensor extension by hand (tritonclient covers the usual path), and bodies
+    whose shape is wrong get 400s naming the part."""
+    import struct
+    import urllib.error
+    import urllib.request
+
+    text = b"the time"
+    head = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
+                        "parameters": {"binary_data_size": 4 + len(text)}}],
+            "outputs": [{"name": "num_tokens", "parameters": {"binary_data": True}}]}  # fmt: skip
+    header = json.dumps(head).encode()
+    req = urllib.request.Request(
+        base_url + "/v2/models/lstm/infer",
+        data=header + struct.pack("<I", len(text)) + text,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    with urllib.request.urlopen(req, timeout=30) as reply:
+        n = int(reply.headers["Inference-Header-Content-Length"])
+        body = reply.read()
+    got = json.loads(body[:n])
+    assert got["outputs"][0]["parameters"]["binary_data_size"] == 8
+    assert struct.unpack("<q", body[n:]) == (7,)
+    for bad, words in [
+        ({"inputs": "x"}, "inputs"),
+        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a b"],
+                      "parameters": [1]}]}, "parameters"),
+        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
+                      "parameters": {"binary_data_size": 99}}]}, "binary_data_size"),
+        ({"inputs": [{"datatype": "BYTES", "shape": [1], "data": ["a"]}]}, "name"),
+    ]:  # fmt: skip
+        status, _, text_ = post(base_url + "/v2/models/lstm/infer", bad)
+        assert status == 400 and words in json.loads(text_)["error"], (bad, text_)
