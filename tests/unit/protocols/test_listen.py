@@ -1,0 +1,50 @@
+"""HTTP listening sockets and TLS context from the server flags."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from rnnserve.server.http.listen import bind, ssl_context
+from rnnserve.server.tls import TlsConfigError
+
+
+def test_every_address_of_a_name_shares_one_port() -> None:
+    sockets = bind("localhost", 0)
+    try:
+        ports = {s.getsockname()[1] for s in sockets}
+        assert len(ports) == 1 and ports.pop() > 0
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_any_address_is_one_dual_stack_socket() -> None:
+    (sock,) = bind("[::]", 0)
+    try:
+        port = sock.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # an IPv4 client reaches the "[::]" socket
+    finally:
+        sock.close()
+
+
+def test_a_taken_port_fails_at_bind() -> None:
+    (first,) = bind("127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError):
+            bind("127.0.0.1", first.getsockname()[1])
+    finally:
+        first.close()
+
+
+def test_tls_flags_are_checked_like_grpc(tmp_path: Path) -> None:
+    assert ssl_context("", "") is None
+    with pytest.raises(TlsConfigError, match="together"):
+        ssl_context("cert.pem", "")
+    with pytest.raises(TlsConfigError, match="needs --tls-cert"):
+        ssl_context("", "", "ca.pem")
+    with pytest.raises(TlsConfigError, match="HTTP port"):
+        ssl_context(str(tmp_path / "missing.pem"), str(tmp_path / "missing.key"))
