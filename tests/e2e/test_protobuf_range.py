@@ -1,4 +1,5 @@
-"""The client works at both ends of the protobuf range pyproject declares.
+"""The client works at both ends of the protobuf range pyproject declares, and beside
+tritonclient[grpc] (which pins protobuf < 7) in one environment.
 
 The committed stubs carry no runtime-version gate (proto/generate.py), so one wheel must
 import and talk to a server under the oldest protobuf we declare (with the oldest grpcio) and
@@ -71,10 +72,12 @@ def _pins(end: str) -> list[str]:
     grpc_low, _ = _declared("grpcio")
     if end == "lowest":
         return [f"protobuf=={pb_low}", f"grpcio=={grpc_low}"]
+    if end == "beside-tritonclient":  # pins protobuf < 7: the reason for the range
+        return ["tritonclient[grpc]"]
     return [f"protobuf<{pb_ceiling}" if pb_ceiling else "protobuf", "grpcio"]
 
 
-ENDS = ("lowest", "highest")
+ENDS = ("lowest", "highest", "beside-tritonclient")
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +105,10 @@ def test_client_at_each_end_of_the_protobuf_range(
     if end == "lowest":
         assert Version(seen["protobuf"]) == Version(pb_low), seen
         assert Version(seen["grpcio"]) == Version(grpc_low), seen
-    else:
+    elif end == "highest":
         assert int(seen["protobuf"].split(".")[0]) == int(pb_ceiling) - 1, seen
+    else:
+        assert run_python(venvs[end], "import tritonclient.grpc").returncode == 0
+        assert Version(seen["protobuf"]) < Version(pb_ceiling), seen
     assert "lstm" in seen["names"] and seen["default"] == "1" and seen["last"], seen
     assert seen["perplexity"] > 1.0, seen
