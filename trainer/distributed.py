@@ -43,8 +43,7 @@ Window = Callable[
 class PeerFailure(TrainerError):
     """A collective failed: another rank died, stalled past the timeout, or was unreachable.
 
-    Every surviving rank reports it (the others' errors are the same on every rank and only
-    rank 0 reports those)."""
+    Every surviving rank reports it; errors that every rank hits alike are said by rank 0."""
 
 
 class RankError(TrainerError):

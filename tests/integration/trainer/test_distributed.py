@@ -23,6 +23,8 @@ import pytest
 import torch
 
 from rnnserve.trainer import cli
+from rnnserve.trainer.distributed import Cluster, _without_nproc, backend_for, env_cluster
+from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.sampling import num_batches, random_batches, sequential_batches
 
 pytestmark = pytest.mark.slow
@@ -113,6 +115,25 @@ def test_sequential_gives_each_rank_one_contiguous_shard() -> None:
     # rows of equal length back to back, rank 0's first: each rank reads one stretch
     assert len({b - a for a, b in itertools.pairwise(starts)}) == 1
     assert starts == sorted(starts)
+
+
+def test_validation_rows_are_shared_out_without_gaps_or_overlap() -> None:
+    for world in (1, 2, 3, 5, 20):
+        got = [i for r in range(world) for i in range(16)[Cluster(r, world).rows(16)]]
+        assert got == list(range(16)), world
+
+
+def test_torchrun_environment_and_the_shortcut_arguments() -> None:
+    assert env_cluster({}) == Cluster(0, 1, 0)
+    assert env_cluster({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == Cluster(3, 4, 1)
+    with pytest.raises(TrainerError, match="RANK=4 WORLD_SIZE=4"):
+        env_cluster({"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(TrainerError, match="bad torchrun environment"):
+        env_cluster({"WORLD_SIZE": "two"})
+    assert _without_nproc(["train", "--nproc", "2", "--arch", "gru", "--nproc=3"]) == [
+        "train", "--arch", "gru"]  # fmt: skip
+    assert backend_for("cpu") == "gloo"
+    assert backend_for("cuda") == "nccl"
 
 
 # --- same training: 2 ranks == 1 process ------------------------------------------------------
