@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -200,11 +201,17 @@ def test_killed_mid_epoch_and_resumed_matches_an_uninterrupted_run(tmp_path: Pat
     finish(procs)
     assert weights(tmp_path / "r2")["epoch"] == 1, "the kill came after epoch 2 ended"
     assert not (tmp_path / "m2").exists()
+    shutil.copytree(tmp_path / "r2", tmp_path / "r1-resumed")
     resumed = finish(start_ranks([*args, *run, "--resume", "r2"], tmp_path))
     assert [code for code, _, _ in resumed] == [0, 0], resumed[0][2] + resumed[1][2]
     assert "resuming r2 after epoch 1" in resumed[0][1]
     one_process([*args, "--out", str(tmp_path / "m1"), "--run-dir", str(tmp_path / "r1")], capsys)
     assert_same_weights(weights(tmp_path / "r1"), weights(tmp_path / "r2"))
+    # the world size is not part of the arithmetic: one process resumes the 2-rank checkpoint
+    resumed_alone = tmp_path / "r1-resumed"
+    one_process([*args, "--out", str(tmp_path / "m3"), "--run-dir", str(resumed_alone),
+                 "--resume", str(resumed_alone)], capsys)  # fmt: skip
+    assert_same_weights(weights(tmp_path / "r1"), weights(resumed_alone))
 
 
 # --- bad setups: one clear message, never a hang ----------------------------------------------
