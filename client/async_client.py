@@ -102,6 +102,12 @@ class AsyncTokenStream:
     def text(self) -> str:
         return "".join(self._ledger.text)
 
+    @property
+    def request(self) -> pb.GenerateRequest:
+        """The request as sent first (with the checkpoint interval and the seed failover
+        chose): the same request without failures yields the same text."""
+        return self._ledger.request
+
     def cancel(self) -> None:
         self._cancelled = True
         self._call.cancel()
