@@ -57,7 +57,7 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, ForecastTrainConfig
         layers = 1 if arch == "mlp" else args.layers
         out[arch] = ForecastTrainConfig(
             arch=arch, tau=args.tau, hidden=hidden, layers=layers, epochs=args.epochs,
-            num_steps=None, lr=args.lr, seed=args.seed,
+            num_steps=None, lr=args.lr, seed=args.seed, refit=args.refit,
         )  # fmt: skip
     return out
 

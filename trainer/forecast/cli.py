@@ -94,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> ForecastTrainConfig:
         seed=args.seed,
         device=args.device,
         patience=args.patience,
+        refit=args.refit,
     )
 
 

@@ -42,3 +42,9 @@ def add_series_arguments(group) -> None:
         default=None,
         help="validation tail for early stopping (default 10%% of the series, 16 to 64)",
     )
+    group.add_argument(
+        "--no-refit",
+        dest="refit",
+        action="store_false",
+        help="after early stopping, skip the short training pass over the whole series",
+    )

@@ -12,12 +12,17 @@ made from origins every ORIGIN_STRIDE steps by feeding the model its own predict
 as k-step forecasting does. The second term is what lets the GRU beat AR(tau) at k = 16 on
 the textbook series (docs/forecasting.md); trained on one-step errors alone, the recurrent
 models drift when fed their own output. The learning rate follows a cosine decay.
+
+With a validation tail (series.held_out == "validation") the run stops early on the tail's
+k-step error and keeps the best weights; then, with `refit`, a short pass (a tenth of the
+best epochs, at the final learning rate) over the whole series lets the newest values,
+the tail itself, train the model too.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -31,6 +36,7 @@ from rnnserve.trainer.train import resolve_device
 ORIGIN_STRIDE = 8  # steps between rollout origins in a training subsequence
 AUTO_STEPS = 100  # --num-steps when not given: this, or what a short series allows
 CHECKS_PER_RUN = 50  # validation checks over a full run (early stopping)
+REFIT_FRACTION = 0.1  # refit epochs on the whole series, as a fraction of the best epochs
 
 
 @dataclass
@@ -52,6 +58,7 @@ class ForecastTrainConfig:
     seed: int = 0
     device: str = "cpu"  # auto | cpu | cuda
     patience: int = 10  # validation checks without improvement before stopping (0: never)
+    refit: bool = True  # after early stopping, a short pass over the whole series
     val_horizon: int = 16  # the validation score averages k-step MSE over k = 1..this
 
     def resolved_warmup(self) -> int:
@@ -118,20 +125,41 @@ def train_forecaster(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(config, series, progress)
+        validate = series.held_out == "validation"
+        model, history, best = _train(config, series, progress, series.num_train, validate)
+        if validate and config.refit and best >= 0:
+            # the tail chose the weights; a short pass at the final learning rate lets the
+            # newest values (the tail itself) train the model too
+            epochs = max(1, round((best + 1) * REFIT_FRACTION))
+            if progress:
+                print(f"refit on all {len(series.values)} values for {epochs} epochs")
+            again = replace(config, epochs=epochs, lr=config.lr * config.min_lr_ratio,
+                            min_lr_ratio=1.0)  # fmt: skip
+            model, more, _ = _train(again, series, progress, len(series.values), False, model)
+            history += more
+        return model, history
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(
-    config: ForecastTrainConfig, series: Series, progress: bool
-) -> tuple[nn.Module, list[float]]:
+    config: ForecastTrainConfig,
+    series: Series,
+    progress: bool,
+    end: int,
+    validate: bool,
+    model: nn.Module | None = None,
+) -> tuple[nn.Module, list[float], int]:
+    """One training run on series values[:end] (from `model`'s weights when given); with
+    `validate`, early stopping on the tail, restoring the best weights.
+    Returns (model, losses, best epoch or -1)."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model = build_model(config.arch, tau=config.tau, hidden=config.hidden, layers=config.layers)
+    if model is None:
+        model = build_model(config.arch, tau=config.tau, hidden=config.hidden, layers=config.layers)
     warmup = config.resolved_warmup()
     lost = series.representation.lost
-    train = series.normalised[lost : series.num_train]
+    train = series.normalised[lost:end]
     steps = config.num_steps
     if steps is None:  # auto: as long as the training range allows, at most AUTO_STEPS
         steps = max(1, min(AUTO_STEPS, len(train) - warmup - 1))
@@ -154,7 +182,7 @@ def _train(
         optimizer, T_max=config.epochs, eta_min=config.lr * config.min_lr_ratio
     )
     history: list[float] = []
-    stopper = EarlyStopping(series, config) if series.held_out == "validation" else None
+    stopper = EarlyStopping(series, config) if validate else None
     for epoch in range(config.epochs):
         windows = _subsequences(train, length, steps, config.batch_size, rng)
         data = torch.as_tensor(windows, device=device)  # [n, length]
@@ -179,7 +207,8 @@ def _train(
         stopper.restore(model)
         if progress:
             print(f"best validation at epoch {stopper.best_epoch + 1} (score {stopper.best:.4g})")
-    return model.cpu().eval(), history
+    best = stopper.best_epoch if stopper is not None else -1
+    return model.cpu().eval(), history, best
 
 
 class EarlyStopping:

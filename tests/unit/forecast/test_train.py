@@ -72,3 +72,42 @@ def test_multi_step_loss_is_the_k_step_error_of_the_evaluator(arch: str) -> None
         for i, o in enumerate(origins):
             errors += list(preds[i, 1:] - row[o + 2 : o + rollout + 1])
     assert float(both - one_step) == pytest.approx(float(np.mean(np.square(errors))), rel=1e-4)
+
+
+def _tail_series():
+    from rnnserve.trainer.forecast.series import tail_split
+
+    values = load_series(None, None, tau=4).values[:400]
+    return tail_split(values, 4, "sine", val_size=40, transform="level", season=0)
+
+
+def test_early_stopping_restores_the_best_checked_weights() -> None:
+    from rnnserve.trainer.forecast.train import EarlyStopping
+
+    config = ForecastTrainConfig(arch="mlp", hidden=4, epochs=50, patience=2)
+    stopper = EarlyStopping(_tail_series(), config)
+    model = build_model("mlp", tau=4, hidden=4, layers=1)
+    scores = iter([5.0, 3.0, 4.0, 4.5])
+    stopper.score = lambda _model: next(scores)  # the tail scores of four checks
+    stops = []
+    for check in range(4):
+        with torch.no_grad():
+            model.net[0].bias.fill_(float(check))  # weights that tell the checks apart
+        stops.append(stopper.should_stop(model, check))
+    assert stops == [False, False, False, True]  # two checks without improvement
+    assert stopper.best == 3.0 and stopper.best_epoch == 1
+    stopper.restore(model)
+    assert torch.all(model.net[0].bias == 1.0)
+
+
+def test_refit_trains_on_the_whole_series_after_the_tail_chose_the_weights() -> None:
+    from dataclasses import replace
+
+    series = _tail_series()
+    config = ForecastTrainConfig(
+        arch="mlp", hidden=4, epochs=20, num_steps=32, rollout=0, patience=2, refit=False
+    )
+    model, history = train_forecaster(config, series)
+    refit_model, refit_history = train_forecaster(replace(config, refit=True), series)
+    assert len(refit_history) > len(history)  # the short pass over all 400 values
+    assert not torch.allclose(refit_model.net[0].weight, model.net[0].weight)
