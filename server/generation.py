@@ -6,11 +6,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from rnnserve.server import tracing
 from rnnserve.server.decode.limiter import StreamLimiter
 from rnnserve.server.decode.loop import DecodeLoop
 from rnnserve.server.decode.stream import Chunk, Stream
 from rnnserve.server.errors import BadRequest, UnsupportedTask
-from rnnserve.server.metrics import Metrics
+from rnnserve.server.metrics import ABORTED, Metrics
 from rnnserve.server.repository import ModelVersion
 from rnnserve.server.resume import Progress, Resumed, StateSigner
 from rnnserve.server.sampling import Sampler, SamplingParams
@@ -129,11 +130,13 @@ class Generator:
         entry, decoder = self.entry, self.decoder
         name = entry.name
         ttft = self.metrics.time_to_first_token.labels(model=name)
+        span = tracing.current_span()  # every protocol's handler runs inside its RPC span
 
         def on_tokens(stream: Stream, times: list[float]) -> None:
             """Time to first token; the decode thread records the gaps between tokens."""
             if stream.tokens == 0:
                 ttft.observe(times[0] - stream.started)
+                span.add_event("first_token", {"prompt_tokens": len(ids)})
 
         signer = None
         if p.return_state or p.state_every:
@@ -162,11 +165,16 @@ class Generator:
         )
         self.limiter.acquire()
         decoder.admit()
+        span.add_event("admitted")
+        self.metrics.prompt_tokens.labels(model=name).inc(len(ids))
         try:
             decoder.submit(stream, ids, resumed.state if resumed else None)
             while (chunk := await stream.buffer.next()) is not None:
                 yield chunk
         finally:
+            reason = stream.finish_reason or ABORTED  # cancelled, past its deadline, failed
+            self.metrics.finished_streams.labels(name, reason).inc()
+            span.add_event("finish", {"finish_reason": reason})
             stream.cancel()  # the decode thread drops it by its next step
             decoder.release()
             self.limiter.release()

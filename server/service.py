@@ -6,10 +6,8 @@ import time
 
 import grpc
 
-from rnnserve.server import tracing
 from rnnserve.server.engine import Engine, require
 from rnnserve.server.generation import GenerateParams
-from rnnserve.server.metrics import ABORTED
 from rnnserve.server.repository import ModelVersion
 from rnnserve.server.sampling import SamplingParams
 from rnnserve.v1 import rnnserve_pb2 as pb
@@ -86,27 +84,15 @@ class InferenceService(pb_grpc.InferenceServicer):
         )
         model = require(request.model, "model")
         chunks = self.engine.generate(model, request.version, params, _deadline(context))
-        sent, finished = False, ABORTED
-        try:
-            async for c in chunks:
-                if not sent:
-                    sent = True
-                    tracing.event("first_token")
-                if c.finish_reason:
-                    finished = c.finish_reason
-                    tracing.event("finish", {"finish_reason": finished})
-                yield pb.GenerateResponse(
-                    text=c.text,
-                    token_id=c.token_ids[-1] if c.token_ids else -1,
-                    token_ids=c.token_ids,
-                    logprob=c.logprob,
-                    finish_reason=FINISH.get(c.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
-                    state=c.state,
-                )
-        finally:
-            if sent:  # a stream refused before its first message never started
-                label = self.engine.model_label(model)
-                self.engine.metrics.finished_streams.labels(label, finished).inc()
+        async for c in chunks:
+            yield pb.GenerateResponse(
+                text=c.text,
+                token_id=c.token_ids[-1] if c.token_ids else -1,
+                token_ids=c.token_ids,
+                logprob=c.logprob,
+                finish_reason=FINISH.get(c.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
+                state=c.state,
+            )
 
     async def Score(self, request, context):
         model = require(request.model, "model")

@@ -156,6 +156,11 @@ class Stream:
         self._pending_reason = ""
 
     @property
+    def finish_reason(self) -> str | None:
+        """length, stop or eos once the stream finished; None while it runs or if aborted."""
+        return self._pending_reason if self.finished else None
+
+    @property
     def done(self) -> bool:
         return self.finished or self.cancelled
 

@@ -44,10 +44,8 @@ STATE_KEY = "e2e-shared-state-key"
 READY_WAIT_S = 90.0  # upper bounds on waiting, not assertions about speed
 SCRAPE_WAIT_S = 120.0
 RPC_TIMEOUT_S = 30.0  # every call has a deadline: a stuck server fails the test, not hangs it
-# Metrics the decode engine records once it makes the call issue 18 names (the engine is being
-# rewritten); until then their panels are empty. test_engine_metrics_are_recorded turns red
-# (strict xfail) the day they appear, so this set is emptied then.
-AWAITING_ENGINE = {"rnnserve_prompt_tokens_total"}
+# Metrics a panel may name before any server records them (none today).
+AWAITING_ENGINE: set[str] = set()
 
 
 @dataclass
@@ -327,9 +325,9 @@ def test_new_metrics_reach_prometheus(scraped) -> None:
     assert fine, "the 10 us bucket is exported"
 
 
-@pytest.mark.xfail(strict=True, reason="needs the engine's prompt_tokens call (issue 18)")
 def test_engine_metrics_are_recorded(scraped) -> None:
-    for name in AWAITING_ENGINE:
+    """The decode engine counts prompt tokens and finished streams by reason."""
+    for name in ("rnnserve_prompt_tokens_total", "rnnserve_finished_streams_total"):
         assert _query(scraped, f"sum({name}) > 0"), name
 
 
