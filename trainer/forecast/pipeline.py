@@ -81,7 +81,7 @@ def run_forecast(
     try:
         manifest_series["intervals"] = manifest_intervals(full, series)
         cover = manifest_series["intervals"]["test_coverage"]
-        log("90% interval coverage on the test range: " + ", ".join(
+        log(f"90% interval coverage on the {series.held_out} range: " + ", ".join(
             f"k={k}: {v:.2f}" for k, v in cover.items()))  # fmt: skip
     except SeriesError as exc:
         log(f"no prediction intervals: {exc}")
