@@ -53,7 +53,9 @@ def run_example(node: str, server: ServerProcess, *args: str) -> subprocess.Comp
 
 def test_node_streams_generate_and_scores(node, server) -> None:
     texts = ["the time traveller", "hello"]
-    args = ["--model", "lstm", "--prompt", "the time", "--max-tokens", "6"]
+    # long enough to span several messages: a lone stream's tokens share a message for up
+    # to --stream-interval-us, so a few tokens of a tiny model arrive as one
+    args = ["--model", "lstm", "--prompt", "the time", "--max-tokens", "400"]
     done = run_example(node, server, *args, "--score", texts[0], "--score", texts[1])
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
