@@ -110,6 +110,8 @@ def run_forecast(
             series=manifest_series,
             metrics=metrics,
             training=training,
+            probe=series.normalised.tolist(),  # the check feeds the series the model serves
+            probe_source="the series (normalised as the model reads it)",
         )
         log(f"exported {run.path}")
     if plot_path is not None:
