@@ -21,7 +21,7 @@ import json
 import secrets
 import struct
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -78,10 +78,20 @@ class StateSigner:
         self.key = self.keys[0]
         self._by_id = {key_id(k): k for k in self.keys}
         self.kid = key_id(self.key)
+        self._shapes: dict[tuple, list[dict]] = {}
 
     @staticmethod
     def _mac(key: bytes, body: bytes) -> bytes:
-        return hmac.new(key, body, hashlib.sha256).digest()
+        return hmac.digest(key, body, "sha256")
+
+    def _describe(self, tensors: list[np.ndarray]) -> list[dict]:
+        """Each tensor's dtype and shape, cached: a model's state always looks the same."""
+        key = tuple((t.dtype.num, t.shape) for t in tensors)
+        meta = self._shapes.get(key)
+        if meta is None:
+            meta = [{"dtype": str(t.dtype), "shape": list(t.shape)} for t in tensors]
+            self._shapes[key] = meta
+        return meta
 
     def sign(
         self,
@@ -97,10 +107,10 @@ class StateSigner:
             "version": version,
             "kid": self.kid,
             "last_token": int(last_token),
-            "tensors": [{"dtype": str(t.dtype), "shape": list(t.shape)} for t in tensors],
+            "tensors": self._describe(tensors),
         }
         if progress is not None:
-            header["stream"] = asdict(progress)
+            header["stream"] = vars(progress)  # flat fields: no deep copy (checkpoints are hot)
         head = json.dumps(header, separators=(",", ":")).encode()
         body = _HEAD.pack(MAGIC, TOKEN_VERSION, len(head)) + head
         body += b"".join(t.tobytes() for t in tensors)
