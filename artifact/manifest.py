@@ -27,6 +27,7 @@ MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
 TASKS = ("lm", "infill", "forecast")
 ARCHITECTURES = ("rnn", "gru", "lstm", "ngram", "hmm", "mlp")
+PRECISIONS = ("fp32", "int8", "fp16")  # of the graph's weights; inputs/outputs/state: float32
 
 
 class ManifestError(ValueError):
@@ -92,6 +93,8 @@ class Manifest:
     training: dict[str, Any] = field(default_factory=dict)
     onnx_sha256: str = ""
     parity: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # manifests written before precisions existed are fp32
+    quantization: dict[str, Any] = field(default_factory=dict)  # how int8/fp16 was made
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -99,6 +102,8 @@ class Manifest:
             raise ManifestError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.architecture not in ARCHITECTURES:
             raise ManifestError(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
+        if self.precision not in PRECISIONS:
+            raise ManifestError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.task == "forecast":
             if not self.series:
                 raise ManifestError("a forecast manifest needs `series` (normalisation, tau)")
@@ -134,6 +139,8 @@ class Manifest:
             "training": self.training,
             "onnx_sha256": self.onnx_sha256,
             "parity": self.parity,
+            "precision": self.precision,
+            "quantization": self.quantization,
         }
 
     @classmethod
@@ -170,6 +177,8 @@ class Manifest:
                 training=dict(data.get("training") or {}),
                 onnx_sha256=str(data.get("onnx_sha256", "")),
                 parity=dict(data.get("parity") or {}),
+                precision=str(data.get("precision") or "fp32"),
+                quantization=dict(data.get("quantization") or {}),
             )
         except ManifestError:
             raise

@@ -31,6 +31,7 @@ def version_info(entry: ModelVersion) -> pb.VersionInfo:
         info.vocab_size = m.vocab_size
         info.metrics.update(m.metrics)
         info.tokenizer = m.tokenizer.level if m.tokenizer else ""
+        info.precision = m.precision
         for s in m.state:
             info.state.add(name=s.name, shape=s.shape, dtype=s.dtype)
     if entry.model is not None:

@@ -13,6 +13,7 @@ import importlib
 import itertools
 import os
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -101,6 +102,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model and export it to OUT/NAME/VERSION")
     _add_common_train(train)
+    importlib.import_module("rnnserve.trainer.precision_cli").add_arguments(train)
     train.add_argument(
         "--nproc", type=int, default=1,
         help="data-parallel processes on this machine (runs torchrun; see docs/trainer.md)",
@@ -121,6 +123,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     export.add_argument("--out", default="models")
     export.add_argument("--name", required=True)
     export.add_argument("--version", default="1")
+    importlib.import_module("rnnserve.trainer.precision_cli").add_arguments(export)
     package = sub.add_parser("package", help="package an ONNX graph exported elsewhere")
     importlib.import_module("rnnserve.trainer.package_cli").add_arguments(package)
     zoo = sub.add_parser("zoo", help="train and export every zoo model (what `make run` serves)")
@@ -170,6 +173,9 @@ def run_train(args: argparse.Namespace) -> int:
         _data_parallel_setup(args, world)
     if args.nproc != 1:
         return distributed.launch(args.argv, args.nproc, args.batch_size, args.dist_timeout)
+    not_recurrent = args.task == "forecast" or args.arch in ("mlp", "ngram", "hmm")
+    if args.precision != "fp32" and not_recurrent:
+        raise TrainerError(f"--precision {args.precision} applies to rnn/gru/lstm text models")
     if args.task == "forecast" or args.arch == "mlp":
         return int(_optional("rnnserve.trainer.forecast.cli").run_train(args))
     from rnnserve.trainer.models import ModelConfig
@@ -204,19 +210,38 @@ def run_train(args: argparse.Namespace) -> int:
             threads=args.threads,
         )  # fmt: skip
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
+        fp32_dir = tempfile.TemporaryDirectory() if args.precision != "fp32" else None
+        out = Path(fp32_dir.name) if fp32_dir else Path(args.out)  # fp32 first, then converted
         with distributed.joined(args.device, args.dist_timeout) as cluster:
             main = cluster.is_main  # rank 0 alone writes the run dir and the package
             path = train_recurrent(
-                model, train, data, out=Path(args.out) if main else None, name=name,
+                model, train, data, out=out if main else None, name=name,
                 version=args.version, run_dir=run_dir if main else None,
                 resume=Path(args.resume) if args.resume else None, progress=progress and main,
                 log=print if main else lambda _line: None,
             )  # fmt: skip
         if not main:
             return 0
+        if fp32_dir is not None and path is not None:
+            with fp32_dir:
+                path = _convert_trained(Path(path), args)
         print(f"training log and curve: {run_dir}/log.jsonl, {run_dir}/curve.png")
     print(f"exported {path}")
     return 0
+
+
+def _convert_trained(fp32_package: Path, args: argparse.Namespace) -> Path:
+    """The trained fp32 package, converted to --precision and checked on the validation split."""
+    from rnnserve.trainer.checkpoint import load_checkpoint
+    from rnnserve.trainer.pipeline import validation_probe
+    from rnnserve.trainer.precision import convert_package
+    from rnnserve.trainer.precision_cli import options
+
+    data = load_checkpoint(fp32_package / "checkpoint.pt")
+    return convert_package(
+        fp32_package, Path(args.out), fp32_package.parent.name, fp32_package.name,
+        probe=validation_probe(data), probe_source="the validation split", **options(args),
+    )  # fmt: skip
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -233,6 +258,7 @@ def run_export(args: argparse.Namespace) -> int:
     from rnnserve.trainer.checkpoint import load_checkpoint, restore
     from rnnserve.trainer.export import export_model
     from rnnserve.trainer.pipeline import validation_probe
+    from rnnserve.trainer.precision_cli import options
 
     data = load_checkpoint(args.checkpoint)
     model, _config, vocab, tok = restore(data)
@@ -244,7 +270,7 @@ def run_export(args: argparse.Namespace) -> int:
     path = export_model(
         model, Path(args.out), name=args.name, version=args.version, vocab=vocab, tokenizer=tok,
         metrics=metrics, training=dict(data.get("train_config") or {}), checkpoint=keep,
-        probe=validation_probe(data), probe_source="the validation split",
+        probe=validation_probe(data), probe_source="the validation split", **options(args),
     )  # fmt: skip
     print(f"exported {path}")
     return 0

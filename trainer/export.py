@@ -6,6 +6,7 @@ computes what the torch model computes before the package is renamed into place.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from rnnserve.artifact.vocab import Vocab
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.export_check import check_parity
 from rnnserve.trainer.exportable import onnx_module_of
+from rnnserve.trainer.precision import reduce_precision
 from rnnserve.trainer.staging import package_dir, staged
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -77,6 +79,9 @@ def export_model(
     checkpoint: dict | None = None,
     probe: Sequence[int] | Sequence[float] | None = None,
     probe_source: str = "given text",
+    precision: str = "fp32",
+    per_channel: bool = True,
+    allow_quality_loss: bool = False,
 ) -> Path:
     """Writes out_dir/<name>/<version>/{model.onnx, manifest.json}; returns that directory.
 
@@ -84,6 +89,8 @@ def export_model(
     checkpoint.pt, so `rnn-trainer sample --model <that dir>` can rebuild the torch model.
     `probe` (token ids, or normalised values for a forecaster) is what the export check
     feeds: text of the kind the model serves, e.g. the validation split (trainer/probe.py).
+    `precision` int8|fp16: the checked fp32 graph is converted and checked against itself,
+    perplexity included (trainer/precision.py); `allow_quality_loss` publishes it anyway.
     Raises TrainerError with a one-line message on any failure; nothing is left behind.
     """
     target = package_dir(out_dir, name, version)
@@ -118,6 +125,15 @@ def export_model(
                 onnx_sha256=sha256_file(onnx_path),
                 parity=parity,
             )
+            if precision != "fp32":
+                quantization, parity["precision"] = reduce_precision(
+                    onnx_path, manifest, probe, probe_source, precision=precision,
+                    per_channel=per_channel, allow_quality_loss=allow_quality_loss,
+                )  # fmt: skip
+                manifest = dataclasses.replace(
+                    manifest, precision=precision, quantization=quantization, parity=parity,
+                    onnx_sha256=sha256_file(onnx_path),
+                )  # fmt: skip
             manifest.save(tmp)
             Manifest.load(tmp)  # what the server will do: fail here, not there
             if checkpoint is not None:

@@ -6,7 +6,10 @@ Why its own file: cli.py stays a list of subcommands; this one has many flags of
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
+
+from rnnserve.trainer import precision_cli
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,20 +37,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default=None, help="rnn|gru|lstm (default: from the graph's ops)")
     p.add_argument("--text", default=None, help="sample text the check feeds (default: the"
                                                 " model's own samples)")  # fmt: skip
+    precision_cli.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from rnnserve.trainer.package import PackageRequest, package_model, tokenizer_spec
 
+    converting = args.precision != "fp32"
+    fp32_dir = tempfile.TemporaryDirectory() if converting else None  # fp32 first, then converted
     request = PackageRequest(
         onnx_path=Path(args.onnx), vocab_path=Path(args.vocab),
         tokenizer=tokenizer_spec(args.tokenizer, not args.keep_case, args.letters_only),
-        out=Path(args.out), name=args.name, version=args.version, input_name=args.input,
+        out=Path(fp32_dir.name) if fp32_dir else Path(args.out), name=args.name,
+        version=args.version, input_name=args.input,
         output_name=args.output, states=args.state, layout=args.layout, arch=args.arch,
         text=Path(args.text) if args.text else None,
     )  # fmt: skip
     path = package_model(request)
+    if fp32_dir is not None:
+        from rnnserve.trainer.precision import convert_package
+
+        with fp32_dir:
+            text = _probe_ids(path, args.text)
+            path = convert_package(
+                path, Path(args.out), args.name, args.version, probe=text,
+                probe_source=args.text or "given text", **precision_cli.options(args),
+            )  # fmt: skip
     for note in request.notes:
         print(note)
     print(f"packaged {path}")
     return 0
+
+
+def _probe_ids(package: Path, text: str | None) -> list[int] | None:
+    """--text encoded as the packaged model reads it (None: the check samples the model)."""
+    if not text:
+        return None
+    from rnnserve.artifact.manifest import Manifest
+    from rnnserve.artifact.tokenizer import Tokenizer
+
+    manifest = Manifest.load(package)
+    words = Tokenizer(manifest.tokenizer).tokenize(Path(text).read_text(encoding="utf-8"))
+    return manifest.build_vocab().encode(words)

@@ -46,7 +46,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., default_version: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ...) -> None: ...
 
 class VersionInfo(_message.Message):
-    __slots__ = ("version", "task", "architecture", "hyperparameters", "vocab_size", "state", "execution_provider", "metrics", "status", "status_reason", "rpcs", "tokenizer")
+    __slots__ = ("version", "task", "architecture", "hyperparameters", "vocab_size", "state", "execution_provider", "metrics", "status", "status_reason", "rpcs", "tokenizer", "precision")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class VersionInfo(_message.Message):
     STATUS_REASON_FIELD_NUMBER: _ClassVar[int]
     RPCS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     version: str
     task: str
     architecture: str
@@ -85,7 +86,8 @@ class VersionInfo(_message.Message):
     status_reason: str
     rpcs: _containers.RepeatedScalarFieldContainer[str]
     tokenizer: str
-    def __init__(self, version: _Optional[str] = ..., task: _Optional[str] = ..., architecture: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, str]] = ..., vocab_size: _Optional[int] = ..., state: _Optional[_Iterable[_Union[StateTensor, _Mapping]]] = ..., execution_provider: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., rpcs: _Optional[_Iterable[str]] = ..., tokenizer: _Optional[str] = ...) -> None: ...
+    precision: str
+    def __init__(self, version: _Optional[str] = ..., task: _Optional[str] = ..., architecture: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, str]] = ..., vocab_size: _Optional[int] = ..., state: _Optional[_Iterable[_Union[StateTensor, _Mapping]]] = ..., execution_provider: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., rpcs: _Optional[_Iterable[str]] = ..., tokenizer: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class StateTensor(_message.Message):
     __slots__ = ("name", "shape", "dtype")
