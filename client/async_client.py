@@ -90,10 +90,14 @@ class AsyncTokenStream:
                 f"the stream could not be resumed: {failures} attempts in a row failed "
                 f"(replicas {', '.join(client.addresses)}); last error: {error}"
             )
-        pause = client.retry.backoff(failures)
+        # the first move to another replica needs no pause: that replica is not the one that
+        # failed; a retry on the same address (a load balancer), or a second failure, waits
+        first_elsewhere = failures == 1 and len(client.addresses) > 1
+        pause = 0.0 if first_elsewhere else client.retry.backoff(failures)
         if self._deadline is not None and time.monotonic() + pause >= self._deadline:
             raise error
-        await asyncio.sleep(pause)
+        if pause:
+            await asyncio.sleep(pause)
         self._replica = (self._replica + 1) % len(client.addresses)
         self.failovers += 1
         self._call = client._open(self._ledger.attempt(), self._deadline, self._replica)

@@ -22,7 +22,9 @@ from rnnserve.client.errors import DataLoss, RnnServeError
 from rnnserve.client.results import TokenEvent
 from rnnserve.v1 import rnnserve_pb2 as pb
 
-DEFAULT_STATE_EVERY = 16  # tokens between checkpoints when a stream may fail over
+# tokens between checkpoints when a stream may fail over: every 64 costs no measurable
+# throughput, every 16 about a quarter on a tiny model (bench/results/failover.json)
+DEFAULT_STATE_EVERY = 64
 
 # A connection reset through a proxy (Envoy resets the client's stream when its upstream
 # dies after the response started) arrives as INTERNAL or UNKNOWN with one of these.
