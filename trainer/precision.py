@@ -84,6 +84,22 @@ def convert(src: Path, dst: Path, precision: str, per_channel: bool = True) -> d
     return record
 
 
+def _float32_outputs(half: onnx.ModelProto, names: set[str]) -> None:
+    """keep_io_types misses outputs made by a kept-float32 node (an LSTM's h_out): the
+    converter casts them to float16. Those casts are turned back to float32."""
+    producers = {out: node for node in half.graph.node for out in node.output}
+    for value in half.graph.output:
+        if value.name not in names or value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            continue
+        node = producers.get(value.name)
+        if node is None or node.op_type != "Cast":
+            raise TrainerError(f"fp16 conversion made output {value.name!r} float16")
+        for attr in node.attribute:
+            if attr.name == "to":
+                attr.i = onnx.TensorProto.FLOAT
+        value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+
+
 def _loads_in_child(path: Path, precision: str) -> None:
     """Loads the graph the way the server does (default optimizations) in a child process."""
     code = (
@@ -136,7 +152,11 @@ def _fp16(src: Path, dst: Path) -> dict[str, Any]:
 
     model = onnx.load(str(src))
     block = [*float16.DEFAULT_OP_BLOCK_LIST, *FP16_KEPT_FLOAT32]
+    float_outputs = {
+        v.name for v in model.graph.output if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    }
     half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    _float32_outputs(half, float_outputs)
     onnx.save(half, str(dst))
     return {
         "tool": "onnxconverter_common.float16.convert_float_to_float16",
