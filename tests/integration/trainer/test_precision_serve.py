@@ -1,0 +1,120 @@
+"""int8 copies of every recurrent zoo model, served by a real in-process server beside fp32.
+
+Each model gets version 1 (the tiny zoo's fp32 package) and version 2 (its int8 copy made by
+convert_package), so the server sees nothing but what the manifests say.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from rnnserve.artifact.manifest import Manifest
+from rnnserve.artifact.tokenizer import Tokenizer
+from rnnserve.trainer.exportable import state_from_spec
+from rnnserve.trainer.precision import convert_package
+from rnnserve.v1 import rnnserve_pb2 as pb
+from tests.integration.server.harness import ServerThread, make_settings
+
+LM = ["rnn", "gru", "lstm", "lstm-deep"]
+RECURRENT = [*LM, "bilstm"]
+PROMPT = "the time traveller "
+
+
+@pytest.fixture(scope="module")
+def repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("precision-repo")
+    for name in RECURRENT:
+        shutil.copytree(model_repo / name / "1", out / name / "1")
+        convert_package(out / name / "1", out, name, "2", precision="int8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path) -> Iterator[ServerThread]:
+    srv = ServerThread(make_settings(repo)).start()
+    yield srv
+    srv.stop()
+
+
+def _generate(stub, **kw) -> list[pb.GenerateResponse]:
+    return list(stub.Generate(pb.GenerateRequest(**kw), timeout=60))
+
+
+def _ids(msgs: list[pb.GenerateResponse]) -> list[int]:
+    return [i for m in msgs for i in m.token_ids]
+
+
+def _ort_greedy(package: Path, prompt: str, k: int) -> list[int]:
+    """Plain onnxruntime on the int8 graph, batch 1: the prompt in one call, then steps."""
+    m = Manifest.load(package)
+    sess = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.asarray([m.build_vocab().encode(Tokenizer(m.tokenizer).tokenize(prompt))], np.int64)
+    state = {s.input: state_from_spec(s, 1) for s in m.state}
+    outputs = [m.output_name, *(s.output for s in m.state)]
+    out: list[int] = []
+    for _ in range(k):
+        logits, *rest = sess.run(outputs, {m.input_name: x, **state})
+        state = {s.input: v for s, v in zip(m.state, rest, strict=True)}
+        out.append(int(np.argmax(logits[0, -1])))
+        x = np.asarray([[out[-1]]], np.int64)
+    return out
+
+
+def test_list_and_get_model_say_the_precision_of_each_version(server, repo) -> None:
+    models = {m.name: m for m in server.stub.ListModels(pb.ListModelsRequest()).models}
+    for name in RECURRENT:
+        versions = {v.version: v for v in models[name].versions}
+        assert versions["1"].precision == "fp32" and versions["2"].precision == "int8"
+        assert versions["2"].status == "SERVING"
+    info = server.stub.GetModel(pb.GetModelRequest(model="lstm", version="2"))
+    assert [v.precision for v in info.versions] == ["int8"]
+
+
+@pytest.mark.parametrize("name", LM)
+def test_int8_greedy_equals_plain_onnxruntime_on_the_int8_graph(server, repo, name) -> None:
+    want = _ort_greedy(repo / name / "2", PROMPT, 20)
+    got = _ids(_generate(server.stub, model=name, version="2", prompt=PROMPT, max_tokens=20))
+    eos = 3
+    assert got == (want[: want.index(eos)] if eos in want else want)
+
+
+@pytest.mark.parametrize("name", LM)
+def test_int8_resume_token_continues_exactly(server, name) -> None:
+    stub = server.stub
+    full = _ids(_generate(stub, model=name, version="2", prompt=PROMPT, max_tokens=24))
+    first = _generate(stub, model=name, version="2", prompt=PROMPT, max_tokens=10,
+                      return_state=True)  # fmt: skip
+    rest = _generate(stub, model=name, version="2", max_tokens=14, state=first[-1].state)
+    joined = _ids(first) + _ids(rest)
+    assert joined == full[: len(joined)]
+
+
+@pytest.mark.parametrize("name", LM)
+def test_int8_scores_are_log_probabilities_close_to_fp32(server, name) -> None:
+    text = "the time traveller for so it will be convenient to speak of him"
+    scores = {}
+    for version in ("1", "2"):
+        (r,) = server.stub.Score(pb.ScoreRequest(model=name, version=version, texts=[text])).results
+        assert r.num_tokens == len(text) - 1
+        assert r.perplexity == pytest.approx(math.exp(-r.log_likelihood / r.num_tokens), rel=1e-5)
+        scores[version] = r.perplexity
+    assert scores["2"] == pytest.approx(scores["1"], rel=0.05)
+
+
+def test_int8_bidirectional_model_infills_like_fp32(server) -> None:
+    top = {}
+    for version in ("1", "2"):
+        request = pb.InfillRequest(model="bilstm", version=version, left="the tim",
+                                   right=" traveller", top_k=5)  # fmt: skip
+        res = server.stub.Infill(request)
+        probs = [c.probability for c in res.candidates]
+        assert len(probs) == 5 and probs == sorted(probs, reverse=True)
+        top[version] = res.candidates[0].token_id
+    assert top["2"] == top["1"]
