@@ -10,7 +10,7 @@ keep arriving. Every stream's text is compared with the same request run without
 of C concurrent streams against one replica with checkpoints every 16 (and 64) tokens vs
 none. About 2 minutes on 2 cores.
 
-Usage: python bench/failover.py [--rounds 5] [--streams 12] [--cost-seconds 3]
+Usage: python bench/failover.py [--rounds 5] [--streams 12] [--cost-seconds 2]
        [--model-repo models] [--out bench/results/failover.json]
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import BIN, ROOT, free_port, machine_info
+from bench.common import BIN, ROOT, free_port, machine_info, process_cpu_s
 from rnnserve.client import AsyncRnnClient, RnnClient
 
 KEY = "bench-failover-shared-key"
@@ -275,21 +275,33 @@ async def _tokens_per_s(address: str, streams: int, every: int, seconds: float) 
 
 
 def checkpoint_cost(replica: Replica, streams: int, intervals: list[int], seconds: float) -> dict:
-    """Tokens/s without checkpoints and with each interval, after a warm-up; the settings
-    alternate twice (none, every N, ..., none, every N, ...) so drift hits all alike."""
+    """Tokens/s and the server's CPU time per token, without checkpoints and with each
+    interval, after a warm-up; the settings alternate three times (none, every N, ..., none,
+    ...) so drift hits all alike. CPU per token is the steadier figure on a shared machine."""
+    assert replica.proc is not None
+    pid = replica.proc.pid
     asyncio.run(_tokens_per_s(replica.address, streams, 0, min(seconds, 2.0)))  # warm-up
-    runs: dict[str, list[float]] = {"none": [], **{f"every_{n}": [] for n in intervals}}
-    for _ in range(2):
-        for n in (0, *intervals):
+    names = ["none", *(f"every_{n}" for n in intervals)]
+    rates: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
+    for _ in range(3):
+        for name, n in zip(names, (0, *intervals), strict=True):
+            before = process_cpu_s(pid) or 0.0
+            start = time.monotonic()
             rate = asyncio.run(_tokens_per_s(replica.address, streams, n, seconds))
-            runs[f"every_{n}" if n else "none"].append(rate)
-    best = {k: max(v) for k, v in runs.items()}
+            tokens = rate * (time.monotonic() - start)
+            rates[name].append(rate)
+            cpu[name].append(1e6 * ((process_cpu_s(pid) or 0.0) - before) / max(tokens, 1.0))
+    rate = {k: statistics.median(v) for k, v in rates.items()}
+    us = {k: statistics.median(v) for k, v in cpu.items()}
     return {
         "concurrency": streams,
         "seconds_per_run": seconds,
-        "tokens_per_s": {k: round(v) for k, v in best.items()},
-        "runs": {k: [round(x) for x in v] for k, v in runs.items()},
-        "ratio_to_none": {k: round(v / best["none"], 3) for k, v in best.items() if k != "none"},
+        "tokens_per_s_median": {k: round(v) for k, v in rate.items()},
+        "server_cpu_us_per_token_median": {k: round(v, 2) for k, v in us.items()},
+        "tokens_per_s_runs": {k: [round(x) for x in v] for k, v in rates.items()},
+        "throughput_ratio_to_none": {k: round(rate[k] / rate["none"], 3) for k in names[1:]},
+        "cpu_ratio_to_none": {k: round(us[k] / us["none"], 3) for k in names[1:]},
     }
 
 
@@ -309,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="kill -9 rounds")
     p.add_argument("--streams", type=int, default=12, help="streams per round")
     p.add_argument("--max-tokens", type=int, default=1500)
-    p.add_argument("--cost-seconds", type=float, default=3.0, help="0 skips the cost runs")
+    p.add_argument("--cost-seconds", type=float, default=2.0, help="0 skips the cost runs")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seed", type=int, default=21)
     p.add_argument("--server-args", nargs="*", default=[], help="extra rnn-server flags")
