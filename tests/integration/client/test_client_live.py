@@ -91,14 +91,19 @@ def test_server_errors_become_typed_exceptions(client: RnnClient) -> None:
     assert "horizon" in info.value.details
 
 
-def test_unavailable_is_retried_for_unary_calls_only(client: RnnClient, server) -> None:
+def test_unavailable_is_retried_for_unary_calls_and_generate_fails_over(
+    client: RnnClient, server
+) -> None:
     server.script.unavailable["Score"] = 2
     assert client.score("lstm", ["ab"])[0].num_tokens == 1
     assert [rpc for rpc, _ in server.script.seen].count("Score") == 3
     server.script.unavailable["Generate"] = 1
     with pytest.raises(Unavailable):
-        list(client.generate("lstm", "ab", max_tokens=2))
+        list(client.generate("lstm", "ab", max_tokens=2, failover=False))
     assert [rpc for rpc, _ in server.script.seen].count("Generate") == 1
+    server.script.unavailable["Generate"] = 1  # failover (the default) starts it again
+    assert len([t for e in client.generate("lstm", "ab", max_tokens=2) for t in e.token_ids]) == 2
+    assert [rpc for rpc, _ in server.script.seen].count("Generate") == 3
 
 
 def test_bearer_token_reaches_the_server(server) -> None:
