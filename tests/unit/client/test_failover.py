@@ -300,3 +300,38 @@ def test_failover_requests_carry_checkpoints_and_a_seed() -> None:
 )
 def test_which_errors_mean_the_replica_is_gone(error, failure) -> None:
     assert is_replica_failure(error) is failure
+
+
+def _dead_address() -> str:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return f"127.0.0.1:{s.getsockname()[1]}"  # closed on return: nothing listens
+
+
+def test_unary_calls_move_on_from_a_dead_replica(servers) -> None:
+    a, _ = servers
+    with RnnClient([_dead_address(), f"127.0.0.1:{a.app.port}"], retry=FAST) as c:
+        for _ in range(3):  # whichever replica the round robin starts on
+            assert "lstm" in {m.name for m in c.list_models()}
+
+
+def test_rnn_client_generate_takes_a_list_of_replicas(servers, capsys) -> None:
+    from rnnserve.client import cli
+
+    a, _ = servers
+    address = f"{_dead_address()},127.0.0.1:{a.app.port}"
+    argv = ["--address", address, "generate", "--model", "gru", "--prompt", PROMPT,
+            "--max-tokens", "30", "--state-every", "8"]  # fmt: skip
+    assert cli.main(argv) == 0
+    request = pb.GenerateRequest(model="gru", prompt=PROMPT, max_tokens=30, state_every=8)
+    assert capsys.readouterr().out == _reference(a, request)[1] + "\n"
+
+
+def test_address_lists() -> None:
+    from rnnserve.client.connection import address_list
+
+    assert address_list("a:1, b:2") == ["a:1", "b:2"]
+    assert address_list(["a:1"]) == ["a:1"]
+    assert address_list("ipv4:10.0.0.1:1,10.0.0.2:1") == ["ipv4:10.0.0.1:1,10.0.0.2:1"]
+    assert address_list("dns:///svc:50051") == ["dns:///svc:50051"]
+    with pytest.raises(ValueError, match="at least one"):
+        address_list(" , ")
