@@ -118,3 +118,29 @@ def test_int8_bidirectional_model_infills_like_fp32(server) -> None:
         assert len(probs) == 5 and probs == sorted(probs, reverse=True)
         top[version] = res.candidates[0].token_id
     assert top["2"] == top["1"]
+
+
+def test_cli_export_and_package_write_int8_packages(model_repo: Path, tmp_path: Path) -> None:
+    from rnnserve.trainer import cli
+
+    out = tmp_path / "models"
+    checkpoint = model_repo / "lstm" / "1" / "checkpoint.pt"
+    assert cli.main(["export", "--checkpoint", str(checkpoint), "--out", str(out),
+                     "--name", "exported", "--precision", "int8"]) == 0  # fmt: skip
+    exported = Manifest.load(out / "exported" / "1")
+    assert exported.precision == "int8" and exported.quantization["per_channel"] is True
+    assert exported.parity["precision"]["probe"].startswith("the validation split")
+
+    source = Manifest.load(model_repo / "lstm" / "1")
+    vocab, text = tmp_path / "vocab.txt", tmp_path / "text.txt"
+    vocab.write_text("\n".join(source.vocab or []) + "\n", encoding="utf-8")
+    text.write_text("the time traveller for so it will be convenient to speak of him " * 3)
+    assert cli.main(["package", "--onnx", str(model_repo / "lstm" / "1" / "model.onnx"),
+                     "--vocab", str(vocab), "--tokenizer", "char", "--letters-only",
+                     "--out", str(out), "--name", "packaged", "--text", str(text),
+                     "--precision", "int8", "--per-tensor"]) == 0  # fmt: skip
+    packaged = Manifest.load(out / "packaged" / "1")
+    assert packaged.precision == "int8" and packaged.quantization["per_channel"] is False
+    assert packaged.parity["precision"]["probe"].startswith(str(text))
+    files = sorted(p.name for p in (out / "packaged" / "1").iterdir())
+    assert files == ["manifest.json", "model.onnx"]
