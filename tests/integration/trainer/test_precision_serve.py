@@ -144,3 +144,17 @@ def test_cli_export_and_package_write_int8_packages(model_repo: Path, tmp_path: 
     assert packaged.parity["precision"]["probe"].startswith(str(text))
     files = sorted(p.name for p in (out / "packaged" / "1").iterdir())
     assert files == ["manifest.json", "model.onnx"]
+
+
+def test_cli_train_publishes_only_the_int8_package(tmp_path: Path) -> None:
+    from rnnserve.trainer import cli
+
+    out = tmp_path / "models"
+    assert cli.main(["train", "--arch", "gru", "--hidden", "16", "--embed", "8", "--epochs", "1",
+                     "--max-tokens", "3000", "--out", str(out), "--run-dir", str(tmp_path / "run"),
+                     "--no-progress", "--precision", "int8"]) == 0  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["gru"]
+    manifest = Manifest.load(out / "gru" / "1")
+    assert manifest.precision == "int8" and manifest.quantization["kept_float32"] == ["GRU"]
+    assert manifest.parity["precision"]["probe"].startswith("the validation split")
+    assert (out / "gru" / "1" / "checkpoint.pt").exists()  # `rnn-trainer sample` still works
