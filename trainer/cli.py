@@ -224,7 +224,15 @@ def run_train(args: argparse.Namespace) -> int:
             return 0
         if fp32_dir is not None and path is not None:
             with fp32_dir:
-                path = _convert_trained(Path(path), args)
+                try:
+                    path = _convert_trained(Path(path), args)
+                except TrainerError as exc:
+                    raise TrainerError(
+                        f"{exc}; the trained model is kept in {run_dir}/checkpoint.pt; retry"
+                        f" with: rnn-trainer export --checkpoint {run_dir}/checkpoint.pt --out"
+                        f" {args.out} --name {name} --version {args.version} --precision"
+                        f" {args.precision}"
+                    ) from exc
         print(f"training log and curve: {run_dir}/log.jsonl, {run_dir}/curve.png")
     print(f"exported {path}")
     return 0

@@ -158,3 +158,20 @@ def test_cli_train_publishes_only_the_int8_package(tmp_path: Path) -> None:
     assert manifest.precision == "int8" and manifest.quantization["kept_float32"] == ["GRU"]
     assert manifest.parity["precision"]["probe"].startswith("the validation split")
     assert (out / "gru" / "1" / "checkpoint.pt").exists()  # `rnn-trainer sample` still works
+
+
+def test_cli_train_refused_by_the_quality_bound_keeps_the_model_and_says_how_to_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from rnnserve.trainer import cli, precision
+
+    monkeypatch.setattr(precision, "PPL_BOUND", -1.0)  # every graph now "loses" quality
+    out, run = tmp_path / "models", tmp_path / "run"
+    code = cli.main(["train", "--arch", "lstm", "--hidden", "16", "--embed", "8", "--epochs",
+                     "1", "--max-tokens", "3000", "--out", str(out), "--run-dir", str(run),
+                     "--no-progress", "--precision", "int8"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--allow-quality-loss" in err and f"--checkpoint {run}/checkpoint.pt" in err
+    assert (run / "checkpoint.pt").exists()
+    assert not (out / "lstm" / "1").exists()
