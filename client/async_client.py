@@ -136,6 +136,7 @@ class AsyncRnnClient:
         tls: TlsConfig | None = None,
         retry: RetryPolicy | None = None,
         state_every: int = DEFAULT_STATE_EVERY,
+        keepalive: float | None = None,
     ) -> None:
         self.addresses = address_list(address)
         self.address = ",".join(self.addresses)
@@ -143,7 +144,7 @@ class AsyncRnnClient:
         self.retry = retry or RetryPolicy()
         self.state_every = state_every
         self._metadata = auth_metadata(token)
-        self._channels = [aio_channel(a, tls) for a in self.addresses]
+        self._channels = [aio_channel(a, tls, keepalive) for a in self.addresses]
         self._inference = [pb_grpc.InferenceStub(c) for c in self._channels]
         self._admin = [pb_grpc.AdminStub(c) for c in self._channels]
         self._turn = itertools.count()

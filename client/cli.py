@@ -57,6 +57,12 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         default=default(None),
         help=f"deadline in seconds per call (default {DEFAULT_CLI_TIMEOUT:g}; generate: none)",
     )
+    g.add_argument(
+        "--keepalive",
+        type=_positive_float,
+        default=default(None),
+        help="seconds between pings during a call; a replica silent that long is left (failover)",
+    )
     token = os.environ.get("RNNSERVE_TOKEN")
     g.add_argument("--token", default=default(token), help="bearer token (env RNNSERVE_TOKEN)")
     g.add_argument("--tls", action="store_true", default=default(False), help="use TLS")
@@ -154,7 +160,10 @@ def make_client(args: argparse.Namespace) -> RnnClient:
     tls = None
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
         tls = TlsConfig.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
-    return RnnClient(args.address, timeout=DEFAULT_CLI_TIMEOUT, token=args.token, tls=tls)
+    return RnnClient(
+        args.address, timeout=DEFAULT_CLI_TIMEOUT, token=args.token, tls=tls,
+        keepalive=args.keepalive,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -64,10 +64,28 @@ def _read(path: str | Path | None, what: str) -> bytes | None:
         raise ValueError(f"cannot read TLS {what} file {path}: {exc.strerror}") from None
 
 
-def channel_options(tls: TlsConfig | None) -> list[tuple[str, int | str]]:
+def channel_options(
+    tls: TlsConfig | None, keepalive: float | None = None
+) -> list[tuple[str, int | str]]:
+    """`keepalive` seconds: ping the server that often while calls are active and count it
+    dead (UNAVAILABLE) when a ping goes unanswered as long; finds a peer that vanished without
+    closing its connection (node loss, partition, a stopped process)."""
     options = list(_CHANNEL_OPTIONS)
     if tls is not None and tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
+    if keepalive is not None:
+        if not keepalive > 0:
+            raise ValueError(f"keepalive must be > 0 seconds, got {keepalive}")
+        ms = max(1, int(keepalive * 1000))
+        options += [
+            ("grpc.keepalive_time_ms", ms),
+            ("grpc.keepalive_timeout_ms", ms),
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.http2.max_pings_without_data", 0),
+            # else a silent peer (no data coming back) is pinged only every 5 minutes
+            ("grpc.http2.min_time_between_pings_ms", ms),
+            ("grpc.http2.ping_timeout_ms", ms),  # newer gRPC cores time pings out by this
+        ]
     return options
 
 
@@ -86,16 +104,22 @@ def address_list(address: str | Sequence[str]) -> list[str]:
     return items
 
 
-def sync_channel(address: str, tls: TlsConfig | None) -> grpc.Channel:
+def sync_channel(
+    address: str, tls: TlsConfig | None, keepalive: float | None = None
+) -> grpc.Channel:
+    options = channel_options(tls, keepalive)
     if tls is None:
-        return grpc.insecure_channel(address, options=channel_options(None))
-    return grpc.secure_channel(address, tls.credentials(), options=channel_options(tls))
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, tls.credentials(), options=options)
 
 
-def aio_channel(address: str, tls: TlsConfig | None) -> grpc.aio.Channel:
+def aio_channel(
+    address: str, tls: TlsConfig | None, keepalive: float | None = None
+) -> grpc.aio.Channel:
+    options = channel_options(tls, keepalive)
     if tls is None:
-        return grpc.aio.insecure_channel(address, options=channel_options(None))
-    return grpc.aio.secure_channel(address, tls.credentials(), options=channel_options(tls))
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, tls.credentials(), options=options)
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

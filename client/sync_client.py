@@ -143,6 +143,8 @@ class RnnClient:
     token: bearer token sent as `authorization` metadata. tls: TlsConfig, or None for
     plaintext. retry: attempts and backoff for unary calls that fail with UNAVAILABLE and for
     streams that fail over. state_every: tokens between a failover stream's checkpoints.
+    keepalive: seconds between HTTP/2 pings during calls (None: off); a replica that does not
+    answer one within as long is dead, so its streams fail over (docs/reliability.md).
     """
 
     def __init__(
@@ -154,6 +156,7 @@ class RnnClient:
         tls: TlsConfig | None = None,
         retry: RetryPolicy | None = None,
         state_every: int = DEFAULT_STATE_EVERY,
+        keepalive: float | None = None,
     ) -> None:
         self.addresses = address_list(address)
         self.address = ",".join(self.addresses)
@@ -161,7 +164,7 @@ class RnnClient:
         self.retry = retry or RetryPolicy()
         self.state_every = state_every
         self._metadata = auth_metadata(token)
-        self._channels = [_sync_channel(a, tls) for a in self.addresses]
+        self._channels = [_sync_channel(a, tls, keepalive) for a in self.addresses]
         self._inference = [pb_grpc.InferenceStub(c) for c in self._channels]
         self._admin = [pb_grpc.AdminStub(c) for c in self._channels]
         self._turn = itertools.count()
