@@ -63,6 +63,7 @@ class Engine:
                 s.max_batch,
                 s.stream_interval_us * 1e-6,
                 s.prefill_chunk,
+                bool(s.prefill_thread),
             )
         return self._decoders[key]
 

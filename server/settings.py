@@ -36,6 +36,7 @@ class Settings:
     max_streams: int = 512
     max_batch: int = 256
     prefill_chunk: int = 256
+    prefill_thread: int = 1
     stream_interval_us: int = 500
     decode_head: int = 1
     max_message_bytes: int = 4 * 1024 * 1024
@@ -94,8 +95,13 @@ _HELP: dict[str, tuple[type, str]] = {
     "max_batch": (int, "most streams stepped by one ONNX Runtime call (1 disables batching)"),
     "prefill_chunk": (
         int,
-        "most prompt tokens one prefill call feeds a stream; longer prompts prefill in chunks "
-        "between decode steps, so other streams keep their pace",
+        "most prompt tokens one prefill call feeds a stream; longer prompts prefill in chunks, "
+        "so short prompts behind them wait at most one chunk",
+    ),
+    "prefill_thread": (
+        int,
+        "1: prompts prefill in a thread of their own, beside the decode steps (ORT releases "
+        "the GIL, so both cores work); 0: between decode steps, in the decode thread",
     ),
     "stream_interval_us": (
         int,

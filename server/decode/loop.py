@@ -120,10 +120,11 @@ class Batch:
         return len(self.slots)
 
     def join(
-        self, slots: list[Slot], states: list[State], tokens: list[int], at: float
+        self, slots: list[Slot], states: list[State], tokens: list[int], at: list[float]
     ) -> None:
+        """Adds prefilled rows; `at`: when each row's first token existed."""
         model = self.chooser.model
-        self.joined += [(s, at) for s in slots]
+        self.joined += list(zip(slots, at, strict=True))
         self._settle_uniforms()
         self.state = model.concat(([self.state] if self.slots else []) + states)
         self.slots += slots
@@ -192,6 +193,7 @@ class DecodeLoop:
         max_batch: int,
         stream_interval: float = 0.0,
         prefill_chunk: int = 256,
+        prefill_thread: bool = True,
     ) -> None:
         self.name = name
         self.model = model
@@ -199,20 +201,24 @@ class DecodeLoop:
         self.max_batch = max_batch
         self.stream_interval = stream_interval  # seconds
         self.prefill_chunk = prefill_chunk
+        self.prefill_thread = prefill_thread  # prompts prefill beside the steps, not between
         self.eos = model.manifest.vocab.index("<eos>") if "<eos>" in model.manifest.vocab else -1
         self.admitted = 0  # event loop: streams between submit and release
         self._idle = asyncio.Event()
         self._idle.set()
-        # event loop -> thread
+        # event loop -> prefill (its own thread, or the decode thread between steps)
         self._inbox: deque[Slot] = deque()
+        self._prefill_wake = threading.Event()
+        # prefill thread -> decode thread: prefilled rows, their state, first token and time
+        self._joinbox: deque[tuple[Slot, State, int, float]] = deque()
         self._wake = threading.Event()
         self._closed = False
         # thread -> event loop
         self._outbox: deque[list[Handover]] = deque()
         self._wake_pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        # the thread's own
+        self._threads: list[threading.Thread] = []
+        # the threads' own
         self._prefilling: list[Slot] = []
         self._batches: list[Batch] = []
         self._news: list[Handover] = []
@@ -247,7 +253,7 @@ class DecodeLoop:
     @property
     def pending(self) -> int:
         """Streams submitted and not yet in a batch."""
-        return len(self._inbox) + len(self._prefilling)
+        return len(self._inbox) + len(self._prefilling) + len(self._joinbox)
 
     def submit(self, stream: Stream, ids: list[int], state: State | None) -> None:
         """Queues an admitted stream: `ids` is its prompt, fed from `state` (None: fresh).
@@ -258,22 +264,28 @@ class DecodeLoop:
         budget = stream.stopper.max_tokens - count
         due = stream.wants_state(count + 1)
         self._inbox.append(Slot(stream, list(ids), state, budget, count=count, due=due))
+        self._prefill_wake.set()
         self._wake.set()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"decode:{self.name}")
-            self._thread.daemon = True
-            self._thread.start()
+        if not self._threads:
+            targets = {f"decode:{self.name}": self._run}
+            if self.prefill_thread:
+                targets[f"prefill:{self.name}"] = self._run_prefill
+            for name, target in targets.items():
+                thread = threading.Thread(target=target, name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
 
     async def drain(self) -> None:
         """Waits until every admitted stream has left (hot reload, shutdown)."""
         await self._idle.wait()
 
     async def close(self) -> None:
-        """Stops the thread after its current call."""
+        """Stops the threads after their current call."""
         self._closed = True
         self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 5.0)
+        self._prefill_wake.set()
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join, 5.0)
 
     def _deliver(self) -> None:
         """Event loop: hands each stream its tokens, in order; finished streams get their last
@@ -296,10 +308,41 @@ class DecodeLoop:
         if accepted:
             self._generated.inc(accepted)
 
+    # -- the prefill thread ---------------------------------------------------------------
+    def _run_prefill(self) -> None:
+        """Prompts prefill here, beside the decode steps: ORT releases the GIL, so a prefill
+        runs on the other core while the batch steps, and joins it when done."""
+        news: list[Handover] = []
+        while not self._closed:
+            if not (self._inbox or self._prefilling):
+                self._prefill_wake.wait()
+                self._prefill_wake.clear()
+                continue
+            try:
+                joining = self._prefill(news)
+            except Exception as exc:  # fails these prompts, never the thread
+                log.exception("prefill failed for %s", self.name)
+                joining = []
+                self._take_inbox()
+                for slot in self._prefilling:
+                    news.append(self._failed(slot, exc))
+                self._prefilling = []
+            self._send(news)  # first tokens reach the event loop before later ones can
+            if joining:
+                self._joinbox.extend(joining)
+                self._wake.set()
+
+    def _take_inbox(self) -> None:
+        while self._inbox:
+            slot = self._inbox.popleft()
+            self._queue_wait.observe(time.perf_counter() - slot.stream.started)
+            self._prefilling.append(slot)
+
     # -- the decode thread ----------------------------------------------------------------
     def _run(self) -> None:
         while not self._closed:
-            if not (self._batches or self._prefilling or self._inbox):
+            prompts = not self.prefill_thread and (self._prefilling or self._inbox)
+            if not (self._batches or self._joinbox or prompts):
                 self._flush_metrics()
                 self._wake.wait()
                 self._wake.clear()
@@ -309,27 +352,29 @@ class DecodeLoop:
             except Exception as exc:  # a failed call fails its streams, never the thread
                 log.exception("decode failed for %s", self.name)
                 self._fail_all(exc)
-            self._send()
+            self._send(self._news)
 
     def _turn(self) -> None:
-        while self._inbox:
-            slot = self._inbox.popleft()
-            self._queue_wait.observe(time.perf_counter() - slot.stream.started)
-            self._prefilling.append(slot)
-        if self._prefilling:
-            self._prefill()
+        if not self.prefill_thread and (self._inbox or self._prefilling):
+            joining = self._prefill(self._news)
+            self._send(self._news)  # first tokens go out before the next step
+            self._joinbox.extend(joining)
+        if self._joinbox:
+            self._join([self._joinbox.popleft() for _ in range(len(self._joinbox))])
         self._filter()
         if self._batches:
             self._step()
 
-    def _prefill(self) -> None:
+    def _prefill(self, news: list[Handover]) -> list[tuple[Slot, State, int, float]]:
         """One aligned call for the waiting prompts (at most max_batch rows): each advances
-        by the shortest remaining length, capped at --prefill-chunk."""
+        by the shortest remaining length, capped at --prefill-chunk. Returns the rows whose
+        prompt ended, to join the batch; their first tokens are in `news`."""
+        self._take_inbox()
         waiting = [s for s in self._prefilling if not s.stream.done]
         rows, later = waiting[: self.max_batch], waiting[self.max_batch :]
         if not rows:
             self._prefilling = later
-            return
+            return []
         n = min(self.prefill_chunk, *(len(s.ids) - s.fed for s in rows))
         x = np.asarray([s.ids[s.fed : s.fed + n] for s in rows], dtype=np.int64)
         fresh = self.model.initial_state(1)
@@ -345,14 +390,11 @@ class DecodeLoop:
             tokens, logprobs, state = self.chooser.run(x, state, params, uniforms)
         except Exception as exc:  # fails these prompts only
             log.exception("prefill failed for %s", self.name)
-            for slot in rows:
-                news = self._take_news(slot)
-                news.error = exc
-                self._news.append(news)
-            return
+            news.extend(self._failed(slot, exc) for slot in rows)
+            return []
         now = time.perf_counter()
         states = self.model.split(state) if self.model.specs else [[] for _ in rows]
-        joining: list[tuple[Slot, State, int]] = []
+        joining: list[tuple[Slot, State, int, float]] = []
         for i, slot in enumerate(rows):
             slot.fed += n
             slot.state = states[i]
@@ -360,16 +402,12 @@ class DecodeLoop:
                 self._prefilling.append(slot)
                 continue
             token = int(tokens[i])
-            if self._record(slot, token, float(logprobs[i]), now, states[i]):
-                self._news.append(self._take_news(slot))  # done after one token
-            else:
-                joining.append((slot, states[i], token))
-                self._news.append(self._take_news(slot))  # the first token goes out at once
-        if joining:
-            self._join(joining, now)
-        self._send()  # first tokens go out before the next step
+            if not self._record(slot, token, float(logprobs[i]), now, states[i]):
+                joining.append((slot, states[i], token, now))  # else done after one token
+            news.append(self._take_news(slot))  # the first token goes out at once
+        return joining
 
-    def _join(self, joining: list[tuple[Slot, State, int]], at: float) -> None:
+    def _join(self, joining: list[tuple[Slot, State, int, float]]) -> None:
         while joining:
             target = next((b for b in self._batches if len(b) < self.max_batch), None)
             if target is None:
@@ -377,10 +415,9 @@ class DecodeLoop:
                 self._batches.append(target)
             room = self.max_batch - len(target)
             now, joining = joining[:room], joining[room:]
-            target.join(
-                [s for s, _, _ in now], [st for _, st, _ in now], [t for _, _, t in now], at
-            )
-            for slot, _, _ in now:
+            target.join([j[0] for j in now], [j[1] for j in now], [j[2] for j in now],
+                        [j[3] for j in now])  # fmt: skip
+            for slot, *_ in now:
                 slot.state = None  # the batch holds it now
 
     def _filter(self) -> None:
@@ -393,9 +430,8 @@ class DecodeLoop:
                 rows = []
                 for i, slot in enumerate(batch.slots):
                     if slot.stream.expired(now) and not slot.stream.done:
-                        news = self._take_news(slot)
-                        news.error = DeadlineExceeded("the call's deadline passed")
-                        self._news.append(news)
+                        expired = DeadlineExceeded("the call's deadline passed")
+                        self._news.append(self._failed(slot, expired))
                     elif not slot.stream.done:
                         rows.append(i)
                 if len(rows) < len(batch):
@@ -469,13 +505,18 @@ class DecodeLoop:
             slot.snapshots = []
         return news
 
-    def _send(self) -> None:
-        """Queues this turn's news for the event loop, waking it only if no wake-up is
-        pending (each wake-up is a syscall and a GIL hand-off)."""
-        if not self._news:
+    def _failed(self, slot: Slot, error: BaseException) -> Handover:
+        news = self._take_news(slot)
+        news.error = error
+        return news
+
+    def _send(self, news: list[Handover]) -> None:
+        """Queues a thread's news for the event loop (and empties the list), waking the loop
+        only if no wake-up is pending (each wake-up is a syscall and a GIL hand-off)."""
+        if not news:
             return
-        self._outbox.append(self._news)
-        self._news = []
+        self._outbox.append(list(news))
+        news.clear()
         loop = self._loop
         if not self._wake_pending and loop is not None and not loop.is_closed():
             self._wake_pending = True
@@ -483,11 +524,13 @@ class DecodeLoop:
                 loop.call_soon_threadsafe(self._deliver)
 
     def _fail_all(self, exc: BaseException) -> None:
-        for slot in [*self._prefilling, *(s for b in self._batches for s in b.slots)]:
-            news = self._take_news(slot)
-            news.error = exc
-            self._news.append(news)
-        self._prefilling, self._batches = [], []
+        """Decode thread: fails every stream it holds (and the prompts, when it prefills)."""
+        slots = [s for b in self._batches for s in b.slots]
+        slots += [j[0] for j in [self._joinbox.popleft() for _ in range(len(self._joinbox))]]
+        if not self.prefill_thread:
+            slots, self._prefilling = slots + self._prefilling, []
+        self._news.extend(self._failed(slot, exc) for slot in slots)
+        self._batches = []
 
     def _flush_metrics(self) -> None:
         if self._durations:

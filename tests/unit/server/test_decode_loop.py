@@ -56,8 +56,10 @@ def _stream(max_tokens: int, deadline: float | None = None) -> Stream:
 
 
 def _loop(model: FakeModel | None = None, max_batch: int = 64, interval: float = 0.0,
-          chunk: int = 256) -> DecodeLoop:  # fmt: skip
-    return DecodeLoop("fake", model or FakeModel(), Metrics(), max_batch, interval, chunk)
+          chunk: int = 256, threaded: bool = True) -> DecodeLoop:  # fmt: skip
+    """threaded: prompts prefill in their own thread (the default) or between steps."""
+    return DecodeLoop("fake", model or FakeModel(), Metrics(), max_batch, interval, chunk,
+                      threaded)  # fmt: skip
 
 
 def _start(loop: DecodeLoop, ids: list[int], max_tokens: int) -> Stream:
@@ -74,9 +76,10 @@ async def _collect(stream: Stream) -> list[int]:
     return ids
 
 
-def test_streams_share_steps_and_each_gets_its_own_tokens() -> None:
+@pytest.mark.parametrize("threaded", [True, False])
+def test_streams_share_steps_and_each_gets_its_own_tokens(threaded: bool) -> None:
     async def main():
-        loop = _loop()
+        loop = _loop(threaded=threaded)
         streams = [_start(loop, [first], 6) for first in range(4)]
         outs = await asyncio.gather(*[_collect(s) for s in streams])
         for _ in streams:
@@ -92,9 +95,10 @@ def test_streams_share_steps_and_each_gets_its_own_tokens() -> None:
     assert loop.admitted == 0 and loop.live == 0
 
 
-def test_max_batch_splits_a_step_into_chunks() -> None:
+@pytest.mark.parametrize("threaded", [True, False])
+def test_max_batch_splits_a_step_into_chunks(threaded: bool) -> None:
     async def main():
-        loop = _loop(max_batch=2)
+        loop = _loop(max_batch=2, threaded=threaded)
         streams = [_start(loop, [0], 5) for _ in range(5)]
         outs = await asyncio.gather(*[_collect(s) for s in streams])
         await loop.close()
@@ -105,11 +109,12 @@ def test_max_batch_splits_a_step_into_chunks() -> None:
     assert all(ids == [1, 2, 3, 4, 5] for ids in outs)
 
 
-def test_many_streams_joining_and_leaving_get_exact_tokens() -> None:
+@pytest.mark.parametrize("threaded", [True, False])
+def test_many_streams_joining_and_leaving_get_exact_tokens(threaded: bool) -> None:
     """Churn: streams of different lengths arrive while others run; each gets its own."""
 
     async def main():
-        loop = _loop(max_batch=8)
+        loop = _loop(max_batch=8, threaded=threaded)
         streams = []
         for i in range(40):
             streams.append((i, _start(loop, [i % V] * (1 + i % 5), 3 + (i * 7) % 30)))
@@ -126,9 +131,10 @@ def test_many_streams_joining_and_leaving_get_exact_tokens() -> None:
         assert stream.finished
 
 
-def test_cancelled_stream_leaves_by_the_next_step() -> None:
+@pytest.mark.parametrize("threaded", [True, False])
+def test_cancelled_stream_leaves_by_the_next_step(threaded: bool) -> None:
     async def main():
-        loop = _loop()
+        loop = _loop(threaded=threaded)
         keep = _start(loop, [0], 400)
         gone = _start(loop, [0], 10**6)
         await gone.buffer.next()
@@ -172,9 +178,10 @@ def test_output_buffer_coalesces_for_a_slow_reader() -> None:
     assert end is None
 
 
-def test_expired_stream_ends_with_deadline_exceeded() -> None:
+@pytest.mark.parametrize("threaded", [True, False])
+def test_expired_stream_ends_with_deadline_exceeded(threaded: bool) -> None:
     async def main():
-        loop = _loop()
+        loop = _loop(threaded=threaded)
         stream = _stream(10**6, deadline=0.0)  # long past
         loop.admit()
         loop.submit(stream, [0], None)
@@ -250,6 +257,8 @@ def test_a_stream_interval_coalesces_steps_into_few_messages() -> None:
 
 # -- single turns, driven by hand: what each ORT call contained ------------------------------
 def _turns(loop: DecodeLoop, n: int) -> None:
+    """Turns of a decode loop that prefills between steps, driven in this thread."""
+    assert not loop.prefill_thread
     loop._loop = SimpleNamespace(is_closed=lambda: True)  # no event loop: news stay queued
     for _ in range(n):
         loop._turn()
@@ -263,7 +272,7 @@ def _queue(loop: DecodeLoop, ids: list[int], max_tokens: int = 50) -> Stream:
 
 def _news(loop: DecodeLoop) -> dict[int, list[int]]:
     """Tokens made so far (handed over, or waiting for the next hand-over), by stream id()."""
-    loop._send()
+    loop._send(loop._news)
     out: dict[int, list[int]] = {}
     for batch in loop._outbox:
         for news in batch:
@@ -275,7 +284,7 @@ def _news(loop: DecodeLoop) -> dict[int, list[int]]:
 
 
 def test_prompts_arriving_together_prefill_in_aligned_calls() -> None:
-    loop = _loop()
+    loop = _loop(threaded=False)
     prompts = [[1, 2], [3, 4], [5, 6], [7, 8, 9], [2, 3, 4]]
     streams = [_queue(loop, p) for p in prompts]
     _turns(loop, 1)
@@ -291,7 +300,7 @@ def test_prompts_arriving_together_prefill_in_aligned_calls() -> None:
 
 
 def test_long_prompts_prefill_in_chunks_between_decode_steps() -> None:
-    loop = _loop(chunk=4)
+    loop = _loop(chunk=4, threaded=False)
     running = _queue(loop, [0])
     _turns(loop, 1)  # prefill [1, 1] + a step [1, 1]
     _queue(loop, list(range(10)))
@@ -302,7 +311,7 @@ def test_long_prompts_prefill_in_chunks_between_decode_steps() -> None:
 
 
 def test_a_prompt_whose_caller_left_is_skipped() -> None:
-    loop = _loop()
+    loop = _loop(threaded=False)
     gone = _queue(loop, [1, 2])
     _queue(loop, [3, 4])
     gone.cancel()
@@ -311,7 +320,7 @@ def test_a_prompt_whose_caller_left_is_skipped() -> None:
 
 
 def test_max_tokens_and_eos_leave_inside_the_thread() -> None:
-    loop = _loop(FakeModel(eos=True))
+    loop = _loop(FakeModel(eos=True), threaded=False)
     short = _queue(loop, [0], max_tokens=3)
     to_eos = _queue(loop, [5], max_tokens=100)
     _turns(loop, 4)
