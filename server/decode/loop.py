@@ -69,21 +69,10 @@ class Slot:
     logprobs: list[float] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     count: int = 0  # tokens made, counted from the original request (a resume starts there)
-    due: bool = False  # the state after the next token must be copied (stream.wants_state)
-
-    @property
-    def snapshots(self) -> list[State] | None:
-        """Non-None when `_step` must copy this row's state for the token it makes next:
-        only where a checkpoint or the end needs it, not every step. `_record` puts the copy
-        on the stream (`stream.snapshots`), so hand-overs carry none."""
-        return _COPY if self.due else None
-
-    @snapshots.setter
-    def snapshots(self, _value: object) -> None:
-        """`_take_news` resets it after a hand-over: nothing to reset, see the getter."""
-
-
-_COPY: list[State] = []  # never filled: Slot.snapshots only signals "copy"
+    # The state after the next token must be copied (stream.wants_state): only where a
+    # checkpoint or the end needs it, not every step. `_record` puts the copy on the stream
+    # (`stream.snapshots`), before the hand-over that carries the token is queued.
+    due: bool = False
 
 
 @dataclass
@@ -94,7 +83,6 @@ class Handover:
     tokens: list[int]
     logprobs: list[float]
     times: list[float]  # perf_counter() when each token existed
-    snapshots: list[State] | None
     error: BaseException | None = None
 
 
@@ -112,7 +100,6 @@ class Batch:
         self._uniforms = np.zeros((0, 0))  # [block step, row]
         self._used = 0  # block steps used
         self.deadline: float | None = None
-        self.signed = False
         self.stepped_at: float | None = None  # when the last step's tokens existed
         self.joined: list[tuple[Slot, float]] = []  # rows joined since: their first token time
 
@@ -150,7 +137,6 @@ class Batch:
         self._uniforms, self._used = np.zeros((0, len(params))), 0
         deadlines = [s.stream.deadline for s in self.slots if s.stream.deadline is not None]
         self.deadline = min(deadlines, default=None)
-        self.signed = any(s.snapshots is not None for s in self.slots)
 
     def _settle_uniforms(self) -> None:
         """Marks the peeked uniforms each sampled row consumed as used."""
@@ -454,7 +440,7 @@ class DecodeLoop:
             self._observe_gaps(batch, now)
             done = []
             for i, slot in enumerate(batch.slots):
-                state = self.model.take(batch.state, i) if slot.snapshots is not None else None
+                state = self.model.take(batch.state, i) if slot.due else None
                 if self._record(slot, tokens[i], logprobs[i], now, state):
                     done.append(i)
                     self._news.append(self._take_news(slot))
@@ -499,10 +485,8 @@ class DecodeLoop:
         return slot.budget <= 0 or token == self.eos
 
     def _take_news(self, slot: Slot) -> Handover:
-        news = Handover(slot.stream, slot.tokens, slot.logprobs, slot.times, slot.snapshots)
+        news = Handover(slot.stream, slot.tokens, slot.logprobs, slot.times)
         slot.tokens, slot.logprobs, slot.times = [], [], []
-        if slot.snapshots is not None:
-            slot.snapshots = []
         return news
 
     def _failed(self, slot: Slot, error: BaseException) -> Handover:
