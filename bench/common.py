@@ -120,7 +120,8 @@ def server_defaults() -> dict:
     from rnnserve.server.settings import Settings
 
     d = Settings()
-    keys = ("decode_steps", "stream_interval_us", "decode_head", "max_batch", "max_streams",
+    keys = ("prefill_thread", "prefill_chunk", "stream_interval_us", "decode_head", "max_batch",
+            "max_streams",
             "intra_op_threads", "workers", "executor_threads")  # fmt: skip
     return {k: getattr(d, k) for k in keys if hasattr(d, k)}
 
