@@ -121,8 +121,7 @@ def server_defaults() -> dict:
 
     d = Settings()
     keys = ("prefill_thread", "prefill_chunk", "stream_interval_us", "decode_head", "max_batch",
-            "max_streams",
-            "intra_op_threads", "workers", "executor_threads")  # fmt: skip
+            "max_streams", "intra_op_threads", "workers", "executor_threads")  # fmt: skip
     return {k: getattr(d, k) for k in keys if hasattr(d, k)}
 
 
