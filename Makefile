@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[train,serve,client,remote,dev]'
+	@# xds-protos (dev: the Envoy config tests) ships an older copy of opentelemetry/proto/*
+	@# that may land over opentelemetry-proto's own, depending on install order; put it back
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps \
+	  "opentelemetry-proto==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 	touch $(STAMP)
 
 # Trains and exports the default model zoo once, then serves it.
