@@ -162,7 +162,11 @@ def infill_candidates(msg: pb.InfillResponse) -> list[InfillCandidate]:
 
 def forecast_result(msg: pb.ForecastResponse) -> ForecastResult:
     return ForecastResult(
-        forecast=tuple(msg.forecast), fitted=tuple(msg.fitted), fitted_offset=msg.fitted_offset
+        forecast=tuple(msg.forecast),
+        fitted=tuple(msg.fitted),
+        fitted_offset=msg.fitted_offset,
+        lower=tuple(msg.lower),
+        upper=tuple(msg.upper),
     )
 
 

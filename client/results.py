@@ -48,11 +48,14 @@ class InfillCandidate:
 
 @dataclass(frozen=True)
 class ForecastResult:
-    """Predicted values in the series' units; fitted[i] predicts history[i + fitted_offset]."""
+    """Predicted values in the series' units; fitted[i] predicts history[i + fitted_offset];
+    lower/upper: each step's 90% interval (empty when the model has none)."""
 
     forecast: tuple[float, ...]
     fitted: tuple[float, ...] = ()
     fitted_offset: int = 0
+    lower: tuple[float, ...] = ()
+    upper: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -130,5 +130,9 @@ class InferenceService(pb_grpc.InferenceServicer):
             model, request.version, list(request.history), request.horizon, request.return_fitted
         )
         return pb.ForecastResponse(
-            forecast=result.forecast, fitted=result.fitted, fitted_offset=result.fitted_offset
+            forecast=result.forecast,
+            fitted=result.fitted,
+            fitted_offset=result.fitted_offset,
+            lower=result.lower,
+            upper=result.upper,
         )

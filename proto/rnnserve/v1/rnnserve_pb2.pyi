@@ -226,14 +226,18 @@ class ForecastRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., history: _Optional[_Iterable[float]] = ..., horizon: _Optional[int] = ..., return_fitted: bool = ...) -> None: ...
 
 class ForecastResponse(_message.Message):
-    __slots__ = ("forecast", "fitted", "fitted_offset")
+    __slots__ = ("forecast", "fitted", "fitted_offset", "lower", "upper")
     FORECAST_FIELD_NUMBER: _ClassVar[int]
     FITTED_FIELD_NUMBER: _ClassVar[int]
     FITTED_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LOWER_FIELD_NUMBER: _ClassVar[int]
+    UPPER_FIELD_NUMBER: _ClassVar[int]
     forecast: _containers.RepeatedScalarFieldContainer[float]
     fitted: _containers.RepeatedScalarFieldContainer[float]
     fitted_offset: int
-    def __init__(self, forecast: _Optional[_Iterable[float]] = ..., fitted: _Optional[_Iterable[float]] = ..., fitted_offset: _Optional[int] = ...) -> None: ...
+    lower: _containers.RepeatedScalarFieldContainer[float]
+    upper: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, forecast: _Optional[_Iterable[float]] = ..., fitted: _Optional[_Iterable[float]] = ..., fitted_offset: _Optional[int] = ..., lower: _Optional[_Iterable[float]] = ..., upper: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ReloadModelsRequest(_message.Message):
     __slots__ = ()

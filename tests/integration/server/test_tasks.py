@@ -85,6 +85,13 @@ def test_forecast_every_forecast_model(stub, model_repo: Path, name: str) -> Non
     want_fit, want_forecast = _ort_forecast(model_repo / name / "1", SINE, 7)
     np.testing.assert_allclose(res.fitted, want_fit, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(res.forecast, want_forecast, rtol=1e-4, atol=1e-5)
+    # the manifest's 90% residual interval around each step, in series units
+    intervals = Manifest.load(model_repo / name / "1").series["intervals"]
+    assert len(res.lower) == len(res.upper) == 7
+    np.testing.assert_allclose(
+        np.asarray(res.lower) - res.forecast, intervals["lower"][:7], rtol=1e-6, atol=1e-9
+    )
+    assert all(lo <= f <= hi for lo, f, hi in zip(res.lower, res.forecast, res.upper, strict=True))
 
 
 def _ort_forecast(package: Path, history: list[float], horizon: int):
