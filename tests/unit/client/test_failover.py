@@ -43,8 +43,9 @@ class ResettingProxy:
     balancer). `reset()` resets its connections (RST, as a dead host's kernel would) and,
     with `die`, refuses new ones from then on."""
 
-    def __init__(self, upstreams: list[int], die: bool = True) -> None:
+    def __init__(self, upstreams: list[int], die: bool = True, pace: float = THROTTLE_S) -> None:
         self.upstreams = itertools.cycle(upstreams)
+        self.pace = pace
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.die = die
@@ -67,7 +68,7 @@ class ResettingProxy:
             with self._lock:
                 self._socks += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream, 0), daemon=True).start()
-            pace = THROTTLE_S
+            pace = self.pace
             threading.Thread(target=self._pump, args=(upstream, client, pace), daemon=True).start()
 
     @staticmethod
@@ -176,7 +177,9 @@ def test_reset_mid_stream_continues_on_the_other_replica(servers, case) -> None:
 
 def test_one_load_balanced_address_fails_over_through_the_balancer(servers) -> None:
     a, b = servers
-    lb = ResettingProxy([a.app.port, b.app.port], die=False)  # the balancer lives on
+    # the balancer lives on; a slower link keeps the stream in flight past its checkpoints
+    # (the client's default state_every is 64, and a lone stream's messages carry ~1 ms)
+    lb = ResettingProxy([a.app.port, b.app.port], die=False, pace=4 * THROTTLE_S)
     try:
         with RnnClient(lb.address, retry=FAST, timeout=60) as c:
             stream = c.generate("lstm", PROMPT, max_tokens=4000, temperature=0.8, seed=1)
