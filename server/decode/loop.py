@@ -1,24 +1,26 @@
-"""The decode loop of one model version: a thread that owns the batch.
+"""The decode loop of one model version: a prefill thread and a decode thread that owns the
+batch.
 
-Everything a Generate stream goes through after admission happens here, in one thread, in
-this order on every turn:
+Everything a Generate stream goes through after admission happens here, in this order:
 
 1. **take admissions** — the event loop tokenizes a request and appends it to a
-   thread-safe inbox (`submit`); the thread wakes if it was idle.
-2. **prefill** — prompts waiting to start run as one ORT call per turn, all rows aligned:
-   every waiting prompt advances by the shortest remaining length (at most
-   `--prefill-chunk` tokens), so prompts of different lengths share calls and a long prompt
-   never holds the batch up for more than one chunk. A prompt that ends in this call gets
-   its first token picked in the same call, is handed to the event loop at once (time to
-   first token) and joins the batch: its state row is concatenated on.
-3. **filter** — streams the event loop finished (a stop string) or cancelled (the client
+   thread-safe inbox (`submit`); the prefill thread wakes if it was idle.
+2. **prefill** (`_run_prefill`, its own thread; with prefill_thread=False the decode thread
+   does it between steps) — waiting prompts run as one ORT call, all rows aligned: every
+   prompt advances by the shortest remaining length (at most `--prefill-chunk` tokens), so
+   prompts of different lengths share calls and a long prompt holds the ones behind it up for
+   at most one chunk. A prompt that ends in this call gets its first token picked in the same
+   call, handed to the event loop at once (time to first token), and its row goes to the
+   join queue. ORT releases the GIL, so prefill runs beside the decode steps.
+3. **join** (`_run` → `_turn`, the decode thread) — prefilled rows are concatenated on.
+4. **filter** — streams the event loop finished (a stop string) or cancelled (the client
    went away), and streams past their deadline, leave: their state rows are taken out.
-4. **step** — one ORT call `[batch, 1]` per batch of at most `--max-batch` rows feeds every
+5. **step** — one ORT call `[batch, 1]` per batch of at most `--max-batch` rows feeds every
    stream its last token and picks its next one (server/decode/choose.py). A stream that
    reaches max_tokens or end-of-sequence leaves inside the thread.
-5. **hand over** — tokens go to the event loop, which only moves them into gRPC messages:
-   new and finished streams at once; the rest every `live` steps (at most 64) and at most
-   once per `--stream-interval-us`, because a gRPC message costs the event loop more than a
+6. **hand over** — tokens go to the event loop, which only moves them into messages: new
+   and finished streams at once; the rest every `live` steps (at most 64) and at most once
+   per `--stream-interval-us`, because a gRPC message costs the event loop more than a
    decode step costs the model and the two share the GIL.
 
 The event loop never decides when the batch changes, so joins and leaves cost no round
