@@ -123,7 +123,12 @@ def test_two_workers_share_port_and_metrics(model_repo: Path, tmp_path: Path) ->
         models = {d.name for d in model_repo.iterdir() if d.is_dir()}
         assert len(serving) == len(models), "one series per version, not one per worker"
         assert sum(v for _, v in serving) == len(models), "a true sum under --workers"
-        assert _values(after, "rnnserve_ready") == [("", 1.0)]
+        # the parent merges the workers' files while they write them: read until it settles
+        ready, settle = _values(after, "rnnserve_ready"), time.monotonic() + 10
+        while ready != [("", 1.0)] and time.monotonic() < settle:
+            time.sleep(0.5)
+            ready = _values(_scrape(metrics_port), "rnnserve_ready")
+        assert ready == [("", 1.0)]
         assert _values(after, "rnnserve_stream_capacity") == [("", 2 * 512.0)]
         rss = _values(after, "process_resident_memory_bytes")
         assert len({labels for labels, _ in rss}) == 3, "the parent and each worker, by pid"
