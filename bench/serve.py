@@ -23,18 +23,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from rnnserve.artifact.manifest import Manifest
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.common import free_port, init_state, ort_session  # noqa: E402
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -42,26 +38,10 @@ def _pct(values: list[float], q: float) -> float:
 
 
 # -- bare onnxruntime ---------------------------------------------------------------------------
-def _session(package: Path) -> tuple[ort.InferenceSession, Manifest]:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(package / "model.onnx"), opts,
-                                providers=["CPUExecutionProvider"])  # fmt: skip
-    return sess, Manifest.load(package)
-
-
-def _init(m: Manifest, batch: int) -> dict[str, np.ndarray]:
-    out = {}
-    for s in m.state:
-        shape = [batch if d == -1 else d for d in s.shape]
-        out[s.input] = np.full(shape, s.init if np.isscalar(s.init) else 0.0, dtype=s.dtype)
-    return out
-
-
 def bare_step_time(package: Path, steps: int = 3000) -> dict[str, float]:
     """p50/p99 of one [1, 1] ORT call with state carried — the floor for inter-token latency."""
-    sess, m = _session(package)
-    state, names = _init(m, 1), [o.name for o in sess.get_outputs()]
+    sess, m = ort_session(package)
+    state, names = init_state(m, 1), [o.name for o in sess.get_outputs()]
     x, times = np.asarray([[5]], dtype=np.int64), []
     for _ in range(steps):
         t = time.perf_counter()
@@ -80,12 +60,12 @@ def score_texts(m: Manifest, n: int, length: int) -> list[str]:
 
 def bare_score(package: Path, texts: list[str]) -> float:
     """tokens/s of one ORT call per text (time = text length), log-softmax included."""
-    sess, m = _session(package)
+    sess, m = ort_session(package)
     vocab = {t: i for i, t in enumerate(m.vocab)}
     start, tokens = time.perf_counter(), 0
     for text in texts:
         ids = np.asarray([[vocab.get(c, 0) for c in text]], dtype=np.int64)
-        logits = sess.run([m.output_name], {m.input_name: ids, **_init(m, 1)})[0]
+        logits = sess.run([m.output_name], {m.input_name: ids, **init_state(m, 1)})[0]
         z = logits - logits.max(-1, keepdims=True)
         _ = z - np.log(np.exp(z).sum(-1, keepdims=True))
         tokens += ids.shape[1] - 1
@@ -178,7 +158,7 @@ class Server:
     """A real rnn-server process on a free port."""
 
     def __init__(self, repo: Path, extra: list[str], profile: Path | None = None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         cmd = [str(BIN / "rnn-server")]
         if profile is not None:
             cmd = [sys.executable, "-m", "cProfile", "-o", str(profile)]
