@@ -4,8 +4,9 @@ Part 1, real series (bench/data/, see its README for sources and licenses): for 
 rolling-origin backtest of `rnn-trainer backtest` (trainer/forecast/backtest.py) with every
 model (mlp, rnn, gru, lstm) and every baseline (naive, seasonal naive, drift, AR(8)), MASE,
 sMAPE and MSE at k = 1, 4, 16, default flags (representation and season chosen
-automatically). Targets (issue 22): at k = 16 the best model beats the best baseline (MASE)
-on every series, and every recurrent model beats naive. Writes
+automatically; where the ADF test calls for differences, each model also trains on levels
+and keeps what its validation tail prefers). Targets (issue 22): at k = 16 the best model
+beats the best baseline (MASE) on every series, and every recurrent model beats naive. Writes
 bench/results/forecast-<series>.png and the `real_series` part of forecast.json.
 
 Part 2, the textbook experiment: test MSE at k = 1, 4, 16, 64 on the textbook sine.
@@ -110,7 +111,9 @@ def real_series(out_dir: Path, epochs: int | None, seed: int = 0) -> dict:
             "kind": kind,
             "values": len(values),
             "test_size": len(values) - result.series.num_train,
-            "representation": result.representation,
+            "representation": result.representation,  # the automatic (ADF) choice
+            "representations": result.representations,  # what each model learned
+            "validation_scores": result.val_scores,  # {model: {candidate: tail score}}
             "season": result.series.season,
             "scores": {n: {str(k): v for k, v in r.items()} for n, r in result.scores.items()},
             "train_seconds": result.train_seconds,
@@ -122,7 +125,8 @@ def real_series(out_dir: Path, epochs: int | None, seed: int = 0) -> dict:
                 arch: result.scores[arch][16]["mase"] < naive16 for arch in RECURRENT
             },
         }
-        print(f"\n### {name}: {kind}; {result.representation}\n{format_scores(result)}")
+        learned = ", ".join(f"{m} {r}" for m, r in result.representations.items())
+        print(f"\n### {name}: {kind}; {learned}\n{format_scores(result)}")
         mase = {n: result.scores[n][16]["mase"] for n in (best, base)}
         print(f"k=16 MASE: best model {best} {mase[best]:.3f}, best baseline {base} "
               f"{mase[base]:.3f}", flush=True)  # fmt: skip

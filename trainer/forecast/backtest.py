@@ -4,8 +4,10 @@ The last `test_size` values are the test window; nothing in it is seen by traini
 model trains on the values before it (their own last `val_size` values validate, for early
 stopping), baselines are fitted on the same values, then every origin t from the end of the
 training part to the end of the series forecasts up to 16 steps from the true history
-x_1..x_t alone (the model is not refitted). The k-step errors whose targets lie in the test
-window give MASE, sMAPE and MSE at k = 1, 4, 16 (metrics.py).
+x_1..x_t alone (the model is not refitted). When several representations are candidates
+(select.py), each model trains on each and keeps the one its validation tail prefers.
+The k-step errors whose targets lie in the test window give MASE, sMAPE and MSE at
+k = 1, 4, 16 (metrics.py).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from rnnserve.trainer.forecast.evaluate import (
     held_out_errors,
     predict,
 )
-from rnnserve.trainer.forecast.series import Series, SeriesError, tail_split
-from rnnserve.trainer.forecast.train import ForecastTrainConfig, train_forecaster
+from rnnserve.trainer.forecast.select import train_on_best_representation
+from rnnserve.trainer.forecast.series import Series, SeriesError, tail_candidates
+from rnnserve.trainer.forecast.train import ForecastTrainConfig
 
 BACKTEST_HORIZONS = (1, 4, 16)
 TEST_FRACTION = 0.2
@@ -48,6 +51,8 @@ class BacktestResult:
     results: list[KStepResult] = field(default_factory=list)
     models: list[str] = field(default_factory=list)  # names of the learned predictors
     train_seconds: dict[str, float] = field(default_factory=dict)
+    representations: dict[str, str] = field(default_factory=dict)  # {model: what it learned}
+    val_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # {model: {rep: s}}
 
     def best(self, kind: str, k: int, metric: str = "mase") -> str:
         """Name of the best model ("model") or baseline ("baseline") at horizon k."""
@@ -73,17 +78,24 @@ def backtest(
     test = default_test_size(n) if test_size is None else test_size
     if not 1 <= test < n:
         raise SeriesError(f"--test-size must be in [1, {n - 1}] for {n} values, got {test}")
-    fit = tail_split(values[: n - test], tau, source, val_size, transform, season)
-    # the evaluation view: same representation and normaliser, test window held out
+    candidates = tail_candidates(values[: n - test], tau, source, val_size, transform, season)
+    fit = candidates[0]
+    # the evaluation view: the test window held out (each model carries its own
+    # representation and normaliser; the season, hence the MASE scale, is shared)
     series = Series(values, n - test, fit.normaliser, source, fit.representation, "test")
-    log(f"{source}: {n} values, test window {test}, representation {fit.representation.name}")
+    names = " or ".join(c.representation.name for c in candidates)
+    log(f"{source}: {n} values, test window {test}, representation {names}")
     predictors: list = []
     seconds: dict[str, float] = {}
+    chosen: dict[str, str] = {}
+    val_scores: dict[str, dict[str, float]] = {}
     for name, config in configs.items():
         started = time.monotonic()
-        model, _ = train_forecaster(config, fit)
+        picked = train_on_best_representation(config, candidates, log=log)
         seconds[name] = round(time.monotonic() - started, 1)
-        predictors.append(LevelForecaster(TorchForecaster(model, name=name), fit))
+        chosen[name] = picked.series.representation.name
+        val_scores[name] = picked.val_scores
+        predictors.append(LevelForecaster(TorchForecaster(picked.model, name=name), picked.series))
         log(f"  trained {name} in {seconds[name]} s")
     baselines = all_baselines(values[: n - test], tau, fit.season)
     k_max = max(horizons)
@@ -92,8 +104,9 @@ def backtest(
     results = [predict(p, series, k_max, first) for p in everyone]
     scores = {r.name: held_out_errors(r, series, horizons) for r in results}
     return BacktestResult(
-        source, series, fit.representation.name, scores, results, list(configs), seconds
-    )
+        source, series, fit.representation.name, scores, results, list(configs), seconds,
+        chosen, val_scores,
+    )  # fmt: skip
 
 
 def format_scores(result: BacktestResult, horizons=BACKTEST_HORIZONS) -> str:

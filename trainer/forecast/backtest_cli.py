@@ -101,7 +101,9 @@ def report(result, configs: dict[str, ForecastTrainConfig]) -> dict:
         "series": result.source,
         "num_values": len(series.values),
         "test_size": len(series.values) - series.num_train,
-        "representation": result.representation,
+        "representation": result.representation,  # the automatic choice
+        "representations": result.representations,  # what each model learned (select.py)
+        "validation_scores": result.val_scores,
         "season": series.season,
         "horizons": sorted(next(iter(result.scores.values()))),
         "scores": {n: {str(k): v for k, v in row.items()} for n, row in result.scores.items()},

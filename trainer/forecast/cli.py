@@ -14,7 +14,7 @@ from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.forecast.flags import MLP_HIDDEN, RECURRENT_HIDDEN, add_series_arguments
 from rnnserve.trainer.forecast.models import FORECAST_ARCHS
 from rnnserve.trainer.forecast.pipeline import run_forecast
-from rnnserve.trainer.forecast.series import MISSING_POLICIES, SPLITS, load_series
+from rnnserve.trainer.forecast.series import MISSING_POLICIES, SPLITS, load_candidates
 from rnnserve.trainer.forecast.train import ForecastTrainConfig
 
 # Common flags whose language-model defaults do not suit a 1000-value series.
@@ -107,7 +107,7 @@ def run_train(args: argparse.Namespace) -> int:
     if getattr(args, "resume", None):
         raise TrainerError("--resume is not supported for --task forecast (runs take seconds)")
     config = config_from_args(args)
-    series = load_series(
+    series, *alternatives = load_candidates(
         args.series, args.column, config.tau, args.missing, split=args.split,
         val_size=args.val_size, transform=args.transform, season=args.season,
     )  # fmt: skip
@@ -118,7 +118,9 @@ def run_train(args: argparse.Namespace) -> int:
     print(
         f"forecast {config.arch}: {len(series.values)} values from {series.source}, "
         f"train {series.num_train}, {series.held_out} {len(series.values) - series.num_train}, "
-        f"representation {series.representation.name}"
+        "representation "
+        + " or ".join(s.representation.name for s in [series, *alternatives])
+        + (" (the validation tail decides)" if alternatives else "")
     )
     run_forecast(
         config,
@@ -128,5 +130,6 @@ def run_train(args: argparse.Namespace) -> int:
         version=version,
         plot_path=plot,
         progress=not getattr(args, "no_progress", False),
+        alternatives=alternatives,
     )
     return 0

@@ -6,7 +6,10 @@
   temperatures 12; a strong cycle (sunspots, ~11 years) is found too and treated the same way.
 - Difference: the augmented Dickey-Fuller test with a constant on the (seasonally
   differenced) series; when its statistic does not reject a unit root at 5 % (MacKinnon's
-  asymptotic critical value -2.86), the model learns first differences.
+  asymptotic critical value -2.86), the model learns first differences. The test reads a
+  level shift or a short sample as a unit root (Perron 1989: a broken mean looks like a
+  random walk to it), so when it calls for differences, levels stay a candidate and the
+  validation tail decides between them (`candidate_representations`, select.py).
 """
 
 from __future__ import annotations
@@ -82,3 +85,15 @@ def choose_representation(train: np.ndarray, transform: str, season: int | None)
     if transform == "diff":
         return Representation(1, period)
     return Representation(int(needs_difference(seasonal.apply(train))), period)
+
+
+def candidate_representations(
+    train: np.ndarray, transform: str, season: int | None
+) -> list[Representation]:
+    """The representations worth training, the automatic choice first: with `--transform
+    auto`, a call for differences keeps levels as a second candidate (the ADF test cannot
+    tell a unit root from a level shift); any other choice is final."""
+    chosen = choose_representation(train, transform, season)
+    if transform != "auto" or not chosen.difference:
+        return [chosen]
+    return [chosen, Representation(0, chosen.season)]

@@ -8,7 +8,7 @@ export check passed (export_model is atomic).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,8 +29,9 @@ from rnnserve.trainer.forecast.evaluate import (
 )
 from rnnserve.trainer.forecast.intervals import manifest_intervals
 from rnnserve.trainer.forecast.models import min_history
+from rnnserve.trainer.forecast.select import train_on_best_representation
 from rnnserve.trainer.forecast.series import Series, SeriesError
-from rnnserve.trainer.forecast.train import ForecastTrainConfig, train_forecaster
+from rnnserve.trainer.forecast.train import ForecastTrainConfig
 
 
 @dataclass
@@ -64,10 +65,15 @@ def run_forecast(
     plot_path: Path | None = None,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    alternatives: Sequence[Series] = (),
 ) -> ForecastRun:
     """Trains config.arch, scores it and the baselines at k = 1, 4, 16, 64, exports to
-    out/<name>/<version>/ (when `out` is given) with metrics {mse_k1, ..., mse_k64}."""
-    model, history = train_forecaster(config, series, progress=progress)
+    out/<name>/<version>/ (when `out` is given) with metrics {mse_k1, ..., mse_k64}.
+
+    `alternatives`: the same split under other candidate representations (select.py); the
+    model trains on each and keeps the one its validation tail prefers."""
+    picked = train_on_best_representation(config, [series, *alternatives], progress, log)
+    model, history, series = picked.model, picked.history, picked.series
     predictor = LevelForecaster(TorchForecaster(model, name=config.arch), series)
     table, results = evaluate_all([predictor, *baselines(series, config.tau)], series)
     held = len(series.values) - series.num_train
@@ -96,6 +102,7 @@ def run_forecast(
             "num_train": series.num_train,
             "held_out": series.held_out,
             "representation": series.representation.name,
+            "representation_scores": picked.val_scores,  # {candidate: validation score}
             "config": config.to_dict(),
             "final_train_mse": history[-1],
             "baselines": {k: metrics_for_manifest(v) for k, v in table.items() if k != config.arch},

@@ -97,7 +97,8 @@ def plot_backtest(result, path: Path, k: int = 16, context: int | None = None) -
     left.legend(fontsize=8)
     horizons = sorted(next(iter(result.scores.values())))
     table = {n: {h: row[h]["mase"] for h in horizons} for n, row in result.scores.items()}
-    draw_mse_bars(right, table, horizons, title=f"MASE ({result.representation})")
+    learned = sorted(set(result.representations.values())) or [result.representation]
+    draw_mse_bars(right, table, horizons, title=f"MASE (models on {' / '.join(learned)})")
     right.set_ylabel("MASE (test window)")
     return _save(fig, plt, path)
 

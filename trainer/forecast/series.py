@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from rnnserve.trainer.errors import TrainerError
-from rnnserve.trainer.forecast.detect import choose_representation
+from rnnserve.trainer.forecast.detect import candidate_representations, choose_representation
 from rnnserve.trainer.forecast.representation import TRANSFORMS, Representation
 
 TEXTBOOK_LENGTH = 1000
@@ -221,6 +221,19 @@ def tail_split(
 ) -> Series:
     """All but the last `val_size` values train; the tail validates (early stopping).
     The representation is chosen on the training part (detect.py) unless given by flags."""
+    return tail_candidates(values, tau, source, val_size, transform, season)[0]
+
+
+def tail_candidates(
+    values: np.ndarray,
+    tau: int,
+    source: str,
+    val_size: int | None = None,
+    transform: str = "auto",
+    season: int | None = None,
+) -> list[Series]:
+    """tail_split's series under every candidate representation (detect.py), the automatic
+    choice first; select.py trains each and keeps the one that validates best."""
     n = len(values)
     val = default_val_size(n) if val_size is None else val_size
     if val < 1:
@@ -237,10 +250,10 @@ def tail_split(
             f"series {source} has {n} values; with --tau {tau} and --val-size {val} it needs "
             f"at least {tau + MIN_TRAIN_AFTER_WINDOW + 1 + val}"
         )
-    rep = choose_representation(values[:num_train], transform, season)
-    if num_train < tau + rep.lost + MIN_TRAIN_AFTER_WINDOW:
-        raise SeriesError(f"series {source}: too few training values for {rep.name}")
-    return make_series(values, num_train, source, rep, "validation")
+    reps = candidate_representations(values[:num_train], transform, season)
+    if num_train < tau + reps[0].lost + MIN_TRAIN_AFTER_WINDOW:
+        raise SeriesError(f"series {source}: too few training values for {reps[0].name}")
+    return [make_series(values, num_train, source, rep, "validation") for rep in reps]
 
 
 def load_series(
@@ -253,7 +266,22 @@ def load_series(
     transform: str | None = None,
     season: int | None = None,
 ) -> Series:
-    """The textbook series (path None; always seed 0) or a CSV column, split and represented.
+    """load_candidates' first series: the automatic choice of representation."""
+    return load_candidates(path, column, tau, missing, split, val_size, transform, season)[0]
+
+
+def load_candidates(
+    path: str | Path | None,
+    column: str | None,
+    tau: int,
+    missing: str = "interpolate",
+    split: str | None = None,
+    val_size: int | None = None,
+    transform: str | None = None,
+    season: int | None = None,
+) -> list[Series]:
+    """The textbook series (path None; always seed 0) or a CSV column, split and represented
+    (one series per candidate representation, the automatic choice first).
 
     `split` None picks the textbook's 600/400 for the built-in series and a validation tail
     for a CSV; `transform` None is "level" for the textbook split (the textbook experiment
@@ -270,10 +298,10 @@ def load_series(
     if split not in SPLITS:
         raise SeriesError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     if split == "tail":
-        return tail_split(values, tau, source, val_size, transform or "auto", season)
+        return tail_candidates(values, tau, source, val_size, transform or "auto", season)
     rep = None
     if transform not in (None, "level") or season:
         rep = choose_representation(
             values[: round(len(values) * TRAIN_FRACTION)], transform or "auto", season
         )
-    return split_series(values, tau, source, rep)
+    return [split_series(values, tau, source, rep)]

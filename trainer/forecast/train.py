@@ -115,18 +115,37 @@ def _loss(model: nn.Module, batch: torch.Tensor, warmup: int, rollout: int) -> t
     return loss + torch.stack(errors).pow(2).mean()
 
 
+@dataclass
+class TrainedForecaster:
+    """A trained model (eval mode, on CPU), its per-epoch training losses and its best
+    validation score (mean squared k-step error on the tail, series units; inf without a
+    validation tail), which select.py compares across representations."""
+
+    model: nn.Module
+    history: list[float]
+    val_score: float = math.inf
+
+
 def train_forecaster(
     config: ForecastTrainConfig, series: Series, progress: bool = False
 ) -> tuple[nn.Module, list[float]]:
     """Train config.arch on series' training range; returns the model (eval mode, on CPU)
-    and the mean training loss of every epoch.
+    and the mean training loss of every epoch."""
+    trained = fit_forecaster(config, series, progress)
+    return trained.model, trained.history
+
+
+def fit_forecaster(
+    config: ForecastTrainConfig, series: Series, progress: bool = False
+) -> TrainedForecaster:
+    """train_forecaster, keeping the validation score of the weights the tail chose.
 
     Runs torch on one CPU thread: these models are tiny, and more threads only contend."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         validate = series.held_out == "validation"
-        model, history, best = _train(config, series, progress, series.num_train, validate)
+        model, history, best, score = _train(config, series, progress, series.num_train, validate)
         if validate and config.refit and best >= 0:
             # the tail chose the weights; a short pass at the final learning rate lets the
             # newest values (the tail itself) train the model too
@@ -135,9 +154,9 @@ def train_forecaster(
                 print(f"refit on all {len(series.values)} values for {epochs} epochs")
             again = replace(config, epochs=epochs, lr=config.lr * config.min_lr_ratio,
                             min_lr_ratio=1.0)  # fmt: skip
-            model, more, _ = _train(again, series, progress, len(series.values), False, model)
+            model, more, *_ = _train(again, series, progress, len(series.values), False, model)
             history += more
-        return model, history
+        return TrainedForecaster(model, history, score)
     finally:
         torch.set_num_threads(threads)
 
@@ -149,10 +168,10 @@ def _train(
     end: int,
     validate: bool,
     model: nn.Module | None = None,
-) -> tuple[nn.Module, list[float], int]:
+) -> tuple[nn.Module, list[float], int, float]:
     """One training run on series values[:end] (from `model`'s weights when given); with
     `validate`, early stopping on the tail, restoring the best weights.
-    Returns (model, losses, best epoch or -1)."""
+    Returns (model, losses, best epoch or -1, best validation score or inf)."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     if model is None:
@@ -207,8 +226,9 @@ def _train(
         stopper.restore(model)
         if progress:
             print(f"best validation at epoch {stopper.best_epoch + 1} (score {stopper.best:.4g})")
-    best = stopper.best_epoch if stopper is not None else -1
-    return model.cpu().eval(), history, best
+    if stopper is None:
+        return model.cpu().eval(), history, -1, math.inf
+    return model.cpu().eval(), history, stopper.best_epoch, stopper.best
 
 
 class EarlyStopping:
@@ -246,6 +266,8 @@ class EarlyStopping:
             return False
         value = self.score(model)
         model.train()
+        if not math.isfinite(value):
+            value = math.inf  # forecasts that overflow the series' units never win
         if value < self.best:
             self.best, self.best_epoch, self.stale = value, epoch, 0
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -53,3 +53,16 @@ def test_gru_beats_naive_on_co2_at_16_weeks() -> None:
     assert result.representation.startswith("seasonal-diff(52)")
     assert result.scores["gru"][16]["mase"] < 0.7 * result.scores["naive"][16]["mase"]
     assert result.scores["gru"][16]["mase"] < result.scores["seasonal-naive"][16]["mase"]
+
+
+def test_backtest_records_the_representation_each_model_chose(tmp_path: Path) -> None:
+    """On the Nile the ADF test calls for differences; each model also tries levels and
+    the report says which one its validation tail kept, with both scores."""
+    argv = ["backtest", "--series", str(DATA / "nile.csv"), "--column", "volume"]
+    argv += ["--arch", "mlp", "--epochs", "4", "--hidden", "4", "--no-plot"]
+    assert main([*argv, "--out-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "volume.json").read_text())
+    assert report["representation"] == "diff"
+    scores = report["validation_scores"]["mlp"]
+    assert set(scores) == {"diff", "level"}
+    assert report["representations"]["mlp"] == min(scores, key=scores.get)

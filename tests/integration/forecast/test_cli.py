@@ -52,6 +52,21 @@ def test_train_csv_mlp_exports_package_with_metrics_and_plot(tmp_path: Path, cap
     assert (package / "forecast.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_train_csv_keeps_the_representation_its_validation_tail_prefers(tmp_path: Path) -> None:
+    steps = np.random.default_rng(0).normal(0, 1, 200)
+    csv = tmp_path / "walk.csv"  # a random walk: the ADF test calls for differences
+    csv.write_text("t,level\n" + "\n".join(f"{i},{v:.5f}" for i, v in enumerate(steps.cumsum())))
+    argv = ["train", "--task", "forecast", "--arch", "mlp", "--series", str(csv), "--column"]
+    argv += ["level", "--out", str(tmp_path / "models"), "--name", "walk", *TINY]
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "models" / "walk" / "1" / "manifest.json").read_text())
+    scores = manifest["training"]["representation_scores"]
+    assert set(scores) == {"diff", "level"}
+    chosen = min(scores, key=scores.get)
+    assert manifest["training"]["representation"] == chosen
+    assert manifest["series"]["representation"]["name"] == chosen  # what the server undoes
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

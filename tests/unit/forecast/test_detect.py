@@ -8,6 +8,7 @@ import numpy as np
 
 from rnnserve.trainer.forecast.detect import (
     adf_statistic,
+    candidate_representations,
     choose_representation,
     detect_season,
     needs_difference,
@@ -46,3 +47,18 @@ def test_real_series_choices() -> None:
     # flags win over detection
     assert choose_representation(cpi, "level", 0) == Representation(0, 0)
     assert choose_representation(cpi, "diff", 4) == Representation(1, 4)
+
+
+def test_a_call_for_differences_keeps_levels_as_a_candidate() -> None:
+    """The ADF test reads the Nile's 1898 level shift as a unit root; levels stay in play."""
+    nile = load_csv(DATA / "nile.csv", "volume")
+    assert needs_difference(nile[:64])
+    assert candidate_representations(nile[:64], "auto", None) == [
+        Representation(1, 0),
+        Representation(0, 0),
+    ]
+    noise = np.random.default_rng(0).normal(size=200)
+    assert candidate_representations(noise, "auto", None) == [Representation(0, 0)]
+    # a choice the user made is final
+    assert candidate_representations(nile[:64], "diff", None) == [Representation(1, 0)]
+    assert candidate_representations(nile[:64], "level", 0) == [Representation(0, 0)]
