@@ -21,7 +21,7 @@ feeding predictions back), and writes:
     bench/results/forecast.png    the textbook figure for the best recurrent model + MSE bars
 
 Target (issue 4): at k = 16 the best recurrent model beats both baselines.
-Run: .venv/bin/python bench/forecast.py   (about 5 minutes on an idle core; --only-real,
+Run: .venv/bin/python bench/forecast.py   (about 6 minutes on an idle core; --only-real,
 --only-textbook for one part)
 """
 

@@ -27,7 +27,8 @@ def add_series_arguments(group) -> None:
         default=None,
         choices=TRANSFORMS,
         help="what the model learns: level, diff (first differences) or auto (diff when the "
-        "ADF test finds a unit root; default, except level for the textbook split)",
+        "ADF test finds a unit root, unless the validation tail prefers levels; default, "
+        "except level for the textbook split)",
     )
     group.add_argument(
         "--season",
