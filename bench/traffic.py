@@ -355,6 +355,84 @@ async def grpc_score(server: Server, model: str, texts: list[str]) -> float:
         return tokens / (time.perf_counter() - start)
 
 
+async def transport_floor(server: Server, calls: int = 300) -> float:
+    """p50 of an empty unary RPC (health Check) from this client: what any call costs the
+    Python gRPC stack on this machine before the server does any work."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(server.address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        times = []
+        for i in range(calls + 30):
+            t = time.perf_counter()
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT_S)
+            if i >= 30:  # after the connection warmed up
+                times.append(time.perf_counter() - t)
+    return float(np.percentile(times, 50))
+
+
+# -- the engine alone: the server's decode loop in this process, no gRPC -----------------------
+async def engine_closed_loop(package: Path, clients: int, workload: Workload, warmup: float,
+                             duration: float) -> dict:  # fmt: skip
+    """The closed loop of `closed_loop`, through the server's own Generator and DecodeLoop
+    (server defaults) in this process: what the engine does when no RPC is in the way."""
+    from rnnserve.server.decode.limiter import StreamLimiter
+    from rnnserve.server.decode.loop import DecodeLoop
+    from rnnserve.server.generation import GenerateParams, Generator
+    from rnnserve.server.metrics import Metrics
+    from rnnserve.server.repository import ModelVersion
+    from rnnserve.server.resume import StateSigner
+    from rnnserve.server.runtime import OnnxModel
+    from rnnserve.server.settings import Settings
+
+    s = Settings()
+    m = Manifest.load(package)
+    model = OnnxModel(package / "model.onnx", m, ["CPUExecutionProvider"], s.intra_op_threads,
+                      bool(s.decode_head))  # fmt: skip
+    entry = ModelVersion(name=BENCH_MODEL, version="1", path=package, manifest=m, model=model)
+    metrics = Metrics()
+    loop = DecodeLoop(entry.name, model, metrics, s.max_batch, s.stream_interval_us * 1e-6,
+                      s.prefill_chunk, bool(s.prefill_thread))  # fmt: skip
+    gen = Generator(entry, loop, StreamLimiter(s.max_streams), StateSigner("bench"), s, metrics)
+    start = time.perf_counter()
+    tally = Tally(start + warmup, start + warmup + duration)
+    offsets = random.Random(clients).uniform
+
+    async def one(prompt: str, n: int) -> None:
+        t0 = time.perf_counter()
+        first = last = 0.0
+        count = in_window = 0
+        async for chunk in gen.run(GenerateParams(prompt=prompt, max_tokens=n), None):
+            k = len(chunk.token_ids)
+            if k:
+                now = time.perf_counter()
+                first = first or now
+                last, count = now, count + k
+                in_window += k if tally.w0 <= now < tally.w1 else 0
+        tally.window_tokens += in_window
+        if tally.w0 <= t0 < tally.w1 and count:
+            tally.measured += 1
+            tally.ttft.append(first - t0)
+            tpot = tpot_of(first, last, count)
+            if tpot is not None:
+                tally.tpot.append(tpot)
+
+    async def client(i: int) -> None:
+        j = i
+        await asyncio.sleep(offsets(0.0, min(1.0, warmup)))
+        while time.perf_counter() < tally.w1:
+            await one(*workload.requests[j % len(workload.requests)])
+            j += clients
+
+    try:
+        await asyncio.gather(*[client(i) for i in range(clients)])
+    finally:
+        await loop.close()
+    return {"clients": clients, "tokens_per_s": tally.window_tokens / duration,
+            "ttft_p50_s": pct(tally.ttft, 50), "tpot_p50_s": pct(tally.tpot, 50)}  # fmt: skip
+
+
 # -- the ceiling: bare onnxruntime, in process ------------------------------------------------
 class Bare:
     """The model in a plain ORT session (the server's thread count), greedy with numpy."""
@@ -565,6 +643,10 @@ def add_ratios(result: dict) -> None:
         r["vs_best_bare_static"] = _ratio(r["tokens_per_s"], top)
         r["ttft_p50_vs_bare_prefill"] = _ratio(r["ttft_p50_s"], single["prefill_p50_s"])
         r["tpot_p50_vs_bare_step"] = _ratio(r["tpot_p50_s"], single["step_p50_s"])
+    for r in result.get("engine", []):
+        r["vs_bare_static"] = _ratio(r["tokens_per_s"], static.get(r["clients"]))
+        r["ttft_p50_vs_bare_prefill"] = _ratio(r["ttft_p50_s"], single["prefill_p50_s"])
+        r["tpot_p50_vs_bare_step"] = _ratio(r["tpot_p50_s"], single["step_p50_s"])
     s = result["score"]
     s["ratio"] = _ratio(s["grpc_tokens_per_s"], result["ceiling"]["score_tokens_per_s"])
 
@@ -628,6 +710,21 @@ def markdown(results: dict) -> str:
         for t in res["targets"]:
             met = {True: "yes", False: "no", None: "not measured"}[t["met"]]
             out.append(f"| {t['name']} | {_x(t['ratio'])} | {met} |")
+        floor = res.get("transport_floor_s")
+        if res.get("engine") or floor:
+            out += ["", "What limits it: the same engine without gRPC (its Generator and decode "
+                    "loop in the benchmark's process, same workload), and the p50 of an empty "
+                    "unary RPC from the same client (the transport floor"
+                    + (f": {_ms(floor)} ms" if floor else "") + ").", "",
+                    "| engine alone | tokens/s | × bare static | TTFT p50 ms | × bare prefill | "
+                    "TPOT p50 ms | × bare step |",
+                    "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+            for r in res.get("engine", []):
+                out.append(
+                    f"| C={r['clients']} | {r['tokens_per_s']:.0f} | {_x(r['vs_bare_static'])} | "
+                    f"{_ms(r['ttft_p50_s'])} | {_x(r['ttft_p50_vs_bare_prefill'])} | "
+                    f"{_ms(r['tpot_p50_s'])} | {_x(r['tpot_p50_vs_bare_step'])} |"
+                )
         out.append("")
     return "\n".join(out)
 
@@ -732,7 +829,14 @@ def run_model(model: str, repo: Path, args, levels: list[int]) -> dict:
         "hyperparameters": m.hyperparameters,
         "workloads": {k: w.spec for k, w in work.items()},
         "ceiling": ceiling(Bare(package, args.bare_threads), work, levels, texts, args.bare_s),
+        "engine": [],
     }
+    for c in [c for c in (1, 32) if c in levels]:  # every CPU, as the server has
+        row = asyncio.run(engine_closed_loop(package, c, work["fixed"], args.warmup,
+                                             args.duration))  # fmt: skip
+        result["engine"].append(row)
+        log(f"[{model}] engine alone C={c:<3d} {row['tokens_per_s']:8.0f} tok/s ttft p50 "
+            f"{_ms(row['ttft_p50_s'])} ms tpot p50 {_ms(row['tpot_p50_s'])} ms")  # fmt: skip
     pinned = pin_to_cpu(args.client_cpu)  # after the bare loops, before the server starts
     server_log = Path(tempfile.gettempdir()) / f"bench-traffic-{model}-{os.getpid()}.log"
     try:
@@ -742,6 +846,7 @@ def run_model(model: str, repo: Path, args, levels: list[int]) -> dict:
         raise
     try:
         result["server_cmd"], result["client_pinned_cpu"] = server.cmd, pinned
+        result["transport_floor_s"] = asyncio.run(transport_floor(server))
         result["closed_loop"] = {}
         for name, w in work.items():
             rows = result["closed_loop"][name] = []

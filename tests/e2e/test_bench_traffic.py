@@ -52,6 +52,10 @@ def test_traffic_quick_run_writes_every_section(model_repo: Path, tmp_path: Path
     assert row["error_count"] == 0 and row["tokens_per_s"] > 0 and row["sent"] > 0
     assert 0 <= row["goodput_share"] <= 1
     assert res["score"]["grpc_tokens_per_s"] > 0 and res["score"]["ratio"] > 0
+    (engine,) = res["engine"]  # the engine without gRPC: C=1 of the levels run
+    assert engine["clients"] == 1 and engine["tokens_per_s"] > 0
+    assert 0 < engine["ttft_p50_s"] < 1 and engine["ttft_p50_vs_bare_prefill"] > 0
+    assert 0 < res["transport_floor_s"] < 1 and "engine alone" in done.stdout
     names = [t["name"] for t in res["targets"]]
     assert len(names) == 7 and any("Score" in n for n in names)
     measured = {t["name"]: t for t in res["targets"] if t["met"] is not None}
