@@ -19,6 +19,7 @@ from types import ModuleType
 
 from rnnserve import add_version_flag
 from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.recipe import average_from, recipe_for
 
 ARCHS = ("rnn", "gru", "lstm", "ngram", "hmm", "mlp")
 
@@ -51,7 +52,10 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
         default=None,
         help="checkpoint.pt, log.jsonl, curve.png per epoch (default: runs/NAME)",
     )
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument(
+        "--epochs", type=int, default=None,
+        help="at most this many epochs (default: the recipe's; hmm: 10 EM iterations)",
+    )  # fmt: skip
     p.add_argument("--num-steps", type=int, default=32, help="window length (time steps)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--hidden", type=int, default=128)
@@ -62,8 +66,13 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--lr-decay", type=float, default=1.0, help="lr *= this every epoch")
     p.add_argument(
-        "--average-from", type=int, default=0, metavar="EPOCH",
-        help="export the mean of the weights after epochs EPOCH..last (SWA); 0 = off",
+        "--average-from", type=int, default=None, metavar="EPOCH",
+        help="export the mean of the weights after epochs EPOCH..last (SWA); 0 = off "
+        "(default: the recipe's, the last half of --epochs)",
+    )  # fmt: skip
+    p.add_argument(
+        "--time-budget", type=float, default=0.0, metavar="SECONDS",
+        help="no epoch starts that would not end within SECONDS of training; 0 = no budget",
     )  # fmt: skip
     p.add_argument("--optimizer", default="adam", help="adam | sgd")
     p.add_argument("--clip", type=float, default=1.0, help="global grad-norm bound, 0 = off")
@@ -86,6 +95,10 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
         help="keep non-letters (default: letters and spaces only, lowercased)",
     )
     p.add_argument("--min-freq", type=int, default=1)
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1,
+        help="the last FRACTION of the tokens is the validation split (default 0.1)",
+    )  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
     p.add_argument("--no-progress", action="store_true")  # fmt: skip
 
@@ -94,6 +107,24 @@ def _wants_forecast(argv: list[str]) -> bool:
     """`--task forecast` or `--arch mlp` (also as --flag=value) anywhere in argv."""
     pairs = set(itertools.pairwise(argv)) | {tuple(a.split("=", 1)) for a in argv}
     return ("--task", "forecast") in pairs or ("--arch", "mlp") in pairs
+
+
+def _level(argv: list[str]) -> str:
+    """The --level in argv (also as --level=value; the last one wins), else char."""
+    pairs = list(itertools.pairwise(argv)) + [tuple(a.split("=", 1)) for a in argv if "=" in a]
+    levels = [value for flag, value in pairs if flag == "--level"]
+    return levels[-1] if levels else "char"
+
+
+def _add_recipe_defaults(train: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Text models (not forecast): the default recipe of the --level in argv, and --patience
+    (forecast has its own)."""
+    train.add_argument(
+        "--patience", type=int, default=0, metavar="EPOCHS",
+        help="early stopping: end after EPOCHS epochs without a better validation perplexity "
+        "(not once weight averaging has begun); 0 = off",
+    )  # fmt: skip
+    train.set_defaults(**recipe_for(_level(argv)).flag_defaults())
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -113,6 +144,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )  # fmt: skip
     if _wants_forecast(argv or []):  # forecast flags (and defaults) only when asked for
         _optional("rnnserve.trainer.forecast.cli").add_arguments(train)
+    else:
+        _add_recipe_defaults(train, argv or [])
     sample = sub.add_parser("sample", help="greedy generation in torch (the server's reference)")
     sample.add_argument("--model", required=True, help="package dir (OUT/NAME/VERSION) or run dir")
     sample.add_argument("--prefix", required=True)
@@ -148,7 +181,7 @@ def _data(args: argparse.Namespace):
     from rnnserve.trainer.pipeline import DataConfig
 
     tok = TokenizerConfig(level=args.level, letters_only=not args.keep_punctuation)
-    return DataConfig(args.corpus, tok, args.min_freq, args.max_tokens)
+    return DataConfig(args.corpus, tok, args.min_freq, args.max_tokens, args.val_fraction)
 
 
 def _data_parallel_setup(args: argparse.Namespace, world: int) -> None:
@@ -163,6 +196,25 @@ def _data_parallel_setup(args: argparse.Namespace, world: int) -> None:
     from rnnserve.trainer.sampling import rank_rows
 
     rank_rows(args.batch_size, 0, max(world, args.nproc))
+
+
+def recurrent_train_config(args: argparse.Namespace):
+    """The TrainConfig of an rnn/gru/lstm run: the flags, with --epochs and --average-from
+    taken from the --level's recipe when not given."""
+    from rnnserve.trainer.train import TrainConfig
+
+    recipe = recipe_for(args.level)
+    epochs = recipe.epochs if args.epochs is None else args.epochs
+    averaged = args.average_from
+    if averaged is None:
+        averaged = average_from(epochs, recipe.average_last) if epochs >= 1 else 0
+    return TrainConfig(
+        epochs=epochs, num_steps=args.num_steps, batch_size=args.batch_size, lr=args.lr,
+        lr_decay=args.lr_decay, average_from=averaged, patience=args.patience,
+        time_budget=args.time_budget, optimizer=args.optimizer, clip=args.clip, bptt=args.bptt,
+        bptt_k=args.bptt_k, bptt_p=args.bptt_p, sampling=args.sampling, seed=args.seed,
+        device=args.device, threads=args.threads,
+    )  # fmt: skip
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -180,7 +232,6 @@ def run_train(args: argparse.Namespace) -> int:
         return int(_optional("rnnserve.trainer.forecast.cli").run_train(args))
     from rnnserve.trainer.models import ModelConfig
     from rnnserve.trainer.pipeline import ALL_ARCHS, train_count_model, train_recurrent
-    from rnnserve.trainer.train import TrainConfig
 
     if args.arch not in ALL_ARCHS:
         raise TrainerError(f"unknown arch {args.arch!r}; choose one of {', '.join(ALL_ARCHS)}")
@@ -191,6 +242,7 @@ def run_train(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     data = _data(args)
     if args.arch in ("ngram", "hmm"):
+        args.epochs = 10 if args.epochs is None else args.epochs
         if bidirectional:
             raise TrainerError(f"--bidirectional applies to rnn/gru/lstm, not {args.arch}")
         path = train_count_model(
@@ -202,13 +254,7 @@ def run_train(args: argparse.Namespace) -> int:
         model = ModelConfig(
             args.arch, 1, args.hidden, args.layers, args.embed, bidirectional, args.dropout
         )
-        train = TrainConfig(
-            epochs=args.epochs, num_steps=args.num_steps, batch_size=args.batch_size, lr=args.lr,
-            lr_decay=args.lr_decay, average_from=args.average_from,
-            optimizer=args.optimizer, clip=args.clip, bptt=args.bptt, bptt_k=args.bptt_k,
-            bptt_p=args.bptt_p, sampling=args.sampling, seed=args.seed, device=args.device,
-            threads=args.threads,
-        )  # fmt: skip
+        train = recurrent_train_config(args)
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
         fp32_dir = tempfile.TemporaryDirectory() if args.precision != "fp32" else None
         out = Path(fp32_dir.name) if fp32_dir else Path(args.out)  # fp32 first, then converted

@@ -24,8 +24,10 @@ from tqdm import tqdm
 from rnnserve.trainer.averaging import WeightAverage
 from rnnserve.trainer.bptt import BPTT_MODES
 from rnnserve.trainer.distributed import Cluster, current, window_runner
+from rnnserve.trainer.early_stopping import EarlyStopping
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.sampling import SAMPLINGS, batches, check_fits, detach_state, num_batches
+from rnnserve.trainer.time_budget import TimeBudget, further_epochs, scaled_average_from
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -49,6 +51,8 @@ class TrainConfig:
     device: str = "cpu"
     threads: int = 1  # CPU intra-op threads; 0 keeps torch's default
     average_from: int = 0  # export the mean weights of epochs >= this one (SWA); 0 = off
+    patience: int = 0  # early stopping after this many epochs without a better val ppl; 0 = off
+    time_budget: float = 0.0  # seconds; no epoch starts that would not fit; 0 = off
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -70,6 +74,10 @@ class TrainConfig:
                 f"--average-from must be in [0, --epochs = {self.epochs}] (0 = off), "
                 f"got {self.average_from}"
             )
+        if self.patience < 0:
+            raise TrainerError("--patience must be >= 0 (0 = no early stopping)")
+        if self.time_budget < 0:
+            raise TrainerError("--time-budget must be >= 0 seconds (0 = no budget)")
         if self.sampling not in SAMPLINGS:
             raise TrainerError(f"unknown --sampling {self.sampling!r}; choose one of {SAMPLINGS}")
 
@@ -159,6 +167,10 @@ def fit(
     With cfg.average_from, the weights after each epoch from then on enter `average` (a
     fresh one unless a resumed run passes its own), and after the last epoch the model holds
     their mean: that record's val_ppl is the mean model's (val_ppl_last_weights: before).
+    With cfg.patience the run ends after that many epochs without a better validation
+    perplexity; with cfg.time_budget it ends when the next epoch would not fit (and averages
+    the same fraction of the shorter run). Either way the last record is the model's: if the
+    best epoch's weights beat it they are restored (val_ppl_final_weights: before).
     """
     cfg.validate()
     check_fits(len(train_ids), cfg.batch_size, cfg.num_steps, "training split")
@@ -179,7 +191,11 @@ def fit(
     average = average if average is not None else WeightAverage()
     mode = cfg.bptt if stateful else "full"
     window = window_runner(model, cluster, device, mode, cfg.bptt_k, cfg.bptt_p)
+    stopper = EarlyStopping(cfg.patience)
+    stopper.replay(history)
+    budget = TimeBudget(cfg.time_budget)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        budget.epoch_started()
         # resumable: depends on the epoch only; every rank draws the same windows and BPTT
         # cuts, while dropout masks differ per rank (as they differ per row in one process)
         rng = random.Random(cfg.seed * 1_000_003 + epoch)
@@ -236,17 +252,23 @@ def fit(
                 f"training diverged at epoch {epoch} (perplexity overflowed to inf); "
                 "try a lower --lr or a --clip value"
             )
-        if cfg.average_from and epoch >= cfg.average_from:
+        budget.epoch_ended()
+        stopper.observe(epoch, record["val_ppl"], model)
+        last_epoch = min(cfg.epochs, epoch + _agreed_further_epochs(budget, cfg, cluster, device))
+        average_from = scaled_average_from(cfg.average_from, cfg.epochs, last_epoch)
+        if average_from and epoch >= average_from:
             average.update(model)
-            if epoch == cfg.epochs:
-                average.copy_to(model)
-                record["val_ppl_last_weights"] = record["val_ppl"]
-                record["val_ppl"] = perplexity(model, val_ids, device, cluster=cluster)
-                record["averaged_epochs"] = average.count
-                log(
-                    f"weights averaged over epochs {epoch - average.count + 1}-{epoch}: "
-                    f"val ppl {record['val_ppl_last_weights']:.3f} -> {record['val_ppl']:.3f}"
-                )
+        stop = None
+        if epoch < cfg.epochs and not average.count and stopper.should_stop():
+            # once averaging has begun the mean, not the last weights, is what improves
+            stop = f"early stopping: no better validation perplexity for {cfg.patience} epochs"
+        elif epoch < cfg.epochs and last_epoch == epoch:
+            stop = f"time budget: another epoch would not fit in --time-budget {cfg.time_budget:g}s"
+        if epoch == cfg.epochs or stop:
+            _finish(model, val_ids, device, cluster, record, average, stopper, log)
+            if stop:
+                record["stopped"] = stop
+                log(f"{stop} (after epoch {epoch}, {budget.elapsed():.0f}s)")
         history.append(record)
         kind = "infill ppl" if model.task == "infill" else "ppl"
         log(
@@ -255,4 +277,42 @@ def fit(
         )
         if on_epoch is not None:
             on_epoch(record, optimizer)
+        if stop:
+            break
     return history
+
+
+def _agreed_further_epochs(
+    budget: TimeBudget, cfg: TrainConfig, cluster: Cluster, device: torch.device
+) -> int:
+    """Epochs that still fit the budget, the same number on every rank (mean clocks)."""
+    if cfg.time_budget <= 0:
+        return further_epochs(0, 0, 0)
+    elapsed, slowest = cluster.sum([budget.elapsed(), budget.slowest_epoch], device)
+    return further_epochs(cfg.time_budget, elapsed / cluster.world, slowest / cluster.world)
+
+
+def _finish(
+    model: Any, val_ids: list[int], device: torch.device, cluster: Cluster, record: dict,
+    average: WeightAverage, stopper: EarlyStopping, log: Callable[[str], None],
+) -> None:  # fmt: skip
+    """The run's last epoch: the model becomes the mean of the averaged epochs, or the best
+    epoch's weights when those score better on the validation split."""
+    epoch = record["epoch"]
+    if average.count:
+        average.copy_to(model)
+        record["val_ppl_last_weights"] = record["val_ppl"]
+        record["val_ppl"] = perplexity(model, val_ids, device, cluster=cluster)
+        record["averaged_epochs"] = average.count
+        log(
+            f"weights averaged over epochs {epoch - average.count + 1}-{epoch}: "
+            f"val ppl {record['val_ppl_last_weights']:.3f} -> {record['val_ppl']:.3f}"
+        )
+    if stopper.restore_if_better(model, record["val_ppl"]):
+        record["val_ppl_final_weights"] = record["val_ppl"]
+        record["val_ppl"] = stopper.best_ppl
+        record["restored_epoch"] = stopper.best_epoch
+        log(
+            f"restored the weights of epoch {stopper.best_epoch}: val ppl "
+            f"{record['val_ppl_final_weights']:.3f} -> {record['val_ppl']:.3f}"
+        )

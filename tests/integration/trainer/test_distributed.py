@@ -31,7 +31,8 @@ from rnnserve.trainer.sampling import num_batches, random_batches, sequential_ba
 pytestmark = pytest.mark.slow
 
 TINY = ["--hidden", "8", "--embed", "4", "--num-steps", "8", "--max-tokens", "2000",
-        "--no-progress", "--threads", "1"]  # fmt: skip
+        "--no-progress", "--threads", "1", "--dropout", "0"]  # fmt: skip
+# --dropout 0: the recipe's dropout draws different masks on each rank than in one process
 TOLERANCE = 1e-5  # seen: ~2e-7 after 100 steps; a wrong shard or a missing average: > 1e-2
 
 
@@ -143,7 +144,8 @@ def test_torchrun_environment_and_the_shortcut_arguments() -> None:
 CASES = {
     "lstm-sequential-truncated": ["--arch", "lstm", "--sampling", "sequential",
                                   "--bptt", "truncated", "--bptt-k", "3"],
-    "gru-random-randombptt-clipped-sgd": ["--arch", "gru", "--bptt", "random", "--bptt-p", "0.6",
+    "gru-random-randombptt-clipped-sgd": ["--arch", "gru", "--sampling", "random", "--bptt",
+                                          "random", "--bptt-p", "0.6",
                                           "--clip", "0.05", "--optimizer", "sgd", "--lr", "0.5"],
     "rnn-infill": ["--arch", "rnn", "--task", "infill", "--lr-decay", "0.5"],
 }  # fmt: skip

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rnnserve.trainer.cli import _wants_forecast, build_parser, main
+from rnnserve.trainer.cli import _wants_forecast, build_parser, main, recurrent_train_config
+from rnnserve.trainer.recipe import CHAR
 
 
 @pytest.mark.parametrize(
@@ -23,7 +24,8 @@ def test_forecast_detection(argv: list[str], expected: bool) -> None:
 
 def test_lm_defaults_are_not_changed_by_the_forecast_flags() -> None:
     args = build_parser(["train"]).parse_args(["train", "--name", "forecast"])
-    assert (args.arch, args.epochs, args.hidden) == ("lstm", 10, 128)
+    assert (args.arch, args.hidden, args.lr) == ("lstm", CHAR.hidden, CHAR.lr)  # the recipe's
+    assert recurrent_train_config(args).epochs == CHAR.epochs
 
 
 def test_unknown_arch_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,52 @@
+"""The recipe's stopping rules inside the real training loop, on tiny data (seconds)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rnnserve.trainer.models import ModelConfig, build_model
+from rnnserve.trainer.train import TrainConfig, fit, perplexity
+
+CPU = torch.device("cpu")
+QUIET = {"progress": False, "log": lambda *_: None}
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig("gru", 3, hidden=8, embed=4))
+
+
+def test_early_stopping_ends_an_overfitting_run_on_its_best_weights() -> None:
+    train, val = [0, 1, 2] * 400, [2, 1, 0] * 40  # learning train makes val worse
+    model = _model()
+    cfg = TrainConfig(epochs=12, num_steps=8, batch_size=8, lr=0.05, patience=2)
+    history = fit(model, train, val, cfg, **QUIET)
+    last = history[-1]
+    assert len(history) < cfg.epochs and last["stopped"].startswith("early stopping")
+    best = min(history[:-1], key=lambda r: r["val_ppl"])
+    assert last["restored_epoch"] == best["epoch"] and last["val_ppl"] == best["val_ppl"]
+    assert last["val_ppl_final_weights"] > last["val_ppl"]
+    assert math.isclose(perplexity(model, val, CPU), best["val_ppl"], rel_tol=1e-6)
+
+
+def test_early_stopping_waits_while_the_weights_are_averaged() -> None:
+    train, val = [0, 1, 2] * 400, [2, 1, 0] * 40
+    cfg = TrainConfig(epochs=6, num_steps=8, batch_size=8, lr=0.05, patience=1, average_from=2)
+    history = fit(_model(), train, val, cfg, **QUIET)
+    assert len(history) == 6 and "stopped" not in history[-1]
+    assert history[-1]["averaged_epochs"] == 5
+
+
+def test_the_time_budget_ends_the_run_and_averages_the_same_share() -> None:
+    train, val = [0, 1, 2, 1] * 300, [0, 1, 2, 1] * 30
+    model = _model()
+    cfg = TrainConfig(epochs=8, num_steps=8, batch_size=8, average_from=5, time_budget=1e-6)
+    history = fit(model, train, val, cfg, **QUIET)
+    (only,) = history  # the first epoch already used the budget
+    assert only["stopped"].startswith("time budget")
+    assert only["averaged_epochs"] == 1  # half of the one epoch run
+    unlimited = fit(_model(), train, val, TrainConfig(epochs=2, num_steps=8, batch_size=8,
+                                                      time_budget=0), **QUIET)  # fmt: skip
+    assert len(unlimited) == 2

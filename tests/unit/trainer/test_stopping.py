@@ -1,0 +1,67 @@
+"""Early stopping and the time budget as pure rules (the training loop uses them as is)."""
+
+from __future__ import annotations
+
+import torch
+
+from rnnserve.trainer.early_stopping import EarlyStopping
+from rnnserve.trainer.time_budget import NO_LIMIT, TimeBudget, further_epochs, scaled_average_from
+
+
+def test_early_stopping_counts_epochs_since_the_best_and_keeps_its_weights() -> None:
+    model = torch.nn.Linear(2, 1)
+    stopper = EarlyStopping(patience=2)
+    for epoch, ppl in enumerate([5.0, 4.0, 4.5], start=1):
+        with torch.no_grad():
+            model.weight.fill_(float(epoch))
+        stopper.observe(epoch, ppl, model)
+    assert (stopper.best_epoch, stopper.epochs_since_best, stopper.should_stop()) == (2, 1, False)
+    stopper.observe(4, 4.0, model)  # equal is not better
+    assert stopper.should_stop()
+    assert not stopper.restore_if_better(model, 3.9)  # the model's own is better: kept
+    assert model.weight[0, 0].item() == 3.0
+    assert stopper.restore_if_better(model, 4.2)
+    assert model.weight[0, 0].item() == 2.0  # epoch 2's weights
+
+
+def test_no_patience_never_stops_and_keeps_no_copy() -> None:
+    stopper = EarlyStopping(patience=0)
+    model = torch.nn.Linear(2, 1)
+    for epoch in range(1, 10):
+        stopper.observe(epoch, float(epoch), model)
+    assert not stopper.should_stop() and stopper.best_state is None
+    assert not stopper.restore_if_better(model, 100.0)
+
+
+def test_replay_rebuilds_the_counters_of_a_resumed_run() -> None:
+    stopper = EarlyStopping(patience=2)
+    stopper.replay([{"epoch": 1, "val_ppl": 5.0}, {"epoch": 2, "val_ppl": 4.0},
+                    {"epoch": 3, "val_ppl": 4.1}, {"epoch": 4, "val_ppl": 4.2}])  # fmt: skip
+    assert (stopper.best_epoch, stopper.best_ppl) == (2, 4.0) and stopper.should_stop()
+    assert stopper.best_state is None  # weights from before the resume are not restorable
+
+
+def test_further_epochs_fit_the_budget_at_the_slowest_pace() -> None:
+    assert further_epochs(0, 1e9, 1e9) == NO_LIMIT
+    assert further_epochs(100, 40, 20) == 3
+    assert further_epochs(100, 85, 20) == 0
+    assert further_epochs(100, 100, 0) == 0
+    assert further_epochs(100, 10, 0) == NO_LIMIT
+
+
+def test_a_shortened_run_averages_the_same_share() -> None:
+    assert scaled_average_from(13, 24, 24) == 13
+    assert scaled_average_from(13, 24, 12) == 7  # half of 12 epochs: 7..12
+    assert scaled_average_from(13, 24, 1) == 1
+    assert scaled_average_from(0, 24, 12) == 0
+
+
+def test_time_budget_measures_the_slowest_epoch() -> None:
+    now = [0.0]
+    budget = TimeBudget(60, clock=lambda: now[0])
+    for seconds in (10.0, 14.0, 12.0):
+        budget.epoch_started()
+        now[0] += seconds
+        budget.epoch_ended()
+    assert budget.slowest_epoch == 14.0 and budget.elapsed() == 36.0
+    assert further_epochs(budget.seconds, budget.elapsed(), budget.slowest_epoch) == 1

@@ -1,0 +1,64 @@
+"""The default training recipe of `rnn-trainer train` for rnn/gru/lstm language models.
+
+Why a recipe and not a bag of flag defaults: the flags interact (dropout only pays with a
+wide model; weight averaging only with a decaying learning rate; early stopping only with a
+validation split), so they are chosen together, per token level, and documented together in
+docs/trainer.md ("The default recipe"), which also says how they were chosen and checked.
+Every value is still a flag; a flag given on the command line wins over the recipe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Defaults of the `train` flags for one token level (`--level`)."""
+
+    hidden: int
+    embed: int
+    dropout: float
+    epochs: int  # at most; early stopping and the time budget may end the run sooner
+    num_steps: int
+    batch_size: int
+    lr: float
+    lr_decay: float  # per epoch
+    average_last: float  # fraction of --epochs whose weights are averaged (SWA)
+    patience: int  # early stopping: epochs without a better validation perplexity
+    time_budget: float  # seconds of training; no epoch starts that would not fit
+    sampling: str = "sequential"
+
+    def flag_defaults(self) -> dict[str, object]:
+        """argparse defaults (dest names); --epochs and --average-from are resolved later."""
+        values = asdict(self)
+        for resolved_later in ("epochs", "average_last"):
+            values.pop(resolved_later)
+        return values
+
+
+CHAR = Recipe(
+    hidden=512, embed=64, dropout=0.4, epochs=24, num_steps=32, batch_size=16, lr=0.005,
+    lr_decay=0.9, average_last=0.5, patience=3, time_budget=480.0,
+)  # fmt: skip
+WORD = Recipe(
+    hidden=512, embed=128, dropout=0.5, epochs=24, num_steps=32, batch_size=16, lr=0.005,
+    lr_decay=0.9, average_last=0.5, patience=2, time_budget=480.0,
+)  # fmt: skip
+RECIPES = {"char": CHAR, "word": WORD}
+
+
+def recipe_for(level: str) -> Recipe:
+    """The recipe of a token level; an unknown level gets the char recipe (the tokenizer
+    refuses the level itself, with its own message)."""
+    return RECIPES.get(level, CHAR)
+
+
+def average_from(epochs: int, average_last: float) -> int:
+    """The first averaged epoch when the last `average_last` of `epochs` are averaged
+    (0 = off): 24 epochs, 0.5 -> 13 (epochs 13..24); a share of an epoch counts whole."""
+    if average_last <= 0:
+        return 0
+    averaged = max(1, math.ceil(epochs * min(average_last, 1.0)))
+    return epochs - averaged + 1
