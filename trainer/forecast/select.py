@@ -10,9 +10,9 @@ representations, and the tail is never the backtest's test window.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from torch import nn
 
@@ -39,16 +39,14 @@ def train_on_best_representation(
     """Trains config on every candidate series and keeps the lowest validation score."""
     if not candidates:
         raise ValueError("no candidate series")
-    best: Selected | None = None
-    best_score = math.inf
     scores: dict[str, float] = {}
+    best: Selected | None = None
     for series in candidates:
         trained = fit_forecaster(config, series, progress)
         scores[series.representation.name] = trained.val_score
-        if best is None or trained.val_score < best_score:
+        if best is None or trained.val_score < scores[best.series.representation.name]:
             best = Selected(trained.model, trained.history, series)
-            best_score = trained.val_score
-    assert best is not None
+    best = cast(Selected, best)  # candidates is not empty
     best.val_scores = scores
     if len(candidates) > 1:
         table = ", ".join(f"{name} {score:.4g}" for name, score in scores.items())
