@@ -49,13 +49,20 @@ class Sampler:
         """`seed` and `used` restore a stream from a checkpoint: its sequence restarts at
         uniform number `used` of `seed` (default: the request's seed, else a fresh one, at 0)."""
         self.params = params
-        if seed is None:
-            seed = params.seed if params.seed is not None else secrets.randbits(64)
-        self.seed = seed  # kept: a checkpoint names it so another replica continues the sequence
+        self._seed = seed if seed is not None else params.seed  # None: drawn on first use
         self.start = used  # uniforms of the sequence used before this request
         self._rng: np.random.Generator | None = None  # made on first use: greedy never draws
         self._ahead = np.empty(0)  # drawn from rng; used up to _next
         self._next = 0
+
+    @property
+    def seed(self) -> int:
+        """The sequence's seed: a checkpoint names it so another replica continues the
+        sequence. Drawn when first needed (a greedy stream without checkpoints never needs
+        one, and the draw is a system call on the event loop)."""
+        if self._seed is None:
+            self._seed = secrets.randbits(64)
+        return self._seed
 
     @property
     def rng(self) -> np.random.Generator:

@@ -281,7 +281,10 @@ class DecodeLoop:
         self._wake_pending = False  # before draining: a later append schedules a new wake-up
         accepted = 0
         while self._outbox:
-            for news in self._outbox.popleft():
+            drained = [n for _ in range(len(self._outbox)) for n in self._outbox.popleft()]
+            # first tokens first: their handlers then run before a batch's worth of others
+            # (stable sort: a stream's own news keep their order, all in one group)
+            for news in sorted(drained, key=lambda n: n.stream.tokens > 0):
                 stream = news.stream
                 if stream.done:
                     continue
