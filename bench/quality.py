@@ -313,16 +313,27 @@ def plot(result: dict, path: Path) -> None:
 
 
 def markdown(result: dict) -> str:
-    """The README table for a results JSON."""
-    lines = ["| corpus | arch | recipe | val ppl | best n-gram | ratio | seconds | epochs |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    """The README tables for a results JSON."""
+    lines = ["| corpus | arch | recipe | val ppl | best n-gram | ratio | seconds | epochs "
+             "| timed |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    runs = {(c, r["arch"], r["recipe"]): r for c, v in result["corpora"].items() for r in v["runs"]}
     for r in summary(result):
+        run = runs[(r["corpus"], r["arch"], r["recipe"])]
         mark = "" if r["met"] else " ✗"
+        timed = "alone" if run["nice"] == 0 else f"shared, nice {run['nice']}"
+        stop = " (budget)" if (run["stopped"] or "").startswith("time") else ""
         lines.append(
             f"| {r['corpus']} | {r['arch']} | {r['recipe']} | {r['val_ppl']:.3f} | "
             f"{r['best_ngram_val_ppl']:.3f} | {r['ratio']:.3f}{mark} | {r['seconds']:.0f} | "
-            f"{r['epochs_run']} |"
+            f"{r['epochs_run']}{stop} | {timed} |"
         )
+    models = result.get("architectures", {}).get("models", [])
+    if models:
+        lines += ["", "| model (timemachine 90/10, issue-3 budget) | val perplexity | train s |",
+                  "|---|---|---|"]  # fmt: skip
+        for m in models:
+            extra = f" (alpha {m['alpha']})" if "alpha" in m else ""
+            lines.append(f"| {m['model']}{extra} | {m['val_ppl']:.3f} | {m['seconds']:.0f} |")
     return "\n".join(lines)
 
 

@@ -109,22 +109,27 @@ def _wants_forecast(argv: list[str]) -> bool:
     return ("--task", "forecast") in pairs or ("--arch", "mlp") in pairs
 
 
-def _level(argv: list[str]) -> str:
-    """The --level in argv (also as --level=value; the last one wins), else char."""
-    pairs = list(itertools.pairwise(argv)) + [tuple(a.split("=", 1)) for a in argv if "=" in a]
-    levels = [value for flag, value in pairs if flag == "--level"]
-    return levels[-1] if levels else "char"
+def _flag_value(argv: list[str], flag: str, default: str) -> str:
+    """The value of `flag` in argv (also as --flag=value; the last one wins), else default."""
+    values = []
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            values.append(argv[i + 1])
+        elif arg.startswith(flag + "="):
+            values.append(arg.split("=", 1)[1])
+    return values[-1] if values else default
 
 
 def _add_recipe_defaults(train: argparse.ArgumentParser, argv: list[str]) -> None:
-    """Text models (not forecast): the default recipe of the --level in argv, and --patience
-    (forecast has its own)."""
+    """Text models (not forecast): the default recipe of the --level and --arch in argv, and
+    --patience (forecast has its own)."""
     train.add_argument(
         "--patience", type=int, default=0, metavar="EPOCHS",
         help="early stopping: end after EPOCHS epochs without a better validation perplexity "
         "(not once weight averaging has begun); 0 = off",
     )  # fmt: skip
-    train.set_defaults(**recipe_for(_level(argv)).flag_defaults())
+    recipe = recipe_for(_flag_value(argv, "--level", "char"), _flag_value(argv, "--arch", "lstm"))
+    train.set_defaults(**recipe.flag_defaults())
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -203,7 +208,7 @@ def recurrent_train_config(args: argparse.Namespace):
     taken from the --level's recipe when not given."""
     from rnnserve.trainer.train import TrainConfig
 
-    recipe = recipe_for(args.level)
+    recipe = recipe_for(args.level, args.arch)
     epochs = recipe.epochs if args.epochs is None else args.epochs
     averaged = args.average_from
     if averaged is None:

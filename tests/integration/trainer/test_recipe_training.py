@@ -50,3 +50,24 @@ def test_the_time_budget_ends_the_run_and_averages_the_same_share() -> None:
     unlimited = fit(_model(), train, val, TrainConfig(epochs=2, num_steps=8, batch_size=8,
                                                       time_budget=0), **QUIET)  # fmt: skip
     assert len(unlimited) == 2
+
+
+def test_the_default_recipe_trains_and_exports_through_the_cli(tmp_path, capsys) -> None:
+    """No tuning flags but a short corpus and 2 epochs: the recipe's 512-wide model with
+    dropout, sequential windows and averaging trains, passes the export check and says so."""
+    import json
+
+    from rnnserve.artifact.manifest import Manifest
+    from rnnserve.trainer import cli
+    from rnnserve.trainer.recipe import CHAR
+
+    run, out = tmp_path / "run", tmp_path / "models"
+    code = cli.main(["train", "--max-tokens", "4000", "--epochs", "2", "--out", str(out),
+                     "--run-dir", str(run), "--no-progress"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    manifest = Manifest.load(out / "lstm" / "1")
+    assert manifest.hyperparameters["hidden"] == CHAR.hidden
+    assert manifest.hyperparameters["dropout"] == CHAR.dropout
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and records[-1]["averaged_epochs"] == 1
+    assert "weights averaged over epochs 2-2" in capsys.readouterr().out

@@ -13,8 +13,11 @@ def _parsed(*flags: str):
     return build_parser(argv).parse_args(argv)
 
 
-@pytest.mark.parametrize(("flags", "recipe"), [((), CHAR), (("--level", "word"), WORD),
-                                               (("--level=word",), WORD)])  # fmt: skip
+@pytest.mark.parametrize(("flags", "recipe"), [
+    ((), CHAR), (("--level", "word"), WORD), (("--level=word",), WORD),
+    (("--arch", "gru"), recipe_for("char", "gru")),
+    (("--arch=gru", "--level", "word"), recipe_for("word", "gru")),
+])  # fmt: skip
 def test_no_tuning_flags_parse_to_the_level_recipe(flags: tuple[str, ...], recipe) -> None:
     args = _parsed(*flags)
     model = (args.hidden, args.embed, args.dropout)
@@ -56,4 +59,11 @@ def test_average_from_takes_the_last_share_of_the_epochs() -> None:
     assert average_from(5, 0.5) == 3  # 2.5 epochs count as 3: epochs 3, 4, 5
     assert average_from(1, 0.5) == 1
     assert average_from(10, 0.0) == 0
-    assert recipe_for("word") is WORD and recipe_for("char") is CHAR
+    assert recipe_for("word") == WORD and recipe_for("char") == CHAR
+
+
+def test_the_gru_changes_only_its_learning_rate_and_dropout() -> None:
+    gru = recipe_for("char", "gru")
+    assert (gru.dropout, gru.lr, gru.lr_decay) == (0.3, 0.003, 0.85)
+    assert (gru.hidden, gru.embed, gru.time_budget) == (CHAR.hidden, CHAR.embed, CHAR.time_budget)
+    assert recipe_for("char", "rnn") == CHAR
