@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from rnnserve.server.decode.limiter import StreamLimiter
 from rnnserve.server.decode.loop import DecodeLoop
+from rnnserve.server.decode.process import DecodeProcess, LoopConfig
 from rnnserve.server.decode.stream import Chunk
 from rnnserve.server.errors import BadRequest
 from rnnserve.server.forecasting import ForecastResult, forecast
@@ -41,7 +42,7 @@ class Engine:
         self.signer = signer
         self.settings = settings
         self.metrics = metrics
-        self._decoders: dict[tuple[str, str], DecodeLoop] = {}
+        self._decoders: dict[tuple[str, str], DecodeLoop | DecodeProcess] = {}
         self._generators: dict[tuple[str, str], Generator] = {}
         self._codecs: dict[tuple[str, str], TextCodec] = {}
 
@@ -51,30 +52,39 @@ class Engine:
         check_task(entry, rpc)
         return entry
 
-    def decoder(self, entry: ModelVersion) -> DecodeLoop:
+    def decoder(self, entry: ModelVersion) -> DecodeLoop | DecodeProcess:
+        """The version's decode loop, made on its first Generate: with --decode-process 1 its
+        steps run in a process of its own (started now; it opens the model while the first
+        joins queue in the pipe), else in a thread of this process."""
         key = (entry.name, entry.version)
         if key not in self._decoders:
             assert entry.model is not None
             s = self.settings
-            self._decoders[key] = DecodeLoop(
-                entry.name,
-                entry.model,
-                self.metrics,
-                s.max_batch,
-                s.stream_interval_us * 1e-6,
-                s.prefill_chunk,
-                bool(s.prefill_thread),
+            config = LoopConfig(
+                s.max_batch, s.stream_interval_us * 1e-6, s.prefill_chunk, bool(s.prefill_thread)
             )
+            if s.decode_process:
+                self._decoders[key] = DecodeProcess(entry.name, entry.model, self.metrics, config)
+            else:
+                self._decoders[key] = DecodeLoop(
+                    entry.name,
+                    entry.model,
+                    self.metrics,
+                    config.max_batch,
+                    config.stream_interval,
+                    config.prefill_chunk,
+                    config.prefill_thread,
+                )
         return self._decoders[key]
 
-    def pop_decoder(self, name: str, version: str) -> DecodeLoop | None:
+    def pop_decoder(self, name: str, version: str) -> DecodeLoop | DecodeProcess | None:
         """Forgets a version's helpers (hot reload); returns its decode loop to drain."""
         key = (name, version)
         self._generators.pop(key, None)
         self._codecs.pop(key, None)
         return self._decoders.pop(key, None)
 
-    def decoders(self) -> list[DecodeLoop]:
+    def decoders(self) -> list[DecodeLoop | DecodeProcess]:
         return list(self._decoders.values())
 
     def codec(self, entry: ModelVersion) -> TextCodec:

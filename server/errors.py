@@ -61,6 +61,13 @@ class ShuttingDown(ServeError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class EngineUnavailable(ServeError):
+    """The decode process of a model exited (or could not start): UNAVAILABLE, so the
+    client resumes or retries; the next call starts a new one."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class DeadlineExceeded(ServeError):
     """The client's deadline passed while the call was running."""
 

@@ -67,6 +67,8 @@ class OnnxModel:
         intra_op_threads: int,
         with_head: bool = True,
     ) -> None:
+        # what opens the same model elsewhere (the decode process): OnnxModel(*model.args)
+        self.args = (Path(path), manifest, list(providers), intra_op_threads, with_head)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1

@@ -39,6 +39,7 @@ class Settings:
     prefill_thread: int = 1
     stream_interval_us: int = 1000
     decode_head: int = 1
+    decode_process: int = 0
     max_message_bytes: int = 4 * 1024 * 1024
     max_infill_vocab: int = 4096
     state_key: str = ""
@@ -108,6 +109,11 @@ _HELP: dict[str, tuple[type, str]] = {
         "microseconds a stream's tokens may wait to share one message with the tokens made "
         "after them (one gRPC message per token costs more than a decode step); 0 = every "
         "step's tokens are sent at once",
+    ),
+    "decode_process": (
+        int,
+        "1: each model version's decode steps run in a process of its own, so they and gRPC "
+        "stop sharing one GIL (docs/serving.md); 0: threads in the server process",
     ),
     "decode_head": (
         int,

@@ -40,6 +40,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +55,10 @@ from rnnserve.server.runtime import OnnxModel, State
 log = logging.getLogger(__name__)
 
 HAND_EVERY_MAX = 64  # steps: a message per stream at least this often under any load
+# Hand-overs of a full batch are also spaced by live streams x this: the event loop then
+# sends at most ~2,000 messages a second however fast the steps run (a gRPC message costs it
+# ~0.1-0.3 ms here; past that budget it queues first tokens behind token messages).
+HAND_SECONDS_PER_STREAM = 0.0005
 UNIFORM_BLOCK = 64  # uniforms peeked per sampled stream at a time
 
 
@@ -77,6 +82,9 @@ class Slot:
     due: bool = False
 
 
+Join = tuple[Slot, State, int, float]  # a prefilled row: slot, state, first token, its time
+
+
 @dataclass
 class Handover:
     """One stream's news for the event loop."""
@@ -86,6 +94,7 @@ class Handover:
     logprobs: list[float]
     times: list[float]  # perf_counter() when each token existed
     error: BaseException | None = None
+    last: bool = False  # the stream left the loop with this news (end, eos, error)
 
 
 class Batch:
@@ -170,8 +179,39 @@ class Batch:
         self._settle_uniforms()
 
 
-class DecodeLoop:
-    """Owns the decode thread of one model version; the event loop submits and drains."""
+class Admissions:
+    """Event loop side: streams admitted and not yet released, for the live-streams gauge and
+    for draining a version before it is unloaded."""
+
+    def __init__(self, gauge) -> None:
+        self.admitted = 0  # streams between submit and release
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._gauge = gauge
+
+    def admit(self) -> None:
+        self.admitted += 1
+        self._idle.clear()
+        self._gauge.inc()
+
+    def release(self) -> None:
+        self.admitted -= 1
+        self._gauge.dec()
+        if self.admitted == 0:
+            self._idle.set()
+
+    async def drain(self) -> None:
+        """Waits until every admitted stream has left (hot reload, shutdown)."""
+        await self._idle.wait()
+
+
+class DecodeLoop(Admissions):
+    """Owns the decode thread of one model version; the event loop submits and drains.
+
+    `deliver`: where the threads' news go; None = the event loop of the first `submit`
+    (`_deliver` moves them into the streams). `joins_to`: where prefilled rows go; None =
+    this loop's decode thread, else the loop only prefills (server/decode/process.py sends
+    them to a decode process, whose loop takes them with `join`)."""
 
     def __init__(
         self,
@@ -182,7 +222,11 @@ class DecodeLoop:
         stream_interval: float = 0.0,
         prefill_chunk: int = 256,
         prefill_thread: bool = True,
+        deliver: Callable[[list[Handover]], None] | None = None,
+        on_flush: Callable[[], None] | None = None,
+        joins_to: Callable[[list[Join]], None] | None = None,
     ) -> None:
+        super().__init__(metrics.live_streams.labels(model=name))
         self.name = name
         self.model = model
         self.chooser = TokenChooser(model)
@@ -191,14 +235,14 @@ class DecodeLoop:
         self.prefill_chunk = prefill_chunk
         self.prefill_thread = prefill_thread  # prompts prefill beside the steps, not between
         self.eos = model.manifest.vocab.index("<eos>") if "<eos>" in model.manifest.vocab else -1
-        self.admitted = 0  # event loop: streams between submit and release
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._deliver_to = deliver
+        self._on_flush = on_flush
+        self._joins_to = joins_to
         # event loop -> prefill (its own thread, or the decode thread between steps)
         self._inbox: deque[Slot] = deque()
         self._prefill_wake = threading.Event()
         # prefill thread -> decode thread: prefilled rows, their state, first token and time
-        self._joinbox: deque[tuple[Slot, State, int, float]] = deque()
+        self._joinbox: deque[Join] = deque()
         self._wake = threading.Event()
         self._closed = False
         # thread -> event loop
@@ -212,7 +256,6 @@ class DecodeLoop:
         self._news: list[Handover] = []
         self._since_hand = 0
         self._handed = 0.0
-        self._gauge = metrics.live_streams.labels(model=name)
         self._step_seconds = metrics.step_duration.labels(model=name)
         self._batch_size = metrics.batch_size.labels(model=name)
         self._itl = metrics.inter_token_latency.labels(model=name)
@@ -222,17 +265,6 @@ class DecodeLoop:
         self._sizes: list[int] = []
 
     # -- event loop side ------------------------------------------------------------------
-    def admit(self) -> None:
-        self.admitted += 1
-        self._idle.clear()
-        self._gauge.inc()
-
-    def release(self) -> None:
-        self.admitted -= 1
-        self._gauge.dec()
-        if self.admitted == 0:
-            self._idle.set()
-
     @property
     def live(self) -> int:
         """Streams in a batch (the rows a step works on)."""
@@ -246,7 +278,7 @@ class DecodeLoop:
     def submit(self, stream: Stream, ids: list[int], state: State | None) -> None:
         """Queues an admitted stream: `ids` is its prompt, fed from `state` (None: fresh).
         Its tokens arrive in `stream.buffer`; cancel it with `stream.cancel()`."""
-        if self._loop is None:
+        if self._loop is None and self._deliver_to is None:
             self._loop = asyncio.get_running_loop()
         count = stream.stopper.count  # a resumed stream goes on from its checkpoint's count
         budget = stream.stopper.max_tokens - count
@@ -254,26 +286,35 @@ class DecodeLoop:
         self._inbox.append(Slot(stream, list(ids), state, budget, count=count, due=due))
         self._prefill_wake.set()
         self._wake.set()
-        if not self._threads:
-            targets = {f"decode:{self.name}": self._run}
-            if self.prefill_thread:
-                targets[f"prefill:{self.name}"] = self._run_prefill
-            for name, target in targets.items():
-                thread = threading.Thread(target=target, name=name, daemon=True)
-                thread.start()
-                self._threads.append(thread)
+        self.start()
 
-    async def drain(self) -> None:
-        """Waits until every admitted stream has left (hot reload, shutdown)."""
-        await self._idle.wait()
+    def start(self) -> None:
+        """Starts the threads (the first submit does it)."""
+        if self._threads:
+            return
+        targets = {} if self._joins_to else {f"decode:{self.name}": self._run}
+        if self.prefill_thread:
+            targets[f"prefill:{self.name}"] = self._run_prefill
+        for name, target in targets.items():
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     async def close(self) -> None:
         """Stops the threads after their current call."""
+        await asyncio.to_thread(self.stop)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stops the threads after their current call (from any thread but theirs)."""
+        self.stopping()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def stopping(self) -> None:
+        """Tells the threads to stop after their current call, without waiting."""
         self._closed = True
         self._wake.set()
         self._prefill_wake.set()
-        for thread in self._threads:
-            await asyncio.to_thread(thread.join, 5.0)
 
     def _deliver(self) -> None:
         """Event loop: hands each stream its tokens, in order; finished streams get their last
@@ -319,9 +360,17 @@ class DecodeLoop:
                     news.append(self._failed(slot, exc))
                 self._prefilling = []
             self._send(news)  # first tokens reach the event loop before later ones can
-            if joining:
-                self._joinbox.extend(joining)
-                self._wake.set()
+            if joining and self._joins_to is not None:
+                self._joins_to(joining)
+            elif joining:
+                self.join(joining)
+
+    def join(self, rows: list[Join]) -> None:
+        """Prefilled rows (slot, state after the prompt, first token, when it existed) for
+        the decode thread; from any thread."""
+        self._joinbox.extend(rows)
+        self._wake.set()
+        self.start()
 
     def _take_inbox(self) -> None:
         while self._inbox:
@@ -356,7 +405,7 @@ class DecodeLoop:
         if self._batches:
             self._step()
 
-    def _prefill(self, news: list[Handover]) -> list[tuple[Slot, State, int, float]]:
+    def _prefill(self, news: list[Handover]) -> list[Join]:
         """One aligned call for the waiting prompts (at most max_batch rows): each advances
         by the shortest remaining length, capped at --prefill-chunk. Returns the rows whose
         prompt ended, to join the batch; their first tokens are in `news`."""
@@ -385,7 +434,7 @@ class DecodeLoop:
             return []
         now = time.perf_counter()
         states = self.model.split(state) if self.model.specs else [[] for _ in rows]
-        joining: list[tuple[Slot, State, int, float]] = []
+        joining: list[Join] = []
         for i, slot in enumerate(rows):
             slot.fed += n
             slot.state = states[i]
@@ -393,12 +442,13 @@ class DecodeLoop:
                 self._prefilling.append(slot)
                 continue
             token = int(tokens[i])
-            if not self._record(slot, token, float(logprobs[i]), now, states[i]):
-                joining.append((slot, states[i], token, now))  # else done after one token
-            news.append(self._take_news(slot))  # the first token goes out at once
+            ended = self._record(slot, token, float(logprobs[i]), now, states[i])
+            if not ended:
+                joining.append((slot, states[i], token, now))
+            news.append(self._take_news(slot, last=ended))  # the first token goes out at once
         return joining
 
-    def _join(self, joining: list[tuple[Slot, State, int, float]]) -> None:
+    def _join(self, joining: list[Join]) -> None:
         while joining:
             target = next((b for b in self._batches if len(b) < self.max_batch), None)
             if target is None:
@@ -448,7 +498,7 @@ class DecodeLoop:
                 state = self.model.take(batch.state, i) if slot.due else None
                 if self._record(slot, tokens[i], logprobs[i], now, state):
                     done.append(i)
-                    self._news.append(self._take_news(slot))
+                    self._news.append(self._take_news(slot, last=True))
             if done:
                 gone = set(done)
                 batch.keep([i for i in range(len(batch)) if i not in gone])
@@ -459,8 +509,10 @@ class DecodeLoop:
         self._since_hand += 1
         live = sum(len(b) for b in self._batches)
         now = time.perf_counter()
+        # 0 = every step's tokens at once (--stream-interval-us 0); else the budget applies
+        spacing = self.stream_interval and max(self.stream_interval, live * HAND_SECONDS_PER_STREAM)
         if self._since_hand >= max(1, min(HAND_EVERY_MAX, live)) and (
-            now - self._handed >= self.stream_interval
+            now - self._handed >= spacing
         ):
             self._since_hand, self._handed = 0, now
             for batch in self._batches:
@@ -489,13 +541,13 @@ class DecodeLoop:
         slot.budget -= 1
         return slot.budget <= 0 or token == self.eos
 
-    def _take_news(self, slot: Slot) -> Handover:
-        news = Handover(slot.stream, slot.tokens, slot.logprobs, slot.times)
+    def _take_news(self, slot: Slot, last: bool = False) -> Handover:
+        news = Handover(slot.stream, slot.tokens, slot.logprobs, slot.times, last=last)
         slot.tokens, slot.logprobs, slot.times = [], [], []
         return news
 
     def _failed(self, slot: Slot, error: BaseException) -> Handover:
-        news = self._take_news(slot)
+        news = self._take_news(slot, last=True)
         news.error = error
         return news
 
@@ -503,6 +555,10 @@ class DecodeLoop:
         """Queues a thread's news for the event loop (and empties the list), waking the loop
         only if no wake-up is pending (each wake-up is a syscall and a GIL hand-off)."""
         if not news:
+            return
+        if self._deliver_to is not None:
+            self._deliver_to(list(news))
+            news.clear()
             return
         self._outbox.append(list(news))
         news.clear()
@@ -526,3 +582,5 @@ class DecodeLoop:
             observe_many(self._step_seconds, self._durations)
             observe_many(self._batch_size, self._sizes)
             self._durations, self._sizes = [], []
+        if self._on_flush is not None:
+            self._on_flush()

@@ -105,6 +105,13 @@ class OutputBuffer:
             await self._event.wait()
 
 
+def wants_state(count: int, every: int, end_state: bool, max_tokens: int) -> bool:
+    """Whether the state after token number `count` (from the original request) must be
+    copied for a stream that signs states: every token for return_state, else checkpoints
+    and the last token max_tokens allows."""
+    return end_state or (every > 0 and count % every == 0) or count == max_tokens
+
+
 def _merge(first: Chunk, then: Chunk) -> Chunk:
     """`first` followed by `then` as one message (the later state, if any)."""
     first.token_ids += then.token_ids
@@ -153,6 +160,7 @@ class Stream:
         self.finished = False
         self.cancelled = False
         self.joined_at = 0.0
+        self.on_cancel: Callable[[], None] | None = None  # the decode loop's, if it must know
         self._pending_reason = ""
 
     @property
@@ -169,6 +177,8 @@ class Stream:
 
     def cancel(self) -> None:
         """Called when the client goes away; the scheduler drops the stream by its next step."""
+        if not self.cancelled and self.on_cancel is not None:
+            self.on_cancel()
         self.cancelled = True
 
     def accept(self, token_id: int, logprob: float, at: float | None = None) -> bool:
@@ -178,14 +188,10 @@ class Stream:
         return self.finished
 
     def wants_state(self, count: int) -> bool:
-        """Decode thread: whether the state after token number `count` (from the original
-        request) must be copied: every token for return_state, else checkpoints and the last
-        token max_tokens allows."""
+        """Decode thread: whether the state after token number `count` must be copied."""
         if self.signer is None:
             return False
-        every = self.state_every
-        checkpoint = every > 0 and count % every == 0
-        return self.end_state or checkpoint or count == self.stopper.max_tokens
+        return wants_state(count, self.state_every, self.end_state, self.stopper.max_tokens)
 
     def accept_run(self, token_ids: list[int], logprobs: list[float], times: list[float]) -> int:
         """Records consecutive tokens (with their logprobs and the perf_counter() each was made

@@ -41,13 +41,23 @@ def _health(channel: grpc.Channel) -> int:
         return -1
 
 
-def test_sigterm_drains_in_flight_stream(model_repo: Path, tmp_path: Path) -> None:
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+@pytest.mark.parametrize("extra", [[], ["--decode-process", "1"]], ids=["threads", "process"])
+def test_sigterm_drains_in_flight_stream(model_repo: Path, tmp_path: Path, extra) -> None:
+    """With --decode-process 1 the stream drains across the process boundary and the decode
+    process leaves with the server."""
     port = _free_port()
     address = f"127.0.0.1:{port}"
     log = tmp_path / "server.log"
     cmd = [str(BIN / "rnn-server"), "--model-repo", str(model_repo), "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", "0", "--grace", "30",
-           "--max-tokens", str(TOKENS)]  # fmt: skip
+           "--max-tokens", str(TOKENS), *extra]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -61,6 +71,8 @@ def test_sigterm_drains_in_flight_stream(model_repo: Path, tmp_path: Path) -> No
                 pb.GenerateRequest(model="lstm", prompt="the", max_tokens=TOKENS), timeout=WAIT_S
             )
             first = next(stream)
+            children = _children(proc.pid)
+            assert len(children) == (1 if extra else 0)  # the decode process of lstm
             proc.send_signal(signal.SIGTERM)
             end = time.monotonic() + WAIT_S
             while _health(channel) == health_pb2.HealthCheckResponse.SERVING:
@@ -77,6 +89,7 @@ def test_sigterm_drains_in_flight_stream(model_repo: Path, tmp_path: Path) -> No
             assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
             assert sum(len(m.token_ids) for m in [first, *rest]) == TOKENS
         assert proc.wait(timeout=WAIT_S) == 0
+        assert not [c for c in children if Path(f"/proc/{c}").exists()]
     finally:
         if proc.poll() is None:
             proc.kill()

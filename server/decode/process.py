@@ -1,0 +1,422 @@
+"""Decode steps in a process of their own (`--decode-process 1`): the gRPC event loop and the
+decode thread stop sharing one GIL.
+
+Why: in one process the decode thread must take the GIL back after every ONNX Runtime call,
+and under load the event loop holds it while it turns a hand-over into gRPC messages for a
+whole batch. Measured at 32 churning streams (bench-lstm), a decode step took 1.12 ms of
+wall time for 0.63 ms of the thread's own CPU. vLLM's V1 engine splits for the same reason
+(an API server process and an EngineCore process).
+
+What runs where:
+- **parent** (`DecodeProcess`, same interface as `DecodeLoop`): admission, and the prefill —
+  a `DecodeLoop` that only prefills (its prefill thread beside the event loop, as in one
+  process), so the first token never crosses a process. Each prefilled row (its state, its
+  first token, its sampler where it stands) goes to the child from the event loop, which is
+  also where cancels are sent, so a cancel never overtakes its join.
+- **child** (`_child_main`): a `DecodeLoop` that only steps, on `RemoteStream`s (what the
+  decode thread reads of a stream). It sends back tokens, the state copies checkpoints need,
+  and its metric observations; the event loop reads them with `add_reader` and moves tokens
+  into the real `Stream` as `DecodeLoop._deliver` does. `perf_counter` is CLOCK_MONOTONIC,
+  so token times and deadlines cross unchanged.
+
+The child is `python -m rnnserve.server.decode.process FD` on one end of a socketpair (not
+multiprocessing's spawn, which imports the parent's __main__ again). If it dies, its streams
+fail UNAVAILABLE (a client holding a resume state continues elsewhere) and the next join
+starts a new one.
+
+Messages, parent -> child: ("open", name, model args, LoopConfig) first, then ("join", sid,
+JoinSpec, state, token, time), ("cancel", sid), ("close",). Child -> parent: ("ready",) or
+("failed", why) once, then ("news", items, live) and ("metrics", observations, live).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import subprocess
+import sys
+import threading
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from rnnserve.server.decode.loop import Admissions, DecodeLoop, Handover, Join, Slot
+from rnnserve.server.decode.stream import Stream, wants_state
+from rnnserve.server.errors import DeadlineExceeded, EngineUnavailable
+from rnnserve.server.metrics import Metrics, observe_many
+from rnnserve.server.runtime import OnnxModel, State
+from rnnserve.server.sampling import Sampler
+
+log = logging.getLogger(__name__)
+
+# the child's metric observations, by the attribute name of server/metrics.py's Metrics
+SHIPPED = ("step_duration", "batch_size", "inter_token_latency")
+
+
+@dataclass
+class LoopConfig:
+    """DecodeLoop's settings."""
+
+    max_batch: int
+    stream_interval: float
+    prefill_chunk: int
+    prefill_thread: bool
+
+
+@dataclass
+class JoinSpec:
+    """What the decode thread needs of a prefilled stream: its token choice (the sampler
+    where the prefill left it), count, budget, state schedule and deadline. Stop strings,
+    text and messages stay with the event loop."""
+
+    sampler: Sampler
+    count: int
+    budget: int
+    due: bool
+    max_tokens: int
+    signs: bool  # the stream signs states (return_state or state_every)
+    state_every: int
+    end_state: bool
+    started: float
+    deadline: float | None
+
+
+class RemoteStream:
+    """A stream as the child's decode thread sees it; `done` once the parent cancels it."""
+
+    def __init__(self, sid: int, spec: JoinSpec) -> None:
+        self.sid = sid
+        self.spec = spec
+        self.sampler = spec.sampler
+        self.started, self.deadline = spec.started, spec.deadline
+        self.snapshots: deque[tuple[int, list[np.ndarray]]] = deque()
+        self.done = False
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def wants_state(self, count: int) -> bool:
+        s = self.spec
+        return s.signs and wants_state(count, s.state_every, s.end_state, s.max_tokens)
+
+
+class _Recorder:
+    """Stands in for a labelled Prometheus metric in the child: keeps the observations."""
+
+    def __init__(self) -> None:
+        self.values: deque[float] = deque()
+
+    def labels(self, **_: str) -> _Recorder:
+        return self
+
+    def observe(self, value: float) -> None:
+        self.values.append(value)
+
+    def inc(self, amount: float = 1.0) -> None:
+        pass
+
+    def dec(self, amount: float = 1.0) -> None:
+        pass
+
+    def take(self) -> list[float]:
+        return [self.values.popleft() for _ in range(len(self.values))]
+
+
+class _ChildMetrics:
+    """The metrics a DecodeLoop records, kept for the parent."""
+
+    def __init__(self) -> None:
+        for name in (*SHIPPED, "queue_wait", "live_streams", "generated_tokens"):
+            setattr(self, name, _Recorder())
+
+    def take(self) -> dict[str, list[float]]:
+        return {name: getattr(self, name).take() for name in SHIPPED}
+
+
+def _child_main(conn: Connection, name: str, model_args: tuple, config: LoopConfig) -> None:
+    """The decode process: opens the model, then steps what the parent joins until it says
+    close or goes away."""
+    try:
+        model = OnnxModel(*model_args)
+    except Exception as exc:  # the parent fails its streams with this
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    lock = threading.Lock()
+    streams: dict[int, RemoteStream] = {}
+    metrics = _ChildMetrics()
+    loop: DecodeLoop | None = None
+
+    def send(message: tuple) -> None:
+        with lock, contextlib.suppress(OSError):  # the parent gone: recv below ends us
+            conn.send(message)
+
+    def deliver(news: list[Handover]) -> None:
+        items = []
+        for h in news:
+            stream = h.stream
+            snapshots = [stream.snapshots.popleft() for _ in range(len(stream.snapshots))]
+            error = None
+            if h.error is not None:
+                error = (isinstance(h.error, DeadlineExceeded), str(h.error))
+            if h.last:
+                streams.pop(stream.sid, None)
+            items.append((stream.sid, h.tokens, h.logprobs, h.times, snapshots, error, h.last))
+        reported[0] = loop.live if loop else 0
+        send(("news", items, reported[0]))
+
+    reported = [0]  # the live count the parent last heard
+
+    def flush() -> None:
+        observed, live = metrics.take(), loop.live if loop else 0
+        if any(observed.values()) or live != reported[0]:
+            reported[0] = live
+            send(("metrics", observed, live))
+
+    loop = DecodeLoop(name, model, metrics, config.max_batch, config.stream_interval,
+                      config.prefill_chunk, False, deliver, flush)  # fmt: skip
+    send(("ready",))
+    try:
+        while True:
+            message = conn.recv()
+            kind = message[0]
+            if kind == "join":
+                _, sid, spec, state, token, at = message
+                stream = streams[sid] = RemoteStream(sid, spec)
+                slot = Slot(stream, [], None, spec.budget, count=spec.count, due=spec.due)
+                loop.join([(slot, state, token, at)])
+            elif kind == "cancel":
+                stream = streams.pop(message[1], None)
+                if stream is not None:
+                    stream.done = True  # the loop drops it by its next step
+            elif kind == "close":
+                break
+    except (EOFError, OSError):
+        pass  # the parent went away
+    loop.stop()
+    conn.close()
+
+
+class DecodeProcess(Admissions):
+    """Parent side: prefills here, steps in a child process."""
+
+    def __init__(self, name: str, model: OnnxModel, metrics: Metrics, config: LoopConfig) -> None:
+        super().__init__(metrics.live_streams.labels(model=name))
+        self.name = name
+        self.model = model
+        self.config = config
+        self._prefiller = DecodeLoop(name, model, metrics, config.max_batch,
+                                     config.stream_interval, config.prefill_chunk, True,
+                                     joins_to=self._prefilled)  # fmt: skip
+        self._metrics = {attr: getattr(metrics, attr).labels(model=name) for attr in SHIPPED}
+        self._generated = metrics.generated_tokens.labels(model=name)
+        self._sids: dict[int, int] = {}  # id(stream) -> sid, from submit until it leaves
+        self._streams: dict[int, Stream] = {}  # sid -> stream, once joined in the child
+        self._next_sid = 0
+        self._live = 0
+        self._conn: Connection | None = None
+        self._process: subprocess.Popen | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.ready = False
+
+    # -- the child --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Starts the child (it opens the model meanwhile; joins queue in the pipe)."""
+        if self._process is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        with theirs:
+            fd = theirs.fileno()
+            cmd = [sys.executable, "-m", "rnnserve.server.decode.process", str(fd)]
+            self._process = subprocess.Popen(cmd, pass_fds=[fd])  # never fork gRPC
+        self._conn = Connection(ours.detach())
+        self._conn.send(("open", self.name, self.model.args, self.config))
+        self._loop.add_reader(self._conn.fileno(), self._readable)
+
+    async def close(self) -> None:
+        """Stops the prefill thread and asks the child to stop after its current call."""
+        await self._prefiller.close()
+        process, conn = self._forget_child()
+        if process is None or conn is None:
+            return
+        self._fail_all(EngineUnavailable("the server is shutting down; retry elsewhere"))
+        with contextlib.suppress(OSError):
+            conn.send(("close",))
+        try:
+            await asyncio.to_thread(process.wait, 10.0)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait)
+        conn.close()
+
+    def _forget_child(self) -> tuple[subprocess.Popen | None, Connection | None]:
+        """Stops reading the child; returns it and its pipe."""
+        process, conn = self._process, self._conn
+        if conn is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(conn.fileno())
+        self._process, self._conn, self.ready = None, None, False
+        return process, conn
+
+    # -- event loop side --------------------------------------------------------------------
+    @property
+    def live(self) -> int:
+        """Streams in the child's batches, as of its last message."""
+        return self._live
+
+    @property
+    def pending(self) -> int:
+        """Streams submitted and not yet in the child (prefilling, or on the way)."""
+        return len(self._sids) - len(self._streams)
+
+    def submit(self, stream: Stream, ids: list[int], state: State | None) -> None:
+        """Prefills here, then joins the child's batch; like DecodeLoop.submit."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        if self._process is None:
+            self.start()
+        sid, self._next_sid = self._next_sid, self._next_sid + 1
+        self._sids[id(stream)] = sid
+        stream.on_cancel = lambda: self._cancel(stream)
+        self._prefiller.submit(stream, ids, state)
+
+    def _prefilled(self, rows: list[Join]) -> None:
+        """Prefill thread: rows whose first token went out; the event loop sends them on
+        (after that token, and in order with cancels)."""
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed (shutdown)
+            self._loop.call_soon_threadsafe(self._join, rows)
+
+    def _join(self, rows: list[Join]) -> None:
+        if self._process is None:
+            self.start()
+        for slot, state, token, at in rows:
+            stream = slot.stream
+            sid = self._sids.get(id(stream))
+            if sid is None or stream.done:
+                continue  # cancelled, failed or finished meanwhile
+            spec = JoinSpec(
+                sampler=stream.sampler,
+                count=slot.count,
+                budget=slot.budget,
+                due=slot.due,
+                max_tokens=stream.stopper.max_tokens,
+                signs=stream.signer is not None,
+                state_every=stream.state_every,
+                end_state=stream.end_state,
+                started=stream.started,
+                deadline=stream.deadline,
+            )
+            self._streams[sid] = stream
+            self._send(("join", sid, spec, state, token, at))
+
+    def _cancel(self, stream: Stream) -> None:
+        sid = self._sids.pop(id(stream), None)
+        if sid is not None and self._streams.pop(sid, None) is not None:
+            self._send(("cancel", sid))
+
+    def _send(self, message: tuple) -> None:
+        if self._conn is None:
+            return  # no child: its streams have failed already
+        try:
+            self._conn.send(message)
+        except OSError:
+            self._child_exited()
+
+    def _readable(self) -> None:
+        """Event loop: everything the child has sent so far."""
+        conn = self._conn
+        try:
+            while conn is not None and conn.poll():
+                self._handle(conn.recv())
+        except (EOFError, OSError):
+            self._child_exited()
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "news":
+            self._live = message[2]
+            self._deliver(message[1])
+        elif kind == "metrics":
+            self._live = message[2]
+            for attr, values in message[1].items():
+                observe_many(self._metrics[attr], values)
+        elif kind == "ready":
+            self.ready = True
+        elif kind == "failed":
+            log.error("the decode process of %s could not open the model: %s", self.name,
+                      message[1])  # fmt: skip
+            self._fail_all(EngineUnavailable(f"model {self.name}: {message[1]}"))
+
+    def _deliver(self, items: list) -> None:
+        """Like DecodeLoop._deliver: tokens into each stream, in order; the last message of
+        finished streams; errors. A stream that ends here (a stop string) is cancelled in the
+        child."""
+        accepted = 0
+        for sid, tokens, logprobs, times, snapshots, error, last in items:
+            stream = self._streams.get(sid)
+            if stream is None or stream.done:
+                continue
+            stream.snapshots.extend(snapshots)
+            if tokens:
+                accepted += stream.accept_run(tokens, logprobs, times)
+                if stream.finished:
+                    stream.close()
+            if error is not None and not stream.done:
+                deadline, text = error
+                self._forget(stream)
+                stream.cancel()
+                stream.buffer.fail(DeadlineExceeded(text) if deadline else RuntimeError(text))
+            if last:
+                self._forget(stream)
+            elif stream.done:
+                self._cancel(stream)
+        if accepted:
+            self._generated.inc(accepted)
+
+    def _forget(self, stream: Stream) -> None:
+        """The child dropped the stream: nothing to cancel there."""
+        sid = self._sids.pop(id(stream), None)
+        self._streams.pop(sid, None)
+        stream.on_cancel = None
+
+    def _child_exited(self) -> None:
+        process, conn = self._forget_child()
+        if conn is not None:
+            conn.close()
+        code = process.poll() if process is not None else None
+        if self._streams:
+            log.error("the decode process of %s exited (code %s); failing %d streams",
+                      self.name, code, len(self._streams))  # fmt: skip
+        self._fail_all(EngineUnavailable(
+            f"the decode process of model {self.name} exited; retry (or resume from a state)"
+        ))  # fmt: skip
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Fails the streams in the child (those still prefilling join a new one)."""
+        streams = list(self._streams.values())
+        for stream in streams:
+            self._forget(stream)
+            if not stream.done:
+                stream.cancel()
+                stream.buffer.fail(error)
+
+
+def main(argv: list[str]) -> int:
+    """The child's entry: argv[1] is its end of the socketpair; the first message says what
+    to open."""
+    conn = Connection(int(argv[1]))
+    try:
+        kind, name, model_args, config = conn.recv()
+    except (EOFError, OSError):
+        return 1
+    assert kind == "open"
+    _child_main(conn, name, model_args, config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
