@@ -120,8 +120,9 @@ def server_defaults() -> dict:
     from rnnserve.server.settings import Settings
 
     d = Settings()
-    keys = ("prefill_thread", "prefill_chunk", "stream_interval_us", "decode_head", "max_batch",
-            "max_streams", "intra_op_threads", "workers", "executor_threads")  # fmt: skip
+    keys = ("prefill_thread", "prefill_chunk", "stream_interval_us", "decode_head",
+            "decode_process", "max_batch", "max_streams", "intra_op_threads", "workers",
+            "executor_threads")  # fmt: skip
     return {k: getattr(d, k) for k in keys if hasattr(d, k)}
 
 

@@ -643,6 +643,10 @@ def add_ratios(result: dict) -> None:
         r["vs_best_bare_static"] = _ratio(r["tokens_per_s"], top)
         r["ttft_p50_vs_bare_prefill"] = _ratio(r["ttft_p50_s"], single["prefill_p50_s"])
         r["tpot_p50_vs_bare_step"] = _ratio(r["tpot_p50_s"], single["step_p50_s"])
+    for r in result.get("decode_process", []):
+        r["vs_bare_static"] = _ratio(r["tokens_per_s"], static.get(r["clients"]))
+        r["ttft_p50_vs_bare_prefill"] = _ratio(r["ttft_p50_s"], single["prefill_p50_s"])
+        r["tpot_p50_vs_bare_step"] = _ratio(r["tpot_p50_s"], single["step_p50_s"])
     for r in result.get("engine", []):
         r["vs_bare_static"] = _ratio(r["tokens_per_s"], static.get(r["clients"]))
         r["ttft_p50_vs_bare_prefill"] = _ratio(r["ttft_p50_s"], single["prefill_p50_s"])
@@ -710,6 +714,16 @@ def markdown(results: dict) -> str:
         for t in res["targets"]:
             met = {True: "yes", False: "no", None: "not measured"}[t["met"]]
             out.append(f"| {t['name']} | {_x(t['ratio'])} | {met} |")
+        if res.get("decode_process"):
+            out += ["", "With `--decode-process 1` (fixed workload; decode steps in a child "
+                    "process):", "",
+                    "| C | tokens/s | × bare static | TTFT p50 ms | TPOT p50 ms | errors |",
+                    "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+            for r in res["decode_process"]:
+                out.append(
+                    f"| {r['clients']} | {r['tokens_per_s']:.0f} | {_x(r['vs_bare_static'])} | "
+                    f"{_ms(r['ttft_p50_s'])} | {_ms(r['tpot_p50_s'])} | {r['error_count']} |"
+                )
         floor = res.get("transport_floor_s")
         if res.get("engine") or floor:
             out += ["", "What limits it: the same engine without gRPC (its Generator and decode "
@@ -747,6 +761,10 @@ def plot(results: dict, path: Path) -> None:
             a.plot([r["slots"] for r in bare], [r["tokens_per_s"] for r in bare], ls=":",
                    marker=".", color=colors.get(name),
                    label=f"bare ORT ideal churn, {name}")  # fmt: skip
+        dp = res.get("decode_process", [])
+        if dp:
+            a.plot([r["clients"] for r in dp], [r["tokens_per_s"] for r in dp], marker="s",
+                   color="tab:purple", label="server, fixed, --decode-process 1")  # fmt: skip
         static = res["ceiling"]["static"]
         a.plot([r["batch"] for r in static], [r["tokens_per_s"] for r in static], ls="--",
                color="gray", label="bare ORT static batch, fixed")  # fmt: skip
@@ -884,10 +902,30 @@ def run_model(model: str, repo: Path, args, levels: list[int]) -> dict:
         }
     finally:
         server.stop()
+    if args.decode_process:
+        result["decode_process"] = decode_process_rows(model, repo, args, levels, work["fixed"])
     server_log.unlink(missing_ok=True)  # kept only when the run failed
     add_ratios(result)
     result["targets"] = targets(result)
     return result
+
+
+def decode_process_rows(model: str, repo: Path, args, levels: list[int],
+                        workload: Workload) -> list[dict]:  # fmt: skip
+    """The fixed closed loop again on a server whose decode steps run in a child process
+    (--decode-process 1): the trade it makes on this machine, beside the default."""
+    server = Server(repo, [*shlex.split(args.server_args), "--decode-process", "1"])
+    rows = []
+    try:
+        for c in levels:
+            row = asyncio.run(closed_loop(server, model, c, workload, args.warmup, args.duration))
+            rows.append(row)
+            log(f"[{model}] decode process C={c:<4d} {row['tokens_per_s']:8.0f} tok/s ttft p50 "
+                f"{_ms(row['ttft_p50_s'])} ms tpot p50 {_ms(row['tpot_p50_s'])} ms errors "
+                f"{row['error_count']}")  # fmt: skip
+    finally:
+        server.stop()
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -916,6 +954,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bare-threads", type=int, default=None,
                    help="bare ORT intra-op threads (default: the server's --intra-op-threads "
                         "default)")  # fmt: skip
+    p.add_argument(
+        "--decode-process",
+        type=int,
+        default=1,
+        help="1: also run the fixed closed loop with --decode-process 1 (0: skip)",
+    )
     p.add_argument("--score-texts", type=int, default=16)
     p.add_argument("--score-tokens", type=int, default=512)
     p.add_argument("--quick", action="store_true", help="smoke run: short levels, few of them")
