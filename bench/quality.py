@@ -358,20 +358,24 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="smoke run into /tmp")
     parser.add_argument("--table", action="store_true", help="print the table of the results")
+    parser.add_argument("--results", default=str(RESULTS), help="where quality.json lives")
+    parser.add_argument(
+        "--merge", default=None, help="only merge the runs of another quality.json into --results"
+    )
     args = parser.parse_args()  # fmt: skip
     if args.table:
         print(markdown(json.loads((RESULTS / "quality.json").read_text())))
         return 0
     torch.set_num_threads(1)
-    out = Path(tempfile.gettempdir()) / "quality-quick" if args.quick else RESULTS
+    out = Path(tempfile.gettempdir()) / "quality-quick" if args.quick else Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    previous = out / "quality.json"
-    result = json.loads(previous.read_text()) if previous.exists() else {}
-    if "corpora" not in result:  # the issue-3 layout: keep its table as the architectures'
-        result = {"architectures": {"models": result.get("models", []),
-                                    "cell_speed": result.get("cell_speed", []),
-                                    "note": "issue 3 run, 24 epochs, 90/10 split"}}  # fmt: skip
-    result.setdefault("corpora", {})
+    result = _load(out / "quality.json")
+    if args.merge:
+        for name, corpus in _load(Path(args.merge))["corpora"].items():
+            result["corpora"][name] = _merge(result, name, corpus)
+        _write(result, out)
+        print(markdown(result))
+        return 0
     for name in args.corpora.split(","):
         _source, val_fraction, note = CORPORA[name]
         try:
@@ -409,6 +413,16 @@ def main() -> int:
     print(markdown(result))
     print(f"wrote {out}/quality.json and quality.png")
     return 0
+
+
+def _load(path: Path) -> dict:
+    result = json.loads(path.read_text()) if path.exists() else {}
+    if "corpora" not in result:  # the issue-3 layout: keep its table as the architectures'
+        result = {"architectures": {"models": result.get("models", []),
+                                    "cell_speed": result.get("cell_speed", []),
+                                    "note": "issue 3 run, 24 epochs, 90/10 split"}}  # fmt: skip
+    result.setdefault("corpora", {})
+    return result
 
 
 def _write(result: dict, out: Path) -> None:
