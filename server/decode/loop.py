@@ -55,10 +55,6 @@ from rnnserve.server.runtime import OnnxModel, State
 log = logging.getLogger(__name__)
 
 HAND_EVERY_MAX = 64  # steps: a message per stream at least this often under any load
-# Hand-overs of a full batch are also spaced by live streams x this: the event loop then
-# sends at most ~2,000 messages a second however fast the steps run (a gRPC message costs it
-# ~0.1-0.3 ms here; past that budget it queues first tokens behind token messages).
-HAND_SECONDS_PER_STREAM = 0.0005
 UNIFORM_BLOCK = 64  # uniforms peeked per sampled stream at a time
 
 
@@ -211,7 +207,9 @@ class DecodeLoop(Admissions):
     `deliver`: where the threads' news go; None = the event loop of the first `submit`
     (`_deliver` moves them into the streams). `joins_to`: where prefilled rows go; None =
     this loop's decode thread, else the loop only prefills (server/decode/process.py sends
-    them to a decode process, whose loop takes them with `join`)."""
+    them to a decode process, whose loop takes them with `join`). `spacing_per_stream`:
+    hand-overs also wait live streams x this many seconds (a budget of messages a second
+    for steps that no GIL shared with the event loop slows down)."""
 
     def __init__(
         self,
@@ -225,6 +223,7 @@ class DecodeLoop(Admissions):
         deliver: Callable[[list[Handover]], None] | None = None,
         on_flush: Callable[[], None] | None = None,
         joins_to: Callable[[list[Join]], None] | None = None,
+        spacing_per_stream: float = 0.0,
     ) -> None:
         super().__init__(metrics.live_streams.labels(model=name))
         self.name = name
@@ -238,6 +237,7 @@ class DecodeLoop(Admissions):
         self._deliver_to = deliver
         self._on_flush = on_flush
         self._joins_to = joins_to
+        self.spacing_per_stream = spacing_per_stream
         # event loop -> prefill (its own thread, or the decode thread between steps)
         self._inbox: deque[Slot] = deque()
         self._prefill_wake = threading.Event()
@@ -510,7 +510,8 @@ class DecodeLoop(Admissions):
         live = sum(len(b) for b in self._batches)
         now = time.perf_counter()
         # 0 = every step's tokens at once (--stream-interval-us 0); else the budget applies
-        spacing = self.stream_interval and max(self.stream_interval, live * HAND_SECONDS_PER_STREAM)
+        spacing = self.stream_interval and max(self.stream_interval,
+                                               live * self.spacing_per_stream)  # fmt: skip
         if self._since_hand >= max(1, min(HAND_EVERY_MAX, live)) and (
             now - self._handed >= spacing
         ):

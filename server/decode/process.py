@@ -55,6 +55,11 @@ log = logging.getLogger(__name__)
 
 # the child's metric observations, by the attribute name of server/metrics.py's Metrics
 SHIPPED = ("step_duration", "batch_size", "inter_token_latency")
+# The child's hand-overs of a full batch are spaced by live streams x this, so the event loop
+# sends at most ~2,000 messages a second: steps no longer slowed by the event loop's GIL
+# otherwise flooded it, and first tokens waited 30-50 ms behind token messages (C = 32).
+# In one process the GIL paces the steps (and this spacing measured slightly worse there).
+SPACING_PER_STREAM = 0.0005
 
 
 @dataclass
@@ -177,7 +182,8 @@ def _child_main(conn: Connection, name: str, model_args: tuple, config: LoopConf
             send(("metrics", observed, live))
 
     loop = DecodeLoop(name, model, metrics, config.max_batch, config.stream_interval,
-                      config.prefill_chunk, False, deliver, flush)  # fmt: skip
+                      config.prefill_chunk, False, deliver, flush,
+                      spacing_per_stream=SPACING_PER_STREAM)  # fmt: skip
     send(("ready",))
     try:
         while True:
