@@ -40,11 +40,11 @@ class Recipe:
 
 CHAR = Recipe(
     hidden=512, embed=64, dropout=0.4, epochs=24, num_steps=32, batch_size=16, lr=0.005,
-    lr_decay=0.9, average_last=0.5, patience=3, time_budget=270.0,
+    lr_decay=0.9, average_last=0.5, patience=3, time_budget=420.0,
 )  # fmt: skip
 WORD = Recipe(
     hidden=512, embed=128, dropout=0.5, epochs=24, num_steps=32, batch_size=16, lr=0.005,
-    lr_decay=0.9, average_last=0.5, patience=2, time_budget=270.0,
+    lr_decay=0.9, average_last=0.5, patience=2, time_budget=420.0,
 )  # fmt: skip
 RECIPES = {"char": CHAR, "word": WORD}
 # The GRU fits this data faster and generalises worse than the LSTM: at the LSTM's lr 0.005 it
