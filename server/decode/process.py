@@ -25,8 +25,8 @@ fail UNAVAILABLE (a client holding a resume state continues elsewhere) and the n
 starts a new one.
 
 Messages, parent -> child: ("open", name, model args, LoopConfig) first, then ("join", sid,
-JoinSpec, state, token, time), ("cancel", sid), ("close",). Child -> parent: ("ready",) or
-("failed", why) once, then ("news", items, live) and ("metrics", observations, live).
+JoinSpec, state, token, time), ("cancel", sid), ("close",). Child -> parent: ("failed", why)
+if the model does not open, else ("news", items, live) and ("metrics", observations, live).
 """
 
 from __future__ import annotations
@@ -184,7 +184,6 @@ def _child_main(conn: Connection, name: str, model_args: tuple, config: LoopConf
     loop = DecodeLoop(name, model, metrics, config.max_batch, config.stream_interval,
                       config.prefill_chunk, False, deliver, flush,
                       spacing_per_stream=SPACING_PER_STREAM)  # fmt: skip
-    send(("ready",))
     try:
         while True:
             message = conn.recv()
@@ -226,7 +225,6 @@ class DecodeProcess(Admissions):
         self._conn: Connection | None = None
         self._process: subprocess.Popen | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.ready = False
 
     # -- the child --------------------------------------------------------------------------
     def start(self) -> None:
@@ -264,7 +262,7 @@ class DecodeProcess(Admissions):
         process, conn = self._process, self._conn
         if conn is not None and self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(conn.fileno())
-        self._process, self._conn, self.ready = None, None, False
+        self._process, self._conn = None, None
         return process, conn
 
     # -- event loop side --------------------------------------------------------------------
@@ -350,8 +348,6 @@ class DecodeProcess(Admissions):
             self._live = message[2]
             for attr, values in message[1].items():
                 observe_many(self._metrics[attr], values)
-        elif kind == "ready":
-            self.ready = True
         elif kind == "failed":
             log.error("the decode process of %s could not open the model: %s", self.name,
                       message[1])  # fmt: skip
