@@ -256,18 +256,10 @@ def tail_candidates(
     return [make_series(values, num_train, source, rep, "validation") for rep in reps]
 
 
-def load_series(
-    path: str | Path | None,
-    column: str | None,
-    tau: int,
-    missing: str = "interpolate",
-    split: str | None = None,
-    val_size: int | None = None,
-    transform: str | None = None,
-    season: int | None = None,
-) -> Series:
-    """load_candidates' first series: the automatic choice of representation."""
-    return load_candidates(path, column, tau, missing, split, val_size, transform, season)[0]
+def load_series(*args, **kwargs) -> Series:
+    """load_candidates' first series (same arguments): the automatic choice of
+    representation."""
+    return load_candidates(*args, **kwargs)[0]
 
 
 def load_candidates(
