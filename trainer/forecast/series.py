@@ -211,17 +211,11 @@ def default_val_size(length: int) -> int:
     return int(max(1, min(wanted, length // 4)))
 
 
-def tail_split(
-    values: np.ndarray,
-    tau: int,
-    source: str,
-    val_size: int | None = None,
-    transform: str = "auto",
-    season: int | None = None,
-) -> Series:
-    """All but the last `val_size` values train; the tail validates (early stopping).
-    The representation is chosen on the training part (detect.py) unless given by flags."""
-    return tail_candidates(values, tau, source, val_size, transform, season)[0]
+def tail_split(*args, **kwargs) -> Series:
+    """All but the last `val_size` values train; the tail validates (early stopping). The
+    representation is chosen on the training part (detect.py) unless given by flags.
+    Same arguments as tail_candidates; its first series."""
+    return tail_candidates(*args, **kwargs)[0]
 
 
 def tail_candidates(
