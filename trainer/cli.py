@@ -62,6 +62,10 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embed", type=int, default=32)
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--dropout", type=float, default=0.0, help="dropout while training")
+    p.add_argument(
+        "--weight-drop", type=float, default=0.0,
+        help="DropConnect on the recurrent weights while training (AWD-LSTM)",
+    )  # fmt: skip
     p.add_argument("--bidirectional", action="store_true", help="infill model (both directions)")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--lr-decay", type=float, default=1.0, help="lr *= this every epoch")
@@ -257,8 +261,9 @@ def run_train(args: argparse.Namespace) -> int:
         )  # fmt: skip
     else:
         model = ModelConfig(
-            args.arch, 1, args.hidden, args.layers, args.embed, bidirectional, args.dropout
-        )
+            args.arch, 1, args.hidden, args.layers, args.embed, bidirectional, args.dropout,
+            args.weight_drop,
+        )  # fmt: skip
         train = recurrent_train_config(args)
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
         fp32_dir = tempfile.TemporaryDirectory() if args.precision != "fp32" else None

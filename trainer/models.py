@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from rnnserve.artifact.manifest import StateSpec
 from rnnserve.trainer.errors import TrainerError
@@ -32,6 +33,7 @@ class ModelConfig:
     embed: int = 32
     bidirectional: bool = False
     dropout: float = 0.0  # on embeddings, between layers and before the head (training only)
+    weight_drop: float = 0.0  # DropConnect on the recurrent (hidden-to-hidden) weights
 
     def __post_init__(self) -> None:
         if self.arch not in RNN_ARCHS:
@@ -42,8 +44,10 @@ class ModelConfig:
         for field_name in ("vocab_size", "hidden", "layers", "embed"):
             if getattr(self, field_name) < 1:
                 raise TrainerError(f"{field_name} must be at least 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise TrainerError(f"dropout must be in [0, 1), got {self.dropout}")
+        for field_name in ("dropout", "weight_drop"):
+            p = getattr(self, field_name)
+            if not 0.0 <= p < 1.0:
+                raise TrainerError(f"{field_name} must be in [0, 1), got {p}")
 
 
 def _stack(config: ModelConfig) -> nn.Module:
@@ -51,6 +55,24 @@ def _stack(config: ModelConfig) -> nn.Module:
     return _CELLS[config.arch](
         config.embed, config.hidden, config.layers, batch_first=True, dropout=between
     )
+
+
+def run_stack(stack: nn.Module, weight_drop: float, x: torch.Tensor, *state) -> tuple:
+    """stack(x, *state), with DropConnect on its hidden-to-hidden weights while training.
+
+    Dropout on activations cannot touch the recurrence itself (a mask per step would erase
+    the memory), so the AWD-LSTM regularises it by zeroing recurrent *weights*, one mask per
+    forward pass. The masked weights go in through functional_call: the parameters stay the
+    plain ones, so the state_dict and the ONNX export do not change.
+    """
+    if not (stack.training and weight_drop > 0.0):
+        return stack(x, *state)
+    dropped = {
+        name: nn.functional.dropout(w, weight_drop, training=True)
+        for name, w in stack.named_parameters()
+        if name.startswith("weight_hh")
+    }
+    return functional_call(stack, dropped, (x, *state))
 
 
 class RNNLM(ExportableBase):
@@ -84,10 +106,11 @@ class RNNLM(ExportableBase):
 
     def forward(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = self.drop(self.embedding(tokens))  # [batch, time, embed]
+        drop = self.config.weight_drop
         if self.arch == "lstm":
-            out, (h, c) = self.rnn(x, (state[0], state[1]))  # out: [batch, time, hidden]
+            out, (h, c) = run_stack(self.rnn, drop, x, (state[0], state[1]))  # out: [b, t, hidden]
             return self.head(self.drop(out)), h, c  # logits: [batch, time, vocab]
-        out, h = self.rnn(x, state[0])
+        out, h = run_stack(self.rnn, drop, x, state[0])
         return self.head(self.drop(out)), h
 
 
@@ -118,8 +141,9 @@ class BiRNNInfill(ExportableBase):
 
     def forward(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = self.drop(self.embedding(tokens))  # [batch, time, embed]
-        f, _ = self.fwd(x)  # f[t]: summary of tokens <= t, [batch, time, hidden]
-        b, _ = self.bwd(torch.flip(x, dims=[1]))
+        drop = self.config.weight_drop
+        f, _ = run_stack(self.fwd, drop, x)  # f[t]: summary of tokens <= t, [batch, time, hidden]
+        b, _ = run_stack(self.bwd, drop, torch.flip(x, dims=[1]))
         b = torch.flip(b, dims=[1])  # b[t]: summary of tokens >= t
         zero = torch.zeros_like(f[:, :1])  # [batch, 1, hidden]
         left = torch.cat([zero, f[:, :-1]], dim=1)  # tokens < t

@@ -29,6 +29,7 @@ class Recipe:
     patience: int  # early stopping: epochs without a better validation perplexity
     time_budget: float  # seconds of training; no epoch starts that would not fit
     sampling: str = "sequential"
+    weight_drop: float = 0.0  # DropConnect on the recurrent weights
 
     def flag_defaults(self) -> dict[str, object]:
         """argparse defaults (dest names); --epochs and --average-from are resolved later."""

@@ -56,3 +56,34 @@ def test_state_specs_match_initial_state() -> None:
 def test_unknown_arch_is_a_trainer_error() -> None:
     with pytest.raises(TrainerError, match="unknown arch"):
         ModelConfig("transformer", V)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("arch", ["gru", "lstm"])
+def test_weight_drop_masks_recurrent_weights_only_while_training(
+    arch: str, bidirectional: bool
+) -> None:
+    torch.manual_seed(0)
+    plain = build_model(
+        ModelConfig(arch, V, hidden=6, layers=2, embed=4, bidirectional=bidirectional)
+    )
+    config = ModelConfig(arch, V, 6, 2, 4, bidirectional, weight_drop=0.5)
+    dropped = build_model(config)
+    dropped.load_state_dict(plain.state_dict())  # the same parameters, the same names
+    x = torch.randint(0, V, (B, T))
+    state = [] if bidirectional else plain.initial_state(B)
+    plain.eval(), dropped.eval()
+    torch.testing.assert_close(dropped(x, *state)[0], plain(x, *state)[0])  # eval: no mask
+    plain.train(), dropped.train()
+    out = dropped(x, *state)[0]
+    assert (out - plain(x, *state)[0]).abs().max() > 1e-4  # training: masked recurrence
+    out.sum().backward()
+    hidden_to_hidden = [p for n, p in dropped.named_parameters() if "weight_hh" in n]
+    assert hidden_to_hidden and all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in hidden_to_hidden
+    )
+
+
+def test_weight_drop_must_be_a_probability() -> None:
+    with pytest.raises(TrainerError, match="weight_drop"):
+        ModelConfig("gru", V, weight_drop=1.0)
