@@ -34,6 +34,17 @@ def scaled_average_from(average_from: int, epochs: int, last_epoch: int) -> int:
     return last_epoch - averaged + 1
 
 
+def decay_steps(epoch: int, epochs: int, last_epoch: int) -> float:
+    """How many per-epoch learning-rate decays epoch `epoch` gets (lr * decay ** this) when a
+    run planned for `epochs` is expected to end at `last_epoch`: the schedule is stretched
+    over the epochs that fit, so a run the budget cuts still ends at the planned lowest lr
+    (budget-aware schedules beat truncated ones: Li et al., "Budgeted Training", ICLR 2020)
+    rather than at a high one. Epoch 1 always has 0; no cut, no change: epoch - 1."""
+    if not 1 < last_epoch < epochs:
+        return float(epoch - 1)
+    return min(epoch - 1, last_epoch - 1) * (epochs - 1) / (last_epoch - 1)
+
+
 class TimeBudget:
     """Measures the run and its epochs; `clock` is injectable for tests."""
 

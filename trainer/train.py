@@ -27,7 +27,12 @@ from rnnserve.trainer.distributed import Cluster, current, window_runner
 from rnnserve.trainer.early_stopping import EarlyStopping
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.sampling import SAMPLINGS, batches, check_fits, detach_state, num_batches
-from rnnserve.trainer.time_budget import TimeBudget, further_epochs, scaled_average_from
+from rnnserve.trainer.time_budget import (
+    TimeBudget,
+    decay_steps,
+    further_epochs,
+    scaled_average_from,
+)
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -40,7 +45,7 @@ class TrainConfig:
     num_steps: int = 32
     batch_size: int = 32
     lr: float = 0.01
-    lr_decay: float = 1.0  # the learning rate of epoch e is lr * lr_decay ** (e - 1)
+    lr_decay: float = 1.0  # epoch e: lr * lr_decay ** (e - 1), stretched if the budget cuts
     optimizer: str = "adam"
     clip: float = 1.0  # global gradient-norm bound; 0 disables clipping
     bptt: str = "full"
@@ -194,6 +199,7 @@ def fit(
     stopper = EarlyStopping(cfg.patience)
     stopper.replay(history)
     budget = TimeBudget(cfg.time_budget)
+    last_epoch = cfg.epochs  # where the run is expected to end: the budget may cut it
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         budget.epoch_started()
         # resumable: depends on the epoch only; every rank draws the same windows and BPTT
@@ -201,8 +207,8 @@ def fit(
         rng = random.Random(cfg.seed * 1_000_003 + epoch)
         torch.manual_seed((cfg.seed * 1_000_003 + epoch) * cluster.world + cluster.rank)
         gen = torch.Generator().manual_seed(cfg.seed + epoch)
-        for group in optimizer.param_groups:  # a schedule that depends on the epoch only
-            group["lr"] = cfg.lr * cfg.lr_decay ** (epoch - 1)
+        for group in optimizer.param_groups:  # by the epoch (and the budget's expected end)
+            group["lr"] = cfg.lr * cfg.lr_decay ** decay_steps(epoch, cfg.epochs, last_epoch)
         total, count = 0.0, 0
         state = tuple(model.initial_state(local_batch))
         mine = batches(

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from rnnserve.trainer.early_stopping import EarlyStopping
-from rnnserve.trainer.time_budget import NO_LIMIT, TimeBudget, further_epochs, scaled_average_from
+from rnnserve.trainer.time_budget import (
+    NO_LIMIT,
+    TimeBudget,
+    decay_steps,
+    further_epochs,
+    scaled_average_from,
+)
 
 
 def test_early_stopping_counts_epochs_since_the_best_and_keeps_its_weights() -> None:
@@ -54,6 +60,14 @@ def test_a_shortened_run_averages_the_same_share() -> None:
     assert scaled_average_from(13, 24, 12) == 7  # half of 12 epochs: 7..12
     assert scaled_average_from(13, 24, 1) == 1
     assert scaled_average_from(0, 24, 12) == 0
+
+
+def test_a_cut_run_stretches_its_learning_rate_schedule_to_end_where_planned() -> None:
+    assert [decay_steps(e, 24, 24) for e in (1, 2, 24)] == [0, 1, 23]  # no cut: as planned
+    assert [decay_steps(e, 24, 12) for e in (1, 12)] == [0, 23]  # cut at 12: ends at 0.9**23
+    assert decay_steps(6, 24, 12) == 5 * 23 / 11
+    assert decay_steps(3, 24, 1) == 2  # no estimate yet (or one epoch): unchanged
+    assert decay_steps(20, 24, 12) == 23  # past a stale estimate: never beyond the plan
 
 
 def test_time_budget_measures_the_slowest_epoch() -> None:
