@@ -93,7 +93,7 @@ async def score(
                 perplexity=_safe_exp(-ll / n),
                 log_likelihood=ll,
                 num_tokens=n,
-                token_logprobs=[float(v) for v in lp],
+                token_logprobs=lp.tolist(),
                 unknown_tokens=encoded[i].unknown,
                 tokens=encoded[i].tokens[1:],
             )
