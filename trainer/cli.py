@@ -276,8 +276,8 @@ def run_train(args: argparse.Namespace) -> int:
                 resume=Path(args.resume) if args.resume else None, progress=progress and main,
                 log=print if main else lambda _line: None,
             )  # fmt: skip
-        if not main:
-            return 0
+        if not main:  # nothing left to write; skip the interpreter's teardown, where gloo's
+            distributed.abandon(0)  # worker threads can abort the process (SIGABRT) at exit
         if fp32_dir is not None and path is not None:
             with fp32_dir:
                 try:

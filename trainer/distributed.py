@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -184,8 +185,9 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
-def abandon(code: int) -> None:
-    """Exits at once, skipping destructors: after a failed collective gloo's would abort."""
+def abandon(code: int) -> NoReturn:
+    """Exits at once, skipping destructors: gloo's can abort the process (after a failed
+    collective, or at interpreter exit while its worker threads still hold tensors)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
