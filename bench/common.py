@@ -31,6 +31,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def own_channel(address: str):
+    """An asyncio gRPC channel with a TCP connection of its own. grpc shares one subchannel
+    (one connection) between the channels of a process that have the same target and
+    arguments, so without this every "client" of a benchmark would be one connection: unlike
+    users, and unlike what `--workers` (SO_REUSEPORT spreads connections) needs to see."""
+    import grpc
+
+    return grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
 def pct(values, q: float, weights=None) -> float | None:
     """The q-th percentile (None when empty); `weights` repeats each value that many times."""
     if len(values) == 0:

@@ -37,7 +37,7 @@ class Settings:
     max_batch: int = 256
     prefill_chunk: int = 256
     prefill_thread: int = 1
-    stream_interval_us: int = 1000
+    stream_interval_us: int = 5000
     decode_head: int = 1
     decode_process: int = 0
     max_message_bytes: int = 4 * 1024 * 1024

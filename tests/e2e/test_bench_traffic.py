@@ -52,10 +52,12 @@ def test_traffic_quick_run_writes_every_section(model_repo: Path, tmp_path: Path
     assert row["error_count"] == 0 and row["tokens_per_s"] > 0 and row["sent"] > 0
     assert 0 <= row["goodput_share"] <= 1
     assert res["score"]["grpc_tokens_per_s"] > 0 and res["score"]["ratio"] > 0
-    rows = res["decode_process"]  # the fixed closed loop again with --decode-process 1
-    assert [r["clients"] for r in rows] == [1, 4]
-    assert all(r["errors"] == {} and r["tokens_per_s"] > 0 for r in rows)
-    assert "--decode-process 1" in done.stdout
+    # the fixed closed loop again on each variant's server
+    assert res["variants"].keys() == {"decode_process", "workers_2"}
+    for rows in res["variants"].values():
+        assert [r["clients"] for r in rows] == [1, 4]
+        assert all(r["errors"] == {} and r["tokens_per_s"] > 0 for r in rows)
+    assert "`--decode-process 1`" in done.stdout and "`--workers 2`" in done.stdout
     (engine,) = res["engine"]  # the engine without gRPC: C=1 of the levels run
     assert engine["clients"] == 1 and engine["tokens_per_s"] > 0
     assert 0 < engine["ttft_p50_s"] < 1 and engine["ttft_p50_vs_bare_prefill"] > 0

@@ -69,7 +69,7 @@ class InferenceServicer(object):
 
     def Generate(self, request, context):
         """Streams generated tokens: each message carries the tokens made since the previous one
-        (at most one message per --stream-interval-us, 0.5 ms by default, for a lone stream;
+        (at most one message per --stream-interval-us, 5 ms by default, for a lone stream;
         one per few decode steps under load; more tokens when the client reads slowly).
         The last message has finish_reason set.
         Models with task "lm" only.
