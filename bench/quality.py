@@ -59,14 +59,14 @@ ALPHAS = (0.001, 0.01, 0.03, 0.1, 0.2, 0.5, 1.0)
 TOKENIZER = TokenizerConfig(level="char", letters_only=True)
 QUIET = ["--no-progress"]
 TUNED = {  # per arch: the best settings found, with no time limit (docs/trainer.md)
-    "lstm": ["--hidden", "512", "--embed", "64", "--dropout", "0.4", "--lr", "0.005",
-             "--lr-decay", "0.9", "--epochs", "24", "--average-from", "13", "--batch-size",
-             "16", "--num-steps", "32", "--sampling", "sequential", "--patience", "0",
-             "--time-budget", "0"],
-    "gru": ["--hidden", "512", "--embed", "64", "--dropout", "0.2", "--weight-drop", "0.2",
-            "--lr", "0.003", "--lr-decay", "0.9", "--epochs", "24", "--average-from", "13",
-            "--batch-size", "16", "--num-steps", "32", "--sampling", "sequential",
-            "--patience", "0", "--time-budget", "0"],
+    "lstm": ["--layers", "1", "--hidden", "512", "--embed", "64", "--dropout", "0.4", "--lr",
+             "0.005", "--lr-decay", "0.9", "--epochs", "24", "--average-from", "13",
+             "--batch-size", "16", "--num-steps", "32", "--sampling", "sequential",
+             "--patience", "0", "--time-budget", "0"],
+    "gru": ["--layers", "2", "--hidden", "320", "--embed", "64", "--dropout", "0.2",
+            "--weight-drop", "0.2", "--lr", "0.003", "--lr-decay", "0.9", "--epochs", "24",
+            "--average-from", "13", "--batch-size", "16", "--num-steps", "32", "--sampling",
+            "sequential", "--patience", "0", "--time-budget", "0"],
 }  # fmt: skip
 OLD_DEFAULTS = ["--hidden", "128", "--embed", "32", "--dropout", "0", "--lr", "0.01",
                 "--lr-decay", "1", "--epochs", "10", "--average-from", "0", "--batch-size", "32",

@@ -20,8 +20,9 @@ def _parsed(*flags: str):
 ])  # fmt: skip
 def test_no_tuning_flags_parse_to_the_level_recipe(flags: tuple[str, ...], recipe) -> None:
     args = _parsed(*flags)
-    model = (args.hidden, args.embed, args.dropout, args.weight_drop)
-    assert model == (recipe.hidden, recipe.embed, recipe.dropout, recipe.weight_drop)
+    model = (args.layers, args.hidden, args.embed, args.dropout, args.weight_drop)
+    assert model == (recipe.layers, recipe.hidden, recipe.embed, recipe.dropout,
+                     recipe.weight_drop)  # fmt: skip
     cfg = recurrent_train_config(args)
     assert (cfg.epochs, cfg.num_steps, cfg.batch_size) == (
         recipe.epochs, recipe.num_steps, recipe.batch_size)  # fmt: skip
@@ -62,9 +63,10 @@ def test_average_from_takes_the_last_share_of_the_epochs() -> None:
     assert recipe_for("word") == WORD and recipe_for("char") == CHAR
 
 
-def test_the_gru_changes_only_its_learning_rate_and_regularisation() -> None:
+def test_the_gru_changes_its_shape_learning_rate_and_regularisation() -> None:
     """docs/trainer.md states these numbers; change both together."""
     gru = recipe_for("char", "gru")
     assert (gru.dropout, gru.weight_drop, gru.lr, gru.lr_decay) == (0.2, 0.2, 0.003, 0.9)
-    assert (gru.hidden, gru.embed, gru.time_budget) == (CHAR.hidden, CHAR.embed, CHAR.time_budget)
+    assert (gru.layers, gru.hidden) == (2, 320) and CHAR.layers == 1
+    assert (gru.embed, gru.time_budget) == (CHAR.embed, CHAR.time_budget)
     assert recipe_for("char", "rnn") == CHAR
