@@ -41,7 +41,7 @@ from rnnserve.trainer.precision import convert_package, perplexity, text_rows
 
 ZOO_RECURRENT = {  # name: rnn-trainer train flags (the default zoo preset's shapes)
     "rnn": ["--arch", "rnn", "--hidden", "128", "--embed", "32"],
-    "gru": ["--arch", "gru", "--hidden", "128", "--embed", "32"],
+    "gru": ["--arch", "gru", "--layers", "1", "--hidden", "128", "--embed", "32"],
     "lstm": ["--arch", "lstm", "--hidden", "256", "--embed", "64"],
     "lstm-deep": ["--arch", "lstm", "--layers", "2", "--hidden", "128", "--embed", "32"],
     "bilstm": ["--arch", "lstm", "--task", "infill", "--hidden", "128", "--embed", "32"],
