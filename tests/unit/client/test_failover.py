@@ -129,10 +129,15 @@ def _read(stream, proxy: ResettingProxy) -> list[TokenEvent]:
     return events
 
 
+# A message at least every millisecond (the default coalesces 5 ms of tokens): a 4000-token
+# stream of the tiny test model then spans enough messages to be reset while it still runs.
+SPREAD = {"max_tokens": 5000, "stream_interval_us": 1000}
+
+
 @pytest.fixture(scope="module")
 def servers(model_repo: Path) -> Iterator[list[ServerThread]]:
     group = [
-        ServerThread(make_settings(model_repo, state_key="shared", max_tokens=5000)).start()
+        ServerThread(make_settings(model_repo, state_key="shared", **SPREAD)).start()
         for _ in range(2)
     ]
     yield group
@@ -237,7 +242,7 @@ def test_a_stream_that_cannot_be_resumed_ends_with_a_clear_error(servers) -> Non
 
 def test_replicas_with_different_keys_refuse_the_checkpoint(model_repo: Path, servers) -> None:
     a, _ = servers
-    other = ServerThread(make_settings(model_repo, state_key="not-shared", max_tokens=5000))
+    other = ServerThread(make_settings(model_repo, state_key="not-shared", **SPREAD))
     other.start()
     pa, po = ResettingProxy([a.app.port]), ResettingProxy([other.app.port])
     try:
