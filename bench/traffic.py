@@ -250,7 +250,6 @@ def _requests(model: str, workload: Workload) -> list:
 async def closed_loop(server: Server, model: str, clients: int, workload: Workload,
                       warmup: float, duration: float) -> dict:  # fmt: skip
     """`clients` clients, each sending the next request as soon as its last one ends."""
-
     from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
     reqs = _requests(model, workload)
@@ -291,7 +290,6 @@ async def closed_loop(server: Server, model: str, clients: int, workload: Worklo
 async def open_loop(server: Server, model: str, rate: float, workload: Workload,
                     warmup: float, duration: float, seed: int) -> dict:  # fmt: skip
     """Poisson arrivals at `rate` requests/s (fixed seed), whether or not earlier ones ended."""
-
     from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
     reqs = _requests(model, workload)
