@@ -397,7 +397,8 @@ async def engine_closed_loop(package: Path, clients: int, workload: Workload, wa
     entry = ModelVersion(name=BENCH_MODEL, version="1", path=package, manifest=m, model=model)
     metrics = Metrics()
     loop = DecodeLoop(entry.name, model, metrics, s.max_batch, s.stream_interval_us * 1e-6,
-                      s.prefill_chunk, bool(s.prefill_thread))  # fmt: skip
+                      s.prefill_chunk, bool(s.prefill_thread),
+                      prefill_batch=s.prefill_batch)  # fmt: skip
     gen = Generator(entry, loop, StreamLimiter(s.max_streams), StateSigner("bench"), s, metrics)
     start = time.perf_counter()
     tally = Tally(start + warmup, start + warmup + duration)

@@ -61,7 +61,8 @@ class Engine:
             assert entry.model is not None
             s = self.settings
             config = LoopConfig(
-                s.max_batch, s.stream_interval_us * 1e-6, s.prefill_chunk, bool(s.prefill_thread)
+                s.max_batch, s.stream_interval_us * 1e-6, s.prefill_chunk, bool(s.prefill_thread),
+                s.prefill_batch,
             )
             if s.decode_process:
                 self._decoders[key] = DecodeProcess(entry.name, entry.model, self.metrics, config)
@@ -74,6 +75,7 @@ class Engine:
                     config.stream_interval,
                     config.prefill_chunk,
                     config.prefill_thread,
+                    prefill_batch=config.prefill_batch,
                 )
         return self._decoders[key]
 

@@ -36,6 +36,7 @@ class Settings:
     max_streams: int = 512
     max_batch: int = 256
     prefill_chunk: int = 256
+    prefill_batch: int = 4
     prefill_thread: int = 1
     stream_interval_us: int = 5000
     decode_head: int = 1
@@ -98,6 +99,12 @@ _HELP: dict[str, tuple[type, str]] = {
         int,
         "most prompt tokens one prefill call feeds a stream; longer prompts prefill in chunks, "
         "so short prompts behind them wait at most one chunk",
+    ),
+    "prefill_batch": (
+        int,
+        "most prompts one prefill call advances together; more wait for the next call (every "
+        "row's first token waits for the whole call, and prompts prefilled together finish "
+        "together and return together: a convoy)",
     ),
     "prefill_thread": (
         int,
@@ -236,6 +243,7 @@ def validate(settings: Settings) -> str | None:
         "max_streams",
         "max_batch",
         "prefill_chunk",
+        "prefill_batch",
         "max_message_bytes",
         "executor_threads",
         "workers",

@@ -6,10 +6,12 @@ Everything a Generate stream goes through after admission happens here, in this 
 1. **take admissions** — the event loop tokenizes a request and appends it to a
    thread-safe inbox (`submit`); the prefill thread wakes if it was idle.
 2. **prefill** (`_run_prefill`, its own thread; with prefill_thread=False the decode thread
-   does it between steps) — waiting prompts run as one ORT call, all rows aligned: every
-   prompt advances by the shortest remaining length (at most `--prefill-chunk` tokens), so
-   prompts of different lengths share calls and a long prompt holds the ones behind it up for
-   at most one chunk. A prompt that ends in this call gets its first token picked in the same
+   does it between steps) — up to `--prefill-batch` waiting prompts run as one ORT call, all
+   rows aligned: every prompt advances by the shortest remaining length (at most
+   `--prefill-chunk` tokens), so prompts of different lengths share calls and a long prompt
+   holds the ones behind it up for at most one chunk. Small calls keep arrivals apart: one
+   call for every waiting prompt makes streams that arrive together finish together and
+   come back together, a convoy whose first tokens all wait for one long call. A prompt that ends in this call gets its first token picked in the same
    call, handed to the event loop at once (time to first token), and its row goes to the
    join queue. ORT releases the GIL, so prefill runs beside the decode steps.
 3. **join** (`_run` → `_turn`, the decode thread) — prefilled rows are concatenated on.
@@ -207,7 +209,8 @@ class DecodeLoop(Admissions):
     `deliver`: where the threads' news go; None = the event loop of the first `submit`
     (`_deliver` moves them into the streams). `joins_to`: where prefilled rows go; None =
     this loop's decode thread, else the loop only prefills (server/decode/process.py sends
-    them to a decode process, whose loop takes them with `join`). `spacing_per_stream`:
+    them to a decode process, whose loop takes them with `join`). `prefill_batch`: most prompts
+    one prefill call advances (None: max_batch). `spacing_per_stream`:
     hand-overs also wait live streams x this many seconds (a budget of messages a second
     for steps that no GIL shared with the event loop slows down)."""
 
@@ -224,6 +227,7 @@ class DecodeLoop(Admissions):
         on_flush: Callable[[], None] | None = None,
         joins_to: Callable[[list[Join]], None] | None = None,
         spacing_per_stream: float = 0.0,
+        prefill_batch: int | None = None,
     ) -> None:
         super().__init__(metrics.live_streams.labels(model=name))
         self.name = name
@@ -232,6 +236,7 @@ class DecodeLoop(Admissions):
         self.max_batch = max_batch
         self.stream_interval = stream_interval  # seconds
         self.prefill_chunk = prefill_chunk
+        self.prefill_batch = min(prefill_batch or max_batch, max_batch)
         self.prefill_thread = prefill_thread  # prompts prefill beside the steps, not between
         self.eos = model.manifest.vocab.index("<eos>") if "<eos>" in model.manifest.vocab else -1
         self._deliver_to = deliver
@@ -406,12 +411,13 @@ class DecodeLoop(Admissions):
             self._step()
 
     def _prefill(self, news: list[Handover]) -> list[Join]:
-        """One aligned call for the waiting prompts (at most max_batch rows): each advances
-        by the shortest remaining length, capped at --prefill-chunk. Returns the rows whose
-        prompt ended, to join the batch; their first tokens are in `news`."""
+        """One aligned call for the first --prefill-batch waiting prompts: each advances by
+        the shortest remaining length, capped at --prefill-chunk; a prompt not done goes to
+        the back. Returns the rows whose prompt ended, to join the batch; their first tokens
+        are in `news`."""
         self._take_inbox()
         waiting = [s for s in self._prefilling if not s.stream.done]
-        rows, later = waiting[: self.max_batch], waiting[self.max_batch :]
+        rows, later = waiting[: self.prefill_batch], waiting[self.prefill_batch :]
         if not rows:
             self._prefilling = later
             return []

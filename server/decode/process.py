@@ -70,6 +70,7 @@ class LoopConfig:
     stream_interval: float
     prefill_chunk: int
     prefill_thread: bool
+    prefill_batch: int | None = None  # None: up to max_batch
 
 
 @dataclass
@@ -215,7 +216,8 @@ class DecodeProcess(Admissions):
         self.config = config
         self._prefiller = DecodeLoop(name, model, metrics, config.max_batch,
                                      config.stream_interval, config.prefill_chunk, True,
-                                     joins_to=self._prefilled)  # fmt: skip
+                                     joins_to=self._prefilled,
+                                     prefill_batch=config.prefill_batch)  # fmt: skip
         self._metrics = {attr: getattr(metrics, attr).labels(model=name) for attr in SHIPPED}
         self._generated = metrics.generated_tokens.labels(model=name)
         self._sids: dict[int, int] = {}  # id(stream) -> sid, from submit until it leaves

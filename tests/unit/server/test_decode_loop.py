@@ -299,6 +299,22 @@ def test_prompts_arriving_together_prefill_in_aligned_calls() -> None:
         assert news[id(stream)][0] == first  # each row its own prediction
 
 
+def test_prefill_calls_take_at_most_prefill_batch_prompts_first_come_first() -> None:
+    loop = DecodeLoop("fake", FakeModel(), Metrics(), 64, 0.0, 256, False, prefill_batch=2)
+    prompts = [[1, 2], [3, 4], [5, 6, 7], [8, 9], [2, 3]]
+    streams = [_queue(loop, p) for p in prompts]
+    _turns(loop, 1)
+    # prompts 1 and 2 in one call, then the step of the two
+    assert loop.model.calls[:2] == [(2, 2), (2, 1)]
+    _turns(loop, 3)
+    # prompts 3 and 4 (aligned at 2 tokens: 3 goes to the back with one token left), then 5
+    # and 3 (aligned at 1: 3 ends, 5 goes to the back), then the rest of 5; a step each turn
+    assert loop.model.calls[2:] == [(2, 2), (3, 1), (2, 1), (4, 1), (1, 1), (5, 1)]
+    news = _news(loop)
+    for ids, stream in zip(prompts, streams, strict=True):
+        assert news[id(stream)][0] == (ids[-1] + 1) % V
+
+
 def test_long_prompts_prefill_in_chunks_between_decode_steps() -> None:
     loop = _loop(chunk=4, threaded=False)
     running = _queue(loop, [0])
