@@ -61,7 +61,10 @@ class Engine:
             assert entry.model is not None
             s = self.settings
             config = LoopConfig(
-                s.max_batch, s.stream_interval_us * 1e-6, s.prefill_chunk, bool(s.prefill_thread),
+                s.max_batch,
+                s.stream_interval_us * 1e-6,
+                s.prefill_chunk,
+                bool(s.prefill_thread),
                 s.prefill_batch,
             )
             if s.decode_process:
