@@ -11,9 +11,10 @@ Everything a Generate stream goes through after admission happens here, in this 
    `--prefill-chunk` tokens), so prompts of different lengths share calls and a long prompt
    holds the ones behind it up for at most one chunk. Small calls keep arrivals apart: one
    call for every waiting prompt makes streams that arrive together finish together and
-   come back together, a convoy whose first tokens all wait for one long call. A prompt that ends in this call gets its first token picked in the same
-   call, handed to the event loop at once (time to first token), and its row goes to the
-   join queue. ORT releases the GIL, so prefill runs beside the decode steps.
+   come back together, a convoy whose first tokens all wait for one long call. A prompt
+   that ends in this call gets its first token picked in the same call, handed to the
+   event loop at once (time to first token), and its row goes to the join queue. ORT
+   releases the GIL, so prefill runs beside the decode steps.
 3. **join** (`_run` → `_turn`, the decode thread) — prefilled rows are concatenated on.
 4. **filter** — streams the event loop finished (a stop string) or cancelled (the client
    went away), and streams past their deadline, leave: their state rows are taken out.
