@@ -510,26 +510,30 @@ def bare_static(bare: Bare, prompts: list[str], batch: int, tokens: int, min_s: 
 
 def bare_churn(bare: Bare, workload: Workload, slots: int, min_s: float) -> dict:
     """An ideal engine under churn: `slots` rows always busy; a finished row is refilled at once
-    by a batch-1 prefill of the next request written into that row (no other overhead)."""
+    by a batch-1 prefill of the next request written into that row (no other overhead).
+    TTFT: from the moment a row frees to its next request's first token (the prefills of rows
+    that free together run one after another)."""
     reqs = [(bare.ids([p]), n) for p, n in workload.requests[: max(4 * slots, 256)]]
     state = init_state(bare.m, slots)
     x = np.zeros((slots, 1), dtype=np.int64)
     left = np.zeros(slots, dtype=int)
     j = tokens = 0
+    ttft: list[float] = []
 
-    def admit(row: int) -> None:
+    def admit(row: int, freed: float) -> None:
         nonlocal j, tokens
         ids, n = reqs[j % len(reqs)]
         j += 1
         nxt, one = bare.run(ids, init_state(bare.m, 1))
+        ttft.append(time.perf_counter() - freed)
         bare.put_row(state, row, one)
         x[row, 0] = nxt[0, 0]
         left[row] = n - 1
         tokens += 1
 
     for row in range(slots):
-        admit(row)
-    tokens, admitted = 0, j
+        admit(row, time.perf_counter())
+    tokens, admitted, ttft = 0, j, []
     start = time.perf_counter()
     while time.perf_counter() - start < min_s:
         steps = int(left.min())  # until the next row finishes: no per-step bookkeeping
@@ -537,11 +541,63 @@ def bare_churn(bare: Bare, workload: Workload, slots: int, min_s: float) -> dict
             x, state = bare.run(x, state)
         tokens += slots * steps
         left -= steps
+        freed = time.perf_counter()
         for row in np.flatnonzero(left <= 0).tolist():
-            admit(row)
+            admit(row, freed)
     wall = time.perf_counter() - start
     return {"slots": slots, "tokens_per_s": tokens / wall,
-            "requests_per_s": (j - admitted) / wall}  # fmt: skip
+            "requests_per_s": (j - admitted) / wall, "ttft_p50_s": pct(ttft, 50)}  # fmt: skip
+
+
+def bare_churn_in_step(bare: Bare, workload: Workload, slots: int, min_s: float) -> dict:
+    """bare_churn with the other way to admit a recurrent stream (issue 14 item 3): no prefill
+    call; a new request takes the freed row at once and is fed its prompt one token a step
+    inside the batched step (forced steps, outputs ignored) until its last prompt token gives
+    its first token. Same rows, model and thread; TTFT as in bare_churn."""
+    reqs = [(bare.ids([p])[0], n) for p, n in workload.requests[: max(4 * slots, 256)]]
+    state = init_state(bare.m, slots)
+    fresh = init_state(bare.m, 1)
+    x = np.zeros((slots, 1), dtype=np.int64)
+    prompt: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * slots
+    fed = np.zeros(slots, dtype=int)  # prompt tokens fed so far
+    left = np.zeros(slots, dtype=int)  # tokens still to make
+    freed_at = np.zeros(slots)
+    j = 0
+
+    def admit(row: int, freed: float) -> None:
+        nonlocal j
+        ids, n = reqs[j % len(reqs)]
+        j += 1
+        bare.put_row(state, row, fresh)
+        prompt[row], fed[row], left[row], freed_at[row] = ids, 0, n, freed
+        x[row, 0] = ids[0]
+
+    def run(seconds: float) -> tuple[int, list[float], int, float]:
+        tokens, ttft, admitted, start = 0, [], j, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            nxt, new_state = bare.run(x, state)
+            state.update(new_state)
+            now = time.perf_counter()
+            for row in range(slots):
+                if fed[row] < len(prompt[row]):  # a prompt token went in
+                    fed[row] += 1
+                    if fed[row] < len(prompt[row]):
+                        x[row, 0] = prompt[row][fed[row]]
+                        continue
+                    ttft.append(now - freed_at[row])  # its output is the first token
+                tokens += 1
+                left[row] -= 1
+                x[row, 0] = nxt[row, 0]
+                if left[row] <= 0:
+                    admit(row, now)
+        return tokens, ttft, j - admitted, time.perf_counter() - start
+
+    for row in range(slots):
+        admit(row, time.perf_counter())
+    run(min(1.0, min_s))  # past the start, where every row is in its prompt at once
+    tokens, ttft, requests, wall = run(min_s)
+    return {"slots": slots, "tokens_per_s": tokens / wall, "requests_per_s": requests / wall,
+            "ttft_p50_s": pct(ttft, 50)}  # fmt: skip
 
 
 def bare_score(bare: Bare, texts: list[str]) -> float:
@@ -572,6 +628,15 @@ def ceiling(bare: Bare, work: dict[str, Workload], levels: list[int], min_s: flo
         for c in levels:
             out["churn"][name].append(bare_churn(bare, w, c, min_s))
             log(f"  bare churn {name} {c}: {out['churn'][name][-1]['tokens_per_s']:.0f} tok/s")
+    # prefill call vs prompt fed inside the step (item 3: measure which wins), both ideal
+    out["prompt_in_step"] = {}
+    for name, w in work.items():
+        out["prompt_in_step"][name] = []
+        for c in [c for c in levels if 1 < c <= 32]:  # C = 1 has no batch to step in
+            r = bare_churn_in_step(bare, w, c, min_s)
+            out["prompt_in_step"][name].append(r)
+            log(f"  bare churn {name} {c}, prompts fed in the step: {r['tokens_per_s']:.0f} "
+                f"tok/s, ttft p50 {r['ttft_p50_s'] * 1e3:.2f} ms")  # fmt: skip
     return out
 
 
@@ -741,6 +806,23 @@ def markdown(results: dict) -> str:
                     f"{_ms(r['ttft_p50_s'])} | {_x(r['ttft_p50_vs_bare_prefill'])} | "
                     f"{_ms(r['tpot_p50_s'])} | {_x(r['tpot_p50_vs_bare_step'])} |"
                 )
+        in_step = res["ceiling"].get("prompt_in_step", {})
+        if any(in_step.values()):
+            out += ["", "Two ways to admit a prompt, in bare ORT's ideal churn loop (one thread): "
+                    "a prefill call per new stream (as the server does, there in a thread of "
+                    "its own), or its prompt fed one token a step inside the batched step.", "",
+                    "| workload | C | prefill call: tokens/s | TTFT p50 ms | prompt in the step: "
+                    "tokens/s | TTFT p50 ms |",
+                    "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+            for name, rows in in_step.items():
+                calls = {r["slots"]: r for r in res["ceiling"]["churn"][name]}
+                for r in rows:
+                    c = calls.get(r["slots"], {})
+                    out.append(
+                        f"| {name} | {r['slots']} | {c.get('tokens_per_s', 0):.0f} | "
+                        f"{_ms(c.get('ttft_p50_s'))} | {r['tokens_per_s']:.0f} | "
+                        f"{_ms(r['ttft_p50_s'])} |"
+                    )
         out.append("")
     return "\n".join(out)
 

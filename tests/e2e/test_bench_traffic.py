@@ -37,6 +37,9 @@ def test_traffic_quick_run_writes_every_section(model_repo: Path, tmp_path: Path
     assert 0 < ceiling["single"]["step_p50_s"] < ceiling["single"]["prefill_p50_s"] < 0.1
     assert [r["batch"] for r in ceiling["static"]] == [1, 4]
     assert all(r["tokens_per_s"] > 0 for w in ceiling["churn"].values() for r in w)
+    in_step = ceiling["prompt_in_step"]
+    assert [r["slots"] for r in in_step["fixed"]] == [4]
+    assert all(r["tokens_per_s"] > 0 and r["ttft_p50_s"] > 0 for w in in_step.values() for r in w)
     for name in ("fixed", "mixed"):
         rows = res["closed_loop"][name]
         assert [r["clients"] for r in rows] == [1, 4]
