@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import own_channel  # noqa: E402
 from bench.serve import Server  # noqa: E402
 
 PROMPTS = ["the time traveller ", "it was ", "and then the ", "we ", "a "]
@@ -114,7 +115,7 @@ async def run_load(address: str, args, pid: int | None) -> dict:
     from rnnserve.v1 import rnnserve_pb2 as pb
     from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
-    channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+    channels = [own_channel(address) for _ in range(4)]  # four connections, not one shared
     stubs = [pb_grpc.InferenceStub(c) for c in channels]
     gen, score, fc = Tally(), Tally(), Tally()
     start = time.monotonic()
