@@ -79,6 +79,10 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
         help="no epoch starts that would not end within SECONDS of training; 0 = no budget",
     )  # fmt: skip
     p.add_argument("--optimizer", default="adam", help="adam | sgd")
+    p.add_argument(
+        "--weight-decay", type=float, default=0.0,
+        help="weight decay: decoupled (AdamW) with adam, L2 with sgd; 0 = off",
+    )  # fmt: skip
     p.add_argument("--clip", type=float, default=1.0, help="global grad-norm bound, 0 = off")
     p.add_argument("--bptt", default="full", help="full | truncated | random")
     p.add_argument("--bptt-k", type=int, default=8, help="chunk length for --bptt truncated")
@@ -220,7 +224,8 @@ def recurrent_train_config(args: argparse.Namespace):
     return TrainConfig(
         epochs=epochs, num_steps=args.num_steps, batch_size=args.batch_size, lr=args.lr,
         lr_decay=args.lr_decay, average_from=averaged, patience=args.patience,
-        time_budget=args.time_budget, optimizer=args.optimizer, clip=args.clip, bptt=args.bptt,
+        time_budget=args.time_budget, optimizer=args.optimizer,
+        weight_decay=args.weight_decay, clip=args.clip, bptt=args.bptt,
         bptt_k=args.bptt_k, bptt_p=args.bptt_p, sampling=args.sampling, seed=args.seed,
         device=args.device, threads=args.threads,
     )  # fmt: skip

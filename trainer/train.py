@@ -47,6 +47,7 @@ class TrainConfig:
     lr: float = 0.01
     lr_decay: float = 1.0  # epoch e: lr * lr_decay ** (e - 1), stretched if the budget cuts
     optimizer: str = "adam"
+    weight_decay: float = 0.0  # adam: decoupled (AdamW); sgd: L2 on the gradient; 0 = off
     clip: float = 1.0  # global gradient-norm bound; 0 disables clipping
     bptt: str = "full"
     bptt_k: int = 8  # chunk length for --bptt truncated
@@ -68,6 +69,8 @@ class TrainConfig:
             raise TrainerError("--lr-decay must be in (0, 1]")
         if self.clip < 0:
             raise TrainerError("--clip must be >= 0 (0 disables clipping)")
+        if self.weight_decay < 0:
+            raise TrainerError("--weight-decay must be >= 0 (0 disables it)")
         if self.optimizer not in OPTIMIZERS:
             raise TrainerError(f"unknown optimizer {self.optimizer!r}; choose {OPTIMIZERS}")
         if self.bptt not in BPTT_MODES:
@@ -110,8 +113,12 @@ def mixed_precision(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, or AdamW with --weight-decay: decay decoupled from the adaptive step (Loshchilov
+    & Hutter), which Adam's L2 term would scale away; SGD takes the decay as plain L2."""
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.weight_decay > 0:
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
 
