@@ -64,7 +64,8 @@ TUNED = {  # per arch: the best settings found, with no time limit (docs/trainer
              "--batch-size", "16", "--num-steps", "32", "--sampling", "sequential",
              "--patience", "0", "--time-budget", "0"],
     "gru": ["--layers", "2", "--hidden", "320", "--embed", "64", "--dropout", "0.2",
-            "--weight-drop", "0.2", "--lr", "0.003", "--lr-decay", "0.9", "--epochs", "24",
+            "--weight-drop", "0.2", "--weight-decay", "0.2", "--lr", "0.003", "--lr-decay", "0.9",
+            "--epochs", "24",
             "--average-from", "13", "--batch-size", "16", "--num-steps", "32", "--sampling",
             "sequential", "--patience", "0", "--time-budget", "0"],
 }  # fmt: skip

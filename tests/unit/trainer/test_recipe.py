@@ -27,6 +27,7 @@ def test_no_tuning_flags_parse_to_the_level_recipe(flags: tuple[str, ...], recip
     assert (cfg.epochs, cfg.num_steps, cfg.batch_size) == (
         recipe.epochs, recipe.num_steps, recipe.batch_size)  # fmt: skip
     assert (cfg.lr, cfg.lr_decay, cfg.sampling) == (recipe.lr, recipe.lr_decay, recipe.sampling)
+    assert cfg.weight_decay == recipe.weight_decay
     assert (cfg.patience, cfg.time_budget) == (recipe.patience, recipe.time_budget)
     assert cfg.average_from == average_from(recipe.epochs, recipe.average_last) > 1
     cfg.validate()
