@@ -17,7 +17,7 @@ def _one_step(cfg: TrainConfig) -> float:
     opt = make_optimizer(layer, cfg)
     layer.weight.grad = torch.zeros_like(layer.weight)
     opt.step()
-    return float(layer.weight)
+    return layer.weight.detach().item()
 
 
 def test_adam_without_weight_decay_leaves_a_weight_with_no_gradient() -> None:
