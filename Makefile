@@ -38,10 +38,12 @@ run: models
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Regenerates the committed gRPC stubs of every proto/rnnserve/**/*.proto with the pinned
 # generator (pyproject's `protoc` extra); tests fail when they are stale.

@@ -49,8 +49,17 @@ def ensure_generator(pin: str) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=TOOLS_HOME))
         try:
             subprocess.run(
-                [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-                 str(staging), pin],
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--no-deps",
+                    "--target",
+                    str(staging),
+                    pin,
+                ],
                 check=True,
             )
             with contextlib.suppress(OSError):  # another run finished first: use theirs
@@ -67,8 +76,16 @@ def generate(out: Path) -> list[Path]:
     env = {**os.environ, "PYTHONPATH": str(tools)}
     out.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_ROOT}", f"--python_out={out}",
-         f"--pyi_out={out}", f"--grpc_python_out={out}", *map(str, protos)],
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTO_ROOT}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            *map(str, protos),
+        ],
         check=True,
         cwd=PROTO_ROOT,
         env=env,

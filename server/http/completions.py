@@ -125,10 +125,8 @@ def parse_completion(body: object) -> CompletionRequest:
             "only 0 (each token's log-probability); the top alternatives are not computed",
         )
     options = body.get("stream_options")
-    if options is not None and (
-        not isinstance(options, dict) or set(options) - {"include_usage"}
-    ):
-        raise BadRequest("stream_options", "only {\"include_usage\": bool} is known")
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
+        raise BadRequest("stream_options", 'only {"include_usage": bool} is known')
     seed = _integer(body, "seed", None)
     if seed is not None and not 0 <= seed < 2**63:
         raise BadRequest("seed", f"must be in [0, 2^63), got {seed}")

@@ -64,9 +64,7 @@ def test_tls_tokens_openai_and_curl(model_repo: Path, tmp_path: Path, pki: dict)
     try:
         wait_ready(proc, url, log, verify=pki["ca"])
         tls = httpx.Client(verify=pki["ca"])
-        client = openai.OpenAI(
-            base_url=url + "/v1", api_key=TOKEN, http_client=tls, max_retries=0
-        )
+        client = openai.OpenAI(base_url=url + "/v1", api_key=TOKEN, http_client=tls, max_retries=0)
         done = client.completions.create(model="lstm", prompt="the time", max_tokens=8)
         assert done.usage.completion_tokens == 8
         streamed = client.completions.create(

@@ -46,9 +46,7 @@ def test_forecast_batch_of_series(server, kserve) -> None:
     assert list(got.outputs[0].shape) == [2, 3]
     values = np.frombuffer(got.raw_output_contents[0], dtype="<f4").reshape(2, 3)
     for row, out in zip(rows, values, strict=True):
-        native = server.stub.Forecast(
-            pb.ForecastRequest(model="sine-gru", history=row, horizon=3)
-        )
+        native = server.stub.Forecast(pb.ForecastRequest(model="sine-gru", history=row, horizon=3))
         assert out.tolist() == pytest.approx(list(native.forecast), rel=1e-5)
 
 

@@ -57,9 +57,13 @@ def test_stream_gives_the_same_text_and_usage_last(client) -> None:
 
 def test_seeded_sampling_is_reproducible(client) -> None:
     def run() -> str:
-        return client.completions.create(
-            model="lstm", prompt=PROMPT, max_tokens=24, temperature=0.9, top_p=0.9, seed=7
-        ).choices[0].text
+        return (
+            client.completions.create(
+                model="lstm", prompt=PROMPT, max_tokens=24, temperature=0.9, top_p=0.9, seed=7
+            )
+            .choices[0]
+            .text
+        )
 
     assert run() == run()
 

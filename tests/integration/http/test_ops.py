@@ -115,14 +115,18 @@ def test_metrics_and_access_log(server, base_url, caplog) -> None:
 
     ok, bad = count("openai.Completions", "OK"), count("openai.Completions", "INVALID_ARGUMENT")
     infer = count("kserve.ModelInfer", "OK")
-    errors = registry.get_sample_value(
-        "rnnserve_errors_total", {"rpc": "openai.Completions", "code": "INVALID_ARGUMENT"}
-    ) or 0
+    errors = (
+        registry.get_sample_value(
+            "rnnserve_errors_total", {"rpc": "openai.Completions", "code": "INVALID_ARGUMENT"}
+        )
+        or 0
+    )
     with caplog.at_level(logging.INFO, logger="rnnserve.server.access"):
         assert request(base_url + "/v1/completions", {"model": "lstm", "prompt": "ab"})[0] == 200
-        assert request(base_url + "/v1/completions", {"model": "lstm", "prompt": "a", "n": 2})[
-            0
-        ] == 400
+        assert (
+            request(base_url + "/v1/completions", {"model": "lstm", "prompt": "a", "n": 2})[0]
+            == 400
+        )
         body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["ab"]}]}
         assert request(base_url + "/v2/models/lstm/infer", body)[0] == 200
         deadline = time.monotonic() + 5
@@ -181,8 +185,13 @@ def test_client_going_away_ends_its_stream(server, base_url) -> None:
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     # greedy: a sampled stream may draw <eos> (p ~ 1e-3 a token on the tiny model) and end
     # on its own before the client leaves; the greedy path never reaches it
-    body = {"model": "lstm", "prompt": "the", "max_tokens": 150_000, "stream": True,
-            "temperature": 0}
+    body = {
+        "model": "lstm",
+        "prompt": "the",
+        "max_tokens": 150_000,
+        "stream": True,
+        "temperature": 0,
+    }
     conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
     reply = conn.getresponse()
     assert reply.status == 200 and reply.readline().startswith(b"data: ")

@@ -77,8 +77,7 @@ def _mapped_modules() -> set[str]:
             parts = rel.parts[:-1]
             # only folders that are packages all the way down (examples and scripts are not)
             is_package = all(
-                (root.joinpath(*parts[:i]) / "__init__.py").is_file()
-                for i in range(len(parts) + 1)
+                (root.joinpath(*parts[:i]) / "__init__.py").is_file() for i in range(len(parts) + 1)
             )
             if is_package and "__pycache__" not in parts:
                 wanted.add(f"{prefix}/{rel.as_posix()}")
