@@ -4,9 +4,10 @@ For the zoo's recurrent models and the serving benchmark's 2-layer LSTM (bench-l
 fp32 package, its int8 copy (ONNX Runtime dynamic quantization, per-channel) and its fp16
 copy, each made by trainer/precision.py's convert_package with its checks. Per model and
 precision: validation perplexity (the whole validation split), package size (model.onnx),
-bare step time (time = 1, the state fed back, one intra-op thread) at batch 1 and 32, how
-much a row's log-probabilities move when other rows share its batch (dynamic quantization
-scales activations per call), and an ONNX Runtime profile of the int8 step at batch 32 by op.
+bare step time (time = 1, the state fed back, one intra-op thread; the precisions take turns,
+so their ratios hold on a busy machine) at batch 1 and 32, how much a row's log-probabilities
+move when other rows share its batch (dynamic quantization scales activations per call), and
+an ONNX Runtime profile of the int8 step at batch 32 by op.
 Optionally Generate tokens/s under churn at C = 32 from bench/traffic.py (--traffic).
 
 Zoo models missing from --model-repo are trained small (--max-tokens, --epochs) into
@@ -84,20 +85,29 @@ def _val_ids(package: Path) -> list[int]:
     return prepare(data, list(m.vocab or [])).val_ids
 
 
-def _step_ms(package: Path, batch: int, seconds: float) -> float:
-    """Median ms of one decode step (time = 1) with the state fed back, one thread."""
-    sess, m = ort_session(package, threads=1)
-    outputs = [m.output_name, *(s.output for s in m.state)]
-    state = init_state(m, batch)
+def _step_ms(packages: dict[str, Path], batch: int, seconds: float, rounds: int = 6) -> dict:
+    """Median ms of one decode step (time = 1, the state fed back, one thread) per package.
+
+    The packages take turns, `rounds` slices each, so a busy spell on the shared machine falls
+    on all of them alike and their ratios stay comparable (each figure is the median over all
+    its slices)."""
+    runs = {}
+    for key, package in packages.items():
+        sess, m = ort_session(package, threads=1)
+        runs[key] = (sess, m, [m.output_name, *(s.output for s in m.state)], init_state(m, batch))
     x = np.full((batch, 1), 5, np.int64)
-    times: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 20:
-        t0 = time.perf_counter()
-        _, *rest = sess.run(outputs, {m.input_name: x, **state})
-        times.append(time.perf_counter() - t0)
-        state = {s.input: v for s, v in zip(m.state, rest, strict=True)}
-    return float(np.median(times[5:]) * 1e3)
+    times: dict[str, list[float]] = {key: [] for key in packages}
+    for _ in range(rounds):
+        for key, (sess, m, outputs, state) in runs.items():
+            deadline = time.perf_counter() + seconds / rounds
+            n = 0
+            while time.perf_counter() < deadline or n < 20:
+                t0 = time.perf_counter()
+                _, *rest = sess.run(outputs, {m.input_name: x, **state})
+                times[key].append(time.perf_counter() - t0)
+                state = {s.input: v for s, v in zip(m.state, rest, strict=True)}
+                n += 1
+    return {key: float(np.median(t) * 1e3) for key, t in times.items()}
 
 
 def _batch_dependence(package: Path, val: list[int]) -> float:
@@ -155,21 +165,22 @@ def measure(name: str, fp32: Path, work: Path, args: argparse.Namespace) -> dict
     source = Manifest.load(fp32)
     row: dict = {"model": name, "architecture": source.architecture,
                  "hyperparameters": source.hyperparameters, "precisions": {}}  # fmt: skip
-    for precision in PRECISIONS:
-        if precision == "fp32":
-            package = fp32
-        else:
-            package = convert_package(fp32, work, name, precision, precision=precision,
-                                      probe=val, probe_source="the validation split",
-                                      allow_quality_loss=True)  # fmt: skip
+    packages = {
+        precision: fp32 if precision == "fp32" else convert_package(
+            fp32, work, name, precision, precision=precision, probe=val,
+            probe_source="the validation split", allow_quality_loss=True)
+        for precision in PRECISIONS
+    }  # fmt: skip
+    steps = {batch: _step_ms(packages, batch, args.seconds * len(packages)) for batch in (1, 32)}
+    for precision, package in packages.items():
         m = Manifest.load(package)
         g = OrtGraph(package / "model.onnx", m.input_name, m.output_name, m.state)
         entry = {
             "val_perplexity": perplexity(g, text_rows(val), m.task),
             "val_tokens": int(text_rows(val).size),
             "model_onnx_bytes": (package / "model.onnx").stat().st_size,
-            "step_ms_b1": _step_ms(package, 1, args.seconds),
-            "step_ms_b32": _step_ms(package, 32, args.seconds),
+            "step_ms_b1": steps[1][precision],
+            "step_ms_b32": steps[32][precision],
             "batch_dependence_max_abs_logprob": _batch_dependence(package, val),
         }
         if precision != "fp32":

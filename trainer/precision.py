@@ -7,7 +7,9 @@ on the same probe text (the validation split), with tolerances that fit its prec
 - int8: ONNX Runtime's own dynamic quantization (`quantize_dynamic`, int8 weights, per-channel
   by default; activations are quantized per call). Its registry quantizes LSTM (as
   `DynamicQuantizeLSTM`), MatMul and Gather; GRU and RNN ops have no quantized kernel and stay
-  float32 (the output projection around them is still quantized).
+  float32 (the output projection around them is still quantized). An embedding table under
+  EMBEDDING_INT8_MIN_BYTES stays float32: int8 would save a few kilobytes and add a
+  DequantizeLinear to every call (a char model's step at batch 1 is ~30 µs; that op is 1-2).
 - fp16: onnxconverter-common's float16 conversion with `keep_io_types`, so tokens, logits and
   the state stay float32 at the graph's edges. RNN/GRU/LSTM stay float32 because ONNX
   Runtime's CPU provider has no float16 kernels for them; Transpose stays float32 because
@@ -48,6 +50,7 @@ from rnnserve.trainer.exportable import state_from_spec
 from rnnserve.trainer.graph_check import OrtGraph, check_symbolic_axes, log_probs
 from rnnserve.trainer.staging import package_dir, staged
 
+EMBEDDING_INT8_MIN_BYTES = 1 << 20  # a word-level table (4,600 x 128 floats: 2.4 MB) is quantized
 PPL_BOUND = 0.02  # refuse when perplexity rises by more than 2% over the fp32 graph
 RECURRENT_OPS = ("RNN", "GRU", "LSTM")
 FP16_KEPT_FLOAT32 = (*RECURRENT_OPS, "Transpose")
@@ -125,13 +128,16 @@ def _int8(src: Path, dst: Path, per_channel: bool) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.registry import IntegerOpsRegistry
 
+    embedding_bytes = _embedding_bytes(src)
+    quantize_embedding = embedding_bytes >= EMBEDDING_INT8_MIN_BYTES
+    op_types = ["LSTM", "MatMul", *(["Gather"] if quantize_embedding else [])]
     quantized = logging.getLogger()
     level = quantized.level
     quantized.setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint per call
     try:
         quantize_dynamic(
             str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
-            reduce_range=False,
+            reduce_range=False, op_types_to_quantize=op_types,
         )  # fmt: skip
     finally:
         quantized.setLevel(level)
@@ -141,9 +147,26 @@ def _int8(src: Path, dst: Path, per_channel: bool) -> dict[str, Any]:
         "activations": "uint8, scale computed per call (dynamic)",
         "per_channel": per_channel,
         "reduce_range": False,
-        "quantizable_ops": sorted(set(IntegerOpsRegistry) & {"LSTM", "MatMul", "Gather"}),
+        "quantizable_ops": sorted(set(IntegerOpsRegistry) & set(op_types)),
+        "embedding": {
+            "bytes_float32": embedding_bytes,
+            "int8": quantize_embedding,
+            "int8_from_bytes": EMBEDDING_INT8_MIN_BYTES,
+        },
         "onnxruntime": ort.__version__,
     }
+
+
+def _embedding_bytes(path: Path) -> int:
+    """Bytes of the largest float32 table a Gather reads (the embedding; 0 if none)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    tables = {t.name: t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    sizes = [
+        4 * math.prod(tables[node.input[0]].dims)
+        for node in graph.node
+        if node.op_type == "Gather" and node.input[0] in tables
+    ]
+    return max(sizes, default=0)
 
 
 def _fp16(src: Path, dst: Path) -> dict[str, Any]:

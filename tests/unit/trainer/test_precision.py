@@ -52,12 +52,27 @@ def test_int8_lstm_uses_the_quantized_lstm_kernel(tmp_path) -> None:
     assert "DynamicQuantizeLSTM" in _ops(path) and "LSTM" not in _ops(path)
     assert "MatMulInteger" in _ops(path)  # the output projection
     assert manifest.quantization["kept_float32"] == []
+    assert manifest.quantization["embedding"]["int8"] is False  # a char table: kilobytes
+    assert "DequantizeLinear" not in _ops(path)
     check = manifest.parity["precision"]
     assert check["precision"] == "int8" and check["probe"].startswith("test text")
     assert check["step_vs_window_max_abs_diff"] <= precision.STEP_TOL["int8"]
     assert check["perplexity_change"] <= precision.PPL_BOUND
     assert manifest.parity["ok"] is True  # the fp32 graph's check against torch still ran
     assert _io_types(path) <= {onnx.TensorProto.INT64, onnx.TensorProto.FLOAT}
+
+
+def test_int8_quantizes_an_embedding_table_from_the_size_where_it_pays(
+    tmp_path, monkeypatch
+) -> None:
+    """A table of EMBEDDING_INT8_MIN_BYTES or more (word level) is stored int8 and dequantized
+    after the lookup; smaller ones stay float32 (above)."""
+    monkeypatch.setattr(precision, "EMBEDDING_INT8_MIN_BYTES", 64)
+    path = _export("lstm", tmp_path, precision="int8")
+    embedding = Manifest.load(path).quantization["embedding"]
+    assert embedding["int8"] is True and embedding["bytes_float32"] >= 64
+    assert "DequantizeLinear" in _ops(path)
+    assert Manifest.load(path).parity["precision"]["perplexity_change"] <= precision.PPL_BOUND
 
 
 @pytest.mark.parametrize(("arch", "kept"), [("gru", ["GRU"]), ("rnn", ["RNN"])])
