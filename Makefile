@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 MODELS ?= models
 PORT   ?= 50051
 METRICS_PORT ?= 8000
+HTTP_PORT ?= 8080
 STAMP  := $(VENV)/.installed
 
 .PHONY: run test venv proto lint models serve bench clean system-deps triton-venv
@@ -14,6 +15,10 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	@# torch alone first: asked for by itself, pip takes the CPU wheel where one is offered
+	@# (find-links); resolved with every extra, a recent pip took PyPI's CUDA build of the
+	@# same version instead (a 5.5 GB venv, not 1.9 GB)
+	$(BIN)/python -m pip install --quiet 'torch==2.13.0'
 	$(BIN)/python -m pip install --quiet -e '.[train,serve,client,remote,dev]'
 	@# xds-protos (dev: the Envoy config tests) ships an older copy of opentelemetry/proto/*
 	@# that may land over opentelemetry-proto's own, depending on install order; put it back
@@ -29,12 +34,14 @@ models: $(STAMP)
 	fi
 
 run: models
-	@echo "== rnn-server on localhost:$(PORT), metrics on http://localhost:$(METRICS_PORT)/metrics =="
-	@echo "   try:  $(BIN)/rnn-client models"
-	@echo "         $(BIN)/rnn-client generate --model lstm --prompt 'the time'"
-	@echo "         $(BIN)/rnn-client score --model lstm 'the time traveller'"
+	@echo "== rnn-server: gRPC on localhost:$(PORT), HTTP (OpenAI, KServe) on http://localhost:$(HTTP_PORT),"
+	@echo "   metrics on http://localhost:$(METRICS_PORT)/metrics =="
+	@echo "   try:  $(BIN)/rnn-client --address localhost:$(PORT) models"
+	@echo "         $(BIN)/rnn-client --address localhost:$(PORT) generate --model lstm --prompt 'the time'"
+	@echo "         $(BIN)/rnn-client --address localhost:$(PORT) score --model lstm 'the time traveller'"
 	@echo "         grpcurl -plaintext localhost:$(PORT) list"
-	$(BIN)/rnn-server --model-repo $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/rnn-server --model-repo $(MODELS) --port $(PORT) --http-port $(HTTP_PORT) \
+	  --metrics-port $(METRICS_PORT)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -28,25 +28,28 @@ class AdminService(pb_grpc.AdminServicer):
 
 
 async def reload(engine: Engine, health: ModelHealth):
-    """Rescans; unloads vanished versions after draining their decode loop. Returns the report.
+    """Rescans; unloads vanished versions: they take no new call at once, and their decode
+    loops close once the streams already running have ended. Returns the report.
 
     Sessions are built in a worker thread (a large model takes a while to load), so live
     streams keep their pace; only publishing the new versions runs on the event loop.
     """
     repository = engine.repository
     report = repository.install(*await asyncio.to_thread(repository.load_new))
-    for tag in report.unloaded:
+    retired = []
+    for tag in report.unloaded:  # no await here: no call can slip in between
         name, version = tag.rsplit("/", 1)
-        decoder = engine.pop_decoder(name, version)
+        repository.remove(name, version)  # first, so a new call cannot reach it (NOT_FOUND)
+        retired.append(engine.pop_decoder(name, version))
+    await health.refresh()
+    for decoder in retired:  # the streams already running finish on their own loop
         if decoder is not None:
             await decoder.drain()
             await decoder.close()
-        engine.repository.remove(name, version)
     changed = report.loaded or report.unloaded or report.failed
     log.log(
         logging.INFO if changed else logging.DEBUG,
         "repository rescanned",
         extra={"loaded": report.loaded, "unloaded": report.unloaded, "failed": report.failed},
     )
-    await health.refresh()
     return report

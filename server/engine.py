@@ -99,7 +99,10 @@ class Engine:
         return self._codecs[key]
 
     def model_label(self, name: str) -> str:
-        """Metric label for a requested model name: unknown names collapse to one value."""
+        """Metric label for a requested model name: unknown names collapse to one value; a
+        call that names no model (ListModels, ReloadModels) gets none."""
+        if not name:
+            return ""
         return name if name in self.repository.models else "unknown"
 
     # -- use cases --------------------------------------------------------------------------

@@ -100,7 +100,11 @@ class Generator:
         s = self.settings
         max_tokens = p.max_tokens or DEFAULT_MAX_TOKENS
         if not 1 <= max_tokens <= s.max_tokens:
-            raise BadRequest("max_tokens", f"must be in [1, {s.max_tokens}], got {p.max_tokens}")
+            raise BadRequest(
+                "max_tokens",
+                f"must be in [1, {s.max_tokens}] (0 or unset: {DEFAULT_MAX_TOKENS}), "
+                f"got {p.max_tokens}",
+            )
         if p.state_every < 0:
             raise BadRequest("state_every", f"must be 0 or more, got {p.state_every}")
         p.sampling.validate(len(self.codec))

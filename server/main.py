@@ -193,7 +193,11 @@ def build_app(
     if settings.http_port:
         web_app = build_web_app(engine, kserve_status, interceptor, health_guards, size)
         tls = ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-        sockets = bind(settings.host, settings.http_port, bool(settings.reuse_port))
+        try:
+            sockets = bind(settings.host, settings.http_port, bool(settings.reuse_port))
+        except OSError as exc:
+            why = exc.strerror or exc
+            raise RuntimeError(f"--http-port {settings.http_port}: {why}") from exc
         http = HttpServer(web_app, sockets, tls)
     app = App(server, port, engine, health, metrics, settings, admin=admin, tracer=tracer)
     app.http = http
@@ -214,7 +218,11 @@ async def serve(settings: Settings) -> int:
     except RuntimeError as exc:  # e.g. the port is taken
         log.error("cannot start: %s", exc)
         return 2
-    app.metrics.serve_http(settings.metrics_port, ready=lambda: app.health.ready)
+    try:
+        app.metrics.serve_http(settings.metrics_port, ready=lambda: app.health.ready)
+    except OSError as exc:
+        log.error("cannot start: --metrics-port %d: %s", settings.metrics_port, exc.strerror)
+        return 2
     await app.start()
     log.info(
         "rnn-server listening on %s:%d",

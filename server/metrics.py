@@ -166,7 +166,7 @@ class Metrics:
         )
         self.queue_wait = hist(
             "rnnserve_queue_wait_seconds",
-            "Generate: from the end of a stream's prefill to its first batched step.",
+            "Generate: from the call's arrival to its prompt's first prefill call (the queue).",
             ["model"],
         )
         self.model_load = hist(

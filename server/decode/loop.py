@@ -380,9 +380,7 @@ class DecodeLoop(Admissions):
 
     def _take_inbox(self) -> None:
         while self._inbox:
-            slot = self._inbox.popleft()
-            self._queue_wait.observe(time.perf_counter() - slot.stream.started)
-            self._prefilling.append(slot)
+            self._prefilling.append(self._inbox.popleft())
 
     # -- the decode thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -422,6 +420,10 @@ class DecodeLoop(Admissions):
         if not rows:
             self._prefilling = later
             return []
+        now = time.perf_counter()
+        for slot in rows:
+            if slot.fed == 0:  # its first prefill call: the wait in the queue ends here
+                self._queue_wait.observe(now - slot.stream.started)
         n = min(self.prefill_chunk, *(len(s.ids) - s.fed for s in rows))
         x = np.asarray([s.ids[s.fed : s.fed + n] for s in rows], dtype=np.int64)
         fresh = self.model.initial_state(1)

@@ -88,6 +88,22 @@ def test_missing_model_repo_is_a_clear_error(tmp_path: Path) -> None:
     assert "error:" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("flag", ["--http-port", "--metrics-port"])
+def test_a_taken_port_is_named_in_the_error(model_repo: Path, flag: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        ports = {"--port": _free_port(), "--http-port": 0, "--metrics-port": 0, flag: busy}
+        cmd = [str(BIN / "rnn-server"), "--model-repo", str(model_repo), "--host", "127.0.0.1"]
+        for name, value in ports.items():
+            cmd += [name, str(value)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    out = res.stdout + res.stderr
+    assert f"cannot start: {flag} {busy}" in out and "Traceback" not in out
+
+
 def test_sigterm_lets_in_flight_streams_finish_and_exits_0(model_repo: Path) -> None:
     port = _free_port()
     proc = subprocess.Popen(

@@ -66,6 +66,10 @@ def test_metrics_have_the_contract_names_and_labels(server) -> None:
     with pytest.raises(grpc.RpcError):
         stub.Score(pb.ScoreRequest(model="no-such-model-xyz", texts=["ab"]))
     assert 'model="no-such-model-xyz"' not in generate_latest(reg).decode()
+    # a call that names no model is not counted as an unknown one
+    stub.ListModels(pb.ListModelsRequest())
+    listed = {"rpc": "ListModels", "model": "", "code": "OK"}
+    assert reg.get_sample_value("rnnserve_request_duration_seconds_count", listed) >= 1
 
 
 def test_streams_past_the_limit_are_refused_not_queued(model_repo: Path) -> None:
@@ -121,6 +125,40 @@ def test_reload_loads_new_and_unloads_removed_versions(model_repo: Path, tmp_pat
         report = srv.admin.ReloadModels(pb.ReloadModelsRequest())
         assert list(report.unloaded) == ["gru/2"]
         assert srv.stub.GetModel(pb.GetModelRequest(model="gru")).default_version == "1"
+    finally:
+        srv.stop()
+
+
+def test_a_removed_version_takes_no_new_stream_while_its_old_ones_drain(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """Removal turns new calls away at once (NOT_FOUND); the streams already running drain on
+    the old decode loop; nothing of the old version is left to serve a later version 2."""
+    repo = tmp_path / "repo"
+    for version in ("1", "2"):
+        shutil.copytree(model_repo / "gru" / "1", repo / "gru" / version)
+    srv = ServerThread(make_settings(repo)).start()
+    engine = srv.app.engine
+    try:
+        request = pb.GenerateRequest(model="gru", version="2", prompt="ab", max_tokens=3)
+        assert list(srv.stub.Generate(request))
+        old = engine._decoders[("gru", "2")]
+        srv.call(old.admit)  # stands in for a long stream in flight: the drain waits for it
+        shutil.rmtree(repo / "gru" / "2")
+        pending = srv.admin.ReloadModels.future(pb.ReloadModelsRequest(), timeout=30)
+        with pytest.raises(grpc.RpcError) as err:  # while version 2 drains
+            list(srv.stub.Generate(request))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert not pending.done()
+        srv.call(old.release)  # the long stream ends
+        assert list(pending.result().unloaded) == ["gru/2"]
+        assert ("gru", "2") not in engine._decoders and ("gru", "2") not in engine._generators
+        shutil.copytree(model_repo / "gru" / "1", repo / "gru" / "2")
+        assert list(srv.admin.ReloadModels(pb.ReloadModelsRequest()).loaded) == ["gru/2"]
+        assert list(srv.stub.Generate(request))
+        fresh = engine.repository.get("gru", "2")
+        assert engine._generators[("gru", "2")].entry is fresh
+        assert engine._decoders[("gru", "2")] is not old
     finally:
         srv.stop()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -313,6 +314,30 @@ def test_prefill_calls_take_at_most_prefill_batch_prompts_first_come_first() -> 
     news = _news(loop)
     for ids, stream in zip(prompts, streams, strict=True):
         assert news[id(stream)][0] == (ids[-1] + 1) % V
+
+
+def test_queue_wait_ends_at_each_prompts_first_prefill_call() -> None:
+    """rnnserve_queue_wait_seconds: arrival to the first prefill call, once per stream (a
+    prompt sent to the back after a partial call is not counted again)."""
+    metrics = Metrics()
+    loop = DecodeLoop("fake", FakeModel(), metrics, 64, 0.0, 256, False, prefill_batch=2)
+    streams = [_queue(loop, p) for p in ([1, 2], [3, 4, 5, 6], [7, 8])]
+    base = time.perf_counter()
+    for i, stream in enumerate(streams):
+        stream.started = base - 10.0 * (i + 1)  # arrived 10, 20 and 30 s ago
+
+    def waits() -> tuple[float, float]:
+        sample = {x.name: x.value for x in metrics.queue_wait.collect()[0].samples}
+        return sample["rnnserve_queue_wait_seconds_count"], sample[
+            "rnnserve_queue_wait_seconds_sum"
+        ]
+
+    _turns(loop, 1)  # the first two prompts: one ends, the 4-token one goes to the back
+    count, total = waits()
+    assert count == 2 and 30.0 <= total < 31.0
+    _turns(loop, 2)  # the third prompt's first call, then the rest of the second
+    count, total = waits()
+    assert count == 3 and 60.0 <= total < 61.5
 
 
 def test_long_prompts_prefill_in_chunks_between_decode_steps() -> None:
