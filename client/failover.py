@@ -15,11 +15,14 @@ connection died", the ledger, and the request for each attempt.
 from __future__ import annotations
 
 import secrets
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rnnserve.client.convert import finish_reason
-from rnnserve.client.errors import DataLoss, RnnServeError
+from rnnserve.client.errors import Cancelled, DataLoss, RnnServeError, Unavailable
 from rnnserve.client.results import TokenEvent
+from rnnserve.client.retry import RetryPolicy
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 # tokens between checkpoints when a stream may fail over: on a tiny model the server spends
@@ -41,6 +44,40 @@ def is_replica_failure(error: RnnServeError) -> bool:
         details = error.details.lower()
         return any(mark in details for mark in _RESET_MARKS)
     return False
+
+
+def pause_before_next_attempt(
+    error: RnnServeError,
+    failures: int,
+    *,
+    failover: bool,
+    cancelled: bool,
+    retry: RetryPolicy,
+    addresses: Sequence[str],
+    deadline: float | None,
+) -> float:
+    """Seconds to wait before the stream's next attempt, or raises: `error` itself when it is
+    an answer (not a replica failure), failover is off, the stream was cancelled or the
+    deadline would pass; Unavailable after `retry.max_attempts` failures in a row (a failure
+    counts as "in a row" until an attempt delivers something new)."""
+    if cancelled or not failover or not is_replica_failure(error):
+        raise error
+    if failures >= retry.max_attempts:
+        raise Unavailable(
+            f"the stream could not be resumed: {failures} attempts in a row failed "
+            f"(replicas {', '.join(addresses)}); last error: {error}"
+        )
+    # the first move to another replica needs no pause: that replica is not the one that
+    # failed; a retry on the same address (a load balancer), or a second failure, waits
+    first_elsewhere = failures == 1 and len(addresses) > 1
+    pause = 0.0 if first_elsewhere else retry.backoff(failures)
+    if deadline is not None and time.monotonic() + pause >= deadline:
+        raise error
+    return pause
+
+
+def cancelled_during_pause() -> Cancelled:
+    return Cancelled("the stream was cancelled while it waited to fail over")
 
 
 def with_failover_defaults(request: pb.GenerateRequest, state_every: int) -> None:

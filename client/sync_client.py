@@ -6,6 +6,7 @@ results and raise typed errors; retries, deadlines and auth are handled once, he
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,7 +28,8 @@ from rnnserve.client.errors import RnnServeError, Unavailable, from_rpc_error
 from rnnserve.client.failover import (
     DEFAULT_STATE_EVERY,
     StreamLedger,
-    is_replica_failure,
+    cancelled_during_pause,
+    pause_before_next_attempt,
     with_failover_defaults,
 )
 from rnnserve.client.results import (
@@ -53,7 +55,8 @@ class TokenStream:
     With failover (the default), a stream whose replica dies or whose connection resets
     continues from its last checkpoint on the next replica, after a jittered pause; the
     events go on as if nothing happened (no token repeated or missing). `failovers` counts
-    the moves. After `retry.max_attempts` failed attempts in a row it raises Unavailable.
+    the moves. After `retry.max_attempts` failed attempts in a row (with nothing new
+    delivered between them) it raises Unavailable.
     """
 
     def __init__(
@@ -75,12 +78,15 @@ class TokenStream:
         while True:
             try:
                 for msg in self._call:
-                    failures = 0  # this replica answered: count failures in a row only
                     event = self._ledger.take(msg)
-                    if event is None:
+                    if event is None:  # it repeats what the caller has: no progress yet
                         continue
+                    failures = 0  # something new arrived: count failures in a row only
                     if event.is_last:
                         self.finish_reason, self.state = event.finish_reason, event.state
+                        yield event
+                        self._close_quietly()
+                        return
                     yield event
                 return
             except grpc.RpcError as err:
@@ -88,24 +94,24 @@ class TokenStream:
             failures += 1
             self._next_attempt(error, failures)
 
+    def _close_quietly(self) -> None:
+        """After the last message: reads the call's status; a replica that dies now has
+        nothing left to give, so its error ends nothing (and starts no failover)."""
+        with contextlib.suppress(grpc.RpcError):
+            for _ in self._call:
+                pass
+
     def _next_attempt(self, error: RnnServeError, failures: int) -> None:
         """Raises `error` unless the stream can go on elsewhere; then waits and reopens."""
-        if self._cancelled or not self._failover or not is_replica_failure(error):
-            raise error
         client = self._client
-        if failures >= client.retry.max_attempts:
-            raise Unavailable(
-                f"the stream could not be resumed: {failures} attempts in a row failed "
-                f"(replicas {', '.join(client.addresses)}); last error: {error}"
-            )
-        # the first move to another replica needs no pause: that replica is not the one that
-        # failed; a retry on the same address (a load balancer), or a second failure, waits
-        first_elsewhere = failures == 1 and len(client.addresses) > 1
-        pause = 0.0 if first_elsewhere else client.retry.backoff(failures)
-        if self._deadline is not None and time.monotonic() + pause >= self._deadline:
-            raise error
+        pause = pause_before_next_attempt(
+            error, failures, failover=self._failover, cancelled=self._cancelled,
+            retry=client.retry, addresses=client.addresses, deadline=self._deadline,
+        )  # fmt: skip
         if pause:
             client._sleep(pause)
+        if self._cancelled:  # cancel() came during the pause
+            raise cancelled_during_pause()
         self._replica = (self._replica + 1) % len(client.addresses)
         self.failovers += 1
         self._call = client._open(self._ledger.attempt(), self._deadline, self._replica)
