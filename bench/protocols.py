@@ -54,7 +54,7 @@ async def grpc_stream(stub, pb, model: str, tokens: int, seed: int) -> int:
 
 async def http_stream(session, url: str, model: str, tokens: int, seed: int) -> int:
     body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 1.0,
-            "seed": seed, "stream": True}  # fmt: skip
+            "seed": seed, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     used = 0
     async with session.post(url + "/v1/completions", json=body) as reply:
         assert reply.status == 200, await reply.text()

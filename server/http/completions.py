@@ -52,6 +52,7 @@ class CompletionRequest:
     logprobs: bool = False
     echo: bool = False
     stream: bool = False
+    include_usage: bool = False  # a stream's last chunk: usage, with no choices (OpenAI's)
 
     def params(self, prompt: str) -> GenerateParams:
         return GenerateParams(
@@ -127,6 +128,7 @@ def parse_completion(body: object) -> CompletionRequest:
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise BadRequest("stream_options", 'only {"include_usage": bool} is known')
+    include_usage = _flag(options, "include_usage") if options else False
     seed = _integer(body, "seed", None)
     if seed is not None and not 0 <= seed < 2**63:
         raise BadRequest("seed", f"must be in [0, 2^63), got {seed}")
@@ -153,6 +155,7 @@ def parse_completion(body: object) -> CompletionRequest:
         logprobs=logprobs == 0,
         echo=_flag(body, "echo"),
         stream=_flag(body, "stream"),
+        include_usage=include_usage,
     )
 
 

@@ -78,14 +78,26 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[dict, list[Tens
 
 def _wanted(head: dict) -> tuple[list[str], dict[str, bool]]:
     """Requested output names, and which of them go back in binary form."""
-    default = bool(_params(head, "request").get("binary_data_output", False))
+    default = _flag(_params(head, "request"), "binary_data_output", False, "parameters")
+    outputs = head.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise BadRequest("outputs", "must be a list of objects with a `name`")
     names, binary = [], {}
-    for i, o in enumerate(head.get("outputs") or []):
+    for i, o in enumerate(outputs):
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise BadRequest(f"outputs[{i}]", "must be an object with a `name`")
         names.append(o["name"])
-        binary[o["name"]] = bool(_params(o, f"outputs[{i}]").get("binary_data", default))
+        params = _params(o, f"outputs[{i}]")
+        binary[o["name"]] = _flag(params, "binary_data", default, f"outputs[{i}].parameters")
     return names, binary | {"*": default}
+
+
+def _flag(params: dict, key: str, default: bool, where: str) -> bool:
+    """A boolean parameter; a string such as "false" is refused rather than read as true."""
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{where}.{key}", f"must be true or false, got {value!r}")
+    return value
 
 
 class KServeRoutes:

@@ -199,8 +199,9 @@ class OpenAIRoutes:
                 offsets[i] += len(c.text)
                 event = {**head, "choices": [oa.choice(i, c.text, c.finish_reason, lp)]}
                 await response.write(_event(event))
-            used = oa.usage(sum(len(p.ids) for p in prompts), generated)
-            await response.write(_event({**head, "choices": [], "usage": used}))
+            if req.include_usage:
+                used = oa.usage(sum(len(p.ids) for p in prompts), generated)
+                await response.write(_event({**head, "choices": [], "usage": used}))
             await response.write(DONE)
         except ConnectionResetError:
             call.code, call.message = grpc.StatusCode.CANCELLED, "client went away"

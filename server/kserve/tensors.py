@@ -7,6 +7,7 @@ its bytes (the protocol's binary form, used by tritonclient on both transports).
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ CONTENTS_FIELD = {
 }
 
 _LENGTH = struct.Struct("<I")
+MAX_DIM = 2**63 - 1  # the protocol's int64 dims (JSON integers have no bound of their own)
 
 
 @dataclass
@@ -61,15 +63,17 @@ class Tensor:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)  # Python ints: a huge shape cannot wrap around to fit
 
 
 def check_header(name: str, datatype: str, shape: list[int]) -> None:
     """BadRequest unless the datatype is known and the shape has no negative dimension."""
     if datatype not in DTYPES:
         raise BadRequest(f"inputs[{name}].datatype", f"unknown datatype {datatype!r}")
-    if any(d < 0 for d in shape):
-        raise BadRequest(f"inputs[{name}].shape", f"dimensions must be >= 0, got {shape}")
+    if any(d < 0 or d > MAX_DIM for d in shape):
+        raise BadRequest(
+            f"inputs[{name}].shape", f"dimensions must be in [0, 2^63 - 1], got {shape}"
+        )
 
 
 def _checked(name: str, datatype: str, shape: list[int], data: np.ndarray) -> Tensor:

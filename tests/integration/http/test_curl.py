@@ -35,7 +35,8 @@ def post(url: str, body: object, *extra: str) -> tuple[int, dict[str, str], str]
 
 
 def test_sse_stream_frames_and_done(base_url: str) -> None:
-    body = {"model": "lstm", "prompt": "the time", "max_tokens": 8, "stream": True}
+    body = {"model": "lstm", "prompt": "the time", "max_tokens": 8, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
     status, headers, text = post(base_url + "/v1/completions", {**body, "temperature": 0})
     assert status == 200
     assert headers["content-type"].startswith("text/event-stream")
@@ -137,6 +138,9 @@ def test_kserve_task_mismatch_and_unknown(base_url: str) -> None:
     assert status == 404
 
 
+_text_input = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a b"]}]}
+
+
 def test_kserve_rest_binary_form_and_malformed_bodies(base_url: str) -> None:
     """The binary tensor extension by hand (tritonclient covers the usual path), and bodies
     whose shape is wrong get 400s naming the part."""
@@ -167,6 +171,13 @@ def test_kserve_rest_binary_form_and_malformed_bodies(base_url: str) -> None:
         ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
                       "parameters": {"binary_data_size": 99}}]}, "binary_data_size"),
         ({"inputs": [{"datatype": "BYTES", "shape": [1], "data": ["a"]}]}, "name"),
+        ({**_text_input, "outputs": 5}, "outputs"),
+        ({**_text_input, "parameters": {"binary_data_output": "false"}}, "binary_data_output"),
+        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [10**20],
+                      "data": ["a"]}]}, "dimensions"),
+        # 7 x 7905747460161236407 wraps to 1 in int64: the count is checked exactly
+        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [7, 7905747460161236407],
+                      "data": ["a b"]}]}, "elements"),
     ]:  # fmt: skip
         status, _, text_ = post(base_url + "/v2/models/lstm/infer", bad)
         assert status == 400 and words in json.loads(text_)["error"], (bad, text_)

@@ -66,6 +66,15 @@ def test_errors_have_the_native_codes(kserve, request_, code) -> None:
     assert err.value.code() == code and err.value.details()
 
 
+def test_a_shape_whose_element_count_wraps_int64_is_refused(kserve) -> None:
+    request = _score_request([b"a b"])
+    request.inputs[0].shape[:] = [7, 7905747460161236407]  # 7 x that = 1 modulo 2^64
+    with pytest.raises(grpc.RpcError) as err:
+        kserve.ModelInfer(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "elements" in err.value.details()
+
+
 def test_raw_count_must_match_inputs(kserve) -> None:
     request = _score_request([b"ab"])
     request.raw_input_contents.extend([b"", b""])

@@ -41,18 +41,25 @@ def test_greedy_completion_matches_native_generate(client, server) -> None:
     assert done.usage.total_tokens == len(PROMPT) + 12
 
 
-def test_stream_gives_the_same_text_and_usage_last(client) -> None:
+def test_stream_gives_the_same_text_and_usage_last_when_asked(client) -> None:
     plain = client.completions.create(model="lstm", prompt=PROMPT, max_tokens=20, temperature=0)
     chunks = list(
         client.completions.create(
-            model="lstm", prompt=PROMPT, max_tokens=20, temperature=0, stream=True
+            model="lstm", prompt=PROMPT, max_tokens=20, temperature=0, stream=True,
+            stream_options={"include_usage": True},
         )
-    )
+    )  # fmt: skip
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == plain.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
-    assert all(c.usage is None for c in chunks[:-1])
+    assert not chunks[-1].choices and all(c.usage is None for c in chunks[:-1])
+    unasked = list(
+        client.completions.create(
+            model="lstm", prompt=PROMPT, max_tokens=20, temperature=0, stream=True
+        )
+    )
+    assert all(c.choices and c.usage is None for c in unasked)  # chunk.choices[0] is safe
 
 
 def test_seeded_sampling_is_reproducible(client) -> None:
