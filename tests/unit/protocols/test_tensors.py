@@ -57,7 +57,7 @@ def test_typed_contents_and_json() -> None:
         (lambda: from_raw("x", "FP32", [2], b"\x00" * 5), "whole"),
         (lambda: from_raw("x", "FP32", [3], b"\x00" * 8), "needs 3"),
         (lambda: from_raw("x", "NOPE", [1], b""), "unknown datatype"),
-        (lambda: from_json("x", "FP32", [-1], [1.0]), ">= 0"),
+        (lambda: from_json("x", "FP32", [-1], [1.0]), "dimensions must be in [0, 2^63 - 1]"),
         (lambda: from_json("x", "FP32", [1], ["a"]), "numbers"),
         (lambda: from_json("x", "BYTES", [1], [1]), "strings"),
         (lambda: from_json("x", "BOOL", [1], [1]), "true or false"),
