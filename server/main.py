@@ -131,11 +131,12 @@ def build_app(
     root, remote = open_model_repo(settings.model_repo, settings.model_cache)
     repository = Repository(root, load, observe, sync=remote.sync if remote else None)
     repository.scan()
+    previous_keys = [k.strip() for k in settings.state_key_previous.split(",") if k.strip()]
     engine = Engine(
         repository,
         Runtime(settings.executor_threads),
         StreamLimiter(settings.max_streams),
-        StateSigner(settings.state_key, [k for k in settings.state_key_previous.split(",") if k]),
+        StateSigner(settings.state_key, previous_keys),
         settings,
         metrics,
     )

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -30,10 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rnnserve.server.repository import is_version_name
+
 log = logging.getLogger(__name__)
 
 STATE_DIR = ".rnnserve-sync"  # hidden: the repository scan skips folders starting with '.'
+_USERINFO = re.compile(r"(://)[^/@\s]+@")
 LOCAL_SCHEMES = ("", "file")
+
+
+def redact(text: str) -> str:
+    """`text` with the user and password of every URL in it removed (they go in logs)."""
+    return _USERINFO.sub(r"\1", text)
 
 
 class RemoteRepoError(Exception):
@@ -71,16 +80,24 @@ class RemoteRepository:
             import fsspec
         except ImportError as exc:
             raise RemoteRepoError(
-                f"--model-repo {url} needs fsspec: pip install 'rnnserve[remote]'"
+                f"--model-repo {redact(url)} needs fsspec: pip install 'rnnserve[remote]'"
             ) from exc
         try:
             self.fs, self.root = fsspec.core.url_to_fs(url)
         except (ImportError, ValueError) as exc:
-            raise RemoteRepoError(f"--model-repo {url}: {exc}") from exc
+            raise RemoteRepoError(f"--model-repo {redact(url)}: {redact(str(exc))}") from exc
         self.url = url
+        self.shown = redact(url)  # for logs and errors
         self.root = self.root.rstrip("/")
         self.cache = Path(cache) if cache else default_cache_dir(url)
         try:
+            foreign = self.cache.is_dir() and not (self.cache / STATE_DIR).is_dir()
+            if foreign and any(self.cache.iterdir()):
+                raise RemoteRepoError(
+                    f"model cache {self.cache} holds files that are not a mirror of a model "
+                    "repository (a sync removes what the URL does not list): give an empty "
+                    "or a new folder"
+                )
             (self.cache / STATE_DIR).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RemoteRepoError(f"model cache {self.cache}: {exc}") from exc
@@ -137,7 +154,7 @@ class RemoteRepository:
             if model.get("type") != "directory":
                 continue
             for version in self._children(model["path"]):
-                if version.get("type") == "directory" and version["base"].isdigit():
+                if version.get("type") == "directory" and is_version_name(version["base"]):
                     found[(model["base"], version["base"])] = version["path"]
         return found
 
@@ -147,22 +164,32 @@ class RemoteRepository:
         report = SyncReport()
         with self._locked():
             self.fs.invalidate_cache()
-            remote = self.remote_versions()  # a listing failure raises: the cache stays as is
+            try:  # a listing failure raises: the cache stays as it is
+                remote = self.remote_versions()
+            except Exception as exc:
+                raise RemoteRepoError(f"cannot list {self.shown}: {redact(str(exc))}") from exc
+            mirrored = self._cached_versions()
+            if not remote and mirrored:  # an error page answered 200, or a wrong URL
+                raise RemoteRepoError(
+                    f"{self.shown} lists no model versions; the {len(mirrored)} cached ones "
+                    f"are kept (empty {self.cache} to drop them)"
+                )
             for (name, version), path in sorted(remote.items()):
                 tag = f"{name}/{version}"
                 try:
                     if self._sync_version(name, version, path):
                         report.fetched.append(tag)
                 except Exception as exc:
-                    log.error("cannot fetch %s from %s: %s", tag, self.url, exc)
-                    report.failed.append(f"{tag}: {exc}")
-            for name, version in sorted(self._cached_versions() - set(remote)):
+                    why = redact(str(exc))
+                    log.error("cannot fetch %s from %s: %s", tag, self.shown, why)
+                    report.failed.append(f"{tag}: {why}")
+            for name, version in sorted(mirrored - set(remote)):
                 self._remove(name, version)
                 report.removed.append(f"{name}/{version}")
         if report.fetched or report.removed or report.failed:
             log.info(
                 "model repository %s synced into %s",
-                self.url,
+                self.shown,
                 self.cache,
                 extra={"fetched": report.fetched, "removed": report.removed},
             )
@@ -200,12 +227,15 @@ class RemoteRepository:
             shutil.rmtree(retired, ignore_errors=True)
 
     def _cached_versions(self) -> set[tuple[str, str]]:
+        """The versions this mirror fetched (each has its fingerprint): only those may go."""
+        prints = self.cache / STATE_DIR / "fingerprints"
+        if not prints.is_dir():
+            return set()
         return {
-            (model.name, version.name)
-            for model in self.cache.iterdir()
-            if model.is_dir() and not model.name.startswith(".")
-            for version in model.iterdir()
-            if version.is_dir()
+            (model.name, state.stem)
+            for model in prints.iterdir()
+            if model.is_dir()
+            for state in model.glob("*.json")
         }
 
     def _remove(self, name: str, version: str) -> None:

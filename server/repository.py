@@ -67,8 +67,13 @@ Loader = Callable[[Path, Manifest], OnnxModel]
 LoadObserver = Callable[[ModelVersion], None]
 
 
+def is_version_name(name: str) -> bool:
+    """A version folder is a positive integer in ASCII digits ("²".isdigit() is true too)."""
+    return name.isascii() and name.isdigit() and int(name) >= 1
+
+
 def _version_key(version: str) -> tuple[int, str]:
-    return (int(version), version) if version.isdigit() else (-1, version)
+    return (int(version), version) if version.isascii() and version.isdigit() else (-1, version)
 
 
 class Repository:
@@ -114,7 +119,7 @@ class Repository:
             if model_dir.name.startswith("."):
                 continue
             for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
-                if not version_dir.name.isdigit() or int(version_dir.name) < 1:
+                if not is_version_name(version_dir.name):
                     log.warning(
                         "ignoring %s: version directories are positive integers", version_dir
                     )

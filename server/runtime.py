@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from rnnserve.artifact.manifest import Manifest, StateSpec
+from rnnserve.artifact.manifest import Manifest, StateSpec, sha256_file
 from rnnserve.server import decode_head
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,10 @@ def resolve_providers(requested: Sequence[str]) -> list[str]:
     return chosen
 
 
+class ModelChanged(RuntimeError):
+    """A model file differs from the one the server loaded under that version."""
+
+
 class OnnxModel:
     """An inference session plus the manifest's interface: input, output and state tensors."""
 
@@ -66,9 +70,18 @@ class OnnxModel:
         providers: Sequence[str],
         intra_op_threads: int,
         with_head: bool = True,
+        sha256: str | None = None,
     ) -> None:
-        # what opens the same model elsewhere (the decode process): OnnxModel(*model.args)
-        self.args = (Path(path), manifest, list(providers), intra_op_threads, with_head)
+        # The file is read by its path again elsewhere (the decode process opens the same
+        # model: OnnxModel(*model.args)), so its digest goes with it: a file replaced in
+        # place meanwhile (a remote repository's sync) is refused there, not half-served.
+        digest = sha256_file(Path(path))
+        if sha256 is not None and digest != sha256:
+            raise ModelChanged(
+                f"{path} changed since the server loaded this version (sha256 {digest[:12]}... "
+                f"is not {sha256[:12]}...); publish changes as a new version number"
+            )
+        self.args = (Path(path), manifest, list(providers), intra_op_threads, with_head, digest)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1

@@ -22,7 +22,13 @@ from pathlib import Path
 import pytest
 
 from rnnserve.client import RnnClient
-from rnnserve.server.remote_repo import RemoteRepository, is_remote, open_model_repo
+from rnnserve.server.remote_repo import (
+    RemoteRepoError,
+    RemoteRepository,
+    is_remote,
+    open_model_repo,
+    redact,
+)
 from tests.e2e.served import free_port, rnn_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -116,6 +122,36 @@ def test_mirror_fetches_swaps_removes_and_keeps_copies(model_repo: Path, tmp_pat
         shutil.rmtree(v2)
         assert mirror.sync().removed == ["lstm/2"]
         assert not (cache / "lstm/2").exists() and (cache / "lstm/1").is_dir()
+
+
+def test_the_mirror_removes_only_what_it_fetched_and_keeps_the_cache_when_the_url_lists_nothing(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    served = tmp_path / "served"
+    _publish(model_repo / "lstm" / "1", served / "models", "lstm", "1")
+    foreign = tmp_path / "home"
+    (foreign / "projects" / "important").mkdir(parents=True)
+    with http_repo(served) as (url, _):
+        with pytest.raises(RemoteRepoError, match="not a mirror"):  # would delete projects/
+            RemoteRepository(url, foreign)
+        assert (foreign / "projects" / "important").is_dir()
+        cache = tmp_path / "cache"
+        mirror = RemoteRepository(url, cache)
+        assert mirror.sync().fetched == ["lstm/1"]
+        (cache / "mine" / "7").mkdir(parents=True)  # put there by hand: not the mirror's
+        shutil.rmtree(served / "models" / "lstm")  # the URL now lists nothing (an error page)
+        with pytest.raises(RemoteRepoError, match="lists no model versions"):
+            mirror.sync()
+        assert (cache / "lstm" / "1" / "model.onnx").is_file()
+        _publish(model_repo / "lstm" / "1", served / "models", "gru", "1")
+        assert mirror.sync().removed == ["lstm/1"]
+        assert (cache / "mine" / "7").is_dir()
+
+
+def test_credentials_in_the_url_stay_out_of_logs_and_errors() -> None:
+    text = "cannot fetch m/1 from https://alice:s3cret@host/models: https://alice:s3cret@host/x"
+    assert "s3cret" not in redact(text) and "alice" not in redact(text)
+    assert redact(text).endswith("https://host/x")
 
 
 def test_a_half_downloaded_version_is_never_visible(model_repo: Path, tmp_path: Path) -> None:

@@ -138,3 +138,37 @@ def test_a_head_that_cannot_load_leaves_the_model_serving_in_numpy(monkeypatch, 
     assert not model.has_head
     logits, _ = model.run(np.array([[1]]), [])
     assert logits.shape == (1, 1, 3)
+
+
+def test_a_model_file_replaced_since_loading_is_refused_where_it_is_opened_again(
+    tmp_path,
+) -> None:
+    """The decode process opens the model by path (OnnxModel(*model.args)): the digest taken
+    at loading goes with the path, so a file swapped in place meanwhile is refused there."""
+    import numpy as np
+    import pytest
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from rnnserve.artifact.manifest import Manifest
+    from rnnserve.server import runtime
+
+    def write(table: np.ndarray) -> None:
+        graph = helper.make_graph(
+            [helper.make_node("Gather", ["table", "tokens"], ["logits"], axis=0)],
+            "table_lm",
+            [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "time", 3])],
+            [numpy_helper.from_array(table.astype(np.float32), "table")],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        save(model, tmp_path / "m.onnx")
+
+    write(np.eye(3))
+    manifest = Manifest.__new__(Manifest)
+    manifest.task, manifest.output_name, manifest.input_name = "lm", "logits", "tokens"
+    manifest.state, manifest.vocab = [], ["a", "b", "c"]
+    loaded = runtime.OnnxModel(tmp_path / "m.onnx", manifest, ["CPUExecutionProvider"], 1)
+    assert runtime.OnnxModel(*loaded.args).args == loaded.args  # unchanged: opens again
+    write(2 * np.eye(3))  # replaced in place
+    with pytest.raises(runtime.ModelChanged, match="changed since the server loaded"):
+        runtime.OnnxModel(*loaded.args)
