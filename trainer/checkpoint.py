@@ -105,13 +105,24 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
 
 
 def restore(data: dict[str, Any]) -> tuple[torch.nn.Module, Any, Vocab, TokenizerConfig]:
-    """Rebuilds the model (and returns its config) from config + state_dict."""
-    if "count_config" in data:
-        model = _restore_count_model(data)
-        config: Any = model.config
-    else:
-        config = ModelConfig(**data["model_config"])
-        model = build_model(config)
-        model.load_state_dict(data["state_dict"])
-    model.eval()
-    return model, config, Vocab(data["vocab"]), TokenizerConfig.from_dict(data["tokenizer"])
+    """Rebuilds the model (and returns its config) from config + state_dict; a checkpoint
+    that does not fit this code's models (damaged, edited, from another version) is a
+    TrainerError that says so, not a traceback."""
+    try:
+        if "count_config" in data:
+            model = _restore_count_model(data)
+            config: Any = model.config
+        else:
+            config = ModelConfig(**data["model_config"])
+            model = build_model(config)
+            model.load_state_dict(data["state_dict"])
+        model.eval()
+        return model, config, Vocab(data["vocab"]), TokenizerConfig.from_dict(data["tokenizer"])
+    except TrainerError:
+        raise
+    except (TypeError, KeyError, RuntimeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise TrainerError(
+            f"the checkpoint does not match this version's models ({type(exc).__name__}: "
+            f"{first})"
+        ) from exc

@@ -246,6 +246,7 @@ def run_train(args: argparse.Namespace) -> int:
         return int(_optional("rnnserve.trainer.forecast.cli").run_train(args))
     from rnnserve.trainer.models import ModelConfig
     from rnnserve.trainer.pipeline import ALL_ARCHS, train_count_model, train_recurrent
+    from rnnserve.trainer.precision_cli import flags as precision_flags
 
     if args.arch not in ALL_ARCHS:
         raise TrainerError(f"unknown arch {args.arch!r}; choose one of {', '.join(ALL_ARCHS)}")
@@ -280,6 +281,7 @@ def run_train(args: argparse.Namespace) -> int:
                 version=args.version, run_dir=run_dir if main else None,
                 resume=Path(args.resume) if args.resume else None, progress=progress and main,
                 log=print if main else lambda _line: None,
+                publish=(Path(args.out), precision_flags(args)) if fp32_dir else None,
             )  # fmt: skip
         if not main:  # nothing left to write; skip the interpreter's teardown, where gloo's
             distributed.abandon(0)  # worker threads can abort the process (SIGABRT) at exit
@@ -331,6 +333,9 @@ def run_export(args: argparse.Namespace) -> int:
 
     data = load_checkpoint(args.checkpoint)
     model, _config, vocab, tok = restore(data)
+    text_rnn = model.arch in ("rnn", "gru", "lstm") and model.task in ("lm", "infill")
+    if args.precision != "fp32" and not text_rnn:
+        raise TrainerError(f"--precision {args.precision} applies to rnn/gru/lstm text models")
     metrics: dict[str, float] = {}
     if data.get("history"):
         kind = "infill_perplexity" if model.task == "infill" else "perplexity"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,11 @@ def train_recurrent(
     resume: Path | None = None,
     progress: bool = True,
     log=print,
+    publish: tuple[Path, Sequence[str]] | None = None,
 ) -> Path | None:
-    """Trains an RNN/GRU/LSTM (lm, or infill when bidirectional) and exports it to out/."""
+    """Trains an RNN/GRU/LSTM (lm, or infill when bidirectional) and exports it to out/.
+    `publish`: where the model finally goes and with which export flags, when `out` is only
+    a step on the way (train --precision): a failed export's retry names them."""
     train_config.validate()
     resolve_device(train_config.device)
     ckpt = load_checkpoint(resume) if resume is not None else None
@@ -200,7 +204,8 @@ def train_recurrent(
             checkpoint=cp, probe=prep.val_ids, probe_source="the validation split",
         ),
         cp, run_dir / "checkpoint.pt" if run_dir is not None else None,
-        out=Path(out), name=name, version=version,
+        out=publish[0] if publish else Path(out), name=name, version=version,
+        retry_flags=publish[1] if publish else (),
     )  # fmt: skip
 
 

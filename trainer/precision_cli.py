@@ -34,3 +34,14 @@ def options(args: argparse.Namespace) -> dict:
         "per_channel": not args.per_tensor,
         "allow_quality_loss": args.allow_quality_loss,
     }
+
+
+def flags(args: argparse.Namespace) -> list[str]:
+    """The same choices as command-line flags (for a printed retry command)."""
+    if args.precision == "fp32":
+        return []
+    return [
+        "--precision", args.precision,
+        *(["--per-tensor"] if args.per_tensor else []),
+        *(["--allow-quality-loss"] if args.allow_quality_loss else []),
+    ]  # fmt: skip

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shlex
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,11 @@ from rnnserve.trainer.errors import TrainerError
 KEPT_DIR = ".unexported"  # under the model repository; the server skips dot directories
 
 
-def retry_command(checkpoint: Path, out: Path, name: str, version: str) -> str:
+def retry_command(
+    checkpoint: Path, out: Path, name: str, version: str, flags: Sequence[str] = ()
+) -> str:
     args = ["rnn-trainer", "export", "--checkpoint", str(checkpoint), "--out", str(out)]
-    return shlex.join([*args, "--name", name, "--version", version])
+    return shlex.join([*args, "--name", name, "--version", version, *flags])
 
 
 def keep(checkpoint: dict[str, Any], out: Path, name: str, version: str) -> Path:
@@ -43,9 +45,12 @@ def export_or_keep(
     out: Path,
     name: str,
     version: str,
+    retry_flags: Sequence[str] = (),
 ) -> Path:
     """Runs `export()`; on any failure keeps the model (at `saved` when that file exists, else
-    it saves `checkpoint`) and raises a TrainerError naming the checkpoint and the retry."""
+    it saves `checkpoint`) and raises a TrainerError naming the checkpoint and the retry.
+    `out` is where the user asked the model to go (train --precision exports fp32 to a temp
+    dir first: the retry goes to `out`, with `retry_flags` such as --precision int8)."""
     try:
         return export()
     except BaseException as exc:
@@ -62,5 +67,5 @@ def export_or_keep(
             reason = f"export failed: {type(exc).__name__}: {first}"
         raise TrainerError(
             f"{reason}; the trained model is kept in {path}; retry the export with: "
-            f"{retry_command(path, out, name, version)}"
+            f"{retry_command(path, out, name, version, retry_flags)}"
         ) from exc

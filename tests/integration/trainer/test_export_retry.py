@@ -83,3 +83,48 @@ def test_without_a_run_dir_the_model_is_kept_beside_the_repository(
     retry = _retry(str(caught.value), tmp_path)
     assert retry.returncode == 0, retry.stderr
     assert Manifest.load(models / arch / "1").parity["ok"]
+
+
+@pytest.mark.slow
+def test_train_at_int8_prints_a_retry_into_the_repository_at_int8(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """train --precision exports fp32 to a temporary folder first: the retry must name the
+    user's --out and the precision, not that folder."""
+    _crash_the_check(monkeypatch)
+    models, run_dir = tmp_path / "models", tmp_path / "run"
+    args = ["train", "--arch", "lstm", "--out", str(models), "--run-dir", str(run_dir),
+            "--precision", "int8", *TINY]  # fmt: skip
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    command = RETRY.search(err.strip()).group(1)
+    assert f"--out {models}" in command and command.endswith("--precision int8")
+    monkeypatch.undo()
+    retry = _retry(err, tmp_path)
+    assert retry.returncode == 0, retry.stderr
+    assert Manifest.load(models / "lstm" / "1").precision == "int8"
+
+
+@pytest.mark.slow
+def test_export_refuses_a_precision_for_count_models_and_a_foreign_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import torch
+
+    data = DataConfig(max_tokens=3000)
+    path = train_count_model("ngram", data, out=tmp_path / "models", name="ngram", progress=False)
+    args = ["export", "--checkpoint", str(path), "--out", str(tmp_path / "m"), "--name", "n8"]
+    assert cli.main([*args, "--precision", "int8"]) == 2
+    assert "applies to rnn/gru/lstm" in capsys.readouterr().err
+    lstm = train_recurrent(
+        ModelConfig("lstm", 1, 8, 1, 4), TrainConfig(epochs=1, num_steps=8, batch_size=8), data,
+        out=tmp_path / "models", name="lstm", progress=False, log=lambda *_: None,
+    )  # fmt: skip
+    checkpoint = torch.load(Path(lstm) / "checkpoint.pt", weights_only=False)
+    checkpoint["model_config"]["hidden"] = 16  # the weights no longer fit the config
+    torch.save(checkpoint, tmp_path / "edited.pt")
+    args = ["export", "--checkpoint", str(tmp_path / "edited.pt"), "--out", str(tmp_path / "m"),
+            "--name", "x"]  # fmt: skip
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "does not match this version's models" in err and "Traceback" not in err
