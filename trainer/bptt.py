@@ -9,7 +9,9 @@ random:    Tallec & Ollivier (2017), d2l §9.7: before every step the chain to t
            independent, so the expected gradient equals the full one (unbiased), while most
            backward paths stop after a few steps.
 
-The forward values are identical in all three modes; only the backward graph differs.
+The forward values are identical in all three modes (DropConnect, too, draws one mask per
+window: `one_mask_per_window`); only the backward graph differs. Activation dropout draws its
+masks per call, so with it on the modes draw different (equally valid) masks.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.models import one_mask_per_window
 
 BPTT_MODES = ("full", "truncated", "random")
 
@@ -46,23 +49,25 @@ def run_window(
         if k < 1:
             raise TrainerError("--bptt-k must be at least 1")
         outs = []
-        for start in range(0, x.shape[1], k):
-            if start:
-                state = tuple(s.detach() for s in state)
-            out, *rest = model(x[:, start : start + k], *state)
-            state = tuple(rest)
-            outs.append(out)
+        with one_mask_per_window(model):
+            for start in range(0, x.shape[1], k):
+                if start:
+                    state = tuple(s.detach() for s in state)
+                out, *rest = model(x[:, start : start + k], *state)
+                state = tuple(rest)
+                outs.append(out)
         return torch.cat(outs, dim=1), state
     if mode == "random":
         if not 0.0 < p <= 1.0:
             raise TrainerError(f"--bptt-p must be in (0, 1], got {p}")
         outs = []
-        for t in range(x.shape[1]):
-            if t:
-                keep = torch.rand((), generator=gen).item() < p
-                state = tuple(scale_grad(s, 1.0 / p) if keep else s.detach() for s in state)
-            out, *rest = model(x[:, t : t + 1], *state)
-            state = tuple(rest)
-            outs.append(out)
+        with one_mask_per_window(model):
+            for t in range(x.shape[1]):
+                if t:
+                    keep = torch.rand((), generator=gen).item() < p
+                    state = tuple(scale_grad(s, 1.0 / p) if keep else s.detach() for s in state)
+                out, *rest = model(x[:, t : t + 1], *state)
+                state = tuple(rest)
+                outs.append(out)
         return torch.cat(outs, dim=1), state
     raise TrainerError(f"unknown --bptt {mode!r}; choose one of {', '.join(BPTT_MODES)}")

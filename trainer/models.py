@@ -7,6 +7,8 @@ exporter writes both; nn.RNN/GRU/LSTM export as single ONNX ops with a symbolic 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -62,17 +64,39 @@ def run_stack(stack: nn.Module, weight_drop: float, x: torch.Tensor, *state) -> 
 
     Dropout on activations cannot touch the recurrence itself (a mask per step would erase
     the memory), so the AWD-LSTM regularises it by zeroing recurrent *weights*, one mask per
-    forward pass. The masked weights go in through functional_call: the parameters stay the
-    plain ones, so the state_dict and the ONNX export do not change.
+    window. The masked weights go in through functional_call: the parameters stay the
+    plain ones, so the state_dict and the ONNX export do not change. Inside
+    `one_mask_per_window` (truncated and randomized BPTT call the model once per chunk or
+    step) the first call's mask serves every call of the window.
     """
     if not (stack.training and weight_drop > 0.0):
         return stack(x, *state)
-    dropped = {
-        name: nn.functional.dropout(w, weight_drop, training=True)
-        for name, w in stack.named_parameters()
-        if name.startswith("weight_hh")
-    }
+    dropped = getattr(stack, _WINDOW_MASK, None)
+    if dropped is None:
+        dropped = {
+            name: nn.functional.dropout(w, weight_drop, training=True)
+            for name, w in stack.named_parameters()
+            if name.startswith("weight_hh")
+        }
+        if hasattr(stack, _WINDOW_MASK):
+            setattr(stack, _WINDOW_MASK, dropped)
     return functional_call(stack, dropped, (x, *state))
+
+
+_WINDOW_MASK = "_window_weight_drop"
+
+
+@contextlib.contextmanager
+def one_mask_per_window(model: nn.Module) -> Iterator[None]:
+    """DropConnect masks drawn once for all the model's calls inside (one window)."""
+    stacks = [m for m in model.modules() if isinstance(m, tuple(_CELLS.values()))]
+    for stack in stacks:
+        setattr(stack, _WINDOW_MASK, None)
+    try:
+        yield
+    finally:
+        for stack in stacks:
+            delattr(stack, _WINDOW_MASK)
 
 
 class RNNLM(ExportableBase):

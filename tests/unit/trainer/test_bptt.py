@@ -47,6 +47,23 @@ def test_modes_have_the_same_forward_values(mode: str) -> None:
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.parametrize("mode", ["truncated", "random"])
+def test_dropconnect_draws_one_mask_per_window_in_every_mode(mode: str) -> None:
+    """With DropConnect on (training), chunked and per-step runs use the full run's mask:
+    drawn from the same seed they give the same values."""
+    torch.manual_seed(1)
+    config = ModelConfig("gru", vocab_size=7, hidden=5, layers=2, embed=3, weight_drop=0.5)
+    model = RNNLM(config).train()
+    x = torch.randint(0, 7, (2, T))
+    torch.manual_seed(7)
+    want, _ = run_window(model, x, model.initial_state(2), "full")
+    torch.manual_seed(7)
+    got, _ = run_window(model, x, model.initial_state(2), mode, k=2, p=0.3,
+                        gen=torch.Generator().manual_seed(0))  # fmt: skip
+    torch.testing.assert_close(got, want)
+    assert not hasattr(model.rnn, "_window_weight_drop")  # the window's mask is gone after
+
+
 def test_truncation_changes_the_gradient() -> None:
     model, x, y = _setup()
     full = _grad(model, x, y, "full")
