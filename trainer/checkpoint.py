@@ -123,6 +123,5 @@ def restore(data: dict[str, Any]) -> tuple[torch.nn.Module, Any, Vocab, Tokenize
     except (TypeError, KeyError, RuntimeError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise TrainerError(
-            f"the checkpoint does not match this version's models ({type(exc).__name__}: "
-            f"{first})"
+            f"the checkpoint does not match this version's models ({type(exc).__name__}: {first})"
         ) from exc

@@ -2,7 +2,10 @@
 
 p(w | c) = (count(c, w) + alpha) / (count(c) + alpha * V), where c is the last n-1 tokens and
 the text is padded with n-1 `<bos>` ids at the start, so the first token is predicted from a
-context of `<bos>` only.
+context of `<bos>` only. V counts the tokens that can follow: `<pad>`, `<bos>` and `<eos>`
+never do in text (`excluded`: probability 0, no share of the smoothing), so a trained model
+smooths over the text's tokens and `<unk>`, as a textbook Laplace model over the text's
+vocabulary does.
 
 Two implementations of the same numbers:
 - `NgramCounts`: the pure reference (Python dicts), works for any n and V (used for held-out
@@ -32,6 +35,8 @@ from rnnserve.artifact.manifest import StateSpec
 from rnnserve.trainer.errors import TrainerError
 
 BOS_ID = 2
+NOT_TEXT_IDS = (1, 2, 3)  # <pad>, <bos>, <eos> (artifact.vocab.RESERVED order): never text
+NEVER_LOGPROB = -1e4  # log-probability of an excluded token: exp() is exactly 0, yet finite
 # Largest dense table exported: 2**24 float32 entries = 64 MiB of model.onnx.
 MAX_TABLE_ENTRIES = 2**24
 
@@ -43,12 +48,23 @@ class NgramConfig:
     vocab_size: int
     n: int = 3
     alpha: float = 1.0
+    excluded: tuple[int, ...] = ()  # ids that never follow (probability 0, no smoothing mass)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "excluded", tuple(sorted(set(self.excluded))))  # JSON: a list
+
+    @property
+    def outcomes(self) -> int:
+        """V of the formula: the tokens that can follow."""
+        return self.vocab_size - len(self.excluded)
 
     def validate(self) -> None:
         if self.n < 1:
             raise TrainerError(f"n-gram order n must be >= 1, got {self.n}")
         if self.vocab_size < 1:
             raise TrainerError(f"vocabulary size must be >= 1, got {self.vocab_size}")
+        if any(not 0 <= i < self.vocab_size for i in self.excluded) or self.outcomes < 1:
+            raise TrainerError(f"excluded ids {self.excluded} must leave some of the vocabulary")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise TrainerError(
                 f"Laplace alpha must be a positive number, got {self.alpha} "
@@ -66,6 +82,14 @@ def _check_ids(ids: Sequence[int], vocab_size: int) -> None:
         raise TrainerError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
 
 
+def _check_training_ids(ids: Sequence[int], config: NgramConfig) -> None:
+    _check_ids(ids, config.vocab_size)
+    excluded = set(config.excluded)
+    seen = next((i for i in ids if i in excluded), None)
+    if seen is not None:
+        raise TrainerError(f"token id {seen} is excluded as a next token but the text has it")
+
+
 class NgramCounts:
     """Reference n-gram counts in dicts: context tuple -> Counter of next ids."""
 
@@ -77,7 +101,7 @@ class NgramCounts:
     @classmethod
     def fit(cls, ids: Sequence[int], config: NgramConfig) -> NgramCounts:
         model = cls(config)
-        _check_ids(ids, config.vocab_size)
+        _check_training_ids(ids, config)
         k = config.n - 1
         padded = [BOS_ID] * k + list(ids)
         for i, w in enumerate(ids):
@@ -86,7 +110,9 @@ class NgramCounts:
 
     def prob(self, context: Sequence[int], w: int) -> float:
         """p(w | last n-1 ids of `context`), `context` already padded to length >= n-1."""
-        k, v, a = self.config.n - 1, self.config.vocab_size, self.config.alpha
+        k, v, a = self.config.n - 1, self.config.outcomes, self.config.alpha
+        if w in self.config.excluded:
+            return 0.0
         ctx = tuple(context[len(context) - k :]) if k else ()
         row = self.counts.get(ctx)
         total = sum(row.values()) if row else 0
@@ -97,7 +123,8 @@ class NgramCounts:
         _check_ids(ids, self.config.vocab_size)
         k = self.config.n - 1
         padded = [BOS_ID] * k + list(ids)
-        return [math.log(self.prob(padded[i : i + k], w)) for i, w in enumerate(ids)]
+        probs = [self.prob(padded[i : i + k], w) for i, w in enumerate(ids)]
+        return [math.log(p) if p > 0 else -math.inf for p in probs]
 
     def perplexity(self, ids: Sequence[int]) -> float:
         """exp(mean negative log-likelihood) over every id, starting from a `<bos>` context."""
@@ -116,7 +143,7 @@ def dense_log_probs(ids: Sequence[int], config: NgramConfig) -> np.ndarray:
             f"exceeds the dense export limit of {MAX_TABLE_ENTRIES:,} (2**24); "
             "use a smaller n or a smaller vocabulary (e.g. char level or --min-freq)"
         )
-    _check_ids(ids, config.vocab_size)
+    _check_training_ids(ids, config)
     v, k = config.vocab_size, config.n - 1
     padded = np.concatenate([np.full(k, BOS_ID, dtype=np.int64), np.asarray(ids, dtype=np.int64)])
     num = len(ids)
@@ -124,8 +151,10 @@ def dense_log_probs(ids: Sequence[int], config: NgramConfig) -> np.ndarray:
     for j in range(k + 1):
         index = index * v + padded[j : j + num]
     counts = np.bincount(index, minlength=v**config.n).reshape(v**k, v).astype(np.float64)
-    probs = (counts + config.alpha) / (counts.sum(axis=1, keepdims=True) + config.alpha * v)
-    return np.log(probs).astype(np.float32)
+    denominator = counts.sum(axis=1, keepdims=True) + config.alpha * config.outcomes
+    log_probs = np.log((counts + config.alpha) / denominator)
+    log_probs[:, list(config.excluded)] = NEVER_LOGPROB
+    return log_probs.astype(np.float32)
 
 
 class NgramLM(nn.Module):
@@ -205,9 +234,15 @@ class NgramLM(nn.Module):
         return row
 
 
-def train_ngram(ids: list[int], vocab_size: int, n: int = 3, alpha: float = 1.0) -> NgramLM:
+def train_ngram(
+    ids: list[int],
+    vocab_size: int,
+    n: int = 3,
+    alpha: float = 1.0,
+    excluded: tuple[int, ...] = NOT_TEXT_IDS,
+) -> NgramLM:
     """Counts n-grams of `ids` and returns the exportable model (refuses oversized tables)."""
-    config = NgramConfig(vocab_size=vocab_size, n=n, alpha=alpha)
+    config = NgramConfig(vocab_size=vocab_size, n=n, alpha=alpha, excluded=excluded)
     if not ids:
         raise TrainerError("cannot train an n-gram model on an empty corpus")
     return NgramLM(config, dense_log_probs(ids, config))

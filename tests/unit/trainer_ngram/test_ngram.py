@@ -16,6 +16,8 @@ from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.ngram import (
     BOS_ID,
     MAX_TABLE_ENTRIES,
+    NEVER_LOGPROB,
+    NOT_TEXT_IDS,
     NgramConfig,
     NgramCounts,
     dense_log_probs,
@@ -72,11 +74,27 @@ def test_laplace_formula_by_hand() -> None:
     assert ref.prob([BOS_ID], 4) == pytest.approx((1 + 1) / (1 + 6))
 
 
+def test_tokens_that_never_follow_take_no_smoothing_mass() -> None:
+    """<pad>, <bos> and <eos> never follow in text: probability 0, and V of the formula counts
+    only the tokens that can (here <unk> 0 and ids 4, 5: V = 3)."""
+    config = NgramConfig(vocab_size=6, n=2, alpha=1.0, excluded=NOT_TEXT_IDS)
+    ref = NgramCounts.fit([4, 5, 4, 4], config)
+    assert ref.prob([4], 5) == pytest.approx((1 + 1) / (2 + 3))
+    assert ref.prob([4], 0) == pytest.approx((0 + 1) / (2 + 3))
+    assert ref.prob([4], BOS_ID) == 0.0
+    table = np.exp(dense_log_probs([4, 5, 4, 4], config).astype(np.float64))
+    np.testing.assert_allclose(table.sum(axis=1), 1.0, rtol=1e-6)
+    assert (table[:, list(NOT_TEXT_IDS)] == 0).all()
+    assert table[4, 5] == pytest.approx(ref.prob([4], 5), rel=1e-6)
+    with pytest.raises(TrainerError, match="excluded"):
+        NgramCounts.fit([4, BOS_ID, 5], config)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_forward_gives_reference_log_probs_and_carries_context(n: int) -> None:
     train = random_ids(400, seed=10 + n)
     model = train_ngram(train, V, n=n, alpha=0.5).eval()
-    ref = NgramCounts.fit(train, NgramConfig(vocab_size=V, n=n, alpha=0.5))
+    ref = NgramCounts.fit(train, NgramConfig(V, n, 0.5, excluded=NOT_TEXT_IDS))
     seq = random_ids(12, seed=99)
     tokens = torch.tensor([seq])  # [1, time]
     (context,) = model.initial_state(1)
@@ -86,7 +104,7 @@ def test_forward_gives_reference_log_probs_and_carries_context(n: int) -> None:
     padded = [BOS_ID] * (n - 1) + seq
     for t in range(len(seq)):  # logits[t] predicts the token after seq[t]
         window = padded[: n + t]  # <bos> padding and seq[..t]
-        want = [math.log(ref.prob(window, w)) for w in range(V)]
+        want = [math.log(p) if (p := ref.prob(window, w)) else NEVER_LOGPROB for w in range(V)]
         np.testing.assert_allclose(logits[0, t].numpy(), want, rtol=1e-5, atol=1e-5)
     # two calls with the state carried equal one call
     first, mid = model(tokens[:, :5], context)
@@ -115,14 +133,15 @@ def test_perplexity_graph_equals_reference_and_orders_sensibly() -> None:
     train, held = pattern[:1500], pattern[1500:]
     for n in (1, 2, 3):
         model = train_ngram(train, V, n=n, alpha=0.1)
-        ref = NgramCounts.fit(train, NgramConfig(V, n, 0.1))
+        ref = NgramCounts.fit(train, NgramConfig(V, n, 0.1, excluded=NOT_TEXT_IDS))
         assert model.perplexity(held) == pytest.approx(ref.perplexity(held), rel=1e-5)
     ppl = [train_ngram(train, V, n=n, alpha=0.1).perplexity(held) for n in (1, 2, 3)]
     assert ppl[0] > ppl[1] > ppl[2]  # more context, better on this pattern
     assert ppl[2] < 1.5  # the trigram model almost knows the pattern
-    # a huge alpha washes out the counts: perplexity tends to the uniform baseline V
+    # a huge alpha washes out the counts: perplexity tends to the uniform baseline over the
+    # tokens that can follow (V less <pad>, <bos> and <eos>)
     flat = train_ngram(text, V, n=2, alpha=1e9)
-    assert flat.perplexity(text[:300]) == pytest.approx(V, rel=1e-3)
+    assert flat.perplexity(text[:300]) == pytest.approx(V - len(NOT_TEXT_IDS), rel=1e-3)
 
 
 def test_refuses_table_over_the_limit() -> None:

@@ -14,7 +14,14 @@ from rnnserve.artifact.manifest import Manifest
 from rnnserve.artifact.tokenizer import TokenizerConfig
 from rnnserve.artifact.vocab import RESERVED, Vocab
 from rnnserve.trainer.export import export_model
-from rnnserve.trainer.ngram import BOS_ID, NgramConfig, NgramCounts, train_ngram
+from rnnserve.trainer.ngram import (
+    BOS_ID,
+    NEVER_LOGPROB,
+    NOT_TEXT_IDS,
+    NgramConfig,
+    NgramCounts,
+    train_ngram,
+)
 
 VOCAB = Vocab([*RESERVED, "a", "b", "c", "d"])
 TRAIN = [4, 5, 6, 4, 7, 5, 6, 6, 4, 5, 7, 7, 4, 5, 6] * 10
@@ -38,10 +45,11 @@ def test_export_model_passes_parity_and_matches_reference(n: int, tmp_path: Path
     logits, ctx_out = session.run(
         ["logits", spec.output], {"tokens": np.array([seq], dtype=np.int64), "context": context}
     )
-    ref = NgramCounts.fit(TRAIN, NgramConfig(len(VOCAB), n, 0.5))
+    ref = NgramCounts.fit(TRAIN, NgramConfig(len(VOCAB), n, 0.5, excluded=NOT_TEXT_IDS))
     padded = [BOS_ID] * (n - 1) + seq
     for t in range(len(seq)):
-        want = [math.log(ref.prob(padded[: n + t], w)) for w in range(len(VOCAB))]
+        probs = [ref.prob(padded[: n + t], w) for w in range(len(VOCAB))]
+        want = [math.log(p) if p else NEVER_LOGPROB for p in probs]
         np.testing.assert_allclose(logits[0, t], want, rtol=1e-5, atol=1e-5)
     if n > 1:
         assert ctx_out.tolist() == [seq[-(n - 1) :]]
