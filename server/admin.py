@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
 
 from rnnserve.server.engine import Engine
 from rnnserve.server.health import ModelHealth
+from rnnserve.server.settings import WORKERS_PARENT_ENV
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
@@ -22,6 +26,10 @@ class AdminService(pb_grpc.AdminServicer):
     async def ReloadModels(self, request, context):
         async with self._lock:
             report = await reload(self.engine, self.health)
+        parent = os.environ.get(WORKERS_PARENT_ENV)
+        if parent and context is not None:  # a call, not SIGHUP: the other workers rescan too
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(parent), signal.SIGHUP)  # the parent sends it to every worker
         return pb.ReloadModelsResponse(
             loaded=report.loaded, unloaded=report.unloaded, failed=report.failed
         )
@@ -41,6 +49,8 @@ async def reload(engine: Engine, health: ModelHealth):
         name, version = tag.rsplit("/", 1)
         repository.remove(name, version)  # first, so a new call cannot reach it (NOT_FOUND)
         retired.append(engine.pop_decoder(name, version))
+    for tag in report.unloaded:
+        engine.metrics.forget_version(*tag.rsplit("/", 1))
     await health.refresh()
     for decoder in retired:  # the streams already running finish on their own loop
         if decoder is not None:

@@ -10,6 +10,7 @@ registry at /metrics with /healthz and /readyz next to it.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import platform
 import threading
@@ -220,6 +221,15 @@ class Metrics:
         """Writes the values that are read from live objects (--workers: call every second)."""
         for sampler in self._samplers:
             sampler()
+
+    def forget_version(self, name: str, version: str) -> None:
+        """An unloaded version leaves rnnserve_model_serving: its series goes (one process),
+        or reads 0 (--workers: a worker's values live on in its file until it exits)."""
+        if _multiprocess():
+            self.model_serving.labels(model=name, version=version).set(0)
+        else:
+            with contextlib.suppress(KeyError):
+                self.model_serving.remove(name, version)
 
     def serve_http(
         self, port: int, ready: Callable[[], bool], addr: str = "0.0.0.0"

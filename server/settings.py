@@ -7,6 +7,7 @@ wins over the environment, which wins over the default.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 from rnnserve import add_version_flag
 
 ENV_PREFIX = "RNNSERVE_"
+# set by --workers in each worker's environment: the parent's pid (no flag reads it)
+WORKERS_PARENT_ENV = "_RNNSERVE_WORKERS_PARENT"
 
 
 @dataclass
@@ -258,12 +261,12 @@ def validate(settings: Settings) -> str | None:
         return "--stream-interval-us must be 0 or more"
     if settings.intra_op_threads < 0:
         return "--intra-op-threads must be 0 or more"
-    if settings.poll_interval < 0:
-        return "--poll-interval must be 0 or more"
-    if settings.grace < 0:
-        return "--grace must be 0 or more"
-    if settings.drain_delay < 0:
-        return "--drain-delay must be 0 or more"
+    if settings.max_message_bytes > 2**31 - 1:  # gRPC's channel options are C ints
+        return "--max-message-bytes must be at most 2147483647"
+    for name in ("poll_interval", "grace", "drain_delay"):  # inf would wait forever
+        value = getattr(settings, name)
+        if not (math.isfinite(value) and value >= 0):
+            return f"--{name.replace('_', '-')} must be a finite number of seconds, 0 or more"
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         return "--log-level must be DEBUG, INFO, WARNING or ERROR"
     return None

@@ -27,7 +27,7 @@ import time
 from prometheus_client import CollectorRegistry, multiprocess
 
 from rnnserve.server.metrics import ProcessesCollector, merged_gauge, serve_http
-from rnnserve.server.settings import Settings
+from rnnserve.server.settings import WORKERS_PARENT_ENV, Settings
 
 log = logging.getLogger("rnnserve.server.workers")
 POLL_S = 0.2
@@ -44,7 +44,8 @@ def run_workers(settings: Settings, argv: list[str]) -> int:
     """Runs settings.workers worker processes until a signal; returns the exit status."""
     port = settings.port or _free_port(settings.host)
     prom_dir = tempfile.mkdtemp(prefix="rnnserve-metrics-")
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": prom_dir}
+    # a worker's Admin.ReloadModels asks this process (WORKERS_PARENT_ENV) to SIGHUP them all
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": prom_dir, WORKERS_PARENT_ENV: str(os.getpid())}
     if not settings.state_key:  # one key for all: a resume token must verify on any worker
         env["RNNSERVE_STATE_KEY"] = secrets.token_hex(32)  # env, not argv: not shown by ps
     # later flags win in argparse: the workers get the shared port and no /metrics of their own
@@ -94,7 +95,7 @@ def run_workers(settings: Settings, argv: list[str]) -> int:
                 multiprocess.mark_process_dead(dead[0].pid, prom_dir)  # its gauges go too
                 break
             time.sleep(POLL_S)
-        return _stop_all(procs, settings.grace) or status
+        return _stop_all(procs, settings) or status
     finally:
         for p in procs:
             if p.poll() is None:
@@ -114,12 +115,13 @@ def _forward(procs: list[subprocess.Popen], signum: int) -> None:
             p.send_signal(signum)
 
 
-def _stop_all(procs: list[subprocess.Popen], grace: float) -> int:
-    """SIGTERM every live worker, wait grace + 10 s, kill stragglers; 0 if all exited 0."""
+def _stop_all(procs: list[subprocess.Popen], settings: Settings) -> int:
+    """SIGTERM every live worker, wait what each takes to drain (--drain-delay, then up to
+    --grace) + 10 s, kill stragglers; 0 if all exited 0."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace + 10
+    deadline = time.monotonic() + settings.drain_delay + settings.grace + 10
     status = 0
     for p in procs:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -82,7 +83,9 @@ def _generate_count(text: str) -> float:
 def test_two_workers_share_port_and_metrics(model_repo: Path, tmp_path: Path) -> None:
     port, metrics_port = _free_port(), _free_port()
     log = tmp_path / "server.log"
-    cmd = [str(BIN / "rnn-server"), "--model-repo", str(model_repo), "--host", "127.0.0.1",
+    repo = tmp_path / "models"
+    shutil.copytree(model_repo, repo)
+    cmd = [str(BIN / "rnn-server"), "--model-repo", str(repo), "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", str(metrics_port), "--grace", "2",
            "--executor-threads", "1"]  # fmt: skip
     env = {**os.environ, "RNNSERVE_WORKERS": "2"}  # the env var form of --workers
@@ -133,6 +136,17 @@ def test_two_workers_share_port_and_metrics(model_repo: Path, tmp_path: Path) ->
         rss = _values(after, "process_resident_memory_bytes")
         assert len({labels for labels, _ in rss}) == 3, "the parent and each worker, by pid"
         assert _values(after, "rnnserve_build_info")[0][1] == 1
+        # Admin.ReloadModels reaches one worker; that worker has the parent rescan them all
+        shutil.copytree(repo / "lstm" / "1", repo / "lstm" / "2")
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=OWN_CONNECTION) as ch:
+            reply = pb_grpc.AdminStub(ch).ReloadModels(pb.ReloadModelsRequest(), timeout=30)
+        assert list(reply.loaded) == ["lstm/2"]
+        seen, settle = [], time.monotonic() + 30
+        while seen[-CALLS:] != ["2"] * CALLS and time.monotonic() < settle:
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=OWN_CONNECTION) as ch:
+                info = pb_grpc.InferenceStub(ch).GetModel(pb.GetModelRequest(model="lstm"))
+            seen.append(info.default_version)
+        assert seen[-CALLS:] == ["2"] * CALLS, "every worker serves the new version"
         stop_gracefully(proc, timeout=40)
     finally:
         reap(proc)

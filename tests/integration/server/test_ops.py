@@ -121,10 +121,14 @@ def test_reload_loads_new_and_unloads_removed_versions(model_repo: Path, tmp_pat
         report = srv.admin.ReloadModels(pb.ReloadModelsRequest())
         assert list(report.loaded) == ["gru/2"]
         assert srv.stub.GetModel(pb.GetModelRequest(model="gru")).default_version == "2"
+        reg = srv.app.metrics.registry
+        labels = {"model": "gru", "version": "2"}
+        assert reg.get_sample_value("rnnserve_model_serving", labels) == 1
         shutil.rmtree(repo / "gru" / "2")
         report = srv.admin.ReloadModels(pb.ReloadModelsRequest())
         assert list(report.unloaded) == ["gru/2"]
         assert srv.stub.GetModel(pb.GetModelRequest(model="gru")).default_version == "1"
+        assert reg.get_sample_value("rnnserve_model_serving", labels) is None  # series gone
     finally:
         srv.stop()
 
@@ -146,6 +150,11 @@ def test_a_removed_version_takes_no_new_stream_while_its_old_ones_drain(
         srv.call(old.admit)  # stands in for a long stream in flight: the drain waits for it
         shutil.rmtree(repo / "gru" / "2")
         pending = srv.admin.ReloadModels.future(pb.ReloadModelsRequest(), timeout=30)
+        listed, end = {"2"}, time.monotonic() + 30  # the rescan runs first, then the removal
+        while "2" in listed and time.monotonic() < end:
+            info = srv.stub.GetModel(pb.GetModelRequest(model="gru"))
+            listed = {v.version for v in info.versions}
+        assert "2" not in listed
         with pytest.raises(grpc.RpcError) as err:  # while version 2 drains
             list(srv.stub.Generate(request))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND

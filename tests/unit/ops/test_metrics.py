@@ -98,3 +98,36 @@ def test_two_workers_merge_into_true_sums(tmp_path: Path) -> None:
     assert got("rnnserve_generated_tokens_total", {"model": "lstm"}) == 20
     build = {"version": "v", "onnxruntime": "o", "python": platform.python_version()}
     assert got("rnnserve_build_info", build) == 1
+
+
+def test_the_parent_waits_for_the_workers_drain_delay_and_grace() -> None:
+    """SIGTERM to --workers: each worker drains for --drain-delay, then --grace; the parent
+    must wait that long (and a margin) before it kills one."""
+    import signal
+    import subprocess
+
+    from rnnserve.server import workers
+
+    class Worker:
+        def __init__(self) -> None:
+            self.waited: list[float] = []
+
+        def poll(self):
+            return None
+
+        def send_signal(self, signum: int) -> None:
+            assert signum == signal.SIGTERM
+
+        def wait(self, timeout: float | None = None) -> int:
+            self.waited.append(timeout)
+            if timeout is not None and timeout < 12 + 2:  # drain delay 12 s, grace 2 s
+                raise subprocess.TimeoutExpired("worker", timeout)
+            return 0
+
+        def kill(self) -> None:
+            raise AssertionError("killed before its drain delay and grace ran out")
+
+    from rnnserve.server.settings import Settings
+
+    procs = [Worker(), Worker()]
+    assert workers._stop_all(procs, Settings(drain_delay=12.0, grace=2.0)) == 0

@@ -24,7 +24,12 @@ def test_help_documents_every_flag_with_its_env_var() -> None:
     assert "RNNSERVE_MAX_PROMPT_TOKENS" in text
 
 
-@pytest.mark.parametrize("argv", [["--max-batch", "0"], ["--port", "x"], ["--log-level", "loud"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--max-batch", "0"], ["--port", "x"], ["--log-level", "loud"],
+     ["--max-message-bytes", "3000000000"], ["--drain-delay", "inf"], ["--grace", "nan"],
+     ["--poll-interval", "-1"]],
+)  # fmt: skip
 def test_bad_settings_exit_with_usage_error(argv, capsys) -> None:
     with pytest.raises(SystemExit) as err:
         settings_from_args(argv)
