@@ -1,5 +1,6 @@
 """Traffic benchmark: Generate streams that come and go, measured from outside a real
-`rnn-server`, beside what bare ONNX Runtime does with the same model, threads and workload.
+`rnn-server`, beside what bare ONNX Runtime does with the same model and workload on one
+thread (the server's decode and prefill threads use one ORT thread each: two in all).
 
 Sections (issue 14): closed-loop churn (C clients, streams back to back; fixed and mixed
 lengths), open-loop Poisson arrivals swept past saturation (goodput), the bare-ORT ceiling
