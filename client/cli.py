@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-every",
         type=int,
         default=None,
-        help="tokens between checkpoints a failed-over stream continues from (default 16)",
+        help="tokens between checkpoints a failed-over stream continues from (default 64)",
     )
     g.add_argument(
         "--no-failover",

@@ -192,6 +192,7 @@ def _version_info(v: pb.VersionInfo) -> VersionInfo:
         hyperparameters=dict(v.hyperparameters),
         metrics=dict(v.metrics),
         state=tuple(StateTensor(s.name, tuple(s.shape), s.dtype) for s in v.state),
+        precision=v.precision,
     )
 
 

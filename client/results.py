@@ -81,6 +81,7 @@ class VersionInfo:
     hyperparameters: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     state: tuple[StateTensor, ...] = ()
+    precision: str = ""  # fp32, int8 or fp16
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,9 @@ def validate(history: list[float], horizon: int, tau: int, settings: Settings) -
         raise BadRequest("horizon", f"must be in [1, {settings.max_horizon}], got {horizon}")
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _forecast_sync(model: OnnxModel, z: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
     """Worker thread: z [time] normalised -> (one-step predictions [time], forecast [horizon])."""
     x = z.astype(np.float32).reshape(1, -1, 1)  # [1, time, 1]
@@ -154,7 +157,14 @@ async def forecast(
     series = Series.from_manifest(entry.manifest.series)
     validate(history, horizon, series.tau, settings)
     levels = np.asarray(history, dtype=np.float64)
-    z = series.represent(levels)
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = series.represent(levels)
+        outside = np.flatnonzero(~np.isfinite(z) | (np.abs(z) > FLOAT32_MAX))
+    if outside.size:  # finite in float64, yet no float32 graph can take it (1e308)
+        i = int(outside[0])
+        raise BadRequest(
+            f"history[{i}]", f"{history[i]} is too far from the series the model learned"
+        )
     fitted, out = await runtime.call(_forecast_sync, entry.model, z, horizon)
     last = np.array([len(levels) - 1])
     forecast_levels = series.levels(levels, last, out[None, :])[0]

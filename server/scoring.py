@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rnnserve.artifact.vocab import UNK
 from rnnserve.server.errors import BadRequest
 from rnnserve.server.runtime import OnnxModel, Runtime, log_softmax
 from rnnserve.server.text import Encoded, TextCodec
@@ -83,6 +84,7 @@ async def score(
     model: OnnxModel, runtime: Runtime, codec: TextCodec, encoded: list[Encoded]
 ) -> list[ScoreResult]:
     results: list[ScoreResult | None] = [None] * len(encoded)
+    unk = codec.vocab.token_to_idx[UNK]
     for group in _chunks(encoded, len(codec)):
         rows = [encoded[i].ids for i in group]
         logprobs = await runtime.call(_score_sync, model, rows, codec.vocab.pad)
@@ -94,7 +96,7 @@ async def score(
                 log_likelihood=ll,
                 num_tokens=n,
                 token_logprobs=lp.tolist(),
-                unknown_tokens=encoded[i].unknown,
+                unknown_tokens=sum(1 for t in encoded[i].ids[1:] if t == unk),  # scored
                 tokens=encoded[i].tokens[1:],
             )
     return [r for r in results if r is not None]

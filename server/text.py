@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from rnnserve.artifact.manifest import Manifest
 from rnnserve.artifact.tokenizer import Tokenizer
-from rnnserve.artifact.vocab import Vocab
+from rnnserve.artifact.vocab import RESERVED, Vocab
 from rnnserve.server.errors import BadRequest
 
 
@@ -20,13 +20,17 @@ class Encoded:
 
 
 class TextCodec:
-    """The manifest's tokenizer and vocabulary; `piece(id)` is the streamed text of one token."""
+    """The manifest's tokenizer and vocabulary; `piece(id)` is the streamed text of one token.
+
+    A reserved token (`<unk>`, `<pad>`, `<bos>`, `<eos>`) a model happens to generate streams
+    as no text, as `skip_special_tokens` does in TGI and vLLM: its id still comes in
+    `token_ids`, but "<pad>" never lands in the user's text."""
 
     def __init__(self, manifest: Manifest) -> None:
         self.tokenizer = Tokenizer(manifest.tokenizer)
         self.vocab: Vocab = manifest.build_vocab()
         sep = self.tokenizer.separator
-        self._pieces = [sep + t for t in self.vocab.idx_to_token]
+        self._pieces = ["" if t in RESERVED else sep + t for t in self.vocab.idx_to_token]
 
     def encode(self, text: str, field: str, max_tokens: int) -> Encoded:
         """Tokenizes; BadRequest(field) when the text has more than max_tokens tokens."""

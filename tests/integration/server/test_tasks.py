@@ -75,6 +75,13 @@ def test_infill_ranks_candidates(stub, name: str) -> None:
     assert all(c.token_id >= 4 for c in res.candidates)  # reserved tokens are never candidates
 
 
+def test_a_history_no_float32_graph_can_take_is_invalid_not_nan(stub) -> None:
+    with pytest.raises(grpc.RpcError) as err:  # finite in float64, inf in float32
+        stub.Forecast(pb.ForecastRequest(model="sine-gru", history=[1e308] * 20, horizon=3))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "history[" in err.value.details()
+
+
 @pytest.mark.parametrize("name", ["sine-mlp", "sine-gru"])
 def test_forecast_every_forecast_model(stub, model_repo: Path, name: str) -> None:
     tau = int(Manifest.load(model_repo / name / "1").series["tau"])

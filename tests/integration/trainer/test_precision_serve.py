@@ -75,6 +75,11 @@ def test_list_and_get_model_say_the_precision_of_each_version(server, repo) -> N
         assert versions["2"].status == "SERVING"
     info = server.stub.GetModel(pb.GetModelRequest(model="lstm", version="2"))
     assert [v.precision for v in info.versions] == ["int8"]
+    from rnnserve.client import RnnClient  # the Python client passes it on too
+
+    with RnnClient(f"localhost:{server.app.port}") as client:
+        got = {v.version: v.precision for v in client.get_model("lstm").versions}
+    assert got == {"1": "fp32", "2": "int8"}
 
 
 @pytest.mark.parametrize("name", LM)

@@ -33,8 +33,44 @@ def test_char_level_pieces_are_the_characters() -> None:
     assert codec.piece(4) == "a"
 
 
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_reserved_tokens_stream_as_no_text(level: str) -> None:
+    """A generated <unk>/<pad>/<bos>/<eos> never puts "<pad>" into the user's text."""
+    codec = TextCodec(_manifest(level, ["a"]))
+    assert [codec.piece(i) for i in range(len(RESERVED))] == [""] * len(RESERVED)
+    assert codec.piece(len(RESERVED)).strip() == "a"
+
+
 def test_too_many_tokens_names_the_field() -> None:
     codec = TextCodec(_manifest("char", list("ab")))
     with pytest.raises(BadRequest) as err:
         codec.encode("ababab", "texts[2]", 5)
     assert err.value.field == "texts[2]"
+
+
+def test_score_counts_only_the_unknown_tokens_it_scores() -> None:
+    """The first token conditions the rest and is not scored: an unknown first character is
+    not in unknown_tokens (it was, while `tokens` and `token_logprobs` left it out)."""
+    import asyncio
+
+    import numpy as np
+
+    from rnnserve.server.scoring import encode_texts, score
+
+    codec = TextCodec(_manifest("char", list("ab ")))
+
+    class Uniform:
+        def run(self, x, state):
+            return np.zeros((*x.shape, len(codec)), np.float32), state
+
+        def initial_state(self, batch):
+            return []
+
+    class Inline:
+        async def call(self, fn, *args):
+            return fn(*args)
+
+    encoded = encode_texts(codec, ["日ab", "a日b"], max_texts=4, max_tokens=16)
+    first, middle = asyncio.run(score(Uniform(), Inline(), codec, encoded))
+    assert first.unknown_tokens == 0 and first.tokens == ["a", "b"]
+    assert middle.unknown_tokens == 1 and middle.tokens == ["日", "b"]
