@@ -36,6 +36,12 @@ def test_traffic_quick_run_writes_every_section(model_repo: Path, tmp_path: Path
     ceiling = res["ceiling"]
     assert 0 < ceiling["single"]["step_p50_s"] < ceiling["single"]["prefill_p50_s"] < 0.1
     assert [r["batch"] for r in ceiling["static"]] == [1, 4]
+    steps = {r["batch"]: r for r in ceiling["steps_only"]}  # the two-thread bound
+    assert all(steps[b]["tokens_per_s"] > 0 for b in (1, 4))
+    two = {r["clients"]: r["vs_two_thread"] for r in res["closed_loop"]["fixed"]}
+    assert two[4] == pytest.approx(
+        res["closed_loop"]["fixed"][1]["tokens_per_s"] / steps[4]["tokens_per_s"]
+    )
     assert all(r["tokens_per_s"] > 0 for w in ceiling["churn"].values() for r in w)
     in_step = ceiling["prompt_in_step"]
     assert [r["slots"] for r in in_step["fixed"]] == [4]
@@ -66,7 +72,7 @@ def test_traffic_quick_run_writes_every_section(model_repo: Path, tmp_path: Path
     assert 0 < engine["ttft_p50_s"] < 1 and engine["ttft_p50_vs_bare_prefill"] > 0
     assert 0 < res["transport_floor_s"] < 1 and "engine alone" in done.stdout
     names = [t["name"] for t in res["targets"]]
-    assert len(names) == 7 and any("Score" in n for n in names)
+    assert len(names) == 8 and any("Score" in n for n in names)
     measured = {t["name"]: t for t in res["targets"] if t["met"] is not None}
     assert len(measured) == 3  # C=1 TTFT and TPOT, Score; the C>=32 ones need those levels
     assert all(math.isfinite(t["ratio"]) for t in measured.values())
