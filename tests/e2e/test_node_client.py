@@ -8,7 +8,6 @@ Skipped, with the reason, only where node or npm is not installed.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_client_cli import CALL_TIMEOUT_S, ServerProcess, running_server
+from tests.tools import need
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -25,9 +25,8 @@ NPM_TIMEOUT_S = 300.0
 
 @pytest.fixture(scope="module")
 def node() -> str:
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if not node or not npm:
-        pytest.skip("node/npm not installed: the Node.js client example cannot run here")
+    why = "the Node.js client example cannot run here"
+    node, npm = need("node", why), need("npm", why)
     if not (EXAMPLE / "node_modules" / "@grpc" / "grpc-js").is_dir():
         done = subprocess.run(
             [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],

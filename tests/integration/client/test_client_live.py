@@ -42,10 +42,9 @@ def test_models_are_listed_and_described(client: RnnClient) -> None:
 def test_generate_streams_and_resumes_exactly(client: RnnClient) -> None:
     whole = client.generate("lstm", "the time", max_tokens=8)
     events = list(whole)
-    assert events and events[-1].finish_reason in ("length", "eos", "stop")
+    # the zoo's corpus has no <eos> and the call no stop strings: it runs to max_tokens
+    assert events and events[-1].finish_reason == "length" == whole.finish_reason
     assert whole.text == "".join(e.text for e in events)
-    if whole.finish_reason != "length":
-        pytest.skip(f"the tiny model stopped early ({whole.finish_reason})")
     first = client.generate("lstm", "the time", max_tokens=4, return_state=True)
     list(first)
     assert first.state

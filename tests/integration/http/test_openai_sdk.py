@@ -63,16 +63,17 @@ def test_stream_gives_the_same_text_and_usage_last_when_asked(client) -> None:
 
 
 def test_seeded_sampling_is_reproducible(client) -> None:
-    def run() -> str:
+    def run(seed: int) -> str:
         return (
             client.completions.create(
-                model="lstm", prompt=PROMPT, max_tokens=24, temperature=0.9, top_p=0.9, seed=7
+                model="lstm", prompt=PROMPT, max_tokens=24, temperature=0.9, top_p=0.9, seed=seed
             )
             .choices[0]
             .text
         )
 
-    assert run() == run()
+    assert run(7) == run(7)
+    assert run(8) != run(7)  # the seed, temperature and top_p reach the sampler
 
 
 def test_prompt_list_gives_one_choice_each(client) -> None:

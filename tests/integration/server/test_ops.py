@@ -196,17 +196,30 @@ def test_a_broken_version_fixed_in_place_loads_on_the_next_reload(
 
 
 def test_shutdown_turns_health_off_and_refuses_new_calls(model_repo: Path) -> None:
+    """App.shutdown itself (what SIGTERM runs): while a stream in flight drains, health says
+    NOT_SERVING and a new call is refused with UNAVAILABLE; the stream runs to its end."""
     srv = ServerThread(make_settings(model_repo, grace=5.0)).start()
-    channel = srv.channel
-    health = health_pb2_grpc.HealthStub(channel)
-    srv.app.draining = True  # what shutdown sets first
-    srv.run(srv.app.health.shutdown())
-    status = health.Check(health_pb2.HealthCheckRequest(service="")).status
+    health = health_pb2_grpc.HealthStub(srv.channel)
+    request = pb.GenerateRequest(model="lstm", prompt="the", max_tokens=3000)
+    stream = srv.stub.Generate(request, timeout=60)
+    first = next(stream)
+    stopping = asyncio.run_coroutine_threadsafe(srv.app.shutdown(grace=30.0), srv.loop)
+    for _ in range(200):
+        status = health.Check(health_pb2.HealthCheckRequest(service="")).status
+        if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        time.sleep(0.01)
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     with pytest.raises(grpc.RpcError) as err:
         srv.stub.Score(pb.ScoreRequest(model="lstm", texts=["ab"]))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    srv.stop(grace=1.0)
+    assert not stopping.done()  # the stream in flight holds the drain open
+    rest = list(stream)
+    assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert sum(len(m.token_ids) for m in [first, *rest]) == 3000
+    stopping.result(30)
+    srv.app = None  # shut down already
+    srv.stop()
 
 
 def test_drain_delay_turns_health_off_before_calls_are_refused(model_repo: Path) -> None:

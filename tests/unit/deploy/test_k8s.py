@@ -8,13 +8,13 @@ from __future__ import annotations
 import copy
 import importlib.util
 import re
-import shutil
 import subprocess
 from urllib.parse import urlparse
 
 import pytest
 import yaml
 
+from tests.tools import need
 from tests.unit.deploy.deployfiles import DEPLOY, K8S, k8s_docs, k8s_one, kustomize, pod_specs
 from tests.unit.deploy.pss import restricted_violations
 
@@ -297,9 +297,7 @@ def test_the_pod_security_check_catches_each_break(break_it, control: str) -> No
 
 def test_kustomize_reimplementation_matches_kubectl() -> None:
     """The rendering the PSS test checks is what kubectl renders (where kubectl exists)."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl not installed")
+    kubectl = need("kubectl", "the kustomize rendering cannot be compared")
     for folder in (K8S, MONITORING):
         done = subprocess.run(
             [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60

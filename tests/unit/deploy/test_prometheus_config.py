@@ -3,13 +3,12 @@ alert unit tests pass, and every dashboard/alert query is valid PromQL on contra
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
+from tests.tools import need
 from tests.unit.deploy.deployfiles import (
     DEPLOY,
     contract_metrics,
@@ -22,9 +21,7 @@ from tests.unit.deploy.deployfiles import (
 
 
 def _promtool(*args: str, cwd: Path = DEPLOY) -> subprocess.CompletedProcess:
-    tool = shutil.which("promtool")
-    if tool is None:
-        pytest.skip("promtool not installed (Debian package `prometheus`; `make system-deps`)")
+    tool = need("promtool", "Debian package `prometheus`; `make system-deps`")
     return subprocess.run([tool, *args], capture_output=True, text=True, cwd=cwd, timeout=60)
 
 
