@@ -198,9 +198,9 @@ def test_a_broken_version_fixed_in_place_loads_on_the_next_reload(
 def test_shutdown_turns_health_off_and_refuses_new_calls(model_repo: Path) -> None:
     """App.shutdown itself (what SIGTERM runs): while a stream in flight drains, health says
     NOT_SERVING and a new call is refused with UNAVAILABLE; the stream runs to its end."""
-    srv = ServerThread(make_settings(model_repo, grace=5.0)).start()
+    srv = ServerThread(make_settings(model_repo, grace=5.0, max_tokens=60_000)).start()
     health = health_pb2_grpc.HealthStub(srv.channel)
-    request = pb.GenerateRequest(model="lstm", prompt="the", max_tokens=3000)
+    request = pb.GenerateRequest(model="lstm", prompt="the", max_tokens=60_000)  # seconds
     stream = srv.stub.Generate(request, timeout=60)
     first = next(stream)
     stopping = asyncio.run_coroutine_threadsafe(srv.app.shutdown(grace=30.0), srv.loop)
@@ -216,7 +216,7 @@ def test_shutdown_turns_health_off_and_refuses_new_calls(model_repo: Path) -> No
     assert not stopping.done()  # the stream in flight holds the drain open
     rest = list(stream)
     assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
-    assert sum(len(m.token_ids) for m in [first, *rest]) == 3000
+    assert sum(len(m.token_ids) for m in [first, *rest]) == 60_000
     stopping.result(30)
     srv.app = None  # shut down already
     srv.stop()
