@@ -144,7 +144,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnn-trainer", description=__doc__.splitlines()[0])
     add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a model and export it to OUT/NAME/VERSION")
+    # allow_abbrev=False: --nproc is taken out of the workers' argv by its exact spelling
+    train = sub.add_parser(
+        "train", help="train a model and export it to OUT/NAME/VERSION", allow_abbrev=False
+    )
     _add_common_train(train)
     importlib.import_module("rnnserve.trainer.precision_cli").add_arguments(train)
     train.add_argument(
@@ -271,8 +274,10 @@ def run_train(args: argparse.Namespace) -> int:
             args.weight_drop,
         )  # fmt: skip
         train = recurrent_train_config(args)
+        train.validate()  # before joining: a bad value is said once, by rank 0
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
-        fp32_dir = tempfile.TemporaryDirectory() if args.precision != "fp32" else None
+        lead = distributed.env_cluster().is_main  # only rank 0 exports (and needs the dir)
+        fp32_dir = tempfile.TemporaryDirectory() if args.precision != "fp32" and lead else None
         out = Path(fp32_dir.name) if fp32_dir else Path(args.out)  # fp32 first, then converted
         with distributed.joined(args.device, args.dist_timeout) as cluster:
             main = cluster.is_main  # rank 0 alone writes the run dir and the package

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rnnserve.trainer.bptt import run_window
-from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.errors import AgreedError, TrainerError
 from rnnserve.trainer.sampling import rank_rows
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -164,8 +164,8 @@ def joined(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Cluste
         yield cluster
     except TrainerError as exc:
         _leave()
-        if cluster.is_main or isinstance(exc, PeerFailure):
-            raise
+        if cluster.is_main or isinstance(exc, (PeerFailure, AgreedError)):
+            raise  # an AgreedError: rank 0 says it (speaks), the others end quietly
         raise RankError(f"rank {cluster.rank}/{cluster.world}: {exc}") from exc
     except Exception as exc:
         if not _is_collective_error(exc):

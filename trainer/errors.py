@@ -9,3 +9,8 @@ from __future__ import annotations
 
 class TrainerError(Exception):
     """A one-line, user-facing reason why training, sampling or export cannot go on."""
+
+
+class AgreedError(TrainerError):
+    """Every rank of a data-parallel run reaches it together, from all-reduced values (a loss
+    that is not finite, a diverged run): rank 0 says it, the others end quietly."""

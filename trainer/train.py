@@ -25,7 +25,7 @@ from rnnserve.trainer.averaging import WeightAverage
 from rnnserve.trainer.bptt import BPTT_MODES
 from rnnserve.trainer.distributed import Cluster, current, window_runner
 from rnnserve.trainer.early_stopping import EarlyStopping
-from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.errors import AgreedError, TrainerError
 from rnnserve.trainer.sampling import SAMPLINGS, batches, check_fits, detach_state, num_batches
 from rnnserve.trainer.time_budget import (
     TimeBudget,
@@ -145,7 +145,9 @@ def perplexity(
     ys = torch.tensor(ids[1 : usable + 1], device=device).reshape(rows, -1)[mine]
     state = tuple(model.initial_state(xs.shape[0]))
     total, count = 0.0, 0
-    for i in range(0, xs.shape[1], chunk):
+    # a rank with no rows (a world larger than `rows`) adds nothing; an empty batch's loss
+    # would be NaN and make the sum NaN
+    for i in range(0, xs.shape[1] if xs.shape[0] else 0, chunk):
         x, y = xs[:, i : i + chunk], ys[:, i : i + chunk]
         out, *rest = model(x, *state)
         state = tuple(rest)
@@ -241,7 +243,7 @@ def fit(
             (mean_loss,) = cluster.sum([loss.item()], device)
             mean_loss /= cluster.world
             if not math.isfinite(mean_loss):
-                raise TrainerError(
+                raise AgreedError(
                     f"loss became {mean_loss} at epoch {epoch}, batch {step + 1}; "
                     "try a lower --lr or a --clip value"
                 )
@@ -261,7 +263,7 @@ def fit(
             "tokens": count,
         }
         if not (math.isfinite(record["train_ppl"]) and math.isfinite(record["val_ppl"])):
-            raise TrainerError(
+            raise AgreedError(
                 f"training diverged at epoch {epoch} (perplexity overflowed to inf); "
                 "try a lower --lr or a --clip value"
             )

@@ -182,6 +182,31 @@ def test_nproc_shortcut_runs_torchrun(tmp_path: Path, capsys) -> None:
     assert_same_weights(weights(tmp_path / "r1"), weights(tmp_path / "r2"))
 
 
+def test_a_rank_without_validation_rows_and_errors_every_rank_meets(tmp_path: Path) -> None:
+    """A validation split too small for every rank to get a row still gives a finite
+    perplexity (the empty rank adds nothing; its NaN once read as "diverged"); an error every
+    rank meets alike is said once; --precision leaves no temp dir behind on other ranks."""
+    base = [*TINY, "--arch", "rnn", "--epochs", "1", "--batch-size", "4"]
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    run = subprocess.run(
+        _train_cmd("--nproc", "2", *base, "--max-tokens", "4000", "--val-fraction", "0.001",
+                   "--precision", "fp16", "--out", "m", "--run-dir", "r"),  # 4 val tokens: 1 row
+        cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "diverged" not in run.stderr and run.stdout.count("exported ") == 1
+    left = [p.name for p in tmp.iterdir() if p.name.startswith("tmp")]  # TemporaryDirectory's
+    assert not left, f"a rank left its temporary folder behind: {left}"
+    bad = subprocess.run(
+        _train_cmd("--nproc", "2", *base, "--lr", "-1", "--out", "m", "--run-dir", "r"),
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode != 0
+    assert bad.stderr.count("--lr must be positive") == 1, bad.stderr
+
+
 # --- kill mid-epoch, resume: the uninterrupted result ------------------------------------------
 
 

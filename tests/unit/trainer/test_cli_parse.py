@@ -32,3 +32,11 @@ def test_unknown_arch_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) 
     assert main(["train", "--arch", "transformer", "--out", "/nonexistent/x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown arch") and err.count("\n") == 1
+
+
+def test_train_flags_are_not_abbreviated(capsys: pytest.CaptureFixture[str]) -> None:
+    """--npro would reach torchrun's workers as written, where --nproc is taken out by name."""
+    from rnnserve.trainer import cli
+
+    with pytest.raises(SystemExit):
+        cli.build_parser(["train"]).parse_args(["train", "--npro", "2"])
