@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 import shutil
 import subprocess
 import sys
@@ -93,18 +94,36 @@ def test_gpu_image_uses_cuda_base_and_onnxruntime_gpu() -> None:
 
 
 @pytest.mark.parametrize("name", SERVER_IMAGES)
-def test_server_command_is_valid_and_matches_expose(name: str, server_parser) -> None:
+def test_server_command_is_valid_and_matches_expose(name: str, monkeypatch) -> None:
+    """The image sets its settings as RNNSERVE_* variables and passes no flags, so a user's
+    `-e RNNSERVE_PORT=...` or compose environment is not overridden by the command."""
+    from rnnserve.server.settings import build_parser
+
     final = dockerfile_stages(DEPLOY / name)[-1]
     assert exec_form(final.args("ENTRYPOINT")[-1]) == ["rnn-server"]
-    settings = server_parser.parse_args(exec_form(final.args("CMD")[-1]))
-    exposed = {int(p) for a in final.args("EXPOSE") for p in a.split()}
+    argv = exec_form(final.args("CMD")[-1])
+    assert argv == [], "a flag in CMD would win over the RNNSERVE_* environment"
     env = dict(part.split("=", 1) for a in final.args("ENV") for part in a.split() if "=" in part)
-    http_port = int(env["RNNSERVE_HTTP_PORT"])  # set in the image (the tests' env turns it off)
-    ports = {int(settings.port), int(settings.metrics_port), http_port}
+    for key in [k for k in os.environ if k.startswith("RNNSERVE_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = build_parser().parse_args(argv)
+    exposed = {int(p) for a in final.args("EXPOSE") for p in a.split()}
+    ports = {int(settings.port), int(settings.metrics_port), int(settings.http_port)}
     assert exposed == ports == {50051, 8000, 8080}
     assert str(settings.model_repo) == "/models"
+    assert env["XDG_CACHE_HOME"] == "/var/cache/rnnserve"  # --model-cache's default: writable
+    runs = " ".join(final.args("RUN"))
+    assert "/var/cache/rnnserve" in runs and "chown rnnserve:rnnserve" in runs
     if name == "Dockerfile.gpu":
         assert settings.providers == "cuda,cpu"
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu", "Dockerfile.trainer"])
+def test_every_image_copies_the_license_the_package_names(name: str) -> None:
+    copies = " ".join(a for s in dockerfile_stages(DEPLOY / name) for a in s.args("COPY"))
+    assert "LICENSE" in copies  # pyproject's license-files: a build without it will fail
 
 
 @pytest.mark.parametrize("name", SERVER_IMAGES)
