@@ -479,15 +479,21 @@ def bare_single(bare: Bare, prompts: list[str], min_s: float) -> dict:
             times.append(time.perf_counter() - t)
     prefill = times
     x, state = bare.run(ids[0], init_state(bare.m, 1))
-    steps: list[float] = []
-    deadline = time.perf_counter() + min_s
-    while time.perf_counter() < deadline or len(steps) < 500:
-        t = time.perf_counter()
-        x, state = bare.run(x, state)
-        steps.append(time.perf_counter() - t)
+    steps = _step_times(bare, x, state, min_s, at_least=500)
     return {"prompt_chars": len(prompts[0]), "prefill_p50_s": pct(prefill, 50),
             "prefill_p99_s": pct(prefill, 99), "step_p50_s": pct(steps, 50),
             "step_p99_s": pct(steps, 99)}  # fmt: skip
+
+
+def _step_times(bare: Bare, x: np.ndarray, state: dict, min_s: float, at_least: int) -> list:
+    """Seconds of each decode step (the state fed back) for `min_s`, and at least `at_least`."""
+    steps: list[float] = []
+    deadline = time.perf_counter() + min_s
+    while time.perf_counter() < deadline or len(steps) < at_least:
+        t = time.perf_counter()
+        x, state = bare.run(x, state)
+        steps.append(time.perf_counter() - t)
+    return steps
 
 
 def bare_static(bare: Bare, prompts: list[str], batch: int, tokens: int, min_s: float) -> dict:
@@ -514,13 +520,7 @@ def bare_steps_only(bare: Bare, prompts: list[str], batch: int, min_s: float) ->
     second thread (the server's decode and prefill threads use one ORT thread each). An upper
     bound for an engine with those two threads, so a ratio to it is conservative."""
     x, state = bare.run(bare.ids((prompts * batch)[:batch]), init_state(bare.m, batch))
-    steps: list[float] = []
-    deadline = time.perf_counter() + min_s
-    while time.perf_counter() < deadline or len(steps) < 50:
-        t = time.perf_counter()
-        x, state = bare.run(x, state)
-        steps.append(time.perf_counter() - t)
-    step = pct(steps, 50)
+    step = pct(_step_times(bare, x, state, min_s, at_least=50), 50)
     return {"batch": batch, "step_p50_s": step, "tokens_per_s": batch / step}
 
 

@@ -36,9 +36,11 @@ _RESET_MARKS = ("rst_stream", "stream removed", "connection reset", "socket clos
 
 
 def is_replica_failure(error: RnnServeError) -> bool:
-    """UNAVAILABLE (replica gone, refusing while it drains, connection failed), or a stream
-    reset by the peer or a proxy: worth continuing elsewhere. Everything else is an answer."""
-    if error.code == "UNAVAILABLE":
+    """UNAVAILABLE (replica gone, refusing while it drains, connection failed), CANCELLED that
+    the caller did not ask for (a replica closing its port, or its --grace running out: the
+    caller's own cancel() is checked before this), or a stream reset by the peer or a proxy:
+    worth continuing elsewhere. Everything else is an answer."""
+    if error.code in ("UNAVAILABLE", "CANCELLED"):
         return True
     if error.code in ("INTERNAL", "UNKNOWN"):
         details = error.details.lower()

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from rnnserve.client import AsyncRnnClient, RetryPolicy, RnnClient
-from rnnserve.client.errors import Internal, InvalidArgument, NotFound, Unavailable
+from rnnserve.client.errors import Cancelled, Internal, InvalidArgument, NotFound, Unavailable
 from rnnserve.client.failover import (
     StreamDiverged,
     StreamLedger,
@@ -300,6 +300,7 @@ def test_failover_requests_carry_checkpoints_and_a_seed() -> None:
     "error, failure",
     [
         (Unavailable("Socket closed"), True),
+        (Cancelled("CANCELLED"), True),  # by a stopping replica; a cancel() of ours stops first
         (Internal("Received RST_STREAM with error code 2"), True),
         (Internal("Exception iterating responses"), False),
         (NotFound("model x"), False),
