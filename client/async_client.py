@@ -25,7 +25,7 @@ from rnnserve.client.connection import (
     auth_metadata,
     resolve_timeout,
 )
-from rnnserve.client.errors import RnnServeError, Unavailable, from_rpc_error
+from rnnserve.client.errors import Cancelled, RnnServeError, Unavailable, from_rpc_error
 from rnnserve.client.failover import (
     DEFAULT_STATE_EVERY,
     StreamLedger,
@@ -291,7 +291,10 @@ class AsyncRnnClient:
                 return await method(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as err:
                 error: RnnServeError = from_rpc_error(err)
-            if not isinstance(error, Unavailable) or attempt >= self.retry.max_attempts:
+            # CANCELLED here is the server's (a replica closing its port): no caller cancels
+            # a unary call mid-way through this loop
+            retryable = isinstance(error, (Unavailable, Cancelled))
+            if not retryable or attempt >= self.retry.max_attempts:
                 raise error
             pause = self.retry.backoff(attempt)
             if deadline is not None and time.monotonic() + pause >= deadline:

@@ -24,7 +24,7 @@ from rnnserve.client.connection import (
     resolve_timeout,
 )
 from rnnserve.client.connection import sync_channel as _sync_channel
-from rnnserve.client.errors import RnnServeError, Unavailable, from_rpc_error
+from rnnserve.client.errors import Cancelled, RnnServeError, Unavailable, from_rpc_error
 from rnnserve.client.failover import (
     DEFAULT_STATE_EVERY,
     StreamLedger,
@@ -142,7 +142,7 @@ class RnnClient:
     """Blocking client for rnnserve's Inference and Admin services.
 
     address: "host:port", or several replicas (a list, or "a:1,b:2"): unary calls that get
-    UNAVAILABLE and Generate streams that lose their replica move on to the next one.
+    UNAVAILABLE (or a replica's CANCELLED) and Generate streams that lose their replica move on to the next one.
     timeout: default deadline in seconds for each call (a Generate stream as a whole);
     None waits forever. Every method also takes its own `timeout` (None: this default,
     math.inf: no deadline).
@@ -333,7 +333,10 @@ class RnnClient:
                 return method(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as err:
                 error: RnnServeError = from_rpc_error(err)
-            if not isinstance(error, Unavailable) or attempt >= self.retry.max_attempts:
+            # CANCELLED here is the server's (a replica closing its port): no caller cancels
+            # a unary call mid-way through this loop
+            retryable = isinstance(error, (Unavailable, Cancelled))
+            if not retryable or attempt >= self.retry.max_attempts:
                 raise error
             pause = self.retry.backoff(attempt)
             if deadline is not None and time.monotonic() + pause >= deadline:

@@ -101,7 +101,7 @@ def test_error_in_the_middle_of_a_stream_is_raised_after_earlier_tokens(client, 
 
 def test_unary_calls_retry_on_unavailable(client: RnnClient, fake) -> None:
     rec = fake[0]
-    rec.script.failures["Score"] = [U, U]
+    rec.script.failures["Score"] = [U, grpc.StatusCode.CANCELLED]  # a replica closing its port
     assert client.score("lstm", ["ab"])[0].num_tokens == 1
     assert rec.calls["Score"] == 3
 
