@@ -142,7 +142,8 @@ class RnnClient:
     """Blocking client for rnnserve's Inference and Admin services.
 
     address: "host:port", or several replicas (a list, or "a:1,b:2"): unary calls that get
-    UNAVAILABLE (or a replica's CANCELLED) and Generate streams that lose their replica move on to the next one.
+    UNAVAILABLE (or a replica's CANCELLED) and Generate streams that lose their replica move
+    on to the next one.
     timeout: default deadline in seconds for each call (a Generate stream as a whole);
     None waits forever. Every method also takes its own `timeout` (None: this default,
     math.inf: no deadline).
