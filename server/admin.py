@@ -49,8 +49,7 @@ async def reload(engine: Engine, health: ModelHealth):
         name, version = tag.rsplit("/", 1)
         repository.remove(name, version)  # first, so a new call cannot reach it (NOT_FOUND)
         retired.append(engine.pop_decoder(name, version))
-    for tag in report.unloaded:
-        engine.metrics.forget_version(*tag.rsplit("/", 1))
+        engine.metrics.forget_version(name, version)
     await health.refresh()
     for decoder in retired:  # the streams already running finish on their own loop
         if decoder is not None:
