@@ -43,6 +43,18 @@ def test_traffic_quick_run_writes_every_section(model_repo: Path, tmp_path: Path
         res["closed_loop"]["fixed"][1]["tokens_per_s"] / steps[4]["tokens_per_s"]
     )
     assert all(r["tokens_per_s"] > 0 for w in ceiling["churn"].values() for r in w)
+    # the target ceilings: measured before and after the server rows, ratios on their mean
+    before, after = res["ceiling_passes"]
+    assert ceiling["static"][1]["tokens_per_s"] == pytest.approx(
+        (before["static"][1]["tokens_per_s"] + after["static"][1]["tokens_per_s"]) / 2
+    )
+    assert [r["batch"] for r in after["steps_only"]] == [1, 4]
+    tpot = next(t for t in res["targets"] if t["name"].startswith("TPOT p50 C=1"))
+    assert tpot["ratio"] == pytest.approx(
+        res["closed_loop"]["fixed"][0]["tpot_p50_s"] / ceiling["single"]["step_p50_s"]
+    )
+    assert len(tpot["ratio_per_pass"]) == 2 and min(tpot["ratio_per_pass"]) > 0
+    assert "before / after the server rows" in done.stdout
     in_step = ceiling["prompt_in_step"]
     assert [r["slots"] for r in in_step["fixed"]] == [4]
     assert all(r["tokens_per_s"] > 0 and r["ttft_p50_s"] > 0 for w in in_step.values() for r in w)
