@@ -653,6 +653,7 @@ def target_ceiling(bare: Bare, fixed: list[str], levels: list[int], min_s: float
 
 def mean_of_passes(passes: list[dict]) -> dict:
     """The target ceilings averaged over passes, field by field (rows matched by position)."""
+
     def mean(values: list):
         if isinstance(values[0], dict):
             return {k: mean([v[k] for v in values]) for k in values[0]}
