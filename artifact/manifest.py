@@ -95,6 +95,10 @@ class Manifest:
     parity: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"  # manifests written before precisions existed are fp32
     quantization: dict[str, Any] = field(default_factory=dict)  # how int8/fp16 was made
+    # log p(first token) [vocab] of lm models that define a start-of-text distribution (n-gram,
+    # HMM): the graph only predicts the token after one it was fed, and Infill with an empty
+    # left needs this prior to give the model's posterior. None: not defined (RNNs).
+    start_log_probs: list[float] | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -109,6 +113,12 @@ class Manifest:
                 raise ManifestError("a forecast manifest needs `series` (normalisation, tau)")
         elif not self.vocab or self.tokenizer is None:
             raise ManifestError(f"a {self.task} manifest needs `tokenizer` and `vocab`")
+        start = self.start_log_probs
+        if start is not None and (self.task != "lm" or len(start) != self.vocab_size):
+            raise ManifestError(
+                f"start_log_probs needs task lm and one value per token ({self.vocab_size}), "
+                f"got task {self.task} and {len(start)} values"
+            )
 
     # -- derived views -------------------------------------------------------------------
     def build_vocab(self) -> Vocab:
@@ -141,6 +151,7 @@ class Manifest:
             "parity": self.parity,
             "precision": self.precision,
             "quantization": self.quantization,
+            **({"start_log_probs": self.start_log_probs} if self.start_log_probs else {}),
         }
 
     @classmethod
@@ -179,6 +190,7 @@ class Manifest:
                 parity=dict(data.get("parity") or {}),
                 precision=str(data.get("precision") or "fp32"),
                 quantization=dict(data.get("quantization") or {}),
+                start_log_probs=_floats(data.get("start_log_probs")),
             )
         except ManifestError:
             raise
@@ -208,3 +220,8 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _floats(value: Any) -> list[float] | None:
+    """An optional JSON list of numbers as floats (TypeError/ValueError: malformed)."""
+    return None if value is None else [float(v) for v in value]

@@ -6,8 +6,9 @@ manifest and this module is the only implementation.
 Normalisation (applied in this order):
 1. Unicode NFKC, so visually identical strings tokenize identically.
 2. `lowercase` (default on): str.lower().
-3. `letters_only` (default off): every run of characters outside a-z (after lowercasing) is
-   replaced by a single space — the classic Time Machine preprocessing.
+3. `letters_only` (default off): every run of characters outside a-z (and A-Z when
+   `lowercase` is off, so capitals are kept, not blanked) is replaced by a single space — the
+   classic Time Machine preprocessing.
 4. Runs of whitespace collapse to one space.
 
 Char level: every character of the normalised text is a token.
@@ -22,7 +23,7 @@ import unicodedata
 from dataclasses import asdict, dataclass
 
 _WORD_RE = re.compile(r"\w+|[^\w\s]")
-_NON_LETTERS_RE = re.compile(r"[^a-z]+")
+_NON_LETTERS_RE = re.compile(r"[^a-zA-Z]+")  # after lower() no A-Z is left to keep
 _SPACE_RE = re.compile(r"\s+")
 
 LEVELS = ("char", "word")

@@ -4,7 +4,9 @@ Task `infill` (bidirectional) models answer in one pass, with the blank fed as `
 Task `lm` models answer exactly by Bayes' rule over every candidate v:
     p(v | left, right) ∝ p(v | left) · p(right | left, v)
 computed as one batch of |V| continuations [v, right...] from the state after `left` (the
-HMM's backward recursion, done by the forward graph). An empty left gives a uniform prior.
+HMM's backward recursion, done by the forward graph). An empty left takes the prior from
+the manifest's `start_log_probs` (the n-gram's and HMM's first-token distribution, which the
+graph cannot output), else (RNNs) a uniform one.
 Reserved tokens (<unk>, <pad>, <bos>, <eos>) are never candidates; probabilities are
 normalised over the real tokens.
 """
@@ -62,7 +64,8 @@ async def infill(
                 f"model {entry.name} has {vocab} tokens, more than --max-infill-vocab "
                 f"{settings.max_infill_vocab}: scoring every candidate would be too costly"
             )
-        scores = await runtime.call(_bayes_sync, model, lids, rids, vocab)
+        start = entry.manifest.start_log_probs
+        scores = await runtime.call(_bayes_sync, model, lids, rids, vocab, start)
     post = scores[first:].astype(np.float64)  # [vocab - reserved]
     post = np.exp(post - post.max())
     post /= post.sum()
@@ -83,10 +86,20 @@ def _repeat(model: OnnxModel, state: State, n: int) -> State:
     return [np.repeat(t, n, axis=s.batch_axis) for t, s in zip(state, model.specs, strict=True)]
 
 
-def _bayes_sync(model: OnnxModel, lids: list[int], rids: list[int], vocab: int) -> np.ndarray:
-    """log p(v | left) + log p(right | left, v) for every v: [vocab]."""
+def _bayes_sync(
+    model: OnnxModel,
+    lids: list[int],
+    rids: list[int],
+    vocab: int,
+    start: list[float] | None = None,
+) -> np.ndarray:
+    """log p(v | left) + log p(right | left, v) for every v: [vocab]. `start`: log p(first
+    token), the prior without a left context (None: uniform, for models that have none)."""
     state = model.initial_state(1)
-    prior = np.full(vocab, -np.log(vocab), dtype=np.float32)  # uniform without a left context
+    if start is not None:
+        prior = log_softmax(np.asarray(start, dtype=np.float32))
+    else:
+        prior = np.full(vocab, -np.log(vocab), dtype=np.float32)
     if lids:
         logits, state = model.run(np.asarray([lids], dtype=np.int64), state)
         prior = log_softmax(logits[0, -1])

@@ -96,7 +96,10 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     try:
         data = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign file: one line, not a traceback
-        raise TrainerError(f"{file} is not a readable rnnserve checkpoint: {exc}") from exc
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in str(exc):  # torch's long advice to unpickle anyway
+            why = "it holds Python objects, not only tensors and plain data, so it is not loaded"
+        raise TrainerError(f"{file} is not a readable rnnserve checkpoint: {why}") from exc
     if not isinstance(data, dict) or "state_dict" not in data or "vocab" not in data:
         raise TrainerError(f"{file} is not an rnnserve checkpoint (no state_dict/vocab)")
     if "model_config" not in data and "count_config" not in data:

@@ -387,6 +387,13 @@ COMMANDS = {
 }
 
 
+def _one_line(exc: BaseException) -> str:
+    """The first non-empty line of the message (a wrapped library error, such as torch.load's,
+    can span many), so the CLI's contract of one `error:` line holds."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else repr(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
@@ -396,12 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainerError as exc:
         ddp = sys.modules.get("rnnserve.trainer.distributed")  # loaded if a group may be up
         if ddp is None or ddp.speaks(exc):
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
         if ddp is not None and isinstance(exc, ddp.PeerFailure):
             ddp.abandon(2)
         return 2
     except ValueError as exc:  # bad flag values caught by the shared artifact dataclasses
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else exc!r}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

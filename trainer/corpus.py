@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from rnnserve.artifact.tokenizer import Tokenizer, TokenizerConfig
-from rnnserve.artifact.vocab import Vocab
+from rnnserve.artifact.vocab import RESERVED, Vocab
 from rnnserve.trainer.errors import TrainerError
 
 DEFAULT_CORPUS = "timemachine.txt"
@@ -50,6 +50,7 @@ def read_corpus(path: Path | str | None) -> str:
         raise TrainerError(
             f"corpus {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
         ) from exc
+    text = text.removeprefix("\ufeff")  # a byte-order mark (Windows editors) is not text
     if not text.strip():
         raise TrainerError(f"corpus {path} is empty")
     return text
@@ -81,12 +82,19 @@ def build_corpus(
             raise TrainerError("stop words apply to word-level tokens only (use --level word)")
         tokens = [t for t in tokens if t not in stop]
     if max_tokens is not None:
+        if max_tokens < 1:  # tokens[:-5] would silently drop the last 5 instead
+            raise TrainerError(f"--max-tokens must be >= 1, got {max_tokens}")
         tokens = tokens[:max_tokens]
     if len(tokens) < MIN_TOKENS:
         raise TrainerError(
             f"corpus has {len(tokens)} tokens after tokenization; at least {MIN_TOKENS} are needed"
         )
     vocab = Vocab.build(tokens, min_freq=min_freq)
+    if len(vocab) == len(RESERVED):  # every token would be <unk>: a model that learns nothing
+        raise TrainerError(
+            f"no token occurs --min-freq {min_freq} times, so every token would be <unk>; "
+            "lower --min-freq"
+        )
     return Corpus(tokens=tokens, vocab=vocab, ids=vocab.encode(tokens), tokenizer=config)
 
 

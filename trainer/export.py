@@ -65,6 +65,12 @@ def write_onnx(model: Any, path: Path, vocab_size: int | None) -> None:
         )
 
 
+def _start_log_probs(model: Any) -> list[float] | None:
+    """The first token's log-probabilities of models that define them (n-gram, HMM)."""
+    start = getattr(model, "start_log_probs", None)
+    return start() if callable(start) else None
+
+
 def export_model(
     model: Any,
     out_dir: Path,
@@ -124,6 +130,7 @@ def export_model(
                 training=dict(training or {}),
                 onnx_sha256=sha256_file(onnx_path),
                 parity=parity,
+                start_log_probs=_start_log_probs(model),
             )
             if precision != "fp32":
                 quantization, parity["precision"] = reduce_precision(

@@ -153,6 +153,11 @@ class HmmLM(nn.Module):
         """log p(x_0) [V], the distribution before any token."""
         return torch.log(self.pi @ self.loop.b)
 
+    def start_log_probs(self) -> list[float]:
+        """log(pi @ B) [V], for the manifest: the graph's outputs all follow a fed token, yet
+        Infill with an empty left needs the first token's distribution as the prior."""
+        return [float(v) for v in self.first_token_log_probs()]
+
     @torch.no_grad()
     def perplexity(self, ids: Sequence[int]) -> float:
         """exp(mean NLL) of every id, the first scored from pi (chunking is not applied)."""

@@ -228,6 +228,11 @@ class NgramLM(nn.Module):
         total = float(first) + float(picked.double().sum())
         return math.exp(-total / len(ids))
 
+    def start_log_probs(self) -> list[float]:
+        """log p(first token | <bos>...) [V], for the manifest: the graph never outputs this
+        row before it is fed a token, yet Infill with an empty left needs it as the prior."""
+        return [float(v) for v in self.log_probs[self._bos_row()]]
+
     def _bos_row(self) -> int:
         v, row = self.config.vocab_size, 0
         for _ in range(self.config.n - 1):

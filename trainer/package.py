@@ -48,7 +48,7 @@ class PackageRequest:
 def read_vocab(path: Path) -> list[str]:
     """One token per line, line i = id i - 1 (a space is a line holding one space)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a BOM is no token
     except (OSError, UnicodeDecodeError) as exc:
         raise TrainerError(f"cannot read the vocabulary {path}: {exc}") from exc
     lines = [line.removesuffix("\r") for line in text.split("\n")]
@@ -107,7 +107,7 @@ def _probe(request: PackageRequest, vocab: Vocab) -> tuple[list[int] | None, str
     if request.text is None:
         return None, ""
     try:
-        text = Path(request.text).read_text(encoding="utf-8")
+        text = Path(request.text).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise TrainerError(f"cannot read --text {request.text}: {exc}") from exc
     return vocab.encode(Tokenizer(request.tokenizer).tokenize(text)), f"{request.text}"

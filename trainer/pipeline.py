@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,8 +75,9 @@ def prepare(data: DataConfig, vocab_from: list[str] | None = None) -> Prepared:
 
 def data_record(data: DataConfig) -> dict[str, Any]:
     """Stored in checkpoints, so `rnn-trainer export` can find the validation split again."""
+    corpus = str(Path(data.corpus).resolve()) if data.corpus else None  # export from any cwd
     return {
-        "corpus": data.corpus,
+        "corpus": corpus,
         "min_freq": data.min_freq,
         "max_tokens": data.max_tokens,
         "val_fraction": data.val_fraction,
@@ -158,6 +160,8 @@ def train_recurrent(
         if start >= train_config.epochs:
             raise TrainerError(f"checkpoint already has {start} epochs; raise --epochs to continue")
     run_dir = Path(run_dir) if run_dir is not None else None
+    if run_dir is not None:
+        _writable_run_dir(run_dir)
     log(
         f"{name}: {model_config.arch} layers={model_config.layers} hidden={model_config.hidden}"
         f" bidirectional={model_config.bidirectional} |V|={len(prep.vocab)}"
@@ -207,6 +211,17 @@ def train_recurrent(
         out=publish[0] if publish else Path(out), name=name, version=version,
         retry_flags=publish[1] if publish else (),
     )  # fmt: skip
+
+
+def _writable_run_dir(run_dir: Path) -> None:
+    """Creates the run dir before the first epoch: an unusable one is said now, not after an
+    epoch of training is lost to a traceback."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainerError(f"cannot create the run dir {run_dir}: {exc.strerror or exc}") from exc
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise TrainerError(f"cannot write to the run dir {run_dir}; choose another --run-dir")
 
 
 def train_count_model(

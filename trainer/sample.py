@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from rnnserve.artifact.tokenizer import Tokenizer
+from rnnserve.artifact.vocab import RESERVED
 from rnnserve.trainer.checkpoint import load_checkpoint, restore
 from rnnserve.trainer.errors import TrainerError
 
@@ -53,6 +54,10 @@ def greedy_tokens(model_dir: Path | str, prefix: str, k: int) -> list[int]:
 
 
 def greedy_text(model_dir: Path | str, prefix: str, k: int) -> str:
+    """The continuation as the server streams it, so `prefix + greedy_text(...)` is the
+    server's text: each token after its separator (word level: a space, also before the
+    first), reserved tokens (`<unk>`, ...) as no text (server/text.py, TextCodec.piece)."""
     model, vocab, tokenizer = _load(model_dir)
     ids = greedy_ids(model, vocab.encode(tokenizer.tokenize(prefix)), k)
-    return tokenizer.detokenize(vocab.decode(ids))
+    sep = tokenizer.separator
+    return "".join("" if t in RESERVED else sep + t for t in vocab.decode(ids))

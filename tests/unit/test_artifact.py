@@ -94,3 +94,11 @@ def test_state_batch_axis_must_be_symbolic() -> None:
         StateSpec.from_dict(
             {"name": "h", "input": "a", "output": "b", "shape": [1, 2], "batch_axis": 1}
         )
+
+
+def test_letters_only_keeps_capitals_when_case_is_kept() -> None:
+    """`package --keep-case --letters-only`: capitals are letters, not spaces."""
+    tok = Tokenizer(TokenizerConfig(level="word", lowercase=False, letters_only=True))
+    assert tok.tokenize("Hello World, it's 1895") == ["Hello", "World", "it", "s"]
+    lower = Tokenizer(TokenizerConfig(level="char", letters_only=True))
+    assert "".join(lower.tokenize("Hello World")) == "hello world"

@@ -40,3 +40,34 @@ def test_train_flags_are_not_abbreviated(capsys: pytest.CaptureFixture[str]) -> 
 
     with pytest.raises(SystemExit):
         cli.build_parser(["train"]).parse_args(["train", "--npro", "2"])
+
+
+def test_value_error_is_one_plain_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad --level is the tokenizer's ValueError: its text, not its repr in quotes."""
+    assert main(["train", "--level", "words", "--out", "/nonexistent/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: tokenizer level must be one of") and err.count("\n") == 1
+
+
+def test_a_multi_line_message_is_cut_to_its_first_line(
+    capsys: pytest.CaptureFixture[str], tmp_path
+) -> None:
+    """torch.load's refusal of a file that is no checkpoint spans several lines."""
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07\x12\x07pytorch" * 8)
+    assert main(["sample", "--model", str(onnx), "--prefix", "the"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_a_pickled_object_is_refused_in_plain_words(
+    capsys: pytest.CaptureFixture[str], tmp_path
+) -> None:
+    """torch's weights-only refusal begins with advice to unpickle anyway; the CLI says why."""
+    import torch
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"state_dict": {}, "vocab": [], "payload": object()}, path)
+    assert main(["sample", "--model", str(path), "--prefix", "the"]) == 2
+    err = capsys.readouterr().err
+    assert "holds Python objects" in err and "Weights only" not in err, err

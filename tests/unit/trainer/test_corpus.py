@@ -72,3 +72,24 @@ def test_missing_and_directory_corpus(tmp_path: Path) -> None:
         read_corpus(tmp_path / "none.txt")
     with pytest.raises(TrainerError, match="directory"):
         read_corpus(tmp_path)
+
+
+def test_a_byte_order_mark_is_not_a_token(tmp_path: Path) -> None:
+    """Windows editors start UTF-8 files with U+FEFF; it must not enter the vocabulary."""
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + b"Hello world. " * 8)
+    corpus = build_corpus(read_corpus(path), TokenizerConfig(level="word"))
+    assert "\ufeff" not in corpus.vocab and corpus.tokens[0] == "hello"
+
+
+@pytest.mark.parametrize("max_tokens", [0, -5])
+def test_max_tokens_below_one_is_refused(max_tokens: int) -> None:
+    """tokens[:-5] would quietly train on all but the last 5 tokens."""
+    with pytest.raises(TrainerError, match="--max-tokens must be >= 1"):
+        build_corpus("the time machine " * 20, max_tokens=max_tokens)
+
+
+def test_min_freq_that_leaves_only_reserved_tokens_is_refused() -> None:
+    """Every id would be <unk>: a model that learns nothing, with a perplexity near 1."""
+    with pytest.raises(TrainerError, match="lower --min-freq"):
+        build_corpus("the cat sat " * 10, TokenizerConfig(level="word"), min_freq=1000)

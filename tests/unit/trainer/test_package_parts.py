@@ -48,6 +48,9 @@ def test_read_vocab_one_token_per_line(tmp_path: Path) -> None:
     good = tmp_path / "v.txt"
     good.write_text("a\n \nb\n", encoding="utf-8")  # a line holding one space is the space
     assert read_vocab(good) == ["a", " ", "b"]
+    bom = tmp_path / "bom.txt"  # saved by a Windows editor: the mark is no part of token 1
+    bom.write_text("\ufeffa\nb\n", encoding="utf-8")
+    assert read_vocab(bom) == ["a", "b"]
     for text, message in [("a\n\nb\n", "line 2 is empty"), ("a\nb\na\n", "line 3 repeats 'a'")]:
         bad = tmp_path / "bad.txt"
         bad.write_text(text, encoding="utf-8")
