@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 
 UNK, PAD, BOS, EOS = "<unk>", "<pad>", "<bos>", "<eos>"
 RESERVED = (UNK, PAD, BOS, EOS)
+# ids that never come next in text: a model of text gives them no probability (n-gram, HMM)
+NOT_TEXT_IDS = tuple(RESERVED.index(t) for t in (PAD, BOS, EOS))
 
 
 class Vocab:

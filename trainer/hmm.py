@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from rnnserve.artifact.manifest import StateSpec
+from rnnserve.artifact.vocab import NOT_TEXT_IDS
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.hmm_fit import HmmParams, chunk_ids, fit_em, fit_gradient, unigram
 from rnnserve.trainer.hmm_recursions import infill_posterior
@@ -64,6 +65,10 @@ class HmmConfig:
     pseudocount: float = 1e-3
     lr: float = 0.05
     restarts: int = 1  # random initialisations, screened by SCREEN_EPOCHS of EM each
+    excluded: tuple[int, ...] = ()  # ids that never occur in text: emission EXCLUDED_PROB
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "excluded", tuple(sorted(set(self.excluded))))  # JSON: a list
 
     def validate(self) -> None:
         if self.states < 1:
@@ -76,6 +81,11 @@ class HmmConfig:
             raise TrainerError("HMM epochs must be >= 0 and chunk >= 1")
         if self.pseudocount < 0 or self.lr <= 0 or self.restarts < 1:
             raise TrainerError("HMM pseudocount must be >= 0, lr > 0 and restarts >= 1")
+        if (
+            any(not 0 <= i < self.vocab_size for i in self.excluded)
+            or len(self.excluded) >= self.vocab_size
+        ):
+            raise TrainerError(f"excluded ids {self.excluded} must leave some of the vocabulary")
 
 
 class HmmLoop(nn.Module):
@@ -191,12 +201,17 @@ def _best_start(ids: list[int], batches: list[torch.Tensor], config: HmmConfig) 
     """The initialisation to train: the best of `config.restarts` after a short EM screen."""
     uni = unigram(ids, config.vocab_size)
     starts = [
-        HmmParams.random(config.states, config.vocab_size, uni, config.seed + i)
+        HmmParams.random(config.states, config.vocab_size, uni, config.seed + i).excluding(
+            config.excluded
+        )
         for i in range(config.restarts)
     ]
     if len(starts) == 1:
         return starts[0]
-    screened = [fit_em(p, batches, SCREEN_EPOCHS, config.pseudocount)[1] for p in starts]
+    screened = [
+        fit_em(p, batches, SCREEN_EPOCHS, config.pseudocount, excluded=config.excluded)[1]
+        for p in starts
+    ]
     scores = [h.log_likelihood_per_token[-1] for h in screened]
     return starts[max(range(len(starts)), key=lambda i: scores[i])]
 
@@ -209,19 +224,25 @@ def train_hmm(
     epochs: int = 20,
     seed: int = 0,
     progress: bool = True,
+    excluded: tuple[int, ...] = NOT_TEXT_IDS,
     **options: Any,
 ) -> HmmLM:
     """Trains a K-state HMM on `ids` by EM or gradient.
 
     options: chunk, pseudocount, lr, restarts. EM only finds a local optimum; with
     restarts = R, R random initialisations (seeds seed..seed+R-1) each get SCREEN_EPOCHS EM
-    iterations and the one with the highest likelihood is trained for `epochs`.
+    iterations and the one with the highest likelihood is trained for `epochs`. `excluded`:
+    ids that never occur in text (default <pad>, <bos>, <eos> of a project vocabulary; pass
+    () for raw ids), emitted with probability EXCLUDED_PROB only, as the n-gram gives them 0.
     """
-    config = HmmConfig(states, vocab_size, method, epochs, seed, **options)
+    config = HmmConfig(states, vocab_size, method, epochs, seed, excluded=excluded, **options)
     config.validate()
     if len(ids) < 2:
         raise TrainerError(f"the HMM needs at least 2 tokens to train on, got {len(ids)}")
     _check_ids(ids, vocab_size)
+    seen = next((i for i in ids if i in set(config.excluded)), None)
+    if seen is not None:
+        raise TrainerError(f"token id {seen} is excluded (never text) but the text has it")
     batches = chunk_ids(ids, config.chunk)
     with single_thread():
         return _train(ids, batches, config, progress)
@@ -239,11 +260,14 @@ def _train(ids: list[int], batches: list[torch.Tensor], config: HmmConfig, progr
 
     try:
         if method == "em":
-            params, history = fit_em(params, batches, epochs, config.pseudocount, on_epoch)
+            params, history = fit_em(
+                params, batches, epochs, config.pseudocount, on_epoch, config.excluded
+            )
         else:
             params, history = fit_gradient(
-                params, batches, epochs, config.lr, seed=seed, on_epoch=on_epoch
-            )
+                params, batches, epochs, config.lr, seed=seed, on_epoch=on_epoch,
+                excluded=config.excluded,
+            )  # fmt: skip
     finally:
         bar.close()
     final = history.log_likelihood_per_token[-1]

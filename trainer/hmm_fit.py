@@ -25,6 +25,19 @@ class HmmParams:
     a: torch.Tensor  # [K, K], rows sum to 1
     b: torch.Tensor  # [K, V], rows sum to 1
 
+    def excluding(self, excluded: Sequence[int]) -> HmmParams:
+        """The same HMM with the emission of every `excluded` id set to EXCLUDED_PROB in
+        each state (rows renormalised): ids that never occur in text (<pad>, <bos>, <eos>)
+        get no share of the smoothing, so generation never stops at an <eos> the model never
+        saw. Not 0: a forced excluded token (Infill's candidates) would zero the filter."""
+        if not excluded:
+            return self
+        b = self.b.clone()
+        b[:, list(excluded)] = 0.0
+        b = b / b.sum(1, keepdim=True) * (1.0 - EXCLUDED_PROB * len(excluded))
+        b[:, list(excluded)] = EXCLUDED_PROB
+        return HmmParams(self.pi, self.a, b)
+
     @classmethod
     def random(cls, states: int, vocab_size: int, unigram: torch.Tensor, seed: int) -> HmmParams:
         """Peaked random transitions, emissions = the unigram distribution perturbed per state.
@@ -39,6 +52,11 @@ class HmmParams:
         noise = torch.randn(k, v, generator=gen, dtype=torch.float64).exp()
         b = (unigram[None, :] + 1e-3) * noise
         return cls(pi, a, b / b.sum(1, keepdim=True))
+
+
+# Emission probability of an id that never occurs in text: ~1e-12 a step, never sampled in
+# practice, yet finite after log() and float32 (the n-gram's equivalent is NEVER_LOGPROB).
+EXCLUDED_PROB = 1e-12
 
 
 @dataclass
@@ -64,7 +82,10 @@ def unigram(ids: Sequence[int], vocab_size: int) -> torch.Tensor:
 
 
 def em_step(
-    params: HmmParams, batches: list[torch.Tensor], pseudocount: float
+    params: HmmParams,
+    batches: list[torch.Tensor],
+    pseudocount: float,
+    excluded: Sequence[int] = (),
 ) -> tuple[HmmParams, float]:
     """One Baum-Welch update; returns the new params and the total log-likelihood before it."""
     k, v = params.b.shape
@@ -86,7 +107,7 @@ def em_step(
     new = HmmParams(
         pi_c / pi_c.sum(), a_c / a_c.sum(1, keepdim=True), b_c / b_c.sum(1, keepdim=True)
     )
-    return new, total
+    return new.excluding(excluded), total
 
 
 def log_likelihood(params: HmmParams, batches: list[torch.Tensor]) -> float:
@@ -104,13 +125,14 @@ def fit_em(
     epochs: int,
     pseudocount: float = 1e-3,
     on_epoch: Callable[[float], None] | None = None,
+    excluded: Sequence[int] = (),
 ) -> tuple[HmmParams, FitHistory]:
     """Baum-Welch for `epochs` iterations."""
     tokens = sum(x.numel() for x in batches)
     history = FitHistory()
     with torch.no_grad():
         for _ in range(epochs):
-            params, total = em_step(params, batches, pseudocount)
+            params, total = em_step(params, batches, pseudocount, excluded)
             history.log_likelihood_per_token.append(total / tokens)
             if on_epoch:
                 on_epoch(total / tokens)
@@ -126,8 +148,11 @@ def fit_gradient(
     batch_chunks: int = 32,
     seed: int = 0,
     on_epoch: Callable[[float], None] | None = None,
+    excluded: Sequence[int] = (),
 ) -> tuple[HmmParams, FitHistory]:
-    """Adam on -log p(x) by the log-space forward recursion; softmax keeps rows normalised."""
+    """Adam on -log p(x) by the log-space forward recursion; softmax keeps rows normalised.
+    Excluded ids never occur, so the likelihood only pushes their emissions down; the
+    result gets their floor (`HmmParams.excluding`)."""
     logits = [torch.nn.Parameter(t.log().clone()) for t in (params.pi, params.a, params.b)]
     opt = torch.optim.Adam(logits, lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -155,6 +180,6 @@ def fit_gradient(
         history.log_likelihood_per_token.append(total / tokens)
         if on_epoch:
             on_epoch(total / tokens)
-    final = current()
+    final = current().excluding(excluded)
     history.log_likelihood_per_token.append(log_likelihood(final, batches) / tokens)
     return final, history

@@ -32,11 +32,11 @@ import torch
 from torch import nn
 
 from rnnserve.artifact.manifest import StateSpec
-from rnnserve.artifact.vocab import BOS, EOS, PAD, RESERVED
+from rnnserve.artifact.vocab import BOS, NOT_TEXT_IDS, RESERVED
 from rnnserve.trainer.errors import TrainerError
 
 BOS_ID = RESERVED.index(BOS)
-NOT_TEXT_IDS = tuple(RESERVED.index(t) for t in (PAD, BOS, EOS))  # never a next token of text
+__all__ = ["NOT_TEXT_IDS"]  # re-exported: callers build NgramConfig(excluded=NOT_TEXT_IDS)
 NEVER_LOGPROB = -1e4  # log-probability of an excluded token: exp() is exactly 0, yet finite
 # Largest dense table exported: 2**24 float32 entries = 64 MiB of model.onnx.
 MAX_TABLE_ENTRIES = 2**24

@@ -8,9 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+from rnnserve.artifact.vocab import NOT_TEXT_IDS
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.hmm import train_hmm
-from rnnserve.trainer.hmm_fit import HmmParams, chunk_ids, em_step, fit_em, log_likelihood, unigram
+from rnnserve.trainer.hmm_fit import (
+    EXCLUDED_PROB,
+    HmmParams,
+    chunk_ids,
+    em_step,
+    fit_em,
+    log_likelihood,
+    unigram,
+)
 
 from .brute import expected_counts, random_params, sample
 
@@ -51,10 +60,14 @@ def test_train_hmm_em_and_gradient_improve_and_are_deterministic() -> None:
     truth = random_params(2, V, seed=7)
     ids = sample(truth, 800, seed=3)
     for method in ("em", "gradient"):
-        model = train_hmm(ids, V, states=3, method=method, epochs=8, seed=5, progress=False)
+        model = train_hmm(
+            ids, V, states=3, method=method, epochs=8, seed=5, progress=False, excluded=()
+        )
         ll = model.history.log_likelihood_per_token
         assert ll[-1] > ll[0], (method, ll)
-        again = train_hmm(ids, V, states=3, method=method, epochs=8, seed=5, progress=False)
+        again = train_hmm(
+            ids, V, states=3, method=method, epochs=8, seed=5, progress=False, excluded=()
+        )
         torch.testing.assert_close(model.loop.b, again.loop.b)
         for t in (model.pi, model.loop.a, model.loop.b):  # still distributions
             torch.testing.assert_close(t.sum(-1), torch.ones_like(t.sum(-1)))
@@ -65,7 +78,7 @@ def test_train_hmm_em_and_gradient_improve_and_are_deterministic() -> None:
     truth = HmmParams(a[0] * 0 + 0.5, a, torch.tensor(b, dtype=torch.float64))
     ids, held = sample(truth, 800, seed=3), sample(truth, 400, seed=9)
     # EM finds a local optimum; restarts screen several initialisations for the best
-    model = train_hmm(ids, V, states=2, epochs=30, seed=0, progress=False, restarts=4)
+    model = train_hmm(ids, V, states=2, epochs=30, seed=0, progress=False, restarts=4, excluded=())
     uni = unigram(ids, V)[torch.tensor(held)]
     assert model.perplexity(held) < float(torch.exp(-(uni.log().mean())))
 
@@ -77,8 +90,31 @@ def test_train_hmm_em_and_gradient_improve_and_are_deterministic() -> None:
         ({"ids": [4, 5], "vocab_size": V, "states": 0}, "at least 1 hidden state"),
         ({"ids": [4, 5], "vocab_size": V, "states": 2, "method": "sgd"}, "method must be one"),
         ({"ids": [4, 9], "vocab_size": V, "states": 2}, "outside the vocabulary"),
+        ({"ids": [4, 3, 5], "vocab_size": V, "states": 2}, "id 3 is excluded"),
+        (
+            {"ids": [4, 5], "vocab_size": V, "states": 2, "excluded": (0, 1, 2, 3, 4, 5)},
+            "must leave some",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(kwargs: dict, message: str) -> None:
     with pytest.raises(TrainerError, match=message):
         train_hmm(progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["em", "gradient"])
+def test_ids_that_never_occur_in_text_are_never_emitted(method: str) -> None:
+    """<pad>, <bos>, <eos> (ids 1-3) get no share of the smoothing: a generated stream never
+    stops at an <eos> the model never saw (temperature 2 made that a 1e-4 chance a step)."""
+    truth = random_params(2, V, seed=7)
+    ids = [i for i in sample(truth, 1200, seed=3) if i not in NOT_TEXT_IDS][:600]
+    model = train_hmm(ids, V, states=3, method=method, epochs=5, seed=1, progress=False)
+    assert model.config.excluded == NOT_TEXT_IDS
+    b = model.params.b
+    torch.testing.assert_close(b.sum(1), torch.ones(3, dtype=torch.float64))
+    assert (b[:, list(NOT_TEXT_IDS)] <= 2 * EXCLUDED_PROB).all()
+    first = model.first_token_log_probs().exp()
+    assert float(first[list(NOT_TEXT_IDS)].sum()) < 1e-10
+    logits, _ = model(torch.tensor([ids[:50]]), model.initial_state(1)[0])
+    assert torch.isfinite(logits).all()  # finite, so the export check can compare them
+    assert float(logits.exp()[..., list(NOT_TEXT_IDS)].max()) < 1e-10
