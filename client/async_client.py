@@ -7,7 +7,6 @@ without threads. Shares request building, conversion and the retry policy with R
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -44,6 +43,9 @@ from rnnserve.client.results import (
 from rnnserve.client.retry import RetryPolicy
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+# the details grpc gives a sync call that cancel() stopped, so both clients say the same
+_LOCALLY_CANCELLED = "Locally cancelled by application!"
 
 
 class AsyncTokenStream:
@@ -82,15 +84,35 @@ class AsyncTokenStream:
                 return
             except grpc.RpcError as err:
                 error: RnnServeError = from_rpc_error(err)
+            except asyncio.CancelledError:
+                # grpc.aio ends a call cancel() stopped with CancelledError; raise Cancelled
+                # like RnnClient, so an `except RnnServeError` sees it and the reading task
+                # is not marked cancelled (a TaskGroup would drop its end silently)
+                if not self._stopped_by_cancel():
+                    raise
+                raise Cancelled(_LOCALLY_CANCELLED) from None
             failures += 1
             await self._next_attempt(error, failures)
+
+    def _stopped_by_cancel(self) -> bool:
+        """Whether a CancelledError comes from this stream's cancel(), not from the task's
+        own cancellation (which must go on as CancelledError)."""
+        if not self._cancelled:
+            return False
+        cancelling = getattr(asyncio.current_task(), "cancelling", None)  # Python 3.11+
+        return not (cancelling and cancelling())
 
     async def _close_quietly(self) -> None:
         """After the last message: reads the call's status; a replica that dies now has
         nothing left to give, so its error ends nothing (and starts no failover)."""
-        with contextlib.suppress(grpc.RpcError):
+        try:
             async for _ in self._call:
                 pass
+        except grpc.RpcError:
+            pass
+        except asyncio.CancelledError:
+            if not self._stopped_by_cancel():
+                raise
 
     async def _next_attempt(self, error: RnnServeError, failures: int) -> None:
         """Raises `error` unless the stream can go on elsewhere; then waits and reopens."""

@@ -69,7 +69,9 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     g.add_argument("--tls-ca", default=default(None), help="root CA PEM (implies --tls)")
     g.add_argument("--tls-cert", default=default(None), help="client certificate PEM (mTLS)")
     g.add_argument("--tls-key", default=default(None), help="client key PEM (mTLS)")
-    g.add_argument("--tls-server-name", default=default(None), help="expected server name")
+    g.add_argument(
+        "--tls-server-name", default=default(None), help="expected server name (implies --tls)"
+    )
     g.add_argument("--json", action="store_true", default=default(False), help="JSON output")
 
 
@@ -158,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_client(args: argparse.Namespace) -> RnnClient:
     tls = None
-    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+    # any TLS setting means TLS: dialling plaintext would ignore it and end in "Socket closed"
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
         tls = TlsConfig.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
     return RnnClient(
         args.address, timeout=DEFAULT_CLI_TIMEOUT, token=args.token, tls=tls,

@@ -22,6 +22,7 @@ from rnnserve.client.sync_client import RnnClient
 
 def cmd_generate(client: RnnClient, args: argparse.Namespace) -> int:
     state = _read_resume(args.resume_file)
+    _check_resume_dir(args.resume_file)
     stream = client.generate(
         args.model,
         args.prompt or "",
@@ -65,16 +66,26 @@ def _read_resume(path: str | None) -> bytes | None:
     return data or None
 
 
+def _check_resume_dir(path: str | None) -> None:
+    """Refuse a resume file whose folder is missing before generating, not after."""
+    if path is not None and not Path(path).parent.is_dir():
+        raise ValueError(f"cannot write resume file {path}: no folder {Path(path).parent}")
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file + rename, so an interrupted run never leaves half a state."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.")
+    """Write via a temp file + rename, so an interrupted run never leaves half a state.
+    An OSError becomes ValueError: one line and exit 64, like an unreadable resume file."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise ValueError(f"cannot write resume file {path}: {exc.strerror}") from None
 
 
 def cmd_score(client: RnnClient, args: argparse.Namespace) -> int:

@@ -6,7 +6,6 @@ and auth behave identically whichever one a caller picks.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,9 @@ import grpc
 
 DEFAULT_ADDRESS = "localhost:50051"
 DEFAULT_TIMEOUT = 30.0  # seconds per call (per whole stream for Generate)
+
+_INT_MAX = 2**31 - 1  # the largest channel option value gRPC accepts
+_NO_DEADLINE_FROM = 1e9  # seconds (31 years): a timeout this long is no deadline
 
 # Large enough for Score's per-token log-probs on long texts.
 _CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
@@ -76,7 +78,9 @@ def channel_options(
     if keepalive is not None:
         if not keepalive > 0:
             raise ValueError(f"keepalive must be > 0 seconds, got {keepalive}")
-        ms = max(1, int(keepalive * 1000))
+        # gRPC takes a C int of milliseconds: clamp (about 24.8 days, math.inf included)
+        # rather than fail inside grpc with OverflowError
+        ms = max(1, int(min(keepalive * 1000, _INT_MAX)))
         options += [
             ("grpc.keepalive_time_ms", ms),
             ("grpc.keepalive_timeout_ms", ms),
@@ -101,7 +105,24 @@ def address_list(address: str | Sequence[str]) -> list[str]:
     items = [a.strip() for a in items if a.strip()]
     if not items:
         raise ValueError("address: give at least one host:port")
+    for item in items:
+        _check_port(item)
     return items
+
+
+def _check_port(address: str) -> None:
+    """gRPC keeps only the low 16 bits of a port (127.0.0.1:116087 dials 50551), so a port
+    out of range would reach some other server: refuse it, naming the address."""
+    if "://" in address or address.startswith(("ipv4:", "ipv6:", "unix:")):
+        return  # gRPC's own target syntax
+    if address.startswith("["):  # [v6]:port
+        port = address.partition("]")[2].removeprefix(":")
+    elif address.count(":") == 1:  # host:port (a bare v6 address has several colons)
+        port = address.rpartition(":")[2]
+    else:
+        return
+    if port.isdigit() and not 0 < int(port) <= 65535:
+        raise ValueError(f"address: port {port} of {address} is not in 1..65535")
 
 
 def sync_channel(
@@ -124,14 +145,25 @@ def aio_channel(
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """Bearer token as call metadata. Sent per call (not call credentials) so it also works
-    on plaintext channels, e.g. behind a TLS-terminating proxy."""
-    return (("authorization", f"Bearer {token}"),) if token else ()
+    on plaintext channels, e.g. behind a TLS-terminating proxy. Surrounding whitespace is
+    dropped, as the server does for its tokens (a token file's trailing newline would make
+    every call fail INTERNAL "Invalid metadata"); other characters a header cannot carry are
+    refused here, naming the token rather than the call."""
+    token = (token or "").strip()
+    if not token:
+        return ()
+    if not all(" " <= ch <= "~" for ch in token):
+        raise ValueError("token: a bearer token must be printable ASCII")
+    return (("authorization", f"Bearer {token}"),)
 
 
 def resolve_timeout(per_call: float | None, default: float | None) -> float | None:
-    """Per-call timeout if given, else the client's default; math.inf means no deadline."""
+    """Per-call timeout if given, else the client's default; math.inf means no deadline,
+    and so does anything past `_NO_DEADLINE_FROM` (gRPC counts a deadline in int64
+    nanoseconds: from about 9.2e9 s on it overflows and every call fails DEADLINE_EXCEEDED
+    at once, the opposite of what such a timeout asks for)."""
     timeout = default if per_call is None else per_call
-    if timeout is None or math.isinf(timeout):
+    if timeout is None or (timeout > 0 and timeout >= _NO_DEADLINE_FROM):
         return None
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")

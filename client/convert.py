@@ -22,6 +22,11 @@ from rnnserve.client.results import (
 )
 from rnnserve.v1 import rnnserve_pb2 as pb
 
+# what each integer field's proto type holds
+_INT32 = (-(2**31), 2**31 - 1)
+_UINT32 = (0, 2**32 - 1)
+_UINT64 = (0, 2**64 - 1)
+
 _FINISH = {
     pb.FINISH_REASON_LENGTH: "length",
     pb.FINISH_REASON_STOP: "stop",
@@ -49,12 +54,12 @@ def generate_request(
         raise InvalidArgument("prompt: required unless a resume state is given")
     if isinstance(stop, str):
         stop = [stop]
-    if state_every < 0:
-        raise InvalidArgument("state_every: must be >= 0")
+    _fits("max_tokens", max_tokens, _INT32)
+    _fits("top_k", top_k, _INT32)
+    _fits("state_every", state_every, _UINT32)
     sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     if seed is not None:
-        if seed < 0:
-            raise InvalidArgument("seed: must be >= 0")
+        _fits("seed", seed, _UINT64)
         sampling.seed = seed
     return pb.GenerateRequest(
         model=model,
@@ -83,6 +88,7 @@ def infill_request(
     _require_model(model)
     if not left and not right:
         raise InvalidArgument("left/right: at least one context must be non-empty")
+    _fits("top_k", top_k, _INT32)
     return pb.InfillRequest(model=model, version=version, left=left, right=right, top_k=top_k)
 
 
@@ -103,6 +109,7 @@ def forecast_request(
         raise InvalidArgument(f"history: value {bad} is {values[bad]}, not a finite number")
     if horizon < 1:
         raise InvalidArgument("horizon: must be >= 1")
+    _fits("horizon", horizon, _INT32)
     return pb.ForecastRequest(
         model=model,
         version=version,
@@ -115,6 +122,15 @@ def forecast_request(
 def get_model_request(model: str, version: str = "") -> pb.GetModelRequest:
     _require_model(model)
     return pb.GetModelRequest(model=model, version=version)
+
+
+def _fits(name: str, value: int | None, bounds: tuple[int, int]) -> None:
+    """An integer the proto field cannot hold is refused naming the field (protobuf's own
+    error, "Value out of range: N", names none). None leaves the field unset, as before."""
+    low, high = bounds
+    if value is not None and not low <= value <= high:
+        limit = f">= {low}" if value < low else f"<= {high}"
+        raise InvalidArgument(f"{name}: must be {limit}, got {value}")
 
 
 def _require_model(model: str) -> None:

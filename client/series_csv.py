@@ -10,6 +10,7 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 
 class SeriesFileError(ValueError):
@@ -38,8 +39,10 @@ def read_series(path: str | Path, column: str | None = None) -> Series:
     """
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+        # utf-8-sig: spreadsheets save "CSV UTF-8" with a byte-order mark, which would
+        # otherwise stick to the first cell (a header name nobody can type, or a lost value)
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = _rows_with_lines(f)
     except OSError as exc:
         raise SeriesFileError(f"cannot read {path}: {exc.strerror}") from None
     except (UnicodeDecodeError, csv.Error) as exc:
@@ -47,14 +50,13 @@ def read_series(path: str | Path, column: str | None = None) -> Series:
     if not rows:
         raise SeriesFileError(f"{path} has no rows")
     header = None
-    if not all(_is_number(cell.strip()) for cell in rows[0]):
-        header = [cell.strip() for cell in rows[0]]
+    if not all(_is_number(cell.strip()) for cell in rows[0][1]):
+        header = [cell.strip() for cell in rows[0][1]]
         rows = rows[1:]
-    width = len(header) if header else len(rows[0])
+    width = len(header) if header else len(rows[0][1])
     index, name = _pick_column(path, header, width, column)
-    first_line = 2 if header else 1
     values = []
-    for line, row in enumerate(rows, start=first_line):
+    for line, row in rows:
         cell = row[index].strip() if index < len(row) else ""
         if not cell:
             raise SeriesFileError(f"{path} line {line}: missing value in {name}")
@@ -70,6 +72,13 @@ def read_series(path: str | Path, column: str | None = None) -> Series:
     if not values:
         raise SeriesFileError(f"{path} has a header but no values")
     return Series(values, name)
+
+
+def _rows_with_lines(f: TextIO) -> list[tuple[int, list[str]]]:
+    """Non-blank rows with the file line each ends on, so errors name the line an editor
+    shows even after skipped blank lines."""
+    reader = csv.reader(f)
+    return [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
 
 
 def _pick_column(

@@ -10,6 +10,7 @@ import pytest
 
 from rnnserve.client import (
     AsyncRnnClient,
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     NotFound,
@@ -81,5 +82,33 @@ def test_async_deadline(fake) -> None:
         async with AsyncRnnClient(address, timeout=0.2) as c:
             with pytest.raises(DeadlineExceeded):
                 await c.list_models()
+
+    run(scenario())
+
+
+def test_async_cancel_raises_cancelled_as_the_sync_client_does(fake) -> None:
+    """stream.cancel() from another task ends the reader with Cancelled (an RnnServeError),
+    not asyncio.CancelledError, which would mark the reading task itself cancelled; the
+    task's own cancellation still raises CancelledError."""
+    rec, address = fake
+    rec.script.hold = threading.Event()  # the stream sends nothing until released
+
+    async def read(stream) -> list:
+        return [e async for e in stream]
+
+    async def scenario():
+        async with AsyncRnnClient(address) as c:
+            stream = c.generate("lstm", "abc", max_tokens=4)
+            task = asyncio.create_task(read(stream))
+            await asyncio.sleep(0.1)
+            stream.cancel()
+            with pytest.raises(Cancelled, match=r"^CANCELLED: "):
+                await task
+            assert not task.cancelled()
+            task = asyncio.create_task(read(c.generate("lstm", "abc", max_tokens=4)))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
 
     run(scenario())

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import grpc
 import pytest
 
-from rnnserve.client.cli import main
+from rnnserve.client.cli import build_parser, main
 
 
 @pytest.fixture
@@ -68,6 +69,28 @@ def test_resume_file_is_saved_then_continued(cli, fake, tmp_path) -> None:
     assert fake[0].requests[-1].state == b"abba"  # continued from the file
     assert out == "abb\n"
     assert state.read_bytes() == b"abbaabb"  # and saved again
+
+
+def test_resume_file_in_a_missing_folder_exits_64_before_generating(cli, fake, tmp_path) -> None:
+    state = tmp_path / "no-such-dir" / "state.bin"
+    argv = ["generate", "--model", "lstm", "--prompt", "ab", "--resume-file", str(state)]
+    code, out, err = cli(*argv)
+    assert (code, out) == (64, "")
+    [line] = err.splitlines()
+    assert line.startswith("error: cannot write resume file ") and "no-such-dir" in line
+    assert fake[0].calls["Generate"] == 0  # refused before any work
+
+
+def test_resume_file_write_failure_exits_64_without_traceback(cli, tmp_path, monkeypatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.mkstemp", refuse)
+    state = tmp_path / "state.bin"
+    code, _, err = cli("generate", "--model", "lstm", "--prompt", "ab", "--resume-file", str(state))
+    assert code == 64
+    assert err.splitlines() == [f"error: cannot write resume file {state}: Permission denied"]
+    assert not state.exists()
 
 
 def test_score_table_and_json(cli) -> None:
@@ -214,3 +237,13 @@ def test_generate_flushes_every_token(fake, monkeypatch) -> None:
     tokens = [i for i, entry in enumerate(out.log) if entry in ("w:c", "w:b", "w:a")]
     assert len(tokens) == 3
     assert all(out.log[i + 1] == "flush" for i in tokens)
+
+
+def test_readme_lists_every_global_flag() -> None:
+    """README's rnn-client section names each connection flag the parser accepts."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme.split("### `rnn-client`", 1)[1].split("```sh", 1)[0]
+    parser = build_parser()
+    [group] = [g for g in parser._action_groups if g.title == "connection"]
+    flags = {o for a in group._group_actions for o in a.option_strings}
+    assert flags and not [f for f in sorted(flags) if f"`{f}" not in section]

@@ -49,3 +49,21 @@ def test_bad_files_are_refused_with_the_place(tmp_path, text, column, message) -
 def test_missing_file(tmp_path) -> None:
     with pytest.raises(SeriesFileError, match="cannot read"):
         read_series(tmp_path / "absent.csv")
+
+
+def test_line_numbers_count_the_blank_lines_skipped(tmp_path) -> None:
+    """The refusal names the line an editor shows, not the index among non-blank rows."""
+    with pytest.raises(SeriesFileError, match=r"line 6: 'abc' in x is not a number"):
+        read_series(write(tmp_path, "x\n0.1\n\n0.2\n\nabc\n"))
+    with pytest.raises(SeriesFileError, match=r"line 5: missing value in x"):
+        read_series(write(tmp_path, '\nt,x\n"1\n2",0.5\n3,\n'))
+
+
+def test_utf8_byte_order_mark_is_not_part_of_the_first_cell(tmp_path) -> None:
+    """Spreadsheets save "CSV UTF-8" with a BOM: the header stays selectable by name and a
+    headerless file keeps its first value."""
+    path = tmp_path / "bom.csv"
+    path.write_text("x\n1.5\n2.5\n", encoding="utf-8-sig")
+    assert read_series(path, "x") == read_series(path) and read_series(path).column == "x"
+    path.write_text("1.5\n2.5\n", encoding="utf-8-sig")
+    assert read_series(path).values == [1.5, 2.5]

@@ -152,6 +152,24 @@ def test_bearer_token_is_sent_as_metadata(client: RnnClient, fake) -> None:
     assert [m.get("authorization") for m in fake[0].metadata] == ["Bearer s3cret"] * 2
 
 
+def test_token_with_a_trailing_newline_is_sent_trimmed(fake) -> None:
+    """As the server trims its tokens: a token read from a file keeps working, instead of
+    every call failing INTERNAL "Invalid metadata"."""
+    with RnnClient(fake[1], token="s3cret\n") as c:
+        c.list_models()
+    assert fake[0].metadata[-1]["authorization"] == "Bearer s3cret"
+
+
+def test_token_a_header_cannot_carry_is_refused_naming_it(fake, capsys) -> None:
+    from rnnserve.client.cli import main
+
+    with pytest.raises(ValueError, match="token: "):
+        RnnClient(fake[1], token="s3\tcret")
+    assert main(["--address", fake[1], "--token", "caf\u00e9", "models"]) == 64
+    assert capsys.readouterr().err.startswith("error: token: ")
+    assert sum(fake[0].calls.values()) == 0
+
+
 def test_no_token_sends_no_authorization(fake) -> None:
     with RnnClient(fake[1]) as c:
         c.list_models()
@@ -176,6 +194,34 @@ def test_obviously_bad_requests_fail_locally(client: RnnClient, fake, call) -> N
     assert sum(fake[0].calls.values()) == 0
 
 
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda c: c.generate("lstm", "ab", max_tokens=2**40), "max_tokens"),
+        (lambda c: c.generate("lstm", "ab", top_k=2**31), "top_k"),
+        (lambda c: c.generate("lstm", "ab", temperature=0.5, seed=2**64), "seed"),
+        (lambda c: c.generate("lstm", "ab", state_every=2**32), "state_every"),
+        (lambda c: c.infill("lstm", "a", "b", top_k=2**31), "top_k"),
+        (lambda c: c.forecast("sine-gru", [1.0], 2**31), "horizon"),
+    ],
+)
+def test_integers_the_field_cannot_hold_name_the_field(client, fake, call, field) -> None:
+    """Not protobuf's bare ValueError "Value out of range: N": InvalidArgument naming it."""
+    with pytest.raises(
+        InvalidArgument, match=rf"^INVALID_ARGUMENT: {field}: must be <= \d+, got \d+$"
+    ):
+        call(client)
+    assert sum(fake[0].calls.values()) == 0
+
+
+def test_cli_integer_out_of_range_exits_3_naming_the_flag(fake, capsys) -> None:
+    from rnnserve.client.cli import main
+
+    argv = ["--address", fake[1], "generate", "--model", "lstm", "--prompt", "a"]
+    assert main([*argv, "--max-tokens", "99999999999"]) == 3
+    assert capsys.readouterr().err.startswith("error: INVALID_ARGUMENT: max_tokens: ")
+
+
 def test_cancelling_a_stream_stops_it(client: RnnClient) -> None:
     with client.generate("lstm", "abc", max_tokens=50) as stream:
         first = next(iter(stream))
@@ -186,3 +232,54 @@ def test_cancelling_a_stream_stops_it(client: RnnClient) -> None:
 def test_wait_ready_on_a_dead_address_raises_unavailable() -> None:
     with RnnClient("127.0.0.1:1") as c, pytest.raises(Unavailable):
         c.wait_ready(timeout=0.2)
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:116087", "localhost:0", "[::1]:70000", "a:1,b:65536"]
+)
+def test_a_port_out_of_range_is_refused_not_wrapped(address: str) -> None:
+    """gRPC keeps a port's low 16 bits: 127.0.0.1:116087 would reach a server on 50551."""
+    with pytest.raises(ValueError, match=r"address: port \d+ of .* is not in 1\.\.65535"):
+        RnnClient(address)
+
+
+@pytest.mark.parametrize(
+    "address", ["localhost:50051", "[::1]:50051", "::1", "localhost", "dns:///h:99999"]
+)
+def test_addresses_grpc_accepts_are_kept(address: str) -> None:
+    with RnnClient(address) as c:
+        assert c.addresses == [address]
+
+
+def test_cli_port_out_of_range_exits_64(capsys) -> None:
+    from rnnserve.client.cli import main
+
+    assert main(["--address", "127.0.0.1:116087", "models"]) == 64
+    assert (
+        capsys.readouterr().err == "error: address: port 116087 of 127.0.0.1:116087 "
+        "is not in 1..65535\n"
+    )
+
+
+@pytest.mark.parametrize("keepalive", [float("inf"), 1e10])
+def test_a_huge_keepalive_means_rare_pings_not_an_overflow(fake, keepalive: float) -> None:
+    """gRPC takes a C int of milliseconds; `--keepalive inf` used to end in OverflowError."""
+    from rnnserve.client.cli import main
+
+    with RnnClient(fake[1], keepalive=keepalive) as c:
+        assert [m.name for m in c.list_models()] == ["lstm", "sine-gru"]
+    assert main(["--address", fake[1], "--keepalive", str(keepalive), "models"]) == 0
+
+
+@pytest.mark.parametrize("timeout", [1e10, 1e300])
+def test_a_huge_timeout_means_no_deadline_not_an_instant_one(fake, timeout: float) -> None:
+    """gRPC's deadline is int64 nanoseconds; past about 9.2e9 s it overflowed and every call
+    failed DEADLINE_EXCEEDED at once."""
+    from rnnserve.client.cli import main
+
+    with RnnClient(fake[1], timeout=timeout) as c:
+        assert [m.name for m in c.list_models()] == ["lstm", "sine-gru"]
+        assert "".join(e.text for e in c.generate("lstm", "ab", max_tokens=2)) == "ba"
+    argv = ["--address", fake[1], "--timeout", str(timeout)]
+    assert main([*argv, "models"]) == 0
+    assert main([*argv, "generate", "--model", "lstm", "--prompt", "ab"]) == 0

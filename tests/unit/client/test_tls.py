@@ -65,3 +65,15 @@ def test_missing_ca_file_is_a_clear_error(tmp_path, capsys) -> None:
     assert main(["--tls-ca", str(tmp_path / "nope.pem"), "models"]) == 64
     err = capsys.readouterr().err
     assert err.startswith("error: cannot read TLS CA file")
+
+
+def test_tls_server_name_alone_implies_tls(monkeypatch) -> None:
+    """Like --tls-ca, --tls-cert and --tls-key: not silently ignored over plaintext."""
+    from rnnserve.client import cli
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(cli, "RnnClient", lambda address, **kw: seen.update(kw))
+    cli.make_client(cli.build_parser().parse_args(["--tls-server-name", "rnnserve", "models"]))
+    assert seen["tls"] == TlsConfig(server_name="rnnserve")
+    cli.make_client(cli.build_parser().parse_args(["models"]))
+    assert seen["tls"] is None
