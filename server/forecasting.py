@@ -100,11 +100,14 @@ class Series:
         return out
 
     def interval(self, forecast: np.ndarray) -> tuple[list[float], list[float]]:
-        """[x̂_k + lower[k-1], x̂_k + upper[k-1]] per step; the last entry beyond its end."""
+        """[x̂_k + lower[k-1], x̂_k + upper[k-1]] per step; the last entry beyond its end.
+        Offsets are widened to 0 (as the trainer writes them since), so an older manifest
+        from a biased model still gives lower <= forecast <= upper."""
         if not self.lower:
             return [], []
         idx = np.minimum(np.arange(len(forecast)), len(self.lower) - 1)
-        lo, hi = np.asarray(self.lower)[idx], np.asarray(self.upper)[idx]
+        lo = np.minimum(np.asarray(self.lower)[idx], 0.0)
+        hi = np.maximum(np.asarray(self.upper)[idx], 0.0)
         return (forecast + lo).tolist(), (forecast + hi).tolist()
 
 

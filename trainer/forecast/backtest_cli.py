@@ -53,7 +53,8 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, ForecastTrainConfig
 
     out = {}
     for arch in args.arch:
-        hidden = args.hidden or (MLP_HIDDEN if arch == "mlp" else RECURRENT_HIDDEN)
+        default = MLP_HIDDEN if arch == "mlp" else RECURRENT_HIDDEN
+        hidden = default if args.hidden is None else args.hidden  # 0 is refused, not default
         layers = 1 if arch == "mlp" else args.layers
         out[arch] = ForecastTrainConfig(
             arch=arch, tau=args.tau, hidden=hidden, layers=layers, epochs=args.epochs,

@@ -150,5 +150,6 @@ def format_table(table: dict[str, dict[int, float]], horizons=HORIZONS) -> str:
 
 
 def metrics_for_manifest(row: dict[int, float], prefix: str = "mse") -> dict[str, float]:
-    """{mse_k1, mse_k4, ...} for manifest.metrics."""
-    return {f"{prefix}_k{k}": float(v) for k, v in row.items()}
+    """{mse_k1, mse_k4, ...} for manifest.metrics, leaving out a horizon with no held-out
+    target (NaN): JSON has no NaN, and strict readers (JavaScript) refuse the manifest."""
+    return {f"{prefix}_k{k}": float(v) for k, v in row.items() if np.isfinite(v)}

@@ -32,6 +32,8 @@ SPLITS = ("tail", "textbook")  # a small validation tail, or the textbook's 60 %
 MIN_DEFAULT_VAL, MAX_DEFAULT_VAL = 16, 64
 MIN_TRAIN_AFTER_WINDOW = 8  # training examples a series must offer beyond the window tau
 _MISSING_TEXT = {"", "na", "nan", "null", "none", "n/a", "?", "-"}
+MAX_ABS = 1e150  # squares (std, least squares) of larger values overflow float64
+RELATIVE_FLAT = 1e-9  # std at most this fraction of the largest |value|: a constant series
 
 
 class SeriesError(TrainerError):
@@ -48,20 +50,34 @@ def textbook_series(
 
 
 def _parse_cell(text: str) -> float | None:
-    """A float, or None for a missing cell; raises ValueError for anything else."""
+    """A float, or None for a missing cell; raises ValueError (the reason) for anything else."""
     stripped = text.strip()
     if stripped.lower() in _MISSING_TEXT:
         return None
-    value = float(stripped)
+    try:
+        value = float(stripped)
+    except ValueError:
+        raise ValueError("not a finite number") from None
     if math.isnan(value):
         return None
     if math.isinf(value):
-        raise ValueError("infinite")
+        raise ValueError("not a finite number")
+    if abs(value) > MAX_ABS:
+        raise ValueError(f"beyond ±{MAX_ABS:g}: the series' statistics would overflow")
     return value
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def load_csv(path: Path | str, column: str, missing: str = "interpolate") -> np.ndarray:
-    """Read one numeric column of a CSV file with a header row, as float32 [rows].
+    """Read one numeric column of a CSV file with a header row, as float64 [rows] (float32
+    would merge nearby values of a large level: 1e9 + 20 sin(t) would read as constant).
 
     Missing cells (empty, NA, NaN, null, ?) are linearly interpolated between their
     neighbours (held constant before the first / after the last known value) when `missing`
@@ -82,8 +98,11 @@ def load_csv(path: Path | str, column: str, missing: str = "interpolate") -> np.
         raise SeriesError(f"series file {path} is empty")
     header = [h.strip() for h in rows[0]]
     if column not in header:
+        hint = ""
+        if header and all(_is_number(h) for h in header):  # the first row was data
+            hint = "; its first row holds numbers, not column names: add a header row"
         raise SeriesError(
-            f"column {column!r} is not in {path} (columns: {', '.join(header) or 'none'})"
+            f"column {column!r} is not in {path} (columns: {', '.join(header) or 'none'}){hint}"
         )
     index = header.index(column)
     values: list[float | None] = []
@@ -93,9 +112,9 @@ def load_csv(path: Path | str, column: str, missing: str = "interpolate") -> np.
         cell = row[index] if index < len(row) else ""
         try:
             value = _parse_cell(cell)
-        except ValueError:
+        except ValueError as exc:
             raise SeriesError(
-                f"{path}:{line}: column {column!r} holds {cell.strip()!r}, not a finite number"
+                f"{path}:{line}: column {column!r} holds {cell.strip()!r}, {exc}"
             ) from None
         if value is None and missing == "error":
             raise SeriesError(
@@ -113,7 +132,7 @@ def _interpolate(values: list[float | None], what: str) -> np.ndarray:
     x = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     positions = np.arange(len(x))
     x[~known] = np.interp(positions[~known], positions[known], x[known])
-    return x.astype(np.float32)
+    return x
 
 
 @dataclass(frozen=True)
@@ -125,8 +144,11 @@ class Normaliser:
 
     @classmethod
     def fit(cls, train: np.ndarray) -> Normaliser:
-        std = float(np.std(train))
-        if not math.isfinite(std) or std < 1e-8:
+        with np.errstate(over="ignore", invalid="ignore"):
+            std = float(np.std(train))
+        if not math.isfinite(std):
+            raise SeriesError("the training range's values are too large to normalise")
+        if _is_flat(train):
             raise SeriesError("the training range is constant: cannot normalise a flat series")
         return cls(mean=float(np.mean(train)), std=std)
 
@@ -134,7 +156,8 @@ class Normaliser:
         return ((np.asarray(x, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
 
     def undo(self, z: np.ndarray) -> np.ndarray:
-        return (np.asarray(z, dtype=np.float64) * self.std + self.mean).astype(np.float32)
+        """float64: in float32 a large mean would round the levels (to 64 at 1e9)."""
+        return np.asarray(z, dtype=np.float64) * self.std + self.mean
 
     def manifest_series(self, tau: int) -> dict:
         """The manifest.series dict of docs/contracts.md."""
@@ -148,7 +171,7 @@ class Series:
     The model reads `normalised`: the representation (representation.py) of the levels,
     standardised with statistics of the training range, 0 where it is undefined."""
 
-    values: np.ndarray  # float32 [T], raw units
+    values: np.ndarray  # [T], raw units (float64 from a CSV)
     num_train: int  # values[:num_train] fit the model, values[num_train:] are held out
     normaliser: Normaliser  # of the representation over the training range
     source: str  # "textbook" or "<file>:<column>", recorded in manifest.training
@@ -185,7 +208,20 @@ def make_series(
     train_rep = rep.apply(values[:num_train])[rep.lost :]
     if len(train_rep) < 2:
         raise SeriesError(f"series {source}: too few training values for {rep.name}")
+    if rep.lost and _is_flat(train_rep) and not _is_flat(values[:num_train]):
+        # the levels vary, but not their differences: "constant series" would mislead
+        raise SeriesError(
+            f"series {source}: its {rep.name} is constant over the training range (the series "
+            "repeats a season or a straight line exactly); set --season 0 and --transform level"
+        )
     return Series(values, num_train, Normaliser.fit(train_rep), source, rep, held_out)
+
+
+def _is_flat(values: np.ndarray) -> bool:
+    """std at most RELATIVE_FLAT of the largest |value| (relative: units of 1e-9 still vary)."""
+    x = np.asarray(values, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.std(x) <= RELATIVE_FLAT * np.max(np.abs(x)))
 
 
 def split_series(
@@ -288,6 +324,6 @@ def load_candidates(
     rep = None
     if transform not in (None, "level") or season:
         rep = choose_representation(
-            values[: round(len(values) * TRAIN_FRACTION)], transform or "auto", season
-        )
+            values[: round(len(values) * TRAIN_FRACTION)], transform or "level", season
+        )  # --season alone keeps the textbook's levels (no first differences)
     return [split_series(values, tau, source, rep)]

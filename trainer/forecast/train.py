@@ -189,9 +189,11 @@ def _train(
         raise TrainerError(f"--rollout must be between 0 and --num-steps ({steps})")
     length = warmup + steps + 1
     if length > len(train):
+        # with --num-steps auto (already as short as it goes) only the warm-up can shrink
+        fix = "lower --num-steps" if config.num_steps is not None else "lower --warmup"
         raise TrainerError(
             f"a training subsequence needs {length} values (warm-up {warmup} + --num-steps "
-            f"{steps} + 1) but the training range has {len(train)}: lower --num-steps"
+            f"{steps} + 1) but the training range has {len(train)}: {fix}"
         )
     device = resolve_device(config.device)
     model.to(device).train()

@@ -41,6 +41,9 @@ def test_backtest_cli_refuses_bad_input(tmp_path: Path, capsys) -> None:
     assert "--test-size must be in [1, 99]" in capsys.readouterr().err
     assert main([*argv, "--season", "1", "--out-dir", str(tmp_path)]) == 2
     assert "--season must be auto, 0" in capsys.readouterr().err
+    # --hidden 0 is refused like `train` refuses it, not read as "the default"
+    assert main([*argv, "--arch", "mlp", "--hidden", "0", "--out-dir", str(tmp_path)]) == 2
+    assert "--hidden >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -82,3 +82,9 @@ def test_mse_skips_targets_outside_the_test_range() -> None:
     result = predict(Oracle("x", 0.0), series, 4, first_origin=3)
     result.predictions[: series.num_train - 8] += 10.0  # only training-range targets wrong
     assert mse_by_horizon(result, series, (1, 4))[1] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_manifest_metrics_leave_out_horizons_without_targets() -> None:
+    # JSON has no NaN: a horizon no held-out target reaches is left out, not written as NaN
+    row = {1: 0.5, 4: 0.7, 16: float("nan"), 64: float("nan")}
+    assert metrics_for_manifest(row, "mase") == {"mase_k1": 0.5, "mase_k4": 0.7}

@@ -51,3 +51,26 @@ def test_manifest_entry_and_too_little_data() -> None:
     with pytest.raises(SeriesError, match="too few"):
         late = KStepResult("late", np.arange(20, 39), np.zeros((19, 4), dtype=np.float32))
         residual_quantiles(late, short)
+
+
+def test_an_interval_always_holds_its_forecast() -> None:
+    # a model that predicts 0.3 too low everywhere: every residual is in (0.2, 0.4), and the
+    # raw 5 % quantile (about 0.21) would put the whole interval above the forecast
+    series = split_series(textbook_series(), 4, "textbook")
+    result = shifted_truth(series, 4, noise_scale=0.0)
+    rng = np.random.default_rng(0)
+    result.predictions[:] -= 0.3 + rng.uniform(-0.1, 0.1, size=result.predictions.shape)
+    lower, upper = residual_quantiles(result, series)
+    assert np.all(lower == 0.0) and np.all(upper > 0.35)
+    flipped = KStepResult("high", result.origins, result.predictions + 0.6)
+    lower, upper = residual_quantiles(flipped, series)
+    assert np.all(lower < -0.35) and np.all(upper == 0.0)
+
+
+def test_horizons_without_held_out_targets_are_left_out_not_nan() -> None:
+    series = split_series(textbook_series(), 4, "textbook")
+    result = shifted_truth(series, 64, 0.01)
+    early = KStepResult("early", result.origins[:590], result.predictions[:590])
+    entry = manifest_intervals(early, series)  # origins < 590 reach no test target at k <= 4
+    assert set(entry["test_coverage"]) == {"16", "64"}
+    assert all(np.isfinite(v) for v in entry["test_coverage"].values())

@@ -83,3 +83,13 @@ def test_representation_rejects_nonsense() -> None:
         "difference": 1,
         "season": 52,
     }
+
+
+def test_server_intervals_hold_the_forecast_even_from_a_biased_manifest() -> None:
+    # manifests written before the trainer widened its bounds to 0 can lie on one side
+    entry = {"mean": 0.0, "std": 1.0, "tau": 1,
+             "intervals": {"lower": [0.5, -1.0], "upper": [2.0, -0.2]}}  # fmt: skip
+    forecast = np.array([10.0, 20.0, 30.0])
+    lower, upper = ServerSeries.from_manifest(entry).interval(forecast)
+    assert lower == [10.0, 19.0, 29.0] and upper == [12.0, 20.0, 30.0]
+    assert all(lo <= f <= hi for lo, f, hi in zip(lower, forecast, upper, strict=True))

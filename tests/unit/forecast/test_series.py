@@ -14,6 +14,7 @@ from rnnserve.trainer.forecast.series import (
     load_csv,
     load_series,
     split_series,
+    tail_split,
     textbook_series,
 )
 
@@ -78,7 +79,8 @@ def test_missing_values_refused_with_line_number(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "column", "message"),
     [
-        ("a,b\n1,2\n", "c", r"column 'c' is not in .* \(columns: a, b\)"),
+        ("a,b\n1,2\n", "c", r"column 'c' is not in .* \(columns: a, b\)$"),
+        ("1.5\n2\n3\n", "v", r"\(columns: 1\.5\); its first row holds numbers.*header row"),
         ("a\n1\nabc\n", "a", r":3: column 'a' holds 'abc', not a finite number"),
         ("a\n1\ninf\n", "a", r"not a finite number"),
         ("a\nNA\n", "a", r"has no numeric values"),
@@ -108,3 +110,46 @@ def test_too_short_and_flat_series_are_refused(tmp_path: Path) -> None:
         load_series(flat, None, tau=2)
     with pytest.raises(SeriesError, match="--tau must be at least 1"):
         load_series(None, None, tau=0)
+
+
+def test_large_level_keeps_its_small_moves(tmp_path: Path) -> None:
+    # float32 spaces values 64 apart at 1e9: the series used to read as constant
+    t = np.arange(200)
+    text = "v\n" + "\n".join(f"{1e9 + 20 * np.sin(t_ / 3):.3f}" for t_ in t) + "\n"
+    values = load_csv(write_csv(tmp_path / "big.csv", text), "v")
+    assert values[1] - values[0] == pytest.approx(20 * np.sin(1 / 3), abs=1e-3)
+    series = load_series(tmp_path / "big.csv", "v", tau=4, season=0, transform="level")
+    assert series.normaliser.std == pytest.approx(float(np.std(values[: series.num_train])))
+    norm = series.normaliser
+    assert norm.undo(norm.apply(values[:3])) == pytest.approx(values[:3], abs=1e-3)
+
+
+def test_small_units_are_not_a_constant_series() -> None:
+    # the flat test is relative: a series in units of 1e-9 varies like any other
+    x = 1e-9 * (np.sin(np.arange(200) / 5) + np.random.default_rng(0).normal(0, 0.3, 200))
+    series = tail_split(x, 4, "tiny", season=0, transform="level")
+    assert series.normaliser.std == pytest.approx(float(np.std(x[: series.num_train])))
+
+
+def test_values_too_large_for_the_statistics_are_refused_by_line(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "s.csv", "v\n1\n1e300\n2\n")
+    with pytest.raises(SeriesError, match=r"s\.csv:3: column 'v' holds '1e300', beyond"):
+        load_csv(path, "v")
+
+
+def test_constant_differences_name_the_flags_not_a_flat_series(tmp_path: Path) -> None:
+    period = [f"{np.sin(2 * np.pi * i / 10):.6f}" for i in range(10)]
+    path = write_csv(tmp_path / "p.csv", "v\n" + "\n".join(period * 20) + "\n")
+    with pytest.raises(SeriesError, match=r"seasonal-diff\(10\) is constant.*--season 0"):
+        load_series(path, "v", tau=4)
+    assert load_series(path, "v", tau=4, season=0, transform="level").representation.lost == 0
+
+
+def test_textbook_split_with_a_season_keeps_levels(tmp_path: Path) -> None:
+    # --transform unset means levels for the textbook split, with --season too
+    walk = np.random.default_rng(0).normal(0, 1, 300).cumsum()
+    path = write_csv(tmp_path / "w.csv", "v\n" + "\n".join(f"{v:.4f}" for v in walk) + "\n")
+    series = load_series(path, "v", tau=4, split="textbook", season=12)
+    assert series.representation.name == "seasonal-diff(12)"
+    diffed = load_series(path, "v", tau=4, split="textbook", season=12, transform="auto")
+    assert diffed.representation.name == "seasonal-diff(12)+diff"  # the ADF test's call

@@ -55,6 +55,19 @@ def test_bad_settings_are_refused(changes: dict, message: str) -> None:
         train_forecaster(config, series)
 
 
+def test_a_series_too_short_for_the_warm_up_asks_for_a_shorter_warm_up() -> None:
+    # --num-steps auto is already 1: lowering it cannot help, a shorter warm-up can
+    from rnnserve.trainer.forecast.series import tail_split
+
+    values = load_series(None, None, tau=4).values[:20]
+    series = tail_split(values, 4, "short", transform="level", season=0)  # trains on 15
+    config = ForecastTrainConfig(arch="gru", hidden=4, epochs=1, num_steps=None)
+    with pytest.raises(TrainerError, match="lower --warmup"):
+        train_forecaster(config, series)
+    train_forecaster(ForecastTrainConfig(arch="gru", hidden=4, epochs=1, num_steps=None,
+                                         warmup=4), series)  # fmt: skip
+
+
 @pytest.mark.parametrize("arch", ["mlp", "gru", "lstm"])
 def test_multi_step_loss_is_the_k_step_error_of_the_evaluator(arch: str) -> None:
     """The rollout term trains exactly what evaluate.py scores: predictions fed back."""
