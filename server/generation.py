@@ -100,10 +100,9 @@ class Generator:
         s = self.settings
         max_tokens = p.max_tokens or DEFAULT_MAX_TOKENS
         if not 1 <= max_tokens <= s.max_tokens:
-            raise BadRequest(
-                "max_tokens",
-                f"must be in [1, {s.max_tokens}] (0 or unset: {DEFAULT_MAX_TOKENS}), "
-                f"got {p.max_tokens}",
+            unset = "" if p.max_tokens else f" (unset means {DEFAULT_MAX_TOKENS})"
+            raise BadRequest(  # the default is said only when it was used: OpenAI's is 16
+                "max_tokens", f"must be in [1, {s.max_tokens}], got {p.max_tokens}{unset}"
             )
         if p.state_every < 0:
             raise BadRequest("state_every", f"must be 0 or more, got {p.state_every}")

@@ -208,11 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
         shown = "" if f.name in _SECRET else f"; default {default}"
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
-            type=kind,
+            type=_reader(kind, env),
             default=os.environ.get(env, default),
             help=f"{text} (env {env}{shown})",
         )
     return parser
+
+
+def _reader(kind: type, env: str):
+    """argparse's type for a flag: its error names the environment variable when the bad text
+    came from there (argparse alone blames the flag, which the user never typed)."""
+
+    def read(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            source = f" (from {env})" if os.environ.get(env) == text else ""
+            raise argparse.ArgumentTypeError(
+                f"cannot read {text!r} as {kind.__name__}{source}"
+            ) from None
+
+    read.__name__ = kind.__name__
+    return read
 
 
 def settings_from_args(argv: list[str] | None = None) -> Settings:
@@ -269,4 +286,11 @@ def validate(settings: Settings) -> str | None:
             return f"--{name.replace('_', '-')} must be a finite number of seconds, 0 or more"
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         return "--log-level must be DEBUG, INFO, WARNING or ERROR"
+    # without a scheme the exporter would use TLS, and a plaintext collector gets no span
+    scheme, sep, _ = settings.otlp_endpoint.partition("://")
+    if settings.otlp_endpoint and not (sep and scheme.lower() in ("http", "https")):
+        return (
+            "--otlp-endpoint must start with http:// (plaintext) or https:// (TLS), e.g. "
+            f"http://otel-collector:4317; got {settings.otlp_endpoint!r}"
+        )
     return None

@@ -12,12 +12,18 @@ elsewhere (the scheduler's loop) keeps `current_span()` from the handler and cal
 from __future__ import annotations
 
 import contextvars
+import logging
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import grpc
 
 TRACER_NAME = "rnnserve.server"
+# SIGTERM waits at most this long for the last spans: with the collector down, the SDK's own
+# shutdown retries for up to 30 s, far past --grace (and past a k8s termination grace period).
+FLUSH_TIMEOUT_S = 5.0
+log = logging.getLogger(__name__)
 # Server-side failures (OpenTelemetry's gRPC conventions): the caller's mistakes stay unset.
 SERVER_ERRORS = frozenset(
     {
@@ -88,7 +94,7 @@ def otlp_provider(endpoint: str, version: str) -> Any:
     if not os.environ.get("OTEL_SERVICE_NAME"):
         attributes["service.name"] = "rnnserve"
     provider = TracerProvider(resource=Resource.create(attributes))
-    exporter = OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
+    exporter = OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.lower().startswith("http://"))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
 
@@ -153,6 +159,14 @@ class RpcTracer:
         )
         return RpcSpan(span, context.attach(trace.set_span_in_context(span, parent)))
 
-    def shutdown(self) -> None:
-        """Exports what is still buffered, then stops the exporter."""
-        self.provider.shutdown()
+    def shutdown(self, timeout_s: float = FLUSH_TIMEOUT_S) -> bool:
+        """Exports what is still buffered, then stops the exporter; False when that took
+        longer than `timeout_s` (a collector that is down): the rest is dropped, so a stopping
+        server exits on time. The flush runs in a daemon thread, which exit does not wait for."""
+        flush = threading.Thread(target=self.provider.shutdown, name="otel-flush", daemon=True)
+        flush.start()
+        flush.join(timeout_s)
+        if flush.is_alive():
+            log.warning("tracing: spans not exported within %gs of shutdown are dropped", timeout_s)
+            return False
+        return True

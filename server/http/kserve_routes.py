@@ -151,6 +151,7 @@ class KServeRoutes:
         m = request.match_info
         name = m["name"]
         call.model = self.engine.model_label(name)
+        self.engine.repository.get(name, m.get("version", ""))  # unknown: 404, whatever the body
         head, inputs = parse_infer(await request.read(), request.headers.get(HEADER_LENGTH))
         names, binary = _wanted(head)
         version, outputs = await infer(self.engine, name, m.get("version", ""), inputs)

@@ -202,6 +202,29 @@ def test_unreadable_tokens_file_is_a_clean_error(model_repo: Path, tmp_path: Pat
     assert "missing.txt" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    "cert, key, client_ca, flag",
+    [
+        ("server_cert", "other_server_key", "", "--tls-key"),  # a key of another certificate
+        ("server_key", "server_cert", "", "--tls-cert"),  # swapped
+        ("server_cert", "server_key", "server_key", "--tls-client-ca"),  # a key, not a CA
+    ],
+)
+def test_bad_tls_files_are_a_clean_error_naming_the_flag(
+    model_repo: Path, pki: dict[str, str], cert: str, key: str, client_ca: str, flag: str
+) -> None:
+    """Exit 2 with the flag and file named, not grpc's "Failed to bind to address"."""
+    cmd = [str(BIN / "rnn-server"), "--model-repo", str(model_repo), "--host", "127.0.0.1",
+           "--port", "0", "--metrics-port", "0", "--http-port", "0",
+           "--tls-cert", pki[cert], "--tls-key", pki[key]]  # fmt: skip
+    if client_ca:
+        cmd += ["--tls-client-ca", pki[client_ca]]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=CALL_TIMEOUT_S)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert flag in done.stderr and "Failed to bind" not in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
 def test_tls_and_mutual_tls(model_repo: Path, tmp_path: Path, pki: dict[str, str]) -> None:
     ca = Path(pki["ca"]).read_bytes()
     ccert, ckey = Path(pki["client_cert"]).read_bytes(), Path(pki["client_key"]).read_bytes()

@@ -155,3 +155,36 @@ def test_otlp_endpoint_without_the_packages_is_a_clear_error(tmp_path: Path) -> 
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]
     assert "rnnserve[otel]" in done.stderr
+
+
+def test_sigterm_does_not_wait_for_an_unreachable_collector(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """A collector that is down must not hold a stopping server past --grace: the SDK's own
+    shutdown retries every pending batch for up to 30 s (10 s each, one span per batch
+    here); the server gives the flush FLUSH_TIMEOUT_S and exits 0."""
+    from rnnserve.server.tracing import FLUSH_TIMEOUT_S
+
+    port, closed = _free_port(), _free_port()  # nothing listens on `closed`
+    address = f"127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    grace = 1.0
+    cmd = [str(BIN / "rnn-server"), "--model-repo", str(model_repo), "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", "0", "--grace", str(grace),
+           "--otlp-endpoint", f"http://127.0.0.1:{closed}"]  # fmt: skip
+    env = {**os.environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "1"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait("server SERVING", lambda: _serving(address), proc, log)
+        with grpc.insecure_channel(address) as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            for _ in range(4):  # four spans: four batches the exporter cannot deliver
+                stub.ListModels(pb.ListModelsRequest(), timeout=30)
+        started = time.monotonic()
+        # old code: 30 s (the SDK's shutdown timeout); bound: grace + flush + start-up slack
+        stop_gracefully(proc, timeout=grace + FLUSH_TIMEOUT_S + 8)
+        assert time.monotonic() - started < grace + FLUSH_TIMEOUT_S + 8
+        assert "spans not exported" in log.read_text()
+    finally:
+        reap(proc)

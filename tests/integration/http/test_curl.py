@@ -75,6 +75,15 @@ def test_openai_errors_are_json_with_status(base_url, body, status, param) -> No
     assert headers["x-request-id"]
 
 
+def test_openai_max_tokens_over_the_limit_names_no_grpc_default(base_url: str) -> None:
+    """The limit is the server's; the gRPC default (64, "unset") is not OpenAI's (16)."""
+    got, _, text = post(base_url + "/v1/completions",
+                        {"model": "lstm", "prompt": "a", "max_tokens": 10**9})  # fmt: skip
+    error = json.loads(text)["error"]
+    assert got == 400 and error["param"] == "max_tokens"
+    assert "got 1000000000" in error["message"] and "unset" not in error["message"]
+
+
 def test_not_json_and_unknown_paths(base_url: str) -> None:
     status, _, text = curl("-d", "{not json", base_url + "/v1/completions")
     assert status == 400 and "not valid JSON" in json.loads(text)["error"]["message"]
@@ -135,6 +144,8 @@ def test_kserve_task_mismatch_and_unknown(base_url: str) -> None:
     status, _, _ = post(base_url + "/v2/models/missing/infer", body)
     assert status == 404
     status, _, _ = post(base_url + "/v2/models/lstm/versions/9/infer", body)
+    assert status == 404
+    status, _, _ = post(base_url + "/v2/models/missing/infer", {})  # the model before the body
     assert status == 404
 
 

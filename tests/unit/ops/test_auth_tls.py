@@ -63,3 +63,16 @@ def test_tls_flag_combinations(tmp_path: Path) -> None:
         server_credentials("", "", "ca.pem")
     with pytest.raises(TlsConfigError, match="cannot read"):
         server_credentials(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+
+
+@pytest.mark.parametrize("which", ["pair", "client_ca"])
+def test_tls_files_that_are_not_pem_name_their_flag(tmp_path: Path, which: str) -> None:
+    """grpc would only say "Failed to bind to address"; the error must name the file."""
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    if which == "pair":
+        with pytest.raises(TlsConfigError, match=r"--tls-cert .*junk\.pem / --tls-key"):
+            server_credentials(str(junk), str(junk))
+    else:
+        with pytest.raises(TlsConfigError, match="--tls-cert"):  # the pair is checked first
+            server_credentials(str(junk), str(junk), str(junk))

@@ -37,6 +37,21 @@ def test_ops_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> Non
     assert (flagged.workers, flagged.poll_interval) == (2, 0.0)  # a flag beats the env
 
 
+def test_a_bad_environment_value_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The user set RNNSERVE_GRACE, never typed --grace: the error says where it came from."""
+    monkeypatch.setenv("RNNSERVE_GRACE", "abc")
+    with pytest.raises(SystemExit) as exit_:
+        settings_from_args([])
+    assert exit_.value.code == 2
+    assert "cannot read 'abc' as float (from RNNSERVE_GRACE)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        settings_from_args(["--grace", "xyz"])  # typed: no variable named
+    err = capsys.readouterr().err
+    assert "cannot read 'xyz' as float" in err and "RNNSERVE_GRACE" not in err
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
@@ -52,3 +67,21 @@ def test_bad_ops_values_are_usage_errors(
         settings_from_args(argv)
     assert info.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("endpoint", ["otel-collector:4317", "grpc://otel-collector:4317"])
+def test_otlp_endpoint_without_http_or_https_is_a_usage_error(
+    endpoint: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Schemeless, the exporter would speak TLS to a plaintext collector and every span
+    would be lost with no more than an exporter warning: refuse it at start instead."""
+    monkeypatch.setenv("RNNSERVE_OTLP_ENDPOINT", endpoint)
+    with pytest.raises(SystemExit) as info:
+        settings_from_args([])
+    assert info.value.code == 2
+    assert "--otlp-endpoint must start with http://" in capsys.readouterr().err
+
+
+def test_otlp_endpoint_with_a_scheme_is_accepted() -> None:
+    for endpoint in ("http://otel-collector:4317", "HTTPS://otel-collector:4317", ""):
+        assert settings_from_args(["--otlp-endpoint", endpoint]).otlp_endpoint == endpoint

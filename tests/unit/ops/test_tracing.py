@@ -159,3 +159,30 @@ def test_without_an_endpoint_nothing_is_traced(tmp_path: Path) -> None:
         server.stop()
     assert tracing.NO_SPAN.is_recording() is False
     assert tracing.NO_SPAN.add_event("x") is None
+
+
+def test_shutdown_gives_up_on_a_flush_that_does_not_end() -> None:
+    """An unreachable collector keeps the SDK's shutdown retrying for up to 30 s; the
+    server's flush returns after its timeout instead, so SIGTERM stays within --grace."""
+    import threading
+    import time
+
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    release = threading.Event()
+
+    class Stuck(SpanProcessor):
+        def shutdown(self) -> None:
+            release.wait(30)
+
+    provider = sdk_trace.TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(Stuck())
+    tracer = tracing.RpcTracer(provider)
+    started = time.monotonic()
+    try:
+        assert tracer.shutdown(timeout_s=0.2) is False
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
+    quick = sdk_trace.TracerProvider(shutdown_on_exit=False)
+    assert tracing.RpcTracer(quick).shutdown(timeout_s=5) is True
