@@ -48,9 +48,17 @@ class TokenizerConfig:
     def from_dict(cls, data: dict) -> TokenizerConfig:
         return cls(
             level=str(data.get("level", "char")),
-            lowercase=bool(data.get("lowercase", True)),
-            letters_only=bool(data.get("letters_only", False)),
+            lowercase=_flag(data, "lowercase", True),
+            letters_only=_flag(data, "letters_only", False),
         )
+
+
+def _flag(data: dict, key: str, default: bool) -> bool:
+    """A JSON boolean: bool("false") is True, which would tokenize text other than trained."""
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"tokenizer {key} must be true or false, got {value!r}")
+    return value
 
 
 class Tokenizer:

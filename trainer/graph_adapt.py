@@ -1,10 +1,11 @@
 """Fits a graph brought from elsewhere to the server's contract at its edges only.
 
 Why in the graph: the server runs every package alike (tokens [batch, time] -> logits [batch,
-time, vocab], ids of a vocabulary that begins with the reserved tokens). A time-major graph
-gets a Transpose on the tokens and on the logits; a vocabulary that does not begin with
-<unk> <pad> <bos> <eos> is renumbered by a Gather on each side. The user's weights and ops
-stay as they are, and the export checks then run on the graph the server will run.
+time, vocab], int64 ids of a vocabulary that begins with the reserved tokens). A time-major
+graph gets a Transpose on the tokens and on the logits; a vocabulary that does not begin with
+<unk> <pad> <bos> <eos> is renumbered by a Gather on each side; int32 token ids get a Cast.
+The user's weights and ops stay as they are, and the export checks then run on the graph the
+server will run.
 """
 
 from __future__ import annotations
@@ -47,11 +48,12 @@ def map_vocab(graph_tokens: list[str]) -> VocabMap:
 
 def adapt(model: onnx.ModelProto, iface: GraphInterface, vocab: VocabMap) -> onnx.ModelProto:
     """A copy of `model` whose token input and logits output follow the contract."""
-    if not iface.time_major and vocab.to_graph is None:
+    cast = iface.input_dtype != "int64"
+    if not iface.time_major and vocab.to_graph is None and not cast:
         return model
     out = copy.deepcopy(model)
     graph = out.graph
-    _adapt_input(graph, iface.input, iface.time_major, vocab)
+    _adapt_input(graph, iface.input, iface.time_major, vocab, cast)
     _adapt_output(graph, iface.output, iface.time_major, vocab)
     return out
 
@@ -74,7 +76,9 @@ def _swap_first_axes(value: onnx.ValueInfoProto) -> None:
     dims[1].CopyFrom(first)
 
 
-def _adapt_input(graph: onnx.GraphProto, name: str, time_major: bool, vocab: VocabMap) -> None:
+def _adapt_input(
+    graph: onnx.GraphProto, name: str, time_major: bool, vocab: VocabMap, cast: bool
+) -> None:
     inner = f"{PREFIX}{name}"
     _rename_uses(graph, name, inner)
     nodes, current = [], name
@@ -86,11 +90,17 @@ def _adapt_input(graph: onnx.GraphProto, name: str, time_major: bool, vocab: Voc
     if time_major:
         nodes.append(helper.make_node("Transpose", [current], [f"{PREFIX}tokens_tb"], perm=[1, 0]))
         current = f"{PREFIX}tokens_tb"
+    value = next(v for v in graph.input if v.name == name)
+    if cast:  # the server sends int64 ids; the graph reads its own integer type
+        own = value.type.tensor_type.elem_type
+        nodes.append(helper.make_node("Cast", [current], [f"{PREFIX}tokens_own"], to=own))
+        current = f"{PREFIX}tokens_own"
+        value.type.tensor_type.elem_type = onnx.TensorProto.INT64
     nodes.append(helper.make_node("Identity", [current], [inner]))
     for i, node in enumerate(nodes):
         graph.node.insert(i, node)
     if time_major:
-        _swap_first_axes(next(v for v in graph.input if v.name == name))
+        _swap_first_axes(value)
 
 
 def _adapt_output(graph: onnx.GraphProto, name: str, time_major: bool, vocab: VocabMap) -> None:

@@ -16,6 +16,8 @@ from rnnserve.artifact.manifest import StateSpec
 from rnnserve.trainer.errors import TrainerError
 
 DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}
+# token ids the server can feed: it sends int64; an int32 input gets a Cast (graph_adapt.py)
+TOKEN_DTYPES = ("int64", "int32")
 Dim = int | str | None  # fixed size, symbolic name, or unknown
 
 
@@ -39,6 +41,7 @@ class GraphInterface:
     states: list[StateSpec]
     time_major: bool = False
     notes: list[str] = field(default_factory=list)  # what was inferred, for the record
+    input_dtype: str = "int64"  # the graph's own token dtype (one of TOKEN_DTYPES)
 
 
 def misfit(detail: str) -> TrainerError:
@@ -73,16 +76,16 @@ def _pick_input(inputs: dict[str, Tensor], name: str | None) -> Tensor:
             raise misfit(f"there is no input {name!r}; the inputs are {_listing(inputs)}")
         chosen = inputs[name]
     else:
-        found = [t for t in inputs.values() if t.dtype == "int64" and len(t.dims) == 2]
+        found = [t for t in inputs.values() if t.dtype in TOKEN_DTYPES and len(t.dims) == 2]
         if len(found) != 1:
-            why = "no int64 input of rank 2" if not found else "several int64 inputs of rank 2"
+            some = "no int64 or int32 input" if not found else "several int64 or int32 inputs"
             raise misfit(
-                f"cannot tell the token input ({why}); the inputs are {_listing(inputs)};"
-                " name it with --input"
+                f"cannot tell the token input ({some} of rank 2); the inputs are"
+                f" {_listing(inputs)}; name it with --input"
             )
         chosen = found[0]
-    if chosen.dtype != "int64":
-        raise misfit(f"token input {chosen.describe()} must hold int64 token ids")
+    if chosen.dtype not in TOKEN_DTYPES:
+        raise misfit(f"token input {chosen.describe()} must hold int64 (or int32) token ids")
     if len(chosen.dims) != 2:
         raise misfit(f"token input {chosen.describe()} must have 2 axes: [batch, time]")
     return chosen
@@ -94,11 +97,10 @@ def _pick_output(outputs: dict[str, Tensor], name: str | None, vocab_size: int) 
             raise misfit(f"there is no output {name!r}; the outputs are {_listing(outputs)}")
         chosen = outputs[name]
     else:
-        found = [
-            t for t in outputs.values()
-            if t.dtype == "float32" and len(t.dims) == 3
-            and not (isinstance(t.dims[2], int) and t.dims[2] != vocab_size)
-        ]  # fmt: skip
+        scoring = [t for t in outputs.values() if t.dims and _fits(t.dims[-1], vocab_size)]
+        found = [t for t in scoring if t.dtype == "float32" and len(t.dims) == 3]
+        if not found and len(scoring) == 1:  # scores the vocabulary, not as the server reads
+            found = scoring  # the checks below say what is wrong with it (dtype, axes)
         if not found:
             raise misfit(
                 f"no output scores {vocab_size} tokens per step, the vocabulary's size (the"
@@ -124,6 +126,11 @@ def _pick_output(outputs: dict[str, Tensor], name: str | None, vocab_size: int) 
             f" vocabulary has {vocab_size}"
         )
     return chosen
+
+
+def _fits(dim: Dim, vocab_size: int) -> bool:
+    """An axis that may be the vocabulary's: its size, or a size not fixed in the graph."""
+    return not isinstance(dim, int) or dim == vocab_size
 
 
 def _parse_state(text: str) -> tuple[str, str, int | None]:
@@ -231,6 +238,11 @@ def resolve(
                 raise misfit(f"--state {text!r}: no state input {i!r}; left: {_listing(rest_in)}")
             if o not in rest_out:
                 raise misfit(f"--state {text!r}: no output {o!r}; left: {_listing(rest_out)}")
+            for taken in pairs:  # one tensor in two pairs would carry one state twice
+                if i == taken[0].name or o == taken[1].name:
+                    both = i if i == taken[0].name else o
+                    raise misfit(f"--state {text!r}: {both!r} is already in the pair"
+                                 f" {taken[0].name}:{taken[1].name}")  # fmt: skip
             pairs.append((rest_in[i], rest_out[o], axis))
         unfed = sorted(set(rest_in) - {i.name for i, _, _ in pairs})
         if unfed:
@@ -246,4 +258,6 @@ def resolve(
         time_major = layout == "time-major"
     else:
         raise TrainerError(f"--layout must be batch-major or time-major, got {layout!r}")
-    return GraphInterface(token.name, logits.name, specs, time_major, notes)
+    if token.dtype != "int64":
+        notes.append(f"token input {token.name} is {token.dtype}: the server's int64 ids are cast")
+    return GraphInterface(token.name, logits.name, specs, time_major, notes, token.dtype)

@@ -69,16 +69,40 @@ def read_vocab(path: Path) -> list[str]:
 
 
 def tokenizer_spec(spec: str, lowercase: bool = True, letters_only: bool = False):
-    """`char`, `word`, or a JSON file with TokenizerConfig's fields (docs/contracts.md)."""
+    """`char`, `word`, or a JSON file with TokenizerConfig's fields (docs/contracts.md).
+
+    The file is read strictly: a misspelt key or "false" as a string would otherwise fall
+    back to a default, and the server would split text unlike the model was trained on.
+    """
     if spec in LEVELS:
         return TokenizerConfig(level=spec, lowercase=lowercase, letters_only=letters_only)
     try:
-        return TokenizerConfig.from_dict(json.loads(Path(spec).read_text(encoding="utf-8")))
-    except (OSError, ValueError, AttributeError) as exc:
+        data = json.loads(Path(spec).read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as exc:
         raise TrainerError(
             f"--tokenizer {spec!r}: expected char, word or a JSON file of tokenizer settings"
             f" ({exc})"
         ) from exc
+    if not lowercase or letters_only:
+        raise TrainerError(
+            f"--tokenizer {spec!r}: --keep-case and --letters-only go with char or word; set"
+            ' "lowercase" and "letters_only" in the JSON file instead'
+        )
+    fields = {"level": str, "lowercase": bool, "letters_only": bool}
+    if not isinstance(data, dict):
+        raise TrainerError(f"--tokenizer {spec!r}: expected a JSON object with {', '.join(fields)}")
+    for key, value in data.items():
+        if key not in fields:
+            raise TrainerError(f"--tokenizer {spec!r}: unknown setting {key!r} (settings:"
+                               f" {', '.join(fields)})")  # fmt: skip
+        if not isinstance(value, fields[key]):
+            raise TrainerError(f"--tokenizer {spec!r}: {key!r} must be a JSON"
+                               f" {'string' if fields[key] is str else 'true or false'},"
+                               f" got {value!r}")  # fmt: skip
+    try:
+        return TokenizerConfig.from_dict(data)
+    except ValueError as exc:
+        raise TrainerError(f"--tokenizer {spec!r}: {exc}") from exc
 
 
 def architecture_of(graph: onnx.GraphProto, given: str | None) -> str:
@@ -152,6 +176,7 @@ def package_model(request: PackageRequest) -> Path:
                 "source_onnx": str(Path(request.onnx_path).resolve()),
                 "source_sha256": sha256_file(Path(request.onnx_path)),
                 "layout": "time-major" if iface.time_major else "batch-major",
+                "token_dtype": iface.input_dtype,  # int32: the server's int64 ids are cast
                 "vocab_renumbered": mapping.to_graph is not None,
                 "inferred": iface.notes,
             },

@@ -77,5 +77,5 @@ def _probe_ids(package: Path, text: str | None) -> list[int] | None:
     from rnnserve.artifact.tokenizer import Tokenizer
 
     manifest = Manifest.load(package)
-    words = Tokenizer(manifest.tokenizer).tokenize(Path(text).read_text(encoding="utf-8"))
+    words = Tokenizer(manifest.tokenizer).tokenize(Path(text).read_text(encoding="utf-8-sig"))
     return manifest.build_vocab().encode(words)

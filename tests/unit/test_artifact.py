@@ -102,3 +102,12 @@ def test_letters_only_keeps_capitals_when_case_is_kept() -> None:
     assert tok.tokenize("Hello World, it's 1895") == ["Hello", "World", "it", "s"]
     lower = Tokenizer(TokenizerConfig(level="char", letters_only=True))
     assert "".join(lower.tokenize("Hello World")) == "hello world"
+
+
+def test_tokenizer_flags_must_be_json_booleans() -> None:
+    """bool("false") is True: a hand-edited manifest would tokenize unlike its training."""
+    from rnnserve.artifact.tokenizer import TokenizerConfig
+
+    assert TokenizerConfig.from_dict({"lowercase": False}).lowercase is False
+    with pytest.raises(ValueError, match="lowercase must be true or false"):
+        TokenizerConfig.from_dict({"lowercase": "false"})

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from rnnserve.artifact.manifest import Manifest
 from rnnserve.artifact.tokenizer import Tokenizer, TokenizerConfig
 from rnnserve.trainer import cli
 from rnnserve.trainer.corpus import default_corpus_text
+from rnnserve.trainer.graph_check import log_probs
 from rnnserve.v1 import rnnserve_pb2 as pb
 from tests.integration.server.harness import ServerThread, make_settings
 
@@ -250,3 +252,63 @@ class _DropsState(nn.Module):
 
     def init_hidden(self, bsz: int):
         return self.inner.init_hidden(bsz)
+
+
+class _Int32GRU(nn.Module):
+    """Another user's model: batch-major GRU, int32 token ids, raw logits, no reserved tokens."""
+
+    def __init__(self, ntoken: int) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.encoder = nn.Embedding(ntoken, 8)
+        self.rnn = nn.GRU(8, 16, 2, batch_first=True)
+        self.decoder = nn.Linear(16, ntoken)
+        with torch.no_grad():  # untrained weights scaled up: a peaked, prompt-dependent model
+            for p in self.parameters():
+                p.mul_(3.0)
+
+    def forward(self, tokens, h0):
+        out, hn = self.rnn(self.encoder(tokens), h0)
+        return self.decoder(out), hn
+
+
+def test_an_int32_batch_major_graph_serves_what_the_graph_computes(tmp_path: Path) -> None:
+    """Served Score and greedy Generate == the user's own graph run in ONNX Runtime."""
+    chars = list("abcdefghijklmnopqrstuvwxyz ")
+    graph = tmp_path / "gru.onnx"
+    axes = {"tokens": {0: "b", 1: "t"}, "logits": {0: "b", 1: "t"}, "h": {1: "b"}, "hn": {1: "b"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _Int32GRU(len(chars)).eval(), (torch.zeros(2, 5, dtype=torch.int32),
+            torch.zeros(2, 2, 16)), str(graph), dynamo=False, opset_version=17,
+            input_names=["tokens", "h"], output_names=["logits", "hn"], dynamic_axes=axes,
+        )  # fmt: skip
+    vocab = tmp_path / "chars.txt"
+    vocab.write_text("\n".join(chars) + "\n", encoding="utf-8")
+    assert cli.main(["package", "--onnx", str(graph), "--vocab", str(vocab), "--tokenizer",
+                     "char", "--out", str(tmp_path / "models"), "--name", "gru"]) == 0  # fmt: skip
+    manifest = Manifest.load(tmp_path / "models" / "gru" / "1")
+    assert manifest.training["token_dtype"] == "int32"
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+
+    def user_log_probs(text: str) -> np.ndarray:
+        ids = np.array([[chars.index(c) for c in text]], np.int32)
+        logits = session.run(["logits"], {"tokens": ids, "h": np.zeros((2, 1, 16), np.float32)})
+        return log_probs(logits[0][0])
+
+    srv = ServerThread(make_settings(tmp_path / "models")).start()
+    try:
+        text = "the quick brown fox"
+        result = srv.stub.Score(pb.ScoreRequest(model="gru", texts=[text]), timeout=60).results[0]
+        lp = user_log_probs(text)
+        want = [lp[t, chars.index(text[t + 1])] for t in range(len(text) - 1)]
+        np.testing.assert_allclose(result.token_logprobs, want, atol=1e-4)
+        request = pb.GenerateRequest(model="gru", prompt="the qu", max_tokens=10)
+        got = [i for msg in srv.stub.Generate(request, timeout=60) for i in msg.token_ids]
+    finally:
+        srv.stop()
+    prompt, greedy = "the qu", ""
+    for _ in range(10):
+        greedy += chars[int(np.argmax(user_log_probs(prompt + greedy)[-1]))]
+    assert "".join(manifest.vocab[i] for i in got) == greedy

@@ -11,33 +11,42 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from rnnserve.artifact.manifest import Manifest
+from rnnserve.artifact.tokenizer import TokenizerConfig
 from rnnserve.artifact.vocab import RESERVED
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.graph_adapt import MISSING_LOGIT, adapt, map_vocab
 from rnnserve.trainer.graph_interface import resolve
-from rnnserve.trainer.package import read_vocab
+from rnnserve.trainer.package import PackageRequest, package_model, read_vocab, tokenizer_spec
+from rnnserve.trainer.package_cli import _probe_ids
 
 USER_TOKENS = ["the", "<eos>", "cat", "<unk>", "sat"]  # the user's own order
 
 
-def _lookup_graph(time_major: bool, extra_int_input: bool = False) -> onnx.ModelProto:
+def _lookup_graph(
+    time_major: bool,
+    extra_int_input: bool = False,
+    token_type: int = TensorProto.INT64,
+    logits_type: int = TensorProto.FLOAT,
+) -> onnx.ModelProto:
     """logits[.., v] = table[token, v] (+ 0 * state): a graph whose output names its input."""
     v = len(USER_TOKENS)
     axes = ["time", "batch"] if time_major else ["batch", "time"]
     table = np.arange(v * v, dtype=np.float32).reshape(v, v)
     nodes = [
-        helper.make_node("Gather", ["table", "tokens"], ["logits"]),
+        helper.make_node("Gather", ["table", "tokens"], ["scores"]),
+        helper.make_node("Cast", ["scores"], ["logits"], to=logits_type),
         helper.make_node("Identity", ["h"], ["h_next"]),
     ]
     inputs = [
-        helper.make_tensor_value_info("tokens", TensorProto.INT64, axes),
+        helper.make_tensor_value_info("tokens", token_type, axes),
         helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, "batch", 4]),
     ]
     if extra_int_input:
         inputs.append(helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch", 1]))
     graph = helper.make_graph(
         nodes, "lookup", inputs,
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [*axes, v]),
+        [helper.make_tensor_value_info("logits", logits_type, [*axes, v]),
          helper.make_tensor_value_info("h_next", TensorProto.FLOAT, [1, "batch", 4])],
         [numpy_helper.from_array(table, "table")],
     )  # fmt: skip
@@ -91,7 +100,7 @@ def test_adapted_graph_speaks_the_contract(time_major: bool) -> None:
 
 def test_inference_says_which_flag_settles_a_doubt() -> None:
     two_int = _lookup_graph(False, extra_int_input=True)
-    with pytest.raises(TrainerError, match=r"several int64 inputs of rank 2.*--input"):
+    with pytest.raises(TrainerError, match=r"several int64 or int32 inputs of rank 2.*--input"):
         resolve(two_int.graph, len(USER_TOKENS))
     with pytest.raises(TrainerError, match="'lengths' is neither the token input nor a state"):
         resolve(two_int.graph, len(USER_TOKENS), input_name="tokens", states=["h:h_next"])
@@ -100,3 +109,77 @@ def test_inference_says_which_flag_settles_a_doubt() -> None:
     fixed.graph.output[1].type.tensor_type.shape.dim[1].dim_value = 2
     with pytest.raises(TrainerError, match=r"batch axis of state h .*no symbolic axis"):
         resolve(fixed.graph, len(USER_TOKENS))
+
+
+def _package_lookup(tmp_path: Path, model: onnx.ModelProto) -> Path:
+    (tmp_path / "g.onnx").write_bytes(model.SerializeToString())
+    (tmp_path / "vocab.txt").write_text("\n".join(USER_TOKENS) + "\n", encoding="utf-8")
+    return package_model(PackageRequest(
+        onnx_path=tmp_path / "g.onnx", vocab_path=tmp_path / "vocab.txt",
+        tokenizer=TokenizerConfig(level="word"), out=tmp_path / "models", name="m", arch="rnn",
+    ))  # fmt: skip
+
+
+def test_an_int32_token_input_is_fed_the_servers_int64_ids(tmp_path: Path) -> None:
+    """tf2onnx and torch with int32 ids export an int32 input; the server sends int64."""
+    model = _lookup_graph(True, token_type=TensorProto.INT32)
+    iface = resolve(model.graph, len(USER_TOKENS))  # inferred as the token input
+    assert iface.input == "tokens" and iface.input_dtype == "int32"
+    package = _package_lookup(tmp_path, model)
+    manifest = Manifest.load(package)
+    assert manifest.training["token_dtype"] == "int32"
+    session = ort.InferenceSession(str(package / "model.onnx"))
+    x = np.array([[4, 5, 0], [6, 3, 4]], dtype=np.int64)  # packaged ids, as the server sends
+    logits, _ = session.run(None, {"tokens": x, "h": np.zeros((1, 2, 4), np.float32)})
+    vocab = map_vocab(USER_TOKENS)
+    user_table = np.arange(25, dtype=np.float32).reshape(5, 5)
+    row = user_table[vocab.to_graph[5]][vocab.to_graph]
+    row[vocab.missing] += MISSING_LOGIT
+    np.testing.assert_array_equal(logits[0, 1], row)
+
+
+def test_a_logits_output_the_server_cannot_read_is_named_with_the_reason() -> None:
+    """Not "no output scores N tokens": the output does; its dtype or axes are what is wrong."""
+    double = _lookup_graph(False, logits_type=TensorProto.DOUBLE)
+    with pytest.raises(TrainerError, match=r"logits output logits \(float64 .*must be float32"):
+        resolve(double.graph, len(USER_TOKENS))
+    flat = _lookup_graph(False)
+    del flat.graph.output[0].type.tensor_type.shape.dim[0]  # [batch*time, vocabulary]
+    with pytest.raises(TrainerError, match=r"must have 3 axes.*a flattened"):
+        resolve(flat.graph, len(USER_TOKENS))
+    short = _lookup_graph(False, token_type=TensorProto.INT16)
+    with pytest.raises(TrainerError, match="no int64 or int32 input of rank 2"):
+        resolve(short.graph, len(USER_TOKENS))
+
+
+def test_a_state_tensor_in_two_pairs_is_refused() -> None:
+    model = _lookup_graph(False)
+    with pytest.raises(TrainerError, match="'h' is already in the pair h:h_next"):
+        resolve(model.graph, len(USER_TOKENS), states=["h:h_next", "h:h_next"])
+
+
+def test_a_tokenizer_file_is_read_strictly(tmp_path: Path) -> None:
+    """A misspelt key or a string "false" must not fall back to a default silently."""
+    spec = tmp_path / "tok.json"
+    spec.write_text('{"level": "word", "letters_only": true}', encoding="utf-8")
+    assert tokenizer_spec(str(spec)) == TokenizerConfig(level="word", letters_only=True)
+    for text, message in [
+        ('{"level": "word", "lower_case": false}', "unknown setting 'lower_case'"),
+        ('{"level": "word", "lowercase": "false"}', "'lowercase' must be a JSON true or false"),
+        ('["word"]', "expected a JSON object"),
+        ('{"level": "bpe"}', "tokenizer level must be one of"),
+    ]:
+        spec.write_text(text, encoding="utf-8")
+        with pytest.raises(TrainerError, match=message):
+            tokenizer_spec(str(spec))
+    spec.write_text('{"level": "word"}', encoding="utf-8")
+    with pytest.raises(TrainerError, match="--keep-case and --letters-only go with char or word"):
+        tokenizer_spec(str(spec), lowercase=False)
+
+
+def test_the_precision_probe_reads_text_as_the_fp32_check_does(tmp_path: Path) -> None:
+    """A byte-order mark is no token: --precision checks the same ids as the fp32 check."""
+    package = _package_lookup(tmp_path, _lookup_graph(False))
+    text = tmp_path / "text.txt"
+    text.write_text("\ufeffthe cat sat", encoding="utf-8")
+    assert _probe_ids(package, str(text)) == [4, 5, 6]
