@@ -36,7 +36,6 @@ from rnnserve.artifact.vocab import BOS, NOT_TEXT_IDS, RESERVED
 from rnnserve.trainer.errors import TrainerError
 
 BOS_ID = RESERVED.index(BOS)
-__all__ = ["NOT_TEXT_IDS"]  # re-exported: callers build NgramConfig(excluded=NOT_TEXT_IDS)
 NEVER_LOGPROB = -1e4  # log-probability of an excluded token: exp() is exactly 0, yet finite
 # Largest dense table exported: 2**24 float32 entries = 64 MiB of model.onnx.
 MAX_TABLE_ENTRIES = 2**24
