@@ -8,7 +8,7 @@
   KServe gRPC call costs <= 1.5x the native one.
 
 Usage: python bench/protocols.py [--repo models] [--model lstm] [--tokens 1000]
-Writes bench/results/protocols.json. About a minute with the tiny zoo model.
+Writes bench/results/protocols.json. Under a minute with the tiny zoo model.
 """
 
 from __future__ import annotations

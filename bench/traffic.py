@@ -10,7 +10,7 @@ issue's targets as measured ratios. Prompts are real text from the built-in corp
 Writes bench/results/traffic.json + traffic.png (or --out). Bounded: every loop stops at its
 deadline and every RPC has a timeout; traffic goes to 127.0.0.1 only.
 Usage: python bench/traffic.py [--models bench-lstm,lstm] [--quick] [--markdown]
-A full run with the defaults takes about 6 minutes per model (plus ~1.5 min to train bench-lstm
+A full run with the defaults takes about 9 minutes per model (plus ~1.5 min to train bench-lstm
 once); --quick about 30 s.
 """
 
@@ -1065,7 +1065,7 @@ def run_model(model: str, repo: Path, args, levels: list[int]) -> dict:
         name: variant_rows(model, repo, args, levels, work["fixed"], name) for name in chosen
     }
     server_log.unlink(missing_ok=True)  # kept only when the run failed
-    # The VM drifts over the ~15 minutes of server rows: the target ceilings are measured again
+    # The VM drifts over the ~8 minutes of server rows: the target ceilings are measured again
     # after them, every ratio divides by the mean of the two passes, and each target also shows
     # its ratio to either pass, so a reader sees how far the drift alone moves it.
     all_cpus()
