@@ -39,7 +39,7 @@ run: models
 	@echo "   try:  $(BIN)/rnn-client --address localhost:$(PORT) models"
 	@echo "         $(BIN)/rnn-client --address localhost:$(PORT) generate --model lstm --prompt 'the time'"
 	@echo "         $(BIN)/rnn-client --address localhost:$(PORT) score --model lstm 'the time traveller'"
-	@echo "         grpcurl -plaintext localhost:$(PORT) list"
+	@echo "         $(BIN)/grpcurl -plaintext localhost:$(PORT) list"
 	$(BIN)/rnn-server --model-repo $(MODELS) --port $(PORT) --http-port $(HTTP_PORT) \
 	  --metrics-port $(METRICS_PORT)
 
