@@ -68,6 +68,8 @@ def build_zoo(
     """Trains and exports the zoo into out/<name>/1/; returns the package dirs written."""
     if preset not in PRESETS:
         raise TrainerError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if only is not None and not only:  # `--only` given no names: build nothing, silently
+        raise TrainerError(f"--only needs at least one zoo name: {', '.join(ZOO)}")
     unknown = sorted(set(only or []) - set(ZOO))
     if unknown:
         raise TrainerError(f"unknown zoo model(s) {', '.join(unknown)}; known: {', '.join(ZOO)}")

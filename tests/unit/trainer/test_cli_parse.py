@@ -71,3 +71,12 @@ def test_a_pickled_object_is_refused_in_plain_words(
     assert main(["sample", "--model", str(path), "--prefix", "the"]) == 2
     err = capsys.readouterr().err
     assert "holds Python objects" in err and "Weights only" not in err, err
+
+
+def test_zoo_only_with_no_names_is_refused(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    """`--only` with nothing after it used to build no model and report success."""
+    assert main(["zoo", "--only", "--out", str(tmp_path)]) == 2
+    assert "--only needs at least one zoo name" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    assert main(["zoo", "--only", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown zoo model(s) nope" in capsys.readouterr().err
