@@ -65,15 +65,12 @@ def run_workers(settings: Settings, argv: list[str]) -> int:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=prom_dir)
             registry.register(ProcessesCollector(lambda: [os.getpid(), *_live(procs)]))
-            workers = CollectorRegistry()
-            multiprocess.MultiProcessCollector(workers, path=prom_dir)
-
-            def ready() -> bool:
-                alive = len(_live(procs)) == settings.workers
-                return alive and (merged_gauge(workers, "rnnserve_ready") or 0) >= 1
-
             try:
-                serve_http(registry, settings.metrics_port, ready)
+                serve_http(
+                    registry,
+                    settings.metrics_port,
+                    lambda: workers_ready(prom_dir, _live(procs), settings.workers),
+                )
             except OSError as exc:
                 log.error("cannot serve metrics on :%d: %s", settings.metrics_port, exc)
                 return 2
@@ -102,6 +99,21 @@ def run_workers(settings: Settings, argv: list[str]) -> int:
                 p.kill()
                 p.wait()
         shutil.rmtree(prom_dir, ignore_errors=True)
+
+
+def workers_ready(prom_dir: str, live: list[int], expected: int) -> bool:
+    """/readyz of the parent: `expected` workers alive, each has written its gauges, and the
+    lowest rnnserve_ready is 1. A worker still importing has no file yet, and the merged
+    minimum would leave it out: the instance would look ready with one worker serving."""
+    if len(live) != expected:
+        return False
+    # prometheus_client names a process's files {type}_{mode}_{pid}.db; rnnserve_ready is a
+    # livemin gauge, written (as 0) when the worker creates its Metrics
+    if not all(os.path.exists(os.path.join(prom_dir, f"gauge_livemin_{pid}.db")) for pid in live):
+        return False
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=prom_dir)
+    return (merged_gauge(registry, "rnnserve_ready") or 0) >= 1
 
 
 def _live(procs: list[subprocess.Popen]) -> list[int]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, multiprocess
 
 from rnnserve.server.metrics import LATENCY_BUCKETS, Metrics, ProcessesCollector
+from rnnserve.server.workers import workers_ready
 
 
 def test_latency_buckets_resolve_10us_to_60s() -> None:
@@ -76,11 +77,11 @@ _WORKER = textwrap.dedent(
 
 
 def _run_worker(prom_dir: Path, gru_serving: int) -> int:
+    """Runs one worker to its end; returns its pid (its files stay, as a live worker's)."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _WORKER, str(gru_serving)], env=env, timeout=120, check=True
-    )
-    return proc.returncode
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(gru_serving)], env=env)
+    assert proc.wait(timeout=120) == 0
+    return proc.pid
 
 
 def test_two_workers_merge_into_true_sums(tmp_path: Path) -> None:
@@ -131,3 +132,13 @@ def test_the_parent_waits_for_the_workers_drain_delay_and_grace() -> None:
 
     procs = [Worker(), Worker()]
     assert workers._stop_all(procs, Settings(drain_delay=12.0, grace=2.0)) == 0
+
+
+def test_the_parent_is_ready_only_when_every_worker_has_reported_ready(tmp_path: Path) -> None:
+    ready = _run_worker(tmp_path, 1)
+    not_started = ready + 100_000  # alive, but has not written its gauges yet
+    assert workers_ready(str(tmp_path), [ready], expected=1)
+    assert not workers_ready(str(tmp_path), [ready, not_started], expected=2), "one unheard"
+    assert not workers_ready(str(tmp_path), [ready], expected=2), "one worker dead"
+    not_ready = _run_worker(tmp_path, 0)
+    assert not workers_ready(str(tmp_path), [ready, not_ready], expected=2), "one not ready"
