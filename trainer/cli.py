@@ -242,9 +242,10 @@ def run_train(args: argparse.Namespace) -> int:
         _data_parallel_setup(args, world)
     if args.nproc != 1:
         return distributed.launch(args.argv, args.nproc, args.batch_size, args.dist_timeout)
-    not_recurrent = args.task == "forecast" or args.arch in ("mlp", "ngram", "hmm")
-    if args.precision != "fp32" and not_recurrent:
-        raise TrainerError(f"--precision {args.precision} applies to rnn/gru/lstm text models")
+    if args.precision != "fp32":  # refused before training, not after it
+        from rnnserve.trainer.precision import check_convertible
+
+        check_convertible(args.arch, args.task or "lm", args.precision)  # None: lm (mlp: refused)
     if args.task == "forecast" or args.arch == "mlp":
         return int(_optional("rnnserve.trainer.forecast.cli").run_train(args))
     from rnnserve.trainer.models import ModelConfig
@@ -338,9 +339,10 @@ def run_export(args: argparse.Namespace) -> int:
 
     data = load_checkpoint(args.checkpoint)
     model, _config, vocab, tok = restore(data)
-    text_rnn = model.arch in ("rnn", "gru", "lstm") and model.task in ("lm", "infill")
-    if args.precision != "fp32" and not text_rnn:
-        raise TrainerError(f"--precision {args.precision} applies to rnn/gru/lstm text models")
+    if args.precision != "fp32":
+        from rnnserve.trainer.precision import check_convertible
+
+        check_convertible(model.arch, model.task, args.precision)
     metrics: dict[str, float] = {}
     if data.get("history"):
         kind = "infill_perplexity" if model.task == "infill" else "perplexity"

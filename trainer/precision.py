@@ -53,12 +53,25 @@ from rnnserve.trainer.staging import package_dir, staged
 EMBEDDING_INT8_MIN_BYTES = 1 << 20  # a word-level table (4,600 x 128 floats: 2.4 MB) is quantized
 PPL_BOUND = 0.02  # refuse when perplexity rises by more than 2% over the fp32 graph
 RECURRENT_OPS = ("RNN", "GRU", "LSTM")
+RECURRENT_ARCHS = ("rnn", "gru", "lstm")
 FP16_KEPT_FLOAT32 = (*RECURRENT_OPS, "Transpose")
 # one step fed back == one call over the window, per precision (max |log-prob| difference):
 # int8 quantizes activations per call, so a window and its single steps round differently.
 STEP_TOL = {"fp32": 1e-4, "int8": 0.5, "fp16": 0.05}
 PPL_ROWS = 16  # perplexity: the probe text is cut into this many rows, run in one call
 PPL_MAX_TOKENS = 20_000
+
+
+def check_convertible(architecture: str, task: str, precision: str) -> None:
+    """int8 and fp16 are for recurrent text models: an n-gram's -1e4 log-probabilities of
+    tokens that never follow stretch int8's scale until real ones round to 0, an fp16 HMM
+    does not load in ONNX Runtime, and a forecaster's graph is tiny. Raises TrainerError."""
+    text_rnn = architecture in RECURRENT_ARCHS and task in ("lm", "infill")
+    if precision != "fp32" and not text_rnn:
+        raise TrainerError(
+            f"--precision {precision} applies to rnn/gru/lstm text models, not to this "
+            f"{architecture} ({task}) model"
+        )
 
 
 def convert(src: Path, dst: Path, precision: str, per_channel: bool = True) -> dict[str, Any]:
@@ -272,6 +285,7 @@ def convert_package(
     """Writes OUT/NAME/VERSION: the fp32 package `src` at `precision`, checked, atomically
     (its checkpoint.pt, if any, comes along); returns that directory."""
     source = Manifest.load(src)
+    check_convertible(source.architecture, source.task, precision)
     if source.precision != "fp32":
         raise TrainerError(f"{src} is already {source.precision}; convert from an fp32 package")
     target = package_dir(out, name, version)

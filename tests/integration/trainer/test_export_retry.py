@@ -16,6 +16,7 @@ from rnnserve.trainer import cli, export
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.models import ModelConfig
 from rnnserve.trainer.pipeline import DataConfig, train_count_model, train_recurrent
+from rnnserve.trainer.precision import convert_package
 from rnnserve.trainer.train import TrainConfig
 
 TINY = ["--epochs", "1", "--hidden", "8", "--embed", "4", "--num-steps", "8",
@@ -116,6 +117,9 @@ def test_export_refuses_a_precision_for_count_models_and_a_foreign_checkpoint(
     args = ["export", "--checkpoint", str(path), "--out", str(tmp_path / "m"), "--name", "n8"]
     assert cli.main([*args, "--precision", "int8"]) == 2
     assert "applies to rnn/gru/lstm" in capsys.readouterr().err
+    with pytest.raises(TrainerError, match="not to this ngram"):
+        convert_package(path, tmp_path / "q", "n8", "1", precision="int8")  # the API refuses too
+    assert not (tmp_path / "q" / "n8").exists()
     lstm = train_recurrent(
         ModelConfig("lstm", 1, 8, 1, 4), TrainConfig(epochs=1, num_steps=8, batch_size=8), data,
         out=tmp_path / "models", name="lstm", progress=False, log=lambda *_: None,
