@@ -29,6 +29,7 @@ from rnnserve.client.failover import (
     DEFAULT_STATE_EVERY,
     StreamLedger,
     cancelled_during_pause,
+    checked_state_every,
     pause_before_next_attempt,
     with_failover_defaults,
 )
@@ -169,7 +170,7 @@ class AsyncRnnClient:
         self.address = ",".join(self.addresses)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self.state_every = state_every
+        self.state_every = checked_state_every(state_every)
         self._metadata = auth_metadata(token)
         self._channels = [aio_channel(a, tls, keepalive) for a in self.addresses]
         self._inference = [pb_grpc.InferenceStub(c) for c in self._channels]

@@ -8,6 +8,7 @@ from its last checkpoint instead (client/failover.py), paced by the same policy.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -34,7 +35,11 @@ class RetryPolicy:
 
     def cap(self, retry: int) -> float:
         """Upper bound of the pause before retry number `retry` (1-based)."""
-        return min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry - 1))
+        try:
+            grown = self.initial_backoff * self.multiplier ** (retry - 1)
+        except OverflowError:  # past ~1024 retries at 2.0: far beyond any max_backoff
+            grown = math.inf if self.initial_backoff else 0.0
+        return min(self.max_backoff, grown)
 
     def backoff(self, retry: int, rng: random.Random | None = None) -> float:
         """The jittered pause before retry number `retry` (1-based), in seconds."""

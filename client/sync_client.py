@@ -29,6 +29,7 @@ from rnnserve.client.failover import (
     DEFAULT_STATE_EVERY,
     StreamLedger,
     cancelled_during_pause,
+    checked_state_every,
     pause_before_next_attempt,
     with_failover_defaults,
 )
@@ -115,6 +116,8 @@ class TokenStream:
         self._replica = (self._replica + 1) % len(client.addresses)
         self.failovers += 1
         self._call = client._open(self._ledger.attempt(), self._deadline, self._replica)
+        if self._cancelled:  # cancel() from another thread came while it opened: stop it too
+            self._call.cancel()
 
     @property
     def text(self) -> str:
@@ -169,7 +172,7 @@ class RnnClient:
         self.address = ",".join(self.addresses)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self.state_every = state_every
+        self.state_every = checked_state_every(state_every)
         self._metadata = auth_metadata(token)
         self._channels = [_sync_channel(a, tls, keepalive) for a in self.addresses]
         self._inference = [pb_grpc.InferenceStub(c) for c in self._channels]

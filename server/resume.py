@@ -176,9 +176,9 @@ def _key_id_of(body: bytes, head_len: int) -> str:
     """The `kid` a version 2 header names, read before the MAC is checked (to pick the key)."""
     if not 0 < head_len <= min(_MAX_HEADER, len(body) - _HEAD.size):
         raise BadRequest("state", "resume token is malformed: bad header length")
-    try:
+    try:  # anyone can send any JSON here: a deeply nested one raises RecursionError
         kid = json.loads(body[_HEAD.size : _HEAD.size + head_len])["kid"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise BadRequest("state", f"resume token is malformed: {exc}") from exc
     if not isinstance(kid, str):
         raise BadRequest("state", "resume token is malformed: kid")

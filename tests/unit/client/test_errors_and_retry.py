@@ -43,6 +43,15 @@ def test_backoff_grows_exponentially_up_to_the_cap() -> None:
     assert caps[4:] == [1.0, 1.0]
 
 
+def test_backoff_stays_at_the_cap_however_many_retries() -> None:
+    """A generous budget (RetryPolicy(max_attempts=5000), a long wait behind a proxy) reaches
+    retries where multiplier ** n no longer fits a float: still the cap, not OverflowError."""
+    policy = RetryPolicy(max_attempts=5000, initial_backoff=0.1, max_backoff=2.0)
+    assert policy.cap(1025) == policy.cap(4999) == 2.0
+    assert 1.0 <= policy.backoff(4999) <= 2.0
+    assert RetryPolicy(initial_backoff=0.0).cap(4999) == 0.0
+
+
 def test_backoff_is_jittered_within_bounds() -> None:
     policy = RetryPolicy(initial_backoff=0.1, max_backoff=5.0, jitter_floor=0.5)
     rng = random.Random(0)

@@ -296,6 +296,34 @@ def test_failover_requests_carry_checkpoints_and_a_seed() -> None:
     assert greedy.state_every == 4 and not greedy.sampling.HasField("seed")
 
 
+@pytest.mark.parametrize("client_class", [RnnClient, AsyncRnnClient])
+@pytest.mark.parametrize("every", [-1, 2**32])
+def test_a_checkpoint_interval_out_of_range_is_refused_naming_it(client_class, every) -> None:
+    with pytest.raises(ValueError, match="state_every must be in"):
+        client_class("127.0.0.1:1", state_every=every)
+
+
+def test_a_sampled_checkpoint_continues_through_the_client_without_its_seed(servers) -> None:
+    """The seed of a continuation comes from its checkpoint (the server's own when the
+    original request gave none): the client must not invent one that the server refuses."""
+    a, _ = servers
+    sampling = pb.SamplingParams(temperature=0.9, top_k=10)  # no seed: the server picks one
+    request = pb.GenerateRequest(model="lstm", prompt=PROMPT, max_tokens=40, state_every=8,
+                                 sampling=sampling)  # fmt: skip
+    msgs = list(a.stub.Generate(request, timeout=60))
+    i = next(i for i, m in enumerate(msgs) if m.state and not m.finish_reason)
+    rest = "".join(m.text for m in msgs[i + 1 :])
+    with RnnClient(f"127.0.0.1:{a.app.port}", timeout=60) as c:
+        stream = c.generate("lstm", max_tokens=40, temperature=0.9, top_k=10, state=msgs[i].state)
+        assert "".join(e.text for e in stream) == rest
+        assert not stream.request.sampling.HasField("seed")
+    # a final state (no progress) with no prompt starts a new stream: it still gets a seed
+    final = pb.GenerateRequest(model="m", state=msgs[-1].state, sampling=sampling)
+    assert msgs[-1].finish_reason and msgs[-1].state
+    with_failover_defaults(final, 16)
+    assert final.sampling.HasField("seed")
+
+
 @pytest.mark.parametrize(
     "error, failure",
     [

@@ -98,6 +98,24 @@ def test_cancel_during_the_pause_before_a_retry_stops_the_stream(replica) -> Non
     assert servicer.calls == 1
 
 
+def test_cancel_while_the_next_attempt_opens_stops_the_stream(replica) -> None:
+    _, address = replica(_gone_after_one_token)
+    with RnnClient([address], retry=QUICK, timeout=None) as client:
+        stream = client.generate("m", "hi", max_tokens=2)
+        client._sleep = lambda seconds: None
+        open_call = client._open
+
+        def open_while_cancelled(*args):
+            call = open_call(*args)
+            stream.cancel()  # another thread's cancel(), after the check, before the switch
+            return call
+
+        client._open = open_while_cancelled
+        with pytest.raises(Cancelled):
+            list(stream)
+    assert stream.finish_reason is None
+
+
 def test_the_async_client_has_the_same_edges(replica) -> None:
     repeating, repeating_address = replica(_same_token_then_gone)
     finished, finished_address = replica(_last_message_then_gone)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 
@@ -46,6 +48,24 @@ def test_tampered_tokens_are_rejected(mutate) -> None:
     token = signer.sign("lstm", "1", _state(), 7)
     with pytest.raises(BadRequest) as err:
         signer.verify(mutate(token), "lstm", "1", SPECS, vocab_size=10)
+    assert err.value.field == "state"
+
+
+def _forged(head: bytes) -> bytes:
+    """A version 2 token anyone can make: any header, any MAC."""
+    return struct.pack(">2sBI", b"RS", 2, len(head)) + head + bytes(32)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"[" * 100_000, b'{"kid": ' + b"[" * 100_000, b"[1]", b'{"kid": 1}', b"\xff"],
+    ids=["deeply-nested", "deeply-nested-kid", "not-an-object", "kid-not-a-string", "not-utf8"],
+)
+def test_forged_headers_are_rejected_before_the_signature(head: bytes) -> None:
+    """The header is read before the MAC (to pick the key), so anyone can send any JSON
+    there: it must be a BadRequest, never an internal error."""
+    with pytest.raises(BadRequest, match="malformed") as err:
+        StateSigner("secret").verify(_forged(head), "lstm", "1", SPECS, vocab_size=10)
     assert err.value.field == "state"
 
 
