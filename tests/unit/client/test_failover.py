@@ -310,8 +310,12 @@ def test_a_sampled_checkpoint_continues_through_the_client_without_its_seed(serv
     sampling = pb.SamplingParams(temperature=0.9, top_k=10)  # no seed: the server picks one
     request = pb.GenerateRequest(model="lstm", prompt=PROMPT, max_tokens=40, state_every=8,
                                  sampling=sampling)  # fmt: skip
-    msgs = list(a.stub.Generate(request, timeout=60))
-    i = next(i for i, m in enumerate(msgs) if m.state and not m.finish_reason)
+    for _ in range(50):  # the server's seed is random: a stream may draw <eos> before 8 tokens
+        msgs = list(a.stub.Generate(request, timeout=60))
+        checkpoints = [i for i, m in enumerate(msgs) if m.state and not m.finish_reason]
+        if checkpoints:
+            break
+    i = checkpoints[0]
     rest = "".join(m.text for m in msgs[i + 1 :])
     with RnnClient(f"127.0.0.1:{a.app.port}", timeout=60) as c:
         stream = c.generate("lstm", max_tokens=40, temperature=0.9, top_k=10, state=msgs[i].state)
