@@ -253,7 +253,12 @@ def _nodes(logits: str) -> list[onnx.NodeProto]:
         col(TOP_K),
         col(TOP_P),
         n("Less", ["rank", "top_k_col"], ["in_top_k"]),
-        n("Less", ["before", "top_p_col"], ["in_top_p"]),
+        # top-p over what top-k kept, renormalised: before < top_p x (mass of the top k)
+        n("Add", ["before", "ranked"], ["through"]),  # inclusive cumulative mass
+        n("Sub", ["top_k_col", "one_i"], ["top_k_last"]),
+        n("GatherElements", ["through", "top_k_last"], ["top_k_mass"], axis=1),
+        n("Mul", ["top_p_col", "top_k_mass"], ["top_p_mass"]),
+        n("Less", ["before", "top_p_mass"], ["in_top_p"]),
         n("Equal", ["rank", "zero_i"], ["is_top"]),
         n("Or", ["in_top_p", "is_top"], ["in_top_p_or_top"]),  # the top one always
         n("And", ["in_top_k", "in_top_p_or_top"], ["keep"]),

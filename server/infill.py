@@ -54,6 +54,8 @@ async def infill(
     limit = settings.max_prompt_tokens
     lids = codec.encode(left, "left", limit).ids if left else []
     rids = codec.encode(right, "right", limit).ids if right else []
+    if not lids and not rids:  # e.g. only spaces for a word-level tokenizer
+        raise BadRequest("left", "left and right have no token: give at least one context")
     model = entry.model
     assert model is not None and entry.manifest is not None
     if entry.manifest.task == "infill":

@@ -106,7 +106,8 @@ def greedy_token(logprobs: np.ndarray) -> int:
 
 
 def filtered_probs(logprobs: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """The distribution sampled from: tempered, then top-k, then top-p; float64 [vocab]."""
+    """The distribution sampled from: tempered, then top-k, then top-p over what top-k kept;
+    float64 [vocab]."""
     return filtered_rows(logprobs[None, :], [params])[0]
 
 
@@ -130,7 +131,10 @@ def filtered_rows(logprobs: np.ndarray, params: list[SamplingParams]) -> np.ndar
         top_p = np.array([p.top_p if 0.0 < p.top_p < 1.0 else 2.0 for p in params])[:, None]
         before = np.zeros_like(ranked)  # probability mass ranked strictly ahead
         np.cumsum(ranked[:, :-1], axis=1, out=before[:, 1:])
-        keep &= (before < top_p) | (np.arange(vocab)[None, :] == 0)  # the top one always
+        # top-p applies to what top-k kept, renormalised (as HF, vLLM, llama.cpp): mass
+        # ahead / top-k mass < top_p, compared as mass ahead < top_p x top-k mass
+        top_k_mass = np.take_along_axis(before + ranked, top_k - 1, axis=1)
+        keep &= (before < top_p * top_k_mass) | (np.arange(vocab)[None, :] == 0)  # top: kept
         mask = np.zeros_like(probs)
         np.put_along_axis(mask, order, keep.astype(np.float64), axis=1)
         probs *= mask

@@ -87,6 +87,19 @@ def test_head_picks_what_numpy_picks(trial: int) -> None:
     np.testing.assert_allclose(logprobs, lp[np.arange(batch), want], rtol=1e-5, atol=1e-6)
 
 
+def test_head_applies_top_p_to_what_top_k_kept() -> None:
+    """As the numpy sampler: top-p over the top-k survivors renormalised, so with top-k 2 of
+    [0.4, 0.3, 0.2, 0.1] and top-p 0.5 only the first token is left, whatever the draw."""
+    table = np.log(np.full((1, V), 1e-6))
+    table[0, :4] = np.log([0.4, 0.3, 0.2, 0.1])
+    params = SamplingParams(temperature=1.0, top_k=2, top_p=0.5)
+    rows = RowParams.of([params], V)
+    feeds = {"tokens": np.zeros((1, 1), np.int64), **rows.feeds,
+             decode_head.UNIFORM: np.array([0.9])}  # fmt: skip
+    tokens, _ = _session(table).run([decode_head.TOKEN, decode_head.LOGPROB], feeds)
+    assert tokens.tolist() == [0]
+
+
 def test_head_uses_the_last_time_step() -> None:
     table = np.eye(V)[::-1] * 5  # token t -> most likely V-1-t
     x = np.array([[0, 3, 7]])

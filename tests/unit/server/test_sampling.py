@@ -36,6 +36,16 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
     assert set(np.flatnonzero(probs)) == {0, 1}
 
 
+def test_top_p_applies_to_what_top_k_kept_renormalised() -> None:
+    """Top-k, then top-p over the renormalised survivors, as HF, vLLM and llama.cpp do: of
+    [0.4, 0.3, 0.2, 0.1], top-k 2 leaves [0.57, 0.43], whose first token alone reaches 0.5."""
+    lp = np.log(np.asarray([0.4, 0.3, 0.2, 0.1]))
+    probs = filtered_probs(lp, SamplingParams(1.0, top_k=2, top_p=0.5))
+    assert set(np.flatnonzero(probs)) == {0}
+    probs = filtered_probs(lp, SamplingParams(1.0, top_k=3, top_p=0.5))  # 0.44 < 0.5: two
+    assert set(np.flatnonzero(probs)) == {0, 1}
+
+
 def test_same_seed_same_sequence_different_seed_differs() -> None:
     lp = _logprobs([0.0] * 50)
 

@@ -74,3 +74,22 @@ def test_score_counts_only_the_unknown_tokens_it_scores() -> None:
     first, middle = asyncio.run(score(Uniform(), Inline(), codec, encoded))
     assert first.unknown_tokens == 0 and first.tokens == ["a", "b"]
     assert middle.unknown_tokens == 1 and middle.tokens == ["日", "b"]
+
+
+@pytest.mark.parametrize("left, right", [("  ", ""), ("", " \n "), (" ", "\t")])
+def test_infill_contexts_with_no_tokens_are_invalid(left: str, right: str) -> None:
+    """A word-level context of only spaces has no token: with both sides like that the blank
+    has no context at all, INVALID_ARGUMENT as for empty strings (it answered a uniform prior
+    dressed up as candidates)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from rnnserve.server.infill import infill
+    from rnnserve.server.settings import Settings
+
+    manifest = _manifest("word", ["the", "time", "machine", "by", "wells"])
+    codec = TextCodec(manifest)
+    entry = SimpleNamespace(name="m", manifest=manifest, model=object())
+    with pytest.raises(BadRequest) as err:
+        asyncio.run(infill(entry, codec, None, Settings(), left, right, 0))
+    assert err.value.field == "left" and "no token" in str(err.value)
