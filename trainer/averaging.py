@@ -25,7 +25,9 @@ class WeightAverage:
             if name not in self.mean or not value.is_floating_point():
                 self.mean[name] = value.clone()
             else:  # incremental mean: exact for any number of epochs, no sum to overflow
-                self.mean[name] += (value - self.mean[name]) / self.count
+                # a resumed mean is loaded on the CPU; the model may train on a GPU
+                mean = self.mean[name].to(value.device)
+                self.mean[name] = mean + (value - mean) / self.count
 
     def copy_to(self, model: torch.nn.Module) -> None:
         """Loads the mean into `model` (no-op before the first update), keeping the weights it

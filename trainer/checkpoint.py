@@ -72,12 +72,17 @@ def _restore_count_model(data: dict[str, Any]) -> torch.nn.Module:
 
 
 def save_checkpoint(data: dict[str, Any], path: Path) -> Path:
-    """Writes atomically (temp file + rename), so an interrupted save keeps the old one."""
+    """Writes atomically (temp file + rename), so an interrupted save keeps the old one and
+    leaves no half-written temp file beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

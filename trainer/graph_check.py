@@ -148,7 +148,15 @@ def agree(
     if not np.all(np.isfinite(g) | ~np.isfinite(w)) or np.any(np.isnan(g) != np.isnan(w)):
         raise failure(check, f"{what} has non-finite values where the reference has none")
     diff = np.nan_to_num(np.abs(g - w), nan=0.0, posinf=np.inf)
-    n = np.zeros_like(diff) if noise is None else np.nan_to_num(np.abs(noise), nan=np.inf)
+    n = np.zeros_like(diff)
+    if noise is not None:
+        n = np.abs(np.asarray(noise, np.float64))
+        # inf - inf: a value both runs give as the same infinity (a masked token's log-prob
+        # -inf) has no rounding to measure; read as unbounded it lifted the bound of its step
+        # and every later one to inf, so a graph with a -inf logit passed whatever it computed
+        if n.shape == w.shape:
+            n = np.where(np.isnan(n) & ~np.isfinite(w), 0.0, n)
+        n = np.nan_to_num(n, nan=np.inf)
     if time_axis is None:
         per, drift = diff.reshape(1, -1).max(axis=1), n.reshape(1, -1).max(axis=1)
     else:

@@ -32,7 +32,10 @@ def staged(target: Path) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TrainerError(f"cannot create {target.parent}: {exc.strerror}") from exc
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:  # e.g. OUT/NAME exists but belongs to the server's user
+        raise TrainerError(f"cannot write to {target.parent}: {exc.strerror or exc}") from exc
     tmp.chmod(0o755)  # mkdtemp makes it 0700; a server running as another user must read it
     try:
         yield tmp
@@ -50,6 +53,11 @@ def _replace_dir(new: Path, target: Path) -> None:
     if target.exists():
         old = target.with_name(f".{target.name}.old-{new.name}")
         target.rename(old)
-    new.rename(target)
+    try:
+        new.rename(target)
+    except BaseException:
+        if old is not None:  # put the old version back rather than leave no version
+            old.rename(target)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -16,13 +16,15 @@ NO_LIMIT = 1 << 30
 
 def further_epochs(budget: float, elapsed: float, slowest_epoch: float) -> int:
     """How many more epochs fit in `budget` seconds after `elapsed`, each as slow as the
-    slowest so far; NO_LIMIT without a budget (budget <= 0)."""
-    if budget <= 0:
+    slowest so far; NO_LIMIT without a budget (budget <= 0) or with an infinite one (a
+    quotient too large for an int would raise OverflowError after the epoch, not stop)."""
+    if budget <= 0 or math.isinf(budget):
         return NO_LIMIT
     left = budget - elapsed
     if left < slowest_epoch or left <= 0:
         return 0
-    return NO_LIMIT if slowest_epoch <= 0 else math.floor(left / slowest_epoch)
+    fit = left / slowest_epoch if slowest_epoch > 0 else math.inf
+    return NO_LIMIT if fit >= NO_LIMIT else math.floor(fit)
 
 
 def scaled_average_from(average_from: int, epochs: int, last_epoch: int) -> int:

@@ -67,9 +67,10 @@ class TrainConfig:
             raise TrainerError("--lr must be positive")
         if not 0 < self.lr_decay <= 1:
             raise TrainerError("--lr-decay must be in (0, 1]")
-        if self.clip < 0:
+        # `not x >= 0` also refuses NaN, which `x < 0` lets through (NaN clip: silently off)
+        if not self.clip >= 0:
             raise TrainerError("--clip must be >= 0 (0 disables clipping)")
-        if self.weight_decay < 0:
+        if not self.weight_decay >= 0:
             raise TrainerError("--weight-decay must be >= 0 (0 disables it)")
         if self.optimizer not in OPTIMIZERS:
             raise TrainerError(f"unknown optimizer {self.optimizer!r}; choose {OPTIMIZERS}")
@@ -84,7 +85,7 @@ class TrainConfig:
             )
         if self.patience < 0:
             raise TrainerError("--patience must be >= 0 (0 = no early stopping)")
-        if self.time_budget < 0:
+        if not self.time_budget >= 0:
             raise TrainerError("--time-budget must be >= 0 seconds (0 = no budget)")
         if self.sampling not in SAMPLINGS:
             raise TrainerError(f"unknown --sampling {self.sampling!r}; choose one of {SAMPLINGS}")
@@ -218,6 +219,7 @@ def fit(
         gen = torch.Generator().manual_seed(cfg.seed + epoch)
         for group in optimizer.param_groups:  # by the epoch (and the budget's expected end)
             group["lr"] = cfg.lr * cfg.lr_decay ** decay_steps(epoch, cfg.epochs, last_epoch)
+            _apply_weight_decay(group, cfg)
         total, count = 0.0, 0
         state = tuple(model.initial_state(local_batch))
         mine = batches(
@@ -295,6 +297,15 @@ def fit(
         if stop:
             break
     return history
+
+
+def _apply_weight_decay(group: dict, cfg: TrainConfig) -> None:
+    """The run's --weight-decay, as make_optimizer would set it: a resumed optimizer's state
+    brings its param groups' own (AdamW's 0.2 and decoupling kept a --weight-decay 0 run
+    decaying), as it brings their lr."""
+    group["weight_decay"] = cfg.weight_decay
+    if "decoupled_weight_decay" in group:  # torch's Adam and AdamW share it
+        group["decoupled_weight_decay"] = cfg.optimizer == "adam" and cfg.weight_decay > 0
 
 
 def _agreed_further_epochs(

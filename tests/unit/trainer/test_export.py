@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,12 @@ import torch
 from rnnserve.artifact.manifest import Manifest, sha256_file
 from rnnserve.artifact.tokenizer import TokenizerConfig
 from rnnserve.artifact.vocab import Vocab
+from rnnserve.trainer.checkpoint import save_checkpoint
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.export import export_model
 from rnnserve.trainer.exportable import ExportableModel, state_from_spec
 from rnnserve.trainer.models import RNNLM, ModelConfig, build_model
+from rnnserve.trainer.staging import staged
 
 VOCAB = Vocab.build(list("the time machine"))
 
@@ -101,6 +104,52 @@ def test_a_failed_re_export_keeps_the_old_version(tmp_path) -> None:
         _export(_Lies(ModelConfig("gru", len(VOCAB), 4, 1, 4)), tmp_path)
     assert sha256_file(good / "model.onnx") == digest
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]
+
+
+def test_a_re_export_that_fails_at_the_rename_keeps_the_old_version(tmp_path, monkeypatch) -> None:
+    """The old version is moved aside before the new one is renamed in: a failure between
+    the two left no version at all (the old one under a hidden .1.old-* name)."""
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "old.txt").write_text("old")
+    rename = Path.rename
+
+    def failing(self: Path, target):
+        if self.name.startswith(".1.tmp-"):
+            raise OSError("no rename today")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError), staged(tmp_path / "m" / "1") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]
+    assert (tmp_path / "m" / "1" / "old.txt").read_text() == "old"
+
+
+def test_an_unwritable_model_dir_is_a_one_line_error(tmp_path, monkeypatch) -> None:
+    """OUT/NAME may exist and belong to another user (the server's): PermissionError from
+    the temp dir escaped as a traceback instead of the promised TrainerError."""
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    model = RNNLM(ModelConfig("rnn", len(VOCAB), 4, 1, 4))
+    with pytest.raises(TrainerError, match=r"cannot write to .+m: Permission denied"):
+        _export(model, tmp_path)
+
+
+def test_an_interrupted_checkpoint_save_leaves_no_temp_file(tmp_path, monkeypatch) -> None:
+    save_checkpoint({"epoch": 1}, tmp_path / "checkpoint.pt")
+
+    def half_written(data, path) -> None:
+        Path(path).write_bytes(b"PK")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"epoch": 2}, tmp_path / "checkpoint.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True) == {"epoch": 1}
 
 
 def test_bad_names_are_refused(tmp_path) -> None:

@@ -108,3 +108,32 @@ def test_a_wrong_graph_is_refused(tmp_path: Path, chaotic: bool, change, message
     with pytest.raises(TrainerError, match=message) as caught:
         check_parity(path, model, len(VOCAB), probe=TEXT)
     print(caught.value)
+
+
+class _MaskedLSTM(RNNLM):
+    """Gives token 0 a logit of -inf (a masked token): its log-prob is -inf in every run."""
+
+    def forward(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, *rest = super().forward(tokens, *state)
+        masked = torch.arange(logits.shape[-1]) == 0
+        return (logits.masked_fill(masked, float("-inf")), *rest)
+
+
+def _shift_head_bias(graph: onnx.ModelProto) -> None:
+    bias = next(i for i in graph.graph.initializer if i.name == "head.bias")
+    value = numpy_helper.to_array(bias).copy()
+    value[5] += 1.0
+    _set(bias, value)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # -inf - -inf in numpy
+def test_a_masked_token_does_not_make_the_tolerance_infinite(tmp_path: Path) -> None:
+    """-inf - -inf is NaN rounding drift, which read as unbounded let any graph pass."""
+    torch.manual_seed(0)
+    model = _MaskedLSTM(ModelConfig("lstm", len(VOCAB), 16, 1, 8)).eval()
+    path = tmp_path / "model.onnx"
+    write_onnx(model, path, len(VOCAB))
+    assert check_parity(path, model, len(VOCAB), probe=TEXT)["max_abs_diff"] < 1e-4
+    _rewrite(path, _shift_head_bias)
+    with pytest.raises(TrainerError, match=r"export check failed \(.+\): log-prob.+ apart"):
+        check_parity(path, model, len(VOCAB), probe=TEXT)

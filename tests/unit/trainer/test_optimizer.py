@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rnnserve.trainer.errors import TrainerError
-from rnnserve.trainer.train import TrainConfig, make_optimizer
+from rnnserve.trainer.models import RNNLM, ModelConfig
+from rnnserve.trainer.train import TrainConfig, fit, make_optimizer
 
 
 def _one_step(cfg: TrainConfig) -> float:
@@ -38,3 +39,28 @@ def test_sgd_weight_decay_is_l2_on_the_gradient() -> None:
 def test_negative_weight_decay_is_refused() -> None:
     with pytest.raises(TrainerError, match="--weight-decay"):
         TrainConfig(weight_decay=-0.1).validate()
+
+
+@pytest.mark.parametrize("flag", ["clip", "weight_decay", "time_budget"])
+def test_nan_settings_are_refused(flag: str) -> None:
+    """NaN passed `< 0`: a NaN --clip silently turned clipping off, a NaN --time-budget
+    crashed after the first epoch."""
+    with pytest.raises(TrainerError, match="--" + flag.replace("_", "-")):
+        TrainConfig(**{flag: float("nan")}).validate()
+
+
+@pytest.mark.parametrize(("before", "after"), [(0.2, 0.0), (0.0, 0.2)])
+def test_a_resumed_optimizer_takes_this_runs_weight_decay(before: float, after: float) -> None:
+    """optimizer.load_state_dict brings the checkpoint's weight decay (and AdamW's decoupling):
+    a run resumed with --weight-decay 0 went on decaying by 0.2, and the other way round."""
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig("rnn", 9, hidden=4, embed=2))
+    saved = make_optimizer(model, TrainConfig(weight_decay=before)).state_dict()
+    cfg = TrainConfig(epochs=1, num_steps=4, batch_size=4, weight_decay=after)
+    optimizer = make_optimizer(model, cfg)
+    optimizer.load_state_dict(saved)  # what --resume does
+    ids = [4 + i % 5 for i in range(120)]
+    fit(model, ids[:100], ids[100:], cfg, optimizer=optimizer, progress=False, log=lambda *_: None)
+    group = optimizer.param_groups[0]
+    assert group["weight_decay"] == after
+    assert group.get("decoupled_weight_decay", after > 0) == (after > 0)

@@ -1,10 +1,15 @@
-"""Early stopping and the time budget as pure rules (the training loop uses them as is)."""
+"""Early stopping, the time budget and weight averaging as pure rules (the training loop uses
+them as is)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from rnnserve.trainer.averaging import WeightAverage
 from rnnserve.trainer.early_stopping import EarlyStopping
+from rnnserve.trainer.models import RNNLM, ModelConfig
 from rnnserve.trainer.time_budget import (
     NO_LIMIT,
     TimeBudget,
@@ -12,6 +17,7 @@ from rnnserve.trainer.time_budget import (
     further_epochs,
     scaled_average_from,
 )
+from rnnserve.trainer.train import TrainConfig, fit
 
 
 def test_early_stopping_counts_epochs_since_the_best_and_keeps_its_weights() -> None:
@@ -55,6 +61,21 @@ def test_further_epochs_fit_the_budget_at_the_slowest_pace() -> None:
     assert further_epochs(100, 10, 0) == NO_LIMIT
 
 
+def test_an_infinite_budget_is_no_limit_not_an_overflow() -> None:
+    """math.floor(inf) raised OverflowError after the first epoch of --time-budget inf."""
+    assert further_epochs(math.inf, 30, 10) == NO_LIMIT
+    assert further_epochs(1e300, 30, 1e-300) == NO_LIMIT  # a quotient past any int: no limit
+
+
+def test_fit_with_an_infinite_time_budget_runs_every_epoch() -> None:
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig("rnn", 9, hidden=4, embed=2))
+    ids = [4 + i % 5 for i in range(300)]
+    cfg = TrainConfig(epochs=2, num_steps=4, batch_size=4, time_budget=math.inf)
+    history = fit(model, ids[:250], ids[250:], cfg, progress=False, log=lambda *_: None)
+    assert [r["epoch"] for r in history] == [1, 2] and "stopped" not in history[-1]
+
+
 def test_a_shortened_run_averages_the_same_share() -> None:
     assert scaled_average_from(13, 24, 24) == 13
     assert scaled_average_from(13, 24, 12) == 7  # half of 12 epochs: 7..12
@@ -79,3 +100,16 @@ def test_time_budget_measures_the_slowest_epoch() -> None:
         budget.epoch_ended()
     assert budget.slowest_epoch == 14.0 and budget.elapsed() == 36.0
     assert further_epochs(budget.seconds, budget.elapsed(), budget.slowest_epoch) == 1
+
+
+def test_a_resumed_average_follows_the_model_to_its_device() -> None:
+    """A checkpointed mean loads on the CPU; a run resumed on a GPU (here: the meta device,
+    which also refuses to mix with CPU tensors) failed at its first averaged epoch."""
+    model = torch.nn.Linear(2, 1)
+    saved = WeightAverage()
+    saved.update(model)
+    resumed = WeightAverage()
+    resumed.load_state_dict(saved.state_dict())
+    model.to("meta")
+    resumed.update(model)
+    assert resumed.count == 2 and resumed.mean["weight"].device.type == "meta"
