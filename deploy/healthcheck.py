@@ -18,13 +18,16 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 TIMEOUT_S = 3.0
+# Docker passes its client's proxy settings (http_proxy, https_proxy) into every container and
+# gRPC honours them, so a check of the container's own port would go through the proxy and fail.
+CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 USAGE = "usage: python healthcheck.py [HOST:PORT] [SERVICE]"
 
 
 def check(target: str, service: str = "", timeout: float = TIMEOUT_S) -> tuple[bool, str]:
     """Asks `target` for the health of `service`; returns (serving, one-line reason)."""
     try:
-        with grpc.insecure_channel(target) as channel:
+        with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     except grpc.RpcError as exc:

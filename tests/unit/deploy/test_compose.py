@@ -116,6 +116,29 @@ def test_healthcheck_is_the_images_grpc_health_check(compose: dict) -> None:
         assert test[0] == "CMD" and test[1:] == healthcheck_cmd(final)
 
 
+@pytest.mark.parametrize("name", [*SERVING, "trainer"])
+def test_containers_run_under_an_init_that_forwards_sigterm(compose: dict, name: str) -> None:
+    """PID 1 ignores every signal it has no handler for: rnn-server installs its SIGTERM
+    handler only once the models are loaded (sh never does), so a `docker compose stop` during
+    start-up or training was lost and the container sat out the grace period until SIGKILL."""
+    assert compose["services"][name].get("init") is True, name
+
+
+def test_stop_grace_period_outlasts_the_servers_own_shutdown(compose: dict, server_parser) -> None:
+    """`docker compose stop` SIGKILLs after stop_grace_period: it must cover the drain delay,
+    --grace for in-flight streams and the trace flush."""
+    from rnnserve.server.tracing import FLUSH_TIMEOUT_S
+
+    defaults = server_parser.parse_args([])
+    for name in SERVING:
+        service = compose["services"][name]
+        env = service["environment"]
+        drain = float(env.get("RNNSERVE_DRAIN_DELAY", defaults.drain_delay))
+        grace = float(env.get("RNNSERVE_GRACE", defaults.grace))
+        assert service["stop_grace_period"].endswith("s"), service["stop_grace_period"]
+        assert float(service["stop_grace_period"][:-1]) > drain + grace + FLUSH_TIMEOUT_S, name
+
+
 def test_replicas_share_the_resume_token_key(compose: dict) -> None:
     raw = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     keys = {raw["services"][n]["environment"]["RNNSERVE_STATE_KEY"] for n in SERVING}

@@ -73,6 +73,18 @@ def test_default_target_follows_rnnserve_port(health_server, monkeypatch) -> Non
     assert healthcheck.main([]) == 0
 
 
+@pytest.mark.parametrize("variable", ["http_proxy", "https_proxy", "grpc_proxy"])
+def test_proxy_variables_do_not_reroute_the_check(health_server, monkeypatch, variable) -> None:
+    """Docker injects its client's proxy settings into every container; gRPC honours them,
+    so without opting out the check dialled localhost through the proxy and failed."""
+    target, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    monkeypatch.setenv(variable, f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("no_grpc_proxy", raising=False)
+    assert healthcheck.main([target]) == 0
+
+
 def test_bad_arguments_exit_2(capsys) -> None:
     assert healthcheck.main(["a", "b", "c"]) == 2
     assert "usage" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import re
 import subprocess
 from urllib.parse import urlparse
@@ -109,6 +110,24 @@ def test_probes_readiness_on_grpc_health_liveness_on_healthz(server_parser) -> N
 
         app(environ, start_response)
         assert status == ["200 OK"], f"{probe}: the server answers {get['path']} with {status}"
+
+
+def test_termination_grace_outlasts_the_servers_own_shutdown(monkeypatch) -> None:
+    """SIGTERM -> --drain-delay -> --grace for in-flight calls -> the trace flush: the kubelet
+    must not SIGKILL the pod before the server's own shutdown is over."""
+    from rnnserve.server.settings import build_parser
+    from rnnserve.server.tracing import FLUSH_TIMEOUT_S
+
+    container = _server_container()
+    for key in [k for k in os.environ if k.startswith("RNNSERVE_")]:
+        monkeypatch.delenv(key)
+    for e in container["env"]:
+        if "value" in e:
+            monkeypatch.setenv(e["name"], e["value"])
+    settings = build_parser().parse_args(container["args"])  # reads the environment now
+    shutdown_s = float(settings.drain_delay) + float(settings.grace) + FLUSH_TIMEOUT_S
+    assert float(settings.drain_delay) > 0, "endpoint removal must reach the proxies first"
+    assert _server_pod()["terminationGracePeriodSeconds"] > shutdown_s
 
 
 def _fetch_script() -> str:
@@ -233,11 +252,20 @@ def test_hpa_and_pdb_target_the_deployment() -> None:
         "kind": "Deployment",
         "name": deployment["metadata"]["name"],
     }
-    assert 1 <= hpa["minReplicas"] <= deployment["spec"]["replicas"] <= hpa["maxReplicas"]
+    assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
     pdb = k8s_one("PodDisruptionBudget")["spec"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert pdb["selector"]["matchLabels"].items() <= labels.items()
     assert pdb["minAvailable"] < hpa["minReplicas"], "a drain must be able to evict a pod"
+
+
+def test_the_hpa_alone_owns_the_replica_count() -> None:
+    """With `spec.replicas` in the manifest every `kubectl apply -k` (a new image, a changed
+    env) set the Deployment back to that count, so an HPA-scaled fleet lost its extra pods,
+    and their streams, until the HPA scaled out again (Kubernetes' HPA docs say to drop it)."""
+    deployment = k8s_one("Deployment", SERVER)
+    assert "replicas" not in deployment["spec"]
+    assert k8s_one("HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2, "no single replica"
 
 
 def test_scrape_annotations_and_service_monitor_point_at_the_metrics_port() -> None:
