@@ -52,6 +52,10 @@ def openai_error(code: grpc.StatusCode, message: str, exc: BaseException | None)
     if isinstance(exc, BadRequest):
         field = exc.field.split("[", 1)[0]
         param = OPENAI_PARAM.get(field, field)
+        if field in OPENAI_PARAM:  # told by the request's name, not the native field's
+            message = f"{param}{exc.field[len(field) :]}: {exc.why}"
+        if param == "request":  # the body as a whole (not JSON, not an object): no field
+            param = None
     name = "model_not_found" if code == grpc.StatusCode.NOT_FOUND else code.name.lower()
     kind = OPENAI_TYPE.get(code, "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": name}}

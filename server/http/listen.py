@@ -7,12 +7,14 @@ for "[::]", as gRPC does) keeps `--http-port 0` and 127.0.0.1 clients working.
 
 from __future__ import annotations
 
+import errno
 import socket
 import ssl
 
 from rnnserve.server.tls import TlsConfigError
 
 ANY = ("", "[::]", "::", "*")
+UNAVAILABLE = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)  # the address, not the port
 
 
 def _bind(family: int, address: tuple, reuse_port: bool) -> socket.socket:
@@ -40,7 +42,7 @@ def bind(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
         except OSError:  # no IPv6 here
             return [_bind(socket.AF_INET, ("0.0.0.0", port), reuse_port)]
     infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
-    seen, sockets = set(), []
+    seen, sockets, missing = set(), [], None
     try:
         for family, _, _, _, address in infos:
             if address[0] in seen:
@@ -48,11 +50,20 @@ def bind(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
             seen.add(address[0])
             if sockets:
                 address = (address[0], sockets[0].getsockname()[1], *address[2:])
-            sockets.append(_bind(family, address, reuse_port))
+            try:
+                sockets.append(_bind(family, address, reuse_port))
+            except OSError as exc:
+                # "localhost" still names ::1 where IPv6 is off: skip an address this host
+                # does not have, as gRPC does, but never one whose port is taken
+                if exc.errno not in UNAVAILABLE:
+                    raise
+                missing = missing or exc
     except OSError:
         for s in sockets:
             s.close()
         raise
+    if not sockets:
+        raise missing or OSError(f"{host!r} has no address to listen on")
     return sockets
 
 

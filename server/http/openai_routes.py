@@ -20,7 +20,7 @@ import grpc
 from aiohttp import web
 
 from rnnserve.server.engine import Engine
-from rnnserve.server.errors import status_for
+from rnnserve.server.errors import BadRequest, status_for
 from rnnserve.server.http import completions as oa
 from rnnserve.server.http.calls import Call, HttpCalls, json_response, read_json
 from rnnserve.server.http.errors import openai_error
@@ -137,10 +137,22 @@ class OpenAIRoutes:
         self, req: oa.CompletionRequest, prompt: str, enc: Encoded, text: str
     ) -> dict:
         """Per-token log-probabilities of the completion (and of the prompt with echo; its
-        first token has none: it conditions the rest)."""
-        first, values = enc.tokens[:1], [None]
-        tokens = list(first)
-        if len(enc.ids) + (1 if text else 0) >= 2 and (text or req.echo):
+        first token has none: it conditions the rest).
+
+        prompt + text is tokenized first: the tokenizer may merge the two (a run of spaces is
+        one token), so only the joined text says whether there is a second token to score,
+        and whether it fits --max-prompt-tokens (told as `logprobs`, not Score's `texts`)."""
+        codec = self.engine.codec(self.engine.lookup(req.model, "", "Score"))
+        whole = codec.tokenizer.tokenize(prompt + text)
+        limit = self.engine.settings.max_prompt_tokens
+        if len(whole) > limit:
+            raise BadRequest(
+                "logprobs",
+                f"prompt + completion have {len(whole)} tokens, more than the {limit} "
+                "(--max-prompt-tokens) they can be scored in; ask fewer max_tokens",
+            )
+        tokens, values = list(whole[:1]), [None]
+        if len(whole) >= 2 and (text or req.echo):
             scored = (await self.engine.score(req.model, "", [prompt + text]))[0]
             tokens += scored.tokens
             values += scored.token_logprobs

@@ -63,6 +63,7 @@ FORECAST = Signature(
     (TensorSpec("forecast", "FP32", (-1,)),),
 )
 SIGNATURES = (SCORE, INFILL, FORECAST)
+INFILL_INPUTS = tuple(s.name for s in INFILL.inputs)
 
 # task -> signatures, the first one is what ModelMetadata shows
 BY_TASK = {"lm": (SCORE, INFILL), "infill": (INFILL,), "forecast": (FORECAST,)}
@@ -133,8 +134,21 @@ async def infer(
     return answered, outputs
 
 
+def _as_input(exc: BadRequest, native: str, name: str, row: int | None = None) -> BadRequest:
+    """An Engine error about a native field (`texts[3]`, `history[1]`) told as the KServe
+    input it came from (`inputs[text][3]`); `row` is the row of a [B, T] history, whose
+    Engine call saw one row and so counts from that row's start."""
+    if exc.field != native and not exc.field.startswith(native + "["):
+        return exc
+    where = f"inputs[{name}]" + (f"[{row}]" if row is not None else "")
+    return BadRequest(where + exc.field[len(native) :], exc.why)
+
+
 async def _score(engine: Engine, model: str, version: str, text: Tensor) -> list[Tensor]:
-    results = await engine.score(model, version, _texts(text))
+    try:
+        results = await engine.score(model, version, _texts(text))
+    except BadRequest as exc:  # texts[i]: i is the flat (row-major) index
+        raise _as_input(exc, "texts", "text") from None
     shape = list(text.shape)
     return [
         Tensor("perplexity", "FP64", shape, np.array([r.perplexity for r in results], "<f8")),
@@ -147,7 +161,12 @@ async def _score(engine: Engine, model: str, version: str, text: Tensor) -> list
 
 async def _infill(engine: Engine, model: str, version: str, t: dict[str, Tensor]) -> list[Tensor]:
     top_k = _one_int(t["top_k"]) if "top_k" in t else 0
-    found = await engine.infill(model, version, _one_text(t["left"]), _one_text(t["right"]), top_k)
+    left, right = _one_text(t["left"]), _one_text(t["right"])
+    try:
+        found = await engine.infill(model, version, left, right, top_k)
+    except BadRequest as exc:
+        field = exc.field.split("[", 1)[0]
+        raise _as_input(exc, field, field) if field in INFILL_INPUTS else exc from None
     k = [len(found)]
     return [
         Tensor("text", "BYTES", k, np.array([c.text.encode() for c in found], dtype=object)),
@@ -159,15 +178,22 @@ async def _infill(engine: Engine, model: str, version: str, t: dict[str, Tensor]
 async def _forecast(engine: Engine, model: str, version: str, t: dict[str, Tensor]) -> list[Tensor]:
     history, horizon = t["history"], _one_int(t["horizon"])
     if history.datatype not in FLOATS:
-        raise BadRequest("inputs[history]", f"must be FP32 or FP64, got {history.datatype}")
+        raise BadRequest("inputs[history]", f"must be FP16, FP32 or FP64, got {history.datatype}")
     if len(history.shape) not in (1, 2):
         raise BadRequest("inputs[history]", f"shape must be [T] or [B, T], got {history.shape}")
     if history.size == 0:
         raise BadRequest("inputs[history]", "is empty")
     series = history.data.astype(np.float64).reshape(-1, history.shape[-1])
-    results = await asyncio.gather(
-        *(engine.forecast(model, version, row.tolist(), horizon, False) for row in series)
-    )
+    batched = len(history.shape) == 2
+
+    async def one(i: int, row: np.ndarray):
+        try:
+            return await engine.forecast(model, version, row.tolist(), horizon, False)
+        except BadRequest as exc:
+            exc = _as_input(exc, "history", "history", i if batched else None)
+            raise _as_input(exc, "horizon", "horizon") from None
+
+    results = await asyncio.gather(*(one(i, row) for i, row in enumerate(series)))
     values = np.array([r.forecast for r in results], dtype="<f4")
     shape = [horizon] if len(history.shape) == 1 else [len(series), horizon]
     return [Tensor("forecast", "FP32", shape, values.reshape(-1))]

@@ -32,6 +32,9 @@ DTYPES: dict[str, np.dtype] = {
     "BYTES": np.dtype(object),
 }
 
+INTEGER_TYPES = frozenset(d for d in DTYPES if d.startswith(("INT", "UINT")))
+FLOAT_TYPES = frozenset(("FP16", "FP32", "FP64"))
+
 # datatype -> InferTensorContents field
 CONTENTS_FIELD = {
     "BOOL": "bool_contents",
@@ -127,7 +130,10 @@ def from_contents(name: str, datatype: str, shape: list[int], contents) -> Tenso
         raise BadRequest(f"inputs[{name}]", f"{datatype} must be sent as raw contents")
     values = list(getattr(contents, field))
     dtype = DTYPES[datatype]
-    data = np.array(values, dtype=object) if datatype == "BYTES" else np.array(values, dtype)
+    try:  # int_contents / uint_contents are 32-bit: an INT8 or UINT16 value may not fit
+        data = np.array(values, dtype=object) if datatype == "BYTES" else np.array(values, dtype)
+    except OverflowError as exc:
+        raise BadRequest(f"inputs[{name}].contents", f"{exc} ({datatype})") from None
     return _checked(name, datatype, shape, data)
 
 
@@ -148,7 +154,15 @@ def from_json(name: str, datatype: str, shape: list[int], data: object) -> Tenso
         else:
             if any(isinstance(v, (bool, str)) or v is None for v in flat):
                 raise TypeError(f"{datatype} data must be numbers")
-            values = flat.astype(DTYPES[datatype])
+            if datatype in INTEGER_TYPES and any(
+                isinstance(v, float) and not v.is_integer() for v in flat
+            ):  # astype() would truncate 2.7 to 2 without a word
+                raise TypeError(f"{datatype} data must be integers")
+            with np.errstate(over="ignore"):
+                values = flat.astype(DTYPES[datatype])
+            if datatype in FLOAT_TYPES and not np.isfinite(values).all():
+                # 1e39 as an FP32 would become inf without a word (and JSON has no NaN)
+                raise ValueError(f"values must be finite and within the range of {datatype}")
     except (TypeError, ValueError, OverflowError) as exc:
         raise BadRequest(f"inputs[{name}].data", str(exc)) from None
     return _checked(name, datatype, shape, values)

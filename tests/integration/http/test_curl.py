@@ -75,6 +75,15 @@ def test_openai_errors_are_json_with_status(base_url, body, status, param) -> No
     assert headers["x-request-id"]
 
 
+def test_openai_sampling_errors_use_the_request_names(base_url: str) -> None:
+    """The engine checks top_k as `sampling.top_k`; an OpenAI client sent `top_k`."""
+    got, _, text = post(base_url + "/v1/completions",
+                        {"model": "lstm", "prompt": "a", "top_k": 10**6})  # fmt: skip
+    error = json.loads(text)["error"]
+    assert got == 400 and error["param"] == "top_k"
+    assert error["message"].startswith("top_k: must be in") and "sampling" not in error["message"]
+
+
 def test_openai_max_tokens_over_the_limit_names_no_grpc_default(base_url: str) -> None:
     """The limit is the server's; the gRPC default (64, "unset") is not OpenAI's (16)."""
     got, _, text = post(base_url + "/v1/completions",
@@ -87,6 +96,7 @@ def test_openai_max_tokens_over_the_limit_names_no_grpc_default(base_url: str) -
 def test_not_json_and_unknown_paths(base_url: str) -> None:
     status, _, text = curl("-d", "{not json", base_url + "/v1/completions")
     assert status == 400 and "not valid JSON" in json.loads(text)["error"]["message"]
+    assert json.loads(text)["error"]["param"] is None  # no field is at fault: OpenAI's null
     status, _, text = curl(base_url + "/v1/nothing")
     assert status == 404 and json.loads(text)["error"]["message"]
     status, _, text = curl(base_url + "/v2/nothing")
@@ -129,12 +139,36 @@ def test_kserve_rest_with_curl(base_url: str) -> None:
         ([{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["a"]}], 400, "accepted"),
         ([{"name": "history", "datatype": "FP32", "shape": [1], "data": [1.0]}], 400, "horizon"),
         ([{"name": "text", "datatype": "WAT", "shape": [1], "data": ["a"]}], 400, "datatype"),
+        # 2.5 is not an INT64: refused rather than truncated to 2
+        (
+            [
+                {"name": "history", "datatype": "FP32", "shape": [2], "data": [0.5, 1.0]},
+                {"name": "horizon", "datatype": "INT64", "shape": [1], "data": [2.5]},
+            ],
+            400,
+            "integers",
+        ),
     ],
 )
 def test_kserve_rest_errors(base_url, inputs, status, words) -> None:
     got, _, text = post(base_url + "/v2/models/lstm/infer", {"inputs": inputs})
     assert got == status
     assert words in json.loads(text)["error"]
+
+
+def test_kserve_engine_errors_name_the_input_and_its_row(base_url: str) -> None:
+    """What the Engine refuses is told as the input sent (not Score's `texts`), and a [B, T]
+    history's bad value by its row and column (the Engine saw one row at a time)."""
+    text = {"name": "text", "datatype": "BYTES", "shape": [2], "data": ["the time", "a"]}
+    status, _, body = post(base_url + "/v2/models/lstm/infer", {"inputs": [text]})
+    assert status == 400
+    assert json.loads(body)["error"].startswith("inputs[text][1]: needs at least two tokens")
+    rows = [0.0, 0.5, 0.8, 1.0, 1e300, 0.5]  # finite, but far past the model: row 1, column 1
+    history = {"name": "history", "datatype": "FP64", "shape": [2, 3], "data": rows}
+    horizon = {"name": "horizon", "datatype": "INT64", "shape": [1], "data": [2]}
+    status, _, body = post(base_url + "/v2/models/sine-gru/infer", {"inputs": [history, horizon]})
+    assert status == 400
+    assert json.loads(body)["error"].startswith("inputs[history][1][1]: 1e+300 is too far")
 
 
 def test_kserve_task_mismatch_and_unknown(base_url: str) -> None:

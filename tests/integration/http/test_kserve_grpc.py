@@ -50,6 +50,17 @@ def test_forecast_batch_of_series(server, kserve) -> None:
         assert out.tolist() == pytest.approx(list(native.forecast), rel=1e-5)
 
 
+def _forecast_request(horizon_type: str, horizon: int) -> kpb.ModelInferRequest:
+    """A typed-contents forecast whose horizon is an INT8 / UINT8 (int_contents is 32-bit)."""
+    request = kpb.ModelInferRequest(model_name="sine-gru")
+    h = request.inputs.add(name="history", datatype="FP32", shape=[3])
+    h.contents.fp32_contents.extend([0.0, 0.5, 1.0])
+    k = request.inputs.add(name="horizon", datatype=horizon_type, shape=[1])
+    field = "uint_contents" if horizon_type.startswith("U") else "int_contents"
+    getattr(k.contents, field).append(horizon)
+    return request
+
+
 @pytest.mark.parametrize(
     ("request_", "code"),
     [
@@ -58,6 +69,8 @@ def test_forecast_batch_of_series(server, kserve) -> None:
         (_score_request([b"x"]), grpc.StatusCode.INVALID_ARGUMENT),  # one token: nothing to score
         (kpb.ModelInferRequest(model_name="lstm"), grpc.StatusCode.INVALID_ARGUMENT),
         (kpb.ModelInferRequest(), grpc.StatusCode.INVALID_ARGUMENT),
+        (_forecast_request("INT8", 1000), grpc.StatusCode.INVALID_ARGUMENT),  # was INTERNAL
+        (_forecast_request("UINT8", 300), grpc.StatusCode.INVALID_ARGUMENT),
     ],
 )
 def test_errors_have_the_native_codes(kserve, request_, code) -> None:

@@ -125,6 +125,29 @@ def test_stop_echo_and_logprobs(client, server) -> None:
     assert only.logprobs.text_offset[0] == 0
 
 
+def test_logprobs_when_prompt_and_completion_merge_into_one_token(client) -> None:
+    """The tokenizer normalises: a one-token prompt " " and a completion of spaces read back as
+    one token, which Score cannot score. That is no token to report, not a 400 after the
+    completion was made."""
+    got = client.completions.create(
+        model="lstm", prompt=" ", max_tokens=4, temperature=0, echo=True, logprobs=0
+    ).choices[0]
+    assert got.text.startswith(" ")
+    assert got.logprobs.tokens[0] == " " and got.logprobs.token_logprobs[0] is None
+    assert len(got.logprobs.text_offset) == len(got.logprobs.tokens)
+
+
+def test_logprobs_past_the_prompt_limit_name_logprobs(client) -> None:
+    """prompt + completion must fit --max-prompt-tokens (4096) to be scored: the error names
+    the OpenAI field, not Score's `texts`."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(
+            model="lstm", prompt="a" * 4096, max_tokens=4, temperature=0, logprobs=0
+        )
+    assert err.value.body["param"] == "logprobs"
+    assert "--max-prompt-tokens" in err.value.body["message"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [

@@ -31,6 +31,28 @@ def test_any_address_is_one_dual_stack_socket() -> None:
         sock.close()
 
 
+def test_an_address_the_host_lacks_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name can resolve to an address this host cannot bind (::1 for "localhost" where IPv6
+    is off; 192.0.2.1 here): the others still serve, as with gRPC."""
+    real = socket.getaddrinfo
+
+    def resolve(host, port, *args, **kwargs):
+        ours = real("127.0.0.1", port, *args, **kwargs)
+        family, kind, proto, _, _ = ours[0]
+        return [(family, kind, proto, "", ("192.0.2.1", port)), *ours]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    sockets = bind("dual.example", 0)
+    try:
+        assert [s.getsockname()[0] for s in sockets] == ["127.0.0.1"]
+    finally:
+        for s in sockets:
+            s.close()
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: resolve(*a, **k)[:1])
+    with pytest.raises(OSError):  # nothing to listen on at all
+        bind("dual.example", 0)
+
+
 def test_a_taken_port_fails_at_bind() -> None:
     (first,) = bind("127.0.0.1", 0)
     try:

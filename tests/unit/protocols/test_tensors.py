@@ -47,6 +47,7 @@ def test_typed_contents_and_json() -> None:
     assert from_contents("h", "FP32", [2], contents).data.tolist() == [1.5, 2.5]
     assert from_json("h", "FP32", [1, 2], [[1.0, 2.0]]).data.tolist() == [1.0, 2.0]
     assert from_json("t", "BYTES", [1], ["hi"]).data.tolist() == [b"hi"]
+    assert from_json("k", "INT64", [2], [3, 4.0]).data.tolist() == [3, 4]  # integral: kept
 
 
 @pytest.mark.parametrize(
@@ -61,6 +62,20 @@ def test_typed_contents_and_json() -> None:
         (lambda: from_json("x", "FP32", [1], ["a"]), "numbers"),
         (lambda: from_json("x", "BYTES", [1], [1]), "strings"),
         (lambda: from_json("x", "BOOL", [1], [1]), "true or false"),
+        (lambda: from_json("k", "INT64", [1], [2.7]), "INT64 data must be integers"),
+        (lambda: from_json("k", "UINT8", [1], [300]), "out of bounds"),
+        (lambda: from_json("h", "FP32", [1], [1e39]), "within the range of FP32"),  # not inf
+        # int_contents is 32-bit: a value that does not fit INT8 is the client's error
+        (
+            lambda: from_contents("k", "INT8", [1], pb.InferTensorContents(int_contents=[1000])),
+            "inputs[k].contents",
+        ),
+        (
+            lambda: from_contents(
+                "k", "UINT16", [1], pb.InferTensorContents(uint_contents=[70000])
+            ),
+            "out of bounds",
+        ),
     ],
 )
 def test_bad_tensors_name_the_input(call, words: str) -> None:
