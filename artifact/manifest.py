@@ -113,6 +113,11 @@ class Manifest:
                 raise ManifestError("a forecast manifest needs `series` (normalisation, tau)")
         elif not self.vocab or self.tokenizer is None:
             raise ManifestError(f"a {self.task} manifest needs `tokenizer` and `vocab`")
+        if self.vocab:  # refused at load, not by every call's TextCodec (INTERNAL)
+            try:
+                Vocab(self.vocab)
+            except ValueError as exc:
+                raise ManifestError(f"vocab: {exc}") from exc
         start = self.start_log_probs
         if start is not None and (self.task != "lm" or len(start) != self.vocab_size):
             raise ManifestError(

@@ -89,6 +89,18 @@ def test_manifest_names_missing_fields(tmp_path) -> None:
         Manifest.load(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "vocab, why",
+    [(["a", *RESERVED], "reserved tokens"), ([*RESERVED, "a", "a"], "unique")],
+)
+def test_manifest_refuses_a_vocab_the_codec_cannot_use(tmp_path, vocab, why) -> None:
+    """Else the version loads as SERVING and every text call fails with INTERNAL."""
+    data = {**_manifest().to_dict(), "vocab": vocab}
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=f"vocab: .*{why}"):
+        Manifest.load(tmp_path)
+
+
 def test_state_batch_axis_must_be_symbolic() -> None:
     with pytest.raises(ManifestError, match="batch_axis"):
         StateSpec.from_dict(
