@@ -19,6 +19,13 @@ from rnnserve.server.http.openai_routes import OpenAIRoutes
 from rnnserve.server.interceptors import CallInterceptor, Guard
 from rnnserve.server.kserve.status import KServeStatus
 
+# OpenAI routes a client may try that are not served, and what to use instead
+NOT_SERVED = {
+    "/v1/chat/completions": "chat completions are not served (these models have no chat "
+    "format: roles, template); send the text as `prompt` to POST /v1/completions",
+    "/v1/embeddings": "embeddings are not served; POST /v1/completions generates text",
+}
+
 
 @web.middleware
 async def json_not_found(request: web.Request, handler) -> web.StreamResponse:
@@ -26,7 +33,8 @@ async def json_not_found(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
-        message = f"{request.method} {request.path}: {exc.reason}"
+        why = NOT_SERVED.get(request.path.rstrip("/"), exc.reason)
+        message = f"{request.method} {request.path}: {why}"
         body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
                           "code": str(exc.status)}}  # fmt: skip
         if request.path.startswith("/v2"):

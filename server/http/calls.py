@@ -21,7 +21,7 @@ from aiohttp import web
 
 from rnnserve.server import logs
 from rnnserve.server.errors import BadRequest
-from rnnserve.server.http.errors import http_status
+from rnnserve.server.http.errors import BodyTooLarge, http_status
 from rnnserve.server.interceptors import CallInterceptor, Guard
 
 ErrorBody = Callable[[grpc.StatusCode, str, BaseException | None], dict]
@@ -85,8 +85,10 @@ class HttpCalls:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except web.HTTPRequestEntityTooLarge as exc:
-                code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, exc.text or "body too large"
-                return json_response(errors(code, message, None), 413, call.request_id)
+                why = (exc.text or "too large").rstrip(".")
+                too_large = BodyTooLarge(f"the request body is over --max-message-bytes ({why})")
+                code, message = too_large.code, too_large.message
+                return json_response(errors(code, message, too_large), 413, call.request_id)
             except Exception as exc:
                 code, message = icpt._fail(exc, rpc)
                 body = errors(code, message, exc)

@@ -34,6 +34,14 @@ NEUTRAL: dict[str, tuple] = {
     "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
 }
+KIND = {
+    "n": "an integer",
+    "best_of": "an integer",
+    "suffix": "a string",
+    "presence_penalty": "a number",
+    "frequency_penalty": "a number",
+    "logit_bias": "an object",
+}
 ACCEPTED = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
     "logprobs", "echo", "stream", "stream_options", "user", *REFUSED,
@@ -105,8 +113,14 @@ def parse_completion(body: object) -> CompletionRequest:
     if unknown:
         raise BadRequest(unknown[0], "is not a completions field this server knows")
     for name, why in REFUSED.items():
-        if body.get(name) not in NEUTRAL[name]:
+        value = body.get(name)
+        if isinstance(value, bool):  # True == 1 and False == 0: they would pass as neutral
+            raise BadRequest(name, f"must be {KIND[name]}, got {value!r}")
+        if value not in NEUTRAL[name]:
             raise BadRequest(name, why)
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise BadRequest("user", f"must be a string, got {user!r}")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("model", "is required (a model name from GET /v1/models)")
@@ -118,6 +132,10 @@ def parse_completion(body: object) -> CompletionRequest:
     prompts = _strings(prompt, "prompt")
     if not 1 <= len(prompts) <= MAX_PROMPTS:
         raise BadRequest("prompt", f"must hold 1..{MAX_PROMPTS} prompts, got {len(prompts)}")
+    for i, text in enumerate(prompts):
+        if not text:  # told here: the engine's message names its own resume state
+            where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            raise BadRequest(where, "is empty; the model needs text to continue")
     stop = _strings(body["stop"], "stop") if body.get("stop") is not None else []
     logprobs = _integer(body, "logprobs", None)
     if logprobs not in (None, 0):
@@ -129,6 +147,9 @@ def parse_completion(body: object) -> CompletionRequest:
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise BadRequest("stream_options", 'only {"include_usage": bool} is known')
     include_usage = _flag(options, "include_usage") if options else False
+    stream = _flag(body, "stream")
+    if options is not None and not stream:  # as OpenAI and vLLM: not silently dropped
+        raise BadRequest("stream_options", "is only allowed when stream is true")
     seed = _integer(body, "seed", None)
     if seed is not None and not 0 <= seed < 2**63:
         raise BadRequest("seed", f"must be in [0, 2^63), got {seed}")
@@ -154,7 +175,7 @@ def parse_completion(body: object) -> CompletionRequest:
         stop=stop,
         logprobs=logprobs == 0,
         echo=_flag(body, "echo"),
-        stream=_flag(body, "stream"),
+        stream=stream,
         include_usage=include_usage,
     )
 

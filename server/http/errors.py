@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import grpc
 
-from rnnserve.server.errors import BadRequest
+from rnnserve.server.errors import BadRequest, ServeError
+
+
+class BodyTooLarge(ServeError):
+    """A body over --max-message-bytes: RESOURCE_EXHAUSTED like gRPC's own message limit,
+    but HTTP 413 and, for OpenAI clients, an invalid request: retrying cannot help."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
 
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200,
@@ -58,6 +66,8 @@ def openai_error(code: grpc.StatusCode, message: str, exc: BaseException | None)
             param = None
     name = "model_not_found" if code == grpc.StatusCode.NOT_FOUND else code.name.lower()
     kind = OPENAI_TYPE.get(code, "server_error")
+    if isinstance(exc, BodyTooLarge):  # not a rate limit (429): the same body fails again
+        kind = "invalid_request_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": name}}
 
 

@@ -20,10 +20,11 @@ import grpc
 from aiohttp import web
 
 from rnnserve.server.engine import Engine
-from rnnserve.server.errors import BadRequest, status_for
+from rnnserve.server.errors import BadRequest, UnknownModel, UnsupportedTask, status_for
 from rnnserve.server.http import completions as oa
 from rnnserve.server.http.calls import Call, HttpCalls, json_response, read_json
 from rnnserve.server.http.errors import openai_error
+from rnnserve.server.repository import ModelVersion
 from rnnserve.server.text import Encoded
 
 DONE = b"data: [DONE]\n\n"
@@ -90,10 +91,20 @@ class OpenAIRoutes:
         body = {"object": "list", "data": [self._card(n) for n in names]}
         return json_response(body, request_id=call.request_id)
 
+    def _lm(self, name: str) -> ModelVersion:
+        """The model's default version, which can Generate. One that cannot (a forecaster,
+        a bidirectional model, none SERVING) is not in GET /v1/models, so it is NOT_FOUND
+        here too, as OpenAI and vLLM answer for a model their list does not show; the
+        message keeps the reason (gRPC callers still get FAILED_PRECONDITION)."""
+        try:
+            return self.engine.lookup(name, "", "Generate")
+        except UnsupportedTask as exc:
+            raise UnknownModel(f"{exc} (GET /v1/models lists the models served here)") from None
+
     async def model(self, request: web.Request, call: Call) -> web.Response:
         name = request.match_info["model"]
         call.model = self.engine.model_label(name)
-        self.engine.lookup(name, "", "Generate")  # NOT_FOUND / FAILED_PRECONDITION
+        self._lm(name)
         return json_response(self._card(name), request_id=call.request_id)
 
     # -- completions ------------------------------------------------------------------------
@@ -102,7 +113,7 @@ class OpenAIRoutes:
         named = body.get("model") if isinstance(body, dict) else None
         call.model = self.engine.model_label(named) if isinstance(named, str) else ""
         req = oa.parse_completion(body)
-        entry = self.engine.lookup(req.model, "", "Generate")
+        entry = self._lm(req.model)
         codec, limit = self.engine.codec(entry), self.engine.settings.max_prompt_tokens
         prompts = [
             codec.encode(p, "prompt" if len(req.prompts) == 1 else f"prompt[{i}]", limit)

@@ -63,7 +63,13 @@ def test_request_id_is_echoed(base_url: str) -> None:
         ({"model": "lstm", "prompt": [1, 2, 3]}, 400, "prompt"),
         ({"model": "lstm", "prompt": "a", "colour": "red"}, 400, "colour"),
         ({"model": "missing", "prompt": "a"}, 404, "model"),
-        ({"model": "sine-gru", "prompt": "a"}, 400, None),
+        ({"model": "sine-gru", "prompt": "a"}, 404, "model"),  # not in GET /v1/models
+        ({"model": "lstm", "prompt": "a", "n": True}, 400, "n"),
+        (
+            {"model": "lstm", "prompt": "a", "stream_options": {"include_usage": True}},
+            400,
+            "stream_options",
+        ),
     ],
 )
 def test_openai_errors_are_json_with_status(base_url, body, status, param) -> None:

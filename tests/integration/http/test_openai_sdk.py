@@ -31,6 +31,16 @@ def test_models_lists_the_lm_models(client: openai.OpenAI) -> None:
     assert client.models.retrieve("lstm").id == "lstm"
 
 
+@pytest.mark.parametrize(("model", "why"), [("sine-gru", "Forecast"), ("bilstm", "Infill")])
+def test_retrieve_agrees_with_the_list(client: openai.OpenAI, model: str, why: str) -> None:
+    """A model the list leaves out is not found (OpenAI's and vLLM's answer), with the reason,
+    not a 400 FAILED_PRECONDITION."""
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve(model)
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+    assert why in err.value.body["message"]
+
+
 def test_greedy_completion_matches_native_generate(client, server) -> None:
     done = client.completions.create(model="lstm", prompt=PROMPT, max_tokens=12, temperature=0)
     assert done.object == "text_completion" and done.model == "lstm"
@@ -158,11 +168,19 @@ def test_logprobs_past_the_prompt_limit_name_logprobs(client) -> None:
         ({"logprobs": 3}, "logprobs"),
         ({"temperature": 3.0}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
+        ({"frequency_penalty": 0.1}, "frequency_penalty"),
+        ({"logit_bias": {"7": 5}}, "logit_bias"),
+        ({"extra_body": {"min_p": 0.1}}, "min_p"),
+        ({"n": True}, "n"),  # True == 1 in Python; a boolean is not a count
+        ({"presence_penalty": False}, "presence_penalty"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+        ({"user": 5}, "user"),
+        ({"prompt": ["the", ""]}, "prompt"),
     ],
 )
 def test_fields_that_make_no_sense_are_refused(client, kwargs, param) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model="lstm", prompt=PROMPT, **kwargs)
+        client.completions.create(**{"model": "lstm", "prompt": PROMPT, **kwargs})
     assert err.value.status_code == 400
     assert err.value.body["param"] == param
     assert err.value.body["type"] == "invalid_request_error"
@@ -172,9 +190,13 @@ def test_unknown_model_and_wrong_task(client) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         client.completions.create(model="nope", prompt=PROMPT)
     assert err.value.body["code"] == "model_not_found"
-    with pytest.raises(openai.BadRequestError) as err:
+    # a model GET /v1/models leaves out is not found here either (OpenAI: 404), with why
+    with pytest.raises(openai.NotFoundError) as err:
         client.completions.create(model="bilstm", prompt=PROMPT)
-    assert "Infill" in err.value.body["message"]
+    assert "Infill" in err.value.body["message"] and err.value.body["param"] == "model"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="sine-gru", prompt=PROMPT, stream=True)
+    assert "Forecast" in err.value.body["message"]
 
 
 def test_stream_refused_by_the_engine_gets_its_status(client) -> None:
@@ -186,3 +208,14 @@ def test_stream_refused_by_the_engine_gets_its_status(client) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="lstm", prompt="the", max_tokens=10**6, stream=True)
     assert err.value.body["param"] == "max_tokens"
+
+
+def test_chat_and_embeddings_say_what_to_use_instead(client) -> None:
+    """Not served (these models have no chat format): a 404 that names /v1/completions."""
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="lstm", messages=[{"role": "user", "content": "hi"}])
+    assert "/v1/completions" in err.value.body["message"]
+    assert err.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.embeddings.create(model="lstm", input="hi")
+    assert "not served" in err.value.body["message"]

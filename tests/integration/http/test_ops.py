@@ -104,6 +104,9 @@ def test_body_over_the_message_limit_is_413(guarded: GuardedServer) -> None:
     body = {"model": "lstm", "prompt": "x" * 5000}
     status, got = request(base + "/v1/completions", body, token=TOKEN)
     assert status == 413 and got["error"]["code"] == "resource_exhausted"
+    # not a rate limit: a client that backs off and retries would send the same body again
+    assert got["error"]["type"] == "invalid_request_error"
+    assert "--max-message-bytes" in got["error"]["message"]
 
 
 def test_metrics_and_access_log(server, base_url, caplog) -> None:

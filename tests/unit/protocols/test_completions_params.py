@@ -49,12 +49,41 @@ def test_fields_map_onto_generate() -> None:
         ({"model": "m", "prompt": "a", "stream": "yes"}, "stream"),
         ({"model": "m", "prompt": "a", "stream_options": {"x": 1}}, "stream_options"),
         ({"model": "m", "prompt": "a", "functions": []}, "functions"),
+        # True == 1 and False == 0 in Python: a JSON boolean is not the neutral number
+        ({"model": "m", "prompt": "a", "n": True}, "n"),
+        ({"model": "m", "prompt": "a", "best_of": True}, "best_of"),
+        ({"model": "m", "prompt": "a", "presence_penalty": False}, "presence_penalty"),
+        ({"model": "m", "prompt": "a", "frequency_penalty": False}, "frequency_penalty"),
+        ({"model": "m", "prompt": "a", "temperature": False}, "temperature"),
+        ({"model": "m", "prompt": "a", "top_p": True}, "top_p"),
+        ({"model": "m", "prompt": "a", "seed": False}, "seed"),
+        ({"model": "m", "prompt": "a", "top_k": False}, "top_k"),
+        ({"model": "m", "prompt": "a", "logprobs": False}, "logprobs"),
+        # stream_options without stream is refused (OpenAI, vLLM), not silently dropped
+        (
+            {"model": "m", "prompt": "a", "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),
+        ({"model": "m", "prompt": "a", "stream": False, "stream_options": {}}, "stream_options"),
+        ({"model": "m", "prompt": "a", "user": 5}, "user"),
+        ({"model": "m", "prompt": ""}, "prompt"),
+        ({"model": "m", "prompt": ["a", ""]}, "prompt[1]"),
     ],
 )
 def test_refusals_name_the_field(body: dict, field: str) -> None:
     with pytest.raises(BadRequest) as err:
         parse_completion(body)
     assert err.value.field == field
+
+
+def test_bool_for_a_number_names_the_type() -> None:
+    with pytest.raises(BadRequest, match="must be an integer, got True"):
+        parse_completion({"model": "m", "prompt": "a", "n": True})
+
+
+def test_stream_options_null_without_stream_is_fine() -> None:
+    req = parse_completion({"model": "m", "prompt": "a", "stream_options": None})
+    assert not req.stream and not req.include_usage
 
 
 def test_not_an_object() -> None:
