@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -201,27 +200,9 @@ class Runtime:
 
     def __init__(self, threads: int = 4) -> None:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ort")
-        self._lock = threading.Lock()
-        self._queued = 0  # calls submitted that no thread has started yet
-
-    @property
-    def queued(self) -> int:
-        """Calls waiting for a free thread: a long decode trip ends early to make room."""
-        return self._queued
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        def started() -> T:
-            self._count(-1)
-            return fn(*args)
-
-        self._count(+1)
-        job = self.pool.submit(started)
-        job.add_done_callback(lambda j: self._count(-1) if j.cancelled() else None)  # never ran
-        return await asyncio.wrap_future(job)
-
-    def _count(self, delta: int) -> None:
-        with self._lock:
-            self._queued += delta
+        return await asyncio.wrap_future(self.pool.submit(fn, *args))
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,7 +1,7 @@
 """--workers N: N rnn-server processes share one gRPC port; the parent serves merged /metrics.
 
 Why processes: ONNX Runtime calls and protobuf work hold the GIL often enough that one
-process tops out on a core. Each worker is a fresh `python -m server.main` with
+process tops out on a core. Each worker is a fresh `python -m rnnserve.server.main` with
 SO_REUSEPORT on (the kernel spreads connections) and PROMETHEUS_MULTIPROC_DIR set before it
 imports prometheus_client, so its metrics land in mmap files; the parent (which loads no
 model) merges them with MultiProcessCollector on --metrics-port, adds every process's

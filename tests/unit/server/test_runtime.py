@@ -71,35 +71,6 @@ def test_observe_many_records_what_observe_records() -> None:
     assert 't_seconds_bucket{le="0.0001",model="m"} 3.0' in exposed[1]  # bounds inclusive
 
 
-def test_runtime_counts_calls_waiting_for_a_thread() -> None:
-    """A long decode trip yields its thread when `queued` > 0; a call cancelled before it
-    started must not stay counted."""
-    import asyncio
-    import threading
-
-    from rnnserve.server.runtime import Runtime
-
-    async def main():
-        runtime = Runtime(1)
-        gate = threading.Event()
-        busy = asyncio.ensure_future(runtime.call(gate.wait, 5))
-        await asyncio.sleep(0.05)  # the only thread is taken
-        waiting = asyncio.ensure_future(runtime.call(lambda: 42))
-        dropped = asyncio.ensure_future(runtime.call(lambda: 0))
-        await asyncio.sleep(0.05)
-        seen = runtime.queued
-        dropped.cancel()
-        await asyncio.sleep(0.05)
-        after_cancel = runtime.queued
-        gate.set()
-        got = await waiting
-        await busy
-        runtime.close()
-        return seen, after_cancel, got, runtime.queued
-
-    assert asyncio.run(main()) == (2, 1, 42, 0)
-
-
 def test_a_head_that_cannot_load_leaves_the_model_serving_in_numpy(monkeypatch, tmp_path) -> None:
     """The decode head is an optimisation: if ONNX Runtime refuses it, the model still loads
     (tokens are then picked in numpy)."""
