@@ -91,7 +91,11 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch default)")
-    p.add_argument("--resume", default=None, help="checkpoint file or run dir to continue from")
+    p.add_argument(
+        "--resume", default=None,
+        help="checkpoint file or run dir to continue from (a run that ended is exported, not"
+        " trained; a larger --epochs trains on)",
+    )  # fmt: skip
     p.add_argument("--n", type=int, default=3, help="n-gram order")
     p.add_argument("--alpha", type=float, default=1.0, help="Laplace smoothing for ngram")
     p.add_argument("--states", type=int, default=16, help="HMM hidden states")

@@ -31,9 +31,27 @@ class EarlyStopping:
         else:
             self.epochs_since_best += 1
 
+    def state_dict(self) -> dict:
+        """Counters and the best weights, as tensors and primitives (checkpointed each epoch,
+        so a resumed run can still restore a best epoch from before the resume)."""
+        return {
+            "best_ppl": self.best_ppl,
+            "best_epoch": self.best_epoch,
+            "epochs_since_best": self.epochs_since_best,
+            "best_state": self.best_state,
+        }
+
+    def load_state_dict(self, data: dict) -> None:
+        """A checkpointed state; the weights only with patience (0 keeps no copy)."""
+        self.best_ppl = float(data["best_ppl"])
+        self.best_epoch = int(data["best_epoch"])
+        self.epochs_since_best = int(data["epochs_since_best"])
+        best_state = data.get("best_state")
+        self.best_state = dict(best_state) if self.patience and best_state is not None else None
+
     def replay(self, history: list[dict]) -> None:
-        """A resumed run's counters from its history (the weights of a best epoch before the
-        resume are not in the checkpoint: only later epochs can be restored)."""
+        """A resumed run's counters from its history, for a checkpoint without a saved state
+        (written before it was checkpointed): only epochs after the resume can be restored."""
         for record in history:
             if record.get("val_ppl") is not None:
                 if record["val_ppl"] < self.best_ppl:

@@ -28,6 +28,7 @@ from rnnserve.trainer.checkpoint import (
     save_checkpoint,
 )
 from rnnserve.trainer.corpus import build_corpus, read_corpus, split_ids
+from rnnserve.trainer.early_stopping import EarlyStopping
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.export import export_model
 from rnnserve.trainer.models import RNN_ARCHS, ModelConfig, build_model
@@ -141,26 +142,35 @@ def train_recurrent(
     model = build_model(model_config)
     optimizer = make_optimizer(model, train_config)
     average = WeightAverage()
-    start, history = 0, []
+    stopper = EarlyStopping(train_config.patience)
+    start, history, ended = 0, [], None
     if ckpt is not None:
         model.load_state_dict(ckpt["state_dict"])
         model.to(resolve_device(train_config.device))
+        start, history = int(ckpt["epoch"]), list(ckpt.get("history") or [])
+        ended = run_ended(ckpt, train_config.epochs)
+    if ended is not None:  # the checkpoint holds the run's final model: export it as it is
+        log(f"resuming {resume}: {ended}")
+    elif ckpt is not None:
         if (
             ckpt.get("optimizer")
             and ckpt["train_config"].get("optimizer") == train_config.optimizer
         ):
             optimizer.load_state_dict(ckpt["optimizer"])
-        start, history = int(ckpt["epoch"]), list(ckpt.get("history") or [])
         if ckpt.get("average"):
             average.load_state_dict(ckpt["average"])
             if average.last is not None:  # the run ended on the mean: go on from its weights
                 model.load_state_dict(average.last)
                 average.last = None
+        if ckpt.get("early_stopping"):
+            stopper.load_state_dict(ckpt["early_stopping"])
+        else:  # a checkpoint from before the state was saved: the counters, not the weights
+            stopper.replay(history)
         log(f"resuming {resume} after epoch {start}")
         if start >= train_config.epochs:
             raise TrainerError(f"checkpoint already has {start} epochs; raise --epochs to continue")
     run_dir = Path(run_dir) if run_dir is not None else None
-    if run_dir is not None:
+    if run_dir is not None and ended is None:
         _writable_run_dir(run_dir)
     log(
         f"{name}: {model_config.arch} layers={model_config.layers} hidden={model_config.hidden}"
@@ -177,6 +187,7 @@ def train_recurrent(
             record["epoch"], history,
         )  # fmt: skip
         cp["average"] = average.state_dict() if average.count else None
+        cp["early_stopping"] = stopper.state_dict()
         cp["data"] = data_record(data)
         save_checkpoint(cp, run_dir / "checkpoint.pt")
         fresh = record["epoch"] == start + 1 and ckpt is None  # a new run starts a new log
@@ -184,11 +195,12 @@ def train_recurrent(
             fh.write(json.dumps({"name": name, **record}) + "\n")
         plot_history(history, run_dir / "curve.png", title=name)
 
-    fit(
-        model, prep.train_ids, prep.val_ids, train_config, optimizer=optimizer,
-        start_epoch=start, history=list(history), on_epoch=on_epoch, progress=progress, log=log,
-        average=average,
-    )  # fmt: skip
+    if ended is None:
+        fit(
+            model, prep.train_ids, prep.val_ids, train_config, optimizer=optimizer,
+            start_epoch=start, history=list(history), on_epoch=on_epoch, progress=progress,
+            log=log, average=average, stopper=stopper,
+        )  # fmt: skip
     if out is None:
         return None
     model.cpu().eval()
@@ -211,6 +223,29 @@ def train_recurrent(
         out=publish[0] if publish else Path(out), name=name, version=version,
         retry_flags=publish[1] if publish else (),
     )  # fmt: skip
+
+
+def run_ended(checkpoint: dict[str, Any], epochs: int) -> str | None:
+    """Why the checkpointed run is over, or None while it has epochs to train.
+
+    Why: a run that ended (its last epoch says `stopped`, or it ran all the epochs it was
+    started with) holds its final model (averaged, best epoch restored); `--resume` of it,
+    e.g. a Job restarted during the export, must export that model, not train it further.
+    Asking for more `epochs` than the run was started with continues it."""
+    history = checkpoint.get("history") or []
+    if not history:
+        return None
+    done = int(history[-1].get("epoch") or checkpoint["epoch"])  # a package's says 0
+    planned = int((checkpoint.get("train_config") or {}).get("epochs") or done)
+    if epochs > planned:
+        return None
+    if history[-1].get("stopped"):
+        why = f"the run stopped after epoch {done} ({history[-1]['stopped']})"
+    elif done >= planned:
+        why = f"the run ended with all its {planned} epochs"
+    else:
+        return None
+    return f"{why}: exporting it without training (--epochs above {planned} trains on)"
 
 
 def _writable_run_dir(run_dir: Path) -> None:

@@ -9,6 +9,7 @@ hold a freshly trained model (train, zoo) wrap it with this.
 from __future__ import annotations
 
 import shlex
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,14 +28,25 @@ def retry_command(
     return shlex.join([*args, "--name", name, "--version", version, *flags])
 
 
+# What a failed write raises: OSError from Python's own calls (mkdir, rename), RuntimeError
+# (c10::Error) from torch.save's C++ zip writer, e.g. on a full disk ("unexpected pos ...") or
+# for a file it cannot open. A RuntimeError of torch's about the data itself fails in the
+# temp dir too, and is raised from there.
+WRITE_ERRORS = (OSError, RuntimeError)
+
+
 def keep(checkpoint: dict[str, Any], out: Path, name: str, version: str) -> Path:
-    """Saves the checkpoint under OUT/.unexported/NAME/VERSION/ (or a temp dir if OUT is not
-    writable) and returns its path."""
+    """Saves the checkpoint under OUT/.unexported/NAME/VERSION/ (or a temp dir if it cannot be
+    written there: not writable, disk full) and returns its path."""
     try:
         return save_checkpoint(checkpoint, Path(out) / KEPT_DIR / name / version / CHECKPOINT_FILE)
-    except OSError:
+    except WRITE_ERRORS:
         spare = Path(tempfile.mkdtemp(prefix=f"rnn-trainer-{name}-{version}-"))
-        return save_checkpoint(checkpoint, spare / CHECKPOINT_FILE)
+        try:
+            return save_checkpoint(checkpoint, spare / CHECKPOINT_FILE)
+        except BaseException:
+            shutil.rmtree(spare, ignore_errors=True)  # no empty temp dir left behind
+            raise
 
 
 def export_or_keep(

@@ -173,6 +173,7 @@ def fit(
     progress: bool = True,
     log: Callable[[str], None] = print,
     average: WeightAverage | None = None,
+    stopper: EarlyStopping | None = None,
 ) -> list[dict]:
     """Trains for epochs start_epoch+1..cfg.epochs; returns one record per epoch.
 
@@ -185,7 +186,8 @@ def fit(
     With cfg.patience the run ends after that many epochs without a better validation
     perplexity; with cfg.time_budget it ends when the next epoch would not fit (and averages
     the same fraction of the shorter run). Either way the last record is the model's: if the
-    best epoch's weights beat it they are restored (val_ppl_final_weights: before).
+    best epoch's weights beat it they are restored (val_ppl_final_weights: before). A resumed
+    run passes the checkpointed `stopper` (else its counters are replayed from `history`).
     """
     cfg.validate()
     check_fits(len(train_ids), cfg.batch_size, cfg.num_steps, "training split")
@@ -206,8 +208,9 @@ def fit(
     average = average if average is not None else WeightAverage()
     mode = cfg.bptt if stateful else "full"
     window = window_runner(model, cluster, device, mode, cfg.bptt_k, cfg.bptt_p)
-    stopper = EarlyStopping(cfg.patience)
-    stopper.replay(history)
+    if stopper is None:
+        stopper = EarlyStopping(cfg.patience)
+        stopper.replay(history)
     budget = TimeBudget(cfg.time_budget)
     last_epoch = cfg.epochs  # where the run is expected to end: the budget may cut it
     for epoch in range(start_epoch + 1, cfg.epochs + 1):

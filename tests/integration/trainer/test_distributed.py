@@ -235,6 +235,16 @@ def test_killed_mid_epoch_and_resumed_matches_an_uninterrupted_run(tmp_path: Pat
     assert "resuming r2 after epoch 1" in resumed[0][1]
     one_process([*args, "--out", str(tmp_path / "m1"), "--run-dir", str(tmp_path / "r1")], capsys)
     assert_same_weights(weights(tmp_path / "r1"), weights(tmp_path / "r2"))
+    # the Job restarted once more (its pods died during the export): the same command exports
+    # the finished run's model again, where it used to refuse ("raise --epochs to continue")
+    exported = weights(tmp_path / "m2" / "gru" / "1")["state_dict"]
+    shutil.rmtree(tmp_path / "m2")
+    again = finish(start_ranks([*args, *run, "--resume", "r2"], tmp_path))
+    assert [code for code, _, _ in again] == [0, 0], again[0][2] + again[1][2]
+    assert "exporting it without training" in again[0][1]
+    assert weights(tmp_path / "r2")["epoch"] == 2
+    reexported = weights(tmp_path / "m2" / "gru" / "1")["state_dict"]
+    assert all(torch.equal(exported[k], reexported[k]) for k in exported)
     # the world size is not part of the arithmetic: one process resumes the 2-rank checkpoint
     resumed_alone = tmp_path / "r1-resumed"
     one_process([*args, "--out", str(tmp_path / "m3"), "--run-dir", str(resumed_alone),

@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.models import ModelConfig
 from rnnserve.trainer.pipeline import DataConfig, train_count_model, train_recurrent
 from rnnserve.trainer.precision import convert_package
+from rnnserve.trainer.retry import KEPT_DIR, keep
 from rnnserve.trainer.train import TrainConfig
 
 TINY = ["--epochs", "1", "--hidden", "8", "--embed", "4", "--num-steps", "8",
@@ -132,3 +134,42 @@ def test_export_refuses_a_precision_for_count_models_and_a_foreign_checkpoint(
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert "does not match this version's models" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a full device)")
+def test_a_full_disk_under_the_repository_keeps_the_model_in_a_temp_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.save reports a full disk with a RuntimeError, not an OSError: the fallback to a
+    temp dir must still happen. The save's temp file leads to /dev/full: every write fails
+    with ENOSPC, as on a full disk."""
+    import torch
+
+    target = tmp_path / "models" / KEPT_DIR / "m" / "1"
+    target.mkdir(parents=True)
+    (target / "checkpoint.pt.tmp").symlink_to("/dev/full")
+    spare_root = tmp_path / "spare"
+    spare_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spare_root))
+    checkpoint = {"state_dict": {"w": torch.zeros(4096)}, "vocab": ["a"]}
+    path = keep(checkpoint, tmp_path / "models", "m", "1")
+    assert path.parent.parent == spare_root and path.name == "checkpoint.pt"
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.zeros(4096))
+    assert not (target / "checkpoint.pt").exists()
+
+
+def test_a_failure_that_is_not_the_disk_is_raised_not_hidden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A RuntimeError of torch's about the data, not the disk, fails in the temp dir too: it
+    is raised, and no empty temp dir is left behind."""
+    import torch
+
+    spare_root = tmp_path / "spare"
+    spare_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spare_root))
+    weights = torch.zeros(4)
+    checkpoint = {"state_dict": {"a": weights, "b": weights.view(torch.int32)}, "vocab": []}
+    with pytest.raises(RuntimeError, match="view the same data as different types"):
+        keep(checkpoint, tmp_path / "models", "m", "1")
+    assert list(spare_root.iterdir()) == []

@@ -31,6 +31,35 @@ def _same(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
+class _Killed(Exception):
+    """Stands for a run killed before it could checkpoint an epoch."""
+
+
+def _run(
+    run_dir: Path, epochs: int, *, resume: Path | None = None, out: Path | None = None,
+    lines: list[str] | None = None, kill_at: int = 0, **kw,
+) -> Path | None:  # fmt: skip
+    """Like _train, keeping the log lines; `kill_at`: the run dies once epoch `kill_at` is
+    trained and scored, before its checkpoint is saved (the epoch line is logged first)."""
+    cfg = TrainConfig(epochs=epochs, num_steps=8, batch_size=8, **kw)
+    lines = lines if lines is not None else []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if kill_at and line.startswith(f"epoch {kill_at}/"):
+            raise _Killed(line)
+
+    return train_recurrent(
+        ModelConfig("gru", 1, hidden=8, embed=4), cfg, DataConfig(max_tokens=2500), out=out,
+        name="t", run_dir=run_dir, resume=resume, progress=False, log=log,
+    )  # fmt: skip
+
+
+# lr 0.3 makes the tiny GRU's validation perplexity go up and down: epoch 1 beats epoch 2,
+# epoch 3 beats epoch 4 (so 4 epochs end on epoch 3's weights)
+RESTLESS = {"lr": 0.3}
+
+
 @pytest.mark.parametrize("sampling", ["random", "sequential"])
 @pytest.mark.parametrize("bptt", ["full", "random"])
 def test_same_seed_same_weights(tmp_path: Path, sampling: str, bptt: str) -> None:
@@ -65,6 +94,73 @@ def test_averaged_weights_are_the_mean_of_the_epochs_and_resume_keeps_them(
     resumed = _train(tmp_path / "part2", 4, resume=tmp_path / "part", lr_decay=0.7,
                      average_from=2)  # fmt: skip
     assert _same(averaged["state_dict"], resumed["state_dict"])
+
+
+def test_resume_restores_a_best_epoch_from_before_the_interruption(tmp_path: Path) -> None:
+    """Early stopping's best weights are checkpointed: a run killed after its best epoch and
+    resumed ends on them, as the uninterrupted run does."""
+    _run(tmp_path / "full", 4, patience=4, **RESTLESS)
+    full = load_checkpoint(tmp_path / "full")
+    assert full["history"][-1]["restored_epoch"] == 3
+    with pytest.raises(_Killed):
+        _run(tmp_path / "part", 4, patience=4, kill_at=4, **RESTLESS)
+    saved = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 3 and saved["early_stopping"]["best_epoch"] == 3
+    _run(tmp_path / "part", 4, patience=4, resume=tmp_path / "part", **RESTLESS)
+    resumed = load_checkpoint(tmp_path / "part")
+    assert resumed["history"][-1]["restored_epoch"] == 3
+    assert resumed["history"] == full["history"]
+    assert _same(full["state_dict"], resumed["state_dict"])
+
+
+def test_a_checkpoint_without_early_stopping_state_still_resumes(tmp_path: Path) -> None:
+    """Checkpoints written before the state was saved: the counters come from the history,
+    the best weights from before the resume are out of reach."""
+    with pytest.raises(_Killed):
+        _run(tmp_path / "part", 4, patience=4, kill_at=4, **RESTLESS)
+    old = load_checkpoint(tmp_path / "part")
+    del old["early_stopping"]
+    torch.save(old, tmp_path / "part" / "checkpoint.pt")
+    _run(tmp_path / "part", 4, patience=4, resume=tmp_path / "part", **RESTLESS)
+    resumed = load_checkpoint(tmp_path / "part")
+    assert resumed["epoch"] == 4 and "restored_epoch" not in resumed["history"][-1]
+
+
+def test_resuming_a_run_that_ended_exports_it_and_more_epochs_train_on(tmp_path: Path) -> None:
+    """A Job restarted after training (during the export, say) exports the same model instead
+    of training it further; --epochs above the run's own continues it."""
+    run = tmp_path / "run"
+    first = _run(run, 4, patience=1, out=tmp_path / "m1", **RESTLESS)
+    ended = load_checkpoint(run)
+    assert ended["epoch"] == 2 and ended["history"][-1]["stopped"].startswith("early stopping")
+    lines: list[str] = []
+    again = _run(run, 4, patience=1, resume=run, out=tmp_path / "m2", lines=lines, **RESTLESS)
+    assert [line for line in lines if "without training" in line] == [
+        f"resuming {run}: the run stopped after epoch 2 ({ended['history'][-1]['stopped']}): "
+        "exporting it without training (--epochs above 4 trains on)"
+    ]
+    assert not any(line.startswith("epoch ") for line in lines)
+    assert load_checkpoint(run)["history"] == ended["history"]  # not written again
+    assert first is not None and again is not None
+    assert _same(load_checkpoint(first)["state_dict"], load_checkpoint(again)["state_dict"])
+    assert Manifest.load(first).metrics == Manifest.load(again).metrics
+    lines.clear()
+    _run(run, 5, patience=1, resume=run, lines=lines, **RESTLESS)
+    assert "resuming" in lines[0] and "after epoch 2" in lines[0]
+    assert load_checkpoint(run)["epoch"] > 2
+
+
+def test_resuming_a_run_that_ran_all_its_epochs_does_not_train_it(tmp_path: Path) -> None:
+    _run(tmp_path, 2)
+    done = load_checkpoint(tmp_path)
+    lines: list[str] = []
+    _run(tmp_path, 2, resume=tmp_path, lines=lines)  # was: "raise --epochs to continue"
+    assert "the run ended with all its 2 epochs" in lines[0]
+    assert load_checkpoint(tmp_path)["history"] == done["history"]
+    with pytest.raises(_Killed):
+        _run(tmp_path / "part", 4, kill_at=3)
+    with pytest.raises(TrainerError, match="raise --epochs"):  # a killed run is not shortened
+        _run(tmp_path / "part", 2, resume=tmp_path / "part")
 
 
 def test_average_from_past_the_last_epoch_is_refused(tmp_path: Path) -> None:

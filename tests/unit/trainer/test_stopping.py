@@ -4,6 +4,7 @@ them as is)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -51,6 +52,26 @@ def test_replay_rebuilds_the_counters_of_a_resumed_run() -> None:
                     {"epoch": 3, "val_ppl": 4.1}, {"epoch": 4, "val_ppl": 4.2}])  # fmt: skip
     assert (stopper.best_epoch, stopper.best_ppl) == (2, 4.0) and stopper.should_stop()
     assert stopper.best_state is None  # weights from before the resume are not restorable
+
+
+def test_the_state_with_the_best_weights_survives_a_weights_only_checkpoint(
+    tmp_path: Path,
+) -> None:
+    model = torch.nn.Linear(2, 1)
+    stopper = EarlyStopping(patience=3)
+    for epoch, ppl in enumerate([5.0, 4.0, 4.5], start=1):
+        with torch.no_grad():
+            model.weight.fill_(float(epoch))
+        stopper.observe(epoch, ppl, model)
+    torch.save({"early_stopping": stopper.state_dict()}, tmp_path / "c.pt")
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)["early_stopping"]
+    resumed = EarlyStopping(patience=3)
+    resumed.load_state_dict(saved)
+    assert (resumed.best_epoch, resumed.best_ppl, resumed.epochs_since_best) == (2, 4.0, 1)
+    assert resumed.restore_if_better(model, 4.5) and model.weight[0, 0].item() == 2.0
+    without = EarlyStopping(patience=0)  # no patience keeps no copy, resumed or not
+    without.load_state_dict(saved)
+    assert without.best_state is None and without.best_epoch == 2
 
 
 def test_further_epochs_fit_the_budget_at_the_slowest_pace() -> None:
