@@ -7,6 +7,7 @@ without threads. Shares request building, conversion and the retry policy with R
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -62,6 +63,7 @@ class AsyncTokenStream:
         self._failover = failover
         self._replica = client._pick()
         self._cancelled = False
+        self._stop = asyncio.Event()  # set by cancel(): ends a pause before a retry at once
         self._call = client._open(ledger.attempt(), deadline, self._replica)
         self.finish_reason: str | None = None
         self.state: bytes | None = None
@@ -121,14 +123,21 @@ class AsyncTokenStream:
         pause = pause_before_next_attempt(
             error, failures, failover=self._failover, cancelled=self._cancelled,
             retry=client.retry, addresses=client.addresses, deadline=self._deadline,
+            resuming=self.failovers > 0 and self._ledger.delivered,
         )  # fmt: skip
         if pause:
-            await asyncio.sleep(pause)
+            await self._pause(pause)
         if self._cancelled:  # cancel() came during the pause
             raise cancelled_during_pause()
         self._replica = (self._replica + 1) % len(client.addresses)
         self.failovers += 1
         self._call = client._open(self._ledger.attempt(), self._deadline, self._replica)
+
+    async def _pause(self, seconds: float) -> None:
+        """Waits `seconds` before a retry, or until cancel(), whichever comes first: a sleep
+        would hold a cancelled stream for up to max_backoff."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
 
     @property
     def text(self) -> str:
@@ -142,6 +151,7 @@ class AsyncTokenStream:
 
     def cancel(self) -> None:
         self._cancelled = True
+        self._stop.set()
         self._call.cancel()
 
     async def __aenter__(self) -> AsyncTokenStream:

@@ -40,12 +40,19 @@ _RESET_MARKS = ("rst_stream", "stream removed", "connection reset", "socket clos
                 "broken pipe", "upstream reset", "connection terminated")  # fmt: skip
 
 
-def is_replica_failure(error: RnnServeError) -> bool:
+def is_replica_failure(error: RnnServeError, *, resuming: bool = False) -> bool:
     """UNAVAILABLE (replica gone, refusing while it drains, connection failed), CANCELLED that
     the caller did not ask for (a replica closing its port, or its --grace running out: the
     caller's own cancel() is checked before this), or a stream reset by the peer or a proxy:
-    worth continuing elsewhere. Everything else is an answer."""
+    worth continuing elsewhere. Everything else is an answer, except while `resuming` (the
+    attempt is one the stream failed over to, and the caller already holds part of the
+    stream): then RESOURCE_EXHAUSTED (this replica is full, likeliest just when it absorbs a
+    dead one's streams) and NOT_FOUND (this replica lacks the model or the checkpoint's
+    version, as during a rolling deploy; the tokens delivered prove another replica had it)
+    say something about this replica, not about the request."""
     if error.code in ("UNAVAILABLE", "CANCELLED"):
+        return True
+    if resuming and error.code in ("RESOURCE_EXHAUSTED", "NOT_FOUND"):
         return True
     if error.code in ("INTERNAL", "UNKNOWN"):
         details = error.details.lower()
@@ -62,12 +69,14 @@ def pause_before_next_attempt(
     retry: RetryPolicy,
     addresses: Sequence[str],
     deadline: float | None,
+    resuming: bool = False,
 ) -> float:
     """Seconds to wait before the stream's next attempt, or raises: `error` itself when it is
-    an answer (not a replica failure), failover is off, the stream was cancelled or the
-    deadline would pass; Unavailable after `retry.max_attempts` failures in a row (a failure
-    counts as "in a row" until an attempt delivers something new)."""
-    if cancelled or not failover or not is_replica_failure(error):
+    an answer (not a replica failure; `resuming` as in is_replica_failure), failover is off,
+    the stream was cancelled or the deadline would pass; Unavailable after
+    `retry.max_attempts` failures in a row (a failure counts as "in a row" until an attempt
+    delivers something new)."""
+    if cancelled or not failover or not is_replica_failure(error, resuming=resuming):
         raise error
     if failures >= retry.max_attempts:
         raise Unavailable(
@@ -109,17 +118,34 @@ def with_failover_defaults(request: pb.GenerateRequest, state_every: int) -> Non
 
 def continues_a_checkpoint(request: pb.GenerateRequest) -> bool:
     """Whether the request continues a stream from a checkpoint (a token with progress and no
-    prompt). Reads the token's header (server/resume.py: b"RS", version u8, header length
-    u32, header JSON, which has "stream" for checkpoints); anything unreadable is no."""
-    token = request.state
-    if request.prompt or len(token) < _TOKEN_HEAD.size or not token.startswith(b"RS"):
+    prompt); anything unreadable is no."""
+    if request.prompt:
         return False
+    header = _token_header(request.state)
+    return header is not None and "stream" in header
+
+
+def checkpoint_version(token: bytes) -> str:
+    """The model version a resume token was made by ("" when it does not say): the version a
+    continuation must ask for, since a replica checks the token against the version it
+    resolves (its default for "")."""
+    header = _token_header(token)
+    version = header.get("version") if header is not None else None
+    return version if isinstance(version, str) else ""
+
+
+def _token_header(token: bytes) -> dict | None:
+    """A resume token's header (server/resume.py: b"RS", version u8, header length u32,
+    header JSON with "model", "version" and, for checkpoints, "stream"), unverified: the
+    server checks the signature. None when it is not readable."""
+    if len(token) < _TOKEN_HEAD.size or not token.startswith(b"RS"):
+        return None
     _, _, length = _TOKEN_HEAD.unpack_from(token)
     try:
         header = json.loads(token[_TOKEN_HEAD.size : _TOKEN_HEAD.size + length])
     except (ValueError, RecursionError):
-        return False
-    return isinstance(header, dict) and "stream" in header
+        return None
+    return header if isinstance(header, dict) else None
 
 
 class StreamDiverged(DataLoss):
@@ -141,9 +167,16 @@ class StreamLedger:
     _cursor: tuple[int, int, float] = (0, 0, 0.0)  # the same, for the current attempt
     _chars: int = 0  # len("".join(text))
 
+    @property
+    def delivered(self) -> bool:
+        """Whether the caller already holds part of the stream."""
+        return bool(self.token_ids) or self._chars > 0
+
     def attempt(self) -> pb.GenerateRequest:
         """The request for the next attempt: the original one until there is a checkpoint,
-        then a continuation of the checkpoint (no prompt, same parameters)."""
+        then a continuation of the checkpoint (no prompt, same parameters, and the version
+        the checkpoint was made by unless the caller pinned one: with version="" a replica
+        whose default version differs would refuse it)."""
         self._cursor = self._at
         if self.checkpoint is None:
             return self.request
@@ -151,6 +184,8 @@ class StreamLedger:
         continuation.CopyFrom(self.request)
         continuation.prompt = ""
         continuation.state = self.checkpoint
+        if not continuation.version:
+            continuation.version = checkpoint_version(self.checkpoint)
         return continuation
 
     def take(self, msg: pb.GenerateResponse) -> TokenEvent | None:

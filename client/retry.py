@@ -26,12 +26,18 @@ class RetryPolicy:
     jitter_floor: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
-        if self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
-            raise ValueError("backoff must be >= 0 and multiplier >= 1")
+        # written as "not ok" so NaN (false in every comparison) is refused too: a NaN
+        # max_backoff made time.sleep fail mid-retry, a NaN max_attempts retried forever
+        if not self.max_attempts >= 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        for name in ("initial_backoff", "max_backoff"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
+        if not 1 <= self.multiplier < math.inf:
+            raise ValueError(f"multiplier must be finite and >= 1, got {self.multiplier}")
         if not 0.0 <= self.jitter_floor <= 1.0:
-            raise ValueError("jitter_floor must be in [0, 1]")
+            raise ValueError(f"jitter_floor must be in [0, 1], got {self.jitter_floor}")
 
     def cap(self, retry: int) -> float:
         """Upper bound of the pause before retry number `retry` (1-based)."""

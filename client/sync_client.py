@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -69,6 +70,7 @@ class TokenStream:
         self._failover = failover
         self._replica = client._pick()
         self._cancelled = False
+        self._stop = threading.Event()  # set by cancel(): ends a pause before a retry at once
         self._call = client._open(ledger.attempt(), deadline, self._replica)
         self.finish_reason: str | None = None
         self.state: bytes | None = None
@@ -108,9 +110,10 @@ class TokenStream:
         pause = pause_before_next_attempt(
             error, failures, failover=self._failover, cancelled=self._cancelled,
             retry=client.retry, addresses=client.addresses, deadline=self._deadline,
+            resuming=self.failovers > 0 and self._ledger.delivered,
         )  # fmt: skip
         if pause:
-            client._sleep(pause)
+            self._pause(pause)
         if self._cancelled:  # cancel() came during the pause
             raise cancelled_during_pause()
         self._replica = (self._replica + 1) % len(client.addresses)
@@ -118,6 +121,12 @@ class TokenStream:
         self._call = client._open(self._ledger.attempt(), self._deadline, self._replica)
         if self._cancelled:  # cancel() from another thread came while it opened: stop it too
             self._call.cancel()
+
+    def _pause(self, seconds: float) -> None:
+        """Waits `seconds` before a retry, or until cancel() (from another thread), whichever
+        comes first; a sleep would hold a cancelled stream for up to max_backoff. Clamped to
+        threading.TIMEOUT_MAX, past which Event.wait raises OverflowError."""
+        self._stop.wait(min(seconds, threading.TIMEOUT_MAX))
 
     @property
     def text(self) -> str:
@@ -131,6 +140,7 @@ class TokenStream:
 
     def cancel(self) -> None:
         self._cancelled = True
+        self._stop.set()
         self._call.cancel()
 
     def __enter__(self) -> TokenStream:

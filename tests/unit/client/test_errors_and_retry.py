@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import grpc
@@ -69,3 +70,22 @@ def test_backoff_is_jittered_within_bounds() -> None:
 def test_bad_policy_is_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         RetryPolicy(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("initial_backoff", math.nan),
+        ("initial_backoff", math.inf),
+        ("max_backoff", math.nan),
+        ("max_backoff", math.inf),
+        ("multiplier", math.nan),
+        ("multiplier", math.inf),
+        ("max_attempts", math.nan),
+    ],
+)
+def test_a_policy_that_is_not_finite_is_refused_naming_the_field(field: str, value: float) -> None:
+    """NaN passes every `< 0` check and later made time.sleep fail mid-retry (or, as
+    max_attempts, retried forever); an infinite pause never ends."""
+    with pytest.raises(ValueError, match=field):
+        RetryPolicy(**{field: value})

@@ -22,7 +22,14 @@ from pathlib import Path
 import pytest
 
 from rnnserve.client import AsyncRnnClient, RetryPolicy, RnnClient
-from rnnserve.client.errors import Cancelled, Internal, InvalidArgument, NotFound, Unavailable
+from rnnserve.client.errors import (
+    Cancelled,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from rnnserve.client.failover import (
     StreamDiverged,
     StreamLedger,
@@ -287,6 +294,21 @@ def test_ledger_refuses_a_diverging_continuation() -> None:
         ledger.take(_msg([7], "x", -1.0))
 
 
+def test_a_continuation_names_the_version_its_checkpoint_was_made_by(servers) -> None:
+    """Sent with version="", a replica whose default version differs refuses it; a version the
+    caller pinned stays, and a checkpoint that does not say leaves it unset."""
+    a, _ = servers
+    request = pb.GenerateRequest(model="gru", prompt=PROMPT, max_tokens=20, state_every=4)
+    state = next(m.state for m in a.stub.Generate(request, timeout=60) if m.state)
+    for asked, pinned in [("", "1"), ("1", "1")]:  # the test zoo's gru is version 1
+        ledger = StreamLedger(pb.GenerateRequest(model="gru", prompt="p", version=asked))
+        ledger.take(_msg([1], "a", -1.0, state=state))
+        assert ledger.attempt().version == pinned
+    ledger = StreamLedger(pb.GenerateRequest(model="m", prompt="p"))
+    ledger.take(_msg([1], "a", -1.0, state=b"RS\x02\x00\x00\x00\x02{}"))
+    assert ledger.attempt().version == ""
+
+
 def test_failover_requests_carry_checkpoints_and_a_seed() -> None:
     sampled = pb.GenerateRequest(model="m", prompt="p", sampling=pb.SamplingParams(temperature=1))
     with_failover_defaults(sampled, 16)
@@ -341,6 +363,21 @@ def test_a_sampled_checkpoint_continues_through_the_client_without_its_seed(serv
 )
 def test_which_errors_mean_the_replica_is_gone(error, failure) -> None:
     assert is_replica_failure(error) is failure
+
+
+@pytest.mark.parametrize(
+    "error, failure",
+    [
+        (ResourceExhausted("too many concurrent streams"), True),  # a full failover target
+        (NotFound("model 'm' has no version '2'"), True),  # a replica not yet rolled out
+        (InvalidArgument("state: signed with a different --state-key"), False),
+        (Internal("Exception iterating responses"), False),
+    ],
+)
+def test_which_errors_mean_the_replica_is_gone_once_the_caller_holds_part_of_the_stream(
+    error, failure
+) -> None:
+    assert is_replica_failure(error, resuming=True) is failure
 
 
 def _dead_address() -> str:

@@ -1,23 +1,33 @@
 """The failover loop's edges, against scripted replicas (real gRPC, no model): failures "in
 a row" are attempts that deliver nothing new; a replica lost after the last message ends
-nothing; cancel() during the pause before a retry stops the stream."""
+nothing; cancel() during the pause before a retry stops the stream; a failover target that
+is full (RESOURCE_EXHAUSTED) or lacks the model (NOT_FOUND) is passed over; a continuation
+asks for the checkpoint's model version."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 
 import grpc
+import numpy as np
 import pytest
 
-from rnnserve.client import AsyncRnnClient, RetryPolicy, RnnClient
-from rnnserve.client.errors import Cancelled, Unavailable
+from rnnserve.client import AsyncRnnClient, RetryPolicy, RnnClient, async_client, sync_client
+from rnnserve.client.errors import Cancelled, ResourceExhausted, Unavailable
+from rnnserve.server.resume import Progress, StateSigner
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 QUICK = RetryPolicy(max_attempts=3, initial_backoff=0.05, max_backoff=0.05)
+HOUR = RetryPolicy(max_attempts=3, initial_backoff=3600, max_backoff=3600)
 LENGTH = pb.FINISH_REASON_LENGTH
+# a checkpoint as a replica serving version "2" of model "m" signs it, after one token
+_PROGRESS = Progress(tokens=1, max_tokens=2, seed=0, uniforms=0, held="", temperature=0.0,
+                     top_k=0, top_p=0.0, stop=())  # fmt: skip
+CHECKPOINT = StateSigner("k").sign("m", "2", [np.zeros((1, 4), np.float32)], 5, _PROGRESS)
 
 
 class ScriptedReplica(pb_grpc.InferenceServicer):
@@ -26,9 +36,11 @@ class ScriptedReplica(pb_grpc.InferenceServicer):
     def __init__(self, script: Callable[[int, grpc.ServicerContext], Iterator]) -> None:
         self.script = script
         self.calls = 0
+        self.requests: list[pb.GenerateRequest] = []
 
     def Generate(self, request, context):
         self.calls += 1
+        self.requests.append(request)
         yield from self.script(self.calls, context)
 
 
@@ -70,6 +82,32 @@ def _gone_after_one_token(attempt: int, context: grpc.ServicerContext) -> Iterat
     yield pb.GenerateResponse(token_ids=[6], text="b", finish_reason=LENGTH)
 
 
+def _checkpoint_then_gone(attempt: int, context: grpc.ServicerContext) -> Iterator:
+    """The stream's first replica: one token with a checkpoint, then it dies."""
+    yield pb.GenerateResponse(token_ids=[5], text="a", state=CHECKPOINT)
+    context.abort(grpc.StatusCode.UNAVAILABLE, "replica gone")
+
+
+def _the_rest(attempt: int, context: grpc.ServicerContext) -> Iterator:
+    """A replica that continues the checkpoint: the stream's last token."""
+    yield pb.GenerateResponse(token_ids=[6], text="b", finish_reason=LENGTH)
+
+
+def _refusing(code: grpc.StatusCode, details: str) -> Callable:
+    def script(attempt: int, context: grpc.ServicerContext) -> Iterator:
+        context.abort(code, details)
+        yield  # never reached: a generator, as Generate is
+
+    return script
+
+
+# what a failover target answers when it cannot take the stream right now
+REFUSALS = {
+    "full": (grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent streams"),
+    "rolling deploy": (grpc.StatusCode.NOT_FOUND, "model 'm' has no version '2'"),
+}
+
+
 def test_attempts_that_deliver_nothing_new_count_as_failures_in_a_row(replica) -> None:
     servicer, address = replica(_same_token_then_gone)
     with RnnClient([address], retry=QUICK, timeout=None) as client:
@@ -92,7 +130,7 @@ def test_cancel_during_the_pause_before_a_retry_stops_the_stream(replica) -> Non
     servicer, address = replica(_gone_after_one_token)
     with RnnClient([address], retry=QUICK, timeout=None) as client:
         stream = client.generate("m", "hi", max_tokens=2)
-        client._sleep = lambda seconds: stream.cancel()  # as if another thread cancelled
+        stream._pause = lambda seconds: stream.cancel()  # as if another thread cancelled
         with pytest.raises(Cancelled):
             list(stream)
     assert servicer.calls == 1
@@ -102,7 +140,7 @@ def test_cancel_while_the_next_attempt_opens_stops_the_stream(replica) -> None:
     _, address = replica(_gone_after_one_token)
     with RnnClient([address], retry=QUICK, timeout=None) as client:
         stream = client.generate("m", "hi", max_tokens=2)
-        client._sleep = lambda seconds: None
+        stream._pause = lambda seconds: None
         open_call = client._open
 
         def open_while_cancelled(*args):
@@ -140,3 +178,110 @@ def test_the_async_client_has_the_same_edges(replica) -> None:
 
     asyncio.run(main())
     assert (repeating.calls, finished.calls, pausing.calls) == (3, 1, 1)
+
+
+@pytest.mark.parametrize("refusal", REFUSALS)
+def test_a_failover_target_that_cannot_take_the_stream_is_passed_over(replica, refusal) -> None:
+    """The replica that absorbs a dead one's streams is the one likeliest at capacity: its
+    RESOURCE_EXHAUSTED (or NOT_FOUND, a replica without the model during a rolling deploy) is
+    a failure to retry elsewhere, not the end of a stream the caller is half way through."""
+    _, dying = replica(_checkpoint_then_gone)
+    refusing, refusing_address = replica(_refusing(*REFUSALS[refusal]))
+    serving, serving_address = replica(_the_rest)
+    with RnnClient([dying, refusing_address, serving_address], retry=QUICK, timeout=None) as c:
+        stream = c.generate("m", "hi", max_tokens=2)
+        assert [e.text for e in stream] == ["a", "b"]
+    assert stream.failovers == 2 and (refusing.calls, serving.calls) == (1, 1)
+    assert serving.requests[0].state == CHECKPOINT
+
+
+def test_resource_exhausted_before_anything_arrived_is_an_answer(replica) -> None:
+    """A stream that has delivered nothing is a new request: a full replica's answer stands
+    (retrying it would only add load), as for unary calls."""
+    full, address = replica(_refusing(*REFUSALS["full"]))
+    _, other = replica(_the_rest)
+    client = RnnClient([address, other], retry=QUICK, timeout=None)
+    with client, pytest.raises(ResourceExhausted, match="too many"):
+        list(client.generate("m", "hi", max_tokens=2))
+    assert full.calls == 1
+
+
+@pytest.mark.parametrize("pinned", ["", "2"])
+def test_a_continuation_asks_for_the_checkpoints_version(replica, pinned) -> None:
+    """A replica whose default version differs would refuse a continuation sent with
+    version="": it names the version the checkpoint was made by."""
+    _, dying = replica(_checkpoint_then_gone)
+    serving, serving_address = replica(_the_rest)
+    with RnnClient([dying, serving_address], retry=QUICK, timeout=None) as c:
+        assert [e.text for e in c.generate("m", "hi", version=pinned, max_tokens=2)] == ["a", "b"]
+    assert serving.requests[0].version == "2"
+
+
+def test_cancel_ends_a_long_pause_at_once(replica, monkeypatch) -> None:
+    """cancel() from another thread while the stream waits out an hour's backoff: the reader
+    gets Cancelled now, not when the pause ends."""
+    servicer, address = replica(_gone_after_one_token)
+    pausing = threading.Event()
+    decide = sync_client.pause_before_next_attempt
+
+    def noted(*args, **kwargs) -> float:
+        pause = decide(*args, **kwargs)
+        pausing.set()
+        return pause
+
+    monkeypatch.setattr(sync_client, "pause_before_next_attempt", noted)
+    outcome: list[BaseException] = []
+    with RnnClient([address], retry=HOUR, timeout=None) as client:
+        stream = client.generate("m", "hi", max_tokens=2)
+
+        def read() -> None:
+            try:
+                list(stream)
+            except BaseException as exc:  # handed to the test thread
+                outcome.append(exc)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert pausing.wait(30)
+        stream.cancel()
+        reader.join(60)  # generous: far below the hour the pause would otherwise last
+        assert not reader.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], Cancelled)
+    assert servicer.calls == 1
+
+
+def test_the_async_client_passes_over_refusals_pins_the_version_and_cancels_a_pause(
+    replica, monkeypatch
+) -> None:
+    _, dying = replica(_checkpoint_then_gone)
+    full, full_address = replica(_refusing(*REFUSALS["full"]))
+    serving, serving_address = replica(_the_rest)
+    pausing, pausing_address = replica(_gone_after_one_token)
+    decide = async_client.pause_before_next_attempt
+
+    async def main() -> None:
+        addresses = [dying, full_address, serving_address]
+        async with AsyncRnnClient(addresses, retry=QUICK, timeout=None) as client:
+            stream = client.generate("m", "hi", max_tokens=2)
+            assert [e.text async for e in stream] == ["a", "b"]
+            assert stream.failovers == 2
+        async with AsyncRnnClient([pausing_address], retry=HOUR, timeout=None) as client:
+            stream = client.generate("m", "hi", max_tokens=2)
+
+            def cancel_in_the_pause(*args, **kwargs) -> float:
+                pause = decide(*args, **kwargs)
+                asyncio.get_running_loop().call_soon(stream.cancel)  # runs once it waits
+                return pause
+
+            monkeypatch.setattr(async_client, "pause_before_next_attempt", cancel_in_the_pause)
+
+            async def read() -> None:
+                async for _ in stream:
+                    pass
+
+            with pytest.raises(Cancelled):
+                await asyncio.wait_for(read(), 60)  # generous: the pause is an hour
+
+    asyncio.run(main())
+    assert (full.calls, serving.calls, pausing.calls) == (1, 1, 1)
+    assert serving.requests[0].version == "2"
