@@ -19,7 +19,13 @@ from rnnserve.server.settings import Settings
 from rnnserve.server.stopping import StopChecker, validate_stop
 from rnnserve.server.text import TextCodec
 
-DEFAULT_MAX_TOKENS = 64
+DEFAULT_MAX_TOKENS = 64  # what an unset max_tokens means, capped by --max-tokens
+
+
+def default_max_tokens(limit: int) -> int:
+    """An unset max_tokens: 64, or --max-tokens when that is lower (as vLLM clamps its
+    default), so a server run with a small limit still answers requests that leave it out."""
+    return min(DEFAULT_MAX_TOKENS, limit)
 
 
 @dataclass
@@ -98,12 +104,9 @@ class Generator:
 
     def _validate(self, p: GenerateParams) -> tuple[list[int], Resumed | None, int]:
         s = self.settings
-        max_tokens = p.max_tokens or DEFAULT_MAX_TOKENS
-        if not 1 <= max_tokens <= s.max_tokens:
-            unset = "" if p.max_tokens else f" (unset means {DEFAULT_MAX_TOKENS})"
-            raise BadRequest(  # the default is said only when it was used: OpenAI's is 16
-                "max_tokens", f"must be in [1, {s.max_tokens}], got {p.max_tokens}{unset}"
-            )
+        max_tokens = p.max_tokens or default_max_tokens(s.max_tokens)
+        if not 1 <= max_tokens <= s.max_tokens:  # only an explicit value can be out of range
+            raise BadRequest("max_tokens", f"must be in [1, {s.max_tokens}], got {p.max_tokens}")
         if p.state_every < 0:
             raise BadRequest("state_every", f"must be 0 or more, got {p.state_every}")
         p.sampling.validate(len(self.codec))

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -219,6 +220,11 @@ async def serve(settings: Settings) -> int:
     except RuntimeError as exc:  # e.g. the port is taken
         log.error("cannot start: %s", exc)
         return 2
+    # the models are loaded: from here a stop drains (main's start-up handler ends here)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         app.metrics.serve_http(settings.metrics_port, ready=lambda: app.health.ready)
     except OSError as exc:
@@ -235,10 +241,6 @@ async def serve(settings: Settings) -> int:
             "models": app.engine.repository.names(),
         },
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     reloader = Reloader(admin=app.admin, poll_interval=settings.poll_interval)
     reloader.start()
     await stop.wait()
@@ -251,6 +253,16 @@ async def serve(settings: Settings) -> int:
     await app.shutdown()
     log.info("stopped")
     return 0
+
+
+class _StoppedWhileStarting(BaseException):
+    """SIGTERM/SIGINT before serve() installs its draining handlers. A BaseException, so no
+    `except Exception` on the way (a failed model load only marks its version NOT_SERVING,
+    a failed remote sync is logged) can swallow it."""
+
+
+def _stop_while_starting(signum: int, frame: Any) -> None:
+    raise _StoppedWhileStarting(signum)
 
 
 def _installed(dist: str) -> str:
@@ -267,6 +279,20 @@ def _onnxruntime_version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console script. SIGTERM/SIGINT while the models load or download exits 0 at once
+    (nothing to drain yet); with no handler, SIGTERM would kill the process (status 143), or
+    be ignored until SIGKILL where it is PID 1 (a container's entrypoint)."""
+    if threading.current_thread() is threading.main_thread():  # signal.signal's rule
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _stop_while_starting)
+    try:
+        return _main(argv)
+    except _StoppedWhileStarting as stopped:
+        log.info("stopped by %s while starting", signal.Signals(stopped.args[0]).name)
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     settings = settings_from_args(argv)
     logs.configure(settings.log_level)
     if is_remote(settings.model_repo):

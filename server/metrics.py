@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import logging
+import math
 import platform
+import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from socketserver import ThreadingMixIn
@@ -40,6 +43,10 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # finish_reason label values of rnnserve_finished_streams_total besides the proto's reasons.
 ABORTED = "aborted"  # cancelled, past its deadline, or failed: the status code says which
+# rnnserve_model_serving of a version a --workers worker has unloaded: above every real
+# value, so the merged minimum is real while any worker still has the version
+FORGOTTEN = math.inf
+ANY_ADDRESS = "::"  # where /metrics listens: every address of both stacks (see serve_http)
 
 
 def observe_many(histogram, values: Sequence[float]) -> None:
@@ -184,7 +191,8 @@ class Metrics:
         self.model_serving = Gauge(
             "rnnserve_model_serving",
             "1 when the model version is SERVING, 0 when it is loaded as NOT_SERVING "
-            "(under --workers: the lowest over the workers).",
+            "(under --workers: the lowest over the workers that have it); an unloaded "
+            "version has no series.",
             ["model", "version"],
             registry=r,
             multiprocess_mode="livemin",
@@ -223,23 +231,26 @@ class Metrics:
             sampler()
 
     def forget_version(self, name: str, version: str) -> None:
-        """An unloaded version leaves rnnserve_model_serving: its series goes (one process),
-        or reads 0 (--workers: a worker's values live on in its file until it exits)."""
+        """An unloaded version leaves rnnserve_model_serving: its series goes. Under --workers
+        a worker cannot delete its entry from its file, so it writes FORGOTTEN: the livemin
+        merge still shows what a worker that serves the version says, and once every worker
+        has forgotten it the merged value is FORGOTTEN, which endpoints_app leaves out."""
         if _multiprocess():
-            self.model_serving.labels(model=name, version=version).set(0)
+            self.model_serving.labels(model=name, version=version).set(FORGOTTEN)
         else:
             with contextlib.suppress(KeyError):
                 self.model_serving.remove(name, version)
 
     def serve_http(
-        self, port: int, ready: Callable[[], bool], addr: str = "0.0.0.0"
+        self, port: int, ready: Callable[[], bool], addr: str = ANY_ADDRESS
     ) -> WSGIServer | None:
         """Starts /metrics, /healthz and /readyz in a daemon thread (port 0: disabled)."""
         if port == 0:
             log.info("metrics endpoint disabled (--metrics-port 0)")
             return None
         server = serve_http(self.registry, port, ready, addr)
-        log.info("metrics on http://%s:%d/metrics", addr, port)
+        host, bound = server.server_address[:2]
+        log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, bound)
         return server
 
 
@@ -253,15 +264,50 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
 
+class _IPv6WSGIServer(_ThreadingWSGIServer):
+    """Listens on an IPv6 address; "::" also takes IPv4 (one dual-stack socket, as gRPC's
+    "[::]" does), so probes work on IPv4, IPv6 and dual-stack clusters alike."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        dual = self.server_address[0] == "::"
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
+        super().server_bind()
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args) -> None:
         """Scrapes and probes every few seconds: no access log."""
 
 
+class _Shown(Collector):
+    """What /metrics shows of a registry: all of it but the rnnserve_model_serving series of
+    versions every worker has unloaded (FORGOTTEN; see Metrics.forget_version). `names`:
+    only those samples (the `name[]` query make_wsgi_app supports)."""
+
+    def __init__(self, registry: Collector, names: Iterable[str] | None = None) -> None:
+        self.registry = registry
+        self.names = None if names is None else set(names)
+
+    def restricted_registry(self, names: Iterable[str]) -> _Shown:
+        return _Shown(self.registry, names)
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.registry.collect():
+            if family.name == "rnnserve_model_serving":
+                family.samples = [s for s in family.samples if s.value != FORGOTTEN]
+            if self.names is not None:
+                family.samples = [s for s in family.samples if s.name in self.names]
+                if not family.samples:
+                    continue
+            yield family
+
+
 def endpoints_app(registry: Collector, ready: Callable[[], bool]) -> Callable:
     """WSGI app: /metrics (Prometheus), /healthz (the process answers), /readyz (200 while
     `ready()`, else 503); every other path 404, so a probe pointed at a typo fails."""
-    metrics = make_wsgi_app(registry)
+    metrics = make_wsgi_app(_Shown(registry))
 
     def plain(start_response, status: str, text: str) -> list[bytes]:
         start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
@@ -283,12 +329,22 @@ def endpoints_app(registry: Collector, ready: Callable[[], bool]) -> Callable:
 
 
 def serve_http(
-    registry: Collector, port: int, ready: Callable[[], bool], addr: str = "0.0.0.0"
+    registry: Collector, port: int, ready: Callable[[], bool], addr: str = ANY_ADDRESS
 ) -> WSGIServer:
-    """Serves endpoints_app on addr:port in a daemon thread; raises OSError if taken."""
-    server = make_server(
-        addr, port, endpoints_app(registry, ready), _ThreadingWSGIServer, _QuietHandler
-    )
+    """Serves endpoints_app on addr:port in a daemon thread; raises OSError if taken.
+    `addr` "::" (the default): every address, IPv4 and IPv6, or IPv4 only where the host
+    has no IPv6; "0.0.0.0" and other literals: that one address family."""
+    app = endpoints_app(registry, ready)
+    addr = addr.strip("[]")
+    if ":" in addr:
+        try:
+            server = make_server(addr, port, app, _IPv6WSGIServer, _QuietHandler)
+        except OSError as exc:  # no IPv6 on this host (not: the port is taken)
+            if addr != ANY_ADDRESS or exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+            server = make_server("0.0.0.0", port, app, _ThreadingWSGIServer, _QuietHandler)
+    else:
+        server = make_server(addr, port, app, _ThreadingWSGIServer, _QuietHandler)
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics-http").start()
     return server
 

@@ -3,7 +3,9 @@
 The first token conditions the rest (docs/contracts.md): a text of n tokens scores tokens
 2..n. Texts are right-padded into one [texts, time] call — safe because every lm graph is
 causal, so padding after a text never changes the outputs for its own positions — split
-into several calls when the batch's logits would be large.
+into several calls when the batch's logits would be large. A text too long for the budget on
+its own runs in time windows, the recurrent state of one window feeding the next (as
+Generate prefills a long prompt in chunks), so no call's logits exceed the budget.
 """
 
 from __future__ import annotations
@@ -66,17 +68,32 @@ def _chunks(encoded: list[Encoded], vocab: int) -> list[list[int]]:
     return groups
 
 
-def _score_sync(model: OnnxModel, rows: list[list[int]], pad: int) -> list[np.ndarray]:
+def _window(rows: int, vocab: int, steps: int, carries_state: bool) -> int:
+    """Time steps per ORT call: as many as keep rows * window * vocab logits in the budget.
+    A graph without state outputs cannot continue where a call ended: all steps at once."""
+    if not carries_state:
+        return steps
+    return max(1, min(steps, MAX_LOGIT_ELEMENTS // (rows * vocab)))
+
+
+def _score_sync(model: OnnxModel, rows: list[list[int]], pad: int, vocab: int) -> list[np.ndarray]:
     """Worker thread: token log-probs [n - 1] for each row of ids."""
-    width = max(len(r) for r in rows)
-    x = np.full((len(rows), width), pad, dtype=np.int64)  # [texts, time]
+    steps = max(len(r) for r in rows) - 1  # the last token predicts nothing: not fed
+    x = np.full((len(rows), steps), pad, dtype=np.int64)  # [texts, time]
     for i, r in enumerate(rows):
-        x[i, : len(r)] = r
-    logits, _ = model.run(x, model.initial_state(len(rows)))  # [texts, time, vocab]
-    out = []
-    for i, r in enumerate(rows):
-        lp = log_softmax(logits[i, : len(r) - 1])  # [n - 1, vocab]
-        out.append(lp[np.arange(len(r) - 1), r[1:]])
+        x[i, : len(r) - 1] = r[:-1]
+    out = [np.empty(len(r) - 1, dtype=np.float32) for r in rows]
+    window = _window(len(rows), vocab, steps, bool(model.specs))
+    state = model.initial_state(len(rows))
+    for start in range(0, steps, window):
+        end = min(start + window, steps)
+        # a row ended in an earlier window is padding here: its state is never read again
+        logits, state = model.run(np.ascontiguousarray(x[:, start:end]), state)
+        for i, r in enumerate(rows):  # logits [texts, window, vocab]
+            stop = min(end, len(r) - 1)
+            if stop > start:
+                lp = log_softmax(logits[i, : stop - start])  # [stop - start, vocab]
+                out[i][start:stop] = lp[np.arange(stop - start), r[start + 1 : stop + 1]]
     return out
 
 
@@ -87,7 +104,7 @@ async def score(
     unk = codec.vocab.token_to_idx[UNK]
     for group in _chunks(encoded, len(codec)):
         rows = [encoded[i].ids for i in group]
-        logprobs = await runtime.call(_score_sync, model, rows, codec.vocab.pad)
+        logprobs = await runtime.call(_score_sync, model, rows, codec.vocab.pad, len(codec))
         for i, lp in zip(group, logprobs, strict=True):
             ll = float(np.sum(lp, dtype=np.float64))
             n = len(lp)

@@ -79,7 +79,11 @@ _HELP: dict[str, tuple[type, str]] = {
     ),
     "host": (str, "address to bind the gRPC server to"),
     "port": (int, "gRPC port (0 picks a free one, logged at start)"),
-    "metrics_port": (int, "Prometheus /metrics HTTP port; 0 disables the endpoint"),
+    "metrics_port": (
+        int,
+        "Prometheus /metrics (and /healthz, /readyz) HTTP port, on every IPv4 and IPv6 "
+        "address; 0 disables the endpoint",
+    ),
     "http_port": (
         int,
         "HTTP port for OpenAI-compatible /v1/completions and KServe v2 REST /v2/... (same "
@@ -92,7 +96,11 @@ _HELP: dict[str, tuple[type, str]] = {
     ),
     "intra_op_threads": (int, "ONNX Runtime intra-op threads per session (0 = ORT default)"),
     "max_prompt_tokens": (int, "longest prompt / scored text / infill context, in tokens"),
-    "max_tokens": (int, "largest max_tokens a Generate call may ask for"),
+    "max_tokens": (
+        int,
+        "largest max_tokens a Generate call may ask for (one that leaves it unset gets 64, "
+        "or this limit when lower)",
+    ),
     "max_horizon": (int, "largest Forecast horizon"),
     "max_history": (int, "longest Forecast history, in values"),
     "max_score_texts": (int, "most texts in one Score call"),

@@ -264,3 +264,22 @@ def test_decode_head_and_numpy_sampler_give_the_same_text(stub, model_repo, name
             assert total == pytest.approx(sum(m.logprob for m in without), abs=1e-3)
     finally:
         numpy_server.stop()
+
+
+def test_unset_max_tokens_is_capped_by_a_low_server_limit(model_repo: Path) -> None:
+    """Unset max_tokens means 64, or --max-tokens when lower (vLLM clamps its default too):
+    a server run with --max-tokens 10 answers a request that leaves it out, and still
+    refuses an explicit value over its limit."""
+    from tests.integration.server.harness import ServerThread, make_settings
+
+    low = ServerThread(make_settings(model_repo, max_tokens=10)).start()
+    try:
+        msgs = _generate(low.stub, model="lstm", prompt=PROMPT)
+        assert 1 <= len(_ids(msgs)) <= 10
+        assert msgs[-1].finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS)
+        with pytest.raises(grpc.RpcError) as err:
+            _generate(low.stub, model="lstm", prompt=PROMPT, max_tokens=11)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_tokens" in err.value.details() and "[1, 10]" in err.value.details()
+    finally:
+        low.stop()

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -253,3 +258,58 @@ def test_unparsable_request_bytes_are_invalid_argument_not_internal(server) -> N
         raw(b"\x0a\x05\xff\xfe\xfd\xfc\xfb")  # field 1 (model) with invalid UTF-8
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "request" in err.value.details()
+
+
+# a new user and PID namespace, the command its PID 1, killed if unshare is
+UNSHARE = ["unshare", "--user", "--map-root-user", "--pid", "--mount-proc", "--kill-child"]
+
+
+def _pid1_available() -> bool:
+    """`unshare` can start a process as PID 1 of a new PID namespace (no root needed)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = [*UNSHARE, "true"]
+    return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.mark.parametrize("as_pid1", [False, True], ids=["process", "pid1"])
+def test_sigterm_while_loading_models_exits_0_at_once(tmp_path: Path, as_pid1: bool) -> None:
+    """A stop while the models load (slow storage: here a manifest that is a FIFO nobody
+    writes, so the load blocks on it) ends the real process with 0, neither killed by the
+    signal nor, as a container's PID 1, ignoring it until SIGKILL."""
+    if as_pid1 and not _pid1_available():
+        pytest.skip("no unprivileged PID namespaces here")
+    fifo = tmp_path / "repo" / "slow" / "1" / "manifest.json"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)
+    repo = str(tmp_path / "repo")
+    cmd = [sys.executable, "-m", "rnnserve.server.main", "--model-repo", repo, "--host",
+           "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0"]  # fmt: skip
+    if as_pid1:
+        cmd = [*UNSHARE, *cmd]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    writer = None
+    try:
+        deadline = time.monotonic() + 120  # a bound, not a speed assertion
+        while writer is None:  # opening the write end succeeds once the server reads it
+            assert proc.poll() is None and time.monotonic() < deadline, "never began loading"
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO
+                time.sleep(0.05)
+        # the server now waits for the manifest's bytes; as PID 1 it is unshare's child
+        server = proc.pid
+        if as_pid1:
+            server = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        os.kill(server, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "stopped by SIGTERM while starting" in err
+        assert "listening" not in err
+    finally:
+        if writer is not None:
+            os.close(writer)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -57,6 +57,54 @@ def test_score_every_lm_model(stub, name: str) -> None:
     assert alone.log_likelihood == pytest.approx(res[1].log_likelihood, rel=1e-4, abs=1e-4)
 
 
+class _Recorded:
+    """An OnnxModel that notes the shape of every input it runs."""
+
+    def __init__(self, model) -> None:
+        self.model, self.shapes = model, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def run(self, x, state):
+        self.shapes.append(x.shape)
+        return self.model.run(x, state)
+
+
+@pytest.mark.parametrize("name", LM)
+def test_a_text_over_the_logits_budget_runs_in_windows_with_the_same_scores(
+    server, monkeypatch, name: str
+) -> None:
+    """A text whose logits alone exceed the budget runs in time windows carrying the state:
+    no call's logits exceed it, and the scores are those of one call."""
+    import asyncio
+
+    from rnnserve.server import scoring
+    from rnnserve.server.runtime import Runtime
+    from rnnserve.server.scoring import encode_texts, score
+
+    engine = server.app.engine
+    entry = engine.repository.get(name)
+    codec = engine.codec(entry)
+    texts = ["the time traveller for so it will be convenient to speak of him", "the time"]
+    encoded = encode_texts(codec, texts, 64, 4096)
+    runtime = Runtime(1)
+    try:
+        whole = asyncio.run(score(entry.model, runtime, codec, encoded))
+        budget = 7 * len(codec)  # 7 steps of one text's logits
+        monkeypatch.setattr(scoring, "MAX_LOGIT_ELEMENTS", budget)
+        model = _Recorded(entry.model)
+        windowed = asyncio.run(score(model, runtime, codec, encoded))
+    finally:
+        runtime.close()
+    assert len(model.shapes) > len(texts), "the long text took several calls"
+    assert all(rows * steps * len(codec) <= budget for rows, steps in model.shapes)
+    for a, b in zip(whole, windowed, strict=True):
+        assert b.num_tokens == a.num_tokens and b.tokens == a.tokens
+        assert b.token_logprobs == pytest.approx(a.token_logprobs, rel=1e-4, abs=1e-4)
+        assert b.log_likelihood == pytest.approx(a.log_likelihood, rel=1e-4, abs=1e-4)
+
+
 def test_score_counts_unknown_tokens(stub) -> None:
     r = stub.Score(pb.ScoreRequest(model="lstm", texts=["ab"])).results[0]
     assert r.unknown_tokens == 0

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -101,9 +102,9 @@ def test_shutdown_makes_ready_false(model_repo: Path) -> None:
         srv.stop()
 
 
-def _get(port: int, path: str) -> tuple[int, str]:
+def _get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=10) as reply:
             return reply.status, reply.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
@@ -125,6 +126,47 @@ def test_metrics_port_serves_metrics_health_and_readiness_only() -> None:
             status, body = _get(port, path)
             assert status == 404, path
             assert "rnnserve_" not in body
+    finally:
+        http.shutdown()
+        http.server_close()
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_metrics_port_answers_on_ipv4_and_ipv6() -> None:
+    """By default the probes' port listens on every address of both stacks, like the gRPC
+    port's "[::]": an IPv6-only cluster's kubelet reaches /healthz as an IPv4 one does."""
+    http = serve_http(Metrics().registry, 0, lambda: True)
+    port = http.server_port
+    try:
+        assert _get(port, "/healthz") == (200, "ok\n")
+        if _has_ipv6_loopback():
+            assert _get(port, "/readyz", host="[::1]") == (200, "ready\n")
+    finally:
+        http.shutdown()
+        http.server_close()
+
+
+def test_metrics_port_falls_back_to_ipv4_where_the_host_has_no_ipv6(monkeypatch) -> None:
+    import errno
+
+    from rnnserve.server import metrics as metrics_module
+
+    def no_ipv6(self) -> None:
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+    monkeypatch.setattr(metrics_module._IPv6WSGIServer, "server_bind", no_ipv6)
+    http = serve_http(Metrics().registry, 0, lambda: False)
+    try:
+        assert http.socket.family == socket.AF_INET
+        assert _get(http.server_port, "/readyz")[0] == 503
     finally:
         http.shutdown()
         http.server_close()

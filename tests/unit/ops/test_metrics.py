@@ -11,10 +11,11 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from wsgiref.util import setup_testing_defaults
 
 from prometheus_client import CollectorRegistry, multiprocess
 
-from rnnserve.server.metrics import LATENCY_BUCKETS, Metrics, ProcessesCollector
+from rnnserve.server.metrics import LATENCY_BUCKETS, Metrics, ProcessesCollector, endpoints_app
 from rnnserve.server.workers import workers_ready
 
 
@@ -72,14 +73,17 @@ _WORKER = textwrap.dedent(
     m.track_admitted(lambda: 5, capacity=512)
     m.sample()
     m.generated_tokens.labels(model="lstm").inc(10)
+    if "forget-gru" in sys.argv:  # its directory was removed and this worker rescanned
+        m.forget_version("gru", "1")
     """
 )
 
 
-def _run_worker(prom_dir: Path, gru_serving: int) -> int:
+def _run_worker(prom_dir: Path, gru_serving: int, *flags: str) -> int:
     """Runs one worker to its end; returns its pid (its files stay, as a live worker's)."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)}
-    proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(gru_serving)], env=env)
+    argv = [sys.executable, "-c", _WORKER, str(gru_serving), *flags]
+    proc = subprocess.Popen(argv, env=env)
     assert proc.wait(timeout=120) == 0
     return proc.pid
 
@@ -142,3 +146,40 @@ def test_the_parent_is_ready_only_when_every_worker_has_reported_ready(tmp_path:
     assert not workers_ready(str(tmp_path), [ready], expected=2), "one worker dead"
     not_ready = _run_worker(tmp_path, 0)
     assert not workers_ready(str(tmp_path), [ready, not_ready], expected=2), "one not ready"
+
+
+def _scrape(registry: CollectorRegistry, query: str = "") -> str:
+    """/metrics as the --workers parent serves it (endpoints_app over the merged files)."""
+    environ: dict = {"QUERY_STRING": query}
+    setup_testing_defaults(environ)
+    environ["PATH_INFO"] = "/metrics"
+    body = endpoints_app(registry, ready=lambda: True)(environ, lambda *a: None)
+    return b"".join(body).decode()
+
+
+def test_an_unloaded_version_leaves_the_merged_serving_gauge(tmp_path: Path) -> None:
+    """As in one process, a version whose directory was removed has no
+    rnnserve_model_serving series once every worker unloaded it (0 would fire
+    RnnserveModelVersionNotServing for a version that is simply gone); while some worker
+    still serves it, that worker's value shows."""
+    gru = 'rnnserve_model_serving{model="gru",version="1"}'
+    lstm = 'rnnserve_model_serving{model="lstm",version="1"}'
+    one = Metrics()
+    one.model_serving.labels(model="gru", version="1").set(1)
+    one.forget_version("gru", "1")
+    assert gru not in _scrape(one.registry)
+
+    def merged(*workers: tuple[str, ...]) -> CollectorRegistry:
+        prom_dir = tmp_path / str(len(list(tmp_path.iterdir())))
+        prom_dir.mkdir()
+        for flags in workers:
+            _run_worker(prom_dir, 1, *flags)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(prom_dir))
+        return registry
+
+    behind = merged(("forget-gru",), ())  # the second worker has not rescanned yet
+    assert f"{gru} 1.0" in _scrape(behind)
+    gone = merged(("forget-gru",), ("forget-gru",))
+    for text in (_scrape(gone), _scrape(gone, "name[]=rnnserve_model_serving")):
+        assert gru not in text and f"{lstm} 1.0" in text

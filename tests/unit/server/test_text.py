@@ -60,6 +60,8 @@ def test_score_counts_only_the_unknown_tokens_it_scores() -> None:
     codec = TextCodec(_manifest("char", list("ab ")))
 
     class Uniform:
+        specs: list = []  # no state pairs: each text runs in one call
+
         def run(self, x, state):
             return np.zeros((*x.shape, len(codec)), np.float32), state
 
