@@ -105,7 +105,7 @@ def _strings(value: object, name: str) -> list[str]:
     raise BadRequest(name, "must be a string or a list of strings")
 
 
-def parse_completion(body: object) -> CompletionRequest:
+def parse_completion(body: object, max_tokens_limit: int | None = None) -> CompletionRequest:
     """Validates a /v1/completions body; BadRequest names the field (OpenAI's `param`)."""
     if not isinstance(body, dict):
         raise BadRequest("request", "the body must be a JSON object")
@@ -159,7 +159,9 @@ def parse_completion(body: object) -> CompletionRequest:
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0.0:
         raise BadRequest("top_p", "must be in (0, 1]")
-    max_tokens = _integer(body, "max_tokens", DEFAULT_MAX_TOKENS)
+    # unset: OpenAI's 16, or the server's --max-tokens when that is lower (as for Generate)
+    default = min(DEFAULT_MAX_TOKENS, max_tokens_limit or DEFAULT_MAX_TOKENS)
+    max_tokens = _integer(body, "max_tokens", default)
     if max_tokens is None or max_tokens < 1:
         raise BadRequest("max_tokens", f"must be at least 1, got {max_tokens}")
     return CompletionRequest(

@@ -112,7 +112,7 @@ class OpenAIRoutes:
         body = await read_json(request)
         named = body.get("model") if isinstance(body, dict) else None
         call.model = self.engine.model_label(named) if isinstance(named, str) else ""
-        req = oa.parse_completion(body)
+        req = oa.parse_completion(body, self.engine.settings.max_tokens)
         entry = self._lm(req.model)
         codec, limit = self.engine.codec(entry), self.engine.settings.max_prompt_tokens
         prompts = [

@@ -94,3 +94,11 @@ def test_not_an_object() -> None:
 def test_logprobs_offsets_follow_the_text() -> None:
     lp = token_logprobs("ab c", ["a", "b", " ", "c"], [None, -1.0, -2.0, -0.5])
     assert lp["text_offset"] == [0, 1, 2, 3] and lp["top_logprobs"] is None
+
+
+def test_unset_max_tokens_is_capped_by_a_low_server_limit() -> None:
+    """A server run with --max-tokens 10 still answers a body that leaves max_tokens out."""
+    body = {"model": "m", "prompt": "a"}
+    assert parse_completion(body, max_tokens_limit=10).max_tokens == 10
+    assert parse_completion(body, max_tokens_limit=4096).max_tokens == DEFAULT_MAX_TOKENS
+    assert parse_completion({**body, "max_tokens": 12}, max_tokens_limit=10).max_tokens == 12
