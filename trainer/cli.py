@@ -306,7 +306,8 @@ def run_train(args: argparse.Namespace) -> int:
                         f" {args.out} --name {name} --version {args.version} --precision"
                         f" {args.precision}"
                     ) from exc
-        print(f"training log and curve: {run_dir}/log.jsonl, {run_dir}/curve.png")
+        if (run_dir / "log.jsonl").exists():  # a resumed run that had ended trains nothing
+            print(f"training log and curve: {run_dir}/log.jsonl, {run_dir}/curve.png")
     print(f"exported {path}")
     return 0
 
