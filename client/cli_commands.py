@@ -14,8 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rnnserve.client.cli_format import shorten, table, to_json
-from rnnserve.client.forecast_plot import plot_forecast
-from rnnserve.client.results import ModelInfo
+from rnnserve.client.forecast_plot import has_interval, plot_forecast
+from rnnserve.client.results import ForecastResult, ModelInfo
 from rnnserve.client.series_csv import read_series
 from rnnserve.client.sync_client import RnnClient
 
@@ -137,7 +137,7 @@ def cmd_forecast(client: RnnClient, args: argparse.Namespace) -> int:
         print(to_json({"column": series.column, **asdict(result)}))
     else:
         n = len(series.values)
-        print(table(["step", "index", "forecast"], _forecast_rows(n, result.forecast)))
+        print(_forecast_table(n, result))
         if result.fitted:
             rows = [
                 [i, series.values[i], f]
@@ -153,6 +153,16 @@ def cmd_forecast(client: RnnClient, args: argparse.Namespace) -> int:
 
 def _forecast_rows(n: int, forecast: tuple[float, ...]) -> list[list[object]]:
     return [[k, n - 1 + k, v] for k, v in enumerate(forecast, start=1)]
+
+
+def _forecast_table(n: int, result: ForecastResult) -> str:
+    """step, index, forecast; and each step's 90% interval when the model has one."""
+    rows = _forecast_rows(n, result.forecast)
+    if not has_interval(result):
+        return table(["step", "index", "forecast"], rows)
+    bands = zip(rows, result.lower, result.upper, strict=True)
+    rows = [[*row, lo, hi] for row, lo, hi in bands]
+    return table(["step", "index", "forecast", "lower", "upper"], rows)
 
 
 def cmd_models(client: RnnClient, args: argparse.Namespace) -> int:

@@ -101,7 +101,7 @@ def forecast_request(
     version: str = "",
 ) -> pb.ForecastRequest:
     _require_model(model)
-    values = [float(v) for v in history]
+    values = _history_values(history)
     if not values:
         raise InvalidArgument("history: at least one value is required")
     bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
@@ -117,6 +117,21 @@ def forecast_request(
         horizon=horizon,
         return_fitted=return_fitted,
     )
+
+
+def _history_values(history: Iterable[float]) -> list[float]:
+    """Floats of `history`, refusing what is not a number by its index (float() alone raised
+    a bare TypeError for a None gap, naming no value) and a string (read char by char, "123"
+    was the history [1, 2, 3])."""
+    if isinstance(history, str | bytes):
+        raise InvalidArgument("history: must be a sequence of numbers, not a string")
+    values = []
+    for i, v in enumerate(history):
+        try:
+            values.append(float(v))
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidArgument(f"history: value {i} is {v!r}, not a number") from None
+    return values
 
 
 def get_model_request(model: str, version: str = "") -> pb.GetModelRequest:

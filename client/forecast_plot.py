@@ -1,4 +1,5 @@
-"""Draw a history, its forecast and (optionally) the one-step fitted values to a PNG.
+"""Draw a history, its forecast with its prediction interval (when the model has one) and
+(optionally) the one-step fitted values to a PNG.
 
 Why: a forecast is judged by eye first. matplotlib is imported lazily with the Agg backend so
 the rest of the client works, headless, without it.
@@ -13,6 +14,12 @@ from rnnserve.client.results import ForecastResult
 
 class PlotError(RuntimeError):
     """Plotting is unavailable or the file cannot be written."""
+
+
+def has_interval(result: ForecastResult) -> bool:
+    """Whether the server sent an interval for every step (models without one send none)."""
+    n = len(result.forecast)
+    return n > 0 and len(result.lower) == n and len(result.upper) == n
 
 
 def plot_forecast(
@@ -35,6 +42,12 @@ def plot_forecast(
     # Join the forecast to the last observed value so the two lines meet.
     xs = range(n - 1, n + len(result.forecast))
     ax.plot(xs, [history[-1], *result.forecast], label="forecast", color="tab:red")
+    if has_interval(result):
+        # the server's 90% interval per step (ForecastResult.lower/upper), around the forecast
+        steps = range(n, n + len(result.forecast))
+        ax.fill_between(
+            steps, result.lower, result.upper, color="tab:red", alpha=0.2, label="90% interval"
+        )
     ax.axvline(n - 1, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("value")

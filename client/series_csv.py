@@ -34,8 +34,9 @@ def _is_number(cell: str) -> bool:
 def read_series(path: str | Path, column: str | None = None) -> Series:
     """Values of `column` (header name or 0-based index; default: the last column).
 
-    A first row with any non-numeric cell is a header. Empty, NaN or infinite cells are
-    refused: fill them in first (the server would refuse them anyway).
+    The first row is a header when it has text above numbers (a column of text all the way,
+    such as dates, does not count). Empty, NaN or infinite cells are refused: fill them in
+    first (the server would refuse them anyway).
     """
     path = Path(path)
     try:
@@ -50,10 +51,10 @@ def read_series(path: str | Path, column: str | None = None) -> Series:
     if not rows:
         raise SeriesFileError(f"{path} has no rows")
     header = None
-    if not all(_is_number(cell.strip()) for cell in rows[0][1]):
+    if _is_header(rows):
         header = [cell.strip() for cell in rows[0][1]]
         rows = rows[1:]
-    width = len(header) if header else len(rows[0][1])
+    width = _width(header if header else [cell.strip() for cell in rows[0][1]])
     index, name = _pick_column(path, header, width, column)
     values = []
     for line, row in rows:
@@ -74,6 +75,32 @@ def read_series(path: str | Path, column: str | None = None) -> Series:
     return Series(values, name)
 
 
+def _is_header(rows: list[tuple[int, list[str]]]) -> bool:
+    """The first row is a header when one of its cells is text above a column that holds
+    numbers further down. A column of text all the way (dates, labels) says nothing, so a
+    headerless "2020-01-01,5" keeps its first value instead of naming a column "5"."""
+    first = [cell.strip() for cell in rows[0][1]]
+    if all(_is_number(cell) for cell in first):
+        return False
+    if len(rows) == 1:
+        return True  # nothing to compare with: text can only be column names
+    return any(
+        cell
+        and not _is_number(cell)
+        and any(i < len(row) and _is_number(row[i].strip()) for _, row in rows[1:])
+        for i, cell in enumerate(first)
+    )
+
+
+def _width(first: list[str]) -> int:
+    """Columns of the first row, less trailing empty ones: a spreadsheet's trailing comma
+    ("t,x,") must not make an empty column the default."""
+    width = len(first)
+    while width > 1 and not first[width - 1]:
+        width -= 1
+    return width
+
+
 def _rows_with_lines(f: TextIO) -> list[tuple[int, list[str]]]:
     """Non-blank rows with the file line each ends on, so errors name the line an editor
     shows even after skipped blank lines."""
@@ -91,6 +118,6 @@ def _pick_column(
     elif column.lstrip("-").isdigit() and -width <= int(column) < width:
         index = int(column) % width
     else:
-        known = ", ".join(header) if header else f"indexes 0..{width - 1}"
+        known = ", ".join(header[:width]) if header else f"indexes 0..{width - 1}"
         raise SeriesFileError(f"{path}: no column {column!r} (columns: {known})")
     return index, (header[index] if header else f"column {index}")

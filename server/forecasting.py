@@ -65,8 +65,13 @@ class Series:
             upper = tuple(float(v) for v in intervals.get("upper") or ())
             if len(lower) != len(upper):
                 raise ValueError("intervals.lower and intervals.upper differ in length")
+            mean = float(s.get("mean", 0.0))
+            # a NaN/inf here turned every request into "history[0] is too far from the
+            # series", an INVALID_ARGUMENT blaming the caller for the package's fault
+            if not all(math.isfinite(v) for v in (mean, std, *lower, *upper)):
+                raise ValueError("mean, std and intervals must be finite numbers")
             tau = max(1, int(s.get("tau", 1)), season + difference + 1)
-            return cls(float(s.get("mean", 0.0)), std, tau, difference, season, lower, upper)
+            return cls(mean, std, tau, difference, season, lower, upper)
         except (TypeError, ValueError, AttributeError) as exc:
             raise UnsupportedTask(f"model has an unusable `series` entry: {exc}") from exc
 
@@ -170,13 +175,28 @@ async def forecast(
         )
     fitted, out = await runtime.call(_forecast_sync, entry.model, z, horizon)
     last = np.array([len(levels) - 1])
-    forecast_levels = series.levels(levels, last, out[None, :])[0]
-    lower, upper = series.interval(forecast_levels)
+    with np.errstate(over="ignore", invalid="ignore"):
+        forecast_levels = series.levels(levels, last, out[None, :])[0]
+        lower, upper = series.interval(forecast_levels)
+        one_step = np.empty(0)
+        if return_fitted:
+            # fitted[t] predicts history[t + 1]; valid once the window is full (t >= tau - 1)
+            origins = np.arange(series.tau - 1, len(levels) - 1)
+            one_step = series.levels(levels, origins, fitted[origins][:, None])[:, 0]
+    _require_finite(forecast_levels, lower, upper, one_step)
     result = ForecastResult(forecast=forecast_levels.tolist(), lower=lower, upper=upper)
     if return_fitted:
-        # fitted[t] predicts history[t + 1]; valid once the window is full (t >= tau - 1)
-        origins = np.arange(series.tau - 1, len(levels) - 1)
-        one_step = series.levels(levels, origins, fitted[origins][:, None])[:, 0]
         result.fitted = one_step.tolist()
         result.fitted_offset = series.tau
     return result
+
+
+def _require_finite(*values: np.ndarray | list[float]) -> None:
+    """A history the float32 graph takes can still overflow inside it (an MLP's weighted
+    sum of values near 3e38) or when the levels are rebuilt: refuse it rather than answer
+    OK with inf and NaN."""
+    if not all(np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in values):
+        raise BadRequest(
+            "history",
+            "is too far from the series the model learned: its forecast overflowed",
+        )

@@ -118,10 +118,14 @@ class FakeInference(pb_grpc.InferenceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "lstm is a language model")
         last = request.history[-1]
         fitted = list(request.history[:-1]) if request.return_fitted else []
+        forecast = [last + k for k in range(1, request.horizon + 1)]
+        band = request.model == "sine-band"  # a model whose manifest has intervals
         return pb.ForecastResponse(
-            forecast=[last + k for k in range(1, request.horizon + 1)],
+            forecast=forecast,
             fitted=fitted,
             fitted_offset=1 if fitted else 0,
+            lower=[f - 0.5 * k for k, f in enumerate(forecast, start=1)] if band else [],
+            upper=[f + k for k, f in enumerate(forecast, start=1)] if band else [],
         )
 
 

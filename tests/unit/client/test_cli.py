@@ -149,6 +149,36 @@ def test_forecast_prints_and_plots(cli, tmp_path) -> None:
     assert json.loads(out)["forecast"] == [4.0]
 
 
+def test_forecast_shows_and_draws_the_interval(cli, tmp_path, monkeypatch) -> None:
+    """The server's 90% interval (lower/upper) reached only --json: the table and the plot
+    showed the forecast alone."""
+    from matplotlib.axes import Axes
+
+    drawn: list[tuple[list[float], list[float], list[float]]] = []
+    fill_between = Axes.fill_between
+
+    def record(self, x, y1, y2, **kwargs):
+        drawn.append((list(x), list(y1), list(y2)))
+        return fill_between(self, x, y1, y2, **kwargs)
+
+    monkeypatch.setattr(Axes, "fill_between", record)
+    csv = tmp_path / "h.csv"
+    csv.write_text("t,value\n0,1.0\n1,2.0\n2,3.0\n")
+    png = tmp_path / "out.png"
+    argv = ["--history-file", str(csv), "--horizon", "2", "--plot", str(png)]
+    code, out, err = cli("forecast", "--model", "sine-band", *argv)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["step", "index", "forecast", "lower", "upper"]
+    assert lines[2].split() == ["2", "4", "5.0000", "4.0000", "7.0000"]
+    assert drawn == [([3, 4], [3.5, 4.0], [5.0, 7.0])]  # steps after the history's last index
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn.clear()
+    code, out, _ = cli("forecast", "--model", "sine-gru", *argv)  # a model without intervals
+    assert code == 0 and out.splitlines()[0].split() == ["step", "index", "forecast"]
+    assert drawn == []
+
+
 @pytest.mark.parametrize(
     ("argv", "status", "exit_code"),
     [

@@ -67,3 +67,32 @@ def test_utf8_byte_order_mark_is_not_part_of_the_first_cell(tmp_path) -> None:
     assert read_series(path, "x") == read_series(path) and read_series(path).column == "x"
     path.write_text("1.5\n2.5\n", encoding="utf-8-sig")
     assert read_series(path).values == [1.5, 2.5]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["2020-01-01,5\n2020-01-02,6\n2020-01-03,7\n", "a,5\nb,6\nc,7\n", 'x,5\n"y",6\nz,7\n'],
+)
+def test_a_headerless_file_with_a_text_column_keeps_its_first_row(tmp_path, text) -> None:
+    """Dates or labels beside the values are not column names: the first row was read as a
+    header, its value lost without a word and the column named "5"."""
+    s = read_series(write(tmp_path, text))
+    assert (s.values, s.column) == ([5.0, 6.0, 7.0], "column 1")
+
+
+def test_a_header_above_a_text_column_is_still_a_header(tmp_path) -> None:
+    s = read_series(write(tmp_path, "date,value\n2020-01-01,5\n2020-01-02,6\n"))
+    assert (s.values, s.column) == ([5.0, 6.0], "value")
+    with pytest.raises(SeriesFileError, match="has a header but no values"):
+        read_series(write(tmp_path, "date,value\n"))
+
+
+def test_trailing_empty_column_is_not_the_default(tmp_path) -> None:
+    """A spreadsheet's trailing comma made the default column an empty one: every row was
+    refused as "missing value in " (no name)."""
+    assert read_series(write(tmp_path, "t,x,\n1,2,\n2,3,\n")) == read_series(
+        write(tmp_path, "t,x\n1,2\n2,3\n")
+    )
+    assert read_series(write(tmp_path, "1,2,\n2,3,\n")).values == [2.0, 3.0]
+    with pytest.raises(SeriesFileError, match=r"no column '2' \(columns: t, x\)"):
+        read_series(write(tmp_path, "t,x,\n1,2,\n"), "2")

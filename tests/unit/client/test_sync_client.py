@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 import grpc
@@ -191,6 +192,23 @@ def test_no_token_sends_no_authorization(fake) -> None:
 def test_obviously_bad_requests_fail_locally(client: RnnClient, fake, call) -> None:
     with pytest.raises(InvalidArgument):
         call(client)
+    assert sum(fake[0].calls.values()) == 0
+
+
+@pytest.mark.parametrize(
+    ("history", "message"),
+    [
+        ([1.0, None, 2.0], "history: value 1 is None, not a number"),
+        ([1.0, "x"], "history: value 1 is 'x', not a number"),
+        ([1.0, 10**400], "history: value 1 is 1000"),
+        ("123", "history: must be a sequence of numbers, not a string"),
+    ],
+)
+def test_forecast_history_that_is_not_numbers_names_the_value(client, fake, history, message):
+    """A gap (None) raised float()'s bare TypeError naming no index, and a string was read
+    character by character ("123" forecast from the history [1, 2, 3])."""
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        client.forecast("sine-gru", history, 2)
     assert sum(fake[0].calls.values()) == 0
 
 

@@ -93,3 +93,56 @@ def test_server_intervals_hold_the_forecast_even_from_a_biased_manifest() -> Non
     lower, upper = ServerSeries.from_manifest(entry).interval(forecast)
     assert lower == [10.0, 19.0, 29.0] and upper == [12.0, 20.0, 30.0]
     assert all(lo <= f <= hi for lo, f, hi in zip(lower, forecast, upper, strict=True))
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"mean": 0.0, "std": float("nan"), "tau": 1},
+        {"mean": float("inf"), "std": 1.0, "tau": 1},
+        {"mean": 0.0, "std": 1.0, "tau": 1, "intervals": {"lower": [float("nan")], "upper": [1]}},
+    ],
+)
+def test_server_refuses_a_non_finite_series_entry(entry: dict) -> None:
+    """JSON lets a hand-edited manifest hold NaN: every Forecast then failed with an
+    INVALID_ARGUMENT blaming history[0] (or returned NaN bounds), not the model."""
+    from rnnserve.server.errors import UnsupportedTask
+
+    with pytest.raises(UnsupportedTask, match="finite"):
+        ServerSeries.from_manifest(entry)
+
+
+class _ScalingGraph:
+    """A stand-in forecast graph: prediction = 1e10 * value, in float32 as ORT computes."""
+
+    def initial_state(self, batch: int) -> list[np.ndarray]:
+        return []
+
+    def run(self, x: np.ndarray, state: list) -> tuple[np.ndarray, list]:
+        with np.errstate(over="ignore"):
+            return (x * np.float32(1e10)).astype(np.float32), state
+
+
+class _InlineRuntime:
+    async def call(self, fn, *args):
+        return fn(*args)
+
+
+@pytest.mark.parametrize("fitted", [False, True])
+def test_a_forecast_that_overflows_in_the_graph_is_invalid_not_inf(fitted: bool) -> None:
+    """A history within float32 can overflow inside the graph (an MLP's weighted sum of
+    values near 3e38 gave forecast [-inf, nan, nan] with status OK)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from rnnserve.server.errors import BadRequest
+    from rnnserve.server.forecasting import forecast
+    from rnnserve.server.settings import Settings
+
+    series = {"mean": 0.0, "std": 1.0, "tau": 1, "intervals": {"lower": [-1.0], "upper": [1.0]}}
+    entry = SimpleNamespace(manifest=SimpleNamespace(series=series), model=_ScalingGraph())
+    run = forecast(entry, _InlineRuntime(), Settings(), [1.0, 2.0], 3, fitted)
+    ok = asyncio.run(run)  # small values stay finite: the check refuses only overflow
+    assert ok.forecast[0] == pytest.approx(2e10)
+    with pytest.raises(BadRequest, match=r"history: .*overflowed"):
+        asyncio.run(forecast(entry, _InlineRuntime(), Settings(), [1.0, 1e30], 3, fitted))
