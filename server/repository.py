@@ -159,6 +159,10 @@ class Repository:
         start = time.perf_counter()
         try:
             entry.manifest = Manifest.load(path)
+            if entry.manifest.task == "forecast":  # a series it cannot undo: said now, not per call
+                from rnnserve.server.forecasting import Series  # it imports this module
+
+                Series.from_manifest(entry.manifest.series)
             onnx_path = path / ONNX_FILE
             if not onnx_path.is_file():
                 raise ManifestError(f"{ONNX_FILE} is missing")

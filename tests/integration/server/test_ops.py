@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import shutil
 import signal
@@ -97,6 +98,11 @@ def test_broken_packages_are_not_serving_with_a_reason(model_repo: Path, tmp_pat
     (repo / "lstm" / "2" / "model.onnx").write_bytes(b"not an onnx file")
     shutil.copytree(model_repo / "rnn", repo / "rnn")
     (repo / "rnn" / "1" / "manifest.json").write_text('{"format_version": 99}')
+    shutil.copytree(model_repo / "sine-gru", repo / "sine-gru")
+    manifest = repo / "sine-gru" / "1" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["series"]["mean"] = float("nan")  # JSON as Python writes it: every Forecast would fail
+    manifest.write_text(json.dumps(data))
     srv = ServerThread(make_settings(repo)).start()
     try:
         info = srv.stub.GetModel(pb.GetModelRequest(model="lstm"))
@@ -105,6 +111,8 @@ def test_broken_packages_are_not_serving_with_a_reason(model_repo: Path, tmp_pat
         assert v2.status == "NOT_SERVING" and "sha256" in v2.status_reason
         bad = srv.stub.GetModel(pb.GetModelRequest(model="rnn")).versions[0]
         assert bad.status == "NOT_SERVING" and "format_version" in bad.status_reason
+        nan = srv.stub.GetModel(pb.GetModelRequest(model="sine-gru")).versions[0]
+        assert nan.status == "NOT_SERVING" and "series" in nan.status_reason
         with pytest.raises(grpc.RpcError) as err:
             list(srv.stub.Generate(pb.GenerateRequest(model="rnn", prompt="ab")))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
