@@ -22,6 +22,7 @@ from tests.e2e.processes import reap, stop_gracefully
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
+READY_WAIT_S = 120.0  # a bound on start-up (the tiny zoo loads in a second), not a target
 
 
 def _free_port() -> int:
@@ -30,18 +31,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_healthy(channel: grpc.Channel, proc: subprocess.Popen) -> None:
-    stub = health_pb2_grpc.HealthStub(channel)
-    for _ in range(300):  # bounded: the server loads the tiny zoo in a few seconds
+def _wait_healthy(address: str, proc: subprocess.Popen) -> None:
+    """A fresh channel per probe: one that kept failing while the server started reconnects
+    only on its backoff schedule (about 1, 2.6, 5.2, 9.3, 15.8, 26, 43 s), so a server up at
+    27 s went unseen until 43 s, past the 300 probes (about 30 s) this loop used to count."""
+    end = time.monotonic() + READY_WAIT_S
+    while True:
         if proc.poll() is not None:
             raise AssertionError(f"rnn-server exited early with {proc.returncode}")
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                return
-        except grpc.RpcError:
-            pass
+        with grpc.insecure_channel(address) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=2
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+        if time.monotonic() > end:
+            raise AssertionError(f"rnn-server not healthy after {READY_WAIT_S:g}s")
         time.sleep(0.1)
-    raise AssertionError("rnn-server never became healthy")
 
 
 def test_real_server_process(model_repo: Path, tmp_path: Path) -> None:
@@ -55,8 +64,8 @@ def test_real_server_process(model_repo: Path, tmp_path: Path) -> None:
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     try:
+        _wait_healthy(f"127.0.0.1:{port}", proc)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            _wait_healthy(channel, proc)
             stub = pb_grpc.InferenceStub(channel)
             msgs = list(
                 stub.Generate(
@@ -112,8 +121,8 @@ def test_sigterm_lets_in_flight_streams_finish_and_exits_0(model_repo: Path) -> 
          "--max-tokens", "5000"],
     )  # fmt: skip
     try:
+        _wait_healthy(f"127.0.0.1:{port}", proc)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            _wait_healthy(channel, proc)
             stub = pb_grpc.InferenceStub(channel)
             call = stub.Generate(
                 pb.GenerateRequest(model="lstm", prompt="the time", max_tokens=5000), timeout=60

@@ -2,7 +2,8 @@
 bounded: the server coalesces its tokens into fewer, larger messages.
 
 Throughput is compared as a ratio of the same measurement with and without the slow reader, so
-the test does not depend on how fast the shared CI machine is.
+the test does not depend on how fast the shared CI machine is; a pair that a busy moment of that
+machine skewed is measured again (a reader that really held up its batch fails every pair).
 """
 
 from __future__ import annotations
@@ -18,21 +19,22 @@ from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 
-FAST, TOKENS = 6, 1500
+FAST, TOKENS, SLOW_TOKENS = 6, 1500, 4096  # SLOW_TOKENS: the server's --max-tokens here
+ATTEMPTS = 3
 # a small HTTP/2 window without BDP growth: the transport cannot hide a slow reader's backlog
 SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
 
 
-def _req(seed: int, tokens: int) -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        model="lstm", prompt="the ", max_tokens=tokens,
-        sampling=pb.SamplingParams(temperature=1.0, seed=seed),
-    )  # fmt: skip
+def _req(tokens: int) -> pb.GenerateRequest:
+    """Greedy: every stream runs its full length. Sampled ones draw <eos> after a few hundred
+    tokens of the tiny model (the slow reader's 4096 were 252, the fast ones 61 to 1500), which
+    left the reader little backlog and made the rates of short streams mostly start-up."""
+    return pb.GenerateRequest(model="lstm", prompt="the ", max_tokens=tokens)
 
 
-def _fast(stub, seed: int, out: list[float]) -> None:
+def _fast(stub, out: list[float]) -> None:
     start = time.monotonic()
-    n = sum(len(m.token_ids) for m in stub.Generate(_req(seed, TOKENS), timeout=120))
+    n = sum(len(m.token_ids) for m in stub.Generate(_req(TOKENS), timeout=120))
     out.append(n / (time.monotonic() - start))  # tokens/s of this stream
 
 
@@ -45,7 +47,7 @@ def _round(server, slow: bool) -> tuple[float, list[pb.GenerateResponse]]:
 
     def reader() -> None:
         """Reads one message, stalls until the fast streams are done, then drains."""
-        call = pb_grpc.InferenceStub(ch).Generate(_req(99, 4096), timeout=120)
+        call = pb_grpc.InferenceStub(ch).Generate(_req(SLOW_TOKENS), timeout=120)
         slow_msgs.append(next(call))
         stop.wait(120)
         slow_msgs.extend(call)
@@ -55,8 +57,7 @@ def _round(server, slow: bool) -> tuple[float, list[pb.GenerateResponse]]:
         slow_thread.start()
         time.sleep(0.5)
     threads = [
-        threading.Thread(target=_fast, args=(server.stub, i, rates), daemon=True)
-        for i in range(FAST)
+        threading.Thread(target=_fast, args=(server.stub, rates), daemon=True) for _ in range(FAST)
     ]
     for t in threads:
         t.start()
@@ -76,12 +77,19 @@ def _round(server, slow: bool) -> tuple[float, list[pb.GenerateResponse]]:
 
 
 def test_slow_reader_does_not_slow_its_batch(server) -> None:
-    base, _ = _round(server, slow=False)
-    with_slow, msgs = _round(server, slow=True)
+    pairs = []
+    for _ in range(ATTEMPTS):
+        base, _ = _round(server, slow=False)
+        with_slow, msgs = _round(server, slow=True)
+        pairs.append((base, with_slow))
+        # the stalled reader got every token, coalesced: several per message, fewer messages
+        # than tokens, so the server held at most one pending chunk plus the bounded transport
+        # buffers
+        per_msg = [len(m.token_ids) for m in msgs]
+        assert msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert sum(per_msg) == SLOW_TOKENS, sum(per_msg)
+        assert max(per_msg) > 1 and sum(per_msg) > len(msgs), (len(msgs), sum(per_msg))
+        if with_slow / base > 0.5:
+            break
     # the fast streams keep most of their throughput (generous: the CPU is shared)
-    assert with_slow / base > 0.5, (base, with_slow)
-    # the stalled reader got every token, coalesced: several per message, fewer messages than
-    # tokens, so the server held at most one pending chunk plus the bounded transport buffers
-    per_msg = [len(m.token_ids) for m in msgs]
-    assert msgs[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
-    assert max(per_msg) > 1 and sum(per_msg) > len(msgs), (len(msgs), sum(per_msg))
+    assert any(with_slow / base > 0.5 for base, with_slow in pairs), pairs
