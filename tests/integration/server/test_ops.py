@@ -220,7 +220,8 @@ def test_shutdown_turns_health_off_and_refuses_new_calls(model_repo: Path) -> No
     # refused: our interceptor says UNAVAILABLE; once grpc itself has begun to close the port
     # (right after, with no --drain-delay) it cancels new calls
     refused = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
-    for _ in range(200):
+    deadline = time.monotonic() + 20  # a bound on a busy machine (the grace is 30 s)
+    while time.monotonic() < deadline:
         try:
             status = health.Check(health_pb2.HealthCheckRequest(service="")).status
         except grpc.RpcError as err:
@@ -247,7 +248,8 @@ def test_drain_delay_turns_health_off_before_calls_are_refused(model_repo: Path)
     srv = ServerThread(make_settings(model_repo, drain_delay=30.0)).start()
     health = health_pb2_grpc.HealthStub(srv.channel)
     stopping = asyncio.run_coroutine_threadsafe(srv.app.shutdown(grace=1.0), srv.loop)
-    for _ in range(200):  # health turns NOT_SERVING at once...
+    deadline = time.monotonic() + 20  # a bound within the 30 s delay, not a speed check
+    while time.monotonic() < deadline:  # health turns NOT_SERVING at once...
         status = health.Check(health_pb2.HealthCheckRequest(service="")).status
         if status == health_pb2.HealthCheckResponse.NOT_SERVING:
             break
