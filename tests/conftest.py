@@ -13,6 +13,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # asks for one: a fixed default port would collide between tests and between test runs.
 os.environ.setdefault("RNNSERVE_HTTP_PORT", "0")
 
+# CI runs the suite once and must not meet a counterexample by chance: there Hypothesis draws
+# the same examples every run (new ones are found by running it locally, where it is random).
+if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    from hypothesis import settings as hypothesis_settings
+
+    hypothesis_settings.register_profile("ci", derandomize=True)
+    hypothesis_settings.load_profile("ci")
+
 
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
