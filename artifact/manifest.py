@@ -186,7 +186,7 @@ class Manifest:
                 input_name=str(data["inputs"]["name"]),
                 output_name=str(data["outputs"]["name"]),
                 state=[StateSpec.from_dict(s) for s in data["state"]],
-                tokenizer=TokenizerConfig.from_dict(tokenizer) if tokenizer else None,
+                tokenizer=None if tokenizer is None else TokenizerConfig.from_dict(tokenizer),
                 vocab=list(data["vocab"]) if data.get("vocab") else None,
                 series=data.get("series"),
                 metrics={k: float(v) for k, v in (data.get("metrics") or {}).items()},

@@ -21,6 +21,9 @@ class Vocab:
     def __init__(self, tokens: Sequence[str]) -> None:
         if tuple(tokens[: len(RESERVED)]) != RESERVED:
             raise ValueError(f"a vocabulary must start with the reserved tokens {RESERVED}")
+        for i, token in enumerate(tokens):  # a JSON 1 or null would fail every text call
+            if not isinstance(token, str) or not token:
+                raise ValueError(f"vocabulary token {i} must be a non-empty string, got {token!r}")
         if len(set(tokens)) != len(tokens):
             raise ValueError("vocabulary tokens must be unique")
         self.idx_to_token: list[str] = list(tokens)

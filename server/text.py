@@ -33,10 +33,11 @@ class TextCodec:
         self._pieces = ["" if t in RESERVED else sep + t for t in self.vocab.idx_to_token]
 
     def encode(self, text: str, field: str, max_tokens: int) -> Encoded:
-        """Tokenizes; BadRequest(field) when the text has more than max_tokens tokens."""
-        tokens = self.tokenizer.tokenize(text)
+        """Tokenizes; BadRequest(field) when the text has more than max_tokens tokens (counted
+        only up to max_tokens + 1: a huge text is refused without building all its tokens)."""
+        tokens = self.tokenizer.tokenize(text, limit=max_tokens)
         if len(tokens) > max_tokens:
-            raise BadRequest(field, f"has {len(tokens)} tokens, more than the limit {max_tokens}")
+            raise BadRequest(field, f"has more than the limit of {max_tokens} tokens")
         return Encoded(self.vocab.encode(tokens), tokens, self.vocab.count_unknown(tokens))
 
     def piece(self, token_id: int) -> str:

@@ -1,9 +1,11 @@
 """Token statistics: the most frequent uni-, bi- and trigrams, and Zipf's law as a PNG.
 
-`rnn-trainer stats [--corpus PATH] [--level char|word] [--top 10] [--plot zipf.png]`
-tokenizes with the same tokenizer the models use (artifact.tokenizer, default settings), so
-the numbers describe exactly what a model sees. Zipf's law says frequency ∝ rank^(-s): a
-straight line on log-log axes; we print the fitted exponent s for each order.
+`rnn-trainer stats [--corpus PATH] [--level char|word] [--keep-case] [--letters-only]
+[--top 10] [--plot zipf.png]` tokenizes with the same tokenizer the models use
+(artifact.tokenizer); with the settings a model was trained with (`rnn-trainer train` maps
+non-letters to spaces unless --keep-punctuation: --letters-only here) the numbers describe
+exactly what that model sees. Zipf's law says frequency ∝ rank^(-s): a straight line on
+log-log axes; we print the fitted exponent s for each order.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--corpus", type=Path, default=None, help="UTF-8 text file (default: built-in Time Machine)"
     )
     parser.add_argument("--level", choices=LEVELS, default="char", help="token level")
+    parser.add_argument("--keep-case", action="store_true", help="do not lowercase")
+    parser.add_argument(
+        "--letters-only",
+        action="store_true",
+        help="map non-letters to spaces, as `rnn-trainer train` does without --keep-punctuation",
+    )
     parser.add_argument("--top", type=int, default=10, help="rows per n-gram table (default 10)")
     parser.add_argument(
         "--plot", type=Path, default=Path("zipf.png"), help="Zipf plot PNG (default zipf.png)"
@@ -47,6 +55,8 @@ def zipf_exponent(counts: Counter) -> float:
     freqs = np.array(sorted(counts.values(), reverse=True), dtype=np.float64)
     if len(freqs) < 2:
         return math.nan
+    if freqs[0] == freqs[-1]:  # flat: exactly 0, where the fit prints "-0.000"
+        return 0.0
     ranks = np.arange(1, len(freqs) + 1, dtype=np.float64)
     slope = np.polyfit(np.log(ranks), np.log(freqs), 1)[0]
     return float(-slope)
@@ -105,7 +115,12 @@ def run(args: argparse.Namespace) -> int:
     level = getattr(args, "level", "char") or "char"
     corpus = getattr(args, "corpus", None)
     text = read_corpus(corpus)
-    tokens = Tokenizer(TokenizerConfig(level=level)).tokenize(text)
+    config = TokenizerConfig(
+        level=level,
+        lowercase=not getattr(args, "keep_case", False),
+        letters_only=getattr(args, "letters_only", False),
+    )
+    tokens = Tokenizer(config).tokenize(text)
     if not tokens:
         raise TrainerError(f"corpus {corpus or DEFAULT_CORPUS} has no tokens at {level} level")
     name = Path(corpus).name if corpus else DEFAULT_CORPUS.name

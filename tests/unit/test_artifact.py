@@ -91,7 +91,13 @@ def test_manifest_names_missing_fields(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     "vocab, why",
-    [(["a", *RESERVED], "reserved tokens"), ([*RESERVED, "a", "a"], "unique")],
+    [
+        (["a", *RESERVED], "reserved tokens"),
+        ([*RESERVED, "a", "a"], "unique"),
+        ([*RESERVED, "a", 1], "non-empty string, got 1"),  # a digit written unquoted
+        ([*RESERVED, None], "non-empty string, got None"),
+        ([*RESERVED, ""], "non-empty string"),  # no tokenizer yields it
+    ],
 )
 def test_manifest_refuses_a_vocab_the_codec_cannot_use(tmp_path, vocab, why) -> None:
     """Else the version loads as SERVING and every text call fails with INTERNAL."""
@@ -123,3 +129,63 @@ def test_tokenizer_flags_must_be_json_booleans() -> None:
     assert TokenizerConfig.from_dict({"lowercase": False}).lowercase is False
     with pytest.raises(ValueError, match="lowercase must be true or false"):
         TokenizerConfig.from_dict({"lowercase": "false"})
+
+
+@pytest.mark.parametrize(
+    "tokenizer, why",
+    [
+        ("word", "JSON object"),  # the level alone, as GetModel shows it
+        (["char"], "JSON object"),
+        ({"levle": "word"}, "unknown settings 'levle'"),  # silently char level before
+        ({"level": "word", "letters_onyl": True}, "unknown settings 'letters_onyl'"),
+    ],
+)
+def test_manifest_refuses_a_malformed_tokenizer(tmp_path, tokenizer, why) -> None:
+    """A misspelt key fell back to its default (a word model served at char level), and a
+    string raised AttributeError instead of saying what is wrong."""
+    data = {**_manifest().to_dict(), "tokenizer": tokenizer}
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=why):
+        Manifest.load(tmp_path)
+
+
+def test_tokenizer_keys_left_out_take_the_defaults() -> None:
+    """docs/contracts.md: an empty object is the default tokenizer, not a missing one."""
+    data = {**_manifest().to_dict(), "tokenizer": {}}
+    assert Manifest.from_dict(data).tokenizer == TokenizerConfig()
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_tokenize_with_a_limit_stops_after_limit_plus_one(level: str) -> None:
+    """NFKC expands U+FDFA to 18 characters: a 4 MB prompt was 25 million token strings
+    (about 2 GB) before the server's --max-prompt-tokens check looked at it."""
+    tok = Tokenizer(TokenizerConfig(level=level))
+    text = "\ufdfa " * 1000
+    assert len(tok.tokenize(text, limit=10)) == 11
+    assert tok.tokenize(text, limit=10) == tok.tokenize(text)[:11]
+    assert tok.tokenize("a b", limit=10) == tok.tokenize("a b")
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Caf\u00e9 cafe\u0301",  # NFC vs NFD
+        "\uff21\uff22\uff23\u3000\uff44",  # full-width letters and space
+        "a\r\nb\tc\u00a0d\u2028e",  # CRLF, tab, no-break space, line separator
+        "\u0130stanbul STRASSE stra\u00dfe \u1e9e",  # Turkish dotted I, German sharp s
+        "\U0001f468\u200d\U0001f469 a\u200bb",  # ZWJ emoji, zero-width space
+        "\u0928\u092e\u0938\u094d\u0924\u0947 \u039f\u0394\u039f\u03a3",  # marks, final sigma
+        "don't... \ufb01ne x\u00b2 " + "w" * 5000,  # ligature, superscript, a long word
+    ],
+)
+def test_decoded_tokens_re_encode_to_the_same_tokens(level: str, text: str) -> None:
+    """What the server streams (tokens joined by the level's separator) tokenizes back to the
+    same tokens, so a generated text sent back as a prompt means what the model produced."""
+    for lowercase in (True, False):
+        tok = Tokenizer(TokenizerConfig(level=level, lowercase=lowercase))
+        tokens = tok.tokenize(text)
+        assert tok.tokenize(tok.separator.join(tokens)) == tokens
+        assert tok.normalize(tok.normalize(text)) == tok.normalize(text)
+    nfd = Tokenizer(TokenizerConfig(level=level))
+    assert nfd.tokenize("cafe\u0301") == nfd.tokenize("caf\u00e9")

@@ -48,6 +48,25 @@ def test_too_many_tokens_names_the_field() -> None:
     assert err.value.field == "texts[2]"
 
 
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_a_huge_prompt_is_refused_without_building_all_its_tokens(level: str) -> None:
+    """NFKC expands U+FDFA to 18 characters: a 4 MB prompt became 25 million token strings
+    (about 2 GB, seconds of the event loop) before the limit was checked."""
+    codec = TextCodec(_manifest(level, ["a"]))
+    tokenize, built = codec.tokenizer.tokenize, []
+
+    def spy(text: str, **kwargs: int) -> list[str]:
+        tokens = tokenize(text, **kwargs)
+        built.append(len(tokens))
+        return tokens
+
+    codec.tokenizer.tokenize = spy  # type: ignore[method-assign]
+    with pytest.raises(BadRequest) as err:
+        codec.encode("\ufdfa " * 2000, "prompt", 5)
+    assert err.value.field == "prompt" and "more than the limit of 5 tokens" in str(err.value)
+    assert built == [6]
+
+
 def test_score_counts_only_the_unknown_tokens_it_scores() -> None:
     """The first token conditions the rest and is not scored: an unknown first character is
     not in unknown_tokens (it was, while `tokens` and `token_logprobs` left it out)."""
@@ -60,7 +79,7 @@ def test_score_counts_only_the_unknown_tokens_it_scores() -> None:
     codec = TextCodec(_manifest("char", list("ab ")))
 
     class Uniform:
-        specs: list = []  # no state pairs: each text runs in one call
+        specs = ()  # no state pairs: each text runs in one call
 
         def run(self, x, state):
             return np.zeros((*x.shape, len(codec)), np.float32), state

@@ -109,3 +109,31 @@ def test_cli_stats_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["stats", "--corpus", str(corpus), "--plot", str(plot)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not UTF-8" in err and "Traceback" not in err
+
+
+def test_flat_frequencies_have_zipf_exponent_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every n-gram seen once: the fit's slope came out as -0.0 and printed "s=-0.000"."""
+    assert str(stats.zipf_exponent(Counter({"a": 3, "b": 3, "c": 3}))) == "0.0"
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcdefgh", encoding="utf-8")
+    stats.run(parse("--corpus", str(corpus), "--plot", str(tmp_path / "z.png")))
+    out = capsys.readouterr().out
+    assert "s=0.000" in out and "-0.000" not in out
+
+
+def test_tokenizer_settings_of_a_trained_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rnn-trainer train` maps non-letters to spaces by default; stats counted the
+    punctuation and digits such a model never sees, with no way to match it."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("It's 1895, Sir! It's late.", encoding="utf-8")
+    plot = str(tmp_path / "z.png")
+    stats.run(parse("--corpus", str(corpus), "--level", "word", "--letters-only", "--plot", plot))
+    out = capsys.readouterr().out
+    assert "6 word tokens, 4 distinct" in out and "1895" not in out and " , " not in out
+    stats.run(parse("--corpus", str(corpus), "--level", "word", "--keep-case", "--plot", plot))
+    out = capsys.readouterr().out
+    assert " It " in out and " Sir " in out
