@@ -16,7 +16,7 @@ import onnx
 
 from rnnserve.artifact.manifest import ARCHITECTURES, ONNX_FILE, Manifest, sha256_file
 from rnnserve.artifact.tokenizer import LEVELS, Tokenizer, TokenizerConfig
-from rnnserve.artifact.vocab import Vocab
+from rnnserve.artifact.vocab import RESERVED, Vocab
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.graph_adapt import VocabMap, adapt, map_vocab
 from rnnserve.trainer.graph_interface import GraphInterface, resolve
@@ -185,5 +185,21 @@ def package_model(request: PackageRequest) -> Path:
         )
         manifest.save(tmp)
         Manifest.load(tmp)  # what the server will do: fail here, not there
-    request.notes[:] = iface.notes
+    request.notes[:] = [*iface.notes, *_unreachable_note(vocab, request.tokenizer)]
     return target
+
+
+def _unreachable_note(vocab: Vocab, config: TokenizerConfig) -> list[str]:
+    """A warning for vocabulary tokens the tokenizer can never produce ("The" when it
+    lowercases, "new york" at word level): the model's scores for them are never used, and
+    text containing them reaches the model as other tokens or <unk>."""
+    tokenizer = Tokenizer(config)
+    tokens = vocab.to_list()[len(RESERVED) :]
+    never = [t for t in tokens if tokenizer.tokenize(t) != [t]]
+    if not never:
+        return []
+    shown = ", ".join(repr(t) for t in never[:5]) + (", ..." if len(never) > 5 else "")
+    return [
+        f"note: {len(never)} of {len(tokens)} vocabulary tokens can never come out of the "
+        f"tokenizer ({shown}); check --tokenizer, --keep-case and --letters-only"
+    ]

@@ -227,6 +227,20 @@ def test_a_graph_that_does_not_fit_is_refused_with_the_reason(
     assert not (tmp_path / "models" / "wordlm").exists()
 
 
+def test_vocabulary_tokens_the_tokenizer_never_makes_are_noted(user_model, tmp_path, capsys):
+    """A capitalised word under a lowercasing tokenizer is never produced: packaged, with a
+    note naming it (its scores would never be used)."""
+    _tmp, _model, words, onnx_path, _vocab = user_model
+    vocab = tmp_path / "vocab.txt"
+    changed = [*words.idx2word[:-1], "Zebra"]  # the same size: the graph still fits
+    vocab.write_text("\n".join(changed) + "\n", encoding="utf-8")
+    assert _package(tmp_path, onnx_path, vocab) == 0
+    out = capsys.readouterr().out
+    assert "1 of" in out and "can never come out of the tokenizer ('Zebra')" in out, out
+    assert _package(tmp_path, onnx_path, _vocab, "--version", "2") == 0
+    assert "can never come out" not in capsys.readouterr().out
+
+
 def test_a_vocabulary_of_the_wrong_size_is_refused(user_model, tmp_path, capsys) -> None:
     _tmp, _model, words, onnx_path, _vocab = user_model
     short = tmp_path / "short.txt"
