@@ -70,7 +70,10 @@ def test_cancellation_storm_frees_every_slot(server) -> None:
     rngs = [random.Random(i) for i in range(STREAMS)]
     with cf.ThreadPoolExecutor(WORKERS) as pool:
         ends = list(pool.map(lambda r: _one(server.stub, r), rngs))
-    assert len(ends) == STREAMS and ends.count("cancelled") > STREAMS // 2
+    # a storm, not a trickle: about half the streams (max_tokens 400 or 4000) are cut; how many
+    # of those end first depends on the machine's speed (573-583 of 1000 measured here), so
+    # the bar is a quarter, far from that figure, yet no run that cancels little passes it
+    assert len(ends) == STREAMS and ends.count("cancelled") > STREAMS // 4
     zero = {"admitted": 0, "live": 0, "pending": 0, "limiter": 0, "gauge": 0.0}
     for _ in range(200):  # cancellations reach the server asynchronously: wait, bounded
         if _state(server) == zero:
