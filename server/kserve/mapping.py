@@ -14,6 +14,7 @@ import numpy as np
 
 from rnnserve.server.engine import Engine
 from rnnserve.server.errors import BadRequest
+from rnnserve.server.forecasting import FLOAT32_MAX
 from rnnserve.server.kserve.tensors import Tensor
 
 
@@ -60,7 +61,13 @@ INFILL = Signature(
 FORECAST = Signature(
     "Forecast",
     (TensorSpec("history", "FP32", (-1,)), TensorSpec("horizon", "INT64", (1,))),
-    (TensorSpec("forecast", "FP32", (-1,)),),
+    (
+        TensorSpec("forecast", "FP32", (-1,)),
+        # the 90 % interval per step, as the native Forecast's lower[] / upper[]: returned
+        # only when the model has intervals (manifest.series.intervals)
+        TensorSpec("lower", "FP32", (-1,)),
+        TensorSpec("upper", "FP32", (-1,)),
+    ),
 )
 SIGNATURES = (SCORE, INFILL, FORECAST)
 INFILL_INPUTS = tuple(s.name for s in INFILL.inputs)
@@ -194,9 +201,27 @@ async def _forecast(engine: Engine, model: str, version: str, t: dict[str, Tenso
             raise _as_input(exc, "horizon", "horizon") from None
 
     results = await asyncio.gather(*(one(i, row) for i, row in enumerate(series)))
-    values = np.array([r.forecast for r in results], dtype="<f4")
     shape = [horizon] if len(history.shape) == 1 else [len(series), horizon]
-    return [Tensor("forecast", "FP32", shape, values.reshape(-1))]
+    outputs = [("forecast", [r.forecast for r in results])]
+    if all(r.lower for r in results):  # a model without intervals returns only the forecast
+        outputs += [("lower", [r.lower for r in results]), ("upper", [r.upper for r in results])]
+    return [_fp32(name, shape, rows, batched) for name, rows in outputs]
+
+
+def _fp32(name: str, shape: list[int], rows: list[list[float]], batched: bool) -> Tensor:
+    """One FP32 output [B * horizon] from rows of float64 levels. FP32 (not FP64) is what
+    clients of the `forecast` output already decode; a level beyond its range (a history
+    near 3.4e38 in FP64) is refused, as the native Forecast refuses an overflow, rather
+    than sent as inf."""
+    values = np.array(rows, dtype=np.float64)
+    beyond = np.argwhere(~(np.abs(values) <= FLOAT32_MAX))
+    if beyond.size:
+        row = f"[{beyond[0][0]}]" if batched else ""
+        raise BadRequest(
+            f"inputs[history]{row}",
+            f"its {name} is beyond the FP32 range of the output, about 3.4e38",
+        )
+    return Tensor(name, "FP32", shape, values.astype("<f4").reshape(-1))
 
 
 def select(outputs: list[Tensor], wanted: list[str]) -> list[Tensor]:

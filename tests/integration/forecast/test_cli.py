@@ -49,6 +49,8 @@ def test_train_csv_mlp_exports_package_with_metrics_and_plot(tmp_path: Path, cap
     assert len(intervals["lower"]) == 64 and all(
         lo <= hi for lo, hi in zip(intervals["lower"], intervals["upper"], strict=True)
     )
+    # a k-step band is never narrower than the (k-1)-step one
+    assert np.all(np.diff(intervals["lower"]) <= 0) and np.all(np.diff(intervals["upper"]) >= 0)
     assert (package / "forecast.png").read_bytes()[:8] == PNG_MAGIC
 
 

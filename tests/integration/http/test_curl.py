@@ -177,6 +177,19 @@ def test_kserve_engine_errors_name_the_input_and_its_row(base_url: str) -> None:
     assert json.loads(body)["error"].startswith("inputs[history][1][1]: 1e+300 is too far")
 
 
+def test_kserve_rest_forecast_has_its_interval_bounds(base_url: str) -> None:
+    """REST JSON returns lower / upper beside the forecast, FP32 and shaped like it."""
+    history = {"name": "history", "datatype": "FP32", "shape": [1, 4], "data": [0, 0.5, 0.9, 1]}
+    horizon = {"name": "horizon", "datatype": "INT64", "shape": [1], "data": [3]}
+    status, _, body = post(base_url + "/v2/models/sine-gru/infer", {"inputs": [history, horizon]})
+    assert status == 200
+    out = {o["name"]: o for o in json.loads(body)["outputs"]}
+    assert list(out) == ["forecast", "lower", "upper"]
+    assert all(o["datatype"] == "FP32" and o["shape"] == [1, 3] for o in out.values())
+    lower, forecast, upper = (out[n]["data"] for n in ("lower", "forecast", "upper"))
+    assert all(lo <= f <= hi for lo, f, hi in zip(lower, forecast, upper, strict=True))
+
+
 def test_kserve_task_mismatch_and_unknown(base_url: str) -> None:
     body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a b"]}]}
     status, _, text = post(base_url + "/v2/models/sine-gru/infer", body)

@@ -50,6 +50,32 @@ def test_forecast_batch_of_series(server, kserve) -> None:
         assert out.tolist() == pytest.approx(list(native.forecast), rel=1e-5)
 
 
+def test_forecast_returns_the_native_interval_bounds(server, kserve) -> None:
+    """lower / upper are the native Forecast's lower[] / upper[] (FP32, like forecast)."""
+    request = kpb.ModelInferRequest(model_name="sine-gru")
+    row = [0.0, 0.5, 0.9, 1.0, 0.8]
+    h = request.inputs.add(name="history", datatype="FP64", shape=[5])
+    h.contents.fp64_contents.extend(row)
+    k = request.inputs.add(name="horizon", datatype="INT64", shape=[1])
+    k.contents.int64_contents.append(4)
+    got = kserve.ModelInfer(request, timeout=30)
+    assert [(o.name, o.datatype, list(o.shape)) for o in got.outputs] == [
+        (name, "FP32", [4]) for name in ("forecast", "lower", "upper")
+    ]
+    out = {
+        o.name: np.frombuffer(raw, dtype="<f4").tolist()
+        for o, raw in zip(got.outputs, got.raw_output_contents, strict=True)
+    }
+    native = server.stub.Forecast(pb.ForecastRequest(model="sine-gru", history=row, horizon=4))
+    assert native.lower and native.upper
+    assert out["lower"] == pytest.approx(list(native.lower), rel=1e-5)
+    assert out["upper"] == pytest.approx(list(native.upper), rel=1e-5)
+    lo, f, hi = (np.array(out[n]) for n in ("lower", "forecast", "upper"))
+    assert np.all(lo <= f) and np.all(f <= hi)
+    m = kserve.ModelMetadata(kpb.ModelMetadataRequest(name="sine-gru"), timeout=10)
+    assert [o.name for o in m.outputs] == ["forecast", "lower", "upper"]
+
+
 def _forecast_request(horizon_type: str, horizon: int) -> kpb.ModelInferRequest:
     """A typed-contents forecast whose horizon is an INT8 / UINT8 (int_contents is 32-bit)."""
     request = kpb.ModelInferRequest(model_name="sine-gru")

@@ -74,3 +74,20 @@ def test_horizons_without_held_out_targets_are_left_out_not_nan() -> None:
     entry = manifest_intervals(early, series)  # origins < 590 reach no test target at k <= 4
     assert set(entry["test_coverage"]) == {"16", "64"}
     assert all(np.isfinite(v) for v in entry["test_coverage"].values())
+
+
+def test_widths_never_shrink_with_the_horizon() -> None:
+    # residual spread 0.4, 0.1, 0.3, 0.05 at k = 1..4 (a seasonal model can be surer of step 4
+    # than of step 1 in sample): the raw quantiles would give step 2 and 4 narrower bands
+    series = split_series(textbook_series(), 4, "textbook")
+    result = shifted_truth(series, 4, noise_scale=0.0)
+    rng = np.random.default_rng(0)
+    spread = np.array([0.4, 0.1, 0.3, 0.05])
+    result.predictions[:] += rng.uniform(-1, 1, size=result.predictions.shape) * spread
+    lower, upper = residual_quantiles(result, series)
+    assert np.all(np.diff(lower) <= 0) and np.all(np.diff(upper) >= 0)
+    assert np.all(np.diff(upper - lower) >= 0)
+    assert np.allclose(lower, lower[0]) and np.allclose(upper, upper[0])  # step 1 is widest
+    assert lower[0] < -0.3 and upper[0] > 0.3
+    cover = coverage(result, series, lower, upper, horizons=(1, 2, 3, 4))
+    assert cover[1] < 0.97 and all(cover[k] == 1.0 for k in (2, 4))  # wider than needed there

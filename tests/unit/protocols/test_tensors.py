@@ -3,6 +3,9 @@ choice."""
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -104,3 +107,58 @@ def test_select_orders_and_refuses_unknown_outputs() -> None:
     assert mapping.select(outs, []) == outs
     with pytest.raises(BadRequest, match="no output 'c'"):
         mapping.select(outs, ["c"])
+
+
+class _ForecastEngine:
+    """An Engine stand-in: forecast = last value + 1..horizon, interval +/- the step."""
+
+    def __init__(self, intervals: bool = True, scale: float = 1.0) -> None:
+        self.intervals, self.scale = intervals, scale
+
+    def lookup(self, model: str, version: str, rpc: str):
+        return SimpleNamespace(version="1")
+
+    async def forecast(self, model, version, history, horizon, fitted):
+        steps = np.arange(1, horizon + 1, dtype=np.float64)
+        out = history[-1] + steps * self.scale
+        if not self.intervals:
+            return SimpleNamespace(forecast=out.tolist(), lower=[], upper=[])
+        return SimpleNamespace(
+            forecast=out.tolist(), lower=(out - steps).tolist(), upper=(out + steps).tolist()
+        )
+
+
+def _forecast_inputs(rows: list[list[float]], horizon: int) -> list[Tensor]:
+    history = np.array(rows, dtype="<f8")
+    return [
+        Tensor("history", "FP64", list(history.shape), history.reshape(-1)),
+        Tensor("horizon", "INT64", [1], np.array([horizon], "<i8")),
+    ]
+
+
+def test_forecast_returns_its_interval_bounds() -> None:
+    """lower / upper as the native Forecast's lower[] / upper[], shaped like the forecast."""
+    inputs = _forecast_inputs([[1.0, 2.0], [10.0, 20.0]], 3)
+    _, outs = asyncio.run(mapping.infer(_ForecastEngine(), "m", "", inputs))
+    by_name = {t.name: t for t in outs}
+    assert list(by_name) == ["forecast", "lower", "upper"]
+    assert all(t.datatype == "FP32" and t.shape == [2, 3] for t in outs)
+    assert by_name["forecast"].data.tolist() == [3, 4, 5, 21, 22, 23]
+    assert by_name["lower"].data.tolist() == [2, 2, 2, 20, 20, 20]
+    assert by_name["upper"].data.tolist() == [4, 6, 8, 22, 24, 26]
+    assert [s.name for s in mapping.FORECAST.outputs] == ["forecast", "lower", "upper"]
+
+
+def test_forecast_without_intervals_returns_only_the_forecast() -> None:
+    inputs = _forecast_inputs([[1.0, 2.0]], 2)
+    _, outs = asyncio.run(mapping.infer(_ForecastEngine(intervals=False), "m", "", inputs))
+    assert [t.name for t in outs] == ["forecast"] and outs[0].shape == [1, 2]
+    with pytest.raises(BadRequest, match="no output 'lower'"):
+        mapping.select(outs, ["lower"])
+
+
+def test_forecast_beyond_fp32_is_refused_not_infinite() -> None:
+    # an FP64 history the model takes can forecast levels (or bounds) past FP32's 3.4e38
+    inputs = _forecast_inputs([[0.0, 1.0], [3.0e38, 3.2e38]], 2)
+    with pytest.raises(BadRequest, match=r"inputs\[history\]\[1\]: its forecast is beyond"):
+        asyncio.run(mapping.infer(_ForecastEngine(scale=1e38), "m", "", inputs))
