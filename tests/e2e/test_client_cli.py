@@ -187,7 +187,8 @@ def test_forecast_prints_and_plots(rnn_client, tmp_path) -> None:
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].split() == ["step", "index", "forecast"] and lines[8].split()[0] == "8"
+    assert lines[0].split() == ["step", "index", "forecast", "lower", "upper"]  # its interval
+    assert lines[8].split()[0] == "8"
     assert png.read_bytes()[:4] == b"\x89PNG"
     data = json.loads(
         rnn_client(
