@@ -8,13 +8,18 @@ import logging
 import os
 import signal
 
+from rnnserve.server.decode.loop import DecodeLoop
+from rnnserve.server.decode.process import DecodeProcess
 from rnnserve.server.engine import Engine
 from rnnserve.server.health import ModelHealth
+from rnnserve.server.repository import ReloadReport
 from rnnserve.server.settings import WORKERS_PARENT_ENV
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+Retired = list[DecodeLoop | DecodeProcess]
 
 
 class AdminService(pb_grpc.AdminServicer):
@@ -22,43 +27,64 @@ class AdminService(pb_grpc.AdminServicer):
         self.engine = engine
         self.health = health
         self._lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task] = set()
 
     async def ReloadModels(self, request, context):
-        async with self._lock:
-            report = await reload(self.engine, self.health)
+        report, retiring = await self.rescan()
         parent = os.environ.get(WORKERS_PARENT_ENV)
         if parent and context is not None:  # a call, not SIGHUP: the other workers rescan too
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(parent), signal.SIGHUP)  # the parent sends it to every worker
+        await asyncio.shield(retiring)  # the reply says the removed versions are unloaded
         return pb.ReloadModelsResponse(
             loaded=report.loaded, unloaded=report.unloaded, failed=report.failed
         )
 
+    async def rescan(self) -> tuple[ReloadReport, asyncio.Task]:
+        """One rescan at a time (RPC, SIGHUP, poll). Returns the report and the task that
+        closes the decode loops of removed versions once their streams end: a task of its
+        own, outside the lock, so a long stream on a removed version holds up no later
+        rescan, and a caller that stops waiting (a deadline) leaves no decode loop open."""
+        async with self._lock:
+            report, retired = await rescan(self.engine, self.health)
+        task = asyncio.ensure_future(retire(retired))
+        self._retiring.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._retiring.discard)
+        return report, task
 
-async def reload(engine: Engine, health: ModelHealth):
-    """Rescans; unloads vanished versions: they take no new call at once, and their decode
-    loops close once the streams already running have ended. Returns the report.
+
+async def rescan(engine: Engine, health: ModelHealth) -> tuple[ReloadReport, Retired]:
+    """Rescans; vanished versions take no new call from now on. Returns the report and the
+    decode loops of those versions, to `retire` once the streams already running end.
 
     Sessions are built in a worker thread (a large model takes a while to load), so live
     streams keep their pace; only publishing the new versions runs on the event loop.
     """
     repository = engine.repository
     report = repository.install(*await asyncio.to_thread(repository.load_new))
-    retired = []
+    retired: Retired = []
     for tag in report.unloaded:  # no await here: no call can slip in between
         name, version = tag.rsplit("/", 1)
         repository.remove(name, version)  # first, so a new call cannot reach it (NOT_FOUND)
-        retired.append(engine.pop_decoder(name, version))
+        decoder = engine.pop_decoder(name, version)
+        if decoder is not None:
+            retired.append(decoder)
         engine.metrics.forget_version(name, version)
     await health.refresh()
-    for decoder in retired:  # the streams already running finish on their own loop
-        if decoder is not None:
-            await decoder.drain()
-            await decoder.close()
     changed = report.loaded or report.unloaded or report.failed
     log.log(
         logging.INFO if changed else logging.DEBUG,
         "repository rescanned",
         extra={"loaded": report.loaded, "unloaded": report.unloaded, "failed": report.failed},
     )
-    return report
+    return report, retired
+
+
+async def retire(decoders: Retired) -> None:
+    """Closes the decode loops of removed versions once their running streams have ended."""
+    for decoder in decoders:
+        try:
+            await decoder.drain()
+            await decoder.close()
+        except Exception:  # the next one still closes; nobody may be awaiting this task
+            log.exception("closing the decode loop of a removed model version failed")

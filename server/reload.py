@@ -1,7 +1,7 @@
 """Hot reload triggers besides the Admin RPC: SIGHUP and --poll-interval.
 
-Both go through AdminService.ReloadModels, so every rescan (RPC, signal, timer) is serialised
-by its lock and does the same thing: load new version directories (a broken one is logged and
+Both go through AdminService.rescan, so every rescan (RPC, signal, timer) is serialised by
+its lock and does the same thing: load new version directories (a broken one is logged and
 kept NOT_SERVING while older versions serve), unload removed versions once their streams end.
 """
 
@@ -13,7 +13,7 @@ import logging
 import signal
 
 from rnnserve.server.admin import AdminService
-from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.server.repository import ReloadReport
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +36,17 @@ class Reloader:
         """Schedules one rescan (safe to call from a signal handler on the loop)."""
         self._spawn(self.reload(why))
 
-    async def reload(self, why: str) -> pb.ReloadModelsResponse | None:
+    async def reload(self, why: str) -> ReloadReport | None:
+        """One rescan. Removed versions close in the background once their streams end, so
+        a long stream on one of them does not hold up the next poll."""
         try:
-            reply = await self.admin.ReloadModels(pb.ReloadModelsRequest(), None)
+            report, _retiring = await self.admin.rescan()
         except Exception:
             log.exception("reload (%s) failed", why)
             return None
-        if reply.loaded or reply.unloaded or reply.failed:
+        if report.loaded or report.unloaded or report.failed:
             log.info("reload (%s) changed the repository", why, extra={"trigger": why})
-        return reply
+        return report
 
     async def _poll(self) -> None:
         while True:
@@ -57,8 +59,13 @@ class Reloader:
         task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
+        """Ends reloading. A later SIGHUP is ignored: its default action would kill the
+        process in the middle of its drain (under --workers, any worker's ReloadModels has
+        the parent send one to every worker)."""
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        with contextlib.suppress(ValueError):  # not the main thread: no handler was set
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

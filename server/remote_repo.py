@@ -203,16 +203,21 @@ class RemoteRepository:
         if target.is_dir() and state.is_file() and state.read_text() == fingerprint:
             return False
         incoming = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=self.cache / STATE_DIR))
+        staged = state.with_name(f"{version}.json.new")  # not a *.json: not a fetched version
         try:
             for rel, entry in files.items():
                 local = incoming / rel
                 local.parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(entry["path"], str(local))
+            # the fingerprint is written before the swap: a full disk fails here, with the old
+            # copy in place, not after it, leaving a version no later sync would ever remove
+            state.parent.mkdir(parents=True, exist_ok=True)
+            staged.write_text(fingerprint)
             self._swap_in(incoming, target)
+            staged.replace(state)  # a rename: it needs no space
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
-        state.parent.mkdir(parents=True, exist_ok=True)
-        state.write_text(fingerprint)
+            staged.unlink(missing_ok=True)
         return True
 
     def _swap_in(self, incoming: Path, target: Path) -> None:

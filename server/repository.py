@@ -39,7 +39,7 @@ class ModelVersion:
     model: OnnxModel | None = None
     reason: str = ""
     load_seconds: float = 0.0
-    mtime: float = 0.0  # newest modification time in the directory when it was loaded
+    mtime: float = 0.0  # newest change time in the directory when it was loaded
 
     @property
     def serving(self) -> bool:
@@ -112,13 +112,33 @@ class Repository:
                 self._sync()
             except Exception as exc:  # the URL is down: keep serving what the cache holds
                 log.error("model repository sync failed, scanning the cached copy: %s", exc)
-        if not self.root.is_dir():
-            log.error("model repository %s is not a directory", self.root)
-            return loaded, seen
-        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+        try:
+            model_dirs = sorted(p for p in self.root.iterdir() if p.is_dir())
+        except OSError as exc:  # a mount gone, a folder being swapped: not "every model removed"
+            log.error(
+                "cannot list model repository %s (%s): the %d loaded versions are kept",
+                self.root,
+                exc.strerror or exc,
+                len(self._present()),
+            )
+            return loaded, self._present()
+        for model_dir in model_dirs:
             if model_dir.name.startswith("."):
                 continue
-            for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+            try:
+                version_dirs = sorted(p for p in model_dir.iterdir() if p.is_dir())
+            except FileNotFoundError:  # removed while this scan ran: its versions unload
+                continue
+            except OSError as exc:  # unreadable: what it served keeps serving, the rest go on
+                log.error(
+                    "cannot list %s (%s): its loaded versions are kept",
+                    model_dir,
+                    exc.strerror or exc,
+                    extra={"model": model_dir.name},
+                )
+                seen.update(k for k in self._present() if k[0] == model_dir.name)
+                continue
+            for version_dir in version_dirs:
                 if not is_version_name(version_dir.name):
                     log.warning(
                         "ignoring %s: version directories are positive integers", version_dir
@@ -147,8 +167,12 @@ class Repository:
                     report.unloaded.append(f"{name}/{version}")
         return report
 
+    def _present(self) -> set[tuple[str, str]]:
+        """Every (name, version) loaded now, whatever its status."""
+        return {(name, version) for name, versions in self.models.items() for version in versions}
+
     def remove(self, name: str, version: str) -> None:
-        """Forgets a version (call once its streams have finished)."""
+        """Forgets a version: no new call reaches it (running streams hold their entry)."""
         versions = self.models.get(name, {})
         versions.pop(version, None)
         if not versions:
@@ -243,11 +267,13 @@ class Repository:
 
 
 def _changed(path: Path) -> float:
-    """Newest modification time of a version directory and its files (0 if unreadable)."""
+    """Newest change of a version directory and its files (0 if unreadable): modification or
+    status change time, so a fix that writes nothing (chmod, chown) is seen as a change too."""
     try:
-        return max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.iterdir())])
+        stats = [path.stat(), *(p.stat() for p in path.iterdir())]
     except OSError:
         return 0.0
+    return max(max(s.st_mtime, s.st_ctime) for s in stats)
 
 
 def _one_line(exc: BaseException) -> str:

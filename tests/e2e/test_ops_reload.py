@@ -135,6 +135,19 @@ def test_sighup_rpc_and_removal(model_repo: Path, tmp_path: Path) -> None:
         assert infer.GetModel(pb.GetModelRequest(model="lstm"), timeout=10).default_version == "1"
 
 
+def test_sighup_while_draining_does_not_kill_the_server(model_repo: Path, tmp_path: Path) -> None:
+    """Once reloading has stopped, SIGHUP's default action (terminate) must not come back:
+    under --workers any worker's ReloadModels has the parent SIGHUP every worker, draining
+    ones too (Admin is still answered during --drain-delay)."""
+    repo = _repo(model_repo, tmp_path, ["ngram"])
+    log = tmp_path / "server.log"
+    with running(repo, log, "--drain-delay", "3") as (proc, _channel):
+        proc.send_signal(signal.SIGTERM)
+        _until("the drain", lambda: "shutting down" in log.read_text(), proc, log)
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=WAIT_S) == 0, log.read_text()[-3000:]
+
+
 def test_poll_interval_loads_new_model(model_repo: Path, tmp_path: Path) -> None:
     repo = _repo(model_repo, tmp_path, ["ngram"])
     log = tmp_path / "server.log"

@@ -185,6 +185,66 @@ def test_a_removed_version_takes_no_new_stream_while_its_old_ones_drain(
         srv.stop()
 
 
+def test_a_reload_is_not_held_up_by_a_removed_version_still_draining(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """Rescans are one at a time, but the wait for a removed version's streams is not part
+    of one: a version published meanwhile loads while the first reload is still waiting."""
+    repo = tmp_path / "repo"
+    for version in ("1", "2"):
+        shutil.copytree(model_repo / "gru" / "1", repo / "gru" / version)
+    srv = ServerThread(make_settings(repo)).start()
+    try:
+        request = pb.GenerateRequest(model="gru", version="2", prompt="ab", max_tokens=3)
+        assert list(srv.stub.Generate(request))
+        old = srv.app.engine._decoders[("gru", "2")]
+        srv.call(old.admit)  # a long stream on version 2
+        shutil.rmtree(repo / "gru" / "2")
+        pending = srv.admin.ReloadModels.future(pb.ReloadModelsRequest(), timeout=60)
+        listed, end = {"2"}, time.monotonic() + 30  # its rescan is over: only the drain is left
+        while "2" in listed and time.monotonic() < end:
+            listed = {
+                v.version for v in srv.stub.GetModel(pb.GetModelRequest(model="gru")).versions
+            }
+        shutil.copytree(model_repo / "gru" / "1", repo / "gru" / "3")
+        report = srv.admin.ReloadModels(pb.ReloadModelsRequest(), timeout=30)  # was: deadline
+        assert list(report.loaded) == ["gru/3"]
+        assert srv.stub.GetModel(pb.GetModelRequest(model="gru")).default_version == "3"
+        assert not pending.done(), "the first reload still waits for version 2's stream"
+        srv.call(old.release)
+        assert list(pending.result().unloaded) == ["gru/2"]
+    finally:
+        srv.stop()
+
+
+def test_a_removed_version_closes_even_if_its_reload_call_gave_up(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """The caller's deadline passes while version 2 drains: its decode loop must still close
+    once the stream ends (it was popped from the engine: shutdown would never close it)."""
+    repo = tmp_path / "repo"
+    for version in ("1", "2"):
+        shutil.copytree(model_repo / "gru" / "1", repo / "gru" / version)
+    srv = ServerThread(make_settings(repo)).start()
+    try:
+        request = pb.GenerateRequest(model="gru", version="2", prompt="ab", max_tokens=3)
+        assert list(srv.stub.Generate(request))
+        old = srv.app.engine._decoders[("gru", "2")]
+        srv.call(old.admit)  # a long stream on version 2
+        shutil.rmtree(repo / "gru" / "2")
+        with pytest.raises(grpc.RpcError) as err:
+            srv.admin.ReloadModels(pb.ReloadModelsRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert ("gru", "2") not in srv.app.engine._decoders
+        srv.call(old.release)  # the stream ends
+        end = time.monotonic() + 30
+        while not srv.call(lambda: old._closed) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert srv.call(lambda: old._closed), "the removed version's decode threads live on"
+    finally:
+        srv.stop()
+
+
 def test_a_broken_version_fixed_in_place_loads_on_the_next_reload(
     model_repo: Path, tmp_path: Path
 ) -> None:

@@ -1,0 +1,56 @@
+"""The mirror's bookkeeping on a failing cache disk, against fsspec's in-memory filesystem (the
+real HTTP and S3 servers are in tests/e2e/test_remote_repo.py)."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from rnnserve.server.remote_repo import RemoteRepository
+
+fsspec = pytest.importorskip("fsspec")
+
+
+@pytest.fixture
+def url(tmp_path: Path):
+    """A memory:// repository of its own (the memory filesystem is one per process)."""
+    fs = fsspec.filesystem("memory")
+    root = f"/{tmp_path.name}"
+    yield f"memory://{root}", fs, root
+    fs.rm(root, recursive=True)
+
+
+def _publish(fs, root: str, tag: str) -> None:
+    fs.pipe(f"{root}/{tag}/manifest.json", b"{}")
+    fs.pipe(f"{root}/{tag}/model.onnx", tag.encode())
+
+
+def test_a_full_disk_when_recording_a_download_leaves_no_version_behind(
+    url, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once in the cache without its fingerprint, a version was served for good: a sync only
+    removes what it has a fingerprint for."""
+    address, fs, root = url
+    _publish(fs, root, "m/1")
+    mirror = RemoteRepository(address, tmp_path / "cache")
+    assert mirror.sync().fetched == ["m/1"]
+    _publish(fs, root, "m/2")
+    write_text = Path.write_text
+
+    def full(self: Path, *args, **kwargs):
+        if self.name.startswith("2.json"):  # the download fitted; its fingerprint does not
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    report = mirror.sync()
+    assert [f.split(":")[0] for f in report.failed] == ["m/2"]
+    assert not (mirror.cache / "m" / "2").exists(), "failed, yet in the cache"
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert mirror.sync().fetched == ["m/2"], "retried at the next sync"
+    fs.rm(f"{root}/m/2", recursive=True)
+    assert mirror.sync().removed == ["m/2"]
+    assert not (mirror.cache / "m" / "2").exists()
+    assert (mirror.cache / "m" / "1" / "model.onnx").read_bytes() == b"m/1"
