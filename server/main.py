@@ -243,6 +243,9 @@ async def serve(settings: Settings) -> int:
     )
     reloader = Reloader(admin=app.admin, poll_interval=settings.poll_interval)
     reloader.start()
+    if _HUPS_WHILE_STARTING:  # one rescan for them: what they announced may be newer than the load
+        _HUPS_WHILE_STARTING.clear()
+        reloader.trigger("SIGHUP while starting")
     await stop.wait()
     await reloader.stop()
     log.info(
@@ -265,6 +268,15 @@ def _stop_while_starting(signum: int, frame: Any) -> None:
     raise _StoppedWhileStarting(signum)
 
 
+# SIGHUPs that came before the reloader listened (its default action would kill a server
+# still loading; under --workers the parent sends one to every worker on any ReloadModels)
+_HUPS_WHILE_STARTING: list[int] = []
+
+
+def _hup_while_starting(signum: int, frame: Any) -> None:
+    _HUPS_WHILE_STARTING.append(signum)
+
+
 def _installed(dist: str) -> str:
     try:
         return metadata.version(dist)
@@ -285,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():  # signal.signal's rule
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _stop_while_starting)
+        signal.signal(signal.SIGHUP, _hup_while_starting)
     try:
         return _main(argv)
     except _StoppedWhileStarting as stopped:

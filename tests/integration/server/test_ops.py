@@ -383,3 +383,46 @@ def test_sigterm_while_loading_models_exits_0_at_once(tmp_path: Path, as_pid1: b
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_sighup_while_loading_models_is_a_rescan_once_started(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """SIGHUP's default action is to terminate: one that reached a server still loading (under
+    --workers, any worker's ReloadModels has the parent SIGHUP every worker) killed it."""
+    fifo = tmp_path / "repo" / "slow" / "1" / "manifest.json"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)
+    cmd = [sys.executable, "-m", "rnnserve.server.main", "--model-repo", str(tmp_path / "repo"),
+           "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0",
+           "--allow-empty-repo", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120  # a bound, not a speed assertion
+        while True:  # opening the write end succeeds once the server reads it
+            assert proc.poll() is None and time.monotonic() < deadline, "never began loading"
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO
+                time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGHUP)  # while it waits for the manifest's bytes
+        # a model the start-up scan has passed (it listed the folders first): only the
+        # rescan the SIGHUP asked for can find it
+        shutil.copytree(model_repo / "lstm", tmp_path / "repo" / "lstm")
+        os.close(writer)  # an empty manifest: that version fails, the server starts
+        lines: list[str] = []
+        wanted = "reload (SIGHUP while starting) changed the repository"
+        while not any(wanted in line for line in lines):
+            line = proc.stderr.readline()
+            assert line and time.monotonic() < deadline, "".join(lines)
+            lines.append(line)
+        assert proc.poll() is None, "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
