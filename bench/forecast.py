@@ -221,11 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only-textbook", action="store_true", help="skip the real series")
     args = parser.parse_args(argv)
     try:
-        real = {} if args.only_textbook else real_series(args.out_dir, args.epochs)
-        report = {} if args.only_real else run(args.seeds, args.epochs, args.out_dir)
+        # read before run() rewrites it: the part not rerun is kept from the earlier run
         path = args.out_dir / "forecast.json"
-        if args.only_real and path.exists():  # keep the textbook part of an earlier run
-            report = json.loads(path.read_text())
+        earlier = json.loads(path.read_text()) if path.exists() else {}
+        if args.only_textbook:
+            real = earlier.get("real_series", {})
+        else:
+            real = real_series(args.out_dir, args.epochs)
+        report = earlier if args.only_real else run(args.seeds, args.epochs, args.out_dir)
         if real:
             report["real_series"] = real
         args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -142,10 +142,11 @@ def _profile(package: Path, batch: int = 32, steps: int = 200) -> dict[str, floa
 
 
 def _traffic(repo: Path, name: str, out: Path) -> float | None:
-    """Generate tokens/s under churn at C=32 (closed loop), from bench/traffic.py."""
+    """Generate tokens/s under churn at C=32 (closed loop), from bench/traffic.py (no server
+    variants: only the default server's row is read, and they would add two servers' runs)."""
     cmd = [sys.executable, str(ROOT / "bench" / "traffic.py"), "--model-repo", str(repo),
            "--models", name, "--levels", "32", "--rates", "1x", "--duration", "5",
-           "--warmup", "2", "--out", str(out)]  # fmt: skip
+           "--warmup", "2", "--variants", "", "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         print(f"traffic.py failed for {name}: {done.stderr.strip()[-400:]}", flush=True)

@@ -371,7 +371,7 @@ def main() -> int:
     )  # fmt: skip
     args = parser.parse_args()  # fmt: skip
     if args.table:
-        print(markdown(json.loads((RESULTS / "quality.json").read_text())))
+        print(markdown(json.loads((Path(args.results) / "quality.json").read_text())))
         return 0
     torch.set_num_threads(1)
     out = Path(tempfile.gettempdir()) / "quality-quick" if args.quick else Path(args.results)

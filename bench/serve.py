@@ -168,7 +168,11 @@ class Server:
                 *extra]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, preexec_fn=_all_cpus)
-        self._wait()
+        try:
+            self._wait()
+        except BaseException:  # not serving: no server left running behind the error
+            self.kill()
+            raise
 
     def _wait(self) -> None:
         for _ in range(600):
@@ -182,8 +186,18 @@ class Server:
         raise SystemExit("error: rnn-server did not start")
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=60)
+        """SIGTERM (the server drains), then kill if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
 
 
 def ensure_model(repo: Path, model: str) -> Path:

@@ -133,6 +133,13 @@ class Tally:
     errors: Counter = field(default_factory=Counter)  # every request, warm-up included
     dropped: int = 0  # open loop: arrivals not sent (client in-flight bound)
 
+    def drop(self, at: float) -> None:
+        """An open-loop arrival the client could not send: inside the window it is a measured
+        request that missed the SLO, so goodput's denominator keeps it."""
+        self.dropped += 1
+        if self.w0 <= at < self.w1:
+            self.measured += 1
+
 
 def tpot_of(first: float, last: float, n: int) -> float | None:
     """vLLM's time per output token: (last - first token time) / (n - 1); None below 2 tokens."""
@@ -316,7 +323,7 @@ async def open_loop(server: Server, model: str, rate: float, workload: Workload,
                 await asyncio.sleep(delay)
             lag.append(max(0.0, -delay))
             if len(tasks) >= MAX_IN_FLIGHT:
-                tally.dropped += 1
+                tally.drop(time.perf_counter())
                 continue
             task = asyncio.ensure_future(one_request(stubs[i % len(stubs)], reqs[i % len(reqs)],
                                                      tally))  # fmt: skip

@@ -111,3 +111,14 @@ def test_latency_definitions() -> None:
     assert traffic.parse_rates("0.5x,1x,300", 200.0) == [100.0, 200.0, 300.0]
     rows = [{"rate": r, "goodput_share": g} for r, g in ((1, 1.0), (2, 0.995), (3, 0.9), (4, 1))]
     assert traffic.max_good_rate(rows) == 2  # 4 meets it, but only past a rate that did not
+
+
+def test_client_dropped_arrivals_count_against_goodput() -> None:
+    # an open-loop arrival the client could not send (MAX_IN_FLIGHT) inside the window is a
+    # request that missed the SLO, not one that never existed; outside the window it is neither
+    tally = traffic.Tally(w0=10.0, w1=20.0, good=3, measured=3)
+    tally.drop(15.0)
+    tally.drop(5.0)
+    row = traffic.summarize(tally, duration=10.0)
+    assert tally.dropped == 2 and row["measured_requests"] == 4
+    assert row["goodput_share"] == pytest.approx(0.75)
