@@ -6,10 +6,12 @@ server is fast.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +124,23 @@ def test_client_dropped_arrivals_count_against_goodput() -> None:
     row = traffic.summarize(tally, duration=10.0)
     assert tally.dropped == 2 and row["measured_requests"] == 4
     assert row["goodput_share"] == pytest.approx(0.75)
+
+
+def test_open_loop_latency_counts_from_the_planned_arrival() -> None:
+    """An arrival sent late (a busy client) must not hide its lag from TTFT: it counts from the
+    planned time (coordinated omission), not from when the client got round to sending."""
+
+    class Message:
+        token_ids = (7,)
+
+    class Stub:
+        def Generate(self, request, timeout):
+            async def stream():
+                yield Message()
+
+            return stream()
+
+    tally = traffic.Tally(w0=0.0, w1=float("inf"))
+    planned = time.perf_counter() - 0.5  # half a second late
+    assert asyncio.run(traffic.one_request(Stub(), None, tally, scheduled=planned))
+    assert tally.ttft[0] >= 0.5 and tally.measured == 1
