@@ -25,7 +25,13 @@ from rnnserve.client.connection import (
     auth_metadata,
     resolve_timeout,
 )
-from rnnserve.client.errors import Cancelled, RnnServeError, Unavailable, from_rpc_error
+from rnnserve.client.errors import (
+    CLIENT_CLOSED,
+    Cancelled,
+    RnnServeError,
+    Unavailable,
+    from_rpc_error,
+)
 from rnnserve.client.failover import (
     DEFAULT_STATE_EVERY,
     StreamLedger,
@@ -88,22 +94,22 @@ class AsyncTokenStream:
             except grpc.RpcError as err:
                 error: RnnServeError = from_rpc_error(err)
             except asyncio.CancelledError:
-                # grpc.aio ends a call cancel() stopped with CancelledError; raise Cancelled
-                # like RnnClient, so an `except RnnServeError` sees it and the reading task
-                # is not marked cancelled (a TaskGroup would drop its end silently)
+                # grpc.aio ends a call cancel() or close() stopped with CancelledError; raise
+                # Cancelled like RnnClient, so an `except RnnServeError` sees it and the
+                # reading task is not marked cancelled (a TaskGroup would drop its end silently)
                 if not self._stopped_by_cancel():
                     raise
-                raise Cancelled(_LOCALLY_CANCELLED) from None
+                details = _LOCALLY_CANCELLED if self._cancelled else CLIENT_CLOSED
+                raise Cancelled(details) from None
             failures += 1
             await self._next_attempt(error, failures)
 
     def _stopped_by_cancel(self) -> bool:
-        """Whether a CancelledError comes from this stream's cancel(), not from the task's
-        own cancellation (which must go on as CancelledError)."""
-        if not self._cancelled:
+        """Whether a CancelledError comes from this stream's cancel() or its client's close(),
+        not from the task's own cancellation (which must go on as CancelledError)."""
+        if not (self._cancelled or self._client._closed):
             return False
-        cancelling = getattr(asyncio.current_task(), "cancelling", None)  # Python 3.11+
-        return not (cancelling and cancelling())
+        return not _task_cancelling()
 
     async def _close_quietly(self) -> None:
         """After the last message: reads the call's status; a replica that dies now has
@@ -120,8 +126,10 @@ class AsyncTokenStream:
     async def _next_attempt(self, error: RnnServeError, failures: int) -> None:
         """Raises `error` unless the stream can go on elsewhere; then waits and reopens."""
         client = self._client
+        # a closed client's calls end CANCELLED: no replica failure (as RnnClient)
         pause = pause_before_next_attempt(
-            error, failures, failover=self._failover, cancelled=self._cancelled,
+            error, failures, failover=self._failover,
+            cancelled=self._cancelled or client._closed,
             retry=client.retry, addresses=client.addresses, deadline=self._deadline,
             resuming=self.failovers > 0 and self._ledger.delivered,
         )  # fmt: skip
@@ -129,6 +137,8 @@ class AsyncTokenStream:
             await self._pause(pause)
         if self._cancelled:  # cancel() came during the pause
             raise cancelled_during_pause()
+        if client._closed:  # close() came during the pause
+            raise Cancelled(CLIENT_CLOSED)
         self._replica = (self._replica + 1) % len(client.addresses)
         self.failovers += 1
         self._call = client._open(self._ledger.attempt(), self._deadline, self._replica)
@@ -161,9 +171,25 @@ class AsyncTokenStream:
         if self.finish_reason is None:
             self.cancel()
 
+    def __del__(self) -> None:
+        """A stream dropped before its end (`break` out of `async for`) stops on the server
+        too, as a sync one does: a grpc.aio call is kept alive by its own reader, so without
+        this the server went on generating into a full window, holding a batch slot until
+        the client closed."""
+        with contextlib.suppress(Exception):  # half-built, or its event loop already closed
+            if self.finish_reason is None:
+                self._call.cancel()
+
+
+def _task_cancelling() -> bool:
+    """Whether the running task itself is being cancelled (Python 3.11+; False before)."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return bool(cancelling and cancelling())
+
 
 class AsyncRnnClient:
-    """asyncio client; arguments as RnnClient. Create it inside the running event loop."""
+    """asyncio client; arguments as RnnClient. Create it inside the running event loop it is
+    used in (grpc.aio binds its channels to that loop); calls from another raise RuntimeError."""
 
     def __init__(
         self,
@@ -186,8 +212,26 @@ class AsyncRnnClient:
         self._inference = [pb_grpc.InferenceStub(c) for c in self._channels]
         self._admin = [pb_grpc.AdminStub(c) for c in self._channels]
         self._turn = itertools.count()
+        self._closed = False
+
+    def _check_loop(self) -> None:
+        """grpc.aio binds a channel to the event loop it was made in; a call from another
+        loop (a second asyncio.run, a client made at import time) failed with grpc's
+        "Event loop is closed" or "attached to a different loop", naming no cause."""
+        bound = getattr(self._channels[0], "_loop", None)  # grpc.aio.Channel's own loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # outside any loop: grpc's own error says so
+        if bound is not None and running is not bound:
+            raise RuntimeError(
+                "AsyncRnnClient is bound to the event loop it was created in: create one "
+                "client per event loop, inside it (e.g. in the coroutine asyncio.run runs)"
+            )
 
     async def close(self) -> None:
+        """Closes the channels: calls and streams still running end with Cancelled."""
+        self._closed = True
         for channel in self._channels:
             await channel.close()
 
@@ -199,6 +243,7 @@ class AsyncRnnClient:
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
         """Wait until a replica connects; raises Unavailable after `timeout` seconds."""
+        self._check_loop()
         waits = [asyncio.ensure_future(c.channel_ready()) for c in self._channels]
         done, pending = await asyncio.wait(waits, timeout=timeout, return_when="FIRST_COMPLETED")
         for w in pending:
@@ -225,6 +270,7 @@ class AsyncRnnClient:
         timeout: float | None = None,
     ) -> AsyncTokenStream:
         """Stream generated tokens (`async for`); failover as RnnClient.generate."""
+        self._check_loop()
         request = convert.generate_request(
             model,
             prompt,
@@ -312,6 +358,7 @@ class AsyncRnnClient:
     async def _unary(self, name: str, request: Any, timeout: float | None) -> Any:
         """As RnnClient._unary: one deadline over all attempts, retry UNAVAILABLE only, each
         retry on the next replica."""
+        self._check_loop()
         budget = resolve_timeout(timeout, self.timeout)
         deadline = None if budget is None else time.monotonic() + budget
         replica = self._pick()
@@ -324,9 +371,14 @@ class AsyncRnnClient:
                 return await method(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as err:
                 error: RnnServeError = from_rpc_error(err)
-            # CANCELLED here is the server's (a replica closing its port): no caller cancels
-            # a unary call mid-way through this loop
-            retryable = isinstance(error, (Unavailable, Cancelled))
+            except asyncio.CancelledError:
+                # close() from another task ends the call so: Cancelled, as RnnClient says
+                if not self._closed or _task_cancelling():
+                    raise
+                raise Cancelled(CLIENT_CLOSED) from None
+            # CANCELLED here is the server's (a replica closing its port), unless close()
+            # closed the channels under the call: no caller cancels a unary call otherwise
+            retryable = isinstance(error, (Unavailable, Cancelled)) and not self._closed
             if not retryable or attempt >= self.retry.max_attempts:
                 raise error
             pause = self.retry.backoff(attempt)

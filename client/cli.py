@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from rnnserve import add_version_flag
 from rnnserve.client import cli_commands as cmds
+from rnnserve.client.cli_format import tolerate_any_stdout_encoding
 from rnnserve.client.connection import DEFAULT_ADDRESS, TlsConfig
 from rnnserve.client.errors import RnnServeError
 from rnnserve.client.forecast_plot import PlotError
@@ -171,6 +172,7 @@ def make_client(args: argparse.Namespace) -> RnnClient:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tolerate_any_stdout_encoding()
     try:
         with make_client(args) as client:
             return args.func(client, args)

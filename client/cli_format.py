@@ -7,8 +7,11 @@ Why: the commands only decide *what* to show; alignment, number formats and JSON
 from __future__ import annotations
 
 import base64
+import codecs
 import dataclasses
 import json
+import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +49,11 @@ def _jsonable(value: Any) -> Any:
         return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
+    if isinstance(value, float) and not math.isfinite(value):
+        # JSON has no inf or NaN (json.dumps wrote `Infinity`, which jq and JSON.parse
+        # refuse): null, as JavaScript's JSON.stringify writes them. The server sends inf
+        # for a perplexity past float range, and a manifest's metrics may hold either.
+        return None
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -54,5 +62,38 @@ def _jsonable(value: Any) -> Any:
 
 
 def to_json(value: Any) -> str:
-    """JSON for dataclasses, lists and dicts of them; bytes become base64 strings."""
-    return json.dumps(_jsonable(value), ensure_ascii=False)
+    """JSON for dataclasses, lists and dicts of them; bytes become base64 strings, inf and
+    NaN null."""
+    return json.dumps(_jsonable(value), ensure_ascii=False, allow_nan=False)
+
+
+#: Codec error handler writing what stdout's encoding cannot hold as \uXXXX escapes.
+ESCAPE_UNENCODABLE = "rnnserve-json-escape"
+
+
+def _json_escape(err: UnicodeError) -> tuple[str, int]:
+    """Each character as JSON's \\uXXXX (a surrogate pair past U+FFFF): valid inside the
+    strings --json prints (the only place JSON holds non-ASCII), and readable in a table."""
+    if not isinstance(err, UnicodeEncodeError):
+        raise err
+    escaped = []
+    for ch in err.object[err.start : err.end]:
+        code = ord(ch)
+        if code > 0xFFFF:
+            code -= 0x10000
+            escaped.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+        else:
+            escaped.append(f"\\u{code:04x}")
+    return "".join(escaped), err.end
+
+
+codecs.register_error(ESCAPE_UNENCODABLE, _json_escape)
+
+
+def tolerate_any_stdout_encoding() -> None:
+    """On a terminal that is not UTF-8 (LANG=en_US.ISO-8859-1, PYTHONIOENCODING=ascii) a
+    text or token it cannot show used to end the command with UnicodeEncodeError (exit 64,
+    "bad usage"); it is escaped instead."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors=ESCAPE_UNENCODABLE)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import grpc
 
+#: Details of the Cancelled that ends a call or stream whose client close() closed (the words
+#: grpc itself uses for a sync stream on a closed channel).
+CLIENT_CLOSED = "Channel closed!"
+
 
 class RnnServeError(Exception):
     """A failed call. `code` is the gRPC status name (e.g. "NOT_FOUND"), `details` its message."""

@@ -25,7 +25,13 @@ from rnnserve.client.connection import (
     resolve_timeout,
 )
 from rnnserve.client.connection import sync_channel as _sync_channel
-from rnnserve.client.errors import Cancelled, RnnServeError, Unavailable, from_rpc_error
+from rnnserve.client.errors import (
+    CLIENT_CLOSED,
+    Cancelled,
+    RnnServeError,
+    Unavailable,
+    from_rpc_error,
+)
 from rnnserve.client.failover import (
     DEFAULT_STATE_EVERY,
     StreamLedger,
@@ -107,8 +113,11 @@ class TokenStream:
     def _next_attempt(self, error: RnnServeError, failures: int) -> None:
         """Raises `error` unless the stream can go on elsewhere; then waits and reopens."""
         client = self._client
+        # a closed client's channels end its streams CANCELLED: that is no replica failure,
+        # and a reopen would fail with grpc's ValueError "Channel closed!"
         pause = pause_before_next_attempt(
-            error, failures, failover=self._failover, cancelled=self._cancelled,
+            error, failures, failover=self._failover,
+            cancelled=self._cancelled or client._closed,
             retry=client.retry, addresses=client.addresses, deadline=self._deadline,
             resuming=self.failovers > 0 and self._ledger.delivered,
         )  # fmt: skip
@@ -116,6 +125,8 @@ class TokenStream:
             self._pause(pause)
         if self._cancelled:  # cancel() came during the pause
             raise cancelled_during_pause()
+        if client._closed:  # close() came during the pause
+            raise Cancelled(CLIENT_CLOSED)
         self._replica = (self._replica + 1) % len(client.addresses)
         self.failovers += 1
         self._call = client._open(self._ledger.attempt(), self._deadline, self._replica)
@@ -189,9 +200,12 @@ class RnnClient:
         self._admin = [pb_grpc.AdminStub(c) for c in self._channels]
         self._turn = itertools.count()
         self._sleep: Callable[[float], None] = time.sleep
+        self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
+        """Closes the channels: calls and streams still running end with Cancelled."""
+        self._closed = True
         for channel in self._channels:
             channel.close()
 
@@ -347,9 +361,9 @@ class RnnClient:
                 return method(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as err:
                 error: RnnServeError = from_rpc_error(err)
-            # CANCELLED here is the server's (a replica closing its port): no caller cancels
-            # a unary call mid-way through this loop
-            retryable = isinstance(error, (Unavailable, Cancelled))
+            # CANCELLED here is the server's (a replica closing its port), unless close()
+            # closed the channels under the call: no caller cancels a unary call otherwise
+            retryable = isinstance(error, (Unavailable, Cancelled)) and not self._closed
             if not retryable or attempt >= self.retry.max_attempts:
                 raise error
             pause = self.retry.backoff(attempt)

@@ -38,6 +38,17 @@ class Recorder:
         self.metadata: list[dict[str, str]] = []
         self.requests: list[object] = []
         self.script = Script()
+        self.live_streams = 0  # Generate calls not ended yet (done, failed or cancelled)
+        self._lock = threading.Lock()
+
+    def stream_started(self, context: grpc.ServicerContext) -> None:
+        def ended() -> None:
+            with self._lock:
+                self.live_streams -= 1
+
+        with self._lock:
+            self.live_streams += 1
+        context.add_callback(ended)
 
     def enter(self, name: str, request: object, context: grpc.ServicerContext) -> None:
         self.calls[name] += 1
@@ -66,24 +77,28 @@ class FakeInference(pb_grpc.InferenceServicer):
         return model_info(request.model)
 
     def Generate(self, request, context):
+        self.rec.stream_started(context)
         self.rec.enter("Generate", request, context)
         if request.model == "bilstm":
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "bilstm cannot generate")
         # Continue the prompt (or the resumed state's text) with its reverse.
         source = request.state.decode() + request.prompt
         n = request.max_tokens or 8
-        out = (source[::-1] * n)[:n]
-        for i, ch in enumerate(out):
+        reverse = source[::-1]
+        for i in range(n):  # built as sent: a test may ask for a stream it never reads out
+            ch = reverse[i % len(reverse)]
             if self.rec.script.stream_failure is not None and i == self.rec.script.fail_after:
                 context.abort(self.rec.script.stream_failure, "scripted stream failure")
-            last = i == len(out) - 1
+            last = i == n - 1
             yield pb.GenerateResponse(
                 text=ch,
                 token_id=VOCAB.find(ch),
                 token_ids=[VOCAB.find(ch)],
                 logprob=-0.5,
                 finish_reason=pb.FINISH_REASON_LENGTH if last else 0,
-                state=(source + out).encode() if last and request.return_state else b"",
+                state=(source + (reverse * n)[:n]).encode()
+                if last and request.return_state
+                else b"",
             )
 
     def Score(self, request, context):

@@ -112,3 +112,74 @@ def test_async_cancel_raises_cancelled_as_the_sync_client_does(fake) -> None:
                 await task
 
     run(scenario())
+
+
+async def _until(condition, limit: float = 10.0) -> bool:
+    """Polls `condition` until true or `limit` seconds pass (a bound, not a timing claim)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    while not condition() and loop.time() < end:
+        await asyncio.sleep(0.02)
+    return condition()
+
+
+def test_breaking_out_of_a_stream_stops_it_on_the_server(fake) -> None:
+    """`break` out of `async for` used to leave the server generating into a full window (a
+    grpc.aio call is kept alive by its own reader), holding a batch slot until close()."""
+    rec, address = fake
+
+    async def scenario():
+        async with AsyncRnnClient(address) as c:
+            assert await _until(lambda: rec.live_streams == 0)
+            async for _event in c.generate("lstm", "abc", max_tokens=2**31 - 1):
+                break
+            assert await _until(lambda: rec.live_streams == 0), "the stream is still live"
+            # a stream read to its end is unaffected
+            assert "".join([e.text async for e in c.generate("lstm", "ab", max_tokens=2)]) == "ba"
+
+    run(scenario())
+
+
+def test_closing_the_client_ends_running_calls_with_cancelled(fake) -> None:
+    """close() from another task ends a stream being read and a unary call in flight with
+    Cancelled: the stream raised a bare asyncio.CancelledError (the reading task looked
+    cancelled), and the unary call too."""
+    rec, address = fake
+    rec.script.hold = threading.Event()  # every call waits on the server until released
+
+    async def read(stream) -> list:
+        return [e async for e in stream]
+
+    async def scenario():
+        c = AsyncRnnClient(address, retry=FAST_RETRY)
+        stream_task = asyncio.create_task(read(c.generate("lstm", "abc", max_tokens=4)))
+        unary_task = asyncio.create_task(c.list_models())
+        assert await _until(lambda: rec.calls["Generate"] == rec.calls["ListModels"] == 1)
+        await c.close()
+        for task in (stream_task, unary_task):
+            with pytest.raises(Cancelled, match=r"^CANCELLED: Channel closed!$"):
+                await task
+            assert not task.cancelled()
+
+    run(scenario())
+
+
+def test_a_client_used_in_another_event_loop_says_so(fake) -> None:
+    """grpc.aio binds channels to their loop: a second asyncio.run failed with grpc's "Event
+    loop is closed" (and a "never awaited" warning), naming no cause."""
+    _rec, address = fake
+
+    async def make() -> AsyncRnnClient:
+        c = AsyncRnnClient(address)
+        assert len(await c.list_models()) == 2
+        return c
+
+    client = run(make())
+
+    async def use() -> None:
+        with pytest.raises(RuntimeError, match="bound to the event loop it was created in"):
+            await client.list_models()
+        with pytest.raises(RuntimeError, match="bound to the event loop it was created in"):
+            client.generate("lstm", "ab")
+
+    run(use())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from pathlib import Path
 
 import grpc
@@ -277,3 +279,39 @@ def test_readme_lists_every_global_flag() -> None:
     [group] = [g for g in parser._action_groups if g.title == "connection"]
     flags = {o for a in group._group_actions for o in a.option_strings}
     assert flags and not [f for f in sorted(flags) if f"`{f}" not in section]
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_a_terminal_that_is_not_utf8_gets_escapes_not_an_error(fake, monkeypatch, encoding) -> None:
+    """A text the terminal's encoding cannot hold ended the command with UnicodeEncodeError,
+    reported as exit 64 "bad usage"; now it is escaped as \\uXXXX: still valid JSON."""
+    text = "héllo wörld € 😀"
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding=encoding)
+    monkeypatch.setattr("sys.stdout", out)
+    for flags in ([], ["--json"]):
+        raw.seek(0)
+        raw.truncate()
+        assert main(["--address", fake[1], *flags, "score", "--model", "lstm", text]) == 0
+        out.flush()
+        printed = raw.getvalue().decode(encoding)
+        if flags:
+            [row] = json.loads(printed)
+            assert row["text"] == text and "".join(row["tokens"]) == text[1:]
+        else:
+            assert "\\u20ac" in printed.splitlines()[1]
+
+
+def test_json_output_is_strict_json_even_for_inf_and_nan() -> None:
+    """The server answers perplexity inf past float range, and a manifest's metrics may be
+    NaN: --json wrote the bare words Infinity and NaN, which jq and JSON.parse refuse."""
+    from rnnserve.client.cli_format import to_json
+    from rnnserve.client.results import ScoreResult
+
+    def strict(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    result = ScoreResult(math.inf, -1e308, 3, 0, token_logprobs=(-math.inf, 0.5))
+    row = json.loads(to_json([{"text": "x", "nan": math.nan}, result]), parse_constant=strict)
+    assert row[0]["nan"] is None
+    assert (row[1]["perplexity"], row[1]["token_logprobs"]) == (None, [None, 0.5])

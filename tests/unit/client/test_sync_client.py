@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 
 import grpc
 import pytest
 
 from rnnserve.client import (
     NO_RETRY,
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     ForecastResult,
@@ -245,6 +247,45 @@ def test_cancelling_a_stream_stops_it(client: RnnClient) -> None:
         first = next(iter(stream))
     assert first.text == "c"
     assert stream.finish_reason is None
+
+
+def _until(condition, limit: float = 10.0) -> bool:
+    """Polls `condition` until true or `limit` seconds pass (a bound, not a timing claim)."""
+    end = time.monotonic() + limit
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_closing_the_client_ends_running_calls_with_cancelled(fake) -> None:
+    """close() from another thread ends a stream being read and a unary call in flight with
+    Cancelled; both took CANCELLED for a replica's, retried on the closed channel and raised
+    grpc's ValueError "Cannot invoke RPC: Channel closed!"."""
+    rec, address = fake
+    rec.script.hold = threading.Event()  # every call waits on the server until released
+    client = RnnClient(address, retry=FAST_RETRY)
+    errors: dict[str, BaseException] = {}
+
+    def call(name: str, fn) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # recorded for the asserts below
+            errors[name] = exc
+
+    threads = [
+        threading.Thread(target=call, args=("stream", lambda: list(client.generate("lstm", "a")))),
+        threading.Thread(target=call, args=("unary", client.list_models)),
+    ]
+    for t in threads:
+        t.start()
+    assert _until(lambda: rec.calls["Generate"] == rec.calls["ListModels"] == 1)
+    client.close()
+    for t in threads:
+        t.join(10)
+    assert set(errors) == {"stream", "unary"}
+    for exc in errors.values():
+        assert isinstance(exc, Cancelled), repr(exc)
+    assert rec.calls["Generate"] == rec.calls["ListModels"] == 1  # neither went on
 
 
 def test_wait_ready_on_a_dead_address_raises_unavailable() -> None:
