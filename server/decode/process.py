@@ -19,10 +19,13 @@ What runs where:
   into the real `Stream` as `DecodeLoop._deliver` does. `perf_counter` is CLOCK_MONOTONIC,
   so token times and deadlines cross unchanged.
 
-The child is `python -m rnnserve.server.decode.process FD` on one end of a socketpair (not
-multiprocessing's spawn, which imports the parent's __main__ again). If it dies, its streams
-fail UNAVAILABLE (a client holding a resume state continues elsewhere) and the next join
-starts a new one.
+The child is `python -P -m rnnserve.server.decode.process FD LEVEL` (-P on Python 3.11+: no
+module from the working directory) on one end of a socketpair (not multiprocessing's spawn,
+which imports the parent's __main__ again); it logs JSON lines at the server's level and
+ignores SIGINT, SIGTERM and SIGHUP (the server drains on those; a Ctrl-C or a signal to the
+process group must not kill the steps under that drain), leaving on "close" or when the
+server goes away. If it dies, its streams fail UNAVAILABLE (a client holding a resume state
+continues elsewhere), it is reaped, and the next join starts a new one.
 
 Messages, parent -> child: ("open", name, model args, LoopConfig) first, then ("join", sid,
 JoinSpec, state, token, time), ("cancel", sid), ("close",). Child -> parent: ("failed", why)
@@ -33,7 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
+import signal
 import socket
 import subprocess
 import sys
@@ -44,6 +49,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
+from rnnserve.server import logs
 from rnnserve.server.decode.loop import Admissions, DecodeLoop, Handover, Join, Slot
 from rnnserve.server.decode.stream import Stream, wants_state
 from rnnserve.server.errors import DeadlineExceeded, EngineUnavailable
@@ -60,6 +66,9 @@ SHIPPED = ("step_duration", "batch_size", "inter_token_latency")
 # otherwise flooded it, and first tokens waited 30-50 ms behind token messages (C = 32).
 # In one process the GIL paces the steps (and this spacing measured slightly worse there).
 SPACING_PER_STREAM = 0.0005
+# `-m` would put the working directory first on the child's sys.path, so a numpy.py (or any
+# module) in the folder the server runs from would be imported there; -P (3.11+) does not.
+SAFE_PATH = ["-P"] if sys.version_info >= (3, 11) else []
 
 
 @dataclass
@@ -237,11 +246,15 @@ class DecodeProcess(Admissions):
         ours, theirs = socket.socketpair()
         with theirs:
             fd = theirs.fileno()
-            cmd = [sys.executable, "-m", "rnnserve.server.decode.process", str(fd)]
+            level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+            cmd = [sys.executable, *SAFE_PATH, "-m", "rnnserve.server.decode.process", str(fd),
+                   level]  # fmt: skip
             self._process = subprocess.Popen(cmd, pass_fds=[fd])  # never fork gRPC
         self._conn = Connection(ours.detach())
         self._conn.send(("open", self.name, self.model.args, self.config))
-        self._loop.add_reader(self._conn.fileno(), self._readable)
+        # in an empty context: the reader would otherwise carry the request id (and trace)
+        # of the call that happened to start the child into every log line it writes
+        contextvars.Context().run(self._loop.add_reader, self._conn.fileno(), self._readable)
 
     async def close(self) -> None:
         """Stops the prefill thread and asks the child to stop after its current call."""
@@ -297,13 +310,13 @@ class DecodeProcess(Admissions):
             self._loop.call_soon_threadsafe(self._join, rows)
 
     def _join(self, rows: list[Join]) -> None:
-        if self._process is None:
-            self.start()
         for slot, state, token, at in rows:
             stream = slot.stream
             sid = self._sids.get(id(stream))
             if sid is None or stream.done:
-                continue  # cancelled, failed or finished meanwhile
+                continue  # cancelled, failed or finished meanwhile (no child started for it)
+            if self._process is None:  # also after a send below found the child gone
+                self.start()
             spec = JoinSpec(
                 sampler=stream.sampler,
                 count=slot.count,
@@ -336,10 +349,11 @@ class DecodeProcess(Admissions):
         """Event loop: everything the child has sent so far."""
         conn = self._conn
         try:
-            while conn is not None and conn.poll():
+            while conn is not None and conn is self._conn and conn.poll():
                 self._handle(conn.recv())
         except (EOFError, OSError):
-            self._child_exited()
+            if conn is self._conn:  # not a child started since
+                self._child_exited()
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
@@ -391,13 +405,17 @@ class DecodeProcess(Admissions):
         process, conn = self._forget_child()
         if conn is not None:
             conn.close()
+        self._live = 0  # nothing steps until a new child reports
         code = process.poll() if process is not None else None
         if self._streams:
             log.error("the decode process of %s exited (code %s); failing %d streams",
-                      self.name, code, len(self._streams))  # fmt: skip
+                      self.name, "not yet known" if code is None else code,
+                      len(self._streams))  # fmt: skip
         self._fail_all(EngineUnavailable(
             f"the decode process of model {self.name} exited; retry (or resume from a state)"
         ))  # fmt: skip
+        if process is not None and code is None:
+            _reap(self.name, process)
 
     def _fail_all(self, error: BaseException) -> None:
         """Fails the streams in the child (those still prefilling join a new one)."""
@@ -409,9 +427,33 @@ class DecodeProcess(Admissions):
                 stream.buffer.fail(error)
 
 
+def _reap(name: str, process: subprocess.Popen) -> None:
+    """Waits, in a thread, for a child whose pipe closed before it exited, so it leaves no
+    zombie (Popen reaps a dropped child only when the next one starts); one that lingers
+    with its pipe closed is killed."""
+
+    def wait() -> None:
+        try:
+            code = process.wait(10.0)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+        if code:
+            log.warning("the decode process of %s (pid %d) exited with code %s", name,
+                        process.pid, code)  # fmt: skip
+
+    threading.Thread(target=wait, name=f"reap:{name}", daemon=True).start()
+
+
 def main(argv: list[str]) -> int:
-    """The child's entry: argv[1] is its end of the socketpair; the first message says what
-    to open."""
+    """The child's entry: argv[1] is its end of the socketpair, argv[2] the server's log
+    level; the first message says what to open."""
+    try:
+        logs.configure(argv[2] if len(argv) > 2 else "INFO")
+    except ValueError:  # a level without a standard name ("Level 25")
+        logs.configure("INFO")
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)  # the server drains; "close" or EOF ends us
     conn = Connection(int(argv[1]))
     try:
         kind, name, model_args, config = conn.recv()

@@ -7,15 +7,25 @@ can do: die, be replaced, and leave with the server.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import grpc
 import pytest
 
+from rnnserve.artifact.manifest import Manifest
+from rnnserve.server import logs
+from rnnserve.server.decode.process import JoinSpec, LoopConfig
+from rnnserve.server.runtime import OnnxModel
 from rnnserve.v1 import rnnserve_pb2 as pb
 from tests.integration.server.harness import ServerThread, make_settings
 from tests.integration.server.test_generate import (  # noqa: F401  (collected here too)
@@ -115,6 +125,8 @@ def test_a_dead_child_fails_its_streams_unavailable_and_is_replaced(stub, server
             pass
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "decode process" in err.value.details()
+    _wait(lambda: server.call(lambda: (decoder.admitted, decoder.live)) == (0, 0),
+          "no admission or batch row is left to the dead child")  # fmt: skip
     again = _ids(_generate(stub, model="gru", prompt=PROMPT, max_tokens=12))
     assert len(again) == 12 and _child_pid(server, "gru") not in (None, pid)
 
@@ -135,3 +147,119 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except OSError:
         return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_the_child_ignores_the_stop_signals_the_server_drains_on(stub, server, signum) -> None:
+    """Ctrl-C (or systemd's stop) signals the whole process group: the server drains its
+    calls, so the steps under them must go on until it closes the child."""
+    _generate(stub, model="rnn", prompt=PROMPT, max_tokens=5)
+    pid = _child_pid(server, "rnn")
+    assert pid is not None
+    call = stub.Generate(pb.GenerateRequest(model="rnn", prompt=PROMPT, max_tokens=3000))
+    got = len(next(call).token_ids)
+    os.kill(pid, signum)
+    got += sum(len(r.token_ids) for r in call)
+    assert got == 3000
+    assert len(_ids(_generate(stub, model="rnn", prompt=PROMPT, max_tokens=4))) == 4
+    assert _child_pid(server, "rnn") == pid
+
+
+def test_the_child_is_read_outside_the_context_of_the_call_that_started_it(stub, server) -> None:
+    """Log lines about the child (it exited, it cannot open the model) belong to no call."""
+    _generate(stub, model="lstm-deep", prompt=PROMPT, max_tokens=5)  # starts the child
+    decoder = _decoder(server, "lstm-deep")
+    seen: list[str] = []
+    handle = decoder._handle
+
+    def spy(message: tuple) -> None:
+        seen.append(logs.request_id.get())
+        handle(message)
+
+    server.call(lambda: setattr(decoder, "_handle", spy))
+    try:
+        _generate(stub, model="lstm-deep", prompt=PROMPT, max_tokens=5)
+    finally:
+        server.call(lambda: delattr(decoder, "_handle"))
+    assert seen and set(seen) == {""}
+
+
+def _decode_children() -> dict[int, str]:
+    """This process's decode processes: pid -> state (R, S, Z...)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and b"rnnserve.server.decode.process" in cmdline:
+            found[int(stat.parent.name)] = fields[0]
+    return found
+
+
+def test_a_child_that_cannot_open_the_model_fails_its_streams_and_is_reaped(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(model_repo / "rnn", tmp_path / "rnn")
+    onnx = tmp_path / "rnn" / "1" / "model.onnx"
+    original = onnx.read_bytes()
+    srv = ServerThread(make_settings(tmp_path, decode_process=1)).start()
+    try:
+        onnx.write_bytes(original + b"x")  # replaced in place after the server loaded it
+        with pytest.raises(grpc.RpcError) as err:
+            _generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "changed since the server loaded this version" in err.value.details()
+        _wait(lambda: "Z" not in _decode_children().values(), "the failed child is reaped")
+        onnx.write_bytes(original)
+        assert len(_ids(_generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8))) == 8
+    finally:
+        srv.stop()
+
+
+def test_the_child_logs_json_lines(model_repo: Path) -> None:
+    """The child writes to the server's stderr: in the server's format, not bare tracebacks."""
+    folder = model_repo / "rnn" / "1"
+    model = OnnxModel(folder / "model.onnx", Manifest.load(folder), ["CPUExecutionProvider"], 1)
+    ours, theirs = socket.socketpair()
+    with theirs:
+        cmd = [sys.executable, "-m", "rnnserve.server.decode.process", str(theirs.fileno()),
+               "INFO"]  # fmt: skip
+        child = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stderr=subprocess.PIPE)
+    conn = Connection(ours.detach())
+    try:
+        conn.send(("open", "rnn", model.args, LoopConfig(8, 0.0, 64, False)))
+        spec = JoinSpec(sampler=None, count=1, budget=5, due=False, max_tokens=6, signs=False,
+                        state_every=0, end_state=False, started=0.0, deadline=None)  # fmt: skip
+        conn.send(("join", 0, spec, model.initial_state(1), 1, 0.0))  # no sampler: it fails
+        message = ("metrics",)
+        while message[0] != "news":
+            assert conn.poll(30)
+            message = conn.recv()
+        items = message[1]
+        assert items[0][5] is not None and items[0][6]  # failed, and the stream's last news
+        conn.send(("close",))
+        _, err = child.communicate(timeout=30)
+    finally:
+        conn.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    lines = [json.loads(line) for line in err.decode().splitlines()]
+    assert any(e["level"] == "ERROR" and e["msg"] == "decode failed for rnn" and "exc" in e
+               for e in lines)  # fmt: skip
+
+
+def test_the_child_imports_nothing_from_the_working_directory(
+    model_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like the rnn-server script itself: a module file where the server runs from (a shared
+    folder, a checkout) is not imported in its stead."""
+    (tmp_path / "numpy.py").write_text('raise ImportError("numpy.py of the working folder")\n')
+    monkeypatch.chdir(tmp_path)
+    srv = ServerThread(make_settings(model_repo, decode_process=1)).start()
+    try:
+        assert len(_ids(_generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8))) == 8
+    finally:
+        srv.stop()

@@ -18,8 +18,9 @@ import pytest
 from rnnserve.artifact.manifest import StateSpec
 from rnnserve.server.decode.limiter import StreamLimiter
 from rnnserve.server.decode.loop import DecodeLoop, Slot
+from rnnserve.server.decode.process import DecodeProcess, LoopConfig
 from rnnserve.server.decode.stream import OutputBuffer, Stream
-from rnnserve.server.errors import DeadlineExceeded, Overloaded
+from rnnserve.server.errors import DeadlineExceeded, EngineUnavailable, Overloaded
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.runtime import OnnxModel
 from rnnserve.server.sampling import Sampler, SamplingParams
@@ -376,3 +377,83 @@ def test_max_tokens_and_eos_leave_inside_the_thread() -> None:
     assert news[id(short)] == [1, 2, 3]
     assert news[id(to_eos)] == [6, 7, 8, 9]  # 9 is <eos>
     assert loop.live == 0
+
+
+# -- --decode-process 1: the parent side, with the child's pipe and process faked ----------
+
+
+class _Pipe:
+    """The parent's end of a child's socketpair: keeps what is sent; `broken`: the child is
+    gone (a send fails as on a socket whose peer closed)."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.sent: list[tuple] = []
+        self.broken = broken
+
+    def send(self, message: tuple) -> None:
+        if self.broken:
+            raise BrokenPipeError(32, "Broken pipe")
+        self.sent.append(message)
+
+    def fileno(self) -> int:
+        return -1
+
+    def close(self) -> None:
+        pass
+
+
+class _Child:
+    """A child process that closed its pipe and has not exited yet."""
+
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.waited = threading.Event()
+
+    def poll(self) -> int | None:
+        return None
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.waited.set()
+        return 0
+
+    def kill(self) -> None:
+        pass
+
+
+def _process(pipe: _Pipe, child: _Child) -> DecodeProcess:
+    """A DecodeProcess whose child is `child` on `pipe`; `start` gives it a fresh pair."""
+    proc = DecodeProcess("fake", FakeModel(), Metrics(), LoopConfig(64, 0.0, 256, True))
+    proc._process, proc._conn = child, pipe
+    proc.fresh = []
+
+    def start() -> None:
+        proc._process, proc._conn = _Child(), _Pipe()
+        proc.fresh.append(proc._conn)
+
+    proc.start = start
+    return proc
+
+
+def test_decode_process_rows_behind_a_failed_send_join_a_new_child() -> None:
+    """The child died before the parent read its EOF: the join that finds out fails with it;
+    the rows after it go to a new child instead of waiting for none."""
+    proc = _process(_Pipe(broken=True), _Child())
+    rows = []
+    for sid in range(3):
+        stream = _stream(10)
+        proc._sids[id(stream)] = sid
+        rows.append((Slot(stream, [], None, 9, count=1), FakeModel().initial_state(1), 1, 0.0))
+    proc._join(rows)
+    with pytest.raises(EngineUnavailable):
+        asyncio.run(_collect(rows[0][0].stream))
+    assert [[m[:2] for m in pipe.sent] for pipe in proc.fresh] == [[("join", 1), ("join", 2)]]
+    assert set(proc._streams) == {1, 2}
+
+
+def test_decode_process_reaps_a_child_that_closed_its_pipe_before_exiting() -> None:
+    child = _Child()
+    proc = _process(_Pipe(), child)
+    proc._child_exited()
+    assert child.waited.wait(10), "the exited child is waited for (no zombie)"
+    assert proc._process is None and proc.live == 0
