@@ -37,7 +37,9 @@ class AdminService(pb_grpc.AdminServicer):
                 os.kill(int(parent), signal.SIGHUP)  # the parent sends it to every worker
         await asyncio.shield(retiring)  # the reply says the removed versions are unloaded
         return pb.ReloadModelsResponse(
-            loaded=report.loaded, unloaded=report.unloaded, failed=report.failed
+            loaded=report.loaded,
+            unloaded=report.unloaded,
+            failed=[*report.failed, *report.sync_failed],  # a URL repository's sync too
         )
 
     async def rescan(self) -> tuple[ReloadReport, asyncio.Task]:
@@ -76,7 +78,7 @@ async def rescan(engine: Engine, health: ModelHealth) -> tuple[ReloadReport, Ret
         logging.INFO if changed else logging.DEBUG,
         "repository rescanned",
         extra={"loaded": report.loaded, "unloaded": report.unloaded, "failed": report.failed},
-    )
+    )  # the sync logged its failures itself, at ERROR
     return report, retired
 
 

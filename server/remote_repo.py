@@ -182,7 +182,9 @@ class RemoteRepository:
                 except Exception as exc:
                     why = redact(str(exc))
                     log.error("cannot fetch %s from %s: %s", tag, self.shown, why)
-                    report.failed.append(f"{tag}: {why}")
+                    report.failed.append(
+                        f"{tag}: cannot fetch from {self.shown} (retried at the next sync): {why}"
+                    )
             for name, version in sorted(mirrored - set(remote)):
                 self._remove(name, version)
                 report.removed.append(f"{name}/{version}")

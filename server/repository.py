@@ -2,7 +2,9 @@
 
 A version that cannot be used (bad manifest, unknown format, sha256 mismatch, ORT refuses
 the graph) is kept as NOT_SERVING with its reason, so GetModel can say what is wrong while the
-other models serve. The default version of a model is its highest SERVING version.
+other models serve. The default version of a model is its highest SERVING version. A version
+is its number, as in Triton: "7" finds folder "007", and of two folders of one number only one
+is that version (`Repository._keepers`); the other is NOT_SERVING, naming it.
 `load_new()` + `install()` are the seam for hot reload: load new directories (off the event
 loop), then publish them and report removed ones.
 """
@@ -14,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from rnnserve.artifact.manifest import ONNX_FILE, Manifest, ManifestError, sha256_file
 from rnnserve.server.errors import BadRequest, UnknownModel, UnsupportedTask
@@ -40,6 +43,7 @@ class ModelVersion:
     reason: str = ""
     load_seconds: float = 0.0
     mtime: float = 0.0  # newest change time in the directory when it was loaded
+    same_as: str = ""  # the folder of the same number that is this version (set: NOT_SERVING)
 
     @property
     def serving(self) -> bool:
@@ -56,15 +60,25 @@ class ModelVersion:
 
 @dataclass
 class ReloadReport:
-    """What a scan changed, as "name/version" strings (failed ones carry ": reason")."""
+    """What a scan changed, as "name/version" strings (failed ones carry ": reason"), and what
+    the sync of a URL repository before it failed to do (no change: it is retried each time).
+    Admin.ReloadModels replies with both in `failed`."""
 
     loaded: list[str] = field(default_factory=list)
     unloaded: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    sync_failed: list[str] = field(default_factory=list)
 
 
 Loader = Callable[[Path, Manifest], OnnxModel]
 LoadObserver = Callable[[ModelVersion], None]
+
+
+class SyncOutcome(Protocol):
+    """What a sync reports (server/remote_repo.py's SyncReport): its failed downloads, as
+    "name/version: reason" strings."""
+
+    failed: list[str]
 
 
 def is_version_name(name: str) -> bool:
@@ -76,6 +90,11 @@ def _version_key(version: str) -> tuple[int, str]:
     return (int(version), version) if version.isascii() and version.isdigit() else (-1, version)
 
 
+def _spelling_key(version: str) -> tuple[int, str]:
+    """Among folders of one number, the shortest spelling ("7" before "07" before "007")."""
+    return (len(version), version)
+
+
 class Repository:
     """Loaded model versions, keyed by name then version."""
 
@@ -84,12 +103,13 @@ class Repository:
         root: Path,
         loader: Loader,
         on_load: LoadObserver | None = None,
-        sync: Callable[[], object] | None = None,
+        sync: Callable[[], SyncOutcome | None] | None = None,
     ) -> None:
         self.root = Path(root)
         self._loader = loader
         self._on_load = on_load
         self._sync = sync  # fills `root` from a URL first (server/remote_repo.py); None: local
+        self._sync_failed: list[str] = []  # the last load_new's sync failures, for install
         self.models: dict[str, dict[str, ModelVersion]] = {}
 
     # -- loading ----------------------------------------------------------------------------
@@ -103,15 +123,22 @@ class Repository:
 
         Changes nothing the server reads, so hot reload runs it in a worker thread while
         streams go on; `install` then publishes the result on the event loop. Returns the new
-        entries and every (name, version) directory present.
+        entries and every (name, version) directory present; the sync's failures wait for
+        `install` to report them (rescans run one at a time).
         """
         loaded: list[ModelVersion] = []
         seen: set[tuple[str, str]] = set()
+        self._sync_failed = []
         if self._sync is not None:
             try:
-                self._sync()
+                outcome = self._sync()
             except Exception as exc:  # the URL is down: keep serving what the cache holds
                 log.error("model repository sync failed, scanning the cached copy: %s", exc)
+                self._sync_failed.append(
+                    f"model repository sync: {_one_line(exc)} (the cached copy was scanned)"
+                )
+            else:  # a failed download is logged by the sync; the reply must say so too
+                self._sync_failed.extend(getattr(outcome, "failed", None) or [])
         try:
             model_dirs = sorted(p for p in self.root.iterdir() if p.is_dir())
         except OSError as exc:  # a mount gone, a folder being swapped: not "every model removed"
@@ -138,22 +165,70 @@ class Repository:
                 )
                 seen.update(k for k in self._present() if k[0] == model_dir.name)
                 continue
+            numbered = []
             for version_dir in version_dirs:
-                if not is_version_name(version_dir.name):
+                if is_version_name(version_dir.name):
+                    numbered.append(version_dir)
+                else:
                     log.warning(
                         "ignoring %s: version directories are positive integers", version_dir
                     )
+            keepers = self._keepers(model_dir.name, [p.name for p in numbered])
+            for version_dir in numbered:
+                name, version = model_dir.name, version_dir.name
+                seen.add((name, version))
+                known = self.models.get(name, {}).get(version)
+                keeper = keepers[int(version)]
+                if keeper != version:  # "007" beside "7": one version, not two
+                    if known is None or known.same_as != keeper:
+                        loaded.append(self._same_number(name, version, version_dir, keeper))
                     continue
-                seen.add((model_dir.name, version_dir.name))
-                known = self.models.get(model_dir.name, {}).get(version_dir.name)
-                if known is not None and (known.serving or known.mtime == _changed(version_dir)):
+                if (
+                    known is not None
+                    and not known.same_as
+                    and (known.serving or known.mtime == _changed(version_dir))
+                ):
                     continue
-                loaded.append(self._load(model_dir.name, version_dir.name, version_dir))
+                loaded.append(self._load(name, version, version_dir))
         return loaded, seen
 
+    def _keepers(self, name: str, versions: list[str]) -> dict[int, str]:
+        """For each version number, the folder that is that version: the one SERVING now (a
+        SERVING version is never replaced in place), else the shortest spelling ("7", not
+        "007"). The other folders of that number are NOT_SERVING."""
+        known = self.models.get(name, {})
+        by_number: dict[int, list[str]] = {}
+        for version in versions:
+            by_number.setdefault(int(version), []).append(version)
+        keepers: dict[int, str] = {}
+        for number, spellings in by_number.items():
+            serving = [v for v in spellings if v in known and known[v].serving]
+            keepers[number] = min(serving or spellings, key=_spelling_key)
+        return keepers
+
+    def _same_number(self, name: str, version: str, path: Path, keeper: str) -> ModelVersion:
+        """A folder whose number another folder already is: NOT_SERVING, naming that one."""
+        entry = ModelVersion(name=name, version=version, path=path, same_as=keeper)
+        entry.reason = (
+            f"version folder {version!r} has the same number as {keeper!r}, which is version "
+            f"{int(version)}: remove or renumber one of them"
+        )
+        log.error(
+            "model %s/%s is NOT_SERVING: %s",
+            name,
+            version,
+            entry.reason,
+            extra={"model": name, "version": version},
+        )
+        if self._on_load:
+            self._on_load(entry)
+        return entry
+
     def install(self, loaded: list[ModelVersion], seen: set[tuple[str, str]]) -> ReloadReport:
-        """Publishes what `load_new` loaded; reports the versions whose directory vanished."""
-        report = ReloadReport()
+        """Publishes what `load_new` loaded; reports the versions whose directory vanished,
+        and what its sync failed to bring (a URL repository)."""
+        report = ReloadReport(sync_failed=self._sync_failed)
+        self._sync_failed = []
         for entry in loaded:
             self.models.setdefault(entry.name, {})[entry.version] = entry
             tag = f"{entry.name}/{entry.version}"
@@ -244,7 +319,7 @@ class Repository:
             raise BadRequest("model", "is required")
         versions = self.versions(name)
         if version:
-            entry = next((v for v in versions if v.version == version), None)
+            entry = _find(versions, version)
             if entry is None:
                 raise UnknownModel(f"model {name!r} has no version {version!r}")
         else:
@@ -257,13 +332,24 @@ class Repository:
 
     def get_any(self, name: str, version: str) -> ModelVersion:
         """A version whatever its status (GetModel describes NOT_SERVING ones too)."""
-        entry = next((v for v in self.versions(name) if v.version == version), None)
+        entry = _find(self.versions(name), version)
         if entry is None:
             raise UnknownModel(f"model {name!r} has no version {version!r}")
         return entry
 
     def all_versions(self) -> Sequence[ModelVersion]:
         return [v for name in self.names() for v in self.versions(name)]
+
+
+def _find(versions: list[ModelVersion], version: str) -> ModelVersion | None:
+    """A version is its number: "7" finds the folder that is version 7, whether it is spelled
+    "7" or "007" (one folder per number is; the others of that number are NOT_SERVING)."""
+    if is_version_name(version):
+        number = int(version)
+        found = next((v for v in versions if not v.same_as and int(v.version) == number), None)
+        if found is not None:
+            return found
+    return next((v for v in versions if v.version == version), None)
 
 
 def _changed(path: Path) -> float:

@@ -25,11 +25,14 @@ which imports the parent's __main__ again); it logs JSON lines at the server's l
 ignores SIGINT, SIGTERM and SIGHUP (the server drains on those; a Ctrl-C or a signal to the
 process group must not kill the steps under that drain), leaving on "close" or when the
 server goes away. If it dies, its streams fail UNAVAILABLE (a client holding a resume state
-continues elsewhere), it is reaped, and the next join starts a new one.
+continues elsewhere), it is reaped, and the next join starts a new one. If it cannot open the
+model (or exits before it did), new streams of that version are refused UNAVAILABLE for a
+while (`OpenBackoff`) rather than starting a Python + onnxruntime process per request.
 
 Messages, parent -> child: ("open", name, model args, LoopConfig) first, then ("join", sid,
 JoinSpec, state, token, time), ("cancel", sid), ("close",). Child -> parent: ("failed", why)
-if the model does not open, else ("news", items, live) and ("metrics", observations, live).
+if the model does not open, else ("opened",), then ("news", items, live) and ("metrics",
+observations, live).
 """
 
 from __future__ import annotations
@@ -38,14 +41,18 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import math
+import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import numpy as np
 
@@ -69,6 +76,10 @@ SPACING_PER_STREAM = 0.0005
 # `-m` would put the working directory first on the child's sys.path, so a numpy.py (or any
 # module) in the folder the server runs from would be imported there; -P (3.11+) does not.
 SAFE_PATH = ["-P"] if sys.version_info >= (3, 11) else []
+# After a child fails to open the model, new streams are refused for this long, doubled at
+# each failure in a row up to the cap; a child that opens it resets it.
+OPEN_BACKOFF_S = 1.0
+OPEN_BACKOFF_CAP_S = 60.0
 
 
 @dataclass
@@ -98,6 +109,55 @@ class JoinSpec:
     end_state: bool
     started: float
     deadline: float | None
+
+
+class OpenBackoff:
+    """When a version's decode process may be started again after failing to open the model:
+    a file broken in place fails every child, and each is a Python + onnxruntime start.
+
+    Until the interval has passed new streams are refused, unless the model file changed
+    since the failed child was started (a fix in place is tried at once)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.failures = 0
+        self.until = 0.0  # time.monotonic() before which no child starts
+        self.why = ""
+        self._stamp: tuple | None = None  # the file as the failed child found it
+
+    def started(self) -> tuple | None:
+        """A child is being started: the file's stamp as it opens it."""
+        return _stamp(self.path)
+
+    def failed(self, why: str, stamp: tuple | None) -> float:
+        """A child could not open the model: returns how long new streams are refused."""
+        self.failures += 1
+        delay = min(OPEN_BACKOFF_S * 2 ** (self.failures - 1), OPEN_BACKOFF_CAP_S)
+        self.until, self.why, self._stamp = time.monotonic() + delay, why, stamp
+        return delay
+
+    def opened(self) -> None:
+        self.failures, self.until, self.why, self._stamp = 0, 0.0, "", None
+
+    def refusal(self, name: str) -> EngineUnavailable | None:
+        """The error for a new stream now, or None when a child may be started."""
+        left = self.until - time.monotonic()
+        if left <= 0 or _stamp(self.path) != self._stamp:
+            return None
+        return EngineUnavailable(
+            f"model {name}: its decode process could not open the model ({self.why}); new "
+            f"streams are refused for {math.ceil(left)} s more, or until {self.path.name} "
+            "changes (retry elsewhere)"
+        )
+
+
+def _stamp(path: Path) -> tuple | None:
+    """What tells a file changed: inode, size, modification and status change times."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class RemoteStream:
@@ -160,6 +220,7 @@ def _child_main(conn: Connection, name: str, model_args: tuple, config: LoopConf
     except Exception as exc:  # the parent fails its streams with this
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
+    conn.send(("opened",))  # the parent's backoff starts over
     lock = threading.Lock()
     streams: dict[int, RemoteStream] = {}
     metrics = _ChildMetrics()
@@ -236,6 +297,9 @@ class DecodeProcess(Admissions):
         self._conn: Connection | None = None
         self._process: subprocess.Popen | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._backoff = OpenBackoff(Path(model.args[0]))
+        self._child_stamp: tuple | None = None  # the model file as the child opens it
+        self._opening = False  # the child has said neither "opened" nor "failed" yet
 
     # -- the child --------------------------------------------------------------------------
     def start(self) -> None:
@@ -243,6 +307,7 @@ class DecodeProcess(Admissions):
         if self._process is not None:
             return
         self._loop = asyncio.get_running_loop()
+        self._child_stamp, self._opening = self._backoff.started(), True
         ours, theirs = socket.socketpair()
         with theirs:
             fd = theirs.fileno()
@@ -251,7 +316,8 @@ class DecodeProcess(Admissions):
                    level]  # fmt: skip
             self._process = subprocess.Popen(cmd, pass_fds=[fd])  # never fork gRPC
         self._conn = Connection(ours.detach())
-        self._conn.send(("open", self.name, self.model.args, self.config))
+        with contextlib.suppress(OSError):  # it died at once: the reader below sees it end
+            self._conn.send(("open", self.name, self.model.args, self.config))
         # in an empty context: the reader would otherwise carry the request id (and trace)
         # of the call that happened to start the child into every log line it writes
         contextvars.Context().run(self._loop.add_reader, self._conn.fileno(), self._readable)
@@ -296,6 +362,9 @@ class DecodeProcess(Admissions):
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         if self._process is None:
+            refused = self._backoff.refusal(self.name)
+            if refused is not None:
+                raise refused
             self.start()
         sid, self._next_sid = self._next_sid, self._next_sid + 1
         self._sids[id(stream)] = sid
@@ -316,6 +385,12 @@ class DecodeProcess(Admissions):
             if sid is None or stream.done:
                 continue  # cancelled, failed or finished meanwhile (no child started for it)
             if self._process is None:  # also after a send below found the child gone
+                refused = self._backoff.refusal(self.name)
+                if refused is not None:  # prefilled while a child failed to open the model
+                    self._forget(stream)
+                    stream.cancel()
+                    stream.buffer.fail(refused)
+                    continue
                 self.start()
             spec = JoinSpec(
                 sampler=stream.sampler,
@@ -364,10 +439,20 @@ class DecodeProcess(Admissions):
             self._live = message[2]
             for attr, values in message[1].items():
                 observe_many(self._metrics[attr], values)
+        elif kind == "opened":
+            self._opening = False
+            self._backoff.opened()
         elif kind == "failed":
-            log.error("the decode process of %s could not open the model: %s", self.name,
-                      message[1])  # fmt: skip
-            self._fail_all(EngineUnavailable(f"model {self.name}: {message[1]}"))
+            self._open_failed(message[1])
+
+    def _open_failed(self, why: str) -> None:
+        """The child could not open the model: its streams fail, and new ones are refused
+        for a while instead of starting a child each."""
+        self._opening = False
+        delay = self._backoff.failed(why, self._child_stamp)
+        log.error("the decode process of %s could not open the model: %s; new streams are "
+                  "refused for %g s", self.name, why, delay)  # fmt: skip
+        self._fail_all(EngineUnavailable(f"model {self.name}: {why}"))
 
     def _deliver(self, items: list) -> None:
         """Like DecodeLoop._deliver: tokens into each stream, in order; the last message of
@@ -407,6 +492,11 @@ class DecodeProcess(Admissions):
             conn.close()
         self._live = 0  # nothing steps until a new child reports
         code = process.poll() if process is not None else None
+        if self._opening:  # died opening the model (a crash in onnxruntime): same backoff
+            self._open_failed(
+                "its decode process exited before opening the model (code "
+                f"{'not yet known' if code is None else code})"
+            )
         if self._streams:
             log.error("the decode process of %s exited (code %s); failing %d streams",
                       self.name, "not yet known" if code is None else code,

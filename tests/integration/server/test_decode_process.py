@@ -24,6 +24,7 @@ import pytest
 
 from rnnserve.artifact.manifest import Manifest
 from rnnserve.server import logs
+from rnnserve.server.decode import process
 from rnnserve.server.decode.process import JoinSpec, LoopConfig
 from rnnserve.server.runtime import OnnxModel
 from rnnserve.v1 import rnnserve_pb2 as pb
@@ -261,5 +262,75 @@ def test_the_child_imports_nothing_from_the_working_directory(
     srv = ServerThread(make_settings(model_repo, decode_process=1)).start()
     try:
         assert len(_ids(_generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8))) == 8
+    finally:
+        srv.stop()
+
+
+def _count_starts(server: ServerThread, name: str) -> list[None]:
+    """Records each child start of `name`'s decoder from now on."""
+    decoder = _decoder(server, name)
+    starts: list[None] = []
+    start = decoder.start
+
+    def counted() -> None:
+        if decoder._process is None:
+            starts.append(None)
+        start()
+
+    server.call(lambda: setattr(decoder, "start", counted))
+    return starts
+
+
+def test_a_model_no_child_can_open_is_refused_without_a_child_per_stream(
+    model_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each failed open was a Python + onnxruntime start, for every later batch of joins."""
+    # no retry by time in this test (raising=False: the test fails on behaviour without them)
+    monkeypatch.setattr(process, "OPEN_BACKOFF_S", 3600.0, raising=False)
+    monkeypatch.setattr(process, "OPEN_BACKOFF_CAP_S", 3600.0, raising=False)
+    shutil.copytree(model_repo / "rnn", tmp_path / "rnn")
+    onnx = tmp_path / "rnn" / "1" / "model.onnx"
+    original = onnx.read_bytes()
+    srv = ServerThread(make_settings(tmp_path, decode_process=1)).start()
+    try:
+        onnx.write_bytes(original + b"x")
+        with pytest.raises(grpc.RpcError) as err:
+            _generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8)
+        assert "changed since the server loaded this version" in err.value.details()
+        starts = _count_starts(srv, "rnn")
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as err:
+                _generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "new streams are refused" in err.value.details()
+            assert "changed since the server loaded this version" in err.value.details()
+        assert starts == [], "a child started per refused stream"
+        onnx.write_bytes(original)  # fixed in place: tried at once
+        assert len(_ids(_generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8))) == 8
+        assert len(starts) == 1
+        decoder = _decoder(srv, "rnn")
+        assert srv.call(lambda: decoder._backoff.failures) == 0, "not reset by the open"
+    finally:
+        srv.stop()
+
+
+def test_a_child_that_exits_before_opening_the_model_backs_off_too(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash inside onnxruntime's session build sends no "failed": the exit says it."""
+    monkeypatch.setattr(process, "OPEN_BACKOFF_S", 3600.0, raising=False)
+    monkeypatch.setattr(process, "OPEN_BACKOFF_CAP_S", 3600.0, raising=False)
+    monkeypatch.setattr(process, "SAFE_PATH", ["-c", "raise SystemExit(3)"])  # dies at once
+    srv = ServerThread(make_settings(model_repo, decode_process=1)).start()
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            _generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        starts = _count_starts(srv, "rnn")
+        with pytest.raises(grpc.RpcError) as err:
+            _generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "exited before opening the model" in err.value.details()
+        assert starts == []
     finally:
         srv.stop()

@@ -268,6 +268,43 @@ def test_a_broken_version_fixed_in_place_loads_on_the_next_reload(
         srv.stop()
 
 
+def test_a_url_repository_sync_failure_is_in_the_reload_reply(
+    model_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was only logged: `rnn-client reload` printed an empty reply while the sync failed."""
+    fsspec = pytest.importorskip("fsspec")
+    fs, root = fsspec.filesystem("memory"), f"/{tmp_path.name}"
+    for version in ("1", "2"):
+        fs.put(str(model_repo / "gru" / "1"), f"{root}/gru/{version}", recursive=True)
+    fs.rm(f"{root}/gru/2", recursive=True)  # published after the start
+    srv = ServerThread(
+        make_settings(f"memory://{root}", model_cache=str(tmp_path / "cache"))
+    ).start()
+    try:
+        fs.put(str(model_repo / "gru" / "1"), f"{root}/gru/2", recursive=True)
+        get_file = type(fs).get_file
+
+        def refused(self, remote: str, local: str, *args, **kwargs):
+            if "/gru/2/" in remote:
+                raise OSError("503 Service Unavailable")
+            return get_file(self, remote, local, *args, **kwargs)
+
+        monkeypatch.setattr(type(fs), "get_file", refused)  # the server's instance too
+        report = srv.admin.ReloadModels(pb.ReloadModelsRequest())
+        assert not report.loaded and len(report.failed) == 1
+        assert report.failed[0].startswith(f"gru/2: cannot fetch from memory://{root}")
+        assert "503 Service Unavailable" in report.failed[0]
+        fs.rm(root, recursive=True)  # the URL is gone
+        report = srv.admin.ReloadModels(pb.ReloadModelsRequest())
+        assert len(report.failed) == 1
+        assert report.failed[0].startswith(f"model repository sync: cannot list memory://{root}")
+        assert srv.stub.GetModel(pb.GetModelRequest(model="gru")).default_version == "1"
+    finally:
+        srv.stop()
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+
+
 def test_shutdown_turns_health_off_and_refuses_new_calls(model_repo: Path) -> None:
     """App.shutdown itself (what SIGTERM runs): while a stream in flight drains, health says
     NOT_SERVING and a new call is refused with UNAVAILABLE; the stream runs to its end."""

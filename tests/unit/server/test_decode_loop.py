@@ -41,6 +41,7 @@ class FakeModel(OnnxModel):
         self.manifest = SimpleNamespace(vocab=vocab)
         self.calls: list[tuple[int, int]] = []  # (rows, time) of every call
         self.has_head = False  # tokens are picked in numpy
+        self.args = ("fake/model.onnx",)  # what a decode process would open (no file here)
 
     def run(self, x, state):
         self.calls.append(x.shape)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from rnnserve.server.remote_repo import RemoteRepository
+from rnnserve.server.repository import Repository
 
 fsspec = pytest.importorskip("fsspec")
 
@@ -54,3 +55,26 @@ def test_a_full_disk_when_recording_a_download_leaves_no_version_behind(
     assert mirror.sync().removed == ["m/2"]
     assert not (mirror.cache / "m" / "2").exists()
     assert (mirror.cache / "m" / "1" / "model.onnx").read_bytes() == b"m/1"
+
+
+def test_a_failed_download_is_in_the_reload_report_with_the_url(
+    url, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was only logged: `rnn-client reload` answered an empty reply."""
+    address, fs, root = url
+    _publish(fs, root, "m/1")
+    mirror = RemoteRepository(address, tmp_path / "cache")
+    repository = Repository(mirror.cache, lambda path, manifest: None, sync=mirror.sync)
+    repository.scan()
+    _publish(fs, root, "m/2")
+    get_file = mirror.fs.get_file
+
+    def refused(remote: str, local: str, *args, **kwargs):
+        if "/m/2/" in remote:
+            raise OSError("503 Service Unavailable")
+        return get_file(remote, local, *args, **kwargs)
+
+    monkeypatch.setattr(mirror.fs, "get_file", refused)
+    failed = repository.install(*repository.load_new()).sync_failed
+    assert len(failed) == 1 and failed[0].startswith("m/2: cannot fetch from memory://")
+    assert "503 Service Unavailable" in failed[0]

@@ -7,9 +7,13 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from rnnserve.artifact.manifest import Manifest
+from rnnserve.artifact.tokenizer import TokenizerConfig
+from rnnserve.artifact.vocab import RESERVED
 from rnnserve.server.repository import Repository
 
 
@@ -84,3 +88,74 @@ def test_a_failed_version_is_retried_after_a_chmod(tmp_path: Path) -> None:
         manifest.chmod(0o644)  # the fix: permissions, no write
     report = _rescan(repository)
     assert [f.split(":")[0] for f in report.failed] == ["a/1"], "never retried"
+
+
+def _serving_repo(root: Path, *tags: str) -> Repository:
+    """Versions with a valid manifest and a stand-in session: SERVING."""
+    for tag in tags:
+        _publish(root, tag)
+    repository = Repository(root, lambda path, manifest: SimpleNamespace(provider="fake"))
+    repository.scan()
+    return repository
+
+
+def _publish(root: Path, tag: str) -> None:
+    version = root / tag
+    version.mkdir(parents=True)
+    Manifest(
+        name="m", version=tag.split("/")[1], task="lm", architecture="lstm",
+        hyperparameters={}, input_name="tokens", output_name="logits", state=[],
+        tokenizer=TokenizerConfig(), vocab=[*RESERVED, "a"],
+    ).save(version)  # fmt: skip
+    (version / "model.onnx").write_bytes(b"onnx")
+
+
+def test_two_folders_of_one_version_number_are_one_version(tmp_path: Path) -> None:
+    """Versions are numbers (Triton's rule): "7" and "007" are one version, not two."""
+    repository = _serving_repo(tmp_path, "m/007", "m/7")
+    assert [(v.version, v.status) for v in repository.versions("m")] == [
+        ("7", "SERVING"),
+        ("007", "NOT_SERVING"),
+    ], "the shortest spelling is the version"
+    shadowed = next(v for v in repository.versions("m") if v.version == "007")
+    assert "same number as '7'" in shadowed.reason
+    assert repository.get("m", "007").version == "7", "version 007 is version 7"
+    assert _rescan(repository).failed == [], "reported again at every rescan"
+    shutil.rmtree(tmp_path / "m" / "7")
+    report = _rescan(repository)
+    assert (report.loaded, report.unloaded) == (["m/007"], ["m/7"])
+    repository.remove("m", "7")  # as Admin.ReloadModels does with what is unloaded
+    assert repository.get("m", "7").version == "007", "a request for 7 finds folder 007"
+
+
+def test_a_serving_folder_keeps_its_number_when_another_spelling_of_it_appears(
+    tmp_path: Path,
+) -> None:
+    repository = _serving_repo(tmp_path, "m/07")
+    _publish(tmp_path, "m/7")
+    report = _rescan(repository)
+    assert report.loaded == [] and len(report.failed) == 1
+    assert report.failed[0].startswith("m/7: ") and "'07'" in report.failed[0]
+    assert repository.get("m", "7").version == "07", "version 7 went on serving"
+
+
+def test_sync_failures_are_in_the_reload_report(tmp_path: Path) -> None:
+    """A URL repository's failed downloads, or a URL that cannot be listed, were only logged:
+    `rnn-client reload` printed an empty reply."""
+    outcomes: list = [
+        SimpleNamespace(failed=["m/2: cannot fetch from https://host/models: 503"]),
+        RuntimeError("cannot list https://host/models: Connection refused"),
+    ]
+
+    def sync():
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    repository = Repository(tmp_path, _never, sync=sync)
+    report = repository.scan()
+    assert report.sync_failed == ["m/2: cannot fetch from https://host/models: 503"]
+    assert report.failed == [], "no version was refused: a rescan that changed nothing"
+    failed = _rescan(repository).sync_failed
+    assert len(failed) == 1 and "cannot list https://host/models: Connection refused" in failed[0]
