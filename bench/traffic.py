@@ -1,14 +1,18 @@
 """Traffic benchmark: Generate streams that come and go, measured from outside a real
-`rnn-server`, beside what bare ONNX Runtime does with the same model and workload on one
-thread (the server's decode and prefill threads use one ORT thread each: two in all).
+`rnn-server`, beside what bare ONNX Runtime does with the same model and workload on the
+server's --intra-op-threads (1 by default: the server's decode and prefill threads use one ORT
+thread each, two in all).
 
 Sections (issue 14): closed-loop churn (C clients, streams back to back; fixed and mixed
 lengths), open-loop Poisson arrivals swept past saturation (goodput), the bare-ORT ceiling
-(single stream, static batches, an ideal in-process churn loop; what the targets divide by is
-measured again after the server rows and averaged), Score vs bare ORT, and the
-issue's targets as measured ratios. Prompts are real text from the built-in corpus.
-Writes bench/results/traffic.json + traffic.png (or --out). Bounded: every loop stops at its
-deadline and every RPC has a timeout; traffic goes to 127.0.0.1 only.
+(single stream, static batches, an ideal in-process churn loop fed the workload's mix; every
+ceiling is measured again after the server rows and averaged), Score vs bare ORT, and the
+issue's targets as measured ratios. Prompts are real text from the built-in corpus. Bare ORT
+and the engine-alone rows follow the server's settings (--server-args and RNNSERVE_* too).
+Writes bench/results/traffic.json + traffic.png (or --out); traffic.partial.json holds what a
+run measured so far until it ends. A variant server that fails is recorded in the JSON (exit
+status 1) and the run goes on. Bounded: every loop stops at its deadline and every RPC has a
+timeout; traffic goes to 127.0.0.1 only.
 Usage: python bench/traffic.py [--models bench-lstm,lstm] [--quick] [--markdown]
 A full run with the defaults takes about 9 minutes per model (plus ~1.5 min to train bench-lstm
 once); --quick about 30 s.
@@ -110,7 +114,49 @@ def mixed_workload(text: str, n: int = WORKLOAD_SIZE) -> Workload:
     spec = {**MIXED, "mean_prompt_chars": float(plen.mean()),
             "mean_output_tokens": float(outs.mean()),
             "output_tokens_p50": float(np.median(outs))}  # fmt: skip
+    spec["prompt_tokens_per_output_token"] = float(plen.sum() / outs.sum())
     return Workload("mixed", list(zip(prompts, outs.tolist(), strict=True)), spec)
+
+
+def prompt_per_output(pairs: list[tuple[int, int]]) -> float | None:
+    """Prompt tokens per output token of (prompt tokens, output tokens) pairs: the mix that sets
+    how much of an engine's time goes to prefill (one token per char: char-level models)."""
+    out = sum(n for _, n in pairs)
+    return sum(p for p, _ in pairs) / out if out else None
+
+
+def balanced_order(sizes: list[tuple[int, int]], bins: int = 32) -> list[int]:
+    """A permutation of (prompt, output) sizes whose every prefix of a few hundred has the mix
+    of the whole: the bare churn ceiling sees only the ~200-330 requests it admits in a second,
+    and the first ones in workload order had 2.5-5% more prompt per output token than the
+    ~3000 the server rows see. Greedy herding on each size's quantile bin (so the prefix keeps
+    the distribution's shape, long tails included) and its standardised value at half weight
+    (so it keeps the means): each step takes the request that brings the running sum closest
+    to the whole's mean. Equal sizes (the fixed workload) keep their order."""
+    n = len(sizes)
+    x = np.asarray(sizes, dtype=float).reshape(n, -1) if n else np.zeros((0, 2))
+    if n == 0 or np.all(x == x[0]):
+        return list(range(n))
+    cols = []
+    for v in x.T:
+        edges = np.quantile(v, np.linspace(0, 1, min(bins, n) + 1)[1:-1])
+        cols.append(np.eye(min(bins, n))[np.searchsorted(edges, v, side="right")])
+        std = v.std()
+        cols.append(0.5 * ((v - v.mean()) / (std if std > 0 else 1.0))[:, None])
+    z = np.concatenate(cols, axis=1)
+    z -= z.mean(axis=0)
+    norms = (z * z).sum(axis=1)
+    total = np.zeros(z.shape[1])
+    used = np.zeros(n, dtype=bool)
+    order = []
+    for _ in range(n):
+        score = z @ (2 * total) + norms  # |total + z_i|^2 less the |total|^2 all share
+        score[used] = np.inf
+        i = int(np.argmin(score))
+        used[i] = True
+        total += z[i]
+        order.append(i)
+    return order
 
 
 # -- per-request latency (what a client sees) ------------------------------------------------
@@ -131,6 +177,8 @@ class Tally:
     good: int = 0  # measured requests within the SLO (TTFT and TPOT)
     measured: int = 0
     errors: Counter = field(default_factory=Counter)  # every request, warm-up included
+    window_errors: Counter = field(default_factory=Counter)  # requests started in the window
+    prompt_tokens: int = 0  # of the measured requests that ended OK (beside out_tokens)
     dropped: int = 0  # open loop: arrivals not sent (client in-flight bound)
 
     def drop(self, at: float) -> None:
@@ -182,11 +230,14 @@ async def one_request(stub, req, tally: Tally, scheduled: float | None = None) -
     tally.window_tokens += in_window
     if code != "OK":
         tally.errors[code] += 1
+        if w0 <= t0 < w1:
+            tally.window_errors[code] += 1
     elif w0 <= last < w1:
         tally.completed += 1
     if w0 <= t0 < w1:
         tally.measured += 1
         if code == "OK" and n:
+            tally.prompt_tokens += len(req.prompt) if req is not None else 0  # char-level
             tally.ttft.append(first - t0)
             tpot = tpot_of(first, last, n)
             if tpot is not None:
@@ -235,8 +286,17 @@ def summarize(t: Tally, duration: float) -> dict:
         "tokens_per_s": t.window_tokens / duration,
         "requests_per_s": t.completed / duration,
         "measured_requests": t.measured,
-        "errors": dict(t.errors),
+        "errors": dict(t.errors),  # every request, warm-up included (kept for old readers)
         "error_count": sum(t.errors.values()),
+        # split: requests started in the measured window (as goodput and percentiles count)
+        # and those started in the warm-up before it
+        "window_errors": dict(t.window_errors),
+        "window_error_count": sum(t.window_errors.values()),
+        "warmup_error_count": sum(t.errors.values()) - sum(t.window_errors.values()),
+        # the mix the window's requests were: compare with the ceiling's (ceiling.churn)
+        "prompt_tokens_per_output_token": (
+            t.prompt_tokens / sum(t.out_tokens) if sum(t.out_tokens) else None
+        ),
         "mean_output_tokens": float(np.mean(t.out_tokens)) if t.out_tokens else None,
         "ttft_p50_s": pct(t.ttft, 50),
         "ttft_p99_s": pct(t.ttft, 99),
@@ -389,23 +449,68 @@ async def transport_floor(server: Server, calls: int = 300) -> float:
 
 
 # -- the engine alone: the server's decode loop in this process, no gRPC -----------------------
+def server_settings(server_args: str):
+    """The Settings the benchmarked server runs with: its defaults, the RNNSERVE_* environment
+    it inherits and `--server-args`, so the engine-alone rows and the bare ceiling's thread
+    count follow an A/B run's flags (bad flags exit here, before minutes of ceilings)."""
+    from rnnserve.server.settings import settings_from_args
+
+    return settings_from_args(shlex.split(server_args))
+
+
+def bare_threads(explicit: int | None, settings) -> tuple[int, str]:
+    """Bare ORT's intra-op threads and where the number came from: --bare-threads, else the
+    server's own (an A/B run's --intra-op-threads moves the ceiling with the server)."""
+    if explicit is not None:
+        return explicit, "--bare-threads"
+    return settings.intra_op_threads, "server --intra-op-threads"
+
+
+# what the engine-alone rows take from the server's settings; the rest they do not model
+ENGINE_SETTINGS = (
+    "intra_op_threads",
+    "providers",
+    "max_batch",
+    "max_streams",
+    "prefill_chunk",
+    "prefill_batch",
+    "prefill_thread",
+    "stream_interval_us",
+    "decode_head",
+)
+NOT_IN_ENGINE = ("decode_process", "workers", "executor_threads")
+
+
+def engine_settings(s) -> dict:
+    """The settings an engine-alone row ran with, and the server flags it does not model (a
+    decode process, more workers, the executor) where they differ from the defaults."""
+    from rnnserve.server.settings import Settings
+
+    default = Settings()
+    out = {k: getattr(s, k) for k in ENGINE_SETTINGS}
+    out["not_modelled"] = {k: getattr(s, k) for k in NOT_IN_ENGINE
+                           if getattr(s, k) != getattr(default, k)}  # fmt: skip
+    return out
+
+
 async def engine_closed_loop(package: Path, clients: int, workload: Workload, warmup: float,
-                             duration: float) -> dict:  # fmt: skip
+                             duration: float, settings=None) -> dict:  # fmt: skip
     """The closed loop of `closed_loop`, through the server's own Generator and DecodeLoop
-    (server defaults) in this process: what the engine does when no RPC is in the way."""
+    (the server's settings: `server_settings`) in this process: what the engine does when no
+    RPC is in the way."""
     from rnnserve.server.decode.limiter import StreamLimiter
     from rnnserve.server.decode.loop import DecodeLoop
     from rnnserve.server.generation import GenerateParams, Generator
     from rnnserve.server.metrics import Metrics
     from rnnserve.server.repository import ModelVersion
     from rnnserve.server.resume import StateSigner
-    from rnnserve.server.runtime import OnnxModel
+    from rnnserve.server.runtime import OnnxModel, resolve_providers
     from rnnserve.server.settings import Settings
 
-    s = Settings()
+    s = settings or Settings()
     m = Manifest.load(package)
-    model = OnnxModel(package / "model.onnx", m, ["CPUExecutionProvider"], s.intra_op_threads,
-                      bool(s.decode_head))  # fmt: skip
+    model = OnnxModel(package / "model.onnx", m, resolve_providers(s.providers),
+                      s.intra_op_threads, bool(s.decode_head))  # fmt: skip
     entry = ModelVersion(name=BENCH_MODEL, version="1", path=package, manifest=m, model=model)
     metrics = Metrics()
     loop = DecodeLoop(entry.name, model, metrics, s.max_batch, s.stream_interval_us * 1e-6,
@@ -460,10 +565,21 @@ class Bare:
         self.names = [o.name for o in self.sess.get_outputs()]
         self.vocab = Vocab(self.m.vocab or [])
         self.tokenizer = Tokenizer(self.m.tokenizer)
+        self._encoded: dict[str, list[tuple[np.ndarray, int]]] = {}
 
     def ids(self, texts: list[str]) -> np.ndarray:
         rows = [self.vocab.encode(self.tokenizer.tokenize(t)) for t in texts]
         return np.asarray(rows, dtype=np.int64)
+
+    def encoded(self, workload: Workload) -> list[tuple[np.ndarray, int]]:
+        """The whole workload as (ids [1, T], max_tokens), in `balanced_order`: the churn
+        ceilings admit them in this order, so the few hundred a 1-second loop reaches have
+        the mix of all of them, which is what the server rows are fed (encoded once)."""
+        if workload.name not in self._encoded:
+            order = balanced_order([(len(p), n) for p, n in workload.requests])
+            self._encoded[workload.name] = [(self.ids([workload.requests[i][0]]),
+                                             workload.requests[i][1]) for i in order]  # fmt: skip
+        return self._encoded[workload.name]
 
     def run(self, x: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
         got = dict(zip(self.names, self.sess.run(None, {self.m.input_name: x, **state}),
@@ -540,18 +656,21 @@ def bare_churn(bare: Bare, workload: Workload, slots: int, min_s: float) -> dict
     """An ideal engine under churn: `slots` rows always busy; a finished row is refilled at once
     by a batch-1 prefill of the next request written into that row (no other overhead).
     TTFT: from the moment a row frees to its next request's first token (the prefills of rows
-    that free together run one after another)."""
-    reqs = [(bare.ids([p]), n) for p, n in workload.requests[: max(4 * slots, 256)]]
+    that free together run one after another). Requests come in `Bare.encoded` order; the
+    row records the mix of those admitted while timed (prompt tokens per output token)."""
+    reqs = bare.encoded(workload)
     state = init_state(bare.m, slots)
     x = np.zeros((slots, 1), dtype=np.int64)
     left = np.zeros(slots, dtype=int)
     j = tokens = 0
     ttft: list[float] = []
+    sample: list[tuple[int, int]] = []
 
     def admit(row: int, freed: float) -> None:
         nonlocal j, tokens
         ids, n = reqs[j % len(reqs)]
         j += 1
+        sample.append((ids.shape[1], n))
         nxt, one = bare.run(ids, init_state(bare.m, 1))
         ttft.append(time.perf_counter() - freed)
         bare.put_row(state, row, one)
@@ -562,6 +681,7 @@ def bare_churn(bare: Bare, workload: Workload, slots: int, min_s: float) -> dict
     for row in range(slots):
         admit(row, time.perf_counter())
     tokens, admitted, ttft = 0, j, []
+    sample.clear()
     start = time.perf_counter()
     while time.perf_counter() - start < min_s:
         steps = int(left.min())  # until the next row finishes: no per-step bookkeeping
@@ -574,15 +694,17 @@ def bare_churn(bare: Bare, workload: Workload, slots: int, min_s: float) -> dict
             admit(row, freed)
     wall = time.perf_counter() - start
     return {"slots": slots, "tokens_per_s": tokens / wall,
-            "requests_per_s": (j - admitted) / wall, "ttft_p50_s": pct(ttft, 50)}  # fmt: skip
+            "requests_per_s": (j - admitted) / wall, "ttft_p50_s": pct(ttft, 50),
+            "prompt_tokens_per_output_token": prompt_per_output(sample),
+            "requests_sampled": len(sample)}  # fmt: skip
 
 
 def bare_churn_in_step(bare: Bare, workload: Workload, slots: int, min_s: float) -> dict:
     """bare_churn with the other way to admit a recurrent stream (issue 14 item 3): no prefill
     call; a new request takes the freed row at once and is fed its prompt one token a step
     inside the batched step (forced steps, outputs ignored) until its last prompt token gives
-    its first token. Same rows, model and thread; TTFT as in bare_churn."""
-    reqs = [(bare.ids([p])[0], n) for p, n in workload.requests[: max(4 * slots, 256)]]
+    its first token. Same rows, model, thread and request order; TTFT as in bare_churn."""
+    reqs = [(ids[0], n) for ids, n in bare.encoded(workload)]
     state = init_state(bare.m, slots)
     fresh = init_state(bare.m, 1)
     x = np.zeros((slots, 1), dtype=np.int64)
@@ -591,16 +713,19 @@ def bare_churn_in_step(bare: Bare, workload: Workload, slots: int, min_s: float)
     left = np.zeros(slots, dtype=int)  # tokens still to make
     freed_at = np.zeros(slots)
     j = 0
+    sample: list[tuple[int, int]] = []
 
     def admit(row: int, freed: float) -> None:
         nonlocal j
         ids, n = reqs[j % len(reqs)]
         j += 1
+        sample.append((len(ids), n))
         bare.put_row(state, row, fresh)
         prompt[row], fed[row], left[row], freed_at[row] = ids, 0, n, freed
         x[row, 0] = ids[0]
 
     def run(seconds: float) -> tuple[int, list[float], int, float]:
+        sample.clear()
         tokens, ttft, admitted, start = 0, [], j, time.perf_counter()
         while time.perf_counter() - start < seconds:
             nxt, new_state = bare.run(x, state)
@@ -625,7 +750,8 @@ def bare_churn_in_step(bare: Bare, workload: Workload, slots: int, min_s: float)
     run(min(1.0, min_s))  # past the start, where every row is in its prompt at once
     tokens, ttft, requests, wall = run(min_s)
     return {"slots": slots, "tokens_per_s": tokens / wall, "requests_per_s": requests / wall,
-            "ttft_p50_s": pct(ttft, 50)}  # fmt: skip
+            "ttft_p50_s": pct(ttft, 50), "prompt_tokens_per_output_token":
+            prompt_per_output(sample), "requests_sampled": len(sample)}  # fmt: skip
 
 
 def bare_score(bare: Bare, texts: list[str]) -> float:
@@ -641,8 +767,10 @@ def bare_score(bare: Bare, texts: list[str]) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-# The ceiling figures the targets divide by; measured twice, before and after the server rows.
+# The ceiling figures the targets divide by; measured twice, before and after the server rows,
+# as are the churn ceilings (PASS_CEILINGS: every figure a server row is divided by).
 TARGET_CEILINGS = ("single", "static", "steps_only")
+PASS_CEILINGS = (*TARGET_CEILINGS, "churn", "prompt_in_step")
 
 
 def target_ceiling(bare: Bare, fixed: list[str], levels: list[int], min_s: float) -> dict:
@@ -663,29 +791,43 @@ def target_ceiling(bare: Bare, fixed: list[str], levels: list[int], min_s: float
 
 
 def mean_of_passes(passes: list[dict]) -> dict:
-    """The target ceilings averaged over passes, field by field (rows matched by position)."""
+    """The pass ceilings averaged over passes, field by field (rows matched by position)."""
 
     def mean(values: list):
+        if any(v is None for v in values):
+            return None  # a percentile of no samples in some pass
         if isinstance(values[0], dict):
             return {k: mean([v[k] for v in values]) for k in values[0]}
         if isinstance(values[0], list):
             return [mean(list(rows)) for rows in zip(*values, strict=True)]
         if isinstance(values[0], float):
             return float(np.mean(values))
-        return values[0]  # counts and labels (batch, prompt_chars) agree across passes
+        if isinstance(values[0], int) and len(set(values)) > 1:
+            return float(np.mean(values))  # requests_sampled: per pass, on average
+        return values[0]  # labels (batch, slots, prompt_chars) agree across passes
 
-    return {k: mean([p[k] for p in passes]) for k in TARGET_CEILINGS}
+    return {k: mean([p[k] for p in passes]) for k in PASS_CEILINGS if k in passes[0]}
 
 
 def ceiling(bare: Bare, work: dict[str, Workload], levels: list[int], min_s: float) -> dict:
+    """The first pass of every ceiling, with the thread count bare ORT used."""
+    return {"threads": bare.threads, **ceiling_pass(bare, work, levels, min_s)}
+
+
+def ceiling_pass(bare: Bare, work: dict[str, Workload], levels: list[int], min_s: float) -> dict:
+    """One pass of every ceiling a server row divides by: the target ceilings and the churn
+    loops (prefill call, and prompt fed in the step) of each workload."""
     fixed = [p for p, _ in work["fixed"].requests]
-    out = {"threads": bare.threads, **target_ceiling(bare, fixed, levels, min_s)}
+    out = target_ceiling(bare, fixed, levels, min_s)
     out["churn"] = {}
     for name, w in work.items():
         out["churn"][name] = []
         for c in levels:
-            out["churn"][name].append(bare_churn(bare, w, c, min_s))
-            log(f"  bare churn {name} {c}: {out['churn'][name][-1]['tokens_per_s']:.0f} tok/s")
+            r = bare_churn(bare, w, c, min_s)
+            out["churn"][name].append(r)
+            mix = r["prompt_tokens_per_output_token"]
+            log(f"  bare churn {name} {c}: {r['tokens_per_s']:.0f} tok/s, "
+                f"{r['requests_sampled']} requests, {mix or 0:.3f} prompt/output")  # fmt: skip
     # prefill call vs prompt fed inside the step (item 3: measure which wins), both ideal
     out["prompt_in_step"] = {}
     for name, w in work.items():
@@ -806,12 +948,42 @@ def _x(v) -> str:
     return "–" if v is None else f"{v:.2f}×"
 
 
+def window_errors(row: dict) -> int:
+    """Errors of the requests started in the measured window (the tables' column); results
+    written before the split counted the warm-up too and have only that total."""
+    return row.get("window_error_count", row["error_count"])
+
+
+def _errors(row: dict) -> str:
+    return f"errors {window_errors(row)} (+{row.get('warmup_error_count', 0)} in warm-up)"
+
+
+def mix_line(res: dict) -> str | None:
+    """The mixed workload's prompt tokens per output token: what the server rows are fed, the
+    ceiling's samples and the server rows' windows, so a reader sees they agree."""
+    fed = res.get("workloads", {}).get("mixed", {}).get("prompt_tokens_per_output_token")
+    key = "prompt_tokens_per_output_token"
+
+    def span(rows: list[dict]) -> str:
+        got = [r[key] for r in rows if r.get(key) is not None]
+        return "–" if not got else f"{min(got):.3f}–{max(got):.3f}"
+
+    ceiling = res["ceiling"].get("churn", {}).get("mixed", [])
+    server = res.get("closed_loop", {}).get("mixed", [])
+    if fed is None or not any(key in r for r in [*ceiling, *server]):
+        return None
+    return (f"Mixed workload, prompt tokens per output token: {fed:.3f} fed to the server "
+            f"rows; {span(ceiling)} in the ideal churn ceiling's samples; {span(server)} in "
+            "the requests the server rows' windows measured.")  # fmt: skip
+
+
 def markdown(results: dict) -> str:
     out = []
     for model, res in results["models"].items():
         single = res["ceiling"]["single"]
         passes = len(res.get("ceiling_passes", [])) or 1
-        out += [f"**{model}** — bare ORT ({res['ceiling']['threads']} thread"
+        threads = res["ceiling"]["threads"]
+        out += [f"**{model}** — bare ORT ({threads} thread{'' if threads == 1 else 's'}"
                 + (f"; mean of {passes} passes, before and after the server rows" if passes > 1
                    else "") + "): prefill "
                 f"{_ms(single['prefill_p50_s'])} ms ({single['prompt_chars']} chars), step "
@@ -823,13 +995,15 @@ def markdown(results: dict) -> str:
                                for r in res["ceiling"]["steps_only"])
                    if res["ceiling"].get("steps_only") else ""), "",
                 "| workload | C | tokens/s | × bare | × 2-thread | req/s | TTFT p50/p99 ms | "
-                "TPOT p50/p99 ms | ITL p50/p99 ms | errors | client cores |",
+                "TPOT p50/p99 ms | ITL p50/p99 ms | errors (window) | client cores |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         note = (
             "× bare: tokens/s over bare ORT's static batch of C (fixed) or its ideal churn "
             "loop at C slots (mixed), one thread; × 2-thread: over batch-C steps alone, as if "
             "prefill were free on a second thread (the server's two threads' bound); ITL: per "
-            "token, amortised over a message; client cores: CPU the benchmark client itself used"
+            "token, amortised over a message; errors (window): failed requests among those "
+            "started in the measured window, as the percentiles and goodput count (the JSON "
+            "also has the warm-up's); client cores: CPU the benchmark client itself used"
         )
         for name, rows in res["closed_loop"].items():
             for r in rows:
@@ -839,24 +1013,28 @@ def markdown(results: dict) -> str:
                     f"{_x(r.get('vs_two_thread'))} | {r['requests_per_s']:.0f} | "
                     f"{_ms(r['ttft_p50_s'])} / {_ms(r['ttft_p99_s'])}"
                     f" | {_ms(r['tpot_p50_s'])} / {_ms(r['tpot_p99_s'])} | {_ms(r['itl_p50_s'])}"
-                    f" / {_ms(r['itl_p99_s'])} | {r['error_count']} | "
+                    f" / {_ms(r['itl_p99_s'])} | {window_errors(r)} | "
                     f"{r.get('client_cores', 0):.2f} |"
                 )
         out += ["", note]
+        mix = mix_line(res)
+        if mix:
+            out += ["", mix]
         ol = res.get("open_loop")
         if ol:
             out += ["", f"open loop (fixed workload, Poisson; base {ol['base_rps']:.0f} req/s = "
                     f"C={ol['base_clients']} closed loop): highest rate with goodput ≥ 99%: "
                     + (f"{ol['max_rate_goodput_99']:.0f} req/s" if ol["max_rate_goodput_99"]
                        else "none") , "",
-                    "| req/s | tokens/s | TTFT p50/p99 ms | TPOT p50/p99 ms | goodput | errors |",
+                    "| req/s | tokens/s | TTFT p50/p99 ms | TPOT p50/p99 ms | goodput | "
+                    "errors (window) |",
                     "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
             for r in ol["rows"]:
                 share = r["goodput_share"]
                 out.append(
                     f"| {r['rate']:.0f} | {r['tokens_per_s']:.0f} | {_ms(r['ttft_p50_s'])} / "
                     f"{_ms(r['ttft_p99_s'])} | {_ms(r['tpot_p50_s'])} / {_ms(r['tpot_p99_s'])} | "
-                    f"{'–' if share is None else f'{share:.1%}'} | {r['error_count']} |"
+                    f"{'–' if share is None else f'{share:.1%}'} | {window_errors(r)} |"
                 )
         out += ["", "| target | ratio | against the ceiling before / after the server rows "
                 "| met |", "|---|---:|---:|---|"]  # fmt: skip
@@ -865,21 +1043,30 @@ def markdown(results: dict) -> str:
             passes = t.get("ratio_per_pass")
             each = " / ".join(_x(r) for r in passes) if passes else "–"
             out.append(f"| {t['name']} | {_x(t['ratio'])} | {each} | {met} |")
+        failures = res.get("variant_failures", {})
         for name, rows in res.get("variants", {}).items():
-            out += ["", f"With `{VARIANTS[name][0]}` (fixed workload; {VARIANTS[name][1]}):", "",
-                    "| C | tokens/s | × bare static | TTFT p50 ms | TPOT p50 ms | errors |",
-                    "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+            out += ["", f"With `{VARIANTS[name][0]}` (fixed workload; {VARIANTS[name][1]}):", ""]
+            if name in failures:
+                out += [f"**failed** after {len(rows)} level(s): {failures[name]['error']}", ""]
+            if not rows:
+                continue
+            out += ["| C | tokens/s | × bare static | TTFT p50 ms | TPOT p50 ms | "
+                    "errors (window) |", "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
             for r in rows:
                 out.append(
                     f"| {r['clients']} | {r['tokens_per_s']:.0f} | {_x(r['vs_bare_static'])} | "
-                    f"{_ms(r['ttft_p50_s'])} | {_ms(r['tpot_p50_s'])} | {r['error_count']} |"
+                    f"{_ms(r['ttft_p50_s'])} | {_ms(r['tpot_p50_s'])} | {window_errors(r)} |"
                 )
         floor = res.get("transport_floor_s")
         if res.get("engine") or floor:
+            skipped = res.get("engine_settings", {}).get("not_modelled")
             out += ["", "What limits it: the same engine without gRPC (its Generator and decode "
                     "loop in the benchmark's process, same workload), and the p50 of an empty "
                     "unary RPC from the same client (the transport floor"
-                    + (f": {_ms(floor)} ms" if floor else "") + ").", "",
+                    + (f": {_ms(floor)} ms" if floor else "") + ")."
+                    + (" The engine alone does not model "
+                       + ", ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in skipped.items())
+                       + "." if skipped else ""), "",
                     "| engine alone | tokens/s | × bare static | × 2-thread | TTFT p50 ms | "
                     "× bare prefill | TPOT p50 ms | × bare step |",
                     "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -1002,7 +1189,11 @@ def parse_rates(spec: str, base: float) -> list[float]:
     return [r for r in out if r > 0]
 
 
-def run_model(model: str, repo: Path, args, levels: list[int]) -> dict:
+def run_model(model: str, repo: Path, args, levels: list[int], settings=None,
+              save=lambda result: None) -> dict:  # fmt: skip
+    """Every section for one model; `save(result)` after each, so a run that dies later keeps
+    what it measured (main writes it to traffic.partial.json)."""
+    settings = settings or server_settings(args.server_args)
     package = repo / model / "1"
     m = Manifest.load(package)
     text = corpus_text(m)
@@ -1016,12 +1207,15 @@ def run_model(model: str, repo: Path, args, levels: list[int]) -> dict:
         "hyperparameters": m.hyperparameters,
         "workloads": {k: w.spec for k, w in work.items()},
         "ceiling": ceiling(bare, work, levels, args.bare_s),
+        "engine_settings": engine_settings(settings),
         "engine": [],
     }
+    save(result)
     for c in [c for c in (1, 32) if c in levels]:  # every CPU, as the server has
         row = asyncio.run(engine_closed_loop(package, c, work["fixed"], args.warmup,
-                                             args.duration))  # fmt: skip
+                                             args.duration, settings))  # fmt: skip
         result["engine"].append(row)
+        save(result)
         log(f"[{model}] engine alone C={c:<3d} {row['tokens_per_s']:8.0f} tok/s ttft p50 "
             f"{_ms(row['ttft_p50_s'])} ms tpot p50 {_ms(row['tpot_p50_s'])} ms")  # fmt: skip
     pinned = pin_to_cpu(args.client_cpu)  # after the bare loops, before the server starts
@@ -1042,8 +1236,9 @@ def run_model(model: str, repo: Path, args, levels: list[int]) -> dict:
                 rows.append(row)
                 log(f"[{model}] closed {name:5s} C={c:<4d} {row['tokens_per_s']:8.0f} tok/s "
                     f"{row['requests_per_s']:7.1f} req/s ttft p50 {_ms(row['ttft_p50_s'])} ms "
-                    f"tpot p50 {_ms(row['tpot_p50_s'])} ms errors {row['error_count']} "
+                    f"tpot p50 {_ms(row['tpot_p50_s'])} ms {_errors(row)} "
                     f"client {row.get('client_cores', 0):.2f} cores")  # fmt: skip
+            save(result)
         fixed = {r["clients"]: r for r in result["closed_loop"]["fixed"]}
         base_c = 32 if 32 in fixed else max(fixed, key=lambda c: fixed[c]["requests_per_s"])
         base = fixed[base_c]["requests_per_s"]
@@ -1061,9 +1256,10 @@ def run_model(model: str, repo: Path, args, levels: list[int]) -> dict:
             log(
                 f"[{model}] open {rate:8.1f} req/s {row['tokens_per_s']:8.0f} tok/s ttft p99 "
                 f"{_ms(row['ttft_p99_s'])} ms goodput "
-                f"{'-' if share is None else f'{share:.1%}'} errors {row['error_count']}"
+                f"{'-' if share is None else f'{share:.1%}'} {_errors(row)}"
             )
         ol["max_rate_goodput_99"] = max_good_rate(ol["rows"])
+        save(result)
         result["score"] = {
             **asyncio.run(score_pair(server, bare, model, texts)),
             "texts": len(texts),
@@ -1071,19 +1267,25 @@ def run_model(model: str, repo: Path, args, levels: list[int]) -> dict:
         }
     finally:
         server.stop()
+    save(result)
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-    result["variants"] = {
-        name: variant_rows(model, repo, args, levels, work["fixed"], name) for name in chosen
-    }
+    result["variants"] = {}
+    for name in chosen:  # one that fails is recorded; the others and the rest still run
+        rows, failure = variant_rows(model, repo, args, levels, work["fixed"], name)
+        result["variants"][name] = rows
+        if failure:
+            result.setdefault("variant_failures", {})[name] = failure
+            log(f"[{model}] variant {name} FAILED after {len(rows)} of {len(levels)} levels: "
+                f"{failure['error']}")  # fmt: skip
+        save(result)
     server_log.unlink(missing_ok=True)  # kept only when the run failed
     # The VM drifts over the ~8 minutes of server rows: the target ceilings are measured again
     # after them, every ratio divides by the mean of the two passes, and each target also shows
     # its ratio to either pass, so a reader sees how far the drift alone moves it.
     all_cpus()
     log(f"[{model}] bare ONNX Runtime ceiling again, after the server rows")
-    fixed_prompts = [p for p, _ in work["fixed"].requests]
-    passes = [{k: result["ceiling"][k] for k in TARGET_CEILINGS},
-              target_ceiling(bare, fixed_prompts, levels, args.bare_s)]  # fmt: skip
+    passes = [{k: result["ceiling"][k] for k in PASS_CEILINGS},
+              ceiling_pass(bare, work, levels, args.bare_s)]  # fmt: skip
     result["ceiling_passes"] = passes
     result["ceiling"].update(mean_of_passes(passes))
     add_ratios(result)
@@ -1103,21 +1305,38 @@ VARIANTS = {
 
 
 def variant_rows(model: str, repo: Path, args, levels: list[int], workload: Workload,
-                 name: str) -> list[dict]:  # fmt: skip
+                 name: str) -> tuple[list[dict], dict | None]:  # fmt: skip
     """The fixed closed loop again on a server started with a variant's flags: the trade it
-    makes on this machine, beside the defaults."""
-    server = Server(repo, [*shlex.split(args.server_args), *shlex.split(VARIANTS[name][0])])
-    rows = []
+    makes on this machine, beside the defaults. Returns the rows measured and, when the
+    server would not start or a level failed, what went wrong (error, server log tail): one
+    variant must not throw away the minutes of results before it."""
+    flags = [*shlex.split(args.server_args), *shlex.split(VARIANTS[name][0])]
+    server_log = Path(tempfile.gettempdir()) / f"bench-traffic-{model}-{name}-{os.getpid()}.log"
+    rows: list[dict] = []
+    try:
+        server = Server(repo, flags, log=server_log)
+    except (Exception, SystemExit) as exc:  # SystemExit: the server exited or never served
+        return rows, _failure(exc, server_log)
     try:
         for c in levels:
             row = asyncio.run(closed_loop(server, model, c, workload, args.warmup, args.duration))
             rows.append(row)
             log(f"[{model}] {name} C={c:<4d} {row['tokens_per_s']:8.0f} tok/s ttft p50 "
-                f"{_ms(row['ttft_p50_s'])} ms tpot p50 {_ms(row['tpot_p50_s'])} ms errors "
-                f"{row['error_count']}")  # fmt: skip
+                f"{_ms(row['ttft_p50_s'])} ms tpot p50 {_ms(row['tpot_p50_s'])} ms "
+                f"{_errors(row)}")  # fmt: skip
+    except (Exception, SystemExit) as exc:
+        return rows, _failure(exc, server_log)
     finally:
         server.stop()
-    return rows
+    server_log.unlink(missing_ok=True)
+    return rows, None
+
+
+def _failure(exc: BaseException, server_log: Path) -> dict:
+    """A failed section for the JSON: the error, and the end of its server's log (kept)."""
+    tail = server_log.read_text(errors="replace")[-3000:] if server_log.exists() else ""
+    return {"error": f"{type(exc).__name__}: {exc}", "server_log": str(server_log),
+            "server_log_tail": tail}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1144,8 +1363,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=None, help="seconds before each level (3)")
     p.add_argument("--server-args", default="", help="extra rnn-server flags, one string")
     p.add_argument("--bare-threads", type=int, default=None,
-                   help="bare ORT intra-op threads (default: the server's --intra-op-threads "
-                        "default)")  # fmt: skip
+                   help="bare ORT intra-op threads (default: the server's --intra-op-threads, "
+                        "--server-args and RNNSERVE_INTRA_OP_THREADS included)")  # fmt: skip
     p.add_argument(
         "--variants",
         default=",".join(VARIANTS),
@@ -1169,8 +1388,8 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (0.5 if q else 3.0)
     args.rates = args.rates or ("0.5x,1x" if q else "0.25x,0.5x,0.75x,1x,1.25x,1.5x")
     args.bare_s = 0.2 if q else 1.0
-    if args.bare_threads is None:
-        args.bare_threads = server_defaults()["intra_op_threads"]
+    settings = server_settings(args.server_args)  # what the server will run with
+    args.bare_threads, args.bare_threads_from = bare_threads(args.bare_threads, settings)
     if q:
         args.score_texts, args.score_tokens = min(args.score_texts, 4), min(args.score_tokens, 128)
     levels = [int(c) for c in (args.levels or ("1,8" if q else "1,8,32,64,128")).split(",")]
@@ -1194,17 +1413,35 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
                   | {"levels": levels, "slo": {"ttft_s": SLO_TTFT_S, "tpot_s": SLO_TPOT_S},
                      "rpc_timeout_s": RPC_TIMEOUT_S},
-        "server": {"extra_args": shlex.split(args.server_args), "defaults": server_defaults()},
+        "server": {"extra_args": shlex.split(args.server_args), "defaults": server_defaults(),
+                   "effective": {k: getattr(settings, k) for k in server_defaults()}},
         "machine": machine_info(),
         "client": {"pin_cpu": args.client_cpu, "connections": "one per closed-loop client",
                    "open_loop_channels": OPEN_LOOP_CHANNELS, "max_in_flight": MAX_IN_FLIGHT},
         "models": {},
     }  # fmt: skip
-    for model in present:
-        results["models"][model] = run_model(model, args.model_repo, args, levels)
+    partial = args.out / "traffic.partial.json"
+
+    def save(model: str, result: dict) -> None:
+        """What is measured so far, after each section: a run that dies keeps it."""
+        results["models"][model] = result
+        results["wall_s"] = time.monotonic() - started
+        write_json(partial, {**results, "complete": False})
+
+    try:
+        for model in present:
+            results["models"][model] = run_model(
+                model, args.model_repo, args, levels, settings, lambda r, m=model: save(m, r)
+            )
+    except BaseException:
+        if partial.exists():
+            log(f"the run failed; what it measured is in {partial}")
+        raise
     results["machine"]["load_avg_at_end"] = os.getloadavg()
     results["wall_s"] = time.monotonic() - started
-    (args.out / "traffic.json").write_text(json.dumps(results, indent=2) + "\n")
+    results["complete"] = True
+    write_json(args.out / "traffic.json", results)
+    partial.unlink(missing_ok=True)
     plot(results, args.out / "traffic.png")
     if args.markdown:
         print(markdown(results))
@@ -1213,7 +1450,19 @@ def main(argv: list[str] | None = None) -> int:
             met = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
             log(f"[{model}] target {t['name']}: {_x(t['ratio'])} -> {met}")
     log(f"wrote {args.out / 'traffic.json'} and traffic.png in {results['wall_s']:.0f} s")
+    failed = [f"{m}/{v}" for m, res in results["models"].items()
+              for v in res.get("variant_failures", {})]  # fmt: skip
+    if failed:
+        log(f"error: variant(s) failed, recorded in the JSON: {', '.join(failed)}")
+        return 1
     return 0
+
+
+def write_json(path: Path, results: dict) -> None:
+    """Written whole to a temporary name, then renamed: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
