@@ -153,9 +153,16 @@ def all_cpus() -> None:
 class Server:
     """A real rnn-server process on free localhost ports, ready when the constructor returns."""
 
-    def __init__(self, repo: Path, extra: list[str], log: Path | None = None) -> None:
+    def __init__(
+        self, repo: Path, extra: list[str], log: Path | None = None, profile: Path | None = None
+    ) -> None:
+        """`profile`: run the server under cProfile, its stats written there at exit."""
         self.port, self.metrics_port = free_port(), free_port()
-        self.cmd = [str(BIN / "rnn-server"), "--model-repo", str(repo), "--port", str(self.port),
+        launch = [str(BIN / "rnn-server")]
+        if profile is not None:
+            launch = [sys.executable, "-m", "cProfile", "-o", str(profile),
+                      "-m", "rnnserve.server.main"]  # fmt: skip
+        self.cmd = [*launch, "--model-repo", str(repo), "--port", str(self.port),
                     "--host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
                     "--log-level", "WARNING", *extra]  # fmt: skip
         out = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115

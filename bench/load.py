@@ -24,8 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import own_channel  # noqa: E402
-from bench.serve import Server  # noqa: E402
+from bench.common import Server, own_channel  # noqa: E402
 
 PROMPTS = ["the time traveller ", "it was ", "and then the ", "we ", "a "]
 

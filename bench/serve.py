@@ -14,9 +14,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,11 +23,12 @@ import numpy as np
 
 from rnnserve.artifact.manifest import Manifest
 
-BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, init_state, ort_session  # noqa: E402
+from bench.common import Server, init_state, ort_session  # noqa: E402
+
+MAX_STREAMS = ["--max-streams", "1024"]  # the waves' 256 streams and more, never refused
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -148,58 +146,6 @@ async def grpc_score(port: int, model: str, texts: list[str]) -> float:
         return tokens / (time.perf_counter() - start)
 
 
-def _all_cpus() -> None:
-    """The server may run on every CPU, whatever this (client) process is pinned to."""
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))
-
-
-class Server:
-    """A real rnn-server process on a free port."""
-
-    def __init__(self, repo: Path, extra: list[str], profile: Path | None = None) -> None:
-        self.port = free_port()
-        cmd = [str(BIN / "rnn-server")]
-        if profile is not None:
-            cmd = [sys.executable, "-m", "cProfile", "-o", str(profile)]
-            cmd += ["-m", "rnnserve.server.main"]
-        cmd += ["--model-repo", str(repo), "--port", str(self.port), "--host", "127.0.0.1",
-                "--metrics-port", "0", "--log-level", "WARNING", "--max-streams", "1024",
-                *extra]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, preexec_fn=_all_cpus)
-        try:
-            self._wait()
-        except BaseException:  # not serving: no server left running behind the error
-            self.kill()
-            raise
-
-    def _wait(self) -> None:
-        for _ in range(600):
-            if self.proc.poll() is not None:
-                raise SystemExit(f"error: rnn-server exited with {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise SystemExit("error: rnn-server did not start")
-
-    def stop(self) -> None:
-        """SIGTERM (the server drains), then kill if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
 def ensure_model(repo: Path, model: str) -> Path:
     if (repo / model / "1" / "model.onnx").exists():
         return repo
@@ -292,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         ("message_per_step", ["--stream-interval-us", "0"], [1]),  # what the interval buys
     ]
     for mode, extra, mode_levels in modes:
-        server = Server(repo, extra)
+        server = Server(repo, [*MAX_STREAMS, *extra])
         try:
             rows = []
             for c in mode_levels:
@@ -314,9 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         f"speedup_c{c_hi}_vs_c1": speedup, "speedup_target": 8.0, "speedup_met": speedup >= 8,
         "itl_p50_over_bare_step": itl_ratio, "itl_target": 3.0, "itl_met": itl_ratio <= 3,
     }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)  # cProfile writes its stats there
     if args.profile:
         prof = args.out / "serve.profile"
-        server = Server(repo, [], profile=prof)
+        server = Server(repo, MAX_STREAMS, profile=prof)
         try:
             asyncio.run(generate_level(server.port, args.model, 1, 512))
         finally:
