@@ -379,6 +379,29 @@ def _pid1_available() -> bool:
     return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
 
 
+def _server_blocked_loading(tmp_path: Path, *flags: str, prefix: tuple = ()):
+    """A real server whose start-up scan blocks on a manifest that is a FIFO nobody writes
+    (slow storage); returns the process and the FIFO's write end, opened once the server reads
+    it. Closing the write end gives the server an empty manifest (that version fails)."""
+    fifo = tmp_path / "repo" / "slow" / "1" / "manifest.json"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)
+    cmd = [*prefix, sys.executable, "-m", "rnnserve.server.main", "--model-repo",
+           str(tmp_path / "repo"), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+           "--http-port", "0", *flags]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120  # a bound, not a speed assertion
+    while True:  # opening the write end succeeds once the server reads it
+        try:
+            return proc, os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            assert exc.errno == errno.ENXIO
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"never began loading: {proc.communicate(timeout=10)[1]}")
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("as_pid1", [False, True], ids=["process", "pid1"])
 def test_sigterm_while_loading_models_exits_0_at_once(tmp_path: Path, as_pid1: bool) -> None:
     """A stop while the models load (slow storage: here a manifest that is a FIFO nobody
@@ -386,25 +409,8 @@ def test_sigterm_while_loading_models_exits_0_at_once(tmp_path: Path, as_pid1: b
     signal nor, as a container's PID 1, ignoring it until SIGKILL."""
     if as_pid1 and not _pid1_available():
         pytest.skip("no unprivileged PID namespaces here")
-    fifo = tmp_path / "repo" / "slow" / "1" / "manifest.json"
-    fifo.parent.mkdir(parents=True)
-    os.mkfifo(fifo)
-    repo = str(tmp_path / "repo")
-    cmd = [sys.executable, "-m", "rnnserve.server.main", "--model-repo", repo, "--host",
-           "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0"]  # fmt: skip
-    if as_pid1:
-        cmd = [*UNSHARE, *cmd]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    writer = None
+    proc, writer = _server_blocked_loading(tmp_path, prefix=tuple(UNSHARE) if as_pid1 else ())
     try:
-        deadline = time.monotonic() + 120  # a bound, not a speed assertion
-        while writer is None:  # opening the write end succeeds once the server reads it
-            assert proc.poll() is None and time.monotonic() < deadline, "never began loading"
-            try:
-                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as exc:
-                assert exc.errno == errno.ENXIO
-                time.sleep(0.05)
         # the server now waits for the manifest's bytes; as PID 1 it is unshare's child
         server = proc.pid
         if as_pid1:
@@ -415,8 +421,7 @@ def test_sigterm_while_loading_models_exits_0_at_once(tmp_path: Path, as_pid1: b
         assert "stopped by SIGTERM while starting" in err
         assert "listening" not in err
     finally:
-        if writer is not None:
-            os.close(writer)
+        os.close(writer)
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
@@ -427,23 +432,9 @@ def test_sighup_while_loading_models_is_a_rescan_once_started(
 ) -> None:
     """SIGHUP's default action is to terminate: one that reached a server still loading (under
     --workers, any worker's ReloadModels has the parent SIGHUP every worker) killed it."""
-    fifo = tmp_path / "repo" / "slow" / "1" / "manifest.json"
-    fifo.parent.mkdir(parents=True)
-    os.mkfifo(fifo)
-    cmd = [sys.executable, "-m", "rnnserve.server.main", "--model-repo", str(tmp_path / "repo"),
-           "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0",
-           "--allow-empty-repo", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    proc, writer = _server_blocked_loading(tmp_path, "--allow-empty-repo", "1")
     try:
         deadline = time.monotonic() + 120  # a bound, not a speed assertion
-        while True:  # opening the write end succeeds once the server reads it
-            assert proc.poll() is None and time.monotonic() < deadline, "never began loading"
-            try:
-                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-                break
-            except OSError as exc:
-                assert exc.errno == errno.ENXIO
-                time.sleep(0.05)
         os.kill(proc.pid, signal.SIGHUP)  # while it waits for the manifest's bytes
         # a model the start-up scan has passed (it listed the folders first): only the
         # rescan the SIGHUP asked for can find it
