@@ -213,13 +213,7 @@ class Repository:
             f"version folder {version!r} has the same number as {keeper!r}, which is version "
             f"{int(version)}: remove or renumber one of them"
         )
-        log.error(
-            "model %s/%s is NOT_SERVING: %s",
-            name,
-            version,
-            entry.reason,
-            extra={"model": name, "version": version},
-        )
+        _log_not_serving(entry)
         if self._on_load:
             self._on_load(entry)
         return entry
@@ -276,13 +270,7 @@ class Repository:
         except Exception as exc:  # any failure makes this one version NOT_SERVING
             entry.model = None
             entry.reason = _one_line(exc)
-            log.error(
-                "model %s/%s is NOT_SERVING: %s",
-                name,
-                version,
-                entry.reason,
-                extra={"model": name, "version": version},
-            )
+            _log_not_serving(entry)
         entry.load_seconds = time.perf_counter() - start
         if entry.serving:
             log.info(
@@ -360,6 +348,16 @@ def _changed(path: Path) -> float:
     except OSError:
         return 0.0
     return max(max(s.st_mtime, s.st_ctime) for s in stats)
+
+
+def _log_not_serving(entry: ModelVersion) -> None:
+    log.error(
+        "model %s/%s is NOT_SERVING: %s",
+        entry.name,
+        entry.version,
+        entry.reason,
+        extra={"model": entry.name, "version": entry.version},
+    )
 
 
 def _one_line(exc: BaseException) -> str:
