@@ -75,8 +75,8 @@ class InferenceServicer(object):
         Models with task "lm" only.
         Errors: INVALID_ARGUMENT (empty or too long prompt, max_tokens out of range, bad sampling
         parameters, bad resume state), NOT_FOUND, FAILED_PRECONDITION (not a left-to-right
-        model), RESOURCE_EXHAUSTED (too many concurrent streams), UNAVAILABLE (shutting down),
-        DEADLINE_EXCEEDED, UNAUTHENTICATED.
+        model), RESOURCE_EXHAUSTED (too many concurrent streams), UNAVAILABLE (shutting down, or
+        the model's decode process exited), DEADLINE_EXCEEDED, UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
