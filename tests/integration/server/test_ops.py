@@ -185,21 +185,28 @@ def test_a_removed_version_takes_no_new_stream_while_its_old_ones_drain(
         srv.stop()
 
 
+def _removed_while_a_stream_runs(model_repo: Path, tmp_path: Path):
+    """A server with gru versions 1 and 2, a stream admitted on 2 (held until released), and
+    version 2's folder removed: returns the server, the repository and version 2's loop."""
+    repo = tmp_path / "repo"
+    for version in ("1", "2"):
+        shutil.copytree(model_repo / "gru" / "1", repo / "gru" / version)
+    srv = ServerThread(make_settings(repo)).start()
+    request = pb.GenerateRequest(model="gru", version="2", prompt="ab", max_tokens=3)
+    assert list(srv.stub.Generate(request))
+    old = srv.app.engine._decoders[("gru", "2")]
+    srv.call(old.admit)  # a long stream on version 2
+    shutil.rmtree(repo / "gru" / "2")
+    return srv, repo, old
+
+
 def test_a_reload_is_not_held_up_by_a_removed_version_still_draining(
     model_repo: Path, tmp_path: Path
 ) -> None:
     """Rescans are one at a time, but the wait for a removed version's streams is not part
     of one: a version published meanwhile loads while the first reload is still waiting."""
-    repo = tmp_path / "repo"
-    for version in ("1", "2"):
-        shutil.copytree(model_repo / "gru" / "1", repo / "gru" / version)
-    srv = ServerThread(make_settings(repo)).start()
+    srv, repo, old = _removed_while_a_stream_runs(model_repo, tmp_path)
     try:
-        request = pb.GenerateRequest(model="gru", version="2", prompt="ab", max_tokens=3)
-        assert list(srv.stub.Generate(request))
-        old = srv.app.engine._decoders[("gru", "2")]
-        srv.call(old.admit)  # a long stream on version 2
-        shutil.rmtree(repo / "gru" / "2")
         pending = srv.admin.ReloadModels.future(pb.ReloadModelsRequest(), timeout=60)
         listed, end = {"2"}, time.monotonic() + 30  # its rescan is over: only the drain is left
         while "2" in listed and time.monotonic() < end:
@@ -222,16 +229,8 @@ def test_a_removed_version_closes_even_if_its_reload_call_gave_up(
 ) -> None:
     """The caller's deadline passes while version 2 drains: its decode loop must still close
     once the stream ends (it was popped from the engine: shutdown would never close it)."""
-    repo = tmp_path / "repo"
-    for version in ("1", "2"):
-        shutil.copytree(model_repo / "gru" / "1", repo / "gru" / version)
-    srv = ServerThread(make_settings(repo)).start()
+    srv, _repo, old = _removed_while_a_stream_runs(model_repo, tmp_path)
     try:
-        request = pb.GenerateRequest(model="gru", version="2", prompt="ab", max_tokens=3)
-        assert list(srv.stub.Generate(request))
-        old = srv.app.engine._decoders[("gru", "2")]
-        srv.call(old.admit)  # a long stream on version 2
-        shutil.rmtree(repo / "gru" / "2")
         with pytest.raises(grpc.RpcError) as err:
             srv.admin.ReloadModels(pb.ReloadModelsRequest(), timeout=5)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
