@@ -21,13 +21,19 @@ from rnnserve.trainer.time_budget import (
 from rnnserve.trainer.train import TrainConfig, fit
 
 
-def test_early_stopping_counts_epochs_since_the_best_and_keeps_its_weights() -> None:
+def _observed(stopper: EarlyStopping) -> tuple[torch.nn.Linear, EarlyStopping]:
+    """Epochs 1-3 at perplexities 5.0, 4.0, 4.5; each epoch's weights are filled with its
+    number, so the best (epoch 2) reads 2.0."""
     model = torch.nn.Linear(2, 1)
-    stopper = EarlyStopping(patience=2)
     for epoch, ppl in enumerate([5.0, 4.0, 4.5], start=1):
         with torch.no_grad():
             model.weight.fill_(float(epoch))
         stopper.observe(epoch, ppl, model)
+    return model, stopper
+
+
+def test_early_stopping_counts_epochs_since_the_best_and_keeps_its_weights() -> None:
+    model, stopper = _observed(EarlyStopping(patience=2))
     assert (stopper.best_epoch, stopper.epochs_since_best, stopper.should_stop()) == (2, 1, False)
     stopper.observe(4, 4.0, model)  # equal is not better
     assert stopper.should_stop()
@@ -57,12 +63,7 @@ def test_replay_rebuilds_the_counters_of_a_resumed_run() -> None:
 def test_the_state_with_the_best_weights_survives_a_weights_only_checkpoint(
     tmp_path: Path,
 ) -> None:
-    model = torch.nn.Linear(2, 1)
-    stopper = EarlyStopping(patience=3)
-    for epoch, ppl in enumerate([5.0, 4.0, 4.5], start=1):
-        with torch.no_grad():
-            model.weight.fill_(float(epoch))
-        stopper.observe(epoch, ppl, model)
+    model, stopper = _observed(EarlyStopping(patience=3))
     torch.save({"early_stopping": stopper.state_dict()}, tmp_path / "c.pt")
     saved = torch.load(tmp_path / "c.pt", weights_only=True)["early_stopping"]
     resumed = EarlyStopping(patience=3)
