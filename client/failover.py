@@ -163,6 +163,7 @@ class StreamLedger:
     text: list[str] = field(default_factory=list)  # delivered parts
     logprob: float = 0.0  # delivered, summed
     checkpoint: bytes | None = None
+    version: str = ""  # the model version the first attempt was served by ("" if unsaid)
     _at: tuple[int, int, float] = (0, 0, 0.0)  # tokens, characters, logprob at the checkpoint
     _cursor: tuple[int, int, float] = (0, 0, 0.0)  # the same, for the current attempt
     _chars: int = 0  # len("".join(text))
@@ -176,10 +177,17 @@ class StreamLedger:
         """The request for the next attempt: the original one until there is a checkpoint,
         then a continuation of the checkpoint (no prompt, same parameters, and the version
         the checkpoint was made by unless the caller pinned one: with version="" a replica
-        whose default version differs would refuse it)."""
+        whose default version differs would refuse it). A restart before the first
+        checkpoint asks for the version that served the first attempt: another replica's
+        default may be a newer model, whose tokens would not repeat the delivered ones."""
         self._cursor = self._at
         if self.checkpoint is None:
-            return self.request
+            if self.request.version or not self.version:
+                return self.request
+            restart = pb.GenerateRequest()
+            restart.CopyFrom(self.request)
+            restart.version = self.version
+            return restart
         continuation = pb.GenerateRequest()
         continuation.CopyFrom(self.request)
         continuation.prompt = ""
@@ -191,6 +199,8 @@ class StreamLedger:
     def take(self, msg: pb.GenerateResponse) -> TokenEvent | None:
         """One message of the current attempt -> the event for the caller (None when the
         message only repeats what the caller has). Raises StreamDiverged on a mismatch."""
+        if msg.model_version and not self.version:
+            self.version = msg.model_version
         tokens, chars, lp = self._cursor
         ids = list(msg.token_ids) or ([msg.token_id] if msg.token_id >= 0 else [])
         known = len(self.token_ids)

@@ -108,14 +108,16 @@ class Engine:
     # -- use cases --------------------------------------------------------------------------
     def generate(
         self, model: str, version: str, params: GenerateParams, deadline: float | None
-    ) -> AsyncIterator[Chunk]:
+    ) -> tuple[str, AsyncIterator[Chunk]]:
+        """The version that serves the stream (what an empty `version` resolved to: a client
+        restarting the stream elsewhere must ask for it) and the stream's chunks."""
         entry = self.lookup(model, version, "Generate")
         key = (entry.name, entry.version)
         if key not in self._generators:
             self._generators[key] = Generator(
                 entry, self.decoder(entry), self.limiter, self.signer, self.settings, self.metrics
             )
-        return self._generators[key].run(params, deadline)
+        return entry.version, self._generators[key].run(params, deadline)
 
     async def score(self, model: str, version: str, texts: list[str]) -> list[ScoreResult]:
         entry = self.lookup(model, version, "Score")

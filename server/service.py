@@ -84,7 +84,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             state_every=request.state_every,
         )
         model = require(request.model, "model")
-        chunks = self.engine.generate(model, request.version, params, _deadline(context))
+        version, chunks = self.engine.generate(model, request.version, params, _deadline(context))
         async for c in chunks:
             yield pb.GenerateResponse(
                 text=c.text,
@@ -93,7 +93,9 @@ class InferenceService(pb_grpc.InferenceServicer):
                 logprob=c.logprob,
                 finish_reason=FINISH.get(c.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
                 state=c.state,
+                model_version=version,
             )
+            version = ""  # the first message names it
 
     async def Score(self, request, context):
         model = require(request.model, "model")

@@ -132,7 +132,7 @@ class OpenAIRoutes:
         return json_response(body, request_id=call.request_id)
 
     def _generate(self, req: oa.CompletionRequest, prompt: str) -> AsyncIterator[Any]:
-        return self.engine.generate(req.model, "", req.params(prompt), None)
+        return self.engine.generate(req.model, "", req.params(prompt), None)[1]
 
     async def _collect(self, req: oa.CompletionRequest, prompt: str) -> Finished:
         got = Finished()

@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arnnserve/v1/rnnserve.proto\x12\x0brnnserve.v1\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.rnnserve.v1.ModelInfo\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"^\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x02 \x01(\t\x12*\n\x08versions\x18\x03 \x03(\x0b\x32\x18.rnnserve.v1.VersionInfo\"\xde\x03\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x46\n\x0fhyperparameters\x18\x04 \x03(\x0b\x32-.rnnserve.v1.VersionInfo.HyperparametersEntry\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\'\n\x05state\x18\x06 \x03(\x0b\x32\x18.rnnserve.v1.StateTensor\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\x12\x36\n\x07metrics\x18\x08 \x03(\x0b\x32%.rnnserve.v1.VersionInfo.MetricsEntry\x12\x0e\n\x06status\x18\t \x01(\t\x12\x15\n\rstatus_reason\x18\n \x01(\t\x12\x0c\n\x04rpcs\x18\x0b \x03(\t\x12\x11\n\ttokenizer\x18\x0c \x01(\t\x12\x11\n\tprecision\x18\r \x01(\t\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"9\n\x0bStateTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xcc\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.rnnserve.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x14\n\x0creturn_state\x18\x07 \x01(\x08\x12\r\n\x05state\x18\x08 \x01(\x0c\x12\x13\n\x0bstate_every\x18\t \x01(\r\"\x97\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.rnnserve.v1.FinishReason\x12\r\n\x05state\x18\x05 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\"=\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05texts\x18\x03 \x03(\t\":\n\rScoreResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.rnnserve.v1.ScoreResult\"\x8d\x01\n\x0bScoreResult\x12\x12\n\nperplexity\x18\x01 \x01(\x01\x12\x16\n\x0elog_likelihood\x18\x02 \x01(\x01\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x16\n\x0etoken_logprobs\x18\x04 \x03(\x02\x12\x16\n\x0eunknown_tokens\x18\x05 \x01(\x05\x12\x0e\n\x06tokens\x18\x06 \x03(\t\"[\n\rInfillRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04left\x18\x03 \x01(\t\x12\r\n\x05right\x18\x04 \x01(\t\x12\r\n\x05top_k\x18\x05 \x01(\x05\"B\n\x0eInfillResponse\x12\x30\n\ncandidates\x18\x01 \x03(\x0b\x32\x1c.rnnserve.v1.InfillCandidate\"F\n\x0fInfillCandidate\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\"j\n\x0f\x46orecastRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07history\x18\x03 \x03(\x01\x12\x0f\n\x07horizon\x18\x04 \x01(\x05\x12\x15\n\rreturn_fitted\x18\x05 \x01(\x08\"i\n\x10\x46orecastResponse\x12\x10\n\x08\x66orecast\x18\x01 \x03(\x01\x12\x0e\n\x06\x66itted\x18\x02 \x03(\x01\x12\x15\n\rfitted_offset\x18\x03 \x01(\x05\x12\r\n\x05lower\x18\x04 \x03(\x01\x12\r\n\x05upper\x18\x05 \x03(\x01\"\x15\n\x13ReloadModelsRequest\"H\n\x14ReloadModelsResponse\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12\x10\n\x08unloaded\x18\x02 \x03(\t\x12\x0e\n\x06\x66\x61iled\x18\x03 \x03(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xb3\x03\n\tInference\x12M\n\nListModels\x12\x1e.rnnserve.v1.ListModelsRequest\x1a\x1f.rnnserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.rnnserve.v1.GetModelRequest\x1a\x16.rnnserve.v1.ModelInfo\x12I\n\x08Generate\x12\x1c.rnnserve.v1.GenerateRequest\x1a\x1d.rnnserve.v1.GenerateResponse0\x01\x12>\n\x05Score\x12\x19.rnnserve.v1.ScoreRequest\x1a\x1a.rnnserve.v1.ScoreResponse\x12\x41\n\x06Infill\x12\x1a.rnnserve.v1.InfillRequest\x1a\x1b.rnnserve.v1.InfillResponse\x12G\n\x08\x46orecast\x12\x1c.rnnserve.v1.ForecastRequest\x1a\x1d.rnnserve.v1.ForecastResponse2\\\n\x05\x41\x64min\x12S\n\x0cReloadModels\x12 .rnnserve.v1.ReloadModelsRequest\x1a!.rnnserve.v1.ReloadModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arnnserve/v1/rnnserve.proto\x12\x0brnnserve.v1\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.rnnserve.v1.ModelInfo\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"^\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x02 \x01(\t\x12*\n\x08versions\x18\x03 \x03(\x0b\x32\x18.rnnserve.v1.VersionInfo\"\xde\x03\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x46\n\x0fhyperparameters\x18\x04 \x03(\x0b\x32-.rnnserve.v1.VersionInfo.HyperparametersEntry\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\'\n\x05state\x18\x06 \x03(\x0b\x32\x18.rnnserve.v1.StateTensor\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\x12\x36\n\x07metrics\x18\x08 \x03(\x0b\x32%.rnnserve.v1.VersionInfo.MetricsEntry\x12\x0e\n\x06status\x18\t \x01(\t\x12\x15\n\rstatus_reason\x18\n \x01(\t\x12\x0c\n\x04rpcs\x18\x0b \x03(\t\x12\x11\n\ttokenizer\x18\x0c \x01(\t\x12\x11\n\tprecision\x18\r \x01(\t\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"9\n\x0bStateTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xcc\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.rnnserve.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x14\n\x0creturn_state\x18\x07 \x01(\x08\x12\r\n\x05state\x18\x08 \x01(\x0c\x12\x13\n\x0bstate_every\x18\t \x01(\r\"\xae\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.rnnserve.v1.FinishReason\x12\r\n\x05state\x18\x05 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x12\x15\n\rmodel_version\x18\x07 \x01(\t\"=\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05texts\x18\x03 \x03(\t\":\n\rScoreResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.rnnserve.v1.ScoreResult\"\x8d\x01\n\x0bScoreResult\x12\x12\n\nperplexity\x18\x01 \x01(\x01\x12\x16\n\x0elog_likelihood\x18\x02 \x01(\x01\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x16\n\x0etoken_logprobs\x18\x04 \x03(\x02\x12\x16\n\x0eunknown_tokens\x18\x05 \x01(\x05\x12\x0e\n\x06tokens\x18\x06 \x03(\t\"[\n\rInfillRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04left\x18\x03 \x01(\t\x12\r\n\x05right\x18\x04 \x01(\t\x12\r\n\x05top_k\x18\x05 \x01(\x05\"B\n\x0eInfillResponse\x12\x30\n\ncandidates\x18\x01 \x03(\x0b\x32\x1c.rnnserve.v1.InfillCandidate\"F\n\x0fInfillCandidate\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\"j\n\x0f\x46orecastRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07history\x18\x03 \x03(\x01\x12\x0f\n\x07horizon\x18\x04 \x01(\x05\x12\x15\n\rreturn_fitted\x18\x05 \x01(\x08\"i\n\x10\x46orecastResponse\x12\x10\n\x08\x66orecast\x18\x01 \x03(\x01\x12\x0e\n\x06\x66itted\x18\x02 \x03(\x01\x12\x15\n\rfitted_offset\x18\x03 \x01(\x05\x12\r\n\x05lower\x18\x04 \x03(\x01\x12\r\n\x05upper\x18\x05 \x03(\x01\"\x15\n\x13ReloadModelsRequest\"H\n\x14ReloadModelsResponse\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12\x10\n\x08unloaded\x18\x02 \x03(\t\x12\x0e\n\x06\x66\x61iled\x18\x03 \x03(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xb3\x03\n\tInference\x12M\n\nListModels\x12\x1e.rnnserve.v1.ListModelsRequest\x1a\x1f.rnnserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.rnnserve.v1.GetModelRequest\x1a\x16.rnnserve.v1.ModelInfo\x12I\n\x08Generate\x12\x1c.rnnserve.v1.GenerateRequest\x1a\x1d.rnnserve.v1.GenerateResponse0\x01\x12>\n\x05Score\x12\x19.rnnserve.v1.ScoreRequest\x1a\x1a.rnnserve.v1.ScoreResponse\x12\x41\n\x06Infill\x12\x1a.rnnserve.v1.InfillRequest\x1a\x1b.rnnserve.v1.InfillResponse\x12G\n\x08\x46orecast\x12\x1c.rnnserve.v1.ForecastRequest\x1a\x1d.rnnserve.v1.ForecastResponse2\\\n\x05\x41\x64min\x12S\n\x0cReloadModels\x12 .rnnserve.v1.ReloadModelsRequest\x1a!.rnnserve.v1.ReloadModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -25,8 +25,8 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_VERSIONINFO_HYPERPARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_VERSIONINFO_METRICSENTRY']._options = None
   _globals['_VERSIONINFO_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2083
-  _globals['_FINISHREASON']._serialized_end=2201
+  _globals['_FINISHREASON']._serialized_start=2106
+  _globals['_FINISHREASON']._serialized_end=2224
   _globals['_LISTMODELSREQUEST']._serialized_start=43
   _globals['_LISTMODELSREQUEST']._serialized_end=62
   _globals['_LISTMODELSRESPONSE']._serialized_start=64
@@ -48,29 +48,29 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_GENERATEREQUEST']._serialized_start=911
   _globals['_GENERATEREQUEST']._serialized_end=1115
   _globals['_GENERATERESPONSE']._serialized_start=1118
-  _globals['_GENERATERESPONSE']._serialized_end=1269
-  _globals['_SCOREREQUEST']._serialized_start=1271
-  _globals['_SCOREREQUEST']._serialized_end=1332
-  _globals['_SCORERESPONSE']._serialized_start=1334
-  _globals['_SCORERESPONSE']._serialized_end=1392
-  _globals['_SCORERESULT']._serialized_start=1395
-  _globals['_SCORERESULT']._serialized_end=1536
-  _globals['_INFILLREQUEST']._serialized_start=1538
-  _globals['_INFILLREQUEST']._serialized_end=1629
-  _globals['_INFILLRESPONSE']._serialized_start=1631
-  _globals['_INFILLRESPONSE']._serialized_end=1697
-  _globals['_INFILLCANDIDATE']._serialized_start=1699
-  _globals['_INFILLCANDIDATE']._serialized_end=1769
-  _globals['_FORECASTREQUEST']._serialized_start=1771
-  _globals['_FORECASTREQUEST']._serialized_end=1877
-  _globals['_FORECASTRESPONSE']._serialized_start=1879
-  _globals['_FORECASTRESPONSE']._serialized_end=1984
-  _globals['_RELOADMODELSREQUEST']._serialized_start=1986
-  _globals['_RELOADMODELSREQUEST']._serialized_end=2007
-  _globals['_RELOADMODELSRESPONSE']._serialized_start=2009
-  _globals['_RELOADMODELSRESPONSE']._serialized_end=2081
-  _globals['_INFERENCE']._serialized_start=2204
-  _globals['_INFERENCE']._serialized_end=2639
-  _globals['_ADMIN']._serialized_start=2641
-  _globals['_ADMIN']._serialized_end=2733
+  _globals['_GENERATERESPONSE']._serialized_end=1292
+  _globals['_SCOREREQUEST']._serialized_start=1294
+  _globals['_SCOREREQUEST']._serialized_end=1355
+  _globals['_SCORERESPONSE']._serialized_start=1357
+  _globals['_SCORERESPONSE']._serialized_end=1415
+  _globals['_SCORERESULT']._serialized_start=1418
+  _globals['_SCORERESULT']._serialized_end=1559
+  _globals['_INFILLREQUEST']._serialized_start=1561
+  _globals['_INFILLREQUEST']._serialized_end=1652
+  _globals['_INFILLRESPONSE']._serialized_start=1654
+  _globals['_INFILLRESPONSE']._serialized_end=1720
+  _globals['_INFILLCANDIDATE']._serialized_start=1722
+  _globals['_INFILLCANDIDATE']._serialized_end=1792
+  _globals['_FORECASTREQUEST']._serialized_start=1794
+  _globals['_FORECASTREQUEST']._serialized_end=1900
+  _globals['_FORECASTRESPONSE']._serialized_start=1902
+  _globals['_FORECASTRESPONSE']._serialized_end=2007
+  _globals['_RELOADMODELSREQUEST']._serialized_start=2009
+  _globals['_RELOADMODELSREQUEST']._serialized_end=2030
+  _globals['_RELOADMODELSRESPONSE']._serialized_start=2032
+  _globals['_RELOADMODELSRESPONSE']._serialized_end=2104
+  _globals['_INFERENCE']._serialized_start=2227
+  _globals['_INFERENCE']._serialized_end=2662
+  _globals['_ADMIN']._serialized_start=2664
+  _globals['_ADMIN']._serialized_end=2756
 # @@protoc_insertion_point(module_scope)

@@ -309,6 +309,30 @@ def test_a_continuation_names_the_version_its_checkpoint_was_made_by(servers) ->
     assert ledger.attempt().version == ""
 
 
+def test_a_restart_before_the_first_checkpoint_asks_for_the_version_that_served_it(
+    servers,
+) -> None:
+    """The first message names the version an empty request version resolved to; a restart
+    before any checkpoint asks for it, so a replica whose default is a newer model does not
+    replace the delivered tokens with its own. A version the caller pinned stays."""
+    a, _ = servers
+    request = pb.GenerateRequest(model="gru", prompt=PROMPT, max_tokens=3)
+    first, *rest = a.stub.Generate(request, timeout=60)
+    assert first.model_version == "1"  # the test zoo's gru is version 1
+    assert rest and all(m.model_version == "" for m in rest)  # the first message only
+    ledger = StreamLedger(pb.GenerateRequest(model="gru", prompt="p", max_tokens=9))
+    ledger.take(first)
+    restart = ledger.attempt()
+    assert restart.version == "1" and restart.prompt == "p" and not restart.state
+    assert ledger.request.version == ""  # the caller's request is left as it was
+    pinned = StreamLedger(pb.GenerateRequest(model="gru", prompt="p", version="2"))
+    pinned.take(first)
+    assert pinned.attempt().version == "2"
+    unsaid = StreamLedger(pb.GenerateRequest(model="gru", prompt="p"))
+    unsaid.take(_msg([1], "a", -1.0))  # an older server names no version
+    assert unsaid.attempt().version == ""
+
+
 def test_failover_requests_carry_checkpoints_and_a_seed() -> None:
     sampled = pb.GenerateRequest(model="m", prompt="p", sampling=pb.SamplingParams(temperature=1))
     with_failover_defaults(sampled, 16)
