@@ -47,12 +47,13 @@ def is_replica_failure(error: RnnServeError, *, resuming: bool = False) -> bool:
     worth continuing elsewhere. Everything else is an answer, except while `resuming` (the
     attempt is one the stream failed over to, and the caller already holds part of the
     stream): then RESOURCE_EXHAUSTED (this replica is full, likeliest just when it absorbs a
-    dead one's streams) and NOT_FOUND (this replica lacks the model or the checkpoint's
-    version, as during a rolling deploy; the tokens delivered prove another replica had it)
-    say something about this replica, not about the request."""
+    dead one's streams), NOT_FOUND (this replica lacks the model or the checkpoint's
+    version, as during a rolling deploy) and FAILED_PRECONDITION (the version is NOT_SERVING
+    here: it failed to load on this replica) say something about this replica, not about the
+    request: the tokens delivered prove another replica served it."""
     if error.code in ("UNAVAILABLE", "CANCELLED"):
         return True
-    if resuming and error.code in ("RESOURCE_EXHAUSTED", "NOT_FOUND"):
+    if resuming and error.code in ("RESOURCE_EXHAUSTED", "NOT_FOUND", "FAILED_PRECONDITION"):
         return True
     if error.code in ("INTERNAL", "UNKNOWN"):
         details = error.details.lower()

@@ -24,6 +24,7 @@ import pytest
 from rnnserve.client import AsyncRnnClient, RetryPolicy, RnnClient
 from rnnserve.client.errors import (
     Cancelled,
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
@@ -382,6 +383,7 @@ def test_a_sampled_checkpoint_continues_through_the_client_without_its_seed(serv
         (Internal("Received RST_STREAM with error code 2"), True),
         (Internal("Exception iterating responses"), False),
         (NotFound("model x"), False),
+        (FailedPrecondition("model bilstm cannot Generate"), False),  # an answer at first
         (InvalidArgument("state: signed with a different --state-key"), False),
     ],
 )
@@ -394,6 +396,8 @@ def test_which_errors_mean_the_replica_is_gone(error, failure) -> None:
     [
         (ResourceExhausted("too many concurrent streams"), True),  # a full failover target
         (NotFound("model 'm' has no version '2'"), True),  # a replica not yet rolled out
+        # the version failed to load on this replica (the first one served it)
+        (FailedPrecondition("model m/2 is NOT_SERVING: model.onnx: unreadable"), True),
         (InvalidArgument("state: signed with a different --state-key"), False),
         (Internal("Exception iterating responses"), False),
     ],
