@@ -78,7 +78,9 @@ def backtest(
     test = default_test_size(n) if test_size is None else test_size
     if not 1 <= test < n:
         raise SeriesError(f"--test-size must be in [1, {n - 1}] for {n} values, got {test}")
-    candidates = tail_candidates(values[: n - test], tau, source, val_size, transform, season)
+    # the label says which values "has N values" counts: the part before the test window
+    label = f"{source} (before the test window of {test})"
+    candidates = tail_candidates(values[: n - test], tau, label, val_size, transform, season)
     fit = candidates[0]
     # the evaluation view: the test window held out (each model carries its own
     # representation and normaliser; the season, hence the MASE scale, is shared)

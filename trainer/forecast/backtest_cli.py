@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.forecast.flags import MLP_HIDDEN, RECURRENT_HIDDEN, add_series_arguments
+from rnnserve.trainer.forecast.metrics import finite_scores
 from rnnserve.trainer.forecast.series import MISSING_POLICIES, load_csv
 
 if TYPE_CHECKING:  # torch is imported only when a backtest runs, not to build the parser
@@ -70,6 +72,12 @@ def run(args: argparse.Namespace) -> int:
 
     values = load_csv(args.series, args.column, args.missing)
     configs = configs_from_args(args)
+    out = Path(args.out_dir)
+    stem = args.name or file_stem(args.column)
+    try:  # before training, so an unusable --out-dir does not cost the run
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainerError(f"cannot write {out}: {exc.strerror or exc}") from None
     result = backtest(
         values, f"{args.series}:{args.column}", configs, tau=args.tau,
         test_size=args.test_size, val_size=args.val_size, transform=args.transform or "auto",
@@ -80,19 +88,23 @@ def run(args: argparse.Namespace) -> int:
     best, base = result.best("model", 16), result.best("baseline", 16)
     print(f"k=16 MASE: best model {best} {result.scores[best][16]['mase']:.3f}, "
           f"best baseline {base} {result.scores[base][16]['mase']:.3f}")  # fmt: skip
-    out = Path(args.out_dir)
-    stem = args.name or args.column
+    target = out / f"{stem}.json"
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{stem}.json").write_text(json.dumps(report(result, configs), indent=2) + "\n")
+        target.parent.mkdir(parents=True, exist_ok=True)  # --name may name a subdirectory
+        target.write_text(json.dumps(report(result, configs), indent=2) + "\n")
     except OSError as exc:
-        raise TrainerError(f"cannot write {out}: {exc.strerror or exc}") from None
-    print(f"wrote {out / f'{stem}.json'}")
+        raise TrainerError(f"cannot write {target}: {exc.strerror or exc}") from None
+    print(f"wrote {target}")
     if not args.no_plot:
         from rnnserve.trainer.forecast.plot import plot_backtest
 
         print(f"wrote {plot_backtest(result, out / f'{stem}.png')}")
     return 0
+
+
+def file_stem(column: str) -> str:
+    """The column as a file name: path separators become "_" ("kWh/day" is not a path)."""
+    return re.sub(r"[/\\]", "_", column).strip() or "series"
 
 
 def report(result, configs: dict[str, ForecastTrainConfig]) -> dict:
@@ -104,7 +116,7 @@ def report(result, configs: dict[str, ForecastTrainConfig]) -> dict:
         "test_size": len(series.values) - series.num_train,
         "representation": result.representation,  # the automatic choice
         "representations": result.representations,  # what each model learned (select.py)
-        "validation_scores": result.val_scores,
+        "validation_scores": {m: finite_scores(s) for m, s in result.val_scores.items()},
         "season": series.season,
         "horizons": sorted(next(iter(result.scores.values()))),
         "scores": {n: {str(k): v for k, v in row.items()} for n, row in result.scores.items()},

@@ -21,6 +21,7 @@ from rnnserve.trainer.forecast.representation import Representation
 SEASON_MIN_ACF = 0.5
 ADF_CRITICAL_5PCT = -2.86  # constant, no trend; MacKinnon (2010), asymptotic
 MIN_VALUES_FOR_TESTS = 20
+FLAT_RESIDUAL = 1e-9  # detrended std at most this fraction of max |x|: rounding noise only
 
 
 def autocorrelation(values: np.ndarray, max_lag: int) -> np.ndarray:
@@ -40,6 +41,8 @@ def detect_season(values: np.ndarray, max_period: int | None = None) -> int:
         return 0
     t = np.arange(n)
     detrended = x - np.polyval(np.polyfit(t, x, 1), t)
+    if np.std(detrended) <= FLAT_RESIDUAL * np.max(np.abs(x)):
+        return 0  # a straight line: the residual's autocorrelation would be rounding noise
     acf = autocorrelation(detrended, limit + 1)
     for lag in range(2, limit + 1):
         here = acf[lag - 1]

@@ -11,6 +11,8 @@ the 16-step-ahead error against the same scale; MSE is in the series' units squa
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from rnnserve.trainer.forecast.series import SeriesError
@@ -42,3 +44,9 @@ def errors(truth: np.ndarray, pred: np.ndarray, scale: float) -> dict[str, float
         "smape": float(200.0 * np.mean(ratio)),
         "mse": float(np.mean(diff**2)),
     }
+
+
+def finite_scores(scores: dict[str, float]) -> dict[str, float]:
+    """The scores JSON can hold: a run without a validation tail scores inf (no score), and
+    `Infinity` in a manifest or report makes strict readers (JavaScript, Go) refuse the file."""
+    return {name: score for name, score in scores.items() if math.isfinite(score)}

@@ -28,6 +28,7 @@ from rnnserve.trainer.forecast.evaluate import (
     predict,
 )
 from rnnserve.trainer.forecast.intervals import manifest_intervals
+from rnnserve.trainer.forecast.metrics import finite_scores
 from rnnserve.trainer.forecast.models import min_history
 from rnnserve.trainer.forecast.select import train_on_best_representation
 from rnnserve.trainer.forecast.series import Series, SeriesError
@@ -102,7 +103,8 @@ def run_forecast(
             "num_train": series.num_train,
             "held_out": series.held_out,
             "representation": series.representation.name,
-            "representation_scores": picked.val_scores,  # {candidate: validation score}
+            # {candidate: validation score}; none without a validation tail (inf is not JSON)
+            "representation_scores": finite_scores(picked.val_scores),
             "config": config.to_dict(),
             "final_train_mse": history[-1],
             "baselines": {k: metrics_for_manifest(v) for k, v in table.items() if k != config.arch},

@@ -105,10 +105,23 @@ def load_csv(path: Path | str, column: str, missing: str = "interpolate") -> np.
             f"column {column!r} is not in {path} (columns: {', '.join(header) or 'none'}){hint}"
         )
     index = header.index(column)
+    # In a one-column file an empty line is an empty cell (pandas writes NaN that way): a
+    # time step to fill, unless only blank lines follow. With more columns it has no date.
+    blank_is_missing = len(header) == 1
     values: list[float | None] = []
+    pending: list[int] = []  # lines of blank rows not yet known to be inside the data
     for line, row in enumerate(rows[1:], start=2):
         if not row or all(not cell.strip() for cell in row):
+            if blank_is_missing:
+                pending.append(line)
             continue  # blank line
+        if pending and missing == "error":
+            raise SeriesError(
+                f"{path}:{pending[0]}: column {column!r} has a missing value "
+                "(use --missing interpolate to fill it)"
+            )
+        values += [None] * len(pending)
+        pending = []
         cell = row[index] if index < len(row) else ""
         try:
             value = _parse_cell(cell)
@@ -310,6 +323,8 @@ def load_candidates(
     learns levels) and "auto" otherwise."""
     if tau < 1:
         raise SeriesError(f"--tau must be at least 1, got {tau}")
+    if path is None and column:  # a forgotten --series would train on the sine instead
+        raise SeriesError(f"--column {column} needs --series FILE.csv (the file to read it from)")
     if path is None:
         values, source = textbook_series(), "textbook"
     elif not column:

@@ -185,6 +185,10 @@ def _train(
     rollout = min(config.rollout, steps) if config.num_steps is None else config.rollout
     if steps < 1 or config.epochs < 1 or config.batch_size < 1:
         raise TrainerError("--num-steps, --epochs and --batch-size must be at least 1")
+    if warmup < 0:  # a negative warm-up slices the windows wrongly (torch fails or misscores)
+        raise TrainerError(f"--warmup must be at least 0, got {warmup}")
+    if config.patience < 0:  # 0 already means "never stop early"
+        raise TrainerError(f"--patience must be at least 0 (0 = off), got {config.patience}")
     if not 0 <= rollout <= steps:
         raise TrainerError(f"--rollout must be between 0 and --num-steps ({steps})")
     length = warmup + steps + 1

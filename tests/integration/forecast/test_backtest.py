@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rnnserve.trainer.cli import main
@@ -44,6 +45,32 @@ def test_backtest_cli_refuses_bad_input(tmp_path: Path, capsys) -> None:
     # --hidden 0 is refused like `train` refuses it, not read as "the default"
     assert main([*argv, "--arch", "mlp", "--hidden", "0", "--out-dir", str(tmp_path)]) == 2
     assert "--hidden >= 1" in capsys.readouterr().err
+
+
+def test_backtest_errors_say_what_the_backtest_needs(tmp_path: Path, capsys) -> None:
+    short = tmp_path / "short.csv"  # 30 values: 16 test, 14 left to train and validate
+    short.write_text("v\n" + "\n".join(str(v) for v in np.sin(np.arange(30.0))) + "\n")
+    argv = ["backtest", "--series", str(short), "--column", "v", "--arch", "mlp"]
+    assert main([*argv, "--out-dir", str(tmp_path / "bt")]) == 2
+    err = capsys.readouterr().err  # not "has 14 values" alone: the file has 30
+    assert "short.csv:v (before the test window of 16) has 14 values" in err
+    # an output directory that cannot be created fails before any training
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    long = ["backtest", "--series", str(DATA / "nile.csv"), "--column", "volume"]
+    assert main([*long, "--arch", "mlp", "--out-dir", str(blocker / "bt")]) == 2
+    captured = capsys.readouterr()
+    assert "cannot write" in captured.err and "trained" not in captured.out
+
+
+def test_backtest_file_names_from_a_column_with_a_slash(tmp_path: Path) -> None:
+    csv = tmp_path / "load.csv"  # the column name is not a path: kWh/day.json would be in kWh/
+    csv.write_text("kWh/day\n" + "\n".join(str(v) for v in np.sin(np.arange(120.0))) + "\n")
+    argv = ["backtest", "--series", str(csv), "--column", "kWh/day", "--arch", "mlp"]
+    argv += ["--epochs", "1", "--hidden", "4", "--season", "0", "--out-dir", str(tmp_path / "bt")]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "bt" / "kWh_day.json").read_text())["series"].endswith("day")
+    assert (tmp_path / "bt" / "kWh_day.png").read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.mark.slow

@@ -69,6 +69,20 @@ def test_train_csv_keeps_the_representation_its_validation_tail_prefers(tmp_path
     assert manifest["series"]["representation"]["name"] == chosen  # what the server undoes
 
 
+def test_textbook_manifest_is_strict_json(tmp_path: Path) -> None:
+    """The textbook split has no validation tail, so no validation score: it used to be
+    written as `Infinity`, which strict JSON readers (JavaScript, Go) refuse."""
+    argv = ["train", "--task", "forecast", "--arch", "mlp", "--out", str(tmp_path), *TINY]
+    assert main([*argv, "--name", "sine"]) == 0
+    text = (tmp_path / "sine" / "1" / "manifest.json").read_text()
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    manifest = json.loads(text, parse_constant=refuse)
+    assert manifest["training"]["representation_scores"] == {}
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -79,6 +93,7 @@ def test_train_csv_keeps_the_representation_its_validation_tail_prefers(tmp_path
         (["--column", "level", "--corpus", "x.txt"], "not --corpus"),
         (["--column", "level", "--bidirectional"], "does not apply to forecasting"),
         (["--column", "level", "--rollout", "99"], "--rollout must be between"),
+        (["--column", "level", "--warmup", "-3"], "--warmup must be at least 0"),
     ],
 )
 def test_bad_input_is_one_error_line(tmp_path: Path, capsys, extra: list[str], message) -> None:

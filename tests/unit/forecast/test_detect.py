@@ -28,6 +28,15 @@ def test_season_of_a_noisy_monthly_pattern_is_12_and_noise_has_none() -> None:
     assert detect_season(np.arange(10.0)) == 0  # too short to tell
 
 
+def test_a_pure_trend_has_no_season() -> None:
+    """Detrending an exact line leaves only rounding noise, whose autocorrelation used to
+    peak somewhere (lag 5 for 1e6 + 0.1 t) and turn a straight line into a season."""
+    t = np.arange(300.0)
+    for line in (3 * t + 5, 1e6 + 0.1 * t, 1e6 + t):
+        assert detect_season(line) == 0
+    assert choose_representation(1e6 + 0.1 * t, "level", None) == Representation(0, 0)
+
+
 def test_unit_root_test_separates_a_random_walk_from_white_noise() -> None:
     rng = np.random.default_rng(0)
     walk = np.cumsum(rng.normal(size=400))

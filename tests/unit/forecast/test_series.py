@@ -70,6 +70,15 @@ def test_missing_values_are_interpolated(tmp_path: Path) -> None:
     assert load_csv(path, "v", "interpolate").tolist() == [1.0, 1.0, 2.0, 3.0, 4.0, 4.0]
 
 
+def test_empty_cells_of_a_one_column_file_are_missing_values(tmp_path: Path) -> None:
+    # pandas writes NaN in a one-column CSV as an empty line: it is a time step, not a
+    # blank line to skip (skipping shifted every later value); trailing blank lines are not
+    path = write_csv(tmp_path / "s.csv", "v\n1\n\n3\n\n\n6\n\n\n")
+    assert load_csv(path, "v").tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    with pytest.raises(SeriesError, match=r"s\.csv:3: column 'v' has a missing value"):
+        load_csv(path, "v", "error")
+
+
 def test_missing_values_refused_with_line_number(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "s.csv", "a,v\n1,1\n2,\n3,3\n")
     with pytest.raises(SeriesError, match=r"s\.csv:3: column 'v' has a missing value"):
@@ -108,6 +117,8 @@ def test_too_short_and_flat_series_are_refused(tmp_path: Path) -> None:
         load_series(flat, "v", tau=2)
     with pytest.raises(SeriesError, match="--column"):
         load_series(flat, None, tau=2)
+    with pytest.raises(SeriesError, match="--column v needs --series"):  # not the sine instead
+        load_series(None, "v", tau=2)
     with pytest.raises(SeriesError, match="--tau must be at least 1"):
         load_series(None, None, tau=0)
 

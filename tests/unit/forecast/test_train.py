@@ -44,6 +44,8 @@ def test_training_is_reproducible_with_a_seed() -> None:
         ({"num_steps": 700}, "lower --num-steps"),
         ({"arch": "hmm"}, "--arch must be one of"),
         ({"device": "tpu"}, "unknown --device"),
+        ({"warmup": -1}, "--warmup must be at least 0"),  # was a RuntimeError from torch
+        ({"patience": -1}, "--patience must be at least 0"),
     ],
 )
 def test_bad_settings_are_refused(changes: dict, message: str) -> None:
