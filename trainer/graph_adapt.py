@@ -79,7 +79,7 @@ def _swap_first_axes(value: onnx.ValueInfoProto) -> None:
 def _adapt_input(
     graph: onnx.GraphProto, name: str, time_major: bool, vocab: VocabMap, cast: bool
 ) -> None:
-    inner = f"{PREFIX}{name}"
+    inner = f"{PREFIX}in_{name}"  # "in_"/"out_": a tensor named "ids" must not meet ours
     _rename_uses(graph, name, inner)
     nodes, current = [], name
     if vocab.to_graph is not None:
@@ -104,7 +104,7 @@ def _adapt_input(
 
 
 def _adapt_output(graph: onnx.GraphProto, name: str, time_major: bool, vocab: VocabMap) -> None:
-    inner = f"{PREFIX}{name}"
+    inner = f"{PREFIX}out_{name}"
     for node in graph.node:
         for i, produced in enumerate(node.output):
             if produced == name:

@@ -11,6 +11,7 @@ rounding-sized nudge to the state). A wrong graph differs by far more than its o
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -107,8 +108,14 @@ class OrtGraph:
         return np.concatenate(outs, axis=1), current
 
 
+# ORT prefixes its reason with the C++ source line and signature (300 characters of it cut
+# the reason off) and, for a file, the staging path the user never sees
+_ORT_NOISE = re.compile(r"Load model from .*? failed:|/onnxruntime_src/\S+:\d+ [^\n]*?\) ")
+
+
 def _first_line(exc: BaseException) -> str:
-    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:300]
+    text = _ORT_NOISE.sub("", str(exc)).strip()
+    return ((text.splitlines() or [type(exc).__name__])[0])[:300]
 
 
 def log_probs(logits: np.ndarray) -> np.ndarray:

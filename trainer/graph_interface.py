@@ -133,8 +133,26 @@ def _fits(dim: Dim, vocab_size: int) -> bool:
     return not isinstance(dim, int) or dim == vocab_size
 
 
-def _parse_state(text: str) -> tuple[str, str, int | None]:
+def _parse_state(
+    text: str, inputs: dict[str, Tensor], outputs: dict[str, Tensor]
+) -> tuple[str, str, int | None]:
+    """INPUT:OUTPUT[:AXIS]; names may hold colons themselves (tf2onnx's "h0:0"), so a split
+    that names an input and an output of the graph wins over the plain one."""
     parts = text.split(":")
+    fits = []
+    for cut in range(1, len(parts)):
+        for end in (len(parts), len(parts) - 1):
+            i, o = ":".join(parts[:cut]), ":".join(parts[cut:end])
+            tail = parts[end:]
+            axis = _integer(tail[0]) if tail else None
+            if i in inputs and o in outputs and (not tail or axis is not None):
+                fits.append((i, o, axis))
+    if len(fits) == 1:
+        return fits[0]
+    if len(fits) > 1:
+        shown = ", ".join(f"{i}:{o}" for i, o, _ in fits)
+        raise TrainerError(f"--state {text!r} reads as more than one pair ({shown}); rename"
+                           " the tensors without colons")  # fmt: skip
     if len(parts) not in (2, 3) or not all(parts[:2]):
         raise TrainerError(f"--state {text!r}: expected INPUT:OUTPUT or INPUT:OUTPUT:BATCH_AXIS")
     try:
@@ -142,6 +160,13 @@ def _parse_state(text: str) -> tuple[str, str, int | None]:
     except ValueError as exc:
         raise TrainerError(f"--state {text!r}: BATCH_AXIS must be an integer") from exc
     return parts[0], parts[1], axis
+
+
+def _integer(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
@@ -183,11 +208,13 @@ def _state_spec(inp: Tensor, out: Tensor, axis: int | None) -> StateSpec:
     symbolic = [i for i, d in enumerate(inp.dims) if not isinstance(d, int)]
     if axis is None:
         if len(symbolic) != 1:
-            why = "no symbolic axis" if not symbolic else f"symbolic axes {symbolic}"
-            raise misfit(
-                f"cannot tell the batch axis of state {inp.describe()} ({why}); export it with"
-                " dynamic_axes naming its batch axis, or give --state INPUT:OUTPUT:AXIS"
+            # a fixed batch axis is refused whatever --state says: only a re-export helps
+            fix = (
+                "no symbolic axis); export it with dynamic_axes naming its batch axis"
+                if not symbolic
+                else f"symbolic axes {symbolic}); name it with --state INPUT:OUTPUT:AXIS"
             )
+            raise misfit(f"cannot tell the batch axis of state {inp.describe()} ({fix}")
         axis = symbolic[0]
     if not 0 <= axis < len(inp.dims):
         raise misfit(f"state {inp.describe()} has no axis {axis}")
@@ -233,7 +260,7 @@ def resolve(
     else:
         pairs = []
         for text in states:
-            i, o, axis = _parse_state(text)
+            i, o, axis = _parse_state(text, rest_in, rest_out)
             if i not in rest_in:
                 raise misfit(f"--state {text!r}: no state input {i!r}; left: {_listing(rest_in)}")
             if o not in rest_out:

@@ -120,11 +120,17 @@ def architecture_of(graph: onnx.GraphProto, given: str | None) -> str:
 
 def _load(path: Path) -> onnx.ModelProto:
     try:
-        return onnx.load(str(path))
+        model = onnx.load(str(path))
     except FileNotFoundError as exc:
         raise TrainerError(f"no ONNX graph at {path}") from exc
     except Exception as exc:  # protobuf's DecodeError and friends
         raise TrainerError(f"{path} is not a readable ONNX graph: {exc}") from exc
+    if not model.graph.node:  # an empty file or a bare GraphProto parses as an empty model
+        raise TrainerError(
+            f"{path} holds no ONNX model (no graph nodes); give the file torch.onnx.export"
+            " (or onnx.save of a ModelProto) wrote"
+        )
+    return model
 
 
 def _probe(request: PackageRequest, vocab: Vocab) -> tuple[list[int] | None, str]:
@@ -143,7 +149,13 @@ def package_model(request: PackageRequest) -> Path:
     Raises TrainerError saying which input or output does not fit and why; nothing is left
     behind on failure.
     """
-    target = package_dir(request.out, request.name, request.version)
+    version = request.version
+    if not (version.isascii() and version.isdigit() and int(version) >= 1):
+        raise TrainerError(  # server/repository.py skips any other version folder
+            f"--version {version!r}: the server loads only versions named by a positive"
+            " integer (1, 2, ...)"
+        )
+    target = package_dir(request.out, request.name, version)
     model = _load(request.onnx_path)
     graph_tokens = read_vocab(request.vocab_path)
     iface: GraphInterface = resolve(

@@ -61,6 +61,12 @@ def check_interface(
             f"output {iface.output!r} comes back with shape {list(out.shape)} for 2 rows of 3"
             f" tokens; expected {order} with {vocab_size} tokens (the vocabulary's size)"
         )
+    if out.size and np.all(out >= 0) and np.allclose(out.sum(axis=-1), 1.0, atol=1e-3):
+        raise misfit(  # log-softmax of probabilities is nearly flat: every score would be wrong
+            f"output {iface.output!r} holds probabilities (each step's values are >= 0 and sum"
+            " to 1); the server applies log-softmax, so export the logits or log_softmax"
+            " instead of softmax"
+        )
     for spec, tensor in zip(iface.states, state, strict=True):
         want = list(spec.shape)
         want[spec.batch_axis] = 2

@@ -239,7 +239,8 @@ def reduce_precision(
     """Replaces the checked fp32 graph at `onnx_path` (whose interface `manifest` describes)
     by its `precision` copy, checked; returns (manifest.quantization, parity["precision"])."""
     vocab_size = manifest.vocab_size or int(manifest.hyperparameters.get("vocab_size") or 0)
-    if manifest.input_name != "tokens" or not vocab_size:
+    # the task, not the input's name: a packaged graph keeps its own names ("input", "x")
+    if manifest.task not in ("lm", "infill") or not vocab_size:
         raise TrainerError(
             f"--precision {precision} is for token models (lm, infill); export this one at fp32"
         )

@@ -19,6 +19,7 @@ from rnnserve.trainer.graph_adapt import MISSING_LOGIT, adapt, map_vocab
 from rnnserve.trainer.graph_interface import resolve
 from rnnserve.trainer.package import PackageRequest, package_model, read_vocab, tokenizer_spec
 from rnnserve.trainer.package_cli import _probe_ids
+from rnnserve.trainer.precision import convert_package
 
 USER_TOKENS = ["the", "<eos>", "cat", "<unk>", "sat"]  # the user's own order
 
@@ -111,6 +112,22 @@ def test_inference_says_which_flag_settles_a_doubt() -> None:
         resolve(fixed.graph, len(USER_TOKENS))
 
 
+def test_a_state_without_a_symbolic_axis_is_sent_to_re_export_not_to_a_flag() -> None:
+    """--state h:h_next:1 cannot make a fixed batch axis symbolic (the axes check refuses it
+    next), so the message must not offer that flag; two symbolic axes are what it settles."""
+    fixed = _lookup_graph(False)
+    for value in [fixed.graph.input[1], fixed.graph.output[1]]:
+        value.type.tensor_type.shape.dim[1].dim_value = 2
+    with pytest.raises(TrainerError, match="dynamic_axes") as caught:
+        resolve(fixed.graph, len(USER_TOKENS))
+    assert "--state" not in str(caught.value)
+    two = _lookup_graph(False)
+    for value in [two.graph.input[1], two.graph.output[1]]:
+        value.type.tensor_type.shape.dim[0].dim_param = "layers"
+    with pytest.raises(TrainerError, match=r"symbolic axes \[0, 1\]\); name it with --state"):
+        resolve(two.graph, len(USER_TOKENS))
+
+
 def _package_lookup(tmp_path: Path, model: onnx.ModelProto) -> Path:
     (tmp_path / "g.onnx").write_bytes(model.SerializeToString())
     (tmp_path / "vocab.txt").write_text("\n".join(USER_TOKENS) + "\n", encoding="utf-8")
@@ -183,3 +200,91 @@ def test_the_precision_probe_reads_text_as_the_fp32_check_does(tmp_path: Path) -
     text = tmp_path / "text.txt"
     text.write_text("\ufeffthe cat sat", encoding="utf-8")
     assert _probe_ids(package, str(text)) == [4, 5, 6]
+
+
+def _renamed_input(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """The lookup graph with its token input called `name` (every exporter names its own)."""
+    model.graph.input[0].name = name
+    model.graph.node[0].input[1] = name
+    return model
+
+
+def test_a_token_input_named_like_an_adapter_tensor_still_packages(tmp_path: Path) -> None:
+    """A token input called "ids" once clashed with the renumbering Gather's own output."""
+    package = _package_lookup(tmp_path, _renamed_input(_lookup_graph(False), "ids"))
+    session = ort.InferenceSession(str(package / "model.onnx"))
+    x = np.array([[4, 5, 0]], dtype=np.int64)
+    logits, _ = session.run(None, {"ids": x, "h": np.zeros((1, 1, 4), np.float32)})
+    vocab = map_vocab(USER_TOKENS)
+    row = np.arange(25, dtype=np.float32).reshape(5, 5)[vocab.to_graph[5]][vocab.to_graph]
+    row[vocab.missing] += MISSING_LOGIT
+    np.testing.assert_array_equal(logits[0, 1], row)
+
+
+def test_a_packaged_graph_keeps_its_input_name_through_int8(tmp_path: Path) -> None:
+    """--precision on `package`: the token input is the user's ("input"), not "tokens"."""
+    package = _package_lookup(tmp_path, _renamed_input(_lookup_graph(True), "input"))
+    converted = convert_package(package, tmp_path / "models", "m", "2", precision="int8")
+    manifest = Manifest.load(converted)
+    assert (manifest.input_name, manifest.precision) == ("input", "int8")
+    assert manifest.parity["precision"]["perplexity_change"] <= 0.0
+
+
+def test_a_file_that_is_no_model_is_named_as_such(tmp_path: Path) -> None:
+    """An empty file or a bare GraphProto parse as an empty ModelProto: the message must not
+    send the user looking for a --input the file does not have."""
+    graph_only = _lookup_graph(False).graph.SerializeToString()
+    for content in [b"", graph_only]:
+        with pytest.raises(TrainerError, match=r"g\.onnx holds no ONNX model"):
+            _package_lookup(tmp_path, onnx.ModelProto.FromString(content))
+    assert not (tmp_path / "models").exists()
+
+
+def test_onnx_runtimes_reason_is_not_cut_off_by_its_source_location(tmp_path: Path) -> None:
+    """ORT puts a C++ file, line and signature before the reason; 300 characters of them hid
+    the reason (here: an IR version newer than it reads)."""
+    model = _lookup_graph(False)
+    model.ir_version = 99
+    with pytest.raises(TrainerError, match="Unsupported model IR version: 99") as caught:
+        _package_lookup(tmp_path, model)
+    assert "onnxruntime_src" not in str(caught.value)
+
+
+@pytest.mark.parametrize("version", ["v2", "0", "²", "latest"])
+def test_a_version_the_server_would_skip_is_refused(tmp_path: Path, version: str) -> None:
+    """The server loads only positive-integer version folders: "v2" would be written, then
+    never served."""
+    (tmp_path / "g.onnx").write_bytes(_lookup_graph(False).SerializeToString())
+    (tmp_path / "vocab.txt").write_text("\n".join(USER_TOKENS) + "\n", encoding="utf-8")
+    request = PackageRequest(
+        onnx_path=tmp_path / "g.onnx", vocab_path=tmp_path / "vocab.txt",
+        tokenizer=TokenizerConfig(level="word"), out=tmp_path / "models", name="m",
+        version=version, arch="rnn",
+    )  # fmt: skip
+    with pytest.raises(TrainerError, match="positive integer"):
+        package_model(request)
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_softmax_output_is_refused(tmp_path: Path) -> None:
+    """Probabilities fed to the server's log-softmax give a nearly flat distribution: every
+    Score and Generate would be wrong, yet every check of the graph against itself passes."""
+    model = _lookup_graph(False)
+    model.graph.node[1].output[0] = "raw"
+    model.graph.node.append(helper.make_node("Softmax", ["raw"], ["logits"], axis=-1))
+    with pytest.raises(TrainerError, match=r"'logits' holds probabilities.*log_softmax"):
+        _package_lookup(tmp_path, model)
+    assert not (tmp_path / "models").exists()
+
+
+def test_state_names_may_hold_colons(tmp_path: Path) -> None:
+    """tf2onnx names tensors "h:0", "Identity:1": --state must still pair them."""
+    model = _lookup_graph(False)
+    model.graph.input[1].name, model.graph.output[1].name = "h:0", "h_next:0"
+    model.graph.node[2].input[0], model.graph.node[2].output[0] = "h:0", "h_next:0"
+    for flag, axis in [("h:0:h_next:0", 1), ("h:0:h_next:0:1", 1)]:
+        iface = resolve(model.graph, len(USER_TOKENS), states=[flag])
+        assert [(s.input, s.output, s.batch_axis) for s in iface.states] == [
+            ("h:0", "h_next:0", axis)]  # fmt: skip
+    with pytest.raises(TrainerError, match="no state input 'x'"):
+        resolve(model.graph, len(USER_TOKENS), states=["x:h_next:0"])
