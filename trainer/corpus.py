@@ -86,8 +86,16 @@ def build_corpus(
             raise TrainerError(f"--max-tokens must be >= 1, got {max_tokens}")
         tokens = tokens[:max_tokens]
     if len(tokens) < MIN_TOKENS:
+        # letters-only keeps a-z alone: a Cyrillic or CJK text collapses to a space or two
+        hint = (
+            " (letters-only tokenization maps everything outside a-z, accented and non-Latin "
+            "letters too, to spaces; use --keep-punctuation to keep them)"
+            if config.letters_only
+            else ""
+        )
         raise TrainerError(
-            f"corpus has {len(tokens)} tokens after tokenization; at least {MIN_TOKENS} are needed"
+            f"corpus has {len(tokens)} tokens after tokenization; at least {MIN_TOKENS} "
+            f"are needed{hint}"
         )
     vocab = Vocab.build(tokens, min_freq=min_freq)
     if len(vocab) == len(RESERVED):  # every token would be <unk>: a model that learns nothing

@@ -82,6 +82,15 @@ def _check_ids(ids: Sequence[int], vocab_size: int) -> None:
         raise TrainerError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
 
 
+def _perplexity(total_log_likelihood: float, count: int) -> float:
+    """exp(-total / count), inf where that overflows: math.exp raises OverflowError past ~709,
+    which a sequence of near-impossible tokens (tiny alpha) reaches."""
+    try:
+        return math.exp(-total_log_likelihood / count)
+    except OverflowError:
+        return math.inf
+
+
 def _check_training_ids(ids: Sequence[int], config: NgramConfig) -> None:
     _check_ids(ids, config.vocab_size)
     excluded = set(config.excluded)
@@ -108,30 +117,42 @@ class NgramCounts:
             model.counts[tuple(padded[i : i + k])][w] += 1
         return model
 
-    def prob(self, context: Sequence[int], w: int) -> float:
-        """p(w | last n-1 ids of `context`), `context` already padded to length >= n-1."""
+    def _fraction(self, context: Sequence[int], w: int) -> tuple[float, float]:
+        """(count(c, w) + alpha, count(c) + alpha * V) for the last n-1 ids of `context`."""
         k, v, a = self.config.n - 1, self.config.outcomes, self.config.alpha
-        if w in self.config.excluded:
-            return 0.0
         ctx = tuple(context[len(context) - k :]) if k else ()
         row = self.counts.get(ctx)
         total = sum(row.values()) if row else 0
-        return ((row[w] if row else 0) + a) / (total + a * v)
+        return (row[w] if row else 0) + a, total + a * v
+
+    def prob(self, context: Sequence[int], w: int) -> float:
+        """p(w | last n-1 ids of `context`), `context` already padded to length >= n-1."""
+        if w in self.config.excluded:
+            return 0.0
+        numerator, denominator = self._fraction(context, w)
+        return numerator / denominator
+
+    def log_prob(self, context: Sequence[int], w: int) -> float:
+        """log p(w | context) as a difference of logs: the ratio itself underflows to 0 for a
+        tiny alpha (5e-324 / 3 == 0.0), its log (-745) does not."""
+        if w in self.config.excluded:
+            return -math.inf
+        numerator, denominator = self._fraction(context, w)
+        return math.log(numerator) - math.log(denominator)
 
     def log_likelihoods(self, ids: Sequence[int]) -> list[float]:
         """log p(ids[i] | previous ids, <bos>-padded), for every i."""
         _check_ids(ids, self.config.vocab_size)
         k = self.config.n - 1
         padded = [BOS_ID] * k + list(ids)
-        probs = [self.prob(padded[i : i + k], w) for i, w in enumerate(ids)]
-        return [math.log(p) if p > 0 else -math.inf for p in probs]
+        return [self.log_prob(padded[i : i + k], w) for i, w in enumerate(ids)]
 
     def perplexity(self, ids: Sequence[int]) -> float:
         """exp(mean negative log-likelihood) over every id, starting from a `<bos>` context."""
         if not ids:
             raise TrainerError("cannot measure perplexity on an empty sequence")
         lls = self.log_likelihoods(ids)
-        return math.exp(-sum(lls) / len(lls))
+        return _perplexity(sum(lls), len(lls))
 
 
 def dense_log_probs(ids: Sequence[int], config: NgramConfig) -> np.ndarray:
@@ -152,7 +173,8 @@ def dense_log_probs(ids: Sequence[int], config: NgramConfig) -> np.ndarray:
         index = index * v + padded[j : j + num]
     counts = np.bincount(index, minlength=v**config.n).reshape(v**k, v).astype(np.float64)
     denominator = counts.sum(axis=1, keepdims=True) + config.alpha * config.outcomes
-    log_probs = np.log((counts + config.alpha) / denominator)
+    # a difference of logs: the ratio underflows to 0 (log -inf) for a tiny alpha
+    log_probs = np.log(counts + config.alpha) - np.log(denominator)
     log_probs[:, list(config.excluded)] = NEVER_LOGPROB
     return log_probs.astype(np.float32)
 
@@ -215,17 +237,22 @@ class NgramLM(nn.Module):
 
     @torch.no_grad()
     def perplexity(self, ids: Sequence[int]) -> float:
-        """Same number as NgramCounts.perplexity, computed by the graph's forward."""
+        """Same number as NgramCounts.perplexity, computed by the graph's forward.
+
+        An excluded id has probability 0 (inf), not the table's finite NEVER_LOGPROB, whose
+        exp(1e4 / len) would overflow or give an arbitrary huge number."""
         if len(ids) < 1:
             raise TrainerError("cannot measure perplexity on an empty sequence")
         _check_ids(ids, self.config.vocab_size)
+        if not set(ids).isdisjoint(self.config.excluded):
+            return math.inf
         tokens = torch.tensor([list(ids)], dtype=torch.int64)  # [1, time]
         (context,) = self.initial_state(1)
         first = self.log_probs[self._bos_row(), ids[0]]  # p(ids[0] | <bos>...)
         logits, _ = self.forward(tokens[:, :-1], context)  # predicts ids[1:]
         picked = logits[0].gather(1, tokens[0, 1:, None]).squeeze(1)  # [time - 1]
         total = float(first) + float(picked.double().sum())
-        return math.exp(-total / len(ids))
+        return _perplexity(total, len(ids))
 
     def start_log_probs(self) -> list[float]:
         """log p(first token | <bos>...) [V], for the manifest: the graph never outputs this

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from rnnserve.artifact.tokenizer import Tokenizer
-from rnnserve.artifact.vocab import RESERVED
+from rnnserve.artifact.vocab import RESERVED, Vocab
 from rnnserve.trainer.checkpoint import load_checkpoint, restore
 from rnnserve.trainer.errors import TrainerError
 
@@ -47,10 +47,28 @@ def greedy_ids(model, prefix_ids: list[int], k: int) -> list[int]:
     return out
 
 
+def _prefix_ids(vocab: Vocab, tokenizer: Tokenizer, prefix: str) -> list[int]:
+    """The prefix's ids; a prefix the tokenizer erases (punctuation or non-Latin letters under
+    letters-only, blanks at word level) is named as such, not as "at least one token"."""
+    tokens = tokenizer.tokenize(prefix)
+    if prefix and not tokens:
+        config = tokenizer.config
+        hint = (
+            " (the model's tokenizer keeps only the letters a-z, A-Z)"
+            if config.letters_only
+            else ""
+        )
+        shown = prefix if len(prefix) <= 40 else prefix[:40] + "..."
+        raise TrainerError(
+            f"the prefix {shown!r} has no {config.level}-level tokens after tokenization{hint}"
+        )
+    return vocab.encode(tokens)
+
+
 def greedy_tokens(model_dir: Path | str, prefix: str, k: int) -> list[int]:
     """Token ids the server must produce for (prefix, max_tokens=k) under greedy decoding."""
     model, vocab, tokenizer = _load(model_dir)
-    return greedy_ids(model, vocab.encode(tokenizer.tokenize(prefix)), k)
+    return greedy_ids(model, _prefix_ids(vocab, tokenizer, prefix), k)
 
 
 def greedy_text(model_dir: Path | str, prefix: str, k: int) -> str:
@@ -58,6 +76,6 @@ def greedy_text(model_dir: Path | str, prefix: str, k: int) -> str:
     server's text: each token after its separator (word level: a space, also before the
     first), reserved tokens (`<unk>`, ...) as no text (server/text.py, TextCodec.piece)."""
     model, vocab, tokenizer = _load(model_dir)
-    ids = greedy_ids(model, vocab.encode(tokenizer.tokenize(prefix)), k)
+    ids = greedy_ids(model, _prefix_ids(vocab, tokenizer, prefix), k)
     sep = tokenizer.separator
     return "".join("" if t in RESERVED else sep + t for t in vocab.decode(ids))

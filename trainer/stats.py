@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--letters-only",
         action="store_true",
-        help="map non-letters to spaces, as `rnn-trainer train` does without --keep-punctuation",
+        help="map runs of characters outside a-z/A-Z (accented letters too) to one space, "
+        "as `rnn-trainer train` does without --keep-punctuation",
     )
     parser.add_argument("--top", type=int, default=10, help="rows per n-gram table (default 10)")
     parser.add_argument(

@@ -93,3 +93,12 @@ def test_min_freq_that_leaves_only_reserved_tokens_is_refused() -> None:
     """Every id would be <unk>: a model that learns nothing, with a perplexity near 1."""
     with pytest.raises(TrainerError, match="lower --min-freq"):
         build_corpus("the cat sat " * 10, TokenizerConfig(level="word"), min_freq=1000)
+
+
+def test_a_text_letters_only_erases_names_the_cause() -> None:
+    """A Japanese text under the train default (letters-only) is one space: the error says
+    why and how to keep its characters, not just that there are too few tokens."""
+    text = "吾輩は猫である。名前はまだ無い。" * 20
+    with pytest.raises(TrainerError, match=r"1 tokens.*letters-only.*--keep-punctuation"):
+        build_corpus(text, TokenizerConfig(letters_only=True))
+    assert len(build_corpus(text, TokenizerConfig()).tokens) == len(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -95,6 +96,13 @@ def test_train_hmm_em_and_gradient_improve_and_are_deterministic() -> None:
             {"ids": [4, 5], "vocab_size": V, "states": 2, "excluded": (0, 1, 2, 3, 4, 5)},
             "must leave some",
         ),
+        # NaN passed `< 0` checks: EM ran and then reported "diverged", Adam a ValueError
+        ({"ids": [4, 5], "vocab_size": V, "states": 2, "pseudocount": math.nan}, "pseudocount"),
+        (
+            {"ids": [4, 5], "vocab_size": V, "states": 2, "method": "gradient", "lr": math.nan},
+            "lr a finite number",
+        ),
+        ({"ids": [4, 5], "vocab_size": V, "states": 2, "lr": math.inf}, "lr a finite number"),
     ],
 )
 def test_bad_input_is_a_clear_error(kwargs: dict, message: str) -> None:

@@ -144,6 +144,33 @@ def test_perplexity_graph_equals_reference_and_orders_sensibly() -> None:
     assert flat.perplexity(text[:300]) == pytest.approx(V - len(NOT_TEXT_IDS), rel=1e-3)
 
 
+def test_perplexity_with_an_excluded_id_is_infinite_in_both() -> None:
+    """<eos> has probability 0: the graph's perplexity must be inf like the reference's, not
+    an OverflowError (exp(1e4 / 2)) or an arbitrary huge number from NEVER_LOGPROB."""
+    train = random_ids(200, seed=3)
+    model = train_ngram(train, V, n=2, alpha=1.0)
+    ref = NgramCounts.fit(train, NgramConfig(V, 2, 1.0, excluded=NOT_TEXT_IDS))
+    for ids in ([4, 3], [3], [4, 5] * 30 + [3]):
+        assert ref.perplexity(ids) == math.inf
+        assert model.perplexity(ids) == math.inf
+
+
+def test_tiny_alpha_keeps_log_probs_finite_and_normalised() -> None:
+    """alpha / (count + alpha V) underflows to 0 for a subnormal alpha; its log does not."""
+    train = [4, 5, 4, 5, 4, 6]
+    alpha = 5e-324
+    config = NgramConfig(V, 2, alpha, excluded=NOT_TEXT_IDS)
+    table = dense_log_probs(train, config)
+    allowed = [i for i in range(V) if i not in NOT_TEXT_IDS]
+    assert np.isfinite(table).all()
+    np.testing.assert_allclose(np.exp(table[:, allowed].astype(np.float64)).sum(1), 1, rtol=1e-5)
+    ref = NgramCounts.fit(train, config)
+    assert math.isfinite(ref.log_likelihoods([4, 4])[1])  # unseen bigram: ~ -745, not -inf
+    # every step unseen: a mean NLL (~745) past exp()'s range is inf, not an OverflowError
+    assert ref.perplexity([5, 5]) == math.inf
+    assert train_ngram(train, V, n=2, alpha=alpha).perplexity([5, 5]) == math.inf
+
+
 def test_refuses_table_over_the_limit() -> None:
     vocab = 4097  # 4097^2 > 2**24
     assert vocab**2 > MAX_TABLE_ENTRIES
