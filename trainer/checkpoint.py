@@ -6,6 +6,7 @@ tensors and primitives loads with `torch.load(weights_only=True)` and rebuilds v
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -73,17 +74,39 @@ def _restore_count_model(data: dict[str, Any]) -> torch.nn.Module:
 
 def save_checkpoint(data: dict[str, Any], path: Path) -> Path:
     """Writes atomically (temp file + rename), so an interrupted save keeps the old one and
-    leaves no half-written temp file beside it."""
+    leaves no half-written temp file beside it. The temp file is fsynced before the rename and
+    the directory after it: without that a crash or power loss soon after the save can leave
+    the renamed name pointing at an empty file (ext4, XFS, NFS), so neither checkpoint is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(data, tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync(path.parent)
     return path
+
+
+def _fsync(path: Path) -> None:
+    """Flushes a file's (or a directory's entries') data to the disk; where a directory cannot
+    be opened (Windows) the rename's durability is the filesystem's."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():  # some filesystems refuse fsync on a directory: nothing lost
+            raise
+    finally:
+        os.close(fd)
 
 
 def resolve(path: Path | str) -> Path:
@@ -104,12 +127,22 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "Weights only load failed" in str(exc):  # torch's long advice to unpickle anyway
             why = "it holds Python objects, not only tensors and plain data, so it is not loaded"
+        elif _damaged(exc):  # torch says "[Errno 22] Invalid argument" for a cut-off file
+            why = f"it is truncated or damaged ({why[:200]})"
         raise TrainerError(f"{file} is not a readable rnnserve checkpoint: {why}") from exc
     if not isinstance(data, dict) or "state_dict" not in data or "vocab" not in data:
         raise TrainerError(f"{file} is not an rnnserve checkpoint (no state_dict/vocab)")
     if "model_config" not in data and "count_config" not in data:
         raise TrainerError(f"{file} is not an rnnserve checkpoint (no model config)")
     return data
+
+
+def _damaged(exc: BaseException) -> bool:
+    """Whether torch.load failed on the bytes themselves (a cut-off or overwritten file), as
+    opposed to the file's permissions or its content's types."""
+    if isinstance(exc, EOFError) or "PytorchStreamReader" in str(exc):
+        return True
+    return isinstance(exc, OSError) and exc.errno == errno.EINVAL
 
 
 def restore(data: dict[str, Any]) -> tuple[torch.nn.Module, Any, Vocab, TokenizerConfig]:

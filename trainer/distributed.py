@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -139,8 +140,7 @@ def joined(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Cluste
     if not cluster.distributed:
         yield cluster
         return
-    if timeout_s <= 0:
-        raise TrainerError("--dist-timeout must be positive (seconds)")
+    check_timeout(timeout_s)
     backend = backend_for(device)
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     if backend == "nccl":
@@ -178,6 +178,15 @@ def joined(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Cluste
         ) from exc
     else:
         _leave()
+
+
+def check_timeout(timeout_s: float) -> None:
+    """--dist-timeout must be a finite number of seconds > 0: it bounds every wait (inf would
+    be a hang, not a bound), and inf or NaN crashed the launcher with a traceback."""
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
+        raise TrainerError(
+            f"--dist-timeout must be a positive, finite number of seconds, got {timeout_s:g}"
+        )
 
 
 def _leave() -> None:
@@ -250,12 +259,13 @@ def launch(argv: Sequence[str], nproc: int, batch_size: int, timeout_s: float) -
 
     if nproc < 1:
         raise TrainerError("--nproc must be at least 1")
+    check_timeout(timeout_s)
     rank_rows(batch_size, 0, nproc)  # the world must divide the global batch: say so up front
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we say it
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
         rdzv_backend="c10d", rdzv_endpoint="localhost:0",
-        rdzv_configs={"timeout": int(timeout_s)}, max_restarts=0, monitor_interval=0.2,
+        rdzv_configs={"timeout": math.ceil(timeout_s)}, max_restarts=0, monitor_interval=0.2,
     )  # fmt: skip
     args = ["-u", "-m", "rnnserve.trainer.cli", *_without_nproc(argv)]
     try:

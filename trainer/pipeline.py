@@ -133,8 +133,11 @@ def train_recurrent(
     resolve_device(train_config.device)
     ckpt = load_checkpoint(resume) if resume is not None else None
     if ckpt is not None:
-        data.tokenizer = TokenizerConfig.from_dict(ckpt["tokenizer"])
-        model_config = ModelConfig(**ckpt["model_config"])
+        kept, start, history = resume_point(ckpt, resume)
+        tokenizer = TokenizerConfig.from_dict(ckpt["tokenizer"])
+        for note in resume_notes(ckpt, kept, model_config, data, tokenizer):
+            log(f"resuming {resume}: {note}")
+        data.tokenizer, model_config = tokenizer, kept
     prep = prepare(data, ckpt["vocab"] if ckpt else None)
     assert model_config is not None
     model_config.vocab_size = len(prep.vocab)
@@ -143,18 +146,23 @@ def train_recurrent(
     optimizer = make_optimizer(model, train_config)
     average = WeightAverage()
     stopper = EarlyStopping(train_config.patience)
-    start, history, ended = 0, [], None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["state_dict"])
+    ended = None
+    if ckpt is None:
+        start, history = 0, []
+    else:
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as exc:  # an edited or damaged checkpoint: one line, no traceback
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise TrainerError(f"{resume}: its weights do not fit its model: {first}") from exc
         model.to(resolve_device(train_config.device))
-        start, history = int(ckpt["epoch"]), list(ckpt.get("history") or [])
         ended = run_ended(ckpt, train_config.epochs)
     if ended is not None:  # the checkpoint holds the run's final model: export it as it is
         log(f"resuming {resume}: {ended}")
     elif ckpt is not None:
         if (
             ckpt.get("optimizer")
-            and ckpt["train_config"].get("optimizer") == train_config.optimizer
+            and (ckpt.get("train_config") or {}).get("optimizer") == train_config.optimizer
         ):
             optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("average"):
@@ -223,6 +231,73 @@ def train_recurrent(
         out=publish[0] if publish else Path(out), name=name, version=version,
         retry_flags=publish[1] if publish else (),
     )  # fmt: skip
+
+
+def resume_point(checkpoint: dict[str, Any], path: Path) -> tuple[ModelConfig, int, list[dict]]:
+    """(model config, epochs done, history) of the checkpoint `--resume` continues, or a
+    TrainerError when it cannot be continued (a count model's, a damaged history) rather than
+    a KeyError traceback.
+
+    Why the history counts: a package's checkpoint records epoch 0 (its history says how far
+    the run went), and resuming it from epoch 1 trained the run again and logged it twice."""
+    if "model_config" not in checkpoint:
+        kind = checkpoint.get("kind", "another kind")
+        raise TrainerError(
+            f"{path} holds no rnn/gru/lstm model ({kind}); --resume continues their training only"
+        )
+    try:
+        config = ModelConfig(**checkpoint["model_config"])
+        history = [dict(record) for record in checkpoint.get("history") or []]
+        done = [int(record["epoch"]) for record in history]
+        start = max([int(checkpoint.get("epoch") or 0), *done])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise TrainerError(
+            f"{path} cannot be resumed: its model config, epoch or history is damaged "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    return config, start, history
+
+
+def resume_notes(
+    checkpoint: dict[str, Any],
+    kept: ModelConfig,
+    flags: ModelConfig | None,
+    data: DataConfig,
+    tokenizer: TokenizerConfig,
+) -> list[str]:
+    """What a resumed run takes from elsewhere than its flags, said instead of done silently:
+    the model's shape and tokenizer come from the checkpoint (the weights need them), the data
+    from the flags, which may name another corpus or split than the checkpoint was trained on
+    (`--corpus` left out reads the built-in text)."""
+    notes = []
+    if flags is not None:
+        shape, given = asdict(kept), asdict(flags)
+        del shape["vocab_size"]
+        changed = [f"--{key.replace('_', '-')} {given[key]}" for key in shape
+                   if given[key] != shape[key]]  # fmt: skip
+        if data.tokenizer.to_dict() != tokenizer.to_dict():
+            changed.append("the tokenizer flags")
+        if changed:
+            notes.append(
+                f"the checkpoint's model ({', '.join(f'{k}={v}' for k, v in shape.items())}) "
+                "and tokenizer are kept; ignored: " + ", ".join(changed)
+            )
+    record = checkpoint.get("data")
+    if isinstance(record, dict):
+        now = data_record(data)
+        shown = {None: "(the built-in text)"}  # a corpus left out
+        changed = [
+            f"--{key.replace('_', '-')} {shown.get(now[key], now[key])} "
+            f"(was {shown.get(record[key], record[key])})"
+            for key in now
+            if key in record and now[key] != record[key]
+        ]
+        if changed:
+            notes.append(
+                "training on other data than the checkpoint's, as the flags say: "
+                + ", ".join(changed)
+            )
+    return notes
 
 
 def run_ended(checkpoint: dict[str, Any], epochs: int) -> str | None:

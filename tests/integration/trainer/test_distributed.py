@@ -19,12 +19,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 from rnnserve.trainer import cli
-from rnnserve.trainer.distributed import Cluster, _without_nproc, backend_for, env_cluster
+from rnnserve.trainer.distributed import (
+    Cluster,
+    _without_nproc,
+    backend_for,
+    env_cluster,
+    joined,
+)
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.sampling import num_batches, random_batches, sequential_batches
 
@@ -148,6 +155,28 @@ def test_torchrun_environment_and_the_shortcut_arguments() -> None:
         "train", "--arch", "gru"]  # fmt: skip
     assert backend_for("cpu") == "gloo"
     assert backend_for("cuda") == "nccl"
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "0", "-1"])
+def test_a_dist_timeout_that_bounds_nothing_is_one_error_line(tmp_path: Path, timeout) -> None:
+    """inf crashed the --nproc launcher with an OverflowError traceback and NaN said "cannot
+    convert float NaN to integer"; under torchrun NaN reached timedelta. Both paths refuse it
+    before any process group forms."""
+    run = subprocess.run(
+        _train_cmd("--nproc", "2", "--batch-size", "4", *TINY, "--dist-timeout", timeout),
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert _errors(run.stderr) == [
+        f"error: --dist-timeout must be a positive, finite number of seconds, got {timeout}"
+    ]
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    with (
+        mock.patch.dict(os.environ, env),
+        pytest.raises(TrainerError, match="finite"),
+        joined("cpu", float(timeout)),
+    ):
+        pytest.fail("no process group forms with this timeout")
 
 
 # --- same training: 2 ranks == 1 process ------------------------------------------------------

@@ -163,6 +163,66 @@ def test_resuming_a_run_that_ran_all_its_epochs_does_not_train_it(tmp_path: Path
         _run(tmp_path / "part", 2, resume=tmp_path / "part")
 
 
+def test_resuming_a_package_checkpoint_goes_on_from_its_last_epoch(tmp_path: Path) -> None:
+    """A package's checkpoint records epoch 0; its history says the run trained 2 epochs, so
+    --epochs 3 trains epoch 3 only (it trained epochs 1-3 again, each logged twice)."""
+    package = _run(tmp_path / "run", 2, out=tmp_path / "m")
+    assert package is not None and load_checkpoint(package)["epoch"] == 0
+    lines: list[str] = []
+    _run(tmp_path / "more", 3, resume=package, lines=lines)
+    assert f"resuming {package} after epoch 2" in lines
+    assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["3/3"]
+    resumed = load_checkpoint(tmp_path / "more")
+    assert resumed["epoch"] == 3 and [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
+
+
+def test_a_resumed_run_says_which_flags_it_does_not_follow(tmp_path: Path) -> None:
+    """The checkpoint's model shape and tokenizer win (the weights need them) and the flags'
+    data is used; both used to happen silently (a --corpus left out trains on other text)."""
+    _train(tmp_path / "run", 1)
+    lines: list[str] = []
+    train_recurrent(
+        ModelConfig("lstm", 1, hidden=16, embed=4), TrainConfig(epochs=2, num_steps=8,
+        batch_size=8), DataConfig(max_tokens=2400), out=None, name="t", run_dir=tmp_path / "run",
+        resume=tmp_path / "run", progress=False, log=lines.append,
+    )  # fmt: skip
+    notes = [line for line in lines if line.startswith("resuming") and "after epoch" not in line]
+    assert len(notes) == 2, lines
+    assert "the checkpoint's model (arch=gru, hidden=8," in notes[0]
+    assert notes[0].endswith("ignored: --arch lstm, --hidden 16")
+    assert notes[1].endswith("--max-tokens 2400 (was 2500)")
+    assert load_checkpoint(tmp_path / "run")["model_config"]["arch"] == "gru"
+    lines.clear()
+    _train(tmp_path / "run2", 1)
+    _run(tmp_path / "run2", 2, resume=tmp_path / "run2", lines=lines)  # the same flags
+    assert [line for line in lines if line.startswith("resuming")] == [
+        f"resuming {tmp_path / 'run2'} after epoch 1"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        ({"kind": "ngram", "count_config": {}, "model_config": None}, "no rnn/gru/lstm model"),
+        ({"history": [{"train_ppl": 3.0}]}, "cannot be resumed"),
+        ({"model_config": {"arch": "gru", "vocab_size": 3, "heads": 2}}, "cannot be resumed"),
+        ({"state_dict": {}}, "its weights do not fit"),
+    ],
+)
+def test_a_checkpoint_that_cannot_be_resumed_is_one_error_line(
+    tmp_path: Path, damage: dict, said: str
+) -> None:
+    """An n-gram package or a damaged checkpoint: a TrainerError, not a KeyError traceback."""
+    _train(tmp_path / "run", 1)
+    data = load_checkpoint(tmp_path / "run")
+    data.update(damage)
+    if data["model_config"] is None:
+        del data["model_config"]
+    torch.save(data, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(TrainerError, match=said):
+        _run(tmp_path / "more", 3, resume=tmp_path / "run")
+
+
 def test_average_from_past_the_last_epoch_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TrainerError, match="--average-from"):
         _train(tmp_path, 2, average_from=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from rnnserve.artifact.manifest import Manifest, sha256_file
 from rnnserve.artifact.tokenizer import TokenizerConfig
 from rnnserve.artifact.vocab import Vocab
-from rnnserve.trainer.checkpoint import save_checkpoint
+from rnnserve.trainer.checkpoint import load_checkpoint, save_checkpoint
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.export import export_model
 from rnnserve.trainer.exportable import ExportableModel, state_from_spec
@@ -150,6 +151,40 @@ def test_an_interrupted_checkpoint_save_leaves_no_temp_file(tmp_path, monkeypatc
         save_checkpoint({"epoch": 2}, tmp_path / "checkpoint.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True) == {"epoch": 1}
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs Linux /proc")
+def test_a_checkpoint_is_on_the_disk_before_it_replaces_the_last_one(tmp_path, monkeypatch) -> None:
+    """The temp file is fsynced before the rename and the directory after it: a crash right
+    after a save (power loss, a node lost under a Job) could otherwise leave checkpoint.pt
+    empty, the old one already replaced."""
+    done: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        done.append(f"fsync {Path(os.readlink(f'/proc/self/fd/{fd}')).name}")
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        done.append(f"replace {Path(src).name}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_checkpoint({"epoch": 1}, tmp_path / "run" / "checkpoint.pt")
+    assert done == ["fsync checkpoint.pt.tmp", "replace checkpoint.pt.tmp", "fsync run"]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True) == {"epoch": 1}
+
+
+@pytest.mark.parametrize("keep", [0, 30, 0.5, 0.99])
+def test_a_truncated_checkpoint_is_said_to_be_truncated(tmp_path, keep: float) -> None:
+    """torch.load's own words for a cut-off file are "[Errno 22] Invalid argument" or a zip
+    reader's internals: the error line says what is wrong with the file."""
+    save_checkpoint({"state_dict": {"w": torch.zeros(256)}, "vocab": ["a"]}, tmp_path / "c.pt")
+    whole = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "c.pt").write_bytes(whole[: int(keep if keep >= 1 else len(whole) * keep)])
+    with pytest.raises(TrainerError, match=r"c\.pt is not a readable .* truncated or damaged"):
+        load_checkpoint(tmp_path / "c.pt")
 
 
 def test_bad_names_are_refused(tmp_path) -> None:
