@@ -188,6 +188,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "backtest", help="rolling-origin forecast backtest against the forecasting baselines"
     )
     _optional("rnnserve.trainer.forecast.backtest_cli").add_arguments(backtest)
+    ended = sub.add_parser(
+        "ended",
+        help="exit 0 when a checkpointed run is over (`train --resume` only exports it), "
+        "1 while it has epochs left or has no checkpoint yet: for a Job's shell",
+    )
+    ended.add_argument("checkpoint", help="checkpoint.pt or the run dir holding one")
+    ended.add_argument(
+        "--epochs", type=int, default=None,
+        help="the --epochs the run is resumed with (default: the run's own)",
+    )  # fmt: skip
     stats = sub.add_parser("stats", help="token statistics and a Zipf plot")
     try:
         importlib.import_module("rnnserve.trainer.stats").add_arguments(stats)
@@ -379,6 +389,29 @@ def run_package(args: argparse.Namespace) -> int:
     return int(importlib.import_module("rnnserve.trainer.package_cli").run(args))
 
 
+def run_ended(args: argparse.Namespace) -> int:
+    """Why: a pod of a multi-node Job replaced after training ended must export the run alone;
+    under torchrun it would wait for peers that finished long ago (docs/trainer.md)."""
+    from rnnserve.trainer.checkpoint import CHECKPOINT_FILE, load_checkpoint
+    from rnnserve.trainer.pipeline import run_ended as why_ended
+
+    path = Path(args.checkpoint)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not file.exists():
+        print(f"no checkpoint at {file} yet: the run has not started")
+        return 1
+    checkpoint = load_checkpoint(file)
+    planned = int((checkpoint.get("train_config") or {}).get("epochs") or 0)
+    why = why_ended(checkpoint, planned if args.epochs is None else args.epochs)
+    if why is None:
+        history = checkpoint.get("history") or []
+        done = int(history[-1].get("epoch") or 0) if history else 0
+        print(f"{file}: after epoch {done} the run has epochs left to train")
+        return 1
+    print(f"{file}: {why}")
+    return 0
+
+
 def run_stats(args: argparse.Namespace) -> int:
     return int(_optional("rnnserve.trainer.stats").run(args))
 
@@ -389,6 +422,7 @@ COMMANDS = {
     "export": run_export,
     "zoo": run_zoo,
     "stats": run_stats,
+    "ended": run_ended,
     "package": run_package,
     "backtest": run_backtest,
 }

@@ -410,7 +410,9 @@ def test_distributed_training_job_is_valid_and_its_pods_find_each_other() -> Non
     assert template["spec"]["subdomain"] == svc["metadata"]["name"]
     (container,) = template["spec"]["containers"]
     script = container["args"][0]
-    argv = shlex.split(script.split("exec ", 1)[1].replace("$RESUME", ""))
+    flags = re.search(r'TRAIN="([^"]*)"', script).group(1)
+    torchrun = script.split("exec torchrun", 1)[1].replace("$RESUME", "")
+    argv = shlex.split("torchrun" + torchrun.replace("$TRAIN", flags))
     assert argv[0] == "torchrun"
     run = get_args_parser().parse_args(argv[1:])
     assert int(run.nnodes) == spec["completions"] and run.rdzv_backend == "c10d"
@@ -429,4 +431,58 @@ def test_distributed_training_job_is_valid_and_its_pods_find_each_other() -> Non
     for written in (train.out, train.run_dir):
         assert written.startswith(mount["mountPath"] + "/"), written
     assert f'test -f {train.run_dir}/checkpoint.pt && RESUME="--resume {train.run_dir}"' in script
+    assert f"cli ended {train.run_dir} --epochs {train.epochs};" in script  # the run's epochs
     assert restricted_violations(template["spec"]) == []
+
+
+@pytest.mark.parametrize(
+    "epochs_done, index, runs",
+    [
+        (None, "0", "torchrun"),  # a new run: both pods meet at the rendezvous
+        (7, "1", "torchrun --resume"),  # a run cut mid-way: both resume together
+        (20, "0", "python train --resume"),  # pod 0 lost during the export: alone, no peer
+        (20, "1", ""),  # its peer finished long ago: nothing to do
+    ],
+)
+def test_the_ddp_job_script_exports_an_ended_run_without_its_peer(
+    tmp_path, epochs_done, index, runs
+) -> None:
+    """The Job's own shell script, run with torchrun and the trainer's `train` replaced by
+    stubs that log their arguments; `rnn-trainer ended` is the real one."""
+    import sys
+
+    import torch
+
+    path = K8S / "distributed" / "trainer-ddp.yaml"
+    job = next(d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "Job")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    script = container["args"][0].replace("/runs/", f"{tmp_path}/runs/")
+    run_dir = tmp_path / "runs" / "lstm-ddp"
+    run_dir.mkdir(parents=True)
+    if epochs_done is not None:
+        history = [{"epoch": e, "val_ppl": 9.0} for e in range(1, epochs_done + 1)]
+        checkpoint = {"state_dict": {}, "vocab": ["<unk>"], "model_config": {}, "epoch":
+                      epochs_done, "history": history, "train_config": {"epochs": 20}}  # fmt: skip
+        torch.save(checkpoint, run_dir / "checkpoint.pt")
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text(f'#!/bin/sh\necho "torchrun $*" >> {log}\n')
+    (bin_dir / "python").write_text(
+        f'#!/bin/sh\nif [ "$3" = ended ]; then exec {sys.executable} "$@"; fi\n'
+        f'echo "python $*" >> {log}\n'
+    )
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "JOB_COMPLETION_INDEX": index}
+    done = subprocess.run(
+        ["sh", "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines() if log.exists() else []
+    if not runs:
+        assert calls == []
+        return
+    (call,) = calls
+    program, *rest = runs.split()
+    assert call.startswith(program) and " train " in call
+    assert (f"--resume {run_dir}" in call) == ("--resume" in rest)
