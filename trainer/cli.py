@@ -20,6 +20,7 @@ from types import ModuleType
 from rnnserve import add_version_flag
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.recipe import average_from, recipe_for
+from rnnserve.trainer.staging import package_dir
 
 ARCHS = ("rnn", "gru", "lstm", "ngram", "hmm", "mlp")
 
@@ -272,6 +273,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.task == "lm" and bidirectional:
         raise TrainerError("a bidirectional model cannot be a left-to-right lm; use --task infill")
     name = args.name or (f"bi{args.arch}" if bidirectional else args.arch)
+    package_dir(Path(args.out), name, args.version)  # refused now, not after the training
     progress = not args.no_progress
     data = _data(args)
     if args.arch in ("ngram", "hmm"):

@@ -149,13 +149,7 @@ def package_model(request: PackageRequest) -> Path:
     Raises TrainerError saying which input or output does not fit and why; nothing is left
     behind on failure.
     """
-    version = request.version
-    if not (version.isascii() and version.isdigit() and int(version) >= 1):
-        raise TrainerError(  # server/repository.py skips any other version folder
-            f"--version {version!r}: the server loads only versions named by a positive"
-            " integer (1, 2, ...)"
-        )
-    target = package_dir(request.out, request.name, version)
+    target = package_dir(request.out, request.name, request.version)
     model = _load(request.onnx_path)
     graph_tokens = read_vocab(request.vocab_path)
     iface: GraphInterface = resolve(

@@ -17,11 +17,16 @@ from rnnserve.trainer.errors import TrainerError
 
 
 def package_dir(out_dir: Path, name: str, version: str) -> Path:
-    """OUT/NAME/VERSION, refusing names that are not plain directory names."""
+    """OUT/NAME/VERSION, refusing names that are not plain directory names and versions the
+    server would skip (server/repository.py loads only positive integers): train, export,
+    precision and package would otherwise write a package no server ever serves."""
     if not name or "/" in name or name.startswith("."):
         raise TrainerError(f"model name {name!r} must be a plain, non-empty directory name")
-    if not version or "/" in version or version.startswith("."):
-        raise TrainerError(f"model version {version!r} must be a plain, non-empty directory name")
+    if not (version.isascii() and version.isdigit() and int(version) >= 1):
+        raise TrainerError(
+            f"--version {version!r}: the server loads only versions named by a positive"
+            " integer (1, 2, ...)"
+        )
     return Path(out_dir) / name / version
 
 

@@ -173,3 +173,17 @@ def test_a_failure_that_is_not_the_disk_is_raised_not_hidden(
     with pytest.raises(RuntimeError, match="view the same data as different types"):
         keep(checkpoint, tmp_path / "models", "m", "1")
     assert list(spare_root.iterdir()) == []
+
+
+@pytest.mark.parametrize("version", ["v2", "0", "latest"])
+def test_a_version_the_server_would_skip_is_refused_before_training(
+    tmp_path: Path, capsys, version: str
+) -> None:
+    """The server loads only positive-integer version folders: refused at once, not after
+    minutes of training and a failed export."""
+    run_dir = tmp_path / "run"
+    argv = ["train", "--arch", "lstm", "--version", version, "--out", str(tmp_path / "m"),
+            "--run-dir", str(run_dir), "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "positive integer" in capsys.readouterr().err
+    assert not run_dir.exists() and not (tmp_path / "m").exists()
