@@ -116,15 +116,25 @@ def _float32_outputs(half: onnx.ModelProto, names: set[str]) -> None:
         value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
 
 
+LOAD_TIMEOUT_S = 300  # a converted graph the server could open at all loads in seconds
+
+
 def _loads_in_child(path: Path, precision: str) -> None:
     """Loads the graph the way the server does (default optimizations) in a child process."""
     code = (
         "import onnxruntime as o, sys;"
         " o.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300
-    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+            timeout=LOAD_TIMEOUT_S,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:  # one error line, not a traceback
+        raise TrainerError(
+            f"the {precision} graph did not load within {LOAD_TIMEOUT_S} s (ONNX Runtime hung "
+            "optimizing it); keep the fp32 package"
+        ) from None
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
         if done.returncode < 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +148,16 @@ def test_cli_flags_map_to_export_options() -> None:
     assert options(args) == {"precision": "int8", "per_channel": False, "allow_quality_loss": False}
     with pytest.raises(SystemExit):
         parser.parse_args(["--precision", "int4"])
+
+
+def test_a_graph_that_hangs_onnx_runtime_is_one_error_line(tmp_path, monkeypatch) -> None:
+    """A child that never finishes loading the converted graph is a TrainerError naming the
+    wait, not a TimeoutExpired traceback."""
+    import rnnserve.trainer.precision as precision
+
+    def hang(*args, **kwargs):
+        raise subprocess.TimeoutExpired(args[0], kwargs["timeout"])
+
+    monkeypatch.setattr(precision.subprocess, "run", hang)
+    with pytest.raises(TrainerError, match=r"did not load within 300 s"):
+        precision._loads_in_child(tmp_path / "g.onnx", "int8")
