@@ -9,6 +9,7 @@ OpenServicesAuth.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from pathlib import Path
@@ -22,40 +23,67 @@ TOKENS_ENV = "RNNSERVE_TOKENS"
 
 
 class TokenFileError(ValueError):
-    """The tokens file cannot be read or holds no token."""
+    """The tokens file cannot be read or holds no token, or a token cannot be sent."""
 
 
 def load_tokens(tokens_file: str | Path | None, env: dict[str, str] | None = None) -> list[str]:
     """Tokens from the file (one per line, `#` comments) plus RNNSERVE_TOKENS (comma list).
 
-    An empty result means auth is off.
+    An empty result means auth is off. The file is UTF-8, a byte-order mark allowed (Windows
+    editors write one, and it would otherwise stick to the first token). A token with a
+    character outside printable ASCII is refused here: gRPC metadata cannot carry it, so no
+    client could ever send it (a zero-width space pasted from a web page, say).
     """
     env = os.environ if env is None else env
     tokens: list[str] = []
     if tokens_file:
         path = Path(tokens_file)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8-sig")
         except OSError as exc:
             raise TokenFileError(f"cannot read tokens file {path}: {exc.strerror}") from None
-        tokens += [line.strip() for line in text.splitlines()]
-        tokens = [t for t in tokens if t and not t.startswith("#")]
+        except UnicodeDecodeError as exc:
+            raise TokenFileError(
+                f"tokens file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+            ) from None
+        for number, line in enumerate(text.splitlines(), 1):
+            token = line.strip()
+            if token and not token.startswith("#"):
+                _check_sendable(token, f"tokens file {path}, line {number}")
+                tokens.append(token)
         if not tokens:
             raise TokenFileError(f"tokens file {path} holds no token")
-    tokens += [t.strip() for t in env.get(TOKENS_ENV, "").split(",") if t.strip()]
+    for number, item in enumerate(env.get(TOKENS_ENV, "").split(","), 1):
+        token = item.strip()
+        if token:
+            _check_sendable(token, f"{TOKENS_ENV}, item {number}")
+            tokens.append(token)
     return sorted(set(tokens))
 
 
+def _check_sendable(token: str, where: str) -> None:
+    """Raises TokenFileError, naming where the token is but never the token itself."""
+    if not all(" " <= ch <= "~" for ch in token):
+        raise TokenFileError(
+            f"{where}: the token has a character outside printable ASCII, which no client "
+            "can send in gRPC metadata"
+        )
+
+
 def bearer_guard(tokens: list[str]) -> Guard:
-    """A Guard that needs `authorization: Bearer <one of tokens>` metadata."""
-    secrets = [t.encode() for t in tokens]
+    """A Guard that needs `authorization: Bearer <one of tokens>` metadata.
+
+    Tokens are compared as SHA-256 digests: hmac.compare_digest returns at once for inputs of
+    different lengths, which would tell a caller how long the tokens are.
+    """
+    secrets = [_digest(t) for t in tokens]
 
     def guard(method: str, metadata: dict[str, str]) -> None:
         header = metadata.get("authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
-        candidate = given.strip().encode()
+        candidate = _digest(given.strip())
         ok = False
         for secret in secrets:  # no early exit: time does not depend on which token matched
             ok |= hmac.compare_digest(candidate, secret)
@@ -63,6 +91,10 @@ def bearer_guard(tokens: list[str]) -> Guard:
             raise Unauthenticated("invalid bearer token")
 
     return guard
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")

@@ -100,10 +100,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         return span
 
     def _begin(self, method: str, metadata: dict[str, str], request: Any) -> None:
-        if isinstance(request, _Unparsable):
-            raise BadRequest("request", f"is not a valid protobuf message: {request.error}")
+        """Guards first: a caller without a valid token (or a draining server) is answered
+        that, not told how its request failed to parse."""
         for guard in self.guards:
             guard(method, metadata)
+        if isinstance(request, _Unparsable):
+            raise BadRequest("request", f"is not a valid protobuf message: {request.error}")
 
     def _label(self, request: Any) -> str:
         name = getattr(request, "model", "")

@@ -76,9 +76,11 @@ class App:
         self._sampler = asyncio.create_task(self._sample_metrics())
 
     async def _sample_metrics(self, period_s: float = 1.0) -> None:
-        """Gauges read from live objects, written once a second (for --workers' files)."""
+        """Gauges read from live objects, written once a second (for --workers' files), and
+        health's look at the decode processes (one that cannot open its model)."""
         while True:
             self.metrics.sample()
+            await self.health.recheck()
             await asyncio.sleep(period_s)
 
     async def shutdown(self, grace: float | None = None, delay: float | None = None) -> None:
@@ -132,12 +134,11 @@ def build_app(
     root, remote = open_model_repo(settings.model_repo, settings.model_cache)
     repository = Repository(root, load, observe, sync=remote.sync if remote else None)
     repository.scan()
-    previous_keys = [k.strip() for k in settings.state_key_previous.split(",") if k.strip()]
     engine = Engine(
         repository,
         Runtime(settings.executor_threads),
         StreamLimiter(settings.max_streams),
-        StateSigner(settings.state_key, previous_keys),
+        state_signer(settings),
         settings,
         metrics,
     )
@@ -146,6 +147,10 @@ def build_app(
         repository,
         allow_empty=bool(settings.allow_empty_repo),
         on_change=lambda ready: metrics.ready.set(1 if ready else 0),
+        decoders=engine.decoders,
+        on_version=lambda entry, serving: metrics.model_serving.labels(
+            model=entry.name, version=entry.version
+        ).set(1 if serving else 0),
     )
     if tracer_provider is None and settings.otlp_endpoint:
         tracer_provider = otlp_provider(settings.otlp_endpoint, version)
@@ -207,10 +212,25 @@ def build_app(
     return app
 
 
+def state_signer(settings: Settings) -> StateSigner:
+    """Signs resume tokens with --state-key, verifies with it and --state-key-previous.
+
+    Every key is stripped, the current one like the previous ones: a key read from a secret
+    file often ends in a newline, and replicas (or a rotation's NEW + OLD) that disagree on it
+    would refuse each other's tokens."""
+    previous = [k.strip() for k in settings.state_key_previous.split(",") if k.strip()]
+    return StateSigner(settings.state_key.strip(), previous)
+
+
 async def serve(settings: Settings) -> int:
     """Runs until SIGTERM/SIGINT, then drains within --grace seconds."""
     try:
         tokens = load_tokens(settings.tokens_file)
+        if settings.auth_health and not tokens:  # asked to close health, and nothing is closed
+            raise TokenFileError(
+                "--auth-health 1 needs a token (--tokens-file or RNNSERVE_TOKENS); without one "
+                "every call, health included, is open"
+            )
         guards = [bearer_guard(tokens)] if tokens else []
         extra = [OpenServicesAuth(guards[0])] if guards and settings.auth_health else []
         app = build_app(settings, guards=guards, extra_interceptors=extra)

@@ -190,9 +190,9 @@ class Metrics:
         )
         self.model_serving = Gauge(
             "rnnserve_model_serving",
-            "1 when the model version is SERVING, 0 when it is loaded as NOT_SERVING "
-            "(under --workers: the lowest over the workers that have it); an unloaded "
-            "version has no series.",
+            "1 when the model version is SERVING, 0 when it is loaded as NOT_SERVING or "
+            "(--decode-process 1) no decode process can open it; under --workers the lowest "
+            "over the workers that have it. An unloaded version has no series.",
             ["model", "version"],
             registry=r,
             multiprocess_mode="livemin",

@@ -162,7 +162,11 @@ _HELP: dict[str, tuple[type, str]] = {
         "file of bearer tokens, one per line; with it (or RNNSERVE_TOKENS=a,b) every "
         "rnnserve.v1 call needs 'authorization: Bearer <token>'",
     ),
-    "auth_health": (int, "1: health checks and reflection need a token too (default: open)"),
+    "auth_health": (
+        int,
+        "1: health checks and reflection need a token too (default: open); needs a token "
+        "(--tokens-file or RNNSERVE_TOKENS)",
+    ),
     "tls_cert": (str, "server certificate PEM; with --tls-key turns on TLS"),
     "tls_key": (str, "server private key PEM"),
     "tls_client_ca": (str, "CA PEM that client certificates must chain to (mutual TLS)"),
@@ -189,6 +193,16 @@ _HELP: dict[str, tuple[type, str]] = {
     ),
 }
 
+
+# 0/1 flags (int, so RNNSERVE_X=1 reads as it does on the command line)
+SWITCHES = (
+    "prefill_thread",
+    "decode_head",
+    "decode_process",
+    "reuse_port",
+    "auth_health",
+    "allow_empty_repo",
+)
 
 # never echoed by --help, even when set in the environment
 _SECRET = {"state_key", "state_key_previous"}
@@ -252,7 +266,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
             values[f.name] = kind(raw) if not isinstance(raw, kind) else raw
         except (TypeError, ValueError):
             parser.error(f"--{f.name.replace('_', '-')}: cannot read {raw!r} as {kind.__name__}")
-    values["providers"] = [p.strip().lower() for p in str(values["providers"]).split(",") if p]
+    names = (p.strip().lower() for p in str(values["providers"]).split(","))
+    values["providers"] = [p for p in names if p]  # " , cpu": no nameless provider
     settings = Settings(**values)
     problem = validate(settings)
     if problem:
@@ -279,9 +294,13 @@ def validate(settings: Settings) -> str | None:
     for name in positive:
         if getattr(settings, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1"
-    ports = (settings.port, settings.metrics_port, settings.http_port)
-    if not all(0 <= p <= 65535 for p in ports):
-        return "ports must be in 0..65535"
+    for name in ("port", "metrics_port", "http_port"):
+        if not 0 <= getattr(settings, name) <= 65535:
+            return f"--{name.replace('_', '-')} must be in 0..65535"
+    # 0/1 switches: `--decode-process 4` reads like "4 processes" and meant 1
+    for name in SWITCHES:
+        if getattr(settings, name) not in (0, 1):
+            return f"--{name.replace('_', '-')} must be 0 or 1, got {getattr(settings, name)}"
     if settings.stream_interval_us < 0:
         return "--stream-interval-us must be 0 or more"
     if settings.intra_op_threads < 0:
@@ -292,6 +311,8 @@ def validate(settings: Settings) -> str | None:
         value = getattr(settings, name)
         if not (math.isfinite(value) and value >= 0):
             return f"--{name.replace('_', '-')} must be a finite number of seconds, 0 or more"
+    if settings.state_key and not settings.state_key.strip():  # would sign with a random key
+        return "--state-key is only whitespace"
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         return "--log-level must be DEBUG, INFO, WARNING or ERROR"
     # without a scheme the exporter would use TLS, and a plaintext collector gets no span

@@ -27,7 +27,10 @@ process group must not kill the steps under that drain), leaving on "close" or w
 server goes away. If it dies, its streams fail UNAVAILABLE (a client holding a resume state
 continues elsewhere), it is reaped, and the next join starts a new one. If it cannot open the
 model (or exits before it did), new streams of that version are refused UNAVAILABLE for a
-while (`OpenBackoff`) rather than starting a Python + onnxruntime process per request.
+while (`OpenBackoff`) rather than starting a Python + onnxruntime process per request, and
+health (server/health.py) reports the version NOT_SERVING (`cannot_open`) until a child opens
+it: health's once-a-second recheck calls `retry_open`, since an unready replica gets no calls
+that would start one.
 
 Messages, parent -> child: ("open", name, model args, LoopConfig) first, then ("join", sid,
 JoinSpec, state, token, time), ("cancel", sid), ("close",). Child -> parent: ("failed", why)
@@ -300,6 +303,7 @@ class DecodeProcess(Admissions):
         self._backoff = OpenBackoff(Path(model.args[0]))
         self._child_stamp: tuple | None = None  # the model file as the child opens it
         self._opening = False  # the child has said neither "opened" nor "failed" yet
+        self._closed = False
 
     # -- the child --------------------------------------------------------------------------
     def start(self) -> None:
@@ -322,8 +326,22 @@ class DecodeProcess(Admissions):
         # of the call that happened to start the child into every log line it writes
         contextvars.Context().run(self._loop.add_reader, self._conn.fileno(), self._readable)
 
+    @property
+    def cannot_open(self) -> bool:
+        """A child failed to open the model and none has opened it since: health says the
+        version is NOT_SERVING (its new streams are refused or fail)."""
+        return self._backoff.failures > 0
+
+    def retry_open(self) -> None:
+        """Starts a child to open the model again once the back-off allows (its time passed,
+        or the file changed); health calls it, as no call reaches an unready replica."""
+        idle = self.cannot_open and self._process is None and not self._closed
+        if idle and self._backoff.refusal(self.name) is None:
+            self.start()
+
     async def close(self) -> None:
         """Stops the prefill thread and asks the child to stop after its current call."""
+        self._closed = True  # no retry_open from here on
         await self._prefiller.close()
         process, conn = self._forget_child()
         if process is None or conn is None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rnnserve.artifact.manifest import Manifest
 from rnnserve.server import logs
@@ -39,6 +40,9 @@ from tests.integration.server.test_generate import (  # noqa: F401  (collected h
     test_seeded_sampling_is_reproducible_while_others_share_the_batch,
     test_stop_string_ends_the_stream_and_is_not_returned,
 )
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.fixture(scope="module")
@@ -332,5 +336,71 @@ def test_a_child_that_exits_before_opening_the_model_backs_off_too(
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "exited before opening the model" in err.value.details()
         assert starts == []
+    finally:
+        srv.stop()
+
+
+def _health(server: ServerThread, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(server.channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def _serving_gauge(server: ServerThread, name: str) -> float | None:
+    labels = {"model": name, "version": "1"}
+    return server.app.metrics.registry.get_sample_value("rnnserve_model_serving", labels)
+
+
+def test_a_version_no_child_can_open_is_not_serving_until_a_fix_in_place_opens(
+    model_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readiness must not send calls to a version whose new streams are all refused; and as
+    an unready replica gets no calls, the server itself tries the fixed file."""
+    monkeypatch.setattr(process, "OPEN_BACKOFF_S", 3600.0)  # no retry by time here
+    monkeypatch.setattr(process, "OPEN_BACKOFF_CAP_S", 3600.0)
+    shutil.copytree(model_repo / "rnn", tmp_path / "rnn")
+    onnx = tmp_path / "rnn" / "1" / "model.onnx"
+    original = onnx.read_bytes()
+    srv = ServerThread(make_settings(tmp_path, decode_process=1)).start()
+    try:
+        assert _health(srv, "rnn") == SERVING
+        onnx.write_bytes(original + b"x")
+        with pytest.raises(grpc.RpcError) as err:
+            _generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        _wait(lambda: _health(srv, "rnn") == NOT_SERVING, "the version turns NOT_SERVING")
+        assert _health(srv, "") == NOT_SERVING, "its only version: the server is not ready"
+        assert srv.app.health.ready is False
+        assert srv.app.metrics.registry.get_sample_value("rnnserve_ready") == 0
+        assert _serving_gauge(srv, "rnn") == 0
+        onnx.write_bytes(original)  # no call follows: the server retries on its own
+        _wait(lambda: _health(srv, "rnn") == SERVING, "a child opens the fixed model")
+        assert _health(srv, "") == SERVING and srv.app.health.ready is True
+        assert _serving_gauge(srv, "rnn") == 1
+        assert len(_ids(_generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8))) == 8
+    finally:
+        srv.stop()
+
+
+def test_a_version_whose_children_die_opening_serves_again_once_one_opens(
+    model_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The back-off's time passing (no file change) retries too; other models stay ready."""
+    monkeypatch.setattr(process, "OPEN_BACKOFF_S", 0.05)
+    monkeypatch.setattr(process, "OPEN_BACKOFF_CAP_S", 0.05)
+    safe_path = process.SAFE_PATH
+    monkeypatch.setattr(process, "SAFE_PATH", ["-c", "raise SystemExit(3)"])  # dies at once
+    for name in ("rnn", "gru"):
+        shutil.copytree(model_repo / name, tmp_path / name)
+    srv = ServerThread(make_settings(tmp_path, decode_process=1)).start()
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            _generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        _wait(lambda: _health(srv, "rnn") == NOT_SERVING, "the version turns NOT_SERVING")
+        assert _health(srv, "gru") == SERVING and _health(srv, "") == SERVING
+        monkeypatch.setattr(process, "SAFE_PATH", safe_path)  # the next child opens it
+        _wait(lambda: _health(srv, "rnn") == SERVING, "a retried child opens the model")
+        decoder = _decoder(srv, "rnn")
+        assert srv.call(lambda: decoder._backoff.failures) == 0
     finally:
         srv.stop()

@@ -1,4 +1,5 @@
-"""server.auth (token loading, the bearer guard) and server.tls (flag combinations)."""
+"""server.auth (token loading, the bearer guard, its place in the call interceptor) and
+server.tls (flag combinations)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from rnnserve.server.auth import TokenFileError, bearer_guard, load_tokens
-from rnnserve.server.errors import Unauthenticated
+from rnnserve.server.errors import BadRequest, Unauthenticated
+from rnnserve.server.interceptors import CallInterceptor, _Unparsable
 from rnnserve.server.tls import TlsConfigError, server_credentials
 
 METHOD = "/rnnserve.v1.Inference/Generate"
@@ -28,6 +30,61 @@ def test_bad_tokens_file(tmp_path: Path) -> None:
     empty.write_text("# only a comment\n")
     with pytest.raises(TokenFileError, match="no token"):
         load_tokens(empty, {})
+
+
+def test_tokens_file_with_crlf_and_a_byte_order_mark(tmp_path: Path) -> None:
+    """A file saved by a Windows editor: the BOM must not stick to the first token."""
+    f = tmp_path / "t.txt"
+    f.write_bytes("\ufeffalpha\r\nbeta\r\n".encode())
+    assert load_tokens(f, {}) == ["alpha", "beta"]
+
+
+def test_tokens_file_that_is_not_utf8_is_a_token_file_error(tmp_path: Path) -> None:
+    """Was a UnicodeDecodeError traceback at start (a UTF-16 file from PowerShell)."""
+    f = tmp_path / "t.txt"
+    f.write_bytes("alpha\n".encode("utf-16"))
+    with pytest.raises(TokenFileError, match="not UTF-8"):
+        load_tokens(f, {})
+
+
+@pytest.mark.parametrize("where", ["file", "env"])
+def test_a_token_no_client_can_send_is_refused_without_echoing_it(
+    tmp_path: Path, where: str
+) -> None:
+    """A zero-width space pasted with the token: gRPC metadata cannot carry it, so the token
+    could never match; the error says where it is, not what it is."""
+    token = "alpha\u200b"
+    f = tmp_path / "t.txt"
+    f.write_text(f"ok-token\n{token}\n" if where == "file" else "ok-token\n")
+    env = {"RNNSERVE_TOKENS": f"x,{token}"} if where == "env" else {}
+    with pytest.raises(TokenFileError, match="line 2" if where == "file" else "item 2") as info:
+        load_tokens(f, env)
+    assert "alpha" not in str(info.value)
+
+
+def test_bearer_guard_compares_equal_length_digests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """compare_digest returns at once on a length mismatch, which would leak token lengths."""
+    import hmac
+
+    lengths: list[tuple[int, int]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        lengths.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    guard = bearer_guard(["alpha", "a-much-longer-token"])
+    with pytest.raises(Unauthenticated):
+        guard(METHOD, {"authorization": "Bearer x"})
+    guard(METHOD, {"authorization": "Bearer alpha"})
+    assert lengths and all(a == b for a, b in lengths)
+
+
+def test_bearer_guard_refuses_undecodable_header_bytes() -> None:
+    """aiohttp hands on non-UTF-8 header bytes as surrogates: UNAUTHENTICATED, not INTERNAL."""
+    with pytest.raises(Unauthenticated):
+        bearer_guard(["alpha"])(METHOD, {"authorization": "Bearer \udcff\udcfe"})
 
 
 @pytest.mark.parametrize(
@@ -53,6 +110,35 @@ def test_bearer_guard(header: str, ok: bool) -> None:
         with pytest.raises(Unauthenticated) as info:
             guard(METHOD, metadata)
         assert "alpha" not in str(info.value)
+
+
+def test_guards_run_before_the_request_is_judged_unparsable() -> None:
+    """A caller with no token sending garbage bytes got INVALID_ARGUMENT with the protobuf
+    parse error, not UNAUTHENTICATED: it learnt about the API before authenticating."""
+    interceptor = CallInterceptor(None, str, [bearer_guard(["alpha"])])  # type: ignore[arg-type]
+    garbage = _Unparsable(ValueError("Error parsing message"))
+    with pytest.raises(Unauthenticated):
+        interceptor._begin(METHOD, {}, garbage)
+    with pytest.raises(BadRequest):
+        interceptor._begin(METHOD, {"authorization": "Bearer alpha"}, garbage)
+
+
+def test_auth_health_without_any_token_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--auth-health 1 with no token left every call open, health included, without a word."""
+    import asyncio
+
+    from rnnserve.server.main import serve
+    from rnnserve.server.settings import Settings
+
+    monkeypatch.delenv("RNNSERVE_TOKENS", raising=False)
+    settings = Settings(
+        auth_health=1, model_repo="/nonexistent", port=0, metrics_port=0, http_port=0
+    )
+    with caplog.at_level("ERROR"):  # the bound only stops a server that did start
+        assert asyncio.run(asyncio.wait_for(serve(settings), 60)) == 2
+    assert "--auth-health 1 needs a token" in caplog.text
 
 
 def test_tls_flag_combinations(tmp_path: Path) -> None:

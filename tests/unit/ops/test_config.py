@@ -85,3 +85,43 @@ def test_otlp_endpoint_without_http_or_https_is_a_usage_error(
 def test_otlp_endpoint_with_a_scheme_is_accepted() -> None:
     for endpoint in ("http://otel-collector:4317", "HTTPS://otel-collector:4317", ""):
         assert settings_from_args(["--otlp-endpoint", endpoint]).otlp_endpoint == endpoint
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--decode-process", "4"], "--decode-process must be 0 or 1"),  # not "4 processes"
+        (["--auth-health", "2"], "--auth-health must be 0 or 1"),
+        (["--allow-empty-repo", "-1"], "--allow-empty-repo must be 0 or 1"),
+        (["--reuse-port", "2"], "--reuse-port must be 0 or 1"),
+        (["--http-port", "70000"], "--http-port must be in 0..65535"),
+        (["--metrics-port", "-1"], "--metrics-port must be in 0..65535"),
+        (["--state-key", " \n"], "--state-key is only whitespace"),
+    ],
+)
+def test_switches_ports_and_keys_are_checked_by_name(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A switch took any integer silently (-1 and 2 meant on); a bad port did not say which
+    of the three flags it was; a blank --state-key silently signed with a random key."""
+    with pytest.raises(SystemExit) as info:
+        settings_from_args(argv)
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_blank_provider_names_are_dropped() -> None:
+    assert settings_from_args(["--providers", " , CUDA ,cpu,"]).providers == ["cuda", "cpu"]
+
+
+def test_state_key_is_stripped_like_the_previous_keys() -> None:
+    """RNNSERVE_STATE_KEY from a secret file ends in a newline. --state-key-previous was
+    stripped and --state-key was not, so after `--state-key NEW --state-key-previous OLD\\n`
+    no token signed with `OLD\\n` verified, and a replica given OLD as a flag refused them."""
+    from rnnserve.server.main import state_signer
+
+    old = state_signer(Settings(state_key="old-key\n"))
+    assert old.kid == state_signer(Settings(state_key="old-key")).kid
+    rotated = state_signer(Settings(state_key="new-key\n", state_key_previous="old-key\n"))
+    assert rotated.kid == state_signer(Settings(state_key="new-key")).kid
+    assert old.kid in rotated._by_id

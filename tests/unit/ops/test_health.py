@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import urllib.error
@@ -13,8 +14,9 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rnnserve.server.health import overall_serving
+from rnnserve.server.health import ModelHealth, overall_serving
 from rnnserve.server.metrics import Metrics, serve_http
+from rnnserve.server.repository import ModelVersion, Repository
 from rnnserve.v1 import rnnserve_pb2 as pb
 from tests.integration.server.harness import ServerThread, make_settings
 
@@ -170,3 +172,45 @@ def test_metrics_port_falls_back_to_ipv4_where_the_host_has_no_ipv6(monkeypatch)
     finally:
         http.shutdown()
         http.server_close()
+
+
+class _Decoder:
+    """A decode process as health sees it; starting a new one fails (e.g. out of fds)."""
+
+    def __init__(self, name: str, model: object) -> None:
+        self.name, self.model, self.cannot_open, self.retries = name, model, False, 0
+
+    def retry_open(self) -> None:
+        self.retries += 1
+        raise OSError(24, "Too many open files")
+
+
+def test_recheck_follows_a_decoder_that_cannot_open_and_outlives_a_failed_retry(
+    tmp_path: Path,
+) -> None:
+    """The server's once-a-second loop calls recheck: an error there must not end it."""
+    model = object()
+    repository = Repository(tmp_path, loader=lambda path, manifest: model)
+    repository.models = {"m": {"1": ModelVersion("m", "1", tmp_path, model=model)}}
+    decoder = _Decoder("m", model)
+    seen: list[tuple[str, bool]] = []
+
+    async def run() -> None:
+        health = ModelHealth(
+            repository,
+            decoders=lambda: [decoder],
+            on_version=lambda entry, serving: seen.append((entry.version, serving)),
+        )
+        await health.refresh()
+        assert health.ready
+        decoder.cannot_open = True
+        await health.recheck()
+        assert decoder.retries == 1 and not health.ready
+        check = health_pb2.HealthCheckRequest(service="m")
+        assert (await health.servicer.Check(check, None)).status == NOT_SERVING
+        decoder.cannot_open = False
+        await health.recheck()
+        assert decoder.retries == 1 and health.ready
+
+    asyncio.run(run())
+    assert seen == [("1", False), ("1", True)]
