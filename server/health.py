@@ -13,6 +13,8 @@ shutdown turns everything NOT_SERVING for good.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -28,6 +30,39 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # KServe v2 gRPC (server/kserve) serves from the same engine: it is ready exactly when "" is.
 OVERALL = ("", "rnnserve.v1.Inference", "inference.GRPCInferenceService")
 ADMIN = "rnnserve.v1.Admin"
+
+
+class EndingHealthServicer(health_aio.HealthServicer):
+    """grpc's health servicer, whose Watch streams end once the server drains.
+
+    Why: a Watch never ends by itself, so every open one (gRPC client-side health checking
+    keeps one per channel) would hold a graceful stop for its whole --grace. Watchers have
+    seen NOT_SERVING since SIGTERM; when calls are refused they are told OK and left."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ended = asyncio.Event()
+
+    def end_watches(self) -> None:
+        self._ended.set()
+
+    async def Watch(self, request, context) -> None:
+        if self._ended.is_set():  # the status once, then the end, as a drained server's
+            unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            status = self._server_status.get(request.service, unknown)
+            await context.write(health_pb2.HealthCheckResponse(status=status))
+            return
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        ended = asyncio.ensure_future(self._ended.wait())
+        try:
+            await asyncio.wait({watch, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # the caller left (cancelled), or the drain ended it
+            watch.cancel()
+            ended.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+        if watch.done() and not watch.cancelled() and watch.exception() is not None:
+            raise watch.exception()
 
 
 class Decoder(Protocol):
@@ -61,7 +96,7 @@ class ModelHealth:
         self.on_change = on_change
         self.decoders = decoders or (lambda: ())
         self.on_version = on_version
-        self.servicer = health_aio.HealthServicer()
+        self.servicer = EndingHealthServicer()
         self.ready = False
         self._known: set[str] = set()
         self._unable: dict[tuple[str, str], ModelVersion] = {}
@@ -127,6 +162,11 @@ class ModelHealth:
         self._shut = True
         self._set_ready(False)
         await self.servicer.enter_graceful_shutdown()
+
+    def end_watches(self) -> None:
+        """Ends the open Watch streams (and answers later ones once): the server is
+        draining, and they would hold its stop for the whole --grace."""
+        self.servicer.end_watches()
 
     def _set_ready(self, ready: bool) -> None:
         self.ready = ready

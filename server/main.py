@@ -93,6 +93,7 @@ class App:
             await asyncio.sleep(delay)
         self.draining = True
         self.engine.limiter.closed = True
+        self.health.end_watches()
         grace = self.settings.grace if grace is None else grace
         http_stop = self.http.stop(grace) if self.http is not None else asyncio.sleep(0)
         await asyncio.gather(self.server.stop(grace), http_stop)

@@ -340,6 +340,22 @@ def test_shutdown_turns_health_off_and_refuses_new_calls(model_repo: Path) -> No
     srv.stop()
 
 
+def test_an_open_health_watch_does_not_hold_the_drain(model_repo: Path) -> None:
+    """A Watch never ends by itself (client-side health checking keeps one per channel): it
+    sees NOT_SERVING at SIGTERM and then ends with OK when calls are refused, instead of
+    holding the stop for the whole --grace and being cancelled at its end."""
+    srv = ServerThread(make_settings(model_repo)).start()
+    health = health_pb2_grpc.HealthStub(srv.channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=600)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    stopping = asyncio.run_coroutine_threadsafe(srv.app.shutdown(grace=600.0), srv.loop)
+    seen = [m.status for m in watch]  # ends: a cancelled stream would raise here instead
+    assert seen == [health_pb2.HealthCheckResponse.NOT_SERVING]
+    stopping.result(120)  # well inside the grace: nothing else was in flight
+    srv.app = None
+    srv.stop()
+
+
 def test_drain_delay_turns_health_off_before_calls_are_refused(model_repo: Path) -> None:
     srv = ServerThread(make_settings(model_repo, drain_delay=30.0)).start()
     health = health_pb2_grpc.HealthStub(srv.channel)
