@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,6 +108,12 @@ def file_stem(column: str) -> str:
     return re.sub(r"[/\\]", "_", column).strip() or "series"
 
 
+def _strict(scores: dict[str, float]) -> dict[str, float | None]:
+    """A diverged model's inf or NaN scores as null: JSON has no such numbers, and strict
+    readers (JavaScript, Go) refuse the file that holds them."""
+    return {m: v if math.isfinite(v) else None for m, v in scores.items()}
+
+
 def report(result, configs: dict[str, ForecastTrainConfig]) -> dict:
     """The JSON record of one backtest."""
     series = result.series
@@ -119,7 +126,9 @@ def report(result, configs: dict[str, ForecastTrainConfig]) -> dict:
         "validation_scores": {m: finite_scores(s) for m, s in result.val_scores.items()},
         "season": series.season,
         "horizons": sorted(next(iter(result.scores.values()))),
-        "scores": {n: {str(k): v for k, v in row.items()} for n, row in result.scores.items()},
+        "scores": {
+            n: {str(k): _strict(v) for k, v in row.items()} for n, row in result.scores.items()
+        },
         "models": result.models,
         "train_seconds": result.train_seconds,
         "configs": {n: c.to_dict() for n, c in configs.items()},
