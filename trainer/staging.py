@@ -32,7 +32,9 @@ def package_dir(out_dir: Path, name: str, version: str) -> Path:
 
 @contextlib.contextmanager
 def staged(target: Path) -> Iterator[Path]:
-    """Yields an empty temp dir; on success it replaces `target`, on any failure it goes."""
+    """Yields an empty temp dir; on success it replaces `target`, on any failure it goes,
+    and so do the folders above it that this call created (OUT/NAME, OUT), if still empty."""
+    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -47,8 +49,9 @@ def staged(target: Path) -> Iterator[Path]:
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            target.parent.rmdir()  # only if empty: a first version that failed
+        for folder in created:  # deepest first; rmdir only removes an empty one
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
 
 

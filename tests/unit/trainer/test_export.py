@@ -126,6 +126,16 @@ def test_a_re_export_that_fails_at_the_rename_keeps_the_old_version(tmp_path, mo
     assert (tmp_path / "m" / "1" / "old.txt").read_text() == "old"
 
 
+def test_a_failed_first_package_leaves_no_empty_folders_behind(tmp_path) -> None:
+    """OUT and OUT/NAME made for a package that then failed go with it; folders that were
+    there before stay."""
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(RuntimeError), staged(tmp_path / "keep" / "models" / "m" / "1"):
+        raise RuntimeError("the export check failed")
+    assert list((tmp_path / "keep").iterdir()) == []
+    assert (tmp_path / "keep").is_dir()
+
+
 def test_an_unwritable_model_dir_is_a_one_line_error(tmp_path, monkeypatch) -> None:
     """OUT/NAME may exist and belong to another user (the server's): PermissionError from
     the temp dir escaped as a traceback instead of the promised TrainerError."""
