@@ -317,10 +317,14 @@ def test_a_restart_before_the_first_checkpoint_asks_for_the_version_that_served_
     before any checkpoint asks for it, so a replica whose default is a newer model does not
     replace the delivered tokens with its own. A version the caller pinned stays."""
     a, _ = servers
-    request = pb.GenerateRequest(model="gru", prompt=PROMPT, max_tokens=3)
-    first, *rest = a.stub.Generate(request, timeout=60)
-    assert first.model_version == "1"  # the test zoo's gru is version 1
+    # checkpoints every 4 tokens end messages there: at least three messages, however
+    # the tokens between them are grouped
+    request = pb.GenerateRequest(model="gru", prompt=PROMPT, max_tokens=12, state_every=4)
+    served, *rest = a.stub.Generate(request, timeout=60)
+    assert served.model_version == "1"  # the test zoo's gru is version 1
     assert rest and all(m.model_version == "" for m in rest)  # the first message only
+    first = _msg(list(served.token_ids), served.text, served.logprob)  # before a checkpoint
+    first.model_version = served.model_version
     ledger = StreamLedger(pb.GenerateRequest(model="gru", prompt="p", max_tokens=9))
     ledger.take(first)
     restart = ledger.attempt()
