@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 
 from rnnserve.server.errors import Unauthenticated
-from rnnserve.server.interceptors import Guard
+from rnnserve.server.interceptors import Guard, call_metadata
 
 TOKENS_ENV = "RNNSERVE_TOKENS"
 
@@ -79,11 +79,18 @@ def bearer_guard(tokens: list[str]) -> Guard:
     secrets = [_digest(t) for t in tokens]
 
     def guard(method: str, metadata: dict[str, str]) -> None:
-        header = metadata.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
+        # several values (call_metadata joins them by newlines) pass only when each is the
+        # same bearer token: never does their order decide which one is checked
+        values = metadata.get("authorization", "").split("\n")
+        given = {_bearer(value) for value in values}
+        if len(values) > 1 and (len(given) > 1 or "" in given):
+            raise Unauthenticated(
+                "several different 'authorization' values; send one 'Bearer <token>'"
+            )
+        (token,) = given
+        if not token:
             raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
-        candidate = _digest(given.strip())
+        candidate = _digest(token)
         ok = False
         for secret in secrets:  # no early exit: time does not depend on which token matched
             ok |= hmac.compare_digest(candidate, secret)
@@ -91,6 +98,12 @@ def bearer_guard(tokens: list[str]) -> Guard:
             raise Unauthenticated("invalid bearer token")
 
     return guard
+
+
+def _bearer(header: str) -> str:
+    """The token of `Bearer <token>` (any case of the scheme); "" for anything else."""
+    scheme, _, given = header.partition(" ")
+    return given.strip() if scheme.lower() == "bearer" else ""
 
 
 def _digest(token: str) -> bytes:
@@ -114,7 +127,7 @@ class OpenServicesAuth(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(OPEN_PREFIXES):
             return handler
-        metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        metadata = call_metadata(details.invocation_metadata or ())
         try:
             self.guard(details.method, metadata)
         except Unauthenticated as exc:

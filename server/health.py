@@ -102,6 +102,12 @@ class ModelHealth:
         self._unable: dict[tuple[str, str], ModelVersion] = {}
         self._shut = False
 
+    def serves(self, entry: ModelVersion) -> bool:
+        """Whether this version serves as health last said: loaded SERVING and not one that
+        no decode process can open. KServe ModelReady, GetModel/ListModels and /v1/models
+        read it, so they never call SERVING what grpc.health.v1 calls NOT_SERVING."""
+        return entry.serving and (entry.name, entry.version) not in self._unable
+
     def _cannot_open(self) -> dict[tuple[str, str], ModelVersion]:
         """Loaded versions whose decode process cannot open the model now."""
         found = {}

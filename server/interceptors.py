@@ -17,7 +17,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -33,6 +33,29 @@ Guard = Callable[[str, dict[str, str]], None]  # (full method, metadata) -> None
 ModelLabel = Callable[[str], str]  # request.model -> metric label (bounded cardinality)
 SERVICE_PREFIX = "/rnnserve.v1."
 _ids = random.Random(os.urandom(16))  # request ids: unique enough, no syscall per call
+
+
+AUTHORIZATION = "authorization"
+
+
+def call_metadata(pairs: Iterable[tuple[str, Any]]) -> dict[str, str]:
+    """Metadata (or HTTP headers, keys lower-cased) as the guards read it: the text values,
+    the last one of a repeated key, except `authorization`, whose distinct values are joined
+    by a newline (which no header or metadata value can hold). The bearer guard refuses such
+    a conflict, so no path lets the order of two tokens decide whether a call is let in."""
+    metadata: dict[str, str] = {}
+    auth: list[str] = []
+    for key, value in pairs:
+        if not isinstance(value, str):
+            continue
+        if key == AUTHORIZATION:
+            if value not in auth:
+                auth.append(value)
+            continue
+        metadata[key] = value
+    if auth:
+        metadata[AUTHORIZATION] = "\n".join(auth)
+    return metadata
 
 
 class _Unparsable:
@@ -74,7 +97,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
         rpc = method.rsplit("/", 1)[-1]
-        metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        metadata = call_metadata(details.invocation_metadata or ())
         safe = _safe(handler.request_deserializer)
         if handler.unary_unary is not None:
             return handler._replace(

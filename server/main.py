@@ -178,7 +178,7 @@ def build_app(
             ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ],
     )
-    pb_grpc.add_InferenceServicer_to_server(InferenceService(engine), server)
+    pb_grpc.add_InferenceServicer_to_server(InferenceService(engine, health), server)
     admin = AdminService(engine, health)
     pb_grpc.add_AdminServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)

@@ -8,6 +8,7 @@ import grpc
 
 from rnnserve.server.engine import Engine, require
 from rnnserve.server.generation import GenerateParams
+from rnnserve.server.health import ModelHealth
 from rnnserve.server.repository import ModelVersion
 from rnnserve.server.sampling import SamplingParams
 from rnnserve.v1 import rnnserve_pb2 as pb
@@ -20,9 +21,21 @@ FINISH = {
 }
 
 
-def version_info(entry: ModelVersion) -> pb.VersionInfo:
+# why a loaded version is NOT_SERVING while no decode process can open it (health says so)
+CANNOT_OPEN = (
+    "no decode process can open the model now (--decode-process 1): its new streams are "
+    "refused until one opens it, retried once a second"
+)
+
+
+def version_info(entry: ModelVersion, health: ModelHealth | None = None) -> pb.VersionInfo:
+    """A version as ListModels/GetModel describe it; with `health`, a loaded version that no
+    decode process can open is NOT_SERVING, as grpc.health.v1 and KServe ModelReady say."""
+    status, reason = entry.status, entry.reason
+    if entry.serving and health is not None and not health.serves(entry):
+        status, reason = "NOT_SERVING", CANNOT_OPEN
     info = pb.VersionInfo(
-        version=entry.version, status=entry.status, status_reason=entry.reason, rpcs=entry.rpcs
+        version=entry.version, status=status, status_reason=reason, rpcs=entry.rpcs
     )
     m = entry.manifest
     if m is not None:
@@ -39,7 +52,9 @@ def version_info(entry: ModelVersion) -> pb.VersionInfo:
     return info
 
 
-def model_info(engine: Engine, name: str, version: str = "") -> pb.ModelInfo:
+def model_info(
+    engine: Engine, name: str, version: str = "", health: ModelHealth | None = None
+) -> pb.ModelInfo:
     versions = engine.repository.versions(name)
     default = engine.repository.default_version(name)
     if version:
@@ -47,7 +62,7 @@ def model_info(engine: Engine, name: str, version: str = "") -> pb.ModelInfo:
     return pb.ModelInfo(
         name=name,
         default_version=default.version if default else "",
-        versions=[version_info(v) for v in versions],
+        versions=[version_info(v, health) for v in versions],
     )
 
 
@@ -57,15 +72,19 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class InferenceService(pb_grpc.InferenceServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, health: ModelHealth | None = None) -> None:
         self.engine = engine
+        self.health = health
 
     async def ListModels(self, request, context):
         names = self.engine.repository.names()
-        return pb.ListModelsResponse(models=[model_info(self.engine, n) for n in names])
+        return pb.ListModelsResponse(
+            models=[model_info(self.engine, n, health=self.health) for n in names]
+        )
 
     async def GetModel(self, request, context):
-        return model_info(self.engine, require(request.model, "model"), request.version)
+        model = require(request.model, "model")
+        return model_info(self.engine, model, request.version, self.health)
 
     async def Generate(self, request, context):
         s = request.sampling

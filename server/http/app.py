@@ -51,7 +51,7 @@ def build_web_app(
 ) -> web.Application:
     calls = HttpCalls(interceptor, health_guards)
     app = web.Application(client_max_size=max_body, middlewares=[json_not_found])
-    app.add_routes(OpenAIRoutes(engine).routes(calls))
+    app.add_routes(OpenAIRoutes(engine, status.health).routes(calls))
     app.add_routes(KServeRoutes(engine, status).routes(calls))
     return app
 

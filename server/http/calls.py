@@ -3,7 +3,8 @@ tokens, draining, JSON access logs and metrics are the same code on both ports.
 
 `_identify` (request id, trace span), `_begin` (guards), `_fail` (error -> status, INTERNAL
 logged) and `_end` (log line, rnnserve_request_duration_seconds, rnnserve_errors_total) are
-called as they are for an RPC; the HTTP path is the "method" the guards see. Probes
+called as they are for an RPC; the matched route's pattern (`/v2/models/{name}/infer`, never
+the raw path a client chose) is the "method" the guards see and the span's name. Probes
 (health) skip them like grpc.health.v1 does: open unless --auth-health, not logged or
 counted.
 """
@@ -22,7 +23,7 @@ from aiohttp import web
 from rnnserve.server import logs
 from rnnserve.server.errors import BadRequest
 from rnnserve.server.http.errors import BodyTooLarge, http_status
-from rnnserve.server.interceptors import CallInterceptor, Guard
+from rnnserve.server.interceptors import CallInterceptor, Guard, call_metadata
 
 ErrorBody = Callable[[grpc.StatusCode, str, BaseException | None], dict]
 
@@ -60,6 +61,26 @@ def json_response(body: object, status: int = 200, request_id: str = "") -> web.
     )
 
 
+def _metadata(request: web.Request) -> dict[str, str]:
+    """The headers as the interceptor's steps read gRPC metadata. An `x-request-id` that gRPC
+    metadata could not carry (not printable ASCII: aiohttp hands undecodable bytes on as
+    surrogates) is dropped for a fresh id: the header echoed and the id in the body and the
+    access line would otherwise differ."""
+    metadata = call_metadata((k.lower(), v) for k, v in request.headers.items())
+    rid = metadata.get("x-request-id", "")
+    if not (rid.isascii() and rid.isprintable()):
+        del metadata["x-request-id"]
+    return metadata
+
+
+def _route(request: web.Request, rpc: str) -> str:
+    """The matched route's pattern (`/v2/models/{name}/infer`), the trace span's name: the
+    raw path holds whatever model name a client sends, and a span name per string would
+    grow a tracing backend's index without bound (gRPC spans are named after the method)."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else rpc
+
+
 class HttpCalls:
     def __init__(self, interceptor: CallInterceptor, health_guards: Sequence[Guard] = ()):
         self.interceptor = interceptor
@@ -72,11 +93,15 @@ class HttpCalls:
         async def run(request: web.Request) -> web.StreamResponse:
             start, call = time.perf_counter(), Call()
             code, message = grpc.StatusCode.OK, ""
-            metadata = {k.lower(): v for k, v in request.headers.items()}
-            span = icpt._identify(request.path, metadata)
+            metadata = _metadata(request)
+            route = _route(request, rpc)
+            span = icpt._identify(route, metadata)
+            if span is not None:  # the name is the pattern; the attributes say what was asked
+                span.span.set_attribute("http.route", route)
+                span.span.set_attribute("url.path", request.path)
             call.request_id = logs.request_id.get()
             try:
-                icpt._begin(request.path, metadata, None)
+                icpt._begin(route, metadata, None)
                 response = await handler(request, call)
                 code, message = call.code, call.message
                 response.headers.setdefault("x-request-id", call.request_id)
@@ -102,7 +127,7 @@ class HttpCalls:
         """A health endpoint: only the --auth-health guards, no log line, no metrics."""
 
         async def run(request: web.Request) -> web.StreamResponse:
-            metadata = {k.lower(): v for k, v in request.headers.items()}
+            metadata = _metadata(request)
             try:
                 for guard in self.health_guards:
                     guard(request.path, metadata)

@@ -99,10 +99,20 @@ def _flag(body: dict, name: str) -> bool:
 
 def _strings(value: object, name: str) -> list[str]:
     if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise BadRequest(name, "must be a string or a list of strings")
+        found = [value]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        found = list(value)
+    else:
+        raise BadRequest(name, "must be a string or a list of strings")
+    for i, text in enumerate(found):
+        try:  # JSON's "\ud800" (a lone surrogate) is no text: KServe and gRPC refuse it too
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            where = name if isinstance(value, str) else f"{name}[{i}]"
+            raise BadRequest(
+                where, f"is not valid Unicode text (a lone surrogate at {exc.start})"
+            ) from None
+    return found
 
 
 def parse_completion(body: object, max_tokens_limit: int | None = None) -> CompletionRequest:

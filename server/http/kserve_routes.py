@@ -67,7 +67,11 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[dict, list[Tens
                 raise BadRequest(f"inputs[{name}]", "has no `data` (or binary_data_size)")
             tensors.append(from_json(name, datatype, shape, t["data"]))
             continue
-        if not isinstance(size, int) or size < 0 or at + size > len(binary):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:  # true is not 1
+            raise BadRequest(
+                f"inputs[{name}]", f"binary_data_size must be a byte count, got {size!r}"
+            )
+        if at + size > len(binary):
             raise BadRequest(f"inputs[{name}]", f"binary_data_size {size} is past the body")
         tensors.append(from_raw(name, datatype, shape, binary[at : at + size]))
         at += size

@@ -20,11 +20,19 @@ import grpc
 from aiohttp import web
 
 from rnnserve.server.engine import Engine
-from rnnserve.server.errors import BadRequest, UnknownModel, UnsupportedTask, status_for
+from rnnserve.server.errors import (
+    BadRequest,
+    EngineUnavailable,
+    UnknownModel,
+    UnsupportedTask,
+    status_for,
+)
+from rnnserve.server.health import ModelHealth
 from rnnserve.server.http import completions as oa
 from rnnserve.server.http.calls import Call, HttpCalls, json_response, read_json
 from rnnserve.server.http.errors import openai_error
 from rnnserve.server.repository import ModelVersion
+from rnnserve.server.service import CANNOT_OPEN
 from rnnserve.server.text import Encoded
 
 DONE = b"data: [DONE]\n\n"
@@ -63,8 +71,9 @@ def _event(obj: dict) -> bytes:
 
 
 class OpenAIRoutes:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, health: ModelHealth | None = None) -> None:
         self.engine = engine
+        self.health = health
 
     def routes(self, calls: HttpCalls) -> list[web.RouteDef]:
         return [
@@ -82,9 +91,13 @@ class OpenAIRoutes:
     def _card(self, name: str) -> dict:
         return {"id": name, "object": "model", "created": 0, "owned_by": "rnnserve"}
 
+    def _serves(self, entry: ModelVersion) -> bool:
+        """False for a version no decode process can open (grpc.health.v1 NOT_SERVING)."""
+        return self.health is None or self.health.serves(entry)
+
     def _generates(self, name: str) -> bool:
         entry = self.engine.repository.default_version(name)
-        return entry is not None and "Generate" in entry.rpcs
+        return entry is not None and "Generate" in entry.rpcs and self._serves(entry)
 
     async def models(self, request: web.Request, call: Call) -> web.Response:
         names = [n for n in self.engine.repository.names() if self._generates(n)]
@@ -104,7 +117,9 @@ class OpenAIRoutes:
     async def model(self, request: web.Request, call: Call) -> web.Response:
         name = request.match_info["model"]
         call.model = self.engine.model_label(name)
-        self._lm(name)
+        entry = self._lm(name)
+        if not self._serves(entry):  # not listed now, but it comes back: retry, not gone
+            raise EngineUnavailable(f"model {name}/{entry.version} is NOT_SERVING: {CANNOT_OPEN}")
         return json_response(self._card(name), request_id=call.request_id)
 
     # -- completions ------------------------------------------------------------------------

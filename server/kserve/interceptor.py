@@ -13,7 +13,13 @@ from typing import Any
 
 from rnnserve.server.auth import _denied
 from rnnserve.server.errors import ServeError
-from rnnserve.server.interceptors import CallInterceptor, Guard, ModelLabel, _safe
+from rnnserve.server.interceptors import (
+    CallInterceptor,
+    Guard,
+    ModelLabel,
+    _safe,
+    call_metadata,
+)
 from rnnserve.server.kserve.service import SERVICE_NAME
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.tracing import RpcTracer
@@ -40,7 +46,7 @@ class KServeCallInterceptor(CallInterceptor):
         if handler is None or not method.startswith(PREFIX) or handler.unary_unary is None:
             return handler
         name = method.rsplit("/", 1)[-1]
-        metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        metadata = call_metadata(details.invocation_metadata or ())
         if name in HEALTH_RPCS:
             try:
                 for guard in self.health_guards:

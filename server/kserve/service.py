@@ -58,6 +58,8 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         model = require(request.model_name, "model_name")
+        # an unknown model or version is NOT_FOUND whatever the tensors (as REST's 404)
+        self.engine.repository.get(model, request.model_version)
         version, outputs = await infer(
             self.engine, model, request.model_version, request_tensors(request)
         )

@@ -28,14 +28,12 @@ class KServeStatus:
         return self.health.ready
 
     async def model_ready(self, name: str, version: str = "") -> bool:
-        """True when the version (default: the model's default) serves and the server is ready.
-        UnknownModel for a name or version the repository does not hold."""
-        repository = self.engine.repository
-        if version:
-            ready = repository.get_any(name, version).serving
-        else:
-            ready = repository.default_version(name) is not None  # UnknownModel if no such name
-        return ready and self.health.ready
+        """True when the version (default: the model's default) serves as grpc.health.v1 says
+        (not one no decode process can open) and the server is ready. UnknownModel for a name
+        or version the repository does not hold."""
+        repo = self.engine.repository  # UnknownModel if no such name
+        entry = repo.get_any(name, version) if version else repo.default_version(name)
+        return entry is not None and self.health.serves(entry) and self.health.ready
 
     def server_metadata(self) -> dict:
         try:

@@ -55,6 +55,16 @@ def test_request_id_is_echoed(base_url: str) -> None:
     assert json.loads(text)["id"] == "cmpl-abc-1"
 
 
+@pytest.mark.parametrize("sent", ["caf\u00e9", "\udcff\udcfeab"])  # UTF-8; not UTF-8 bytes
+def test_a_request_id_gRPC_could_not_carry_is_replaced(base_url: str, sent: str) -> None:
+    """The header echoed `ab` while the body and the access line held the undecodable id."""
+    body = {"model": "lstm", "prompt": "the", "max_tokens": 2}
+    status, headers, text = post(base_url + "/v1/completions", body, "-H", f"x-request-id: {sent}")
+    rid = headers["x-request-id"]
+    assert status == 200 and rid.isascii() and rid.isprintable() and len(rid) == 16
+    assert json.loads(text)["id"] == f"cmpl-{rid}"
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
@@ -245,3 +255,15 @@ def test_kserve_rest_binary_form_and_malformed_bodies(base_url: str) -> None:
     ]:  # fmt: skip
         status, _, text_ = post(base_url + "/v2/models/lstm/infer", bad)
         assert status == 400 and words in json.loads(text_)["error"], (bad, text_)
+    # `true` is not a size of 1 byte (a Python bool is an int): named, not read as one byte
+    head["inputs"][0]["parameters"]["binary_data_size"] = True
+    header = json.dumps(head).encode()
+    req = urllib.request.Request(
+        base_url + "/v2/models/lstm/infer",
+        data=header + b"\x01",
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 400
+    assert "binary_data_size must be a byte count" in json.loads(err.value.read())["error"]

@@ -87,10 +87,20 @@ def _forecast_request(horizon_type: str, horizon: int) -> kpb.ModelInferRequest:
     return request
 
 
+def _unknown_datatype(model: str, version: str = "") -> kpb.ModelInferRequest:
+    request = _score_request([b"x y"], model=model)
+    request.model_version = version
+    request.inputs[0].datatype = "TEXT"
+    return request
+
+
 @pytest.mark.parametrize(
     ("request_", "code"),
     [
         (_score_request([b"x y"], model="missing"), grpc.StatusCode.NOT_FOUND),
+        # the model is judged before the body, as REST's 404 and native calls do
+        (_unknown_datatype("missing"), grpc.StatusCode.NOT_FOUND),
+        (_unknown_datatype("lstm", "9"), grpc.StatusCode.NOT_FOUND),
         (_score_request([b"x y"], model="sine-gru"), grpc.StatusCode.FAILED_PRECONDITION),
         (_score_request([b"x"]), grpc.StatusCode.INVALID_ARGUMENT),  # one token: nothing to score
         (kpb.ModelInferRequest(model_name="lstm"), grpc.StatusCode.INVALID_ARGUMENT),

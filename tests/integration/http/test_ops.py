@@ -19,20 +19,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rnnserve.kserve import grpc_predict_v2_pb2 as kpb
 from rnnserve.kserve import grpc_predict_v2_pb2_grpc as kpb_grpc
-from rnnserve.server.auth import bearer_guard
+from rnnserve.server.auth import OpenServicesAuth, bearer_guard
 from rnnserve.server.main import build_app
 from tests.integration.http.conftest import TOKEN, free_port, http_server
 from tests.integration.server.harness import ServerThread, make_settings
 
 
 class GuardedServer(ServerThread):
-    """ServerThread whose app has the bearer guard, as `rnn-server --tokens-file` builds it."""
+    """ServerThread whose app has the bearer guard (and, with --auth-health, the guard of
+    grpc.health.v1), as `rnn-server --tokens-file` builds it."""
 
     def start(self) -> GuardedServer:
         self._thread.start()
 
         async def boot():
-            app = build_app(self.settings, guards=[bearer_guard([TOKEN])])
+            guard = bearer_guard([TOKEN])
+            extra = [OpenServicesAuth(guard)] if self.settings.auth_health else []
+            app = build_app(self.settings, guards=[guard], extra_interceptors=extra)
             await app.start()
             return app
 
@@ -206,3 +209,174 @@ def test_client_going_away_ends_its_stream(server, base_url) -> None:
     while server.call(lambda: limiter.active) != 0:
         assert time.monotonic() < deadline, "the stream kept running after its client left"
         time.sleep(0.05)
+
+
+def test_http_spans_are_named_after_the_route_not_the_clients_path(model_repo: Path) -> None:
+    """A span name is an index in tracing backends: the model name a client puts in the path
+    must not become one (the gRPC path names spans after the method the same way)."""
+    sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = sdk_trace.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    class TracedServer(ServerThread):
+        def start(self) -> TracedServer:
+            self._thread.start()
+
+            async def boot():
+                app = build_app(self.settings, tracer_provider=provider)
+                await app.start()
+                return app
+
+            self.app = self.run(boot())
+            self.channel = grpc.insecure_channel(f"localhost:{self.app.port}")
+            return self
+
+    srv = TracedServer(make_settings(model_repo, http_port=free_port())).start()
+    try:
+        base = f"http://127.0.0.1:{srv.app.http.port}"
+        body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["ab"]}]}
+        assert request(base + "/v2/models/client-chosen-1/infer", body)[0] == 404
+        assert request(base + "/v2/models/lstm/versions/7/infer", body)[0] == 404
+        assert request(base + "/v2/models/anything-2")[0] == 404
+        assert request(base + "/v1/models/anything-3")[0] == 404
+        assert request(base + "/v1/completions", {"model": "lstm", "prompt": "a"})[0] == 200
+        spans = exporter.get_finished_spans()
+        names = sorted(s.name for s in spans)
+        assert names == [
+            "/v1/completions",
+            "/v1/models/{model}",
+            "/v2/models/{name}",
+            "/v2/models/{name}/infer",
+            "/v2/models/{name}/versions/{version}/infer",
+        ]
+        by_name = {s.name: s for s in spans}
+        infer = by_name["/v2/models/{name}/infer"]
+        assert infer.attributes["http.route"] == "/v2/models/{name}/infer"
+        assert infer.attributes["url.path"] == "/v2/models/client-chosen-1/infer"
+    finally:
+        srv.stop()
+
+
+class _CannotOpen:
+    """A decode process as health sees it (--decode-process 1) when no child can open the
+    model: tests/integration/server/test_decode_process.py makes real ones fail."""
+
+    def __init__(self, name: str, model: object) -> None:
+        self.name, self.model, self.cannot_open = name, model, True
+
+
+def test_a_version_no_decode_process_can_open_is_not_ready_on_any_protocol(
+    model_repo: Path,
+) -> None:
+    """grpc.health.v1 says NOT_SERVING for it: KServe ModelReady (gRPC and REST), the native
+    GetModel/ListModels status and /v1/models must not say it serves."""
+    from rnnserve.v1 import rnnserve_pb2 as pb
+
+    srv = http_server(model_repo)
+    base = f"http://127.0.0.1:{srv.app.http.port}"
+    kserve = kpb_grpc.GRPCInferenceServiceStub(srv.channel)
+    health = srv.app.health
+    entry = srv.app.engine.repository.default_version("lstm")
+    try:
+        assert kserve.ModelReady(kpb.ModelReadyRequest(name="lstm"), timeout=10).ready
+        health.decoders = lambda: [_CannotOpen("lstm", entry.model)]
+        srv.run(health.refresh())
+        check = health_pb2.HealthCheckRequest(service="lstm")
+        status = health_pb2_grpc.HealthStub(srv.channel).Check(check, timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        for version in ("", entry.version):
+            ask = kpb.ModelReadyRequest(name="lstm", version=version)
+            assert not kserve.ModelReady(ask, timeout=10).ready
+        assert request(base + "/v2/models/lstm/ready")[0] == 400
+        assert request(base + f"/v2/models/lstm/versions/{entry.version}/ready")[0] == 400
+        assert kserve.ServerReady(kpb.ServerReadyRequest(), timeout=10).ready  # others serve
+        info = srv.stub.GetModel(pb.GetModelRequest(model="lstm"), timeout=10)
+        (version,) = [v for v in info.versions if v.version == entry.version]
+        assert version.status == "NOT_SERVING" and "decode process" in version.status_reason
+        listed = srv.stub.ListModels(pb.ListModelsRequest(), timeout=10)
+        (model,) = [m for m in listed.models if m.name == "lstm"]
+        assert [v.status for v in model.versions if v.version == entry.version] == ["NOT_SERVING"]
+        status_, got = request(base + "/v1/models")
+        names = [m["id"] for m in got["data"]]
+        assert status_ == 200 and "lstm" not in names and "gru" in names
+        status_, got = request(base + "/v1/models/lstm")
+        assert status_ == 503 and "decode process" in got["error"]["message"]
+        health.decoders = lambda: []  # a child opened it: everything says so again
+        srv.run(health.refresh())
+        assert kserve.ModelReady(kpb.ModelReadyRequest(name="lstm"), timeout=10).ready
+        assert request(base + "/v2/models/lstm/ready")[0] == 200
+        info = srv.stub.GetModel(pb.GetModelRequest(model="lstm"), timeout=10)
+        assert {v.status for v in info.versions} == {"SERVING"}
+        assert "lstm" in [m["id"] for m in request(base + "/v1/models")[1]["data"]]
+    finally:
+        srv.stop()
+
+
+def _http_status(url: str, authorizations: list[str], body: object | None = None) -> int:
+    """The status of a request that carries each of `authorizations` as its own header."""
+    import http.client
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.putrequest("POST" if body is not None else "GET", parts.path)
+        data = json.dumps(body).encode() if body is not None else b""
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(data)))
+        for value in authorizations:
+            conn.putheader("Authorization", value)
+        conn.endheaders(data)
+        reply = conn.getresponse()
+        reply.read()
+        return reply.status
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "values,ok",
+    [
+        ([f"Bearer {TOKEN}", "Bearer wrong"], False),
+        (["Bearer wrong", f"Bearer {TOKEN}"], False),  # order must not decide
+        ([f"Bearer {TOKEN}", "Basic abc"], False),
+        ([f"Bearer {TOKEN}", f"Bearer {TOKEN}"], True),  # the same token twice: one token
+    ],
+)
+def test_several_authorization_values_are_judged_the_same_on_every_path(
+    guarded: GuardedServer, values: list[str], ok: bool
+) -> None:
+    """Refused unless they are all the same valid token: gRPC, KServe gRPC (a call and a
+    probe under --auth-health) and HTTP (OpenAI, KServe REST, a probe) alike."""
+    from rnnserve.v1 import rnnserve_pb2 as pb
+    from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+    metadata = tuple(("authorization", v) for v in values)
+    native = pb_grpc.InferenceStub(guarded.channel)
+    kserve = kpb_grpc.GRPCInferenceServiceStub(guarded.channel)
+    health = health_pb2_grpc.HealthStub(guarded.channel)
+    calls = [
+        lambda: native.Score(
+            pb.ScoreRequest(model="lstm", texts=["ab"]), metadata=metadata, timeout=30
+        ),
+        lambda: kserve.ServerMetadata(kpb.ServerMetadataRequest(), metadata=metadata, timeout=30),
+        lambda: kserve.ServerReady(kpb.ServerReadyRequest(), metadata=metadata, timeout=30),
+        lambda: health.Check(health_pb2.HealthCheckRequest(), metadata=metadata, timeout=30),
+    ]
+    for call in calls:
+        if ok:
+            call()
+        else:
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    base = f"http://127.0.0.1:{guarded.app.http.port}"
+    body = {"model": "lstm", "prompt": "the", "max_tokens": 2}
+    expected = 200 if ok else 401
+    assert _http_status(base + "/v1/completions", values, body) == expected
+    assert _http_status(base + "/v2", values) == expected
+    assert _http_status(base + "/v2/health/ready", values) == expected

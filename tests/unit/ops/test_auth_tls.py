@@ -9,7 +9,7 @@ import pytest
 
 from rnnserve.server.auth import TokenFileError, bearer_guard, load_tokens
 from rnnserve.server.errors import BadRequest, Unauthenticated
-from rnnserve.server.interceptors import CallInterceptor, _Unparsable
+from rnnserve.server.interceptors import CallInterceptor, _Unparsable, call_metadata
 from rnnserve.server.tls import TlsConfigError, server_credentials
 
 METHOD = "/rnnserve.v1.Inference/Generate"
@@ -110,6 +110,29 @@ def test_bearer_guard(header: str, ok: bool) -> None:
         with pytest.raises(Unauthenticated) as info:
             guard(METHOD, metadata)
         assert "alpha" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "values, ok",
+    [
+        (["Bearer alpha", "Bearer alpha"], True),
+        (["Bearer alpha", "bearer  alpha "], True),  # the same token, written differently
+        (["Bearer alpha", "Bearer beta"], False),  # both valid: which one is the caller?
+        (["Bearer alpha", "Bearer wrong"], False),
+        (["Bearer wrong", "Bearer alpha"], False),
+        (["Bearer alpha", "Basic alpha"], False),
+    ],
+)
+def test_several_authorization_values_pass_only_as_one_token(values: list[str], ok) -> None:
+    """The last value used to win: acceptance depended on the order of the headers."""
+    guard = bearer_guard(["alpha", "beta"])
+    metadata = call_metadata([("user-agent", "x"), *(("authorization", v) for v in values)])
+    assert metadata["user-agent"] == "x"
+    if ok:
+        guard(METHOD, metadata)
+    else:
+        with pytest.raises(Unauthenticated, match="several different 'authorization'"):
+            guard(METHOD, metadata)
 
 
 def test_guards_run_before_the_request_is_judged_unparsable() -> None:

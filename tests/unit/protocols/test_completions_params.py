@@ -86,6 +86,21 @@ def test_stream_options_null_without_stream_is_fine() -> None:
     assert not req.stream and not req.include_usage
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"model": "m", "prompt": "ab\ud800cd"}, "prompt"),
+        ({"model": "m", "prompt": ["ab", "\udcff"]}, "prompt[1]"),
+        ({"model": "m", "prompt": "ab", "stop": "\ud83d"}, "stop"),
+    ],
+)
+def test_a_lone_surrogate_is_not_text(body: dict, field: str) -> None:
+    """JSON can spell one (`"\\ud800"`); KServe REST refused it while completions ran it."""
+    with pytest.raises(BadRequest) as info:
+        parse_completion(body)
+    assert info.value.field == field and "surrogate" in info.value.why
+
+
 def test_not_an_object() -> None:
     with pytest.raises(BadRequest, match="JSON object"):
         parse_completion(["model"])
