@@ -139,9 +139,9 @@ class RpcTracer:
 
     def start(self, method: str, metadata: Mapping[str, str], request_id: str) -> RpcSpan:
         """Span `<service>/<method>` (e.g. rnnserve.v1.Inference/Generate) for a gRPC method,
-        or the path itself for an HTTP request (`/v1/completions`: its service part has no
-        dot); a child of the caller's traceparent (gRPC metadata or HTTP headers, lower-case
-        keys) when it sent a valid one."""
+        or the route's pattern for an HTTP request (`/v1/completions`,
+        `/v2/models/{name}/infer`: its service part has no dot); a child of the caller's
+        traceparent (gRPC metadata or HTTP headers, lower-case keys) when it sent a valid one."""
         from opentelemetry import context, trace
 
         parent = self._propagator.extract(dict(metadata))
