@@ -37,7 +37,8 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
         "--task",
         choices=("lm", "infill", "forecast"),
         default=None,
-        help="lm (default), infill (implies --bidirectional) or forecast",
+        help="lm (default), infill (implies --bidirectional) or forecast (its flags, e.g. "
+        "--series, --tau: `rnn-trainer train --task forecast --help`)",
     )
     p.add_argument(
         "--arch", default="lstm", help="rnn | gru | lstm | ngram | hmm (| mlp, forecast)"
