@@ -46,11 +46,21 @@ class AdminService(pb_grpc.AdminServicer):
         """One rescan at a time (RPC, SIGHUP, poll). Returns the report and the task that
         closes the decode loops of removed versions once their streams end: a task of its
         own, outside the lock, so a long stream on a removed version holds up no later
-        rescan, and a caller that stops waiting (a deadline) leaves no decode loop open."""
+        rescan, and a caller that stops waiting (a deadline) leaves no decode loop open.
+
+        The rescan is a task of its own too, shielded from its caller: a deadline that
+        passes while a large model loads (or downloads) must not throw the loaded model
+        away, nor free the lock while the abandoned load still runs in its thread."""
+        task = asyncio.ensure_future(self._rescan())
+        self._retiring.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._retiring.discard)
+        return await asyncio.shield(task)
+
+    async def _rescan(self) -> tuple[ReloadReport, asyncio.Task]:
         async with self._lock:
             report, retired = await rescan(self.engine, self.health)
         task = asyncio.ensure_future(retire(retired))
-        self._retiring.add(task)  # the loop keeps only a weak reference to a task
+        self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
         return report, task
 

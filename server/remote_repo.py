@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from rnnserve.server.repository import is_version_name
 
@@ -104,14 +105,19 @@ class RemoteRepository:
 
     # -- listing ---------------------------------------------------------------------------------
     def _children(self, path: str) -> list[dict[str, Any]]:
-        """Direct children of a folder, each with 'base' (its last name) and 'path'."""
+        """Direct children of a folder, each with 'base' (its last name, the local one) and
+        'path' (where to fetch it). An HTTP listing links names percent-encoded ("my%20model",
+        "mod%C3%A8le"): the local name is the decoded one, as a local repository spells it."""
         entries = self.fs.ls(path + "/" if self._is_http else path, detail=True)
         children = []
         for entry in entries:
             child = entry["name"].rstrip("/")
-            parent, _, base = child.rpartition("/")
-            if parent != path or not base or base.startswith(".") or "?" in base:
-                continue  # parent links, sort links, hidden files
+            parent, _, link = child.rpartition("/")
+            if parent != path or not link or "?" in link:
+                continue  # parent links, sort links
+            base = unquote(link) if self._is_http else link
+            if base.startswith(".") or "/" in base or "\0" in base:
+                continue  # hidden files, and names that would be paths in the cache
             children.append({**entry, "base": base, "path": child})
         return children
 
@@ -163,6 +169,7 @@ class RemoteRepository:
         """Brings the cache in line with the URL (see the module docstring for the rules)."""
         report = SyncReport()
         with self._locked():
+            self._clear_leftovers()
             self.fs.invalidate_cache()
             try:  # a listing failure raises: the cache stays as it is
                 remote = self.remote_versions()
@@ -232,6 +239,15 @@ class RemoteRepository:
         incoming.rename(target)
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
+
+    def _clear_leftovers(self) -> None:
+        """Removes the download and retired folders of a sync that was killed (OOM, a liveness
+        probe during a long fetch): each would hold a model's size in the cache for good. Only
+        under the lock: another worker's sync, running, holds it."""
+        for entry in (self.cache / STATE_DIR).iterdir():
+            if entry.is_dir() and entry.name != "fingerprints":
+                log.info("removing %s, left by a sync that did not finish", entry)
+                shutil.rmtree(entry, ignore_errors=True)
 
     def _cached_versions(self) -> set[tuple[str, str]]:
         """The versions this mirror fetched (each has its fingerprint): only those may go."""

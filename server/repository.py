@@ -110,6 +110,7 @@ class Repository:
         self._on_load = on_load
         self._sync = sync  # fills `root` from a URL first (server/remote_repo.py); None: local
         self._sync_failed: list[str] = []  # the last load_new's sync failures, for install
+        self._odd: set[Path] = set()  # folders the last scan warned about (once each)
         self.models: dict[str, dict[str, ModelVersion]] = {}
 
     # -- loading ----------------------------------------------------------------------------
@@ -149,6 +150,7 @@ class Repository:
                 len(self._present()),
             )
             return loaded, self._present()
+        odd: set[Path] = set()
         for model_dir in model_dirs:
             if model_dir.name.startswith("."):
                 continue
@@ -169,10 +171,12 @@ class Repository:
             for version_dir in version_dirs:
                 if is_version_name(version_dir.name):
                     numbered.append(version_dir)
-                else:
-                    log.warning(
-                        "ignoring %s: version directories are positive integers", version_dir
-                    )
+                elif not version_dir.name.startswith("."):  # hidden: `..data`, `.git`
+                    odd.add(version_dir)
+                    if version_dir not in self._odd:  # once, not at every poll
+                        log.warning(
+                            "ignoring %s: version directories are positive integers", version_dir
+                        )
             keepers = self._keepers(model_dir.name, [p.name for p in numbered])
             for version_dir in numbered:
                 name, version = model_dir.name, version_dir.name
@@ -190,6 +194,7 @@ class Repository:
                 ):
                     continue
                 loaded.append(self._load(name, version, version_dir))
+        self._odd = odd
         return loaded, seen
 
     def _keepers(self, name: str, versions: list[str]) -> dict[int, str]:
@@ -260,8 +265,8 @@ class Repository:
             if not onnx_path.is_file():
                 raise ManifestError(f"{ONNX_FILE} is missing")
             if entry.manifest.onnx_sha256:
-                digest = sha256_file(onnx_path)
-                if digest != entry.manifest.onnx_sha256:
+                digest = sha256_file(onnx_path)  # lowercase; hex is case-blind (Get-FileHash)
+                if digest != entry.manifest.onnx_sha256.strip().lower():
                     raise ManifestError(
                         f"{ONNX_FILE} sha256 {digest[:12]}... does not match the manifest's "
                         f"{entry.manifest.onnx_sha256[:12]}..."
@@ -342,12 +347,22 @@ def _find(versions: list[ModelVersion], version: str) -> ModelVersion | None:
 
 def _changed(path: Path) -> float:
     """Newest change of a version directory and its files (0 if unreadable): modification or
-    status change time, so a fix that writes nothing (chmod, chown) is seen as a change too."""
+    status change time, so a fix that writes nothing (chmod, chown) is seen as a change too.
+    Links count by themselves and by their target, so a re-pointed link is a change, and a
+    dangling one (a file it cannot stat) does not hide the changes of the others."""
     try:
-        stats = [path.stat(), *(p.stat() for p in path.iterdir())]
+        entries = [path, *path.iterdir()]
     except OSError:
         return 0.0
-    return max(max(s.st_mtime, s.st_ctime) for s in stats)
+    newest = 0.0
+    for entry in entries:
+        for stat in (entry.lstat, entry.stat):
+            try:
+                s = stat()
+            except OSError:  # dangling, or removed since the listing
+                continue
+            newest = max(newest, s.st_mtime, s.st_ctime)
+    return newest
 
 
 def _log_not_serving(entry: ModelVersion) -> None:

@@ -174,6 +174,27 @@ def test_a_half_downloaded_version_is_never_visible(model_repo: Path, tmp_path: 
         assert done and (cache / "lstm/3/model.onnx").is_file()
 
 
+def test_names_that_a_directory_listing_escapes_keep_their_spelling(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """Listings link entries percent-encoded: "my model" was served as "my%20model", "modèle"
+    as "mod%C3%A8le", a local repository's names under other ones. A link whose name would
+    be a path ("%2E%2E%2F", "../") is no entry of that folder."""
+    served = tmp_path / "served"
+    for name in ("my model", "modèle", "a+b"):
+        _publish(model_repo / "lstm" / "1", served / "models", name, "1")
+    cache = tmp_path / "cache"
+    with http_repo(served) as (url, _):
+        mirror = RemoteRepository(url, cache)
+        assert mirror.sync().fetched == ["a+b/1", "modèle/1", "my model/1"]
+        assert (cache / "modèle" / "1" / "model.onnx").is_file()
+        assert mirror.sync().fetched == [], "unchanged: not downloaded again"
+        base = f"{mirror.root}/my%20model"
+        listed = [{"name": f"{base}/%2E%2E%2Fescape", "type": "directory", "size": 0}]
+        mirror.fs.ls = lambda path, detail=True: listed
+        assert mirror._children(base) == []
+
+
 def _generate(address: str, model: str) -> str:
     with RnnClient(address, timeout=30) as client:
         stream = client.generate(model, "the time", max_tokens=8, seed=1)

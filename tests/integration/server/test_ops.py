@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -241,6 +242,39 @@ def test_a_removed_version_closes_even_if_its_reload_call_gave_up(
             time.sleep(0.05)
         assert srv.call(lambda: old._closed), "the removed version's decode threads live on"
     finally:
+        srv.stop()
+
+
+def test_a_reload_whose_caller_gave_up_still_installs_what_it_loaded(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """The caller's deadline passed while a new version loaded (a large model, or a URL
+    repository's download: `rnn-client reload` waits 30 s): the rescan was cancelled, the
+    model loaded in its thread and was thrown away, so no reload ever installed it."""
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "gru", repo / "gru")
+    srv = ServerThread(make_settings(repo)).start()
+    repository = srv.app.engine.repository
+    load, gate, loads = repository._loader, threading.Event(), []
+
+    def slow(path, manifest):
+        loads.append(path)
+        assert gate.wait(30), "the test never let the load finish"
+        return load(path, manifest)
+
+    repository._loader = slow
+    try:
+        shutil.copytree(model_repo / "gru" / "1", repo / "gru" / "2")
+        with pytest.raises(grpc.RpcError) as err:
+            srv.admin.ReloadModels(pb.ReloadModelsRequest(), timeout=1)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        gate.set()
+        report = srv.admin.ReloadModels(pb.ReloadModelsRequest(), timeout=30)
+        assert not report.loaded and not report.failed, "loaded by the first reload"
+        assert srv.stub.GetModel(pb.GetModelRequest(model="gru")).default_version == "2"
+        assert len(loads) == 1, "loaded twice"
+    finally:
+        gate.set()
         srv.stop()
 
 

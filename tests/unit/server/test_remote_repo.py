@@ -78,3 +78,18 @@ def test_a_failed_download_is_in_the_reload_report_with_the_url(
     failed = repository.install(*repository.load_new()).sync_failed
     assert len(failed) == 1 and failed[0].startswith("m/2: cannot fetch from memory://")
     assert "503 Service Unavailable" in failed[0]
+
+
+def test_downloads_cut_short_by_a_kill_are_cleared_at_the_next_sync(url, tmp_path: Path) -> None:
+    """A server killed mid-download (OOM, a liveness probe during a long fetch) left its
+    partial copy in the cache's sync folder for good: one more model's size per kill."""
+    address, fs, root = url
+    _publish(fs, root, "m/1")
+    mirror = RemoteRepository(address, tmp_path / "cache")
+    state = mirror.cache / ".rnnserve-sync"
+    for leftover in ("m-2-abc123", "retired-def456"):  # as mkdtemp names them
+        (state / leftover / "v").mkdir(parents=True)
+        (state / leftover / "v" / "model.onnx").write_bytes(b"half a model")
+    assert mirror.sync().fetched == ["m/1"]
+    assert sorted(p.name for p in state.iterdir()) == ["fingerprints", "lock"]
+    assert (mirror.cache / "m" / "1" / "model.onnx").read_bytes() == b"m/1"

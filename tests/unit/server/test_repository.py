@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rnnserve.artifact.manifest import Manifest
+from rnnserve.artifact.manifest import Manifest, sha256_file
 from rnnserve.artifact.tokenizer import TokenizerConfig
 from rnnserve.artifact.vocab import RESERVED
 from rnnserve.server.repository import Repository
@@ -159,3 +159,51 @@ def test_sync_failures_are_in_the_reload_report(tmp_path: Path) -> None:
     assert report.failed == [], "no version was refused: a rescan that changed nothing"
     failed = _rescan(repository).sync_failed
     assert len(failed) == 1 and "cannot list https://host/models: Connection refused" in failed[0]
+
+
+def test_odd_version_folders_are_warned_about_once_and_hidden_ones_not_at_all(
+    tmp_path: Path, caplog
+) -> None:
+    """A poll every few seconds logged a WARNING per odd folder at every rescan, for good:
+    `..data` (a Kubernetes ConfigMap or projected volume), `.git`, `lost+found`, `v2`."""
+    repository = _repo(tmp_path, "m/1")
+    for name in ("..data", "..2024_01_01_00_00_00.1", ".git", "v2"):
+        (tmp_path / "m" / name).mkdir()
+    with caplog.at_level(logging.WARNING):
+        _rescan(repository)
+        _rescan(repository)
+    warned = [r.getMessage() for r in caplog.records if "positive integers" in r.getMessage()]
+    assert len(warned) == 1 and "v2" in warned[0], warned
+    caplog.clear()
+    (tmp_path / "m" / "v2").rmdir()
+    _rescan(repository)
+    (tmp_path / "m" / "v2").mkdir()
+    with caplog.at_level(logging.WARNING):
+        _rescan(repository)
+    assert "positive integers" in caplog.text, "back again: worth a word again"
+
+
+def test_a_dangling_symlink_does_not_hide_a_fix_in_place(tmp_path: Path) -> None:
+    """One entry that cannot be stat'ed made the folder's change time 0 at every scan: a
+    NOT_SERVING version was never retried, whatever was fixed beside it."""
+    version = tmp_path / "m" / "1"
+    version.mkdir(parents=True)
+    (version / "manifest.json").write_text("{ broken")
+    (version / "checkpoint.pt").symlink_to(tmp_path / "gone")  # a training run cleaned up
+    repository = Repository(tmp_path, _never)
+    repository.scan()
+    assert _rescan(repository).failed == [], "untouched: not retried"
+    failed_at = repository.get_any("m", "1").mtime
+    while (version / "manifest.json").stat().st_ctime <= failed_at:  # coarse kernel clock
+        (version / "manifest.json").write_text("{ still broken")
+    assert [f.split(":")[0] for f in _rescan(repository).failed] == ["m/1"], "never retried"
+
+
+def test_a_manifest_sha256_in_capitals_matches(tmp_path: Path) -> None:
+    """Hex digests are case-blind; PowerShell's Get-FileHash writes capitals."""
+    _publish(tmp_path, "m/1")
+    manifest = Manifest.load(tmp_path / "m" / "1")
+    manifest.onnx_sha256 = sha256_file(tmp_path / "m" / "1" / "model.onnx").upper()
+    manifest.save(tmp_path / "m" / "1")
+    repository = Repository(tmp_path, lambda path, manifest: SimpleNamespace(provider="fake"))
+    assert repository.scan().loaded == ["m/1"], repository.get_any("m", "1").reason
