@@ -13,6 +13,8 @@ normalised over the real tokens.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,7 +50,8 @@ async def infill(
     first = len(RESERVED)
     if not left and not right:
         raise BadRequest("left", "left and right are both empty: give at least one context")
-    top_k = top_k or DEFAULT_TOP_K
+    # unset: 5, or every real token when there are fewer (a DNA model has 4)
+    top_k = top_k or min(DEFAULT_TOP_K, vocab - first)
     if not 1 <= top_k <= vocab - first:
         raise BadRequest("top_k", f"must be in [1, {vocab - first}], got {top_k}")
     limit = settings.max_prompt_tokens
@@ -67,7 +70,12 @@ async def infill(
                 f"{settings.max_infill_vocab}: scoring every candidate would be too costly"
             )
         start = entry.manifest.start_log_probs
-        scores = await runtime.call(_bayes_sync, model, lids, rids, vocab, start)
+        stop = threading.Event()
+        try:
+            scores = await runtime.call(_bayes_sync, model, lids, rids, vocab, start, stop)
+        except asyncio.CancelledError:  # the caller left (cancel, deadline): stop the batches
+            stop.set()
+            raise
     post = scores[first:].astype(np.float64)  # [vocab - reserved]
     post = np.exp(post - post.max())
     post /= post.sum()
@@ -94,9 +102,12 @@ def _bayes_sync(
     rids: list[int],
     vocab: int,
     start: list[float] | None = None,
+    stop: threading.Event | None = None,
 ) -> np.ndarray:
     """log p(v | left) + log p(right | left, v) for every v: [vocab]. `start`: log p(first
-    token), the prior without a left context (None: uniform, for models that have none)."""
+    token), the prior without a left context (None: uniform, for models that have none).
+    `stop` set (the caller is gone) ends the candidate batches early: with a large vocabulary
+    and a long right context they hold this worker thread for minutes."""
     state = model.initial_state(1)
     if start is not None:
         prior = log_softmax(np.asarray(start, dtype=np.float32))
@@ -112,6 +123,8 @@ def _bayes_sync(
     rows = max(1, MAX_LOGIT_ELEMENTS // (width * vocab))
     target = np.asarray(rids, dtype=np.int64)
     for lo in range(0, vocab, rows):
+        if stop is not None and stop.is_set():
+            break  # nobody reads the result
         hi = min(vocab, lo + rows)
         x = np.empty((hi - lo, width), dtype=np.int64)  # [candidates, 1 + right]
         x[:, 0] = np.arange(lo, hi)

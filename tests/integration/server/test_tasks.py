@@ -191,6 +191,12 @@ def _ort_forecast(package: Path, history: list[float], horizon: int):
         ("Infill", pb.InfillRequest(model="lstm"), "INVALID_ARGUMENT", "left"),
         ("Infill", pb.InfillRequest(model="lstm", left="a", top_k=-1), "INVALID_ARGUMENT", "top_k"),
         ("Infill", pb.InfillRequest(model="sine-mlp", left="a"), "FAILED_PRECONDITION", "Forecast"),
+        (  # a run of marks NFKC would sort in quadratic time (tests/unit/server/test_text.py)
+            "Infill",
+            pb.InfillRequest(model="lstm", left="a", right="b" + "\u0301\u0316" * 16),
+            "INVALID_ARGUMENT",
+            "right",
+        ),
         (
             "Forecast",
             pb.ForecastRequest(model="sine-gru", horizon=3),

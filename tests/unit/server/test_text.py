@@ -114,3 +114,124 @@ def test_infill_contexts_with_no_tokens_are_invalid(left: str, right: str) -> No
     with pytest.raises(BadRequest) as err:
         asyncio.run(infill(entry, codec, None, Settings(), left, right, 0))
     assert err.value.field == "left" and "no token" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        "\u0301\u0316" * 2000,  # combining acute (class 230) and grave below (220), alternating
+        "\u0f73" * 4000,  # a starter that NFKC decomposes into two marks of classes 129, 130
+        "\uff9e\u0301" * 2000,  # half-width voiced mark: a starter whose NFKC is a mark
+    ],
+)
+def test_a_long_run_of_combining_marks_is_refused_before_normalising(run: str) -> None:
+    """NFKC puts a run of combining marks in order with an insertion sort: 160 kB of marks
+    alternating two classes held the event loop for seconds (4 MB: about an hour). A run over
+    Unicode's stream-safe 30 (UAX #15) is INVALID_ARGUMENT, before NFKC sees it."""
+    codec = TextCodec(_manifest("char", list("ab")))
+    normalize, seen = codec.tokenizer.normalize, []
+
+    def spy(text: str) -> str:
+        seen.append(text)
+        return normalize(text)
+
+    codec.tokenizer.normalize = spy  # type: ignore[method-assign]
+    with pytest.raises(BadRequest) as err:
+        codec.encode("ab" + run + "ab", "texts[1]", 10**6)
+    assert err.value.field == "texts[1]" and "combining marks" in str(err.value)
+    assert seen == []
+
+
+def test_combining_marks_up_to_the_stream_safe_limit_tokenize_as_before() -> None:
+    codec = TextCodec(_manifest("char", list("ab")))
+    text = "a" + "\u0316\u0301" * 15 + " b\u0f73\u0f73"  # 30 marks, then 4 after the b
+    enc = codec.encode(text, "prompt", 100)
+    assert enc.tokens == codec.tokenizer.tokenize(text)
+
+
+def test_infill_without_top_k_on_a_vocabulary_under_five_tokens_returns_them_all() -> None:
+    """top_k 0 means 5; a model of 4 real tokens (DNA) refused every request that left it
+    unset ("top_k: must be in [1, 4], got 5"), a field the caller never sent."""
+    import asyncio
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from rnnserve.server.infill import infill
+    from rnnserve.server.settings import Settings
+
+    manifest = replace(_manifest("char", list("acgt")), task="infill", state=[])
+    codec = TextCodec(manifest)
+
+    class Uniform:
+        def run(self, x, state):
+            return np.zeros((*x.shape, len(codec)), np.float32), state
+
+        def initial_state(self, batch):
+            return []
+
+    class Inline:
+        async def call(self, fn, *args):
+            return fn(*args)
+
+    entry = SimpleNamespace(name="dna", manifest=manifest, model=Uniform())
+    found = asyncio.run(infill(entry, codec, Inline(), Settings(), "ac", "t", 0))
+    assert sorted(c.text for c in found) == list("acgt")
+    assert sum(c.probability for c in found) == pytest.approx(1.0)
+
+
+def test_a_cancelled_lm_infill_stops_scoring_candidates(monkeypatch) -> None:
+    """An lm Infill scores |V| continuations in many ORT calls (a 4096-word model with a long
+    right context: minutes of a worker thread). A caller that cancels or passes its deadline
+    stops them after the call in flight; they ran on, holding one of --executor-threads."""
+    import asyncio
+    import threading
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from rnnserve.server import infill as infill_module
+    from rnnserve.server.runtime import Runtime
+    from rnnserve.server.settings import Settings
+
+    manifest = replace(_manifest("char", list("abcdefgh")), state=[])
+    codec = TextCodec(manifest)
+    entered, release = threading.Event(), threading.Event()
+
+    class Blocking:
+        specs = ()
+        calls = 0
+
+        def run(self, x, state):
+            Blocking.calls += 1
+            if Blocking.calls == 2:  # the first candidate batch: hold it until cancelled
+                entered.set()
+                release.wait(30)
+            return np.zeros((*x.shape, len(codec)), np.float32), state
+
+        def initial_state(self, batch):
+            return []
+
+    monkeypatch.setattr(infill_module, "MAX_LOGIT_ELEMENTS", 3 * len(codec))  # 1 candidate
+    entry = SimpleNamespace(name="m", manifest=manifest, model=Blocking())
+    runtime = Runtime(1)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(
+            infill_module.infill(entry, codec, runtime, Settings(), "ab", "cd", 0)
+        )
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        await runtime.call(lambda: None)  # one worker: runs once the infill job has ended
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+        runtime.close()
+    assert Blocking.calls == 2, "no candidate batch ran after the cancellation"
