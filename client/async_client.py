@@ -208,7 +208,7 @@ class AsyncRnnClient:
         self.retry = retry or RetryPolicy()
         self.state_every = checked_state_every(state_every)
         self._metadata = auth_metadata(token)
-        self._channels = [aio_channel(a, tls, keepalive) for a in self.addresses]
+        self._channels = [aio_channel(a, tls, keepalive, self.retry) for a in self.addresses]
         self._inference = [pb_grpc.InferenceStub(c) for c in self._channels]
         self._admin = [pb_grpc.AdminStub(c) for c in self._channels]
         self._turn = itertools.count()
@@ -229,6 +229,12 @@ class AsyncRnnClient:
                 "client per event loop, inside it (e.g. in the coroutine asyncio.run runs)"
             )
 
+    def _check_open(self) -> None:
+        """A call after close() is Cancelled, as one close() ended (grpc raised its UsageError,
+        and wait_ready returned as if a replica were ready)."""
+        if self._closed:
+            raise Cancelled(CLIENT_CLOSED)
+
     async def close(self) -> None:
         """Closes the channels: calls and streams still running end with Cancelled."""
         self._closed = True
@@ -243,6 +249,7 @@ class AsyncRnnClient:
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
         """Wait until a replica connects; raises Unavailable after `timeout` seconds."""
+        self._check_open()
         self._check_loop()
         waits = [asyncio.ensure_future(c.channel_ready()) for c in self._channels]
         done, pending = await asyncio.wait(waits, timeout=timeout, return_when="FIRST_COMPLETED")
@@ -270,6 +277,7 @@ class AsyncRnnClient:
         timeout: float | None = None,
     ) -> AsyncTokenStream:
         """Stream generated tokens (`async for`); failover as RnnClient.generate."""
+        self._check_open()
         self._check_loop()
         request = convert.generate_request(
             model,
@@ -356,8 +364,9 @@ class AsyncRnnClient:
         return stub.Generate(request, timeout=remaining, metadata=self._metadata)
 
     async def _unary(self, name: str, request: Any, timeout: float | None) -> Any:
-        """As RnnClient._unary: one deadline over all attempts, retry UNAVAILABLE only, each
-        retry on the next replica."""
+        """As RnnClient._unary: one deadline over all attempts, retry UNAVAILABLE (and a
+        replica's CANCELLED) only, each retry on the next replica."""
+        self._check_open()
         self._check_loop()
         budget = resolve_timeout(timeout, self.timeout)
         deadline = None if budget is None else time.monotonic() + budget

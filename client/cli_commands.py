@@ -130,9 +130,10 @@ def cmd_forecast(client: RnnClient, args: argparse.Namespace) -> int:
         version=args.version,
         timeout=args.timeout,
     )
+    plotted = None
     if args.plot:
         title = f"{args.model}: {series.column}, {args.horizon}-step forecast"
-        plot_forecast(args.plot, series.values, result, title)
+        plotted = plot_forecast(args.plot, series.values, result, title)
     if args.json:
         print(to_json({"column": series.column, **asdict(result)}))
     else:
@@ -146,8 +147,8 @@ def cmd_forecast(client: RnnClient, args: argparse.Namespace) -> int:
             ]
             print()
             print(table(["index", "actual", "fitted"], rows))
-    if args.plot:
-        print(f"plot written to {args.plot}", file=sys.stderr)
+    if plotted is not None:
+        print(f"plot written to {plotted}", file=sys.stderr)
     return 0
 
 

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import grpc
 
+from rnnserve.client.retry import RetryPolicy
+
 DEFAULT_ADDRESS = "localhost:50051"
 DEFAULT_TIMEOUT = 30.0  # seconds per call (per whole stream for Generate)
 
 _INT_MAX = 2**31 - 1  # the largest channel option value gRPC accepts
+_MIN_REDIAL_MS = 100  # the shortest pause between a channel's attempts to connect
 _NO_DEADLINE_FROM = 1e9  # seconds (31 years): a timeout this long is no deadline
 
 # Large enough for Score's per-token log-probs on long texts.
@@ -67,12 +70,15 @@ def _read(path: str | Path | None, what: str) -> bytes | None:
 
 
 def channel_options(
-    tls: TlsConfig | None, keepalive: float | None = None
+    tls: TlsConfig | None, keepalive: float | None = None, retry: RetryPolicy | None = None
 ) -> list[tuple[str, int | str]]:
     """`keepalive` seconds: ping the server that often while calls are active and count it
     dead (UNAVAILABLE) when a ping goes unanswered as long; finds a peer that vanished without
-    closing its connection (node loss, partition, a stopped process)."""
+    closing its connection (node loss, partition, a stopped process). `retry`: redial an
+    unreachable server on its schedule (see `_reconnect_options`)."""
     options = list(_CHANNEL_OPTIONS)
+    if retry is not None:
+        options += _reconnect_options(retry)
     if tls is not None and tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
     if keepalive is not None:
@@ -80,7 +86,7 @@ def channel_options(
             raise ValueError(f"keepalive must be > 0 seconds, got {keepalive}")
         # gRPC takes a C int of milliseconds: clamp (about 24.8 days, math.inf included)
         # rather than fail inside grpc with OverflowError
-        ms = max(1, int(min(keepalive * 1000, _INT_MAX)))
+        ms = _ms(keepalive, 1)
         options += [
             ("grpc.keepalive_time_ms", ms),
             ("grpc.keepalive_timeout_ms", ms),
@@ -91,6 +97,24 @@ def channel_options(
             ("grpc.http2.ping_timeout_ms", ms),  # newer gRPC cores time pings out by this
         ]
     return options
+
+
+def _reconnect_options(retry: RetryPolicy) -> list[tuple[str, int | str]]:
+    """gRPC waits 1 s (growing to 120 s) before it redials an address it could not reach,
+    and until then fails every call at once with the old error: the retries (0.1, 0.2, 0.4 s
+    by default) all fell inside that wait, so a server back from a restart was never reached.
+    Redial as often as the policy retries, but no sooner than every 100 ms (a policy that
+    retries at once must not dial a dead server in a busy loop)."""
+    first = _ms(retry.initial_backoff, _MIN_REDIAL_MS)
+    return [
+        ("grpc.initial_reconnect_backoff_ms", first),
+        ("grpc.max_reconnect_backoff_ms", _ms(retry.max_backoff, first)),
+    ]
+
+
+def _ms(seconds: float, least: int) -> int:
+    """Seconds as the C int of milliseconds a channel option takes, at least `least`."""
+    return max(least, int(min(seconds * 1000, _INT_MAX)))
 
 
 def address_list(address: str | Sequence[str]) -> list[str]:
@@ -126,18 +150,24 @@ def _check_port(address: str) -> None:
 
 
 def sync_channel(
-    address: str, tls: TlsConfig | None, keepalive: float | None = None
+    address: str,
+    tls: TlsConfig | None,
+    keepalive: float | None = None,
+    retry: RetryPolicy | None = None,
 ) -> grpc.Channel:
-    options = channel_options(tls, keepalive)
+    options = channel_options(tls, keepalive, retry)
     if tls is None:
         return grpc.insecure_channel(address, options=options)
     return grpc.secure_channel(address, tls.credentials(), options=options)
 
 
 def aio_channel(
-    address: str, tls: TlsConfig | None, keepalive: float | None = None
+    address: str,
+    tls: TlsConfig | None,
+    keepalive: float | None = None,
+    retry: RetryPolicy | None = None,
 ) -> grpc.aio.Channel:
-    options = channel_options(tls, keepalive)
+    options = channel_options(tls, keepalive, retry)
     if tls is None:
         return grpc.aio.insecure_channel(address, options=options)
     return grpc.aio.secure_channel(address, tls.credentials(), options=options)

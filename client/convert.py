@@ -54,6 +54,8 @@ def generate_request(
         raise InvalidArgument("prompt: required unless a resume state is given")
     if isinstance(stop, str):
         stop = [stop]
+    _check_text(version=version, prompt=prompt)
+    _check_text(**{f"stop[{i}]": s for i, s in enumerate(stop)})
     _fits("max_tokens", max_tokens, _INT32)
     _fits("top_k", top_k, _INT32)
     _fits("state_every", state_every, _UINT32)
@@ -79,6 +81,7 @@ def score_request(model: str, texts: str | Iterable[str], version: str = "") -> 
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise InvalidArgument("texts: at least one text is required")
+    _check_text(version=version, **{f"texts[{i}]": t for i, t in enumerate(texts)})
     return pb.ScoreRequest(model=model, version=version, texts=texts)
 
 
@@ -88,6 +91,7 @@ def infill_request(
     _require_model(model)
     if not left and not right:
         raise InvalidArgument("left/right: at least one context must be non-empty")
+    _check_text(version=version, left=left, right=right)
     _fits("top_k", top_k, _INT32)
     return pb.InfillRequest(model=model, version=version, left=left, right=right, top_k=top_k)
 
@@ -101,6 +105,7 @@ def forecast_request(
     version: str = "",
 ) -> pb.ForecastRequest:
     _require_model(model)
+    _check_text(version=version)
     values = _history_values(history)
     if not values:
         raise InvalidArgument("history: at least one value is required")
@@ -136,6 +141,7 @@ def _history_values(history: Iterable[float]) -> list[float]:
 
 def get_model_request(model: str, version: str = "") -> pb.GetModelRequest:
     _require_model(model)
+    _check_text(version=version)
     return pb.GetModelRequest(model=model, version=version)
 
 
@@ -151,6 +157,22 @@ def _fits(name: str, value: int | None, bounds: tuple[int, int]) -> None:
 def _require_model(model: str) -> None:
     if not model:
         raise InvalidArgument("model: required")
+    _check_text(model=model)
+
+
+def _check_text(**fields: object) -> None:
+    """A str protobuf cannot encode (a lone surrogate: JSON's "\\ud800", or a command-line
+    byte that is not UTF-8) is refused naming its field: protobuf's UnicodeEncodeError named
+    none. Other types are left to protobuf's own TypeError."""
+    for name, text in fields.items():
+        if not isinstance(text, str) or text.isascii():
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidArgument(
+                f"{name}: not valid Unicode (a lone surrogate at character {exc.start})"
+            ) from None
 
 
 def finish_reason(code: int) -> str | None:

@@ -25,6 +25,8 @@ def has_interval(result: ForecastResult) -> bool:
 def plot_forecast(
     path: str | Path, history: list[float], result: ForecastResult, title: str = ""
 ) -> Path:
+    """Writes the PNG (or the format `path`'s extension names) and returns the file written:
+    `path`, with ".png" added when it has no extension."""
     try:
         import matplotlib
 
@@ -55,6 +57,8 @@ def plot_forecast(
     ax.legend()
     fig.tight_layout()
     path = Path(path)
+    if not path.suffix:  # matplotlib would add one itself: name the file that is written
+        path = path.with_name(path.name + ".png")
     try:
         fig.savefig(path, dpi=100)
     except OSError as exc:

@@ -172,10 +172,12 @@ class RnnClient:
     None waits forever. Every method also takes its own `timeout` (None: this default,
     math.inf: no deadline).
     token: bearer token sent as `authorization` metadata. tls: TlsConfig, or None for
-    plaintext. retry: attempts and backoff for unary calls that fail with UNAVAILABLE and for
-    streams that fail over. state_every: tokens between a failover stream's checkpoints.
-    keepalive: seconds between HTTP/2 pings during calls (None: off); a replica that does not
-    answer one within as long is dead, so its streams fail over (docs/reliability.md).
+    plaintext. retry: attempts and backoff for unary calls that fail with UNAVAILABLE (or a
+    replica's CANCELLED) and for streams that fail over; the channels also redial a replica
+    they could not reach on its schedule. state_every: tokens between a failover stream's
+    checkpoints. keepalive: seconds between HTTP/2 pings during calls (None: off); a replica
+    that does not answer one within as long is dead, so its streams fail over
+    (docs/reliability.md).
     """
 
     def __init__(
@@ -195,7 +197,7 @@ class RnnClient:
         self.retry = retry or RetryPolicy()
         self.state_every = checked_state_every(state_every)
         self._metadata = auth_metadata(token)
-        self._channels = [_sync_channel(a, tls, keepalive) for a in self.addresses]
+        self._channels = [_sync_channel(a, tls, keepalive, self.retry) for a in self.addresses]
         self._inference = [pb_grpc.InferenceStub(c) for c in self._channels]
         self._admin = [pb_grpc.AdminStub(c) for c in self._channels]
         self._turn = itertools.count()
@@ -217,6 +219,7 @@ class RnnClient:
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until a replica connects; raises Unavailable after `timeout` seconds."""
+        self._check_open()
         futures = [grpc.channel_ready_future(c) for c in self._channels]
         end = time.monotonic() + timeout
         try:
@@ -251,6 +254,7 @@ class RnnClient:
         `state_every` tokens (default: the client's) and a sampled request without a seed gets
         one, so that a replica's death costs a pause, not the stream; without it, a failure
         ends the stream (`state_every` then only asks for checkpoints, in `event.state`)."""
+        self._check_open()
         request = convert.generate_request(
             model,
             prompt,
@@ -334,6 +338,12 @@ class RnnClient:
         return convert.reload_result(response)
 
     # -- plumbing ----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        """A call after close() is Cancelled, as one close() ended (grpc raised a ValueError,
+        which no `except RnnServeError` catches)."""
+        if self._closed:
+            raise Cancelled(CLIENT_CLOSED)
+
     def _timeout(self, timeout: float | None) -> float | None:
         return resolve_timeout(timeout, self.timeout)
 
@@ -349,6 +359,7 @@ class RnnClient:
     def _unary(self, name: str, request: Any, timeout: float | None) -> Any:
         """Call with the deadline spanning every attempt; retry UNAVAILABLE with backoff,
         each retry on the next replica."""
+        self._check_open()
         budget = self._timeout(timeout)
         deadline = None if budget is None else time.monotonic() + budget
         replica = self._pick()

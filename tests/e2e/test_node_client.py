@@ -71,3 +71,17 @@ def test_node_reports_grpc_errors(node, server) -> None:
     assert done.returncode == 5  # NOT_FOUND, as rnn-client
     error = json.loads(done.stderr.splitlines()[-1])
     assert error["code"] == "NOT_FOUND"
+
+
+@pytest.mark.parametrize(
+    "args", [["--bogus"], ["--timeout", "abc"], ["--max-tokens", "5.5"], ["--model"]]
+)
+def test_node_bad_flags_exit_64_with_one_line(node, args) -> None:
+    """A bad flag ended in a stack trace and exit 1 (CANCELLED's number); `--timeout abc`
+    became a NaN deadline (DEADLINE_EXCEEDED, exit 4) and `--max-tokens 5.5` was sent as 5."""
+    cmd = [node, str(EXAMPLE / "client.js"), "--address", "127.0.0.1:1", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=CALL_TIMEOUT_S)
+    assert done.returncode == 64, done.stderr
+    [line] = done.stderr.splitlines()
+    assert json.loads(line)["code"] == "USAGE"
+    assert done.stdout == ""

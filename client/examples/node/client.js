@@ -10,7 +10,8 @@
 //
 // Output lines: {"event":"token",...} per Generate message, then {"event":"score",...} per
 // scored text. A gRPC error prints {"event":"error","code":"NOT_FOUND",...} to stderr and
-// exits with the status number (as rnn-client does).
+// exits with the status number; bad flags print {"event":"error","code":"USAGE",...} and
+// exit 64 (both as rnn-client does).
 "use strict";
 
 const path = require("node:path");
@@ -21,18 +22,41 @@ const protoLoader = require("@grpc/proto-loader");
 const PROTO = process.env.RNNSERVE_PROTO
   || path.resolve(__dirname, "../../../proto/rnnserve/v1/rnnserve.proto");
 
+const EXIT_USAGE = 64; // as rnn-client: 1..16 are gRPC status numbers
+
+const OPTIONS = {
+  address: { type: "string", default: process.env.RNNSERVE_ADDRESS || "localhost:50051" },
+  model: { type: "string", default: "lstm" },
+  prompt: { type: "string", default: "the time" },
+  "max-tokens": { type: "string", default: "20" },
+  score: { type: "string", multiple: true, default: [] },
+  token: { type: "string", default: process.env.RNNSERVE_TOKEN || "" },
+  timeout: { type: "string", default: "30" },
+};
+
+function usage(details) {
+  process.stderr.write(`${JSON.stringify({ event: "error", code: "USAGE", details })}\n`);
+  process.exit(EXIT_USAGE);
+}
+
 function options() {
-  const { values } = parseArgs({
-    options: {
-      address: { type: "string", default: process.env.RNNSERVE_ADDRESS || "localhost:50051" },
-      model: { type: "string", default: "lstm" },
-      prompt: { type: "string", default: "the time" },
-      "max-tokens": { type: "string", default: "20" },
-      score: { type: "string", multiple: true, default: [] },
-      token: { type: "string", default: process.env.RNNSERVE_TOKEN || "" },
-      timeout: { type: "string", default: "30" },
-    },
-  });
+  let values;
+  try {
+    ({ values } = parseArgs({ options: OPTIONS }));
+  } catch (err) {
+    // an unknown flag or a missing value: one line and 64, not a stack trace and exit 1
+    // (CANCELLED's number)
+    usage(err.message);
+  }
+  // Number("abc") is NaN: a NaN deadline ended every call DEADLINE_EXCEEDED, and a max_tokens
+  // of "abc" or 5.5 was sent as 0 (the server's default) or 5 without a word
+  if (!Number.isInteger(Number(values["max-tokens"]))) {
+    usage(`--max-tokens: ${JSON.stringify(values["max-tokens"])} is not an integer`);
+  }
+  const timeout = Number(values.timeout);
+  if (!(timeout > 0 && Number.isFinite(timeout))) {
+    usage(`--timeout: ${JSON.stringify(values.timeout)} is not a number of seconds > 0`);
+  }
   return values;
 }
 

@@ -172,16 +172,16 @@ def model_info(name: str) -> pb.ModelInfo:
 
 
 def start(
-    credentials: grpc.ServerCredentials | None = None,
+    credentials: grpc.ServerCredentials | None = None, port: int = 0
 ) -> tuple[grpc.Server, Recorder, int]:
-    """Start the fake on 127.0.0.1:<free port>; returns (server, recorder, port)."""
+    """Start the fake on 127.0.0.1:<port> (0: a free one); returns (server, recorder, port)."""
     rec = Recorder()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     pb_grpc.add_InferenceServicer_to_server(FakeInference(rec), server)
     pb_grpc.add_AdminServicer_to_server(FakeAdmin(rec), server)
     if credentials is None:
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port(f"127.0.0.1:{port}")
     else:
-        port = server.add_secure_port("127.0.0.1:0", credentials)
+        port = server.add_secure_port(f"127.0.0.1:{port}", credentials)
     server.start()
     return server, rec, port

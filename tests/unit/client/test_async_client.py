@@ -164,6 +164,25 @@ def test_closing_the_client_ends_running_calls_with_cancelled(fake) -> None:
     run(scenario())
 
 
+def test_a_closed_client_refuses_new_calls_with_cancelled(fake) -> None:
+    """A call after close() raised grpc's UsageError "Channel is closed." (no RnnServeError),
+    and wait_ready returned as if a replica were ready."""
+    rec, address = fake
+
+    async def scenario():
+        c = AsyncRnnClient(address, retry=FAST_RETRY)
+        await c.close()
+        with pytest.raises(Cancelled, match=r"^CANCELLED: Channel closed!$"):
+            await c.list_models()
+        with pytest.raises(Cancelled, match=r"^CANCELLED: Channel closed!$"):
+            c.generate("lstm", "a")
+        with pytest.raises(Cancelled, match=r"^CANCELLED: Channel closed!$"):
+            await c.wait_ready(5)
+
+    run(scenario())
+    assert rec.calls == {}
+
+
 def test_a_client_used_in_another_event_loop_says_so(fake) -> None:
     """grpc.aio binds channels to their loop: a second asyncio.run failed with grpc's "Event
     loop is closed" (and a "never awaited" warning), naming no cause."""

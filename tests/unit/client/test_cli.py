@@ -151,6 +151,18 @@ def test_forecast_prints_and_plots(cli, tmp_path) -> None:
     assert json.loads(out)["forecast"] == [4.0]
 
 
+def test_forecast_plot_without_an_extension_names_the_file_it_wrote(cli, tmp_path) -> None:
+    """matplotlib adds ".png" to a name without an extension: `--plot out` wrote out.png
+    while rnn-client said "plot written to out"."""
+    csv = tmp_path / "h.csv"
+    csv.write_text("t,value\n0,1.0\n1,2.0\n")
+    argv = ["--model", "sine-gru", "--history-file", str(csv), "--horizon", "1"]
+    code, _, err = cli("forecast", *argv, "--plot", str(tmp_path / "out"))
+    assert code == 0, err
+    assert err == f"plot written to {tmp_path / 'out.png'}\n"
+    assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_forecast_shows_and_draws_the_interval(cli, tmp_path, monkeypatch) -> None:
     """The server's 90% interval (lower/upper) reached only --json: the table and the plot
     showed the forecast alone."""

@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from rnnserve.client import errors
+from rnnserve.client.connection import channel_options
 from rnnserve.client.retry import RetryPolicy
 
 
@@ -89,3 +90,20 @@ def test_a_policy_that_is_not_finite_is_refused_naming_the_field(field: str, val
     max_attempts, retried forever); an infinite pause never ends."""
     with pytest.raises(ValueError, match=field):
         RetryPolicy(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("policy", "first", "most"),
+    [
+        (RetryPolicy(), 100, 2000),
+        (RetryPolicy(initial_backoff=0.5, max_backoff=30), 500, 30000),
+        (RetryPolicy(initial_backoff=0, max_backoff=0), 100, 100),  # never a busy loop
+        (RetryPolicy(initial_backoff=1e9, max_backoff=1e9), 2**31 - 1, 2**31 - 1),
+    ],
+)
+def test_channels_redial_on_the_retry_schedule(policy: RetryPolicy, first: int, most: int):
+    """gRPC's own redial wait (1 s, growing to 120 s) swallowed every retry of the default
+    policy: the channel redials as often as the client retries."""
+    options = dict(channel_options(None, retry=policy))
+    assert options["grpc.initial_reconnect_backoff_ms"] == first
+    assert options["grpc.max_reconnect_backoff_ms"] == most

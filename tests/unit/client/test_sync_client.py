@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 
@@ -24,6 +25,7 @@ from rnnserve.client import (
     TokenEvent,
     Unavailable,
 )
+from tests.unit.client import fake_server
 from tests.unit.client.fake_server import Recorder
 
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff=0.001, max_backoff=0.01)
@@ -234,6 +236,33 @@ def test_integers_the_field_cannot_hold_name_the_field(client, fake, call, field
     assert sum(fake[0].calls.values()) == 0
 
 
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda c: c.generate("lstm", "ab\udcff"), "prompt"),
+        (lambda c: c.generate("lstm", "ab", stop=["x", "\ud800"]), r"stop\[1\]"),
+        (lambda c: c.generate("ls\udcfftm", "ab"), "model"),
+        (lambda c: c.score("lstm", ["fine", "\udcff\udcfe"]), r"texts\[1\]"),
+        (lambda c: c.infill("lstm", "a", "\udfff"), "right"),
+        (lambda c: c.get_model("lstm", "\ud800"), "version"),
+    ],
+)
+def test_text_that_is_not_unicode_names_the_field(client, fake, call, field) -> None:
+    """A lone surrogate (JSON's "\\ud800"; a command-line byte that is not UTF-8) raised
+    protobuf's UnicodeEncodeError naming no field, and no RnnServeError."""
+    with pytest.raises(InvalidArgument, match=rf"^INVALID_ARGUMENT: {field}: not valid Unicode"):
+        call(client)
+    assert sum(fake[0].calls.values()) == 0
+
+
+def test_cli_text_that_is_not_utf8_exits_3_naming_the_argument(fake, capsys) -> None:
+    from rnnserve.client.cli import main
+
+    argv = ["--address", fake[1], "score", "--model", "lstm", "ok", "\udcff"]  # argv's b"\xff"
+    assert main(argv) == 3
+    assert capsys.readouterr().err.startswith("error: INVALID_ARGUMENT: texts[1]: ")
+
+
 def test_cli_integer_out_of_range_exits_3_naming_the_flag(fake, capsys) -> None:
     from rnnserve.client.cli import main
 
@@ -286,6 +315,43 @@ def test_closing_the_client_ends_running_calls_with_cancelled(fake) -> None:
     for exc in errors.values():
         assert isinstance(exc, Cancelled), repr(exc)
     assert rec.calls["Generate"] == rec.calls["ListModels"] == 1  # neither went on
+
+
+def test_a_retry_reaches_a_server_that_came_up_during_the_pause() -> None:
+    """gRPC waits 1 s (growing to 120 s) before it redials an address it could not reach and
+    fails every call meanwhile with the old error: the retries (0.1, 0.2, 0.4 s by default)
+    all fell inside that wait, so a server back from a restart was never reached."""
+    with socket.socket() as s:  # a port nothing listens on, until the first pause
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    policy = RetryPolicy(max_attempts=3, initial_backoff=0.2, max_backoff=0.25, jitter_floor=1)
+    started: list[grpc.Server] = []
+
+    def pause(seconds: float) -> None:
+        if not started:
+            started.append(fake_server.start(port=port)[0])
+        time.sleep(seconds)
+
+    try:
+        with RnnClient(f"127.0.0.1:{port}", timeout=10, retry=policy) as c:
+            c._sleep = pause
+            assert [m.name for m in c.list_models()] == ["lstm", "sine-gru"]
+    finally:
+        for server in started:
+            server.stop(grace=None)
+    assert started  # the first attempt did fail
+
+
+def test_a_closed_client_refuses_new_calls_with_cancelled(fake) -> None:
+    """A call after close() raised grpc's ValueError "Cannot invoke RPC on closed channel!"
+    (no RnnServeError), and wait_ready waited out its timeout for Unavailable."""
+    client = RnnClient(fake[1], retry=FAST_RETRY)
+    client.close()
+    calls = [client.list_models, lambda: client.generate("lstm", "a"), client.wait_ready]
+    for call in calls:
+        with pytest.raises(Cancelled, match=r"^CANCELLED: Channel closed!$"):
+            call()
+    assert fake[0].calls == {}
 
 
 def test_wait_ready_on_a_dead_address_raises_unavailable() -> None:
