@@ -61,6 +61,7 @@ class CompletionRequest:
     echo: bool = False
     stream: bool = False
     include_usage: bool = False  # a stream's last chunk: usage, with no choices (OpenAI's)
+    version: str = ""  # the default version, resolved once: every prompt and score use it
 
     def params(self, prompt: str) -> GenerateParams:
         return GenerateParams(

@@ -129,6 +129,7 @@ class OpenAIRoutes:
         call.model = self.engine.model_label(named) if isinstance(named, str) else ""
         req = oa.parse_completion(body, self.engine.settings.max_tokens)
         entry = self._lm(req.model)
+        req.version = entry.version  # a reload mid-request must not split it across versions
         codec, limit = self.engine.codec(entry), self.engine.settings.max_prompt_tokens
         prompts = [
             codec.encode(p, "prompt" if len(req.prompts) == 1 else f"prompt[{i}]", limit)
@@ -147,7 +148,7 @@ class OpenAIRoutes:
         return json_response(body, request_id=call.request_id)
 
     def _generate(self, req: oa.CompletionRequest, prompt: str) -> AsyncIterator[Any]:
-        return self.engine.generate(req.model, "", req.params(prompt), None)[1]
+        return self.engine.generate(req.model, req.version, req.params(prompt), None)[1]
 
     async def _collect(self, req: oa.CompletionRequest, prompt: str) -> Finished:
         got = Finished()
@@ -168,7 +169,7 @@ class OpenAIRoutes:
         prompt + text is tokenized first: the tokenizer may merge the two (a run of spaces is
         one token), so only the joined text says whether there is a second token to score,
         and whether it fits --max-prompt-tokens (told as `logprobs`, not Score's `texts`)."""
-        codec = self.engine.codec(self.engine.lookup(req.model, "", "Score"))
+        codec = self.engine.codec(self.engine.lookup(req.model, req.version, "Score"))
         whole = codec.tokenizer.tokenize(prompt + text)
         limit = self.engine.settings.max_prompt_tokens
         if len(whole) > limit:
@@ -179,7 +180,7 @@ class OpenAIRoutes:
             )
         tokens, values = list(whole[:1]), [None]
         if len(whole) >= 2 and (text or req.echo):
-            scored = (await self.engine.score(req.model, "", [prompt + text]))[0]
+            scored = (await self.engine.score(req.model, req.version, [prompt + text]))[0]
             tokens += scored.tokens
             values += scored.token_logprobs
         keep = 0 if req.echo else len(enc.tokens)

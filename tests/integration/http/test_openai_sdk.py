@@ -219,3 +219,26 @@ def test_chat_and_embeddings_say_what_to_use_instead(client) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         client.embeddings.create(model="lstm", input="hi")
     assert "not served" in err.value.body["message"]
+
+
+def test_one_request_is_served_by_one_version(client, server, monkeypatch) -> None:
+    """The default version is resolved once per request: every prompt's stream and the
+    logprobs' scoring ask for it by number, so a reload mid-request cannot split it."""
+    engine = server.app.engine
+    asked: list[tuple[str, str]] = []
+    generate, score = engine.generate, engine.score
+
+    def recording_generate(model, version, params, deadline):
+        asked.append(("generate", version))
+        return generate(model, version, params, deadline)
+
+    async def recording_score(model, version, texts):
+        asked.append(("score", version))
+        return await score(model, version, texts)
+
+    monkeypatch.setattr(engine, "generate", recording_generate)
+    monkeypatch.setattr(engine, "score", recording_score)
+    client.completions.create(model="lstm", prompt=["the", "time"], max_tokens=4, logprobs=0)
+    default = server.stub.GetModel(pb.GetModelRequest(model="lstm")).default_version
+    assert {kind for kind, _ in asked} == {"generate", "score"}
+    assert {version for _, version in asked} == {default}
