@@ -12,15 +12,15 @@ bench/results/forecast-<series>.png and the `real_series` part of forecast.json.
 Part 2, the textbook experiment: test MSE at k = 1, 4, 16, 64 on the textbook sine.
 
 Trains mlp (tau 4), rnn, gru and lstm with the `rnn-trainer train --task forecast` defaults
-for several seeds, scores them beside the last-value and AR(4) baselines on the same test
-targets (x_601..x_1000, each predicted k steps ahead from true values up to t = i - k,
-feeding predictions back), and writes:
+for several seeds, scores them beside the naive (last-value), drift and AR(4) baselines on
+the same test targets (x_601..x_1000, each predicted k steps ahead from true values up to
+t = i - k, feeding predictions back), and writes:
 
     bench/results/forecast.json   the table (mean and std over seeds, and per seed), and the
                                   test coverage of the 90 % residual-quantile intervals
     bench/results/forecast.png    the textbook figure for the best recurrent model + MSE bars
 
-Target (issue 4): at k = 16 the best recurrent model beats both baselines.
+Target (issue 4): at k = 16 the best recurrent model beats every baseline.
 Run: .venv/bin/python bench/forecast.py   (about 6 minutes on an idle core; --only-real,
 --only-textbook for one part)
 """
@@ -186,7 +186,7 @@ def run(seeds: list[int], epochs: int | None, out_dir: Path) -> dict:
             },
         },
         "target": {
-            "rule": "at k=16 the best recurrent model beats both baselines",
+            "rule": "at k=16 the best recurrent model beats every baseline",
             "best_recurrent": best,
             "best_recurrent_mse_k16": mean[best][16],
             "best_baseline_mse_k16": best_baseline,

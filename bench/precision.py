@@ -125,14 +125,15 @@ def _profile(package: Path, batch: int = 32, steps: int = 200) -> dict[str, floa
     """Share of kernel time per op type over `steps` decode steps (ORT's own profiler)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.enable_profiling = 1, True
-    opts.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "prof")
-    sess = ort.InferenceSession(str(package / "model.onnx"), opts,
-                                providers=["CPUExecutionProvider"])  # fmt: skip
     m = Manifest.load(package)
     state = init_state(m, batch)
-    for _ in range(steps):
-        sess.run(None, {m.input_name: np.full((batch, 1), 5, np.int64), **state})
-    events = json.loads(Path(sess.end_profiling()).read_text())
+    with tempfile.TemporaryDirectory() as tmp:  # a trace of every run: not left behind
+        opts.profile_file_prefix = str(Path(tmp) / "prof")
+        sess = ort.InferenceSession(str(package / "model.onnx"), opts,
+                                    providers=["CPUExecutionProvider"])  # fmt: skip
+        for _ in range(steps):
+            sess.run(None, {m.input_name: np.full((batch, 1), 5, np.int64), **state})
+        events = json.loads(Path(sess.end_profiling()).read_text())
     by_op: dict[str, float] = defaultdict(float)
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):

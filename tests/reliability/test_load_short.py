@@ -5,9 +5,11 @@ No timing assertions: only that every request succeeded and the report is comple
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,40 @@ def test_bad_flags_are_a_clear_error() -> None:
     cmd = [sys.executable, str(ROOT / "bench" / "load.py"), "--duration", "0"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--duration" in proc.stderr and "Traceback" not in proc.stderr
+
+
+class _Message:
+    def __init__(self, token_ids: tuple[int, ...]) -> None:
+        self.token_ids = token_ids
+
+
+class _Stub:
+    """Generate: a message with no token first, a token 20 ms later."""
+
+    def Generate(self, request, timeout):
+        async def stream():
+            yield _Message(())
+            await asyncio.sleep(0.02)
+            yield _Message((7,))
+
+        return stream()
+
+
+def test_percentiles_leave_out_the_warm_up_and_count_the_first_token() -> None:
+    """Latency percentiles counted the cold start (every stream prefilling at once), and the
+    first token was timed at the first message even when it carried none."""
+    import grpc
+
+    from bench import load
+    from rnnserve.v1 import rnnserve_pb2 as pb
+
+    warm = load.Tally(measure_from=time.monotonic() + 3600)  # all in the warm-up
+    warm.record(time.monotonic(), 0.5, 0.1)
+    row = warm.summary(1.0)
+    assert row["ok"] == 1 and row["measured"] == 0 and row["p50_s"] is None
+
+    t = load.Tally()
+    deadline = time.monotonic() + 0.01
+    asyncio.run(load.generate_worker(_Stub(), pb, grpc, "lstm", deadline, 0, t))
+    assert t.ok >= 1 and len(t.first_token) == t.ok and t.tokens == t.ok
+    assert min(t.first_token) >= 0.02  # the token's message, not the empty one before it
