@@ -116,13 +116,32 @@ def machine_busy_s() -> tuple[float, float] | None:
 
 
 def machine_info() -> dict:
+    """Where and when a run was made: a results file names its run (UTC start and commit),
+    so a table quoted from it can say which run it is."""
     return {
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": _commit(),
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
         "load_avg_at_start": os.getloadavg(),
     }
+
+
+def _commit() -> str:
+    """The checkout's commit (with "+dirty" when files differ from it), or "" outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
+                              capture_output=True, text=True, timeout=10)  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if head.returncode != 0:
+        return ""
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def server_defaults() -> dict:
