@@ -7,6 +7,9 @@ PORT   ?= 50051
 METRICS_PORT ?= 8000
 HTTP_PORT ?= 8080
 STAMP  := $(VENV)/.installed
+# torch==2.13.0 from PyTorch's CPU index: PyPI's own wheel of it is the CUDA build (GBs of
+# nvidia-* packages). A CUDA host may point this at e.g. https://download.pytorch.org/whl/cu126.
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: run test venv proto lint models serve bench clean system-deps triton-venv
 
@@ -15,10 +18,11 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	@# torch alone first: asked for by itself, pip takes the CPU wheel where one is offered
-	@# (find-links); resolved with every extra, a recent pip took PyPI's CUDA build of the
-	@# same version instead (a 5.5 GB venv, not 1.9 GB)
-	$(BIN)/python -m pip install --quiet 'torch==2.13.0'
+	@# torch alone first, from the CPU index (pip's configured find-links still apply); resolved
+	@# with every extra, or from PyPI, pip takes the CUDA build of the same version (a 5.5 GB
+	@# venv, not 1.9 GB). The [train] pin `torch==2.13.0` is then met by 2.13.0+cpu. One retry:
+	@# where that index is out of reach, pip's find-links serve it without 5 retries per package
+	$(BIN)/python -m pip install --quiet --retries 1 --index-url $(TORCH_INDEX_URL) 'torch==2.13.0'
 	$(BIN)/python -m pip install --quiet -e '.[train,serve,client,remote,dev]'
 	@# xds-protos (dev: the Envoy config tests) ships an older copy of opentelemetry/proto/*
 	@# that may land over opentelemetry-proto's own, depending on install order; put it back
@@ -43,10 +47,13 @@ run: models
 	$(BIN)/rnn-server --model-repo $(MODELS) --port $(PORT) --http-port $(HTTP_PORT) \
 	  --metrics-port $(METRICS_PORT)
 
-test: $(STAMP)
+# The KServe tests run the real tritonclient from its own venv (triton-venv, below); with
+# RNNSERVE_TRITON_PYTHON set they use that interpreter and no venv is made.
+test: $(STAMP) $(if $(RNNSERVE_TRITON_PYTHON),,triton-venv)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	RNNSERVE_TRITON_PYTHON="$${RNNSERVE_TRITON_PYTHON:-$(abspath $(TRITON_VENV))/bin/python}" \
+	  $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

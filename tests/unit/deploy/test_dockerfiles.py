@@ -85,7 +85,7 @@ def test_gpu_image_uses_cuda_base_and_onnxruntime_gpu() -> None:
     stages = dockerfile_stages(DEPLOY / "Dockerfile.gpu")
     assert all(s.base.startswith("nvidia/cuda:") and "runtime" in s.base for s in stages)
     runs = " ".join(r for s in stages for r in s.args("RUN"))
-    assert '".[gpu,otel]"' in runs
+    assert '".[gpu,remote,otel]"' in runs
     gpu_extra = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]["gpu"]
@@ -118,6 +118,19 @@ def test_server_command_is_valid_and_matches_expose(name: str, monkeypatch) -> N
     assert "/var/cache/rnnserve" in runs and "chown rnnserve:rnnserve" in runs
     if name == "Dockerfile.gpu":
         assert settings.providers == "cuda,cpu"
+
+
+@pytest.mark.parametrize("name", SERVER_IMAGES)
+def test_server_images_can_mirror_a_url_repository(name: str) -> None:
+    """Both server images prepare --model-cache's default (XDG_CACHE_HOME, above), and the
+    docs offer --model-repo s3://... for them; the CUDA image lacked the [remote] extra, so
+    such a repository stopped it at start ("needs the [remote] extra")."""
+    build = dockerfile_stages(DEPLOY / name)[0]
+    installs = [r for r in build.args("RUN") if "pip install" in r and "[" in r]
+    assert len(installs) == 1, installs
+    extras = installs[0].split("[", 1)[1].split("]", 1)[0].split(",")
+    assert {"remote", "otel"} <= set(extras), extras
+    assert "s3fs" in installs[0], "the build checks the [remote] extra imports"
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu", "Dockerfile.trainer"])

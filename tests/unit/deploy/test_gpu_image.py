@@ -45,7 +45,7 @@ def test_pinned_onnxruntime_gpu_matches_the_cuda_base() -> None:
 
 def test_the_build_installs_and_verifies_the_pin() -> None:
     build = dockerfile_stages(DEPLOY / "Dockerfile.gpu")[0]
-    (install,) = [r for r in build.args("RUN") if "pip install" in r and ".[gpu,otel]" in r]
+    (install,) = [r for r in build.args("RUN") if "pip install" in r and ".[gpu,remote,otel]" in r]
     assert '"onnxruntime-gpu==${ORT_GPU_VERSION}"' in install
     assert "ort.__version__ == '${ORT_GPU_VERSION}'" in install
     assert "CUDAExecutionProvider" in install
