@@ -29,6 +29,11 @@ class WeightAverage:
                 mean = self.mean[name].to(value.device)
                 self.mean[name] = mean + (value - mean) / self.count
 
+    def reset(self) -> None:
+        """Forgets the mean: a resumed run whose averaging window starts later (or is off)
+        must not export the mean of epochs before it."""
+        self.count, self.mean, self.last = 0, {}, None
+
     def copy_to(self, model: torch.nn.Module) -> None:
         """Loads the mean into `model` (no-op before the first update), keeping the weights it
         replaces: a run resumed from here continues from them, not from the mean."""

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_history(history: list[dict], path: Path, title: str = "training") -> Path:
@@ -19,6 +20,8 @@ def plot_history(history: list[dict], path: Path, title: str = "training") -> Pa
     if history:
         ax.axhline(history[-1]["uniform_ppl"], color="grey", linestyle="--", label="uniform |V|")
     ax.set_xlabel("epoch")
+    # whole epochs only (one epoch was drawn at 0.96, 0.98, ...; a few at 1.25, 1.5, ...)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
     ax.set_title(title)

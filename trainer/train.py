@@ -186,13 +186,18 @@ def fit(
     With cfg.patience the run ends after that many epochs without a better validation
     perplexity; with cfg.time_budget it ends when the next epoch would not fit (and averages
     the same fraction of the shorter run). Either way the last record is the model's: if the
-    best epoch's weights beat it they are restored (val_ppl_final_weights: before). A resumed
-    run passes the checkpointed `stopper` (else its counters are replayed from `history`).
+    best epoch's weights beat it they are restored, with that epoch's train and val ppl
+    (*_final_weights: before). A resumed run passes the checkpointed `stopper` (else its
+    counters are replayed from `history`) and `average` (dropped if this run's --average-from
+    is off or starts after the epochs it holds).
     """
     cfg.validate()
     check_fits(len(train_ids), cfg.batch_size, cfg.num_steps, "training split")
     if len(val_ids) < 3:
-        raise TrainerError(f"validation split has {len(val_ids)} tokens; the corpus is too small")
+        raise TrainerError(
+            f"validation split has {len(val_ids)} tokens, too few to score (at least 3); "
+            "raise --val-fraction or add text"
+        )
     device = resolve_device(cfg.device)
     if cfg.threads and device.type == "cpu":
         # small recurrent models: one thread is as fast alone and far faster on a busy machine
@@ -255,7 +260,13 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip > 0:  # DDP has averaged the gradients: this is the global batch's norm
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
+                if not math.isfinite(norm):  # clipping makes it NaN: the step would ruin the model
+                    raise AgreedError(
+                        f"the gradient norm became {norm} at epoch {epoch}, batch {step + 1} "
+                        f"(loss {mean_loss:.4g}); --clip cannot bound a non-finite gradient: "
+                        "try a lower --lr"
+                    )
             optimizer.step()
             total += mean_loss * x.numel() * cluster.world
             count += x.numel() * cluster.world
@@ -276,6 +287,8 @@ def fit(
         stopper.observe(epoch, record["val_ppl"], model)
         last_epoch = min(cfg.epochs, epoch + _agreed_further_epochs(budget, cfg, cluster, device))
         average_from = scaled_average_from(cfg.average_from, cfg.epochs, last_epoch)
+        if average.count and not (average_from and epoch >= average_from):
+            _drop_stale_average(average, epoch, cfg.average_from, log)
         if average_from and epoch >= average_from:
             average.update(model)
         stop = None
@@ -286,6 +299,7 @@ def fit(
             stop = f"time budget: another epoch would not fit in --time-budget {cfg.time_budget:g}s"
         if epoch == cfg.epochs or stop:
             _finish(model, val_ids, device, cluster, record, average, stopper, log)
+            _restored_train_ppl(record, history)
             if stop:
                 record["stopped"] = stop
                 log(f"{stop} (after epoch {epoch}, {budget.elapsed():.0f}s)")
@@ -300,6 +314,28 @@ def fit(
         if stop:
             break
     return history
+
+
+def _drop_stale_average(
+    average: WeightAverage, epoch: int, average_from: int, log: Callable[[str], None]
+) -> None:
+    """A resumed run's running mean holds epochs before this run's averaging window (resumed
+    with --average-from 0, or later than those epochs): exported, it would replace the
+    weights trained since with old ones, or average across a gap."""
+    log(
+        f"dropped the running mean of epochs {epoch - average.count}-{epoch - 1}: "
+        f"--average-from {average_from} " + ("is off" if not average_from else "starts later")
+    )
+    average.reset()
+
+
+def _restored_train_ppl(record: dict, history: list[dict]) -> None:
+    """After the best epoch's weights are restored, the record's train_ppl is that epoch's
+    too (train_ppl_final_weights: before), so the manifest pairs numbers of the same model."""
+    restored = [r for r in history if r.get("epoch") == record.get("restored_epoch")]
+    if restored and "train_ppl" in restored[-1]:
+        record["train_ppl_final_weights"] = record["train_ppl"]
+        record["train_ppl"] = restored[-1]["train_ppl"]
 
 
 def _apply_weight_decay(group: dict, cfg: TrainConfig) -> None:

@@ -31,6 +31,18 @@ def test_early_stopping_ends_an_overfitting_run_on_its_best_weights() -> None:
     assert math.isclose(perplexity(model, val, CPU), best["val_ppl"], rel_tol=1e-6)
 
 
+def test_a_restored_epoch_reports_its_own_train_perplexity() -> None:
+    """The last record (and so the manifest) paired the restored epoch's val ppl with the
+    last epoch's train ppl: numbers of two different models."""
+    train, val = [0, 1, 2] * 400, [2, 1, 0] * 40
+    cfg = TrainConfig(epochs=12, num_steps=8, batch_size=8, lr=0.05, patience=2)
+    history = fit(_model(), train, val, cfg, **QUIET)
+    last = history[-1]
+    best = next(r for r in history if r["epoch"] == last["restored_epoch"])
+    assert best is not last and last["train_ppl"] == best["train_ppl"]
+    assert last["train_ppl_final_weights"] < best["train_ppl"]  # the overfit last epoch's
+
+
 def test_early_stopping_waits_while_the_weights_are_averaged() -> None:
     train, val = [0, 1, 2] * 400, [2, 1, 0] * 40
     cfg = TrainConfig(epochs=6, num_steps=8, batch_size=8, lr=0.05, patience=1, average_from=2)

@@ -96,6 +96,26 @@ def test_averaged_weights_are_the_mean_of_the_epochs_and_resume_keeps_them(
     assert _same(averaged["state_dict"], resumed["state_dict"])
 
 
+@pytest.mark.parametrize("average_from", [0, 4])
+def test_a_run_resumed_with_a_later_averaging_window_drops_the_old_mean(
+    tmp_path: Path, average_from: int
+) -> None:
+    """A run killed while averaging from epoch 2 and resumed with --average-from 0 exported
+    epoch 2's weights (the stale mean, logged as 'averaged over epochs 4-4'); resumed with
+    --average-from 4 it averaged epochs 2 and 4, across a gap."""
+    with pytest.raises(_Killed):
+        _run(tmp_path / "part", 4, average_from=2, kill_at=3)
+    assert load_checkpoint(tmp_path / "part")["average"]["count"] == 1
+    lines: list[str] = []
+    _run(tmp_path / "part", 4, average_from=average_from, resume=tmp_path / "part",
+         lines=lines)  # fmt: skip
+    _run(tmp_path / "fresh", 4, average_from=average_from)
+    resumed, fresh = load_checkpoint(tmp_path / "part"), load_checkpoint(tmp_path / "fresh")
+    assert resumed["history"][-1] == fresh["history"][-1]
+    assert _same(resumed["state_dict"], fresh["state_dict"])
+    assert any(line.startswith("dropped the running mean of epochs 2-2") for line in lines)
+
+
 def test_resume_restores_a_best_epoch_from_before_the_interruption(tmp_path: Path) -> None:
     """Early stopping's best weights are checkpointed: a run killed after its best epoch and
     resumed ends on them, as the uninterrupted run does."""
@@ -257,6 +277,27 @@ def test_clipping_bounds_the_update() -> None:
     steps = 5000 // (300 * 8)
     assert 0 < _movement(clip=0.01) <= 0.01 * steps + 1e-6
     assert _movement(clip=0) > 0.01 * steps  # unclipped it moves further: the bound is real
+
+
+def test_a_non_finite_gradient_is_refused_before_it_reaches_the_weights() -> None:
+    """A finite loss with an inf gradient: clipping turned it into NaN, the step made every
+    weight NaN, and the error blamed the next batch's loss and suggested --clip."""
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig("lstm", 9, hidden=8, embed=4))
+    next(model.parameters()).register_hook(lambda grad: grad * float("inf"))
+    ids = [i % 9 for i in range(3000)]
+    cfg = TrainConfig(epochs=1, num_steps=8, batch_size=8)
+    with pytest.raises(TrainerError, match="gradient norm became inf at epoch 1, batch 1"):
+        fit(model, ids[:2500], ids[2500:], cfg, progress=False, log=lambda *_: None)
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+def test_a_validation_split_too_short_names_the_flag() -> None:
+    model = RNNLM(ModelConfig("rnn", 9, hidden=4, embed=2))
+    ids = [i % 9 for i in range(300)]
+    with pytest.raises(TrainerError, match="raise --val-fraction"):
+        fit(model, ids, ids[:2], TrainConfig(epochs=1, num_steps=4, batch_size=4),
+            progress=False, log=lambda *_: None)  # fmt: skip
 
 
 @pytest.mark.slow

@@ -1,0 +1,25 @@
+"""The training curve (run dir curve.png)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rnnserve.trainer import plot
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_the_curve_marks_whole_epochs_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, epochs: int
+) -> None:
+    """One epoch was drawn on an axis of 0.96, 0.98, ..., 1.04; three at 1.0, 1.25, ..."""
+    figures = []
+    close = plot.plt.close
+    monkeypatch.setattr(plot.plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    history = [{"epoch": e, "train_ppl": 20.0 - e, "val_ppl": 18.0 - e, "uniform_ppl": 31.0}
+               for e in range(1, epochs + 1)]  # fmt: skip
+    assert plot.plot_history(history, tmp_path / "curve.png").is_file()
+    (ax,) = figures[0].axes
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
