@@ -224,13 +224,20 @@ def train_recurrent(
             metrics={f"val_{kind}": last["val_ppl"], f"train_{kind}": last["train_ppl"],
                      "uniform_perplexity": last["uniform_ppl"]},
             training=_training_record(data, prep, {"epochs": last["epoch"],
-                                                   **asdict(train_config)}),
+                                                   **asdict(train_config), **_outcome(last)}),
             checkpoint=cp, probe=prep.val_ids, probe_source="the validation split",
         ),
         cp, run_dir / "checkpoint.pt" if run_dir is not None else None,
         out=publish[0] if publish else Path(out), name=name, version=version,
         retry_flags=publish[1] if publish else (),
     )  # fmt: skip
+
+
+def _outcome(last: dict[str, Any]) -> dict[str, Any]:
+    """What the exported weights are, beside the settings: a restored best epoch, the number
+    of epochs averaged, why the run stopped early (absent when it did not happen)."""
+    keys = ("restored_epoch", "averaged_epochs", "stopped")
+    return {key: last[key] for key in keys if last.get(key) is not None}
 
 
 def resume_point(checkpoint: dict[str, Any], path: Path) -> tuple[ModelConfig, int, list[dict]]:

@@ -321,3 +321,16 @@ def test_infill_package_refuses_to_generate(tmp_path: Path) -> None:
     assert "val_infill_perplexity" in Manifest.load(path).metrics
     with pytest.raises(TrainerError, match="only left-to-right"):
         greedy_tokens(path, "the time", 3)
+
+
+def test_the_manifest_says_which_weights_were_exported(tmp_path: Path) -> None:
+    """Settings alone (epochs, average_from) do not say what was exported: the manifest's
+    training record also names the epochs averaged and a restored best epoch."""
+    averaged = _run(tmp_path / "a", 3, out=tmp_path / "m", average_from=2)
+    assert averaged is not None
+    record = Manifest.load(averaged).training
+    assert record["averaged_epochs"] == 2 and "restored_epoch" not in record
+    restored = _run(tmp_path / "r", 6, out=tmp_path / "m2", patience=1, **RESTLESS)
+    assert restored is not None
+    record = Manifest.load(restored).training
+    assert record["restored_epoch"] < record["epochs"] and record["stopped"]
