@@ -335,16 +335,30 @@ class DecodeLoop(Admissions):
                 stream = news.stream
                 if stream.done:
                     continue
-                if news.tokens:
-                    n = stream.accept_run(news.tokens, news.logprobs, news.times)
-                    accepted += n
-                    if stream.finished:
-                        stream.close()
+                try:
+                    accepted += self._hand(news)
+                except Exception as exc:  # fails this stream only, not the others drained
+                    log.exception("handing tokens to a stream of %s failed", self.name)
+                    stream.cancel()  # even if it finished: its last message never closed
+                    stream.buffer.fail(exc)
+                    continue
                 if news.error is not None and not stream.done:
                     stream.cancel()
                     stream.buffer.fail(news.error)
         if accepted:
             self._generated.inc(accepted)
+
+    @staticmethod
+    def _hand(news: Handover) -> int:
+        """Moves one hand-over's tokens into its stream (the last message when it finishes);
+        returns how many it took. Raises what the stream raises (its text, its state)."""
+        stream = news.stream
+        if not news.tokens:
+            return 0
+        n = stream.accept_run(news.tokens, news.logprobs, news.times)
+        if stream.finished:
+            stream.close()
+        return n
 
     # -- the prefill thread ---------------------------------------------------------------
     def _run_prefill(self) -> None:
@@ -404,7 +418,7 @@ class DecodeLoop(Admissions):
             self._send(self._news)  # first tokens go out before the next step
             self._joinbox.extend(joining)
         if self._joinbox:
-            self._join([self._joinbox.popleft() for _ in range(len(self._joinbox))])
+            self._join()
         self._filter()
         if self._batches:
             self._step()
@@ -435,14 +449,14 @@ class DecodeLoop(Admissions):
             [0.0 if params[i].greedy else s.stream.sampler.uniform() for i, s in enumerate(rows)]
         )
         self._prefilling = later
-        try:
+        try:  # these rows are in no queue now: whatever fails fails them here
             tokens, logprobs, state = self.chooser.run(x, state, params, uniforms)
+            now = time.perf_counter()
+            states = self.model.split(state) if self.model.specs else [[] for _ in rows]
         except Exception as exc:  # fails these prompts only
             log.exception("prefill failed for %s", self.name)
             news.extend(self._failed(slot, exc) for slot in rows)
             return []
-        now = time.perf_counter()
-        states = self.model.split(state) if self.model.specs else [[] for _ in rows]
         joining: list[Join] = []
         for i, slot in enumerate(rows):
             slot.fed += n
@@ -457,17 +471,20 @@ class DecodeLoop(Admissions):
             news.append(self._take_news(slot, last=ended))  # the first token goes out at once
         return joining
 
-    def _join(self, joining: list[Join]) -> None:
-        while joining:
+    def _join(self) -> None:
+        """Moves the join queue's rows into batches. A row leaves the queue only once a batch
+        holds it: if joining fails, `_fail_all` still finds it there and fails its stream."""
+        while self._joinbox:
             target = next((b for b in self._batches if len(b) < self.max_batch), None)
             if target is None:
                 target = Batch(self.chooser)
                 self._batches.append(target)
-            room = self.max_batch - len(target)
-            now, joining = joining[:room], joining[room:]
+            room = min(self.max_batch - len(target), len(self._joinbox))
+            now = [self._joinbox[i] for i in range(room)]
             target.join([j[0] for j in now], [j[1] for j in now], [j[2] for j in now],
                         [j[3] for j in now])  # fmt: skip
             for slot, *_ in now:
+                self._joinbox.popleft()
                 slot.state = None  # the batch holds it now
 
     def _filter(self) -> None:

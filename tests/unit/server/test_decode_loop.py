@@ -17,7 +17,7 @@ import pytest
 
 from rnnserve.artifact.manifest import StateSpec
 from rnnserve.server.decode.limiter import StreamLimiter
-from rnnserve.server.decode.loop import DecodeLoop, Slot
+from rnnserve.server.decode.loop import DecodeLoop, Handover, Slot
 from rnnserve.server.decode.process import DecodeProcess, LoopConfig
 from rnnserve.server.decode.stream import OutputBuffer, Stream
 from rnnserve.server.errors import DeadlineExceeded, EngineUnavailable, Overloaded
@@ -203,6 +203,69 @@ def test_expired_stream_ends_with_deadline_exceeded(threaded: bool) -> None:
         return live
 
     assert asyncio.run(main()) == 0
+
+
+def test_a_stream_that_fails_while_handed_its_tokens_fails_alone() -> None:
+    """Hand-overs drained together: one stream raising (here its text cannot be decoded)
+    fails that stream; the others still get their tokens and their end."""
+
+    def undecodable(token: int) -> str:
+        raise KeyError(token)
+
+    async def main():
+        loop = _loop()
+        bad = Stream(model="fake", sampler=Sampler(SamplingParams()),
+                     stopper=StopChecker(5), decode=undecodable, signer=None, started=0.0,
+                     deadline=None)  # fmt: skip
+        good = _stream(3)
+        ended = Handover(good, [1, 2, 3], [0.0] * 3, [0.0] * 3, last=True)
+        loop._outbox.append([Handover(bad, [1], [0.0], [0.0]), ended])
+        loop._deliver()
+        with pytest.raises(KeyError):
+            await asyncio.wait_for(_collect(bad), 10)
+        return await asyncio.wait_for(_collect(good), 10), good
+
+    ids, good = asyncio.run(main())
+    assert ids == [1, 2, 3] and good.finish_reason == "length"
+
+
+class FailingStateModel(FakeModel):
+    """Its state helpers fail in one thread (a failure past the model call, e.g. no memory
+    left to copy a state): `concat` in the decode thread (joining the batch), or `split`
+    (the rows after a prefill call)."""
+
+    def __init__(self, fails: str) -> None:
+        super().__init__()
+        self.fails = fails
+
+    def concat(self, states):
+        if self.fails == "join" and threading.current_thread().name.startswith("decode:"):
+            raise MemoryError("no room to join the batch")
+        return super().concat(states)
+
+    def split(self, state):
+        if self.fails == "prefill":
+            raise MemoryError("no room for the rows")
+        return super().split(state)
+
+
+@pytest.mark.parametrize("fails", ["join", "prefill"])
+def test_streams_whose_rows_fail_past_the_model_call_end_with_the_error(fails: str) -> None:
+    """A row taken off a queue is failed with the error if it cannot go on: no stream is
+    left waiting forever (holding its --max-streams slot and a drain)."""
+
+    async def main():
+        loop = _loop(FailingStateModel(fails))
+        stream = _start(loop, [0], 5)
+        with pytest.raises(MemoryError):
+            await asyncio.wait_for(_collect(stream), 10)
+        loop.release()
+        await asyncio.wait_for(loop.drain(), 5)
+        live = await _settled_live(loop)
+        await loop.close()
+        return live, loop.pending
+
+    assert asyncio.run(main()) == (0, 0)
 
 
 class LockstepModel(FakeModel):
