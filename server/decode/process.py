@@ -482,10 +482,17 @@ class DecodeProcess(Admissions):
             if stream is None or stream.done:
                 continue
             stream.snapshots.extend(snapshots)
-            if tokens:
-                accepted += stream.accept_run(tokens, logprobs, times)
-                if stream.finished:
-                    stream.close()
+            try:
+                if tokens:
+                    accepted += stream.accept_run(tokens, logprobs, times)
+                    if stream.finished:
+                        stream.close()
+            except Exception as exc:  # fails this stream only, not the others of the batch
+                log.exception("handing tokens to a stream of %s failed", self.name)
+                self._forget(stream) if last or error is not None else self._cancel(stream)
+                stream.cancel()
+                stream.buffer.fail(exc)
+                continue
             if error is not None and not stream.done:
                 deadline, text = error
                 self._forget(stream)

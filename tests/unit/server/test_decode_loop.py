@@ -521,3 +521,31 @@ def test_decode_process_reaps_a_child_that_closed_its_pipe_before_exiting() -> N
     proc._child_exited()
     assert child.waited.wait(10), "the exited child is waited for (no zombie)"
     assert proc._process is None and proc.live == 0
+
+
+def test_a_stream_of_the_decode_process_that_fails_while_handed_tokens_fails_alone() -> None:
+    """As in the decode loop: one stream raising while it takes its tokens (its text cannot
+    be decoded) fails that stream and cancels it in the child; the others of the same
+    delivery still get their tokens and their end."""
+
+    def undecodable(token: int) -> str:
+        raise KeyError(token)
+
+    async def main():
+        pipe = _Pipe()
+        proc = _process(pipe, _Child())
+        bad = Stream(model="fake", sampler=Sampler(SamplingParams()),
+                     stopper=StopChecker(5), decode=undecodable, signer=None, started=0.0,
+                     deadline=None)  # fmt: skip
+        good = _stream(3)
+        for sid, stream in enumerate((bad, good)):
+            proc._sids[id(stream)], proc._streams[sid] = sid, stream
+        proc._deliver([(0, [1], [0.0], [0.0], [], None, False),
+                       (1, [1, 2, 3], [0.0] * 3, [0.0] * 3, [], None, True)])  # fmt: skip
+        with pytest.raises(KeyError):
+            await asyncio.wait_for(_collect(bad), 10)
+        return await asyncio.wait_for(_collect(good), 10), good, pipe.sent
+
+    ids, good, sent = asyncio.run(main())
+    assert ids == [1, 2, 3] and good.finish_reason == "length"
+    assert ("cancel", 0) in sent  # the child stops stepping the failed stream
