@@ -119,6 +119,9 @@ class Generator:
             )
         ids = self.codec.encode(p.prompt, "prompt", s.max_prompt_tokens).ids if p.prompt else []
         if not ids and resumed is None:
+            if p.prompt:  # text the tokenizer erases (spaces at word level, punctuation only)
+                raise BadRequest("prompt", "has no token after tokenization (give text the "
+                                 "model's tokenizer keeps, or a resume state)")  # fmt: skip
             raise BadRequest("prompt", "is empty (give a prompt, or a resume state)")
         if resumed is not None:
             ids = [resumed.last_token, *ids]

@@ -235,3 +235,19 @@ def test_a_cancelled_lm_infill_stops_scoring_candidates(monkeypatch) -> None:
         release.set()
         runtime.close()
     assert Blocking.calls == 2, "no candidate batch ran after the cancellation"
+
+
+@pytest.mark.parametrize("prompt, why", [("   ", "no token after tokenization"), ("", "is empty")])
+def test_a_prompt_the_tokenizer_erases_is_not_called_empty(prompt: str, why: str) -> None:
+    """A word-level prompt of only spaces was refused as "is empty" though text was sent."""
+    from types import SimpleNamespace
+
+    from rnnserve.server.generation import GenerateParams, Generator
+    from rnnserve.server.metrics import Metrics
+    from rnnserve.server.settings import Settings
+
+    entry = SimpleNamespace(name="m", version="1", manifest=_manifest("word", ["the", "time"]))
+    generator = Generator(entry, None, None, None, Settings(), Metrics())
+    with pytest.raises(BadRequest) as err:
+        generator._validate(GenerateParams(prompt=prompt, max_tokens=4))
+    assert err.value.field == "prompt" and why in str(err.value)
