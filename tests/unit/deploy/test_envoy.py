@@ -135,12 +135,23 @@ def test_unary_rpcs_retry_unavailable_on_another_replica_streams_never(parse) ->
 
 
 def test_outlier_detection_ejects_a_failing_replica(parse) -> None:
+    """Connection failures eject; replies do not: Envoy maps grpc-status to HTTP codes for
+    outlier detection, so DEADLINE_EXCEEDED from a client's deadline is a 504, and counting
+    replies would eject a healthy replica whose clients use deadlines."""
     cluster = parse(_config()).static_resources.clusters[0]
     assert cluster.HasField("outlier_detection")
     od = cluster.outlier_detection
-    assert od.consecutive_5xx.value >= 3
+    assert od.split_external_local_origin_errors
+    assert od.consecutive_local_origin_failure.value >= 3
+    assert od.enforcing_consecutive_local_origin_failure.value == 100
+    for reply_rule in ("enforcing_consecutive_5xx", "enforcing_consecutive_gateway_failure",
+                       "enforcing_success_rate"):  # fmt: skip
+        assert od.HasField(reply_rule) and getattr(od, reply_rule).value == 0, reply_rule
     assert od.base_ejection_time.ToSeconds() > 0
     assert 0 < od.max_ejection_percent.value < 100, "never eject every replica"
+    _, routes = _routes(parse)
+    generate = _route_for(routes, "/rnnserve.v1.Inference/Generate")
+    assert not generate.route.HasField("max_stream_duration"), "the deadline is not Envoy's"
 
 
 def test_envoy_admin_stats_are_scraped_by_the_compose_prometheus(parse) -> None:
