@@ -218,9 +218,9 @@ def state_signer(settings: Settings) -> StateSigner:
 
     Every key is stripped, the current one like the previous ones: a key read from a secret
     file often ends in a newline, and replicas (or a rotation's NEW + OLD) that disagree on it
-    would refuse each other's tokens."""
+    would refuse each other's tokens. With --state-max-age, older tokens are refused."""
     previous = [k.strip() for k in settings.state_key_previous.split(",") if k.strip()]
-    return StateSigner(settings.state_key.strip(), previous)
+    return StateSigner(settings.state_key.strip(), previous, max_age=settings.state_max_age)
 
 
 async def serve(settings: Settings) -> int:

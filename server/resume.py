@@ -9,6 +9,10 @@ Version 2 adds `kid` (which key signed it, so a replica with other keys says so)
 (a `Progress`: the sampler's seed and how many uniforms it used, tokens made of max_tokens,
 held-back stop-string text, and the sampling/stop parameters a continuation must repeat).
 Version 1 tokens (no kid, no progress) still verify: they resume the state only.
+Version 2 headers also carry `iat`, when the token was made (integer seconds since the epoch;
+servers that predate it ignore the key). With a max age (--state-max-age) a token older than
+that, made more than CLOCK_SKEW seconds in the future, or with no `iat` (made before it
+existed) is refused; with none (0) tokens never expire.
 The HMAC covers everything before it. It is made with the first key of --state-key and
 --state-key-previous; verification accepts any of them (key rotation).
 """
@@ -20,8 +24,10 @@ import hmac
 import json
 import secrets
 import struct
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import numpy as np
 
@@ -34,6 +40,7 @@ READABLE_VERSIONS = (1, 2)
 _MAC_LEN = 32
 _HEAD = struct.Struct(">2sBI")
 _MAX_HEADER = 1 << 20
+CLOCK_SKEW = 60  # seconds a token's `iat` may be ahead of this replica's clock (replica drift)
 
 
 @dataclass(frozen=True)
@@ -69,9 +76,17 @@ def key_id(key: bytes) -> str:
 
 
 class StateSigner:
-    """Makes resume tokens with the first key and checks them with any of the keys."""
+    """Makes resume tokens with the first key and checks them with any of the keys; with a
+    max_age (seconds, 0 = never) refuses tokens older than that. `clock` is injectable so
+    expiry can be tested without waiting."""
 
-    def __init__(self, key: str | bytes = "", previous: Sequence[str | bytes] = ()) -> None:
+    def __init__(
+        self,
+        key: str | bytes = "",
+        previous: Sequence[str | bytes] = (),
+        max_age: float = 0.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         keys = [k.encode() if isinstance(k, str) else k for k in (key, *previous)]
         keys[0] = keys[0] or secrets.token_bytes(32)
         self.keys = [k for k in keys if k]
@@ -79,6 +94,8 @@ class StateSigner:
         self._by_id = {key_id(k): k for k in self.keys}
         self.kid = key_id(self.key)
         self._shapes: dict[tuple, list[dict]] = {}
+        self.max_age = max_age
+        self.clock = clock
 
     @staticmethod
     def _mac(key: bytes, body: bytes) -> bytes:
@@ -106,6 +123,7 @@ class StateSigner:
             "model": model,
             "version": version,
             "kid": self.kid,
+            "iat": int(self.clock()),
             "last_token": int(last_token),
             "tensors": self._describe(tensors),
         }
@@ -142,6 +160,8 @@ class StateSigner:
                     f"resume token belongs to {header['model']}/"
                     f"{header['version']}, not {model}/{version}",
                 )
+            if self.max_age:
+                self._check_age(header.get("iat"))
             tensors = _tensors(payload, header["tensors"], specs)
             last = int(header["last_token"])
             if not 0 <= last < vocab_size:
@@ -152,6 +172,33 @@ class StateSigner:
         except (ValueError, KeyError, TypeError) as exc:
             raise BadRequest("state", f"resume token is malformed: {exc}") from exc
         return Resumed(tensors, last, progress)
+
+    def _check_age(self, iat: object) -> None:
+        """Refuses a token older than max_age, or made in the future past CLOCK_SKEW (like a
+        JWT's `exp` and `iat`): the message says when and which flag decided it."""
+        if iat is None:
+            raise BadRequest(
+                "state",
+                "resume token carries no creation time (it was made by an rnn-server that "
+                "predates --state-max-age), so this replica, which refuses tokens older than "
+                f"--state-max-age {self.max_age:.15g} s, cannot tell its age: start a new stream",
+            )
+        if type(iat) is not int:
+            raise ValueError("iat is not an integer")
+        now = self.clock()
+        if iat > now + CLOCK_SKEW:
+            raise BadRequest(
+                "state",
+                f"resume token was made in the future ({_when(iat)}, {iat - now:.0f} s ahead "
+                f"of this replica's clock, more than the {CLOCK_SKEW} s allowed): check the "
+                "replicas' clocks",
+            )
+        if now - iat > self.max_age:
+            raise BadRequest(
+                "state",
+                f"resume token expired at {_when(iat + self.max_age)} (made {_when(iat)}; "
+                f"--state-max-age {self.max_age:.15g} s): start a new stream",
+            )
 
     def _check_mac(self, body: bytes, mac: bytes, tv: int, head_len: int) -> None:
         """Finds the key the token names (version 2) or tries every key (version 1)."""
@@ -170,6 +217,14 @@ class StateSigner:
         if not any(hmac.compare_digest(mac, self._mac(k, body)) for k in candidates):
             why = "forged or corrupted" if tv >= 2 else "forged, corrupted, or another --state-key"
             raise BadRequest("state", f"resume token signature is invalid ({why})")
+
+
+def _when(seconds: float) -> str:
+    """A UTC time as ISO 8601, or plain seconds when out of datetime's range."""
+    try:
+        return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):
+        return f"{seconds:.0f} s since the epoch"
 
 
 def _key_id_of(body: bytes, head_len: int) -> str:

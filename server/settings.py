@@ -48,6 +48,7 @@ class Settings:
     max_infill_vocab: int = 4096
     state_key: str = ""
     state_key_previous: str = ""
+    state_max_age: float = 0.0
     grace: float = 10.0
     drain_delay: float = 0.0
     log_level: str = "INFO"
@@ -148,6 +149,12 @@ _HELP: dict[str, tuple[type, str]] = {
         str,
         "comma list of earlier --state-key values still accepted for resume tokens (key "
         "rotation: new tokens are signed with --state-key only)",
+    ),
+    "state_max_age": (
+        float,
+        "seconds a resume token stays valid after it was made (0 = forever); older tokens, "
+        "tokens made more than 60 s in the future, and tokens from servers that predate this "
+        "flag are refused with INVALID_ARGUMENT",
     ),
     "grace": (float, "seconds in-flight calls get to finish after SIGTERM"),
     "drain_delay": (
@@ -307,7 +314,7 @@ def validate(settings: Settings) -> str | None:
         return "--intra-op-threads must be 0 or more"
     if settings.max_message_bytes > 2**31 - 1:  # gRPC's channel options are C ints
         return "--max-message-bytes must be at most 2147483647"
-    for name in ("poll_interval", "grace", "drain_delay"):  # inf would wait forever
+    for name in ("poll_interval", "grace", "drain_delay", "state_max_age"):  # inf: wait forever
         value = getattr(settings, name)
         if not (math.isfinite(value) and value >= 0):
             return f"--{name.replace('_', '-')} must be a finite number of seconds, 0 or more"

@@ -13,6 +13,7 @@ import pytest
 
 from rnnserve.artifact.manifest import Manifest
 from rnnserve.artifact.tokenizer import Tokenizer
+from rnnserve.server.resume import StateSigner
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 LM_MODELS = ["rnn", "gru", "lstm", "lstm-deep", "ngram", "hmm"]
@@ -152,6 +153,28 @@ def test_resume_token_continues_exactly(stub) -> None:
     assert token
     rest = _generate(stub, model="gru", max_tokens=18, state=token)
     assert _ids(first) + _ids(rest) == full[: len(_ids(first)) + len(_ids(rest))]
+
+
+def test_state_max_age_refuses_an_expired_token(model_repo: Path) -> None:
+    """--state-max-age: a fresh token resumes; the same state signed two hours ago does not."""
+    from tests.integration.server.harness import ServerThread, make_settings
+
+    srv = ServerThread(make_settings(model_repo, state_max_age=3600)).start()
+    try:
+        first = _generate(srv.stub, model="gru", prompt=PROMPT, max_tokens=4, return_state=True)
+        token = first[-1].state
+        assert _ids(_generate(srv.stub, model="gru", max_tokens=4, state=token))
+        specs = Manifest.load(model_repo / "gru" / "1").state
+        resumed = StateSigner("k").verify(token, "gru", "1", specs, vocab_size=1 << 30)
+        made = time.time() - 7200
+        old = StateSigner("k", clock=lambda: made).sign("gru", "1", resumed.state, 0)
+        with pytest.raises(grpc.RpcError) as err:
+            _generate(srv.stub, model="gru", max_tokens=4, state=old)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("state:")
+        assert "expired at" in err.value.details()
+    finally:
+        srv.stop()
 
 
 def test_stop_string_ends_the_stream_and_is_not_returned(stub) -> None:

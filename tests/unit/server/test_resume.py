@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import struct
 
 import numpy as np
@@ -85,3 +88,79 @@ def test_shape_mismatch_is_rejected() -> None:
     other = [StateSpec("h", "h_in", "h_out", [2, -1, 4], 1), SPECS[1]]
     with pytest.raises(BadRequest, match="malformed"):
         signer.verify(token, "lstm", "1", other, vocab_size=10)
+
+
+# -- --state-max-age: tokens carry `iat` (when they were made) and may expire ----------------
+NOW = 1_700_000_000  # 2023-11-14T22:13:20Z
+
+
+def _at(when: float):
+    """A clock for the signer: tests control time instead of sleeping."""
+    return lambda: when
+
+
+def _header(token: bytes) -> dict:
+    (length,) = struct.unpack_from(">I", token, 3)
+    return json.loads(token[7 : 7 + length])
+
+
+def test_tokens_record_when_they_were_made() -> None:
+    token = StateSigner("secret", clock=_at(NOW + 0.9)).sign("lstm", "1", _state(), 7)
+    assert _header(token)["iat"] == NOW
+    assert token[2] == 2  # same version: servers that predate `iat` still read it
+
+
+def test_a_token_within_the_max_age_is_accepted() -> None:
+    token = StateSigner("secret", clock=_at(NOW)).sign("lstm", "1", _state(), 7)
+    for now in (NOW, NOW + 3600):  # the boundary itself is still within the age
+        signer = StateSigner("secret", max_age=3600, clock=_at(now))
+        assert signer.verify(token, "lstm", "1", SPECS, vocab_size=10).last_token == 7
+
+
+def test_an_old_token_is_refused_with_when_it_expired() -> None:
+    token = StateSigner("secret", clock=_at(NOW)).sign("lstm", "1", _state(), 7)
+    signer = StateSigner("secret", max_age=3600, clock=_at(NOW + 3601))
+    with pytest.raises(BadRequest, match="expired at 2023-11-14T23:13:20Z") as err:
+        signer.verify(token, "lstm", "1", SPECS, vocab_size=10)
+    assert err.value.field == "state"
+    assert "--state-max-age 3600" in str(err.value)
+    # without a max age the same token never expires
+    later = StateSigner("secret", clock=_at(NOW + 10**8))
+    assert later.verify(token, "lstm", "1", SPECS, vocab_size=10).last_token == 7
+
+
+def test_a_token_from_the_future_is_refused_past_the_clock_skew() -> None:
+    token = StateSigner("secret", clock=_at(NOW + 61)).sign("lstm", "1", _state(), 7)
+    signer = StateSigner("secret", max_age=3600, clock=_at(NOW))
+    with pytest.raises(BadRequest, match="made in the future") as err:
+        signer.verify(token, "lstm", "1", SPECS, vocab_size=10)
+    assert err.value.field == "state"
+    skewed = StateSigner("secret", clock=_at(NOW + 60)).sign("lstm", "1", _state(), 7)
+    assert signer.verify(skewed, "lstm", "1", SPECS, vocab_size=10).last_token == 7
+
+
+def _without_iat(key: bytes) -> bytes:
+    """A version 2 token as made before `iat` existed (re-signed without it)."""
+    token = StateSigner(key).sign("lstm", "1", _state(), 7)
+    header = _header(token)
+    payload = token[7 + struct.unpack_from(">I", token, 3)[0] : -32]
+    del header["iat"]
+    head = json.dumps(header).encode()
+    body = struct.pack(">2sBI", b"RS", 2, len(head)) + head + payload
+    return body + hmac.new(key, body, hashlib.sha256).digest()
+
+
+def test_tokens_without_a_time_depend_on_the_setting() -> None:
+    token = _without_iat(b"secret")
+    assert StateSigner("secret").verify(token, "lstm", "1", SPECS, 10).last_token == 7
+    with pytest.raises(BadRequest, match="carries no creation time") as err:
+        StateSigner("secret", max_age=3600).verify(token, "lstm", "1", SPECS, 10)
+    assert err.value.field == "state"
+    assert "--state-max-age" in str(err.value)
+
+
+def test_a_future_token_with_a_huge_time_is_still_a_bad_request() -> None:
+    """A replica with a broken clock can sign any `iat`: the message must not crash."""
+    token = StateSigner("secret", clock=_at(1e20)).sign("lstm", "1", _state(), 7)
+    with pytest.raises(BadRequest, match="made in the future"):
+        StateSigner("secret", max_age=60, clock=_at(NOW)).verify(token, "lstm", "1", SPECS, 10)

@@ -28,13 +28,27 @@ def test_help_documents_every_flag_with_its_env_var() -> None:
     "argv",
     [["--max-batch", "0"], ["--port", "x"], ["--log-level", "loud"],
      ["--max-message-bytes", "3000000000"], ["--drain-delay", "inf"], ["--grace", "nan"],
-     ["--poll-interval", "-1"]],
+     ["--poll-interval", "-1"], ["--state-max-age", "-1"], ["--state-max-age", "inf"],
+     ["--state-max-age", "nan"], ["--state-max-age", "1h"]],
 )  # fmt: skip
 def test_bad_settings_exit_with_usage_error(argv, capsys) -> None:
     with pytest.raises(SystemExit) as err:
         settings_from_args(argv)
     assert err.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_state_max_age_defaults_to_never_and_reads_the_environment(monkeypatch) -> None:
+    assert settings_from_args([]).state_max_age == 0
+    monkeypatch.setenv("RNNSERVE_STATE_MAX_AGE", "86400")
+    assert settings_from_args([]).state_max_age == 86400
+    assert settings_from_args(["--state-max-age", "0.5"]).state_max_age == 0.5
+
+
+def test_a_bad_state_max_age_says_what_is_expected(capsys) -> None:
+    with pytest.raises(SystemExit):
+        settings_from_args(["--state-max-age", "-5"])
+    assert "--state-max-age must be a finite number of seconds" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
