@@ -317,9 +317,9 @@ def test_a_restart_before_the_first_checkpoint_asks_for_the_version_that_served_
     before any checkpoint asks for it, so a replica whose default is a newer model does not
     replace the delivered tokens with its own. A version the caller pinned stays."""
     a, _ = servers
-    # checkpoints every 4 tokens end messages there: at least three messages, however
-    # the tokens between them are grouped
-    request = pb.GenerateRequest(model="gru", prompt=PROMPT, max_tokens=12, state_every=4)
+    # 400 tokens span several messages even for a slow reader (whose pending messages the
+    # server merges, checkpoints included), as in tests/e2e/test_grpcurl.py
+    request = pb.GenerateRequest(model="gru", prompt=PROMPT, max_tokens=400)
     served, *rest = a.stub.Generate(request, timeout=60)
     assert served.model_version == "1"  # the test zoo's gru is version 1
     assert rest and all(m.model_version == "" for m in rest)  # the first message only
