@@ -333,4 +333,5 @@ def test_the_manifest_says_which_weights_were_exported(tmp_path: Path) -> None:
     restored = _run(tmp_path / "r", 6, out=tmp_path / "m2", patience=1, **RESTLESS)
     assert restored is not None
     record = Manifest.load(restored).training
-    assert record["restored_epoch"] < record["epochs"] and record["stopped"]
+    assert record["restored_epoch"] < record["epochs_run"] < record["epochs"] == 6
+    assert record["stopped"].startswith("early stopping")
