@@ -30,6 +30,7 @@ from rnnserve.server.remote_repo import (
     redact,
 )
 from tests.e2e.served import free_port, rnn_server
+from tests.tools import need_module
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -237,7 +238,7 @@ def test_server_serves_an_http_url(model_repo: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_server_serves_an_s3_url(model_repo: Path, tmp_path: Path) -> None:
-    boto3 = pytest.importorskip("boto3")  # declared in the dev extra (with moto[server])
+    boto3 = need_module("boto3", "the [dev] extra (moto[server])")
     from moto.server import ThreadedMotoServer
 
     port = free_port()

@@ -23,10 +23,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from tests.e2e.processes import reap, stop_gracefully
+from tests.tools import need_module
 
-collector = pytest.importorskip(
+collector = need_module(
     "opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc",
-    reason="pip install 'rnnserve[otel]'",
+    "pip install 'rnnserve[otel]'",
 )
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2  # noqa: E402
 

@@ -41,6 +41,10 @@ def _start(repo: Path) -> tuple[subprocess.Popen, int]:
     ch = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         grpc.channel_ready_future(ch).result(timeout=60)
+    except BaseException:  # never up: do not leave the server running past the test
+        proc.kill()
+        proc.wait(timeout=30)
+        raise
     finally:
         ch.close()
     return proc, port

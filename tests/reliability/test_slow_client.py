@@ -42,20 +42,22 @@ def _round(server, slow: bool) -> tuple[float, list[pb.GenerateResponse]]:
     """Mean tokens/s of the FAST streams, run alongside an optional slow reader."""
     rates: list[float] = []
     slow_msgs: list[pb.GenerateResponse] = []
-    stop = threading.Event()
+    stop, reading = threading.Event(), threading.Event()
     ch = grpc.insecure_channel(f"127.0.0.1:{server.app.port}", options=SMALL_WINDOW)
 
     def reader() -> None:
         """Reads one message, stalls until the fast streams are done, then drains."""
         call = pb_grpc.InferenceStub(ch).Generate(_req(SLOW_TOKENS), timeout=120)
         slow_msgs.append(next(call))
+        reading.set()
         stop.wait(120)
         slow_msgs.extend(call)
 
     slow_thread = threading.Thread(target=reader, daemon=True)
     if slow:
         slow_thread.start()
-        time.sleep(0.5)
+        # the slow stream is in the batch before the fast ones start (a fixed sleep guessed)
+        assert reading.wait(60), "the slow reader never got its first message"
     threads = [
         threading.Thread(target=_fast, args=(server.stub, rates), daemon=True) for _ in range(FAST)
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -47,7 +48,9 @@ def test_served_forecast_undoes_seasonal_and_first_differences(tmp_path: Path) -
         )[:, 0]
         np.testing.assert_allclose(res.fitted, one_step, rtol=1e-5, atol=1e-3)
         short = pb.ForecastRequest(model="co2-gru", history=history[:50].tolist(), horizon=2)
-        with pytest.raises(Exception, match="at least 54"):
+        with pytest.raises(grpc.RpcError) as err:  # a client error, not any failure
             server.stub.Forecast(short)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "at least 54" in err.value.details()
     finally:
         server.stop()

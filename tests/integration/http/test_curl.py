@@ -4,18 +4,18 @@ errors with their HTTP status, request ids, the body limit, unknown paths."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+from tests.tools import need
 
 
 def curl(*args: str) -> tuple[int, dict[str, str], str]:
     """-> (HTTP status, lower-cased headers, body)."""
+    binary = need("curl", "the HTTP port is driven as a user would, with curl")
     done = subprocess.run(
-        ["curl", "-sS", "-N", "-i", "--max-time", "60", *args],
+        [binary, "-sS", "-N", "-i", "--max-time", "60", *args],
         capture_output=True,
         text=True,
         check=True,

@@ -23,6 +23,7 @@ from rnnserve.server.auth import OpenServicesAuth, bearer_guard
 from rnnserve.server.main import build_app
 from tests.integration.http.conftest import TOKEN, free_port, http_server
 from tests.integration.server.harness import ServerThread, make_settings
+from tests.tools import need_module
 
 
 class GuardedServer(ServerThread):
@@ -214,7 +215,7 @@ def test_client_going_away_ends_its_stream(server, base_url) -> None:
 def test_http_spans_are_named_after_the_route_not_the_clients_path(model_repo: Path) -> None:
     """A span name is an index in tracing backends: the model name a client puts in the path
     must not become one (the gRPC path names spans after the method the same way)."""
-    sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
+    sdk_trace = need_module("opentelemetry.sdk.trace", "pip install 'rnnserve[otel]'")
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 

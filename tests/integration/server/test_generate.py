@@ -133,17 +133,24 @@ def _slots(server) -> tuple[int, float, int]:
     return server.call(read)
 
 
+def _settled_slots(server) -> tuple[int, float, int]:
+    """_slots once the streams of earlier tests on this shared server have left (bounded)."""
+    for _ in range(200):
+        if (slots := _slots(server)) == (0, 0.0, 0):
+            break
+        time.sleep(0.05)
+    return slots
+
+
 def test_cancelled_stream_frees_its_slot(stub, server) -> None:
+    # the counts below are absolute: a stream of an earlier test still leaving would add one
+    assert _settled_slots(server) == (0, 0.0, 0)
     call = stub.Generate(pb.GenerateRequest(model="lstm", prompt=PROMPT, max_tokens=150_000))
     next(call)
     admitted, gauge, live = _slots(server)
     assert admitted == 1 and gauge == 1 and live == 1
     call.cancel()
-    for _ in range(200):  # bounded wait for the server to notice; no timing assertion
-        if _slots(server) == (0, 0.0, 0):
-            break
-        time.sleep(0.05)
-    assert _slots(server) == (0, 0.0, 0)
+    assert _settled_slots(server) == (0, 0.0, 0)  # a bounded wait; no timing assertion
 
 
 def test_resume_token_continues_exactly(stub) -> None:

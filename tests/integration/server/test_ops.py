@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rnnserve.v1 import rnnserve_pb2 as pb
 from tests.integration.server.harness import ServerThread, make_settings
+from tests.tools import need_module
 
 METRICS = [
     "rnnserve_request_duration_seconds", "rnnserve_time_to_first_token_seconds",
@@ -70,8 +71,9 @@ def test_metrics_have_the_contract_names_and_labels(server) -> None:
     )
     assert reg.get_sample_value("rnnserve_model_serving", {"model": "lstm", "version": "1"}) == 1
     # unknown model names collapse into one label value (bounded cardinality)
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(grpc.RpcError) as unknown:
         stub.Score(pb.ScoreRequest(model="no-such-model-xyz", texts=["ab"]))
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     assert 'model="no-such-model-xyz"' not in generate_latest(reg).decode()
     # a call that names no model is not counted as an unknown one
     stub.ListModels(pb.ListModelsRequest())
@@ -305,7 +307,7 @@ def test_a_url_repository_sync_failure_is_in_the_reload_reply(
     model_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """It was only logged: `rnn-client reload` printed an empty reply while the sync failed."""
-    fsspec = pytest.importorskip("fsspec")
+    fsspec = need_module("fsspec", "the [remote] extra")
     fs, root = fsspec.filesystem("memory"), f"/{tmp_path.name}"
     for version in ("1", "2"):
         fs.put(str(model_repo / "gru" / "1"), f"{root}/gru/{version}", recursive=True)

@@ -100,13 +100,14 @@ def test_async_cancel_raises_cancelled_as_the_sync_client_does(fake) -> None:
         async with AsyncRnnClient(address) as c:
             stream = c.generate("lstm", "abc", max_tokens=4)
             task = asyncio.create_task(read(stream))
-            await asyncio.sleep(0.1)
+            # the call is on the server (held there) before it is cancelled, not a guess
+            assert await _until(lambda: rec.calls["Generate"] == 1)
             stream.cancel()
             with pytest.raises(Cancelled, match=r"^CANCELLED: "):
                 await task
             assert not task.cancelled()
             task = asyncio.create_task(read(c.generate("lstm", "abc", max_tokens=4)))
-            await asyncio.sleep(0.1)
+            assert await _until(lambda: rec.calls["Generate"] == 2)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

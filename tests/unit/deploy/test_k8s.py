@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from tests.tools import need
+from tests.tools import missing, need, need_module
 from tests.unit.deploy.deployfiles import DEPLOY, K8S, k8s_docs, k8s_one, kustomize, pod_specs
 from tests.unit.deploy.pss import restricted_violations
 
@@ -47,7 +47,7 @@ def _ports(container: dict) -> dict[str, int]:
     ids=lambda v: v.name if hasattr(v, "name") else v["kind"],
 )
 def test_schema_valid(path, doc: dict) -> None:
-    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    kv = need_module("kubernetes_validate", "pip install kubernetes-validate")
     from kubernetes_validate.utils import all_versions, latest_version
 
     known = {v.rsplit(".", 1)[0] for v in all_versions()}
@@ -60,7 +60,7 @@ def test_schema_valid(path, doc: dict) -> None:
 
 
 def test_schema_check_rejects_a_misspelled_field() -> None:
-    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    kv = need_module("kubernetes_validate", "pip install kubernetes-validate")
     deployment = k8s_one("Deployment", SERVER)
     deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     from kubernetes_validate.utils import latest_version
@@ -331,7 +331,7 @@ def test_kustomize_reimplementation_matches_kubectl() -> None:
             [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60
         )
         if done.returncode != 0 and "unknown command" in done.stderr:
-            pytest.skip("this kubectl has no kustomize")
+            missing("this kubectl has no kustomize")
         assert done.returncode == 0, done.stderr
         theirs = sorted(
             (d for d in yaml.safe_load_all(done.stdout) if d),
@@ -393,7 +393,7 @@ def test_distributed_training_job_is_valid_and_its_pods_find_each_other() -> Non
 
     from rnnserve.trainer.cli import build_parser
 
-    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    kv = need_module("kubernetes_validate", "pip install kubernetes-validate")
     from kubernetes_validate.utils import latest_version
 
     path = K8S / "distributed" / "trainer-ddp.yaml"

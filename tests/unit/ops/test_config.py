@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 
 import pytest
@@ -22,8 +23,10 @@ OPS_VALUES = {
 def test_help_documents_every_field_with_its_env_var() -> None:
     text = " ".join(build_parser().format_help().split())
     for f in fields(Settings):
-        assert "--" + f.name.replace("_", "-") in text
-        assert "RNNSERVE_" + f.name.upper() in text
+        # whole names: --state-key-previous alone must not count as documenting --state-key
+        flag, env = "--" + f.name.replace("_", "-"), "RNNSERVE_" + f.name.upper()
+        assert re.search(re.escape(flag) + r"(?![\w-])", text), flag
+        assert re.search(re.escape(env) + r"(?!\w)", text), env
 
 
 def test_ops_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:

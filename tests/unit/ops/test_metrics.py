@@ -116,12 +116,13 @@ def test_the_parent_waits_for_the_workers_drain_delay_and_grace() -> None:
     class Worker:
         def __init__(self) -> None:
             self.waited: list[float] = []
+            self.signals: list[int] = []
 
         def poll(self):
             return None
 
         def send_signal(self, signum: int) -> None:
-            assert signum == signal.SIGTERM
+            self.signals.append(signum)
 
         def wait(self, timeout: float | None = None) -> int:
             self.waited.append(timeout)
@@ -136,6 +137,10 @@ def test_the_parent_waits_for_the_workers_drain_delay_and_grace() -> None:
 
     procs = [Worker(), Worker()]
     assert workers._stop_all(procs, Settings(drain_delay=12.0, grace=2.0)) == 0
+    # each worker was told to stop and waited for: a parent that returned at once passed
+    for worker in procs:
+        assert worker.signals == [signal.SIGTERM]
+        assert worker.waited and worker.waited[0] >= 12 + 2, worker.waited
 
 
 def test_the_parent_is_ready_only_when_every_worker_has_reported_ready(tmp_path: Path) -> None:

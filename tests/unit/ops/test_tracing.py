@@ -17,8 +17,9 @@ from rnnserve.server import logs, tracing
 from rnnserve.server.main import build_app
 from rnnserve.v1 import rnnserve_pb2 as pb
 from tests.integration.server.harness import ServerThread, make_settings
+from tests.tools import need_module
 
-sdk_trace = pytest.importorskip("opentelemetry.sdk.trace", reason="pip install 'rnnserve[otel]'")
+sdk_trace = need_module("opentelemetry.sdk.trace", "pip install 'rnnserve[otel]'")
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
     InMemorySpanExporter,

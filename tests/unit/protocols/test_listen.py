@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 from pathlib import Path
 
@@ -56,8 +57,9 @@ def test_an_address_the_host_lacks_is_skipped(monkeypatch: pytest.MonkeyPatch) -
 def test_a_taken_port_fails_at_bind() -> None:
     (first,) = bind("127.0.0.1", 0)
     try:
-        with pytest.raises(OSError):
+        with pytest.raises(OSError) as err:
             bind("127.0.0.1", first.getsockname()[1])
+        assert err.value.errno == errno.EADDRINUSE, err.value
     finally:
         first.close()
 

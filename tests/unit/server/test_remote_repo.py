@@ -10,8 +10,9 @@ import pytest
 
 from rnnserve.server.remote_repo import RemoteRepository
 from rnnserve.server.repository import Repository
+from tests.tools import need_module
 
-fsspec = pytest.importorskip("fsspec")
+fsspec = need_module("fsspec", "the [remote] extra")
 
 
 @pytest.fixture

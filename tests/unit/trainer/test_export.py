@@ -120,7 +120,7 @@ def test_a_re_export_that_fails_at_the_rename_keeps_the_old_version(tmp_path, mo
         return rename(self, target)
 
     monkeypatch.setattr(Path, "rename", failing)
-    with pytest.raises(OSError), staged(tmp_path / "m" / "1") as tmp:
+    with pytest.raises(OSError, match="no rename today"), staged(tmp_path / "m" / "1") as tmp:
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]
     assert (tmp_path / "m" / "1" / "old.txt").read_text() == "old"
