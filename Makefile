@@ -85,14 +85,16 @@ $(TRITON_VENV)/.installed:
 # Tools the end-to-end tests use that do not come from PyPI (Prometheus, promtool).
 system-deps:
 	@# Debian packages some tests use (CI fails a test whose tool is missing; elsewhere it skips):
-	@# prometheus (promtool, the scrape test), nodejs + npm (the Node.js client test)
+	@# prometheus (promtool, the scrape test), nodejs + npm (the Node.js client test), curl
+	@# (the HTTP examples as a user types them)
 	@missing=""; \
 	command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
 	command -v node >/dev/null 2>&1 || missing="$$missing nodejs"; \
 	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	else echo "not installed and not root:$$missing (their tests will be skipped)"; fi
 	@command -v kubectl >/dev/null 2>&1 || echo "kubectl not installed (not in Debian's main archive): its kustomize test will be skipped, or fail under CI"
 
