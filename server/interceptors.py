@@ -36,6 +36,23 @@ _ids = random.Random(os.urandom(16))  # request ids: unique enough, no syscall p
 
 
 AUTHORIZATION = "authorization"
+# grpc-message travels in the trailers, percent-encoded (up to 3 bytes per UTF-8 byte); past
+# the client's metadata limit (8 KiB soft, 16 KiB hard) the call fails RESOURCE_EXHAUSTED
+# "Stream removed" instead of its own status. 2 KiB of UTF-8 stays well inside.
+MAX_MESSAGE_BYTES = 2048
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """`message` cut in the middle to at most about `limit` UTF-8 bytes. Error messages echo
+    what the client sent (a model name, a shape, input names): a huge one would otherwise
+    replace the call's status by a transport error, and fill a log line per call."""
+    data = message.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return message
+    head = data[: limit * 3 // 4].decode("utf-8", "ignore")
+    tail = data[-(limit // 4 - 64) :].decode("utf-8", "ignore")
+    cut = len(message) - len(head) - len(tail)
+    return f"{head} ... ({cut} characters cut) ... {tail}"
 
 
 def call_metadata(pairs: Iterable[tuple[str, Any]]) -> dict[str, str]:
@@ -158,7 +175,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         code, message = status_for(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.error("unhandled error in %s", rpc, exc_info=exc)
-        return code, message
+        return code, bounded(message)
 
     def _unary(self, behavior, rpc: str, method: str, metadata: dict[str, str]):
         async def wrapper(request, context: grpc.aio.ServicerContext):

@@ -82,8 +82,10 @@ class SyncOutcome(Protocol):
 
 
 def is_version_name(name: str) -> bool:
-    """A version folder is a positive integer in ASCII digits ("²".isdigit() is true too)."""
-    return name.isascii() and name.isdigit() and int(name) >= 1
+    """A version folder is a positive integer in ASCII digits ("²".isdigit() is true too).
+    Judged without int(): a client's version of 5,000 digits would raise ValueError
+    (sys.get_int_max_str_digits), an internal error where NOT_FOUND is meant."""
+    return name.isascii() and name.isdigit() and name.strip("0") != ""
 
 
 def _version_key(version: str) -> tuple[int, str]:
@@ -338,8 +340,10 @@ def _find(versions: list[ModelVersion], version: str) -> ModelVersion | None:
     """A version is its number: "7" finds the folder that is version 7, whether it is spelled
     "7" or "007" (one folder per number is; the others of that number are NOT_SERVING)."""
     if is_version_name(version):
-        number = int(version)
-        found = next((v for v in versions if not v.same_as and int(v.version) == number), None)
+        number = version.lstrip("0")  # digits without leading zeros: equal iff equal numbers
+        found = next(
+            (v for v in versions if not v.same_as and v.version.lstrip("0") == number), None
+        )
         if found is not None:
             return found
     return next((v for v in versions if v.version == version), None)

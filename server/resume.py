@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import struct
 import time
@@ -40,6 +41,7 @@ READABLE_VERSIONS = (1, 2)
 _MAC_LEN = 32
 _HEAD = struct.Struct(">2sBI")
 _MAX_HEADER = 1 << 20
+_KID = re.compile(r"[0-9a-f]{16}")  # what key_id() makes
 CLOCK_SKEW = 60  # seconds a token's `iat` may be ahead of this replica's clock (replica drift)
 
 
@@ -235,7 +237,8 @@ def _key_id_of(body: bytes, head_len: int) -> str:
         kid = json.loads(body[_HEAD.size : _HEAD.size + head_len])["kid"]
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise BadRequest("state", f"resume token is malformed: {exc}") from exc
-    if not isinstance(kid, str):
+    if not isinstance(kid, str) or not _KID.fullmatch(kid):
+        # anything else is no key_id(): not echoed (the "different key" message names it)
         raise BadRequest("state", "resume token is malformed: kid")
     return kid
 

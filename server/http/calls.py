@@ -44,15 +44,24 @@ Handler = Callable[[web.Request, Call], Awaitable[web.StreamResponse]]
 
 async def read_json(request: web.Request) -> object:
     """The body as JSON; BadRequest when it is not (413 past --max-message-bytes)."""
-    raw = await request.read()
+    return loads(await request.read())
+
+
+def loads(raw: bytes) -> object:
+    """JSON from a client; BadRequest when it is not JSON or nests too deep to parse (json
+    raises RecursionError past about a thousand levels: a bug's 500 otherwise)."""
     try:
         return json.loads(raw)
     except ValueError as exc:
         raise BadRequest("request", f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("request", "the body nests arrays or objects too deeply") from None
 
 
 def json_response(body: object, status: int = 200, request_id: str = "") -> web.Response:
-    headers = {"x-request-id": request_id} if request_id else None
+    headers = {"x-request-id": request_id} if request_id else {}
+    if status == 401:  # RFC 9110: a 401 names its scheme (clients that negotiate auth need it)
+        headers["WWW-Authenticate"] = 'Bearer realm="rnnserve"'
     return web.Response(
         body=json.dumps(body).encode(),
         status=status,

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from rnnserve.server.engine import Engine
 from rnnserve.server.errors import BadRequest
-from rnnserve.server.http.calls import Call, HttpCalls, json_response
+from rnnserve.server.http.calls import Call, HttpCalls, json_response, loads
 from rnnserve.server.http.errors import kserve_error
 from rnnserve.server.kserve.mapping import infer, select
 from rnnserve.server.kserve.status import KServeStatus
@@ -46,10 +46,7 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[dict, list[Tens
         if not 0 <= n <= len(body):
             raise BadRequest(HEADER_LENGTH, f"{n} is outside the body ({len(body)} bytes)")
         body, binary = body[:n], body[n:]
-    try:
-        head = json.loads(body)
-    except ValueError as exc:
-        raise BadRequest("request", f"the body is not valid JSON: {exc}") from None
+    head = loads(body)
     if not isinstance(head, dict) or not isinstance(head.get("inputs"), list):
         raise BadRequest("inputs", "the body must be an object with a list `inputs`")
     tensors, at = [], 0

@@ -18,6 +18,7 @@ from rnnserve.server.interceptors import (
     Guard,
     ModelLabel,
     _safe,
+    bounded,
     call_metadata,
 )
 from rnnserve.server.kserve.service import SERVICE_NAME
@@ -71,6 +72,6 @@ def _quiet(behavior):
         try:
             return await behavior(request, context)
         except ServeError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, bounded(exc.message))
 
     return wrapper

@@ -70,13 +70,26 @@ class Tensor:
 
 
 def check_header(name: str, datatype: str, shape: list[int]) -> None:
-    """BadRequest unless the datatype is known and the shape has no negative dimension."""
+    """BadRequest unless the datatype is known, the shape has no negative dimension and its
+    element count fits an int64. The count is bounded as it is multiplied: math.prod of
+    thousands of large dimensions is a number of thousands of digits, quadratic to build and
+    too long for str() (sys.get_int_max_str_digits) in the mismatch message."""
     if datatype not in DTYPES:
         raise BadRequest(f"inputs[{name}].datatype", f"unknown datatype {datatype!r}")
     if any(d < 0 or d > MAX_DIM for d in shape):
         raise BadRequest(
             f"inputs[{name}].shape", f"dimensions must be in [0, 2^63 - 1], got {shape}"
         )
+    if 0 in shape:
+        return
+    count = 1
+    for d in shape:
+        count *= d
+        if count > MAX_DIM:
+            raise BadRequest(
+                f"inputs[{name}].shape",
+                f"has more than 2^63 - 1 elements (rank {len(shape)})",
+            )
 
 
 def _checked(name: str, datatype: str, shape: list[int], data: np.ndarray) -> Tensor:
@@ -97,8 +110,12 @@ def from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> Tensor:
         if len(raw) % dtype.itemsize:
             raise BadRequest(f"inputs[{name}]", f"{len(raw)} raw bytes is not whole {datatype}s")
         return _checked(name, datatype, shape, np.frombuffer(raw, dtype=dtype))
-    items, at = [], 0
+    items, at, size = [], 0, math.prod(shape)
     while at < len(raw):
+        if len(items) == size:  # past the shape: said now, not after splitting every element
+            raise BadRequest(
+                f"inputs[{name}]", f"shape {shape} needs {size} elements, the data holds more"
+            )
         if at + 4 > len(raw):
             raise BadRequest(f"inputs[{name}]", "BYTES data ends inside an element's length")
         (n,) = _LENGTH.unpack_from(raw, at)

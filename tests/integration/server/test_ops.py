@@ -418,6 +418,19 @@ def test_unparsable_request_bytes_are_invalid_argument_not_internal(server) -> N
     assert "request" in err.value.details()
 
 
+def test_an_error_echoing_a_huge_name_keeps_its_status(server) -> None:
+    """The message quoted a 20 kB model name whole: past the client's metadata limit the call
+    failed RESOURCE_EXHAUSTED ("Stream removed") instead of NOT_FOUND; a version of 5,000
+    digits was INTERNAL (int() refuses past 4300 digits)."""
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Score(pb.ScoreRequest(model="x" * 20_000, texts=["ab"]))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert err.value.details().endswith("' is not in the repository")
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Score(pb.ScoreRequest(model="lstm", version="9" * 5000, texts=["ab"]))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 # a new user and PID namespace, the command its PID 1, killed if unshare is
 UNSHARE = ["unshare", "--user", "--map-root-user", "--pid", "--mount-proc", "--kill-child"]
 

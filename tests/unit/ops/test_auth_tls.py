@@ -3,13 +3,21 @@ server.tls (flag combinations)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import grpc
 import pytest
 
 from rnnserve.server.auth import TokenFileError, bearer_guard, load_tokens
-from rnnserve.server.errors import BadRequest, Unauthenticated
-from rnnserve.server.interceptors import CallInterceptor, _Unparsable, call_metadata
+from rnnserve.server.errors import BadRequest, Unauthenticated, UnknownModel
+from rnnserve.server.interceptors import (
+    MAX_MESSAGE_BYTES,
+    CallInterceptor,
+    _Unparsable,
+    bounded,
+    call_metadata,
+)
 from rnnserve.server.tls import TlsConfigError, server_credentials
 
 METHOD = "/rnnserve.v1.Inference/Generate"
@@ -144,6 +152,52 @@ def test_guards_run_before_the_request_is_judged_unparsable() -> None:
         interceptor._begin(METHOD, {}, garbage)
     with pytest.raises(BadRequest):
         interceptor._begin(METHOD, {"authorization": "Bearer alpha"}, garbage)
+
+
+@pytest.mark.parametrize("echoed", ["x" * 20_000, "\U0001f600" * 1_400])
+def test_error_messages_that_echo_a_huge_input_are_cut(echoed: str) -> None:
+    """`model 'xxx...' is not in the repository` with a 20 kB name overflowed the client's
+    metadata limit: it got RESOURCE_EXHAUSTED "Stream removed", not NOT_FOUND."""
+    interceptor = CallInterceptor(None, str)  # type: ignore[arg-type]
+    code, message = interceptor._fail(UnknownModel(f"model {echoed!r} is not here"), "Score")
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert len(message.encode()) <= MAX_MESSAGE_BYTES + 64
+    assert message.startswith("model '") and message.endswith("' is not here")
+    assert "characters cut" in message
+    assert bounded("short") == "short"
+
+
+def test_an_http_401_names_the_bearer_scheme() -> None:
+    """RFC 9110: a 401 must carry WWW-Authenticate; it had none on either HTTP protocol."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from rnnserve.server.http.calls import HttpCalls, json_response
+    from rnnserve.server.http.errors import kserve_error
+    from rnnserve.server.metrics import Metrics
+
+    async def hello(request, call):
+        return json_response({"hello": True})
+
+    async def run() -> list[tuple[int, str | None]]:
+        guard = bearer_guard(["alpha"])
+        calls = HttpCalls(CallInterceptor(Metrics(), str, [guard]), [guard])
+        app = web.Application()
+        app.router.add_get("/api", calls.endpoint("test.Api", hello, kserve_error))
+        app.router.add_get("/probe", calls.probe(hello, kserve_error))
+        async with TestClient(TestServer(app)) as client:
+            seen = []
+            for path, headers in [("/api", {}), ("/probe", {}),
+                                  ("/api", {"Authorization": "Bearer alpha"})]:  # fmt: skip
+                response = await client.get(path, headers=headers)
+                seen.append((response.status, response.headers.get("WWW-Authenticate")))
+            return seen
+
+    assert asyncio.run(run()) == [
+        (401, 'Bearer realm="rnnserve"'),
+        (401, 'Bearer realm="rnnserve"'),
+        (200, None),
+    ]
 
 
 def test_auth_health_without_any_token_refuses_to_start(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rnnserve.server.errors import BadRequest
+from rnnserve.server.http.calls import loads
 from rnnserve.server.http.completions import DEFAULT_MAX_TOKENS, parse_completion, token_logprobs
 
 
@@ -117,3 +118,12 @@ def test_unset_max_tokens_is_capped_by_a_low_server_limit() -> None:
     assert parse_completion(body, max_tokens_limit=10).max_tokens == 10
     assert parse_completion(body, max_tokens_limit=4096).max_tokens == DEFAULT_MAX_TOKENS
     assert parse_completion({**body, "max_tokens": 12}, max_tokens_limit=10).max_tokens == 12
+
+
+def test_a_body_nested_too_deep_is_a_bad_request_not_a_500() -> None:
+    """json.loads raises RecursionError (not ValueError) past ~1000 levels."""
+    with pytest.raises(BadRequest, match="request: the body nests arrays or objects too deep"):
+        loads(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(BadRequest, match="request: the body is not valid JSON"):
+        loads(b"{")
+    assert loads(b'{"a": [[1]]}') == {"a": [[1]]}

@@ -11,6 +11,7 @@ import pytest
 
 from rnnserve.kserve import grpc_predict_v2_pb2 as pb
 from rnnserve.server.errors import BadRequest
+from rnnserve.server.http.kserve_routes import parse_infer
 from rnnserve.server.kserve import mapping
 from rnnserve.server.kserve.tensors import (
     Tensor,
@@ -85,6 +86,35 @@ def test_bad_tensors_name_the_input(call, words: str) -> None:
     with pytest.raises(BadRequest) as err:
         call()
     assert words in str(err.value)
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "BYTES"])
+def test_a_shape_of_more_than_int64_elements_is_a_bad_request(datatype: str) -> None:
+    """300 dims of 2^62 multiply to a 5,700-digit count: str() of it in the mismatch message
+    raised ValueError (sys.get_int_max_str_digits), a 500; and 100k such dims took minutes
+    to multiply out, holding the event loop."""
+    data = ["a"] if datatype == "BYTES" else [1.0]
+    with pytest.raises(BadRequest, match=r"inputs\[x\]\.shape: has more than 2\^63 - 1 el"):
+        from_json("x", datatype, [2**62] * 300, data)
+    with pytest.raises(BadRequest, match=r"more than 2\^63 - 1"):
+        from_raw("x", datatype, [2**62] * 3000, b"\x01\x00\x00\x00a")
+    assert from_json("x", "FP32", [0, 2**62, 2**62], []).size == 0  # no elements: fine
+
+
+def test_bytes_beyond_the_shape_are_refused_before_splitting_them_all() -> None:
+    raw = b"\x00\x00\x00\x00" * 10
+    with pytest.raises(BadRequest, match=r"shape \[2\] needs 2 elements, the data holds more"):
+        from_raw("t", "BYTES", [2], raw)
+    assert from_raw("t", "BYTES", [2, 5], raw).data.tolist() == [b""] * 10
+
+
+def test_rest_infer_bodies_nested_too_deep_are_bad_requests() -> None:
+    """json.loads raises RecursionError (not ValueError) past ~1000 levels: it was a 500."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(BadRequest, match="nests arrays or objects too deeply"):
+        parse_infer(deep, None)
+    with pytest.raises(BadRequest, match="nests arrays or objects too deeply"):
+        parse_infer(b'{"inputs": ' + deep + b"}", None)
 
 
 def test_inputs_choose_the_use_case() -> None:

@@ -14,6 +14,7 @@ import pytest
 from rnnserve.artifact.manifest import Manifest, sha256_file
 from rnnserve.artifact.tokenizer import TokenizerConfig
 from rnnserve.artifact.vocab import RESERVED
+from rnnserve.server.errors import UnknownModel
 from rnnserve.server.repository import Repository
 
 
@@ -137,6 +138,19 @@ def test_a_serving_folder_keeps_its_number_when_another_spelling_of_it_appears(
     assert report.loaded == [] and len(report.failed) == 1
     assert report.failed[0].startswith("m/7: ") and "'07'" in report.failed[0]
     assert repository.get("m", "7").version == "07", "version 7 went on serving"
+
+
+def test_a_version_of_thousands_of_digits_is_not_found_not_an_internal_error(
+    tmp_path: Path,
+) -> None:
+    """int() of more than 4300 digits raises ValueError: GetModel, Score and KServe's
+    ModelReady (open without a token) answered INTERNAL for a client's long version."""
+    repository = _serving_repo(tmp_path, "m/7")
+    with pytest.raises(UnknownModel, match="has no version"):
+        repository.get("m", "7" * 5000)
+    with pytest.raises(UnknownModel, match="has no version"):
+        repository.get_any("m", "1" + "0" * 5000)
+    assert repository.get("m", "0" * 5000 + "7").version == "7", "zeros in front: still 7"
 
 
 def test_sync_failures_are_in_the_reload_report(tmp_path: Path) -> None:

@@ -61,8 +61,22 @@ def _forged(head: bytes) -> bytes:
 
 @pytest.mark.parametrize(
     "head",
-    [b"[" * 100_000, b'{"kid": ' + b"[" * 100_000, b"[1]", b'{"kid": 1}', b"\xff"],
-    ids=["deeply-nested", "deeply-nested-kid", "not-an-object", "kid-not-a-string", "not-utf8"],
+    [
+        b"[" * 100_000,
+        b'{"kid": ' + b"[" * 100_000,
+        b"[1]",
+        b'{"kid": 1}',
+        b"\xff",
+        json.dumps({"kid": "a\n" * 100_000}).encode(),  # was echoed whole in the message
+    ],
+    ids=[
+        "deeply-nested",
+        "deeply-nested-kid",
+        "not-an-object",
+        "kid-not-a-string",
+        "not-utf8",
+        "kid-not-a-key-id",
+    ],
 )
 def test_forged_headers_are_rejected_before_the_signature(head: bytes) -> None:
     """The header is read before the MAC (to pick the key), so anyone can send any JSON

@@ -13,7 +13,8 @@ from rnnserve.server.repository import Repository, is_version_name
 
 @pytest.mark.parametrize(
     ("name", "ok"), [("1", True), ("12", True), ("0", False), ("²", False), ("１", False),
-                     ("-1", False), ("v1", False), ("", False)],
+                     ("-1", False), ("v1", False), ("", False), ("00", False), ("007", True),
+                     ("9" * 5000, True), ("0" * 5000, False)],  # past int()'s 4300 digits
 )  # fmt: skip
 def test_version_names(name: str, ok: bool) -> None:
     assert is_version_name(name) is ok
