@@ -192,6 +192,12 @@ async def _forecast(engine: Engine, model: str, version: str, t: dict[str, Tenso
         raise BadRequest("inputs[history]", "is empty")
     series = history.data.astype(np.float64).reshape(-1, history.shape[-1])
     batched = len(history.shape) == 2
+    most = engine.settings.max_score_texts  # one forecast per row: bounded like Score's texts
+    if len(series) > most:
+        raise BadRequest(
+            "inputs[history]", f"has {len(series)} rows, more than the {most} one call takes "
+            "(--max-score-texts)",
+        )  # fmt: skip
 
     async def one(i: int, row: np.ndarray):
         try:

@@ -144,6 +144,7 @@ class _ForecastEngine:
 
     def __init__(self, intervals: bool = True, scale: float = 1.0) -> None:
         self.intervals, self.scale = intervals, scale
+        self.settings = SimpleNamespace(max_score_texts=4)
 
     def lookup(self, model: str, version: str, rpc: str):
         return SimpleNamespace(version="1")
@@ -192,3 +193,14 @@ def test_forecast_beyond_fp32_is_refused_not_infinite() -> None:
     inputs = _forecast_inputs([[0.0, 1.0], [3.0e38, 3.2e38]], 2)
     with pytest.raises(BadRequest, match=r"inputs\[history\]\[1\]: its forecast is beyond"):
         asyncio.run(mapping.infer(_ForecastEngine(scale=1e38), "m", "", inputs))
+
+
+def test_a_forecast_batch_is_bounded_like_scores_texts() -> None:
+    """One forecast per row: a 4 MB body of short rows was ~130k model calls in one request.
+    At most --max-score-texts rows, as Score takes at most that many texts."""
+    _, outs = asyncio.run(
+        mapping.infer(_ForecastEngine(), "m", "", _forecast_inputs([[1.0]] * 4, 1))
+    )
+    assert outs[0].shape == [4, 1]
+    with pytest.raises(BadRequest, match=r"inputs\[history\]: has 5 rows, more than the 4"):
+        asyncio.run(mapping.infer(_ForecastEngine(), "m", "", _forecast_inputs([[1.0]] * 5, 1)))
