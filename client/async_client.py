@@ -247,8 +247,9 @@ class AsyncRnnClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def wait_ready(self, timeout: float = 10.0) -> None:
-        """Wait until a replica connects; raises Unavailable after `timeout` seconds."""
+    async def wait_ready(self, timeout: float | None = 10.0) -> None:
+        """Wait until a replica connects; raises Unavailable after `timeout` seconds (None:
+        waits as long as it takes)."""
         self._check_open()
         self._check_loop()
         waits = [asyncio.ensure_future(c.channel_ready()) for c in self._channels]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -217,11 +218,12 @@ class RnnClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def wait_ready(self, timeout: float = 10.0) -> None:
-        """Block until a replica connects; raises Unavailable after `timeout` seconds."""
+    def wait_ready(self, timeout: float | None = 10.0) -> None:
+        """Block until a replica connects; raises Unavailable after `timeout` seconds (None:
+        waits as long as it takes, as the async client's does)."""
         self._check_open()
         futures = [grpc.channel_ready_future(c) for c in self._channels]
-        end = time.monotonic() + timeout
+        end = math.inf if timeout is None else time.monotonic() + timeout
         try:
             while not any(f.done() for f in futures):
                 if time.monotonic() >= end:

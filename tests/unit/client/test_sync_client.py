@@ -359,6 +359,11 @@ def test_wait_ready_on_a_dead_address_raises_unavailable() -> None:
         c.wait_ready(timeout=0.2)
 
 
+def test_wait_ready_without_a_timeout_waits_for_the_server(client) -> None:
+    """None waits as long as it takes, as the async client's does (it raised TypeError)."""
+    client.wait_ready(timeout=None)
+
+
 @pytest.mark.parametrize(
     "address", ["127.0.0.1:116087", "localhost:0", "[::1]:70000", "a:1,b:65536"]
 )
