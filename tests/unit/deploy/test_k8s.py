@@ -486,3 +486,16 @@ def test_the_ddp_job_script_exports_an_ended_run_without_its_peer(
     program, *rest = runs.split()
     assert call.startswith(program) and " train " in call
     assert (f"--resume {run_dir}" in call) == ("--resume" in rest)
+
+
+def test_a_url_repository_has_a_writable_cache_under_the_read_only_root() -> None:
+    """The server mirrors an http(s)/s3 --model-repo into the image's XDG_CACHE_HOME; with
+    readOnlyRootFilesystem that path needs a volume, or switching to a URL fails at start."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    cache = re.search(r"XDG_CACHE_HOME=(\S+)", dockerfile).group(1)
+    deployment = k8s_one("Deployment", SERVER)
+    (server,) = [c for c in deployment["spec"]["template"]["spec"]["containers"]
+                 if c["name"] == "server"]  # fmt: skip
+    assert server["securityContext"]["readOnlyRootFilesystem"]
+    mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
+    assert cache in mounts and not mounts[cache].get("readOnly")
