@@ -231,3 +231,12 @@ def test_trainer_commands_parse_with_the_real_cli(preset: str | None) -> None:
         args = build_parser(argv).parse_args(argv)
         assert (args.command, args.out) == ("zoo", out)
     assert build_parser().parse_args(_trainer_argv(compose)).preset == (preset or "default")
+
+
+def test_admin_ports_listen_on_loopback_only() -> None:
+    """Prometheus (its lifecycle API can shut it down), Grafana (an admin login) and Envoy's
+    admin page are published on 127.0.0.1, not on every host interface."""
+    services = load_compose()["services"]
+    for name, port in (("prometheus", 9090), ("grafana", 3000), ("envoy", 9901)):
+        published = [str(p) for p in services[name]["ports"] if str(p).endswith(f":{port}")]
+        assert published and all(p.startswith("127.0.0.1:") for p in published), (name, published)
