@@ -25,6 +25,7 @@ FORECAST_DEFAULTS = {
     "batch_size": 64,
     "hidden": None,  # 10 for mlp (the textbook's), 32 for rnn/gru/lstm
 }
+DEFAULT_ROLLOUT = 32  # steps of the multi-step loss (ForecastTrainConfig's default)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--rollout",
         type=int,
-        default=32,
-        help="horizon of the multi-step training loss (predictions fed back; 0 = one-step only)",
+        default=None,
+        help="horizon of the multi-step training loss (predictions fed back; 0 = one-step "
+        f"only; default {DEFAULT_ROLLOUT}, at most --num-steps)",
     )
     group.add_argument(
         "--warmup", type=int, default=None, help="unscored steps per window (tau-1 / 16)"
@@ -88,7 +90,7 @@ def config_from_args(args: argparse.Namespace) -> ForecastTrainConfig:
         batch_size=args.batch_size,
         num_steps=args.num_steps,
         warmup=args.warmup,
-        rollout=args.rollout,
+        rollout=_rollout(args.rollout, args.num_steps),
         lr=args.lr,
         clip=args.clip or None,
         seed=args.seed,
@@ -96,6 +98,14 @@ def config_from_args(args: argparse.Namespace) -> ForecastTrainConfig:
         patience=args.patience,
         refit=args.refit,
     )
+
+
+def _rollout(given: int | None, num_steps: int | None) -> int:
+    """--rollout as given, else the default cut to a given --num-steps: `--num-steps 16` alone
+    used to fail on a default the user never set ("--rollout must be between 0 and 16")."""
+    if given is not None:
+        return given
+    return DEFAULT_ROLLOUT if num_steps is None else min(DEFAULT_ROLLOUT, num_steps)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -113,3 +113,15 @@ def test_zoo_tiny_builds_sine_mlp_and_sine_gru(tmp_path: Path) -> None:
     assert taus == [4, 1]
     only = build_forecast_models(tmp_path / "only", "tiny", only=["sine-gru", "lstm"])
     assert [p.name for p in only] == ["1"] and only[0].parent.name == "sine-gru"
+
+
+def test_num_steps_below_the_default_rollout_trains(tmp_path: Path) -> None:
+    """`--num-steps 16` alone failed on a default the user never set ("--rollout must be
+    between 0 and --num-steps (16)"): the default rollout is cut to the windows; a rollout
+    the user gives is still checked."""
+    csv = sine_csv(tmp_path / "s.csv")
+    argv = ["train", "--task", "forecast", "--series", str(csv), "--column", "level", "--out",
+            str(tmp_path), "--epochs", "1", "--num-steps", "16", "--hidden", "4",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert main([*argv, "--rollout", "17"]) == 2
