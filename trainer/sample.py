@@ -22,7 +22,8 @@ def _load(model_dir: Path | str):
     model, _config, vocab, tok = restore(load_checkpoint(model_dir))
     if model.task != "lm":
         raise TrainerError(
-            f"{model_dir} holds a {model.task} model; only left-to-right (lm) models generate"
+            f"{model_dir} holds a model whose task is {model.task}; only left-to-right (lm) "
+            "models generate"
         )
     return model, vocab, Tokenizer(tok)
 
