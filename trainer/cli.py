@@ -219,8 +219,9 @@ def _data(args: argparse.Namespace):
 def _data_parallel_setup(args: argparse.Namespace, world: int) -> None:
     """Setup errors every rank would hit alike: said once, before any process group forms."""
     if args.task == "forecast" or args.arch in ("mlp", "ngram", "hmm"):
-        raise TrainerError(
-            f"--arch {args.arch} trains in one process; data-parallel training (torchrun, "
+        what = "--task forecast" if args.task == "forecast" else f"--arch {args.arch}"
+        raise TrainerError(  # a forecast gru is not the rnn/gru/lstm of the message
+            f"{what} trains in one process; data-parallel training (torchrun, "
             "--nproc) is for rnn, gru and lstm"
         )
     if args.nproc != 1 and world > 1:
@@ -273,7 +274,8 @@ def run_train(args: argparse.Namespace) -> int:
     bidirectional = args.bidirectional or args.task == "infill"
     if args.task == "lm" and bidirectional:
         raise TrainerError("a bidirectional model cannot be a left-to-right lm; use --task infill")
-    name = args.name or (f"bi{args.arch}" if bidirectional else args.arch)
+    default = f"bi{args.arch}" if bidirectional else args.arch  # `--name ""` is refused below
+    name = default if args.name is None else args.name
     package_dir(Path(args.out), name, args.version)  # refused now, not after the training
     progress = not args.no_progress
     data = _data(args)
@@ -281,6 +283,8 @@ def run_train(args: argparse.Namespace) -> int:
         args.epochs = 10 if args.epochs is None else args.epochs
         if bidirectional:
             raise TrainerError(f"--bidirectional applies to rnn/gru/lstm, not {args.arch}")
+        if args.resume:  # it was ignored: a fresh model replaced what the user meant to go on
+            raise TrainerError(f"--resume continues rnn/gru/lstm training, not {args.arch}")
         path = train_count_model(
             args.arch, data, out=Path(args.out), name=name, version=args.version, n=args.n,
             alpha=args.alpha, states=args.states, hmm_method=args.hmm_method, epochs=args.epochs,

@@ -80,3 +80,40 @@ def test_zoo_only_with_no_names_is_refused(capsys: pytest.CaptureFixture[str], t
     assert not any(tmp_path.iterdir())
     assert main(["zoo", "--only", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown zoo model(s) nope" in capsys.readouterr().err
+
+
+def test_forecast_refuses_data_parallel_naming_the_task(
+    capsys: pytest.CaptureFixture[str], tmp_path
+) -> None:
+    """A forecast GRU used to be refused as `--arch gru`, beside "is for rnn, gru and lstm"."""
+    argv = ["train", "--task", "forecast", "--nproc", "2", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --task forecast trains in one process") and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("arch", ["ngram", "hmm"])
+def test_count_models_refuse_resume(
+    arch: str, capsys: pytest.CaptureFixture[str], tmp_path
+) -> None:
+    """--resume used to be ignored here: a fresh model was trained and published silently."""
+    argv = ["train", "--arch", arch, "--resume", str(tmp_path / "runs" / arch), "--epochs", "1",
+            "--max-tokens", "2000", "--no-progress", "--out", str(tmp_path / "models")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume continues rnn/gru/lstm training, not {arch}")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "models").exists()
+
+
+def test_an_empty_name_is_refused_not_replaced_by_the_arch(
+    capsys: pytest.CaptureFixture[str], tmp_path
+) -> None:
+    """`--name "$UNSET"` used to publish as the arch's name, over the zoo's `ngram`."""
+    argv = ["train", "--arch", "ngram", "--name", "", "--max-tokens", "2000", "--no-progress",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model name '' must be a plain, non-empty directory name")
+    assert not any(tmp_path.iterdir())
