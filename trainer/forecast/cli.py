@@ -16,6 +16,7 @@ from rnnserve.trainer.forecast.models import FORECAST_ARCHS
 from rnnserve.trainer.forecast.pipeline import run_forecast
 from rnnserve.trainer.forecast.series import MISSING_POLICIES, SPLITS, load_candidates
 from rnnserve.trainer.forecast.train import ForecastTrainConfig
+from rnnserve.trainer.staging import package_dir
 
 # Common flags whose language-model defaults do not suit a 1000-value series.
 FORECAST_DEFAULTS = {
@@ -121,8 +122,10 @@ def run_train(args: argparse.Namespace) -> int:
         args.series, args.column, config.tau, args.missing, split=args.split,
         val_size=args.val_size, transform=args.transform, season=args.season,
     )  # fmt: skip
-    name = args.name or f"{'sine' if args.series is None else 'series'}-{config.arch}"
+    default = f"{'sine' if args.series is None else 'series'}-{config.arch}"
+    name = default if args.name is None else args.name  # "" is refused, not replaced
     version = str(getattr(args, "version", "1") or "1")
+    package_dir(Path(args.out), name, version)  # a bad name or version: now, not after training
     out = Path(args.out)
     plot = Path(args.plot) if args.plot else out / name / version / "forecast.png"
     print(

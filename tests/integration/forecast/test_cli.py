@@ -125,3 +125,14 @@ def test_num_steps_below_the_default_rollout_trains(tmp_path: Path) -> None:
             "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     assert main([*argv, "--rollout", "17"]) == 2
+
+
+@pytest.mark.parametrize("flag, value", [("--name", ""), ("--version", "v2")])
+def test_a_name_or_version_the_server_cannot_serve_is_refused_before_training(
+    tmp_path: Path, capsys, flag: str, value: str
+) -> None:
+    """--name "" replaced the zoo's sine-<arch>; --version v2 trained, then failed to export."""
+    argv = ["train", "--task", "forecast", "--out", str(tmp_path), *TINY, flag, value]
+    assert main(argv) == 2
+    assert "error: " in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
