@@ -408,6 +408,11 @@ def run_ended(args: argparse.Namespace) -> int:
         print(f"no checkpoint at {file} yet: the run has not started")
         return 1
     checkpoint = load_checkpoint(file)
+    if "model_config" not in checkpoint:  # said "epochs left to train", which it never has
+        raise TrainerError(
+            f"{file} holds an {checkpoint.get('kind', 'n-gram or HMM')} model, trained in one "
+            "pass: `ended` is for rnn/gru/lstm runs"
+        )
     planned = int((checkpoint.get("train_config") or {}).get("epochs") or 0)
     why = why_ended(checkpoint, planned if args.epochs is None else args.epochs)
     if why is None:

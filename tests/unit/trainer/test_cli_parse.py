@@ -117,3 +117,15 @@ def test_an_empty_name_is_refused_not_replaced_by_the_arch(
     err = capsys.readouterr().err
     assert err.startswith("error: model name '' must be a plain, non-empty directory name")
     assert not any(tmp_path.iterdir())
+
+
+def test_ended_on_a_count_model_says_it_has_no_run(tmp_path, capsys) -> None:
+    """An n-gram package was reported as a run "with epochs left to train"."""
+    import torch
+
+    from rnnserve.trainer.cli import main
+
+    checkpoint = {"state_dict": {}, "vocab": ["<unk>"], "count_config": {}, "kind": "ngram"}
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    assert main(["ended", str(tmp_path)]) == 2
+    assert "holds an ngram model, trained in one pass" in capsys.readouterr().err
