@@ -365,18 +365,48 @@ def run_export(args: argparse.Namespace) -> int:
         from rnnserve.trainer.precision import check_convertible
 
         check_convertible(model.arch, model.task, args.precision)
-    metrics: dict[str, float] = {}
-    if data.get("history"):
-        kind = "infill_perplexity" if model.task == "infill" else "perplexity"
-        metrics = {f"val_{kind}": float(data["history"][-1]["val_ppl"])}
+    metrics, training = _provenance(Path(args.checkpoint), data, model.task)
     keep = {k: v for k, v in data.items() if k != "optimizer"}  # weights, not training state
     path = export_model(
         model, Path(args.out), name=args.name, version=args.version, vocab=vocab, tokenizer=tok,
-        metrics=metrics, training=dict(data.get("train_config") or {}), checkpoint=keep,
+        metrics=metrics, training=training, checkpoint=keep,
         probe=validation_probe(data), probe_source="the validation split", **options(args),
     )  # fmt: skip
     print(f"exported {path}")
     return 0
+
+
+def _provenance(source: Path, data: dict, task: str) -> tuple[dict[str, float], dict]:
+    """The metrics and training record a re-export keeps: a package's own manifest (an n-gram's
+    or HMM's checkpoint has no history to rebuild them from), then what the checkpoint says
+    (the last epoch's perplexities, the settings, the data, what the weights are), as `train`
+    records them."""
+    from rnnserve.artifact.manifest import Manifest
+    from rnnserve.trainer.pipeline import run_outcome
+
+    metrics: dict[str, float] = {}
+    training: dict = {}
+    folder = source if source.is_dir() else source.parent
+    if (folder / "manifest.json").is_file():
+        try:
+            manifest = Manifest.load(folder)
+            metrics, training = dict(manifest.metrics), dict(manifest.training)
+        except Exception:  # an unreadable manifest: the checkpoint alone, as before
+            metrics, training = {}, {}
+    history = data.get("history") or []
+    if history:
+        last, kind = history[-1], "infill_perplexity" if task == "infill" else "perplexity"
+        for key, name in (("val_ppl", f"val_{kind}"), ("train_ppl", f"train_{kind}"),
+                          ("uniform_ppl", "uniform_perplexity")):  # fmt: skip
+            if isinstance(last.get(key), (int, float)):
+                metrics[name] = float(last[key])
+        training.update({"epochs_run": last.get("epoch"), **run_outcome(last)})
+    if isinstance(data.get("data"), dict):  # None (the built-in corpus) keeps the manifest's
+        training.update(
+            {k: v for k, v in data["data"].items() if v is not None or k not in training}
+        )
+    training.update(data.get("train_config") or {})
+    return metrics, training
 
 
 def run_zoo(args: argparse.Namespace) -> int:

@@ -217,14 +217,14 @@ def train_recurrent(
     cp = make_checkpoint(model, model_config, prep.vocab, prep.tokenizer, asdict(train_config))
     cp["history"] = history
     cp["data"] = data_record(data)
+    outcome = {**asdict(train_config), "epochs_run": last["epoch"], **run_outcome(last)}
     return export_or_keep(
         lambda: export_model(
             model, Path(out), name=name, version=version, vocab=prep.vocab,
             tokenizer=prep.tokenizer,
             metrics={f"val_{kind}": last["val_ppl"], f"train_{kind}": last["train_ppl"],
                      "uniform_perplexity": last["uniform_ppl"]},
-            training=_training_record(data, prep, {**asdict(train_config),
-                                                   "epochs_run": last["epoch"], **_outcome(last)}),
+            training=_training_record(data, prep, outcome),
             checkpoint=cp, probe=prep.val_ids, probe_source="the validation split",
         ),
         cp, run_dir / "checkpoint.pt" if run_dir is not None else None,
@@ -233,7 +233,7 @@ def train_recurrent(
     )  # fmt: skip
 
 
-def _outcome(last: dict[str, Any]) -> dict[str, Any]:
+def run_outcome(last: dict[str, Any]) -> dict[str, Any]:
     """What the exported weights are, beside the settings: a restored best epoch, the number
     of epochs averaged, why the run stopped early (absent when it did not happen)."""
     keys = ("restored_epoch", "averaged_epochs", "stopped")

@@ -187,3 +187,20 @@ def test_a_version_the_server_would_skip_is_refused_before_training(
     assert cli.main(argv) == 2
     assert "positive integer" in capsys.readouterr().err
     assert not run_dir.exists() and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("arch", ["gru", "ngram"])
+def test_a_re_export_keeps_what_the_manifest_said(tmp_path: Path, arch: str) -> None:
+    """`rnn-trainer export` of a package wrote an n-gram's manifest with no metrics or training
+    record, and an RNN's with only its validation perplexity."""
+    models = tmp_path / "models"
+    flags = TINY if arch == "gru" else ["--n", "2", "--max-tokens", "3000", "--no-progress"]
+    assert cli.main(["train", "--arch", arch, "--out", str(models), *flags]) == 0
+    first = Manifest.load(models / arch / "1")
+    argv = ["export", "--checkpoint", str(models / arch / "1"), "--out", str(models), "--name",
+            arch, "--version", "2"]  # fmt: skip
+    assert cli.main(argv) == 0
+    again = Manifest.load(models / arch / "2")
+    assert again.metrics and again.metrics.keys() == first.metrics.keys()
+    for key in ("corpus", "val_fraction"):
+        assert again.training.get(key) == first.training.get(key), key
