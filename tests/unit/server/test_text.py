@@ -20,6 +20,30 @@ def _manifest(level: str, tokens: list[str]) -> Manifest:
     )  # fmt: skip
 
 
+class _Uniform:
+    """A model with no state pairs (each text runs in one call) whose logits are all zero."""
+
+    specs = ()
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+
+    def run(self, x, state):
+        import numpy as np
+
+        return np.zeros((*x.shape, self.width), np.float32), state
+
+    def initial_state(self, batch):
+        return []
+
+
+class _Inline:
+    """A runtime that runs each call at once, in the caller's thread."""
+
+    async def call(self, fn, *args):
+        return fn(*args)
+
+
 def test_word_level_pieces_carry_a_leading_space() -> None:
     codec = TextCodec(_manifest("word", ["the", "time"]))
     enc = codec.encode("The time machine", "prompt", 10)
@@ -72,27 +96,11 @@ def test_score_counts_only_the_unknown_tokens_it_scores() -> None:
     not in unknown_tokens (it was, while `tokens` and `token_logprobs` left it out)."""
     import asyncio
 
-    import numpy as np
-
     from rnnserve.server.scoring import encode_texts, score
 
     codec = TextCodec(_manifest("char", list("ab ")))
-
-    class Uniform:
-        specs = ()  # no state pairs: each text runs in one call
-
-        def run(self, x, state):
-            return np.zeros((*x.shape, len(codec)), np.float32), state
-
-        def initial_state(self, batch):
-            return []
-
-    class Inline:
-        async def call(self, fn, *args):
-            return fn(*args)
-
     encoded = encode_texts(codec, ["日ab", "a日b"], max_texts=4, max_tokens=16)
-    first, middle = asyncio.run(score(Uniform(), Inline(), codec, encoded))
+    first, middle = asyncio.run(score(_Uniform(len(codec)), _Inline(), codec, encoded))
     assert first.unknown_tokens == 0 and first.tokens == ["a", "b"]
     assert middle.unknown_tokens == 1 and middle.tokens == ["日", "b"]
 
@@ -156,27 +164,13 @@ def test_infill_without_top_k_on_a_vocabulary_under_five_tokens_returns_them_all
     from dataclasses import replace
     from types import SimpleNamespace
 
-    import numpy as np
-
     from rnnserve.server.infill import infill
     from rnnserve.server.settings import Settings
 
     manifest = replace(_manifest("char", list("acgt")), task="infill", state=[])
     codec = TextCodec(manifest)
-
-    class Uniform:
-        def run(self, x, state):
-            return np.zeros((*x.shape, len(codec)), np.float32), state
-
-        def initial_state(self, batch):
-            return []
-
-    class Inline:
-        async def call(self, fn, *args):
-            return fn(*args)
-
-    entry = SimpleNamespace(name="dna", manifest=manifest, model=Uniform())
-    found = asyncio.run(infill(entry, codec, Inline(), Settings(), "ac", "t", 0))
+    entry = SimpleNamespace(name="dna", manifest=manifest, model=_Uniform(len(codec)))
+    found = asyncio.run(infill(entry, codec, _Inline(), Settings(), "ac", "t", 0))
     assert sorted(c.text for c in found) == list("acgt")
     assert sum(c.probability for c in found) == pytest.approx(1.0)
 
