@@ -219,6 +219,14 @@ class Manifest:
         return cls.from_dict(data)
 
 
+def is_version_name(name: str) -> bool:
+    """A version folder (OUT/NAME/VERSION) is a positive integer in ASCII digits ("²".isdigit()
+    is true too): the server loads only these, and the trainer writes only these. Judged
+    without int(): a version of 5,000 digits would raise ValueError
+    (sys.get_int_max_str_digits) where "not a version" is meant."""
+    return name.isascii() and name.isdigit() and name.strip("0") != ""
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

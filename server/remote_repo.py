@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from rnnserve.server.repository import is_version_name
+from rnnserve.artifact.manifest import is_version_name
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from rnnserve.artifact.manifest import ONNX_FILE, Manifest, ManifestError, sha256_file
+from rnnserve.artifact.manifest import (
+    ONNX_FILE,
+    Manifest,
+    ManifestError,
+    is_version_name,
+    sha256_file,
+)
 from rnnserve.server.errors import BadRequest, UnknownModel, UnsupportedTask
 from rnnserve.server.runtime import OnnxModel
 
@@ -79,13 +85,6 @@ class SyncOutcome(Protocol):
     "name/version: reason" strings."""
 
     failed: list[str]
-
-
-def is_version_name(name: str) -> bool:
-    """A version folder is a positive integer in ASCII digits ("²".isdigit() is true too).
-    Judged without int(): a client's version of 5,000 digits would raise ValueError
-    (sys.get_int_max_str_digits), an internal error where NOT_FOUND is meant."""
-    return name.isascii() and name.isdigit() and name.strip("0") != ""
 
 
 def _version_key(version: str) -> tuple[int, str]:

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from rnnserve.artifact.manifest import is_version_name
 from rnnserve.trainer.errors import TrainerError
 
 
@@ -22,7 +23,7 @@ def package_dir(out_dir: Path, name: str, version: str) -> Path:
     precision and package would otherwise write a package no server ever serves."""
     if not name or "/" in name or name.startswith("."):
         raise TrainerError(f"model name {name!r} must be a plain, non-empty directory name")
-    if not (version.isascii() and version.isdigit() and int(version) >= 1):
+    if not is_version_name(version):
         raise TrainerError(
             f"--version {version!r}: the server loads only versions named by a positive"
             " integer (1, 2, ...)"
