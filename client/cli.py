@@ -6,7 +6,8 @@ stderr and a documented exit code; the commands themselves live in cli_commands.
 Exit codes: 0 success; a gRPC error exits with its status number (3 INVALID_ARGUMENT,
 4 DEADLINE_EXCEEDED, 5 NOT_FOUND, 8 RESOURCE_EXHAUSTED, 9 FAILED_PRECONDITION, 13 INTERNAL,
 14 UNAVAILABLE, 16 UNAUTHENTICATED, ...; see client/errors.py); 64 bad usage or unreadable
-local input (flags, CSV, TLS or resume files); 130 interrupted.
+local input (flags, CSV, TLS or resume files); 65 `reload` answered but a version failed to
+load; 130 interrupted.
 """
 
 from __future__ import annotations

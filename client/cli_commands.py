@@ -210,13 +210,17 @@ def describe_model(info: ModelInfo) -> str:
     return "\n".join(lines)
 
 
+EXIT_RELOAD_FAILED = 65  # sysexits EX_DATAERR: the server answered, the repository is at fault
+
+
 def cmd_reload(client: RnnClient, args: argparse.Namespace) -> int:
+    """Rescan the repository; exit 65 when a version failed to load, so a deploy script sees it."""
     result = client.reload_models(timeout=args.timeout)
     if args.json:
         print(to_json(result))
-        return 0
-    for label, items in (("loaded", result.loaded), ("unloaded", result.unloaded)):
-        print(f"{label}: {', '.join(items) or '-'}")
-    for item in result.failed:
-        print(f"failed: {item}")
-    return 0
+    else:
+        for label, items in (("loaded", result.loaded), ("unloaded", result.unloaded)):
+            print(f"{label}: {', '.join(items) or '-'}")
+        for item in result.failed:
+            print(f"failed: {item}")
+    return EXIT_RELOAD_FAILED if result.failed else 0

@@ -30,6 +30,8 @@ class Script:
     fail_after: int = 0
     # set to make every call wait (for deadline tests); the test sets it again to release
     hold: threading.Event | None = None
+    # what ReloadModels reports as failed to load
+    reload_failed: list[str] = field(default_factory=lambda: ["bad/1: no model.onnx"])
 
 
 class Recorder:
@@ -150,7 +152,7 @@ class FakeAdmin(pb_grpc.AdminServicer):
 
     def ReloadModels(self, request, context):
         self.rec.enter("ReloadModels", request, context)
-        return pb.ReloadModelsResponse(loaded=["gru/2"], failed=["bad/1: no model.onnx"])
+        return pb.ReloadModelsResponse(loaded=["gru/2"], failed=self.rec.script.reload_failed)
 
 
 def model_info(name: str) -> pb.ModelInfo:

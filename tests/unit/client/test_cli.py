@@ -120,7 +120,15 @@ def test_infill_models_model_reload(cli) -> None:
     code, out, _ = cli("model", "lstm")
     assert code == 0 and "architecture  lstm" in out and "hidden = 32" in out
     code, out, _ = cli("reload")
-    assert code == 0 and "loaded: gru/2" in out and "failed: bad/1" in out
+    assert code == 65 and "loaded: gru/2" in out and "failed: bad/1" in out
+
+
+def test_reload_exits_65_only_when_a_version_failed(cli, fake) -> None:
+    code, out, _ = cli("reload", "--json")
+    assert code == 65 and json.loads(out)["failed"] == ["bad/1: no model.onnx"]
+    fake[0].script.reload_failed = []
+    code, out, _ = cli("reload")
+    assert code == 0 and "failed" not in out
 
 
 def test_forecast_prints_and_plots(cli, tmp_path) -> None:
