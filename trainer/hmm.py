@@ -79,12 +79,14 @@ class HmmConfig:
             raise TrainerError(f"HMM method must be one of {METHODS}, got {self.method!r}")
         if self.epochs < 0 or self.chunk < 1:
             raise TrainerError("HMM epochs must be >= 0 and chunk >= 1")
-        # `not x >= 0` also refuses NaN, which would pass `x < 0` and surface only after
-        # training as "diverged" (pseudocount) or as torch's ValueError (lr)
+        # `not x > 0` also refuses NaN, which would pass `x < 0` and surface only after
+        # training as "diverged" (pseudocount) or as torch's ValueError (lr). A pseudocount of
+        # 0 gives symbols the text lacks probability 0: a state's forward vector then sums to
+        # 0 and the exported graph's logits turn NaN (pure EM stays in hmm_fit for tests).
         finite = math.isfinite(self.pseudocount) and math.isfinite(self.lr)
-        if not (finite and self.pseudocount >= 0 and self.lr > 0 and self.restarts >= 1):
+        if not (finite and self.pseudocount > 0 and self.lr > 0 and self.restarts >= 1):
             raise TrainerError(
-                "HMM pseudocount must be a finite number >= 0, lr a finite number > 0 and "
+                "HMM pseudocount must be a finite number > 0, lr a finite number > 0 and "
                 f"restarts >= 1, got {self.pseudocount}, {self.lr} and {self.restarts}"
             )
         if (

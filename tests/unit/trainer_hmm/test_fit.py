@@ -98,6 +98,9 @@ def test_train_hmm_em_and_gradient_improve_and_are_deterministic() -> None:
         ),
         # NaN passed `< 0` checks: EM ran and then reported "diverged", Adam a ValueError
         ({"ids": [4, 5], "vocab_size": V, "states": 2, "pseudocount": math.nan}, "pseudocount"),
+        # 0 left unseen symbols at probability 0: the forward vector summed to 0, perplexity
+        # and the exported logits were NaN
+        ({"ids": [4, 5], "vocab_size": V, "states": 2, "pseudocount": 0.0}, "pseudocount"),
         (
             {"ids": [4, 5], "vocab_size": V, "states": 2, "method": "gradient", "lr": math.nan},
             "lr a finite number",
