@@ -23,7 +23,6 @@ from rnnserve.artifact.manifest import (
     Manifest,
     ManifestError,
     is_version_name,
-    sha256_file,
 )
 from rnnserve.server.errors import BadRequest, UnknownModel, UnsupportedTask
 from rnnserve.server.runtime import OnnxModel
@@ -265,13 +264,7 @@ class Repository:
             onnx_path = path / ONNX_FILE
             if not onnx_path.is_file():
                 raise ManifestError(f"{ONNX_FILE} is missing")
-            if entry.manifest.onnx_sha256:
-                digest = sha256_file(onnx_path)  # lowercase; hex is case-blind (Get-FileHash)
-                if digest != entry.manifest.onnx_sha256.strip().lower():
-                    raise ManifestError(
-                        f"{ONNX_FILE} sha256 {digest[:12]}... does not match the manifest's "
-                        f"{entry.manifest.onnx_sha256[:12]}..."
-                    )
+            # the loader checks onnx_sha256 on the bytes it builds the session from
             entry.model = self._loader(onnx_path, entry.manifest)
         except Exception as exc:  # any failure makes this one version NOT_SERVING
             entry.model = None

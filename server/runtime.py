@@ -8,6 +8,7 @@ streams by concatenation and split them again without knowing the architecture.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from rnnserve.artifact.manifest import Manifest, StateSpec, sha256_file
+from rnnserve.artifact.manifest import Manifest, ManifestError, StateSpec
 from rnnserve.server import decode_head
 
 log = logging.getLogger(__name__)
@@ -71,21 +72,30 @@ class OnnxModel:
         with_head: bool = True,
         sha256: str | None = None,
     ) -> None:
-        # The file is read by its path again elsewhere (the decode process opens the same
-        # model: OnnxModel(*model.args)), so its digest goes with it: a file replaced in
-        # place meanwhile (a remote repository's sync) is refused there, not half-served.
-        digest = sha256_file(Path(path))
+        # One read serves the digest and both sessions: a file replaced in place between
+        # reads (a remote repository's sync) would otherwise pass the check and serve other
+        # weights. The file is read again elsewhere (the decode process opens the same model:
+        # OnnxModel(*model.args)), so its digest goes with it and a changed file is refused
+        # there, not half-served.
+        data = Path(path).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
         if sha256 is not None and digest != sha256:
             raise ModelChanged(
                 f"{path} changed since the server loaded this version (sha256 {digest[:12]}... "
                 f"is not {sha256[:12]}...); publish changes as a new version number"
+            )
+        expected = (manifest.onnx_sha256 or "").strip().lower()  # hex is case-blind
+        if expected and digest != expected:
+            raise ManifestError(
+                f"{Path(path).name} sha256 {digest[:12]}... does not match the manifest's "
+                f"{manifest.onnx_sha256[:12]}..."
             )
         self.args = (Path(path), manifest, list(providers), intra_op_threads, with_head, digest)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        self.session = ort.InferenceSession(data, options, providers=list(providers))
         self.manifest = manifest
         self.specs: list[StateSpec] = list(manifest.state)
         self.provider = self.session.get_providers()[0]
@@ -95,7 +105,7 @@ class OnnxModel:
         self._check_interface()
         self.has_head = False
         if with_head:
-            headed = _headed_session(path, manifest, options, self.session.get_providers())
+            headed = _headed_session(data, path, manifest, options, self.session.get_providers())
             if headed is not None:  # replaces the plain session: one copy of the weights
                 self.session, self.has_head = headed, True
 
@@ -164,7 +174,11 @@ class OnnxModel:
 
 
 def _headed_session(
-    path: Path, manifest: Manifest, options: ort.SessionOptions, providers: list[str]
+    data: bytes,
+    path: Path,
+    manifest: Manifest,
+    options: ort.SessionOptions,
+    providers: list[str],
 ) -> ort.InferenceSession | None:
     """The lm graph with the decode head appended (tokens picked inside ORT). Other tasks,
     graphs the head does not fit, or a head ORT refuses get None: the model still serves,
@@ -172,7 +186,7 @@ def _headed_session(
     if manifest.task != "lm":
         return None
     try:
-        graph = decode_head.attach(onnx.load(str(path)), manifest.output_name)
+        graph = decode_head.attach(onnx.load_model_from_string(data), manifest.output_name)
         if graph is None:
             return None
         return ort.InferenceSession(graph.SerializeToString(), options, providers=providers)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rnnserve.artifact.manifest import Manifest, sha256_file
+from rnnserve.artifact.manifest import Manifest
 from rnnserve.artifact.tokenizer import TokenizerConfig
 from rnnserve.artifact.vocab import RESERVED
 from rnnserve.server.errors import UnknownModel
@@ -211,13 +211,3 @@ def test_a_dangling_symlink_does_not_hide_a_fix_in_place(tmp_path: Path) -> None
     while (version / "manifest.json").stat().st_ctime <= failed_at:  # coarse kernel clock
         (version / "manifest.json").write_text("{ still broken")
     assert [f.split(":")[0] for f in _rescan(repository).failed] == ["m/1"], "never retried"
-
-
-def test_a_manifest_sha256_in_capitals_matches(tmp_path: Path) -> None:
-    """Hex digests are case-blind; PowerShell's Get-FileHash writes capitals."""
-    _publish(tmp_path, "m/1")
-    manifest = Manifest.load(tmp_path / "m" / "1")
-    manifest.onnx_sha256 = sha256_file(tmp_path / "m" / "1" / "model.onnx").upper()
-    manifest.save(tmp_path / "m" / "1")
-    repository = Repository(tmp_path, lambda path, manifest: SimpleNamespace(provider="fake"))
-    assert repository.scan().loaded == ["m/1"], repository.get_any("m", "1").reason

@@ -100,7 +100,7 @@ def test_a_head_that_cannot_load_leaves_the_model_serving_in_numpy(monkeypatch, 
     real = ort.InferenceSession
 
     def refuse_heads(source, *args, **kwargs):
-        if isinstance(source, bytes):
+        if decode_head.PREFIX.encode() in source:
             raise RuntimeError("this provider cannot run the head")
         return real(source, *args, **kwargs)
 
@@ -143,3 +143,52 @@ def test_a_model_file_replaced_since_loading_is_refused_where_it_is_opened_again
     write(2 * np.eye(3))  # replaced in place
     with pytest.raises(runtime.ModelChanged, match="changed since the server loaded"):
         runtime.OnnxModel(*loaded.args)
+
+
+def _table_lm(tmp_path, table):
+    """A one-Gather lm graph at tmp_path/m.onnx and a bare manifest for it."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from rnnserve.artifact.manifest import Manifest
+
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "tokens"], ["logits"], axis=0)],
+        "table_lm",
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "time", 3])],
+        [numpy_helper.from_array(table.astype(np.float32), "table")],
+    )
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    manifest = Manifest.__new__(Manifest)
+    manifest.task, manifest.output_name, manifest.input_name = "lm", "logits", "tokens"
+    manifest.state, manifest.vocab, manifest.onnx_sha256 = [], ["a", "b", "c"], ""
+    return tmp_path / "m.onnx", manifest
+
+
+def test_the_manifest_sha256_is_checked_on_the_bytes_the_sessions_are_built_from(
+    tmp_path, monkeypatch
+) -> None:
+    """The file was read four times (the repository's digest, the digest for the decode
+    process, the session, the decode head's graph): a file replaced between two reads passed
+    the check and served other weights. Now one read feeds all of them."""
+    import pytest
+
+    from rnnserve.artifact.manifest import ManifestError, sha256_file
+    from rnnserve.server import runtime
+
+    path, manifest = _table_lm(tmp_path, np.eye(3))
+    manifest.onnx_sha256 = sha256_file(path).upper()  # Get-FileHash writes capitals
+    sources = []
+    real = ort.InferenceSession
+
+    def record(source, *args, **kwargs):
+        sources.append(source)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.ort, "InferenceSession", record)
+    monkeypatch.setattr(runtime.onnx, "load", lambda *a, **k: pytest.fail("read by path"))
+    model = runtime.OnnxModel(path, manifest, ["CPUExecutionProvider"], 1)
+    assert model.has_head and [type(s) for s in sources] == [bytes, bytes]
+    manifest.onnx_sha256 = "0" * 64
+    with pytest.raises(ManifestError, match="does not match the manifest's"):
+        runtime.OnnxModel(path, manifest, ["CPUExecutionProvider"], 1)
