@@ -15,6 +15,11 @@ from rnnserve.server.errors import BadRequest
 
 # UAX #15's stream-safe limit: no real text has more non-starters in a row
 MAX_COMBINING_RUN = 30
+# a long text is normalised by prefixes (TextCodec._tokens_up_to): the first one has this
+# many characters per token of the limit, and the tokens of a prefix's last BOUNDARY_TOKENS
+# may differ from the whole text's (a starter and its marks cut apart: 18 x 31 < 1024)
+PREFIX_CHARS_PER_TOKEN = 4
+BOUNDARY_TOKENS = 1024
 
 
 @dataclass
@@ -49,10 +54,29 @@ class TextCodec:
                 f"has more than {MAX_COMBINING_RUN} combining marks in a row (Unicode's "
                 "stream-safe limit, UAX #15)",
             )
-        tokens = self.tokenizer.tokenize(text, limit=max_tokens)
+        tokens = self._tokens_up_to(text, max_tokens)
         if len(tokens) > max_tokens:
             raise BadRequest(field, f"has more than the limit of {max_tokens} tokens")
         return Encoded(self.vocab.encode(tokens), tokens, self.vocab.count_unknown(tokens))
+
+    def _tokens_up_to(self, text: str, limit: int) -> list[str]:
+        """tokenize(text, limit), normalising only as much of a long text as decides the limit.
+
+        NFKC runs over the whole text before tokens can be counted, and it can expand a
+        character 18x: 4 MB of U+FDFA held the event loop for about 2 s only to be refused.
+        So a long text is tried by prefixes, 4x longer each time. Cutting the text changes
+        its normalisation only near the cut (the last starter and its combining marks, at
+        most 31 characters after the check above, expanded at most 18x; a run of spaces or
+        a word cut in two still counts once), so a prefix with more than `limit` +
+        BOUNDARY_TOKENS tokens proves the whole text has more than `limit`. A text under the
+        limit is normalised whole in the end, at most 4/3 of the work of one pass."""
+        size = PREFIX_CHARS_PER_TOKEN * (limit + 1) + BOUNDARY_TOKENS
+        while size < len(text):
+            tokens = self.tokenizer.tokenize(text[:size], limit=limit + BOUNDARY_TOKENS)
+            if len(tokens) > limit + BOUNDARY_TOKENS:
+                return tokens[: limit + 1]
+            size *= 4
+        return self.tokenizer.tokenize(text, limit=limit)
 
     def piece(self, token_id: int) -> str:
         return self._pieces[token_id]

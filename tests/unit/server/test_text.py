@@ -8,7 +8,12 @@ from rnnserve.artifact.manifest import Manifest, StateSpec
 from rnnserve.artifact.tokenizer import TokenizerConfig
 from rnnserve.artifact.vocab import RESERVED
 from rnnserve.server.errors import BadRequest
-from rnnserve.server.text import TextCodec
+from rnnserve.server.text import (
+    BOUNDARY_TOKENS,
+    PREFIX_CHARS_PER_TOKEN,
+    TextCodec,
+    _combining_run,
+)
 
 
 def _manifest(level: str, tokens: list[str]) -> Manifest:
@@ -88,7 +93,51 @@ def test_a_huge_prompt_is_refused_without_building_all_its_tokens(level: str) ->
     with pytest.raises(BadRequest) as err:
         codec.encode("\ufdfa " * 2000, "prompt", 5)
     assert err.value.field == "prompt" and "more than the limit of 5 tokens" in str(err.value)
-    assert built == [6]
+    assert built and max(built) <= 5 + BOUNDARY_TOKENS + 1
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_a_huge_prompt_is_refused_after_normalising_only_a_prefix(level: str) -> None:
+    """NFKC ran over the whole text before the limit applied: 4 MB of U+FDFA (18 characters
+    each after NFKC) held the event loop for about 2 s only to be refused."""
+    codec = TextCodec(_manifest(level, ["a"]))
+    normalize, seen = codec.tokenizer.normalize, []
+
+    def spy(text: str) -> str:
+        seen.append(len(text))
+        return normalize(text)
+
+    codec.tokenizer.normalize = spy  # type: ignore[method-assign]
+    text = "\ufdfa " * 500_000
+    with pytest.raises(BadRequest, match="more than the limit of 4096 tokens"):
+        codec.encode(text, "prompt", 4096)
+    assert sum(seen) <= PREFIX_CHARS_PER_TOKEN * 4097 + BOUNDARY_TOKENS < len(text) // 50
+
+
+def test_cutting_a_long_text_into_prefixes_decides_the_limit_as_the_whole_text_does() -> None:
+    """Every prefix cut lands somewhere: inside a run of spaces, between a letter and its
+    combining marks, inside a word, between Hangul jamo that compose, after a Greek capital
+    sigma (lowercased by context). Whatever it cuts, the answer must be the whole text's."""
+    import random
+
+    pieces = [
+        "a", "b", " ", "   \t\n ", "\ufdfa", "e\u0301", "\u0301" * 12, "\u1100\u1161",
+        "\u11a8", "\u03a3", "x" * 40, "\u00bd", "\uff21", ".", "\u0130",
+    ]  # fmt: skip
+    rng = random.Random(0)
+    for level in ("char", "word"):
+        codec = TextCodec(_manifest(level, ["a", "b"]))
+        for _ in range(60):
+            text = "".join(rng.choice(pieces) for _ in range(rng.randrange(200, 3000)))
+            if _combining_run().search(text):
+                continue  # refused before any normalising (tested above)
+            full = codec.tokenizer.tokenize(text)
+            limit = max(1, len(full) + rng.randrange(-1100, 40))
+            if len(full) > limit:
+                with pytest.raises(BadRequest, match="more than the limit"):
+                    codec.encode(text, "prompt", limit)
+            else:
+                assert codec.encode(text, "prompt", limit).tokens == full
 
 
 def test_score_counts_only_the_unknown_tokens_it_scores() -> None:
