@@ -23,11 +23,12 @@ from rnnserve.artifact.vocab import RESERVED
 from rnnserve.server.errors import BadRequest, UnsupportedTask
 from rnnserve.server.repository import ModelVersion
 from rnnserve.server.runtime import OnnxModel, Runtime, State, log_softmax
+from rnnserve.server.scoring import time_window
 from rnnserve.server.settings import Settings
 from rnnserve.server.text import TextCodec
 
 DEFAULT_TOP_K = 5
-MAX_LOGIT_ELEMENTS = 32_000_000  # per ORT call, as in scoring
+MAX_LOGIT_ELEMENTS = 32_000_000  # per ORT call, as in scoring (time-windowed alike)
 
 
 @dataclass
@@ -107,29 +108,42 @@ def _bayes_sync(
     """log p(v | left) + log p(right | left, v) for every v: [vocab]. `start`: log p(first
     token), the prior without a left context (None: uniform, for models that have none).
     `stop` set (the caller is gone) ends the candidate batches early: with a large vocabulary
-    and a long right context they hold this worker thread for minutes."""
+    and a long right context they hold this worker thread for minutes. Contexts whose logits
+    exceed MAX_LOGIT_ELEMENTS run in time windows carrying the state, as Score's texts do: a
+    raised --max-prompt-tokens could otherwise ask ORT for gigabytes of logits in one call."""
     state = model.initial_state(1)
+    carries = bool(model.specs)
     if start is not None:
         prior = log_softmax(np.asarray(start, dtype=np.float32))
     else:
         prior = np.full(vocab, -np.log(vocab), dtype=np.float32)
-    if lids:
-        logits, state = model.run(np.asarray([lids], dtype=np.int64), state)
+    if lids:  # in time windows, as Score runs a long text: only the last logits are kept
+        x = np.asarray([lids], dtype=np.int64)
+        window = time_window(1, vocab, len(lids), carries, MAX_LOGIT_ELEMENTS)
+        for lo in range(0, len(lids), window):
+            logits, state = model.run(np.ascontiguousarray(x[:, lo : lo + window]), state)
         prior = log_softmax(logits[0, -1])
     if not rids:
         return prior
-    likelihood = np.empty(vocab, dtype=np.float32)
-    width = 1 + len(rids)
-    rows = max(1, MAX_LOGIT_ELEMENTS // (width * vocab))
+    # each candidate row feeds [v, right[:-1]]: position t predicts right[t]
+    steps = len(rids)
     target = np.asarray(rids, dtype=np.int64)
+    likelihood = np.empty(vocab, dtype=np.float32)
+    rows = max(1, MAX_LOGIT_ELEMENTS // (steps * vocab))
     for lo in range(0, vocab, rows):
         if stop is not None and stop.is_set():
             break  # nobody reads the result
         hi = min(vocab, lo + rows)
-        x = np.empty((hi - lo, width), dtype=np.int64)  # [candidates, 1 + right]
+        x = np.empty((hi - lo, steps), dtype=np.int64)  # [candidates, right]
         x[:, 0] = np.arange(lo, hi)
-        x[:, 1:] = target
-        logits, _ = model.run(x, _repeat(model, state, hi - lo))  # [candidates, width, vocab]
-        lp = log_softmax(logits[:, :-1])  # predictions of right[0..]
-        likelihood[lo:hi] = lp[:, np.arange(len(rids)), target].sum(axis=-1)
+        x[:, 1:] = target[:-1]
+        row_state = _repeat(model, state, hi - lo)
+        total = np.zeros(hi - lo, dtype=np.float64)
+        window = time_window(hi - lo, vocab, steps, carries, MAX_LOGIT_ELEMENTS)
+        for t0 in range(0, steps, window):
+            t1 = min(steps, t0 + window)
+            logits, row_state = model.run(np.ascontiguousarray(x[:, t0:t1]), row_state)
+            lp = log_softmax(logits)  # [candidates, t1 - t0, vocab]
+            total += lp[:, np.arange(t1 - t0), target[t0:t1]].sum(axis=-1)
+        likelihood[lo:hi] = total
     return prior + likelihood

@@ -68,12 +68,16 @@ def _chunks(encoded: list[Encoded], vocab: int) -> list[list[int]]:
     return groups
 
 
-def _window(rows: int, vocab: int, steps: int, carries_state: bool) -> int:
-    """Time steps per ORT call: as many as keep rows * window * vocab logits in the budget.
-    A graph without state outputs cannot continue where a call ended: all steps at once."""
+def time_window(
+    rows: int, vocab: int, steps: int, carries_state: bool, budget: int | None = None
+) -> int:
+    """Time steps per ORT call: as many as keep rows * window * vocab logits in the budget
+    (default MAX_LOGIT_ELEMENTS). A graph without state outputs cannot continue where a call
+    ended: all steps at once."""
     if not carries_state:
         return steps
-    return max(1, min(steps, MAX_LOGIT_ELEMENTS // (rows * vocab)))
+    budget = MAX_LOGIT_ELEMENTS if budget is None else budget
+    return max(1, min(steps, budget // (rows * vocab)))
 
 
 def _score_sync(model: OnnxModel, rows: list[list[int]], pad: int, vocab: int) -> list[np.ndarray]:
@@ -83,7 +87,7 @@ def _score_sync(model: OnnxModel, rows: list[list[int]], pad: int, vocab: int) -
     for i, r in enumerate(rows):
         x[i, : len(r) - 1] = r[:-1]
     out = [np.empty(len(r) - 1, dtype=np.float32) for r in rows]
-    window = _window(len(rows), vocab, steps, bool(model.specs))
+    window = time_window(len(rows), vocab, steps, bool(model.specs))
     state = model.initial_state(len(rows))
     for start in range(0, steps, window):
         end = min(start + window, steps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -103,6 +104,45 @@ def test_a_text_over_the_logits_budget_runs_in_windows_with_the_same_scores(
         assert b.num_tokens == a.num_tokens and b.tokens == a.tokens
         assert b.token_logprobs == pytest.approx(a.token_logprobs, rel=1e-4, abs=1e-4)
         assert b.log_likelihood == pytest.approx(a.log_likelihood, rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", LM)
+def test_infill_contexts_over_the_logits_budget_run_in_windows_with_the_same_answer(
+    server, monkeypatch, name: str
+) -> None:
+    """Infill ran each context in one call: with --max-prompt-tokens raised, a long left or
+    right context asked ORT for contexts x vocabulary logits at once (gigabytes for a word
+    model). Now no call exceeds the budget, and the candidates are those of one call."""
+    import asyncio
+
+    from rnnserve.server import infill as infill_module
+    from rnnserve.server.runtime import Runtime
+    from rnnserve.server.settings import Settings
+
+    engine = server.app.engine
+    entry = engine.repository.get(name)
+    codec = engine.codec(entry)
+    left, right = "the time traveller for so it", " will be convenient to speak"
+
+    def ask(model):
+        routed = SimpleNamespace(name=entry.name, manifest=entry.manifest, model=model)
+        return asyncio.run(infill_module.infill(routed, codec, runtime, Settings(), left, right, 8))
+
+    runtime = Runtime(1)
+    try:
+        whole = ask(entry.model)
+        budget = 7 * len(codec)  # 7 steps of one row's logits
+        monkeypatch.setattr(infill_module, "MAX_LOGIT_ELEMENTS", budget)
+        model = _Recorded(entry.model)
+        windowed = ask(model)
+    finally:
+        runtime.close()
+    assert max(steps for _, steps in model.shapes) < len(right), "the contexts were cut"
+    assert all(rows * steps * len(codec) <= budget for rows, steps in model.shapes)
+    assert [c.token_id for c in windowed] == [c.token_id for c in whole]
+    assert [c.probability for c in windowed] == pytest.approx(
+        [c.probability for c in whole], rel=1e-4, abs=1e-6
+    )
 
 
 def test_score_counts_unknown_tokens(stub) -> None:
