@@ -56,7 +56,8 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--epochs", type=int, default=None,
-        help="at most this many epochs (default: the recipe's; hmm: 10 EM iterations)",
+        help="at most this many epochs (default: the recipe's, or with --resume the run's own; "
+        "hmm: 10 EM iterations)",
     )  # fmt: skip
     p.add_argument("--num-steps", type=int, default=32, help="window length (time steps)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -231,14 +232,23 @@ def _data_parallel_setup(args: argparse.Namespace, world: int) -> None:
     rank_rows(args.batch_size, 0, max(world, args.nproc))
 
 
-def recurrent_train_config(args: argparse.Namespace):
+def recurrent_train_config(args: argparse.Namespace, resumed: dict | None = None):
     """The TrainConfig of an rnn/gru/lstm run: the flags, with --epochs and --average-from
-    taken from the --level's recipe when not given."""
+    taken from the --level's recipe when not given, or from `resumed` (the train_config of
+    the checkpoint --resume names): a resumed run without --epochs keeps its own, so one that
+    ended is exported as it is (what `rnn-trainer ended` says), not trained on to the
+    recipe's."""
     from rnnserve.trainer.train import TrainConfig
 
     recipe = recipe_for(args.level, args.arch)
-    epochs = recipe.epochs if args.epochs is None else args.epochs
+    planned = resumed or {}
+    epochs = args.epochs
     averaged = args.average_from
+    if epochs is None and planned.get("epochs"):
+        epochs = int(planned["epochs"])
+        if averaged is None and planned.get("average_from") is not None:
+            averaged = int(planned["average_from"])
+    epochs = recipe.epochs if epochs is None else epochs
     if averaged is None:
         averaged = average_from(epochs, recipe.average_last) if epochs >= 1 else 0
     return TrainConfig(
@@ -295,7 +305,12 @@ def run_train(args: argparse.Namespace) -> int:
             args.arch, 1, args.hidden, args.layers, args.embed, bidirectional, args.dropout,
             args.weight_drop,
         )  # fmt: skip
-        train = recurrent_train_config(args)
+        resumed = None
+        if args.resume and args.epochs is None:  # the run's own --epochs, as `ended` reads it
+            from rnnserve.trainer.checkpoint import load_checkpoint
+
+            resumed = load_checkpoint(args.resume).get("train_config") or {}
+        train = recurrent_train_config(args, resumed)
         train.validate()  # before joining: a bad value is said once, by rank 0
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
         lead = distributed.env_cluster().is_main  # only rank 0 exports (and needs the dir)

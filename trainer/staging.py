@@ -28,6 +28,11 @@ def package_dir(out_dir: Path, name: str, version: str) -> Path:
             f"--version {version!r}: the server loads only versions named by a positive"
             " integer (1, 2, ...)"
         )
+    if version.startswith("0"):  # "01" beside "1" is one version: the server serves only "1"
+        raise TrainerError(
+            f"--version {version!r}: write it without leading zeros ({version.lstrip('0')!r});"
+            " the server counts both spellings as one version and serves only one of them"
+        )
     return Path(out_dir) / name / version
 
 

@@ -129,3 +129,20 @@ def test_ended_on_a_count_model_says_it_has_no_run(tmp_path, capsys) -> None:
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     assert main(["ended", str(tmp_path)]) == 2
     assert "holds an ngram model, trained in one pass" in capsys.readouterr().err
+
+
+def test_a_resumed_run_without_epochs_keeps_its_own(tmp_path) -> None:
+    """`rnn-trainer ended` judges a run by its own --epochs: `train --resume` without --epochs
+    must too, or a run that ended (and that `ended` says is only exported) trains on to the
+    recipe's epochs."""
+    from rnnserve.trainer.pipeline import run_ended
+
+    args = build_parser(["train"]).parse_args(["train", "--resume", str(tmp_path)])
+    own = {"epochs": 2, "average_from": 2}
+    cfg = recurrent_train_config(args, own)
+    assert (cfg.epochs, cfg.average_from) == (2, 2)
+    ended = {"epoch": 2, "history": [{"epoch": 1}, {"epoch": 2}], "train_config": own}
+    assert run_ended(ended, cfg.epochs) is not None  # exported as it is, as `ended` says
+    more = build_parser(["train"]).parse_args(["train", "--resume", "x", "--epochs", "5"])
+    assert recurrent_train_config(more, own).epochs == 5  # a given --epochs still trains on
+    assert recurrent_train_config(args).epochs == CHAR.epochs  # a fresh run: the recipe's

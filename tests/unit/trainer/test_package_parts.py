@@ -288,3 +288,14 @@ def test_state_names_may_hold_colons(tmp_path: Path) -> None:
             ("h:0", "h_next:0", axis)]  # fmt: skip
     with pytest.raises(TrainerError, match="no state input 'x'"):
         resolve(model.graph, len(USER_TOKENS), states=["x:h_next:0"])
+
+
+def test_a_version_spelled_with_leading_zeros_is_refused(tmp_path: Path) -> None:
+    """A version "01" beside a package "1" is the same version to the server, which keeps
+    serving "1" and leaves the new package NOT_SERVING: a re-export meant to replace it never
+    would."""
+    from rnnserve.trainer.staging import package_dir
+
+    assert package_dir(tmp_path, "m", "10") == tmp_path / "m" / "10"
+    with pytest.raises(TrainerError, match="leading zeros \\('1'\\)"):
+        package_dir(tmp_path, "m", "01")
