@@ -26,7 +26,7 @@ def plot_forecast(
     path: str | Path, history: list[float], result: ForecastResult, title: str = ""
 ) -> Path:
     """Writes the PNG (or the format `path`'s extension names) and returns the file written:
-    `path`, with ".png" added when it has no extension."""
+    `path`, with ".png" added when it has no extension. `title` is drawn as written."""
     try:
         import matplotlib
 
@@ -53,7 +53,9 @@ def plot_forecast(
     ax.axvline(n - 1, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("value")
-    ax.set_title(title or f"forecast of {len(result.forecast)} steps")
+    # the title holds the user's model and column names: "$" there is a dollar, not the
+    # start of mathtext (which garbled "cost ($M)" and raised on "cost_$^$" after the call)
+    ax.set_title(title or f"forecast of {len(result.forecast)} steps", parse_math=False)
     ax.legend()
     fig.tight_layout()
     path = Path(path)

@@ -115,9 +115,15 @@ def _pick_column(
         index = width - 1
     elif header and column in header:
         index = header.index(column)
-    elif column.lstrip("-").isdigit() and -width <= int(column) < width:
+    elif column.lstrip("-").isdecimal() and -width <= int(column) < width:
         index = int(column) % width
     else:
-        known = ", ".join(header[:width]) if header else f"indexes 0..{width - 1}"
+        known = ", ".join(map(_listed, header[:width])) if header else f"indexes 0..{width - 1}"
         raise SeriesFileError(f"{path}: no column {column!r} (columns: {known})")
     return index, (header[index] if header else f"column {index}")
+
+
+def _listed(name: str) -> str:
+    """A header name as the list of columns shows it: quoted when it holds the list's own
+    separator or is empty, so "date, load, kW" cannot hide that `load, kW` is one column."""
+    return repr(name) if "," in name or not name else name

@@ -96,3 +96,21 @@ def test_trailing_empty_column_is_not_the_default(tmp_path) -> None:
     assert read_series(write(tmp_path, "1,2,\n2,3,\n")).values == [2.0, 3.0]
     with pytest.raises(SeriesFileError, match=r"no column '2' \(columns: t, x\)"):
         read_series(write(tmp_path, "t,x,\n1,2,\n"), "2")
+
+
+def test_the_columns_listed_for_an_unknown_one_are_told_apart(tmp_path) -> None:
+    """Names were joined with ", ": a file with the columns `date` and `load, kW` listed
+    "date, load, kW", so `--column load` was refused with a list that seemed to hold it."""
+    path = write(tmp_path, 'date,"load, kW",\n1,2,\n')
+    with pytest.raises(SeriesFileError, match=r"\(columns: date, 'load, kW'\)$"):
+        read_series(path, "load")
+    with pytest.raises(SeriesFileError, match=r"\(columns: t, '', x\)$"):
+        read_series(write(tmp_path, "t,,x\n1,2,3\n"), "y")
+
+
+@pytest.mark.parametrize("column", ["²", "-¹"])
+def test_a_column_of_digit_like_characters_is_an_unknown_name(tmp_path, column) -> None:
+    """str.isdigit takes "²" for a digit but int() does not: the refusal was int()'s own
+    "invalid literal for int() with base 10", naming neither the file nor the columns."""
+    with pytest.raises(SeriesFileError, match=r"no column .* \(columns: t, x\)$"):
+        read_series(write(tmp_path, "t,x\n1,2\n"), column)
