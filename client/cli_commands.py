@@ -130,10 +130,8 @@ def cmd_forecast(client: RnnClient, args: argparse.Namespace) -> int:
         version=args.version,
         timeout=args.timeout,
     )
-    plotted = None
-    if args.plot:
-        title = f"{args.model}: {series.column}, {args.horizon}-step forecast"
-        plotted = plot_forecast(args.plot, series.values, result, title)
+    # printed before plotting: a plot that fails (a folder missing, no matplotlib) must not
+    # lose the forecast already received
     if args.json:
         print(to_json({"column": series.column, **asdict(result)}))
     else:
@@ -147,7 +145,10 @@ def cmd_forecast(client: RnnClient, args: argparse.Namespace) -> int:
             ]
             print()
             print(table(["index", "actual", "fitted"], rows))
-    if plotted is not None:
+    if args.plot:
+        sys.stdout.flush()
+        title = f"{args.model}: {series.column}, {args.horizon}-step forecast"
+        plotted = plot_forecast(args.plot, series.values, result, title)
         print(f"plot written to {plotted}", file=sys.stderr)
     return 0
 

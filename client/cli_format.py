@@ -33,8 +33,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _cell(value: Any) -> str:
+    """Four decimals, except where they would hide the value: a series in small units
+    (0.00123 and 0.00118 both showed 0.0012, 4e-5 showed 0.0000) keeps four significant
+    digits, and a large one its units (1e9 + 20 showed 1e+09). `--json` has every digit."""
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4g}"
+        size = abs(value)
+        if 0 < size < 1e-2 or size >= 1e15 or not math.isfinite(value):
+            return f"{value:.4g}"
+        return f"{value:.4f}"
     return str(value)
 
 

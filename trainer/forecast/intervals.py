@@ -73,8 +73,10 @@ def manifest_intervals(result: KStepResult, series: Series) -> dict:
     return {
         "method": "empirical quantiles of k-step residuals over the training range",
         "levels": list(LEVELS),
-        "lower": [round(float(v), 6) for v in lower],
-        "upper": [round(float(v), 6) for v in upper],
+        # six significant digits, not six decimals: a series in units of 1e-8 lost its whole
+        # interval to rounding (served lower == forecast == upper)
+        "lower": [float(f"{v:.6g}") for v in lower],
+        "upper": [float(f"{v:.6g}") for v in upper],
         "test_coverage": {  # horizons with no held-out target are left out (JSON has no NaN)
             str(k): v for k, v in coverage(result, series, lower, upper).items() if np.isfinite(v)
         },

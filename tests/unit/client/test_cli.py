@@ -159,6 +159,28 @@ def test_forecast_prints_and_plots(cli, tmp_path) -> None:
     assert json.loads(out)["forecast"] == [4.0]
 
 
+def test_a_plot_that_fails_keeps_the_forecast_it_came_after(cli, tmp_path) -> None:
+    """The plot was drawn before the table was printed: a plot into a missing folder exited
+    64 and lost the forecast the server had already answered."""
+    csv = tmp_path / "h.csv"
+    csv.write_text("value\n1.0\n2.0\n3.0\n")
+    argv = ["--model", "sine-gru", "--history-file", str(csv), "--horizon", "2"]
+    code, out, err = cli("forecast", *argv, "--plot", str(tmp_path / "gone" / "p.png"))
+    assert code == 64 and "cannot write" in err
+    assert out.splitlines()[0].split()[:3] == ["step", "index", "forecast"]
+
+
+def test_table_cells_keep_small_and_large_values_readable() -> None:
+    """Four fixed decimals showed 0.00123 and 0.00118 both as 0.0012, 4e-5 as 0.0000, and a
+    value of 1e9 + 20 as 1e+09."""
+    from rnnserve.client.cli_format import table
+
+    rows = [[0.00123], [0.00118], [4e-5], [1_000_000_020.0], [3.14159], [0.0], [-2.5e-3]]
+    cells = [line.strip() for line in table(["v"], rows).splitlines()[1:]]
+    assert cells == ["0.00123", "0.00118", "4e-05", "1000000020.0000", "3.1416", "0.0000",
+                     "-0.0025"]  # fmt: skip
+
+
 def test_forecast_plot_without_an_extension_names_the_file_it_wrote(cli, tmp_path) -> None:
     """matplotlib adds ".png" to a name without an extension: `--plot out` wrote out.png
     while rnn-client said "plot written to out"."""

@@ -91,3 +91,15 @@ def test_widths_never_shrink_with_the_horizon() -> None:
     assert lower[0] < -0.3 and upper[0] > 0.3
     cover = coverage(result, series, lower, upper, horizons=(1, 2, 3, 4))
     assert cover[1] < 0.97 and all(cover[k] == 1.0 for k in (2, 4))  # wider than needed there
+
+
+def test_a_series_in_small_units_keeps_its_interval_in_the_manifest() -> None:
+    """The offsets were rounded to 6 decimals: a series in units of 1e-8 served a forecast
+    with lower == forecast == upper while the trainer reported 0.93 coverage."""
+    series = split_series(textbook_series().astype(np.float64) * 1e-8, 4, "tiny")
+    result = shifted_truth(series, 64, noise_scale=1e-10)
+    lower, upper = residual_quantiles(result, series)
+    entry = manifest_intervals(result, series)
+    assert all(u > 0 for u in entry["upper"]) and all(v < 0 for v in entry["lower"])
+    assert entry["upper"] == pytest.approx(list(upper), rel=1e-5)
+    assert entry["lower"] == pytest.approx(list(lower), rel=1e-5)
