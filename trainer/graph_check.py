@@ -114,8 +114,14 @@ _ORT_NOISE = re.compile(r"Load model from .*? failed:|/onnxruntime_src/\S+:\d+ [
 
 
 def _first_line(exc: BaseException) -> str:
-    text = _ORT_NOISE.sub("", str(exc)).strip()
-    return ((text.splitlines() or [type(exc).__name__])[0])[:300]
+    return ort_reason(str(exc)) or type(exc).__name__
+
+
+def ort_reason(text: str) -> str:
+    """The first line of an ORT error message without its source-line and path noise, at
+    most 300 characters (also for a child process's message: precision._loads_in_child)."""
+    text = _ORT_NOISE.sub("", text).strip()
+    return (text.splitlines() or [""])[0][:300]
 
 
 def log_probs(logits: np.ndarray) -> np.ndarray:

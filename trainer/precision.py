@@ -26,6 +26,7 @@ import collections
 import dataclasses
 import logging
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,7 @@ from rnnserve.artifact.manifest import (
 from rnnserve.trainer import probe as probes
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.exportable import state_from_spec
-from rnnserve.trainer.graph_check import OrtGraph, check_symbolic_axes, log_probs
+from rnnserve.trainer.graph_check import OrtGraph, check_symbolic_axes, log_probs, ort_reason
 from rnnserve.trainer.staging import package_dir, staged
 
 EMBEDDING_INT8_MIN_BYTES = 1 << 20  # a word-level table (4,600 x 128 floats: 2.4 MB) is quantized
@@ -60,6 +61,9 @@ FP16_KEPT_FLOAT32 = (*RECURRENT_OPS, "Transpose")
 STEP_TOL = {"fp32": 1e-4, "int8": 0.5, "fp16": 0.05}
 PPL_ROWS = 16  # perplexity: the probe text is cut into this many rows, run in one call
 PPL_MAX_TOKENS = 20_000
+# what quantize_dynamic (and static quantization) leave in a graph: DynamicQuantizeLSTM,
+# MatMulInteger, DynamicQuantizeMatMul, DequantizeLinear, QLinearMatMul, ...
+QUANTIZED_OP = re.compile(r"Quantize|Integer|^QLinear")
 
 
 def check_convertible(architecture: str, task: str, precision: str) -> None:
@@ -82,6 +86,12 @@ def convert(src: Path, dst: Path, precision: str, per_channel: bool = True) -> d
         raise TrainerError(f"unknown precision {precision!r}; choose one of {known}")
     if precision == "fp32":
         raise TrainerError("fp32 is the exported graph itself; nothing to convert")
+    reduced = _already_reduced(src)
+    if reduced:
+        raise TrainerError(
+            f"the graph is already reduced ({reduced}); {precision} converts an fp32 graph:"
+            " package the original fp32 export"
+        )
     ops_before = _op_counts(src)
     try:
         record = _int8(src, dst, per_channel) if precision == "int8" else _fp16(src, dst)
@@ -121,9 +131,11 @@ LOAD_TIMEOUT_S = 300  # a converted graph the server could open at all loads in 
 
 def _loads_in_child(path: Path, precision: str) -> None:
     """Loads the graph the way the server does (default optimizations) in a child process."""
-    code = (
-        "import onnxruntime as o, sys;"
-        " o.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])"
+    code = (  # the error's message alone, on stdout: stderr has ORT's log lines, and a
+        # traceback's last line names ORT's classes and the staging path
+        "import onnxruntime as o, sys\n"
+        "try: o.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+        "except Exception as e: print(e); sys.exit(1)"
     )
     try:
         done = subprocess.run(
@@ -136,10 +148,22 @@ def _loads_in_child(path: Path, precision: str) -> None:
             "optimizing it); keep the fp32 package"
         ) from None
     if done.returncode != 0:
-        why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        why = ort_reason(done.stdout) or last  # stderr: a child that failed before loading
         if done.returncode < 0:
             why = f"ONNX Runtime crashed loading it (signal {-done.returncode})"
         raise TrainerError(f"the {precision} graph does not load: {why}")
+
+
+def _already_reduced(path: Path) -> str | None:
+    """What shows that `path` is an int8 or fp16 graph already (None: it is not). Such a graph
+    can reach here as "fp32" through `package`; converted again, an int8 one is re-quantized
+    silently and an fp16 one fails inside ONNX Runtime with a type error."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer):
+        return "float16 weights"
+    quantized = sorted({n.op_type for n in graph.node if QUANTIZED_OP.search(n.op_type)})
+    return f"quantized ops: {', '.join(quantized)}" if quantized else None
 
 
 def _op_counts(path: Path) -> dict[str, int]:
@@ -224,16 +248,32 @@ def text_rows(ids: Sequence[int]) -> np.ndarray:
     return seq[: rows * time].reshape(rows, time)
 
 
-def perplexity(graph: OrtGraph, x: np.ndarray, task: str) -> float:
-    """Perplexity of the rows `x` under the graph, from the manifest's initial state: lm
-    predicts the next token, infill (bidirectional) each token itself."""
+def mean_nll(graph: OrtGraph, x: np.ndarray, task: str) -> float:
+    """Mean negative log-likelihood (nats) of the rows `x` under the graph, from the manifest's
+    initial state: lm predicts the next token, infill (bidirectional) each token itself."""
     state = [state_from_spec(s, x.shape[0]) for s in graph.specs]
-    lp = log_probs(graph.run(x, state)[0])
-    if task == "infill":
-        picked = np.take_along_axis(lp, x[..., None], axis=-1)
-    else:
-        picked = np.take_along_axis(lp[:, :-1], x[:, 1:, None], axis=-1)
-    return float(math.exp(-float(np.mean(picked))))
+    logits = graph.run(x, state)[0]
+    # row by row: log_probs works in float64, and over [16, 1250, vocab] at once its copies
+    # took gigabytes for a word-level vocabulary (over 10 GB at 33k words)
+    total, count = 0.0, 0
+    for row, tokens in zip(logits, x, strict=True):
+        lp, target = (row, tokens) if task == "infill" else (row[:-1], tokens[1:])
+        picked = np.take_along_axis(log_probs(lp), target[:, None], axis=-1)
+        total, count = total + float(np.sum(picked)), count + picked.size
+    return -total / count
+
+
+def perplexity(graph: OrtGraph, x: np.ndarray, task: str) -> float:
+    """exp(mean_nll): inf, not OverflowError, past float64's range."""
+    return _exp(mean_nll(graph, x, task))
+
+
+def _exp(x: float) -> float:
+    """math.exp, but inf where it overflows (NaN stays NaN)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def reduce_precision(
@@ -260,7 +300,9 @@ def reduce_precision(
         settings = convert(fp32, onnx_path, precision, per_channel)
         specs = list(manifest.state)
         ref = OrtGraph(fp32, manifest.input_name, manifest.output_name, specs)
-        windows = probes.windows_of(probe, probe_source, values=False) if probe else None
+        windows = None  # `is not None`, not truthiness: a numpy array of ids has no truth value
+        if probe is not None:
+            windows = probes.windows_of(probe, probe_source, values=False)
         if windows is not None and probe is not None:
             rows = text_rows(probe)  # type: ignore[arg-type]
         else:
@@ -364,17 +406,25 @@ def check_precision(
             raise TrainerError(f"{precision} check failed: the same steps gave different outputs")
         record["resume"] = "exact: the same steps from the same state give identical outputs"
     if task in ("lm", "infill"):
-        ppl32, ppl = perplexity(ref, rows, task), perplexity(got, rows, task)
-        change = ppl / ppl32 - 1.0
+        # in log space: ppl / ppl32 overflowed (OverflowError) for a probe the model finds
+        # absurdly unlikely; and NaN is refused outright, as `NaN > bound` is False
+        nll32, nll = mean_nll(ref, rows, task), mean_nll(got, rows, task)
+        if math.isnan(nll) and not math.isnan(nll32):
+            raise TrainerError(
+                f"{precision} check failed: the graph computes NaN log-probabilities on"
+                f" {probe_source} where the fp32 graph does not; keep fp32"
+            )
+        ppl32, ppl = _exp(nll32), _exp(nll)
+        change = 0.0 if nll == nll32 else _exp(nll - nll32) - 1.0
         record.update(
             perplexity_fp32=ppl32, perplexity=ppl, perplexity_change=change,
             perplexity_bound=PPL_BOUND, perplexity_tokens=int(rows.size),
         )  # fmt: skip
-        if change > PPL_BOUND and not allow_quality_loss:
+        if not change <= PPL_BOUND and not allow_quality_loss:
             raise TrainerError(
                 f"{precision} raises perplexity on {probe_source} by {change:+.2%}"
                 f" ({ppl32:.4f} -> {ppl:.4f}), above the bound of +{PPL_BOUND:.0%};"
                 " keep fp32, or pass --allow-quality-loss to publish it anyway"
             )
-        record["quality_override"] = bool(change > PPL_BOUND)
+        record["quality_override"] = not change <= PPL_BOUND
     return record

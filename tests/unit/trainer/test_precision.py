@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -161,3 +162,117 @@ def test_a_graph_that_hangs_onnx_runtime_is_one_error_line(tmp_path, monkeypatch
     monkeypatch.setattr(precision.subprocess, "run", hang)
     with pytest.raises(TrainerError, match=r"did not load within 300 s"):
         precision._loads_in_child(tmp_path / "g.onnx", "int8")
+
+
+def _table_graph(path: Path, table: np.ndarray) -> Path:
+    """A stateless token graph: logits[b, t] = table[tokens[b, t]] (symbolic batch and time)."""
+    from onnx import helper, numpy_helper
+
+    vocab = table.shape[1]
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "tokens"], ["logits"], axis=0)], "table",
+        [helper.make_tensor_value_info("tokens", onnx.TensorProto.INT64, ["batch", "time"])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT,
+                                       ["batch", "time", vocab])],
+        [numpy_helper.from_array(table.astype(np.float32), "table")],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _check_tables(tmp_path: Path, want: np.ndarray, got: np.ndarray, **kw) -> dict:
+    from rnnserve.trainer.graph_check import OrtGraph
+    from rnnserve.trainer.probe import Probe
+
+    ref = OrtGraph(_table_graph(tmp_path / "ref.onnx", want), "tokens", "logits", [])
+    path = _table_graph(tmp_path / "got.onnx", got)
+    x = np.tile(np.arange(want.shape[0], dtype=np.int64), (2, 4))
+    return precision.check_precision(
+        ref, OrtGraph(path, "tokens", "logits", []), path, precision="fp16", task="infill",
+        probe=Probe(x, "test rows"), rows=x, **kw,
+    )  # fmt: skip
+
+
+def test_a_graph_that_computes_nan_is_refused_even_with_allow_quality_loss(tmp_path) -> None:
+    """NaN log-probabilities made the perplexity change NaN, and `NaN > bound` is False: a
+    stateless (infill) graph that computes NaN passed the check and was published."""
+    want = np.random.default_rng(0).standard_normal((6, 6))
+    got = want.copy()
+    got[2] = np.nan
+    for allow in (False, True):
+        with pytest.raises(TrainerError, match=r"fp16 check failed: .*NaN"):
+            _check_tables(tmp_path, want, got, allow_quality_loss=allow)
+
+
+def test_a_perplexity_past_the_float_range_is_a_record_not_a_traceback(tmp_path) -> None:
+    """A probe the fp32 model finds absurdly unlikely (mean log-probability below -709) raised
+    OverflowError from math.exp; the change is measured in log space instead."""
+    table = np.where(np.eye(6, dtype=bool), -3e4, 0.0)  # each token itself: log-prob ~ -3e4
+    record = _check_tables(tmp_path, table, table)
+    assert record["perplexity_fp32"] == record["perplexity"] == math.inf
+    assert record["perplexity_change"] == 0.0 and record["quality_override"] is False
+
+
+@pytest.mark.parametrize("made", ["int8", "fp16"])
+def test_a_graph_already_reduced_is_refused_by_name(tmp_path, made) -> None:
+    """A graph `package` took as fp32 although it was int8/fp16 already: converting it again
+    re-quantized an int8 graph silently, or failed inside ONNX Runtime with a type error
+    about a Transpose and the staging path."""
+    graph = _export("lstm", tmp_path, precision=made) / "model.onnx"
+    for target in ("int8", "fp16"):
+        with pytest.raises(TrainerError, match=r"already reduced \((float16|quantized)") as err:
+            precision.convert(graph, tmp_path / "again.onnx", target)
+        assert "Transpose" not in str(err.value) and str(tmp_path) not in str(err.value)
+    assert not (tmp_path / "again.onnx").exists()
+
+
+def test_a_graph_that_does_not_load_is_one_line_without_the_staging_path(tmp_path) -> None:
+    """The child's traceback ended in ORT's class path, error code and the temp file's path."""
+    bad = tmp_path / ".1.tmp-x" / "model.onnx"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a graph")
+    with pytest.raises(TrainerError) as err:
+        precision._loads_in_child(bad, "int8")
+    message = str(err.value)
+    assert message.startswith("the int8 graph does not load: ")
+    assert str(bad) not in message and "onnxruntime.capi" not in message, message
+
+
+def test_perplexity_holds_about_one_copy_of_the_logits_not_several_float64_ones() -> None:
+    """log-softmax over all rows at once in float64 held ~4 float32-sized copies of the logits
+    [16, 1250, vocab] (a 33k-word vocabulary: over 10 GB); row by row, a few copies of one row."""
+    import tracemalloc
+
+    from rnnserve.trainer.graph_check import log_probs
+
+    vocab = 500
+    rows = precision.text_rows(np.random.default_rng(0).integers(0, vocab, 4000))
+    logits = np.random.default_rng(1).standard_normal((*rows.shape, vocab)).astype(np.float32)
+
+    class Fixed:
+        specs = ()
+
+        def run(self, x, state):
+            return logits, []
+
+    picked = np.take_along_axis(log_probs(logits)[:, :-1], rows[:, 1:, None], axis=-1)
+    want = math.exp(-float(np.mean(picked)))  # the whole batch at once, as before
+    assert precision.perplexity(Fixed(), rows, "lm") == pytest.approx(want, rel=1e-9)  # type: ignore[arg-type]
+    tracemalloc.start()
+    try:
+        precision.perplexity(Fixed(), rows, "infill")  # type: ignore[arg-type]
+        precision.perplexity(Fixed(), rows, "lm")  # type: ignore[arg-type]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < logits.nbytes, (peak, logits.nbytes)
+
+
+def test_the_probe_may_be_a_numpy_array(tmp_path) -> None:
+    """`if probe` on an array raised "the truth value of an array ... is ambiguous"."""
+    source = _export("gru", tmp_path)
+    path = precision.convert_package(
+        source, tmp_path / "out", "gru", "2", precision="int8", probe=np.asarray(TEXT),
+        probe_source="array text",
+    )  # fmt: skip
+    assert Manifest.load(path).parity["precision"]["probe"].startswith("array text")
