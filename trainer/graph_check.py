@@ -210,3 +210,17 @@ def agree_argmax(check: str, got_lp: np.ndarray, want_lp: np.ndarray, bound: np.
 def state_tol(want: Sequence[np.ndarray]) -> list[float]:
     """Per state tensor: STATE_TOL relative to its largest magnitude (at least absolute)."""
     return [STATE_TOL * (1.0 + float(np.max(np.abs(w)))) if w.size else STATE_TOL for w in want]
+
+
+# what quantize_dynamic (and static quantization) leave in a graph: DynamicQuantizeLSTM,
+# MatMulInteger, DynamicQuantizeMatMul, DequantizeLinear, QLinearMatMul, ...
+QUANTIZED_OP = re.compile(r"Quantize|Integer|^QLinear")
+
+
+def reduced_precision(graph: onnx.GraphProto) -> str | None:
+    """What shows that `graph` is an int8 or fp16 graph already (None: it is not): the
+    precision checks need the fp32 graph as their reference."""
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer):
+        return "float16 weights"
+    quantized = sorted({n.op_type for n in graph.node if QUANTIZED_OP.search(n.op_type)})
+    return f"quantized ops: {', '.join(quantized)}" if quantized else None

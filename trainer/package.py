@@ -19,6 +19,7 @@ from rnnserve.artifact.tokenizer import LEVELS, Tokenizer, TokenizerConfig
 from rnnserve.artifact.vocab import RESERVED, Vocab
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.graph_adapt import VocabMap, adapt, map_vocab
+from rnnserve.trainer.graph_check import reduced_precision
 from rnnserve.trainer.graph_interface import GraphInterface, resolve
 from rnnserve.trainer.package_check import check_interface, check_package_graph
 from rnnserve.trainer.staging import package_dir, staged
@@ -129,6 +130,12 @@ def _load(path: Path) -> onnx.ModelProto:
         raise TrainerError(
             f"{path} holds no ONNX model (no graph nodes); give the file torch.onnx.export"
             " (or onnx.save of a ModelProto) wrote"
+        )
+    reduced = reduced_precision(model.graph)
+    if reduced:  # it was labelled fp32, or failed the fp32 check with a puzzling message
+        raise TrainerError(
+            f"{path} is already reduced ({reduced}); package the fp32 graph, with"
+            " --precision int8|fp16 to reduce it (its checks compare against fp32)"
         )
     return model
 

@@ -26,7 +26,6 @@ import collections
 import dataclasses
 import logging
 import math
-import re
 import shutil
 import subprocess
 import sys
@@ -48,7 +47,13 @@ from rnnserve.artifact.manifest import (
 from rnnserve.trainer import probe as probes
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.exportable import state_from_spec
-from rnnserve.trainer.graph_check import OrtGraph, check_symbolic_axes, log_probs, ort_reason
+from rnnserve.trainer.graph_check import (
+    OrtGraph,
+    check_symbolic_axes,
+    log_probs,
+    ort_reason,
+    reduced_precision,
+)
 from rnnserve.trainer.staging import package_dir, staged
 
 EMBEDDING_INT8_MIN_BYTES = 1 << 20  # a word-level table (4,600 x 128 floats: 2.4 MB) is quantized
@@ -61,9 +66,6 @@ FP16_KEPT_FLOAT32 = (*RECURRENT_OPS, "Transpose")
 STEP_TOL = {"fp32": 1e-4, "int8": 0.5, "fp16": 0.05}
 PPL_ROWS = 16  # perplexity: the probe text is cut into this many rows, run in one call
 PPL_MAX_TOKENS = 20_000
-# what quantize_dynamic (and static quantization) leave in a graph: DynamicQuantizeLSTM,
-# MatMulInteger, DynamicQuantizeMatMul, DequantizeLinear, QLinearMatMul, ...
-QUANTIZED_OP = re.compile(r"Quantize|Integer|^QLinear")
 
 
 def check_convertible(architecture: str, task: str, precision: str) -> None:
@@ -86,7 +88,9 @@ def convert(src: Path, dst: Path, precision: str, per_channel: bool = True) -> d
         raise TrainerError(f"unknown precision {precision!r}; choose one of {known}")
     if precision == "fp32":
         raise TrainerError("fp32 is the exported graph itself; nothing to convert")
-    reduced = _already_reduced(src)
+    # such a graph can reach here as "fp32" through `package`: converted again, an int8 one
+    # is re-quantized silently and an fp16 one fails inside ONNX Runtime with a type error
+    reduced = reduced_precision(onnx.load(str(src), load_external_data=False).graph)
     if reduced:
         raise TrainerError(
             f"the graph is already reduced ({reduced}); {precision} converts an fp32 graph:"
@@ -153,17 +157,6 @@ def _loads_in_child(path: Path, precision: str) -> None:
         if done.returncode < 0:
             why = f"ONNX Runtime crashed loading it (signal {-done.returncode})"
         raise TrainerError(f"the {precision} graph does not load: {why}")
-
-
-def _already_reduced(path: Path) -> str | None:
-    """What shows that `path` is an int8 or fp16 graph already (None: it is not). Such a graph
-    can reach here as "fp32" through `package`; converted again, an int8 one is re-quantized
-    silently and an fp16 one fails inside ONNX Runtime with a type error."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer):
-        return "float16 weights"
-    quantized = sorted({n.op_type for n in graph.node if QUANTIZED_OP.search(n.op_type)})
-    return f"quantized ops: {', '.join(quantized)}" if quantized else None
 
 
 def _op_counts(path: Path) -> dict[str, int]:

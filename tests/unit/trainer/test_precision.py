@@ -226,6 +226,24 @@ def test_a_graph_already_reduced_is_refused_by_name(tmp_path, made) -> None:
     assert not (tmp_path / "again.onnx").exists()
 
 
+@pytest.mark.parametrize("made", ["int8", "fp16"])
+def test_packaging_a_graph_already_reduced_is_refused_by_name(tmp_path, made) -> None:
+    """`rnn-trainer package` wrote `precision: "fp32"` into the manifest of an fp16 graph,
+    and an int8 one failed the fp32 check with a message that did not say why."""
+    from rnnserve.trainer.package import PackageRequest, package_model
+
+    graph = _export("lstm", tmp_path / "made", precision=made) / "model.onnx"
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(Manifest.load(graph.parent).vocab) + "\n")
+    request = PackageRequest(
+        onnx_path=graph, vocab_path=vocab, tokenizer=TokenizerConfig(), out=tmp_path / "out",
+        name="byo", version="1",
+    )  # fmt: skip
+    with pytest.raises(TrainerError, match=r"is already reduced \((float16|quantized)"):
+        package_model(request)
+    assert not (tmp_path / "out" / "byo").exists()
+
+
 def test_a_graph_that_does_not_load_is_one_line_without_the_staging_path(tmp_path) -> None:
     """The child's traceback ended in ORT's class path, error code and the temp file's path."""
     bad = tmp_path / ".1.tmp-x" / "model.onnx"
