@@ -7,7 +7,7 @@ vocabulary it uses are the shared ones, so the server splits prompts identically
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -81,21 +81,20 @@ def build_corpus(
         if config.level != "word":
             raise TrainerError("stop words apply to word-level tokens only (use --level word)")
         tokens = [t for t in tokens if t not in stop]
+    whole = len(tokens)
     if max_tokens is not None:
         if max_tokens < 1:  # tokens[:-5] would silently drop the last 5 instead
             raise TrainerError(f"--max-tokens must be >= 1, got {max_tokens}")
         tokens = tokens[:max_tokens]
     if len(tokens) < MIN_TOKENS:
-        # letters-only keeps a-z alone: a Cyrillic or CJK text collapses to a space or two
-        hint = (
-            " (letters-only tokenization maps everything outside a-z, accented and non-Latin "
-            "letters too, to spaces; use --keep-punctuation to keep them)"
-            if config.letters_only
-            else ""
-        )
+        if whole >= MIN_TOKENS:  # the text is long enough: the cut made it short
+            raise TrainerError(
+                f"--max-tokens {max_tokens} keeps {len(tokens)} of the corpus's {whole} "
+                f"tokens; at least {MIN_TOKENS} are needed"
+            )
         raise TrainerError(
             f"corpus has {len(tokens)} tokens after tokenization; at least {MIN_TOKENS} "
-            f"are needed{hint}"
+            f"are needed{_letters_only_hint(text, config)}"
         )
     vocab = Vocab.build(tokens, min_freq=min_freq)
     if len(vocab) == len(RESERVED):  # every token would be <unk>: a model that learns nothing
@@ -104,6 +103,21 @@ def build_corpus(
             "lower --min-freq"
         )
     return Corpus(tokens=tokens, vocab=vocab, ids=vocab.encode(tokens), tokenizer=config)
+
+
+def _letters_only_hint(text: str, config: TokenizerConfig) -> str:
+    """Why letters-only left too few tokens, said only when --keep-punctuation would leave
+    enough: a Cyrillic or CJK text collapses to a space or two, but a text that is merely
+    short stays too short either way, and pointing at the flag would mislead."""
+    if not config.letters_only:
+        return ""
+    kept = Tokenizer(replace(config, letters_only=False)).tokenize(text, limit=MIN_TOKENS)
+    if len(kept) < MIN_TOKENS:
+        return ""
+    return (
+        " (letters-only tokenization maps everything outside a-z, accented and non-Latin "
+        "letters too, to spaces; use --keep-punctuation to keep them)"
+    )
 
 
 def one_hot(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

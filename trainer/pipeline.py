@@ -67,7 +67,9 @@ def prepare(data: DataConfig, vocab_from: list[str] | None = None) -> Prepared:
     """Reads, tokenizes and splits; a resumed run re-uses its checkpoint's vocabulary."""
     text = read_corpus(data.corpus)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    corpus = build_corpus(text, data.tokenizer, data.min_freq, max_tokens=data.max_tokens)
+    # a given vocabulary decides which tokens are <unk>: --min-freq could only refuse the text
+    min_freq = data.min_freq if vocab_from is None else 1
+    corpus = build_corpus(text, data.tokenizer, min_freq, max_tokens=data.max_tokens)
     vocab = Vocab(vocab_from) if vocab_from is not None else corpus.vocab
     ids = vocab.encode(corpus.tokens)
     train_ids, val_ids = split_ids(ids, data.val_fraction)
@@ -138,6 +140,7 @@ def train_recurrent(
         for note in resume_notes(ckpt, kept, model_config, data, tokenizer):
             log(f"resuming {resume}: {note}")
         data.tokenizer, model_config = tokenizer, kept
+        data.min_freq = _vocab_min_freq(ckpt, data.min_freq)
     prep = prepare(data, ckpt["vocab"] if ckpt else None)
     assert model_config is not None
     model_config.vocab_size = len(prep.vocab)
@@ -273,9 +276,9 @@ def resume_notes(
     tokenizer: TokenizerConfig,
 ) -> list[str]:
     """What a resumed run takes from elsewhere than its flags, said instead of done silently:
-    the model's shape and tokenizer come from the checkpoint (the weights need them), the data
-    from the flags, which may name another corpus or split than the checkpoint was trained on
-    (`--corpus` left out reads the built-in text)."""
+    the model's shape, tokenizer and vocabulary (so its --min-freq) come from the checkpoint
+    (the weights need them), the data from the flags, which may name another corpus or split
+    than the checkpoint was trained on (`--corpus` left out reads the built-in text)."""
     notes = []
     if flags is not None:
         shape, given = asdict(kept), asdict(flags)
@@ -292,12 +295,17 @@ def resume_notes(
     record = checkpoint.get("data")
     if isinstance(record, dict):
         now = data_record(data)
+        if "min_freq" in record and now["min_freq"] != record["min_freq"]:
+            notes.append(
+                f"the checkpoint's vocabulary (|V| = {len(checkpoint.get('vocab') or [])}, "
+                f"--min-freq {record['min_freq']}) is kept; ignored: --min-freq {now['min_freq']}"
+            )
         shown = {None: "(the built-in text)"}  # a corpus left out
         changed = [
             f"--{key.replace('_', '-')} {shown.get(now[key], now[key])} "
             f"(was {shown.get(record[key], record[key])})"
             for key in now
-            if key in record and now[key] != record[key]
+            if key in record and key != "min_freq" and now[key] != record[key]
         ]
         if changed:
             notes.append(
@@ -305,6 +313,14 @@ def resume_notes(
                 + ", ".join(changed)
             )
     return notes
+
+
+def _vocab_min_freq(checkpoint: dict[str, Any], default: int) -> int:
+    """The --min-freq the checkpoint's vocabulary was built with (a resumed run keeps that
+    vocabulary), so the run's checkpoints record it rather than an ignored flag."""
+    record = checkpoint.get("data")
+    value = record.get("min_freq") if isinstance(record, dict) else None
+    return value if isinstance(value, int) else default
 
 
 def run_ended(checkpoint: dict[str, Any], epochs: int) -> str | None:

@@ -76,6 +76,12 @@ class TrainConfig:
             raise TrainerError(f"unknown optimizer {self.optimizer!r}; choose {OPTIMIZERS}")
         if self.bptt not in BPTT_MODES:
             raise TrainerError(f"unknown --bptt {self.bptt!r}; choose one of {BPTT_MODES}")
+        # run_window refuses these too, but only at the first batch: after the corpus was
+        # read and tokenized and the run dir made
+        if self.bptt == "truncated" and self.bptt_k < 1:
+            raise TrainerError(f"--bptt-k must be at least 1, got {self.bptt_k}")
+        if self.bptt == "random" and not 0.0 < self.bptt_p <= 1.0:
+            raise TrainerError(f"--bptt-p must be in (0, 1], got {self.bptt_p}")
         if self.threads < 0:
             raise TrainerError("--threads must be >= 0")
         if not 0 <= self.average_from <= self.epochs:

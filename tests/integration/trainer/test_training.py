@@ -220,6 +220,28 @@ def test_a_resumed_run_says_which_flags_it_does_not_follow(tmp_path: Path) -> No
     ]
 
 
+def test_a_resumed_run_keeps_its_vocabulary_and_says_min_freq_is_ignored(tmp_path: Path) -> None:
+    """The checkpoint's vocabulary decides which tokens are <unk>: a changed --min-freq was
+    logged as followed (it was not), and one no token reaches refused the run."""
+    run = tmp_path / "run"
+    _train(run, 1)
+    vocab = load_checkpoint(run)["vocab"]
+    lines: list[str] = []
+    train_recurrent(
+        ModelConfig("gru", 1, hidden=8, embed=4), TrainConfig(epochs=2, num_steps=8,
+        batch_size=8), DataConfig(max_tokens=2500, min_freq=10**6), out=None, name="t",
+        run_dir=run, resume=run, progress=False, log=lines.append,
+    )  # fmt: skip
+    notes = [line for line in lines if line.startswith("resuming") and "after epoch" not in line]
+    assert notes == [
+        f"resuming {run}: the checkpoint's vocabulary (|V| = {len(vocab)}, --min-freq 1) is "
+        "kept; ignored: --min-freq 1000000"
+    ]
+    resumed = load_checkpoint(run)
+    assert resumed["epoch"] == 2 and resumed["vocab"] == vocab
+    assert resumed["data"]["min_freq"] == 1  # what the vocabulary was built with
+
+
 @pytest.mark.parametrize(
     ("damage", "said"),
     [

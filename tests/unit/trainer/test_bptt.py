@@ -8,6 +8,7 @@ import torch
 from rnnserve.trainer.bptt import run_window, scale_grad
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.models import RNNLM, ModelConfig
+from rnnserve.trainer.train import TrainConfig
 
 T = 6
 
@@ -95,3 +96,19 @@ def test_bad_bptt_settings_are_clear_errors() -> None:
         run_window(model, x, model.initial_state(2), "sideways")
     with pytest.raises(TrainerError, match="bptt-p"):
         run_window(model, x, model.initial_state(2), "random", p=0.0)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"bptt": "truncated", "bptt_k": 0}, "--bptt-k"),
+        ({"bptt": "random", "bptt_p": 0.0}, "--bptt-p"),
+        ({"bptt": "random", "bptt_p": float("nan")}, "--bptt-p"),
+    ],
+)
+def test_bad_bptt_settings_are_refused_with_the_other_flags(flags: dict, message: str) -> None:
+    """TrainConfig.validate, which train runs before it reads the corpus and makes the run
+    dir: run_window refused them only at the first batch, after both."""
+    with pytest.raises(TrainerError, match=message):
+        TrainConfig(**flags).validate()
+    TrainConfig(bptt="full", bptt_k=0, bptt_p=0.0).validate()  # unused by full: not refused

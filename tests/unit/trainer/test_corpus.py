@@ -102,3 +102,19 @@ def test_a_text_letters_only_erases_names_the_cause() -> None:
     with pytest.raises(TrainerError, match=r"1 tokens.*letters-only.*--keep-punctuation"):
         build_corpus(text, TokenizerConfig(letters_only=True))
     assert len(build_corpus(text, TokenizerConfig()).tokens) == len(text)
+
+
+def test_a_max_tokens_below_the_minimum_is_named_as_the_cause() -> None:
+    """The built-in text has 170k tokens: the letters-only hint (use --keep-punctuation) was
+    the wrong cause and the wrong fix for a --max-tokens 10."""
+    with pytest.raises(TrainerError, match=r"--max-tokens 10 keeps 10 of") as info:
+        build_corpus(read_corpus(None), TokenizerConfig(letters_only=True), max_tokens=10)
+    assert "letters-only" not in str(info.value)
+
+
+def test_a_merely_short_text_gets_no_letters_only_hint() -> None:
+    """--keep-punctuation cannot make "hello" long enough: the hint would send the user to
+    the wrong flag."""
+    with pytest.raises(TrainerError, match=r"corpus has 6 tokens") as info:
+        build_corpus("hello!", TokenizerConfig(letters_only=True))
+    assert "letters-only" not in str(info.value)
