@@ -91,7 +91,7 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bptt-k", type=int, default=8, help="chunk length for --bptt truncated")
     p.add_argument("--bptt-p", type=float, default=0.5, help="keep probability, --bptt random")
     p.add_argument("--sampling", default="random", help="random | sequential")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0, help="0 .. 2**32 - 1")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch default)")
     p.add_argument(
@@ -145,6 +145,19 @@ def _add_recipe_defaults(train: argparse.ArgumentParser, argv: list[str]) -> Non
     )  # fmt: skip
     recipe = recipe_for(_flag_value(argv, "--level", "char"), _flag_value(argv, "--arch", "lstm"))
     train.set_defaults(**recipe.flag_defaults())
+
+
+MAX_SEED = 2**32 - 1  # numpy's range; the training loop derives seeds as seed * 1_000_003 + epoch
+
+
+def seed_value(text: str) -> int:
+    """--seed: a number torch, numpy and random all take once the loop has derived its
+    per-epoch seeds from it (a seed past ~1.8e13 failed at the first epoch with "Overflow
+    when unpacking long long")."""
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED}], got {value}")
+    return value
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

@@ -45,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=int, default=None, help="default 10 mlp, 32 recurrent")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--seed", type=int, default=0)
+    from rnnserve.trainer.cli import seed_value  # imported by it: not at module level
+
+    parser.add_argument("--seed", type=seed_value, default=0, help="0 .. 2**32 - 1")
     parser.add_argument("--out-dir", default="backtest", help="where NAME.json/.png go")
     parser.add_argument("--name", default=None, help="file stem (default: the column)")
     parser.add_argument("--no-plot", action="store_true")

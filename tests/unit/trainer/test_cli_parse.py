@@ -146,3 +146,17 @@ def test_a_resumed_run_without_epochs_keeps_its_own(tmp_path) -> None:
     more = build_parser(["train"]).parse_args(["train", "--resume", "x", "--epochs", "5"])
     assert recurrent_train_config(more, own).epochs == 5  # a given --epochs still trains on
     assert recurrent_train_config(args).epochs == CHAR.epochs  # a fresh run: the recipe's
+
+
+@pytest.mark.parametrize("command", ["train", "backtest"])
+def test_a_seed_out_of_range_is_a_usage_error(command, capsys) -> None:
+    """A seed past ~1.8e13 was accepted and failed at the first epoch with "Overflow when
+    unpacking long long" (the loop derives seed * 1_000_003 + epoch); a negative one reached
+    numpy's "Seed must be between 0 and 2**32 - 1"."""
+    needed = ["--series", "s.csv", "--column", "y"] if command == "backtest" else []
+    for seed in ("-1", str(2**32), "20000000000000"):
+        with pytest.raises(SystemExit) as exit_:
+            build_parser([command]).parse_args([command, *needed, "--seed", seed])
+        assert exit_.value.code == 2 and "must be in [0, 4294967295]" in capsys.readouterr().err
+    args = build_parser([command]).parse_args([command, *needed, "--seed", str(2**32 - 1)])
+    assert args.seed == 2**32 - 1
