@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,7 +190,9 @@ class Manifest:
                 tokenizer=None if tokenizer is None else TokenizerConfig.from_dict(tokenizer),
                 vocab=list(data["vocab"]) if data.get("vocab") else None,
                 series=data.get("series"),
-                metrics={k: float(v) for k, v in (data.get("metrics") or {}).items()},
+                metrics={  # null: a non-finite number, written so by save
+                    k: float(v) for k, v in (data.get("metrics") or {}).items() if v is not None
+                },
                 training=dict(data.get("training") or {}),
                 onnx_sha256=str(data.get("onnx_sha256", "")),
                 parity=dict(data.get("parity") or {}),
@@ -204,7 +207,10 @@ class Manifest:
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        # strict JSON: Python writes inf and NaN as Infinity and NaN, which other languages'
+        # parsers refuse (a precision check's overflowing perplexity, a metric that diverged)
+        text = json.dumps(_finite(self.to_dict()), indent=2, sort_keys=False, allow_nan=False)
+        path.write_text(text + "\n")
         return path
 
     @classmethod
@@ -225,6 +231,17 @@ def is_version_name(name: str) -> bool:
     without int(): a version of 5,000 digits would raise ValueError
     (sys.get_int_max_str_digits) where "not a version" is meant."""
     return name.isascii() and name.isdigit() and name.strip("0") != ""
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (JSON null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def sha256_file(path: Path) -> str:

@@ -189,3 +189,20 @@ def test_decoded_tokens_re_encode_to_the_same_tokens(level: str, text: str) -> N
         assert tok.normalize(tok.normalize(text)) == tok.normalize(text)
     nfd = Tokenizer(TokenizerConfig(level=level))
     assert nfd.tokenize("cafe\u0301") == nfd.tokenize("caf\u00e9")
+
+
+def test_a_manifest_is_strict_json_whatever_numbers_it_holds(tmp_path) -> None:
+    """inf and NaN were written as Infinity and NaN (a precision check's overflowing
+    perplexity), which JSON parsers outside Python refuse; they are null now."""
+    m = _manifest()
+    m.metrics = {"val_perplexity": 3.5, "diverged": float("nan")}
+    m.parity = {"precision": {"perplexity": float("inf"), "rows": [1.0, float("-inf")]}}
+    path = m.save(tmp_path)
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    data = json.loads(path.read_text(), parse_constant=refuse)
+    assert data["parity"]["precision"] == {"perplexity": None, "rows": [1.0, None]}
+    loaded = Manifest.load(tmp_path)
+    assert loaded.metrics == {"val_perplexity": 3.5}
