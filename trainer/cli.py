@@ -285,7 +285,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.precision != "fp32":  # refused before training, not after it
         from rnnserve.trainer.precision import check_convertible
 
-        check_convertible(args.arch, args.task or "lm", args.precision)  # None: lm (mlp: refused)
+        task = args.task or ("forecast" if args.arch == "mlp" else "lm")  # as routed below
+        check_convertible(args.arch, task, args.precision)
     if args.task == "forecast" or args.arch == "mlp":
         return int(_optional("rnnserve.trainer.forecast.cli").run_train(args))
     from rnnserve.trainer.models import ModelConfig

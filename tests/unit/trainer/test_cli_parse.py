@@ -160,3 +160,9 @@ def test_a_seed_out_of_range_is_a_usage_error(command, capsys) -> None:
         assert exit_.value.code == 2 and "must be in [0, 4294967295]" in capsys.readouterr().err
     args = build_parser([command]).parse_args([command, *needed, "--seed", str(2**32 - 1)])
     assert args.seed == 2**32 - 1
+
+
+def test_precision_on_an_mlp_names_it_a_forecaster(capsys) -> None:
+    """`train --arch mlp --precision int8` said "this mlp (lm) model": the mlp is a forecaster."""
+    assert main(["train", "--arch", "mlp", "--precision", "int8"]) == 2
+    assert "not to this mlp (forecast) model" in capsys.readouterr().err
