@@ -13,6 +13,7 @@ load; 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from rnnserve import add_version_flag
 from rnnserve.client import cli_commands as cmds
 from rnnserve.client.cli_format import tolerate_any_stdout_encoding
-from rnnserve.client.connection import DEFAULT_ADDRESS, TlsConfig
+from rnnserve.client.connection import DEFAULT_ADDRESS, TlsConfig, address_list
 from rnnserve.client.errors import RnnServeError
 from rnnserve.client.forecast_plot import PlotError
 from rnnserve.client.series_csv import SeriesFileError
@@ -28,6 +29,7 @@ from rnnserve.client.sync_client import RnnClient
 
 EXIT_USAGE = 64
 EXIT_INTERRUPTED = 130
+MODEL_HELP = "model name (`rnn-client models` lists them)"
 DEFAULT_CLI_TIMEOUT = 30.0  # seconds per unary call; generate has no deadline unless given
 
 
@@ -37,6 +39,36 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
+        """A flag no parser knows (`generate --promt`) was refused under the top-level usage,
+        which lists no generate flag: the subcommand's usage, and the likely flag, instead."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser, message = unrecognized(self, parsed, extras)
+            parser.error(message)
+        return parsed
+
+
+def unrecognized(
+    parser: argparse.ArgumentParser, parsed: argparse.Namespace, extras: list[str]
+) -> tuple[argparse.ArgumentParser, str]:
+    """The subcommand's parser and "unrecognized arguments: ... (did you mean --flag?)"."""
+    sub = parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            sub = action.choices.get(getattr(parsed, action.dest, None) or "", parser)
+    known = {o for a in (*parser._actions, *sub._actions) for o in a.option_strings}
+    guesses = [
+        match
+        for extra in extras
+        if extra.startswith("--")
+        for match in difflib.get_close_matches(extra.split("=", 1)[0], sorted(known), n=1)
+    ]
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    if guesses:
+        message += f" (did you mean {', '.join(guesses)}?)"
+    return sub, message
 
 
 def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -51,7 +83,7 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         "--address",
         default=default(address),
         help="host:port, or replicas as host:port,host:port: calls and generate streams move "
-        "to the next one when a replica fails (env RNNSERVE_ADDRESS)",
+        f"to the next one when a replica fails (env RNNSERVE_ADDRESS; default {DEFAULT_ADDRESS})",
     )
     g.add_argument(
         "--timeout",
@@ -99,14 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     g = command("generate", "stream generated text to stdout")
-    g.add_argument("--model", required=True)
+    g.add_argument("--model", required=True, help=MODEL_HELP)
     g.add_argument("--version", default="", help="model version (default: the highest)")
     g.add_argument("--prompt", default="", help="text to warm up on")
     g.add_argument("--max-tokens", type=int, default=0, help="tokens to generate (0: 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument(
+        "--temperature", type=float, default=0.0, help="softmax temperature (default 0: greedy)"
+    )
+    g.add_argument(
+        "--top-k", type=int, default=0, help="sample from the K likeliest tokens (default 0: off)"
+    )
+    g.add_argument(
+        "--top-p", type=float, default=0.0,
+        help="sample from the likeliest tokens whose probability reaches P (default 0: off)",
+    )  # fmt: skip
+    g.add_argument(
+        "--seed", type=int, default=None,
+        help="same seed, same text (default: a fresh random seed)",
+    )  # fmt: skip
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--resume-file", help="continue from this state file, and save the new state")
     g.add_argument(
@@ -124,23 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmds.cmd_generate)
 
     s = command("score", "perplexity of texts")
-    s.add_argument("--model", required=True)
+    s.add_argument("--model", required=True, help=MODEL_HELP)
     s.add_argument("--version", default="")
     s.add_argument("texts", nargs="+", metavar="TEXT")
     s.set_defaults(func=cmds.cmd_score)
 
     i = command("infill", "rank candidates for one blank token")
-    i.add_argument("--model", required=True)
+    i.add_argument("--model", required=True, help=MODEL_HELP)
     i.add_argument("--version", default="")
-    i.add_argument("--left", default="")
-    i.add_argument("--right", default="")
+    i.add_argument("--left", default="", help="text before the blank")
+    i.add_argument("--right", default="", help="text after the blank")
     i.add_argument("--top-k", type=int, default=0, help="candidates to show (0: 5)")
     i.set_defaults(func=cmds.cmd_infill)
 
     f = command("forecast", "continue a time series from a CSV file")
-    f.add_argument("--model", required=True)
+    f.add_argument("--model", required=True, help=MODEL_HELP)
     f.add_argument("--version", default="")
-    f.add_argument("--history-file", required=True, metavar="FILE.csv")
+    f.add_argument(
+        "--history-file", required=True, metavar="FILE.csv",
+        help="the series so far: a CSV column of numbers, the header row optional",
+    )  # fmt: skip
     f.add_argument("--column", help="header name or 0-based index (default: the last column)")
     f.add_argument("--horizon", type=int, required=True, help="values to predict")
     f.add_argument("--fitted", action="store_true", help="also show one-step fitted values")
@@ -160,7 +205,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: gRPC's own target schemes (README: `dns:///host:port`), passed to it untouched.
+_GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
+
+
+def check_address(address: str) -> None:
+    """Refuse an --address gRPC would misread, as bad usage (64) naming the fix: a URL
+    (`http://host:port` was looked up as a host name: UNAVAILABLE, 14), or a host without
+    a port (gRPC dials 443, not the server's 50051)."""
+    for item in address_list(address):
+        if item.startswith(_GRPC_SCHEMES):
+            continue
+        if "://" in item:
+            raise ValueError(f"address: {item} is a URL; give host:port, e.g. localhost:50051")
+        if item.startswith("["):  # [v6]:port
+            host, _, port = item[1:].partition("]")
+            port = port.removeprefix(":")
+        elif item.count(":") == 1:
+            host, _, port = item.partition(":")
+        elif ":" in item:
+            raise ValueError(f"address: write an IPv6 address as [ADDRESS]:PORT, not {item}")
+        else:
+            host, port = item, ""
+        if not host or not port.isdigit():
+            raise ValueError(f"address: {item} is not host:port, e.g. localhost:50051")
+
+
 def make_client(args: argparse.Namespace) -> RnnClient:
+    check_address(args.address)
     tls = None
     # any TLS setting means TLS: dialling plaintext would ignore it and end in "Socket closed"
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:

@@ -7,6 +7,7 @@ raised as RnnServeError / ValueError and turned into exit codes in one place, cl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -39,13 +40,21 @@ def cmd_generate(client: RnnClient, args: argparse.Namespace) -> int:
         failover=args.failover,
         timeout=args.timeout if args.timeout is not None else float("inf"),
     )
-    with stream:
-        for event in stream:
-            if args.json:
-                print(to_json(event), flush=True)
-            else:
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
+    wrote = False
+    try:
+        with stream:
+            for event in stream:
+                if args.json:
+                    print(to_json(event), flush=True)
+                else:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+                    wrote = wrote or bool(event.text)
+    except (Exception, KeyboardInterrupt):
+        if wrote:  # end the text's line: the error, or "interrupted", was glued to its end
+            with contextlib.suppress(OSError):  # stdout may be the pipe that broke
+                print(flush=True)
+        raise
     if not args.json:
         print(flush=True)
     if args.resume_file is not None:
@@ -122,6 +131,9 @@ def cmd_infill(client: RnnClient, args: argparse.Namespace) -> int:
 
 def cmd_forecast(client: RnnClient, args: argparse.Namespace) -> int:
     series = read_series(args.history_file, args.column)
+    if args.plot and Path(args.plot).is_dir():  # it wrote FOLDER.png beside the folder
+        example = Path(args.plot) / "forecast.png"
+        raise ValueError(f"--plot {args.plot} is a folder; give a file name, e.g. {example}")
     result = client.forecast(
         args.model,
         series.values,

@@ -3,17 +3,23 @@
 The only layer that knows argparse: it fills the config dataclasses and calls pipeline/zoo.
 Any TrainerError (or a manifest/tokenizer ValueError from bad flags) becomes one line
 ``error: ...`` on stderr and exit status 2; modules owned by others are imported lazily so a
-missing one is reported the same way instead of breaking every subcommand.
+missing one is reported the same way instead of breaking every subcommand. Ctrl-C exits 130
+(an interrupted `train` names the command that resumes it); a stdout closed by its reader
+(`| head`) ends `stats` and `sample` with 0, and fails the others with 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import importlib
 import itertools
 import os
+import shlex
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -48,7 +54,7 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default="models", help="model repository: writes OUT/NAME/VERSION/")
     p.add_argument("--name", default=None, help="model name (default: the arch)")
-    p.add_argument("--version", default="1")
+    p.add_argument("--version", default="1", help="package version: writes OUT/NAME/VERSION/")
     p.add_argument(
         "--run-dir",
         default=None,
@@ -60,17 +66,17 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
         "hmm: 10 EM iterations)",
     )  # fmt: skip
     p.add_argument("--num-steps", type=int, default=32, help="window length (time steps)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--embed", type=int, default=32)
-    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32, help="windows per step")
+    p.add_argument("--hidden", type=int, default=128, help="hidden units per layer")
+    p.add_argument("--embed", type=int, default=32, help="token embedding size")
+    p.add_argument("--layers", type=int, default=1, help="stacked recurrent layers")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout while training")
     p.add_argument(
         "--weight-drop", type=float, default=0.0,
         help="DropConnect on the recurrent weights while training (AWD-LSTM)",
     )  # fmt: skip
     p.add_argument("--bidirectional", action="store_true", help="infill model (both directions)")
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=0.01, help="learning rate")
     p.add_argument("--lr-decay", type=float, default=1.0, help="lr *= this every epoch")
     p.add_argument(
         "--average-from", type=int, default=None, metavar="EPOCH",
@@ -93,7 +99,7 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampling", default="random", help="random | sequential")
     p.add_argument("--seed", type=seed_value, default=0, help="0 .. 2**32 - 1")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch default)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (0: as many as torch picks)")
     p.add_argument(
         "--resume", default=None,
         help="checkpoint file or run dir to continue from (a run that ended is exported, not"
@@ -109,7 +115,9 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep non-letters (default: letters and spaces only, lowercased)",
     )
-    p.add_argument("--min-freq", type=int, default=1)
+    p.add_argument(
+        "--min-freq", type=int, default=1, help="tokens seen fewer times are read as <unk>"
+    )
     p.add_argument(
         "--val-fraction", type=float, default=0.1,
         help="the last FRACTION of the tokens is the validation split (default 0.1)",
@@ -160,8 +168,31 @@ def seed_value(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """A flag no parser knows (`train --epoch 1`) was refused under the top-level usage, which
+    lists no train flag: the subcommand's usage, and the likely flag, instead (exit 2)."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if not extras:
+            return parsed
+        sub: argparse.ArgumentParser = self
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                sub = action.choices.get(getattr(parsed, action.dest, None) or "", self)
+        known = sorted({o for a in (*self._actions, *sub._actions) for o in a.option_strings})
+        guesses = [
+            match
+            for extra in extras
+            if extra.startswith("--")
+            for match in difflib.get_close_matches(extra.split("=", 1)[0], known, n=1)
+        ]
+        message = f"unrecognized arguments: {' '.join(extras)}"
+        sub.error(message + (f" (did you mean {', '.join(guesses)}?)" if guesses else ""))
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rnn-trainer", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="rnn-trainer", description=__doc__.splitlines()[0])
     add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     # allow_abbrev=False: --nproc is taken out of the workers' argv by its exact spelling
@@ -184,19 +215,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         _add_recipe_defaults(train, argv or [])
     sample = sub.add_parser("sample", help="greedy generation in torch (the server's reference)")
     sample.add_argument("--model", required=True, help="package dir (OUT/NAME/VERSION) or run dir")
-    sample.add_argument("--prefix", required=True)
-    sample.add_argument("--num-tokens", type=int, default=100)
+    sample.add_argument("--prefix", required=True, help="text the generation continues")
+    sample.add_argument("--num-tokens", type=int, default=100, help="tokens to generate")
     sample.add_argument("--ids", action="store_true", help="print token ids, not text")
     export = sub.add_parser("export", help="export a checkpoint to OUT/NAME/VERSION")
     export.add_argument("--checkpoint", required=True, help="checkpoint.pt or a dir holding one")
-    export.add_argument("--out", default="models")
-    export.add_argument("--name", required=True)
-    export.add_argument("--version", default="1")
+    export.add_argument("--out", default="models", help="model repository (OUT/NAME/VERSION/)")
+    export.add_argument("--name", required=True, help="model name")
+    export.add_argument("--version", default="1", help="package version")
     importlib.import_module("rnnserve.trainer.precision_cli").add_arguments(export)
     package = sub.add_parser("package", help="package an ONNX graph exported elsewhere")
     importlib.import_module("rnnserve.trainer.package_cli").add_arguments(package)
     zoo = sub.add_parser("zoo", help="train and export every zoo model (what `make run` serves)")
-    zoo.add_argument("--out", default="models")
+    zoo.add_argument("--out", default="models", help="model repository: writes OUT/NAME/1/")
     zoo.add_argument("--preset", default="default", help="default | tiny")
     zoo.add_argument("--only", nargs="*", default=None, help="subset of zoo names")
     zoo.add_argument("--no-progress", action="store_true")
@@ -219,7 +250,25 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         importlib.import_module("rnnserve.trainer.stats").add_arguments(stats)
     except ImportError:
         stats.add_argument("rest", nargs=argparse.REMAINDER)
+    for command in sub.choices.values():
+        _show_defaults(command)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Each flag's help ends with its default unless it already says it: `train --help` hid
+    them, and the recipe's (--time-budget 420 where its help read "0 = no budget",
+    --hidden 512, --patience 3) differ from the code's; %(default)s is the value in force for
+    the --arch/--level given."""
+    for action in parser._actions:
+        default, help_ = action.default, action.help or ""
+        if not action.option_strings or action.nargs == 0 or help_ == argparse.SUPPRESS:
+            continue  # a switch (--no-refit) would show the value of its dest, not its own
+        if default is None or default is False or default == argparse.SUPPRESS:
+            continue
+        if "default" in help_.lower():
+            continue
+        action.help = f"{help_} (default: %(default)s)".lstrip()
 
 
 def _data(args: argparse.Namespace):
@@ -328,6 +377,8 @@ def run_train(args: argparse.Namespace) -> int:
         train.validate()  # before joining: a bad value is said once, by rank 0
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
         lead = distributed.env_cluster().is_main  # only rank 0 exports (and needs the dir)
+        if lead:  # what an interrupted run's message names (main), said by one rank
+            args.checkpoint_dir, args.started = run_dir, time.time()
         fp32_dir = tempfile.TemporaryDirectory() if args.precision != "fp32" and lead else None
         out = Path(fp32_dir.name) if fp32_dir else Path(args.out)  # fp32 first, then converted
         with distributed.joined(args.device, args.dist_timeout) as cluster:
@@ -499,6 +550,10 @@ COMMANDS = {
 }
 
 
+#: Commands whose output is their whole point: a reader that leaves early ends them, exit 0.
+PRINTING_COMMANDS = ("stats", "sample")
+
+
 def _one_line(exc: BaseException) -> str:
     """The first non-empty line of the message (a wrapped library error, such as torch.load's,
     can span many), so the CLI's contract of one `error:` line holds."""
@@ -506,10 +561,44 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if lines else repr(exc)
 
 
+def _tolerate_any_stdout_encoding() -> None:
+    """A terminal that is not UTF-8 (PYTHONIOENCODING=ascii, an ISO-8859-1 locale) ended
+    `sample` or `stats` with "error: 'ascii' codec can't encode ...": what it cannot show is
+    written as backslash escapes (\\xe9, \\u65e5) instead."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="backslashreplace")
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How to go on from the checkpoint this interrupted `train` wrote: the same command with
+    --resume RUN_DIR. Nothing when it wrote none (no epoch ended, or not a recurrent run): a
+    checkpoint older than the run is some earlier run's."""
+    run_dir = getattr(args, "checkpoint_dir", None)
+    if run_dir is None:
+        return ""
+    checkpoint = run_dir / "checkpoint.pt"
+    try:
+        if checkpoint.stat().st_mtime < args.started:
+            return ""
+    except OSError:
+        return ""
+    argv, kept = list(args.argv), []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--resume":
+            argv = argv[1:]
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    command = shlex.join(["rnn-trainer", *kept, "--resume", str(run_dir)])
+    return f"; {checkpoint} holds the last finished epoch: resume with {command}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     args.argv = argv
+    _tolerate_any_stdout_encoding()
     try:
         return COMMANDS[args.command](args)
     except TrainerError as exc:
@@ -523,11 +612,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print(f"error: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `rnn-trainer stats | head`: the reader left; not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    except BrokenPipeError:  # the reader of stdout left (`| head`): quiet from now on
+        with contextlib.suppress(OSError, ValueError):  # stdout is no file (replaced in-process)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if args.command in PRINTING_COMMANDS:  # `rnn-trainer stats | head`: not an error
+            return 0
+        # `train ... | head -1` ended the run before its first epoch and exited 0, as if a
+        # model had been exported: the work stopped, so it fails, saying how to go on
+        print(
+            f"error: stdout was closed, so {args.command} stopped before it ended"
+            f"{_resume_hint(args)}",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

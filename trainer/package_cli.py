@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-case", action="store_true", help="do not lowercase (char|word)")
     p.add_argument("--letters-only", action="store_true", help="map non-letters to spaces")
     p.add_argument("--out", default="models", help="model repository: writes OUT/NAME/VERSION/")
-    p.add_argument("--name", required=True)
-    p.add_argument("--version", default="1")
+    p.add_argument("--name", required=True, help="model name")
+    p.add_argument("--version", default="1", help="package version")
     p.add_argument("--input", default=None, help="token input name (default: inferred)")
     p.add_argument("--output", default=None, help="logits output name (default: inferred)")
     p.add_argument(

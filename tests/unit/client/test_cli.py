@@ -50,6 +50,18 @@ def test_generate_json_lines(cli) -> None:
     assert lines[-1]["finish_reason"] == "length"
 
 
+def test_a_stream_that_fails_ends_its_line_before_the_error(cli, fake) -> None:
+    """The partial text had no newline, so on a terminal the error line was glued to it."""
+    fake[0].script.stream_failure = grpc.StatusCode.INTERNAL
+    fake[0].script.fail_after = 2
+    argv = ["generate", "--model", "lstm", "--prompt", "abc", "--max-tokens", "4"]
+    code, out, err = cli(*argv, "--no-failover")
+    assert (code, out) == (13, "cb\n")
+    assert err.startswith("error: INTERNAL: ")
+    fake[0].script.fail_after = 0  # nothing written: stdout stays empty
+    assert cli(*argv, "--no-failover")[:2] == (13, "")
+
+
 def test_resume_file_is_saved_then_continued(cli, fake, tmp_path) -> None:
     state = tmp_path / "state.bin"
     code, out, _ = cli(
@@ -170,6 +182,19 @@ def test_a_plot_that_fails_keeps_the_forecast_it_came_after(cli, tmp_path) -> No
     assert out.splitlines()[0].split()[:3] == ["step", "index", "forecast"]
 
 
+def test_a_plot_into_a_folder_is_refused_before_the_call(cli, fake, tmp_path) -> None:
+    """`--plot out/` wrote out.png beside the folder (and named it only afterwards)."""
+    csv = tmp_path / "h.csv"
+    csv.write_text("value\n1.0\n2.0\n3.0\n")
+    argv = ["--model", "sine-gru", "--history-file", str(csv), "--horizon", "2"]
+    code, out, err = cli("forecast", *argv, "--plot", str(tmp_path))
+    assert (code, out) == (64, "")
+    [line] = err.splitlines()
+    assert line.startswith("error: --plot ") and "is a folder" in line
+    assert not (tmp_path.parent / f"{tmp_path.name}.png").exists()
+    assert "Forecast" not in fake[0].calls
+
+
 def test_table_cells_keep_small_and_large_values_readable() -> None:
     """Four fixed decimals showed 0.00123 and 0.00118 both as 0.0012, 4e-5 as 0.0000, and a
     value of 1e9 + 20 as 1e+09."""
@@ -263,6 +288,44 @@ def test_usage_errors_exit_64_without_traceback(cli, argv) -> None:
     with pytest.raises(SystemExit) as info:
         cli(*argv)
     assert info.value.code == 64
+
+
+@pytest.mark.parametrize(
+    ("address", "says"),
+    [
+        ("http://localhost:50051", "is a URL"),  # was looked up as a host name: exit 14
+        ("localhost", "is not host:port"),  # gRPC dialled port 443
+        ("localhost:", "is not host:port"),
+        (":50051", "is not host:port"),
+        ("localhost:abc", "is not host:port"),
+        ("localhost:50051,otherhost", "otherhost is not host:port"),
+        ("::1", "[ADDRESS]:PORT"),
+    ],
+)
+def test_an_address_that_is_not_host_port_is_bad_usage(fake, capsys, address, says) -> None:
+    code = main(["--address", address, "models"])
+    _, err = capsys.readouterr()
+    assert code == 64
+    [line] = err.splitlines()
+    assert line.startswith("error: address: ") and says in line
+    assert "ListModels" not in fake[0].calls
+
+
+@pytest.mark.parametrize("form", ["{}", "dns:///{}", "ipv4:{}", "{},{}"])
+def test_host_port_and_grpc_targets_are_accepted(fake, capsys, form) -> None:
+    assert main(["--address", form.format(fake[1], fake[1]), "models"]) == 0
+
+
+def test_a_misspelt_flag_gets_the_subcommand_usage_and_a_suggestion(capsys) -> None:
+    """`generate --promt` was refused under the top-level usage, which lists no generate flag."""
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--model", "lstm", "--promt", "hi"])
+    err = capsys.readouterr().err
+    assert info.value.code == 64
+    assert err.startswith("usage: rnn-client generate ") and "--prompt PROMPT" in err
+    assert (
+        err.splitlines()[-1] == "error: unrecognized arguments: --promt hi (did you mean --prompt?)"
+    )
 
 
 def test_bad_csv_exits_64_with_the_reason(cli, tmp_path) -> None:

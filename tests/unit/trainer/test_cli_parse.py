@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+
 import pytest
 
 from rnnserve.trainer.cli import _wants_forecast, build_parser, main, recurrent_train_config
@@ -166,3 +169,124 @@ def test_precision_on_an_mlp_names_it_a_forecaster(capsys) -> None:
     """`train --arch mlp --precision int8` said "this mlp (lm) model": the mlp is a forecaster."""
     assert main(["train", "--arch", "mlp", "--precision", "int8"]) == 2
     assert "not to this mlp (forecast) model" in capsys.readouterr().err
+
+
+def _help(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit):
+        build_parser(argv).parse_args([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_the_defaults_in_force(capsys) -> None:
+    """`train --help` showed no defaults, so "--time-budget ... 0 = no budget" read as none
+    while the recipe's is 420 s, and --hidden hid the recipe's 512 (the code's 128)."""
+    text = _help(["train"], capsys)
+    assert f"0 = no budget (default: {CHAR.time_budget})" in text
+    assert f"hidden units per layer (default: {CHAR.hidden})" in text
+    assert "--seed SEED 0 .. 2**32 - 1 (default: 0)" in text
+    assert "(default: fp32)" in text
+    gru = _help(["train", "--arch", "gru"], capsys)  # the gru recipe's own
+    assert "hidden units per layer (default: 320)" in gru
+    forecast = _help(["train", "--task", "forecast"], capsys)
+    assert "(default: True)" not in forecast  # --no-refit: a switch, not its dest's value
+    assert "(default: gru)" in forecast
+
+
+def test_an_interrupted_run_says_how_to_resume(tmp_path, monkeypatch, capsys) -> None:
+    """Ctrl-C left a checkpoint but only said "interrupted": the message names the command
+    that resumes from it (the --resume given before is replaced)."""
+    from rnnserve.trainer import pipeline
+
+    def interrupted(*_args, run_dir, **_kwargs):
+        run_dir.mkdir(parents=True)
+        (run_dir / "checkpoint.pt").write_bytes(b"epoch 1")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "train_recurrent", interrupted)
+    run = tmp_path / "my run"
+    argv = ["train", "--arch", "gru", "--epochs", "3", "--out", str(tmp_path / "m")]
+    code = main([*argv, "--resume=old", "--run-dir", str(run)])
+    [line] = capsys.readouterr().err.splitlines()
+    assert code == 130
+    assert line.startswith("error: interrupted; ") and str(run / "checkpoint.pt") in line
+    command = line.split("resume with ", 1)[1]
+    assert shlex.split(command) == [
+        "rnn-trainer",
+        *argv,
+        "--run-dir",
+        str(run),
+        "--resume",
+        str(run),
+    ]
+
+
+def test_an_interrupted_run_with_no_new_checkpoint_names_none(tmp_path, monkeypatch, capsys):
+    """A checkpoint in the run dir older than the run is some earlier run's."""
+    from rnnserve.trainer import pipeline
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"an earlier run")
+    os.utime(run / "checkpoint.pt", (1, 1))
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "train_recurrent", interrupted)
+    argv = ["train", "--arch", "gru", "--epochs", "3", "--out", str(tmp_path / "m")]
+    assert main([*argv, "--run-dir", str(run)]) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_a_closed_stdout_fails_a_training_run(tmp_path, monkeypatch, capsys) -> None:
+    """`rnn-trainer train ... | head -1` ended the run before its first epoch, exported
+    nothing and exited 0 (the quiet exit meant for `stats | head`)."""
+    from rnnserve.trainer import pipeline
+
+    def reader_left(*_args, **_kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(pipeline, "train_recurrent", reader_left)
+    argv = ["train", "--arch", "gru", "--epochs", "3", "--out", str(tmp_path / "m")]
+    assert main([*argv, "--run-dir", str(tmp_path / "run")]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == "error: stdout was closed, so train stopped before it ended"
+
+
+def test_a_closed_stdout_ends_stats_quietly(monkeypatch, capsys) -> None:
+    """`rnn-trainer stats | head`: the reader had what it wanted."""
+    import rnnserve.trainer.cli as cli
+
+    def reader_left(_args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setitem(cli.COMMANDS, "stats", reader_left)
+    assert main(["stats"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_terminal_that_is_not_utf8_gets_escapes_not_an_error(monkeypatch) -> None:
+    """`sample` of a text the terminal's encoding cannot hold exited 2 with "'ascii' codec
+    can't encode characters"; the text is printed with backslash escapes instead."""
+    import io
+
+    import rnnserve.trainer.cli as cli
+
+    raw = io.BytesIO()
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    monkeypatch.setitem(cli.COMMANDS, "sample", lambda _args: print("日本 café") or 0)
+    assert main(["sample", "--model", "m", "--prefix", "x"]) == 0
+    cli.sys.stdout.flush()
+    assert raw.getvalue().decode("ascii") == "\\u65e5\\u672c caf\\xe9\n"
+
+
+def test_a_misspelt_flag_gets_the_subcommand_usage_and_a_suggestion(capsys) -> None:
+    """`train --epoch 1` was refused under the top-level usage, which lists no train flag."""
+    with pytest.raises(SystemExit) as info:
+        build_parser(["train"]).parse_args(["train", "--epoch", "1"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.startswith("usage: rnn-trainer train ") and "[--epochs EPOCHS]" in err
+    assert err.splitlines()[-1].endswith(
+        "unrecognized arguments: --epoch 1 (did you mean --epochs?)"
+    )
