@@ -80,8 +80,10 @@ def pause_before_next_attempt(
     if cancelled or not failover or not is_replica_failure(error, resuming=resuming):
         raise error
     if failures >= retry.max_attempts:
+        # by now the stream has failed over, so `resuming` says whether it delivered anything
+        what = "resumed" if resuming else "started"
         raise Unavailable(
-            f"the stream could not be resumed: {failures} attempts in a row failed "
+            f"the stream could not be {what}: {failures} attempts in a row failed "
             f"(replicas {', '.join(addresses)}); last error: {error}"
         )
     # the first move to another replica needs no pause: that replica is not the one that

@@ -285,3 +285,18 @@ def test_the_async_client_passes_over_refusals_pins_the_version_and_cancels_a_pa
     asyncio.run(main())
     assert (full.calls, serving.calls, pausing.calls) == (1, 1, 1)
     assert serving.requests[0].version == "2"
+
+
+def test_a_stream_no_replica_ever_started_does_not_say_resumed() -> None:
+    """With every replica down from the start, the error said "the stream could not be
+    resumed", though nothing had been delivered to resume."""
+    import socket
+
+    closed = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()  # nothing listens there
+    with (
+        RnnClient([address], retry=QUICK, timeout=5) as client,
+        pytest.raises(Unavailable, match="could not be started: 3 attempts"),
+    ):
+        list(client.generate("m", "hi", max_tokens=4))
