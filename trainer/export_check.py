@@ -5,8 +5,9 @@ time can export as an unrolled graph of one length, and a wrong weight layout (s
 gates swapped) still runs. So, on inputs of the kind the model serves (trainer/probe.py):
 
 - symbolic batch and time axes in the file, and the manifest's initial state;
-- a whole window (time 200) in one call == torch, and == the same window fed one step at a
-  time with the state fed back (the server's decode path);
+- a whole window (time 200; shorter at a large vocabulary: trainer/probe.py) in one call
+  == torch, and == the same window fed one step at a time with the state fed back (the
+  server's decode path);
 - from torch's own state at every position: one step, and short windows (time 8) == torch.
   These compare a single step's rounding, so they keep their power when the model is chaotic
   and whole windows drift apart.
@@ -134,8 +135,9 @@ def _choose_probe(
     model: Any, given: Any, source: str, vocab_size: int | None, torch32: _Torch, seed: int
 ) -> probes.Probe:
     values = model.input_name != "tokens"
+    time = probes.probe_time(None if values else vocab_size)  # bounded memory at a large V
     if given is not None:
-        found = probes.windows_of(given, source, values=values)
+        found = probes.windows_of(given, source, values=values, time=time)
         if found is not None:
             return found
     if values:
@@ -143,8 +145,8 @@ def _choose_probe(
     assert vocab_size
     if model.task == "lm":
         state0 = [t.numpy() for t in model.initial_state(probes.ROWS)]
-        return probes.sampled(torch32, state0, vocab_size, seed)
-    return probes.random_tokens(vocab_size, seed)
+        return probes.sampled(torch32, state0, vocab_size, seed, time)
+    return probes.random_tokens(vocab_size, seed, time)
 
 
 def check_parity(

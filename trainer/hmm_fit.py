@@ -66,6 +66,22 @@ class FitHistory:
     log_likelihood_per_token: list[float] = field(default_factory=list)
 
 
+# Entries of each [rows, chunk, K] float64 tensor of one forward-backward pass (64 MiB): a
+# pass holds about a dozen, so EM's memory is bounded whatever the corpus size (all chunks of
+# a 40 MB char corpus in one pass needed ~25 GB at K = 16).
+PASS_ENTRIES = 2**23
+
+
+def passes(batches: Sequence[torch.Tensor], states: int) -> list[torch.Tensor]:
+    """The batches [N, T] cut into groups of rows whose [rows, T, K] tensors hold at most
+    PASS_ENTRIES entries; the chunks are independent, so sums over the groups are the same."""
+    return [
+        part
+        for x in batches
+        for part in x.split(max(1, PASS_ENTRIES // max(1, x.shape[1] * states)))
+    ]
+
+
 def chunk_ids(ids: Sequence[int], chunk: int) -> list[torch.Tensor]:
     """[N, chunk] of the whole chunks, plus a [1, rest] batch for the tail if any."""
     x = torch.as_tensor(list(ids), dtype=torch.int64)
@@ -93,7 +109,7 @@ def em_step(
     a_c = torch.zeros(k, k, dtype=torch.float64)
     b_c = torch.zeros(v, k, dtype=torch.float64)
     total = 0.0
-    for x in batches:
+    for x in passes(batches, k):
         gamma, beta, fwd = posterior(params.pi, params.a, params.b, x)  # [N, T, K] each
         total += float(fwd.log_likelihood.sum())
         pi_c += gamma[:, 0].sum(0)
@@ -115,7 +131,7 @@ def log_likelihood(params: HmmParams, batches: list[torch.Tensor]) -> float:
     with torch.no_grad():
         return sum(
             float(posterior(params.pi, params.a, params.b, x)[2].log_likelihood.sum())
-            for x in batches
+            for x in passes(batches, params.pi.shape[0])
         )
 
 

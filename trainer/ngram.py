@@ -155,6 +155,24 @@ class NgramCounts:
         return _perplexity(sum(lls), len(lls))
 
 
+def _how_to_fit(vocab_size: int, n: int) -> str:
+    """The flags that bring V^n under the limit, with the numbers: "a smaller n" left the user
+    to guess which n, and suggested char level to a char-level run."""
+    largest_v = round(MAX_TABLE_ENTRIES ** (1 / n))  # the integer n-th root, float-corrected
+    while largest_v**n > MAX_TABLE_ENTRIES:
+        largest_v -= 1
+    while (largest_v + 1) ** n <= MAX_TABLE_ENTRIES:
+        largest_v += 1
+    shrink = f"raise --min-freq until the vocabulary has at most {largest_v:,} tokens"
+    largest_n = 0
+    while vocab_size ** (largest_n + 1) <= MAX_TABLE_ENTRIES:
+        largest_n += 1
+    if largest_n == 0:
+        return f"{shrink} (even --n 1 is too large at V = {vocab_size:,})"
+    lower = "" if largest_n == 1 else " or lower"
+    return f"use --n {largest_n}{lower}, or {shrink} for --n {n}"
+
+
 def dense_log_probs(ids: Sequence[int], config: NgramConfig) -> np.ndarray:
     """The smoothed log-probability table, float32 [V^(n-1), V]; row = context in base V."""
     config.validate()
@@ -162,7 +180,7 @@ def dense_log_probs(ids: Sequence[int], config: NgramConfig) -> np.ndarray:
         raise TrainerError(
             f"n-gram table V^n = {config.vocab_size}^{config.n} = {config.table_entries:,} entries "
             f"exceeds the dense export limit of {MAX_TABLE_ENTRIES:,} (2**24); "
-            "use a smaller n or a smaller vocabulary (e.g. char level or --min-freq)"
+            f"{_how_to_fit(config.vocab_size, config.n)}"
         )
     _check_training_ids(ids, config)
     v, k = config.vocab_size, config.n - 1
@@ -237,8 +255,11 @@ class NgramLM(nn.Module):
 
     @torch.no_grad()
     def perplexity(self, ids: Sequence[int]) -> float:
-        """Same number as NgramCounts.perplexity, computed by the graph's forward.
+        """Same number as NgramCounts.perplexity, by the graph's lookup of each position's
+        context row, for the observed next id only.
 
+        Why not the graph's forward: its logits are [len(ids), V] (a word-level validation
+        split of 700k ids at V = 140k is 400 GB); the picked entries are [len(ids)].
         An excluded id has probability 0 (inf), not the table's finite NEVER_LOGPROB, whose
         exp(1e4 / len) would overflow or give an arbitrary huge number."""
         if len(ids) < 1:
@@ -246,13 +267,14 @@ class NgramLM(nn.Module):
         _check_ids(ids, self.config.vocab_size)
         if not set(ids).isdisjoint(self.config.excluded):
             return math.inf
-        tokens = torch.tensor([list(ids)], dtype=torch.int64)  # [1, time]
-        (context,) = self.initial_state(1)
-        first = self.log_probs[self._bos_row(), ids[0]]  # p(ids[0] | <bos>...)
-        logits, _ = self.forward(tokens[:, :-1], context)  # predicts ids[1:]
-        picked = logits[0].gather(1, tokens[0, 1:, None]).squeeze(1)  # [time - 1]
-        total = float(first) + float(picked.double().sum())
-        return _perplexity(total, len(ids))
+        k, v = self.config.n - 1, self.config.vocab_size
+        tokens = torch.tensor(list(ids), dtype=torch.int64)  # [time]
+        padded = torch.cat([torch.full((k,), BOS_ID, dtype=torch.int64), tokens])
+        rows = torch.zeros_like(tokens)  # context of every position in base V, <bos>-padded
+        for j in range(k):
+            rows = rows * v + padded[j : j + len(tokens)]
+        picked = self.log_probs[rows, tokens]  # [time]
+        return _perplexity(float(picked.double().sum()), len(ids))
 
     def start_log_probs(self) -> list[float]:
         """log p(first token | <bos>...) [V], for the manifest: the graph never outputs this

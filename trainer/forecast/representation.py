@@ -73,8 +73,10 @@ class Representation:
             y = r
         if not m:
             return y
-        # x̂_{t+j} = x_{t+j-m} + ŷ_{t+j}; the last m true levels seed the recursion
-        levels = x[origins[:, None] + np.arange(-m + 1, 1)[None, :]]  # [n, m]
+        # x̂_{t+j} = x_{t+j-m} + ŷ_{t+j}; the last m true levels seed the recursion, of which
+        # the first K are read: [n, m] was 4.7 GB for a 1M-point series with m = 626
+        seeds = min(m, y.shape[1])
+        levels = x[origins[:, None] + np.arange(-m + 1, -m + 1 + seeds)[None, :]]  # [n, <=K]
         out = np.empty_like(y)
         for j in range(y.shape[1]):
             base = levels[:, j] if j < m else out[:, j - m]

@@ -30,6 +30,28 @@ def test_undo_of_the_true_representation_gives_back_the_future(rep: Representati
     assert np.allclose(back, want, atol=1e-9)
 
 
+def test_undo_from_many_origins_with_a_long_season_reads_only_k_seed_levels() -> None:
+    """undo gathered the last m true levels of every origin, [n, m]: 4.7 GB for the whole-
+    series predictions of a 1M-point series with season 626, a MemoryError after training.
+    The first K of them are all the recursion reads."""
+    import tracemalloc
+
+    m, k = 1_000, 4
+    rep = Representation(0, m)
+    x = 10 + np.sin(2 * np.pi * np.arange(12_000) / m) + 0.001 * np.arange(12_000)
+    r = rep.apply(x)
+    origins = np.arange(m, 11_000)
+    steps = r[origins[:, None] + np.arange(1, k + 1)[None, :]]
+    tracemalloc.start()
+    try:
+        back = rep.undo(x, origins, steps)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.allclose(back, x[origins[:, None] + np.arange(1, k + 1)[None, :]], atol=1e-9)
+    assert peak < 10 * steps.nbytes, (peak, steps.nbytes)
+
+
 def test_undo_only_reads_the_history_before_the_origin() -> None:
     rep = Representation(1, 12)
     x = seasonal_trend()

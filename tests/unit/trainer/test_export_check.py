@@ -12,12 +12,15 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from rnnserve.artifact.manifest import Manifest
 from rnnserve.artifact.tokenizer import TokenizerConfig
-from rnnserve.artifact.vocab import Vocab
+from rnnserve.artifact.vocab import RESERVED, Vocab
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.export import export_model, write_onnx
 from rnnserve.trainer.export_check import check_parity
 from rnnserve.trainer.models import RNNLM, ModelConfig
+from rnnserve.trainer.ngram import train_ngram
+from rnnserve.trainer.probe import LONG_TIME, MAX_LOGITS, MIN_TIME, ROWS
 
 VOCAB = Vocab.build(list("the time machine"))
 TEXT = VOCAB.encode(list("the time traveller for so it will be convenient to speak of him " * 8))
@@ -137,3 +140,18 @@ def test_a_masked_token_does_not_make_the_tolerance_infinite(tmp_path: Path) -> 
     _rewrite(path, _shift_head_bias)
     with pytest.raises(TrainerError, match=r"export check failed \(.+\): log-prob.+ apart"):
         check_parity(path, model, len(VOCAB), probe=TEXT)
+
+
+def test_a_large_vocabulary_is_checked_on_shorter_windows(tmp_path: Path) -> None:
+    """4 windows of 200 tokens whatever the vocabulary: the check holds a dozen float64 copies
+    of the [4, 200, V] logits, over 8 GB for a word-level model of V = 140k (a 560 KB unigram
+    table), so `train` ended in a MemoryError. The windows shrink so 4 x time x V is bounded."""
+    vocab = Vocab([*RESERVED, *(f"w{i}" for i in range(12_000))])
+    ids = np.random.default_rng(0).integers(len(RESERVED), len(vocab), 5_000).tolist()
+    model = train_ngram(ids, len(vocab), n=1)
+    out = export_model(model, tmp_path, name="big", vocab=vocab,
+                       tokenizer=TokenizerConfig(level="word"), probe=ids)  # fmt: skip
+    parity = Manifest.load(out).parity
+    time = parity["time_lengths"][1]
+    assert MIN_TIME <= time < LONG_TIME and ROWS * time * len(vocab) <= MAX_LOGITS
+    assert parity["probe"].endswith(f"({ROWS} windows of {time})")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rnnserve.artifact.vocab import NOT_TEXT_IDS
+from rnnserve.trainer import hmm_fit
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.hmm import train_hmm
 from rnnserve.trainer.hmm_fit import (
@@ -42,6 +43,31 @@ def test_chunking_keeps_every_id() -> None:
     batches = chunk_ids(list(range(23)), chunk=5)
     assert [tuple(b.shape) for b in batches] == [(4, 5), (1, 3)]
     assert torch.cat([b.reshape(-1) for b in batches]).tolist() == list(range(23))
+
+
+def test_em_on_a_large_corpus_holds_a_bounded_number_of_chunks_at_once(monkeypatch) -> None:
+    """All chunks went through one forward-backward pass: [N, chunk, K] float64 tensors,
+    ~25 GB at K = 16 for a 40 MB char corpus, so `train --arch hmm` died of memory. Passes
+    of at most PASS_ENTRIES entries give the same update."""
+    p = random_params(3, V, seed=5)
+    ids = sample(p, 2_000, seed=4)
+    batches = chunk_ids(ids, chunk=20)  # [100, 20]
+    whole, total = em_step(p, batches, pseudocount=1e-3)
+    seen: list[int] = []
+    posterior = hmm_fit.posterior
+
+    def spy(pi, a, b, x):
+        seen.append(x.numel() * a.shape[0])
+        return posterior(pi, a, b, x)
+
+    monkeypatch.setattr(hmm_fit, "PASS_ENTRIES", 20 * 3 * 7)  # 7 chunks a pass
+    monkeypatch.setattr(hmm_fit, "posterior", spy)
+    new, split_total = em_step(p, batches, pseudocount=1e-3)
+    assert max(seen) <= 20 * 3 * 7 and len(seen) == 15
+    assert split_total == pytest.approx(total, rel=1e-12)
+    assert log_likelihood(p, batches) == pytest.approx(total, rel=1e-12)
+    for got, want in zip((new.pi, new.a, new.b), (whole.pi, whole.a, whole.b), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from rnnserve.artifact.tokenizer import TokenizerConfig
 from rnnserve.artifact.vocab import RESERVED, Vocab
 from rnnserve.trainer.export import export_model
 from rnnserve.trainer.hmm import HmmConfig, HmmLM
+from rnnserve.trainer.hmm_recursions import forward_scaled
 
 from .brute import joint, prob, random_params
 
@@ -76,6 +80,36 @@ def test_perplexity_and_posterior_blank_equal_enumeration(model: HmmLM) -> None:
     got = model.posterior_blank(left, right)
     assert got.shape == (V,)
     np.testing.assert_allclose(got, scores / scores.sum(), rtol=1e-9)
+
+
+@contextmanager
+def address_space_cap(headroom: int) -> Iterator[None]:
+    """Caps this process's address space at what it maps now plus `headroom` bytes, so an
+    allocation far past it fails at once whatever the machine's overcommit policy."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        pytest.skip("needs /proc (Linux) to read the address space in use")
+    mapped = next(line for line in status.read_text().splitlines() if line.startswith("VmSize"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (int(mapped.split()[1]) * 1024 + headroom, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_perplexity_of_a_long_split_at_a_large_vocabulary_needs_no_logits_table() -> None:
+    """The validation perplexity ran the graph's forward: logits [len(ids), V] (400 GB for a
+    word-level split of 700k ids at V = 140k, a traceback from `train`) and a K x V product a
+    step. Only the observed ids' probabilities are needed."""
+    vocab = 200_000
+    lm = HmmLM(random_params(K, vocab, seed=8), HmmConfig(states=K, vocab_size=vocab)).eval()
+    ids = np.random.default_rng(0).integers(0, vocab, 20_000).tolist()  # logits: 16 GB
+    with address_space_cap(1 << 30):
+        got = lm.perplexity(ids)
+    p = lm.params
+    fwd = forward_scaled(p.pi, p.a, p.b, torch.tensor([ids]))
+    assert got == pytest.approx(math.exp(-float(fwd.log_likelihood[0]) / len(ids)), rel=1e-9)
 
 
 def test_export_model_parity_loop_and_bayes_infill(tmp_path: Path) -> None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,6 +148,36 @@ def test_perplexity_graph_equals_reference_and_orders_sensibly() -> None:
     assert flat.perplexity(text[:300]) == pytest.approx(V - len(NOT_TEXT_IDS), rel=1e-3)
 
 
+@contextmanager
+def address_space_cap(headroom: int) -> Iterator[None]:
+    """Caps this process's address space at what it maps now plus `headroom` bytes, so an
+    allocation far past it fails at once whatever the machine's overcommit policy."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        pytest.skip("needs /proc (Linux) to read the address space in use")
+    mapped = next(line for line in status.read_text().splitlines() if line.startswith("VmSize"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (int(mapped.split()[1]) * 1024 + headroom, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_perplexity_of_a_long_split_at_a_large_vocabulary_needs_no_logits_table() -> None:
+    """The validation perplexity ran the graph's forward: logits [len(ids), V] (a word-level
+    split of 700k ids at V = 140k asked for 400 GB and crashed `train` with a traceback).
+    Only the observed ids' log-probabilities are needed."""
+    vocab = 50_000
+    train = random_ids(2_000, seed=1, vocab=vocab)
+    held = random_ids(100_000, seed=2, vocab=vocab)  # logits would be 20 GB
+    model = train_ngram(train, vocab, n=1, alpha=0.5)
+    with address_space_cap(1 << 30):
+        got = model.perplexity(held)
+    ref = NgramCounts.fit(train, NgramConfig(vocab, 1, 0.5, excluded=NOT_TEXT_IDS))
+    assert got == pytest.approx(ref.perplexity(held), rel=1e-5)
+
+
 def test_perplexity_with_an_excluded_id_is_infinite_in_both() -> None:
     """<eos> has probability 0: the graph's perplexity must be inf like the reference's, not
     an OverflowError (exp(1e4 / 2)) or an arbitrary huge number from NEVER_LOGPROB."""
@@ -176,6 +210,15 @@ def test_refuses_table_over_the_limit() -> None:
     assert vocab**2 > MAX_TABLE_ENTRIES
     with pytest.raises(TrainerError, match=r"exceeds the dense export limit"):
         train_ngram([4, 5, 6], vocab, n=2, alpha=1.0)
+    # the flags to change, with the numbers ("a smaller n ... e.g. char level" named no flag
+    # and told a char-level run to go char level)
+    with pytest.raises(TrainerError) as err:
+        train_ngram([4, 5, 6], vocab, n=2, alpha=1.0)
+    assert str(err.value).endswith(
+        "use --n 1, or raise --min-freq until the vocabulary has at most 4,096 tokens for --n 2"
+    )
+    with pytest.raises(TrainerError, match=r"use --n 4 or lower, .* at most 27 tokens for --n 5"):
+        train_ngram([4, 5, 6], 31, n=5, alpha=1.0)  # char level, letters only
     # the dict reference still works for any size (benchmarks use it for large n)
     ref = NgramCounts.fit([4, 5, 6, 4, 5], NgramConfig(vocab, 5, 1.0))
     assert ref.perplexity([4, 5, 6]) > 1
