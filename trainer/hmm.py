@@ -52,6 +52,11 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+# float32 weights an exported graph can hold: protobuf refuses a message of 2 GB or more,
+# so a larger HMM would fail only at export, after training (or first allocate ~80 GB)
+MAX_GRAPH_FLOATS = 2**29 - 2**20
+
+
 @dataclass(frozen=True)
 class HmmConfig:
     """How the HMM was trained; stored in the manifest's hyper-parameters."""
@@ -94,6 +99,13 @@ class HmmConfig:
             or len(self.excluded) >= self.vocab_size
         ):
             raise TrainerError(f"excluded ids {self.excluded} must leave some of the vocabulary")
+        weights = self.states**2 + 2 * self.states * self.vocab_size  # A, B and B^T, float32
+        if weights > MAX_GRAPH_FLOATS:
+            raise TrainerError(
+                f"an HMM of {self.states:,} states over {self.vocab_size:,} tokens has "
+                f"{weights:,} weights, past the {MAX_GRAPH_FLOATS:,} an ONNX graph holds "
+                "(protobuf's 2 GB); lower --states, or raise --min-freq for a smaller vocabulary"
+            )
 
 
 class HmmLoop(nn.Module):

@@ -127,6 +127,8 @@ def test_train_hmm_em_and_gradient_improve_and_are_deterministic() -> None:
         # 0 left unseen symbols at probability 0: the forward vector summed to 0, perplexity
         # and the exported logits were NaN
         ({"ids": [4, 5], "vocab_size": V, "states": 2, "pseudocount": 0.0}, "pseudocount"),
+        # 100k states: A alone is 40 GB of float32; it died allocating it, with a traceback
+        ({"ids": [4, 5], "vocab_size": V, "states": 100_000}, "lower --states"),
         (
             {"ids": [4, 5], "vocab_size": V, "states": 2, "method": "gradient", "lr": math.nan},
             "lr a finite number",
