@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 
 from rnnserve.server.decode.loop import DecodeLoop
 from rnnserve.server.decode.process import DecodeProcess
@@ -28,6 +29,7 @@ class AdminService(pb_grpc.AdminServicer):
         self.health = health
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
+        self._unclosed: set[DecodeLoop | DecodeProcess] = set()  # removed, not closed yet
 
     async def ReloadModels(self, request, context):
         report, retiring = await self.rescan()
@@ -59,10 +61,22 @@ class AdminService(pb_grpc.AdminServicer):
     async def _rescan(self) -> tuple[ReloadReport, asyncio.Task]:
         async with self._lock:
             report, retired = await rescan(self.engine, self.health)
-        task = asyncio.ensure_future(retire(retired))
+        self._unclosed.update(retired)
+        task = asyncio.ensure_future(retire(retired, self._unclosed.discard))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
         return report, task
+
+    async def close(self) -> None:
+        """Shutdown, after the drain: closes the decode loops of removed versions that are
+        still waiting for their streams to end. The server's own list no longer has them, and
+        a decode thread left stepping when the process exits aborts it (SIGABRT, exit 134)."""
+        for decoder in list(self._unclosed):
+            try:
+                await decoder.close()
+            except Exception:  # the others still close
+                log.exception("closing the decode loop of a removed model version failed")
+            self._unclosed.discard(decoder)
 
 
 async def rescan(engine: Engine, health: ModelHealth) -> tuple[ReloadReport, Retired]:
@@ -92,11 +106,15 @@ async def rescan(engine: Engine, health: ModelHealth) -> tuple[ReloadReport, Ret
     return report, retired
 
 
-async def retire(decoders: Retired) -> None:
-    """Closes the decode loops of removed versions once their running streams have ended."""
+async def retire(
+    decoders: Retired, closed: Callable[[DecodeLoop | DecodeProcess], None] = lambda d: None
+) -> None:
+    """Closes the decode loops of removed versions once their running streams have ended;
+    `closed(decoder)` after each."""
     for decoder in decoders:
         try:
             await decoder.drain()
             await decoder.close()
         except Exception:  # the next one still closes; nobody may be awaiting this task
             log.exception("closing the decode loop of a removed model version failed")
+        closed(decoder)

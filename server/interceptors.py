@@ -186,7 +186,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 self._begin(method, metadata, request)
                 return await behavior(request, context)
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                code = _cancelled(context)
                 raise
             except Exception as exc:
                 if _is_abort(exc):
@@ -214,7 +214,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                         await context.write(response)
                 return
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                code = _cancelled(context)
                 raise
             except Exception as exc:
                 if _is_abort(exc):
@@ -226,6 +226,19 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(code, message)
 
         return wrapper
+
+
+def _cancelled(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why grpc cancelled a handler: DEADLINE_EXCEEDED once the call's deadline has passed
+    (what the client sees, and what the error-rate alert counts as a server too slow),
+    else CANCELLED (the client went away: not the server's failure)."""
+    try:
+        remaining = context.time_remaining()
+    except Exception:  # a context that cannot tell: the caller left, as far as we know
+        return grpc.StatusCode.CANCELLED
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 def _is_abort(exc: BaseException) -> bool:

@@ -99,6 +99,8 @@ class App:
         await asyncio.gather(self.server.stop(grace), http_stop)
         for decoder in self.engine.decoders():
             await decoder.close()
+        if self.admin is not None:  # removed versions whose streams were still draining
+            await self.admin.close()
         self.engine.runtime.close()
         if self._sampler is not None:
             self._sampler.cancel()

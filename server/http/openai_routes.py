@@ -212,7 +212,6 @@ class OpenAIRoutes:
                 "x-request-id": call.request_id,
             }
         )
-        await response.prepare(request)
         head = {
             "id": f"cmpl-{call.request_id}",
             "object": "text_completion",
@@ -221,6 +220,9 @@ class OpenAIRoutes:
         }
         generated = 0
         try:
+            # the client may leave while the first token is made: its headers then meet a
+            # closing transport, which is a cancel like any later write, not a server error
+            await response.prepare(request)
             if req.echo:
                 for i, (prompt, enc) in enumerate(zip(req.prompts, prompts, strict=True)):
                     lp = await self._logprobs(req, prompt, enc, "") if req.logprobs else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -247,6 +248,26 @@ def test_a_removed_version_closes_even_if_its_reload_call_gave_up(
         srv.stop()
 
 
+def test_shutdown_closes_a_removed_version_still_draining(model_repo: Path, tmp_path: Path) -> None:
+    """SIGTERM while a removed version still waits for a stream: the engine no longer lists
+    its decode loop, so shutdown must close it itself. A decode thread still stepping when the
+    process exits aborted it (SIGABRT, exit 134, "terminate called without an active
+    exception") instead of the documented exit 0."""
+    srv, _repo, old = _removed_while_a_stream_runs(model_repo, tmp_path)
+    pending = srv.admin.ReloadModels.future(pb.ReloadModelsRequest(), timeout=60)
+    end = time.monotonic() + 30  # the rescan ran once the engine has let go of the loop
+    while ("gru", "2") in srv.call(lambda: dict(srv.app.engine._decoders)):
+        assert time.monotonic() < end, "the rescan never removed version 2"
+        time.sleep(0.05)
+    srv.run(srv.app.shutdown(grace=0.0, delay=0.0))  # the stream on version 2 never ended
+    assert old._closed
+    assert not any(t.is_alive() for t in old._threads), "a decode thread outlives the server"
+    with contextlib.suppress(grpc.RpcError):
+        pending.result(30)
+    srv.app = None  # shut down already
+    srv.stop()
+
+
 def test_a_reload_whose_caller_gave_up_still_installs_what_it_loaded(
     model_repo: Path, tmp_path: Path
 ) -> None:
@@ -408,6 +429,86 @@ def test_drain_delay_turns_health_off_before_calls_are_refused(model_repo: Path)
     assert not stopping.done()
     stopping.cancel()
     srv.stop(grace=1.0)
+
+
+def test_a_call_past_its_deadline_is_counted_deadline_exceeded_not_cancelled(
+    model_repo: Path,
+) -> None:
+    """grpc cancels a handler both when the caller goes away and when the call's deadline
+    passes; the access log, rnnserve_errors_total and the span must say which, as the client
+    does: the error-rate alert counts DEADLINE_EXCEEDED (a server too slow), not CANCELLED."""
+    srv = ServerThread(make_settings(model_repo)).start()
+    try:
+        release, entered = asyncio.Event(), threading.Semaphore(0)
+
+        async def stuck(*args, **kwargs):  # a Score that outlives any deadline
+            entered.release()
+            await release.wait()
+
+        srv.app.engine.score = stuck
+        with pytest.raises(grpc.RpcError) as err:
+            srv.stub.Score(pb.ScoreRequest(model="lstm", texts=["ab"]), timeout=0.2)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        left = srv.stub.Score.future(pb.ScoreRequest(model="lstm", texts=["ab"]), timeout=60)
+        assert entered.acquire(timeout=20) and entered.acquire(timeout=20)  # both reached it
+        left.cancel()
+        reg = srv.app.metrics.registry
+
+        def count(code: str) -> float:
+            labels = {"rpc": "Score", "code": code}
+            return srv.call(lambda: reg.get_sample_value("rnnserve_errors_total", labels) or 0)
+
+        deadline = time.monotonic() + 20  # the handlers end asynchronously: a bound, not a speed
+        while count("CANCELLED") < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert count("DEADLINE_EXCEEDED") == 1
+        assert count("CANCELLED") == 1
+    finally:
+        srv.stop()
+
+
+def test_an_sse_client_gone_before_the_headers_is_cancelled_not_internal(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/v1/completions with stream=true waits for the first token before its headers go out;
+    a client that left meanwhile makes them meet a closing transport. That is a cancel (as a
+    later write's reset is), not an INTERNAL error logged with its traceback, and the stream
+    frees its slot."""
+    import urllib.request
+
+    from aiohttp import web
+    from aiohttp.client_exceptions import ClientConnectionResetError
+
+    from tests.integration.http.conftest import free_port
+
+    prepare = web.StreamResponse.prepare
+
+    async def closing(self, request):  # what aiohttp raises when the client has gone
+        if self.headers.get("Content-Type") == "text/event-stream":
+            raise ClientConnectionResetError("Cannot write to closing transport")
+        return await prepare(self, request)
+
+    monkeypatch.setattr(web.StreamResponse, "prepare", closing)
+    srv = ServerThread(make_settings(model_repo, http_port=free_port())).start()
+    try:
+        body = json.dumps({"model": "lstm", "prompt": "the", "max_tokens": 50, "stream": True})
+        url = f"http://127.0.0.1:{srv.app.http.port}/v1/completions"
+        post = urllib.request.Request(url, body.encode(), {"Content-Type": "application/json"})
+        with pytest.raises(OSError):  # no response: the connection is dropped
+            urllib.request.urlopen(post, timeout=30).read()
+        reg = srv.app.metrics.registry
+
+        def count(code: str) -> float:
+            labels = {"rpc": "openai.Completions", "code": code}
+            return srv.call(lambda: reg.get_sample_value("rnnserve_errors_total", labels) or 0)
+
+        deadline = time.monotonic() + 20  # the handler ends asynchronously: a bound
+        while not count("CANCELLED") + count("INTERNAL") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (count("CANCELLED"), count("INTERNAL")) == (1, 0)
+        assert srv.call(lambda: srv.app.engine.limiter.active) == 0
+    finally:
+        srv.stop()
 
 
 def test_unparsable_request_bytes_are_invalid_argument_not_internal(server) -> None:
