@@ -135,6 +135,12 @@ class OpenAIRoutes:
             codec.encode(p, "prompt" if len(req.prompts) == 1 else f"prompt[{i}]", limit)
             for i, p in enumerate(req.prompts)
         ]
+        for i, enc in enumerate(prompts):  # told here: the engine's message offers a resume
+            if not enc.ids:  # state, which /v1/completions has not, and names no index
+                where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+                raise BadRequest(
+                    where, "has no token after tokenization; give text the model's tokenizer keeps"
+                )
         if req.stream:
             return await self._stream(request, call, req, prompts)
         done = await _all([self._collect(req, p) for p in req.prompts])

@@ -117,3 +117,31 @@ def test_an_unusable_run_dir_is_refused_before_training(
     out, err = capsys.readouterr()
     assert err.startswith("error: cannot create the run dir") and err.count("\n") == 1
     assert "epoch" not in out and not (tmp_path / "models").exists()
+
+
+def test_an_openai_prompt_the_tokenizer_erases_is_named_by_its_index(trained: Path) -> None:
+    """A word-level prompt of only spaces got the gRPC message on /v1/completions: the field
+    `prompt`, not `prompt[1]`, and a resume state this endpoint cannot take."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from tests.integration.http.conftest import http_server
+
+    server = http_server(trained / "models")
+    try:
+        assert server.app is not None and server.app.http is not None
+        body = {"model": "w", "prompt": ["The Time", "   "], "max_tokens": 2}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.app.http.port}/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=30)
+        assert err.value.code == 400
+        message = json.loads(err.value.read())["error"]["message"]
+    finally:
+        server.stop()
+    assert message.startswith("prompt[1]: has no token after tokenization"), message
+    assert "resume" not in message
