@@ -64,7 +64,7 @@ class StateSpec:
                 shape=[int(d) for d in data["shape"]],
                 batch_axis=int(data["batch_axis"]),
                 dtype=str(data.get("dtype", "float32")),
-                init=data.get("init", 0.0),
+                init=_init(data.get("init")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"state entry {data!r} is malformed: {exc}") from exc
@@ -125,6 +125,12 @@ class Manifest:
                 f"start_log_probs needs task lm and one value per token ({self.vocab_size}), "
                 f"got task {self.task} and {len(start)} values"
             )
+        # -inf is a token of probability 0; NaN or +inf (JSON written before manifests were
+        # strict) made every empty-left Infill probability NaN
+        if start is not None and not all(v < math.inf for v in start):
+            raise ManifestError("start_log_probs must be log-probabilities: no NaN or +inf")
+        if start is not None and not any(math.isfinite(v) for v in start):
+            raise ManifestError("start_log_probs gives every token probability 0")
 
     # -- derived views -------------------------------------------------------------------
     def build_vocab(self) -> Vocab:
@@ -194,11 +200,12 @@ class Manifest:
                     k: float(v) for k, v in (data.get("metrics") or {}).items() if v is not None
                 },
                 training=dict(data.get("training") or {}),
-                onnx_sha256=str(data.get("onnx_sha256", "")),
+                # null: not set (str(None) was a digest "None" no model.onnx matched)
+                onnx_sha256=str(data.get("onnx_sha256") or ""),
                 parity=dict(data.get("parity") or {}),
                 precision=str(data.get("precision") or "fp32"),
                 quantization=dict(data.get("quantization") or {}),
-                start_log_probs=_floats(data.get("start_log_probs")),
+                start_log_probs=_log_probs(data.get("start_log_probs")),
             )
         except ManifestError:
             raise
@@ -252,6 +259,25 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _floats(value: Any) -> list[float] | None:
-    """An optional JSON list of numbers as floats (TypeError/ValueError: malformed)."""
-    return None if value is None else [float(v) for v in value]
+def _log_probs(value: Any) -> list[float] | None:
+    """An optional JSON list of log-probabilities as floats, null entries as -inf: save writes
+    a token of probability 0 (log -inf) as null (TypeError/ValueError: malformed)."""
+    return None if value is None else [-math.inf if v is None else float(v) for v in value]
+
+
+def _init(value: Any) -> Any:
+    """A state's `init`: null is the default 0.0, as a left-out key is (np.asarray(None,
+    float32) is NaN: every output of the model was NaN while it showed SERVING); a NaN,
+    an infinity, or anything but numbers in nested lists, is refused (ValueError)."""
+    if value is None:
+        return 0.0
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, list):
+            pending.extend(item)
+        elif not isinstance(item, (int, float)):
+            raise ValueError(f"init must be a number or nested lists of numbers, got {item!r}")
+        elif not math.isfinite(item):
+            raise ValueError(f"init must be finite, got {item}")
+    return value
