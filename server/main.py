@@ -220,9 +220,16 @@ def state_signer(settings: Settings) -> StateSigner:
 
     Every key is stripped, the current one like the previous ones: a key read from a secret
     file often ends in a newline, and replicas (or a rotation's NEW + OLD) that disagree on it
-    would refuse each other's tokens. With --state-max-age, older tokens are refused."""
-    previous = [k.strip() for k in settings.state_key_previous.split(",") if k.strip()]
-    return StateSigner(settings.state_key.strip(), previous, max_age=settings.state_max_age)
+    would refuse each other's tokens. With --state-max-age, older tokens are refused.
+    The keys as given, whitespace kept, still verify (they never sign): servers before the
+    strip signed with them, and their tokens (streams failing over during the rolling update,
+    saved resume files) were refused with no way to accept them, --state-key-previous being
+    stripped too."""
+    given = [settings.state_key, *settings.state_key_previous.split(",")]
+    previous = [k.strip() for k in given[1:] if k.strip()]
+    unstripped = [k for k in given if k.strip() and k != k.strip()]
+    accepted = list(dict.fromkeys(previous + unstripped))
+    return StateSigner(settings.state_key.strip(), accepted, max_age=settings.state_max_age)
 
 
 async def serve(settings: Settings) -> int:

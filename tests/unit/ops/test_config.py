@@ -128,3 +128,22 @@ def test_state_key_is_stripped_like_the_previous_keys() -> None:
     rotated = state_signer(Settings(state_key="new-key\n", state_key_previous="old-key\n"))
     assert rotated.kid == state_signer(Settings(state_key="new-key")).kid
     assert old.kid in rotated._by_id
+
+
+def test_tokens_signed_before_keys_were_stripped_still_verify() -> None:
+    """Servers before the strip signed with RNNSERVE_STATE_KEY as given, newline and all: an
+    upgraded replica refused their tokens (failover during the rolling update, saved resume
+    files), and no flag could accept them (--state-key-previous is stripped too)."""
+    import numpy as np
+
+    from rnnserve.artifact.manifest import StateSpec
+    from rnnserve.server.main import state_signer
+    from rnnserve.server.resume import StateSigner
+
+    specs = [StateSpec("h", "h_in", "h_out", [-1, 2], 0)]
+    before = StateSigner("old-key\n").sign("m", "1", [np.zeros((1, 2), np.float32)], 3)
+    upgraded = state_signer(Settings(state_key="old-key\n"))
+    assert upgraded.key == b"old-key"  # it signs as every upgraded replica does
+    assert upgraded.verify(before, "m", "1", specs, 10).last_token == 3
+    rotated = state_signer(Settings(state_key="new-key", state_key_previous="old-key\n"))
+    assert rotated.verify(before, "m", "1", specs, 10).last_token == 3
