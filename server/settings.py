@@ -318,6 +318,8 @@ def validate(settings: Settings) -> str | None:
         value = getattr(settings, name)
         if not (math.isfinite(value) and value >= 0):
             return f"--{name.replace('_', '-')} must be a finite number of seconds, 0 or more"
+    if 0 < settings.state_max_age < 1:  # tokens carry whole seconds: a fresh one looked old
+        return "--state-max-age must be 0 (forever) or at least 1 (tokens record whole seconds)"
     if settings.state_key and not settings.state_key.strip():  # would sign with a random key
         return "--state-key is only whitespace"
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -42,7 +42,15 @@ def test_state_max_age_defaults_to_never_and_reads_the_environment(monkeypatch) 
     assert settings_from_args([]).state_max_age == 0
     monkeypatch.setenv("RNNSERVE_STATE_MAX_AGE", "86400")
     assert settings_from_args([]).state_max_age == 86400
-    assert settings_from_args(["--state-max-age", "0.5"]).state_max_age == 0.5
+    assert settings_from_args(["--state-max-age", "1.5"]).state_max_age == 1.5
+
+
+def test_a_state_max_age_under_a_second_is_refused(capsys) -> None:
+    """Tokens record when they were made in whole seconds: with 0.5 a token 0.1 s old was
+    refused as expired ("expired at ...:40Z (made ...:40Z)")."""
+    with pytest.raises(SystemExit):
+        settings_from_args(["--state-max-age", "0.5"])
+    assert "or at least 1 (tokens record whole seconds)" in capsys.readouterr().err
 
 
 def test_a_bad_state_max_age_says_what_is_expected(capsys) -> None:
