@@ -79,8 +79,11 @@ class App:
         """Gauges read from live objects, written once a second (for --workers' files), and
         health's look at the decode processes (one that cannot open its model)."""
         while True:
-            self.metrics.sample()
-            await self.health.recheck()
+            try:
+                self.metrics.sample()
+                await self.health.recheck()
+            except Exception:  # one bad pass must not end the gauges and the decode rechecks
+                log.exception("sampling the gauges or rechecking health failed; retrying")
             await asyncio.sleep(period_s)
 
     async def shutdown(self, grace: float | None = None, delay: float | None = None) -> None:

@@ -214,3 +214,35 @@ def test_recheck_follows_a_decoder_that_cannot_open_and_outlives_a_failed_retry(
 
     asyncio.run(run())
     assert seen == [("1", False), ("1", True)]
+
+
+def test_a_failing_sample_does_not_end_the_gauges_or_the_rechecks(caplog) -> None:
+    """The loop that samples the gauges and rechecks decode processes died with the first
+    exception either raised: gauges froze and a NOT_SERVING version was never retried."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from rnnserve.server.main import App
+
+    passes = []
+
+    class Metrics:
+        def sample(self) -> None:
+            passes.append("sample")
+            if len(passes) == 1:
+                raise RuntimeError("a gauge callback failed")
+
+    class Health:
+        async def recheck(self) -> None:
+            passes.append("recheck")
+
+    app = SimpleNamespace(metrics=Metrics(), health=Health())
+
+    async def main() -> None:
+        task = asyncio.ensure_future(App._sample_metrics(app, period_s=0))  # type: ignore[arg-type]
+        while passes.count("recheck") < 2:
+            await asyncio.sleep(0)
+        task.cancel()
+
+    asyncio.run(main())
+    assert "a gauge callback failed" in caplog.text
