@@ -240,9 +240,12 @@ def test_a_failing_sample_does_not_end_the_gauges_or_the_rechecks(caplog) -> Non
 
     async def main() -> None:
         task = asyncio.ensure_future(App._sample_metrics(app, period_s=0))  # type: ignore[arg-type]
-        while passes.count("recheck") < 2:
+        for _ in range(1000):  # bounded: a loop that died must fail the test, not hang it
+            if passes.count("recheck") >= 2:
+                break
             await asyncio.sleep(0)
         task.cancel()
 
     asyncio.run(main())
+    assert passes.count("recheck") >= 2, passes
     assert "a gauge callback failed" in caplog.text
