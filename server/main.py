@@ -149,6 +149,10 @@ def build_app(
         metrics,
     )
     metrics.track_admitted(lambda: engine.limiter.active, settings.max_streams)
+    if settings.decode_process:
+        metrics.track_decode_processes(
+            lambda: [(d.name, d.pid) for d in engine.decoders() if getattr(d, "pid", None)]
+        )
     health = ModelHealth(
         repository,
         allow_empty=bool(settings.allow_empty_repo),

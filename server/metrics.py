@@ -14,6 +14,7 @@ import contextlib
 import errno
 import logging
 import math
+import os
 import platform
 import socket
 import threading
@@ -215,6 +216,21 @@ class Metrics:
         self.build_info.labels(
             version=version, onnxruntime=onnxruntime_version, python=platform.python_version()
         ).set(1)
+        self.decode_process_cpu = Counter(
+            "rnnserve_decode_process_cpu_seconds",
+            "CPU time (user + system) of the --decode-process 1 children stepping this model's "
+            "streams, sampled once a second; process_* covers the server process only.",
+            ["model"],
+            registry=r,
+        )
+        self.decode_process_memory = Gauge(
+            "rnnserve_decode_process_resident_memory_bytes",
+            "Resident memory of the --decode-process 1 children stepping this model's streams "
+            "(all its versions), sampled once a second.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self._samplers: list[Callable[[], None]] = []
 
     def track_admitted(self, read: Callable[[], int], capacity: int) -> None:
@@ -224,6 +240,37 @@ class Metrics:
             self._samplers.append(lambda: self.admitted_streams.set(read()))
         else:
             self.admitted_streams.set_function(read)
+
+    def track_decode_processes(self, children: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        """Publishes CPU and memory of the decode children (`children`: (model, pid) pairs):
+        they are other processes, so prometheus_client's process_* never sees them. CPU is a
+        counter, increased by what each pid used since the last sample."""
+        seen: dict[tuple[str, int], float] = {}
+        shown: set[str] = set()
+
+        def sample() -> None:
+            now: dict[tuple[str, int], float] = {}
+            memory: dict[str, int] = {}
+            for model, pid in children():
+                usage = process_usage(pid)
+                if usage is None:  # gone meanwhile, or not Linux
+                    continue
+                cpu, rss = usage
+                before = seen.get((model, pid), 0.0)
+                if cpu > before:
+                    self.decode_process_cpu.labels(model=model).inc(cpu - before)
+                now[(model, pid)] = max(cpu, before)
+                memory[model] = memory.get(model, 0) + rss
+            seen.clear()
+            seen.update(now)
+            for model in shown - set(memory):  # its children are gone: no memory held
+                self.decode_process_memory.labels(model=model).set(0)
+            for model, rss in memory.items():
+                self.decode_process_memory.labels(model=model).set(rss)
+            shown.clear()
+            shown.update(memory)
+
+        self._samplers.append(sample)
 
     def sample(self) -> None:
         """Writes the values that are read from live objects (--workers: call every second)."""
@@ -252,6 +299,22 @@ class Metrics:
         host, bound = server.server_address[:2]
         log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, bound)
         return server
+
+
+def process_usage(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds, user + system; resident bytes) of a process, from Linux's /proc; None
+    where it cannot be read (the process ended, another OS)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+        with open(f"/proc/{pid}/statm", "rb") as fh:
+            pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()  # after "pid (comm) ": field 3 onwards
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime: fields 14 and 15
+    return cpu, pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def _multiprocess() -> bool:

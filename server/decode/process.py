@@ -327,6 +327,11 @@ class DecodeProcess(Admissions):
         contextvars.Context().run(self._loop.add_reader, self._conn.fileno(), self._readable)
 
     @property
+    def pid(self) -> int | None:
+        """The child's process id while one runs (for its CPU and memory metrics)."""
+        return self._process.pid if self._process is not None else None
+
+    @property
     def cannot_open(self) -> bool:
         """A child failed to open the model and none has opened it since: health says the
         version is NOT_SERVING (its new streams are refused or fail)."""

@@ -404,3 +404,28 @@ def test_a_version_whose_children_die_opening_serves_again_once_one_opens(
         assert srv.call(lambda: decoder._backoff.failures) == 0
     finally:
         srv.stop()
+
+
+def test_the_decode_child_reports_its_cpu_and_memory(server, stub) -> None:
+    """process_* describes the server process only: the children that step the streams had
+    no CPU or memory series at all."""
+    from prometheus_client import generate_latest
+
+    _generate(stub, model="lstm", prompt=PROMPT, max_tokens=50)
+    pid = _child_pid(server)
+    assert pid is not None
+    server.call(server.app.metrics.sample)
+    text = generate_latest(server.app.metrics.registry).decode()
+    lines = [line for line in text.splitlines() if line.startswith("rnnserve_decode_process")]
+    cpu = next(
+        line
+        for line in lines
+        if line.startswith('rnnserve_decode_process_cpu_seconds_total{model="lstm"}')
+    )
+    rss = next(
+        line
+        for line in lines
+        if line.startswith('rnnserve_decode_process_resident_memory_bytes{model="lstm"}')
+    )
+    assert float(cpu.split()[-1]) > 0  # it imported onnxruntime and stepped 50 tokens
+    assert float(rss.split()[-1]) > 10 * 2**20  # a Python with onnxruntime: tens of MB
