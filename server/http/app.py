@@ -7,10 +7,14 @@ it is one dependency, and its StreamResponse writes server-sent events with litt
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
+import sys
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.log import server_logger
 
 from rnnserve.server.engine import Engine
 from rnnserve.server.http.calls import HttpCalls, json_response
@@ -40,6 +44,34 @@ async def json_not_found(request: web.Request, handler) -> web.StreamResponse:
         if request.path.startswith("/v2"):
             body = {"error": message}
         return json_response(body, exc.status)
+
+
+def _client_fault(exc: BaseException | None) -> str | None:
+    """Why the request was malformed, when that is what `exc` says (aiohttp answers it 400);
+    None for anything else."""
+    if isinstance(exc, web.RequestPayloadError):  # a body that does not decode (read_body)
+        exc = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
+        return " ".join((getattr(exc, "message", "") or str(exc)).split())
+    if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 0) < 500:
+        return " ".join(str(exc.message).split())
+    return None
+
+
+class ServerLog(logging.LoggerAdapter):
+    """aiohttp's server logger, with a client's malformed request told in one INFO line.
+
+    aiohttp logs a request it cannot parse (a bad request line, a header over 8 KiB, a body
+    its Content-Encoding does not decode) with ERROR and a traceback while it answers 400:
+    a port scanner or one broken client would fill the log with errors an operator cannot
+    act on (and page them). Anything else stays an ERROR with its traceback."""
+
+    def exception(self, msg, *args, exc_info=True, **kwargs) -> None:  # type: ignore[override]
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        why = _client_fault(exc)
+        if why is None:
+            self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
+        else:
+            self.logger.info(f"{msg} (a malformed request, answered 400): %s", *args, why)
 
 
 def build_web_app(
@@ -73,7 +105,12 @@ class HttpServer:
         self.runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        self.runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        self.runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handler_cancellation=True,
+            logger=ServerLog(server_logger, {}),
+        )
         await self.runner.setup()
         for sock in self.sockets:
             await web.SockSite(self.runner, sock, ssl_context=self.ssl_context).start()

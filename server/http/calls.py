@@ -44,7 +44,17 @@ Handler = Callable[[web.Request, Call], Awaitable[web.StreamResponse]]
 
 async def read_json(request: web.Request) -> object:
     """The body as JSON; BadRequest when it is not (413 past --max-message-bytes)."""
-    return loads(await request.read())
+    return loads(await read_body(request))
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The body; BadRequest when aiohttp cannot decode it (gzip or deflate bytes that are not,
+    a broken chunk): the client's mistake, which would otherwise be an INTERNAL 500."""
+    try:
+        return await request.read()
+    except web.RequestPayloadError as exc:
+        why = getattr(exc.__cause__, "message", "") or str(exc)
+        raise BadRequest("request", f"the body could not be read: {why}") from None
 
 
 def loads(raw: bytes) -> object:

@@ -75,7 +75,9 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadRequest(name, f"must be a number, got {value!r}")
-    if not (math.isfinite(value) and low <= value <= high):
+    # compared before isfinite(): a JSON integer past float's range (400 digits) would
+    # raise OverflowError there; Python compares int with float exactly, and NaN fails too
+    if not (low <= value <= high and math.isfinite(value)):
         raise BadRequest(name, f"must be in [{low:g}, {high:g}], got {value}")
     return float(value)
 

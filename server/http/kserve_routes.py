@@ -9,7 +9,7 @@ from aiohttp import web
 
 from rnnserve.server.engine import Engine
 from rnnserve.server.errors import BadRequest
-from rnnserve.server.http.calls import Call, HttpCalls, json_response, loads
+from rnnserve.server.http.calls import Call, HttpCalls, json_response, loads, read_body
 from rnnserve.server.http.errors import kserve_error
 from rnnserve.server.kserve.mapping import infer, select
 from rnnserve.server.kserve.status import KServeStatus
@@ -153,7 +153,7 @@ class KServeRoutes:
         name = m["name"]
         call.model = self.engine.model_label(name)
         self.engine.repository.get(name, m.get("version", ""))  # unknown: 404, whatever the body
-        head, inputs = parse_infer(await request.read(), request.headers.get(HEADER_LENGTH))
+        head, inputs = parse_infer(await read_body(request), request.headers.get(HEADER_LENGTH))
         names, binary = _wanted(head)
         version, outputs = await infer(self.engine, name, m.get("version", ""), inputs)
         body: dict = {"model_name": name, "model_version": version}

@@ -128,6 +128,13 @@ class OpenAIRoutes:
         named = body.get("model") if isinstance(body, dict) else None
         call.model = self.engine.model_label(named) if isinstance(named, str) else ""
         req = oa.parse_completion(body, self.engine.settings.max_tokens)
+        most = self.engine.settings.max_streams
+        if len(req.prompts) > most:  # never admitted at once: a 429 would be retried in vain
+            raise BadRequest(
+                "prompt",
+                f"holds {len(req.prompts)} prompts, more than the {most} streams this server "
+                f"runs at once (--max-streams); send at most {most} per request",
+            )
         entry = self._lm(req.model)
         req.version = entry.version  # a reload mid-request must not split it across versions
         codec, limit = self.engine.codec(entry), self.engine.settings.max_prompt_tokens

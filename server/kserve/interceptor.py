@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from rnnserve.server.auth import _denied
-from rnnserve.server.errors import ServeError
+from rnnserve.server.errors import BadRequest, ServeError
 from rnnserve.server.interceptors import (
     CallInterceptor,
     Guard,
     ModelLabel,
     _safe,
+    _Unparsable,
     bounded,
     call_metadata,
 )
@@ -54,7 +55,10 @@ class KServeCallInterceptor(CallInterceptor):
                     guard(method, metadata)
             except ServeError as exc:
                 return _denied(handler, exc.message)
-            return handler._replace(unary_unary=_quiet(handler.unary_unary))
+            return handler._replace(
+                request_deserializer=_safe(handler.request_deserializer),
+                unary_unary=_quiet(handler.unary_unary),
+            )
         return handler._replace(
             request_deserializer=_safe(handler.request_deserializer),
             unary_unary=self._unary(handler.unary_unary, f"kserve.{name}", method, metadata),
@@ -66,10 +70,13 @@ class KServeCallInterceptor(CallInterceptor):
 
 
 def _quiet(behavior):
-    """A probe's errors (an unknown model) get their status, without a log line or metric."""
+    """A probe's errors (an unknown model, bytes that are no protobuf message: UNKNOWN and a
+    traceback otherwise) get their status, without a log line or metric."""
 
     async def wrapper(request, context):
         try:
+            if isinstance(request, _Unparsable):
+                raise BadRequest("request", f"is not a valid protobuf message: {request.error}")
             return await behavior(request, context)
         except ServeError as exc:
             await context.abort(exc.code, bounded(exc.message))

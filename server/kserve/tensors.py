@@ -180,7 +180,11 @@ def from_json(name: str, datatype: str, shape: list[int], data: object) -> Tenso
             if datatype in FLOAT_TYPES and not np.isfinite(values).all():
                 # 1e39 as an FP32 would become inf without a word (and JSON has no NaN)
                 raise ValueError(f"values must be finite and within the range of {datatype}")
-    except (TypeError, ValueError, OverflowError) as exc:
+    except OverflowError as exc:  # numpy's "Python int too large to convert to C long"
+        raise BadRequest(  # names neither the datatype nor which range was passed
+            f"inputs[{name}].data", f"values must be within the range of {datatype} ({exc})"
+        ) from None
+    except (TypeError, ValueError) as exc:
         raise BadRequest(f"inputs[{name}].data", str(exc)) from None
     return _checked(name, datatype, shape, values)
 

@@ -121,6 +121,22 @@ def test_not_json_and_unknown_paths(base_url: str) -> None:
     assert status == 405
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v2/models/lstm/infer"])
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_body_its_content_encoding_does_not_decode_is_a_400(
+    base_url: str, path: str, encoding: str
+) -> None:
+    """aiohttp decompresses the body as it is read; its error was an INTERNAL 500."""
+    status, _, text = curl("-H", f"Content-Encoding: {encoding}", "--data-binary", "not it",
+                           base_url + path)  # fmt: skip
+    error = json.loads(text)["error"]
+    message = error if path.startswith("/v2") else error["message"]
+    assert (
+        status == 400
+        and f"could not be read: Can not decode content-encoding: {encoding}" in message
+    )
+
+
 def test_kserve_rest_with_curl(base_url: str) -> None:
     status, _, text = curl(base_url + "/v2/health/live")
     assert status == 200 and json.loads(text) == {"live": True}

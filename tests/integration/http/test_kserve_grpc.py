@@ -146,6 +146,17 @@ def test_health_and_metadata(kserve) -> None:
     assert [o.datatype for o in m.outputs] == ["BYTES", "INT64", "FP32"]
 
 
+@pytest.mark.parametrize("method", ["ServerLive", "ServerReady", "ModelReady", "ModelInfer"])
+def test_bytes_that_are_no_message_are_invalid_argument(server, method: str) -> None:
+    """The probes parsed their request outside the interceptor's guard: UNKNOWN, and a
+    DecodeError traceback logged per call."""
+    call = server.channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+    with pytest.raises(grpc.RpcError) as err:
+        call(b"\x1a\x05hello\x22\x80\x80", timeout=30)  # a varint cut short
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid protobuf message" in err.value.details()
+
+
 def test_grpc_health_knows_the_service(server) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -151,6 +152,51 @@ def test_metrics_and_access_log(server, base_url, caplog) -> None:
     assert ("openai.Completions", "OK") in lines
     assert ("openai.Completions", "INVALID_ARGUMENT") in lines
     assert ("kserve.ModelInfer", "OK") in lines
+
+
+def test_a_malformed_request_is_one_info_line_not_an_error_traceback(
+    server, base_url, caplog
+) -> None:
+    """aiohttp answers a request it cannot parse 400 but logged an ERROR with a traceback:
+    a port scanner would page an operator. A handler's own failure stays an ERROR."""
+    port = server.app.http.port
+    bad = [
+        b"GET /v1/models/ x HTTP/1.1\r\nHost: x\r\n\r\n",  # a space in the path
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: 7\r\nConnection: close\r\n\r\nnot it!",
+    ]
+    with caplog.at_level(logging.INFO, logger="aiohttp.server"):
+        for data in bad:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(data)
+                reply = b""
+                while chunk := sock.recv(65536):
+                    reply += chunk
+            assert reply.split(b"\r\n", 1)[0].split()[1] == b"400", reply[:200]
+        deadline = time.monotonic() + 5
+        while len([r for r in caplog.records if r.name == "aiohttp.server"]) < len(bad):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    logged = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert all(r.levelno == logging.INFO and r.exc_info is None for r in logged), logged
+    assert any("Can not decode content-encoding: gzip" in r.getMessage() for r in logged)
+
+
+def test_more_prompts_than_max_streams_is_a_400_not_a_429(model_repo: Path) -> None:
+    """The prompts of one request run as streams together: past --max-streams they are never
+    admitted, so "429 retry later" sent clients retrying forever."""
+    srv = http_server(model_repo, max_streams=2)
+    try:
+        url = f"http://127.0.0.1:{srv.app.http.port}/v1/completions"
+        for stream in (False, True):
+            body = {"model": "lstm", "prompt": ["a", "b", "c"], "max_tokens": 2, "stream": stream}
+            status, got = request(url, body)
+            assert status == 400 and got["error"]["param"] == "prompt", got
+            assert "--max-streams" in got["error"]["message"]
+        assert request(url, {"model": "lstm", "prompt": ["a", "b"], "max_tokens": 2})[0] == 200
+    finally:
+        srv.stop()
 
 
 def test_ready_follows_grpc_health_through_a_drain(model_repo: Path) -> None:

@@ -102,6 +102,15 @@ def test_a_lone_surrogate_is_not_text(body: dict, field: str) -> None:
     assert info.value.field == field and "surrogate" in info.value.why
 
 
+@pytest.mark.parametrize("name", ["temperature", "top_p"])
+@pytest.mark.parametrize("value", [10**400, -(10**400), float("nan"), float("inf")])
+def test_a_number_past_float_range_is_refused_not_a_500(name: str, value: float) -> None:
+    """A JSON integer too large for a float made math.isfinite raise OverflowError."""
+    with pytest.raises(BadRequest) as info:
+        parse_completion({"model": "m", "prompt": "a", name: value})
+    assert info.value.field == name and "must be in" in info.value.why
+
+
 def test_not_an_object() -> None:
     with pytest.raises(BadRequest, match="JSON object"):
         parse_completion(["model"])

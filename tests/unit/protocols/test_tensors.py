@@ -69,6 +69,10 @@ def test_typed_contents_and_json() -> None:
         (lambda: from_json("k", "INT64", [1], [2.7]), "INT64 data must be integers"),
         (lambda: from_json("k", "UINT8", [1], [300]), "out of bounds"),
         (lambda: from_json("h", "FP32", [1], [1e39]), "within the range of FP32"),  # not inf
+        # numpy says "Python int too large to convert to C long": the type is named
+        (lambda: from_json("k", "INT64", [1], [2**63]), "within the range of INT64"),
+        (lambda: from_json("k", "UINT64", [1], [2**64]), "within the range of UINT64"),
+        (lambda: from_json("h", "FP64", [1], [10**400]), "within the range of FP64"),
         # int_contents is 32-bit: a value that does not fit INT8 is the client's error
         (
             lambda: from_contents("k", "INT8", [1], pb.InferTensorContents(int_contents=[1000])),
