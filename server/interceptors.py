@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import random
@@ -95,6 +96,49 @@ def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]
     return parse
 
 
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def _parse_or_refuse(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A health Check or Watch whose bytes are no HealthCheckRequest: INVALID_ARGUMENT, as
+    every other method answers, not UNKNOWN with a traceback logged per probe."""
+
+    async def refuse(context: grpc.aio.ServicerContext, request: _Unparsable) -> None:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            bounded(f"request: is not a valid protobuf message: {request.error}"),
+        )
+
+    def unary(behavior):
+        async def wrapper(request, context):
+            if isinstance(request, _Unparsable):
+                await refuse(context, request)
+            return await behavior(request, context)
+
+        return wrapper
+
+    def stream(behavior):
+        if not inspect.isasyncgenfunction(behavior):  # writes with context.write (aio Watch)
+            return unary(behavior)
+
+        async def wrapper(request, context):
+            if isinstance(request, _Unparsable):
+                await refuse(context, request)
+            async for response in behavior(request, context):
+                yield response
+
+        return wrapper
+
+    safe = _safe(handler.request_deserializer)
+    if handler.unary_unary is not None:
+        return handler._replace(request_deserializer=safe, unary_unary=unary(handler.unary_unary))
+    if handler.unary_stream is not None:
+        return handler._replace(
+            request_deserializer=safe, unary_stream=stream(handler.unary_stream)
+        )
+    return handler
+
+
 class CallInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self,
@@ -111,6 +155,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         method = details.method
+        if handler is not None and method.startswith(HEALTH_PREFIX):
+            return _parse_or_refuse(handler)
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
         rpc = method.rsplit("/", 1)[-1]

@@ -38,6 +38,22 @@ def _health(server: ServerThread, service: str) -> int:
     return stub.Check(health_pb2.HealthCheckRequest(service=service)).status
 
 
+@pytest.mark.parametrize("method", ["Check", "Watch"])
+def test_health_bytes_that_are_no_message_are_invalid_argument(server, method: str) -> None:
+    """A probe whose bytes were no HealthCheckRequest got UNKNOWN, and a DecodeError
+    traceback was logged for each one."""
+    path = f"/grpc.health.v1.Health/{method}"
+    if method == "Check":
+        call = server.channel.unary_unary(path)
+    else:
+        call = lambda data, timeout: list(server.channel.unary_stream(path)(data, timeout=timeout))  # noqa: E731
+    with pytest.raises(grpc.RpcError) as err:
+        call(b"\x0a\x05hel", timeout=30)  # a string field cut short
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid protobuf message" in err.value.details()
+    assert _health(server, "") == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_health_overall_and_per_model(server) -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
     assert _health(server, "") == serving
