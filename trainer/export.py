@@ -144,9 +144,17 @@ def export_model(
             manifest.save(tmp)
             Manifest.load(tmp)  # what the server will do: fail here, not there
             if checkpoint is not None:
-                torch.save(checkpoint, tmp / CHECKPOINT_FILE)
+                try:
+                    torch.save(checkpoint, tmp / CHECKPOINT_FILE)
+                except RuntimeError as exc:  # torch's zip writer: a full disk, a size limit
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                    raise TrainerError(
+                        f"cannot write the package {target} (disk full? {first})"
+                    ) from exc
     except ManifestError as exc:
         raise TrainerError(f"manifest for {name!r} is invalid: {exc}") from exc
+    except OSError as exc:  # writing the manifest or moving the package in: full disk, EACCES
+        raise TrainerError(f"cannot write the package {target}: {exc.strerror or exc}") from exc
     return target
 
 

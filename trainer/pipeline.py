@@ -24,6 +24,7 @@ from rnnserve.trainer.checkpoint import (
     load_checkpoint,
     make_checkpoint,
     make_count_checkpoint,
+    resolve,
     restore,
     save_checkpoint,
 )
@@ -189,6 +190,10 @@ def train_recurrent(
         f" train={len(prep.train_ids)} val={len(prep.val_ids)} tokens"
     )
 
+    saved: list[int] = []  # epochs the run dir's checkpoint.pt holds, written by this run
+    if ckpt is not None and run_dir is not None and _same_file(resume, run_dir):
+        saved.append(start)  # resumed in place: the checkpoint it resumed is still there
+
     def on_epoch(record: dict, opt: torch.optim.Optimizer) -> None:
         history.append(record)
         if run_dir is None:
@@ -200,11 +205,15 @@ def train_recurrent(
         cp["average"] = average.state_dict() if average.count else None
         cp["early_stopping"] = stopper.state_dict()
         cp["data"] = data_record(data)
-        save_checkpoint(cp, run_dir / "checkpoint.pt")
-        fresh = record["epoch"] == start + 1 and ckpt is None  # a new run starts a new log
-        with open(run_dir / "log.jsonl", "w" if fresh else "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"name": name, **record}) + "\n")
-        plot_history(history, run_dir / "curve.png", title=name)
+        try:
+            save_checkpoint(cp, run_dir / "checkpoint.pt")
+            saved.append(record["epoch"])
+            fresh = record["epoch"] == start + 1 and ckpt is None  # a new run starts a new log
+            with open(run_dir / "log.jsonl", "w" if fresh else "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"name": name, **record}) + "\n")
+            plot_history(history, run_dir / "curve.png", title=name)
+        except (OSError, RuntimeError) as exc:  # torch.save says a full disk as RuntimeError
+            raise TrainerError(_run_dir_write_failed(run_dir, record["epoch"], saved, exc)) from exc
 
     if ended is None:
         fit(
@@ -355,6 +364,30 @@ def _writable_run_dir(run_dir: Path) -> None:
         raise TrainerError(f"cannot create the run dir {run_dir}: {exc.strerror or exc}") from exc
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise TrainerError(f"cannot write to the run dir {run_dir}; choose another --run-dir")
+
+
+def _same_file(resume: Path | None, run_dir: Path) -> bool:
+    """Whether --resume names the run dir's own checkpoint (the dir or the file)."""
+    try:
+        return resolve(resume).resolve() == (run_dir / "checkpoint.pt").resolve()
+    except (TrainerError, OSError, TypeError):
+        return False
+
+
+def _run_dir_write_failed(run_dir: Path, epoch: int, saved: list[int], exc: BaseException) -> str:
+    """One line for a run dir that stopped taking writes mid-run (disk full, quota, file size
+    limit, a mount gone): which epoch the checkpoint keeps and how to go on, instead of torch's
+    zip-writer traceback. A checkpoint this run did not write (an older run's) is not named."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"disk full? {first}"
+    if saved:
+        kept = (
+            f"{run_dir / 'checkpoint.pt'} keeps epoch {saved[-1]}: free space, then go on with"
+            f" --resume {run_dir}"
+        )
+    else:
+        kept = "no epoch of this run was saved"
+    return f"cannot save epoch {epoch} in the run dir {run_dir} ({why}); {kept}"
 
 
 def train_count_model(

@@ -265,6 +265,39 @@ def test_a_checkpoint_that_cannot_be_resumed_is_one_error_line(
         _run(tmp_path / "more", 3, resume=tmp_path / "run")
 
 
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.save says a full disk as "RuntimeError: [enforce fail at inline_container.cc]
+    unexpected pos": it ended the run with that traceback; now one line names the checkpoint
+    that is kept, and resuming from it goes on."""
+    import rnnserve.trainer.checkpoint as checkpoint
+
+    real_save, calls = torch.save, []
+
+    def full_disk(data, path) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"PK\x03\x04")  # what got out before the disk filled up
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+        real_save(data, path)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(TrainerError) as info:
+        _run(tmp_path / "run", 3)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "cannot save epoch 2 in the run dir" in message and "keeps epoch 1" in message
+    assert f"--resume {tmp_path / 'run'}" in message
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "checkpoint.pt", "curve.png", "log.jsonl",
+    ]  # fmt: skip
+    assert load_checkpoint(tmp_path / "run")["epoch"] == 1
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    _run(tmp_path / "run", 3, resume=tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run")["epoch"] == 3
+
+
 def test_average_from_past_the_last_epoch_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TrainerError, match="--average-from"):
         _train(tmp_path, 2, average_from=3)

@@ -15,6 +15,7 @@ import torch
 from rnnserve.artifact.manifest import Manifest, sha256_file
 from rnnserve.artifact.tokenizer import TokenizerConfig
 from rnnserve.artifact.vocab import Vocab
+from rnnserve.trainer import staging
 from rnnserve.trainer.checkpoint import load_checkpoint, save_checkpoint
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.export import export_model
@@ -119,11 +120,131 @@ def test_a_re_export_that_fails_at_the_rename_keeps_the_old_version(tmp_path, mo
             raise OSError("no rename today")
         return rename(self, target)
 
+    monkeypatch.setattr(staging, "_exchange", lambda new, target: None)  # cannot swap: 2 steps
     monkeypatch.setattr(Path, "rename", failing)
     with pytest.raises(OSError, match="no rename today"), staged(tmp_path / "m" / "1") as tmp:
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]
     assert (tmp_path / "m" / "1" / "old.txt").read_text() == "old"
+
+
+def _skip_unless_exchange(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    if staging._exchange(tmp_path / "a", tmp_path / "b") is None:
+        pytest.skip("this system cannot exchange two names in one step")
+    (tmp_path / "a").rmdir()
+    (tmp_path / "b").rmdir()
+
+
+def _publish(target: Path, text: str) -> None:
+    with staged(target) as tmp:
+        (tmp / "who.txt").write_text(text)
+
+
+def test_a_republished_version_is_never_missing(tmp_path, monkeypatch) -> None:
+    """A server scan (or a SIGKILL) between "old version aside" and "new one in" found no
+    version: the scan unloaded a serving model, the kill left it under a hidden .1.old-* name.
+    Where the system can, the two are exchanged in one step instead."""
+    _skip_unless_exchange(tmp_path)
+    target = tmp_path / "m" / "1"
+    _publish(target, "old")
+    seen: list[bool] = []
+    rename = Path.rename
+
+    def spy(self: Path, to):
+        seen.append(target.exists())  # what a scan would find at this instant
+        return rename(self, to)
+
+    monkeypatch.setattr(Path, "rename", spy)
+    _publish(target, "new")
+    assert all(seen)
+    assert (target / "who.txt").read_text() == "new"
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["1"]
+
+
+def test_two_runs_publishing_one_version_at_once_both_succeed(tmp_path, monkeypatch) -> None:
+    """Another run published the version between this one's check and its rename: the rename
+    failed on the now non-empty folder with a raw OSError; now this run swaps its package in
+    and the other's goes, so a whole version is there and nothing hidden is left behind."""
+    _skip_unless_exchange(tmp_path)
+    target = tmp_path / "m" / "1"
+    rename = Path.rename
+
+    def other_run_first(self: Path, to):
+        if Path(to) == target and not target.exists():
+            monkeypatch.setattr(Path, "rename", rename)
+            _publish(target, "other run")
+        return rename(self, to)
+
+    monkeypatch.setattr(Path, "rename", other_run_first)
+    _publish(target, "this run")
+    assert (target / "who.txt").read_text() == "this run"
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["1"]
+
+
+def test_a_stray_file_where_the_version_goes_leaves_nothing_hidden(tmp_path) -> None:
+    """A file (or a link) named like the version was moved to .1.old-* and, rmtree refusing
+    it, stayed there for good."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "1").write_text("stray")
+    _publish(tmp_path / "m" / "1", "new")
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["1"]
+    assert (tmp_path / "m" / "1" / "who.txt").read_text() == "new"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs flock")
+def test_what_killed_publishes_left_is_removed_and_a_running_ones_kept(tmp_path) -> None:
+    """A publish killed while staging (or after swapping the old version out) left a hidden
+    .1.tmp-* folder that the server skips and nothing ever removed: each killed export of a
+    large model took its size of disk for good. A folder a running publish holds stays."""
+    import fcntl
+
+    (tmp_path / "m").mkdir()
+    for name in (".1.tmp-killed", ".1.tmp-running", ".10.tmp-other", ".git"):
+        (tmp_path / "m" / name).mkdir()
+        (tmp_path / "m" / name / "model.onnx").write_bytes(b"half")
+    held = os.open(tmp_path / "m" / ".1.tmp-running", os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _publish(tmp_path / "m" / "1", "new")
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        ".1.tmp-running", ".10.tmp-other", ".git", "1",
+    ]  # fmt: skip
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs Linux /proc")
+def test_a_package_is_on_the_disk_before_it_replaces_the_old_version(tmp_path, monkeypatch) -> None:
+    """Its files are fsynced before it is renamed in, as a checkpoint's are: a power loss soon
+    after could leave the new version's files empty, the old version already removed."""
+    target = tmp_path / "m" / "1"
+    _publish(target, "old")
+    done: list[str] = []
+    real_fsync, rename, exchange = os.fsync, Path.rename, staging._exchange
+
+    def fsync(fd: int) -> None:
+        done.append(f"fsync {Path(os.readlink(f'/proc/self/fd/{fd}')).name}")
+        real_fsync(fd)
+
+    def renamed(self: Path, to):
+        done.append("publish")
+        return rename(self, to)
+
+    def exchanged(new: Path, to: Path):
+        done.append("publish")
+        return exchange(new, to)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", renamed)
+    monkeypatch.setattr(staging, "_exchange", exchanged)
+    with staged(target) as tmp:
+        (tmp / "model.onnx").write_bytes(b"graph")
+        (tmp / "manifest.json").write_text("{}")
+    first = done.index("publish")
+    assert {"fsync model.onnx", "fsync manifest.json"} <= set(done[:first])
+    assert (target / "model.onnx").read_bytes() == b"graph"
 
 
 def test_a_failed_first_package_leaves_no_empty_folders_behind(tmp_path) -> None:
@@ -147,6 +268,38 @@ def test_an_unwritable_model_dir_is_a_one_line_error(tmp_path, monkeypatch) -> N
     model = RNNLM(ModelConfig("rnn", len(VOCAB), 4, 1, 4))
     with pytest.raises(TrainerError, match=r"cannot write to .+m: Permission denied"):
         _export(model, tmp_path)
+
+
+def _disk_full_at_checkpoint(monkeypatch) -> None:
+    def full(data, path) -> None:
+        Path(path).write_bytes(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 2")
+
+    monkeypatch.setattr(torch, "save", full)
+
+
+def _disk_full_at_manifest(monkeypatch) -> None:
+    def full(self, directory):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Manifest, "save", full)
+
+
+@pytest.mark.parametrize("fill", [_disk_full_at_checkpoint, _disk_full_at_manifest])
+def test_a_full_disk_while_writing_a_package_is_one_line_and_keeps_the_old(
+    tmp_path, monkeypatch, fill
+) -> None:
+    """`rnn-trainer export` onto a full disk ended in torch's zip-writer RuntimeError or an
+    OSError traceback: a TrainerError (one `error:` line) now, the old version untouched."""
+    model = RNNLM(ModelConfig("rnn", len(VOCAB), 4, 1, 4))
+    old = _export(model, tmp_path)
+    digest = sha256_file(old / "model.onnx")
+    fill(monkeypatch)
+    with pytest.raises(TrainerError, match=r"cannot write the package .+1\b") as info:
+        _export(model, tmp_path, checkpoint={"state_dict": model.state_dict()})
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]
+    assert sha256_file(old / "model.onnx") == digest
 
 
 def test_an_interrupted_checkpoint_save_leaves_no_temp_file(tmp_path, monkeypatch) -> None:
