@@ -60,8 +60,14 @@ def staged(target: Path) -> Iterator[Path]:
     tmp, lock = _claimed_temp_dir(target)
     _remove_abandoned(target, tmp)
     try:
-        yield tmp
-        _replace_dir(tmp, target)
+        try:
+            yield tmp
+            _replace_dir(tmp, target)
+        except OSError as exc:  # a full disk, a quota, EACCES: one line, not a traceback
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise TrainerError(
+                f"cannot write the package {target}: {exc.strerror or exc}{where}"
+            ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in created:  # deepest first; rmdir only removes an empty one

@@ -122,7 +122,7 @@ def test_a_re_export_that_fails_at_the_rename_keeps_the_old_version(tmp_path, mo
 
     monkeypatch.setattr(staging, "_exchange", lambda new, target: None)  # cannot swap: 2 steps
     monkeypatch.setattr(Path, "rename", failing)
-    with pytest.raises(OSError, match="no rename today"), staged(tmp_path / "m" / "1") as tmp:
+    with pytest.raises(TrainerError, match="no rename today"), staged(tmp_path / "m" / "1") as tmp:
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]
     assert (tmp_path / "m" / "1" / "old.txt").read_text() == "old"

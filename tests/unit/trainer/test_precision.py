@@ -294,3 +294,31 @@ def test_the_probe_may_be_a_numpy_array(tmp_path) -> None:
         probe_source="array text",
     )  # fmt: skip
     assert Manifest.load(path).parity["precision"]["probe"].startswith("array text")
+
+
+def test_a_full_disk_while_packaging_or_converting_is_one_line(tmp_path, monkeypatch) -> None:
+    """`rnn-trainer package` and `--precision` conversions onto a full disk ended in an
+    OSError traceback (onnx.save, copy2, manifest.save); export already said one line."""
+    import errno
+
+    from rnnserve.trainer import package as package_module
+    from rnnserve.trainer.package import PackageRequest, package_model
+
+    fp32 = _export("lstm", tmp_path / "made")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(Manifest.load(fp32).vocab) + "\n")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "model.onnx")
+
+    monkeypatch.setattr(package_module.onnx, "save", full)
+    request = PackageRequest(
+        onnx_path=fp32 / "model.onnx", vocab_path=vocab, tokenizer=TokenizerConfig(),
+        out=tmp_path / "out", name="byo", version="1",
+    )  # fmt: skip
+    with pytest.raises(TrainerError, match=r"cannot write the package .+: No space left"):
+        package_model(request)
+    monkeypatch.setattr(precision.shutil, "copy2", full)
+    with pytest.raises(TrainerError, match=r"cannot write the package .+: No space left"):
+        precision.convert_package(fp32, tmp_path / "out", "small", "1", precision="int8")
+    assert not (tmp_path / "out").exists()
