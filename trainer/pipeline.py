@@ -77,14 +77,16 @@ def prepare(data: DataConfig, vocab_from: list[str] | None = None) -> Prepared:
     return Prepared(train_ids, val_ids, vocab, data.tokenizer, digest, len(ids))
 
 
-def data_record(data: DataConfig) -> dict[str, Any]:
-    """Stored in checkpoints, so `rnn-trainer export` can find the validation split again."""
+def data_record(data: DataConfig, digest: str | None = None) -> dict[str, Any]:
+    """Stored in checkpoints, so `rnn-trainer export` can find the validation split again and
+    `--resume` can tell a corpus edited in place (`digest`: sha256 of the text read)."""
     corpus = str(Path(data.corpus).resolve()) if data.corpus else None  # export from any cwd
     return {
         "corpus": corpus,
         "min_freq": data.min_freq,
         "max_tokens": data.max_tokens,
         "val_fraction": data.val_fraction,
+        **({"corpus_sha256": digest} if digest else {}),
     }
 
 
@@ -143,6 +145,10 @@ def train_recurrent(
         data.tokenizer, model_config = tokenizer, kept
         data.min_freq = _vocab_min_freq(ckpt, data.min_freq)
     prep = prepare(data, ckpt["vocab"] if ckpt else None)
+    if ckpt is not None:
+        edited = _corpus_edited(ckpt, data, prep.digest)
+        if edited:
+            log(f"resuming {resume}: {edited}")
     assert model_config is not None
     model_config.vocab_size = len(prep.vocab)
     torch.manual_seed(train_config.seed)
@@ -204,7 +210,7 @@ def train_recurrent(
         )  # fmt: skip
         cp["average"] = average.state_dict() if average.count else None
         cp["early_stopping"] = stopper.state_dict()
-        cp["data"] = data_record(data)
+        cp["data"] = data_record(data, prep.digest)
         try:
             save_checkpoint(cp, run_dir / "checkpoint.pt")
             saved.append(record["epoch"])
@@ -228,7 +234,7 @@ def train_recurrent(
     kind = "infill_perplexity" if model.task == "infill" else "perplexity"
     cp = make_checkpoint(model, model_config, prep.vocab, prep.tokenizer, asdict(train_config))
     cp["history"] = history
-    cp["data"] = data_record(data)
+    cp["data"] = data_record(data, prep.digest)
     outcome = {**asdict(train_config), "epochs_run": last["epoch"], **run_outcome(last)}
     return export_or_keep(
         lambda: export_model(
@@ -322,6 +328,22 @@ def resume_notes(
                 + ", ".join(changed)
             )
     return notes
+
+
+def _corpus_edited(checkpoint: dict[str, Any], data: DataConfig, digest: str) -> str | None:
+    """A note when the corpus file the checkpoint names has other text now than it was
+    trained on (edited in place: the path alone looks the same); None otherwise, or when
+    the flags name another corpus (resume_notes says that)."""
+    record = checkpoint.get("data")
+    if not isinstance(record, dict) or not record.get("corpus_sha256"):
+        return None  # a checkpoint from before the digest was kept
+    if data_record(data)["corpus"] != record.get("corpus") or record["corpus_sha256"] == digest:
+        return None
+    where = record.get("corpus") or "the built-in text"
+    return (
+        f"the corpus {where} changed since the checkpoint (sha256 {digest[:12]}..., was "
+        f"{str(record['corpus_sha256'])[:12]}...): training on its new text"
+    )
 
 
 def _vocab_min_freq(checkpoint: dict[str, Any], default: int) -> int:
@@ -431,7 +453,7 @@ def train_count_model(
             f"{name}: val ppl {metrics['val_perplexity']:.3f} (uniform baseline |V| = {vocab_size})"
         )
     cp = make_count_checkpoint(model, prep.vocab, prep.tokenizer)
-    cp["data"] = data_record(data)
+    cp["data"] = data_record(data, prep.digest)
     return export_or_keep(
         lambda: export_model(
             model, Path(out), name=name, version=version, vocab=prep.vocab,

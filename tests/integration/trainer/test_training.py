@@ -242,6 +242,34 @@ def test_a_resumed_run_keeps_its_vocabulary_and_says_min_freq_is_ignored(tmp_pat
     assert resumed["data"]["min_freq"] == 1  # what the vocabulary was built with
 
 
+def test_a_resumed_run_says_its_corpus_was_edited_in_place(tmp_path: Path) -> None:
+    """The checkpoint named the corpus by path only: a file edited since trained on its new
+    text without a word (a changed --corpus was said, the same path with new text was not)."""
+    from rnnserve.trainer.corpus import read_corpus
+
+    corpus = tmp_path / "book.txt"
+    corpus.write_text(read_corpus(None)[:3000], encoding="utf-8")
+    run = tmp_path / "run"
+
+    def train(epochs: int, resume: Path | None, log) -> None:
+        train_recurrent(
+            ModelConfig("gru", 1, hidden=8, embed=4), TrainConfig(epochs=epochs, num_steps=8,
+            batch_size=8), DataConfig(corpus=str(corpus)), out=None, name="t", run_dir=run,
+            resume=resume, progress=False, log=log,
+        )  # fmt: skip
+
+    train(1, None, lambda *_: None)
+    assert load_checkpoint(run)["data"]["corpus_sha256"]
+    same: list[str] = []
+    train(2, run, same.append)
+    assert not [line for line in same if "changed since the checkpoint" in line]
+    corpus.write_text(read_corpus(None)[3000:6000], encoding="utf-8")
+    lines: list[str] = []
+    train(3, run, lines.append)
+    [note] = [line for line in lines if "changed since the checkpoint" in line]
+    assert note.startswith(f"resuming {run}: the corpus {corpus.resolve()} changed")
+
+
 @pytest.mark.parametrize(
     ("damage", "said"),
     [
