@@ -23,6 +23,11 @@ from rnnserve.server.http.openai_routes import OpenAIRoutes
 from rnnserve.server.interceptors import CallInterceptor, Guard
 from rnnserve.server.kserve.status import KServeStatus
 
+# a connection with no request under way (idle between requests, or never sending one, or
+# stuck in its headers) is closed after this; aiohttp's default is an hour, so idle or
+# slowloris connections piled up towards the process's file limit, which gRPC shares
+IDLE_TIMEOUT_S = 75.0
+
 # OpenAI routes a client may try that are not served, and what to use instead
 NOT_SERVED = {
     "/v1/chat/completions": "chat completions are not served (these models have no chat "
@@ -110,6 +115,7 @@ class HttpServer:
             access_log=None,
             handler_cancellation=True,
             logger=ServerLog(server_logger, {}),
+            keepalive_timeout=IDLE_TIMEOUT_S,
         )
         await self.runner.setup()
         for sock in self.sockets:

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from rnnserve.server import logs
 from rnnserve.server.errors import BadRequest
-from rnnserve.server.http.errors import BodyTooLarge, http_status
+from rnnserve.server.http.errors import BodyTimeout, BodyTooLarge, http_status
 from rnnserve.server.interceptors import CallInterceptor, Guard, call_metadata
 
 ErrorBody = Callable[[grpc.StatusCode, str, BaseException | None], dict]
@@ -47,11 +47,18 @@ async def read_json(request: web.Request) -> object:
     return loads(await read_body(request))
 
 
+BODY_TIMEOUT_S = 60.0  # for a whole request body to arrive (aiohttp itself waits forever)
+
+
 async def read_body(request: web.Request) -> bytes:
     """The body; BadRequest when aiohttp cannot decode it (gzip or deflate bytes that are not,
-    a broken chunk): the client's mistake, which would otherwise be an INTERNAL 500."""
+    a broken chunk): the client's mistake, which would otherwise be an INTERNAL 500.
+    BodyTimeout (408) when it has not all come within BODY_TIMEOUT_S: a client that sent 1 of
+    a promised 100 bytes held its connection and handler for good."""
     try:
-        return await request.read()
+        return await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
+        raise BodyTimeout(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s") from None
     except web.RequestPayloadError as exc:
         why = getattr(exc.__cause__, "message", "") or str(exc)
         raise BadRequest("request", f"the body could not be read: {why}") from None
@@ -133,6 +140,11 @@ class HttpCalls:
                 too_large = BodyTooLarge(f"the request body is over --max-message-bytes ({why})")
                 code, message = too_large.code, too_large.message
                 return json_response(errors(code, message, too_large), 413, call.request_id)
+            except BodyTimeout as exc:  # the rest of the body may never come: close after
+                code, message = exc.code, exc.message
+                response = json_response(errors(code, message, exc), 408, call.request_id)
+                response.force_close()
+                return response
             except Exception as exc:
                 code, message = icpt._fail(exc, rpc)
                 body = errors(code, message, exc)

@@ -18,6 +18,14 @@ class BodyTooLarge(ServeError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class BodyTimeout(ServeError):
+    """A body not received within BODY_TIMEOUT_S (a client that stalled, or a slowloris
+    holding the connection): DEADLINE_EXCEEDED, but HTTP 408 Request Timeout, not the 504
+    that says the server was slow."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200,
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -66,7 +74,7 @@ def openai_error(code: grpc.StatusCode, message: str, exc: BaseException | None)
             param = None
     name = "model_not_found" if code == grpc.StatusCode.NOT_FOUND else code.name.lower()
     kind = OPENAI_TYPE.get(code, "server_error")
-    if isinstance(exc, BodyTooLarge):  # not a rate limit (429): the same body fails again
+    if isinstance(exc, (BodyTooLarge, BodyTimeout)):  # the request's fault, not a rate limit
         kind = "invalid_request_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": name}}
 

@@ -427,3 +427,34 @@ def test_several_authorization_values_are_judged_the_same_on_every_path(
     assert _http_status(base + "/v1/completions", values, body) == expected
     assert _http_status(base + "/v2", values) == expected
     assert _http_status(base + "/v2/health/ready", values) == expected
+
+
+def test_a_stalled_body_is_a_408_and_an_idle_connection_is_closed(
+    model_repo: Path, monkeypatch
+) -> None:
+    """A client that sent 1 of a promised 100 body bytes held its connection and handler for
+    good, and one that never sent a request stayed an hour (aiohttp's keep-alive default):
+    slowloris connections piled up towards the file limit the gRPC port shares."""
+    from rnnserve.server.http import app as app_module
+    from rnnserve.server.http import calls
+
+    monkeypatch.setattr(calls, "BODY_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(app_module, "IDLE_TIMEOUT_S", 1.0)
+    srv = http_server(model_repo)
+    try:
+        port = srv.app.http.port
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{"
+            )
+            reply = b""
+            while b"did not arrive" not in reply and (chunk := sock.recv(65536)):
+                reply += chunk  # (the server then lingers a while for the rest before closing)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.split()[1] == b"408", reply[:300]
+        assert b"did not arrive within 0.5 s" in body
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as idle:
+            assert idle.recv(1) == b""  # closed by the server, before the socket's own timeout
+    finally:
+        srv.stop()
