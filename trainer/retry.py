@@ -66,17 +66,24 @@ def export_or_keep(
     try:
         return export()
     except BaseException as exc:
-        if saved is not None and saved.is_file():
-            path = saved
-        else:
-            path = keep(checkpoint, out, name, version)
-        if not isinstance(exc, Exception):  # Ctrl-C: the model is kept, the interrupt goes on
-            raise
         if isinstance(exc, TrainerError):
             reason = str(exc)
         else:
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             reason = f"export failed: {type(exc).__name__}: {first}"
+        if saved is not None and saved.is_file():
+            path = saved
+        else:
+            try:
+                path = keep(checkpoint, out, name, version)
+            except WRITE_ERRORS as kept_exc:  # the spare place failed too: say so, no traceback
+                why = getattr(kept_exc, "strerror", None) or str(kept_exc).splitlines()[0][:200]
+                raise TrainerError(
+                    f"{reason}; the trained model could not be kept either (under {out} nor in"
+                    f" a temp dir: {why})"
+                ) from exc
+        if not isinstance(exc, Exception):  # Ctrl-C: the model is kept, the interrupt goes on
+            raise
         raise TrainerError(
             f"{reason}; the trained model is kept in {path}; retry the export with: "
             f"{retry_command(path, out, name, version, retry_flags)}"

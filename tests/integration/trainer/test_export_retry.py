@@ -175,6 +175,32 @@ def test_a_failure_that_is_not_the_disk_is_raised_not_hidden(
     assert list(spare_root.iterdir()) == []
 
 
+def test_an_export_that_fails_where_nothing_can_be_kept_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the repository and the temp dir both full, keeping the model failed inside the
+    handler of the export's failure: two chained tracebacks, not an `error:` line."""
+    import errno
+
+    from rnnserve.trainer import retry
+
+    def full(*_args, **_kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def export_fails() -> Path:
+        raise RuntimeError("simulated crash inside the export")
+
+    monkeypatch.setattr(retry, "save_checkpoint", full)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(TrainerError) as err:
+        retry.export_or_keep(
+            export_fails, {"vocab": []}, None, out=tmp_path / "models", name="m", version="1"
+        )
+    message = str(err.value)
+    assert message.startswith("export failed: RuntimeError: simulated crash inside the export")
+    assert "could not be kept either" in message and "No space left on device" in message
+
+
 @pytest.mark.parametrize("version", ["v2", "0", "latest"])
 def test_a_version_the_server_would_skip_is_refused_before_training(
     tmp_path: Path, capsys, version: str
