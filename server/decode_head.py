@@ -241,7 +241,11 @@ def _nodes(logits: str) -> list[onnx.NodeProto]:
         col("temperature_safe"),
         col(UNIFORM),
         n("Cast", ["lp"], ["lp64"], to=TensorProto.DOUBLE),
-        n("Div", ["lp64", "temperature_safe_col"], ["z"]),  # logprobs / temperature
+        # (logprobs - max) / temperature: shifted first, or a tiny temperature sends every
+        # logprob to -inf and the softmax to nan; the max is the logprob at the argmax
+        n("GatherElements", ["lp64", GREEDY_TOKEN + "_col"], ["lp64_max"], axis=1),
+        n("Sub", ["lp64", "lp64_max"], ["lp64_shifted"]),
+        n("Div", ["lp64_shifted", "temperature_safe_col"], ["z"]),
         n("Softmax", ["z"], ["probs"], axis=1),  # exp(z - max) / sum
         *draw("probs", TEMPERED_TOKEN, TEMPERED_LOGPROB),
         n("Shape", ["probs"], ["shape"]),

@@ -119,8 +119,12 @@ def filtered_rows(logprobs: np.ndarray, params: list[SamplingParams]) -> np.ndar
     """
     vocab = logprobs.shape[1]
     temperature = np.array([p.temperature for p in params], dtype=np.float64)[:, None]
-    z = logprobs.astype(np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
+    z = logprobs.astype(np.float64)
+    # shifted before dividing: lp / t overflows to -inf for every token when t is tiny
+    # (1e-310 is a valid JSON temperature), and -inf - -inf is nan; lp - max is 0 at the
+    # argmax, so a tiny t tends to greedy instead
+    with np.errstate(over="ignore"):  # to -inf: probability 0, as it should be
+        z = (z - z.max(axis=1, keepdims=True)) / temperature
     probs = np.exp(z)
     probs /= probs.sum(axis=1, keepdims=True)
     if any(p.top_k or 0.0 < p.top_p < 1.0 for p in params):

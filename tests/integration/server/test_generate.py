@@ -313,3 +313,50 @@ def test_unset_max_tokens_is_capped_by_a_low_server_limit(model_repo: Path) -> N
         assert "max_tokens" in err.value.details() and "[1, 10]" in err.value.details()
     finally:
         low.stop()
+
+
+def test_stop_strings_look_at_generated_text_only(stub) -> None:
+    """A stop string in the prompt does not end the stream at once (as vLLM and TGI: only
+    the generated text is searched), and one that never completes before max_tokens gives
+    back the text it held (finish LENGTH)."""
+    free = "".join(m.text for m in _generate(stub, model="lstm", prompt=PROMPT, max_tokens=30))
+    in_prompt = "traveller"
+    msgs = _generate(stub, model="lstm", prompt=PROMPT, max_tokens=30, stop=[in_prompt])
+    text = "".join(m.text for m in msgs)
+    if in_prompt in free:
+        assert (text, msgs[-1].finish_reason) == (free[: free.index(in_prompt)],
+                                                  pb.FINISH_REASON_STOP)  # fmt: skip
+    else:
+        assert (text, msgs[-1].finish_reason) == (free, pb.FINISH_REASON_LENGTH)
+    short = _generate(stub, model="lstm", prompt=PROMPT, max_tokens=3, stop=[free[:20]])
+    assert "".join(m.text for m in short) == "".join(
+        m.text for m in _generate(stub, model="lstm", prompt=PROMPT, max_tokens=3)
+    )
+    assert short[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_sampled_logprobs_are_under_the_unmodified_model(stub, model_repo) -> None:
+    """Temperature, top-k and top-p change which token is drawn, not the logprob reported
+    for it (as vLLM's default): plain onnxruntime fed the prompt and the drawn tokens gives
+    the same numbers (head and numpy agree: test_decode_head_and_numpy_sampler_give_...)."""
+    sampling = pb.SamplingParams(temperature=1.7, top_k=4, top_p=0.8, seed=21)
+    msgs = _generate(stub, model="lstm", prompt=PROMPT, max_tokens=16, sampling=sampling)
+    ids = _ids(msgs)
+    assert msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH and len(ids) == 16
+    package = model_repo / "lstm" / "1"
+    man = Manifest.load(package)
+    sess = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"])
+    prompt = man.build_vocab().encode(Tokenizer(man.tokenizer).tokenize(PROMPT))
+    state = {}
+    for s in man.state:
+        shape = [1 if d == -1 else d for d in s.shape]
+        init = np.asarray(s.init, dtype=s.dtype)
+        elem = np.broadcast_to(init, [d for i, d in enumerate(shape) if i != s.batch_axis])
+        state[s.input] = np.expand_dims(elem, s.batch_axis).astype(s.dtype)
+    x = np.asarray([prompt + ids[:-1]], dtype=np.int64)
+    logits = sess.run([man.output_name], {man.input_name: x, **state})[0][0, len(prompt) - 1 :]
+    z = logits.astype(np.float64)
+    lp = z - z.max(axis=1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(axis=1, keepdims=True))
+    want = lp[np.arange(len(ids)), ids]
+    assert sum(msg.logprob for msg in msgs) == pytest.approx(want.sum(), abs=1e-3)

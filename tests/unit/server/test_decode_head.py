@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rnnserve.server import decode_head
 from rnnserve.server.decode_head import RowParams
 from rnnserve.server.runtime import log_softmax
-from rnnserve.server.sampling import Sampler, SamplingParams, sample_rows
+from rnnserve.server.sampling import Sampler, SamplingParams, draw_rows, sample_rows
 
 V = 12
 
@@ -151,3 +151,46 @@ def test_graphs_the_head_does_not_fit_are_left_to_numpy() -> None:
     table = np.zeros((2, V))
     assert decode_head.attach(_table_lm(table, opset=12), "logits") is None
     assert decode_head.attach(_table_lm(table), "not_an_output") is None
+
+
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_head_follows_a_tiny_temperature_to_the_argmax(top_k: int) -> None:
+    """lp / t overflowed to -inf everywhere below t ~ 1e-308, the softmax became nan and the
+    head drew token 0, here masked; shifted by the max first it picks the argmax."""
+    table = np.full((1, V), -np.inf)
+    table[0, 3], table[0, 5], table[0, 7] = 1.0, 2.0, 1.5
+    params = SamplingParams(temperature=1e-310, top_k=top_k)
+    rows = RowParams.of([params] * 4, V)
+    uniforms = np.array([0.0, 0.3, 0.7, 0.999])
+    feeds = {"tokens": np.zeros((4, 1), np.int64), **rows.feeds, decode_head.UNIFORM: uniforms}
+    tokens, logprobs = _session(table).run([decode_head.TOKEN, decode_head.LOGPROB], feeds)
+    assert tokens.tolist() == [5] * 4
+    assert np.isfinite(logprobs).all()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.8),
+        SamplingParams(temperature=1.3, top_k=3),
+        SamplingParams(temperature=1.0, top_p=0.7),
+        SamplingParams(temperature=0.5, top_k=5, top_p=0.9),
+    ],
+)
+def test_head_draws_what_numpy_draws_for_the_same_uniforms(params: SamplingParams) -> None:
+    """Thousands of rows of random logits (masked -inf tokens and ties among them), one
+    uniform each: the head picks exactly numpy's token, never a masked one."""
+    rng = np.random.default_rng(5)
+    table = rng.normal(0, 2, size=(16, V))
+    table[:, 0] = -np.inf  # masked in every row
+    table[3, 1:6] = table[3, 1]  # ties
+    n = 4000
+    x = rng.integers(0, 16, size=(n, 1))
+    uniforms = rng.random(n)
+    lp = log_softmax(table[x[:, -1]].astype(np.float32))
+    want = draw_rows(lp, [params] * n, uniforms)
+    rows = RowParams.of([params] * n, V)
+    feeds = {"tokens": x, **rows.feeds, decode_head.UNIFORM: uniforms}
+    tokens, _ = _session(table).run([decode_head.TOKEN, decode_head.LOGPROB], feeds)
+    np.testing.assert_array_equal(tokens, want)
+    assert not (tokens == 0).any()

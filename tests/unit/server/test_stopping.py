@@ -86,3 +86,51 @@ def test_feed_run_equals_feeding_token_by_token(ids, cuts, stop, max_tokens) -> 
         got, n = got + text, n + used
         assert used == len(run) or reason is not None
     assert (got, reason, n) == (want, want_reason, want_n)
+
+
+def _reference(pieces: list[str], stop: list[str], max_tokens: int) -> tuple[str, str | None]:
+    """vLLM's rule, on the whole text: after each token, if any stop string occurs in the
+    generated text, it ends before the earliest occurrence; else at max_tokens."""
+    text = ""
+    for i, piece in enumerate(pieces):
+        text += piece
+        hits = [text.find(s) for s in stop if s in text]
+        if hits:
+            return text[: min(hits)], STOP
+        if i + 1 >= max_tokens:
+            return text, LENGTH
+    return text, None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(st.text("abé\n", max_size=3), min_size=1, max_size=12),
+    stop=st.lists(st.text("abé\n", min_size=1, max_size=4), min_size=1, max_size=3),
+    max_tokens=st.integers(1, 14),
+)
+def test_stop_strings_match_the_whole_text_rule(pieces, stop, max_tokens) -> None:
+    """Overlapping stop strings, ones spanning several tokens or inside one, empty tokens,
+    non-ASCII: what is emitted equals the rule applied to the whole text, and no message
+    shows a stop string, or a part of one that the next tokens complete."""
+    checker = StopChecker(max_tokens, stop)
+    out, reason = "", None
+    for i, piece in enumerate(pieces):
+        text, reason = checker.feed(i + 10, piece)
+        out += text
+        if reason:
+            break
+        assert not any(s in out for s in stop)
+    if reason is None:
+        out += checker.flush()
+    assert (out, reason) == _reference(pieces, stop, max_tokens)
+
+
+def test_a_stop_string_longer_than_max_tokens_releases_its_prefix_at_the_end() -> None:
+    assert _run(StopChecker(3, ["abcdef"]), list("abcdef")) == ("abc", LENGTH)
+
+
+def test_eos_wins_over_a_stop_string_completed_by_its_text() -> None:
+    """The end-of-sequence token adds no text, so it cannot complete a stop string."""
+    checker = StopChecker(10, ["a<eos>"], eos_id=3)
+    assert checker.feed(1, "a") == ("", None)
+    assert checker.feed(3, "<eos>") == ("a", EOS)
