@@ -288,7 +288,7 @@ class RowParams:
         """The conventions of filtered_rows: top_k 0 = the whole vocabulary, top_p outside
         (0, 1) = off, temperature 0 = greedy."""
         temperature = np.array([p.temperature for p in params], dtype=np.float64)
-        top_k = np.array([p.top_k or vocab for p in params], dtype=np.int64)
+        top_k = np.array([min(p.top_k or vocab, vocab) for p in params], dtype=np.int64)
         top_p = np.array([p.top_p if 0.0 < p.top_p < 1.0 else 2.0 for p in params], np.float64)
         if not temperature.any():
             return cls("greedy", {USE_GREEDY: np.array(True)})

@@ -34,8 +34,8 @@ class SamplingParams:
         t = self.temperature
         if not math.isfinite(t) or not 0.0 <= t <= 100.0:
             raise BadRequest("sampling.temperature", f"must be in [0, 100], got {t}")
-        if not 0 <= self.top_k <= vocab_size:
-            raise BadRequest("sampling.top_k", f"must be in [0, {vocab_size}], got {self.top_k}")
+        if self.top_k < 0:  # over the vocabulary keeps it all, as HF, vLLM and TGI take it
+            raise BadRequest("sampling.top_k", f"must be 0 (off) or more, got {self.top_k}")
         p = self.top_p
         if not math.isfinite(p) or not 0.0 <= p <= 1.0:
             raise BadRequest("sampling.top_p", f"must be in [0, 1], got {p}")
@@ -130,7 +130,7 @@ def filtered_rows(logprobs: np.ndarray, params: list[SamplingParams]) -> np.ndar
     if any(p.top_k or 0.0 < p.top_p < 1.0 for p in params):
         order = np.argsort(-probs, axis=1, kind="stable")  # most likely first, ties by id
         ranked = np.take_along_axis(probs, order, axis=1)
-        top_k = np.array([p.top_k or vocab for p in params])[:, None]
+        top_k = np.array([min(p.top_k or vocab, vocab) for p in params])[:, None]
         keep = np.arange(vocab)[None, :] < top_k  # [rows, vocab] in rank order
         top_p = np.array([p.top_p if 0.0 < p.top_p < 1.0 else 2.0 for p in params])[:, None]
         before = np.zeros_like(ranked)  # probability mass ranked strictly ahead

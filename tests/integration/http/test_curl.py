@@ -94,10 +94,17 @@ def test_openai_errors_are_json_with_status(base_url, body, status, param) -> No
 def test_openai_sampling_errors_use_the_request_names(base_url: str) -> None:
     """The engine checks top_k as `sampling.top_k`; an OpenAI client sent `top_k`."""
     got, _, text = post(base_url + "/v1/completions",
-                        {"model": "lstm", "prompt": "a", "top_k": 10**6})  # fmt: skip
+                        {"model": "lstm", "prompt": "a", "temperature": 101})  # fmt: skip
     error = json.loads(text)["error"]
-    assert got == 400 and error["param"] == "top_k"
-    assert error["message"].startswith("top_k: must be in") and "sampling" not in error["message"]
+    assert got == 400 and error["param"] == "temperature"
+    assert (
+        error["message"].startswith("temperature: must be in")
+        and "sampling" not in error["message"]
+    )
+    # top_k over the vocabulary keeps it all (HF, vLLM): a client default of 50 on a char model
+    got, _, _ = post(base_url + "/v1/completions",
+                     {"model": "lstm", "prompt": "a", "top_k": 50, "max_tokens": 2})  # fmt: skip
+    assert got == 200
 
 
 def test_openai_max_tokens_over_the_limit_names_no_grpc_default(base_url: str) -> None:

@@ -79,7 +79,6 @@ def test_sampled_frequencies_follow_the_distribution() -> None:
         (SamplingParams(temperature=float("nan")), "sampling.temperature"),
         (SamplingParams(temperature=101), "sampling.temperature"),
         (SamplingParams(top_k=-1), "sampling.top_k"),
-        (SamplingParams(top_k=11), "sampling.top_k"),
         (SamplingParams(top_p=1.5), "sampling.top_p"),
         (SamplingParams(top_p=float("inf")), "sampling.top_p"),
     ],
@@ -230,3 +229,18 @@ def test_a_seeded_stream_draws_the_same_tokens_whatever_shares_its_batch() -> No
     alone = tokens(batch=False)
     assert alone == tokens(batch=True)
     assert len(set(alone)) > 5  # really sampling
+
+
+def test_a_top_k_over_the_vocabulary_keeps_it_all() -> None:
+    """top_k 50 (a common client default) against a 31-token char model was a 400; HF, vLLM
+    and TGI take k >= vocab as no limit, and so do both choice paths now."""
+    import numpy as np
+
+    from rnnserve.server.decode_head import RowParams
+    from rnnserve.server.sampling import filtered_rows
+
+    lp = np.log(np.array([[0.5, 0.3, 0.2]]))
+    over, off = SamplingParams(temperature=1, top_k=50), SamplingParams(temperature=1)
+    assert over.validate(vocab_size=3) is over
+    assert np.array_equal(filtered_rows(lp, [over]), filtered_rows(lp, [off]))
+    assert RowParams.of([over], 3).feeds == RowParams.of([off], 3).feeds
