@@ -8,7 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogFormatter, MaxNLocator
 
 
 def plot_history(history: list[dict], path: Path, title: str = "training") -> Path:
@@ -24,6 +24,9 @@ def plot_history(history: list[dict], path: Path, title: str = "training") -> Pa
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
+    # plain numbers: the log axis labelled a run between 25 and 31 "2.5×10¹ ... 3.1×10¹"
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()

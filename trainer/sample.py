@@ -8,17 +8,57 @@ checkpoint.pt beside model.onnx) or a training run dir / checkpoint file.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from rnnserve.artifact.tokenizer import Tokenizer
 from rnnserve.artifact.vocab import RESERVED, Vocab
-from rnnserve.trainer.checkpoint import load_checkpoint, restore
+from rnnserve.trainer.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore
 from rnnserve.trainer.errors import TrainerError
 
 
+def _check_source(model_dir: Path | str) -> None:
+    """Says what a --model that holds no checkpoint is instead (a forecast or `rnn-trainer
+    package` package, a model's name dir, its model.onnx): the checkpoint loader's "no
+    checkpoint at .../checkpoint.pt" or "holds Python objects" named none of them."""
+    path = Path(model_dir)
+    if path.is_file() and path.suffix == ".onnx":
+        raise TrainerError(
+            f"{path} is an ONNX graph; sample runs the torch checkpoint beside it: "
+            f"--model {path.parent}"
+        )
+    if not path.is_dir() or (path / CHECKPOINT_FILE).exists():
+        return
+    if (path / "manifest.json").is_file():
+        try:
+            task = json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("task")
+        except (OSError, ValueError, AttributeError):
+            task = None
+        if task in ("forecast", "infill"):
+            raise TrainerError(
+                f"{path} is a{'n' if task == 'infill' else ''} {task} package; only "
+                "left-to-right (lm) models generate"
+            )
+        raise TrainerError(
+            f"{path} has no {CHECKPOINT_FILE} beside model.onnx (a package made by "
+            "`rnn-trainer package` carries none), and sample runs that torch checkpoint; "
+            "serve the package and use `rnn-client generate` instead"
+        )
+    versions = sorted(
+        (v.name for v in path.iterdir() if v.name.isdigit() and (v / "manifest.json").is_file()),
+        key=int,
+    )
+    if versions:
+        raise TrainerError(
+            f"{path} is a model's name dir holding versions {', '.join(versions)}; pass one "
+            f"version dir, e.g. --model {path / versions[-1]}"
+        )
+
+
 def _load(model_dir: Path | str):
+    _check_source(model_dir)
     model, _config, vocab, tok = restore(load_checkpoint(model_dir))
     if model.task != "lm":
         raise TrainerError(

@@ -1,4 +1,4 @@
-"""Token statistics: the most frequent uni-, bi- and trigrams, and Zipf's law as a PNG.
+"""Token statistics: the most frequent uni-, bi- and trigrams, and Zipf's law as a plot (PNG).
 
 `rnn-trainer stats [--corpus PATH] [--level char|word] [--keep-case] [--letters-only]
 [--top 10] [--plot zipf.png]` tokenizes with the same tokenizer the models use
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from rnnserve.trainer.errors import TrainerError
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "timemachine.txt"
 ORDERS = (1, 2, 3)
 NAMES = {1: "unigrams", 2: "bigrams", 3: "trigrams"}
+PLOT_FORMATS = ("png", "svg", "pdf")  # by the --plot file's suffix; none: png
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--top", type=int, default=10, help="rows per n-gram table (default 10)")
     parser.add_argument(
-        "--plot", type=Path, default=Path("zipf.png"), help="Zipf plot PNG (default zipf.png)"
+        "--plot",
+        type=Path,
+        default=Path("zipf.png"),
+        help="Zipf plot file, PNG (or SVG/PDF by its suffix .svg/.pdf) (default zipf.png)",
     )
 
 
@@ -64,10 +69,28 @@ def zipf_exponent(counts: Counter) -> float:
 
 
 def _show(gram: tuple[str, ...], level: str) -> str:
-    """A readable n-gram: char n-grams quoted with spaces visible, words joined by spaces."""
+    """A readable n-gram: char n-grams quoted with spaces visible (a leading combining mark,
+    which would sit on the opening quote, escaped), words joined by spaces."""
     if level == "char":
-        return repr("".join(gram))
+        quoted = repr("".join(gram))
+        if unicodedata.combining(quoted[1]):
+            quoted = f"{quoted[0]}\\u{ord(quoted[1]):04x}{quoted[2:]}"
+        return quoted
     return " ".join(gram)
+
+
+def _columns(text: str) -> int:
+    """Terminal columns of text: wide (CJK) characters take two, combining marks none; padding
+    by len() pushed every row holding 日本 two columns per character out of line."""
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in text
+    )
+
+
+def _pad(text: str, width: int) -> str:
+    """text left-aligned in `width` terminal columns."""
+    return text + " " * max(0, width - _columns(text))
 
 
 def format_table(counts: Counter, n: int, level: str, top: int) -> str:
@@ -75,15 +98,28 @@ def format_table(counts: Counter, n: int, level: str, top: int) -> str:
     total = sum(counts.values())
     rows = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
     shown = [_show(g, level) for g, _ in rows]
-    width = max([len(NAMES[n]), *map(len, shown)])
-    lines = [f"{'rank':>4}  {NAMES[n]:<{width}}  {'count':>8}  {'freq':>7}"]
+    width = max([len(NAMES[n]), *map(_columns, shown)])
+    lines = [f"{'rank':>4}  {_pad(NAMES[n], width)}  {'count':>8}  {'freq':>7}"]
     for rank, (text, (_, count)) in enumerate(zip(shown, rows, strict=True), start=1):
-        lines.append(f"{rank:>4}  {text:<{width}}  {count:>8}  {count / total:>7.4f}")
+        lines.append(f"{rank:>4}  {_pad(text, width)}  {count:>8}  {count / total:>7.4f}")
     return "\n".join(lines)
 
 
+def plot_format(path: Path) -> str:
+    """The format --plot is written in, by its suffix (none: png), checked before any counting:
+    a directory or an unknown suffix failed only after every table was printed, and `.svg`
+    got PNG bytes."""
+    if path.is_dir():
+        raise TrainerError(f"--plot {path} is a directory; give a file name such as zipf.png")
+    fmt = path.suffix[1:].lower() or "png"
+    if fmt not in PLOT_FORMATS:
+        raise TrainerError(f"--plot {path}: unknown image suffix .{fmt}; use .png, .svg or .pdf")
+    return fmt
+
+
 def plot_zipf(all_counts: dict[int, Counter], path: Path, title: str) -> None:
-    """log-log frequency vs rank for each order, written as PNG (matplotlib Agg)."""
+    """log-log frequency vs rank for each order, in the format of the file's suffix
+    (plot_format; matplotlib Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,7 +137,7 @@ def plot_zipf(all_counts: dict[int, Counter], path: Path, title: str) -> None:
     fig.tight_layout()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
+        fig.savefig(path, format=plot_format(path))
     except OSError as exc:
         raise TrainerError(f"cannot write plot {path}: {exc.strerror or exc}") from exc
     finally:
@@ -114,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
     if top < 1:
         raise TrainerError(f"--top must be >= 1, got {top}")
     level = getattr(args, "level", "char") or "char"
+    plot = getattr(args, "plot", None)
+    if plot is not None:
+        plot_format(Path(plot))
     corpus = getattr(args, "corpus", None)
     text = read_corpus(corpus)
     config = TokenizerConfig(
@@ -134,7 +173,6 @@ def run(args: argparse.Namespace) -> int:
         s = zipf_exponent(counts)
         print(f"\n{NAMES[n]}: {sum(counts.values())} total, {len(counts)} distinct, zipf s={s:.3f}")
         print(format_table(counts, n, level, top))
-    plot = getattr(args, "plot", None)
     if plot is not None:
         title = f"Zipf: {name} ({level} level)"
         plot_zipf({n: c for n, c in all_counts.items() if c}, Path(plot), title)

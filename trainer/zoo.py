@@ -62,6 +62,14 @@ def _recurrent(name: str) -> tuple[str, int, bool]:
     }[name]
 
 
+def _check_out(out: Path, names: list[str]) -> None:
+    """Refuses an OUT (or OUT/NAME) that is a file before any training: it failed only at the
+    first export, minutes into the default preset, leaving that model's checkpoint behind."""
+    for path in (out, *(out / name for name in names)):
+        if path.exists() and not path.is_dir():
+            raise TrainerError(f"--out: {path} is not a directory; the zoo writes OUT/NAME/1/")
+
+
 def build_zoo(
     out: Path, preset: str = "default", only: list[str] | None = None, progress: bool = True
 ) -> list[Path]:
@@ -76,6 +84,7 @@ def build_zoo(
     wanted = [n for n in ZOO if only is None or n in only]
     p = PRESETS[preset]
     out = Path(out)
+    _check_out(out, wanted)
     data = DataConfig(max_tokens=p.max_tokens)
     log = print if progress else (lambda *_: None)
     written: list[Path] = []

@@ -137,3 +137,57 @@ def test_tokenizer_settings_of_a_trained_model(
     stats.run(parse("--corpus", str(corpus), "--level", "word", "--keep-case", "--plot", plot))
     out = capsys.readouterr().out
     assert " It " in out and " Sir " in out
+
+
+def _columns(line: str) -> int:
+    """Terminal columns of a line: wide (CJK) characters take two, combining marks none."""
+    import unicodedata
+
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in line
+    )
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_wide_and_combining_characters_keep_the_columns_aligned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], level: str
+) -> None:
+    """Widths were counted in code points, so rows with 日本 ran two columns per character
+    past the count column of the ASCII rows (and a decomposed é one column short)."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("日本語 cafe\u0301 abc 日本語 cafe\u0301 xyz abc\n", encoding="utf-8")
+    stats.run(parse("--corpus", str(corpus), "--level", level, "--plot", str(tmp_path / "z.png")))
+    blocks = capsys.readouterr().out.split("\n\n")[1:-1]  # the three tables, not head/tail
+    assert len(blocks) == 3
+    for block in blocks:
+        header, *rows = block.splitlines()[1:]
+        assert len(rows) > 1 and any(_columns(r) != len(r) for r in rows)
+        assert {_columns(r) for r in rows} == {_columns(header)}, block
+
+
+def test_plot_format_follows_the_file_name(tmp_path: Path) -> None:
+    """--plot zipf.svg wrote PNG bytes into a file named .svg."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world", encoding="utf-8")
+    for name, magic in (("z.svg", b"<?xml"), ("z.pdf", b"%PDF"), ("z.PNG", PNG_MAGIC)):
+        stats.run(parse("--corpus", str(corpus), "--plot", str(tmp_path / name)))
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+    stats.run(parse("--corpus", str(corpus), "--plot", str(tmp_path / "zipf")))
+    assert (tmp_path / "zipf").read_bytes().startswith(PNG_MAGIC)  # no suffix: PNG
+
+
+@pytest.mark.parametrize("plot", ["z.bmp", "a_dir", ""])
+def test_a_plot_path_it_cannot_write_is_refused_before_the_tables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, plot: str
+) -> None:
+    """A --plot naming a directory (or "", the current one) or a format matplotlib is not asked
+    for printed every table, then failed: a run over a big corpus lost to a typo."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_dir").mkdir()
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world", encoding="utf-8")
+    with pytest.raises(TrainerError, match="--plot"):
+        stats.run(parse("--corpus", str(corpus), "--plot", plot))
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "z.bmp").exists()
