@@ -494,7 +494,8 @@ def run_zoo(args: argparse.Namespace) -> int:
 
     paths = build_zoo(Path(args.out), preset=args.preset, only=args.only,
                       progress=not args.no_progress)  # fmt: skip
-    print(f"zoo: {len(paths)} models in {args.out}: " + ", ".join(p.parent.name for p in paths))
+    what = "model" if len(paths) == 1 else "models"
+    print(f"zoo: {len(paths)} {what} in {args.out}: " + ", ".join(p.parent.name for p in paths))
     return 0
 
 
@@ -512,6 +513,8 @@ def run_ended(args: argparse.Namespace) -> int:
     from rnnserve.trainer.checkpoint import CHECKPOINT_FILE, load_checkpoint
     from rnnserve.trainer.pipeline import run_ended as why_ended
 
+    if args.epochs is not None and args.epochs < 1:  # 0 said "ended" of any run
+        raise TrainerError(f"--epochs must be 1 or more, got {args.epochs}")
     path = Path(args.checkpoint)
     file = path / CHECKPOINT_FILE if path.is_dir() else path
     if not file.exists():

@@ -290,3 +290,9 @@ def test_a_misspelt_flag_gets_the_subcommand_usage_and_a_suggestion(capsys) -> N
     assert err.splitlines()[-1].endswith(
         "unrecognized arguments: --epoch 1 (did you mean --epochs?)"
     )
+
+
+def test_ended_refuses_epochs_below_one(tmp_path, capsys) -> None:
+    """`ended RUN --epochs 0` exited 0, "the run is over", for any run."""
+    assert main(["ended", str(tmp_path), "--epochs", "0"]) == 2
+    assert "--epochs must be 1 or more" in capsys.readouterr().err

@@ -299,3 +299,17 @@ def test_a_version_spelled_with_leading_zeros_is_refused(tmp_path: Path) -> None
     assert package_dir(tmp_path, "m", "10") == tmp_path / "m" / "10"
     with pytest.raises(TrainerError, match="leading zeros \\('1'\\)"):
         package_dir(tmp_path, "m", "01")
+
+
+def test_an_out_that_is_a_file_is_refused_before_training(tmp_path: Path) -> None:
+    """`train --out FILE` trained for minutes and then failed to export (package_dir runs
+    before the training, so it now says so at once)."""
+    from rnnserve.trainer.staging import package_dir
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrainerError, match="is not a directory"):
+        package_dir(tmp_path / "file", "m", "1")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "m").write_text("x")
+    with pytest.raises(TrainerError, match="is not a directory"):
+        package_dir(tmp_path / "out", "m", "1")
