@@ -127,6 +127,8 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "Weights only load failed" in str(exc):  # torch's long advice to unpickle anyway
             why = "it holds Python objects, not only tensors and plain data, so it is not loaded"
+            if not _torch_file(file):  # log.jsonl, model.onnx: no pickle of torch's at all
+                why = "it is not a file torch.save wrote (give checkpoint.pt or the run dir)"
         elif _damaged(exc):  # torch says "[Errno 22] Invalid argument" for a cut-off file
             why = f"it is truncated or damaged ({why[:200]})"
         raise TrainerError(f"{file} is not a readable rnnserve checkpoint: {why}") from exc
@@ -135,6 +137,17 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     if "model_config" not in data and "count_config" not in data:
         raise TrainerError(f"{file} is not an rnnserve checkpoint (no model config)")
     return data
+
+
+def _torch_file(file: Path) -> bool:
+    """Whether `file` starts as torch.save output does: a zip archive (PyTorch 1.6 on) or a
+    pickle (the legacy format)."""
+    try:
+        with open(file, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return True  # unreadable: the error torch gave says why
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def _damaged(exc: BaseException) -> bool:

@@ -296,3 +296,14 @@ def test_ended_refuses_epochs_below_one(tmp_path, capsys) -> None:
     """`ended RUN --epochs 0` exited 0, "the run is over", for any run."""
     assert main(["ended", str(tmp_path), "--epochs", "0"]) == 2
     assert "--epochs must be 1 or more" in capsys.readouterr().err
+
+
+def test_a_file_torch_did_not_write_is_not_said_to_hold_python_objects(
+    capsys: pytest.CaptureFixture[str], tmp_path
+) -> None:
+    """`export --checkpoint run/log.jsonl` said the file "holds Python objects"."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"epoch": 1}\n')
+    assert main(["ended", str(log)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a file torch.save wrote" in err and "Python objects" not in err, err
