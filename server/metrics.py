@@ -185,7 +185,8 @@ class Metrics:
         )
         self.errors = Counter(
             "rnnserve_errors",
-            "RPCs that ended with a status other than OK.",
+            "RPCs that ended with a status other than OK, by code: DEADLINE_EXCEEDED when the "
+            "caller's deadline passed, CANCELLED when the caller went away.",
             ["rpc", "code"],
             registry=r,
         )

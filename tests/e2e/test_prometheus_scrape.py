@@ -3,7 +3,8 @@ scraped by a real Prometheus started from deploy/prometheus.yml (targets rewritt
 localhost, 1 s scrapes), driven with real gRPC traffic.
 
 Shows: the latency histogram and time-to-first-token series reach Prometheus from every
-replica; every metric the Grafana dashboard names is scraped and every dashboard query runs;
+replica; every metric the Grafana dashboard names is scraped and every dashboard query runs
+(the second replica runs --decode-process 1, whose children have their own panels);
 the alert rules load; the images' health check script sees the real server; a resume token
 from one replica continues the stream on the other (what the Envoy profile relies on).
 """
@@ -122,6 +123,8 @@ def replicas(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             cmd = [
                 *_server_cmd(), "--model-repo", str(model_repo), "--host", "127.0.0.1",
                 "--port", str(port), "--metrics-port", str(metrics_port),
+                # the second steps in child processes: the decode-process panels get data
+                "--decode-process", str(i),
             ]  # fmt: skip
             with log.open("w") as out:
                 proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -321,6 +324,16 @@ def test_new_metrics_reach_prometheus(scraped) -> None:
     assert _query(scraped, 'process_resident_memory_bytes{job="rnnserve"} > 0')
     fine = _query(scraped, 'rnnserve_inter_token_latency_seconds_bucket{le="1e-05"}')
     assert fine, "the 10 us bucket is exported"
+
+
+def test_decode_process_metrics_come_from_the_children(scraped, replicas: list[Replica]) -> None:
+    """Only the --decode-process 1 replica has children; they hold memory and used CPU."""
+    child = {f"127.0.0.1:{replicas[1].metrics_port}"}
+    for expr in (
+        f'rnnserve_decode_process_resident_memory_bytes{{model="{MODEL}"}} > 0',
+        f'rnnserve_decode_process_cpu_seconds_total{{model="{MODEL}"}} > 0',
+    ):
+        assert {s["metric"]["instance"] for s in _query(scraped, expr)} == child, expr
 
 
 def test_engine_metrics_are_recorded(scraped) -> None:

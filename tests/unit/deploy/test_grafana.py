@@ -4,6 +4,7 @@ the README's Metrics table and exported by server.metrics, and uses the provisio
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -11,6 +12,7 @@ import yaml
 from tests.unit.deploy.deployfiles import (
     DASHBOARD,
     DEPLOY,
+    REPO_ROOT,
     contract_metrics,
     dashboard_exprs,
     promql_metric_names,
@@ -50,6 +52,25 @@ def test_server_exports_every_contract_metric() -> None:
     assert _contract_samples() <= _exported_samples(), _contract_samples() - _exported_samples()
 
 
+def test_contract_table_types_and_labels_are_the_servers() -> None:
+    """Each rnnserve_* row of the README's table names the type and labels server.metrics
+    gives it (a dashboard or alert written from the table must find its series)."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    from rnnserve.server.metrics import Metrics
+
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\|\s*`(rnnserve_[a-z_]+)`\s*\|\s*([a-z]+)\s*\|([^|]*)\|", section, re.M)
+    table = {name: (kind, tuple(re.findall(r"`(\w+)`", labels))) for name, kind, labels in rows}
+    server = {
+        m._name + ("_total" if isinstance(m, Counter) else ""): (m._type, tuple(m._labelnames))
+        for m in vars(Metrics()).values()
+        if isinstance(m, Counter | Gauge | Histogram)
+    }
+    assert table == server
+
+
 def test_dashboard_names_only_contract_and_exported_metrics() -> None:
     allowed = (_contract_samples() & _exported_samples()) | PROMETHEUS_BUILTINS
     for title, expr in dashboard_exprs():
@@ -67,6 +88,9 @@ def test_dashboard_names_only_contract_and_exported_metrics() -> None:
         "rnnserve_generated_tokens_total",  # tokens/s
         "rnnserve_live_streams",
         "rnnserve_errors_total",
+        # --decode-process 1: the children's CPU and memory, which process_* leaves out
+        "rnnserve_decode_process_cpu_seconds_total",
+        "rnnserve_decode_process_resident_memory_bytes",
     ],
 )
 def test_dashboard_shows_the_required_series(needle: str) -> None:

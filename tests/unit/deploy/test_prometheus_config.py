@@ -3,6 +3,8 @@ alert unit tests pass, and every dashboard/alert query is valid PromQL on contra
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -68,6 +70,54 @@ def test_kubernetes_scrape_config(tmp_path: Path) -> None:
     _ok(done)
 
 
+def _pod_targets(ip: str) -> list[dict]:
+    """What Kubernetes pod discovery gives for one server pod: a target per container port
+    (gRPC, metrics, HTTP), `__address__` joined as Go's net.JoinHostPort does."""
+    host = f"[{ip}]" if ":" in ip else ip
+    pod = k8s_one("Deployment", "rnnserve-server")["spec"]["template"]
+    (server,) = [c for c in pod["spec"]["containers"] if c["name"] == "server"]
+    annotations = pod["metadata"]["annotations"]
+    return [
+        {
+            "targets": [f"{host}:{port['containerPort']}"],
+            "labels": {
+                "__meta_kubernetes_pod_ip": ip,
+                "__meta_kubernetes_pod_name": "rnnserve-0",
+                "__meta_kubernetes_pod_container_port_number": str(port["containerPort"]),
+                **{
+                    "__meta_kubernetes_pod_annotation_" + re.sub(r"[^a-zA-Z0-9_]", "_", key): value
+                    for key, value in annotations.items()
+                },
+            },
+        }
+        for port in server["ports"]
+    ]
+
+
+def test_kubernetes_scrape_job_scrapes_only_the_metrics_port(tmp_path: Path) -> None:
+    """promtool runs the ConfigMap job's relabelling on the targets pod discovery makes of
+    server pods (IPv4, and IPv6 as on IPv6 and IPv6-first dual-stack clusters): one target a
+    pod, its annotated metrics port. Any other target is the gRPC or HTTP port: a scrape that
+    fails, and RnnserveDown firing for a healthy pod."""
+    config = yaml.safe_load(k8s_one("ConfigMap", "rnnserve-prometheus")["data"]["prometheus.yml"])
+    (job,) = config["scrape_configs"]
+    assert job.pop("kubernetes_sd_configs")[0]["role"] == "pod"
+    targets = tmp_path / "pods.json"
+    targets.write_text(json.dumps(_pod_targets("10.244.1.7") + _pod_targets("fd00:10:244::7")))
+    job["file_sd_configs"] = [{"files": [str(targets)]}]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    # promtool waits the whole --timeout; a file is read at once
+    done = _promtool("check", "service-discovery", "--timeout=3s", str(path), job["job_name"])
+    _ok(done)
+    found = json.loads(done.stdout)
+    assert {t["labels"]["__address__"] for t in found} == {
+        "10.244.1.7:8000",
+        "[fd00:10:244::7]:8000",
+    }
+    assert {t["labels"]["__metrics_path__"] for t in found} == {"/metrics"}
+
+
 def _contract_samples() -> set[str]:
     return {s for name, kind in contract_metrics().items() for s in sample_names(name, kind)}
 
@@ -77,6 +127,21 @@ def test_alerts_name_only_contract_metrics() -> None:
     for rule in _alert_rules():
         names = promql_metric_names(rule["expr"])
         assert names and names <= allowed, (rule["alert"], names - allowed)
+
+
+def test_rates_are_of_counters_and_quantiles_of_buckets_by_le() -> None:
+    """rate() of a gauge and histogram_quantile() without `le` parse, and show nonsense."""
+    kinds = contract_metrics()
+    counters = {
+        f"{n}_{s}" for n, k in kinds.items() if k == "histogram" for s in ("bucket", "sum", "count")
+    }
+    counters |= {s for n, k in kinds.items() if k == "counter" for s in sample_names(n, k)}
+    exprs = dashboard_exprs() + [(r["alert"], r["expr"]) for r in _alert_rules()]
+    for title, expr in exprs:
+        for name in re.findall(r"\b(?:rate|irate|increase)\(\s*([a-zA-Z_:][\w:]*)", expr):
+            assert name in counters, (title, name)
+        for inner in re.findall(r"histogram_quantile\(\s*[\d.]+\s*,(.*)", expr):
+            assert "_bucket" in inner and re.search(r"by \([^)]*\ble\b", inner), (title, expr)
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
