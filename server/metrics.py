@@ -253,11 +253,12 @@ class Metrics:
             now: dict[tuple[str, int], float] = {}
             memory: dict[str, int] = {}
             for model, pid in children():
+                before = seen.get((model, pid), 0.0)
+                now[(model, pid)] = before  # kept while listed: a missed read must not recount
                 usage = process_usage(pid)
                 if usage is None:  # gone meanwhile, or not Linux
                     continue
                 cpu, rss = usage
-                before = seen.get((model, pid), 0.0)
                 if cpu > before:
                     self.decode_process_cpu.labels(model=model).inc(cpu - before)
                 now[(model, pid)] = max(cpu, before)
@@ -265,7 +266,11 @@ class Metrics:
             seen.clear()
             seen.update(now)
             for model in shown - set(memory):  # its children are gone: no memory held
-                self.decode_process_memory.labels(model=model).set(0)
+                if _multiprocess():  # a worker cannot delete from its file: 0 sums right
+                    self.decode_process_memory.labels(model=model).set(0)
+                else:
+                    with contextlib.suppress(KeyError):
+                        self.decode_process_memory.remove(model)
             for model, rss in memory.items():
                 self.decode_process_memory.labels(model=model).set(rss)
             shown.clear()

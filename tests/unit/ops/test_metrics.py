@@ -188,3 +188,30 @@ def test_an_unloaded_version_leaves_the_merged_serving_gauge(tmp_path: Path) -> 
     gone = merged(("forget-gru",), ("forget-gru",))
     for text in (_scrape(gone), _scrape(gone, "name[]=rnnserve_model_serving")):
         assert gru not in text and f"{lstm} 1.0" in text
+
+
+def test_decode_process_samples_count_cpu_once_and_forget_a_gone_model(monkeypatch) -> None:
+    """A child whose /proc could not be read once had its whole CPU total added again at the
+    next read; a model whose children were gone kept a memory series at 0."""
+    from rnnserve.server import metrics as metrics_module
+    from rnnserve.server.metrics import Metrics
+
+    m = Metrics()
+    listed = [("lstm", 7)]
+    reads = iter([(2.0, 100), None, (3.0, 120)])
+    monkeypatch.setattr(metrics_module, "process_usage", lambda pid: next(reads))
+    m.track_decode_processes(lambda: list(listed))
+    cpu = lambda: m.registry.get_sample_value(  # noqa: E731
+        "rnnserve_decode_process_cpu_seconds_total", {"model": "lstm"}
+    )
+    memory = lambda: m.registry.get_sample_value(  # noqa: E731
+        "rnnserve_decode_process_resident_memory_bytes", {"model": "lstm"}
+    )
+    m.sample()
+    assert (cpu(), memory()) == (2.0, 100)
+    m.sample()  # unreadable this once
+    m.sample()
+    assert (cpu(), memory()) == (3.0, 120)
+    listed.clear()
+    m.sample()
+    assert cpu() == 3.0 and memory() is None
