@@ -14,8 +14,9 @@ trace_id: contextvars.ContextVar[str] = contextvars.ContextVar("trace_id", defau
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, request_id, trace_id (W3C, 32 hex
-    digits) and any `extra` fields."""
+    """One JSON object per line: ts, level, logger, pid, msg, request_id, trace_id (W3C, 32
+    hex digits) and any `extra` fields. `pid` tells apart the lines of --workers processes
+    and --decode-process children, which share the server's stderr."""
 
     _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -25,6 +26,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
+            "pid": record.process,
             "msg": record.getMessage(),
         }
         rid = request_id.get()

@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 from pathlib import Path
 
 import grpc
@@ -100,6 +101,7 @@ def test_generate_span_continues_the_callers_trace(traced) -> None:
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     (line,) = [x for x in lines if x.get("request_id") == "req-1"]
     assert line["trace_id"] == TRACE_ID
+    assert line["pid"] == os.getpid()  # which process wrote it (--workers, decode children)
 
 
 def test_without_traceparent_a_new_trace_starts_and_errors_are_marked(traced) -> None:
