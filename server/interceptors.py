@@ -97,11 +97,14 @@ def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]
 
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# grpcurl and other probes call reflection unauthenticated, like health
+REFLECTION_PREFIX = "/grpc.reflection."
 
 
 def _parse_or_refuse(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A health Check or Watch whose bytes are no HealthCheckRequest: INVALID_ARGUMENT, as
-    every other method answers, not UNKNOWN with a traceback logged per probe."""
+    """A health Check or Watch, or a reflection stream, whose bytes are no request message:
+    INVALID_ARGUMENT, as every other method answers, not UNKNOWN with a traceback logged per
+    probe."""
 
     async def refuse(context: grpc.aio.ServicerContext, request: _Unparsable) -> None:
         await context.abort(
@@ -129,12 +132,32 @@ def _parse_or_refuse(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
         return wrapper
 
+    def streams(behavior):
+        if not inspect.isasyncgenfunction(behavior):  # no such servicer here: left as it is
+            return behavior
+
+        async def checked(requests, context):
+            async for request in requests:
+                if isinstance(request, _Unparsable):
+                    await refuse(context, request)
+                yield request
+
+        async def wrapper(requests, context):
+            async for response in behavior(checked(requests, context), context):
+                yield response
+
+        return wrapper
+
     safe = _safe(handler.request_deserializer)
     if handler.unary_unary is not None:
         return handler._replace(request_deserializer=safe, unary_unary=unary(handler.unary_unary))
     if handler.unary_stream is not None:
         return handler._replace(
             request_deserializer=safe, unary_stream=stream(handler.unary_stream)
+        )
+    if handler.stream_stream is not None:  # reflection's ServerReflectionInfo
+        return handler._replace(
+            request_deserializer=safe, stream_stream=streams(handler.stream_stream)
         )
     return handler
 
@@ -155,7 +178,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         method = details.method
-        if handler is not None and method.startswith(HEALTH_PREFIX):
+        if handler is not None and method.startswith((HEALTH_PREFIX, REFLECTION_PREFIX)):
             return _parse_or_refuse(handler)
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
 import secrets
 import struct
@@ -195,7 +196,9 @@ class StateSigner:
                 f"of this replica's clock, more than the {CLOCK_SKEW} s allowed): check the "
                 "replicas' clocks",
             )
-        if now - iat > self.max_age:
+        # in whole seconds, as `iat` is: now - iat counted a token made at x.95 and checked
+        # at x+1.05 as over a second old, so --state-max-age 1 refused tokens 0.1 s old
+        if math.floor(now) - iat > self.max_age:
             raise BadRequest(
                 "state",
                 f"resume token expired at {_when(iat + self.max_age)} (made {_when(iat)}; "

@@ -574,15 +574,16 @@ def _tolerate_any_stdout_encoding() -> None:
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
-    """How to go on from the checkpoint this interrupted `train` wrote: the same command with
-    --resume RUN_DIR. Nothing when it wrote none (no epoch ended, or not a recurrent run): a
-    checkpoint older than the run is some earlier run's."""
+    """How to go on from the checkpoint this interrupted `train` wrote, or resumed in place:
+    the same command with --resume RUN_DIR. Nothing when there is none (no epoch ended, or not
+    a recurrent run): a checkpoint older than the run is some earlier run's, unless --resume
+    named it (interrupted before its first new epoch, the run goes on from it again)."""
     run_dir = getattr(args, "checkpoint_dir", None)
     if run_dir is None:
         return ""
     checkpoint = run_dir / "checkpoint.pt"
     try:
-        if checkpoint.stat().st_mtime < args.started:
+        if checkpoint.stat().st_mtime < args.started and not _names(args.resume, checkpoint):
             return ""
     except OSError:
         return ""
@@ -595,6 +596,15 @@ def _resume_hint(args: argparse.Namespace) -> str:
             kept.append(arg)
     command = shlex.join(["rnn-trainer", *kept, "--resume", str(run_dir)])
     return f"; {checkpoint} holds the last finished epoch: resume with {command}"
+
+
+def _names(resume: str | None, checkpoint: Path) -> bool:
+    """Whether --resume names `checkpoint`: the file, or the run dir holding it."""
+    if not resume:
+        return False
+    given = Path(resume)
+    given = given / checkpoint.name if given.is_dir() else given
+    return given.resolve() == checkpoint.resolve()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,22 @@ def test_health_bytes_that_are_no_message_are_invalid_argument(server, method: s
     assert _health(server, "") == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_reflection_bytes_that_are_no_message_are_invalid_argument(server, caplog) -> None:
+    """Health answered such bytes INVALID_ARGUMENT, but reflection, which grpcurl and scanners
+    call as freely, still answered UNKNOWN and logged a DecodeError traceback per call."""
+    path = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    call = server.channel.stream_stream(path)
+    with pytest.raises(grpc.RpcError) as err:
+        list(call(iter([b"\x0a\x05hel"]), timeout=30))  # a string field cut short
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid protobuf message" in err.value.details()
+    assert "Traceback" not in caplog.text
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    ask = reflection_pb2.ServerReflectionRequest(list_services="")
+    [answer] = list(stub.ServerReflectionInfo(iter([ask]), timeout=30))
+    assert answer.list_services_response.service
+
+
 def test_health_overall_and_per_model(server) -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
     assert _health(server, "") == serving

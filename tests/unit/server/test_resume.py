@@ -131,6 +131,17 @@ def test_a_token_within_the_max_age_is_accepted() -> None:
         assert signer.verify(token, "lstm", "1", SPECS, vocab_size=10).last_token == 7
 
 
+def test_a_fresh_token_made_late_in_a_second_is_not_expired() -> None:
+    """`iat` is whole seconds: a token made at .95 and checked 0.1 s later, in the next
+    second, looked over a second old and --state-max-age 1 refused it as expired."""
+    token = StateSigner("secret", clock=_at(NOW + 0.95)).sign("lstm", "1", _state(), 7)
+    signer = StateSigner("secret", max_age=1, clock=_at(NOW + 1.05))
+    assert signer.verify(token, "lstm", "1", SPECS, vocab_size=10).last_token == 7
+    later = StateSigner("secret", max_age=1, clock=_at(NOW + 2.05))  # over a second old
+    with pytest.raises(BadRequest, match="expired at"):
+        later.verify(token, "lstm", "1", SPECS, vocab_size=10)
+
+
 def test_an_old_token_is_refused_with_when_it_expired() -> None:
     token = StateSigner("secret", clock=_at(NOW)).sign("lstm", "1", _state(), 7)
     signer = StateSigner("secret", max_age=3600, clock=_at(NOW + 3601))

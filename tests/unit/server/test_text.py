@@ -140,6 +140,62 @@ def test_cutting_a_long_text_into_prefixes_decides_the_limit_as_the_whole_text_d
                 assert codec.encode(text, "prompt", limit).tokens == full
 
 
+@pytest.mark.parametrize("letters_only", [False, True])
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_a_prefix_cut_among_marks_jamo_and_sigma_never_refuses_a_text_within_the_limit(
+    level: str, letters_only: bool
+) -> None:
+    """The test above never has a prefix decide (its texts are about one token per character,
+    so every prefix is longer than the text): a dense head then a long sparse tail makes the
+    prefixes, cut among the tail's marks, jamo and sigmas, hold the whole text's count. A
+    text of exactly the limit must pass, one token more must not."""
+    import random
+
+    from rnnserve.artifact.tokenizer import Tokenizer
+
+    codec = TextCodec(_manifest(level, ["a", "b"]))
+    codec.tokenizer = Tokenizer(TokenizerConfig(level=level, letters_only=letters_only))
+    dense = ["a", "b", " ", "e\u0301", "\u1100\u1161", "\u03a3", "\u0130", ".", "\u00bd"]
+    sparse = ["e\u0301", "\u0301" * 12, "\u1100\u1161", "\u11a8", "\u03a3", "\u0130", "x", "."]
+    prefixes = []
+    real = codec.tokenizer.tokenize
+
+    def spy(text: str, limit: int | None = None) -> list[str]:
+        prefixes.append(len(text))
+        return real(text, limit)
+
+    codec.tokenizer.tokenize = spy  # type: ignore[method-assign]
+    rng = random.Random(1)
+    for _ in range(12):
+        head = "".join(rng.choice(dense) for _ in range(rng.randrange(200, 1500)))
+        tail = "".join(" " * 60 + rng.choice(sparse) for _ in range(rng.randrange(200, 600)))
+        text = head + tail
+        full = real(text)
+        prefixes.clear()
+        assert codec.encode(text, "prompt", len(full)).tokens == full
+        assert min(prefixes) < len(text), "no prefix was tried: the cut is not under test"
+        with pytest.raises(BadRequest, match="more than the limit"):
+            codec.encode(text, "prompt", len(full) - 1)
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_a_prefix_cut_between_a_letter_and_its_accent_keeps_a_text_at_the_limit(level: str) -> None:
+    """Letters-only: "e" + U+0301 is "é", not a letter, so a space. A prefix cut between the
+    two ends in a token "e" the whole text has not: the prefix holds one token more than the
+    text, which BOUNDARY_TOKENS must absorb, not refuse."""
+    from rnnserve.artifact.tokenizer import Tokenizer
+
+    codec = TextCodec(_manifest(level, ["a", "b"]))
+    codec.tokenizer = Tokenizer(TokenizerConfig(level=level, letters_only=True))
+    head = "ab " * 400
+    limit = len(codec.tokenizer.tokenize(head + " e\u0301"))
+    cut = PREFIX_CHARS_PER_TOKEN * (limit + 1) + BOUNDARY_TOKENS  # the first prefix's length
+    text = head + " " * (cut - 1 - len(head)) + "e\u0301" + " " * cut
+    assert text[cut - 1 : cut + 1] == "e\u0301"
+    assert len(codec.tokenizer.tokenize(text[:cut])) == limit + 1  # "e" counts in the prefix
+    assert len(codec.encode(text, "prompt", limit).tokens) == limit
+
+
 def test_score_counts_only_the_unknown_tokens_it_scores() -> None:
     """The first token conditions the rest and is not scored: an unknown first character is
     not in unknown_tokens (it was, while `tokens` and `token_logprobs` left it out)."""

@@ -238,6 +238,28 @@ def test_an_interrupted_run_with_no_new_checkpoint_names_none(tmp_path, monkeypa
     assert capsys.readouterr().err == "error: interrupted\n"
 
 
+def test_a_run_resumed_in_place_and_interrupted_at_once_names_its_checkpoint(
+    tmp_path, monkeypatch, capsys
+):
+    """`train --resume RUN` stopped before its first new epoch printed no command, though the
+    checkpoint it resumed is still the one to go on from."""
+    from rnnserve.trainer import pipeline
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"epoch 4 of this run")
+    os.utime(run / "checkpoint.pt", (1, 1))
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "train_recurrent", interrupted)
+    argv = ["train", "--arch", "gru", "--epochs", "9", "--out", str(tmp_path / "m")]
+    assert main([*argv, "--run-dir", str(run), "--resume", str(run)]) == 130
+    line = capsys.readouterr().err
+    assert line.startswith("error: interrupted; ") and f"--resume {run}" in line
+
+
 def test_a_closed_stdout_fails_a_training_run(tmp_path, monkeypatch, capsys) -> None:
     """`rnn-trainer train ... | head -1` ended the run before its first epoch, exported
     nothing and exited 0 (the quiet exit meant for `stats | head`)."""
