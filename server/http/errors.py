@@ -20,10 +20,11 @@ class BodyTooLarge(ServeError):
 
 class BodyTimeout(ServeError):
     """A body not received within BODY_TIMEOUT_S (a client that stalled, or a slowloris
-    holding the connection): DEADLINE_EXCEEDED, but HTTP 408 Request Timeout, not the 504
-    that says the server was slow."""
+    holding the connection): HTTP 408 Request Timeout. Its code is CANCELLED, as for a client
+    that left: DEADLINE_EXCEEDED counts in the server-side error-rate alert, and a stalled
+    client is no sign of a slow server."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = grpc.StatusCode.CANCELLED
 
 
 HTTP_STATUS = {

@@ -454,6 +454,7 @@ def test_a_stalled_body_is_a_408_and_an_idle_connection_is_closed(
         head, _, body = reply.partition(b"\r\n\r\n")
         assert head.split()[1] == b"408", reply[:300]
         assert b"did not arrive within 0.5 s" in body
+        assert b'"code": "cancelled"' in body  # not DEADLINE_EXCEEDED: the server was not slow
         with socket.create_connection(("127.0.0.1", port), timeout=30) as idle:
             assert idle.recv(1) == b""  # closed by the server, before the socket's own timeout
     finally:
