@@ -3,8 +3,9 @@
 Task `infill` (bidirectional) models answer in one pass, with the blank fed as `<unk>`.
 Task `lm` models answer exactly by Bayes' rule over every candidate v:
     p(v | left, right) ∝ p(v | left) · p(right | left, v)
-computed as one batch of |V| continuations [v, right...] from the state after `left` (the
-HMM's backward recursion, done by the forward graph). An empty left takes the prior from
+computed as batches of the |V| continuations [v, right...] from the state after `left` (the
+HMM's backward recursion, done by the forward graph), in time windows when a context's
+logits would pass the per-call budget. An empty left takes the prior from
 the manifest's `start_log_probs` (the n-gram's and HMM's first-token distribution, which the
 graph cannot output), else (RNNs) a uniform one.
 Reserved tokens (<unk>, <pad>, <bos>, <eos>) are never candidates; probabilities are

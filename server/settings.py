@@ -152,9 +152,9 @@ _HELP: dict[str, tuple[type, str]] = {
     ),
     "state_max_age": (
         float,
-        "seconds a resume token stays valid after it was made (0 = forever); older tokens, "
-        "tokens made more than 60 s in the future, and tokens from servers that predate this "
-        "flag are refused with INVALID_ARGUMENT",
+        "seconds (at least 1, counted whole) a resume token stays valid after it was made "
+        "(0 = forever); older tokens, tokens made more than 60 s in the future, and tokens "
+        "from servers that predate this flag are refused with INVALID_ARGUMENT",
     ),
     "grace": (float, "seconds in-flight calls get to finish after SIGTERM"),
     "drain_delay": (

@@ -77,6 +77,8 @@ def export_or_keep(
             try:
                 path = keep(checkpoint, out, name, version)
             except WRITE_ERRORS as kept_exc:  # the spare place failed too: say so, no traceback
+                if not isinstance(exc, Exception):  # Ctrl-C stays an interrupt (exit 130)
+                    raise exc from kept_exc
                 why = getattr(kept_exc, "strerror", None) or str(kept_exc).splitlines()[0][:200]
                 raise TrainerError(
                     f"{reason}; the trained model could not be kept either (under {out} nor in"

@@ -45,7 +45,8 @@ def package_dir(out_dir: Path, name: str, version: str) -> Path:
             f"--version {version!r}: write it without leading zeros ({version.lstrip('0')!r});"
             " the server counts both spellings as one version and serves only one of them"
         )
-    for folder in (Path(out_dir), Path(out_dir) / name):  # checked before any training
+    out = Path(out_dir)
+    for folder in (out / name, out, *out.parents):  # checked before any training
         if folder.exists() and not folder.is_dir():
             raise TrainerError(f"--out: {folder} is not a directory; packages go in OUT/NAME/N/")
     return Path(out_dir) / name / version

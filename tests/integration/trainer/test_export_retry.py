@@ -230,3 +230,25 @@ def test_a_re_export_keeps_what_the_manifest_said(tmp_path: Path, arch: str) -> 
     assert again.metrics and again.metrics.keys() == first.metrics.keys()
     for key in ("corpus", "val_fraction"):
         assert again.training.get(key) == first.training.get(key), key
+
+
+def test_ctrl_c_in_an_export_stays_an_interrupt_when_nothing_can_be_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keeping the model failing too must not turn Ctrl-C (exit 130) into an error (exit 2)."""
+    import errno
+
+    from rnnserve.trainer import retry
+
+    def full(*_args, **_kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def interrupted() -> Path:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(retry, "save_checkpoint", full)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        retry.export_or_keep(
+            interrupted, {"vocab": []}, None, out=tmp_path / "models", name="m", version="1"
+        )

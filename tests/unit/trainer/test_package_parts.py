@@ -313,3 +313,5 @@ def test_an_out_that_is_a_file_is_refused_before_training(tmp_path: Path) -> Non
     (tmp_path / "out" / "m").write_text("x")
     with pytest.raises(TrainerError, match="is not a directory"):
         package_dir(tmp_path / "out", "m", "1")
+    with pytest.raises(TrainerError, match="is not a directory"):  # a file further up
+        package_dir(tmp_path / "file" / "models", "m", "1")
