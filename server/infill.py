@@ -64,6 +64,15 @@ async def infill(
     model = entry.model
     assert model is not None and entry.manifest is not None
     if entry.manifest.task == "infill":
+        # one pass over the whole context (a bidirectional graph cannot run in windows), whose
+        # logits at every position must fit the per-call budget
+        most = MAX_LOGIT_ELEMENTS // vocab - 1
+        if len(lids) + len(rids) > most:
+            raise BadRequest(
+                "right" if rids else "left",
+                f"left and right hold {len(lids) + len(rids)} tokens; this model's "
+                f"{vocab}-token vocabulary allows at most {most} in one pass",
+            )
         scores = await runtime.call(_bidirectional_sync, model, lids, rids, codec.vocab.unk)
     else:
         if vocab > settings.max_infill_vocab:

@@ -350,3 +350,29 @@ def test_a_prompt_the_tokenizer_erases_is_not_called_empty(prompt: str, why: str
     with pytest.raises(BadRequest) as err:
         generator._validate(GenerateParams(prompt=prompt, max_tokens=4))
     assert err.value.field == "prompt" and why in str(err.value)
+
+
+def test_a_bidirectional_infill_past_the_logits_budget_is_refused_before_running(
+    monkeypatch,
+) -> None:
+    """A bidirectional graph runs the whole context in one call and outputs logits at every
+    position: with a large vocabulary and --max-prompt-tokens raised that asked ORT for
+    gigabytes at once (lm models run in windows instead)."""
+    import asyncio
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from rnnserve.server import infill as infill_module
+    from rnnserve.server.settings import Settings
+
+    manifest = replace(_manifest("char", list("abcd")), task="infill", state=[])
+    codec = TextCodec(manifest)
+    monkeypatch.setattr(infill_module, "MAX_LOGIT_ELEMENTS", 10 * len(codec))  # 9 tokens
+    entry = SimpleNamespace(name="m", manifest=manifest, model=_Uniform(len(codec)))
+    found = asyncio.run(
+        infill_module.infill(entry, codec, _Inline(), Settings(), "abab", "cdcd", 0)
+    )
+    assert len(found) == 4
+    with pytest.raises(BadRequest) as err:
+        asyncio.run(infill_module.infill(entry, codec, _Inline(), Settings(), "ababa", "cdcdc", 0))
+    assert err.value.field == "right" and "at most 9 in one pass" in str(err.value)
