@@ -101,9 +101,12 @@ def check_package_graph(
     graph = OrtGraph(path, iface.input, iface.output, iface.states)
     rows = probes.ROWS
     state0 = [state_from_spec(s, rows) for s in iface.states]
+    time = probes.probe_time(vocab_size)  # bounded memory at a large V, as in export
     chosen = (
-        probes.windows_of(probe, probe_source, values=False) if probe is not None else None
-    ) or probes.sampled(graph.run, state0, vocab_size, seed)
+        probes.windows_of(probe, probe_source, values=False, time=time)
+        if probe is not None
+        else None
+    ) or probes.sampled(graph.run, state0, vocab_size, seed, time)
     x = chosen.x
     time = x.shape[1]
     window, window_state = graph.run(x, state0)

@@ -18,8 +18,10 @@ from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.graph_adapt import MISSING_LOGIT, adapt, map_vocab
 from rnnserve.trainer.graph_interface import resolve
 from rnnserve.trainer.package import PackageRequest, package_model, read_vocab, tokenizer_spec
+from rnnserve.trainer.package_check import check_package_graph
 from rnnserve.trainer.package_cli import _probe_ids
 from rnnserve.trainer.precision import convert_package
+from rnnserve.trainer.probe import LONG_TIME, MAX_LOGITS, MIN_TIME, ROWS
 
 USER_TOKENS = ["the", "<eos>", "cat", "<unk>", "sat"]  # the user's own order
 
@@ -315,3 +317,39 @@ def test_an_out_that_is_a_file_is_refused_before_training(tmp_path: Path) -> Non
         package_dir(tmp_path / "out", "m", "1")
     with pytest.raises(TrainerError, match="is not a directory"):  # a file further up
         package_dir(tmp_path / "file" / "models", "m", "1")
+
+
+def _word_graph(vocab_size: int) -> onnx.ModelProto:
+    """logits = table_out[table_in[token]] (+ 0 * state): a bigram model of any vocabulary."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Gather", ["embed", "tokens"], ["e"]),
+        helper.make_node("MatMul", ["e", "proj"], ["logits"]),
+        helper.make_node("Identity", ["h"], ["h_next"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "words",
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, "batch", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "time", vocab_size]),
+         helper.make_tensor_value_info("h_next", TensorProto.FLOAT, [1, "batch", 4])],
+        [numpy_helper.from_array(rng.standard_normal((vocab_size, 4)).astype(np.float32), "embed"),
+         numpy_helper.from_array(rng.standard_normal((4, vocab_size)).astype(np.float32), "proj")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_a_large_vocabulary_is_checked_on_shorter_windows(tmp_path: Path, text: bool) -> None:
+    """`export` bounds the check's [4, time, V] logits (trainer/probe.py); `package` read 4
+    windows of 200 at any V, a dozen float64 copies: over 8 GB at a word vocabulary of 140k."""
+    vocab_size = 12_000
+    model = _word_graph(vocab_size)
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path))
+    iface = resolve(model.graph, vocab_size)
+    ids = np.random.default_rng(1).integers(0, vocab_size, 5_000).tolist() if text else None
+    parity = check_package_graph(path, iface, vocab_size, ids, "text.txt")
+    time = parity["time_lengths"][1]
+    assert MIN_TIME <= time < LONG_TIME and ROWS * time * vocab_size <= MAX_LOGITS
+    assert parity["probe"].endswith(f"({ROWS} windows of {time})" if text else f"of {time})")
