@@ -66,6 +66,9 @@ FP16_KEPT_FLOAT32 = (*RECURRENT_OPS, "Transpose")
 STEP_TOL = {"fp32": 1e-4, "int8": 0.5, "fp16": 0.05}
 PPL_ROWS = 16  # perplexity: the probe text is cut into this many rows, run in one call
 PPL_MAX_TOKENS = 20_000
+PPL_MAX_LOGITS = (
+    2**25
+)  # the perplexity call's logits (128 MB of float32): fewer tokens at a large V
 
 
 def check_convertible(architecture: str, task: str, precision: str) -> None:
@@ -231,9 +234,11 @@ def _fp16(src: Path, dst: Path) -> dict[str, Any]:
     }
 
 
-def text_rows(ids: Sequence[int]) -> np.ndarray:
-    """The probe text (up to PPL_MAX_TOKENS) cut into PPL_ROWS rows, run as one batch."""
-    seq = np.asarray(ids, dtype=np.int64).reshape(-1)[:PPL_MAX_TOKENS]
+def text_rows(ids: Sequence[int], vocab_size: int | None = None) -> np.ndarray:
+    """The probe text (up to PPL_MAX_TOKENS, fewer where PPL_MAX_LOGITS / `vocab_size` is
+    less: one call outputs tokens x V logits) cut into PPL_ROWS rows, run as one batch."""
+    most = PPL_MAX_TOKENS if not vocab_size else max(32, PPL_MAX_LOGITS // vocab_size)
+    seq = np.asarray(ids, dtype=np.int64).reshape(-1)[: min(PPL_MAX_TOKENS, most)]
     rows = max(1, min(PPL_ROWS, seq.size // 16))
     time = seq.size // rows
     if time < 2:
@@ -294,16 +299,17 @@ def reduce_precision(
         specs = list(manifest.state)
         ref = OrtGraph(fp32, manifest.input_name, manifest.output_name, specs)
         windows = None  # `is not None`, not truthiness: a numpy array of ids has no truth value
+        time = probes.probe_time(vocab_size)  # bounded memory at a large V, as in export
         if probe is not None:
-            windows = probes.windows_of(probe, probe_source, values=False)
+            windows = probes.windows_of(probe, probe_source, values=False, time=time)
         if windows is not None and probe is not None:
-            rows = text_rows(probe)  # type: ignore[arg-type]
+            rows = text_rows(probe, vocab_size)  # type: ignore[arg-type]
         else:
             state0 = [state_from_spec(s, probes.ROWS) for s in specs]
             windows = (
-                probes.sampled(ref.run, state0, vocab_size)
+                probes.sampled(ref.run, state0, vocab_size, time=time)
                 if manifest.task == "lm"
-                else probes.random_tokens(vocab_size)
+                else probes.random_tokens(vocab_size, time=time)
             )
             rows = windows.x
         got = OrtGraph(onnx_path, manifest.input_name, manifest.output_name, specs)

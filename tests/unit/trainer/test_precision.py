@@ -322,3 +322,12 @@ def test_a_full_disk_while_packaging_or_converting_is_one_line(tmp_path, monkeyp
     with pytest.raises(TrainerError, match=r"cannot write the package .+: No space left"):
         precision.convert_package(fp32, tmp_path / "out", "small", "1", precision="int8")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_perplexity_rows_shrink_with_a_large_vocabulary() -> None:
+    """The perplexity check ran up to 20,000 tokens in one call whatever the vocabulary: at
+    140k words that is 2.8 billion logits (11 GB) from ONNX Runtime at once."""
+    text = np.arange(20_000) % 50
+    assert precision.text_rows(text, 31).size == 20_000  # a char model: unchanged
+    big = precision.text_rows(text, 140_000)
+    assert big.size * 140_000 <= precision.PPL_MAX_LOGITS and big.size >= 32
