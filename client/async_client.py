@@ -57,8 +57,8 @@ _LOCALLY_CANCELLED = "Locally cancelled by application!"
 
 
 class AsyncTokenStream:
-    """Async iterator of TokenEvents from one Generate call; see TokenStream (failover
-    included)."""
+    """Async iterable of TokenEvents from one Generate call (`async for`; not an async
+    iterator itself: no anext(stream)); see TokenStream (failover included)."""
 
     def __init__(
         self, client: AsyncRnnClient, ledger: StreamLedger, deadline: float | None, failover: bool
@@ -181,6 +181,12 @@ class AsyncTokenStream:
                 self._call.cancel()
 
 
+def _read_outcome(future: asyncio.Future) -> None:
+    """Marks a finished watch's error as read (asyncio logs unread ones)."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _task_cancelling() -> bool:
     """Whether the running task itself is being cancelled (Python 3.11+; False before)."""
     cancelling = getattr(asyncio.current_task(), "cancelling", None)
@@ -213,6 +219,7 @@ class AsyncRnnClient:
         self._admin = [pb_grpc.AdminStub(c) for c in self._channels]
         self._turn = itertools.count()
         self._closed = False
+        self._closing = asyncio.Event()  # set by close(): ends a pause before a retry at once
 
     def _check_loop(self) -> None:
         """grpc.aio binds a channel to the event loop it was made in; a call from another
@@ -238,6 +245,7 @@ class AsyncRnnClient:
     async def close(self) -> None:
         """Closes the channels: calls and streams still running end with Cancelled."""
         self._closed = True
+        self._closing.set()
         for channel in self._channels:
             await channel.close()
 
@@ -249,15 +257,23 @@ class AsyncRnnClient:
 
     async def wait_ready(self, timeout: float | None = 10.0) -> None:
         """Wait until a replica connects; raises Unavailable after `timeout` seconds (None:
-        waits as long as it takes)."""
+        waits as long as it takes), Cancelled when close() comes first."""
         self._check_open()
         self._check_loop()
         waits = [asyncio.ensure_future(c.channel_ready()) for c in self._channels]
-        done, pending = await asyncio.wait(waits, timeout=timeout, return_when="FIRST_COMPLETED")
-        for w in pending:
-            w.cancel()
-        if not done:
-            raise Unavailable(f"no server at {self.address} after {timeout:g}s")
+        try:
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when="FIRST_COMPLETED")
+        finally:
+            # a wait_ready cancelled (asyncio.wait_for) left its watches running as long as
+            # the client, and close() then failed them with nobody to read the error
+            for w in waits:
+                w.cancel()
+                w.add_done_callback(_read_outcome)
+        # close() from another task ends the watches with grpc's UsageError: not a ready one
+        self._check_open()
+        if not any(not w.cancelled() and w.exception() is None for w in done):
+            waited = "" if timeout is None else f" after {timeout:g}s"
+            raise Unavailable(f"no server at {self.address}{waited}")
 
     def generate(
         self,
@@ -388,12 +404,18 @@ class AsyncRnnClient:
                 raise Cancelled(CLIENT_CLOSED) from None
             # CANCELLED here is the server's (a replica closing its port), unless close()
             # closed the channels under the call: no caller cancels a unary call otherwise
-            retryable = isinstance(error, (Unavailable, Cancelled)) and not self._closed
+            retryable = isinstance(error, (Unavailable, Cancelled))
+            if retryable and self._closed:  # close() came as the call failed: it would retry
+                raise Cancelled(CLIENT_CLOSED)
             if not retryable or attempt >= self.retry.max_attempts:
                 raise error
             pause = self.retry.backoff(attempt)
             if deadline is not None and time.monotonic() + pause >= deadline:
                 raise error
-            await asyncio.sleep(pause)
+            # close() during the pause ends it at once: a retry on the closed channel raised
+            # grpc's UsageError, no RnnServeError
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), pause)
+            self._check_open()
             replica = (replica + 1) % len(self.addresses)
             attempt += 1

@@ -55,7 +55,8 @@ from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 
 class TokenStream:
-    """Iterator of TokenEvents from one Generate call.
+    """Iterable of TokenEvents from one Generate call (`for event in stream`; not an iterator
+    itself: `next(iter(stream))` takes one event).
 
     After the stream ends, `finish_reason`, `state` (resume token, if asked for) and `text`
     (everything generated) describe it. Use as a context manager, or call `cancel()`, to stop
@@ -202,13 +203,15 @@ class RnnClient:
         self._inference = [pb_grpc.InferenceStub(c) for c in self._channels]
         self._admin = [pb_grpc.AdminStub(c) for c in self._channels]
         self._turn = itertools.count()
-        self._sleep: Callable[[float], None] = time.sleep
+        self._closing = threading.Event()  # set by close(): ends a pause before a retry at once
+        self._sleep: Callable[[float], object] = self._pause
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
         """Closes the channels: calls and streams still running end with Cancelled."""
         self._closed = True
+        self._closing.set()
         for channel in self._channels:
             channel.close()
 
@@ -226,6 +229,7 @@ class RnnClient:
         end = math.inf if timeout is None else time.monotonic() + timeout
         try:
             while not any(f.done() for f in futures):
+                self._check_open()  # close() from another thread: no replica will be ready
                 if time.monotonic() >= end:
                     raise Unavailable(f"no server at {self.address} after {timeout:g}s")
                 time.sleep(0.02)
@@ -346,6 +350,11 @@ class RnnClient:
         if self._closed:
             raise Cancelled(CLIENT_CLOSED)
 
+    def _pause(self, seconds: float) -> None:
+        """Waits `seconds` before a retry, or until close() (from another thread): a sleep
+        held the call for up to max_backoff after close(). Clamped as TokenStream._pause."""
+        self._closing.wait(min(seconds, threading.TIMEOUT_MAX))
+
     def _timeout(self, timeout: float | None) -> float | None:
         return resolve_timeout(timeout, self.timeout)
 
@@ -376,12 +385,17 @@ class RnnClient:
                 error: RnnServeError = from_rpc_error(err)
             # CANCELLED here is the server's (a replica closing its port), unless close()
             # closed the channels under the call: no caller cancels a unary call otherwise
-            retryable = isinstance(error, (Unavailable, Cancelled)) and not self._closed
+            retryable = isinstance(error, (Unavailable, Cancelled))
+            if retryable and self._closed:  # close() came as the call failed: it would retry
+                raise Cancelled(CLIENT_CLOSED)
             if not retryable or attempt >= self.retry.max_attempts:
                 raise error
             pause = self.retry.backoff(attempt)
             if deadline is not None and time.monotonic() + pause >= deadline:
                 raise error
             self._sleep(pause)
+            # close() during the pause: a retry on the closed channel raised grpc's
+            # ValueError "Cannot invoke RPC on closed channel!", no RnnServeError
+            self._check_open()
             replica = (replica + 1) % len(self.addresses)
             attempt += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 
 import grpc
@@ -203,3 +204,71 @@ def test_a_client_used_in_another_event_loop_says_so(fake) -> None:
             client.generate("lstm", "ab")
 
     run(use())
+
+
+def test_close_during_the_pause_before_a_retry_ends_the_call_with_cancelled(fake) -> None:
+    """close() from another task while a unary call waited to retry: the pause ran on (up to
+    max_backoff), then the retry on the closed channel raised grpc's UsageError "Channel is
+    closed.", no RnnServeError."""
+    rec, address = fake
+    rec.script.failures["ListModels"] = [U]
+    slow = RetryPolicy(max_attempts=2, initial_backoff=600, max_backoff=600, jitter_floor=1)
+
+    async def scenario():
+        c = AsyncRnnClient(address, timeout=None, retry=slow)
+        task = asyncio.create_task(c.list_models())
+        assert await _until(lambda: rec.calls["ListModels"] == 1)
+        await c.close()
+        with pytest.raises(Cancelled, match=r"^CANCELLED: Channel closed!$"):
+            await asyncio.wait_for(task, 10)
+
+    run(scenario())
+    assert rec.calls["ListModels"] == 1
+
+
+def test_close_ends_a_wait_ready_with_cancelled() -> None:
+    """close() from another task while wait_ready waited: it returned as if a replica were
+    ready, and asyncio logged "Task exception was never retrieved" (grpc's UsageError)."""
+    problems: list[dict] = []
+
+    async def scenario():
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: problems.append(ctx))
+        c = AsyncRnnClient("127.0.0.1:1")
+        task = asyncio.create_task(c.wait_ready(None))
+        await asyncio.sleep(0)  # wait_ready has started watching the channel
+        await c.close()
+        with pytest.raises(Cancelled, match=r"^CANCELLED: Channel closed!$"):
+            await asyncio.wait_for(task, 10)
+        gc.collect()  # a task whose exception nobody read complains when collected
+        await asyncio.sleep(0)
+
+    run(scenario())
+    assert problems == []
+
+
+def test_a_cancelled_wait_ready_stops_watching_the_channels() -> None:
+    """wait_ready under asyncio.wait_for (or a cancelled task) left its channel watches
+    running: they lived as long as the client and failed unread once it closed."""
+    problems: list[dict] = []
+
+    async def others() -> set[asyncio.Task]:
+        return asyncio.all_tasks() - {asyncio.current_task()}
+
+    async def scenario():
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: problems.append(ctx))
+        c = AsyncRnnClient("127.0.0.1:1")
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(c.wait_ready(None), 0.1)
+        left: set[asyncio.Task] = set()
+        for _ in range(100):  # a bound, not a timing claim: cancelled tasks end in a few steps
+            left = await others()
+            if not left:
+                break
+            await asyncio.sleep(0.01)
+        await c.close()
+        gc.collect()
+        await asyncio.sleep(0)
+        return left
+
+    assert run(scenario()) == set()
+    assert problems == []

@@ -413,3 +413,50 @@ def test_a_huge_timeout_means_no_deadline_not_an_instant_one(fake, timeout: floa
     argv = ["--address", fake[1], "--timeout", str(timeout)]
     assert main([*argv, "models"]) == 0
     assert main([*argv, "generate", "--model", "lstm", "--prompt", "ab"]) == 0
+
+
+def _in_thread(fn) -> tuple[threading.Thread, dict[str, object]]:
+    """Runs `fn` in a daemon thread; its result or exception lands in the dict it returns."""
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as exc:  # recorded for the test's asserts
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_close_during_the_pause_before_a_retry_ends_the_call_with_cancelled(fake) -> None:
+    """close() from another thread while a unary call waited to retry: the pause ran on (up
+    to max_backoff), then the retry on the closed channel raised grpc's ValueError "Cannot
+    invoke RPC on closed channel!", which no `except RnnServeError` catches."""
+    rec, address = fake
+    rec.script.failures["ListModels"] = [U]
+    slow = RetryPolicy(max_attempts=2, initial_backoff=600, max_backoff=600, jitter_floor=1)
+    client = RnnClient(address, timeout=None, retry=slow)
+    thread, out = _in_thread(client.list_models)
+    assert _until(lambda: rec.calls["ListModels"] == 1)
+    client.close()
+    thread.join(10)
+    assert not thread.is_alive(), "the call waited out its pause"
+    assert isinstance(out.get("error"), Cancelled), out
+    assert str(out["error"]) == "CANCELLED: Channel closed!"
+    assert rec.calls["ListModels"] == 1
+
+
+def test_close_ends_a_wait_ready_with_cancelled() -> None:
+    """wait_ready(None) on a replica that never comes up waited forever after close() from
+    another thread (with a timeout: waited it out, then said "no server")."""
+    client = RnnClient("127.0.0.1:1")
+    thread, out = _in_thread(lambda: client.wait_ready(None))
+    # either order must end in Cancelled; a moment inside wait_ready first only spares grpc's
+    # connectivity thread a race of its own (a watch begun on a channel just closed)
+    time.sleep(0.3)
+    client.close()
+    thread.join(10)
+    assert not thread.is_alive(), "wait_ready went on waiting after close()"
+    assert isinstance(out.get("error"), Cancelled), out
