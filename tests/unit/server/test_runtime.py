@@ -74,26 +74,10 @@ def test_observe_many_records_what_observe_records() -> None:
 def test_a_head_that_cannot_load_leaves_the_model_serving_in_numpy(monkeypatch, tmp_path) -> None:
     """The decode head is an optimisation: if ONNX Runtime refuses it, the model still loads
     (tokens are then picked in numpy)."""
-    import numpy as np
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper, save
-
-    from rnnserve.artifact.manifest import Manifest
     from rnnserve.server import decode_head, runtime
 
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "tokens"], ["logits"], axis=0)],
-        "table_lm",
-        [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "time", 3])],
-        [numpy_helper.from_array(np.eye(3, dtype=np.float32), "table")],
-    )
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
-    manifest = Manifest.__new__(Manifest)
-    manifest.task, manifest.output_name, manifest.input_name = "lm", "logits", "tokens"
-    manifest.state, manifest.vocab = [], ["a", "b", "c"]
-
-    model = runtime.OnnxModel(tmp_path / "m.onnx", manifest, ["CPUExecutionProvider"], 1)
+    path, manifest = _table_lm(tmp_path, np.eye(3))
+    model = runtime.OnnxModel(path, manifest, ["CPUExecutionProvider"], 1)
     assert model.has_head
     assert decode_head.TOKEN in {o.name for o in model.session.get_outputs()}
 
@@ -105,7 +89,7 @@ def test_a_head_that_cannot_load_leaves_the_model_serving_in_numpy(monkeypatch, 
         return real(source, *args, **kwargs)
 
     monkeypatch.setattr(runtime.ort, "InferenceSession", refuse_heads)
-    model = runtime.OnnxModel(tmp_path / "m.onnx", manifest, ["CPUExecutionProvider"], 1)
+    model = runtime.OnnxModel(path, manifest, ["CPUExecutionProvider"], 1)
     assert not model.has_head
     logits, _ = model.run(np.array([[1]]), [])
     assert logits.shape == (1, 1, 3)
@@ -116,31 +100,14 @@ def test_a_model_file_replaced_since_loading_is_refused_where_it_is_opened_again
 ) -> None:
     """The decode process opens the model by path (OnnxModel(*model.args)): the digest taken
     at loading goes with the path, so a file swapped in place meanwhile is refused there."""
-    import numpy as np
     import pytest
-    from onnx import TensorProto, helper, numpy_helper, save
 
-    from rnnserve.artifact.manifest import Manifest
     from rnnserve.server import runtime
 
-    def write(table: np.ndarray) -> None:
-        graph = helper.make_graph(
-            [helper.make_node("Gather", ["table", "tokens"], ["logits"], axis=0)],
-            "table_lm",
-            [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"])],
-            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "time", 3])],
-            [numpy_helper.from_array(table.astype(np.float32), "table")],
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        save(model, tmp_path / "m.onnx")
-
-    write(np.eye(3))
-    manifest = Manifest.__new__(Manifest)
-    manifest.task, manifest.output_name, manifest.input_name = "lm", "logits", "tokens"
-    manifest.state, manifest.vocab = [], ["a", "b", "c"]
-    loaded = runtime.OnnxModel(tmp_path / "m.onnx", manifest, ["CPUExecutionProvider"], 1)
+    path, manifest = _table_lm(tmp_path, np.eye(3))
+    loaded = runtime.OnnxModel(path, manifest, ["CPUExecutionProvider"], 1)
     assert runtime.OnnxModel(*loaded.args).args == loaded.args  # unchanged: opens again
-    write(2 * np.eye(3))  # replaced in place
+    _table_lm(tmp_path, 2 * np.eye(3))  # replaced in place
     with pytest.raises(runtime.ModelChanged, match="changed since the server loaded"):
         runtime.OnnxModel(*loaded.args)
 
