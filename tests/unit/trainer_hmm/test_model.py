@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import resource
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,7 @@ from rnnserve.artifact.vocab import RESERVED, Vocab
 from rnnserve.trainer.export import export_model
 from rnnserve.trainer.hmm import HmmConfig, HmmLM
 from rnnserve.trainer.hmm_recursions import forward_scaled
+from tests.memory import address_space_cap
 
 from .brute import joint, prob, random_params
 
@@ -80,22 +78,6 @@ def test_perplexity_and_posterior_blank_equal_enumeration(model: HmmLM) -> None:
     got = model.posterior_blank(left, right)
     assert got.shape == (V,)
     np.testing.assert_allclose(got, scores / scores.sum(), rtol=1e-9)
-
-
-@contextmanager
-def address_space_cap(headroom: int) -> Iterator[None]:
-    """Caps this process's address space at what it maps now plus `headroom` bytes, so an
-    allocation far past it fails at once whatever the machine's overcommit policy."""
-    status = Path("/proc/self/status")
-    if not status.exists():
-        pytest.skip("needs /proc (Linux) to read the address space in use")
-    mapped = next(line for line in status.read_text().splitlines() if line.startswith("VmSize"))
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (int(mapped.split()[1]) * 1024 + headroom, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def test_perplexity_of_a_long_split_at_a_large_vocabulary_needs_no_logits_table() -> None:

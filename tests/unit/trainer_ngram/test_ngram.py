@@ -5,10 +5,6 @@ from __future__ import annotations
 import itertools
 import math
 import random
-import resource
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +23,7 @@ from rnnserve.trainer.ngram import (
     dense_log_probs,
     train_ngram,
 )
+from tests.memory import address_space_cap
 
 V = 7
 
@@ -146,22 +143,6 @@ def test_perplexity_graph_equals_reference_and_orders_sensibly() -> None:
     # tokens that can follow (V less <pad>, <bos> and <eos>)
     flat = train_ngram(text, V, n=2, alpha=1e9)
     assert flat.perplexity(text[:300]) == pytest.approx(V - len(NOT_TEXT_IDS), rel=1e-3)
-
-
-@contextmanager
-def address_space_cap(headroom: int) -> Iterator[None]:
-    """Caps this process's address space at what it maps now plus `headroom` bytes, so an
-    allocation far past it fails at once whatever the machine's overcommit policy."""
-    status = Path("/proc/self/status")
-    if not status.exists():
-        pytest.skip("needs /proc (Linux) to read the address space in use")
-    mapped = next(line for line in status.read_text().splitlines() if line.startswith("VmSize"))
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (int(mapped.split()[1]) * 1024 + headroom, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def test_perplexity_of_a_long_split_at_a_large_vocabulary_needs_no_logits_table() -> None:
