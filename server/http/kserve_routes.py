@@ -13,7 +13,14 @@ from rnnserve.server.http.calls import Call, HttpCalls, json_response, loads, re
 from rnnserve.server.http.errors import kserve_error
 from rnnserve.server.kserve.mapping import infer, select
 from rnnserve.server.kserve.status import KServeStatus
-from rnnserve.server.kserve.tensors import Tensor, from_json, from_raw, to_json, to_raw
+from rnnserve.server.kserve.tensors import (
+    Tensor,
+    from_json,
+    from_raw,
+    refuse_unsupported,
+    to_json,
+    to_raw,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MODEL = "/v2/models/{name}"
@@ -58,7 +65,9 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[dict, list[Tens
         shape = _field(t, "shape", list, f"inputs[{name}]")
         if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise BadRequest(f"inputs[{name}].shape", "must be a list of integers")
-        size = _params(t, f"inputs[{name}]").get("binary_data_size")
+        params = _params(t, f"inputs[{name}]")
+        refuse_unsupported(f"inputs[{name}]", params)
+        size = params.get("binary_data_size")
         if size is None:
             if "data" not in t:
                 raise BadRequest(f"inputs[{name}]", "has no `data` (or binary_data_size)")
@@ -89,6 +98,7 @@ def _wanted(head: dict) -> tuple[list[str], dict[str, bool]]:
             raise BadRequest(f"outputs[{i}]", "must be an object with a `name`")
         names.append(o["name"])
         params = _params(o, f"outputs[{i}]")
+        refuse_unsupported(f"outputs[{o['name']}]", params)
         binary[o["name"]] = _flag(params, "binary_data", default, f"outputs[{i}].parameters")
     return names, binary | {"*": default}
 

@@ -10,7 +10,13 @@ from rnnserve.server.engine import Engine, require
 from rnnserve.server.errors import BadRequest
 from rnnserve.server.kserve.mapping import infer, select
 from rnnserve.server.kserve.status import KServeStatus
-from rnnserve.server.kserve.tensors import Tensor, from_contents, from_raw, to_raw
+from rnnserve.server.kserve.tensors import (
+    Tensor,
+    from_contents,
+    from_raw,
+    refuse_unsupported,
+    to_raw,
+)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -24,6 +30,7 @@ def request_tensors(request: pb.ModelInferRequest) -> list[Tensor]:
         )
     tensors = []
     for i, t in enumerate(request.inputs):
+        refuse_unsupported(f"inputs[{t.name}]", t.parameters)
         shape = list(t.shape)
         if raw:
             if t.HasField("contents"):
@@ -60,9 +67,10 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         model = require(request.model_name, "model_name")
         # an unknown model or version is NOT_FOUND whatever the tensors (as REST's 404)
         self.engine.repository.get(model, request.model_version)
-        version, outputs = await infer(
-            self.engine, model, request.model_version, request_tensors(request)
-        )
+        inputs = request_tensors(request)
+        for o in request.outputs:
+            refuse_unsupported(f"outputs[{o.name}]", o.parameters)
+        version, outputs = await infer(self.engine, model, request.model_version, inputs)
         outputs = select(outputs, [o.name for o in request.outputs])
         response = pb.ModelInferResponse(model_name=model, model_version=version, id=request.id)
         for t in outputs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Container
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,14 @@ CONTENTS_FIELD = {
 
 _LENGTH = struct.Struct("<I")
 MAX_DIM = 2**63 - 1  # the protocol's int64 dims (JSON integers have no bound of their own)
+
+# tensor parameters of Triton extensions this server does not implement -> the extension
+UNSUPPORTED_PARAMETERS = {
+    "shared_memory_region": "shared-memory",
+    "shared_memory_byte_size": "shared-memory",
+    "shared_memory_offset": "shared-memory",
+    "classification": "classification",
+}
 
 
 @dataclass
@@ -101,6 +110,20 @@ def _checked(name: str, datatype: str, shape: list[int], data: np.ndarray) -> Te
     return t
 
 
+def refuse_unsupported(where: str, parameters: Container[str]) -> None:
+    """BadRequest for a tensor parameter of an extension this server lacks. Ignored, it
+    would answer something else than asked: outputs inline rather than in the region, raw
+    values rather than the top classes; an input in shared memory would be "no data"."""
+    for key, extension in UNSUPPORTED_PARAMETERS.items():  # this order, not the map's
+        if key in parameters:
+            raise BadRequest(
+                f"{where}.parameters.{key}",
+                f"the {extension} extension is not supported by this server "
+                "(its extensions: binary_tensor_data); send and receive the tensor data in "
+                "the request and response",
+            )
+
+
 # -- raw bytes ------------------------------------------------------------------------------
 def from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> Tensor:
     """Decodes the protocol's binary form (raw_input_contents / binary_data_size)."""
@@ -145,6 +168,11 @@ def from_contents(name: str, datatype: str, shape: list[int], contents) -> Tenso
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
         raise BadRequest(f"inputs[{name}]", f"{datatype} must be sent as raw contents")
+    other = [f.name for f, _ in contents.ListFields() if f.name != field]
+    if other:  # else "needs 2 elements, got 0", with the values in int64_contents
+        raise BadRequest(
+            f"inputs[{name}].contents", f"{datatype} values go in {field}, not {other[0]}"
+        )
     values = list(getattr(contents, field))
     dtype = DTYPES[datatype]
     try:  # int_contents / uint_contents are 32-bit: an INT8 or UINT16 value may not fit
@@ -160,6 +188,8 @@ def from_json(name: str, datatype: str, shape: list[int], data: object) -> Tenso
     check_header(name, datatype, shape)
     flat = np.asarray(data, dtype=object).reshape(-1)
     try:
+        if any(isinstance(v, (list, dict)) for v in flat):  # numpy keeps ragged rows whole
+            raise TypeError("data must be values, or lists of them nested in rows of equal length")
         if datatype == "BYTES":
             if not all(isinstance(v, str) for v in flat):
                 raise TypeError("BYTES data must be strings")

@@ -36,3 +36,25 @@ def test_tritonclient_matches_native(server, native, transport) -> None:
     assert got["forecast"] == pytest.approx(list(native["forecast"].forecast), rel=1e-5)
     assert got["infill"] == [c.text for c in native["infill"].candidates]
     assert "nope" in got["unknown_model_error"]
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_unserved_triton_extensions_are_refused_by_name(server, transport) -> None:
+    """Shared memory and classification parameters were ignored: the outputs came inline
+    (not in the region) and raw (not the top classes), or the input was refused as having
+    no data. Now each is a 400 / INVALID_ARGUMENT naming the extension; the Triton-only
+    endpoints are REST 404 / gRPC UNIMPLEMENTED."""
+    app = server.app
+    port = app.port if transport == "grpc" else app.http.port
+    got = run_triton(transport, f"127.0.0.1:{port}", refusals=True)
+    bad = "StatusCode.INVALID_ARGUMENT" if transport == "grpc" else "400"
+    for call, words in [
+        ("shm_input", "inputs[text].parameters.shared_memory_region"),
+        ("shm_output", "outputs[num_tokens].parameters.shared_memory_region"),
+        ("classification", "outputs[perplexity].parameters.classification"),
+    ]:
+        status, message = got[call]
+        assert status == bad and words in message and "not supported" in message, call
+    missing = "StatusCode.UNIMPLEMENTED" if transport == "grpc" else "404"
+    for call in ("register_shm", "config", "statistics", "index"):
+        assert got[call][0] == missing, call

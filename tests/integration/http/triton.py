@@ -25,8 +25,10 @@ def triton_python() -> str:
     return python
 
 
-def run_triton(transport: str, address: str, token: str = "") -> dict:
+def run_triton(transport: str, address: str, token: str = "", refusals: bool = False) -> dict:
+    """triton_calls.py's answers; `refusals`: those of the unserved Triton extensions."""
     args = [triton_python(), str(SCRIPT), transport, address, *([token] if token else [])]
+    args += ["--refusals"] if refusals else []
     done = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,7 +1,9 @@
 """Run by the tritonclient venv (not by pytest): the real `tritonclient` calls one transport
 of a running server and prints what it got as one JSON object.
 
-usage: python triton_calls.py grpc|http HOST:PORT [TOKEN]
+usage: python triton_calls.py grpc|http HOST:PORT [TOKEN] [--refusals]
+
+--refusals: instead, the errors of the Triton extensions this server does not serve.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import numpy as np
 
 
 def main() -> None:
-    transport, url = sys.argv[1], sys.argv[2]
-    headers = {"authorization": f"Bearer {sys.argv[3]}"} if len(sys.argv) > 3 else None
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    transport, url = args[0], args[1]
+    headers = {"authorization": f"Bearer {args[2]}"} if len(args) > 2 else None
     if transport == "grpc":
         import tritonclient.grpc as tc
     else:
@@ -22,6 +25,9 @@ def main() -> None:
     from tritonclient.utils import InferenceServerException
 
     client = tc.InferenceServerClient(url=url)
+    if "--refusals" in sys.argv:
+        print(json.dumps(refusals(tc, client)))
+        return
     out: dict = {
         "live": client.is_server_live(headers=headers),
         "ready": client.is_server_ready(headers=headers),
@@ -58,6 +64,49 @@ def main() -> None:
     except InferenceServerException as exc:
         out["unknown_model_error"] = str(exc)
     print(json.dumps(out))
+
+
+def refusals(tc, client) -> dict:
+    """What each unserved Triton extension answers: {call: [status, message]} ("" when the
+    call succeeded, which it should not)."""
+    from tritonclient.utils import InferenceServerException
+
+    def text() -> object:
+        item = tc.InferInput("text", [1], "BYTES")
+        item.set_data_from_numpy(np.array([b"the time traveller"], dtype=object))
+        return item
+
+    def shm_input() -> object:
+        item = tc.InferInput("text", [1], "BYTES")
+        item.set_shared_memory("region", 64)
+        return client.infer("lstm", [item])
+
+    def shm_output() -> object:
+        wanted = tc.InferRequestedOutput("num_tokens")
+        wanted.set_shared_memory("region", 64)
+        return client.infer("lstm", [text()], outputs=[wanted])
+
+    def classification() -> object:
+        wanted = tc.InferRequestedOutput("perplexity", class_count=1)
+        return client.infer("lstm", [text()], outputs=[wanted])
+
+    calls = {
+        "shm_input": shm_input,
+        "shm_output": shm_output,
+        "classification": classification,
+        "register_shm": lambda: client.register_system_shared_memory("region", "/key", 64),
+        "config": lambda: client.get_model_config("lstm"),
+        "statistics": lambda: client.get_inference_statistics("lstm"),
+        "index": lambda: client.get_model_repository_index(),
+    }
+    out = {}
+    for name, call in calls.items():
+        try:
+            call()
+            out[name] = ["", ""]
+        except InferenceServerException as exc:
+            out[name] = [str(exc.status()), exc.message()]
+    return out
 
 
 if __name__ == "__main__":

@@ -66,6 +66,11 @@ def test_typed_contents_and_json() -> None:
         (lambda: from_json("x", "FP32", [1], ["a"]), "numbers"),
         (lambda: from_json("x", "BYTES", [1], [1]), "strings"),
         (lambda: from_json("x", "BOOL", [1], [1]), "true or false"),
+        # ragged rows: numpy's "setting an array element with a sequence", or for BYTES
+        # "must be strings", named neither the rows nor the shape
+        (lambda: from_json("h", "FP32", [2, 2], [[1, 2, 3], [4]]), "rows of equal length"),
+        (lambda: from_json("t", "BYTES", [2, 2], [["a", "b", "c"], ["d"]]), "equal length"),
+        (lambda: from_json("h", "FP32", [1], [{"v": 1}]), "rows of equal length"),
         (lambda: from_json("k", "INT64", [1], [2.7]), "INT64 data must be integers"),
         (lambda: from_json("k", "UINT8", [1], [300]), "out of bounds"),
         (lambda: from_json("h", "FP32", [1], [1e39]), "within the range of FP32"),  # not inf
@@ -83,6 +88,11 @@ def test_typed_contents_and_json() -> None:
                 "k", "UINT16", [1], pb.InferTensorContents(uint_contents=[70000])
             ),
             "out of bounds",
+        ),
+        # values in another type's field were "shape [2] needs 2 elements, got 0"
+        (
+            lambda: from_contents("h", "FP32", [2], pb.InferTensorContents(int64_contents=[1, 2])),
+            "inputs[h].contents: FP32 values go in fp32_contents, not int64_contents",
         ),
     ],
 )
