@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -42,10 +43,10 @@ from rnnserve.server.repository import ModelVersion, Repository
 from rnnserve.server.resume import StateSigner
 from rnnserve.server.runtime import OnnxModel, Runtime, resolve_providers
 from rnnserve.server.service import InferenceService
-from rnnserve.server.settings import Settings, settings_from_args
+from rnnserve.server.settings import WORKERS_PARENT_ENV, Settings, settings_from_args
 from rnnserve.server.tls import TlsConfigError, server_credentials
 from rnnserve.server.tracing import RpcTracer, TracingUnavailable, otlp_provider
-from rnnserve.server.workers import run_workers
+from rnnserve.server.workers import run_workers, watch_parent
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
@@ -283,7 +284,11 @@ async def serve(settings: Settings) -> int:
     if _HUPS_WHILE_STARTING:  # one rescan for them: what they announced may be newer than the load
         _HUPS_WHILE_STARTING.clear()
         reloader.trigger("SIGHUP while starting")
+    parent = os.environ.get(WORKERS_PARENT_ENV, "")  # set for a --workers worker
+    watcher = asyncio.create_task(watch_parent(int(parent), stop)) if parent.isdigit() else None
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     await reloader.stop()
     log.info(
         "shutting down: drain delay %.1fs, then up to %.1fs for in-flight calls",

@@ -8,11 +8,16 @@ model) merges them with MultiProcessCollector on --metrics-port, adds every proc
 process_* metrics (label `pid`), and answers /readyz while every worker is alive and ready
 (rnnserve_ready, merged as the lowest). SIGTERM/SIGINT to the parent
 is forwarded to every worker; each drains for --grace seconds; the parent exits 0 when they
-all did. If one worker dies, the parent stops the rest and exits with its code.
+all did. If one worker dies, the parent stops the rest and exits with its code. If the
+parent dies (kill -9), each worker drains and exits (watch_parent): SO_REUSEPORT would let
+orphans share the port with the next instance. For the same reason the parent refuses a
+port some process already listens on (port_in_use), as a single server's bind would.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import os
 import secrets
@@ -42,6 +47,11 @@ def _free_port(host: str) -> int:
 
 def run_workers(settings: Settings, argv: list[str]) -> int:
     """Runs settings.workers worker processes until a signal; returns the exit status."""
+    for flag, taken in (("--port", settings.port), ("--http-port", settings.http_port)):
+        busy = taken and port_in_use(settings.host, taken)
+        if busy:
+            log.error("cannot start: %s %d is in use (%s)", flag, taken, busy)
+            return 2
     port = settings.port or _free_port(settings.host)
     prom_dir = tempfile.mkdtemp(prefix="rnnserve-metrics-")
     # a worker's Admin.ReloadModels asks this process (WORKERS_PARENT_ENV) to SIGHUP them all
@@ -58,7 +68,10 @@ def run_workers(settings: Settings, argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, lambda signum, frame: _forward(procs, signal.SIGHUP))
+    # ignored while the workers start, and inherited through exec: a SIGHUP before a worker
+    # installs its handlers (still importing) would kill it, and with it the whole server;
+    # it has not scanned the repository yet, so it misses nothing
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     procs: list[subprocess.Popen] = []
     try:
         if settings.metrics_port:
@@ -76,6 +89,7 @@ def run_workers(settings: Settings, argv: list[str]) -> int:
                 return 2
             log.info("merged metrics of %d workers on :%d", settings.workers, settings.metrics_port)
         procs = [subprocess.Popen(cmd, env=env) for _ in range(settings.workers)]
+        signal.signal(signal.SIGHUP, lambda signum, frame: _forward(procs, signal.SIGHUP))
         log.info(
             "started %d workers on %s:%d",
             len(procs),
@@ -87,7 +101,7 @@ def run_workers(settings: Settings, argv: list[str]) -> int:
         while not stop["signal"]:
             dead = [p for p in procs if p.poll() is not None]
             if dead:
-                status = dead[0].returncode or 1
+                status = dead[0].returncode if dead[0].returncode > 0 else 1  # killed: 1
                 log.error("worker %d exited with %d; stopping", dead[0].pid, dead[0].returncode)
                 multiprocess.mark_process_dead(dead[0].pid, prom_dir)  # its gauges go too
                 break
@@ -99,6 +113,42 @@ def run_workers(settings: Settings, argv: list[str]) -> int:
                 p.kill()
                 p.wait()
         shutil.rmtree(prom_dir, ignore_errors=True)
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `port` cannot be bound on `host` (None: free). A plain bind with SO_REUSEADDR (as
+    gRPC's) fails on any listener, SO_REUSEPORT or not, and passes TIME_WAIT leftovers."""
+    host = host.strip("[]")
+    if host in ("", "::", "*", "0.0.0.0"):
+        addresses = [(socket.AF_INET6, ("::", port)), (socket.AF_INET, ("0.0.0.0", port))]
+    else:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:  # an unknown name: the workers' own bind reports it
+            return None
+        addresses = [(family, address) for family, _, _, _, address in infos]
+    for family, address in addresses:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and address[0] == "::":
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                s.bind(address)
+        except OSError as exc:  # others (no IPv6 here): the workers' own bind reports them
+            if exc.errno == errno.EADDRINUSE:
+                return exc.strerror or str(exc)
+    return None
+
+
+async def watch_parent(parent: int, stop: asyncio.Event, period_s: float = 1.0) -> None:
+    """A worker's watch on its --workers parent: once it is gone (kill -9, the OOM killer),
+    sets `stop`, so the worker drains and exits instead of serving the port on its own."""
+    while not stop.is_set():
+        if os.getppid() != parent:
+            log.error("the --workers parent %d is gone; stopping", parent)
+            stop.set()
+            return
+        await asyncio.sleep(period_s)
 
 
 def workers_ready(prom_dir: str, live: list[int], expected: int) -> bool:
@@ -129,7 +179,9 @@ def _forward(procs: list[subprocess.Popen], signum: int) -> None:
 
 def _stop_all(procs: list[subprocess.Popen], settings: Settings) -> int:
     """SIGTERM every live worker, wait what each takes to drain (--drain-delay, then up to
-    --grace) + 10 s, kill stragglers; 0 if all exited 0."""
+    --grace) + 10 s, kill stragglers; 0 if all exited 0. A worker still importing has no
+    handler yet and dies of the SIGTERM (or the terminal's SIGINT): that is a stop while
+    starting, 0 as in main()."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
@@ -141,6 +193,8 @@ def _stop_all(procs: list[subprocess.Popen], settings: Settings) -> int:
         except subprocess.TimeoutExpired:
             p.kill()
             code = p.wait()
+        if code in (-signal.SIGTERM, -signal.SIGINT):
+            code = 0
         status = status or (0 if code == 0 else code if code > 0 else 1)
     log.info("all workers stopped")
     return status

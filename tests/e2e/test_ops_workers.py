@@ -3,9 +3,12 @@ true (not doubled), /readyz once both workers serve, SIGTERM -> exit 0."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -87,7 +90,7 @@ def test_two_workers_share_port_and_metrics(model_repo: Path, tmp_path: Path) ->
     shutil.copytree(model_repo, repo)
     cmd = [str(BIN / "rnn-server"), "--model-repo", str(repo), "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", str(metrics_port), "--grace", "2",
-           "--executor-threads", "1"]  # fmt: skip
+           "--executor-threads", "1", "--http-port", "0"]  # fmt: skip
     env = {**os.environ, "RNNSERVE_WORKERS": "2"}  # the env var form of --workers
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -150,3 +153,112 @@ def test_two_workers_share_port_and_metrics(model_repo: Path, tmp_path: Path) ->
         stop_gracefully(proc, timeout=40)
     finally:
         reap(proc)
+
+
+def _start_workers(repo: Path, log: Path, port: int, metrics_port: int) -> subprocess.Popen:
+    cmd = [str(BIN / "rnn-server"), "--model-repo", str(repo), "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", str(metrics_port), "--http-port", "0",
+           "--grace", "2", "--executor-threads", "1", "--workers", "2"]  # fmt: skip
+    with log.open("ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _worker_pids(proc: subprocess.Popen, log: Path) -> list[int]:
+    """The pids the parent logs once it has started its workers (they are still importing)."""
+    end = time.monotonic() + READY_WAIT_S
+    while time.monotonic() < end:
+        for line in log.read_text().splitlines():
+            if '"pids"' in line and "started 2 workers" in line:
+                return json.loads(line)["pids"]
+        if proc.poll() is not None:
+            pytest.fail(f"rnn-server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.01)
+    pytest.fail(f"no workers started:\n{log.read_text()[-3000:]}")
+
+
+def _wait_ready(proc: subprocess.Popen, metrics_port: int, log: Path) -> None:
+    end = time.monotonic() + READY_WAIT_S
+    while not _ready(metrics_port):
+        if proc.poll() is not None:
+            pytest.fail(f"rnn-server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > end:
+            pytest.fail(f"2 workers not up in {READY_WAIT_S:g}s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (an orphan's reaper may be slow)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def test_workers_stop_when_the_parent_is_killed(model_repo: Path, tmp_path: Path) -> None:
+    """kill -9 of the parent (OOM killer, a supervisor's last resort) must not leave its
+    workers serving the port: a restarted instance would share it with them (SO_REUSEPORT)."""
+    log = tmp_path / "server.log"
+    proc = _start_workers(model_repo, log, _free_port(), _free_port())
+    pids: list[int] = []
+    try:
+        pids = _worker_pids(proc, log)
+        _wait_ready(proc, int(proc.args[proc.args.index("--metrics-port") + 1]), log)
+        proc.kill()
+        proc.wait(timeout=10)
+        end = time.monotonic() + 30  # a bound on the drain, not a speed assertion
+        while any(_alive(pid) for pid in pids) and time.monotonic() < end:
+            time.sleep(0.2)
+        assert not [pid for pid in pids if _alive(pid)], "orphaned workers still serve"
+    finally:
+        reap(proc)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM])
+def test_signal_while_the_workers_import(
+    signum: signal.Signals, model_repo: Path, tmp_path: Path
+) -> None:
+    """SIGHUP while the workers are still importing is a reload (they scan anyway): the
+    server comes up; SIGTERM then is a stop while starting: exit 0, as with one process."""
+    log, metrics_port = tmp_path / "server.log", _free_port()
+    proc = _start_workers(model_repo, log, _free_port(), metrics_port)
+    try:
+        _worker_pids(proc, log)
+        proc.send_signal(signum)
+        if signum == signal.SIGHUP:
+            _wait_ready(proc, metrics_port, log)
+            stop_gracefully(proc, timeout=40)
+        else:
+            assert proc.wait(timeout=40) == 0, log.read_text()[-3000:]
+    finally:
+        reap(proc)
+
+
+def test_a_second_instance_on_the_port_is_refused(model_repo: Path, tmp_path: Path) -> None:
+    """SO_REUSEPORT lets any process of the same user join the port: a second --workers
+    server started by mistake would silently take half the connections. It must fail as a
+    single-process server does on a taken port."""
+    port, first_log, second_log = _free_port(), tmp_path / "first.log", tmp_path / "second.log"
+    metrics_port = _free_port()
+    first = _start_workers(model_repo, first_log, port, metrics_port)
+    second = None
+    try:
+        _wait_ready(first, metrics_port, first_log)
+        second = _start_workers(model_repo, second_log, port, _free_port())
+        assert second.wait(timeout=READY_WAIT_S) == 2
+        assert f"{port}" in second_log.read_text() and "in use" in second_log.read_text()
+        assert first.poll() is None
+        stop_gracefully(first, timeout=40)
+    finally:
+        reap(first)
+        if second is not None:
+            reap(second)
