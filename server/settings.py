@@ -15,6 +15,7 @@ from pathlib import Path
 from rnnserve import add_version_flag
 
 ENV_PREFIX = "RNNSERVE_"
+MAX_WORKERS = 256  # a typo's guard; one a core is the useful most
 # set by --workers in each worker's environment: the parent's pid (no flag reads it)
 WORKERS_PARENT_ENV = "_RNNSERVE_WORKERS_PARENT"
 
@@ -179,8 +180,8 @@ _HELP: dict[str, tuple[type, str]] = {
     "tls_client_ca": (str, "CA PEM that client certificates must chain to (mutual TLS)"),
     "workers": (
         int,
-        "server processes sharing the gRPC port (SO_REUSEPORT); a parent process serves "
-        "their merged metrics on --metrics-port",
+        "server processes sharing the gRPC port (SO_REUSEPORT), each loading every model: at "
+        "most one a core pays; a parent process serves their merged metrics on --metrics-port",
     ),
     "reuse_port": (int, "1: bind with SO_REUSEPORT (set by --workers for its workers)"),
     "poll_interval": (
@@ -301,6 +302,8 @@ def validate(settings: Settings) -> str | None:
     for name in positive:
         if getattr(settings, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1"
+    if settings.workers > MAX_WORKERS:  # each loads every model: 2000 took the machine down
+        return f"--workers must be at most {MAX_WORKERS} (each worker loads every model)"
     for name in ("port", "metrics_port", "http_port"):
         if not 0 <= getattr(settings, name) <= 65535:
             return f"--{name.replace('_', '-')} must be in 0..65535"

@@ -73,3 +73,11 @@ def test_status_mapping(exc, code) -> None:
     got, message = status_for(exc)
     assert got == code
     assert "secret detail" not in message
+
+
+def test_an_absurd_number_of_workers_is_refused(capsys) -> None:
+    """--workers 2000 started 2000 processes that each loaded every model (load ~700)."""
+    with pytest.raises(SystemExit):
+        settings_from_args(["--workers", "2000"])
+    assert "--workers must be at most 256" in capsys.readouterr().err
+    assert settings_from_args(["--workers", "4"]).workers == 4
