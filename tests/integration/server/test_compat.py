@@ -28,6 +28,7 @@ import pytest
 from rnnserve.artifact.manifest import Manifest, ManifestError
 from rnnserve.v1 import rnnserve_pb2 as pb
 from tests.integration.server.harness import ServerThread, make_settings
+from tests.integration.server.test_generate import _generate, _ids
 
 KEY = b"k"
 PROMPT = "the time traveller "
@@ -106,14 +107,6 @@ def server(old_repo: Path) -> Iterator[ServerThread]:
     srv = ServerThread(make_settings(old_repo, state_key=KEY.decode())).start()
     yield srv
     srv.stop()
-
-
-def _generate(stub, **kw) -> list[pb.GenerateResponse]:
-    return list(stub.Generate(pb.GenerateRequest(**kw), timeout=60))
-
-
-def _ids(msgs) -> list[int]:
-    return [t for m in msgs for t in m.token_ids]
 
 
 def _status(server: ServerThread, name: str) -> pb.VersionInfo:
