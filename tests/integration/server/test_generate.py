@@ -28,8 +28,9 @@ def _ids(msgs: list[pb.GenerateResponse]) -> list[int]:
     return [i for m in msgs for i in m.token_ids]
 
 
-def _ort_greedy(package: Path, prompt: str, k: int) -> list[int]:
-    """Independent reference: plain onnxruntime, batch 1, one token at a time."""
+def _ort_reference(package: Path, prompt: str):
+    """Plain onnxruntime on a package, independent of the server: (manifest, session, the
+    prompt's ids, the batch-1 initial state feeds)."""
     m = Manifest.load(package)
     sess = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"])
     ids = m.build_vocab().encode(Tokenizer(m.tokenizer).tokenize(prompt))
@@ -39,6 +40,12 @@ def _ort_greedy(package: Path, prompt: str, k: int) -> list[int]:
         init = np.asarray(s.init, dtype=s.dtype)
         elem = np.broadcast_to(init, [d for i, d in enumerate(shape) if i != s.batch_axis])
         state[s.input] = np.expand_dims(elem, s.batch_axis).astype(s.dtype)
+    return m, sess, ids, state
+
+
+def _ort_greedy(package: Path, prompt: str, k: int) -> list[int]:
+    """Independent reference: plain onnxruntime, batch 1, one token at a time."""
+    m, sess, ids, state = _ort_reference(package, prompt)
     x, out = np.asarray([ids], dtype=np.int64), []
     for _ in range(k):
         res = sess.run(None, {m.input_name: x, **state})
@@ -343,16 +350,7 @@ def test_sampled_logprobs_are_under_the_unmodified_model(stub, model_repo) -> No
     msgs = _generate(stub, model="lstm", prompt=PROMPT, max_tokens=16, sampling=sampling)
     ids = _ids(msgs)
     assert msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH and len(ids) == 16
-    package = model_repo / "lstm" / "1"
-    man = Manifest.load(package)
-    sess = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"])
-    prompt = man.build_vocab().encode(Tokenizer(man.tokenizer).tokenize(PROMPT))
-    state = {}
-    for s in man.state:
-        shape = [1 if d == -1 else d for d in s.shape]
-        init = np.asarray(s.init, dtype=s.dtype)
-        elem = np.broadcast_to(init, [d for i, d in enumerate(shape) if i != s.batch_axis])
-        state[s.input] = np.expand_dims(elem, s.batch_axis).astype(s.dtype)
+    man, sess, prompt, state = _ort_reference(model_repo / "lstm" / "1", PROMPT)
     x = np.asarray([prompt + ids[:-1]], dtype=np.int64)
     logits = sess.run([man.output_name], {man.input_name: x, **state})[0][0, len(prompt) - 1 :]
     z = logits.astype(np.float64)
