@@ -12,6 +12,7 @@ k = 1, 4, 16 (metrics.py).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,7 +58,12 @@ class BacktestResult:
     def best(self, kind: str, k: int, metric: str = "mase") -> str:
         """Name of the best model ("model") or baseline ("baseline") at horizon k."""
         names = [n for n in self.scores if (n in self.models) == (kind == "model")]
-        return min(names, key=lambda n: self.scores[n][k][metric])
+        # NaN (a diverged model) compares false both ways: min() would keep it when first
+        return min(names, key=lambda n: _worst_if_nan(self.scores[n][k][metric]))
+
+
+def _worst_if_nan(score: float) -> float:
+    return math.inf if math.isnan(score) else score
 
 
 def backtest(
@@ -76,6 +82,11 @@ def backtest(
     """Trains every config (keyed by display name) and scores it beside the baselines."""
     n = len(values)
     test = default_test_size(n) if test_size is None else test_size
+    if test_size is None and test >= n:  # not the user's --test-size: say what is missing
+        raise SeriesError(
+            f"series {source} has {n} values: too few for a backtest, whose default test "
+            f"window alone is {test} (20 %, at least {MIN_TEST}; --test-size sets it)"
+        )
     if not 1 <= test < n:
         raise SeriesError(f"--test-size must be in [1, {n - 1}] for {n} values, got {test}")
     # the label says which values "has N values" counts: the part before the test window
@@ -87,6 +98,8 @@ def backtest(
     series = Series(values, n - test, fit.normaliser, source, fit.representation, "test")
     names = " or ".join(c.representation.name for c in candidates)
     log(f"{source}: {n} values, test window {test}, representation {names}")
+    # before training: a part too short for AR(tau) must not cost every model's training run
+    baselines = all_baselines(values[: n - test], tau, fit.season)
     predictors: list = []
     seconds: dict[str, float] = {}
     chosen: dict[str, str] = {}
@@ -99,7 +112,6 @@ def backtest(
         val_scores[name] = picked.val_scores
         predictors.append(LevelForecaster(TorchForecaster(picked.model, name=name), picked.series))
         log(f"  trained {name} in {seconds[name]} s")
-    baselines = all_baselines(values[: n - test], tau, fit.season)
     k_max = max(horizons)
     everyone = [*predictors, *baselines]
     first = max(max(p.tau for p in everyone) - 1, series.num_train - k_max, 0)

@@ -71,6 +71,8 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, ForecastTrainConfig
 def run(args: argparse.Namespace) -> int:
     if args.tau < 1 or args.epochs < 1:
         raise TrainerError("--tau and --epochs must be at least 1")
+    if not 0 < args.lr < math.inf:  # 0 never trains, inf or NaN trains NaN weights
+        raise TrainerError(f"--lr must be a positive finite number, got {args.lr}")
     from rnnserve.trainer.forecast.backtest import backtest, format_scores
 
     values = load_csv(args.series, args.column, args.missing)

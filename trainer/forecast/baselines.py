@@ -81,7 +81,10 @@ class LinearAR:
         """Least squares over every window inside `train` (float [T_train])."""
         ends = np.arange(tau - 1, len(train) - 1)
         if len(ends) < tau + 1:
-            raise SeriesError(f"too few training values ({len(train)}) to fit AR({tau})")
+            raise SeriesError(
+                f"too few training values ({len(train)}) to fit AR({tau}): least squares "
+                f"needs at least {2 * tau + 1} (lower --tau)"
+            )
         x = _windows(train.astype(np.float64), tau, ends)  # [n, tau]
         design = np.concatenate([x, np.ones((len(ends), 1))], axis=1)  # [n, tau + 1]
         target = train[ends + 1].astype(np.float64)  # [n]

@@ -45,6 +45,11 @@ def test_backtest_cli_refuses_bad_input(tmp_path: Path, capsys) -> None:
     # --hidden 0 is refused like `train` refuses it, not read as "the default"
     assert main([*argv, "--arch", "mlp", "--hidden", "0", "--out-dir", str(tmp_path)]) == 2
     assert "--hidden >= 1" in capsys.readouterr().err
+    # --lr 0 trained nothing; inf trained NaN weights, reported "best model mlp nan", exit 0
+    for lr in ("0", "inf", "nan", "-1"):
+        quick = [*argv, "--arch", "mlp", "--epochs", "1", "--no-plot", "--lr", lr]
+        assert main([*quick, "--out-dir", str(tmp_path)]) == 2
+        assert "--lr must be a positive finite number" in capsys.readouterr().err
 
 
 def test_backtest_errors_say_what_the_backtest_needs(tmp_path: Path, capsys) -> None:
