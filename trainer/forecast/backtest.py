@@ -28,7 +28,12 @@ from rnnserve.trainer.forecast.evaluate import (
     predict,
 )
 from rnnserve.trainer.forecast.select import train_on_best_representation
-from rnnserve.trainer.forecast.series import Series, SeriesError, tail_candidates
+from rnnserve.trainer.forecast.series import (
+    Series,
+    SeriesError,
+    fill_without_look_ahead,
+    tail_candidates,
+)
 from rnnserve.trainer.forecast.train import ForecastTrainConfig
 
 BACKTEST_HORIZONS = (1, 4, 16)
@@ -89,6 +94,11 @@ def backtest(
         )
     if not 1 <= test < n:
         raise SeriesError(f"--test-size must be in [1, {n - 1}] for {n} values, got {test}")
+    unobserved = np.isnan(values)  # gaps the file left (load_csv(keep_gaps=True))
+    if unobserved.any():
+        values = fill_without_look_ahead(values, n - test, source)
+        log(f"{source}: {int(unobserved.sum())} missing values filled from the past only; "
+            f"{int(unobserved[n - test:].sum())} in the test window are not scored")  # fmt: skip
     # the label says which values "has N values" counts: the part before the test window
     label = f"{source} (before the test window of {test})"
     candidates = tail_candidates(values[: n - test], tau, label, val_size, transform, season)
@@ -116,7 +126,7 @@ def backtest(
     everyone = [*predictors, *baselines]
     first = max(max(p.tau for p in everyone) - 1, series.num_train - k_max, 0)
     results = [predict(p, series, k_max, first) for p in everyone]
-    scores = {r.name: held_out_errors(r, series, horizons) for r in results}
+    scores = {r.name: held_out_errors(r, series, horizons, unobserved) for r in results}
     return BacktestResult(
         source, series, fit.representation.name, scores, results, list(configs), seconds,
         chosen, val_scores,

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         raise TrainerError(f"--lr must be a positive finite number, got {args.lr}")
     from rnnserve.trainer.forecast.backtest import backtest, format_scores
 
-    values = load_csv(args.series, args.column, args.missing)
+    values = load_csv(args.series, args.column, args.missing, keep_gaps=True)
     configs = configs_from_args(args)
     out = Path(args.out_dir)
     stem = args.name or file_stem(args.column)

@@ -110,14 +110,17 @@ def predict(
 
 
 def held_out_errors(
-    result: KStepResult, series: Series, horizons=HORIZONS
+    result: KStepResult, series: Series, horizons=HORIZONS, unobserved: np.ndarray | None = None
 ) -> dict[int, dict[str, float]]:
-    """{k: {mase, smape, mse}} over the held-out targets x_i (num_train <= i < T)."""
+    """{k: {mase, smape, mse}} over the held-out targets x_i (num_train <= i < T), less
+    those `unobserved` marks (bool [T]: cells the file left empty, filled only as history)."""
     scale = mase_scale(series.values[: series.num_train], series.season)
     table: dict[int, dict[str, float]] = {}
     for k in horizons:
         targets, preds = result.at_horizon(k)
         keep = (targets >= series.num_train) & (targets < len(series.values))
+        if unobserved is not None:
+            keep &= ~unobserved[np.minimum(targets, len(unobserved) - 1)]
         if not keep.any():
             table[k] = {m: float("nan") for m in METRICS}
             continue

@@ -75,13 +75,17 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def load_csv(path: Path | str, column: str, missing: str = "interpolate") -> np.ndarray:
+def load_csv(
+    path: Path | str, column: str, missing: str = "interpolate", keep_gaps: bool = False
+) -> np.ndarray:
     """Read one numeric column of a CSV file with a header row, as float64 [rows] (float32
     would merge nearby values of a large level: 1e9 + 20 sin(t) would read as constant).
 
     Missing cells (empty, NA, NaN, null, ?) are linearly interpolated between their
     neighbours (held constant before the first / after the last known value) when `missing`
-    is "interpolate"; with "error" the first one is reported by its line number.
+    is "interpolate"; with "error" the first one is reported by its line number. With
+    `keep_gaps` they stay NaN, for a caller that must fill them without looking ahead
+    (`fill_without_look_ahead`).
     """
     if missing not in MISSING_POLICIES:
         choices = ", ".join(MISSING_POLICIES)
@@ -135,7 +139,28 @@ def load_csv(path: Path | str, column: str, missing: str = "interpolate") -> np.
                 "(use --missing interpolate to fill it)"
             )
         values.append(value)
-    return _interpolate(values, f"column {column!r} of {path}")
+    what = f"column {column!r} of {path}"
+    if keep_gaps:
+        if all(v is None for v in values):
+            raise SeriesError(f"{what} has no numeric values")
+        return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    return _interpolate(values, what)
+
+
+def fill_without_look_ahead(values: np.ndarray, cut: int, what: str) -> np.ndarray:
+    """Fills the NaN gaps of a series evaluated after `cut` with nothing from later on.
+
+    Before `cut` (what models and baselines train on) gaps are interpolated from the values
+    before `cut` alone; from `cut` on each gap repeats the last value before it, so the
+    history of a forecast origin never holds a hint of what follows it. Interpolating the
+    whole file first would fill the training part's last gaps from the test window."""
+    head = [None if math.isnan(v) else float(v) for v in values[:cut]]
+    filled = np.concatenate([_interpolate(head, f"{what} (before the test window)"),
+                             values[cut:].astype(np.float64)])  # fmt: skip
+    for i in range(cut, len(filled)):
+        if math.isnan(filled[i]):
+            filled[i] = filled[i - 1]
+    return filled
 
 
 def _interpolate(values: list[float | None], what: str) -> np.ndarray:

@@ -48,3 +48,38 @@ def test_a_diverged_model_is_never_the_best() -> None:
     result = BacktestResult("s", None, "level", scores, models=["gru", "mlp"])  # type: ignore[arg-type]
     assert result.best("model", 16) == "mlp"
     assert result.best("baseline", 16) == "linear-ar"
+
+
+def _gappy_series() -> np.ndarray:
+    """A trend with noise, 120 values; gaps just before the test window (the last 24) and
+    inside it."""
+    rng = np.random.default_rng(3)
+    values = np.arange(120.0) * 0.5 + rng.normal(size=120)
+    values[92:96] = np.nan  # the training part's last values
+    values[100:103] = np.nan  # inside the window
+    return values
+
+
+def test_gaps_are_filled_from_the_past_only() -> None:
+    """A value inside the test window cannot change what is trained on or any forecast made
+    before it: interpolating the whole file filled values 92-95 from value 96 on."""
+    values = _gappy_series()
+    moved = values.copy()
+    moved[96] += 100.0  # the first value of the test window
+    runs = [backtest(v, "gappy", {}, test_size=24, log=lambda _: None) for v in (values, moved)]
+    first, second = runs
+    assert np.array_equal(first.series.values[:96], second.series.values[:96])
+    for a, b in zip(first.results, second.results, strict=True):
+        origins_before = a.origins < 96  # forecasts from origins that do not see value 96
+        assert np.array_equal(a.predictions[origins_before], b.predictions[origins_before])
+
+
+def test_missing_targets_are_not_scored() -> None:
+    """The naive forecast's k=1 MSE counts only the targets the file holds."""
+    values = _gappy_series()
+    result = backtest(values, "gappy", {}, test_size=24, horizons=(1,), log=lambda _: None)
+    filled = result.series.values
+    observed = [t for t in range(96, 120) if not np.isnan(values[t])]
+    expected = float(np.mean([(filled[t] - filled[t - 1]) ** 2 for t in observed]))
+    assert math.isclose(result.scores["naive"][1]["mse"], expected, rel_tol=1e-12)
+    assert np.array_equal(filled[100:103], [filled[99]] * 3)  # repeated, not interpolated
