@@ -73,10 +73,13 @@ def run_forecast(
 
     `alternatives`: the same split under other candidate representations (select.py); the
     model trains on each and keeps the one its validation tail prefers."""
+    # before training: a series too short for AR(tau) must not cost the training run (the
+    # candidates share the values, the split and the season the baselines use)
+    fitted_baselines = baselines(series, config.tau)
     picked = train_on_best_representation(config, [series, *alternatives], progress, log)
     model, history, series = picked.model, picked.history, picked.series
     predictor = LevelForecaster(TorchForecaster(model, name=config.arch), series)
-    table, results = evaluate_all([predictor, *baselines(series, config.tau)], series)
+    table, results = evaluate_all([predictor, *fitted_baselines], series)
     held = len(series.values) - series.num_train
     log(f"representation: {series.representation.name}; {series.held_out} MSE "
         f"({held} held-out values, series units):")  # fmt: skip

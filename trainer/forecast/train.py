@@ -61,6 +61,10 @@ class ForecastTrainConfig:
     refit: bool = True  # after early stopping, a short pass over the whole series
     val_horizon: int = 16  # the validation score averages k-step MSE over k = 1..this
 
+    def __post_init__(self) -> None:
+        if not 0 < self.lr < math.inf:  # 0 never trains; inf or NaN trains NaN weights
+            raise TrainerError(f"--lr must be a positive finite number, got {self.lr}")
+
     def resolved_warmup(self) -> int:
         if self.warmup is not None:
             return self.warmup

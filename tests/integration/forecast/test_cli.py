@@ -94,6 +94,9 @@ def test_textbook_manifest_is_strict_json(tmp_path: Path) -> None:
         (["--column", "level", "--bidirectional"], "does not apply to forecasting"),
         (["--column", "level", "--rollout", "99"], "--rollout must be between"),
         (["--column", "level", "--warmup", "-3"], "--warmup must be at least 0"),
+        (["--column", "level", "--lr", "inf"], "--lr must be a positive finite number"),
+        (["--column", "level", "--lr", "0"], "--lr must be a positive finite number"),
+        (["--column", "level", "--lr", "nan"], "--lr must be a positive finite number"),
     ],
 )
 def test_bad_input_is_one_error_line(tmp_path: Path, capsys, extra: list[str], message) -> None:
@@ -103,6 +106,24 @@ def test_bad_input_is_one_error_line(tmp_path: Path, capsys, extra: list[str], m
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "series-gru").exists()
+
+
+def test_a_series_too_short_for_ar_tau_is_refused_before_training(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """AR(95) needs 191 values and the 200-value series trains on 180: refused at once, not
+    after the model has trained."""
+    from rnnserve.trainer.forecast import pipeline
+
+    def trained(*args, **kwargs):
+        raise AssertionError("the model trained before the baselines were fitted")
+
+    monkeypatch.setattr(pipeline, "train_on_best_representation", trained)
+    csv = sine_csv(tmp_path / "s.csv")
+    argv = ["train", "--task", "forecast", "--arch", "mlp", "--series", str(csv), "--column"]
+    argv += ["level", "--tau", "95", "--out", str(tmp_path), *TINY]
+    assert main(argv) == 2
+    assert "to fit AR(95): least squares needs at least 191" in capsys.readouterr().err
 
 
 @pytest.mark.slow
