@@ -7,6 +7,7 @@ it is one dependency, and its StreamResponse writes server-sent events with litt
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import ssl
@@ -48,7 +49,10 @@ async def json_not_found(request: web.Request, handler) -> web.StreamResponse:
                           "code": str(exc.status)}}  # fmt: skip
         if request.path.startswith("/v2"):
             body = {"error": message}
-        return json_response(body, exc.status)
+        response = json_response(body, exc.status)
+        if "Allow" in exc.headers:  # RFC 9110: a 405 lists the methods the path takes
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
 
 
 def _client_fault(exc: BaseException | None) -> str | None:
@@ -122,11 +126,23 @@ class HttpServer:
             await web.SockSite(self.runner, sock, ssl_context=self.ssl_context).start()
 
     async def stop(self, grace: float) -> None:
-        """Stops listening; in-flight requests get `grace` seconds, then are cancelled."""
+        """Stops listening; in-flight requests get `grace` seconds, then are cancelled.
+
+        aiohttp's own shutdown waits `grace` for a handler, then only fails its body reads
+        (which a stream writing events never notices) and waits `grace` again before it
+        cancels it: a server-sent event stream ran twice --grace, past the pod's termination
+        budget. So at `grace` the connections still open are closed here, which cancels
+        their handlers (handler_cancellation), as gRPC cancels its calls."""
         if self.runner is None:
             for sock in self.sockets:
                 sock.close()
             return
-        self.runner._shutdown_timeout = grace  # aiohttp reads it in cleanup()
-        await self.runner.cleanup()
+        runner, server = self.runner, self.runner.server
+        runner._shutdown_timeout = grace  # aiohttp reads it in cleanup()
+        cleanup = asyncio.ensure_future(runner.cleanup())
+        done, _ = await asyncio.wait({cleanup}, timeout=grace)
+        if not done and server is not None:
+            for connection in server.connections:
+                connection.force_close()
+        await cleanup
         self.runner = None

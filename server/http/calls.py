@@ -22,7 +22,7 @@ from aiohttp import web
 
 from rnnserve.server import logs
 from rnnserve.server.errors import BadRequest
-from rnnserve.server.http.errors import BodyTimeout, BodyTooLarge, http_status
+from rnnserve.server.http.errors import BodyTimeout, BodyTooLarge, ClientGone, http_status
 from rnnserve.server.interceptors import CallInterceptor, Guard, call_metadata
 
 ErrorBody = Callable[[grpc.StatusCode, str, BaseException | None], dict]
@@ -54,7 +54,8 @@ async def read_body(request: web.Request) -> bytes:
     """The body; BadRequest when aiohttp cannot decode it (gzip or deflate bytes that are not,
     a broken chunk): the client's mistake, which would otherwise be an INTERNAL 500.
     BodyTimeout (408) when it has not all come within BODY_TIMEOUT_S: a client that sent 1 of
-    a promised 100 bytes held its connection and handler for good."""
+    a promised 100 bytes held its connection and handler for good. ClientGone when the
+    client closed its connection first."""
     try:
         return await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
     except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
@@ -62,6 +63,8 @@ async def read_body(request: web.Request) -> bytes:
     except web.RequestPayloadError as exc:
         why = getattr(exc.__cause__, "message", "") or str(exc)
         raise BadRequest("request", f"the body could not be read: {why}") from None
+    except ConnectionResetError:  # asyncio.wait_for hands it on even as the task is cancelled
+        raise ClientGone("the client went away before its request body was read") from None
 
 
 def loads(raw: bytes) -> object:

@@ -7,6 +7,7 @@ docs/protocols.md lists them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rnnserve.server.engine import GenerateParams
@@ -206,11 +207,29 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def token_logprobs(text: str, tokens: list[str], values: list[float | None]) -> dict:
-    """OpenAI's legacy logprobs object for `text`, whose tokens are `tokens`."""
+def folded(text: str, normalize: Callable[[str], str]) -> str:
+    """`text` with each character as the tokenizer normalises it, where that is one character
+    ("T" -> "t", "," -> " " with letters_only), so the same length: tokens come from the
+    normalised text, and are found in this where they stand in the text the client sees."""
+    each: dict[str, str] = {}  # once per distinct character: a prompt may be megabytes
+    for ch in set(text):
+        norm = normalize(ch)
+        each[ch] = norm if len(norm) == 1 else ch
+    return "".join(each[ch] for ch in text)
+
+
+def token_logprobs(
+    text: str,
+    tokens: list[str],
+    values: list[float | None],
+    normalize: Callable[[str], str] | None = None,
+) -> dict:
+    """OpenAI's legacy logprobs object for `text`, whose tokens are `tokens` (normalised by
+    `normalize`, the tokenizer's: each offset is where its token stands in `text`)."""
+    search = folded(text, normalize) if normalize is not None else text
     offsets, at = [], 0
     for tok in tokens:
-        found = text.find(tok, at) if tok else -1
+        found = search.find(tok, at) if tok else -1
         at = found if found >= 0 else at
         offsets.append(at)
         at += len(tok) if found >= 0 else 0

@@ -27,6 +27,15 @@ class BodyTimeout(ServeError):
     code = grpc.StatusCode.CANCELLED
 
 
+class ClientGone(ServeError):
+    """The client closed its connection before its whole body was read: CANCELLED, as for a
+    client that leaves mid-stream. aiohttp raises ConnectionResetError from the read, which
+    was an INTERNAL 500 with a traceback (and counted as a server error) for the client's
+    own act."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200,
     grpc.StatusCode.INVALID_ARGUMENT: 400,

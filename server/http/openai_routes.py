@@ -198,7 +198,7 @@ class OpenAIRoutes:
             values += scored.token_logprobs
         keep = 0 if req.echo else len(enc.tokens)
         shown = prompt + text if req.echo else text
-        return oa.token_logprobs(shown, tokens[keep:], values[keep:])
+        return oa.token_logprobs(shown, tokens[keep:], values[keep:], codec.tokenizer.normalize)
 
     async def _stream(
         self, request: web.Request, call: Call, req: oa.CompletionRequest, prompts: list[Encoded]

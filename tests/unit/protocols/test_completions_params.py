@@ -136,3 +136,15 @@ def test_a_body_nested_too_deep_is_a_bad_request_not_a_500() -> None:
     with pytest.raises(BadRequest, match="request: the body is not valid JSON"):
         loads(b"{")
     assert loads(b'{"a": [[1]]}') == {"a": [[1]]}
+
+
+def test_logprobs_offsets_find_normalised_tokens_in_the_text_as_sent() -> None:
+    """Tokens are lowercased and punctuation blanked (letters_only); the echoed prompt is as
+    sent. Offsets were searched for case-sensitively: "t" of "The" was found in "it" (11)."""
+    from rnnserve.artifact.tokenizer import Tokenizer, TokenizerConfig
+
+    tokenizer = Tokenizer(TokenizerConfig(lowercase=True, letters_only=True))
+    text = "The TIME, it is!"
+    tokens = tokenizer.tokenize(text)
+    lp = token_logprobs(text, tokens, [None] * len(tokens), tokenizer.normalize)
+    assert lp["text_offset"] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15]
