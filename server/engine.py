@@ -119,12 +119,14 @@ class Engine:
             )
         return entry.version, self._generators[key].run(params, deadline)
 
-    async def score(self, model: str, version: str, texts: list[str]) -> list[ScoreResult]:
+    async def score(
+        self, model: str, version: str, texts: list[str], top: int = 0
+    ) -> list[ScoreResult]:
         entry = self.lookup(model, version, "Score")
         codec = self.codec(entry)
         s = self.settings
         encoded = encode_texts(codec, texts, s.max_score_texts, s.max_prompt_tokens)
-        return await score(entry.model, self.runtime, codec, encoded)
+        return await score(entry.model, self.runtime, codec, encoded, top)
 
     async def infill(
         self, model: str, version: str, left: str, right: str, top_k: int

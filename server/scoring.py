@@ -11,7 +11,7 @@ Generate prefills a long prompt in chunks), so no call's logits exceed the budge
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +31,9 @@ class ScoreResult:
     token_logprobs: list[float]
     unknown_tokens: int
     tokens: list[str]
+    # with top > 0, per scored token: the `top` likeliest tokens and the scored one, each
+    # with its log-probability (OpenAI's legacy `top_logprobs`, as vLLM fills it)
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)
 
 
 def encode_texts(
@@ -80,13 +83,20 @@ def time_window(
     return max(1, min(steps, budget // (rows * vocab)))
 
 
-def _score_sync(model: OnnxModel, rows: list[list[int]], pad: int, vocab: int) -> list[np.ndarray]:
-    """Worker thread: token log-probs [n - 1] for each row of ids."""
+def _score_sync(
+    model: OnnxModel, rows: list[list[int]], pad: int, vocab: int, top: int = 0
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Worker thread: for each row of ids, its token log-probs [n - 1] and, with top > 0,
+    the ids [n - 1, top] of the likeliest next tokens at each position (likeliest first) and
+    their log-probs [n - 1, top]."""
     steps = max(len(r) for r in rows) - 1  # the last token predicts nothing: not fed
     x = np.full((len(rows), steps), pad, dtype=np.int64)  # [texts, time]
     for i, r in enumerate(rows):
         x[i, : len(r) - 1] = r[:-1]
+    top = min(top, vocab)
     out = [np.empty(len(r) - 1, dtype=np.float32) for r in rows]
+    best = [np.empty((len(r) - 1, top), dtype=np.int64) for r in rows]
+    best_lp = [np.empty((len(r) - 1, top), dtype=np.float32) for r in rows]
     window = time_window(len(rows), vocab, steps, bool(model.specs))
     state = model.initial_state(len(rows))
     for start in range(0, steps, window):
@@ -98,28 +108,40 @@ def _score_sync(model: OnnxModel, rows: list[list[int]], pad: int, vocab: int) -
             if stop > start:
                 lp = log_softmax(logits[i, : stop - start])  # [stop - start, vocab]
                 out[i][start:stop] = lp[np.arange(stop - start), r[start + 1 : stop + 1]]
-    return out
+                if top:
+                    ids = np.argsort(-lp, axis=1, kind="stable")[:, :top]
+                    best[i][start:stop] = ids
+                    best_lp[i][start:stop] = np.take_along_axis(lp, ids, axis=1)
+    return list(zip(out, best, best_lp, strict=True))
 
 
 async def score(
-    model: OnnxModel, runtime: Runtime, codec: TextCodec, encoded: list[Encoded]
+    model: OnnxModel, runtime: Runtime, codec: TextCodec, encoded: list[Encoded], top: int = 0
 ) -> list[ScoreResult]:
+    """`top` > 0 also gives each scored token the `top` likeliest tokens at its position."""
     results: list[ScoreResult | None] = [None] * len(encoded)
     unk = codec.vocab.token_to_idx[UNK]
+    names = codec.vocab.idx_to_token
     for group in _chunks(encoded, len(codec)):
         rows = [encoded[i].ids for i in group]
-        logprobs = await runtime.call(_score_sync, model, rows, codec.vocab.pad, len(codec))
-        for i, lp in zip(group, logprobs, strict=True):
+        scored = await runtime.call(_score_sync, model, rows, codec.vocab.pad, len(codec), top)
+        for i, (lp, best, best_lp) in zip(group, scored, strict=True):
             ll = float(np.sum(lp, dtype=np.float64))
             n = len(lp)
+            ids = encoded[i].ids
             results[i] = ScoreResult(
                 perplexity=_safe_exp(-ll / n),
                 log_likelihood=ll,
                 num_tokens=n,
                 token_logprobs=lp.tolist(),
-                unknown_tokens=sum(1 for t in encoded[i].ids[1:] if t == unk),  # scored
+                unknown_tokens=sum(1 for t in ids[1:] if t == unk),  # scored
                 tokens=encoded[i].tokens[1:],
-            )
+                top_logprobs=[
+                    {**{names[b]: float(v) for b, v in zip(best[t], best_lp[t], strict=True)},
+                     names[ids[t + 1]]: float(lp[t])}
+                    for t in range(n)
+                ] if top else [],
+            )  # fmt: skip
     return [r for r in results if r is not None]
 
 

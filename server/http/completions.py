@@ -16,6 +16,7 @@ from rnnserve.server.sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default (rnnserve.v1 Generate defaults to 64)
 MAX_PROMPTS = 64
+MAX_TOP_LOGPROBS = 20  # vLLM's default max_logprobs (OpenAI's legacy API took 5)
 
 # field -> why it is refused unless it has its neutral value
 REFUSED = {
@@ -58,7 +59,7 @@ class CompletionRequest:
     max_tokens: int
     sampling: SamplingParams
     stop: list[str] = field(default_factory=list)
-    logprobs: bool = False
+    logprobs: int | None = None  # None: none; 0: each token's; N: and the N likeliest
     echo: bool = False
     stream: bool = False
     include_usage: bool = False  # a stream's last chunk: usage, with no choices (OpenAI's)
@@ -152,11 +153,9 @@ def parse_completion(body: object, max_tokens_limit: int | None = None) -> Compl
             raise BadRequest(where, "is empty; the model needs text to continue")
     stop = _strings(body["stop"], "stop") if body.get("stop") is not None else []
     logprobs = _integer(body, "logprobs", None)
-    if logprobs not in (None, 0):
-        raise BadRequest(
-            "logprobs",
-            "only 0 (each token's log-probability); the top alternatives are not computed",
-        )
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise BadRequest("logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}")
+    echo = _flag(body, "echo")
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise BadRequest("stream_options", 'only {"include_usage": bool} is known')
@@ -164,6 +163,10 @@ def parse_completion(body: object, max_tokens_limit: int | None = None) -> Compl
     stream = _flag(body, "stream")
     if options is not None and not stream:  # as OpenAI and vLLM: not silently dropped
         raise BadRequest("stream_options", "is only allowed when stream is true")
+    if stream and logprobs:  # a message's value is a sum over its tokens: no alternatives
+        raise BadRequest(
+            "logprobs", "top alternatives (logprobs > 0) come in plain responses, not streams"
+        )
     seed = _integer(body, "seed", None)
     if seed is not None and not 0 <= seed < 2**63:
         raise BadRequest("seed", f"must be in [0, 2^63), got {seed}")
@@ -176,8 +179,11 @@ def parse_completion(body: object, max_tokens_limit: int | None = None) -> Compl
     # unset: OpenAI's 16, or the server's --max-tokens when that is lower (as for Generate)
     default = min(DEFAULT_MAX_TOKENS, max_tokens_limit or DEFAULT_MAX_TOKENS)
     max_tokens = _integer(body, "max_tokens", default)
-    if max_tokens is None or max_tokens < 1:
+    if max_tokens is None or max_tokens < 0:
         raise BadRequest("max_tokens", f"must be at least 1, got {max_tokens}")
+    # 0 scores the prompt alone (echo + logprobs, as evaluation harnesses ask the legacy API)
+    if max_tokens == 0 and not (echo and not stream):
+        raise BadRequest("max_tokens", "0 (score the prompt alone) needs echo, and no stream")
     return CompletionRequest(
         model=model,
         prompts=prompts,
@@ -189,8 +195,8 @@ def parse_completion(body: object, max_tokens_limit: int | None = None) -> Compl
             seed=seed,
         ),
         stop=stop,
-        logprobs=logprobs == 0,
-        echo=_flag(body, "echo"),
+        logprobs=logprobs,
+        echo=echo,
         stream=stream,
         include_usage=include_usage,
     )
@@ -223,9 +229,11 @@ def token_logprobs(
     tokens: list[str],
     values: list[float | None],
     normalize: Callable[[str], str] | None = None,
+    top: list[dict[str, float] | None] | None = None,
 ) -> dict:
     """OpenAI's legacy logprobs object for `text`, whose tokens are `tokens` (normalised by
-    `normalize`, the tokenizer's: each offset is where its token stands in `text`)."""
+    `normalize`, the tokenizer's: each offset is where its token stands in `text`); `top`:
+    each token's likeliest alternatives (logprobs > 0), else null."""
     search = folded(text, normalize) if normalize is not None else text
     offsets, at = [], 0
     for tok in tokens:
@@ -236,7 +244,7 @@ def token_logprobs(
     return {
         "tokens": tokens,
         "token_logprobs": values,
-        "top_logprobs": None,
+        "top_logprobs": top,
         "text_offset": offsets,
     }
 

@@ -150,11 +150,18 @@ class OpenAIRoutes:
                 )
         if req.stream:
             return await self._stream(request, call, req, prompts)
-        done = await _all([self._collect(req, p) for p in req.prompts])
+        if req.max_tokens:
+            done = await _all([self._collect(req, p) for p in req.prompts])
+        else:  # echo with max_tokens 0: the prompt scored, nothing generated
+            done = [Finished(finish="length") for _ in req.prompts]
         choices = []
         for i, (prompt, enc, got) in enumerate(zip(req.prompts, prompts, done, strict=True)):
             text = prompt + got.text if req.echo else got.text
-            lp = await self._logprobs(req, prompt, enc, got.text) if req.logprobs else None
+            lp = (
+                await self._logprobs(req, prompt, enc, got.text)
+                if req.logprobs is not None
+                else None
+            )
             choices.append(oa.choice(i, text, got.finish, lp))
         used = oa.usage(sum(len(p.ids) for p in prompts), sum(d.tokens for d in done))
         body = oa.completion(call.request_id, int(time.time()), req.model, choices, used)
@@ -192,13 +199,21 @@ class OpenAIRoutes:
                 "(--max-prompt-tokens) they can be scored in; ask fewer max_tokens",
             )
         tokens, values = list(whole[:1]), [None]
+        top: list | None = [None] if req.logprobs else None
         if len(whole) >= 2 and (text or req.echo):
-            scored = (await self.engine.score(req.model, req.version, [prompt + text]))[0]
+            scored = (
+                await self.engine.score(req.model, req.version, [prompt + text], req.logprobs or 0)
+            )[0]
             tokens += scored.tokens
             values += scored.token_logprobs
+            if top is not None:
+                top += scored.top_logprobs
         keep = 0 if req.echo else len(enc.tokens)
         shown = prompt + text if req.echo else text
-        return oa.token_logprobs(shown, tokens[keep:], values[keep:], codec.tokenizer.normalize)
+        return oa.token_logprobs(
+            shown, tokens[keep:], values[keep:], codec.tokenizer.normalize,
+            top[keep:] if top is not None else None,
+        )  # fmt: skip
 
     async def _stream(
         self, request: web.Request, call: Call, req: oa.CompletionRequest, prompts: list[Encoded]
@@ -238,14 +253,18 @@ class OpenAIRoutes:
             await response.prepare(request)
             if req.echo:
                 for i, (prompt, enc) in enumerate(zip(req.prompts, prompts, strict=True)):
-                    lp = await self._logprobs(req, prompt, enc, "") if req.logprobs else None
+                    lp = (
+                        await self._logprobs(req, prompt, enc, "")
+                        if req.logprobs is not None
+                        else None
+                    )
                     event = {**head, "choices": [oa.choice(i, prompt, None, lp)]}
                     await response.write(_event(event))
             offsets = [len(p) if req.echo else 0 for p in req.prompts]
             async for i, c in _prepend(first, rest):
                 generated += len(c.token_ids)
                 lp = None
-                if req.logprobs:
+                if req.logprobs is not None:
                     # per message: a message carrying several tokens carries their sum
                     values = [c.logprob] if c.token_ids else []
                     lp = oa.token_logprobs(c.text, [c.text] * len(values), values)

@@ -5,10 +5,15 @@ both ports run the same engine."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import openai
 import pytest
 
+from rnnserve.artifact.manifest import Manifest
+from rnnserve.artifact.tokenizer import Tokenizer
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 PROMPT = "the time traveller"
@@ -135,6 +140,52 @@ def test_stop_echo_and_logprobs(client, server) -> None:
     assert only.logprobs.text_offset[0] == 0
 
 
+def _reference_logprobs(package: Path, text: str) -> tuple[list[int], np.ndarray]:
+    """Plain onnxruntime, independent of the server: the text's ids and the log-softmax
+    [len - 1, vocab] of the next-token logits at each position but the last."""
+    manifest = Manifest.load(package)
+    sess = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = manifest.build_vocab().encode(Tokenizer(manifest.tokenizer).tokenize(text))
+    feeds = {manifest.input_name: np.asarray([ids[:-1]], dtype=np.int64)}
+    for s in manifest.state:
+        shape = [1 if d == -1 else d for d in s.shape]
+        feeds[s.input] = np.broadcast_to(np.asarray(s.init, dtype=s.dtype), shape).copy()
+    names = [o.name for o in sess.get_outputs()]
+    logits = dict(zip(names, sess.run(None, feeds), strict=True))[manifest.output_name][0]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return ids, shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def test_prompt_scoring_with_top_logprobs_as_lm_eval_asks(client, model_repo: Path) -> None:
+    """lm-evaluation-harness's loglikelihood: echo, max_tokens 0, logprobs N. Each token
+    after the first gets its log-probability and the N likeliest tokens at its position (and
+    itself), as plain onnxruntime computes them; nothing is generated."""
+    got = client.completions.create(
+        model="lstm", prompt=PROMPT, max_tokens=0, echo=True, logprobs=3, temperature=0
+    )
+    choice = got.choices[0]
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert got.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    package = next(p for p in sorted((model_repo / "lstm").iterdir()) if p.is_dir())
+    ids, reference = _reference_logprobs(package, PROMPT)
+    vocab = Manifest.load(package).build_vocab()
+    assert len(lp.tokens) == len(ids)
+    for t in range(1, len(ids)):
+        top = lp.top_logprobs[t]
+        likeliest = np.argsort(-reference[t - 1], kind="stable")[:3]
+        expected = {vocab.idx_to_token[i]: float(reference[t - 1, i]) for i in likeliest}
+        expected[lp.tokens[t]] = lp.token_logprobs[t]
+        assert top.keys() == expected.keys()
+        assert list(top.values()) == pytest.approx(list(expected.values()), abs=1e-4)
+        assert lp.token_logprobs[t] == pytest.approx(reference[t - 1, ids[t]], abs=1e-4)
+    # lm-eval's greedy check: the continuation is what greedy decoding would have made
+    pairs = zip(lp.top_logprobs[1:], lp.tokens[1:], strict=True)
+    greedy = [max(top, key=top.get) == tok for top, tok in pairs]
+    assert greedy == [int(np.argmax(reference[t - 1])) == ids[t] for t in range(1, len(ids))]
+
+
 def test_logprobs_when_prompt_and_completion_merge_into_one_token(client) -> None:
     """The tokenizer normalises: a one-token prompt " " and a completion of spaces read back as
     one token, which Score cannot score. That is no token to report, not a 400 after the
@@ -165,7 +216,7 @@ def test_logprobs_past_the_prompt_limit_name_logprobs(client) -> None:
         ({"best_of": 3}, "best_of"),
         ({"suffix": "x"}, "suffix"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"logprobs": 3}, "logprobs"),
+        ({"logprobs": 21}, "logprobs"),
         ({"temperature": 3.0}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"frequency_penalty": 0.1}, "frequency_penalty"),
@@ -232,9 +283,9 @@ def test_one_request_is_served_by_one_version(client, server, monkeypatch) -> No
         asked.append(("generate", version))
         return generate(model, version, params, deadline)
 
-    async def recording_score(model, version, texts):
+    async def recording_score(model, version, texts, top=0):
         asked.append(("score", version))
-        return await score(model, version, texts)
+        return await score(model, version, texts, top)
 
     monkeypatch.setattr(engine, "generate", recording_generate)
     monkeypatch.setattr(engine, "score", recording_score)

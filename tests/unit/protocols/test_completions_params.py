@@ -23,7 +23,7 @@ def test_fields_map_onto_generate() -> None:
          "n": 1, "best_of": None, "presence_penalty": 0, "user": "me",
          "stream_options": {"include_usage": True}}
     )  # fmt: skip
-    assert req.prompts == ["a", "b"] and req.stop == ["\n"] and req.logprobs and req.echo
+    assert req.prompts == ["a", "b"] and req.stop == ["\n"] and req.logprobs == 0 and req.echo
     s = req.sampling
     assert (s.temperature, s.top_p, s.top_k, s.seed) == (0.0, 0.5, 4, 3)
     assert req.params("a").prompt == "a" and req.params("a").max_tokens == 5
@@ -41,7 +41,17 @@ def test_fields_map_onto_generate() -> None:
         ({"model": "m", "prompt": "a", "suffix": "z"}, "suffix"),
         ({"model": "m", "prompt": "a", "frequency_penalty": 0.1}, "frequency_penalty"),
         ({"model": "m", "prompt": "a", "logit_bias": {"1": 2}}, "logit_bias"),
-        ({"model": "m", "prompt": "a", "logprobs": 1}, "logprobs"),
+        ({"model": "m", "prompt": "a", "logprobs": 21}, "logprobs"),
+        ({"model": "m", "prompt": "a", "logprobs": -1}, "logprobs"),
+        # a streamed message's value sums its tokens: it has no alternatives to list
+        ({"model": "m", "prompt": "a", "logprobs": 1, "stream": True}, "logprobs"),
+        # 0 scores the prompt alone: only with echo, and not streamed
+        ({"model": "m", "prompt": "a", "max_tokens": 0}, "max_tokens"),
+        (
+            {"model": "m", "prompt": "a", "max_tokens": 0, "echo": True, "stream": True},
+            "max_tokens",
+        ),
+        ({"model": "m", "prompt": "a", "max_tokens": -1, "echo": True}, "max_tokens"),
         ({"model": "m", "prompt": "a", "temperature": "hot"}, "temperature"),
         ({"model": "m", "prompt": "a", "top_p": 0}, "top_p"),
         ({"model": "m", "prompt": "a", "max_tokens": True}, "max_tokens"),
@@ -119,6 +129,17 @@ def test_not_an_object() -> None:
 def test_logprobs_offsets_follow_the_text() -> None:
     lp = token_logprobs("ab c", ["a", "b", " ", "c"], [None, -1.0, -2.0, -0.5])
     assert lp["text_offset"] == [0, 1, 2, 3] and lp["top_logprobs"] is None
+
+
+def test_prompt_scoring_as_evaluation_harnesses_ask_it() -> None:
+    """lm-evaluation-harness and the legacy API score a prompt with echo, max_tokens 0 (or 1)
+    and logprobs N: each token's log-probability and its N likeliest alternatives."""
+    req = parse_completion(
+        {"model": "m", "prompt": "ab", "max_tokens": 0, "echo": True, "logprobs": 5}
+    )
+    assert (req.max_tokens, req.echo, req.logprobs) == (0, True, 5)
+    lp = token_logprobs("ab", ["a", "b"], [None, -0.1], top=[None, {"b": -0.1, "a": -2.5}])
+    assert lp["top_logprobs"] == [None, {"b": -0.1, "a": -2.5}]
 
 
 def test_unset_max_tokens_is_capped_by_a_low_server_limit() -> None:
