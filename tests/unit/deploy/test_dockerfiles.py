@@ -174,7 +174,31 @@ def test_copied_sources_exist_cover_the_packages_and_are_not_dockerignored(name:
                 assert not any(fnmatch.fnmatch(src, pat) for pat in ignored), src
                 copied.add(src.rstrip("/"))
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    package_dirs = {p.split(".")[0] for p in pyproject["tool"]["setuptools"]["packages"]}
-    package_dirs = {"proto" if p == "rnnserve" else p for p in package_dirs}
+    package_dirs = _package_folders(pyproject["tool"]["setuptools"])
     assert {"pyproject.toml", pyproject["project"]["readme"]} <= copied
     assert package_dirs <= copied, f"pip install . needs {package_dirs - copied}"
+
+
+def _package_folders(setuptools: dict) -> set[str]:
+    """The top-level folders the packages live in, found through `package-dir` as setuptools
+    finds them (the longest mapped parent package wins). Every package is `rnnserve.*`, so
+    its name's first part says nothing about where it is (`rnnserve.server` is in server/)."""
+    mapping = setuptools.get("package-dir", {})
+    folders = set()
+    for package in setuptools["packages"]:
+        parts = package.split(".")
+        for n in range(len(parts), -1, -1):
+            parent = ".".join(parts[:n])
+            if parent in mapping or n == 0:
+                base = mapping.get(parent, "")
+                path = "/".join([base, *parts[n:]]).strip("/")
+                break
+        folders.add(path.split("/")[0])
+    return folders
+
+
+def test_package_folders_follow_package_dir() -> None:
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    folders = _package_folders(pyproject["tool"]["setuptools"])
+    assert {"proto", "artifact", "trainer", "server", "client"} <= folders, folders
+    assert _package_folders({"packages": ["a.b", "c"]}) == {"a", "c"}

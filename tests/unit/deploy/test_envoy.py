@@ -85,12 +85,16 @@ def _routes(parse):
 
 
 def test_routes_do_not_cut_long_streams(parse) -> None:
+    """Each timeout set to 0 (off): a field left out reads as 0 here too, but Envoy then
+    applies its default, 15 s per route and 5 min of stream idleness, and cuts streams."""
     hcm, routes = _routes(parse)
     assert routes, "no routes: the loop below would check nothing"
     for route in routes:
         http = route.match.prefix in ("/v1/", "/v2")  # OpenAI and KServe REST
         assert route.route.cluster == ("rnnserve-http" if http else "rnnserve")
+        assert route.route.HasField("timeout"), f"{route.match}: Envoy's default is 15 s"
         assert route.route.timeout.ToSeconds() == 0, "0 = no per-request timeout (streams)"
+    assert hcm.HasField("stream_idle_timeout"), "Envoy's default is 5 min"
     assert hcm.stream_idle_timeout.ToSeconds() == 0
 
 

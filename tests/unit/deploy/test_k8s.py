@@ -9,7 +9,10 @@ import copy
 import importlib.util
 import os
 import re
+import socket
 import subprocess
+import urllib.error
+import urllib.request
 from urllib.parse import urlparse
 
 import pytest
@@ -164,12 +167,125 @@ def test_each_server_pod_fetches_the_zoo_into_its_own_volume(server_parser) -> N
         k8s_one("Deployment", parsed.hostname)["spec"]["template"]["metadata"]["labels"].items()
     )
     (serve,) = store_pod["containers"]
-    served_dir = serve["command"][serve["command"].index("--directory") + 1]
+    (served_dir,) = re.findall(r'directory="([^"]+)"', serve["args"][0])
+    assert [m["mountPath"] for m in serve["volumeMounts"]] == [served_dir]
     trainer = k8s_one("Job")["spec"]["template"]["spec"]["containers"][0]["args"][0]
     assert f"{served_dir}/{archive}" in trainer
     marker = serve["readinessProbe"]["httpGet"]["path"]
-    assert trainer.rstrip("; }").endswith(f"touch {served_dir}{marker}"), "the marker is last"
-    assert trainer.index(f"{served_dir}/{archive}") < trainer.index(f"touch {served_dir}{marker}")
+    written = f"> {served_dir}{marker}"
+    assert trainer.rstrip("; }").endswith(written), "the marker is last"
+    assert trainer.index(f"{served_dir}/{archive}") < trainer.index(written)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def _get(url: str) -> int | None:
+    """The HTTP status of a GET, None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def test_model_store_answers_on_ipv4_and_ipv6_and_stops_on_sigterm(tmp_path) -> None:
+    """The store container's own command, run here on a free port over a folder standing in
+    for the claim. Server pods reach it through its Service, whose address is IPv6 on an
+    IPv6 or IPv6-first cluster: `python -m http.server` listened on 0.0.0.0 only, so there
+    the store never turned ready and every server pod's init container waited forever. As
+    PID 1 a process with no SIGTERM handler ignores SIGTERM (the pod took its whole grace
+    period to stop); exit status 0 shows the handler ran."""
+    import signal
+    import sys
+    import time
+
+    store = k8s_one("Deployment", "rnnserve-model-store")["spec"]["template"]["spec"]
+    (container,) = store["containers"]
+    (mount,) = container["volumeMounts"]
+    (port,) = [p["containerPort"] for p in container["ports"]]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    argv = [
+        arg.replace(mount["mountPath"], str(tmp_path)).replace(str(port), str(free))
+        for arg in container["command"] + container.get("args", [])
+    ]
+    assert argv[0] == "python"
+    marker = container["readinessProbe"]["httpGet"]["path"]
+    (tmp_path / marker.lstrip("/")).write_text("")
+    proc = subprocess.Popen([sys.executable, *argv[1:]], stderr=subprocess.PIPE)
+    try:
+        hosts = ["127.0.0.1"] + (["[::1]"] if _ipv6_loopback() else [])
+        end = time.monotonic() + 30  # a bound on start-up, not a speed assertion
+        while _get(f"http://127.0.0.1:{free}{marker}") is None and time.monotonic() < end:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.2)
+        for host in hosts:
+            assert _get(f"http://{host}:{free}{marker}") == 200, host
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, "SIGTERM must stop the store itself"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _run_trainer_job(tmp_path, generation: str | None) -> list[str]:
+    """The trainer Job's own shell script over a folder standing in for the claim, with a
+    stub `rnn-trainer` that writes one model file; returns the trainings it ran."""
+    job = k8s_one("Job")["spec"]["template"]["spec"]
+    (container,) = job["containers"]
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    if generation is not None:
+        env["ZOO_GENERATION"] = generation
+    claim = tmp_path / "claim"
+    claim.mkdir(exist_ok=True)
+    script = container["args"][0].replace("/models", str(claim))
+    bin_dir, log = tmp_path / "bin", tmp_path / "trainings.log"
+    bin_dir.mkdir(exist_ok=True)
+    stub = bin_dir / "rnn-trainer"
+    stub.write_text(
+        f'#!/bin/sh\necho "$*" >> {log}\nout="$5"\nmkdir -p "$out/lstm/1"\n'
+        f'echo "$ZOO_GENERATION" > "$out/lstm/1/model.onnx"\n'
+    )
+    stub.chmod(0o755)
+    environ = {**os.environ, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = subprocess.run(
+        [*container["command"], script], env=environ, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_trainer_job_publishes_a_new_zoo_when_its_generation_changes(tmp_path) -> None:
+    """The only pods that mount the claim are the store (read-only) and this Job, so the
+    marker cannot be deleted by hand to retrain: the Job's ZOO_GENERATION says which zoo is
+    wanted. A rerun with the same one trains nothing; a new one trains and publishes while
+    the store keeps serving the old archive (it stays ready: new server pods still start)."""
+    import tarfile
+
+    (container,) = k8s_one("Job")["spec"]["template"]["spec"]["containers"]
+    first = {e["name"]: e["value"] for e in container.get("env", [])}.get("ZOO_GENERATION", "1")
+    claim = tmp_path / "claim"
+    assert len(_run_trainer_job(tmp_path, None)) == 1, "a fresh claim: trains"
+    assert (claim / ".zoo-complete").exists()
+    assert len(_run_trainer_job(tmp_path, None)) == 1, "the same generation: nothing to do"
+    (claim / ".zoo-complete").write_text("")  # what the Job wrote before generations
+    assert len(_run_trainer_job(tmp_path, first)) == 1, "an old marker is the first generation"
+    assert len(_run_trainer_job(tmp_path, "next")) == 2, "a new generation: trains again"
+    with tarfile.open(claim / "zoo.tar.gz") as archive:
+        model = archive.extractfile("./lstm/1/model.onnx").read()
+    assert model == b"next\n", "the archive is the new zoo"
+    assert len(_run_trainer_job(tmp_path, "next")) == 2
 
 
 def test_storage_works_on_a_read_write_once_default_class() -> None:

@@ -8,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.tools import need
@@ -49,6 +50,20 @@ def test_alert_rules_fire_as_intended() -> None:
     _ok(_promtool("test", "rules", "alerts_test.yml"))
 
 
+def test_every_alert_has_a_test_that_fires_it() -> None:
+    """promtool checks only the alerts a test names: an alert with no case in
+    alerts_test.yml passes whatever its threshold, `for` or grouping."""
+    tests = yaml.safe_load((DEPLOY / "alerts_test.yml").read_text())["tests"]
+    fired = {
+        case["alertname"]
+        for test in tests
+        for case in test.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
+    untested = {rule["alert"] for rule in _alert_rules()} - fired
+    assert not untested, f"no case in alerts_test.yml expects these to fire: {sorted(untested)}"
+
+
 def test_kubernetes_scrape_config(tmp_path: Path) -> None:
     """The ConfigMap's prometheus.yml, checked by promtool.
 
@@ -70,7 +85,7 @@ def test_kubernetes_scrape_config(tmp_path: Path) -> None:
     _ok(done)
 
 
-def _pod_targets(ip: str) -> list[dict]:
+def _pod_targets(ip: str, phase: str = "Running") -> list[dict]:
     """What Kubernetes pod discovery gives for one server pod: a target per container port
     (gRPC, metrics, HTTP), `__address__` joined as Go's net.JoinHostPort does."""
     host = f"[{ip}]" if ":" in ip else ip
@@ -82,7 +97,8 @@ def _pod_targets(ip: str) -> list[dict]:
             "targets": [f"{host}:{port['containerPort']}"],
             "labels": {
                 "__meta_kubernetes_pod_ip": ip,
-                "__meta_kubernetes_pod_name": "rnnserve-0",
+                "__meta_kubernetes_pod_name": f"rnnserve-{phase.lower()}",
+                "__meta_kubernetes_pod_phase": phase,
                 "__meta_kubernetes_pod_container_port_number": str(port["containerPort"]),
                 **{
                     "__meta_kubernetes_pod_annotation_" + re.sub(r"[^a-zA-Z0-9_]", "_", key): value
@@ -116,6 +132,29 @@ def test_kubernetes_scrape_job_scrapes_only_the_metrics_port(tmp_path: Path) -> 
         "[fd00:10:244::7]:8000",
     }
     assert {t["labels"]["__metrics_path__"] for t in found} == {"/metrics"}
+
+
+@pytest.mark.parametrize("phase", ["Failed", "Succeeded"])
+def test_kubernetes_scrape_job_drops_pods_that_ended(tmp_path: Path, phase: str) -> None:
+    """A pod the kubelet evicted (node pressure) stays listed, phase Failed, with its IP,
+    until the pod garbage collector removes it (by default only past 12500 ended pods).
+    Scraped, it is `up == 0` (RnnserveDown fires for a pod that no longer exists), or its
+    IP, handed to a new pod, is scraped twice under two pod names. Discovery lists such
+    pods; the job must drop them, as the Prometheus Operator does."""
+    config = yaml.safe_load(k8s_one("ConfigMap", "rnnserve-prometheus")["data"]["prometheus.yml"])
+    (job,) = config["scrape_configs"]
+    job.pop("kubernetes_sd_configs")
+    targets = tmp_path / "pods.json"
+    pods = _pod_targets("10.244.1.7") + _pod_targets("10.244.1.8", phase)
+    targets.write_text(json.dumps(pods + _pod_targets("10.244.1.9", "Pending")))
+    job["file_sd_configs"] = [{"files": [str(targets)]}]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    done = _promtool("check", "service-discovery", "--timeout=3s", str(path), job["job_name"])
+    _ok(done)
+    kept = {t["labels"]["__address__"] for t in json.loads(done.stdout) if t.get("labels")}
+    # a Pending pod (its init container fetching the zoo) is kept, as the Operator keeps it
+    assert kept == {"10.244.1.7:8000", "10.244.1.9:8000"}
 
 
 def _contract_samples() -> set[str]:
