@@ -118,15 +118,17 @@ class NgramCounts:
         return model
 
     def _fraction(self, context: Sequence[int], w: int) -> tuple[float, float]:
-        """(count(c, w) + alpha, count(c) + alpha * V) for the last n-1 ids of `context`."""
+        """(count(c, w) + alpha, count(c) + alpha * V) for the last n-1 ids of `context`,
+        `<bos>`-padded on the left when it is shorter (the graph's initial state): sliced as
+        is, a short context matched no count and got the uniform 1/V."""
         k, v, a = self.config.n - 1, self.config.outcomes, self.config.alpha
-        ctx = tuple(context[len(context) - k :]) if k else ()
+        ctx = tuple([BOS_ID] * (k - len(context)) + list(context[-k:])) if k else ()
         row = self.counts.get(ctx)
         total = sum(row.values()) if row else 0
         return (row[w] if row else 0) + a, total + a * v
 
     def prob(self, context: Sequence[int], w: int) -> float:
-        """p(w | last n-1 ids of `context`), `context` already padded to length >= n-1."""
+        """p(w | last n-1 ids of `context`); a shorter context is `<bos>`-padded."""
         if w in self.config.excluded:
             return 0.0
         numerator, denominator = self._fraction(context, w)

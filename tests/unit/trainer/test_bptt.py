@@ -72,6 +72,30 @@ def test_truncation_changes_the_gradient() -> None:
     assert (full - trunc).norm() > 1e-3 * full.norm()
 
 
+@pytest.mark.parametrize("k", [1, 2, 4, T + 3])
+def test_truncated_gradient_equals_a_manual_detach_every_k_steps(k: int) -> None:
+    """The loss over every step, so each chunk boundary changes the gradient: it must be
+    exactly the one of a step-by-step run whose state is detached before steps k, 2k, ..."""
+    model, x, y = _setup("lstm")
+
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 7), y.reshape(-1))
+
+    model.zero_grad()
+    loss(run_window(model, x, model.initial_state(2), "truncated", k=k)[0]).backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    state, outs = model.initial_state(2), []
+    for t in range(T):
+        if t and t % k == 0:
+            state = tuple(s.detach() for s in state)
+        out, *state = model(x[:, t : t + 1], *state)
+        outs.append(out)
+    loss(torch.cat(outs, dim=1)).backward()
+    for g, p in zip(got, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad)
+
+
 def test_random_truncation_is_unbiased() -> None:
     """Mean of N randomized-truncation gradients -> the full gradient (law of large numbers).
 

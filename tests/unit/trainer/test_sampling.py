@@ -84,3 +84,27 @@ def test_detach_state_keeps_values_and_cuts_graph() -> None:
     cut = detach_state(state)
     assert all(not s.requires_grad for s in cut)
     assert all(torch.equal(a, b) for a, b in zip(cut, state, strict=True))
+
+
+@pytest.mark.parametrize("scheme", [random_batches, sequential_batches])
+def test_offsets_vary_over_epochs_and_every_whole_window_is_used(scheme) -> None:
+    """d2l §9.3: each epoch starts at a random offset in [0, num_steps), so window borders
+    move between epochs; from it the windows tile the text (random: all whole windows but
+    those that do not fill a last batch; sequential: batch_size rows of equal length)."""
+    num_steps, batch_size, offsets = 4, 2, set()
+    for seed in range(40):
+        got = list(scheme(IDS, batch_size, num_steps, random.Random(seed)))
+        starts = sorted(int(row[0]) for x, _ in got for row in x)
+        offset = starts[0]
+        offsets.add(offset)
+        if scheme is random_batches:
+            windows = (len(IDS) - offset - 1) // num_steps
+            want = range(offset, offset + windows * num_steps, num_steps)
+            assert len(starts) == windows // batch_size * batch_size
+            assert set(starts) <= set(want)
+        else:
+            row = (len(IDS) - offset - 1) // batch_size
+            want = [offset + r * row + i for i in range(0, row - num_steps + 1, num_steps)
+                    for r in range(batch_size)]  # fmt: skip
+            assert starts == sorted(want)
+    assert offsets == set(range(num_steps))

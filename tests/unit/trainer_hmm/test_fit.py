@@ -19,9 +19,11 @@ from rnnserve.trainer.hmm_fit import (
     chunk_ids,
     em_step,
     fit_em,
+    fit_gradient,
     log_likelihood,
     unigram,
 )
+from tests.memory import address_space_cap
 
 from .brute import expected_counts, random_params, sample
 
@@ -157,3 +159,17 @@ def test_ids_that_never_occur_in_text_are_never_emitted(method: str) -> None:
     logits, _ = model(torch.tensor([ids[:50]]), model.initial_state(1)[0])
     assert torch.isfinite(logits).all()  # finite, so the export check can compare them
     assert float(logits.exp()[..., list(NOT_TEXT_IDS)].max()) < 1e-10
+
+
+def test_gradient_training_memory_does_not_grow_with_states_squared() -> None:
+    """The log-space recursion's logsumexp made an [n, K, K] tensor a step, and backward kept
+    them all: n * T * K^2 floats, 20 GB for one minibatch of 32 chunks of 200 at K = 512, so
+    `train --hmm-method gradient --states 512` died of memory where EM needs under 1 GB. Here
+    (K = 256) that is 3.4 GB; the scaled recursion keeps [n, K] a step."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (32 * 200,), generator=gen).tolist()
+    start = HmmParams.random(256, V, unigram(ids, V), seed=0)
+    with address_space_cap(1 << 29):
+        _, history = fit_gradient(start, chunk_ids(ids, 200), epochs=1)
+    assert len(history.log_likelihood_per_token) == 2
+    assert all(math.isfinite(ll) for ll in history.log_likelihood_per_token)

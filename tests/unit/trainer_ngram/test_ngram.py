@@ -228,3 +228,24 @@ def test_state_spec_describes_initial_state() -> None:
         assert spec.shape == [-1, state.shape[1]]
         assert (state == spec.init).all()
         assert model.hyperparameters()["n"] == n
+
+
+@pytest.mark.parametrize("length", [0, 1, 2])
+def test_a_context_shorter_than_n_minus_1_is_bos_padded_as_the_graph_does(length: int) -> None:
+    """prob(context) took the last n-1 ids with a negative slice start, so a shorter context
+    such as [] (the first token) or [x_0] matched no count and got the uniform 1/V, while the
+    graph, after the same prefix from its <bos> state, gives p(w | <bos>.., prefix)."""
+    train = random_ids(400, seed=3)
+    model = train_ngram(train, V, n=4, alpha=0.5).eval()
+    ref = NgramCounts.fit(train, NgramConfig(V, 4, 0.5, excluded=NOT_TEXT_IDS))
+    prefix = train[:length]  # the text's own start: its <bos>-padded contexts were counted
+    (state,) = model.initial_state(1)
+    if prefix:
+        logits, _ = model(torch.tensor([prefix]), state)
+        want = logits[0, -1].double().exp().numpy()
+    else:
+        want = np.exp(np.array(model.start_log_probs()))
+    got = [ref.prob(prefix, w) for w in range(V)]
+    assert max(got) > 1.5 / ref.config.outcomes  # a counted row, not the uniform one
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+    assert ref.log_prob(prefix, train[length]) == pytest.approx(math.log(got[train[length]]))
