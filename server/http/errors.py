@@ -12,10 +12,13 @@ from rnnserve.server.errors import BadRequest, ServeError
 
 
 class BodyTooLarge(ServeError):
-    """A body over --max-message-bytes: RESOURCE_EXHAUSTED like gRPC's own message limit,
-    but HTTP 413 and, for OpenAI clients, an invalid request: retrying cannot help."""
+    """A body over --max-message-bytes: HTTP 413, and INVALID_ARGUMENT, the caller's mistake
+    (retrying cannot help). gRPC's own message limit says RESOURCE_EXHAUSTED, but that call
+    never reaches the metrics; counted here under it, a client sending oversized bodies made
+    the server-side error-rate alert fire, where RESOURCE_EXHAUSTED means --max-streams is
+    full."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class BodyTimeout(ServeError):
@@ -84,7 +87,7 @@ def openai_error(code: grpc.StatusCode, message: str, exc: BaseException | None)
             param = None
     name = "model_not_found" if code == grpc.StatusCode.NOT_FOUND else code.name.lower()
     kind = OPENAI_TYPE.get(code, "server_error")
-    if isinstance(exc, (BodyTooLarge, BodyTimeout)):  # the request's fault, not a rate limit
+    if isinstance(exc, BodyTimeout):  # the request's fault, not a server error
         kind = "invalid_request_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": name}}
 

@@ -108,9 +108,19 @@ def test_body_over_the_message_limit_is_413(guarded: GuardedServer) -> None:
     base = f"http://127.0.0.1:{guarded.app.http.port}"
     body = {"model": "lstm", "prompt": "x" * 5000}
     status, got = request(base + "/v1/completions", body, token=TOKEN)
-    assert status == 413 and got["error"]["code"] == "resource_exhausted"
+    assert status == 413 and got["error"]["code"] == "invalid_argument"
     # not a rate limit: a client that backs off and retries would send the same body again
     assert got["error"]["type"] == "invalid_request_error"
+    # the caller's mistake: not among the codes the server-side error-rate alert counts
+    registry = guarded.app.metrics.registry
+    errors = {
+        code: registry.get_sample_value(
+            "rnnserve_errors_total", {"rpc": "openai.Completions", "code": code}
+        )
+        or 0
+        for code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")
+    }
+    assert errors["INVALID_ARGUMENT"] >= 1 and errors["RESOURCE_EXHAUSTED"] == 0
     assert "--max-message-bytes" in got["error"]["message"]
 
 
