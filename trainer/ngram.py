@@ -106,6 +106,7 @@ class NgramCounts:
         config.validate()
         self.config = config
         self.counts: dict[tuple[int, ...], Counter[int]] = defaultdict(Counter)
+        self.totals: dict[tuple[int, ...], int] = {}  # count(c), filled by fit
 
     @classmethod
     def fit(cls, ids: Sequence[int], config: NgramConfig) -> NgramCounts:
@@ -115,6 +116,9 @@ class NgramCounts:
         padded = [BOS_ID] * k + list(ids)
         for i, w in enumerate(ids):
             model.counts[tuple(padded[i : i + k])][w] += 1
+        # summed once: a row's sum per lookup made a word-level unigram's perplexity take
+        # minutes (its one row holds every word type)
+        model.totals = {ctx: sum(row.values()) for ctx, row in model.counts.items()}
         return model
 
     def _fraction(self, context: Sequence[int], w: int) -> tuple[float, float]:
@@ -124,8 +128,7 @@ class NgramCounts:
         k, v, a = self.config.n - 1, self.config.outcomes, self.config.alpha
         ctx = tuple([BOS_ID] * (k - len(context)) + list(context[-k:])) if k else ()
         row = self.counts.get(ctx)
-        total = sum(row.values()) if row else 0
-        return (row[w] if row else 0) + a, total + a * v
+        return (row[w] if row else 0) + a, self.totals.get(ctx, 0) + a * v
 
     def prob(self, context: Sequence[int], w: int) -> float:
         """p(w | last n-1 ids of `context`); a shorter context is `<bos>`-padded."""
