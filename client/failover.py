@@ -39,6 +39,11 @@ _TOKEN_HEAD = struct.Struct(">2sBI")  # a resume token's magic, version and head
 _RESET_MARKS = ("rst_stream", "stream removed", "connection reset", "socket closed", "goaway",
                 "broken pipe", "upstream reset", "connection terminated")  # fmt: skip
 
+# How a replica refuses a resume token signed with a key it does not hold (server/resume.py):
+# mid-rotation (docs/operations.md), a replica still on the old key alone refuses the new
+# key's checkpoints that the rotated replicas accept.
+OTHER_KEY_REFUSAL = "resume token was signed with a different --state-key"
+
 
 def is_replica_failure(error: RnnServeError, *, resuming: bool = False) -> bool:
     """UNAVAILABLE (replica gone, refusing while it drains, connection failed), CANCELLED that
@@ -49,11 +54,15 @@ def is_replica_failure(error: RnnServeError, *, resuming: bool = False) -> bool:
     stream): then RESOURCE_EXHAUSTED (this replica is full, likeliest just when it absorbs a
     dead one's streams), NOT_FOUND (this replica lacks the model or the checkpoint's
     version, as during a rolling deploy) and FAILED_PRECONDITION (the version is NOT_SERVING
-    here: it failed to load on this replica) say something about this replica, not about the
-    request: the tokens delivered prove another replica served it."""
+    here: it failed to load on this replica) and INVALID_ARGUMENT for a checkpoint signed with
+    a key this replica lacks (a key rotation rolling out: the next replica may hold it) say
+    something about this replica, not about the request: the tokens delivered prove another
+    replica served it."""
     if error.code in ("UNAVAILABLE", "CANCELLED"):
         return True
     if resuming and error.code in ("RESOURCE_EXHAUSTED", "NOT_FOUND", "FAILED_PRECONDITION"):
+        return True
+    if resuming and error.code == "INVALID_ARGUMENT" and OTHER_KEY_REFUSAL in error.details:
         return True
     if error.code in ("INTERNAL", "UNKNOWN"):
         details = error.details.lower()
@@ -80,11 +89,15 @@ def pause_before_next_attempt(
     if cancelled or not failover or not is_replica_failure(error, resuming=resuming):
         raise error
     if failures >= retry.max_attempts:
+        tried = f"(replicas {', '.join(addresses)}); last error: {error}"
+        if failures == 1:
+            # max_attempts 1: the stream never failed over, so `resuming` cannot say whether
+            # it delivered anything ("could not be started" after hundreds of tokens misled)
+            raise Unavailable(f"the stream failed and retry.max_attempts=1 allows no retry {tried}")
         # by now the stream has failed over, so `resuming` says whether it delivered anything
         what = "resumed" if resuming else "started"
         raise Unavailable(
-            f"the stream could not be {what}: {failures} attempts in a row failed "
-            f"(replicas {', '.join(addresses)}); last error: {error}"
+            f"the stream could not be {what}: {failures} attempts in a row failed {tried}"
         )
     # the first move to another replica needs no pause: that replica is not the one that
     # failed; a retry on the same address (a load balancer), or a second failure, waits
@@ -111,11 +124,17 @@ def with_failover_defaults(request: pb.GenerateRequest, state_every: int) -> Non
     """Makes a request continuable: checkpoints every `state_every` tokens, and a seed of the
     client's own for sampled requests without one (so a restart before the first checkpoint
     also repeats the same tokens). A continuation of a checkpoint gets none: its seed is in
-    the checkpoint, and the server refuses a seed that differs from it."""
+    the checkpoint, and the server refuses a seed that differs from it. A continuation that
+    names no version asks for the one its checkpoint was made by, as failover's own do
+    (StreamLedger.attempt): a replica whose default version differs refused it even when it
+    served that version too."""
     if not request.state_every:
         request.state_every = state_every
+    continuation = continues_a_checkpoint(request)
+    if continuation and not request.version:
+        request.version = state_version(request.state, request.model)
     sampled = request.sampling.temperature > 0 and not request.sampling.HasField("seed")
-    if sampled and not continues_a_checkpoint(request):
+    if sampled and not continuation:
         request.sampling.seed = secrets.randbits(63)
 
 
@@ -135,6 +154,15 @@ def checkpoint_version(token: bytes) -> str:
     header = _token_header(token)
     version = header.get("version") if header is not None else None
     return version if isinstance(version, str) else ""
+
+
+def state_version(token: bytes, model: str) -> str:
+    """checkpoint_version, for a token made by `model` only ("" otherwise): another model's
+    token is refused anyway, and naming the server's refusal ("belongs to lstm/1, not gru/1")
+    is clearer than a NOT_FOUND for a version the asked model may lack."""
+    header = _token_header(token)
+    made_by_model = header is not None and header.get("model") == model
+    return checkpoint_version(token) if made_by_model else ""
 
 
 def _token_header(token: bytes) -> dict | None:

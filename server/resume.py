@@ -211,6 +211,8 @@ class StateSigner:
         if tv >= 2:
             kid = _key_id_of(body, head_len)
             if kid not in self._by_id:
+                # failover passes such a replica over by this text (client/failover.py
+                # OTHER_KEY_REFUSAL): during a key rotation the next replica may hold the key
                 raise BadRequest(
                     "state",
                     f"resume token was signed with a different --state-key (key id {kid}; "

@@ -249,18 +249,42 @@ def test_a_stream_that_cannot_be_resumed_ends_with_a_clear_error(servers) -> Non
 
 
 def test_replicas_with_different_keys_refuse_the_checkpoint(model_repo: Path, servers) -> None:
+    """No replica left with the key: the stream ends naming the refusal. A replica without
+    the key is passed over like one without the model (key rotations roll out one replica
+    at a time); attempts alternate between the dead one and it, so the fourth and last is
+    its refusal."""
     a, _ = servers
     other = ServerThread(make_settings(model_repo, state_key="not-shared", **SPREAD))
     other.start()
     pa, po = ResettingProxy([a.app.port]), ResettingProxy([other.app.port])
     try:
         c = RnnClient([pa.address, po.address], retry=FAST, timeout=60)
-        with c, pytest.raises(InvalidArgument, match="signed with a different --state-key"):
+        with c, pytest.raises(Unavailable, match="could not be resumed: 4 attempts") as err:
             _read(c.generate("gru", PROMPT, max_tokens=4000), pa)
+        assert "signed with a different --state-key" in str(err.value)
     finally:
         pa.close()
         po.close()
         other.stop()
+
+
+def test_a_key_rotation_rolling_out_loses_no_stream(model_repo: Path, servers) -> None:
+    """docs/operations.md: during step 1 of a rotation a replica still on the old key alone
+    refuses the new key's checkpoints, and "failover moves on to the next replica": the
+    stream went no further than that replica (INVALID_ARGUMENT raised mid-stream)."""
+    a, b = servers  # on "shared": the rotated replicas sign with it
+    old_only = ServerThread(make_settings(model_repo, state_key="old", **SPREAD)).start()
+    pa, po, pb_ = (ResettingProxy([s.app.port]) for s in (a, old_only, b))
+    try:
+        with RnnClient([pa.address, po.address, pb_.address], retry=FAST, timeout=60) as c:
+            stream = c.generate("lstm", PROMPT, max_tokens=4000, temperature=0.9, seed=6)
+            ids = [t for e in _read(stream, pa) for t in e.token_ids]
+            assert pa.resets == 1 and stream.failovers == 2  # refused by old_only, then b
+            assert ids == _reference(b, stream.request)[0]
+    finally:
+        for proxy in (pa, po, pb_):
+            proxy.close()
+        old_only.stop()
 
 
 # -- the ledger on its own ------------------------------------------------------------------
@@ -379,6 +403,10 @@ def test_a_sampled_checkpoint_continues_through_the_client_without_its_seed(serv
     assert final.sampling.HasField("seed")
 
 
+# what server/resume.py answers for a token signed with a key the replica lacks
+OTHER_KEY = "resume token was signed with a different --state-key (key id 0123456789abcdef)"
+
+
 @pytest.mark.parametrize(
     "error, failure",
     [
@@ -388,7 +416,7 @@ def test_a_sampled_checkpoint_continues_through_the_client_without_its_seed(serv
         (Internal("Exception iterating responses"), False),
         (NotFound("model x"), False),
         (FailedPrecondition("model bilstm cannot Generate"), False),  # an answer at first
-        (InvalidArgument("state: signed with a different --state-key"), False),
+        (InvalidArgument(f"state: {OTHER_KEY}"), False),  # an answer at first
     ],
 )
 def test_which_errors_mean_the_replica_is_gone(error, failure) -> None:
@@ -402,7 +430,11 @@ def test_which_errors_mean_the_replica_is_gone(error, failure) -> None:
         (NotFound("model 'm' has no version '2'"), True),  # a replica not yet rolled out
         # the version failed to load on this replica (the first one served it)
         (FailedPrecondition("model m/2 is NOT_SERVING: model.onnx: unreadable"), True),
-        (InvalidArgument("state: signed with a different --state-key"), False),
+        # a replica not yet given the new key of a rotation (docs/operations.md)
+        (InvalidArgument(f"state: {OTHER_KEY}"), True),
+        (InvalidArgument("state: resume token signature is invalid (forged or corrupted)"), False),
+        (InvalidArgument("state: resume token expired at 2024-05-01T12:00:00Z"), False),
+        (InvalidArgument("max_tokens: is 9 but the stream ... had 8"), False),
         (Internal("Exception iterating responses"), False),
     ],
 )

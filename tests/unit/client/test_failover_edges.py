@@ -7,6 +7,7 @@ asks for the checkpoint's model version."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from rnnserve.client import AsyncRnnClient, RetryPolicy, RnnClient, async_client, sync_client
-from rnnserve.client.errors import Cancelled, ResourceExhausted, Unavailable
+from rnnserve.client.errors import Cancelled, InvalidArgument, ResourceExhausted, Unavailable
 from rnnserve.server.resume import Progress, StateSigner
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
@@ -105,6 +106,13 @@ def _refusing(code: grpc.StatusCode, details: str) -> Callable:
 REFUSALS = {
     "full": (grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent streams"),
     "rolling deploy": (grpc.StatusCode.NOT_FOUND, "model 'm' has no version '2'"),
+    # a replica not yet given the new key of a rotation (docs/operations.md, step 1)
+    "key rotation": (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "state: resume token was signed with a different --state-key (key id "
+        "2b6b4dc81305d216; this replica accepts 3d46b9c9a9bb5000): give every replica the "
+        "same --state-key, and during a key rotation list the old key in --state-key-previous",
+    ),
 }
 
 
@@ -183,8 +191,9 @@ def test_the_async_client_has_the_same_edges(replica) -> None:
 @pytest.mark.parametrize("refusal", REFUSALS)
 def test_a_failover_target_that_cannot_take_the_stream_is_passed_over(replica, refusal) -> None:
     """The replica that absorbs a dead one's streams is the one likeliest at capacity: its
-    RESOURCE_EXHAUSTED (or NOT_FOUND, a replica without the model during a rolling deploy) is
-    a failure to retry elsewhere, not the end of a stream the caller is half way through."""
+    RESOURCE_EXHAUSTED (or NOT_FOUND, a replica without the model during a rolling deploy, or
+    a refusal of the checkpoint's key by one still on the old key of a rotation) is a failure
+    to retry elsewhere, not the end of a stream the caller is half way through."""
     _, dying = replica(_checkpoint_then_gone)
     refusing, refusing_address = replica(_refusing(*REFUSALS[refusal]))
     serving, serving_address = replica(_the_rest)
@@ -204,6 +213,35 @@ def test_resource_exhausted_before_anything_arrived_is_an_answer(replica) -> Non
     with client, pytest.raises(ResourceExhausted, match="too many"):
         list(client.generate("m", "hi", max_tokens=2))
     assert full.calls == 1
+
+
+def test_a_key_refusal_of_the_callers_own_checkpoint_is_an_answer(replica) -> None:
+    """Passed over only once the stream failed over: a checkpoint the caller brought is
+    refused at once, as any other answer."""
+    refusing, address = replica(_refusing(*REFUSALS["key rotation"]))
+    _, other = replica(_the_rest)
+    client = RnnClient([address, other], retry=QUICK, timeout=None)
+    with client, pytest.raises(InvalidArgument, match="different --state-key"):
+        list(client.generate("m", state=CHECKPOINT, max_tokens=2))
+    assert refusing.calls == 1
+
+
+@pytest.mark.parametrize("first_replica_dead", [False, True])
+def test_the_callers_own_checkpoint_asks_for_its_version(replica, first_replica_dead) -> None:
+    """A continuation the caller sends (state=checkpoint, no prompt) named no version, so a
+    replica whose default version differs refused it ("belongs to m/2, not m/3") though it
+    served version 2 too; failover's own continuations already named it."""
+    serving, serving_address = replica(_the_rest)
+    addresses = [_closed_address(), serving_address] if first_replica_dead else [serving_address]
+    with RnnClient(addresses, retry=QUICK, timeout=None) as c:
+        stream = c.generate("m", state=CHECKPOINT, max_tokens=2)
+        assert [e.text for e in stream] == ["b"]
+        assert stream.request.version == "2"
+        assert [r.version for r in serving.requests] == ["2"]
+        # pinned by the caller: kept; another model's state: left to the server to refuse
+        list(c.generate("m", state=CHECKPOINT, version="7", max_tokens=2))
+        list(c.generate("other", state=CHECKPOINT, max_tokens=2))
+    assert [r.version for r in serving.requests[1:]] == ["7", ""]
 
 
 @pytest.mark.parametrize("pinned", ["", "2"])
@@ -287,14 +325,29 @@ def test_the_async_client_passes_over_refusals_pins_the_version_and_cancels_a_pa
     assert serving.requests[0].version == "2"
 
 
+def _closed_address() -> str:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        return f"127.0.0.1:{closed.getsockname()[1]}"  # closed on return: nothing listens
+
+
+@pytest.mark.parametrize("delivered", [True, False])
+def test_one_attempt_allowed_says_so_not_whether_the_stream_started(replica, delivered) -> None:
+    """With retry.max_attempts=1 a stream that had delivered tokens ended "the stream could
+    not be started": the stream never failed over, so nothing told the two cases apart."""
+    script = _gone_after_one_token if delivered else _refusing(grpc.StatusCode.UNAVAILABLE, "gone")
+    _, address = replica(script)
+    with RnnClient([address], retry=RetryPolicy(max_attempts=1), timeout=None) as client:
+        stream = client.generate("m", "hi", max_tokens=2)
+        with pytest.raises(Unavailable, match="max_attempts=1 allows no retry") as err:
+            list(stream)
+    assert "could not be" not in str(err.value)
+    assert (stream.text, stream.failovers) == ("a" if delivered else "", 0)
+
+
 def test_a_stream_no_replica_ever_started_does_not_say_resumed() -> None:
     """With every replica down from the start, the error said "the stream could not be
     resumed", though nothing had been delivered to resume."""
-    import socket
-
-    closed = socket.create_server(("127.0.0.1", 0))
-    address = f"127.0.0.1:{closed.getsockname()[1]}"
-    closed.close()  # nothing listens there
+    address = _closed_address()
     with (
         RnnClient([address], retry=QUICK, timeout=5) as client,
         pytest.raises(Unavailable, match="could not be started: 3 attempts"),

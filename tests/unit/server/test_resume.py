@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from rnnserve.artifact.manifest import StateSpec
+from rnnserve.client.failover import OTHER_KEY_REFUSAL
 from rnnserve.server.errors import BadRequest
 from rnnserve.server.resume import StateSigner
 
@@ -88,8 +89,9 @@ def test_forged_headers_are_rejected_before_the_signature(head: bytes) -> None:
 
 def test_other_key_model_or_version_is_rejected() -> None:
     token = StateSigner("secret").sign("lstm", "1", _state(), 7)
-    with pytest.raises(BadRequest, match="different --state-key"):
+    with pytest.raises(BadRequest, match="different --state-key") as err:
         StateSigner("other").verify(token, "lstm", "1", SPECS, vocab_size=10)
+    assert OTHER_KEY_REFUSAL in str(err.value)  # how failover tells it from other refusals
     with pytest.raises(BadRequest, match="belongs to lstm/1"):
         StateSigner("secret").verify(token, "gru", "1", SPECS, vocab_size=10)
     with pytest.raises(BadRequest, match="belongs to lstm/1"):
