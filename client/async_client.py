@@ -144,10 +144,14 @@ class AsyncTokenStream:
         self._call = client._open(self._ledger.attempt(), self._deadline, self._replica)
 
     async def _pause(self, seconds: float) -> None:
-        """Waits `seconds` before a retry, or until cancel(), whichever comes first: a sleep
-        would hold a cancelled stream for up to max_backoff."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
+        """Waits `seconds` before a retry, or until cancel() or the client's close(),
+        whichever comes first: a sleep would hold a cancelled stream for up to max_backoff."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._stop, self._client._closing)]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     @property
     def text(self) -> str:

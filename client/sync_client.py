@@ -11,6 +11,7 @@ import itertools
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -78,7 +79,9 @@ class TokenStream:
         self._failover = failover
         self._replica = client._pick()
         self._cancelled = False
-        self._stop = threading.Event()  # set by cancel(): ends a pause before a retry at once
+        # set by cancel() or the client's close(): ends a pause before a retry at once
+        self._stop = threading.Event()
+        client._streams.add(self)
         self._call = client._open(ledger.attempt(), deadline, self._replica)
         self.finish_reason: str | None = None
         self.state: bytes | None = None
@@ -136,9 +139,10 @@ class TokenStream:
             self._call.cancel()
 
     def _pause(self, seconds: float) -> None:
-        """Waits `seconds` before a retry, or until cancel() (from another thread), whichever
-        comes first; a sleep would hold a cancelled stream for up to max_backoff. Clamped to
-        threading.TIMEOUT_MAX, past which Event.wait raises OverflowError."""
+        """Waits `seconds` before a retry, or until cancel() or the client's close() (from
+        another thread), whichever comes first; a sleep would hold a cancelled stream for up
+        to max_backoff. Clamped to threading.TIMEOUT_MAX, past which Event.wait raises
+        OverflowError."""
         self._stop.wait(min(seconds, threading.TIMEOUT_MAX))
 
     @property
@@ -206,12 +210,15 @@ class RnnClient:
         self._closing = threading.Event()  # set by close(): ends a pause before a retry at once
         self._sleep: Callable[[float], object] = self._pause
         self._closed = False
+        self._streams: weakref.WeakSet[TokenStream] = weakref.WeakSet()  # close() wakes them
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
         """Closes the channels: calls and streams still running end with Cancelled."""
         self._closed = True
         self._closing.set()
+        for stream in list(self._streams):  # a failover pause ends now, not at its backoff
+            stream._stop.set()
         for channel in self._channels:
             channel.close()
 

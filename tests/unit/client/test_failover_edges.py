@@ -288,6 +288,64 @@ def test_cancel_ends_a_long_pause_at_once(replica, monkeypatch) -> None:
     assert servicer.calls == 1
 
 
+def test_closing_the_client_ends_a_long_pause_at_once(replica, monkeypatch) -> None:
+    """close() from another thread while a stream waits out an hour's backoff: the reader
+    gets Cancelled now (the pause waited on the stream's own cancel() alone)."""
+    servicer, address = replica(_gone_after_one_token)
+    pausing = threading.Event()
+    decide = sync_client.pause_before_next_attempt
+
+    def noted(*args, **kwargs) -> float:
+        pause = decide(*args, **kwargs)
+        pausing.set()
+        return pause
+
+    monkeypatch.setattr(sync_client, "pause_before_next_attempt", noted)
+    outcome: list[BaseException] = []
+    client = RnnClient([address], retry=HOUR, timeout=None)
+    stream = client.generate("m", "hi", max_tokens=2)
+
+    def read() -> None:
+        try:
+            list(stream)
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert pausing.wait(30)
+    client.close()
+    reader.join(60)  # generous: far below the hour the pause would otherwise last
+    assert not reader.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], Cancelled)
+    assert servicer.calls == 1
+
+
+def test_closing_the_async_client_ends_a_long_pause_at_once(replica, monkeypatch) -> None:
+    _, address = replica(_gone_after_one_token)
+    decide = async_client.pause_before_next_attempt
+
+    async def main() -> None:
+        client = AsyncRnnClient([address], retry=HOUR, timeout=None)
+        stream = client.generate("m", "hi", max_tokens=2)
+
+        def close_in_the_pause(*args, **kwargs) -> float:
+            pause = decide(*args, **kwargs)
+            asyncio.get_running_loop().create_task(client.close())  # runs once it waits
+            return pause
+
+        monkeypatch.setattr(async_client, "pause_before_next_attempt", close_in_the_pause)
+
+        async def read() -> None:
+            async for _ in stream:
+                pass
+
+        with pytest.raises(Cancelled):
+            await asyncio.wait_for(read(), 60)  # generous: the pause is an hour
+
+    asyncio.run(main())
+
+
 def test_the_async_client_passes_over_refusals_pins_the_version_and_cancels_a_pause(
     replica, monkeypatch
 ) -> None:
