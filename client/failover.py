@@ -124,18 +124,21 @@ def with_failover_defaults(request: pb.GenerateRequest, state_every: int) -> Non
     """Makes a request continuable: checkpoints every `state_every` tokens, and a seed of the
     client's own for sampled requests without one (so a restart before the first checkpoint
     also repeats the same tokens). A continuation of a checkpoint gets none: its seed is in
-    the checkpoint, and the server refuses a seed that differs from it. A continuation that
-    names no version asks for the one its checkpoint was made by, as failover's own do
-    (StreamLedger.attempt): a replica whose default version differs refused it even when it
-    served that version too."""
+    the checkpoint, and the server refuses a seed that differs from it."""
     if not request.state_every:
         request.state_every = state_every
-    continuation = continues_a_checkpoint(request)
-    if continuation and not request.version:
-        request.version = state_version(request.state, request.model)
     sampled = request.sampling.temperature > 0 and not request.sampling.HasField("seed")
-    if sampled and not continuation:
+    if sampled and not continues_a_checkpoint(request):
         request.sampling.seed = secrets.randbits(63)
+
+
+def with_the_states_version(request: pb.GenerateRequest) -> None:
+    """A request that goes on from a resume token and names no version asks for the one the
+    token was made by, as failover's own continuations do (StreamLedger.attempt): a server
+    whose default version differs refused it ("belongs to m/2, not m/3") even when it served
+    that version too. With failover or without: the state fits that version only."""
+    if request.state and not request.version:
+        request.version = state_version(request.state, request.model)
 
 
 def continues_a_checkpoint(request: pb.GenerateRequest) -> bool:

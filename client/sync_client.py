@@ -41,6 +41,7 @@ from rnnserve.client.failover import (
     checked_state_every,
     pause_before_next_attempt,
     with_failover_defaults,
+    with_the_states_version,
 )
 from rnnserve.client.results import (
     ForecastResult,
@@ -282,6 +283,7 @@ class RnnClient:
             state=state,
             state_every=state_every or 0,
         )
+        with_the_states_version(request)
         if failover:
             with_failover_defaults(request, state_every or self.state_every)
         budget = self._timeout(timeout)

@@ -244,6 +244,16 @@ def test_the_callers_own_checkpoint_asks_for_its_version(replica, first_replica_
     assert [r.version for r in serving.requests[1:]] == ["7", ""]
 
 
+def test_a_request_going_on_from_a_state_asks_for_its_version_without_failover_too(
+    replica,
+) -> None:
+    serving, address = replica(_the_rest)
+    with RnnClient([address], retry=QUICK, timeout=None) as c:
+        list(c.generate("m", state=CHECKPOINT, max_tokens=2, failover=False))
+        list(c.generate("m", "more", state=CHECKPOINT, max_tokens=2, failover=False))
+    assert [r.version for r in serving.requests] == ["2", "2"]
+
+
 @pytest.mark.parametrize("pinned", ["", "2"])
 def test_a_continuation_asks_for_the_checkpoints_version(replica, pinned) -> None:
     """A replica whose default version differs would refuse a continuation sent with
