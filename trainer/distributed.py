@@ -21,6 +21,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -144,24 +145,47 @@ def joined(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Cluste
     backend = backend_for(device)
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     if backend == "nccl":
-        if not torch.cuda.is_available() or cluster.local_rank >= torch.cuda.device_count():
-            raise TrainerError(
-                f"rank {cluster.rank} needs GPU {cluster.local_rank} but "
-                f"{torch.cuda.device_count()} are visible; lower --nproc_per_node"
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if cluster.local_rank >= visible:
+            # RankError: the ranks past the GPU count say it themselves; a plain TrainerError
+            # is said by rank 0 alone, which has a GPU, so `--nproc 2` on one GPU exited 2
+            # without a word. No GPU at all: every rank alike, rank 0 says it.
+            error = RankError if visible else TrainerError
+            raise error(
+                f"rank {cluster.rank} needs GPU {cluster.local_rank} but {visible} are "
+                "visible; lower --nproc (torchrun: --nproc_per_node)"
             )
         torch.cuda.set_device(cluster.local_rank)
+    failed = (
+        f"rank {cluster.rank}/{cluster.world} could not form the {backend} process group at "
+        f"{where} within {timeout_s:g}s (--dist-timeout)"
+    )
+    watchdog = _rendezvous_watchdog(
+        f"{failed}: no rendezvous store answered there (a peer that never came, or another "
+        "program listening on MASTER_PORT)",
+        timeout_s,
+    )
     try:
         dist.init_process_group(
             backend, timeout=timedelta(seconds=timeout_s), rank=cluster.rank,
             world_size=cluster.world,
         )  # fmt: skip
     except Exception as exc:  # the store or a peer never answered: one line, no traceback
-        raise PeerFailure(
-            f"rank {cluster.rank}/{cluster.world} could not form the {backend} process group at "
-            f"{where} within {timeout_s:g}s (--dist-timeout): {_first_line(exc)}"
-        ) from exc
+        if _port_taken(exc):
+            raise PeerFailure(
+                f"rank {cluster.rank}/{cluster.world}: the rendezvous port {where} "
+                "(MASTER_ADDR:MASTER_PORT) is in use by another program; choose a free "
+                "MASTER_PORT, or let torchrun --standalone or --nproc pick one"
+            ) from exc
+        raise PeerFailure(f"{failed}: {_first_line(exc)}") from exc
+    finally:
+        watchdog.cancel()
     try:
         yield cluster
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank (torchrun and --nproc pass it on)
+        if cluster.is_main:
+            raise  # rank 0 says `error: interrupted` with the --resume command
+        abandon(130)  # the others end quietly: one line per run, not one per rank
     except TrainerError as exc:
         _leave()
         if cluster.is_main or isinstance(exc, (PeerFailure, AgreedError)):
@@ -187,6 +211,32 @@ def check_timeout(timeout_s: float) -> None:
         raise TrainerError(
             f"--dist-timeout must be a positive, finite number of seconds, got {timeout_s:g}"
         )
+
+
+RENDEZVOUS_GRACE_S = 5.0  # past --dist-timeout, so torch's own timeout error comes first
+
+
+def _rendezvous_watchdog(message: str, timeout_s: float) -> threading.Timer:
+    """Ends the process with `error: message` if the rendezvous outlives --dist-timeout.
+
+    Why: torch's store client waits without a bound for the handshake of whatever accepted its
+    connection; a rank whose MASTER_PORT another program listens on (rank 0 then fails with
+    EADDRINUSE) hung there forever. The wait is in C++, so only an exit can end it."""
+
+    def expire() -> None:
+        print(f"error: {message}", file=sys.stderr)
+        abandon(2)
+
+    timer = threading.Timer(min(timeout_s + RENDEZVOUS_GRACE_S, threading.TIMEOUT_MAX), expire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _port_taken(exc: BaseException) -> bool:
+    """Rank 0 hosts the rendezvous store on MASTER_PORT and could not listen there."""
+    text = str(exc)
+    return "EADDRINUSE" in text or "address already in use" in text.lower()
 
 
 def _leave() -> None:
@@ -254,6 +304,7 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
 def launch(argv: Sequence[str], nproc: int, batch_size: int, timeout_s: float) -> int:
     """`rnn-trainer train --nproc N ...`: what `torchrun --standalone --nproc_per_node N -m
     rnnserve.trainer.cli train ...` does, with failures summed up in one line."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -261,7 +312,7 @@ def launch(argv: Sequence[str], nproc: int, batch_size: int, timeout_s: float) -
         raise TrainerError("--nproc must be at least 1")
     check_timeout(timeout_s)
     rank_rows(batch_size, 0, nproc)  # the world must divide the global batch: say so up front
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we say it
+    _quiet_elastic_logs()  # we say it
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
         rdzv_backend="c10d", rdzv_endpoint="localhost:0",
@@ -270,6 +321,8 @@ def launch(argv: Sequence[str], nproc: int, batch_size: int, timeout_s: float) -
     args = ["-u", "-m", "rnnserve.trainer.cli", *_without_nproc(argv)]
     try:
         elastic_launch(config, sys.executable)(*args)
+    except SignalException as exc:
+        return stopped_by(exc.sigval)
     except ChildFailedError as exc:
         # the cause first: a rank that exited by itself said why (error: ... or a traceback);
         # else one killed by something other than the launcher's own SIGTERM to the others
@@ -285,3 +338,29 @@ def launch(argv: Sequence[str], nproc: int, batch_size: int, timeout_s: float) -
             "checkpoint with --resume RUN_DIR"
         ) from exc
     return 0
+
+
+def stopped_by(sig: int) -> int:
+    """The launcher's exit status when it is told to stop (Ctrl-C, `kill`): the launcher passes
+    the signal on to the ranks. After SIGINT rank 0 says `error: interrupted` and the --resume
+    command; a SIGTERM ends the ranks without a word, so the launcher says it. This used to be
+    a SignalException traceback and exit 1."""
+    if sig != signal.SIGINT:
+        name = signal.Signals(sig).name
+        print(
+            f"error: stopped by {name}; the ranks were stopped with it. Resume from the last "
+            "checkpoint with --resume RUN_DIR",
+            file=sys.stderr,
+        )
+    return 128 + int(sig)
+
+
+def _quiet_elastic_logs() -> None:
+    """torchelastic's loggers each set their own level (LOGLEVEL, default WARNING), so the
+    parent's level alone left lines such as "Received 2 death signal" on stderr."""
+    import torch.distributed.elastic.agent.server.api  # noqa: F401  (creates its loggers)
+
+    prefix = "torch.distributed.elastic"
+    for name in [prefix, *logging.root.manager.loggerDict]:
+        if name == prefix or name.startswith(prefix + "."):
+            logging.getLogger(name).setLevel(logging.CRITICAL)

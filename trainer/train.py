@@ -198,12 +198,7 @@ def fit(
     is off or starts after the epochs it holds).
     """
     cfg.validate()
-    check_fits(len(train_ids), cfg.batch_size, cfg.num_steps, "training split")
-    if len(val_ids) < 3:
-        raise TrainerError(
-            f"validation split has {len(val_ids)} tokens, too few to score (at least 3); "
-            "raise --val-fraction or add text"
-        )
+    _check_splits(train_ids, val_ids, cfg)
     device = resolve_device(cfg.device)
     if cfg.threads and device.type == "cpu":
         # small recurrent models: one thread is as fast alone and far faster on a busy machine
@@ -320,6 +315,20 @@ def fit(
         if stop:
             break
     return history
+
+
+def _check_splits(train_ids: list[int], val_ids: list[int], cfg: TrainConfig) -> None:
+    """Splits too short to train or score. AgreedError: every rank reads the same corpus with
+    the same flags and fails alike, so rank 0 alone says it (each rank said it, once per rank)."""
+    try:
+        check_fits(len(train_ids), cfg.batch_size, cfg.num_steps, "training split")
+    except TrainerError as exc:
+        raise AgreedError(str(exc)) from exc
+    if len(val_ids) < 3:
+        raise AgreedError(
+            f"validation split has {len(val_ids)} tokens, too few to score (at least 3); "
+            "raise --val-fraction or add text"
+        )
 
 
 def _drop_stale_average(

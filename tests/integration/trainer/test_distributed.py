@@ -54,9 +54,11 @@ def _train_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "rnnserve.trainer.cli", "train", *args]
 
 
-def start_ranks(args: list[str], cwd: Path, world: int = 2, ranks=None) -> list[subprocess.Popen]:
+def start_ranks(
+    args: list[str], cwd: Path, world: int = 2, ranks=None, port: int | None = None
+) -> list[subprocess.Popen]:
     """One process per rank with the environment torchrun gives its workers."""
-    port = str(_free_port())
+    port = str(port or _free_port())
     procs = []
     for rank in ranks if ranks is not None else range(world):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
@@ -326,6 +328,16 @@ def test_world_size_that_does_not_divide_the_batch(tmp_path: Path) -> None:
     assert len(_errors(said[0][2])) == 1 and said[1][2] == ""
 
 
+def test_a_split_too_short_is_said_once(tmp_path: Path) -> None:
+    """Every rank reads the same corpus and finds it too short inside the group: rank 1 said
+    it too (`error: rank 1/2: training split has ...`)."""
+    said = finish(start_ranks([*TINY, "--batch-size", "8", "--num-steps", "500"], tmp_path))
+    assert [code for code, _, _ in said] == [2, 2]
+    (line,) = _errors(said[0][2])
+    assert "training split has" in line and "too few" in line
+    assert _errors(said[1][2]) == [], said[1][2]
+
+
 def test_count_models_refuse_data_parallel(tmp_path: Path) -> None:
     run = subprocess.run(_train_cmd("--nproc", "2", "--arch", "ngram", *TINY), cwd=tmp_path,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -381,6 +393,62 @@ def test_a_rank_that_never_joins_ends_after_the_timeout(tmp_path: Path) -> None:
     assert code == 2
     (line,) = _errors(err)
     assert "could not form the gloo process group" in line and "within 3s" in line
+
+
+def test_a_busy_rendezvous_port_is_one_line_on_every_rank(tmp_path: Path) -> None:
+    """MASTER_PORT held by another program that accepts and never answers: rank 0 cannot
+    listen there (it said EADDRINUSE inside "could not form ... within 300s"), and rank 1's
+    store handshake with that program waited forever, past --dist-timeout."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(8)  # connections complete in the backlog; nothing ever answers
+        port = busy.getsockname()[1]
+        ranks = start_ranks([*TINY, "--batch-size", "8", "--dist-timeout", "2"], tmp_path,
+                            port=port)  # fmt: skip
+        (code0, _, err0), (code1, _, err1) = finish(ranks, timeout=90)
+    assert (code0, code1) == (2, 2), err0 + err1
+    assert _errors(err0) == [
+        f"error: rank 0/2: the rendezvous port 127.0.0.1:{port} (MASTER_ADDR:MASTER_PORT) is in "
+        "use by another program; choose a free MASTER_PORT, or let torchrun --standalone or "
+        "--nproc pick one"
+    ]
+    (line,) = _errors(err1)
+    assert f"rank 1/2 could not form the gloo process group at 127.0.0.1:{port} within 2s" in line
+    assert "another program listening on MASTER_PORT" in line
+
+
+def _started_nproc_run(tmp_path: Path) -> subprocess.Popen:
+    launcher = subprocess.Popen(
+        _train_cmd("--nproc", "2", *TINY, "--arch", "lstm", "--epochs", "50", "--batch-size",
+                   "8", "--out", "m", "--run-dir", "r"),
+        cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, as a terminal gives a command
+    )  # fmt: skip
+    _wait_for(tmp_path / "r" / "log.jsonl", [launcher])
+    return launcher
+
+
+def test_ctrl_c_and_sigterm_stop_nproc_with_one_line_and_the_signal_exit(tmp_path) -> None:
+    """Ctrl-C (SIGINT to the whole group) ended `--nproc` with a SignalException traceback,
+    exit 1, and an `error: interrupted` from every rank; SIGTERM to the launcher alone with the
+    traceback and no word from the ranks it stopped."""
+    launcher = _started_nproc_run(tmp_path)
+    os.killpg(launcher.pid, signal.SIGINT)
+    _out, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 130, err
+    (line,) = _errors(err)  # rank 0's, with the command that resumes
+    assert line.startswith("error: interrupted; ") and "--resume r" in line, line
+    assert "Traceback" not in err and "death signal" not in err, err
+    shutil.rmtree(tmp_path / "r")
+    launcher = _started_nproc_run(tmp_path)
+    launcher.send_signal(signal.SIGTERM)
+    _out, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 128 + signal.SIGTERM, err
+    assert _errors(err) == [
+        "error: stopped by SIGTERM; the ranks were stopped with it. Resume from the last "
+        "checkpoint with --resume RUN_DIR"
+    ]
+    assert "Traceback" not in err, err
 
 
 def _children(pid: int) -> list[int]:
