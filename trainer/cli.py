@@ -375,6 +375,8 @@ def run_train(args: argparse.Namespace) -> int:
             resumed = load_checkpoint(args.resume).get("train_config") or {}
         train = recurrent_train_config(args, resumed)
         train.validate()  # before joining: a bad value is said once, by rank 0
+        if distributed.env_cluster().distributed:  # as the corpus and checkpoint: said once
+            _readable_inputs(data.corpus, args.resume if resumed is None else None)
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
         lead = distributed.env_cluster().is_main  # only rank 0 exports (and needs the dir)
         if lead:  # what an interrupted run's message names (main), said by one rank
@@ -407,6 +409,19 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"training log and curve: {run_dir}/log.jsonl, {run_dir}/curve.png")
     print(f"exported {path}")
     return 0
+
+
+def _readable_inputs(corpus: str | None, resume: str | None) -> None:
+    """Reads the corpus and the --resume checkpoint once before a process group forms: their
+    errors (missing, unreadable) are the same on every rank, said once by rank 0; raised
+    inside the group, every rank printed them."""
+    from rnnserve.trainer.checkpoint import load_checkpoint
+    from rnnserve.trainer.corpus import read_corpus
+
+    if corpus is not None:
+        read_corpus(corpus)
+    if resume:
+        load_checkpoint(resume)
 
 
 def _convert_trained(fp32_package: Path, args: argparse.Namespace) -> Path:
@@ -594,6 +609,11 @@ def _resume_hint(args: argparse.Namespace) -> str:
             argv = argv[1:]
         elif not arg.startswith("--resume="):
             kept.append(arg)
+    from rnnserve.trainer.distributed import NPROC_ENV  # torch is loaded: training ran
+
+    nproc = os.environ.get(NPROC_ENV)  # a rank of --nproc N: its argv lost the flag
+    if nproc and "--nproc" not in kept:
+        kept += ["--nproc", nproc]
     command = shlex.join(["rnn-trainer", *kept, "--resume", str(run_dir)])
     return f"; {checkpoint} holds the last finished epoch: resume with {command}"
 

@@ -49,6 +49,9 @@ class PeerFailure(TrainerError):
     Every surviving rank reports it; errors that every rank hits alike are said by rank 0."""
 
 
+NPROC_ENV = "RNNSERVE_NPROC"  # set by launch() for its ranks: the --nproc they run under
+
+
 class RankError(TrainerError):
     """An error a non-zero rank met inside the group (its message names the rank)."""
 
@@ -319,6 +322,7 @@ def launch(argv: Sequence[str], nproc: int, batch_size: int, timeout_s: float) -
         rdzv_configs={"timeout": math.ceil(timeout_s)}, max_restarts=0, monitor_interval=0.2,
     )  # fmt: skip
     args = ["-u", "-m", "rnnserve.trainer.cli", *_without_nproc(argv)]
+    os.environ[NPROC_ENV] = str(nproc)  # the ranks' --resume hint names it again
     try:
         elastic_launch(config, sys.executable)(*args)
     except SignalException as exc:

@@ -338,6 +338,20 @@ def test_a_split_too_short_is_said_once(tmp_path: Path) -> None:
     assert _errors(said[1][2]) == [], said[1][2]
 
 
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [(["--corpus", "missing.txt"], "corpus missing.txt does not exist"),
+     (["--resume", "missing.pt"], "missing.pt")],
+)  # fmt: skip
+def test_a_missing_corpus_or_checkpoint_is_said_once(tmp_path: Path, flags, said) -> None:
+    """Read inside the group, every rank printed them (`error: rank 1/2: corpus ...`)."""
+    ranks = finish(start_ranks([*TINY, "--batch-size", "8", "--epochs", "1", *flags], tmp_path))
+    assert [code for code, _, _ in ranks] == [2, 2]
+    (line,) = _errors(ranks[0][2])
+    assert said in line, line
+    assert _errors(ranks[1][2]) == [], ranks[1][2]
+
+
 def test_count_models_refuse_data_parallel(tmp_path: Path) -> None:
     run = subprocess.run(_train_cmd("--nproc", "2", "--arch", "ngram", *TINY), cwd=tmp_path,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -438,6 +452,7 @@ def test_ctrl_c_and_sigterm_stop_nproc_with_one_line_and_the_signal_exit(tmp_pat
     assert launcher.returncode == 130, err
     (line,) = _errors(err)  # rank 0's, with the command that resumes
     assert line.startswith("error: interrupted; ") and "--resume r" in line, line
+    assert "--nproc 2" in line, line  # the rank's argv lost it: the hint gives it back
     assert "Traceback" not in err and "death signal" not in err, err
     shutil.rmtree(tmp_path / "r")
     launcher = _started_nproc_run(tmp_path)
