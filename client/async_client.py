@@ -128,11 +128,13 @@ class AsyncTokenStream:
         """Raises `error` unless the stream can go on elsewhere; then waits and reopens."""
         client = self._client
         # a closed client's calls end CANCELLED: no replica failure (as RnnClient)
+        self._ledger.failed(error)
         pause = pause_before_next_attempt(
             error, failures, failover=self._failover,
             cancelled=self._cancelled or client._closed,
             retry=client.retry, addresses=client.addresses, deadline=self._deadline,
             resuming=self.failovers > 0 and self._ledger.delivered,
+            refusal=self._ledger.refusal,
         )  # fmt: skip
         if pause:
             await self._pause(pause)

@@ -80,16 +80,20 @@ def pause_before_next_attempt(
     addresses: Sequence[str],
     deadline: float | None,
     resuming: bool = False,
+    refusal: RnnServeError | None = None,
 ) -> float:
     """Seconds to wait before the stream's next attempt, or raises: `error` itself when it is
     an answer (not a replica failure; `resuming` as in is_replica_failure), failover is off,
     the stream was cancelled or the deadline would pass; Unavailable after
     `retry.max_attempts` failures in a row (a failure counts as "in a row" until an attempt
-    delivers something new)."""
+    delivers something new). `refusal`: the last answer a live replica gave (StreamLedger),
+    named in that Unavailable when the last attempt failed otherwise (a dead replica)."""
     if cancelled or not failover or not is_replica_failure(error, resuming=resuming):
         raise error
     if failures >= retry.max_attempts:
         tried = f"(replicas {', '.join(addresses)}); last error: {error}"
+        if refusal is not None and refusal is not error:
+            tried += f"; last refusal by a live replica: {refusal}"
         if failures == 1:
             # max_attempts 1: the stream never failed over, so `resuming` cannot say whether
             # it delivered anything ("could not be started" after hundreds of tokens misled)
@@ -201,6 +205,14 @@ class StreamLedger:
     _at: tuple[int, int, float] = (0, 0, 0.0)  # tokens, characters, logprob at the checkpoint
     _cursor: tuple[int, int, float] = (0, 0, 0.0)  # the same, for the current attempt
     _chars: int = 0  # len("".join(text))
+    refusal: RnnServeError | None = None  # the last answer of a live replica (failed())
+
+    def failed(self, error: RnnServeError) -> None:
+        """Notes an attempt's error: the last refusal by a live replica (it lacks the model,
+        the version or the key, or is full) is what a final Unavailable should name, even
+        when a dead replica failed last."""
+        if is_replica_failure(error, resuming=True) and not is_replica_failure(error):
+            self.refusal = error
 
     @property
     def delivered(self) -> bool:

@@ -121,11 +121,13 @@ class TokenStream:
         client = self._client
         # a closed client's channels end its streams CANCELLED: that is no replica failure,
         # and a reopen would fail with grpc's ValueError "Channel closed!"
+        self._ledger.failed(error)
         pause = pause_before_next_attempt(
             error, failures, failover=self._failover,
             cancelled=self._cancelled or client._closed,
             retry=client.retry, addresses=client.addresses, deadline=self._deadline,
             resuming=self.failovers > 0 and self._ledger.delivered,
+            refusal=self._ledger.refusal,
         )  # fmt: skip
         if pause:
             self._pause(pause)

@@ -421,3 +421,16 @@ def test_a_stream_no_replica_ever_started_does_not_say_resumed() -> None:
         pytest.raises(Unavailable, match="could not be started: 3 attempts"),
     ):
         list(client.generate("m", "hi", max_tokens=4))
+
+
+def test_the_final_error_names_the_last_refusal_when_a_dead_replica_failed_last(replica) -> None:
+    """The docs promise the final Unavailable names the last NOT_FOUND; with a dead replica
+    tried after the refusing one, it named only the dead replica's connection failure."""
+    _, dying = replica(_checkpoint_then_gone)
+    _, refusing = replica(_refusing(*REFUSALS["rolling deploy"]))
+    client = RnnClient([dying, refusing, _closed_address()], retry=QUICK, timeout=None)
+    with client, pytest.raises(Unavailable) as caught:
+        list(client.generate("m", "hi", max_tokens=2))
+    message = str(caught.value)
+    assert "could not be resumed: 3 attempts" in message
+    assert "last refusal by a live replica" in message and "has no version '2'" in message
