@@ -37,7 +37,9 @@ from rnnserve.artifact.manifest import is_version_name
 log = logging.getLogger(__name__)
 
 STATE_DIR = ".rnnserve-sync"  # hidden: the repository scan skips folders starting with '.'
-_USERINFO = re.compile(r"(://)[^/@\s]+@")
+# the user info ends at the last '@' before the host (a password may hold '@' unescaped, as
+# yarl and urllib read it); the host part ends at the first '/', '?' or '#'
+_USERINFO = re.compile(r"(://)[^/?#\s]*@")
 LOCAL_SCHEMES = ("", "file")
 
 
@@ -138,8 +140,8 @@ class RemoteRepository:
                 found[rel] = entry
         return found
 
-    def _fingerprint(self, files: dict[str, dict[str, Any]]) -> str:
-        """Names, sizes and change markers; HTTP listings carry none, so HEAD each file."""
+    def _fingerprint(self, files: dict[str, dict[str, Any]]) -> list[list[Any]]:
+        """[name, size, change marker] per file; HTTP listings carry none, so HEAD each file."""
         marks = []
         for rel, entry in sorted(files.items()):
             info = entry
@@ -151,7 +153,7 @@ class RemoteRepository:
                 "",
             )  # fmt: skip
             marks.append([rel, info.get("size"), change])
-        return json.dumps(marks)
+        return marks
 
     def remote_versions(self) -> dict[tuple[str, str], str]:
         """(name, version) -> the version folder's remote path, for positive integer versions."""
@@ -206,7 +208,9 @@ class RemoteRepository:
 
     def _sync_version(self, name: str, version: str, path: str) -> bool:
         files = self._files(path)
-        fingerprint = self._fingerprint(files)
+        marks = self._fingerprint(files)
+        fingerprint = json.dumps(marks)
+        sizes = {rel: size for rel, size, _ in marks}
         state = self._state_file(name, version)
         target = self.cache / name / version
         if target.is_dir() and state.is_file() and state.read_text() == fingerprint:
@@ -218,6 +222,7 @@ class RemoteRepository:
                 local = incoming / rel
                 local.parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(entry["path"], str(local))
+                _check_size(rel, local, sizes[rel])
             # the fingerprint is written before the swap: a full disk fails here, with the old
             # copy in place, not after it, leaving a version no later sync would ever remove
             state.parent.mkdir(parents=True, exist_ok=True)
@@ -278,6 +283,15 @@ class RemoteRepository:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _check_size(rel: str, local: Path, listed: int | None) -> None:
+    """Raises OSError when a download is not the size its listing gave. Why: a body that ends
+    with its connection (no Content-Length) cut short looks complete to the HTTP client, and
+    with the listing's fingerprint recorded, no later sync would ever fetch it again."""
+    got = local.stat().st_size
+    if listed is not None and got != listed:
+        raise OSError(f"{rel}: got {got} bytes, its listing says {listed} (cut short or changed)")
 
 
 def open_model_repo(location: str | Path, cache: str = "") -> tuple[Path, RemoteRepository | None]:

@@ -154,6 +154,15 @@ class Repository:
         for model_dir in model_dirs:
             if model_dir.name.startswith("."):
                 continue
+            if not _is_text(model_dir.name):
+                odd.add(model_dir)
+                if model_dir not in self._odd:  # once, not at every poll
+                    log.warning(
+                        "ignoring model folder %s: its name is not UTF-8, which no gRPC "
+                        "reply or /metrics page can carry (rename it)",
+                        ascii(str(model_dir)),
+                    )
+                continue
             try:
                 version_dirs = sorted(p for p in model_dir.iterdir() if p.is_dir())
             except FileNotFoundError:  # removed while this scan ran: its versions unload
@@ -339,6 +348,16 @@ def _find(versions: list[ModelVersion], version: str) -> ModelVersion | None:
         if found is not None:
             return found
     return next((v for v in versions if v.version == version), None)
+
+
+def _is_text(name: str) -> bool:
+    """False for a file name that is not UTF-8 (Python keeps its bytes as lone surrogates):
+    served, it broke every ListModels reply and the whole /metrics page, which encode it."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _changed(path: Path) -> float:

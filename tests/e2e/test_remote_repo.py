@@ -36,10 +36,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
-    """http.server's handler, quiet, with switches to fail or stall chosen paths."""
+    """http.server's handler, quiet, with switches to fail, stall or cut short chosen paths."""
 
     failing: set[str]
     stall: dict[str, tuple[threading.Event, threading.Event]]
+    cut: set[str]  # GET sends half the file, no Content-Length, and closes (HTTP/1.0)
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -52,13 +53,20 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             reached, release = self.stall[self.path]
             reached.set()
             release.wait(30)
+        if self.command == "GET" and self.path in self.cut:
+            data = Path(self.translate_path(self.path)).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            return None
         return super().send_head()
 
 
 @contextlib.contextmanager
 def http_repo(root: Path) -> Iterator[tuple[str, type[_Handler]]]:
     """Serves `root` over HTTP on a free port; yields the repository URL and the handler."""
-    handler = type("Handler", (_Handler,), {"failing": set(), "stall": {}})
+    handler = type("Handler", (_Handler,), {"failing": set(), "stall": {}, "cut": set()})
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(handler, directory=str(root))
     )
@@ -173,6 +181,25 @@ def test_a_half_downloaded_version_is_never_visible(model_repo: Path, tmp_path: 
             release.set()
             worker.join(60)
         assert done and (cache / "lstm/3/model.onnx").is_file()
+
+
+def test_a_download_cut_short_is_not_swapped_in(tmp_path: Path) -> None:
+    """A body without Content-Length ends when its connection does: cut short, it looked
+    whole, was swapped in with its fingerprint and never fetched again."""
+    version = tmp_path / "served" / "models" / "m" / "1"
+    version.mkdir(parents=True)
+    (version / "manifest.json").write_text("{}")
+    (version / "model.onnx").write_bytes(bytes(range(200)))
+    with http_repo(tmp_path / "served") as (url, handler):
+        handler.cut.add("/models/m/1/model.onnx")
+        mirror = RemoteRepository(url, tmp_path / "cache")
+        report = mirror.sync()
+        assert report.fetched == [], report
+        assert "model.onnx: got 100 bytes, its listing says 200" in report.failed[0]
+        assert not (mirror.cache / "m" / "1").exists()
+        handler.cut.clear()
+        assert mirror.sync().fetched == ["m/1"], "retried at the next sync"
+    assert (mirror.cache / "m" / "1" / "model.onnx").read_bytes() == bytes(range(200))
 
 
 def test_names_that_a_directory_listing_escapes_keep_their_spelling(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rnnserve.server.remote_repo import RemoteRepository
+from rnnserve.server.remote_repo import RemoteRepository, redact
 from rnnserve.server.repository import Repository
 from tests.tools import need_module
 
@@ -93,4 +93,50 @@ def test_downloads_cut_short_by_a_kill_are_cleared_at_the_next_sync(url, tmp_pat
         (state / leftover / "v" / "model.onnx").write_bytes(b"half a model")
     assert mirror.sync().fetched == ["m/1"]
     assert sorted(p.name for p in state.iterdir()) == ["fingerprints", "lock"]
+    assert (mirror.cache / "m" / "1" / "model.onnx").read_bytes() == b"m/1"
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "https://alice:p@ssw0rd@host/models",  # yarl and urllib split at the last '@'
+        "https://alice:p@ss@w0rd@host",
+        "https://p@ssw0rd@host/models?x=1",
+    ],
+)
+def test_a_password_holding_an_at_sign_stays_out_of_logs(address: str) -> None:
+    """The user info was cut at its first '@': the rest of the password ("ssw0rd@host") was
+    logged and put in Admin.ReloadModels' failed[] at every sync that failed."""
+    shown = redact(f"cannot list {address}: 404, url='{address}/'")
+    assert "ssw0rd" not in shown and "w0rd" not in shown and "alice" not in shown, shown
+    assert shown.count("://host") == 2, shown
+
+
+def test_redact_leaves_an_at_sign_after_the_host_alone() -> None:
+    for text in ("https://host/models/a@b", "https://host?mail=a@b", "s3://bucket/m x@y"):
+        assert redact(text) == text
+
+
+def test_a_download_cut_short_is_retried_not_recorded_as_complete(
+    url, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body that ends with its connection looks whole to the HTTP client: the cut copy was
+    swapped in with the listing's fingerprint, so no later sync ever fetched it again."""
+    address, fs, root = url
+    _publish(fs, root, "m/1")
+    mirror = RemoteRepository(address, tmp_path / "cache")
+    get_file = mirror.fs.get_file
+
+    def cut(remote: str, local: str, *args, **kwargs):
+        get_file(remote, local, *args, **kwargs)
+        if remote.endswith("model.onnx"):
+            Path(local).write_bytes(Path(local).read_bytes()[:1])
+
+    monkeypatch.setattr(mirror.fs, "get_file", cut)
+    report = mirror.sync()
+    assert report.fetched == [] and len(report.failed) == 1, report
+    assert "model.onnx: got 1 bytes, its listing says 3" in report.failed[0]
+    assert not (mirror.cache / "m" / "1").exists()
+    monkeypatch.setattr(mirror.fs, "get_file", get_file)
+    assert mirror.sync().fetched == ["m/1"], "retried at the next sync"
     assert (mirror.cache / "m" / "1" / "model.onnx").read_bytes() == b"m/1"

@@ -5,6 +5,7 @@ here is NOT_SERVING, which is all the scan rules need."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -211,3 +212,20 @@ def test_a_dangling_symlink_does_not_hide_a_fix_in_place(tmp_path: Path) -> None
     while (version / "manifest.json").stat().st_ctime <= failed_at:  # coarse kernel clock
         (version / "manifest.json").write_text("{ still broken")
     assert [f.split(":")[0] for f in _rescan(repository).failed] == ["m/1"], "never retried"
+
+
+def test_a_model_folder_whose_name_is_not_utf8_is_ignored_with_one_warning(
+    tmp_path: Path, caplog
+) -> None:
+    """A folder copied from a Latin-1 system ("mod\\xe8le") was served under a name with a lone
+    surrogate: every ListModels then failed INTERNAL and the whole /metrics page 500, since
+    both encode every model name as UTF-8."""
+    latin1 = tmp_path / os.fsdecode(b"mod\xe8le") / "1"
+    latin1.mkdir(parents=True)
+    (latin1 / "manifest.json").write_text("{ broken")
+    with caplog.at_level(logging.WARNING):
+        repository = _repo(tmp_path, "m/1")
+        _rescan(repository)
+    assert repository.names() == ["m"]
+    warned = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
+    assert len(warned) == 1 and "mod\\udce8le" in warned[0], warned
