@@ -223,6 +223,9 @@ def build_app(
     return app
 
 
+MIN_STATE_KEY_BYTES = 16  # below this, warned at start (HMAC keys should be 128+ bits)
+
+
 def state_signer(settings: Settings) -> StateSigner:
     """Signs resume tokens with --state-key, verifies with it and --state-key-previous.
 
@@ -234,6 +237,14 @@ def state_signer(settings: Settings) -> StateSigner:
     saved resume files) were refused with no way to accept them, --state-key-previous being
     stripped too."""
     given = [settings.state_key, *settings.state_key_previous.split(",")]
+    key = settings.state_key.strip()
+    if key and len(key.encode()) < MIN_STATE_KEY_BYTES:
+        # any resume token a client holds lets it test guesses of the key offline
+        log.warning(
+            "--state-key is %d bytes: a short secret can be guessed offline from any resume "
+            "token; use %d or more random bytes (e.g. openssl rand -hex 32)",
+            len(key.encode()), MIN_STATE_KEY_BYTES,
+        )  # fmt: skip
     previous = [k.strip() for k in given[1:] if k.strip()]
     unstripped = [k for k in given if k.strip() and k != k.strip()]
     accepted = list(dict.fromkeys(previous + unstripped))

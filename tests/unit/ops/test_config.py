@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import fields
 
@@ -147,3 +148,18 @@ def test_tokens_signed_before_keys_were_stripped_still_verify() -> None:
     assert upgraded.verify(before, "m", "1", specs, 10).last_token == 3
     rotated = state_signer(Settings(state_key="new-key", state_key_previous="old-key\n"))
     assert rotated.verify(before, "m", "1", specs, 10).last_token == 3
+
+
+def test_a_short_state_key_is_warned_about_at_start(caplog) -> None:
+    """Any resume token lets its holder test guesses of the key offline: a short one is
+    said at start (not refused: a deployment's existing key keeps working)."""
+    from rnnserve.server.main import state_signer
+
+    with caplog.at_level(logging.WARNING, logger="server"):
+        state_signer(Settings(state_key="k" * 15 + "\n"))
+    assert "--state-key is 15 bytes" in caplog.text and "openssl rand -hex 32" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="server"):
+        state_signer(Settings(state_key="0123456789abcdef"))
+        state_signer(Settings())  # no key: a random one per process, nothing to warn about
+    assert "--state-key" not in caplog.text
