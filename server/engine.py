@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from rnnserve.server.decode.limiter import StreamLimiter
+from rnnserve.server.decode.limiter import CallLimiter, StreamLimiter
 from rnnserve.server.decode.loop import DecodeLoop
 from rnnserve.server.decode.process import DecodeProcess, LoopConfig
 from rnnserve.server.decode.stream import Chunk
@@ -42,6 +42,7 @@ class Engine:
         self.signer = signer
         self.settings = settings
         self.metrics = metrics
+        self.calls = CallLimiter(settings.max_calls)
         self._decoders: dict[tuple[str, str], DecodeLoop | DecodeProcess] = {}
         self._generators: dict[tuple[str, str], Generator] = {}
         self._codecs: dict[tuple[str, str], TextCodec] = {}
@@ -126,21 +127,24 @@ class Engine:
         codec = self.codec(entry)
         s = self.settings
         encoded = encode_texts(codec, texts, s.max_score_texts, s.max_prompt_tokens)
-        return await score(entry.model, self.runtime, codec, encoded, top)
+        with self.calls.held():
+            return await score(entry.model, self.runtime, codec, encoded, top)
 
     async def infill(
         self, model: str, version: str, left: str, right: str, top_k: int
     ) -> list[Candidate]:
         entry = self.lookup(model, version, "Infill")
-        return await infill(
-            entry, self.codec(entry), self.runtime, self.settings, left, right, top_k
-        )
+        with self.calls.held():
+            return await infill(
+                entry, self.codec(entry), self.runtime, self.settings, left, right, top_k
+            )
 
     async def forecast(
         self, model: str, version: str, history: list[float], horizon: int, fitted: bool
     ) -> ForecastResult:
         entry = self.lookup(model, version, "Forecast")
-        return await forecast(entry, self.runtime, self.settings, history, horizon, fitted)
+        with self.calls.held():
+            return await forecast(entry, self.runtime, self.settings, history, horizon, fitted)
 
 
 def require(value: str, field: str) -> str:

@@ -38,6 +38,7 @@ class Settings:
     max_history: int = 100_000
     max_score_texts: int = 64
     max_streams: int = 512
+    max_calls: int = 512
     max_batch: int = 256
     prefill_chunk: int = 256
     prefill_batch: int = 4
@@ -107,6 +108,11 @@ _HELP: dict[str, tuple[type, str]] = {
     "max_history": (int, "longest Forecast history, in values"),
     "max_score_texts": (int, "most texts in one Score call"),
     "max_streams": (int, "concurrent Generate streams; past it RESOURCE_EXHAUSTED (no queue)"),
+    "max_calls": (
+        int,
+        "concurrent Score, Infill and Forecast calls (any protocol); past it RESOURCE_EXHAUSTED "
+        "(no queue)",
+    ),
     "max_batch": (int, "most streams stepped by one ONNX Runtime call (1 disables batching)"),
     "prefill_chunk": (
         int,
@@ -292,6 +298,7 @@ def validate(settings: Settings) -> str | None:
         "max_history",
         "max_score_texts",
         "max_streams",
+        "max_calls",
         "max_batch",
         "prefill_chunk",
         "prefill_batch",

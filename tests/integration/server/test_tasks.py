@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -280,3 +281,37 @@ def test_bad_requests_name_the_field(stub, rpc, req, code, field) -> None:
         getattr(stub, rpc)(req)
     assert err.value.code().name == code
     assert field in err.value.details()
+
+
+def test_calls_past_max_calls_are_refused_not_queued(model_repo: Path) -> None:
+    """Score, Infill and Forecast work waits for a few executor threads: without --max-calls
+    a flood of them queued without end. Past it, RESOURCE_EXHAUSTED at once; a slot frees
+    when its call ends."""
+    import threading
+
+    from tests.integration.server.harness import ServerThread, make_settings
+
+    srv = ServerThread(make_settings(model_repo, max_calls=1)).start()
+    try:
+        runtime = srv.app.engine.runtime
+        original, entered, release = runtime.call, threading.Event(), threading.Event()
+
+        async def held(fn, *args):
+            entered.set()
+            await asyncio.to_thread(release.wait, 30)
+            return await original(fn, *args)
+
+        runtime.call = held
+        request = pb.ScoreRequest(model="lstm", texts=["the time machine"])
+        first = srv.stub.Score.future(request, timeout=30)
+        assert entered.wait(30)
+        with pytest.raises(grpc.RpcError) as refused:
+            srv.stub.Score(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-calls 1" in refused.value.details()
+        release.set()
+        assert first.result(timeout=30).results[0].num_tokens > 0
+        runtime.call = original
+        assert srv.stub.Score(request, timeout=30).results[0].num_tokens > 0  # freed
+    finally:
+        srv.stop()
