@@ -147,6 +147,17 @@ def _medians(rounds: list[dict]) -> dict:
     }
 
 
+def paired_speedup(rounds: list[dict], name: str, run: str, base: str) -> float:
+    """Median over the rounds of `run`'s tokens/s over `base`'s in the same round.
+
+    Why paired: the rounds are interleaved so that a burst of other work hits every
+    configuration of a round alike; a ratio of the two medians would divide figures taken in
+    different rounds (on this machine rounds differ by up to 5x) and lose that pairing."""
+    return statistics.median(
+        r[run][name]["tokens_per_s"] / r[base][name]["tokens_per_s"] for r in rounds
+    )
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -215,8 +226,8 @@ def main() -> int:
             "num_steps": one["num_steps"], "step_ms_1x1": round(step_ms, 2),
             "grad_allreduce_ms": round(two[name]["grad_allreduce_ms"], 3),
             "loss_allreduce_ms": round(two[name]["loss_allreduce_ms"], 3),
-            "speedup_2_ranks_vs_1x1": round(
-                two[name]["tokens_per_s"] / one["tokens_per_s"], 2),
+            "speedup_2_ranks_vs_1x1": round(paired_speedup(
+                rounds, name, "2 ranks x 1 thread", "1 process x 1 thread"), 2),
         }  # fmt: skip
     result = {
         "what": "zoo default-preset recurrent models, real fit(), sequential sampling, fp32 CPU",

@@ -255,9 +255,11 @@ def summarize(outcomes: list[Outcome], kills: int, address: str) -> dict:
     }
 
 
-async def _tokens_per_s(address: str, streams: int, every: int, seconds: float) -> float:
-    """Tokens/s of `streams` looping greedy streams (256 tokens each), checkpoints every
-    `every` tokens (0: none); failover off, so only the server's cost is measured."""
+async def _tokens_and_seconds(address: str, streams: int, every: int,
+                              seconds: float) -> tuple[int, float]:  # fmt: skip
+    """Tokens received from `streams` looping greedy streams (256 tokens each), checkpoints
+    every `every` tokens (0: none), and the seconds they took; failover off, so only the
+    server's cost is measured."""
     count, end = 0, time.monotonic() + seconds
 
     async def worker(client: AsyncRnnClient, i: int) -> None:
@@ -271,7 +273,7 @@ async def _tokens_per_s(address: str, streams: int, every: int, seconds: float) 
     async with AsyncRnnClient(address, timeout=120) as client:
         started = time.monotonic()
         await asyncio.gather(*(worker(client, i) for i in range(streams)))
-        return count / (time.monotonic() - started)
+        return count, time.monotonic() - started
 
 
 def checkpoint_cost(replica: Replica, streams: int, intervals: list[int], seconds: float) -> dict:
@@ -280,28 +282,38 @@ def checkpoint_cost(replica: Replica, streams: int, intervals: list[int], second
     ...) so drift hits all alike. CPU per token is the steadier figure on a shared machine."""
     assert replica.proc is not None
     pid = replica.proc.pid
-    asyncio.run(_tokens_per_s(replica.address, streams, 0, min(seconds, 2.0)))  # warm-up
+    asyncio.run(_tokens_and_seconds(replica.address, streams, 0, min(seconds, 2.0)))  # warm-up
     names = ["none", *(f"every_{n}" for n in intervals)]
     rates: dict[str, list[float]] = {k: [] for k in names}
     cpu: dict[str, list[float]] = {k: [] for k in names}
     for _ in range(3):
         for name, n in zip(names, (0, *intervals), strict=True):
             before = process_cpu_s(pid) or 0.0
-            start = time.monotonic()
-            rate = asyncio.run(_tokens_per_s(replica.address, streams, n, seconds))
-            tokens = rate * (time.monotonic() - start)
-            rates[name].append(rate)
-            cpu[name].append(1e6 * ((process_cpu_s(pid) or 0.0) - before) / max(tokens, 1.0))
-    rate = {k: statistics.median(v) for k, v in rates.items()}
-    us = {k: statistics.median(v) for k, v in cpu.items()}
+            tokens, took = asyncio.run(_tokens_and_seconds(replica.address, streams, n, seconds))
+            rates[name].append(tokens / took)
+            cpu[name].append(1e6 * ((process_cpu_s(pid) or 0.0) - before) / max(tokens, 1))
+    return {"concurrency": streams, "seconds_per_run": seconds, **cost_summary(rates, cpu)}
+
+
+def cost_summary(rates: dict[str, list[float]], cpu: dict[str, list[float]]) -> dict:
+    """Medians per setting, and each setting's ratio to "none" as the median of its ratios
+    within a round: the rounds alternate the settings so that a busy spell hits a round's
+    runs alike, and tokens/s swings by +-40% between rounds here; a ratio of two medians
+    would divide runs of different rounds."""
+    names = [k for k in rates if k != "none"]
+
+    def paired(runs: dict[str, list[float]], name: str) -> float:
+        return statistics.median(x / y for x, y in zip(runs[name], runs["none"], strict=True))
+
     return {
-        "concurrency": streams,
-        "seconds_per_run": seconds,
-        "tokens_per_s_median": {k: round(v) for k, v in rate.items()},
-        "server_cpu_us_per_token_median": {k: round(v, 2) for k, v in us.items()},
+        "tokens_per_s_median": {k: round(statistics.median(v)) for k, v in rates.items()},
+        "server_cpu_us_per_token_median": {
+            k: round(statistics.median(v), 2) for k, v in cpu.items()
+        },
         "tokens_per_s_runs": {k: [round(x) for x in v] for k, v in rates.items()},
-        "throughput_ratio_to_none": {k: round(rate[k] / rate["none"], 3) for k in names[1:]},
-        "cpu_ratio_to_none": {k: round(us[k] / us["none"], 3) for k in names[1:]},
+        "server_cpu_us_per_token_runs": {k: [round(x, 2) for x in v] for k, v in cpu.items()},
+        "throughput_ratio_to_none": {k: round(paired(rates, k), 3) for k in names},
+        "cpu_ratio_to_none": {k: round(paired(cpu, k), 3) for k in names},
     }
 
 

@@ -58,19 +58,21 @@ def score_texts(m: Manifest, n: int, length: int) -> list[str]:
 
 
 def bare_score(package: Path, texts: list[str]) -> float:
-    """tokens/s of one ORT call per text (time = text length), log-softmax included."""
+    """tokens/s of one ORT call per text, log-softmax included, doing the server's work: a
+    text of n tokens scores tokens 2..n, so its last token predicts nothing and is not fed
+    (server/scoring.py): time = n - 1, the steps the server runs."""
     sess, m = ort_session(package)
     vocab = {t: i for i, t in enumerate(m.vocab)}
     # one untimed call first, as grpc_score makes: a fresh session's first run allocates
-    warm = np.asarray([[vocab.get(c, 0) for c in texts[0]]], dtype=np.int64)
+    warm = np.asarray([[vocab.get(c, 0) for c in texts[0][:-1]]], dtype=np.int64)
     sess.run([m.output_name], {m.input_name: warm, **init_state(m, 1)})
     start, tokens = time.perf_counter(), 0
     for text in texts:
-        ids = np.asarray([[vocab.get(c, 0) for c in text]], dtype=np.int64)
-        logits = sess.run([m.output_name], {m.input_name: ids, **init_state(m, 1)})[0]
+        fed = np.asarray([[vocab.get(c, 0) for c in text[:-1]]], dtype=np.int64)
+        logits = sess.run([m.output_name], {m.input_name: fed, **init_state(m, 1)})[0]
         z = logits - logits.max(-1, keepdims=True)
         _ = z - np.log(np.exp(z).sum(-1, keepdims=True))
-        tokens += ids.shape[1] - 1
+        tokens += fed.shape[1]  # one scored token per step
     return tokens / (time.perf_counter() - start)
 
 
@@ -102,7 +104,11 @@ async def generate_level(port: int, model: str, concurrency: int, tokens: int) -
     channels = [own_channel(f"127.0.0.1:{port}") for _ in range(max(1, concurrency // 32))]
     stubs = [pb_grpc.InferenceStub(c) for c in channels]
     prompt = "the time traveller "
-    await _stream(stubs[0], pb, model, prompt, 8, 0)  # warm-up
+    # warm-up: every channel connected (a channel connects at its first call: the wave's
+    # streams on channels 1.. would otherwise wait for TCP and HTTP/2 set-up, those of
+    # channel 0 not) and one stream run
+    await asyncio.gather(*(c.channel_ready() for c in channels))
+    await _stream(stubs[0], pb, model, prompt, 8, 0)
     rounds = 8 if concurrency == 1 else 1
     results, start, by_round = [], time.perf_counter(), []
     for r in range(rounds):
