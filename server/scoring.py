@@ -31,8 +31,8 @@ class ScoreResult:
     token_logprobs: list[float]
     unknown_tokens: int
     tokens: list[str]
-    # with top > 0, per scored token: the `top` likeliest tokens and the scored one, each
-    # with its log-probability (OpenAI's legacy `top_logprobs`, as vLLM fills it)
+    # with top > 0, per scored token: the `top` likeliest tokens and the scored one (named as
+    # in `tokens`), each with its log-probability (OpenAI's legacy `top_logprobs`, as vLLM)
     top_logprobs: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -128,17 +128,19 @@ async def score(
         for i, (lp, best, best_lp) in zip(group, scored, strict=True):
             ll = float(np.sum(lp, dtype=np.float64))
             n = len(lp)
-            ids = encoded[i].ids
+            ids, tokens = encoded[i].ids, encoded[i].tokens[1:]
             results[i] = ScoreResult(
                 perplexity=_safe_exp(-ll / n),
                 log_likelihood=ll,
                 num_tokens=n,
                 token_logprobs=lp.tolist(),
                 unknown_tokens=sum(1 for t in ids[1:] if t == unk),  # scored
-                tokens=encoded[i].tokens[1:],
+                tokens=tokens,
+                # the scored token under its text, not its vocabulary name: an unknown word
+                # is "<unk>" there, and top_logprobs[i][tokens[i]] must find it
                 top_logprobs=[
                     {**{names[b]: float(v) for b, v in zip(best[t], best_lp[t], strict=True)},
-                     names[ids[t + 1]]: float(lp[t])}
+                     tokens[t]: float(lp[t])}
                     for t in range(n)
                 ] if top else [],
             )  # fmt: skip

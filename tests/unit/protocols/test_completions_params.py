@@ -169,3 +169,44 @@ def test_logprobs_offsets_find_normalised_tokens_in_the_text_as_sent() -> None:
     tokens = tokenizer.tokenize(text)
     lp = token_logprobs(text, tokens, [None] * len(tokens), tokenizer.normalize)
     assert lp["text_offset"] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15]
+
+
+def test_each_top_logprobs_entry_holds_its_token_under_the_name_tokens_gives_it() -> None:
+    """A token outside the vocabulary is scored as <unk> but listed in `tokens` as its own
+    text; its top_logprobs entry was keyed "<unk>", so top_logprobs[i][tokens[i]] (always
+    there in vLLM's answers) found nothing."""
+    import asyncio
+
+    import numpy as np
+
+    from rnnserve.artifact.manifest import Manifest, StateSpec
+    from rnnserve.artifact.tokenizer import TokenizerConfig
+    from rnnserve.artifact.vocab import RESERVED
+    from rnnserve.server.scoring import encode_texts, score
+    from rnnserve.server.text import TextCodec
+
+    class Uniform:  # no state pairs; every logit 0, so "<unk>" (id 0) ranks first
+        specs = ()
+
+        def run(self, x, state):
+            return np.zeros((*x.shape, len(codec)), np.float32), state
+
+        def initial_state(self, batch):
+            return []
+
+    class Inline:  # runs each call at once, in the caller's thread
+        async def call(self, fn, *args):
+            return fn(*args)
+
+    manifest = Manifest(
+        name="m", version="1", task="lm", architecture="gru", hyperparameters={},
+        input_name="tokens", output_name="logits",
+        state=[StateSpec("h", "h_in", "h_out", [1, -1, 4], 1)],
+        tokenizer=TokenizerConfig(level="char"), vocab=[*RESERVED, *"ab "],
+    )  # fmt: skip
+    codec = TextCodec(manifest)
+    encoded = encode_texts(codec, ["a日b"], max_texts=1, max_tokens=16)
+    (scored,) = asyncio.run(score(Uniform(), Inline(), codec, encoded, top=1))
+    assert scored.tokens == ["日", "b"] and scored.unknown_tokens == 1
+    entries = zip(scored.tokens, scored.token_logprobs, scored.top_logprobs, strict=True)
+    assert all(top[token] == value for token, value, top in entries)
