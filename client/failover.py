@@ -269,6 +269,7 @@ class StreamLedger:
         last = msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED
         if not (new_ids or new_text or last):
             return None
+        self.refusal = None  # progress: failures (and refusals) count in a row from here
         new_lp = lp - self.logprob if new_ids else 0.0  # only the new tokens' share
         self.token_ids += new_ids
         self.text.append(new_text)

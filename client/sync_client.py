@@ -82,7 +82,8 @@ class TokenStream:
         self._cancelled = False
         # set by cancel() or the client's close(): ends a pause before a retry at once
         self._stop = threading.Event()
-        client._streams.add(self)
+        with client._streams_lock:
+            client._streams.add(self)
         self._call = client._open(ledger.attempt(), deadline, self._replica)
         self.finish_reason: str | None = None
         self.state: bytes | None = None
@@ -214,13 +215,16 @@ class RnnClient:
         self._sleep: Callable[[float], object] = self._pause
         self._closed = False
         self._streams: weakref.WeakSet[TokenStream] = weakref.WeakSet()  # close() wakes them
+        self._streams_lock = threading.Lock()  # a stream opened while close() walks the set
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
         """Closes the channels: calls and streams still running end with Cancelled."""
         self._closed = True
         self._closing.set()
-        for stream in list(self._streams):  # a failover pause ends now, not at its backoff
+        with self._streams_lock:
+            streams = list(self._streams)
+        for stream in streams:  # a failover pause ends now, not at its backoff
             stream._stop.set()
         for channel in self._channels:
             channel.close()

@@ -109,7 +109,10 @@ def _score_sync(
                 lp = log_softmax(logits[i, : stop - start])  # [stop - start, vocab]
                 out[i][start:stop] = lp[np.arange(stop - start), r[start + 1 : stop + 1]]
                 if top:
-                    ids = np.argsort(-lp, axis=1, kind="stable")[:, :top]
+                    # the `top` largest unordered (linear in the vocabulary), then ordered
+                    part = np.argpartition(-lp, top - 1, axis=1)[:, :top]
+                    order = np.argsort(-np.take_along_axis(lp, part, axis=1), axis=1)
+                    ids = np.take_along_axis(part, order, axis=1)
                     best[i][start:stop] = ids
                     best_lp[i][start:stop] = np.take_along_axis(lp, ids, axis=1)
     return list(zip(out, best, best_lp, strict=True))

@@ -180,7 +180,9 @@ def parse_completion(body: object, max_tokens_limit: int | None = None) -> Compl
     default = min(DEFAULT_MAX_TOKENS, max_tokens_limit or DEFAULT_MAX_TOKENS)
     max_tokens = _integer(body, "max_tokens", default)
     if max_tokens is None or max_tokens < 0:
-        raise BadRequest("max_tokens", f"must be at least 1, got {max_tokens}")
+        raise BadRequest(
+            "max_tokens", f"must be at least 1 (0 with echo scores the prompt), got {max_tokens}"
+        )
     # 0 scores the prompt alone (echo + logprobs, as evaluation harnesses ask the legacy API)
     if max_tokens == 0 and not (echo and not stream):
         raise BadRequest("max_tokens", "0 (score the prompt alone) needs echo, and no stream")

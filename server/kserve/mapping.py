@@ -201,12 +201,21 @@ async def _forecast(engine: Engine, model: str, version: str, t: dict[str, Tenso
 
     async def one(i: int, row: np.ndarray):
         try:
-            return await engine.forecast(model, version, row.tolist(), horizon, False)
+            return await engine.forecast(model, version, row.tolist(), horizon, False, held=True)
         except BadRequest as exc:
             exc = _as_input(exc, "history", "history", i if batched else None)
             raise _as_input(exc, "horizon", "horizon") from None
 
-    results = await asyncio.gather(*(one(i, row) for i, row in enumerate(series)))
+    # one --max-calls slot for the batch, as a Score call of many texts: a slot per row made
+    # a batch wider than the limit fail however idle the server; every row has ended before
+    # the reply (a failed row does not leave the others running)
+    with engine.calls.held():
+        results = await asyncio.gather(
+            *(one(i, row) for i, row in enumerate(series)), return_exceptions=True
+        )
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        raise failed
     shape = [horizon] if len(history.shape) == 1 else [len(series), horizon]
     outputs = [("forecast", [r.forecast for r in results])]
     if all(r.lower for r in results):  # a model without intervals returns only the forecast

@@ -171,3 +171,24 @@ def test_reflection_lists_the_service(server) -> None:
     reply = next(iter(stub.ServerReflectionInfo(iter([ask]), timeout=10)))
     names = {s.name for s in reply.list_services_response.service}
     assert "inference.GRPCInferenceService" in names and "rnnserve.v1.Inference" in names
+
+
+def test_a_forecast_batch_takes_one_max_calls_slot(model_repo) -> None:
+    """Each row took a --max-calls slot: a batch wider than the limit was refused (429 "retry
+    later") however idle the server. A batch is one call, as a Score of many texts."""
+    from tests.integration.http.conftest import http_server
+
+    srv = http_server(model_repo, max_calls=2)
+    try:
+        stub = kpb_grpc.GRPCInferenceServiceStub(srv.channel)
+        request = kpb.ModelInferRequest(model_name="sine-gru")
+        rows = [[0.0, 0.5, 0.9, 1.0]] * 4
+        h = request.inputs.add(name="history", datatype="FP32", shape=[4, 4])
+        h.contents.fp32_contents.extend(v for row in rows for v in row)
+        k = request.inputs.add(name="horizon", datatype="INT64", shape=[1])
+        k.contents.int64_contents.append(3)
+        got = stub.ModelInfer(request, timeout=30)
+        assert list(got.outputs[0].shape) == [4, 3]
+        assert srv.app.engine.calls.active == 0  # the slot is given back
+    finally:
+        srv.stop()

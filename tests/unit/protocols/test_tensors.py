@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from rnnserve.kserve import grpc_predict_v2_pb2 as pb
+from rnnserve.server.decode.limiter import CallLimiter
 from rnnserve.server.errors import BadRequest
 from rnnserve.server.http.kserve_routes import parse_infer
 from rnnserve.server.kserve import mapping
@@ -159,11 +160,12 @@ class _ForecastEngine:
     def __init__(self, intervals: bool = True, scale: float = 1.0) -> None:
         self.intervals, self.scale = intervals, scale
         self.settings = SimpleNamespace(max_score_texts=4)
+        self.calls = CallLimiter(2)  # a batch of up to 4 rows takes one slot
 
     def lookup(self, model: str, version: str, rpc: str):
         return SimpleNamespace(version="1")
 
-    async def forecast(self, model, version, history, horizon, fitted):
+    async def forecast(self, model, version, history, horizon, fitted, held=False):
         steps = np.arange(1, horizon + 1, dtype=np.float64)
         out = history[-1] + steps * self.scale
         if not self.intervals:
