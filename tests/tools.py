@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import socket
 from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
@@ -46,3 +47,13 @@ def need_module(name: str, why: str) -> ModuleType:
         return importlib.import_module(name)
     except ImportError as exc:
         missing(f"{name} cannot be imported ({exc}): {why}")
+
+
+def has_ipv6_loopback() -> bool:
+    """Whether this host can bind ::1 (a container without IPv6 cannot)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False

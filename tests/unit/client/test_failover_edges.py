@@ -265,9 +265,11 @@ def test_a_continuation_asks_for_the_checkpoints_version(replica, pinned) -> Non
     assert serving.requests[0].version == "2"
 
 
-def test_cancel_ends_a_long_pause_at_once(replica, monkeypatch) -> None:
-    """cancel() from another thread while the stream waits out an hour's backoff: the reader
-    gets Cancelled now, not when the pause ends."""
+@pytest.mark.parametrize("stop", ["cancel", "close"])
+def test_cancel_or_close_ends_a_long_pause_at_once(replica, monkeypatch, stop) -> None:
+    """cancel(), or the client's close(), from another thread while the stream waits out an
+    hour's backoff: the reader gets Cancelled now, not when the pause ends (close() used to
+    wait it out: the pause waited on the stream's own cancel() alone)."""
     servicer, address = replica(_gone_after_one_token)
     pausing = threading.Event()
     decide = sync_client.pause_before_next_attempt
@@ -291,42 +293,12 @@ def test_cancel_ends_a_long_pause_at_once(replica, monkeypatch) -> None:
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         assert pausing.wait(30)
-        stream.cancel()
+        if stop == "cancel":
+            stream.cancel()
+        else:
+            client.close()
         reader.join(60)  # generous: far below the hour the pause would otherwise last
         assert not reader.is_alive()
-    assert len(outcome) == 1 and isinstance(outcome[0], Cancelled)
-    assert servicer.calls == 1
-
-
-def test_closing_the_client_ends_a_long_pause_at_once(replica, monkeypatch) -> None:
-    """close() from another thread while a stream waits out an hour's backoff: the reader
-    gets Cancelled now (the pause waited on the stream's own cancel() alone)."""
-    servicer, address = replica(_gone_after_one_token)
-    pausing = threading.Event()
-    decide = sync_client.pause_before_next_attempt
-
-    def noted(*args, **kwargs) -> float:
-        pause = decide(*args, **kwargs)
-        pausing.set()
-        return pause
-
-    monkeypatch.setattr(sync_client, "pause_before_next_attempt", noted)
-    outcome: list[BaseException] = []
-    client = RnnClient([address], retry=HOUR, timeout=None)
-    stream = client.generate("m", "hi", max_tokens=2)
-
-    def read() -> None:
-        try:
-            list(stream)
-        except BaseException as exc:  # handed to the test thread
-            outcome.append(exc)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    assert pausing.wait(30)
-    client.close()
-    reader.join(60)  # generous: far below the hour the pause would otherwise last
-    assert not reader.is_alive()
     assert len(outcome) == 1 and isinstance(outcome[0], Cancelled)
     assert servicer.calls == 1
 

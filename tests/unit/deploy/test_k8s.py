@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from tests.tools import missing, need, need_module
+from tests.tools import has_ipv6_loopback, missing, need, need_module
 from tests.unit.deploy.deployfiles import DEPLOY, K8S, k8s_docs, k8s_one, kustomize, pod_specs
 from tests.unit.deploy.pss import restricted_violations
 
@@ -177,15 +177,6 @@ def test_each_server_pod_fetches_the_zoo_into_its_own_volume(server_parser) -> N
     assert trainer.index(f"{served_dir}/{archive}") < trainer.index(written)
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 def _get(url: str) -> int | None:
     """The HTTP status of a GET, None when nothing answers."""
     try:
@@ -224,7 +215,7 @@ def test_model_store_answers_on_ipv4_and_ipv6_and_stops_on_sigterm(tmp_path) -> 
     (tmp_path / marker.lstrip("/")).write_text("")
     proc = subprocess.Popen([sys.executable, *argv[1:]], stderr=subprocess.PIPE)
     try:
-        hosts = ["127.0.0.1"] + (["[::1]"] if _ipv6_loopback() else [])
+        hosts = ["127.0.0.1"] + (["[::1]"] if has_ipv6_loopback() else [])
         end = time.monotonic() + 30  # a bound on start-up, not a speed assertion
         while _get(f"http://127.0.0.1:{free}{marker}") is None and time.monotonic() < end:
             assert proc.poll() is None, proc.stderr.read().decode()

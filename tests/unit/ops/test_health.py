@@ -19,6 +19,7 @@ from rnnserve.server.metrics import Metrics, serve_http
 from rnnserve.server.repository import ModelVersion, Repository
 from rnnserve.v1 import rnnserve_pb2 as pb
 from tests.integration.server.harness import ServerThread, make_settings
+from tests.tools import has_ipv6_loopback
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -133,15 +134,6 @@ def test_metrics_port_serves_metrics_health_and_readiness_only() -> None:
         http.server_close()
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 def test_metrics_port_answers_on_ipv4_and_ipv6() -> None:
     """By default the probes' port listens on every address of both stacks, like the gRPC
     port's "[::]": an IPv6-only cluster's kubelet reaches /healthz as an IPv4 one does."""
@@ -149,7 +141,7 @@ def test_metrics_port_answers_on_ipv4_and_ipv6() -> None:
     port = http.server_port
     try:
         assert _get(port, "/healthz") == (200, "ok\n")
-        if _has_ipv6_loopback():
+        if has_ipv6_loopback():
             assert _get(port, "/readyz", host="[::1]") == (200, "ready\n")
     finally:
         http.shutdown()
