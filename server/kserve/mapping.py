@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rnnserve.server.engine import Engine
-from rnnserve.server.errors import BadRequest
+from rnnserve.server.errors import BadRequest, UnsupportedTask
 from rnnserve.server.forecasting import FLOAT32_MAX
 from rnnserve.server.kserve.tensors import Tensor
 
@@ -83,6 +83,16 @@ def signatures_for(task: str) -> tuple[Signature, ...]:
     return BY_TASK.get(task, ())
 
 
+def _inputs_of(task: str) -> str:
+    """The inputs a task's model takes ("text; or left, right, optional top_k"), for an
+    error: the Engine's reason names an RPC ("use Forecast"), where a KServe client chooses
+    the use case by the tensors it sends."""
+    return "; or ".join(
+        ", ".join(f"optional {i.name}" if i.name in s.optional else i.name for i in s.inputs)
+        for s in signatures_for(task)
+    )
+
+
 def choose(inputs: dict[str, Tensor]) -> Signature:
     """The use case named by the inputs sent; BadRequest lists what is accepted."""
     for sig in SIGNATURES:
@@ -131,14 +141,21 @@ async def infer(
             raise BadRequest("inputs", f"{t.name!r} is given twice")
         by_name[t.name] = t
     sig = choose(by_name)
-    answered = engine.lookup(model, version, sig.rpc).version
+    try:
+        # every Engine call below asks for the version the response names: a forecast
+        # batch's rows look the model up after an await, when a rescan may have changed it
+        version = engine.lookup(model, version, sig.rpc).version
+    except UnsupportedTask as exc:
+        entry = engine.repository.get(model, version)  # NOT_SERVING: that reason, unchanged
+        task = entry.manifest.task if entry.manifest else ""
+        raise UnsupportedTask(f"{exc} (KServe inputs: {_inputs_of(task)})") from None
     if sig is SCORE:
         outputs = await _score(engine, model, version, by_name["text"])
     elif sig is INFILL:
         outputs = await _infill(engine, model, version, by_name)
     else:
         outputs = await _forecast(engine, model, version, by_name)
-    return answered, outputs
+    return version, outputs
 
 
 def _as_input(exc: BadRequest, native: str, name: str, row: int | None = None) -> BadRequest:
