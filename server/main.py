@@ -184,7 +184,11 @@ def build_app(
         interceptors=[*(extra_interceptors or []), interceptor, kserve_interceptor],
         options=[
             ("grpc.max_receive_message_length", size),
-            ("grpc.max_send_message_length", size),
+            # replies are not capped: their size follows from limits a request already met
+            # (rows, horizon, texts), and a capped one failed after all its work was done
+            # (a KServe forecast batch), logged as an ERROR and counted OK; a client's own
+            # receive limit still applies, with its clear RESOURCE_EXHAUSTED
+            ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ],
     )

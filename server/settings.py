@@ -146,7 +146,10 @@ _HELP: dict[str, tuple[type, str]] = {
         "1: lm models pick decode-step tokens inside ONNX Runtime (a head appended to the "
         "graph at load, GIL released); 0: in numpy",
     ),
-    "max_message_bytes": (int, "largest gRPC message accepted or sent, in bytes"),
+    "max_message_bytes": (
+        int,
+        "largest request accepted (gRPC message, HTTP body), in bytes; replies are not capped",
+    ),
     "max_infill_vocab": (
         int,
         "largest vocabulary for which lm models answer Infill by scoring every candidate",

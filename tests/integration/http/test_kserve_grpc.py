@@ -192,3 +192,23 @@ def test_a_forecast_batch_takes_one_max_calls_slot(model_repo) -> None:
         assert srv.app.engine.calls.active == 0  # the slot is given back
     finally:
         srv.stop()
+
+
+def test_a_reply_over_max_message_bytes_is_sent(model_repo) -> None:
+    """Replies were capped at --max-message-bytes too: a forecast batch of 16 rows x horizon
+    1000 (192 kB) did all its work, then failed RESOURCE_EXHAUSTED "Sent message larger than
+    max", logged as an ERROR and counted OK. The limit is the request's."""
+    from tests.integration.http.conftest import http_server
+
+    srv = http_server(model_repo, max_message_bytes=65536)
+    try:
+        stub = kpb_grpc.GRPCInferenceServiceStub(srv.channel)
+        request = kpb.ModelInferRequest(model_name="sine-gru")
+        h = request.inputs.add(name="history", datatype="FP32", shape=[16, 4])
+        h.contents.fp32_contents.extend([0.0, 0.5, 0.9, 1.0] * 16)
+        k = request.inputs.add(name="horizon", datatype="INT64", shape=[1])
+        k.contents.int64_contents.append(1000)
+        got = stub.ModelInfer(request, timeout=60)
+        assert got.ByteSize() > 65536 and list(got.outputs[0].shape) == [16, 1000]
+    finally:
+        srv.stop()
