@@ -109,12 +109,19 @@ async def rescan(engine: Engine, health: ModelHealth) -> tuple[ReloadReport, Ret
 async def retire(
     decoders: Retired, closed: Callable[[DecodeLoop | DecodeProcess], None] = lambda d: None
 ) -> None:
-    """Closes the decode loops of removed versions once their running streams have ended;
-    `closed(decoder)` after each."""
-    for decoder in decoders:
-        try:
-            await decoder.drain()
-            await decoder.close()
-        except Exception:  # the next one still closes; nobody may be awaiting this task
-            log.exception("closing the decode loop of a removed model version failed")
-        closed(decoder)
+    """Closes the decode loop of each removed version once its own running streams have
+    ended; `closed(decoder)` after each. Each on its own: one after the other, a version with
+    no stream kept its decode thread or process (and its memory) for as long as a long
+    stream on another version removed by the same rescan ran."""
+    await asyncio.gather(*(_retire_one(decoder, closed) for decoder in decoders))
+
+
+async def _retire_one(
+    decoder: DecodeLoop | DecodeProcess, closed: Callable[[DecodeLoop | DecodeProcess], None]
+) -> None:
+    try:
+        await decoder.drain()
+        await decoder.close()
+    except Exception:  # the others still close; nobody may be awaiting this task
+        log.exception("closing the decode loop of a removed model version failed")
+    closed(decoder)

@@ -41,6 +41,9 @@ class EndingHealthServicer(health_aio.HealthServicer):
 
     def __init__(self) -> None:
         super().__init__()
+        # grpc starts "" as SERVING: the port opens before the first refresh, and a probe in
+        # between must not see a replica with nothing loaded (or only broken models) ready
+        self._server_status[""] = NOT_SERVING
         self._ended = asyncio.Event()
 
     def end_watches(self) -> None:

@@ -241,3 +241,15 @@ def test_a_failing_sample_does_not_end_the_gauges_or_the_rechecks(caplog) -> Non
     asyncio.run(main())
     assert passes.count("recheck") >= 2, passes
     assert "a gauge callback failed" in caplog.text
+
+
+def test_overall_health_is_not_serving_before_the_first_refresh(tmp_path: Path) -> None:
+    """The gRPC port opens before health's first refresh (App.start): grpc's servicer starts
+    "" as SERVING, so a probe in between passed a replica with no model it could serve."""
+
+    async def run() -> int:
+        health = ModelHealth(Repository(tmp_path, loader=lambda path, manifest: object()))
+        check = health_pb2.HealthCheckRequest(service="")
+        return (await health.servicer.Check(check, None)).status
+
+    assert asyncio.run(run()) == NOT_SERVING
