@@ -55,7 +55,8 @@ async def infill(
     # unset: 5, or every real token when there are fewer (a DNA model has 4)
     top_k = top_k or min(DEFAULT_TOP_K, vocab - first)
     if not 1 <= top_k <= vocab - first:
-        raise BadRequest("top_k", f"must be in [1, {vocab - first}], got {top_k}")
+        most = vocab - first
+        raise BadRequest("top_k", f"must be 0 (the default) or in [1, {most}], got {top_k}")
     limit = settings.max_prompt_tokens
     lids = codec.encode(left, "left", limit).ids if left else []
     rids = codec.encode(right, "right", limit).ids if right else []

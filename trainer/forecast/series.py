@@ -155,7 +155,7 @@ def fill_without_look_ahead(values: np.ndarray, cut: int, what: str) -> np.ndarr
     history of a forecast origin never holds a hint of what follows it. Interpolating the
     whole file first would fill the training part's last gaps from the test window."""
     head = [None if math.isnan(v) else float(v) for v in values[:cut]]
-    filled = np.concatenate([_interpolate(head, f"{what} (before the test window)"),
+    filled = np.concatenate([_interpolate(head, f"{what} (before the held-out values)"),
                              values[cut:].astype(np.float64)])  # fmt: skip
     for i in range(cut, len(filled)):
         if math.isnan(filled[i]):
@@ -355,10 +355,15 @@ def load_candidates(
     elif not column:
         raise SeriesError("--series needs --column NAME (the CSV column to forecast)")
     else:
-        values, source = load_csv(path, column, missing), f"{path}:{column}"
+        values, source = load_csv(path, column, missing, keep_gaps=True), f"{path}:{column}"
     split = split or ("textbook" if path is None else "tail")
     if split not in SPLITS:
         raise SeriesError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if np.isnan(values).any():  # gaps filled without looking past the held-out boundary
+        n = len(values)
+        held = default_val_size(n) if val_size is None else val_size
+        cut = n - held if split == "tail" else round(n * TRAIN_FRACTION)
+        values = fill_without_look_ahead(values, min(max(cut, 1), n), source)
     if split == "tail":
         return tail_candidates(values, tau, source, val_size, transform or "auto", season)
     rep = None

@@ -11,6 +11,7 @@ from rnnserve.trainer.forecast.series import (
     TEXTBOOK_NOISE_STD,
     Normaliser,
     SeriesError,
+    load_candidates,
     load_csv,
     load_series,
     split_series,
@@ -164,3 +165,21 @@ def test_textbook_split_with_a_season_keeps_levels(tmp_path: Path) -> None:
     assert series.representation.name == "seasonal-diff(12)"
     diffed = load_series(path, "v", tau=4, split="textbook", season=12, transform="auto")
     assert diffed.representation.name == "seasonal-diff(12)+diff"  # the ADF test's call
+
+
+@pytest.mark.parametrize("split", ["tail", "textbook"])
+def test_gaps_before_the_held_out_values_are_not_filled_from_them(tmp_path: Path, split) -> None:
+    """Interpolating the whole file filled the last training values from the held-out ones
+    (the validation tail, or the textbook split's test part), which then scored a model that
+    had seen them."""
+    cut = 180 if split == "tail" else 120  # 200 values: a tail of 20; the textbook's 60 %
+    values = [f"{0.5 * i + (i % 7):.3f}" for i in range(200)]
+    for i in range(cut - 4, cut):
+        values[i] = ""
+    moved = list(values)
+    moved[cut + 2] = "999"
+    paths = [write_csv(tmp_path / f"{n}.csv", "v\n" + "\n".join(v) + "\n")
+             for n, v in (("a", values), ("b", moved))]  # fmt: skip
+    loaded = [load_candidates(p, "v", tau=4, split=split)[0].values for p in paths]
+    assert np.array_equal(loaded[0][:cut], loaded[1][:cut])
+    assert not np.isnan(loaded[0]).any()
