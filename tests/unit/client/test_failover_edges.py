@@ -303,27 +303,37 @@ def test_cancel_or_close_ends_a_long_pause_at_once(replica, monkeypatch, stop) -
     assert servicer.calls == 1
 
 
+async def _stopped_in_the_pause(monkeypatch, stream, stop: Callable[[], object]) -> None:
+    """Reads `stream`, with `stop` run as soon as the stream waits out its (hour-long) pause
+    before a retry: the read ends Cancelled at once."""
+    decide = async_client.pause_before_next_attempt
+
+    def stop_in_the_pause(*args, **kwargs) -> float:
+        pause = decide(*args, **kwargs)
+        asyncio.get_running_loop().call_soon(stop)  # runs once it waits
+        return pause
+
+    monkeypatch.setattr(async_client, "pause_before_next_attempt", stop_in_the_pause)
+
+    async def read() -> None:
+        async for _ in stream:
+            pass
+
+    with pytest.raises(Cancelled):
+        await asyncio.wait_for(read(), 60)  # generous: the pause is an hour
+
+
 def test_closing_the_async_client_ends_a_long_pause_at_once(replica, monkeypatch) -> None:
     _, address = replica(_gone_after_one_token)
-    decide = async_client.pause_before_next_attempt
 
     async def main() -> None:
         client = AsyncRnnClient([address], retry=HOUR, timeout=None)
         stream = client.generate("m", "hi", max_tokens=2)
 
-        def close_in_the_pause(*args, **kwargs) -> float:
-            pause = decide(*args, **kwargs)
-            asyncio.get_running_loop().create_task(client.close())  # runs once it waits
-            return pause
+        def close() -> object:
+            return asyncio.ensure_future(client.close())
 
-        monkeypatch.setattr(async_client, "pause_before_next_attempt", close_in_the_pause)
-
-        async def read() -> None:
-            async for _ in stream:
-                pass
-
-        with pytest.raises(Cancelled):
-            await asyncio.wait_for(read(), 60)  # generous: the pause is an hour
+        await _stopped_in_the_pause(monkeypatch, stream, close)
 
     asyncio.run(main())
 
@@ -335,7 +345,6 @@ def test_the_async_client_passes_over_refusals_pins_the_version_and_cancels_a_pa
     full, full_address = replica(_refusing(*REFUSALS["full"]))
     serving, serving_address = replica(_the_rest)
     pausing, pausing_address = replica(_gone_after_one_token)
-    decide = async_client.pause_before_next_attempt
 
     async def main() -> None:
         addresses = [dying, full_address, serving_address]
@@ -345,20 +354,7 @@ def test_the_async_client_passes_over_refusals_pins_the_version_and_cancels_a_pa
             assert stream.failovers == 2
         async with AsyncRnnClient([pausing_address], retry=HOUR, timeout=None) as client:
             stream = client.generate("m", "hi", max_tokens=2)
-
-            def cancel_in_the_pause(*args, **kwargs) -> float:
-                pause = decide(*args, **kwargs)
-                asyncio.get_running_loop().call_soon(stream.cancel)  # runs once it waits
-                return pause
-
-            monkeypatch.setattr(async_client, "pause_before_next_attempt", cancel_in_the_pause)
-
-            async def read() -> None:
-                async for _ in stream:
-                    pass
-
-            with pytest.raises(Cancelled):
-                await asyncio.wait_for(read(), 60)  # generous: the pause is an hour
+            await _stopped_in_the_pause(monkeypatch, stream, stream.cancel)
 
     asyncio.run(main())
     assert (full.calls, serving.calls, pausing.calls) == (1, 1, 1)
