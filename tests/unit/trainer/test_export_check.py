@@ -44,9 +44,9 @@ def _rewrite(path: Path, change: Callable[[onnx.ModelProto], None]) -> Path:
     return path
 
 
-def _lstm_weights(graph: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """W, R, B of the graph's LSTM node (gate blocks in ONNX order i, o, f, c)."""
-    node = next(n for n in graph.graph.node if n.op_type == "LSTM")
+def _recurrent_weights(graph: onnx.ModelProto, index: int = 0) -> dict[str, onnx.TensorProto]:
+    """W, R, B of the graph's index-th RNN, GRU or LSTM node."""
+    node = [n for n in graph.graph.node if n.op_type in ("RNN", "GRU", "LSTM")][index]
     inits = {i.name: i for i in graph.graph.initializer}
     return {"W": inits[node.input[1]], "R": inits[node.input[2]], "B": inits[node.input[3]]}
 
@@ -55,8 +55,8 @@ def _set(tensor: onnx.TensorProto, value: np.ndarray) -> None:
     tensor.CopyFrom(numpy_helper.from_array(value.astype(np.float32), tensor.name))
 
 
-def _perturb_one_weight(graph: onnx.ModelProto) -> None:
-    r = _lstm_weights(graph)["R"]
+def _perturb_one_recurrent_weight(graph: onnx.ModelProto) -> None:
+    r = _recurrent_weights(graph)["R"]
     value = numpy_helper.to_array(r).copy()
     value[0, 3, 5] += 0.05
     _set(r, value)
@@ -64,7 +64,7 @@ def _perturb_one_weight(graph: onnx.ModelProto) -> None:
 
 def _swap_forget_and_output_gates(graph: onnx.ModelProto) -> None:
     hidden = 16
-    for tensor in _lstm_weights(graph).values():
+    for tensor in _recurrent_weights(graph).values():
         value = numpy_helper.to_array(tensor).copy()
         blocks = [
             value[:, i * hidden : (i + 1) * hidden].copy() for i in range(value.shape[1] // hidden)
@@ -95,7 +95,10 @@ def test_a_chaotic_model_exports(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (_perturb_one_weight, r"export check failed \(.+\): (.+ are .+ apart|the most likely)"),
+        (
+            _perturb_one_recurrent_weight,
+            r"export check failed \(.+\): (.+ are .+ apart|the most likely)",
+        ),
         (
             _swap_forget_and_output_gates,
             r"export check failed \(.+\): (.+ are .+ apart|the most likely)",
@@ -156,20 +159,6 @@ def test_a_large_vocabulary_is_checked_on_shorter_windows(tmp_path: Path) -> Non
     time = parity["time_lengths"][1]
     assert MIN_TIME <= time < LONG_TIME and ROWS * time * len(vocab) <= MAX_LOGITS
     assert parity["probe"].endswith(f"({ROWS} windows of {time})")
-
-
-def _recurrent_weights(graph: onnx.ModelProto, index: int = 0) -> dict[str, onnx.TensorProto]:
-    """W, R, B of the graph's index-th RNN, GRU or LSTM node."""
-    node = [n for n in graph.graph.node if n.op_type in ("RNN", "GRU", "LSTM")][index]
-    inits = {i.name: i for i in graph.graph.initializer}
-    return {"W": inits[node.input[1]], "R": inits[node.input[2]], "B": inits[node.input[3]]}
-
-
-def _perturb_one_recurrent_weight(graph: onnx.ModelProto) -> None:
-    r = _recurrent_weights(graph)["R"]
-    value = numpy_helper.to_array(r).copy()
-    value[0, 3, 5] += 0.05
-    _set(r, value)
 
 
 def _swap_first_two_gates(graph: onnx.ModelProto) -> None:
