@@ -162,6 +162,35 @@ def _parse_or_refuse(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return handler
 
 
+class InFlightCalls:
+    """Counts the gRPC calls inside their handlers, so a drain can wait for them while the
+    port stays open: a call that comes meanwhile is refused by the draining guard with
+    UNAVAILABLE (retried elsewhere by clients and retry policies). Once grpc's own stop has
+    begun, a new call is CANCELLED instead, which a retry policy does not retry."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True when no call is in flight, False if `timeout` seconds passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
 class CallInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self,
@@ -169,11 +198,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         model_label: ModelLabel,
         guards: Sequence[Guard] = (),
         tracer: RpcTracer | None = None,
+        calls: InFlightCalls | None = None,
     ) -> None:
         self.metrics = metrics
         self.model_label = model_label
         self.guards = list(guards)
         self.tracer = tracer
+        self.calls = calls or InFlightCalls()
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -251,6 +282,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             start, model = time.perf_counter(), self._label(request)
             code, message = grpc.StatusCode.OK, ""
             span = self._identify(method, metadata)
+            self.calls.enter()
             try:
                 self._begin(method, metadata, request)
                 return await behavior(request, context)
@@ -263,6 +295,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 code, message = self._fail(exc, rpc)
             finally:
+                self.calls.leave()
                 self._end(rpc, model, code, start, message, span)
             await context.abort(code, message)
 
@@ -276,6 +309,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             start, model = time.perf_counter(), self._label(request)
             code, message = grpc.StatusCode.OK, ""
             span = self._identify(method, metadata)
+            self.calls.enter()
             try:
                 self._begin(method, metadata, request)
                 async with contextlib.aclosing(behavior(request, context)) as responses:
@@ -291,6 +325,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 code, message = self._fail(exc, rpc)
             finally:
+                self.calls.leave()
                 self._end(rpc, model, code, start, message, span)
             await context.abort(code, message)
 

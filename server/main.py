@@ -13,7 +13,8 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
@@ -31,7 +32,7 @@ from rnnserve.server.errors import ShuttingDown
 from rnnserve.server.health import ModelHealth
 from rnnserve.server.http.app import HttpServer, build_web_app
 from rnnserve.server.http.listen import bind, ssl_context
-from rnnserve.server.interceptors import CallInterceptor, Guard
+from rnnserve.server.interceptors import CallInterceptor, Guard, InFlightCalls
 from rnnserve.server.kserve.interceptor import KServeCallInterceptor
 from rnnserve.server.kserve.service import SERVICE_NAME as KSERVE_SERVICE
 from rnnserve.server.kserve.service import KServeService
@@ -67,6 +68,7 @@ class App:
     admin: AdminService | None = None
     tracer: RpcTracer | None = None
     http: HttpServer | None = None  # --http-port (OpenAI, KServe REST); None when 0
+    calls: InFlightCalls = field(default_factory=InFlightCalls)  # gRPC calls in handlers
     _sampler: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -89,7 +91,7 @@ class App:
 
     async def shutdown(self, grace: float | None = None, delay: float | None = None) -> None:
         """Health NOT_SERVING; `delay` (--drain-delay) seconds later new calls get UNAVAILABLE
-        and in-flight calls get `grace` (--grace) seconds."""
+        and in-flight calls get `grace` (--grace) seconds, the port open until they end."""
         await self.health.shutdown()
         delay = self.settings.drain_delay if delay is None else delay
         if delay > 0:
@@ -100,7 +102,7 @@ class App:
         self.health.end_watches()
         grace = self.settings.grace if grace is None else grace
         http_stop = self.http.stop(grace) if self.http is not None else asyncio.sleep(0)
-        await asyncio.gather(self.server.stop(grace), http_stop)
+        await asyncio.gather(self._stop_grpc(grace), http_stop)
         for decoder in self.engine.decoders():
             await decoder.close()
         if self.admin is not None:  # removed versions whose streams were still draining
@@ -112,6 +114,13 @@ class App:
                 await self._sampler
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.shutdown)  # flushes the last spans
+
+    async def _stop_grpc(self, grace: float) -> None:
+        """Waits for the calls in flight with the port still open (new ones get the draining
+        guard's UNAVAILABLE), then lets grpc stop with what is left of `grace`."""
+        deadline = time.monotonic() + grace
+        await self.calls.wait_idle(grace)
+        await self.server.stop(max(0.0, deadline - time.monotonic()))
 
 
 def build_app(
@@ -177,7 +186,7 @@ def build_app(
     )
     health_guards = list(guards or []) if settings.auth_health else []
     kserve_interceptor = KServeCallInterceptor(
-        metrics, engine.model_label, interceptor.guards, health_guards, tracer
+        metrics, engine.model_label, interceptor.guards, health_guards, tracer, interceptor.calls
     )
     size = settings.max_message_bytes
     server = grpc.aio.server(
@@ -223,6 +232,7 @@ def build_app(
         http = HttpServer(web_app, sockets, tls)
     app = App(server, port, engine, health, metrics, settings, admin=admin, tracer=tracer)
     app.http = http
+    app.calls = interceptor.calls
     app_ref["app"] = app
     return app
 

@@ -16,6 +16,7 @@ from rnnserve.server.errors import BadRequest, ServeError
 from rnnserve.server.interceptors import (
     CallInterceptor,
     Guard,
+    InFlightCalls,
     ModelLabel,
     _safe,
     _Unparsable,
@@ -38,8 +39,9 @@ class KServeCallInterceptor(CallInterceptor):
         guards: Sequence[Guard] = (),
         health_guards: Sequence[Guard] = (),
         tracer: RpcTracer | None = None,
+        calls: InFlightCalls | None = None,
     ) -> None:
-        super().__init__(metrics, model_label, guards, tracer)
+        super().__init__(metrics, model_label, guards, tracer, calls)
         self.health_guards = list(health_guards)
 
     async def intercept_service(self, continuation, details):

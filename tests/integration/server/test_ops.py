@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from tests.integration.server.harness import ServerThread, make_settings
 from tests.tools import need_module
 
@@ -402,24 +403,25 @@ def test_shutdown_turns_health_off_and_refuses_new_calls(model_repo: Path) -> No
     stream = srv.stub.Generate(request, timeout=60)
     first = next(stream)
     stopping = asyncio.run_coroutine_threadsafe(srv.app.shutdown(grace=30.0), srv.loop)
-    # refused: our interceptor says UNAVAILABLE; once grpc itself has begun to close the port
-    # (right after, with no --drain-delay) it cancels new calls
-    refused = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
     deadline = time.monotonic() + 20  # a bound on a busy machine (the grace is 30 s)
-    while time.monotonic() < deadline:
-        try:
-            status = health.Check(health_pb2.HealthCheckRequest(service="")).status
-        except grpc.RpcError as err:
-            assert err.code() in refused
-            break
+    while time.monotonic() < deadline:  # health is still answered while the stream drains
+        status = health.Check(health_pb2.HealthCheckRequest(service="")).status
         if status == health_pb2.HealthCheckResponse.NOT_SERVING:
             break
         time.sleep(0.01)
     else:
         pytest.fail("health still SERVING while shutting down")
-    with pytest.raises(grpc.RpcError) as err:
-        srv.stub.Score(pb.ScoreRequest(model="lstm", texts=["ab"]))
-    assert err.value.code() in refused
+    # UNAVAILABLE (retryable), never grpc's CANCELLED: the port stays open while calls drain,
+    # on a channel opened before the drain and on one opened during it
+    for _ in range(20):
+        with pytest.raises(grpc.RpcError) as err:
+            srv.stub.Score(pb.ScoreRequest(model="lstm", texts=["ab"]))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert "shutting down" in err.value.details()
+        fresh = grpc.insecure_channel(f"localhost:{srv.app.port}")
+        with fresh, pytest.raises(grpc.RpcError) as err:
+            pb_grpc.InferenceStub(fresh).Score(pb.ScoreRequest(model="lstm", texts=["ab"]))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
     assert not stopping.done()  # the stream in flight holds the drain open
     rest = list(stream)
     assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
