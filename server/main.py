@@ -37,7 +37,7 @@ from rnnserve.server.kserve.interceptor import KServeCallInterceptor
 from rnnserve.server.kserve.service import SERVICE_NAME as KSERVE_SERVICE
 from rnnserve.server.kserve.service import KServeService
 from rnnserve.server.kserve.status import KServeStatus
-from rnnserve.server.metrics import Metrics
+from rnnserve.server.metrics import Metrics, loop_answers
 from rnnserve.server.reload import Reloader
 from rnnserve.server.remote_repo import RemoteRepoError, is_remote, open_model_repo
 from rnnserve.server.repository import ModelVersion, Repository
@@ -289,7 +289,9 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        app.metrics.serve_http(settings.metrics_port, ready=lambda: app.health.ready)
+        app.metrics.serve_http(
+            settings.metrics_port, ready=lambda: app.health.ready, alive=loop_answers(loop)
+        )
     except OSError as exc:
         log.error("cannot start: --metrics-port %d: %s", settings.metrics_port, exc.strerror)
         return 2

@@ -9,6 +9,7 @@ registry at /metrics with /healthz and /readyz next to it.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import contextlib
 import errno
@@ -48,6 +49,9 @@ ABORTED = "aborted"  # cancelled, past its deadline, or failed: the status code 
 # value, so the merged minimum is real while any worker still has the version
 FORGOTTEN = math.inf
 ANY_ADDRESS = "::"  # where /metrics listens: every address of both stacks (see serve_http)
+# /healthz waits this long for the event loop to run a callback; under the k8s liveness
+# probe's timeoutSeconds (3), so the kubelet reads the 503 and its reason
+LOOP_ANSWER_S = 2.0
 
 
 def observe_many(histogram, values: Sequence[float]) -> None:
@@ -295,13 +299,17 @@ class Metrics:
                 self.model_serving.remove(name, version)
 
     def serve_http(
-        self, port: int, ready: Callable[[], bool], addr: str = ANY_ADDRESS
+        self,
+        port: int,
+        ready: Callable[[], bool],
+        addr: str = ANY_ADDRESS,
+        alive: Callable[[], bool] | None = None,
     ) -> WSGIServer | None:
         """Starts /metrics, /healthz and /readyz in a daemon thread (port 0: disabled)."""
         if port == 0:
             log.info("metrics endpoint disabled (--metrics-port 0)")
             return None
-        server = serve_http(self.registry, port, ready, addr)
+        server = serve_http(self.registry, port, ready, addr, alive)
         host, bound = server.server_address[:2]
         log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, bound)
         return server
@@ -373,9 +381,30 @@ class _Shown(Collector):
             yield family
 
 
-def endpoints_app(registry: Collector, ready: Callable[[], bool]) -> Callable:
-    """WSGI app: /metrics (Prometheus), /healthz (the process answers), /readyz (200 while
-    `ready()`, else 503); every other path 404, so a probe pointed at a typo fails."""
+def loop_answers(
+    loop: asyncio.AbstractEventLoop, within_s: float = LOOP_ANSWER_S
+) -> Callable[[], bool]:
+    """Liveness of the server itself: True when `loop` runs a callback within `within_s`.
+    /healthz is served by a thread of its own, which keeps answering while the event loop
+    that serves every call is wedged (a handler blocking it, a deadlock); this asks the loop."""
+
+    def alive() -> bool:
+        answered = threading.Event()
+        try:
+            loop.call_soon_threadsafe(answered.set)
+        except RuntimeError:  # the loop is closed
+            return False
+        return answered.wait(within_s)
+
+    return alive
+
+
+def endpoints_app(
+    registry: Collector, ready: Callable[[], bool], alive: Callable[[], bool] | None = None
+) -> Callable:
+    """WSGI app: /metrics (Prometheus), /healthz (200 while `alive()`, or while the process
+    answers without one; else 503), /readyz (200 while `ready()`, else 503); every other path
+    404, so a probe pointed at a typo fails."""
     metrics = make_wsgi_app(_Shown(registry))
 
     def plain(start_response, status: str, text: str) -> list[bytes]:
@@ -387,7 +416,11 @@ def endpoints_app(registry: Collector, ready: Callable[[], bool]) -> Callable:
         if path == "/metrics":
             return metrics(environ, start_response)
         if path == "/healthz":
-            return plain(start_response, "200 OK", "ok\n")
+            if alive is None or alive():
+                return plain(start_response, "200 OK", "ok\n")
+            log.error("liveness: the event loop did not answer within %.0f s", LOOP_ANSWER_S)
+            text = f"event loop not answering within {LOOP_ANSWER_S:g} s\n"
+            return plain(start_response, "503 Service Unavailable", text)
         if path == "/readyz":
             if ready():
                 return plain(start_response, "200 OK", "ready\n")
@@ -398,12 +431,16 @@ def endpoints_app(registry: Collector, ready: Callable[[], bool]) -> Callable:
 
 
 def serve_http(
-    registry: Collector, port: int, ready: Callable[[], bool], addr: str = ANY_ADDRESS
+    registry: Collector,
+    port: int,
+    ready: Callable[[], bool],
+    addr: str = ANY_ADDRESS,
+    alive: Callable[[], bool] | None = None,
 ) -> WSGIServer:
     """Serves endpoints_app on addr:port in a daemon thread; raises OSError if taken.
     `addr` "::" (the default): every address, IPv4 and IPv6, or IPv4 only where the host
     has no IPv6; "0.0.0.0" and other literals: that one address family."""
-    app = endpoints_app(registry, ready)
+    app = endpoints_app(registry, ready, alive)
     addr = addr.strip("[]")
     if ":" in addr:
         try:

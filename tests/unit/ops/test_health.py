@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rnnserve.server.health import ModelHealth, overall_serving
-from rnnserve.server.metrics import Metrics, serve_http
+from rnnserve.server.metrics import Metrics, loop_answers, serve_http
 from rnnserve.server.repository import ModelVersion, Repository
 from rnnserve.v1 import rnnserve_pb2 as pb
 from tests.integration.server.harness import ServerThread, make_settings
@@ -253,3 +254,33 @@ def test_overall_health_is_not_serving_before_the_first_refresh(tmp_path: Path) 
         return (await health.servicer.Check(check, None)).status
 
     assert asyncio.run(run()) == NOT_SERVING
+
+
+def test_healthz_fails_while_the_event_loop_is_wedged() -> None:
+    """Liveness asks the event loop that serves the calls, not just the metrics thread: a
+    loop blocked by a handler (or closed) is 503, so Kubernetes restarts the replica."""
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    http = serve_http(
+        Metrics().registry, 0, lambda: True, addr="127.0.0.1", alive=loop_answers(loop, 0.5)
+    )
+    release = threading.Event()
+    try:
+        assert _get(http.server_port, "/healthz") == (200, "ok\n")
+        loop.call_soon_threadsafe(release.wait, 30)  # wedges the loop until released
+        status, body = _get(http.server_port, "/healthz")
+        assert status == 503 and "event loop" in body
+        assert _get(http.server_port, "/readyz")[0] == 200  # readiness is another question
+        release.set()
+        assert _get(http.server_port, "/healthz") == (200, "ok\n")
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(10)
+        loop.close()
+        assert _get(http.server_port, "/healthz")[0] == 503
+    finally:
+        release.set()
+        http.shutdown()
+        http.server_close()
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(loop.stop)
