@@ -17,6 +17,7 @@ from rnnserve.server.kserve.tensors import (
     Tensor,
     from_json,
     from_raw,
+    refuse_sequence,
     refuse_unsupported,
     to_json,
     to_raw,
@@ -164,6 +165,7 @@ class KServeRoutes:
         call.model = self.engine.model_label(name)
         self.engine.repository.get(name, m.get("version", ""))  # unknown: 404, whatever the body
         head, inputs = parse_infer(await read_body(request), request.headers.get(HEADER_LENGTH))
+        refuse_sequence(_params(head, "request"))
         names, binary = _wanted(head)
         version, outputs = await infer(self.engine, name, m.get("version", ""), inputs)
         body: dict = {"model_name": name, "model_version": version}

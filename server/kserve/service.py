@@ -14,6 +14,7 @@ from rnnserve.server.kserve.tensors import (
     Tensor,
     from_contents,
     from_raw,
+    refuse_sequence,
     refuse_unsupported,
     to_raw,
 )
@@ -39,6 +40,14 @@ def request_tensors(request: pb.ModelInferRequest) -> list[Tensor]:
         else:
             tensors.append(from_contents(t.name, t.datatype, shape, t.contents))
     return tensors
+
+
+def parameter_values(parameters) -> dict[str, object]:
+    """A request's InferParameter map as plain values (an unset one reads False)."""
+    return {
+        key: getattr(value, value.WhichOneof("parameter_choice") or "bool_param")
+        for key, value in parameters.items()
+    }
 
 
 class KServeService(pb_grpc.GRPCInferenceServiceServicer):
@@ -67,6 +76,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         model = require(request.model_name, "model_name")
         # an unknown model or version is NOT_FOUND whatever the tensors (as REST's 404)
         self.engine.repository.get(model, request.model_version)
+        refuse_sequence(parameter_values(request.parameters))
         inputs = request_tensors(request)
         for o in request.outputs:
             refuse_unsupported(f"outputs[{o.name}]", o.parameters)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,6 +121,23 @@ def refuse_unsupported(where: str, parameters: Container[str]) -> None:
                 f"the {extension} extension is not supported by this server "
                 "(its extensions: binary_tensor_data); send and receive the tensor data in "
                 "the request and response",
+            )
+
+
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+
+
+def refuse_sequence(parameters: Mapping[str, object]) -> None:
+    """BadRequest for Triton's sequence batching (a `sequence_id` other than 0 or "", or a
+    start/end flag): each call here is stateless, so a sequence's later calls would run from
+    a fresh state while the client believes the server kept it."""
+    for key in SEQUENCE_PARAMETERS:
+        if parameters.get(key) not in (None, 0, "", False):
+            raise BadRequest(
+                f"parameters.{key}",
+                "sequence batching (state kept by the server between calls) is not "
+                "supported: every call is stateless; send the whole sequence in one call, or "
+                "use the native Generate with its resume tokens",
             )
 
 

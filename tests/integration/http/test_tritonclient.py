@@ -52,9 +52,10 @@ def test_unserved_triton_extensions_are_refused_by_name(server, transport) -> No
         ("shm_input", "inputs[text].parameters.shared_memory_region"),
         ("shm_output", "outputs[num_tokens].parameters.shared_memory_region"),
         ("classification", "outputs[perplexity].parameters.classification"),
+        ("sequence", "parameters.sequence_id"),  # stateless: a sequence would lose its state
     ]:
         status, message = got[call]
-        assert status == bad and words in message and "not supported" in message, call
+        assert status == bad and words in message and "not supported" in message, (call, message)
     missing = "StatusCode.UNIMPLEMENTED" if transport == "grpc" else "404"
     for call in ("register_shm", "config", "statistics", "index"):
         assert got[call][0] == missing, call

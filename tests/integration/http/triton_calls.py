@@ -94,6 +94,7 @@ def refusals(tc, client) -> dict:
         "shm_input": shm_input,
         "shm_output": shm_output,
         "classification": classification,
+        "sequence": lambda: client.infer("lstm", [text()], sequence_id=7, sequence_start=True),
         "register_shm": lambda: client.register_system_shared_memory("region", "/key", 64),
         "config": lambda: client.get_model_config("lstm"),
         "statistics": lambda: client.get_inference_statistics("lstm"),

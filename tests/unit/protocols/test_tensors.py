@@ -19,6 +19,7 @@ from rnnserve.server.kserve.tensors import (
     from_contents,
     from_json,
     from_raw,
+    refuse_sequence,
     to_json,
     to_raw,
 )
@@ -220,3 +221,24 @@ def test_a_forecast_batch_is_bounded_like_scores_texts() -> None:
     assert outs[0].shape == [4, 1]
     with pytest.raises(BadRequest, match=r"inputs\[history\]: has 5 rows, more than the 4"):
         asyncio.run(mapping.infer(_ForecastEngine(), "m", "", _forecast_inputs([[1.0]] * 5, 1)))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"sequence_id": 7},
+        {"sequence_id": "user-1"},
+        {"sequence_start": True},
+        {"sequence_id": 0, "sequence_end": True},
+    ],
+)
+def test_sequence_batching_is_refused_not_ignored(params) -> None:
+    with pytest.raises(BadRequest) as err:
+        refuse_sequence(params)
+    assert "sequence batching" in err.value.message and "parameters.sequence_" in str(err.value)
+
+
+def test_no_sequence_passes() -> None:
+    """tritonclient sends no sequence parameters unless asked; 0 / "" / false mean none."""
+    for params in ({}, {"sequence_id": 0}, {"sequence_id": ""}, {"sequence_start": False}):
+        refuse_sequence(params)
