@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from rnnserve.server.decode.loop import DecodeLoop
 from rnnserve.server.decode.process import DecodeProcess
@@ -21,6 +24,7 @@ from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 Retired = list[DecodeLoop | DecodeProcess]
+T = TypeVar("T")
 
 
 class AdminService(pb_grpc.AdminServicer):
@@ -79,6 +83,35 @@ class AdminService(pb_grpc.AdminServicer):
             self._unclosed.discard(decoder)
 
 
+async def in_daemon_thread(fn: Callable[[], T]) -> T:
+    """asyncio.to_thread, in a thread that does not hold the process's exit. A rescan blocked
+    on the repository (a hung network mount, a stalled download, a huge model) when SIGTERM
+    comes is abandoned: the default executor's threads are joined at exit, so the server
+    logged "stopped" and then waited until Kubernetes SIGKILLed it."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+    context = contextvars.copy_context()  # the request id of the log lines, as to_thread
+
+    def settle(ok: bool, value: Any) -> None:
+        if done.done():  # the caller was cancelled meanwhile
+            return
+        if ok:
+            done.set_result(value)
+        else:
+            done.set_exception(value)
+
+    def run() -> None:
+        try:
+            outcome = (True, context.run(fn))
+        except BaseException as exc:
+            outcome = (False, exc)
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="rescan", daemon=True).start()
+    return await done
+
+
 async def rescan(engine: Engine, health: ModelHealth) -> tuple[ReloadReport, Retired]:
     """Rescans; vanished versions take no new call from now on. Returns the report and the
     decode loops of those versions, to `retire` once the streams already running end.
@@ -87,7 +120,7 @@ async def rescan(engine: Engine, health: ModelHealth) -> tuple[ReloadReport, Ret
     streams keep their pace; only publishing the new versions runs on the event loop.
     """
     repository = engine.repository
-    report = repository.install(*await asyncio.to_thread(repository.load_new))
+    report = repository.install(*await in_daemon_thread(repository.load_new))
     retired: Retired = []
     for tag in report.unloaded:  # no await here: no call can slip in between
         name, version = tag.rsplit("/", 1)

@@ -6,6 +6,9 @@ its full length, and the process exits 0.
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -95,3 +98,47 @@ def test_sigterm_drains_in_flight_stream(model_repo: Path, tmp_path: Path, extra
             proc.kill()
             proc.wait(timeout=10)
     assert "shutting down" in log.read_text()
+
+
+def test_sigterm_during_a_hung_rescan_exits(model_repo: Path, tmp_path: Path) -> None:
+    """A rescan blocked on the repository (a hung network mount, a stalled download: here a
+    manifest that is a FIFO nobody writes to) must not hold the exit: Kubernetes would
+    SIGKILL the pod at the end of its grace period. The load thread is abandoned."""
+    repo = tmp_path / "models"
+    shutil.copytree(model_repo, repo)
+    port = _free_port()
+    log = tmp_path / "server.log"
+    cmd = [str(BIN / "rnn-server"), "--model-repo", str(repo), "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", "0", "--grace", "1"]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    writer = -1
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            end = time.monotonic() + WAIT_S
+            while _health(channel) != health_pb2.HealthCheckResponse.SERVING:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < end, log.read_text()[-3000:]
+                time.sleep(0.2)
+        hung = repo / "lstm" / "99"
+        hung.mkdir()
+        shutil.copy(next((repo / "lstm").glob("*/model.onnx")), hung / "model.onnx")
+        os.mkfifo(hung / "manifest.json")
+        proc.send_signal(signal.SIGHUP)
+        end = time.monotonic() + WAIT_S
+        while writer < 0:  # opening our end succeeds once the rescan has the FIFO open
+            try:
+                writer = os.open(hung / "manifest.json", os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO, exc
+                assert time.monotonic() < end, log.read_text()[-3000:]
+                time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # the rescan now waits in read() for ever
+        assert proc.wait(timeout=WAIT_S) == 0, log.read_text()[-3000:]
+        assert "stopped" in log.read_text()
+    finally:
+        if writer >= 0:
+            os.close(writer)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
