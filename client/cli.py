@@ -6,8 +6,8 @@ stderr and a documented exit code; the commands themselves live in cli_commands.
 Exit codes: 0 success; a gRPC error exits with its status number (3 INVALID_ARGUMENT,
 4 DEADLINE_EXCEEDED, 5 NOT_FOUND, 8 RESOURCE_EXHAUSTED, 9 FAILED_PRECONDITION, 13 INTERNAL,
 14 UNAVAILABLE, 16 UNAUTHENTICATED, ...; see client/errors.py); 64 bad usage or unreadable
-local input (flags, CSV, TLS or resume files); 65 `reload` answered but a version failed to
-load; 130 interrupted.
+local input (flags, CSV, TLS, token or resume files); 65 `reload` answered but a version
+failed to load; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -97,8 +97,17 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         default=default(None),
         help="seconds between pings during a call; a replica silent that long is left (failover)",
     )
-    token = os.environ.get("RNNSERVE_TOKEN")
-    g.add_argument("--token", default=default(token), help="bearer token (env RNNSERVE_TOKEN)")
+    g.add_argument(
+        "--token",
+        default=default(None),
+        help="bearer token (env RNNSERVE_TOKEN); process listings show it: prefer --token-file",
+    )
+    g.add_argument(
+        "--token-file",
+        metavar="PATH",
+        default=default(None),
+        help="read the bearer token from the file's first line",
+    )
     g.add_argument("--tls", action="store_true", default=default(False), help="use TLS")
     g.add_argument("--tls-ca", default=default(None), help="root CA PEM (implies --tls)")
     g.add_argument("--tls-cert", default=default(None), help="client certificate PEM (mTLS)")
@@ -231,14 +240,42 @@ def check_address(address: str) -> None:
             raise ValueError(f"address: {item} is not host:port, e.g. localhost:50051")
 
 
+def read_token_file(path: str) -> str:
+    """The token on the first line of `path`, stripped (a trailing newline, CRLF or a
+    byte-order mark is no part of it). ValueError naming the file, never the token, when it
+    cannot be read or the line is empty."""
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            line = file.readline(64 * 1024)  # a token is short; a wrong path may be huge
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ValueError(f"--token-file {path}: cannot read it ({why})") from None
+    token = line.strip()
+    if not token:
+        raise ValueError(f"--token-file {path}: its first line is empty; write the token there")
+    return token
+
+
+def resolve_token(args: argparse.Namespace) -> str | None:
+    """--token or --token-file (not both), else env RNNSERVE_TOKEN. Checked after parsing:
+    the flags may stand on either side of the subcommand, where argparse's mutually
+    exclusive groups do not see each other."""
+    if args.token is not None and args.token_file is not None:
+        raise ValueError("--token and --token-file: give one of them")
+    if args.token_file is not None:
+        return read_token_file(args.token_file)
+    return args.token if args.token is not None else os.environ.get("RNNSERVE_TOKEN")
+
+
 def make_client(args: argparse.Namespace) -> RnnClient:
     check_address(args.address)
+    token = resolve_token(args)
     tls = None
     # any TLS setting means TLS: dialling plaintext would ignore it and end in "Socket closed"
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
         tls = TlsConfig.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
     return RnnClient(
-        args.address, timeout=DEFAULT_CLI_TIMEOUT, token=args.token, tls=tls,
+        args.address, timeout=DEFAULT_CLI_TIMEOUT, token=token, tls=tls,
         keepalive=args.keepalive,
     )  # fmt: skip
 

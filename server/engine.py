@@ -125,7 +125,13 @@ class Engine:
         self, model: str, version: str, texts: list[str], top: int = 0
     ) -> list[ScoreResult]:
         entry = self.lookup(model, version, "Score")
-        codec = self.codec(entry)
+        return await self.score_version(entry, self.codec(entry), texts, top)
+
+    async def score_version(
+        self, entry: ModelVersion, codec: TextCodec, texts: list[str], top: int = 0
+    ) -> list[ScoreResult]:
+        """Score on a version the caller resolved and holds (with its codec): one a reload
+        removed since still scores, its session lives while held."""
         s = self.settings
         encoded = encode_texts(codec, texts, s.max_score_texts, s.max_prompt_tokens)
         with self.calls.held():

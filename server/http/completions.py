@@ -251,6 +251,25 @@ def token_logprobs(
     }
 
 
+def past_text(text: str, pieces: list[str]) -> str:
+    """What a completion's tokens (`pieces`, each token's streamed text) spell past its
+    `text`: on a stop string, the stop string and whatever its last token held after it (the
+    text is cut there, the tokens are not); else nothing."""
+    spelled = "".join(pieces)
+    return spelled[len(text) :] if spelled.startswith(text) else ""
+
+
+def message_logprobs(pieces: list[str], logprob: float, offset: int) -> dict:
+    """A streamed message's logprobs: its tokens (`pieces`, each one's text) as one entry,
+    the text they spell (which the message's `text` may lack: a stop string's), with their
+    summed logprob, at `offset` in what the stream's tokens spell; a message without tokens
+    (held-back text let go) has none."""
+    if not pieces:
+        return token_logprobs("", [], [])
+    spelled = "".join(pieces)
+    return token_logprobs(spelled, [spelled], [logprob]) | {"text_offset": [offset]}
+
+
 def choice(index: int, text: str, finish: str | None, logprobs: dict | None) -> dict:
     return {
         "text": text,

@@ -1,8 +1,8 @@
 """Thin OpenAI-compatible handlers: GET /v1/models, POST /v1/completions (plain and SSE).
 
 Each prompt is one Engine.generate stream, exactly what rnnserve.v1 Generate runs; logprobs
-come from Engine.score over the prompt and the completion (the same log-softmax, unmodified
-distribution that Generate reports).
+come from scoring the prompt and the completion as Engine.score does (the same log-softmax,
+unmodified distribution that Generate reports), on the version the streams ran on.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from rnnserve.server.http import completions as oa
 from rnnserve.server.http.calls import Call, HttpCalls, json_response, read_json
 from rnnserve.server.http.errors import openai_error
 from rnnserve.server.repository import ModelVersion
+from rnnserve.server.scoring import ScoreResult
 from rnnserve.server.service import CANNOT_OPEN
-from rnnserve.server.text import Encoded
+from rnnserve.server.text import Encoded, TextCodec
 
 DONE = b"data: [DONE]\n\n"
 log = logging.getLogger("rnnserve.server.access")
@@ -47,6 +48,20 @@ class Finished:
     tokens: int = 0
     finish: str | None = None
     parts: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # every token shown, a stop string's too
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """The version a request resolved, and its codec, held to the request's end.
+
+    A reload that removes the version forgets it in the repository and in the engine's
+    caches, then drains and closes its decode loop (server/admin.py); it never closes the
+    OnnxModel, which lives while anything holds it. So logprobs are scored on this one even
+    after it is gone. New streams are not: see `OpenAIRoutes._generate`."""
+
+    entry: ModelVersion
+    codec: TextCodec
 
 
 async def _all(aws: list[Awaitable]) -> list:
@@ -137,7 +152,8 @@ class OpenAIRoutes:
             )
         entry = self._lm(req.model)
         req.version = entry.version  # a reload mid-request must not split it across versions
-        codec, limit = self.engine.codec(entry), self.engine.settings.max_prompt_tokens
+        pinned = Pinned(entry, self.engine.codec(entry))
+        codec, limit = pinned.codec, self.engine.settings.max_prompt_tokens
         prompts = [
             codec.encode(p, "prompt" if len(req.prompts) == 1 else f"prompt[{i}]", limit)
             for i, p in enumerate(req.prompts)
@@ -149,7 +165,7 @@ class OpenAIRoutes:
                     where, "has no token after tokenization; give text the model's tokenizer keeps"
                 )
         if req.stream:
-            return await self._stream(request, call, req, prompts)
+            return await self._stream(request, call, req, pinned, prompts)
         if req.max_tokens:
             done = await _all([self._collect(req, p) for p in req.prompts])
         else:  # echo with max_tokens 0: the prompt scored, nothing generated
@@ -157,40 +173,63 @@ class OpenAIRoutes:
         choices = []
         for i, (prompt, enc, got) in enumerate(zip(req.prompts, prompts, done, strict=True)):
             text = prompt + got.text if req.echo else got.text
-            lp = (
-                await self._logprobs(req, prompt, enc, got.text)
-                if req.logprobs is not None
-                else None
-            )
+            lp = None
+            if req.logprobs is not None:
+                tail = oa.past_text(got.text, [codec.piece(t) for t in got.ids])
+                lp = await self._logprobs(req, pinned, prompt, enc, got.text, tail)
             choices.append(oa.choice(i, text, got.finish, lp))
         used = oa.usage(sum(len(p.ids) for p in prompts), sum(d.tokens for d in done))
         body = oa.completion(call.request_id, int(time.time()), req.model, choices, used)
         return json_response(body, request_id=call.request_id)
 
     def _generate(self, req: oa.CompletionRequest, prompt: str) -> AsyncIterator[Any]:
-        return self.engine.generate(req.model, req.version, req.params(prompt), None)[1]
+        """A new stream of the request's version, asked for by number: a stream needs the
+        version's decode loop, which a reload retires after removing the version, so the held
+        entry would open a loop nobody closes. A version gone since the request began is 503
+        (retry: the next try gets the new default), not a 404 saying the model is unknown."""
+        try:
+            return self.engine.generate(req.model, req.version, req.params(prompt), None)[1]
+        except UnknownModel:
+            raise EngineUnavailable(
+                f"model {req.model}/{req.version} was unloaded by a reload while this request "
+                "ran; retry"
+            ) from None
 
     async def _collect(self, req: oa.CompletionRequest, prompt: str) -> Finished:
         got = Finished()
         async with contextlib.aclosing(self._generate(req, prompt)) as chunks:
             async for c in chunks:
                 got.parts.append(c.text)
+                got.ids += c.token_ids
                 got.tokens += len(c.token_ids)
                 got.finish = c.finish_reason or got.finish
         got.text = "".join(got.parts)
         return got
 
+    async def _score(self, pinned: Pinned, text: str, top: int) -> ScoreResult:
+        """Engine.score on the pinned version itself, not looked up again by number: a
+        reload may have removed it since its streams ran (its session still works)."""
+        return (await self.engine.score_version(pinned.entry, pinned.codec, [text], top))[0]
+
     async def _logprobs(
-        self, req: oa.CompletionRequest, prompt: str, enc: Encoded, text: str
+        self,
+        req: oa.CompletionRequest,
+        pinned: Pinned,
+        prompt: str,
+        enc: Encoded,
+        text: str,
+        tail: str = "",
     ) -> dict:
         """Per-token log-probabilities of the completion (and of the prompt with echo; its
-        first token has none: it conditions the rest).
+        first token has none: it conditions the rest). `tail`: what the tokens spelled past
+        `text` (a stop string, cut from the text): its tokens are reported too, as vLLM
+        reports every generated token, and as a stream's last message carries them.
 
-        prompt + text is tokenized first: the tokenizer may merge the two (a run of spaces is
-        one token), so only the joined text says whether there is a second token to score,
-        and whether it fits --max-prompt-tokens (told as `logprobs`, not Score's `texts`)."""
-        codec = self.engine.codec(self.engine.lookup(req.model, req.version, "Score"))
-        whole = codec.tokenizer.tokenize(prompt + text)
+        prompt + completion is tokenized first: the tokenizer may merge the two (a run of
+        spaces is one token), so only the joined text says whether there is a second token to
+        score, and whether it fits --max-prompt-tokens (told as `logprobs`, not `texts`)."""
+        codec, generated = pinned.codec, text + tail
+        whole = codec.tokenizer.tokenize(prompt + generated)
         limit = self.engine.settings.max_prompt_tokens
         if len(whole) > limit:
             raise BadRequest(
@@ -200,35 +239,39 @@ class OpenAIRoutes:
             )
         tokens, values = list(whole[:1]), [None]
         top: list | None = [None] if req.logprobs else None
-        if len(whole) >= 2 and (text or req.echo):
-            scored = (
-                await self.engine.score(req.model, req.version, [prompt + text], req.logprobs or 0)
-            )[0]
+        if len(whole) >= 2 and (generated or req.echo):
+            scored = await self._score(pinned, prompt + generated, req.logprobs or 0)
             tokens += scored.tokens
             values += scored.token_logprobs
             if top is not None:
                 top += scored.top_logprobs
         keep = 0 if req.echo else len(enc.tokens)
-        shown = prompt + text if req.echo else text
+        shown = prompt + generated if req.echo else generated
         return oa.token_logprobs(
             shown, tokens[keep:], values[keep:], codec.tokenizer.normalize,
             top[keep:] if top is not None else None,
         )  # fmt: skip
 
     async def _stream(
-        self, request: web.Request, call: Call, req: oa.CompletionRequest, prompts: list[Encoded]
+        self,
+        request: web.Request,
+        call: Call,
+        req: oa.CompletionRequest,
+        pinned: Pinned,
+        prompts: list[Encoded],
     ) -> web.StreamResponse:
         async with contextlib.aclosing(self._merged(req)) as merged:
             # The first message is awaited before the headers go out, so a request the engine
             # refuses (max_tokens over the limit, stream limit reached) gets its HTTP status.
             first = await anext(merged)
-            return await self._send(request, call, req, prompts, first, merged)
+            return await self._send(request, call, req, pinned, prompts, first, merged)
 
     async def _send(
         self,
         request: web.Request,
         call: Call,
         req: oa.CompletionRequest,
+        pinned: Pinned,
         prompts: list[Encoded],
         first: tuple[int, Any],
         rest: AsyncIterator[tuple[int, Any]],
@@ -254,7 +297,7 @@ class OpenAIRoutes:
             if req.echo:
                 for i, (prompt, enc) in enumerate(zip(req.prompts, prompts, strict=True)):
                     lp = (
-                        await self._logprobs(req, prompt, enc, "")
+                        await self._logprobs(req, pinned, prompt, enc, "")
                         if req.logprobs is not None
                         else None
                     )
@@ -263,13 +306,13 @@ class OpenAIRoutes:
             offsets = [len(p) if req.echo else 0 for p in req.prompts]
             async for i, c in _prepend(first, rest):
                 generated += len(c.token_ids)
+                # offsets count what the tokens spell: a stop string's last message carries
+                # its tokens but no text, and held-back text comes a message after its token
+                pieces = [pinned.codec.piece(t) for t in c.token_ids]
                 lp = None
                 if req.logprobs is not None:
-                    # per message: a message carrying several tokens carries their sum
-                    values = [c.logprob] if c.token_ids else []
-                    lp = oa.token_logprobs(c.text, [c.text] * len(values), values)
-                    lp["text_offset"] = [offsets[i]] * len(values)
-                offsets[i] += len(c.text)
+                    lp = oa.message_logprobs(pieces, c.logprob, offsets[i])
+                offsets[i] += sum(len(p) for p in pieces)
                 event = {**head, "choices": [oa.choice(i, c.text, c.finish_reason, lp)]}
                 await response.write(_event(event))
             if req.include_usage:

@@ -4,7 +4,9 @@ both ports run the same engine."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,8 @@ import pytest
 from rnnserve.artifact.manifest import Manifest
 from rnnserve.artifact.tokenizer import Tokenizer
 from rnnserve.v1 import rnnserve_pb2 as pb
+from tests.integration.http.conftest import http_server
+from tests.integration.server.harness import ServerThread
 
 PROMPT = "the time traveller"
 
@@ -273,23 +277,137 @@ def test_chat_and_embeddings_say_what_to_use_instead(client) -> None:
 
 
 def test_one_request_is_served_by_one_version(client, server, monkeypatch) -> None:
-    """The default version is resolved once per request: every prompt's stream and the
-    logprobs' scoring ask for it by number, so a reload mid-request cannot split it."""
+    """The default version is resolved once per request: every prompt's stream asks for it by
+    number and the logprobs are scored on its session, so a reload mid-request cannot split
+    it."""
     engine = server.app.engine
-    asked: list[tuple[str, str]] = []
-    generate, score = engine.generate, engine.score
+    asked: list[tuple[str, object]] = []
+    generate, score = engine.generate, engine.score_version
 
     def recording_generate(model, version, params, deadline):
         asked.append(("generate", version))
         return generate(model, version, params, deadline)
 
-    async def recording_score(model, version, texts, top=0):
-        asked.append(("score", version))
-        return await score(model, version, texts, top)
+    async def recording_score(entry, *args):
+        asked.append(("score", entry.model))
+        return await score(entry, *args)
 
     monkeypatch.setattr(engine, "generate", recording_generate)
-    monkeypatch.setattr(engine, "score", recording_score)
+    monkeypatch.setattr(engine, "score_version", recording_score)
     client.completions.create(model="lstm", prompt=["the", "time"], max_tokens=4, logprobs=0)
     default = server.stub.GetModel(pb.GetModelRequest(model="lstm")).default_version
-    assert {kind for kind, _ in asked} == {"generate", "score"}
-    assert {version for _, version in asked} == {default}
+    session = engine.repository.get("lstm", default).model
+    assert [v for kind, v in asked if kind == "generate"] == [default, default]
+    assert [m for kind, m in asked if kind == "score"] == [session, session]
+
+
+def _stopped_sample(client: openai.OpenAI) -> tuple[dict, str, str]:
+    """A seeded request and a two-letter stop string its text meets after a few characters,
+    with no run of spaces before it (a run reads back as one token when scored). Greedy
+    text of the tiny model is all spaces."""
+    for seed in range(20):
+        asked = {"model": "lstm", "prompt": PROMPT, "max_tokens": 30, "seed": seed}
+        text = client.completions.create(**asked).choices[0].text
+        for k in range(3, len(text) - 1):
+            stop = text[k : k + 2]
+            if stop.isalpha() and "  " not in text[:k]:
+                return asked | {"stop": [stop], "logprobs": 0}, text[: text.index(stop)], stop
+    raise AssertionError("no seed gave a text with a stop string to cut")
+
+
+def test_a_stop_strings_tokens_are_in_the_logprobs_streamed_or_not(client) -> None:
+    """As vLLM: the text stops before the stop string, the logprobs go on to the token that
+    completed it (its text is cut, its tokens are not). A stream's last message carried that
+    token as `""`, while the plain answer left the stop string's tokens out."""
+    asked, cut, stop = _stopped_sample(client)
+    plain = client.completions.create(**asked).choices[0]
+    events = [c.choices[0] for c in client.completions.create(**asked, stream=True)]
+    assert plain.text == "".join(e.text for e in events) == cut
+    assert plain.finish_reason == events[-1].finish_reason == "stop"
+    assert events[-1].logprobs.tokens[-1].endswith(stop[-1])
+
+    tokens = [t for e in events for t in e.logprobs.tokens]
+    values = [v for e in events for v in e.logprobs.token_logprobs]
+    offsets = [o for e in events for o in e.logprobs.text_offset]
+    assert "".join(plain.logprobs.tokens) == "".join(tokens) == cut + stop  # char-level
+    assert plain.logprobs.text_offset == list(range(len(cut + stop)))
+    assert offsets == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+    # a message's value sums its tokens': the same log-likelihood either way
+    assert sum(plain.logprobs.token_logprobs) == pytest.approx(sum(values), rel=1e-4)
+
+
+def _reload_server(model_repo: Path, tmp_path: Path) -> tuple[ServerThread, Path]:
+    """A server over lstm versions 1 and 2 (the same weights); 2 is the default."""
+    repo = tmp_path / "repo"
+    for version in ("1", "2"):
+        shutil.copytree(model_repo / "lstm" / "1", repo / "lstm" / version)
+    return http_server(repo), repo
+
+
+def test_logprobs_are_scored_after_a_reload_removed_the_version(model_repo, tmp_path) -> None:
+    """A reload that removes the version between its stream and the scoring: the version the
+    text came from is still scored (it was looked up again by number: 404 model_not_found).
+    Its decode loop is retired as usual, and the engine keeps nothing of it."""
+    srv, repo = _reload_server(model_repo, tmp_path)
+    engine, admin = srv.app.engine, srv.app.admin
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{srv.app.http.port}/v1", api_key="unused", max_retries=0
+    )
+    asked = {"model": "lstm", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 0}
+    generate, reports = engine.generate, []
+
+    def generate_then_reload(model, version, params, deadline):
+        served, chunks = generate(model, version, params, deadline)
+
+        async def then_reload():
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield chunk
+            shutil.rmtree(repo / "lstm" / "2")
+            report, retiring = await admin.rescan()
+            await retiring  # its decode loop drained and closed before the scoring
+            reports.append(report)
+
+        return served, then_reload()
+
+    try:
+        engine.generate = generate_then_reload
+        got = client.completions.create(**asked).choices[0]
+        engine.generate = generate
+        assert [r.unloaded for r in reports] == [["lstm/2"]]
+        again = client.completions.create(**asked).choices[0]  # version 1 now: same weights
+        assert got.text == again.text
+        assert got.logprobs.tokens == again.logprobs.tokens
+        assert got.logprobs.token_logprobs == pytest.approx(again.logprobs.token_logprobs)
+        assert srv.call(lambda: ("lstm", "2") not in {**engine._decoders, **engine._codecs})
+    finally:
+        srv.stop()
+
+
+def test_a_stream_asked_of_a_version_a_reload_removed_is_retryable(model_repo, tmp_path) -> None:
+    """A reload that lands between resolving the default version and starting its stream:
+    503 (retry, the next try gets the new default), not a 404 saying the model is unknown.
+    The stream is not started on the removed version: its decode loop is being retired."""
+    srv, _repo = _reload_server(model_repo, tmp_path)
+    engine = srv.app.engine
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{srv.app.http.port}/v1", api_key="unused", max_retries=0
+    )
+    generate = engine.generate
+
+    def reload_then_generate(model, version, params, deadline):
+        engine.repository.remove(model, version)  # what a rescan does first, on the loop
+        engine.pop_decoder(model, version)
+        return generate(model, version, params, deadline)
+
+    try:
+        engine.generate = reload_then_generate
+        for stream, version in ((False, "2"), (True, "1")):  # each removes the default
+            with pytest.raises(openai.APIStatusError) as err:
+                client.completions.create(model="lstm", prompt=PROMPT, stream=stream)
+            assert err.value.status_code == 503
+            assert f"lstm/{version} was unloaded by a reload" in err.value.body["message"]
+        assert not srv.call(lambda: dict(engine._decoders))
+    finally:
+        engine.generate = generate
+        srv.stop()

@@ -275,6 +275,49 @@ def test_token_from_environment(cli, fake, monkeypatch) -> None:
     assert fake[0].metadata[-1]["authorization"] == "Bearer envtok"
 
 
+def test_token_file_keeps_the_token_off_the_command_line(cli, fake, tmp_path, monkeypatch) -> None:
+    """The first line, stripped (a BOM and CRLF too), before or after the subcommand; it
+    wins over the env, as --token does."""
+    monkeypatch.setenv("RNNSERVE_TOKEN", "envtok")
+    secret = tmp_path / "token"
+    secret.write_bytes(b"\xef\xbb\xbf  filetok \r\nsecond line\n")
+    assert cli("--token-file", str(secret), "models")[0] == 0
+    assert fake[0].metadata[-1]["authorization"] == "Bearer filetok"
+    assert cli("models", "--token-file", str(secret))[0] == 0
+    assert fake[0].metadata[-1]["authorization"] == "Bearer filetok"
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (None, "cannot read it (No such file or directory)"),
+        (b"", "its first line is empty"),
+        (b"\n  \ntoken-on-line-2\n", "its first line is empty"),
+        (b"\xff\xfe", "cannot read it (not UTF-8 text)"),
+    ],
+)
+def test_an_unusable_token_file_exits_64_naming_the_file(cli, fake, tmp_path, content, says):
+    secret = tmp_path / "token"
+    if content is not None:
+        secret.write_bytes(content)
+    code, _, err = cli("--token-file", str(secret), "models")
+    [line] = err.splitlines()
+    assert code == 64 and line.startswith(f"error: --token-file {secret}: {says}")
+    assert not fake[0].metadata  # refused before any call
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_token_and_token_file_are_mutually_exclusive(cli, fake, tmp_path, order) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("filetok\n")
+    argv = ["--token", "t", "models", "--token-file", str(secret)]
+    if order == "before":
+        argv = ["--token", "t", "--token-file", str(secret), "models"]
+    code, _, err = cli(*argv)
+    assert code == 64 and "--token and --token-file: give one of them" in err
+    assert "filetok" not in err and not fake[0].metadata
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -6,7 +6,13 @@ import pytest
 
 from rnnserve.server.errors import BadRequest
 from rnnserve.server.http.calls import loads
-from rnnserve.server.http.completions import DEFAULT_MAX_TOKENS, parse_completion, token_logprobs
+from rnnserve.server.http.completions import (
+    DEFAULT_MAX_TOKENS,
+    message_logprobs,
+    parse_completion,
+    past_text,
+    token_logprobs,
+)
 
 
 def test_defaults_follow_openai() -> None:
@@ -210,3 +216,21 @@ def test_each_top_logprobs_entry_holds_its_token_under_the_name_tokens_gives_it(
     assert scored.tokens == ["日", "b"] and scored.unknown_tokens == 1
     entries = zip(scored.tokens, scored.token_logprobs, scored.top_logprobs, strict=True)
     assert all(top[token] == value for token, value, top in entries)
+
+
+def test_a_stop_strings_tokens_spell_past_the_text() -> None:
+    """The text is cut before the stop string; the tokens that made it (and whatever the last
+    one held after it) are what past_text gives back, to be scored too."""
+    assert past_text("ab", ["a", "b", "c", "de"]) == "cde"  # stop "cd": "e" rode along
+    assert past_text("ab", ["a", "b"]) == ""  # length, eos: nothing cut
+    assert past_text("", [" x"]) == " x"  # the first token completed the stop string
+    assert past_text("ax", ["a", "b"]) == ""  # not its tokens: nothing to add
+
+
+def test_a_streamed_message_reports_the_text_its_tokens_spell() -> None:
+    """A stop string's last message has tokens but no text: its entry is the tokens' text
+    (was ""); held-back text let go in a message without tokens has no entry."""
+    lp = message_logprobs(["c", "d"], -1.5, 7)
+    assert lp == {"tokens": ["cd"], "token_logprobs": [-1.5], "top_logprobs": None,
+                  "text_offset": [7]}  # fmt: skip
+    assert message_logprobs([], 0.0, 7)["tokens"] == []
