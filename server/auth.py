@@ -5,29 +5,50 @@ status codes and logs every call, so a refused call is counted and logged like a
 (without the token). Health and reflection never reach the guard (they are not rnnserve.v1
 methods), so they stay open for load balancers and grpcurl, unless --auth-health adds
 OpenServicesAuth.
+
+With admin tokens (--admin-tokens-file, RNNSERVE_ADMIN_TOKENS), rnnserve.v1.Admin calls need
+one of them: an inference token there is PERMISSION_DENIED (a known caller, not allowed). An
+admin token may call everything, inference included, so one operator credential does a
+reload and checks its result. Without admin tokens every token may call Admin, as before.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 from pathlib import Path
 
 import grpc
 
-from rnnserve.server.errors import Unauthenticated
+from rnnserve.server.errors import ServeError, Unauthenticated
 from rnnserve.server.interceptors import Guard, call_metadata
 
+log = logging.getLogger(__name__)
+
 TOKENS_ENV = "RNNSERVE_TOKENS"
+ADMIN_TOKENS_ENV = "RNNSERVE_ADMIN_TOKENS"
+ADMIN_PREFIX = "/rnnserve.v1.Admin/"
+
+
+class PermissionDenied(ServeError):
+    """A valid token that may not call this method (an inference token on Admin)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class TokenFileError(ValueError):
     """The tokens file cannot be read or holds no token, or a token cannot be sent."""
 
 
-def load_tokens(tokens_file: str | Path | None, env: dict[str, str] | None = None) -> list[str]:
-    """Tokens from the file (one per line, `#` comments) plus RNNSERVE_TOKENS (comma list).
+def load_tokens(
+    tokens_file: str | Path | None,
+    env: dict[str, str] | None = None,
+    variable: str = TOKENS_ENV,
+) -> list[str]:
+    """Tokens from the file (one per line, `#` comments) plus `variable` (a comma list in
+    the environment: RNNSERVE_TOKENS, or RNNSERVE_ADMIN_TOKENS for the admin file).
 
     An empty result means auth is off. The file is UTF-8, a byte-order mark allowed (Windows
     editors write one, and it would otherwise stick to the first token). A token with a
@@ -53,10 +74,10 @@ def load_tokens(tokens_file: str | Path | None, env: dict[str, str] | None = Non
                 tokens.append(token)
         if not tokens:
             raise TokenFileError(f"tokens file {path} holds no token")
-    for number, item in enumerate(env.get(TOKENS_ENV, "").split(","), 1):
+    for number, item in enumerate(env.get(variable, "").split(","), 1):
         token = item.strip()
         if token:
-            _check_sendable(token, f"{TOKENS_ENV}, item {number}")
+            _check_sendable(token, f"{variable}, item {number}")
             tokens.append(token)
     return sorted(set(tokens))
 
@@ -79,25 +100,70 @@ def bearer_guard(tokens: list[str]) -> Guard:
     secrets = [_digest(t) for t in tokens]
 
     def guard(method: str, metadata: dict[str, str]) -> None:
-        # several values (call_metadata joins them by newlines) pass only when each is the
-        # same bearer token: never does their order decide which one is checked
-        values = metadata.get("authorization", "").split("\n")
-        given = {_bearer(value) for value in values}
-        if len(values) > 1 and (len(given) > 1 or "" in given):
-            raise Unauthenticated(
-                "several different 'authorization' values; send one 'Bearer <token>'"
-            )
-        (token,) = given
-        if not token:
-            raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
-        candidate = _digest(token)
-        ok = False
-        for secret in secrets:  # no early exit: time does not depend on which token matched
-            ok |= hmac.compare_digest(candidate, secret)
-        if not ok:
+        if not _matches(_digest(_presented(metadata)), secrets):
             raise Unauthenticated("invalid bearer token")
 
     return guard
+
+
+def access_guard(tokens: list[str], admin_tokens: list[str]) -> Guard | None:
+    """The guard `rnn-server` runs: None when no token of either kind is configured.
+
+    Without admin tokens, `bearer_guard(tokens)`, exactly as before they existed (and a
+    warning: every inference token may reload). With them, Admin methods need an admin
+    token, an inference token there being PERMISSION_DENIED; other methods take either kind,
+    and stay open when only admin tokens are configured.
+    """
+    if not admin_tokens:
+        if tokens:
+            log.warning(
+                "every --tokens-file token may call Admin.ReloadModels; set "
+                "--admin-tokens-file (or %s) to keep reloads to operators",
+                ADMIN_TOKENS_ENV,
+            )
+        return bearer_guard(tokens) if tokens else None
+    users = [_digest(t) for t in tokens]
+    admins = [_digest(t) for t in admin_tokens]
+
+    def guard(method: str, metadata: dict[str, str]) -> None:
+        admin_call = method.startswith(ADMIN_PREFIX)
+        if not admin_call and not users:
+            return  # inference is open: only Admin is closed
+        candidate = _digest(_presented(metadata))
+        is_admin = _matches(candidate, admins)
+        is_user = _matches(candidate, users)  # both checked: time says nothing of which
+        if is_admin or (is_user and not admin_call):
+            return
+        if is_user:
+            raise PermissionDenied(
+                "this token may not call rnnserve.v1.Admin methods; they need an admin token"
+            )
+        raise Unauthenticated("invalid bearer token")
+
+    return guard
+
+
+def _presented(metadata: dict[str, str]) -> str:
+    """The one bearer token of the call; raises Unauthenticated when there is none.
+
+    Several values (call_metadata joins them by newlines) pass only when each is the same
+    bearer token: never does their order decide which one is checked."""
+    values = metadata.get("authorization", "").split("\n")
+    given = {_bearer(value) for value in values}
+    if len(values) > 1 and (len(given) > 1 or "" in given):
+        raise Unauthenticated("several different 'authorization' values; send one 'Bearer <token>'")
+    (token,) = given
+    if not token:
+        raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
+    return token
+
+
+def _matches(candidate: bytes, secrets: list[bytes]) -> bool:
+    """Whether `candidate` is one of `secrets`, in a time that does not depend on which."""
+    ok = False
+    for secret in secrets:  # no early exit
+        ok |= hmac.compare_digest(candidate, secret)
+    return ok
 
 
 def _bearer(header: str) -> str:
@@ -130,14 +196,14 @@ class OpenServicesAuth(grpc.aio.ServerInterceptor):
         metadata = call_metadata(details.invocation_metadata or ())
         try:
             self.guard(details.method, metadata)
-        except Unauthenticated as exc:
-            return _denied(handler, exc.message)
+        except ServeError as exc:
+            return _denied(handler, exc.message, exc.code)
         return handler
 
 
-def _denied(handler, message: str):
+def _denied(handler, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED):
     async def deny(request, context) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     kind = (
         (handler.unary_unary, grpc.unary_unary_rpc_method_handler),

@@ -25,7 +25,13 @@ from grpc_reflection.v1alpha import reflection
 from rnnserve.kserve import grpc_predict_v2_pb2_grpc as kserve_grpc
 from rnnserve.server import logs
 from rnnserve.server.admin import AdminService
-from rnnserve.server.auth import OpenServicesAuth, TokenFileError, bearer_guard, load_tokens
+from rnnserve.server.auth import (
+    ADMIN_TOKENS_ENV,
+    OpenServicesAuth,
+    TokenFileError,
+    access_guard,
+    load_tokens,
+)
 from rnnserve.server.decode.limiter import StreamLimiter
 from rnnserve.server.engine import Engine
 from rnnserve.server.errors import ShuttingDown
@@ -147,7 +153,9 @@ def build_app(
             1 if entry.serving else 0
         )
 
-    root, remote = open_model_repo(settings.model_repo, settings.model_cache)
+    root, remote = open_model_repo(
+        settings.model_repo, settings.model_cache, settings.max_download_bytes
+    )
     repository = Repository(root, load, observe, sync=remote.sync if remote else None)
     repository.scan()
     engine = Engine(
@@ -269,12 +277,14 @@ async def serve(settings: Settings) -> int:
     """Runs until SIGTERM/SIGINT, then drains within --grace seconds."""
     try:
         tokens = load_tokens(settings.tokens_file)
+        admin_tokens = load_tokens(settings.admin_tokens_file, variable=ADMIN_TOKENS_ENV)
         if settings.auth_health and not tokens:  # asked to close health, and nothing is closed
             raise TokenFileError(
                 "--auth-health 1 needs a token (--tokens-file or RNNSERVE_TOKENS); without one "
                 "every call, health included, is open"
             )
-        guards = [bearer_guard(tokens)] if tokens else []
+        guard = access_guard(tokens, admin_tokens)
+        guards = [guard] if guard else []
         extra = [OpenServicesAuth(guards[0])] if guards and settings.auth_health else []
         app = build_app(settings, guards=guards, extra_interceptors=extra)
     except (TokenFileError, TlsConfigError, TracingUnavailable) as exc:

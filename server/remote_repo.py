@@ -13,6 +13,12 @@ version gone from the URL is removed from the cache, so the repository unloads i
 download brings is then loaded by the same rules as a local folder: a broken version is
 NOT_SERVING with its reason. A version whose download fails keeps its previous cached copy (or
 stays absent) and is retried at the next sync. A file lock lets --workers share one cache.
+
+What a URL may make the server do: one version writes at most --max-download-bytes (counted
+as the bytes are written, after any gzip decoding: a lying listing or an expanding body stops
+there, not at a full disk), and over HTTP(S) redirects are followed to any host (presigned
+S3/GCS URLs redirect elsewhere; aiohttp drops the Authorization header across origins) except
+from https to plain http.
 """
 
 from __future__ import annotations
@@ -33,6 +39,12 @@ from typing import Any
 from urllib.parse import unquote
 
 from rnnserve.artifact.manifest import is_version_name
+from rnnserve.server.settings import DEFAULT_MAX_DOWNLOAD_BYTES
+
+try:  # the [remote] extra; RemoteRepository says so when it is missing
+    from fsspec.callbacks import Callback
+except ImportError:  # pragma: no cover - only the base class of _Counted is missing then
+    Callback = object  # type: ignore[misc,assignment]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +62,14 @@ def redact(text: str) -> str:
 
 class RemoteRepoError(Exception):
     """The URL cannot be used (unknown protocol, the `remote` extra missing, bad cache dir)."""
+
+
+class DownloadTooLarge(Exception):
+    """A version's files passed --max-download-bytes: the version is not cached."""
+
+
+class RedirectRefused(Exception):
+    """An https URL redirected to plain http: the body could be read or changed on the way."""
 
 
 def is_remote(location: str | Path) -> bool:
@@ -78,15 +98,21 @@ class SyncReport:
 class RemoteRepository:
     """Mirrors <url>/<name>/<version>/ folders into `cache`, one version at a time."""
 
-    def __init__(self, url: str, cache: Path | None = None) -> None:
+    def __init__(
+        self, url: str, cache: Path | None = None, max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES
+    ) -> None:
         try:
             import fsspec
         except ImportError as exc:
             raise RemoteRepoError(
                 f"--model-repo {redact(url)} needs fsspec: pip install 'rnnserve[remote]'"
             ) from exc
+        self.max_bytes = max_bytes  # per version; 0 = no cap
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(url)
+            options = {}
+            if url.partition("://")[0].lower() in ("http", "https"):
+                options["client_kwargs"] = {"trace_configs": [_redirect_policy()]}
+            self.fs, self.root = fsspec.core.url_to_fs(url, **options)
         except (ImportError, ValueError) as exc:
             raise RemoteRepoError(f"--model-repo {redact(url)}: {redact(str(exc))}") from exc
         self.url = url
@@ -189,7 +215,7 @@ class RemoteRepository:
                     if self._sync_version(name, version, path):
                         report.fetched.append(tag)
                 except Exception as exc:
-                    why = redact(str(exc))
+                    why = redact(str(_reason(exc)))
                     log.error("cannot fetch %s from %s: %s", tag, self.shown, why)
                     report.failed.append(
                         f"{tag}: cannot fetch from {self.shown} (retried at the next sync): {why}"
@@ -215,13 +241,16 @@ class RemoteRepository:
         target = self.cache / name / version
         if target.is_dir() and state.is_file() and state.read_text() == fingerprint:
             return False
+        budget = DownloadBudget(self.max_bytes)
+        budget.check_listed(sizes)  # a version listed over the cap is not even started
         incoming = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=self.cache / STATE_DIR))
         staged = state.with_name(f"{version}.json.new")  # not a *.json: not a fetched version
         try:
             for rel, entry in files.items():
                 local = incoming / rel
                 local.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(entry["path"], str(local))
+                self.fs.get_file(entry["path"], str(local), callback=budget.counter(rel))
+                budget.landed(rel, local)
                 _check_size(rel, local, sizes[rel])
             # the fingerprint is written before the swap: a full disk fails here, with the old
             # copy in place, not after it, leaving a version no later sync would ever remove
@@ -285,6 +314,20 @@ class RemoteRepository:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _reason(exc: BaseException) -> BaseException:
+    """The exception a failed fetch reports: a refusal of ours where one caused it. fsspec's
+    HTTP driver turns any failure of a HEAD into a bare FileNotFoundError(url), which said
+    nothing of a redirect refused."""
+    cause: BaseException | None = exc
+    for _ in range(8):  # a chain, not a cycle
+        if cause is None:
+            break
+        if isinstance(cause, (RedirectRefused, DownloadTooLarge)):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return exc
+
+
 def _check_size(rel: str, local: Path, listed: int | None) -> None:
     """Raises OSError when a download is not the size its listing gave. Why: a body that ends
     with its connection (no Content-Length) cut short looks complete to the HTTP client, and
@@ -294,10 +337,95 @@ def _check_size(rel: str, local: Path, listed: int | None) -> None:
         raise OSError(f"{rel}: got {got} bytes, its listing says {listed} (cut short or changed)")
 
 
-def open_model_repo(location: str | Path, cache: str = "") -> tuple[Path, RemoteRepository | None]:
+class DownloadBudget:
+    """The bytes one version's download may write (--max-download-bytes; 0 = no cap).
+
+    Counted while the bytes stream in: fsspec's drivers (HTTP, S3, ...) report each chunk
+    they write to the transfer callback, which raises as the count passes the cap, so at most
+    one read (5 MiB over HTTP) more reaches the disk, and the download stops there. A driver
+    that reports nothing is caught as soon as its file is written."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.used = 0  # bytes of the files already written
+
+    def check(self, rel: str, more: int) -> None:
+        """Raises DownloadTooLarge when `more` bytes of `rel` do not fit beside the others."""
+        if self.cap and self.used + more > self.cap:
+            raise DownloadTooLarge(
+                f"{rel}: the version's files pass --max-download-bytes ({self.cap} bytes); "
+                "raise it, or 0 for no cap"
+            )
+
+    def check_listed(self, sizes: dict[str, int | None]) -> None:
+        """Refuses a version whose listed sizes alone pass the cap, before any download."""
+        listed = 0
+        for rel, size in sizes.items():
+            listed += size or 0
+            self.check(rel, listed)
+
+    def counter(self, rel: str) -> _Counted:
+        return _Counted(self, rel)
+
+    def landed(self, rel: str, local: Path) -> None:
+        """Counts a written file by its size on disk (the truth, whatever the driver said)."""
+        self.used += local.stat().st_size
+        self.check(rel, 0)
+
+
+class _Counted(Callback):
+    """fsspec's transfer callback for one file: `size` is what the server announced
+    (Content-Length), `value` what has been written so far."""
+
+    def __init__(self, budget: DownloadBudget, rel: str) -> None:
+        super().__init__()
+        self.budget = budget
+        self.rel = rel
+
+    def call(self, hook_name: str | None = None, **kwargs: Any) -> None:
+        announced = self.size if isinstance(self.size, int) else 0
+        self.budget.check(self.rel, max(self.value, announced))
+
+
+def is_downgrade(source: str, target: str) -> bool:
+    """True for a redirect from https to plain http (`target` may be relative)."""
+    from yarl import URL
+
+    try:
+        resolved = URL(source).join(URL(target))
+    except ValueError:
+        return False  # aiohttp refuses a Location that is no URL itself
+    return URL(source).scheme == "https" and resolved.scheme == "http"
+
+
+def _redirect_policy() -> Any:
+    """aiohttp's hook on every redirect a listing, HEAD or download meets: a downgrade from
+    https to plain http is refused (RedirectRefused); any other is followed, to any host,
+    up to aiohttp's 10 redirects."""
+    import aiohttp
+
+    async def on_redirect(session: Any, context: Any, params: Any) -> None:
+        location = params.response.headers.get("Location", "")
+        if is_downgrade(str(params.url), location):
+            params.response.close()
+            # no query string in the message: a presigned URL's signature is a credential
+            shown = redact(str(params.url.with_query(None)))
+            raise RedirectRefused(
+                f"{shown} redirects to plain http ({redact(location.split('?')[0])}): refused, "
+                "a redirect may not downgrade https"
+            )
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_redirect.append(on_redirect)
+    return trace
+
+
+def open_model_repo(
+    location: str | Path, cache: str = "", max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES
+) -> tuple[Path, RemoteRepository | None]:
     """The local folder the Repository scans, and the mirror that fills it (None if local)."""
     if not is_remote(location):
         text = str(location)
         return Path(text.removeprefix("file://")), None
-    remote = RemoteRepository(str(location), Path(cache) if cache else None)
+    remote = RemoteRepository(str(location), Path(cache) if cache else None, max_bytes)
     return remote.cache, remote

@@ -18,6 +18,9 @@ ENV_PREFIX = "RNNSERVE_"
 MAX_WORKERS = 256  # a typo's guard; one a core is the useful most
 # set by --workers in each worker's environment: the parent's pid (no flag reads it)
 WORKERS_PARENT_ENV = "_RNNSERVE_WORKERS_PARENT"
+# 2 GiB: 500 million float32 weights, far past any recurrent model's size; a broken or
+# hostile URL repository (or a gzip body that expands) stops there, not at a full disk
+DEFAULT_MAX_DOWNLOAD_BYTES = 2 * 1024**3
 
 
 @dataclass
@@ -26,6 +29,7 @@ class Settings:
 
     model_repo: str | Path = "models"  # a folder, or a URL mirrored into model_cache
     model_cache: str = ""
+    max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES
     host: str = "[::]"
     port: int = 50051
     metrics_port: int = 8000
@@ -56,6 +60,7 @@ class Settings:
     log_level: str = "INFO"
     executor_threads: int = 4
     tokens_file: str = ""
+    admin_tokens_file: str = ""
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -79,6 +84,12 @@ _HELP: dict[str, tuple[type, str]] = {
         str,
         "local folder a URL --model-repo is mirrored into; empty = "
         "$XDG_CACHE_HOME/rnnserve/models/<hash of the URL>",
+    ),
+    "max_download_bytes": (
+        int,
+        "most bytes a URL --model-repo sync may write for one model version (all its files, "
+        "as written to disk, after any gzip decoding); a version over it is not cached and "
+        "is retried at the next sync; 0 = no cap",
     ),
     "host": (str, "address to bind the gRPC server to"),
     "port": (int, "gRPC port (0 picks a free one, logged at start)"),
@@ -178,6 +189,13 @@ _HELP: dict[str, tuple[type, str]] = {
         str,
         "file of bearer tokens, one per line; with it (or RNNSERVE_TOKENS=a,b) every "
         "rnnserve.v1 call needs 'authorization: Bearer <token>'",
+    ),
+    "admin_tokens_file": (
+        str,
+        "file of admin bearer tokens, one per line; with it (or RNNSERVE_ADMIN_TOKENS=a,b) "
+        "rnnserve.v1.Admin calls need one of these (an inference token gets PERMISSION_DENIED); "
+        "an admin token may also call inference. Without it any --tokens-file token may call "
+        "Admin",
     ),
     "auth_health": (
         int,
@@ -323,6 +341,8 @@ def validate(settings: Settings) -> str | None:
             return f"--{name.replace('_', '-')} must be 0 or 1, got {getattr(settings, name)}"
     if settings.stream_interval_us < 0:
         return "--stream-interval-us must be 0 or more"
+    if settings.max_download_bytes < 0:
+        return "--max-download-bytes must be 0 (no cap) or more"
     if settings.intra_op_threads < 0:
         return "--intra-op-threads must be 0 or more"
     if settings.max_message_bytes > 2**31 - 1:  # gRPC's channel options are C ints

@@ -284,3 +284,30 @@ def test_auth_health_closes_health_and_reflection(model_repo: Path, tmp_path: Pa
         names = {s.name for s in listed[0].list_services_response.service}
         assert "rnnserve.v1.Inference" in names
     assert token not in log.read_text()
+
+
+def test_admin_tokens_keep_reloads_to_operators(model_repo: Path, tmp_path: Path) -> None:
+    """Any inference token could rescan and unload models. With admin tokens, `rnn-client
+    --token <admin token> reload` rescans; an inference token there is PERMISSION_DENIED
+    (exit 7), and the admin token still calls inference."""
+    user, root, root_env = "user-tok-4c8e", "admin-tok-b7d1", "admin-env-tok-e02f"
+    tokens, admin = tmp_path / "tokens.txt", tmp_path / "admin-tokens.txt"
+    tokens.write_text(f"{user}\n")
+    admin.write_text(f"# operators\n{root}\n")
+    log = tmp_path / "server.log"
+    args = ["--tokens-file", str(tokens), "--admin-tokens-file", str(admin)]
+    env = {"RNNSERVE_ADMIN_TOKENS": root_env}
+    with server(model_repo, log, args, env, grpc.insecure_channel) as address:
+        refused = client(address, "--token", user, "reload")
+        assert refused.returncode == 7, refused.stderr
+        assert "PERMISSION_DENIED" in refused.stderr
+        unknown = client(address, "--token", "not-a-token", "reload")
+        assert unknown.returncode == 16, unknown.stderr
+        for token in (root, root_env):
+            reloaded = client(address, "--token", token, "reload")
+            assert reloaded.returncode == 0, reloaded.stderr
+        assert client(address, "--token", root, "models").returncode == 0
+        assert client(address, "--token", user, "models").returncode == 0
+    text = log.read_text()
+    assert "PERMISSION_DENIED" in text and "--admin-tokens-file" not in text  # no warning
+    assert all(t not in text for t in (user, root, root_env))

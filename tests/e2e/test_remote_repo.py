@@ -5,14 +5,20 @@ Shows: the mirror fetches new versions, leaves unchanged ones alone, swaps chang
 whole (a half-downloaded version is never visible), removes vanished ones, and keeps the
 cached copy when a download fails; a served URL answers Generate, and a broken version at the
 URL is NOT_SERVING with its reason while the older one serves, exactly as in a local folder.
+A version over --max-download-bytes (an endless body, a gzip body that expands) stops
+downloading at the cap and is not cached; redirects are followed to other hosts, not from
+https to plain http.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import gzip
 import http.server
+import logging
 import shutil
+import ssl
 import subprocess
 import sys
 import threading
@@ -41,6 +47,9 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     failing: set[str]
     stall: dict[str, tuple[threading.Event, threading.Event]]
     cut: set[str]  # GET sends half the file, no Content-Length, and closes (HTTP/1.0)
+    redirects: dict[str, str]  # path -> Location of a 302 (GET and HEAD)
+    endless: dict[str, list[int]]  # GET sends zeros until the client leaves: bytes sent, here
+    gzipped: set[str]  # GET sends the stored (gzip) bytes with Content-Encoding: gzip
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -48,6 +57,26 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     def send_head(self):  # type: ignore[no-untyped-def]
         if self.path in self.failing:
             self.send_error(500, "disk on fire")
+            return None
+        if self.path in self.redirects:
+            self.send_response(302)
+            self.send_header("Location", self.redirects[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        if self.command == "GET" and self.path in self.endless:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            self.endless[self.path].append(_send_until_gone(self.wfile))
+            return None
+        if self.command == "GET" and self.path in self.gzipped:
+            data = Path(self.translate_path(self.path)).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
             return None
         if self.command == "GET" and self.path in self.stall:
             reached, release = self.stall[self.path]
@@ -63,17 +92,38 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         return super().send_head()
 
 
+ENDLESS_LIMIT = 64 * 2**20  # an endless body ends here all the same: a failing test must end
+
+
+def _send_until_gone(out) -> int:  # type: ignore[no-untyped-def]
+    """Writes zeros until the client closes the connection; returns the bytes sent."""
+    chunk, sent = bytes(2**16), 0
+    with contextlib.suppress(OSError):  # BrokenPipeError, ConnectionResetError
+        while sent < ENDLESS_LIMIT:
+            out.write(chunk)
+            sent += len(chunk)
+    return sent
+
+
 @contextlib.contextmanager
-def http_repo(root: Path) -> Iterator[tuple[str, type[_Handler]]]:
-    """Serves `root` over HTTP on a free port; yields the repository URL and the handler."""
-    handler = type("Handler", (_Handler,), {"failing": set(), "stall": {}, "cut": set()})
+def http_repo(
+    root: Path, tls: ssl.SSLContext | None = None
+) -> Iterator[tuple[str, type[_Handler]]]:
+    """Serves `root` over HTTP (HTTPS with `tls`) on a free port; yields the repository URL
+    and the handler."""
+    switches = {"failing": set(), "stall": {}, "cut": set(), "redirects": {}, "endless": {},
+                "gzipped": set()}  # fmt: skip
+    handler = type("Handler", (_Handler,), switches)
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(handler, directory=str(root))
     )
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    scheme = "https" if tls is not None else "http"
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/models", handler
+        yield f"{scheme}://127.0.0.1:{server.server_address[1]}/models", handler
     finally:
         server.shutdown()
         server.server_close()
@@ -309,3 +359,151 @@ def test_unknown_protocol_stops_the_server_with_a_usage_error(tmp_path: Path) ->
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "nosuch://bucket/models" in proc.stderr and "nosuch" in proc.stderr.splitlines()[-1]
+
+
+# -- what a URL may make the server do: bytes written, redirects followed -------------------
+@pytest.mark.parametrize("body", ["endless", "gzip"])
+def test_a_version_over_the_download_cap_stops_at_the_cap_and_is_not_cached(
+    tmp_path: Path, body: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No cap: a repository that lists 100 bytes and sends an endless body (or 16 KiB of gzip
+    that expands to 16 MiB) filled the cache's disk. The download stops at the cap, the
+    version is failed like any other fetch, and the others are fetched."""
+    served = tmp_path / "served" / "models"
+    for name in ("small", "big"):
+        (served / name / "1").mkdir(parents=True)
+        (served / name / "1" / "manifest.json").write_text("{}")
+    (served / "small" / "1" / "model.onnx").write_bytes(bytes(1000))
+    path, cap = "/models/big/1/model.onnx", 2**20
+    with http_repo(served.parent) as (url, handler):
+        if body == "endless":
+            (served / "big" / "1" / "model.onnx").write_bytes(bytes(100))  # what HEAD says
+            handler.endless[path] = []
+        else:
+            (served / "big" / "1" / "model.onnx").write_bytes(gzip.compress(bytes(16 * 2**20)))
+            handler.gzipped.add(path)
+        mirror = RemoteRepository(url, tmp_path / "cache", max_bytes=cap)
+        with caplog.at_level(logging.ERROR, logger="rnnserve.server.remote_repo"):
+            report = mirror.sync()
+    refused = f"model.onnx: the version's files pass --max-download-bytes ({cap} bytes)"
+    assert report.fetched == ["small/1"], report
+    assert len(report.failed) == 1 and report.failed[0].startswith("big/1: "), report
+    assert refused in report.failed[0]
+    assert "cannot fetch big/1" in caplog.text and refused in caplog.text
+    assert not (mirror.cache / "big").exists()
+    left = sorted(p.name for p in (mirror.cache / ".rnnserve-sync").iterdir())
+    assert left == ["fingerprints", "lock"], "the partial download was left behind"
+    if body == "endless":
+        (sent,) = handler.endless[path]
+        assert sent < ENDLESS_LIMIT, "the download went on past the cap"
+
+
+@pytest.fixture(scope="module")
+def tls_contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ...]:
+    """(server context, client context that trusts it) for a self-signed 127.0.0.1."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("tls")
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    return server, ssl.create_default_context(cafile=str(folder / "cert.pem"))
+
+
+@pytest.mark.parametrize(
+    "repo_scheme, blob_scheme, followed",
+    [("http", "http", True), ("https", "https", True), ("https", "http", False)],
+)
+def test_redirects_to_other_hosts_are_followed_but_not_from_https_to_http(
+    tmp_path: Path,
+    tls_contexts: tuple[ssl.SSLContext, ...],
+    repo_scheme: str,
+    blob_scheme: str,
+    followed: bool,
+) -> None:
+    """A presigned S3/GCS link redirects to another host: followed. One from https to plain
+    http would hand the model to anyone on the path: refused, and its signature (a
+    credential) stays out of the report."""
+    server_tls, client_tls = tls_contexts
+    blobs = tmp_path / "blobs"
+    (blobs / "models").mkdir(parents=True)
+    (blobs / "models" / "blob").write_bytes(b"weights" * 100)
+    version = tmp_path / "served" / "models" / "m" / "1"
+    version.mkdir(parents=True)
+    (version / "manifest.json").write_text("{}")
+    (version / "model.onnx").write_bytes(b"not what the redirect points at")
+    with (
+        http_repo(blobs, server_tls if blob_scheme == "https" else None) as (blob_url, _),
+        http_repo(version.parents[2], server_tls if repo_scheme == "https" else None) as (
+            url,
+            handler,
+        ),
+    ):
+        handler.redirects["/models/m/1/model.onnx"] = f"{blob_url}/blob?X-Amz-Signature=s3kr1t"
+        mirror = RemoteRepository(url, tmp_path / "cache")
+        mirror.fs.kwargs["ssl"] = client_tls  # what a CA bundle does for a real host
+        report = mirror.sync()
+    if followed:
+        assert report.fetched == ["m/1"], report
+        assert (mirror.cache / "m/1/model.onnx").read_bytes() == b"weights" * 100
+    else:
+        assert report.fetched == [] and len(report.failed) == 1, report
+        assert "redirects to plain http" in report.failed[0], report.failed[0]
+        assert "s3kr1t" not in report.failed[0]
+        assert not (mirror.cache / "m").exists()
+
+
+@pytest.mark.slow
+def test_server_serves_the_rest_when_a_version_passes_the_download_cap(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """RNNSERVE_MAX_DOWNLOAD_BYTES reaches the mirror; the version over it is absent, named
+    in the log and in `reload`'s failed[], and the others serve."""
+    served = tmp_path / "served"
+    package = model_repo / "lstm" / "1"
+    _publish(package, served / "models", "lstm", "1")
+    big = _publish(package, served / "models", "big", "1")
+    cap = sum(f.stat().st_size for f in package.iterdir()) + 2**20
+    env = {
+        "RNNSERVE_MODEL_CACHE": str(tmp_path / "cache"),
+        "RNNSERVE_MAX_DOWNLOAD_BYTES": str(cap),
+    }
+    refused = f"model.onnx: the version's files pass --max-download-bytes ({cap} bytes)"
+    log = tmp_path / "server.log"
+    with http_repo(served) as (url, handler):
+        handler.endless["/models/big/1/model.onnx"] = []
+        with rnn_server(url, log, env=env) as address:
+            assert _generate(address, "lstm")
+            with RnnClient(address, timeout=60) as client:
+                assert "big" not in [m.name for m in client.list_models()]
+                failed = client.reload_models().failed
+            assert len(failed) == 1 and failed[0].startswith("big/1: ") and refused in failed[0]
+            assert _generate(address, "lstm")
+    assert refused in log.read_text() and big.is_dir()

@@ -9,7 +9,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from rnnserve.server.auth import TokenFileError, bearer_guard, load_tokens
+from rnnserve.server.auth import (
+    ADMIN_TOKENS_ENV,
+    PermissionDenied,
+    TokenFileError,
+    access_guard,
+    bearer_guard,
+    load_tokens,
+)
 from rnnserve.server.errors import BadRequest, Unauthenticated, UnknownModel
 from rnnserve.server.interceptors import (
     MAX_MESSAGE_BYTES,
@@ -21,6 +28,7 @@ from rnnserve.server.interceptors import (
 from rnnserve.server.tls import TlsConfigError, server_credentials
 
 METHOD = "/rnnserve.v1.Inference/Generate"
+RELOAD = "/rnnserve.v1.Admin/ReloadModels"
 
 
 def test_tokens_from_file_and_env(tmp_path: Path) -> None:
@@ -29,6 +37,14 @@ def test_tokens_from_file_and_env(tmp_path: Path) -> None:
     assert load_tokens(f, {"RNNSERVE_TOKENS": "gamma, ,beta"}) == ["alpha", "beta", "gamma"]
     assert load_tokens(None, {}) == []
     assert load_tokens("", {"RNNSERVE_TOKENS": "x"}) == ["x"]
+
+
+def test_admin_tokens_come_from_their_own_file_and_variable(tmp_path: Path) -> None:
+    f = tmp_path / "admin.txt"
+    f.write_text("# operators\nroot-a\n")
+    env = {"RNNSERVE_TOKENS": "user", ADMIN_TOKENS_ENV: "root-b"}
+    assert load_tokens(f, env, variable=ADMIN_TOKENS_ENV) == ["root-a", "root-b"]
+    assert load_tokens(None, env) == ["user"]
 
 
 def test_bad_tokens_file(tmp_path: Path) -> None:
@@ -141,6 +157,87 @@ def test_several_authorization_values_pass_only_as_one_token(values: list[str], 
     else:
         with pytest.raises(Unauthenticated, match="several different 'authorization'"):
             guard(METHOD, metadata)
+
+
+OK, DENIED, UNKNOWN = None, PermissionDenied, Unauthenticated
+
+
+@pytest.mark.parametrize(
+    "tokens, method, token, outcome",
+    [
+        # both kinds: Admin needs an admin token; an admin token also calls inference
+        (["user"], RELOAD, "root", OK),
+        (["user"], RELOAD, "user", DENIED),  # known, not allowed: not UNAUTHENTICATED
+        (["user"], RELOAD, "wrong", UNKNOWN),
+        (["user"], RELOAD, "", UNKNOWN),
+        (["user"], METHOD, "user", OK),
+        (["user"], METHOD, "root", OK),
+        (["user"], METHOD, "wrong", UNKNOWN),
+        (["user"], "/v2/models/{name}/infer", "root", OK),  # an HTTP route: not Admin
+        # admin tokens only: inference stays open, Admin is closed
+        ([], METHOD, "", OK),
+        ([], RELOAD, "", UNKNOWN),
+        ([], RELOAD, "root", OK),
+    ],
+)
+def test_admin_tokens_guard_the_admin_service(
+    tokens: list[str], method: str, token: str, outcome: type[Exception] | None
+) -> None:
+    guard = access_guard(tokens, ["root"])
+    assert guard is not None
+    metadata = {"authorization": f"Bearer {token}"} if token else {}
+    if outcome is None:
+        guard(method, metadata)
+    else:
+        with pytest.raises(outcome) as info:
+            guard(method, metadata)
+        assert type(info.value) is outcome
+        assert "root" not in info.value.message and "user" not in info.value.message
+
+
+def test_admin_refusals_have_their_status_codes() -> None:
+    """PERMISSION_DENIED tells an operator the token is right but its kind wrong."""
+    interceptor = CallInterceptor(None, str, [access_guard(["user"], ["root"])])  # type: ignore[arg-type]
+    with pytest.raises(PermissionDenied) as denied:
+        interceptor._begin(RELOAD, {"authorization": "Bearer user"}, None)
+    assert interceptor._fail(denied.value, "ReloadModels")[0] == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(Unauthenticated) as unknown:
+        interceptor._begin(RELOAD, {"authorization": "Bearer nobody"}, None)
+    assert interceptor._fail(unknown.value, "ReloadModels")[0] == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_without_admin_tokens_every_token_may_reload_as_before(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING"):
+        assert access_guard([], []) is None
+    assert not caplog.records, "no token at all: nothing to warn about"
+    with caplog.at_level("WARNING"):
+        guard = access_guard(["user"], [])
+    assert guard is not None
+    guard(RELOAD, {"authorization": "Bearer user"})
+    with pytest.raises(Unauthenticated):
+        guard(RELOAD, {"authorization": "Bearer root"})
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "--admin-tokens-file" in caplog.text and "user" not in caplog.text
+
+
+def test_the_admin_guard_compares_equal_length_digests(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hmac
+
+    lengths: list[tuple[int, int]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        lengths.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    guard = access_guard(["user"], ["a-much-longer-admin-token"])
+    assert guard is not None
+    with pytest.raises(PermissionDenied):
+        guard(RELOAD, {"authorization": "Bearer user"})
+    assert lengths and all(a == b for a, b in lengths)
 
 
 def test_guards_run_before_the_request_is_judged_unparsable() -> None:

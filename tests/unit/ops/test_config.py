@@ -12,6 +12,8 @@ from rnnserve.server.settings import Settings, build_parser, settings_from_args
 
 OPS_VALUES = {
     "tokens_file": "/etc/rnnserve/tokens",
+    "admin_tokens_file": "/etc/rnnserve/admin-tokens",
+    "max_download_bytes": "0",
     "tls_cert": "/certs/server.pem",
     "tls_key": "/certs/server.key",
     "tls_client_ca": "/certs/ca.pem",
@@ -35,6 +37,9 @@ def test_ops_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> Non
         monkeypatch.setenv("RNNSERVE_" + name.upper(), value)
     s = settings_from_args([])
     assert s.tokens_file == OPS_VALUES["tokens_file"]
+    assert s.admin_tokens_file == OPS_VALUES["admin_tokens_file"]
+    assert s.max_download_bytes == 0  # no cap
+    assert Settings().max_download_bytes == 2 * 1024**3
     assert s.tls_client_ca == OPS_VALUES["tls_client_ca"]
     assert (s.workers, s.poll_interval, s.auth_health) == (3, 2.5, 1)
     flagged = settings_from_args(["--workers", "2", "--poll-interval", "0"])
@@ -62,6 +67,7 @@ def test_a_bad_environment_value_names_the_variable(
         (["--workers", "0"], "--workers"),
         (["--poll-interval", "-1"], "--poll-interval"),
         (["--workers", "two"], "--workers"),
+        (["--max-download-bytes", "-1"], "--max-download-bytes"),
     ],
 )
 def test_bad_ops_values_are_usage_errors(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rnnserve.server.remote_repo import RemoteRepository, redact
+from rnnserve.server.remote_repo import RemoteRepository, is_downgrade, redact
 from rnnserve.server.repository import Repository
 from tests.tools import need_module
 
@@ -140,3 +140,74 @@ def test_a_download_cut_short_is_retried_not_recorded_as_complete(
     monkeypatch.setattr(mirror.fs, "get_file", get_file)
     assert mirror.sync().fetched == ["m/1"], "retried at the next sync"
     assert (mirror.cache / "m" / "1" / "model.onnx").read_bytes() == b"m/1"
+
+
+@pytest.mark.parametrize("cap, fetched", [(0, True), (13, True), (12, False)])
+def test_a_version_listed_over_the_download_cap_is_never_downloaded(
+    url, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap: int, fetched: bool
+) -> None:
+    """m/1 is 13 bytes (manifest 2, model 3, weights 8): at the cap it fits, 0 is no cap,
+    one byte less and no file of it is fetched at all (the listing already says so)."""
+    address, fs, root = url
+    _publish(fs, root, "m/1")
+    fs.pipe(f"{root}/m/1/weights.bin", bytes(8))
+    mirror = RemoteRepository(address, tmp_path / "cache", max_bytes=cap)
+    asked: list[str] = []
+    get_file = mirror.fs.get_file
+
+    def counted(remote: str, local: str, *args, **kwargs):
+        asked.append(remote)
+        return get_file(remote, local, *args, **kwargs)
+
+    monkeypatch.setattr(mirror.fs, "get_file", counted)
+    report = mirror.sync()
+    if fetched:
+        assert report.fetched == ["m/1"] and len(asked) == 3
+        assert (mirror.cache / "m/1/weights.bin").read_bytes() == bytes(8)
+    else:
+        assert report.fetched == [] and asked == [], report
+        refused = "weights.bin: the version's files pass --max-download-bytes (12 bytes)"
+        assert refused in report.failed[0], report
+        assert not (mirror.cache / "m").exists()
+
+
+def test_a_file_longer_than_its_listing_is_stopped_at_the_cap_as_it_is_written(
+    url, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing may lie: the cap counts what the driver writes, chunk by chunk, and the
+    file is refused at the chunk that passes it, not once it is whole."""
+    address, fs, root = url
+    _publish(fs, root, "m/1")
+    mirror = RemoteRepository(address, tmp_path / "cache", max_bytes=100)
+    written: list[int] = []
+
+    def endless(remote: str, local: str, callback, **kwargs):
+        callback.set_size(None)  # no Content-Length
+        with open(local, "wb") as out:
+            for _ in range(1000):  # 64 KiB, were it not stopped
+                out.write(bytes(64))
+                written.append(64)
+                callback.relative_update(64)
+
+    monkeypatch.setattr(mirror.fs, "get_file", endless)
+    report = mirror.sync()
+    assert report.fetched == [] and "--max-download-bytes (100 bytes)" in report.failed[0]
+    assert sum(written) == 128, "not stopped at the chunk that passed the cap"
+
+
+@pytest.mark.parametrize(
+    "source, target, downgrade",
+    [
+        ("https://repo/m/1/model.onnx", "http://bucket.s3.amazonaws.com/x?sig=1", True),
+        ("HTTPS://repo/m/1/model.onnx", "HTTP://repo/x", True),
+        ("https://repo/m/1/model.onnx", "https://bucket.s3.amazonaws.com/x?sig=1", False),
+        ("https://repo/m/1/model.onnx", "/elsewhere/model.onnx", False),  # same scheme
+        ("https://repo/m/1/model.onnx", "//cdn.example/model.onnx", False),
+        ("http://repo/m/1/model.onnx", "http://cdn.example/model.onnx", False),
+        ("http://repo/m/1/model.onnx", "https://cdn.example/model.onnx", False),
+    ],
+)
+def test_only_a_redirect_from_https_to_plain_http_is_a_downgrade(
+    source: str, target: str, downgrade: bool
+) -> None:
+    assert is_downgrade(source, target) is downgrade
