@@ -143,9 +143,12 @@ def build_app(
     providers = resolve_providers(settings.providers)
 
     def load(path, manifest) -> OnnxModel:
+        # a decode process builds its session from the loaded bytes, never from the file
+        keep = bool(settings.decode_process) and manifest.task == "lm"
         return OnnxModel(
-            path, manifest, providers, settings.intra_op_threads, bool(settings.decode_head)
-        )
+            path, manifest, providers, settings.intra_op_threads, bool(settings.decode_head),
+            keep_image=keep,
+        )  # fmt: skip
 
     def observe(entry: ModelVersion) -> None:
         metrics.model_load.labels(model=entry.name).observe(entry.load_seconds)

@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from rnnserve.artifact.manifest import Manifest, ManifestError, StateSpec
 from rnnserve.server import decode_head
+from rnnserve.server.model_image import ModelImage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,12 +72,14 @@ class OnnxModel:
         intra_op_threads: int,
         with_head: bool = True,
         sha256: str | None = None,
+        keep_image: bool = False,
     ) -> None:
+        """`keep_image`: keep the bytes (sealed, `self.image`) for decode processes, which
+        build their sessions from them (server/model_image.py); `sha256`: refuse a file
+        whose digest differs (the decode process checks its copy against the loaded one)."""
         # One read serves the digest and both sessions: a file replaced in place between
         # reads (a remote repository's sync) would otherwise pass the check and serve other
-        # weights. The file is read again elsewhere (the decode process opens the same model:
-        # OnnxModel(*model.args)), so its digest goes with it and a changed file is refused
-        # there, not half-served.
+        # weights.
         data = Path(path).read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         if sha256 is not None and digest != sha256:
@@ -91,6 +94,7 @@ class OnnxModel:
                 f"{manifest.onnx_sha256[:12]}..."
             )
         self.args = (Path(path), manifest, list(providers), intra_op_threads, with_head, digest)
+        self.image = ModelImage.of(data, Path(path).parent.name) if keep_image else None
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1

@@ -24,18 +24,20 @@ module from the working directory) on one end of a socketpair (not multiprocessi
 which imports the parent's __main__ again); it logs JSON lines at the server's level and
 ignores SIGINT, SIGTERM and SIGHUP (the server drains on those; a Ctrl-C or a signal to the
 process group must not kill the steps under that drain), leaving on "close" or when the
-server goes away. If it dies, its streams fail UNAVAILABLE (a client holding a resume state
-continues elsewhere), it is reaped, and the next join starts a new one. If it cannot open the
-model (or exits before it did), new streams of that version are refused UNAVAILABLE for a
-while (`OpenBackoff`) rather than starting a Python + onnxruntime process per request, and
-health (server/health.py) reports the version NOT_SERVING (`cannot_open`) until a child opens
-it: health's once-a-second recheck calls `retry_open`, since an unready replica gets no calls
-that would start one.
+server goes away. It builds its session from the bytes the server loaded, never from the
+file: the loader sealed them in a memfd (server/model_image.py), which every child inherits.
+If one dies, its streams fail UNAVAILABLE (a client holding a resume state continues
+elsewhere), it is reaped, and the next join starts a new one on the same bytes. If a child
+cannot open the model (no memory for the session, say) or exits before it did, new streams
+of that version are refused UNAVAILABLE for a while (`OpenBackoff`) rather than starting a
+Python + onnxruntime process per request, and health (server/health.py) reports the version
+NOT_SERVING (`cannot_open`) until a child opens it: health's once-a-second recheck calls
+`retry_open`, since an unready replica gets no calls that would start one.
 
-Messages, parent -> child: ("open", name, model args, LoopConfig) first, then ("join", sid,
-JoinSpec, state, token, time), ("cancel", sid), ("close",). Child -> parent: ("failed", why)
-if the model does not open, else ("opened",), then ("news", items, live) and ("metrics",
-observations, live).
+Messages, parent -> child: ("open", name, image fd, model args, LoopConfig) first, then
+("join", sid, JoinSpec, state, token, time), ("cancel", sid), ("close",). Child -> parent:
+("failed", why) if the model does not open, else ("opened",), then ("news", items, live) and
+("metrics", observations, live).
 """
 
 from __future__ import annotations
@@ -55,7 +57,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 import numpy as np
 
@@ -64,6 +65,7 @@ from rnnserve.server.decode.loop import Admissions, DecodeLoop, Handover, Join, 
 from rnnserve.server.decode.stream import Stream, wants_state
 from rnnserve.server.errors import DeadlineExceeded, EngineUnavailable
 from rnnserve.server.metrics import Metrics, observe_many
+from rnnserve.server.model_image import ModelImage
 from rnnserve.server.runtime import OnnxModel, State
 from rnnserve.server.sampling import Sampler
 
@@ -116,51 +118,34 @@ class JoinSpec:
 
 class OpenBackoff:
     """When a version's decode process may be started again after failing to open the model:
-    a file broken in place fails every child, and each is a Python + onnxruntime start.
+    whatever failed one child (no memory for the session, the model's copy not to be had)
+    likely fails the next, and each is a Python + onnxruntime start. Until the interval has
+    passed new streams are refused."""
 
-    Until the interval has passed new streams are refused, unless the model file changed
-    since the failed child was started (a fix in place is tried at once)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self) -> None:
         self.failures = 0
         self.until = 0.0  # time.monotonic() before which no child starts
         self.why = ""
-        self._stamp: tuple | None = None  # the file as the failed child found it
 
-    def started(self) -> tuple | None:
-        """A child is being started: the file's stamp as it opens it."""
-        return _stamp(self.path)
-
-    def failed(self, why: str, stamp: tuple | None) -> float:
+    def failed(self, why: str) -> float:
         """A child could not open the model: returns how long new streams are refused."""
         self.failures += 1
         delay = min(OPEN_BACKOFF_S * 2 ** (self.failures - 1), OPEN_BACKOFF_CAP_S)
-        self.until, self.why, self._stamp = time.monotonic() + delay, why, stamp
+        self.until, self.why = time.monotonic() + delay, why
         return delay
 
     def opened(self) -> None:
-        self.failures, self.until, self.why, self._stamp = 0, 0.0, "", None
+        self.failures, self.until, self.why = 0, 0.0, ""
 
     def refusal(self, name: str) -> EngineUnavailable | None:
         """The error for a new stream now, or None when a child may be started."""
         left = self.until - time.monotonic()
-        if left <= 0 or _stamp(self.path) != self._stamp:
+        if left <= 0:
             return None
         return EngineUnavailable(
             f"model {name}: its decode process could not open the model ({self.why}); new "
-            f"streams are refused for {math.ceil(left)} s more, or until {self.path.name} "
-            "changes (retry elsewhere)"
+            f"streams are refused for {math.ceil(left)} s more (retry elsewhere)"
         )
-
-
-def _stamp(path: Path) -> tuple | None:
-    """What tells a file changed: inode, size, modification and status change times."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class RemoteStream:
@@ -215,14 +200,19 @@ class _ChildMetrics:
         return {name: getattr(self, name).take() for name in SHIPPED}
 
 
-def _child_main(conn: Connection, name: str, model_args: tuple, config: LoopConfig) -> None:
-    """The decode process: opens the model, then steps what the parent joins until it says
-    close or goes away."""
+def _child_main(
+    conn: Connection, name: str, image_fd: int, model_args: tuple, config: LoopConfig
+) -> None:
+    """The decode process: opens the model from the parent's copy of its bytes (the file may
+    be gone or other by now), then steps what the parent joins until it says close or goes
+    away."""
     try:
-        model = OnnxModel(*model_args)
+        model = OnnxModel(ModelImage.path_in_child(image_fd), *model_args[1:])
     except Exception as exc:  # the parent fails its streams with this
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
+    finally:
+        os.close(image_fd)  # the session holds its weights; the parent keeps the copy
     conn.send(("opened",))  # the parent's backoff starts over
     lock = threading.Lock()
     streams: dict[int, RemoteStream] = {}
@@ -300,28 +290,30 @@ class DecodeProcess(Admissions):
         self._conn: Connection | None = None
         self._process: subprocess.Popen | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._backoff = OpenBackoff(Path(model.args[0]))
-        self._child_stamp: tuple | None = None  # the model file as the child opens it
+        self._backoff = OpenBackoff()
         self._opening = False  # the child has said neither "opened" nor "failed" yet
         self._closed = False
 
     # -- the child --------------------------------------------------------------------------
     def start(self) -> None:
-        """Starts the child (it opens the model meanwhile; joins queue in the pipe)."""
+        """Starts the child (it opens the model meanwhile; joins queue in the pipe) on the
+        bytes the server loaded (`model.image`), whatever the file holds by now."""
         if self._process is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._child_stamp, self._opening = self._backoff.started(), True
+        image = self.model.image
+        assert image is not None, "a decode process needs the model loaded with keep_image"
+        self._opening = True
         ours, theirs = socket.socketpair()
         with theirs:
             fd = theirs.fileno()
             level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
             cmd = [sys.executable, *SAFE_PATH, "-m", "rnnserve.server.decode.process", str(fd),
                    level]  # fmt: skip
-            self._process = subprocess.Popen(cmd, pass_fds=[fd])  # never fork gRPC
+            self._process = subprocess.Popen(cmd, pass_fds=[fd, image.fd])  # never fork gRPC
         self._conn = Connection(ours.detach())
         with contextlib.suppress(OSError):  # it died at once: the reader below sees it end
-            self._conn.send(("open", self.name, self.model.args, self.config))
+            self._conn.send(("open", self.name, image.fd, self.model.args, self.config))
         # in an empty context: the reader would otherwise carry the request id (and trace)
         # of the call that happened to start the child into every log line it writes
         contextvars.Context().run(self._loop.add_reader, self._conn.fileno(), self._readable)
@@ -338,8 +330,8 @@ class DecodeProcess(Admissions):
         return self._backoff.failures > 0
 
     def retry_open(self) -> None:
-        """Starts a child to open the model again once the back-off allows (its time passed,
-        or the file changed); health calls it, as no call reaches an unready replica."""
+        """Starts a child to open the model again once the back-off's time has passed;
+        health calls it, as no call reaches an unready replica."""
         idle = self.cannot_open and self._process is None and not self._closed
         if idle and self._backoff.refusal(self.name) is None:
             self.start()
@@ -384,11 +376,9 @@ class DecodeProcess(Admissions):
         """Prefills here, then joins the child's batch; like DecodeLoop.submit."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        if self._process is None:
-            refused = self._backoff.refusal(self.name)
-            if refused is not None:
-                raise refused
-            self.start()
+        refused = self._child_or_refusal()
+        if refused is not None:
+            raise refused
         sid, self._next_sid = self._next_sid, self._next_sid + 1
         self._sids[id(stream)] = sid
         stream.on_cancel = lambda: self._cancel(stream)
@@ -407,14 +397,12 @@ class DecodeProcess(Admissions):
             sid = self._sids.get(id(stream))
             if sid is None or stream.done:
                 continue  # cancelled, failed or finished meanwhile (no child started for it)
-            if self._process is None:  # also after a send below found the child gone
-                refused = self._backoff.refusal(self.name)
-                if refused is not None:  # prefilled while a child failed to open the model
-                    self._forget(stream)
-                    stream.cancel()
-                    stream.buffer.fail(refused)
-                    continue
-                self.start()
+            refused = self._child_or_refusal()  # also after a send below found it gone
+            if refused is not None:  # prefilled while a child failed to open the model
+                self._forget(stream)
+                stream.cancel()
+                stream.buffer.fail(refused)
+                continue
             spec = JoinSpec(
                 sampler=stream.sampler,
                 count=slot.count,
@@ -429,6 +417,17 @@ class DecodeProcess(Admissions):
             )
             self._streams[sid] = stream
             self._send(("join", sid, spec, state, token, at))
+
+    def _child_or_refusal(self) -> EngineUnavailable | None:
+        """Starts a child unless one runs; the error for a new stream while none may."""
+        if self._process is None:
+            refused = self._backoff.refusal(self.name)
+            if refused is not None:
+                return refused
+            self.start()
+            if self._process is None:  # the model's copy could not be made: backing off
+                return self._backoff.refusal(self.name)
+        return None
 
     def _cancel(self, stream: Stream) -> None:
         sid = self._sids.pop(id(stream), None)
@@ -467,12 +466,15 @@ class DecodeProcess(Admissions):
             self._backoff.opened()
         elif kind == "failed":
             self._open_failed(message[1])
+            # it exits now: let it go before its EOF, or a stream submitted meanwhile would
+            # join it (and fail "exited") instead of being refused for the back-off
+            self._child_exited()
 
     def _open_failed(self, why: str) -> None:
         """The child could not open the model: its streams fail, and new ones are refused
         for a while instead of starting a child each."""
         self._opening = False
-        delay = self._backoff.failed(why, self._child_stamp)
+        delay = self._backoff.failed(why)
         log.error("the decode process of %s could not open the model: %s; new streams are "
                   "refused for %g s", self.name, why, delay)  # fmt: skip
         self._fail_all(EngineUnavailable(f"model {self.name}: {why}"))
@@ -567,7 +569,7 @@ def _reap(name: str, process: subprocess.Popen) -> None:
 
 def main(argv: list[str]) -> int:
     """The child's entry: argv[1] is its end of the socketpair, argv[2] the server's log
-    level; the first message says what to open."""
+    level; the first message says what to open (the model's copy it inherited, by fd)."""
     try:
         logs.configure(argv[2] if len(argv) > 2 else "INFO")
     except ValueError:  # a level without a standard name ("Level 25")
@@ -576,11 +578,11 @@ def main(argv: list[str]) -> int:
         signal.signal(signum, signal.SIG_IGN)  # the server drains; "close" or EOF ends us
     conn = Connection(int(argv[1]))
     try:
-        kind, name, model_args, config = conn.recv()
+        kind, name, image_fd, model_args, config = conn.recv()
     except (EOFError, OSError):
         return 1
     assert kind == "open"
-    _child_main(conn, name, model_args, config)
+    _child_main(conn, name, image_fd, model_args, config)
     return 0
 
 

@@ -34,6 +34,8 @@ from tests.integration.server.test_generate import (  # noqa: F401  (collected h
     PROMPT,
     _generate,
     _ids,
+    _ort_greedy,
+    _until_eos,
     test_churn_keeps_greedy_and_resume_exact,
     test_greedy_equals_the_reference,
     test_resume_token_continues_exactly,
@@ -203,21 +205,94 @@ def _decode_children() -> dict[int, str]:
     return found
 
 
-def test_a_child_that_cannot_open_the_model_fails_its_streams_and_is_reaped(
-    model_repo: Path, tmp_path: Path
+def _kill_child(server: ServerThread, name: str) -> None:
+    """SIGKILLs the version's decode process and waits until the server has let it go."""
+    pid = _child_pid(server, name)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    _wait(lambda: _child_pid(server, name) is None, "the server sees its child gone")
+
+
+def _change(folder: Path, gru: Path, change: str) -> None:
+    if change == "rewritten":  # other weights, the same interface
+        (folder / "model.onnx").write_bytes((gru / "model.onnx").read_bytes())
+    else:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("change", ["rewritten", "removed"])
+def test_a_first_child_after_model_onnx_changed_or_went_runs_the_loaded_weights(
+    model_repo: Path, tmp_path: Path, change: str
 ) -> None:
+    """Between loading and the version's first Generate (hours, maybe) the file may change:
+    the first child still builds its session from the bytes the server loaded."""
     shutil.copytree(model_repo / "rnn", tmp_path / "rnn")
-    onnx = tmp_path / "rnn" / "1" / "model.onnx"
-    original = onnx.read_bytes()
+    want = _until_eos(_ort_greedy(model_repo / "rnn" / "1", PROMPT, 24))
     srv = ServerThread(make_settings(tmp_path, decode_process=1)).start()
     try:
-        onnx.write_bytes(original + b"x")  # replaced in place after the server loaded it
+        _change(tmp_path / "rnn" / "1", model_repo / "gru" / "1", change)
+        assert _ids(_generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=24)) == want
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("change", ["rewritten", "removed"])
+def test_streams_keep_the_loaded_weights_after_model_onnx_changes_or_goes(
+    model_repo: Path, tmp_path: Path, change: str
+) -> None:
+    """The child runs the bytes the server loaded, not whatever the path holds when it
+    starts: a stream running meanwhile, and streams on a restarted child, still get the
+    loaded model's greedy tokens after model.onnx is rewritten with other weights (the gru's,
+    same interface) or its version folder is removed (no rescan has unloaded it yet)."""
+    shutil.copytree(model_repo / "rnn", tmp_path / "rnn")
+    folder = tmp_path / "rnn" / "1"
+    want = _until_eos(_ort_greedy(model_repo / "rnn" / "1", PROMPT, 24))
+    srv = ServerThread(make_settings(tmp_path, decode_process=1)).start()
+    try:
+        assert _ids(_generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=24)) == want
+        running = srv.stub.Generate(
+            pb.GenerateRequest(model="rnn", prompt=PROMPT, max_tokens=2000), timeout=60
+        )
+        got = len(next(running).token_ids)
+        _change(folder, model_repo / "gru" / "1", change)
+        got += sum(len(r.token_ids) for r in running)
+        assert got == 2000
+        for _ in range(2):  # each restart opens the same bytes
+            _kill_child(srv, "rnn")
+            assert _ids(_generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=24)) == want
+    finally:
+        srv.stop()
+
+
+# A decode process that cannot open the model: it answers "failed" and exits, as a child
+# does when onnxruntime cannot build the session (out of memory, say).
+FAILING_CHILD = [
+    "-c",
+    "import sys\n"
+    "from multiprocessing.connection import Connection\n"
+    "conn = Connection(int(sys.argv[3]))  # argv: -c, -m, the module, fd, level\n"
+    "conn.recv()\n"
+    "conn.send(('failed', 'RuntimeError: no memory for the session'))\n",
+]
+
+
+def test_a_child_that_cannot_open_the_model_fails_its_streams_and_is_reaped(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process, "OPEN_BACKOFF_S", 0.05)
+    monkeypatch.setattr(process, "OPEN_BACKOFF_CAP_S", 0.05)
+    safe_path = process.SAFE_PATH
+    monkeypatch.setattr(process, "SAFE_PATH", FAILING_CHILD)
+    srv = ServerThread(make_settings(model_repo, decode_process=1)).start()
+    try:
         with pytest.raises(grpc.RpcError) as err:
             _generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "changed since the server loaded this version" in err.value.details()
+        assert "no memory for the session" in err.value.details()
         _wait(lambda: "Z" not in _decode_children().values(), "the failed child is reaped")
-        onnx.write_bytes(original)
+        monkeypatch.setattr(process, "SAFE_PATH", safe_path)
+        decoder = _decoder(srv, "rnn")
+        _wait(lambda: srv.call(lambda: decoder._backoff.refusal("rnn")) is None, "back-off")
         assert len(_ids(_generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8))) == 8
     finally:
         srv.stop()
@@ -226,15 +301,21 @@ def test_a_child_that_cannot_open_the_model_fails_its_streams_and_is_reaped(
 def test_the_child_logs_json_lines(model_repo: Path) -> None:
     """The child writes to the server's stderr: in the server's format, not bare tracebacks."""
     folder = model_repo / "rnn" / "1"
-    model = OnnxModel(folder / "model.onnx", Manifest.load(folder), ["CPUExecutionProvider"], 1)
+    model = OnnxModel(
+        folder / "model.onnx", Manifest.load(folder), ["CPUExecutionProvider"], 1, keep_image=True
+    )
+    image = model.image
+    assert image is not None
     ours, theirs = socket.socketpair()
     with theirs:
         cmd = [sys.executable, "-m", "rnnserve.server.decode.process", str(theirs.fileno()),
                "INFO"]  # fmt: skip
-        child = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stderr=subprocess.PIPE)
+        fds = [theirs.fileno(), image.fd]
+        child = subprocess.Popen(cmd, pass_fds=fds, stderr=subprocess.PIPE)
+    image.close()
     conn = Connection(ours.detach())
     try:
-        conn.send(("open", "rnn", model.args, LoopConfig(8, 0.0, 64, False)))
+        conn.send(("open", "rnn", image.fd, model.args, LoopConfig(8, 0.0, 64, False)))
         spec = JoinSpec(sampler=None, count=1, budget=5, due=False, max_tokens=6, signs=False,
                         state_every=0, end_state=False, started=0.0, deadline=None)  # fmt: skip
         conn.send(("join", 0, spec, model.initial_state(1), 1, 0.0))  # no sampler: it fails
@@ -286,33 +367,32 @@ def _count_starts(server: ServerThread, name: str) -> list[None]:
 
 
 def test_a_model_no_child_can_open_is_refused_without_a_child_per_stream(
-    model_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each failed open was a Python + onnxruntime start, for every later batch of joins."""
     # no retry by time in this test (raising=False: the test fails on behaviour without them)
     monkeypatch.setattr(process, "OPEN_BACKOFF_S", 3600.0, raising=False)
     monkeypatch.setattr(process, "OPEN_BACKOFF_CAP_S", 3600.0, raising=False)
-    shutil.copytree(model_repo / "rnn", tmp_path / "rnn")
-    onnx = tmp_path / "rnn" / "1" / "model.onnx"
-    original = onnx.read_bytes()
-    srv = ServerThread(make_settings(tmp_path, decode_process=1)).start()
+    safe_path = process.SAFE_PATH
+    monkeypatch.setattr(process, "SAFE_PATH", FAILING_CHILD)
+    srv = ServerThread(make_settings(model_repo, decode_process=1)).start()
     try:
-        onnx.write_bytes(original + b"x")
         with pytest.raises(grpc.RpcError) as err:
             _generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8)
-        assert "changed since the server loaded this version" in err.value.details()
+        assert "no memory for the session" in err.value.details()
         starts = _count_starts(srv, "rnn")
         for _ in range(3):
             with pytest.raises(grpc.RpcError) as err:
                 _generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "new streams are refused" in err.value.details()
-            assert "changed since the server loaded this version" in err.value.details()
+            assert "no memory for the session" in err.value.details()
         assert starts == [], "a child started per refused stream"
-        onnx.write_bytes(original)  # fixed in place: tried at once
+        monkeypatch.setattr(process, "SAFE_PATH", safe_path)
+        decoder = _decoder(srv, "rnn")
+        srv.call(lambda: setattr(decoder._backoff, "until", 0.0))  # its time has passed
         assert len(_ids(_generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8))) == 8
         assert len(starts) == 1
-        decoder = _decoder(srv, "rnn")
         assert srv.call(lambda: decoder._backoff.failures) == 0, "not reset by the open"
     finally:
         srv.stop()
@@ -350,31 +430,25 @@ def _serving_gauge(server: ServerThread, name: str) -> float | None:
     return server.app.metrics.registry.get_sample_value("rnnserve_model_serving", labels)
 
 
-def test_a_version_no_child_can_open_is_not_serving_until_a_fix_in_place_opens(
-    model_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_version_no_child_can_open_is_not_serving_until_one_opens(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Readiness must not send calls to a version whose new streams are all refused; and as
-    an unready replica gets no calls, the server itself tries the fixed file."""
-    monkeypatch.setattr(process, "OPEN_BACKOFF_S", 3600.0)  # no retry by time here
-    monkeypatch.setattr(process, "OPEN_BACKOFF_CAP_S", 3600.0)
-    shutil.copytree(model_repo / "rnn", tmp_path / "rnn")
-    onnx = tmp_path / "rnn" / "1" / "model.onnx"
-    original = onnx.read_bytes()
-    srv = ServerThread(make_settings(tmp_path, decode_process=1)).start()
+    an unready replica gets no calls, the server itself retries once the back-off passed."""
+    monkeypatch.setattr(process, "OPEN_BACKOFF_S", 0.05)
+    monkeypatch.setattr(process, "OPEN_BACKOFF_CAP_S", 0.05)
+    safe_path = process.SAFE_PATH
+    monkeypatch.setattr(process, "SAFE_PATH", FAILING_CHILD)
+    srv = ServerThread(make_settings(model_repo, decode_process=1)).start()
     try:
         assert _health(srv, "rnn") == SERVING
-        onnx.write_bytes(original + b"x")
         with pytest.raises(grpc.RpcError) as err:
             _generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         _wait(lambda: _health(srv, "rnn") == NOT_SERVING, "the version turns NOT_SERVING")
-        assert _health(srv, "") == NOT_SERVING, "its only version: the server is not ready"
-        assert srv.app.health.ready is False
-        assert srv.app.metrics.registry.get_sample_value("rnnserve_ready") == 0
         assert _serving_gauge(srv, "rnn") == 0
-        onnx.write_bytes(original)  # no call follows: the server retries on its own
-        _wait(lambda: _health(srv, "rnn") == SERVING, "a child opens the fixed model")
-        assert _health(srv, "") == SERVING and srv.app.health.ready is True
+        monkeypatch.setattr(process, "SAFE_PATH", safe_path)  # no call follows
+        _wait(lambda: _health(srv, "rnn") == SERVING, "a child opens the model")
         assert _serving_gauge(srv, "rnn") == 1
         assert len(_ids(_generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8))) == 8
     finally:

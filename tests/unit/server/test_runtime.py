@@ -98,8 +98,9 @@ def test_a_head_that_cannot_load_leaves_the_model_serving_in_numpy(monkeypatch, 
 def test_a_model_file_replaced_since_loading_is_refused_where_it_is_opened_again(
     tmp_path,
 ) -> None:
-    """The decode process opens the model by path (OnnxModel(*model.args)): the digest taken
-    at loading goes with the path, so a file swapped in place meanwhile is refused there."""
+    """The decode process opens the model again (from the server's copy of the loaded bytes,
+    OnnxModel(copy, *model.args[1:])): the digest taken at loading goes with it, so bytes
+    other than the loaded ones are refused there."""
     import pytest
 
     from rnnserve.server import runtime
