@@ -186,7 +186,7 @@ class InFlightCalls:
         """True when no call is in flight, False if `timeout` seconds passed first."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on, not on 3.10
             return False
         return True
 

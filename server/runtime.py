@@ -94,7 +94,9 @@ class OnnxModel:
                 f"{manifest.onnx_sha256[:12]}..."
             )
         self.args = (Path(path), manifest, list(providers), intra_op_threads, with_head, digest)
-        self.image = ModelImage.of(data, Path(path).parent.name) if keep_image else None
+        folder = Path(path).parent  # <model>/<version>: the memfd's name in /proc/<pid>/fd
+        image_name = f"{folder.parent.name}/{folder.name}"
+        self.image = ModelImage.of(data, image_name) if keep_image else None
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1

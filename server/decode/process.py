@@ -337,8 +337,11 @@ class DecodeProcess(Admissions):
             self.start()
 
     async def close(self) -> None:
-        """Stops the prefill thread and asks the child to stop after its current call."""
-        self._closed = True  # no retry_open from here on
+        """Stops the prefill thread and asks the child to stop after its current call; lets
+        go of the model's sealed bytes, which only a new child would read."""
+        self._closed = True  # no retry_open, no new child from here on
+        if self.model.image is not None:  # now, not when a GC finds this object's cycles
+            self.model.image.close()  # (a running child holds its own descriptor)
         await self._prefiller.close()
         process, conn = self._forget_child()
         if process is None or conn is None:
@@ -420,13 +423,16 @@ class DecodeProcess(Admissions):
 
     def _child_or_refusal(self) -> EngineUnavailable | None:
         """Starts a child unless one runs; the error for a new stream while none may."""
+        if self._closed:  # its version was unloaded, or the server stops: its bytes are gone
+            return EngineUnavailable(
+                f"model {self.name}: its decode process was closed (the version was unloaded, "
+                "or the server is stopping); retry"
+            )
         if self._process is None:
             refused = self._backoff.refusal(self.name)
             if refused is not None:
                 return refused
             self.start()
-            if self._process is None:  # the model's copy could not be made: backing off
-                return self._backoff.refusal(self.name)
         return None
 
     def _cancel(self, stream: Stream) -> None:
