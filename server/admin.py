@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 
 Retired = list[DecodeLoop | DecodeProcess]
 T = TypeVar("T")
+RESCAN_THREAD = "rescan"  # the name of in_daemon_thread's threads
+
+
+def abandoned_rescans() -> int:
+    """Rescan threads still running (at exit: abandoned)."""
+    return sum(t.name == RESCAN_THREAD and t.is_alive() for t in threading.enumerate())
 
 
 class AdminService(pb_grpc.AdminServicer):
@@ -108,7 +114,7 @@ async def in_daemon_thread(fn: Callable[[], T]) -> T:
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
             loop.call_soon_threadsafe(settle, *outcome)
 
-    threading.Thread(target=run, name="rescan", daemon=True).start()
+    threading.Thread(target=run, name=RESCAN_THREAD, daemon=True).start()
     return await done
 
 

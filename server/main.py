@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from rnnserve.kserve import grpc_predict_v2_pb2_grpc as kserve_grpc
 from rnnserve.server import logs
-from rnnserve.server.admin import AdminService
+from rnnserve.server.admin import AdminService, abandoned_rescans
 from rnnserve.server.auth import (
     ADMIN_TOKENS_ENV,
     OpenServicesAuth,
@@ -402,10 +402,19 @@ def _main(argv: list[str] | None) -> int:
     if settings.workers > 1:
         return run_workers(settings, list(sys.argv[1:] if argv is None else argv))
     try:
-        return asyncio.run(serve(settings))
+        status = asyncio.run(serve(settings))
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if abandoned_rescans():
+        # a rescan still loading (a hung mount, a huge model) must not hold the exit, nor run
+        # on inside onnxruntime while the interpreter tears down (a crash at exit): leave now
+        log.warning("exiting with a model load still running (abandoned)")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":
