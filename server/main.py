@@ -60,6 +60,9 @@ from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 log = logging.getLogger("server")
 
 
+DRAIN_LINGER_S = 1.0  # refusing with UNAVAILABLE after the last call ended, before grpc stops
+
+
 @dataclass
 class App:
     """A built (not yet started) server and the parts tests and operators poke at."""
@@ -123,9 +126,13 @@ class App:
 
     async def _stop_grpc(self, grace: float) -> None:
         """Waits for the calls in flight with the port still open (new ones get the draining
-        guard's UNAVAILABLE), then lets grpc stop with what is left of `grace`."""
+        guard's UNAVAILABLE), lingers DRAIN_LINGER_S more, then lets grpc stop with what is
+        left of `grace`. The linger: a client whose stream just ended sends its next call on
+        the same connection at once, and grpc's stop CANCELs a call that reaches it before
+        its GOAWAY does (CANCELLED, which retry policies do not retry)."""
         deadline = time.monotonic() + grace
         await self.calls.wait_idle(grace)
+        await asyncio.sleep(max(0.0, min(DRAIN_LINGER_S, deadline - time.monotonic())))
         await self.server.stop(max(0.0, deadline - time.monotonic()))
 
 
