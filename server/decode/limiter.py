@@ -19,13 +19,18 @@ class StreamLimiter:
         self.closed = False
 
     def acquire(self) -> None:
+        self.check_room(1)
+        self.active += 1
+
+    def check_room(self, streams: int) -> None:
+        """Refuses unless `streams` more could be admitted now: a request of several streams
+        (OpenAI's prompt list) is refused whole, rather than after some of them started."""
         if self.closed:
             raise ShuttingDown("the server is shutting down")
-        if self.active >= self.limit:
+        if self.active + streams > self.limit:
             raise Overloaded(
                 f"{self.active} streams are live (--max-streams {self.limit}); retry later"
             )
-        self.active += 1
 
     def release(self) -> None:
         self.active -= 1

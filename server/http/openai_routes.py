@@ -164,6 +164,8 @@ class OpenAIRoutes:
                 raise BadRequest(
                     where, "has no token after tokenization; give text the model's tokenizer keeps"
                 )
+        if req.max_tokens:  # all prompts' streams admitted, or none started
+            self.engine.limiter.check_room(len(prompts))
         if req.stream:
             return await self._stream(request, call, req, pinned, prompts)
         if req.max_tokens:

@@ -209,6 +209,42 @@ def test_more_prompts_than_max_streams_is_a_400_not_a_429(model_repo: Path) -> N
         srv.stop()
 
 
+def test_prompts_without_room_for_all_are_refused_before_any_starts(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One request's prompts are admitted together or not at all: with one stream live and
+    --max-streams 3, three prompts are a 429 with none of their streams started (they used to
+    start two, prefill them and cancel them)."""
+    from rnnserve.v1 import rnnserve_pb2 as pb
+
+    srv = http_server(model_repo, max_streams=3, max_tokens=60_000)
+    engine = srv.app.engine
+    started: list[str] = []
+    generate = engine.generate
+
+    def recording(model, version, params, deadline):
+        started.append(params.prompt)
+        return generate(model, version, params, deadline)
+
+    try:
+        url = f"http://127.0.0.1:{srv.app.http.port}/v1/completions"
+        live = srv.stub.Generate(
+            pb.GenerateRequest(model="lstm", prompt="the", max_tokens=60_000), timeout=60
+        )
+        next(live)  # admitted: one stream holds a slot
+        monkeypatch.setattr(engine, "generate", recording)
+        for stream in (False, True):
+            body = {"model": "lstm", "prompt": ["a", "b", "c"], "max_tokens": 2, "stream": stream}
+            status, got = request(url, body)
+            assert status == 429 and "--max-streams" in got["error"]["message"], got
+        assert started == []
+        body = {"model": "lstm", "prompt": ["a", "b"], "max_tokens": 2}
+        assert request(url, body)[0] == 200  # room for two
+        live.cancel()
+    finally:
+        srv.stop()
+
+
 def test_ready_follows_grpc_health_through_a_drain(model_repo: Path) -> None:
     """SIGTERM's path (App.shutdown): /v2/health/ready, KServe ServerReady and grpc.health.v1
     turn not-ready together while calls are still taken (--drain-delay), then the port closes."""
