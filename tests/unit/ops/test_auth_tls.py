@@ -86,8 +86,9 @@ def test_a_token_no_client_can_send_is_refused_without_echoing_it(
     assert "alpha" not in str(info.value)
 
 
-def test_bearer_guard_compares_equal_length_digests(monkeypatch: pytest.MonkeyPatch) -> None:
-    """compare_digest returns at once on a length mismatch, which would leak token lengths."""
+@pytest.fixture
+def compared_lengths(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The lengths of every pair hmac.compare_digest is given from now on."""
     import hmac
 
     lengths: list[tuple[int, int]] = []
@@ -98,6 +99,12 @@ def test_bearer_guard_compares_equal_length_digests(monkeypatch: pytest.MonkeyPa
         return real(a, b)
 
     monkeypatch.setattr(hmac, "compare_digest", spy)
+    return lengths
+
+
+def test_bearer_guard_compares_equal_length_digests(compared_lengths) -> None:
+    """compare_digest returns at once on a length mismatch, which would leak token lengths."""
+    lengths = compared_lengths
     guard = bearer_guard(["alpha", "a-much-longer-token"])
     with pytest.raises(Unauthenticated):
         guard(METHOD, {"authorization": "Bearer x"})
@@ -222,17 +229,8 @@ def test_without_admin_tokens_every_token_may_reload_as_before(
     assert "--admin-tokens-file" in caplog.text and "user" not in caplog.text
 
 
-def test_the_admin_guard_compares_equal_length_digests(monkeypatch: pytest.MonkeyPatch) -> None:
-    import hmac
-
-    lengths: list[tuple[int, int]] = []
-    real = hmac.compare_digest
-
-    def spy(a: bytes, b: bytes) -> bool:
-        lengths.append((len(a), len(b)))
-        return real(a, b)
-
-    monkeypatch.setattr(hmac, "compare_digest", spy)
+def test_the_admin_guard_compares_equal_length_digests(compared_lengths) -> None:
+    lengths = compared_lengths
     guard = access_guard(["user"], ["a-much-longer-admin-token"])
     assert guard is not None
     with pytest.raises(PermissionDenied):
