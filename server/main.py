@@ -92,6 +92,7 @@ class App:
         health's look at the decode processes (one that cannot open its model)."""
         while True:
             try:
+                self.metrics.loop_heartbeat.set(time.time())
                 self.metrics.sample()
                 await self.health.recheck()
             except Exception:  # one bad pass must not end the gauges and the decode rechecks

@@ -52,6 +52,8 @@ ANY_ADDRESS = "::"  # where /metrics listens: every address of both stacks (see 
 # /healthz waits this long for the event loop to run a callback; under the k8s liveness
 # probe's timeoutSeconds (3), so the kubelet reads the 503 and its reason
 LOOP_ANSWER_S = 2.0
+# under --workers, /healthz fails when a worker's heartbeat (once a second) is this old
+HEARTBEAT_STALE_S = 5.0
 
 
 def observe_many(histogram, values: Sequence[float]) -> None:
@@ -208,6 +210,14 @@ class Metrics:
             "1 while overall health is SERVING (a model version serves, or "
             "--allow-empty-repo), 0 otherwise and from SIGTERM on (under --workers: the "
             "lowest over the workers).",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.loop_heartbeat = Gauge(
+            "rnnserve_event_loop_heartbeat_timestamp_seconds",
+            "Unix time the event loop that serves the calls last ran its once-a-second "
+            "heartbeat (under --workers: the oldest over the workers); time() minus it past a "
+            "few seconds means a wedged loop.",
             registry=r,
             multiprocess_mode="livemin",
         )
@@ -418,9 +428,8 @@ def endpoints_app(
         if path == "/healthz":
             if alive is None or alive():
                 return plain(start_response, "200 OK", "ok\n")
-            log.error("liveness: the event loop did not answer within %.0f s", LOOP_ANSWER_S)
-            text = f"event loop not answering within {LOOP_ANSWER_S:g} s\n"
-            return plain(start_response, "503 Service Unavailable", text)
+            log.error("liveness: an event loop that serves the calls is not answering")
+            return plain(start_response, "503 Service Unavailable", "event loop not answering\n")
         if path == "/readyz":
             if ready():
                 return plain(start_response, "200 OK", "ready\n")
@@ -473,6 +482,14 @@ class ProcessesCollector(Collector):
                 for s in family.samples:
                     merged.add_sample(s.name, {**s.labels, "pid": str(pid)}, s.value)
         return list(families.values())
+
+
+def heartbeats_fresh(registry: Collector, now: float) -> bool:
+    """Liveness of --workers' parent: the oldest worker heartbeat in `registry` (the merged
+    files) is under HEARTBEAT_STALE_S old. 0 is a worker that has not beaten yet (its gauge
+    starts there: loading models): still starting, alive."""
+    oldest = merged_gauge(registry, "rnnserve_event_loop_heartbeat_timestamp_seconds")
+    return not oldest or now - oldest < HEARTBEAT_STALE_S
 
 
 def merged_gauge(registry: Collector, name: str) -> float | None:

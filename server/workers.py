@@ -31,7 +31,12 @@ import time
 
 from prometheus_client import CollectorRegistry, multiprocess
 
-from rnnserve.server.metrics import ProcessesCollector, merged_gauge, serve_http
+from rnnserve.server.metrics import (
+    ProcessesCollector,
+    heartbeats_fresh,
+    merged_gauge,
+    serve_http,
+)
 from rnnserve.server.settings import WORKERS_PARENT_ENV, Settings
 
 log = logging.getLogger("rnnserve.server.workers")
@@ -83,6 +88,7 @@ def run_workers(settings: Settings, argv: list[str]) -> int:
                     registry,
                     settings.metrics_port,
                     lambda: workers_ready(prom_dir, _live(procs), settings.workers),
+                    alive=lambda: workers_alive(prom_dir),
                 )
             except OSError as exc:
                 log.error("cannot serve metrics on :%d: %s", settings.metrics_port, exc)
@@ -164,6 +170,14 @@ def workers_ready(prom_dir: str, live: list[int], expected: int) -> bool:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=prom_dir)
     return (merged_gauge(registry, "rnnserve_ready") or 0) >= 1
+
+
+def workers_alive(prom_dir: str) -> bool:
+    """/healthz of the parent: every worker's event loop has beaten within the last few
+    seconds (a wedged worker still holds its share of the port, and of the calls)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=prom_dir)
+    return heartbeats_fresh(registry, time.time())
 
 
 def _live(procs: list[subprocess.Popen]) -> list[int]:

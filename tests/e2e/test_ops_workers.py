@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -262,3 +263,42 @@ def test_a_second_instance_on_the_port_is_refused(model_repo: Path, tmp_path: Pa
         reap(first)
         if second is not None:
             reap(second)
+
+
+def _healthz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as reply:
+            return reply.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_the_parents_liveness_fails_while_a_worker_is_wedged(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """The parent answers /healthz, so a worker whose event loop no longer runs (here:
+    SIGSTOPped) passed it while holding its share of the port and of the calls; its
+    heartbeat gauge now goes stale, /healthz turns 503, and 200 again once it runs."""
+    port, metrics_port = _free_port(), _free_port()
+    log = tmp_path / "server.log"
+    proc = _start_workers(model_repo, log, port, metrics_port)
+    try:
+        pids = _worker_pids(proc, log)
+        _wait_ready(proc, metrics_port, log)
+        assert _healthz(metrics_port) == 200
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            end = time.monotonic() + 60  # the heartbeat goes stale after a few seconds
+            while _healthz(metrics_port) == 200:
+                assert time.monotonic() < end, "liveness passed with a worker stopped"
+                time.sleep(0.5)
+            assert _healthz(metrics_port) == 503
+        finally:
+            os.kill(pids[0], signal.SIGCONT)
+        end = time.monotonic() + 60
+        while _healthz(metrics_port) != 200:
+            assert time.monotonic() < end, "liveness did not recover once the worker ran"
+            time.sleep(0.5)
+        stop_gracefully(proc, timeout=40)
+    finally:
+        reap(proc)

@@ -220,6 +220,8 @@ def test_a_failing_sample_does_not_end_the_gauges_or_the_rechecks(caplog) -> Non
     passes = []
 
     class Metrics:
+        loop_heartbeat = SimpleNamespace(set=lambda value: None)
+
         def sample(self) -> None:
             passes.append("sample")
             if len(passes) == 1:
@@ -284,3 +286,15 @@ def test_healthz_fails_while_the_event_loop_is_wedged() -> None:
         http.server_close()
         if not loop.is_closed():
             loop.call_soon_threadsafe(loop.stop)
+
+
+def test_the_workers_liveness_reads_the_oldest_heartbeat() -> None:
+    """Under --workers the parent's /healthz reads the merged heartbeat gauge (the oldest
+    worker's, livemin): fresh passes, stale fails, 0 (a worker still starting) passes."""
+    from rnnserve.server.metrics import HEARTBEAT_STALE_S, heartbeats_fresh
+
+    metrics = Metrics()
+    assert heartbeats_fresh(metrics.registry, 1000.0)  # 0: not beaten yet
+    metrics.loop_heartbeat.set(1000.0)
+    assert heartbeats_fresh(metrics.registry, 1000.0 + HEARTBEAT_STALE_S - 1)
+    assert not heartbeats_fresh(metrics.registry, 1000.0 + HEARTBEAT_STALE_S + 1)
