@@ -292,7 +292,14 @@ def test_a_child_that_cannot_open_the_model_fails_its_streams_and_is_reaped(
         _wait(lambda: "Z" not in _decode_children().values(), "the failed child is reaped")
         monkeypatch.setattr(process, "SAFE_PATH", safe_path)
         decoder = _decoder(srv, "rnn")
-        _wait(lambda: srv.call(lambda: decoder._backoff.refusal("rnn")) is None, "back-off")
+
+        def may_start_a_good_child() -> bool:
+            """The back-off has passed and no child is opening the model: health's retry
+            (every second, once the back-off passed) may have started one with the failing
+            command before it was put back, and a stream joining that one fails too."""
+            return not decoder._opening and decoder._backoff.refusal("rnn") is None
+
+        _wait(lambda: srv.call(may_start_a_good_child), "back-off")
         assert len(_ids(_generate(srv.stub, model="rnn", prompt=PROMPT, max_tokens=8))) == 8
     finally:
         srv.stop()
