@@ -488,8 +488,8 @@ def test_a_call_past_its_deadline_is_counted_deadline_exceeded_not_cancelled(
             await release.wait()
 
         srv.app.engine.score = stuck
-        with pytest.raises(grpc.RpcError) as err:
-            srv.stub.Score(pb.ScoreRequest(model="lstm", texts=["ab"]), timeout=0.2)
+        with pytest.raises(grpc.RpcError) as err:  # 2 s: it reaches the handler first
+            srv.stub.Score(pb.ScoreRequest(model="lstm", texts=["ab"]), timeout=2.0)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         left = srv.stub.Score.future(pb.ScoreRequest(model="lstm", texts=["ab"]), timeout=60)
         assert entered.acquire(timeout=20) and entered.acquire(timeout=20)  # both reached it
