@@ -276,13 +276,23 @@ FAILING_CHILD = [
 ]
 
 
+def _children_fail(
+    monkeypatch: pytest.MonkeyPatch, backoff_s: float = 0.05, command: list[str] = FAILING_CHILD
+) -> list[str]:
+    """Decode processes start as `command` (they fail to open the model) with a back-off of
+    `backoff_s`; returns the real command, for the test to put back."""
+    # raising=False: a test fails on behaviour, not here, where the constants are missing
+    monkeypatch.setattr(process, "OPEN_BACKOFF_S", backoff_s, raising=False)
+    monkeypatch.setattr(process, "OPEN_BACKOFF_CAP_S", backoff_s, raising=False)
+    real = process.SAFE_PATH
+    monkeypatch.setattr(process, "SAFE_PATH", command)
+    return real
+
+
 def test_a_child_that_cannot_open_the_model_fails_its_streams_and_is_reaped(
     model_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(process, "OPEN_BACKOFF_S", 0.05)
-    monkeypatch.setattr(process, "OPEN_BACKOFF_CAP_S", 0.05)
-    safe_path = process.SAFE_PATH
-    monkeypatch.setattr(process, "SAFE_PATH", FAILING_CHILD)
+    safe_path = _children_fail(monkeypatch)
     srv = ServerThread(make_settings(model_repo, decode_process=1)).start()
     try:
         with pytest.raises(grpc.RpcError) as err:
@@ -377,11 +387,7 @@ def test_a_model_no_child_can_open_is_refused_without_a_child_per_stream(
     model_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each failed open was a Python + onnxruntime start, for every later batch of joins."""
-    # no retry by time in this test (raising=False: the test fails on behaviour without them)
-    monkeypatch.setattr(process, "OPEN_BACKOFF_S", 3600.0, raising=False)
-    monkeypatch.setattr(process, "OPEN_BACKOFF_CAP_S", 3600.0, raising=False)
-    safe_path = process.SAFE_PATH
-    monkeypatch.setattr(process, "SAFE_PATH", FAILING_CHILD)
+    safe_path = _children_fail(monkeypatch, backoff_s=3600.0)  # no retry by time here
     srv = ServerThread(make_settings(model_repo, decode_process=1)).start()
     try:
         with pytest.raises(grpc.RpcError) as err:
@@ -409,9 +415,7 @@ def test_a_child_that_exits_before_opening_the_model_backs_off_too(
     model_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A crash inside onnxruntime's session build sends no "failed": the exit says it."""
-    monkeypatch.setattr(process, "OPEN_BACKOFF_S", 3600.0, raising=False)
-    monkeypatch.setattr(process, "OPEN_BACKOFF_CAP_S", 3600.0, raising=False)
-    monkeypatch.setattr(process, "SAFE_PATH", ["-c", "raise SystemExit(3)"])  # dies at once
+    _children_fail(monkeypatch, 3600.0, ["-c", "raise SystemExit(3)"])  # dies at once
     srv = ServerThread(make_settings(model_repo, decode_process=1)).start()
     try:
         with pytest.raises(grpc.RpcError) as err:
@@ -442,10 +446,7 @@ def test_a_version_no_child_can_open_is_not_serving_until_one_opens(
 ) -> None:
     """Readiness must not send calls to a version whose new streams are all refused; and as
     an unready replica gets no calls, the server itself retries once the back-off passed."""
-    monkeypatch.setattr(process, "OPEN_BACKOFF_S", 0.05)
-    monkeypatch.setattr(process, "OPEN_BACKOFF_CAP_S", 0.05)
-    safe_path = process.SAFE_PATH
-    monkeypatch.setattr(process, "SAFE_PATH", FAILING_CHILD)
+    safe_path = _children_fail(monkeypatch)
     srv = ServerThread(make_settings(model_repo, decode_process=1)).start()
     try:
         assert _health(srv, "rnn") == SERVING
@@ -466,10 +467,7 @@ def test_a_version_whose_children_die_opening_serves_again_once_one_opens(
     model_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The back-off's time passing (no file change) retries too; other models stay ready."""
-    monkeypatch.setattr(process, "OPEN_BACKOFF_S", 0.05)
-    monkeypatch.setattr(process, "OPEN_BACKOFF_CAP_S", 0.05)
-    safe_path = process.SAFE_PATH
-    monkeypatch.setattr(process, "SAFE_PATH", ["-c", "raise SystemExit(3)"])  # dies at once
+    safe_path = _children_fail(monkeypatch, command=["-c", "raise SystemExit(3)"])  # dies at once
     for name in ("rnn", "gru"):
         shutil.copytree(model_repo / name, tmp_path / name)
     srv = ServerThread(make_settings(tmp_path, decode_process=1)).start()
