@@ -249,9 +249,8 @@ def build_app(
             why = exc.strerror or exc
             raise RuntimeError(f"--http-port {settings.http_port}: {why}") from exc
         http = HttpServer(web_app, sockets, tls)
-    app = App(server, port, engine, health, metrics, settings, admin=admin, tracer=tracer)
-    app.http = http
-    app.calls = interceptor.calls
+    app = App(server, port, engine, health, metrics, settings, admin=admin, tracer=tracer,
+              http=http, calls=interceptor.calls)  # fmt: skip
     app_ref["app"] = app
     return app
 

@@ -32,7 +32,6 @@ from rnnserve.server.http import completions as oa
 from rnnserve.server.http.calls import Call, HttpCalls, json_response, read_json
 from rnnserve.server.http.errors import openai_error
 from rnnserve.server.repository import ModelVersion
-from rnnserve.server.scoring import ScoreResult
 from rnnserve.server.service import CANNOT_OPEN
 from rnnserve.server.text import Encoded, TextCodec
 
@@ -45,10 +44,13 @@ class Finished:
     """One prompt's completion, gathered from its stream."""
 
     text: str = ""
-    tokens: int = 0
     finish: str | None = None
     parts: list[str] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)  # every token shown, a stop string's too
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
 
 
 @dataclass(frozen=True)
@@ -203,15 +205,9 @@ class OpenAIRoutes:
             async for c in chunks:
                 got.parts.append(c.text)
                 got.ids += c.token_ids
-                got.tokens += len(c.token_ids)
                 got.finish = c.finish_reason or got.finish
         got.text = "".join(got.parts)
         return got
-
-    async def _score(self, pinned: Pinned, text: str, top: int) -> ScoreResult:
-        """Engine.score on the pinned version itself, not looked up again by number: a
-        reload may have removed it since its streams ran (its session still works)."""
-        return (await self.engine.score_version(pinned.entry, pinned.codec, [text], top))[0]
 
     async def _logprobs(
         self,
@@ -242,7 +238,10 @@ class OpenAIRoutes:
         tokens, values = list(whole[:1]), [None]
         top: list | None = [None] if req.logprobs else None
         if len(whole) >= 2 and (generated or req.echo):
-            scored = await self._score(pinned, prompt + generated, req.logprobs or 0)
+            # on the pinned version, not looked up again: a reload may have removed it since
+            (scored,) = await self.engine.score_version(
+                pinned.entry, pinned.codec, [prompt + generated], req.logprobs or 0
+            )
             tokens += scored.tokens
             values += scored.token_logprobs
             if top is not None:
@@ -308,13 +307,14 @@ class OpenAIRoutes:
             offsets = [len(p) if req.echo else 0 for p in req.prompts]
             async for i, c in _prepend(first, rest):
                 generated += len(c.token_ids)
-                # offsets count what the tokens spell: a stop string's last message carries
-                # its tokens but no text, and held-back text comes a message after its token
-                pieces = [pinned.codec.piece(t) for t in c.token_ids]
                 lp = None
                 if req.logprobs is not None:
+                    # offsets count what the tokens spell: a stop string's last message
+                    # carries its tokens but no text, and held-back text comes a message
+                    # after its token
+                    pieces = [pinned.codec.piece(t) for t in c.token_ids]
                     lp = oa.message_logprobs(pieces, c.logprob, offsets[i])
-                offsets[i] += sum(len(p) for p in pieces)
+                    offsets[i] += sum(len(p) for p in pieces)
                 event = {**head, "choices": [oa.choice(i, c.text, c.finish_reason, lp)]}
                 await response.write(_event(event))
             if req.include_usage:
