@@ -183,6 +183,8 @@ def joined(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Cluste
         raise PeerFailure(f"{failed}: {_first_line(exc)}") from exc
     finally:
         watchdog.cancel()
+    if cluster.world > 1 and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _interrupt_once)  # a rank process: it exits after
     try:
         yield cluster
     except KeyboardInterrupt:  # Ctrl-C reaches every rank (torchrun and --nproc pass it on)
@@ -342,6 +344,15 @@ def launch(argv: Sequence[str], nproc: int, batch_size: int, timeout_s: float) -
             "checkpoint with --resume RUN_DIR"
         ) from exc
     return 0
+
+
+def _interrupt_once(signum: int, frame: object) -> None:
+    """A rank's SIGINT handler: Ctrl-C reaches it twice, from the terminal's process group
+    and again from the launcher, which passes the signal on; a second KeyboardInterrupt
+    landing while rank 0 says `error: interrupted` cut that line (seen in CI), so the
+    first one is the only one."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def stopped_by(sig: int) -> int:
