@@ -54,7 +54,9 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -269,6 +271,18 @@ def _child_main(
     conn.close()
 
 
+def _weakly(method: Callable[[list[Join]], None]) -> Callable[[list[Join]], None]:
+    """`method`, called through a weak reference to its object (a no-op once it is gone)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(rows: list[Join]) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(rows)
+
+    return call
+
+
 class DecodeProcess(Admissions):
     """Parent side: prefills here, steps in a child process."""
 
@@ -277,9 +291,11 @@ class DecodeProcess(Admissions):
         self.name = name
         self.model = model
         self.config = config
+        # the prefill loop reaches this object weakly: a strong link back would make a cycle,
+        # and a removed version's ORT sessions would wait for a full garbage collection
         self._prefiller = DecodeLoop(name, model, metrics, config.max_batch,
                                      config.stream_interval, config.prefill_chunk, True,
-                                     joins_to=self._prefilled,
+                                     joins_to=_weakly(self._prefilled),
                                      prefill_batch=config.prefill_batch)  # fmt: skip
         self._metrics = {attr: getattr(metrics, attr).labels(model=name) for attr in SHIPPED}
         self._generated = metrics.generated_tokens.labels(model=name)
