@@ -85,3 +85,30 @@ def test_node_bad_flags_exit_64_with_one_line(node, args) -> None:
     [line] = done.stderr.splitlines()
     assert json.loads(line)["code"] == "USAGE"
     assert done.stdout == ""
+
+
+def test_node_token_file_authenticates(
+    node, model_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--token-file keeps the token out of process listings (as rnn-client's): its first
+    line, stripped, is the bearer token; a wrong one is UNAUTHENTICATED (exit 16); an empty or
+    unreadable file, or both flags, is a usage error."""
+    monkeypatch.setenv("RNNSERVE_TOKENS", "s3cret")
+    monkeypatch.delenv("RNNSERVE_TOKEN", raising=False)
+    good, wrong, empty = tmp_path / "good", tmp_path / "wrong", tmp_path / "empty"
+    good.write_text("\ufeffs3cret\r\nnot this line\n")
+    wrong.write_text("guess\n")
+    empty.write_text("\n")
+    call = ["--model", "lstm", "--max-tokens", "3"]
+    with running_server(model_repo, tmp_path) as server:
+        done = run_example(node, server, *call, "--token-file", str(good))
+        assert done.returncode == 0, done.stderr
+        assert any(json.loads(x)["event"] == "token" for x in done.stdout.splitlines())
+        done = run_example(node, server, *call, "--token-file", str(wrong))
+        assert done.returncode == 16, done.stderr  # UNAUTHENTICATED
+        for bad in (["--token-file", str(empty)], ["--token-file", str(tmp_path / "none")],
+                    ["--token", "s3cret", "--token-file", str(good)]):  # fmt: skip
+            done = run_example(node, server, *call, *bad)
+            assert done.returncode == 64, done.stderr
+            assert json.loads(done.stderr.splitlines()[-1])["code"] == "USAGE"
+            assert "s3cret" not in done.stderr

@@ -6,7 +6,7 @@
 //
 //   npm install
 //   node client.js --address localhost:50051 --model lstm --prompt "the time" \
-//       --max-tokens 20 --score "the time traveller"
+//       --max-tokens 20 --score "the time traveller" [--token-file token.txt]
 //
 // Output lines: {"event":"token",...} per Generate message, then {"event":"score",...} per
 // scored text. A gRPC error prints {"event":"error","code":"NOT_FOUND",...} to stderr and
@@ -14,6 +14,7 @@
 // exit 64 (both as rnn-client does).
 "use strict";
 
+const fs = require("node:fs");
 const path = require("node:path");
 const { parseArgs } = require("node:util");
 const grpc = require("@grpc/grpc-js");
@@ -30,7 +31,9 @@ const OPTIONS = {
   prompt: { type: "string", default: "the time" },
   "max-tokens": { type: "string", default: "20" },
   score: { type: "string", multiple: true, default: [] },
-  token: { type: "string", default: process.env.RNNSERVE_TOKEN || "" },
+  // --token shows in process listings: prefer --token-file (its first line) or RNNSERVE_TOKEN
+  token: { type: "string" },
+  "token-file": { type: "string" },
   timeout: { type: "string", default: "30" },
 };
 
@@ -57,7 +60,28 @@ function options() {
   if (!(timeout > 0 && Number.isFinite(timeout))) {
     usage(`--timeout: ${JSON.stringify(values.timeout)} is not a number of seconds > 0`);
   }
+  values.token = bearerToken(values);
   return values;
+}
+
+// --token or --token-file (not both), else RNNSERVE_TOKEN; as rnn-client reads them
+function bearerToken(values) {
+  if (values.token !== undefined && values["token-file"] !== undefined) {
+    usage("--token and --token-file: give one of them");
+  }
+  if (values["token-file"] === undefined) {
+    return values.token ?? process.env.RNNSERVE_TOKEN ?? "";
+  }
+  const file = values["token-file"];
+  let text;
+  try {
+    text = fs.readFileSync(file, "utf8");
+  } catch (err) {
+    usage(`--token-file ${file}: cannot read it (${err.code || err.message})`);
+  }
+  const token = text.split(/\r?\n/)[0].trim();
+  if (!token) usage(`--token-file ${file}: its first line is empty; write the token there`);
+  return token;
 }
 
 function loadInference(address) {
