@@ -57,6 +57,9 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[dict, list[Tens
     head = loads(body)
     if not isinstance(head, dict) or not isinstance(head.get("inputs"), list):
         raise BadRequest("inputs", "the body must be an object with a list `inputs`")
+    if head.get("id") is not None and not isinstance(head["id"], str):
+        # the protocol's id is a string: one of another type was dropped from the reply unsaid
+        raise BadRequest("id", f"must be a string, got {head['id']!r}")
     tensors, at = [], 0
     for i, t in enumerate(head["inputs"]):
         if not isinstance(t, dict):

@@ -260,6 +260,11 @@ def select(outputs: list[Tensor], wanted: list[str]) -> list[Tensor]:
     """The requested outputs, in the order asked (all when none is named)."""
     if not wanted:
         return outputs
+    seen: set[str] = set()
+    for w in wanted:  # as an input given twice, and as Triton refuses it
+        if w in seen:
+            raise BadRequest("outputs", f"{w!r} is asked twice")
+        seen.add(w)
     by_name = {t.name: t for t in outputs}
     unknown = [w for w in wanted if w not in by_name]
     if unknown:

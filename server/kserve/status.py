@@ -55,7 +55,9 @@ class KServeStatus:
         sigs = signatures_for(task)
         return {
             "name": name,
-            "versions": [v.version for v in versions],
+            # the versions a call may ask for (Triton lists its ready ones): one that does not
+            # serve (a failed load, no decode process can open it) would only be refused
+            "versions": [v.version for v in versions if v.serving and self.health.serves(v)],
             "platform": PLATFORM,
             "inputs": _described(sigs[0].inputs) if sigs else [],
             "outputs": _described(sigs[0].outputs) if sigs else [],

@@ -238,6 +238,25 @@ def test_kserve_task_mismatch_and_unknown(base_url: str) -> None:
 _text_input = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a b"]}]}
 
 
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        # a number was dropped from the reply unsaid: a client matching replies by id lost it
+        ({"id": 5}, "id: must be a string, got 5"),
+        # two copies came back; an input given twice is refused, Triton refuses both
+        (
+            {"outputs": [{"name": "perplexity"}, {"name": "perplexity"}]},
+            "outputs: 'perplexity' is asked twice",
+        ),
+    ],
+)
+def test_kserve_rest_refuses_a_bad_id_and_an_output_asked_twice(base_url, extra, words) -> None:
+    status, _, text = post(base_url + "/v2/models/lstm/infer", _text_input | extra)
+    assert status == 400 and json.loads(text)["error"] == words
+    status, _, text = post(base_url + "/v2/models/lstm/infer", _text_input | {"id": None})
+    assert status == 200 and "id" not in json.loads(text)  # null: as if absent
+
+
 def test_kserve_rest_binary_form_and_malformed_bodies(base_url: str) -> None:
     """The binary tensor extension by hand (tritonclient covers the usual path), and bodies
     whose shape is wrong get 400s naming the part."""

@@ -212,3 +212,43 @@ def test_a_reply_over_max_message_bytes_is_sent(model_repo) -> None:
         assert got.ByteSize() > 65536 and list(got.outputs[0].shape) == [16, 1000]
     finally:
         srv.stop()
+
+
+def test_an_output_asked_twice_is_refused(kserve) -> None:
+    """Two `perplexity` outputs came back as two copies (an input given twice is refused,
+    and Triton refuses either); now INVALID_ARGUMENT naming it."""
+    request = _score_request([b"the time"])
+    request.outputs.add(name="perplexity")
+    request.outputs.add(name="perplexity")
+    with pytest.raises(grpc.RpcError) as err:
+        kserve.ModelInfer(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "outputs: 'perplexity' is asked twice"
+
+
+def test_model_metadata_lists_only_versions_that_serve(model_repo, tmp_path) -> None:
+    """ModelMetadata's `versions` listed a version that failed to load (NOT_SERVING) first,
+    so a Triton client that took versions[0] was refused. Triton lists its ready versions;
+    now so does this server, over gRPC and REST."""
+    import json
+    import shutil
+    import urllib.request
+
+    from tests.integration.http.conftest import http_server
+
+    shutil.copytree(model_repo / "lstm" / "1", tmp_path / "lstm" / "1")
+    shutil.copytree(model_repo / "lstm" / "1", tmp_path / "lstm" / "2")
+    (tmp_path / "lstm" / "2" / "model.onnx").write_bytes(b"not a model")  # sha256 differs
+    srv = http_server(tmp_path)
+    try:
+        stub = kpb_grpc.GRPCInferenceServiceStub(srv.channel)
+        for version in ("", "1", "2"):
+            ask = kpb.ModelMetadataRequest(name="lstm", version=version)
+            assert list(stub.ModelMetadata(ask, timeout=10).versions) == ["1"]
+        url = f"http://127.0.0.1:{srv.app.http.port}/v2/models/lstm"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            assert json.loads(reply.read())["versions"] == ["1"]
+        info = srv.stub.GetModel(pb.GetModelRequest(model="lstm"), timeout=10)
+        assert [v.status for v in info.versions] == ["NOT_SERVING", "SERVING"]  # still told
+    finally:
+        srv.stop()
