@@ -106,7 +106,11 @@ class OpenAIRoutes:
 
     # -- models -----------------------------------------------------------------------------
     def _card(self, name: str) -> dict:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "rnnserve"}
+        """OpenAI's model object; `created`: when the default version's files last changed
+        (its export, or its copy into the repository), in Unix seconds."""
+        entry = self.engine.repository.default_version(name)
+        created = int(entry.mtime) if entry is not None else 0
+        return {"id": name, "object": "model", "created": created, "owned_by": "rnnserve"}
 
     def _serves(self, entry: ModelVersion) -> bool:
         """False for a version no decode process can open (grpc.health.v1 NOT_SERVING)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,9 @@ def test_models_lists_the_lm_models(client: openai.OpenAI) -> None:
     assert {"lstm", "gru", "rnn"} <= ids
     assert "bilstm" not in ids and "sine-gru" not in ids  # they cannot Generate
     assert client.models.retrieve("lstm").id == "lstm"
+    # a Unix time, as OpenAI's: when the files were written (it was always 0)
+    assert {m.created for m in client.models.list().data} != {0}
+    assert abs(client.models.retrieve("lstm").created - time.time()) < 86400
 
 
 @pytest.mark.parametrize(("model", "why"), [("sine-gru", "Forecast"), ("bilstm", "Infill")])
