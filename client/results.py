@@ -18,7 +18,9 @@ class TokenEvent:
     token_ids: tuple[int, ...]
     logprob: float  # natural log, summed over token_ids
     finish_reason: str | None = None  # "length" | "stop" | "eos" on the last message
-    state: bytes | None = None  # resume token, last message only, when asked for
+    # resume token: the last message's with return_state; a checkpoint's (state_every, which
+    # failover asks for) on its message, and on the last when the stream ends at max_tokens
+    state: bytes | None = None
 
     @property
     def is_last(self) -> bool:
