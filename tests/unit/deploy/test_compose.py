@@ -119,8 +119,9 @@ def test_healthcheck_is_the_images_grpc_health_check(compose: dict) -> None:
 @pytest.mark.parametrize("name", [*SERVING, "trainer"])
 def test_containers_run_under_an_init_that_forwards_sigterm(compose: dict, name: str) -> None:
     """PID 1 ignores every signal it has no handler for: rnn-server installs its SIGTERM
-    handler only once the models are loaded (sh never does), so a `docker compose stop` during
-    start-up or training was lost and the container sat out the grace period until SIGKILL."""
+    handler only once its imports are done (sh never does), so a `docker compose stop` that
+    early, or during training, was lost and the container sat out the grace period until
+    SIGKILL."""
     assert compose["services"][name].get("init") is True, name
 
 
@@ -209,7 +210,7 @@ def test_envoy_balances_the_replicas(compose: dict) -> None:
 
 def _trainer_argv(shell_command: str) -> list[str]:
     """The `rnn-trainer ...` argv inside `test -f marker || { rnn-trainer ... && touch ...; }`."""
-    words = shlex.split(shell_command)
+    words = shlex.split(shell_command.replace("\\\n", " "))  # the shell's line continuations
     start = words.index("rnn-trainer")
     return words[start + 1 : words.index("&&", start)]
 

@@ -73,6 +73,30 @@ def test_cluster_is_http2_least_request_with_grpc_health_checks(parse) -> None:
     assert check.HasField("grpc_health_check")
 
 
+def test_health_checks_drop_a_draining_replica_within_its_drain_delay(parse) -> None:
+    """compose gives replicas RNNSERVE_DRAIN_DELAY so that Envoy's health checks mark a
+    stopping replica unhealthy before it refuses calls: `unhealthy_threshold` failed checks,
+    one `interval` apart. Envoy uses `no_traffic_interval` instead (60 s when left out) until
+    the cluster has carried a request, so it must not be longer either."""
+    from google.protobuf import duration_pb2
+
+    from tests.unit.deploy.deployfiles import load_compose
+
+    env = load_compose()["services"]["replica"]["environment"]
+    drain = float(env["RNNSERVE_DRAIN_DELAY"])
+    envoy_default_no_traffic = duration_pb2.Duration(seconds=60)
+    for cluster in parse(_config()).static_resources.clusters:
+        (check,) = cluster.health_checks
+        no_traffic = (
+            check.no_traffic_interval
+            if check.HasField("no_traffic_interval")
+            else envoy_default_no_traffic
+        )
+        slowest = max(check.interval.ToTimedelta(), no_traffic.ToTimedelta()).total_seconds()
+        noticed = check.unhealthy_threshold.value * slowest + check.timeout.ToTimedelta().seconds
+        assert noticed <= drain, (cluster.name, noticed, drain)
+
+
 def _routes(parse):
     from envoy.extensions.filters.network.http_connection_manager.v3 import (
         http_connection_manager_pb2 as hcm_pb2,

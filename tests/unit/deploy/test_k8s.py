@@ -92,7 +92,7 @@ def test_probes_readiness_on_grpc_health_liveness_on_healthz(server_parser) -> N
     the kubelet restart the pod forever."""
     from wsgiref.util import setup_testing_defaults
 
-    from rnnserve.server.metrics import Metrics, endpoints_app
+    from rnnserve.server.metrics import LOOP_ANSWER_S, Metrics, endpoints_app
 
     container = _server_container()
     settings = server_parser.parse_args(container["args"])
@@ -113,6 +113,9 @@ def test_probes_readiness_on_grpc_health_liveness_on_healthz(server_parser) -> N
 
         app(environ, start_response)
         assert status == ["200 OK"], f"{probe}: the server answers {get['path']} with {status}"
+        # /healthz asks the event loop and waits up to LOOP_ANSWER_S for it: a probe that
+        # gives up first (the kubelet's default timeout is 1 s) fails a loop that answered
+        assert container[probe].get("timeoutSeconds", 1) > LOOP_ANSWER_S, probe
 
 
 def test_termination_grace_outlasts_the_servers_own_shutdown(monkeypatch) -> None:
@@ -173,7 +176,7 @@ def test_each_server_pod_fetches_the_zoo_into_its_own_volume(server_parser) -> N
     assert f"{served_dir}/{archive}" in trainer
     marker = serve["readinessProbe"]["httpGet"]["path"]
     written = f"> {served_dir}{marker}"
-    assert trainer.rstrip("; }").endswith(written), "the marker is last"
+    assert trainer.rstrip("; }\n").endswith(written), "the marker is last"
     assert trainer.index(f"{served_dir}/{archive}") < trainer.index(written)
 
 
@@ -272,11 +275,26 @@ def test_trainer_job_publishes_a_new_zoo_when_its_generation_changes(tmp_path) -
     assert len(_run_trainer_job(tmp_path, None)) == 1, "the same generation: nothing to do"
     (claim / ".zoo-complete").write_text("")  # what the Job wrote before generations
     assert len(_run_trainer_job(tmp_path, first)) == 1, "an old marker is the first generation"
-    assert len(_run_trainer_job(tmp_path, "next")) == 2, "a new generation: trains again"
     with tarfile.open(claim / "zoo.tar.gz") as archive:
-        model = archive.extractfile("./lstm/1/model.onnx").read()
-    assert model == b"next\n", "the archive is the new zoo"
-    assert len(_run_trainer_job(tmp_path, "next")) == 2
+        assert archive.extractfile("./lstm/1/model.onnx").read() == f"{first}\n".encode()
+    assert len(_run_trainer_job(tmp_path, "2")) == 2, "a new generation: trains again"
+    with tarfile.open(claim / "zoo.tar.gz") as archive:
+        names = archive.getnames()
+        model = archive.extractfile("./lstm/2/model.onnx").read()
+    assert model == b"2\n", "the archive is the new zoo"
+    # new weights under a new version number: a resume token made on a pod that still
+    # serves the old zoo must not be continued on the new weights (see the Job's comment)
+    assert "./lstm/1" not in names, names
+    assert len(_run_trainer_job(tmp_path, "2")) == 2
+
+
+def test_trainer_job_refuses_a_generation_that_is_no_version_number(tmp_path) -> None:
+    """ZOO_GENERATION becomes the models' version folder: a name that is not a whole number
+    would be a folder the server skips (no version), so the Job stops before training."""
+    for generation in ("next", "0", "02", ""):  # 0 is no version; 02 would be a second 2
+        with pytest.raises(AssertionError, match="must be a whole number"):
+            _run_trainer_job(tmp_path, generation)
+    assert not (tmp_path / "trainings.log").exists()
 
 
 def test_storage_works_on_a_read_write_once_default_class() -> None:
