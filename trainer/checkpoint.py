@@ -125,12 +125,15 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         data = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign file: one line, not a traceback
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        foreign = "it is not a file torch.save wrote (give checkpoint.pt or the run dir)"
         if "Weights only load failed" in str(exc):  # torch's long advice to unpickle anyway
             why = "it holds Python objects, not only tensors and plain data, so it is not loaded"
             if not _torch_file(file):  # log.jsonl, model.onnx: no pickle of torch's at all
-                why = "it is not a file torch.save wrote (give checkpoint.pt or the run dir)"
+                why = foreign
+        elif not isinstance(exc, OSError) and not _torch_file(file, empty=True):
+            why = foreign  # a text file: the unpickler's "pop from empty list" or "105"
         elif _damaged(exc):  # torch says "[Errno 22] Invalid argument" for a cut-off file
-            why = f"it is truncated or damaged ({why[:200]})"
+            why = f"it is truncated or damaged ({_first_sentence(why)[:200]})"
         raise TrainerError(f"{file} is not a readable rnnserve checkpoint: {why}") from exc
     if not isinstance(data, dict) or "state_dict" not in data or "vocab" not in data:
         raise TrainerError(f"{file} is not an rnnserve checkpoint (no state_dict/vocab)")
@@ -139,15 +142,21 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     return data
 
 
-def _torch_file(file: Path) -> bool:
+def _torch_file(file: Path, empty: bool = False) -> bool:
     """Whether `file` starts as torch.save output does: a zip archive (PyTorch 1.6 on) or a
-    pickle (the legacy format)."""
+    pickle (the legacy format); an empty file counts when `empty` (a cut-off checkpoint)."""
     try:
         with open(file, "rb") as fh:
             head = fh.read(4)
     except OSError:
         return True  # unreadable: the error torch gave says why
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or (empty and not head)
+
+
+def _first_sentence(text: str) -> str:
+    """torch's zip reader follows its reason with advice that a 200-character cut ends
+    mid-sentence ("... your checkpoint file is"): keep the reason alone."""
+    return text.split(". ", 1)[0]
 
 
 def _damaged(exc: BaseException) -> bool:

@@ -5,7 +5,8 @@ Any TrainerError (or a manifest/tokenizer ValueError from bad flags) becomes one
 ``error: ...`` on stderr and exit status 2; modules owned by others are imported lazily so a
 missing one is reported the same way instead of breaking every subcommand. Ctrl-C exits 130
 (an interrupted `train` names the command that resumes it); a stdout closed by its reader
-(`| head`) ends `stats` and `sample` with 0, and fails the others with 2.
+(`| head`) ends `stats` and `sample` with 0, and fails the others with 2 unless the package
+they make is already written (then only its report was cut: 0).
 """
 
 from __future__ import annotations
@@ -347,6 +348,8 @@ def run_train(args: argparse.Namespace) -> int:
     bidirectional = args.bidirectional or args.task == "infill"
     if args.task == "lm" and bidirectional:
         raise TrainerError("a bidirectional model cannot be a left-to-right lm; use --task infill")
+    if args.resume and args.arch in ("rnn", "gru", "lstm"):
+        bidirectional = _follow_resumed_run(args) or bidirectional
     default = f"bi{args.arch}" if bidirectional else args.arch  # `--name ""` is refused below
     name = default if args.name is None else args.name
     package_dir(Path(args.out), name, args.version)  # refused now, not after the training
@@ -355,7 +358,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.arch in ("ngram", "hmm"):
         args.epochs = 10 if args.epochs is None else args.epochs
         if bidirectional:
-            raise TrainerError(f"--bidirectional applies to rnn/gru/lstm, not {args.arch}")
+            flag = "--task infill" if args.task == "infill" else "--bidirectional"  # as given
+            raise TrainerError(f"{flag} applies to rnn/gru/lstm, not {args.arch}")
         if args.resume:  # it was ignored: a fresh model replaced what the user meant to go on
             raise TrainerError(f"--resume continues rnn/gru/lstm training, not {args.arch}")
         path = train_count_model(
@@ -398,17 +402,68 @@ def run_train(args: argparse.Namespace) -> int:
             with fp32_dir:
                 try:
                     path = _convert_trained(Path(path), args)
-                except TrainerError as exc:
+                except TrainerError as exc:  # the retry as retry.py words it: every
+                    from rnnserve.trainer.retry import retry_command  # precision flag, quoted
+
+                    kept = run_dir / "checkpoint.pt"
+                    retry = retry_command(
+                        kept, Path(args.out), name, args.version, precision_flags(args)
+                    )
                     raise TrainerError(
-                        f"{exc}; the trained model is kept in {run_dir}/checkpoint.pt; retry"
-                        f" with: rnn-trainer export --checkpoint {run_dir}/checkpoint.pt --out"
-                        f" {args.out} --name {name} --version {args.version} --precision"
-                        f" {args.precision}"
+                        f"{exc}; the trained model is kept in {kept}; retry with: {retry}"
                     ) from exc
+        args.published = path  # what is left is to say so (a closed stdout: still done)
         if (run_dir / "log.jsonl").exists():  # a resumed run that had ended trains nothing
             print(f"training log and curve: {run_dir}/log.jsonl, {run_dir}/curve.png")
+    args.published = path
     print(f"exported {path}")
     return 0
+
+
+MODEL_FLAGS = ("hidden", "layers", "embed", "dropout", "weight_drop")
+
+
+def _given(argv: list[str], dest: str) -> bool:
+    """Whether the flag of `dest` is on the command line (train takes no abbreviations)."""
+    flag = "--" + dest.replace("_", "-")
+    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
+
+
+def _follow_resumed_run(args: argparse.Namespace) -> bool:
+    """`train --resume R` without --arch or --level: the flags left out take the recipe of
+    R's own arch and level, and its model shape, tokenizer and direction (returned: whether
+    it is bidirectional). A GRU run resumed with no --arch trained on with the LSTM's
+    recipe (lr 0.005, no weight decay instead of 0.003 and 0.2), and the resume note
+    listed `--arch lstm, --hidden 512, ...` as ignored flags nobody gave."""
+    argv = getattr(args, "argv", None)
+    if argv is None:  # called as a library: the namespace holds no command line
+        return False
+    from rnnserve.trainer.checkpoint import load_checkpoint
+
+    try:
+        checkpoint = load_checkpoint(args.resume)
+    except TrainerError:
+        return False  # said where the run reads it (under torchrun once, by rank 0)
+    config, tokenizer = checkpoint.get("model_config"), checkpoint.get("tokenizer")
+    if not isinstance(config, dict) or not isinstance(tokenizer, dict):
+        return False  # a count model's or a damaged one: the resume refuses it by name
+    if not _given(argv, "arch") and config.get("arch") in ("rnn", "gru", "lstm"):
+        args.arch = config["arch"]
+    if not _given(argv, "level") and tokenizer.get("level") in ("char", "word"):
+        args.level = tokenizer["level"]
+    if not _given(argv, "keep_punctuation") and "letters_only" in tokenizer:
+        args.keep_punctuation = not tokenizer["letters_only"]
+    data = checkpoint.get("data")
+    if not _given(argv, "min_freq") and isinstance(data, dict) and "min_freq" in data:
+        args.min_freq = data["min_freq"]  # the vocabulary's: kept whatever the flag says
+    for dest, value in recipe_for(args.level, args.arch).flag_defaults().items():
+        if not _given(argv, dest):
+            setattr(args, dest, value)
+    for dest in MODEL_FLAGS:
+        if not _given(argv, dest) and dest in config:
+            setattr(args, dest, config[dest])
+    given_direction = _given(argv, "bidirectional") or _given(argv, "task")
+    return not given_direction and bool(config.get("bidirectional"))
 
 
 def _readable_inputs(corpus: str | None, resume: str | None) -> None:
@@ -467,6 +522,7 @@ def run_export(args: argparse.Namespace) -> int:
         metrics=metrics, training=training, checkpoint=keep,
         probe=validation_probe(data), probe_source="the validation split", **options(args),
     )  # fmt: skip
+    args.published = path
     print(f"exported {path}")
     return 0
 
@@ -507,8 +563,9 @@ def _provenance(source: Path, data: dict, task: str) -> tuple[dict[str, float], 
 def run_zoo(args: argparse.Namespace) -> int:
     from rnnserve.trainer.zoo import build_zoo
 
-    paths = build_zoo(Path(args.out), preset=args.preset, only=args.only,
-                      progress=not args.no_progress)  # fmt: skip
+    paths = build_zoo(  # --no-progress hides the bars, not the lines
+        Path(args.out), args.preset, args.only, progress=not args.no_progress, log=print
+    )
     what = "model" if len(paths) == 1 else "models"
     print(f"zoo: {len(paths)} {what} in {args.out}: " + ", ".join(p.parent.name for p in paths))
     return 0
@@ -546,6 +603,11 @@ def run_ended(args: argparse.Namespace) -> int:
     if why is None:
         history = checkpoint.get("history") or []
         done = int(history[-1].get("epoch") or 0) if history else 0
+        if args.epochs is not None and 0 < args.epochs <= done:  # exit 1 sent a Job on to a
+            raise TrainerError(  # `train --resume` that refuses it: "raise --epochs"
+                f"{file}: the run is not over and has {done} epochs already, so --epochs "
+                f"{args.epochs} cannot continue it (`train --resume` refuses it): raise --epochs"
+            )
         print(f"{file}: after epoch {done} the run has epochs left to train")
         return 1
     print(f"{file}: {why}")
@@ -652,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if args.command in PRINTING_COMMANDS:  # `rnn-trainer stats | head`: not an error
             return 0
+        if getattr(args, "published", None) is not None:  # only the report of it was cut:
+            return 0  # `export | head -0` said "stopped before it ended" with the package out
         # `train ... | head -1` ended the run before its first epoch and exited 0, as if a
         # model had been exported: the work stopped, so it fails, saying how to go on
         print(

@@ -67,8 +67,8 @@ class NgramConfig:
             raise TrainerError(f"excluded ids {self.excluded} must leave some of the vocabulary")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise TrainerError(
-                f"Laplace alpha must be a positive number, got {self.alpha} "
-                "(alpha = 0 gives unseen n-grams probability 0 and infinite perplexity)"
+                f"Laplace alpha must be a positive finite number, got {self.alpha}"
+                + (" (alpha = 0 gives unseen n-grams probability 0)" if self.alpha == 0 else "")
             )
 
     @property

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
                 path, Path(args.out), args.name, args.version, probe=text,
                 probe_source=args.text or "given text", **precision_cli.options(args),
             )  # fmt: skip
+    args.published = path  # written: a stdout closed from here on cuts only the report
     for note in request.notes:
         print(note)
     print(f"packaged {path}")

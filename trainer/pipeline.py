@@ -30,7 +30,7 @@ from rnnserve.trainer.checkpoint import (
 )
 from rnnserve.trainer.corpus import build_corpus, read_corpus, split_ids
 from rnnserve.trainer.early_stopping import EarlyStopping
-from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.errors import TrainerError, os_reason
 from rnnserve.trainer.export import export_model
 from rnnserve.trainer.models import RNN_ARCHS, ModelConfig, build_model
 from rnnserve.trainer.plot import plot_history
@@ -383,7 +383,7 @@ def _writable_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise TrainerError(f"cannot create the run dir {run_dir}: {exc.strerror or exc}") from exc
+        raise TrainerError(f"cannot create the run dir {run_dir}: {os_reason(exc)}") from exc
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise TrainerError(f"cannot write to the run dir {run_dir}; choose another --run-dir")
 

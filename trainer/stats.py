@@ -111,6 +111,11 @@ def plot_format(path: Path) -> str:
     got PNG bytes."""
     if path.is_dir():
         raise TrainerError(f"--plot {path} is a directory; give a file name such as zipf.png")
+    for parent in path.parents:  # a file in the way of its folder: said before the tables too
+        if parent.exists():
+            if not parent.is_dir():
+                raise TrainerError(f"--plot {path}: {parent} is a file, not a directory")
+            break
     fmt = path.suffix[1:].lower() or "png"
     if fmt not in PLOT_FORMATS:
         raise TrainerError(f"--plot {path}: unknown image suffix .{fmt}; use .png, .svg or .pdf")

@@ -63,8 +63,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.epochs < 1:
             raise TrainerError("--epochs must be at least 1")
-        if not self.lr > 0:
-            raise TrainerError("--lr must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)):  # inf: "loss became nan" at batch 2
+            raise TrainerError(f"--lr must be positive and finite, got {self.lr}")
         if not 0 < self.lr_decay <= 1:
             raise TrainerError("--lr-decay must be in (0, 1]")
         # `not x >= 0` also refuses NaN, which `x < 0` lets through (NaN clip: silently off)

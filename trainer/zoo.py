@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,9 +72,17 @@ def _check_out(out: Path, names: list[str]) -> None:
 
 
 def build_zoo(
-    out: Path, preset: str = "default", only: list[str] | None = None, progress: bool = True
+    out: Path,
+    preset: str = "default",
+    only: list[str] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> list[Path]:
-    """Trains and exports the zoo into out/<name>/1/; returns the package dirs written."""
+    """Trains and exports the zoo into out/<name>/1/; returns the package dirs written.
+
+    `progress`: the tqdm bars; `log`: the lines (each model, epoch and export), by default
+    printed with the bars and silent without (a library call). `zoo --no-progress` keeps
+    the lines: it printed nothing for the default preset's minutes of training."""
     if preset not in PRESETS:
         raise TrainerError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if only is not None and not only:  # `--only` given no names: build nothing, silently
@@ -86,7 +95,8 @@ def build_zoo(
     out = Path(out)
     _check_out(out, wanted)
     data = DataConfig(max_tokens=p.max_tokens)
-    log = print if progress else (lambda *_: None)
+    if log is None:
+        log = print if progress else (lambda *_: None)
     written: list[Path] = []
     for i, name in enumerate(n for n in wanted if n in TEXT_MODELS):
         started = time.monotonic()
@@ -133,5 +143,5 @@ def build_zoo(
             )
         else:
             log(f"== forecasting models {', '.join(forecast)} ({preset}) ==")
-            written += build_forecast_models(out, preset, only=forecast, progress=progress)
+            written += build_forecast_models(out, preset, only=forecast, log=log)
     return written

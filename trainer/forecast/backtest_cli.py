@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.errors import TrainerError, os_reason
 from rnnserve.trainer.forecast.flags import MLP_HIDDEN, RECURRENT_HIDDEN, add_series_arguments
 from rnnserve.trainer.forecast.metrics import finite_scores
 from rnnserve.trainer.forecast.series import MISSING_POLICIES, load_csv
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     try:  # before training, so an unusable --out-dir does not cost the run
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise TrainerError(f"cannot write {out}: {exc.strerror or exc}") from None
+        raise TrainerError(f"cannot write {out}: {os_reason(exc)}") from None
     result = backtest(
         values, f"{args.series}:{args.column}", configs, tau=args.tau,
         test_size=args.test_size, val_size=args.val_size, transform=args.transform or "auto",
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)  # --name may name a subdirectory
         target.write_text(json.dumps(report(result, configs), indent=2) + "\n")
     except OSError as exc:
-        raise TrainerError(f"cannot write {target}: {exc.strerror or exc}") from None
+        raise TrainerError(f"cannot write {target}: {os_reason(exc)}") from None
     print(f"wrote {target}")
     if not args.no_plot:
         from rnnserve.trainer.forecast.plot import plot_backtest

@@ -109,6 +109,22 @@ def _rollout(given: int | None, num_steps: int | None) -> int:
     return DEFAULT_ROLLOUT if num_steps is None else min(DEFAULT_ROLLOUT, num_steps)
 
 
+# `train` flags of the language models that a forecaster has no use for: given with --task
+# forecast they were silently ignored (`--optimizer sgd`, `--time-budget 60` looked followed)
+TEXT_ONLY_FLAGS = (
+    "embed", "dropout", "weight_drop", "lr_decay", "average_from", "time_budget", "optimizer",
+    "weight_decay", "bptt", "bptt_k", "bptt_p", "sampling", "threads", "n", "alpha", "states",
+    "hmm_method", "level", "keep_punctuation", "min_freq", "val_fraction", "max_tokens",
+    "run_dir",
+)  # fmt: skip
+
+
+def _text_only_flags(argv: list[str]) -> list[str]:
+    """The TEXT_ONLY_FLAGS on the command line, as spelt there (`train` takes no abbreviations)."""
+    flags = ["--" + dest.replace("_", "-") for dest in TEXT_ONLY_FLAGS]
+    return [f for f in flags if any(a == f or a.startswith(f + "=") for a in argv)]
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Trains, prints the MSE table, exports to args.out/<name>/<version>; returns 0."""
     if getattr(args, "bidirectional", False):
@@ -117,6 +133,13 @@ def run_train(args: argparse.Namespace) -> int:
         raise TrainerError("--task forecast reads --series FILE.csv --column NAME, not --corpus")
     if getattr(args, "resume", None):
         raise TrainerError("--resume is not supported for --task forecast (runs take seconds)")
+    ignored = _text_only_flags(getattr(args, "argv", None) or [])
+    if ignored:
+        raise TrainerError(
+            f"{', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} to the language"
+            " models, not to --task forecast (its flags: `rnn-trainer train --task forecast"
+            " --help`)"
+        )
     config = config_from_args(args)
     series, *alternatives = load_candidates(
         args.series, args.column, config.tau, args.missing, split=args.split,
@@ -128,6 +151,10 @@ def run_train(args: argparse.Namespace) -> int:
     package_dir(Path(args.out), name, version)  # a bad name or version: now, not after training
     out = Path(args.out)
     plot = Path(args.plot) if args.plot else out / name / version / "forecast.png"
+    if args.plot:  # a bad --plot is said now, not after the model is trained and published
+        from rnnserve.trainer.forecast.plot import plot_format
+
+        plot_format(plot)
     print(
         f"forecast {config.arch}: {len(series.values)} values from {series.source}, "
         f"train {series.num_train}, {series.held_out} {len(series.values) - series.num_train}, "

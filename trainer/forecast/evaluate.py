@@ -144,7 +144,10 @@ def evaluate_all(
 
 
 def format_table(table: dict[str, dict[int, float]], horizons=HORIZONS) -> str:
-    """A fixed-width text table, one row per predictor."""
+    """A fixed-width text table, one row per predictor; a horizon with no held-out target
+    (NaN in every row: a short test range has none at k = 64) is left out, as the manifest
+    leaves it out, rather than printed as a column of nan."""
+    horizons = [k for k in horizons if any(np.isfinite(row[k]) for row in table.values())]
     width = max(12, *(len(n) + 2 for n in table))
     lines = ["model".ljust(width) + "".join(f"k={k}".rjust(10) for k in horizons)]
     for name, row in table.items():

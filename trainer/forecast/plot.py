@@ -14,6 +14,26 @@ from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.forecast.evaluate import KStepResult
 from rnnserve.trainer.forecast.series import Series
 
+PLOT_FORMATS = ("png", "svg", "pdf")  # by the file's suffix; none: png
+
+
+def plot_format(path: Path, flag: str = "--plot") -> str:
+    """The format a plot file is written in, by its suffix (none: png), checked before any
+    training: `--plot pic.txt` failed after the model was trained and published (exit 2),
+    and `--plot out` wrote out.png while saying "wrote out"."""
+    path = Path(path)
+    if path.is_dir():
+        raise TrainerError(f"{flag} {path} is a directory; give a file name such as forecast.png")
+    for parent in path.parents:  # the nearest existing folder above it must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise TrainerError(f"{flag} {path}: {parent} is a file, not a directory")
+            break
+    fmt = path.suffix[1:].lower() or "png"
+    if fmt not in PLOT_FORMATS:
+        raise TrainerError(f"{flag} {path}: unknown image suffix .{fmt}; use .png, .svg or .pdf")
+    return fmt
+
 
 def _pyplot():
     try:
@@ -40,7 +60,7 @@ def draw_k_step(ax, series: Series, result: KStepResult, horizons=(1, 4, 16, 64)
     ax.set_xlabel("time")
     ax.set_ylabel("x")
     ax.set_title(title or f"{result.name}: k-step predictions (train | test)")
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="best", fontsize=8)  # lower left hid the start of a rising series
 
 
 def draw_mse_bars(ax, table: dict[str, dict[int, float]], horizons=(1, 4, 16, 64), title=""):
@@ -106,9 +126,10 @@ def plot_backtest(result, path: Path, k: int = 16, context: int | None = None) -
 def _save(fig, plt, path: Path) -> Path:
     path = Path(path)
     try:
+        fmt = plot_format(path, "cannot write plot")  # as named: matplotlib adds .png to none
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, format=fmt)
     except OSError as exc:
         raise TrainerError(f"cannot write plot {path}: {exc.strerror or exc}") from None
     finally:

@@ -105,8 +105,16 @@ def load_csv(
         hint = ""
         if header and all(_is_number(h) for h in header):  # the first row was data
             hint = "; its first row holds numbers, not column names: add a header row"
+        separators = [sep for sep in ";\t|" if len(header) == 1 and sep in header[0]]
+        if separators:  # `t;load` read as one column named "t;load"
+            hint = f"; the file is read as comma-separated, and its header holds {separators[0]!r}"
         raise SeriesError(
             f"column {column!r} is not in {path} (columns: {', '.join(header) or 'none'}){hint}"
+        )
+    if header.count(column) > 1:  # the first one was read, silently
+        raise SeriesError(
+            f"column {column!r} appears {header.count(column)} times in the header of {path}; "
+            "rename all but the one to forecast"
         )
     index = header.index(column)
     # In a one-column file an empty line is an empty cell (pandas writes NaN that way): a

@@ -7,6 +7,7 @@ handful of steps, for tests.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from rnnserve.trainer.errors import TrainerError
@@ -32,7 +33,11 @@ _CONFIGS = {
 
 
 def build_forecast_models(
-    out: Path, preset: str = "default", only: list[str] | None = None, progress: bool = False
+    out: Path,
+    preset: str = "default",
+    only: list[str] | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Trains and exports the sine models into out/<name>/1/; returns the package dirs.
 
@@ -40,7 +45,8 @@ def build_forecast_models(
     if preset not in _CONFIGS:
         raise TrainerError(f"unknown preset {preset!r}; choose one of {', '.join(_CONFIGS)}")
     series = load_series(None, None, TAU)
-    log = print if progress else (lambda *_: None)
+    if log is None:  # `progress`: print the runs' lines
+        log = print if progress else (lambda *_: None)
     written: list[Path] = []
     for name in FORECAST_ZOO:
         if only is not None and name not in only:
