@@ -284,7 +284,36 @@ def state_signer(settings: Settings) -> StateSigner:
 
 
 async def serve(settings: Settings) -> int:
-    """Runs until SIGTERM/SIGINT, then drains within --grace seconds."""
+    """Runs until SIGTERM/SIGINT, then drains within --grace seconds.
+
+    /metrics, /healthz and /readyz listen before the models load (or download): the process
+    is alive from its start and ready once loaded, as Triton's live and ready, so a long load
+    neither fails a liveness or startup probe nor reads as a replica down (`up == 0`)."""
+    loop = asyncio.get_running_loop()
+    metrics = Metrics(version=_installed("rnnserve"), onnxruntime_version=_onnxruntime_version())
+    built: list[App] = []  # the app, once its models are loaded
+    status = -1  # until _serve returns: a stop while starting raises through
+    answers = loop_answers(loop)
+    try:
+        endpoints = metrics.serve_http(
+            settings.metrics_port,
+            ready=lambda: bool(built) and built[0].health.ready,
+            # while loading, the event loop is busy with the load by design: not a wedge
+            alive=lambda: not built or answers(),
+        )
+    except OSError as exc:
+        log.error("cannot start: --metrics-port %d: %s", settings.metrics_port, exc.strerror)
+        return 2
+    try:
+        status = await _serve(settings, metrics, built)
+    finally:
+        if status and endpoints is not None:  # it did not start: free the port (in-process
+            endpoints.shutdown()  # callers); after a run the process ends, and with it the
+            endpoints.server_close()  # thread (shutdown() would wait out its 0.5 s poll)
+    return status
+
+
+async def _serve(settings: Settings, metrics: Metrics, built: list[App]) -> int:
     try:
         tokens = load_tokens(settings.tokens_file)
         admin_tokens = load_tokens(settings.admin_tokens_file, variable=ADMIN_TOKENS_ENV)
@@ -296,7 +325,7 @@ async def serve(settings: Settings) -> int:
         guard = access_guard(tokens, admin_tokens)
         guards = [guard] if guard else []
         extra = [OpenServicesAuth(guards[0])] if guards and settings.auth_health else []
-        app = build_app(settings, guards=guards, extra_interceptors=extra)
+        app = build_app(settings, metrics, guards=guards, extra_interceptors=extra)
     except (TokenFileError, TlsConfigError, TracingUnavailable) as exc:
         log.error("cannot start: %s", exc)
         return 2
@@ -304,17 +333,11 @@ async def serve(settings: Settings) -> int:
         log.error("cannot start: %s", exc)
         return 2
     # the models are loaded: from here a stop drains (main's start-up handler ends here)
+    built.append(app)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        app.metrics.serve_http(
-            settings.metrics_port, ready=lambda: app.health.ready, alive=loop_answers(loop)
-        )
-    except OSError as exc:
-        log.error("cannot start: --metrics-port %d: %s", settings.metrics_port, exc.strerror)
-        return 2
     await app.start()
     log.info(
         "rnn-server listening on %s:%d",

@@ -143,3 +143,61 @@ def test_sigterm_during_a_hung_rescan_exits(model_repo: Path, tmp_path: Path) ->
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def _get(url: str) -> int:
+    """The status of a GET, or -1 when nothing answers (the port is not open)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return -1
+
+
+def test_probes_answer_while_the_models_load(model_repo: Path, tmp_path: Path) -> None:
+    """/healthz, /readyz and /metrics listen before the models load: a load that takes long
+    (a large model, a slow download; here a manifest that is a FIFO nobody writes) is alive
+    (200) and not ready (503), so Kubernetes neither restarts it nor sends it traffic, and
+    Prometheus does not read it as down. The endpoints only opened once everything was
+    loaded, so the startup probe killed a server whose load outlasted it."""
+    repo = tmp_path / "models"
+    shutil.copytree(model_repo / "lstm", repo / "lstm")
+    hung = repo / "lstm" / "99"
+    hung.mkdir()
+    shutil.copy(repo / "lstm" / "1" / "model.onnx", hung / "model.onnx")
+    os.mkfifo(hung / "manifest.json")
+    metrics_port = _free_port()
+    log = tmp_path / "server.log"
+    cmd = [str(BIN / "rnn-server"), "--model-repo", str(repo), "--host", "127.0.0.1",
+           "--port", str(_free_port()), "--metrics-port", str(metrics_port)]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{metrics_port}"
+    writer = -1
+    try:
+        end = time.monotonic() + WAIT_S
+        while writer < 0:  # the load has the FIFO open: it waits in read() for ever
+            try:
+                writer = os.open(hung / "manifest.json", os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO, exc
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < end, log.read_text()[-3000:]
+                time.sleep(0.05)
+        assert _get(base + "/healthz") == 200, log.read_text()[-3000:]
+        assert _get(base + "/readyz") == 503
+        assert _get(base + "/metrics") == 200
+        proc.send_signal(signal.SIGTERM)  # stopped while starting: at once, exit 0
+        assert proc.wait(timeout=WAIT_S) == 0, log.read_text()[-3000:]
+        assert "while starting" in log.read_text()
+    finally:
+        if writer >= 0:
+            os.close(writer)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
