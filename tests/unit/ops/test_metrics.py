@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
-from prometheus_client import CollectorRegistry, multiprocess
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
 from rnnserve.server.metrics import LATENCY_BUCKETS, Metrics, ProcessesCollector, endpoints_app
 from rnnserve.server.workers import workers_ready
@@ -33,6 +33,17 @@ def test_latency_buckets_resolve_10us_to_60s() -> None:
     assert r.get_sample_value("rnnserve_step_duration_seconds_bucket", labels) == 1
     below = {**labels, "le": "1e-05"}
     assert r.get_sample_value("rnnserve_step_duration_seconds_bucket", below) == 0
+
+
+def test_no_created_series() -> None:
+    """prometheus_client adds a `_created` timestamp per counter and histogram child; under
+    --workers the merged files have none, so the two modes exposed different series."""
+    m = Metrics()
+    m.generated_tokens.labels(model="lstm").inc()
+    m.request_duration.labels(rpc="Generate", model="lstm", code="OK").observe(0.1)
+    text = generate_latest(m.registry).decode()
+    assert "rnnserve_generated_tokens_total" in text
+    assert "_created" not in text
 
 
 def test_build_info_and_process_metrics() -> None:
