@@ -54,10 +54,10 @@ def is_replica_failure(error: RnnServeError, *, resuming: bool = False) -> bool:
     stream): then RESOURCE_EXHAUSTED (this replica is full, likeliest just when it absorbs a
     dead one's streams), NOT_FOUND (this replica lacks the model or the checkpoint's
     version, as during a rolling deploy) and FAILED_PRECONDITION (the version is NOT_SERVING
-    here: it failed to load on this replica) and INVALID_ARGUMENT for a checkpoint signed with
-    a key this replica lacks (a key rotation rolling out: the next replica may hold it) say
-    something about this replica, not about the request: the tokens delivered prove another
-    replica served it."""
+    here: it failed to load on this replica; or it serves other weights under that number)
+    and INVALID_ARGUMENT for a checkpoint signed with a key this replica lacks (a key
+    rotation rolling out: the next replica may hold it) say something about this replica,
+    not about the request: the tokens delivered prove another replica served it."""
     if error.code in ("UNAVAILABLE", "CANCELLED"):
         return True
     if resuming and error.code in ("RESOURCE_EXHAUSTED", "NOT_FOUND", "FAILED_PRECONDITION"):

@@ -43,6 +43,14 @@ class UnsupportedTask(ServeError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class OtherWeights(ServeError):
+    """A resume token made by other weights under the same model and version (a version
+    number reused for a new export): FAILED_PRECONDITION, which failover passes over to a
+    replica that still serves the token's weights."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Overloaded(ServeError):
     """A server limit is reached (concurrent streams): RESOURCE_EXHAUSTED; retry later."""
 

@@ -115,8 +115,9 @@ class Generator:
         if p.state:
             m = self.entry.manifest
             resumed = self.signer.verify(
-                p.state, self.entry.name, self.entry.version, m.state, len(self.codec)
-            )
+                p.state, self.entry.name, self.entry.version, m.state, len(self.codec),
+                weights=m.onnx_sha256,
+            )  # fmt: skip
         ids = self.codec.encode(p.prompt, "prompt", s.max_prompt_tokens).ids if p.prompt else []
         if not ids and resumed is None:
             if p.prompt:  # text the tokenizer erases (spaces at word level, punctuation only)
@@ -148,10 +149,12 @@ class Generator:
                 span.add_event("first_token", {"prompt_tokens": len(ids)})
 
         signer = None
+        weights = entry.manifest.onnx_sha256 if entry.manifest else ""
         if p.return_state or p.state_every:
 
             def signer(state, last_token, progress: Progress | None) -> bytes:
-                return self.signer.sign(name, entry.version, state, last_token, progress)
+                return self.signer.sign(name, entry.version, state, last_token, progress,
+                                        weights=weights)  # fmt: skip
 
         eos = self.codec.vocab.eos
         at = resumed.progress if resumed else None

@@ -9,6 +9,10 @@ Version 2 adds `kid` (which key signed it, so a replica with other keys says so)
 (a `Progress`: the sampler's seed and how many uniforms it used, tokens made of max_tokens,
 held-back stop-string text, and the sampling/stop parameters a continuation must repeat).
 Version 1 tokens (no kid, no progress) still verify: they resume the state only.
+Version 2 headers may carry `weights`, the first 16 hex digits of the model's onnx_sha256: a
+token is refused (OtherWeights) by a replica whose model under that name and version has
+other weights, as when a version number is reused for a new export during a rolling update;
+tokens without it (older servers, models with no digest) are not checked.
 Version 2 headers also carry `iat`, when the token was made (integer seconds since the epoch;
 servers that predate it ignore the key). With a max age (--state-max-age) a token older than
 that, made more than CLOCK_SKEW seconds in the future, or with no `iat` (made before it
@@ -34,7 +38,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from rnnserve.artifact.manifest import StateSpec
-from rnnserve.server.errors import BadRequest
+from rnnserve.server.errors import BadRequest, OtherWeights
 
 MAGIC = b"RS"
 TOKEN_VERSION = 2
@@ -43,6 +47,7 @@ _MAC_LEN = 32
 _HEAD = struct.Struct(">2sBI")
 _MAX_HEADER = 1 << 20
 _KID = re.compile(r"[0-9a-f]{16}")  # what key_id() makes
+WEIGHTS_DIGITS = 16  # of the onnx_sha256 a token names: 64 bits tell exports apart
 CLOCK_SKEW = 60  # seconds a token's `iat` may be ahead of this replica's clock (replica drift)
 
 
@@ -120,7 +125,9 @@ class StateSigner:
         state: list[np.ndarray],
         last_token: int,
         progress: Progress | None = None,
+        weights: str = "",
     ) -> bytes:
+        """`weights`: the model's onnx_sha256 ("" = none to bind)."""
         tensors = [np.ascontiguousarray(t) for t in state]
         header: dict = {
             "model": model,
@@ -130,6 +137,8 @@ class StateSigner:
             "last_token": int(last_token),
             "tensors": self._describe(tensors),
         }
+        if weights:
+            header["weights"] = weights[:WEIGHTS_DIGITS].lower()
         if progress is not None:
             header["stream"] = vars(progress)  # flat fields: no deep copy (checkpoints are hot)
         head = json.dumps(header, separators=(",", ":")).encode()
@@ -138,9 +147,16 @@ class StateSigner:
         return body + self._mac(self.key, body)
 
     def verify(
-        self, token: bytes, model: str, version: str, specs: list[StateSpec], vocab_size: int
+        self,
+        token: bytes,
+        model: str,
+        version: str,
+        specs: list[StateSpec],
+        vocab_size: int,
+        weights: str = "",
     ) -> Resumed:
-        """Checks signature, version, binding and shapes; BadRequest("state", why) otherwise."""
+        """Checks signature, version, binding and shapes; BadRequest("state", why) otherwise,
+        OtherWeights when the token names other weights than `weights` (the onnx_sha256)."""
         if len(token) < _HEAD.size + _MAC_LEN:
             raise BadRequest("state", "resume token is truncated")
         body, mac = token[:-_MAC_LEN], token[-_MAC_LEN:]
@@ -163,6 +179,14 @@ class StateSigner:
                     f"resume token belongs to {header['model']}/"
                     f"{header['version']}, not {model}/{version}",
                 )
+            made_by = header.get("weights")
+            if made_by and weights and made_by != weights[:WEIGHTS_DIGITS].lower():
+                raise OtherWeights(
+                    f"state: resume token was made by other weights of {model}/{version} "
+                    f"({made_by}..., this replica serves {weights[:WEIGHTS_DIGITS]}...): a "
+                    "new export needs a new version number; continue on a replica that "
+                    "serves the token's weights, or start a new stream"
+                )
             if self.max_age:
                 self._check_age(header.get("iat"))
             tensors = _tensors(payload, header["tensors"], specs)
@@ -170,7 +194,7 @@ class StateSigner:
             if not 0 <= last < vocab_size:
                 raise ValueError("last_token out of range")
             progress = _progress(header["stream"]) if "stream" in header else None
-        except BadRequest:
+        except (BadRequest, OtherWeights):
             raise
         except (ValueError, KeyError, TypeError) as exc:
             raise BadRequest("state", f"resume token is malformed: {exc}") from exc

@@ -12,7 +12,7 @@ import pytest
 
 from rnnserve.artifact.manifest import StateSpec
 from rnnserve.client.failover import OTHER_KEY_REFUSAL
-from rnnserve.server.errors import BadRequest
+from rnnserve.server.errors import BadRequest, OtherWeights
 from rnnserve.server.resume import StateSigner
 
 SPECS = [
@@ -191,3 +191,21 @@ def test_a_future_token_with_a_huge_time_is_still_a_bad_request() -> None:
     token = StateSigner("secret", clock=_at(1e20)).sign("lstm", "1", _state(), 7)
     with pytest.raises(BadRequest, match="made in the future"):
         StateSigner("secret", max_age=60, clock=_at(NOW)).verify(token, "lstm", "1", SPECS, 10)
+
+
+def test_a_token_is_bound_to_the_weights_that_made_it() -> None:
+    """A version number reused for a new export (a rolling update that kept `lstm/1`): the
+    token names the first 16 hex digits of onnx_sha256, and a replica whose lstm/1 has other
+    weights refuses it as FAILED_PRECONDITION (OtherWeights), which failover passes over,
+    instead of continuing the stream on other weights."""
+    old, new = "ab" * 32, "cd" * 32
+    signer = StateSigner("secret")
+    token = signer.sign("lstm", "1", _state(), 7, weights=old)
+    assert signer.verify(token, "lstm", "1", SPECS, 10, weights=old.upper()).last_token == 7
+    with pytest.raises(OtherWeights) as err:
+        signer.verify(token, "lstm", "1", SPECS, 10, weights=new)
+    assert err.value.code.name == "FAILED_PRECONDITION" and "other weights" in str(err.value)
+    # not checked where either side has no digest: tokens of older servers, foreign models
+    assert signer.verify(token, "lstm", "1", SPECS, 10).last_token == 7
+    unbound = signer.sign("lstm", "1", _state(), 7)
+    assert signer.verify(unbound, "lstm", "1", SPECS, 10, weights=new).last_token == 7
