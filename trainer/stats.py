@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from rnnserve.artifact.tokenizer import LEVELS, Tokenizer, TokenizerConfig
+from rnnserve.trainer import plot_path
 from rnnserve.trainer.corpus import read_corpus
 from rnnserve.trainer.errors import TrainerError
 
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "timemachine.txt"
 ORDERS = (1, 2, 3)
 NAMES = {1: "unigrams", 2: "bigrams", 3: "trigrams"}
-PLOT_FORMATS = ("png", "svg", "pdf")  # by the --plot file's suffix; none: png
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,20 +106,8 @@ def format_table(counts: Counter, n: int, level: str, top: int) -> str:
 
 
 def plot_format(path: Path) -> str:
-    """The format --plot is written in, by its suffix (none: png), checked before any counting:
-    a directory or an unknown suffix failed only after every table was printed, and `.svg`
-    got PNG bytes."""
-    if path.is_dir():
-        raise TrainerError(f"--plot {path} is a directory; give a file name such as zipf.png")
-    for parent in path.parents:  # a file in the way of its folder: said before the tables too
-        if parent.exists():
-            if not parent.is_dir():
-                raise TrainerError(f"--plot {path}: {parent} is a file, not a directory")
-            break
-    fmt = path.suffix[1:].lower() or "png"
-    if fmt not in PLOT_FORMATS:
-        raise TrainerError(f"--plot {path}: unknown image suffix .{fmt}; use .png, .svg or .pdf")
-    return fmt
+    """The format --plot is written in, checked before any counting (trainer/plot_path.py)."""
+    return plot_path.plot_format(path, "--plot", "zipf.png")
 
 
 def plot_zipf(all_counts: dict[int, Counter], path: Path, title: str) -> None:

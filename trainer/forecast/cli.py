@@ -152,9 +152,9 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     plot = Path(args.plot) if args.plot else out / name / version / "forecast.png"
     if args.plot:  # a bad --plot is said now, not after the model is trained and published
-        from rnnserve.trainer.forecast.plot import plot_format
+        from rnnserve.trainer.plot_path import plot_format
 
-        plot_format(plot)
+        plot_format(plot, "--plot", "forecast.png")
     print(
         f"forecast {config.arch}: {len(series.values)} values from {series.source}, "
         f"train {series.num_train}, {series.held_out} {len(series.values) - series.num_train}, "

@@ -13,26 +13,7 @@ import numpy as np
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.forecast.evaluate import KStepResult
 from rnnserve.trainer.forecast.series import Series
-
-PLOT_FORMATS = ("png", "svg", "pdf")  # by the file's suffix; none: png
-
-
-def plot_format(path: Path, flag: str = "--plot") -> str:
-    """The format a plot file is written in, by its suffix (none: png), checked before any
-    training: `--plot pic.txt` failed after the model was trained and published (exit 2),
-    and `--plot out` wrote out.png while saying "wrote out"."""
-    path = Path(path)
-    if path.is_dir():
-        raise TrainerError(f"{flag} {path} is a directory; give a file name such as forecast.png")
-    for parent in path.parents:  # the nearest existing folder above it must be a folder
-        if parent.exists():
-            if not parent.is_dir():
-                raise TrainerError(f"{flag} {path}: {parent} is a file, not a directory")
-            break
-    fmt = path.suffix[1:].lower() or "png"
-    if fmt not in PLOT_FORMATS:
-        raise TrainerError(f"{flag} {path}: unknown image suffix .{fmt}; use .png, .svg or .pdf")
-    return fmt
+from rnnserve.trainer.plot_path import plot_format
 
 
 def _pyplot():
