@@ -100,6 +100,20 @@ def test_sigterm_drains_in_flight_stream(model_repo: Path, tmp_path: Path, extra
     assert "shutting down" in log.read_text()
 
 
+def _opened_by_the_server(fifo: Path, proc: subprocess.Popen, log: Path) -> int:
+    """Our write end of `fifo`, once the server has opened it to read (its load then waits
+    in read() for ever: nobody writes)."""
+    end = time.monotonic() + WAIT_S
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:  # ENXIO: no reader yet
+            assert exc.errno == errno.ENXIO, exc
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < end, log.read_text()[-3000:]
+            time.sleep(0.05)
+
+
 def test_sigterm_during_a_hung_rescan_exits(model_repo: Path, tmp_path: Path) -> None:
     """A rescan blocked on the repository (a hung network mount, a stalled download: here a
     manifest that is a FIFO nobody writes to) must not hold the exit: Kubernetes would
@@ -125,14 +139,7 @@ def test_sigterm_during_a_hung_rescan_exits(model_repo: Path, tmp_path: Path) ->
         shutil.copy(next((repo / "lstm").glob("*/model.onnx")), hung / "model.onnx")
         os.mkfifo(hung / "manifest.json")
         proc.send_signal(signal.SIGHUP)
-        end = time.monotonic() + WAIT_S
-        while writer < 0:  # opening our end succeeds once the rescan has the FIFO open
-            try:
-                writer = os.open(hung / "manifest.json", os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as exc:
-                assert exc.errno == errno.ENXIO, exc
-                assert time.monotonic() < end, log.read_text()[-3000:]
-                time.sleep(0.05)
+        writer = _opened_by_the_server(hung / "manifest.json", proc, log)
         proc.send_signal(signal.SIGTERM)  # the rescan now waits in read() for ever
         assert proc.wait(timeout=WAIT_S) == 0, log.read_text()[-3000:]
         text = log.read_text()
@@ -180,15 +187,7 @@ def test_probes_answer_while_the_models_load(model_repo: Path, tmp_path: Path) -
     base = f"http://127.0.0.1:{metrics_port}"
     writer = -1
     try:
-        end = time.monotonic() + WAIT_S
-        while writer < 0:  # the load has the FIFO open: it waits in read() for ever
-            try:
-                writer = os.open(hung / "manifest.json", os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as exc:
-                assert exc.errno == errno.ENXIO, exc
-                assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < end, log.read_text()[-3000:]
-                time.sleep(0.05)
+        writer = _opened_by_the_server(hung / "manifest.json", proc, log)
         assert _get(base + "/healthz") == 200, log.read_text()[-3000:]
         assert _get(base + "/readyz") == 503
         assert _get(base + "/metrics") == 200

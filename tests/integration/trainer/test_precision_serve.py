@@ -35,9 +35,7 @@ def repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         # what these tests check is how int8 serves, not the quality bound: a tiny zoo model
         # can lose 2% at int8 on one CPU and not on another (its training differs with the
         # kernels), which refused the fixture itself
-        convert_package(
-            out / name / "1", out, name, "2", precision="int8", allow_quality_loss=True
-        )
+        convert_package(out / name / "1", out, name, "2", precision="int8", allow_quality_loss=True)
     return out
 
 
