@@ -57,3 +57,17 @@ def has_ipv6_loopback() -> bool:
         return True
     except OSError:
         return False
+
+
+def http_status(url: str) -> int | None:
+    """The HTTP status of a GET (an error status too), None when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None

@@ -6,6 +6,7 @@ its full length, and the process exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from tests.tools import http_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -100,18 +103,37 @@ def test_sigterm_drains_in_flight_stream(model_repo: Path, tmp_path: Path, extra
     assert "shutting down" in log.read_text()
 
 
-def _opened_by_the_server(fifo: Path, proc: subprocess.Popen, log: Path) -> int:
-    """Our write end of `fifo`, once the server has opened it to read (its load then waits
-    in read() for ever: nobody writes)."""
+@contextlib.contextmanager
+def _started(cmd: list[str], log: Path) -> Iterator[subprocess.Popen]:
+    """The server process, its output in `log`; killed at the end if still running."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def _opened_by_the_server(fifo: Path, proc: subprocess.Popen, log: Path) -> Iterator[None]:
+    """Waits until the server has opened `fifo` to read (its load then waits in read() for
+    ever: nobody writes), holding our write end open until the block ends."""
     end = time.monotonic() + WAIT_S
     while True:
         try:
-            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
         except OSError as exc:  # ENXIO: no reader yet
             assert exc.errno == errno.ENXIO, exc
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < end, log.read_text()[-3000:]
             time.sleep(0.05)
+    try:
+        yield
+    finally:
+        os.close(writer)
 
 
 def test_sigterm_during_a_hung_rescan_exits(model_repo: Path, tmp_path: Path) -> None:
@@ -124,10 +146,7 @@ def test_sigterm_during_a_hung_rescan_exits(model_repo: Path, tmp_path: Path) ->
     log = tmp_path / "server.log"
     cmd = [str(BIN / "rnn-server"), "--model-repo", str(repo), "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", "0", "--grace", "1"]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    writer = -1
-    try:
+    with _started(cmd, log) as proc:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             end = time.monotonic() + WAIT_S
             while _health(channel) != health_pb2.HealthCheckResponse.SERVING:
@@ -139,31 +158,11 @@ def test_sigterm_during_a_hung_rescan_exits(model_repo: Path, tmp_path: Path) ->
         shutil.copy(next((repo / "lstm").glob("*/model.onnx")), hung / "model.onnx")
         os.mkfifo(hung / "manifest.json")
         proc.send_signal(signal.SIGHUP)
-        writer = _opened_by_the_server(hung / "manifest.json", proc, log)
-        proc.send_signal(signal.SIGTERM)  # the rescan now waits in read() for ever
-        assert proc.wait(timeout=WAIT_S) == 0, log.read_text()[-3000:]
+        with _opened_by_the_server(hung / "manifest.json", proc, log):
+            proc.send_signal(signal.SIGTERM)  # the rescan now waits in read() for ever
+            assert proc.wait(timeout=WAIT_S) == 0, log.read_text()[-3000:]
         text = log.read_text()
         assert "stopped" in text and "model load still running (abandoned)" in text
-    finally:
-        if writer >= 0:
-            os.close(writer)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def _get(url: str) -> int:
-    """The status of a GET, or -1 when nothing answers (the port is not open)."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return -1
 
 
 def test_probes_answer_while_the_models_load(model_repo: Path, tmp_path: Path) -> None:
@@ -182,21 +181,11 @@ def test_probes_answer_while_the_models_load(model_repo: Path, tmp_path: Path) -
     log = tmp_path / "server.log"
     cmd = [str(BIN / "rnn-server"), "--model-repo", str(repo), "--host", "127.0.0.1",
            "--port", str(_free_port()), "--metrics-port", str(metrics_port)]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{metrics_port}"
-    writer = -1
-    try:
-        writer = _opened_by_the_server(hung / "manifest.json", proc, log)
-        assert _get(base + "/healthz") == 200, log.read_text()[-3000:]
-        assert _get(base + "/readyz") == 503
-        assert _get(base + "/metrics") == 200
+    with _started(cmd, log) as proc, _opened_by_the_server(hung / "manifest.json", proc, log):
+        assert http_status(base + "/healthz") == 200, log.read_text()[-3000:]
+        assert http_status(base + "/readyz") == 503
+        assert http_status(base + "/metrics") == 200
         proc.send_signal(signal.SIGTERM)  # stopped while starting: at once, exit 0
         assert proc.wait(timeout=WAIT_S) == 0, log.read_text()[-3000:]
-        assert "while starting" in log.read_text()
-    finally:
-        if writer >= 0:
-            os.close(writer)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+    assert "while starting" in log.read_text()

@@ -11,14 +11,12 @@ import os
 import re
 import socket
 import subprocess
-import urllib.error
-import urllib.request
 from urllib.parse import urlparse
 
 import pytest
 import yaml
 
-from tests.tools import has_ipv6_loopback, missing, need, need_module
+from tests.tools import has_ipv6_loopback, http_status, missing, need, need_module
 from tests.unit.deploy.deployfiles import DEPLOY, K8S, k8s_docs, k8s_one, kustomize, pod_specs
 from tests.unit.deploy.pss import restricted_violations
 
@@ -180,17 +178,6 @@ def test_each_server_pod_fetches_the_zoo_into_its_own_volume(server_parser) -> N
     assert trainer.index(f"{served_dir}/{archive}") < trainer.index(written)
 
 
-def _get(url: str) -> int | None:
-    """The HTTP status of a GET, None when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            return reply.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
-
-
 def test_model_store_answers_on_ipv4_and_ipv6_and_stops_on_sigterm(tmp_path) -> None:
     """The store container's own command, run here on a free port over a folder standing in
     for the claim. Server pods reach it through its Service, whose address is IPv6 on an
@@ -220,11 +207,11 @@ def test_model_store_answers_on_ipv4_and_ipv6_and_stops_on_sigterm(tmp_path) -> 
     try:
         hosts = ["127.0.0.1"] + (["[::1]"] if has_ipv6_loopback() else [])
         end = time.monotonic() + 30  # a bound on start-up, not a speed assertion
-        while _get(f"http://127.0.0.1:{free}{marker}") is None and time.monotonic() < end:
+        while http_status(f"http://127.0.0.1:{free}{marker}") is None and time.monotonic() < end:
             assert proc.poll() is None, proc.stderr.read().decode()
             time.sleep(0.2)
         for host in hosts:
-            assert _get(f"http://{host}:{free}{marker}") == 200, host
+            assert http_status(f"http://{host}:{free}{marker}") == 200, host
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, "SIGTERM must stop the store itself"
     finally:
