@@ -5,6 +5,7 @@ load-balancing essentials are checked on the typed config."""
 from __future__ import annotations
 
 import importlib
+import re
 
 import pytest
 import yaml
@@ -144,7 +145,7 @@ def _methods() -> list[tuple[str, bool]]:
     ]
 
 
-def test_unary_rpcs_retry_unavailable_on_another_replica_streams_never(parse) -> None:
+def test_unary_rpcs_retry_unavailable_streams_only_before_they_were_sent(parse) -> None:
     _, routes = _routes(parse)
     methods = _methods()
     assert any(streaming for _, streaming in methods) and any(not s for _, s in methods)
@@ -152,7 +153,11 @@ def test_unary_rpcs_retry_unavailable_on_another_replica_streams_never(parse) ->
         route = _route_for(routes, path)
         policy = route.route.retry_policy
         if streaming:
-            assert not route.route.HasField("retry_policy"), f"{path}: a stream is never retried"
+            # retried only when none of it reached a replica: no token can have been sent
+            retry_on = set(policy.retry_on.split(","))
+            assert "connect-failure" in retry_on, f"{path}: a refused connection is final"
+            assert retry_on <= RETRY_BEFORE_SENT, f"{path}: {retry_on - RETRY_BEFORE_SENT} replays"
+            assert not policy.retriable_status_codes and not policy.retriable_headers, path
             continue
         assert "unavailable" in policy.retry_on.split(","), path
         assert policy.num_retries.value >= 1
@@ -197,3 +202,64 @@ def test_envoy_admin_stats_are_scraped_by_the_compose_prometheus(parse) -> None:
     services = load_compose()["services"]
     (name,) = sd["names"]
     assert name in services and "envoy" in services[name]["image"]
+
+
+# retry_on values that fire only when no byte of the request reached a replica (Envoy's
+# router filter docs, x-envoy-retry-on): a refused or failed connection, an HTTP/2
+# REFUSED_STREAM, a reset before the request was sent (`reset-before-request`, new in 1.31.0).
+# `5xx`, `reset`, `gateway-error`, status codes and headers fire after it was sent.
+RETRY_BEFORE_SENT = {"connect-failure", "refused-stream", "reset-before-request"}
+RETRY_BEFORE_SENT_SINCE = (1, 31)  # the Envoy release that added reset-before-request
+
+
+def _envoy_release() -> tuple[int, int]:
+    """(major, minor) of the Envoy image compose runs this config with."""
+    from tests.unit.deploy.deployfiles import load_compose
+
+    image = load_compose()["services"]["envoy"]["image"]
+    found = re.fullmatch(r"envoyproxy/envoy:v(\d+)\.(\d+)\.\d+", image)
+    assert found, f"{image}: pin a release (envoyproxy/envoy:vX.Y.Z)"
+    return int(found.group(1)), int(found.group(2))
+
+
+def test_http_routes_retry_on_another_replica_only_before_the_request_was_sent(parse) -> None:
+    """A replica that is draining or just died refuses connections: an OpenAI or KServe REST
+    request is then retried on another replica, as the unary gRPC calls are. A completion is
+    not idempotent, so only failures before any of it reached a replica are retried."""
+    _, routes = _routes(parse)
+    unary = next(path for path, streaming in _methods() if not streaming)
+    grpc_policy = _route_for(routes, unary).route.retry_policy
+    http_routes = [r for r in routes if r.route.cluster == "rnnserve-http"]
+    for path in ("/v1/completions", "/v1/models", "/v2/models/lstm/infer", "/v2/health/ready"):
+        assert _route_for(routes, path) in http_routes, path
+    assert _envoy_release() >= RETRY_BEFORE_SENT_SINCE, "older Envoy rejects reset-before-request"
+    for route in http_routes:
+        where = route.match.prefix or route.match.path
+        assert route.route.HasField("retry_policy"), f"{where}: a refused connection is final"
+        policy = route.route.retry_policy
+        retry_on = set(policy.retry_on.split(","))
+        assert {"connect-failure", "reset-before-request"} <= retry_on, where
+        assert retry_on <= RETRY_BEFORE_SENT, f"{where}: {retry_on - RETRY_BEFORE_SENT} replays"
+        assert not policy.retriable_status_codes and not policy.retriable_headers, where
+        # a per-try timeout would cut a completion answered without streaming (its headers
+        # come once it is done); the gRPC routes set none either
+        assert not policy.HasField("per_try_timeout"), where
+        assert policy.num_retries.value == grpc_policy.num_retries.value >= 1, where
+        assert policy.host_selection_retry_max_attempts == (
+            grpc_policy.host_selection_retry_max_attempts
+        ), where
+        assert [p.name for p in policy.retry_host_predicate] == [
+            "envoy.retry_host_predicates.previous_hosts"
+        ], f"{where}: retry on a replica not tried yet"
+
+
+def test_clusters_allow_as_many_concurrent_retries_as_requests(parse) -> None:
+    """Envoy lets a cluster run 3 retries at a time by default: when a replica dies under
+    load, every retry beyond the third would fail at once instead of going elsewhere."""
+    _, routes = _routes(parse)
+    retried = {r.route.cluster for r in routes if r.route.HasField("retry_policy")}
+    assert retried == {"rnnserve", "rnnserve-http"}
+    for cluster in parse(_config()).static_resources.clusters:
+        if cluster.name in retried:
+            (limits,) = cluster.circuit_breakers.thresholds
+            assert limits.max_retries.value >= limits.max_requests.value, cluster.name

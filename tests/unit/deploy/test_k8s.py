@@ -222,7 +222,9 @@ def test_model_store_answers_on_ipv4_and_ipv6_and_stops_on_sigterm(tmp_path) -> 
 
 def _run_trainer_job(tmp_path, generation: str | None) -> list[str]:
     """The trainer Job's own shell script over a folder standing in for the claim, with a
-    stub `rnn-trainer` that writes one model file; returns the trainings it ran."""
+    stub `rnn-trainer` that writes what `rnn-trainer zoo` leaves in OUT for one model: its
+    package (model.onnx, manifest.json) and torch checkpoint, plus a failed export's kept
+    checkpoint and a killed publish's staging folder; returns the trainings it ran."""
     job = k8s_one("Job")["spec"]["template"]["spec"]
     (container,) = job["containers"]
     env = {e["name"]: e["value"] for e in container.get("env", [])}
@@ -237,6 +239,11 @@ def _run_trainer_job(tmp_path, generation: str | None) -> list[str]:
     stub.write_text(
         f'#!/bin/sh\necho "$*" >> {log}\nout="$5"\nmkdir -p "$out/lstm/1"\n'
         f'echo "$ZOO_GENERATION" > "$out/lstm/1/model.onnx"\n'
+        'echo "{}" > "$out/lstm/1/manifest.json"\n'
+        'echo torch > "$out/lstm/1/checkpoint.pt"\n'
+        'mkdir -p "$out/.unexported/gru/1" "$out/lstm/.1.tmp-x"\n'
+        'echo torch > "$out/.unexported/gru/1/checkpoint.pt"\n'
+        'echo half > "$out/lstm/.1.tmp-x/model.onnx"\n'
     )
     stub.chmod(0o755)
     environ = {**os.environ, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
@@ -273,6 +280,27 @@ def test_trainer_job_publishes_a_new_zoo_when_its_generation_changes(tmp_path) -
     # serves the old zoo must not be continued on the new weights (see the Job's comment)
     assert "./lstm/1" not in names, names
     assert len(_run_trainer_job(tmp_path, "2")) == 2
+
+
+def test_trainer_job_archives_only_what_the_server_reads(tmp_path) -> None:
+    """Server pods unpack zoo.tar.gz and load NAME/VERSION/{manifest.json, model.onnx}; they
+    never import torch. The checkpoints beside the packages (and a failed export's kept one
+    in .unexported/) stay in the trainer's output on the claim, out of the archive."""
+    import tarfile
+
+    from rnnserve.artifact.manifest import MANIFEST_FILE, ONNX_FILE
+
+    _run_trainer_job(tmp_path, "2")
+    claim = tmp_path / "claim"
+    with tarfile.open(claim / "zoo.tar.gz") as archive:
+        files = {m.name for m in archive.getmembers() if m.isfile()}
+        archive.extractall(tmp_path / "pod", filter="data")  # as the init container does
+    assert files == {f"./lstm/2/{MANIFEST_FILE}", f"./lstm/2/{ONNX_FILE}"}, files
+    assert (tmp_path / "pod" / "lstm" / "2" / ONNX_FILE).read_text() == "2\n"
+    # the trainer's own output keeps them, for `rnn-trainer export` (docs/trainer.md)
+    assert (claim / "zoo" / "lstm" / "2" / "checkpoint.pt").is_file()
+    assert (claim / "zoo" / ".unexported" / "gru" / "1" / "checkpoint.pt").is_file()
+    assert sorted(p.name for p in claim.iterdir()) == [".zoo-complete", "zoo", "zoo.tar.gz"]
 
 
 def test_trainer_job_refuses_a_generation_that_is_no_version_number(tmp_path) -> None:
