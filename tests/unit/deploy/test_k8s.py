@@ -303,6 +303,17 @@ def test_trainer_job_archives_only_what_the_server_reads(tmp_path) -> None:
     assert sorted(p.name for p in claim.iterdir()) == [".zoo-complete", "zoo", "zoo.tar.gz"]
 
 
+def test_trainer_job_keeps_a_failed_exports_checkpoint_across_its_next_run(tmp_path) -> None:
+    """A retried pod or a new generation starts from an empty zoo; a checkpoint a failed
+    export kept (.unexported/) is moved out of the way first, not deleted with it."""
+    _run_trainer_job(tmp_path, "2")
+    _run_trainer_job(tmp_path, "3")
+    claim = tmp_path / "claim"
+    (kept,) = (claim / "kept").iterdir()
+    assert (kept / "gru" / "1" / "checkpoint.pt").read_text() == "torch\n"
+    assert (claim / "zoo" / ".unexported" / "gru" / "1" / "checkpoint.pt").is_file()
+
+
 def test_trainer_job_refuses_a_generation_that_is_no_version_number(tmp_path) -> None:
     """ZOO_GENERATION becomes the models' version folder: a name that is not a whole number
     would be a folder the server skips (no version), so the Job stops before training."""
