@@ -82,6 +82,9 @@ class DeadlineExceeded(ServeError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+DEADLINE_PASSED = "the call's deadline passed"  # what every call past its deadline is told
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Maps an exception to (code, message). Unknown exceptions are INTERNAL, message hidden."""
     if isinstance(exc, ServeError):

@@ -51,7 +51,7 @@ import numpy as np
 from rnnserve.server.decode.choose import GREEDY, TokenChooser
 from rnnserve.server.decode.stream import Stream
 from rnnserve.server.decode_head import RowParams
-from rnnserve.server.errors import DeadlineExceeded
+from rnnserve.server.errors import DEADLINE_PASSED, DeadlineExceeded
 from rnnserve.server.metrics import Metrics, observe_many, observe_repeated
 from rnnserve.server.runtime import OnnxModel, State
 
@@ -497,7 +497,7 @@ class DecodeLoop(Admissions):
                 rows = []
                 for i, slot in enumerate(batch.slots):
                     if slot.stream.expired(now) and not slot.stream.done:
-                        expired = DeadlineExceeded("the call's deadline passed")
+                        expired = DeadlineExceeded(DEADLINE_PASSED)
                         self._news.append(self._failed(slot, expired))
                     elif not slot.stream.done:
                         rows.append(i)

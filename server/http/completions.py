@@ -207,6 +207,14 @@ def parse_completion(body: object, max_tokens_limit: int | None = None) -> Compl
 FINISH = {"length": "length", "stop": "stop", "eos": "stop"}
 
 
+def generated(token_ids: list[int], finish: str | None) -> int:
+    """How many tokens the model generated in a message of the engine: its `token_ids`, and
+    the end-of-sequence token that ended the stream (`finish` "eos"), which the engine does
+    not show (no text, not in token_ids) but the model did generate. vLLM counts it in
+    `completion_tokens`; counted here for plain and streamed responses alike."""
+    return len(token_ids) + (1 if finish == "eos" else 0)
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {
         "prompt_tokens": prompt_tokens,

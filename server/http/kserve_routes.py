@@ -4,6 +4,7 @@ answered by the same mapping and status code as the KServe gRPC servicer."""
 from __future__ import annotations
 
 import json
+import time
 
 from aiohttp import web
 
@@ -19,6 +20,7 @@ from rnnserve.server.kserve.tensors import (
     from_raw,
     refuse_sequence,
     refuse_unsupported,
+    request_timeout,
     to_json,
     to_raw,
 )
@@ -163,14 +165,18 @@ class KServeRoutes:
         return json_response(found, request_id=call.request_id)
 
     async def infer(self, request: web.Request, call: Call) -> web.Response:
+        start = time.perf_counter()  # Triton's parameters.timeout counts from here
         m = request.match_info
         name = m["name"]
         call.model = self.engine.model_label(name)
         self.engine.repository.get(name, m.get("version", ""))  # unknown: 404, whatever the body
         head, inputs = parse_infer(await read_body(request), request.headers.get(HEADER_LENGTH))
-        refuse_sequence(_params(head, "request"))
+        params = _params(head, "request")
+        refuse_sequence(params)
+        timeout = request_timeout(params)
         names, binary = _wanted(head)
-        version, outputs = await infer(self.engine, name, m.get("version", ""), inputs)
+        deadline = start + timeout if timeout is not None else None
+        version, outputs = await infer(self.engine, name, m.get("version", ""), inputs, deadline)
         body: dict = {"model_name": name, "model_version": version}
         if isinstance(head.get("id"), str):
             body["id"] = head["id"]

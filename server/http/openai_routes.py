@@ -50,7 +50,8 @@ class Finished:
 
     @property
     def tokens(self) -> int:
-        return len(self.ids)
+        """Tokens generated, an ending <eos> included (usage.completion_tokens)."""
+        return oa.generated(self.ids, self.finish)
 
 
 @dataclass(frozen=True)
@@ -294,6 +295,8 @@ class OpenAIRoutes:
             "created": int(time.time()),
             "model": req.model,
         }
+        if req.include_usage:  # OpenAI: every chunk but the last has `"usage": null`
+            head["usage"] = None
         generated = 0
         try:
             # the client may leave while the first token is made: its headers then meet a
@@ -310,7 +313,7 @@ class OpenAIRoutes:
                     await response.write(_event(event))
             offsets = [len(p) if req.echo else 0 for p in req.prompts]
             async for i, c in _prepend(first, rest):
-                generated += len(c.token_ids)
+                generated += oa.generated(c.token_ids, c.finish_reason)
                 lp = None
                 if req.logprobs is not None:
                     # offsets count what the tokens spell: a stop string's last message

@@ -8,12 +8,13 @@ rnnserve.v1 handlers call; the table lives in docs/protocols.md.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from rnnserve.server.engine import Engine
-from rnnserve.server.errors import BadRequest, UnsupportedTask
+from rnnserve.server.errors import DEADLINE_PASSED, BadRequest, DeadlineExceeded, UnsupportedTask
 from rnnserve.server.forecasting import FLOAT32_MAX
 from rnnserve.server.kserve.tensors import Tensor
 
@@ -132,9 +133,28 @@ def _one_int(t: Tensor) -> int:
 
 
 async def infer(
+    engine: Engine, model: str, version: str, inputs: list[Tensor], deadline: float | None = None
+) -> tuple[str, list[Tensor]]:
+    """Runs one ModelInfer; returns (the version that answered, every output of the task).
+    `deadline` (time.perf_counter(), from Triton's `parameters.timeout`): the call is
+    cancelled then and is DEADLINE_EXCEEDED, as a gRPC call past its deadline."""
+    if deadline is None:
+        return await _infer(engine, model, version, inputs)
+    # one already past fires at the first await, so inputs refused before any work (a wrong
+    # datatype, an unknown input) are still told as such rather than as the deadline
+    limit = asyncio.timeout_at(asyncio.get_running_loop().time() + deadline - time.perf_counter())
+    try:
+        async with limit:
+            return await _infer(engine, model, version, inputs)
+    except TimeoutError:
+        if not limit.expired():
+            raise
+        raise DeadlineExceeded(DEADLINE_PASSED) from None
+
+
+async def _infer(
     engine: Engine, model: str, version: str, inputs: list[Tensor]
 ) -> tuple[str, list[Tensor]]:
-    """Runs one ModelInfer; returns (the version that answered, every output of the task)."""
     by_name: dict[str, Tensor] = {}
     for t in inputs:
         if t.name in by_name:

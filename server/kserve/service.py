@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from google.protobuf import json_format
 
 from rnnserve.kserve import grpc_predict_v2_pb2 as pb
@@ -16,6 +18,7 @@ from rnnserve.server.kserve.tensors import (
     from_raw,
     refuse_sequence,
     refuse_unsupported,
+    request_timeout,
     to_raw,
 )
 
@@ -73,14 +76,18 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         return json_format.ParseDict(found, pb.ModelMetadataResponse())
 
     async def ModelInfer(self, request, context):
+        start = time.perf_counter()
         model = require(request.model_name, "model_name")
         # an unknown model or version is NOT_FOUND whatever the tensors (as REST's 404)
         self.engine.repository.get(model, request.model_version)
-        refuse_sequence(parameter_values(request.parameters))
+        params = parameter_values(request.parameters)
+        refuse_sequence(params)
+        timeout = request_timeout(params)  # the gRPC deadline, if sooner, ends the call too
         inputs = request_tensors(request)
         for o in request.outputs:
             refuse_unsupported(f"outputs[{o.name}]", o.parameters)
-        version, outputs = await infer(self.engine, model, request.model_version, inputs)
+        deadline = start + timeout if timeout is not None else None
+        version, outputs = await infer(self.engine, model, request.model_version, inputs, deadline)
         outputs = select(outputs, [o.name for o in request.outputs])
         response = pb.ModelInferResponse(model_name=model, model_version=version, id=request.id)
         for t in outputs:

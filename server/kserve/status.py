@@ -8,14 +8,24 @@ from __future__ import annotations
 
 from importlib import metadata
 
+import grpc
+
 from rnnserve.server.engine import Engine
-from rnnserve.server.errors import UnknownModel
+from rnnserve.server.errors import ServeError, UnknownModel
 from rnnserve.server.health import ModelHealth
 from rnnserve.server.kserve.mapping import TensorSpec, signatures_for
+from rnnserve.server.service import CANNOT_OPEN
 
 SERVER_NAME = "rnnserve"
 PLATFORM = "rnnserve"
 EXTENSIONS = ["binary_tensor_data"]  # the HTTP binary tensor form (tritonclient's default)
+
+
+class VersionNotReady(ServeError):
+    """Metadata asked of a named version that does not serve: UNAVAILABLE (HTTP 503), as
+    Triton answers "version N is not at ready state" (its GetModel's status)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
 
 
 class KServeStatus:
@@ -43,21 +53,33 @@ class KServeStatus:
         return {"name": SERVER_NAME, "version": version, "extensions": list(EXTENSIONS)}
 
     def model_metadata(self, name: str, version: str = "") -> dict:
+        """Triton's ModelMetadata: with no version, the model's ready versions (highest
+        first) and the highest one's tensors, or NOT_FOUND "has no available versions" when
+        none is ready (it was a 200 with `versions: []`, which a client reading versions[0]
+        could not use); with a version, that version alone, or UNAVAILABLE when it does not
+        serve. UnknownModel for a name or version the repository does not hold."""
         repository = self.engine.repository
-        versions = repository.versions(name)
+        ready = [v for v in repository.versions(name) if self.health.serves(v)]
         if version:
             entry = repository.get_any(name, version)
+            if not self.health.serves(entry):
+                why = entry.reason if not entry.serving else CANNOT_OPEN
+                raise VersionNotReady(
+                    f"model {name!r} version {version!r} is not at ready state: {why}"
+                )
+            listed = [entry.version]
+        elif ready:
+            entry, listed = ready[0], [v.version for v in ready]
         else:
-            entry = repository.default_version(name) or (versions[0] if versions else None)
-        if entry is None:
-            raise UnknownModel(f"model {name!r} has no versions")
+            raise UnknownModel(
+                f"model {name!r} has no available versions: none is SERVING (rnnserve.v1 "
+                "GetModel gives each version's status_reason)"
+            )
         task = entry.manifest.task if entry.manifest else ""
         sigs = signatures_for(task)
         return {
             "name": name,
-            # the versions a call may ask for (Triton lists its ready ones): one that does not
-            # serve (a failed load, no decode process can open it) would only be refused
-            "versions": [v.version for v in versions if v.serving and self.health.serves(v)],
+            "versions": listed,
             "platform": PLATFORM,
             "inputs": _described(sigs[0].inputs) if sigs else [],
             "outputs": _described(sigs[0].outputs) if sigs else [],

@@ -141,6 +141,24 @@ def refuse_sequence(parameters: Mapping[str, object]) -> None:
             )
 
 
+def request_timeout(parameters: Mapping[str, object]) -> float | None:
+    """Triton's request parameters `timeout` (microseconds; 0 or absent: none) in seconds,
+    the call's deadline from its arrival; `priority` is accepted and ignored (calls are not
+    queued by priority here). Each must be an unsigned 64-bit integer, as Triton's are (a
+    JSON number without a fraction, a gRPC int64_param or uint64_param): anything else is
+    BadRequest rather than dropped unsaid (and a 400-digit JSON integer no OverflowError)."""
+    for key in ("timeout", "priority"):
+        value = parameters.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadRequest(f"parameters.{key}", f"must be an integer, got {value!r}")
+        if not 0 <= value < 2**64:
+            raise BadRequest(f"parameters.{key}", f"must be in [0, 2^64), got {value}")
+    timeout = parameters.get("timeout")
+    return timeout / 1e6 if timeout else None
+
+
 # -- raw bytes ------------------------------------------------------------------------------
 def from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> Tensor:
     """Decodes the protocol's binary form (raw_input_contents / binary_data_size)."""

@@ -229,7 +229,8 @@ def test_an_output_asked_twice_is_refused(kserve) -> None:
 def test_model_metadata_lists_only_versions_that_serve(model_repo, tmp_path) -> None:
     """ModelMetadata's `versions` listed a version that failed to load (NOT_SERVING) first,
     so a Triton client that took versions[0] was refused. Triton lists its ready versions;
-    now so does this server, over gRPC and REST."""
+    now so does this server, over gRPC and REST. Asked by number, the broken version is
+    UNAVAILABLE, as Triton says of a version "not at ready state"."""
     import json
     import shutil
     import urllib.request
@@ -242,9 +243,12 @@ def test_model_metadata_lists_only_versions_that_serve(model_repo, tmp_path) -> 
     srv = http_server(tmp_path)
     try:
         stub = kpb_grpc.GRPCInferenceServiceStub(srv.channel)
-        for version in ("", "1", "2"):
+        for version in ("", "1"):
             ask = kpb.ModelMetadataRequest(name="lstm", version=version)
             assert list(stub.ModelMetadata(ask, timeout=10).versions) == ["1"]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelMetadata(kpb.ModelMetadataRequest(name="lstm", version="2"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         url = f"http://127.0.0.1:{srv.app.http.port}/v2/models/lstm"
         with urllib.request.urlopen(url, timeout=10) as reply:
             assert json.loads(reply.read())["versions"] == ["1"]

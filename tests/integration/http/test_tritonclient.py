@@ -3,6 +3,8 @@ ModelInfer for every task, compared with the native rnnserve.v1 answers."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -38,15 +40,27 @@ def test_tritonclient_matches_native(server, native, transport) -> None:
     assert "nope" in got["unknown_model_error"]
 
 
+@pytest.fixture(scope="module")
+def refusals(server) -> Callable[[str], dict]:
+    """triton_calls.py --refusals' answers over one transport, run once per transport."""
+    found: dict[str, dict] = {}
+
+    def over(transport: str) -> dict:
+        if transport not in found:
+            port = server.app.port if transport == "grpc" else server.app.http.port
+            found[transport] = run_triton(transport, f"127.0.0.1:{port}", refusals=True)
+        return found[transport]
+
+    return over
+
+
 @pytest.mark.parametrize("transport", ["grpc", "http"])
-def test_unserved_triton_extensions_are_refused_by_name(server, transport) -> None:
+def test_unserved_triton_extensions_are_refused_by_name(refusals, transport) -> None:
     """Shared memory and classification parameters were ignored: the outputs came inline
     (not in the region) and raw (not the top classes), or the input was refused as having
     no data. Now each is a 400 / INVALID_ARGUMENT naming the extension; the Triton-only
     endpoints are REST 404 / gRPC UNIMPLEMENTED."""
-    app = server.app
-    port = app.port if transport == "grpc" else app.http.port
-    got = run_triton(transport, f"127.0.0.1:{port}", refusals=True)
+    got = refusals(transport)
     bad = "StatusCode.INVALID_ARGUMENT" if transport == "grpc" else "400"
     for call, words in [
         ("shm_input", "inputs[text].parameters.shared_memory_region"),
@@ -59,3 +73,14 @@ def test_unserved_triton_extensions_are_refused_by_name(server, transport) -> No
     missing = "StatusCode.UNIMPLEMENTED" if transport == "grpc" else "404"
     for call in ("register_shm", "config", "statistics", "index"):
         assert got[call][0] == missing, call
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_the_request_timeout_is_the_deadline(refusals, transport) -> None:
+    """tritonclient's `timeout=` (Triton's parameters.timeout, microseconds) was ignored: a
+    call past it was answered. Now it is DEADLINE_EXCEEDED / 504 as a gRPC deadline is, and a
+    call within it (with a `priority`, accepted and ignored) is answered."""
+    got = refusals(transport)
+    late = "StatusCode.DEADLINE_EXCEEDED" if transport == "grpc" else "504"
+    assert got["timeout"] == [late, "the call's deadline passed"]
+    assert got["time_enough"] == ["", ""]

@@ -99,6 +99,9 @@ def refusals(tc, client) -> dict:
         "config": lambda: client.get_model_config("lstm"),
         "statistics": lambda: client.get_inference_statistics("lstm"),
         "index": lambda: client.get_model_repository_index(),
+        # Triton's request timeout (microseconds) is the call's deadline; priority is ignored
+        "timeout": lambda: client.infer("lstm", [text()], timeout=1),
+        "time_enough": lambda: client.infer("lstm", [text()], priority=3, timeout=30_000_000),
     }
     out = {}
     for name, call in calls.items():

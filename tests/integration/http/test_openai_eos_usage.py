@@ -1,0 +1,101 @@
+"""/v1/completions usage and stream framing with a model that ends on <eos> (the tiny zoo's
+never do): `completion_tokens` counts every token the model generated, the end-of-sequence
+token included (vLLM's count), the same in plain and streamed responses; and with
+`stream_options.include_usage` every chunk but the last says `"usage": null` (OpenAI's)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from tests.integration.http.conftest import http_server
+from tests.integration.http.eos_model import NAME, build_repo
+from tests.integration.server.harness import ServerThread
+
+
+@pytest.fixture(scope="module")
+def eos_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    srv = http_server(build_repo(tmp_path_factory.mktemp("eos") / "models"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(eos_server: ServerThread) -> openai.OpenAI:
+    base = f"http://127.0.0.1:{eos_server.app.http.port}/v1"
+    return openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+
+
+def _stream(client: openai.OpenAI, prompt: str | list[str], max_tokens: int) -> list:
+    return list(
+        client.completions.create(
+            model=NAME, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("prompt", "max_tokens", "text", "finish", "tokens"),
+    [
+        ("a", 10, "bcde", "stop", 5),  # b c d e <eos>: the <eos> is generated, not shown
+        ("e", 10, "", "stop", 1),  # <eos> first: nothing shown, one token generated
+        ("a", 5, "bcde", "stop", 5),  # <eos> is the 5th token: it ends the stream
+        ("a", 4, "bcde", "length", 4),  # cut before <eos>
+    ],
+)
+def test_completion_tokens_count_the_eos_token(
+    client: openai.OpenAI, prompt: str, max_tokens: int, text: str, finish: str, tokens: int
+) -> None:
+    """The <eos> that ended a completion was left out of usage.completion_tokens (4, then 0
+    for a completion that is <eos> alone), plain and streamed alike."""
+    done = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=max_tokens, temperature=0
+    )
+    (choice,) = done.choices
+    assert (choice.text, choice.finish_reason) == (text, finish)
+    assert done.usage.completion_tokens == tokens
+    assert done.usage.prompt_tokens == 1 and done.usage.total_tokens == 1 + tokens
+    chunks = _stream(client, prompt, max_tokens)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
+    assert chunks[-1].usage == done.usage  # the same count streamed
+
+
+def test_prompt_lists_and_sampling_count_it_once_per_choice(client: openai.OpenAI) -> None:
+    """a: bcde<eos> (5), c: de<eos> (3), e: <eos> (1); sampling reaches <eos> as surely."""
+    done = client.completions.create(model=NAME, prompt=["a", "c", "e"], max_tokens=10, seed=1)
+    assert [c.finish_reason for c in done.choices] == ["stop"] * 3
+    assert done.usage.completion_tokens == 9 and done.usage.prompt_tokens == 3
+    assert _stream(client, ["a", "c", "e"], 10)[-1].usage == done.usage
+
+
+def test_include_usage_chunks_say_usage_null_until_the_last(eos_server: ServerThread) -> None:
+    """OpenAI's stream_options.include_usage: "All other chunks will also include a usage
+    field, but with a null value", and one last chunk before [DONE] has empty choices and the
+    usage. The ordinary chunks had no `usage` key at all (the SDK reads both as None, so the
+    wire is read here); without include_usage they still have none."""
+    url = f"http://127.0.0.1:{eos_server.app.http.port}/v1/completions"
+
+    def events(**extra: object) -> list:
+        body = {"model": NAME, "prompt": ["a", "c"], "max_tokens": 10, "echo": True,
+                "stream": True, **extra}  # fmt: skip
+        request = urllib.request.Request(
+            url, json.dumps(body).encode(), {"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            frames = reply.read().decode().split("\n\n")
+        assert frames[-2:] == ["data: [DONE]", ""]
+        return [json.loads(f.removeprefix("data: ")) for f in frames[:-2]]
+
+    asked = events(stream_options={"include_usage": True})
+    *chunks, last = asked
+    assert len(chunks) >= 4  # two echoes, and each prompt's completion
+    assert all("usage" in c and c["usage"] is None and c["choices"] for c in chunks)
+    assert last["choices"] == []
+    assert last["usage"] == {"prompt_tokens": 2, "completion_tokens": 8, "total_tokens": 10}
+    assert all("usage" not in c for c in events())
