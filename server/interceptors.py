@@ -170,6 +170,10 @@ class InFlightCalls:
 
     def __init__(self) -> None:
         self.count = 0
+        # set as grpc's stop begins (--grace has run out, or nothing is left in flight): a
+        # handler cancelled from then on was cut by the server, and its client sees
+        # UNAVAILABLE "Cancelling all calls", so that is what its metrics and log say
+        self.cut = False
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -271,6 +275,14 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if span is not None:
             span.finish(code, model, err)
 
+    def _cancelled(self, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+        """The status a cancelled handler's client sees: UNAVAILABLE once the server's own
+        stop cut it (the grace ran out at shutdown: the client fails over, and the error-rate
+        alert counts it), else what `_cancelled` reads from the call."""
+        if self.calls.cut:
+            return grpc.StatusCode.UNAVAILABLE
+        return _cancelled(context)
+
     def _fail(self, exc: BaseException, rpc: str) -> tuple[grpc.StatusCode, str]:
         code, message = status_for(exc)
         if code == grpc.StatusCode.INTERNAL:
@@ -287,7 +299,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 self._begin(method, metadata, request)
                 return await behavior(request, context)
             except asyncio.CancelledError:
-                code = _cancelled(context)
+                code = self._cancelled(context)
                 raise
             except Exception as exc:
                 if _is_abort(exc):
@@ -317,7 +329,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                         await context.write(response)
                 return
             except asyncio.CancelledError:
-                code = _cancelled(context)
+                code = self._cancelled(context)
                 raise
             except Exception as exc:
                 if _is_abort(exc):

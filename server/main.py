@@ -134,6 +134,7 @@ class App:
         deadline = time.monotonic() + grace
         await self.calls.wait_idle(grace)
         await asyncio.sleep(max(0.0, min(DRAIN_LINGER_S, deadline - time.monotonic())))
+        self.calls.cut = True  # a call still running now is cut: its client sees UNAVAILABLE
         await self.server.stop(max(0.0, deadline - time.monotonic()))
 
 

@@ -33,6 +33,7 @@ from prometheus_client import (
     disable_created_metrics,
     make_wsgi_app,
 )
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -252,6 +253,7 @@ class Metrics:
             multiprocess_mode="livesum",
         )
         self._samplers: list[Callable[[], None]] = []
+        self._gone: set[str] = set()  # models whose last version was unloaded (forget_version)
 
     def track_admitted(self, read: Callable[[], int], capacity: int) -> None:
         """Publishes the admission limiter: its capacity once, its count via `read`."""
@@ -301,17 +303,54 @@ class Metrics:
         """Writes the values that are read from live objects (--workers: call every second)."""
         for sampler in self._samplers:
             sampler()
+        if self._gone:
+            self._forget_gone_models()
 
     def forget_version(self, name: str, version: str) -> None:
         """An unloaded version leaves rnnserve_model_serving: its series goes. Under --workers
         a worker cannot delete its entry from its file, so it writes FORGOTTEN: the livemin
         merge still shows what a worker that serves the version says, and once every worker
-        has forgotten it the merged value is FORGOTTEN, which endpoints_app leaves out."""
+        has forgotten it the merged value is FORGOTTEN, which endpoints_app leaves out.
+
+        Every other per-model series is labelled by the model's name alone, shared by all
+        its versions: those go once the model's last version is unloaded (Triton drops an
+        unloaded model's metrics), not while another version of it is still loaded. Streams
+        that were still draining on it record their end afterwards, so the model is
+        remembered and its series removed again at each `sample` until it is loaded again.
+        Under --workers they stay (a worker's file keeps them until it restarts)."""
         if _multiprocess():
             self.model_serving.labels(model=name, version=version).set(FORGOTTEN)
-        else:
-            with contextlib.suppress(KeyError):
-                self.model_serving.remove(name, version)
+            return
+        with contextlib.suppress(KeyError):
+            self.model_serving.remove(name, version)
+        if name not in self._loaded_models():
+            self._gone.add(name)
+            self._forget_gone_models()
+
+    def _loaded_models(self) -> set[str]:
+        """The models with a loaded version: each has its rnnserve_model_serving series (set
+        at load, removed at unload)."""
+        return {s.labels["model"] for f in self.model_serving.collect() for s in f.samples}
+
+    def _forget_gone_models(self) -> None:
+        """Removes the series of the models in `_gone`; one loaded again leaves `_gone`."""
+        self._gone -= self._loaded_models()
+        if not self._gone:
+            return
+        for metric in self._per_model():
+            for name in self._gone:
+                metric.remove_by_labels({"model": name})
+
+    def _per_model(self) -> list[MetricWrapperBase]:
+        """The metrics labelled by model name alone (not rnnserve_model_serving, whose series
+        are per version)."""
+        found = []
+        for metric in vars(self).values():
+            if isinstance(metric, MetricWrapperBase):
+                names = metric._labelnames
+                if "model" in names and "version" not in names:
+                    found.append(metric)
+        return found
 
     def serve_http(
         self,

@@ -16,9 +16,11 @@ stays absent) and is retried at the next sync. A file lock lets --workers share 
 
 What a URL may make the server do: one version writes at most --max-download-bytes (counted
 as the bytes are written, after any gzip decoding: a lying listing or an expanding body stops
-there, not at a full disk), and over HTTP(S) redirects are followed to any host (presigned
+there, not at a full disk); one HTTP listing page is read up to MAX_LISTING_BYTES, no further
+(it is held in memory); and over HTTP(S) redirects are followed to any host (presigned
 S3/GCS URLs redirect elsewhere; aiohttp drops the Authorization header across origins) except
-from https to plain http.
+from https to plain http. A version refused for its size is remembered with its fingerprint
+and the cap: later syncs do not download it again until either changes.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlparse
 
 from rnnserve.artifact.manifest import is_version_name
 from rnnserve.server.settings import DEFAULT_MAX_DOWNLOAD_BYTES
@@ -53,6 +55,9 @@ STATE_DIR = ".rnnserve-sync"  # hidden: the repository scan skips folders starti
 # yarl and urllib read it); the host part ends at the first '/', '?' or '#'
 _USERINFO = re.compile(r"(://)[^/?#\s]*@")
 LOCAL_SCHEMES = ("", "file")
+# one HTTP listing page (a model or version folder's index) is read into memory up to this:
+# an nginx or http.server index of 50,000 entries is about 8 MiB
+MAX_LISTING_BYTES = 8 * 2**20
 
 
 def redact(text: str) -> str:
@@ -66,6 +71,10 @@ class RemoteRepoError(Exception):
 
 class DownloadTooLarge(Exception):
     """A version's files passed --max-download-bytes: the version is not cached."""
+
+
+class ListingTooLarge(Exception):
+    """An HTTP listing page passed MAX_LISTING_BYTES: the folder is not listed."""
 
 
 class RedirectRefused(Exception):
@@ -99,7 +108,11 @@ class RemoteRepository:
     """Mirrors <url>/<name>/<version>/ folders into `cache`, one version at a time."""
 
     def __init__(
-        self, url: str, cache: Path | None = None, max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES
+        self,
+        url: str,
+        cache: Path | None = None,
+        max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
+        max_listing_bytes: int = MAX_LISTING_BYTES,
     ) -> None:
         try:
             import fsspec
@@ -109,10 +122,11 @@ class RemoteRepository:
             ) from exc
         self.max_bytes = max_bytes  # per version; 0 = no cap
         try:
-            options = {}
             if url.partition("://")[0].lower() in ("http", "https"):
-                options["client_kwargs"] = {"trace_configs": [_redirect_policy()]}
-            self.fs, self.root = fsspec.core.url_to_fs(url, **options)
+                trace = {"trace_configs": [_redirect_policy()]}
+                self.fs, self.root = _capped_http_fs(trace, max_listing_bytes), url
+            else:
+                self.fs, self.root = fsspec.core.url_to_fs(url)
         except (ImportError, ValueError) as exc:
             raise RemoteRepoError(f"--model-repo {redact(url)}: {redact(str(exc))}") from exc
         self.url = url
@@ -183,47 +197,73 @@ class RemoteRepository:
 
     def remote_versions(self) -> dict[tuple[str, str], str]:
         """(name, version) -> the version folder's remote path, for positive integer versions."""
-        found = {}
+        return self._listed()[0]
+
+    def _listed(self) -> tuple[dict[tuple[str, str], str], dict[str, str]]:
+        """remote_versions, and the models whose folder's listing was too large to read (name
+        -> why): those are skipped, the others synced; any other listing failure raises."""
+        found, unlisted = {}, {}
         for model in self._children(self.root):
             if model.get("type") != "directory":
                 continue
-            for version in self._children(model["path"]):
+            try:
+                versions = self._children(model["path"])
+            except ListingTooLarge as exc:
+                unlisted[model["base"]] = redact(str(exc))
+                continue
+            for version in versions:
                 if version.get("type") == "directory" and is_version_name(version["base"]):
                     found[(model["base"], version["base"])] = version["path"]
-        return found
+        return found, unlisted
 
     # -- syncing ---------------------------------------------------------------------------------
     def sync(self) -> SyncReport:
         """Brings the cache in line with the URL (see the module docstring for the rules)."""
         report = SyncReport()
+        remembered = 0  # refusals of earlier syncs: logged then, not at every poll
         with self._locked():
             self._clear_leftovers()
             self.fs.invalidate_cache()
             try:  # a listing failure raises: the cache stays as it is
-                remote = self.remote_versions()
+                remote, unlisted = self._listed()
             except Exception as exc:
                 raise RemoteRepoError(f"cannot list {self.shown}: {redact(str(exc))}") from exc
             mirrored = self._cached_versions()
-            if not remote and mirrored:  # an error page answered 200, or a wrong URL
+            if not remote and not unlisted and mirrored:  # an error page answered 200, a wrong URL
                 raise RemoteRepoError(
                     f"{self.shown} lists no model versions; the {len(mirrored)} cached ones "
                     f"are kept (empty {self.cache} to drop them)"
+                )
+            for name, why in sorted(unlisted.items()):  # its cached versions stay as they are
+                log.error("cannot list model %s at %s: %s", name, self.shown, why)
+                report.failed.append(
+                    f"{name}: cannot list its versions at {self.shown} (its cached versions "
+                    f"are kept; retried at the next sync): {why}"
                 )
             for (name, version), path in sorted(remote.items()):
                 tag = f"{name}/{version}"
                 try:
                     if self._sync_version(name, version, path):
                         report.fetched.append(tag)
+                except RefusedBefore as exc:  # logged at ERROR when it was refused
+                    log.debug("not fetching %s again: %s", tag, exc)
+                    remembered += 1
+                    report.failed.append(
+                        f"{tag}: not fetched from {self.shown} (refused before; fetched again "
+                        f"once its files at the URL or --max-download-bytes change): {exc}"
+                    )
                 except Exception as exc:
                     why = redact(str(_reason(exc)))
                     log.error("cannot fetch %s from %s: %s", tag, self.shown, why)
                     report.failed.append(
                         f"{tag}: cannot fetch from {self.shown} (retried at the next sync): {why}"
                     )
-            for name, version in sorted(mirrored - set(remote)):
+            kept = {(n, v) for n, v in mirrored if n in unlisted}
+            for name, version in sorted(mirrored - set(remote) - kept):
                 self._remove(name, version)
                 report.removed.append(f"{name}/{version}")
-        if report.fetched or report.removed or report.failed:
+            self._forget_refusals(set(remote) | kept)
+        if report.fetched or report.removed or len(report.failed) > remembered:
             log.info(
                 "model repository %s synced into %s",
                 self.shown,
@@ -241,6 +281,30 @@ class RemoteRepository:
         target = self.cache / name / version
         if target.is_dir() and state.is_file() and state.read_text() == fingerprint:
             return False
+        refusal = json.dumps({"fingerprint": fingerprint, "max_bytes": self.max_bytes})
+        why = _refused(state, refusal)
+        if why is not None:
+            raise RefusedBefore(why)
+        try:
+            self._fetch(name, version, files, sizes, fingerprint)
+        except Exception as exc:
+            if isinstance(_reason(exc), DownloadTooLarge):  # the same files will be again
+                _remember_refusal(state, refusal, redact(str(_reason(exc))))
+            raise
+        _refusal_file(state).unlink(missing_ok=True)
+        return True
+
+    def _fetch(
+        self,
+        name: str,
+        version: str,
+        files: dict[str, dict[str, Any]],
+        sizes: dict[str, int | None],
+        fingerprint: str,
+    ) -> None:
+        """Downloads one version whole, then swaps it into the cache with its fingerprint."""
+        state = self._state_file(name, version)
+        target = self.cache / name / version
         budget = DownloadBudget(self.max_bytes)
         budget.check_listed(sizes)  # a version listed over the cap is not even started
         incoming = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=self.cache / STATE_DIR))
@@ -261,7 +325,6 @@ class RemoteRepository:
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
             staged.unlink(missing_ok=True)
-        return True
 
     def _swap_in(self, incoming: Path, target: Path) -> None:
         """Renames the complete download into place; an older copy is moved aside first."""
@@ -295,9 +358,17 @@ class RemoteRepository:
             for state in model.glob("*.json")
         }
 
+    def _forget_refusals(self, listed: set[tuple[str, str]]) -> None:
+        """Drops the refusals of versions the URL no longer lists."""
+        prints = self.cache / STATE_DIR / "fingerprints"
+        for refusal in prints.glob(f"*/*{REFUSED}") if prints.is_dir() else ():
+            if (refusal.parent.name, refusal.name.removesuffix(REFUSED)) not in listed:
+                refusal.unlink(missing_ok=True)
+
     def _remove(self, name: str, version: str) -> None:
         shutil.rmtree(self.cache / name / version, ignore_errors=True)
         self._state_file(name, version).unlink(missing_ok=True)
+        _refusal_file(self._state_file(name, version)).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             (self.cache / name).rmdir()  # only once its last version is gone
 
@@ -314,6 +385,39 @@ class RemoteRepository:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class RefusedBefore(Exception):
+    """The version's files, as listed now, were refused for their size by an earlier sync
+    under the same --max-download-bytes: not downloaded again (each try wrote up to the cap)."""
+
+
+REFUSED = ".refused"  # beside a version's fingerprint: not a *.json, so no fetched version
+
+
+def _refusal_file(state: Path) -> Path:
+    return state.with_name(state.stem + REFUSED)
+
+
+def _refused(state: Path, key: str) -> str | None:
+    """Why the version was refused, if it was with this `key` (fingerprint and cap)."""
+    try:
+        record = json.loads(_refusal_file(state).read_text())
+    except (OSError, ValueError):  # none, or unreadable: try the download
+        return None
+    if not isinstance(record, dict) or record.get("key") != key:
+        return None
+    return str(record.get("why", "over --max-download-bytes"))
+
+
+def _remember_refusal(state: Path, key: str, why: str) -> None:
+    """Records a refusal beside the fingerprints (the cache's own, shared by --workers); a
+    full disk only means the next sync downloads it again."""
+    try:
+        state.parent.mkdir(parents=True, exist_ok=True)
+        _refusal_file(state).write_text(json.dumps({"key": key, "why": why}))
+    except OSError as exc:
+        log.warning("cannot record that %s was refused: %s", state.stem, exc)
+
+
 def _reason(exc: BaseException) -> BaseException:
     """The exception a failed fetch reports: a refusal of ours where one caused it. fsspec's
     HTTP driver turns any failure of a HEAD into a bare FileNotFoundError(url), which said
@@ -322,7 +426,7 @@ def _reason(exc: BaseException) -> BaseException:
     for _ in range(8):  # a chain, not a cycle
         if cause is None:
             break
-        if isinstance(cause, (RedirectRefused, DownloadTooLarge)):
+        if isinstance(cause, (RedirectRefused, DownloadTooLarge, ListingTooLarge)):
             return cause
         cause = cause.__cause__ or cause.__context__
     return exc
@@ -418,6 +522,92 @@ def _redirect_policy() -> Any:
     trace = aiohttp.TraceConfig()
     trace.on_request_redirect.append(on_redirect)
     return trace
+
+
+def _capped_http_fs(client_kwargs: dict[str, Any], max_listing_bytes: int) -> Any:
+    """fsspec's HTTP filesystem, whose listings read at most `max_listing_bytes` of a page.
+    fsspec reads a whole listing page into memory: an endless or huge index (a wrong URL, a
+    hostile server) would take all of it. A fresh instance, not fsspec's cached one."""
+    from fsspec.implementations.http import HTTPFileSystem
+
+    class ListingCapped(HTTPFileSystem):
+        async def _ls_real(self, url: str, detail: bool = True, **kwargs: Any) -> Any:
+            """HTTPFileSystem._ls_real (fsspec 2024-2026), the page read up to the cap."""
+            session = await self.set_session()
+            async with session.get(self.encode_url(url), **self.kwargs) as r:
+                self._raise_not_found_for_status(r, url)
+                mimetype = r.headers.get("Content-Type", "").partition(";")[0] or None
+                links: list[str] = []
+                if mimetype in ("text/html", None):
+                    page = await _read_capped(r, max_listing_bytes, url)
+                    links = _links(_text(page, r.charset), self.simple_links)
+            out = _resolve_links(url, links, self.same_schema)
+            if not out and url.endswith("/"):
+                out = set(await self._ls_real(url.rstrip("/"), detail=False))
+            if detail:
+                return [
+                    {"name": u, "size": None, "type": "directory" if u.endswith("/") else "file"}
+                    for u in out
+                ]
+            return sorted(out)
+
+    return ListingCapped(client_kwargs=client_kwargs, skip_instance_cache=True)
+
+
+async def _read_capped(response: Any, cap: int, url: str) -> bytes:
+    """The body of an aiohttp response (decoded, if gzip: what is held in memory), or
+    ListingTooLarge as soon as it passes `cap` bytes; the rest is never read."""
+    too_large = ListingTooLarge(
+        f"the listing {redact(url)} is over {cap} bytes, the most a listing page is read: "
+        "check the URL, or split the folder"
+    )
+    announced = response.content_length
+    if announced is not None and not response.headers.get("Content-Encoding") and announced > cap:
+        raise too_large
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(2**16):
+        body += chunk
+        if len(body) > cap:
+            raise too_large
+    return bytes(body)
+
+
+def _text(page: bytes, charset: str | None) -> str:
+    try:
+        return page.decode(charset or "utf-8", "ignore")
+    except LookupError:  # a charset Python does not know
+        return page.decode("utf-8", "ignore")
+
+
+_HREF = re.compile(r"""<(a|A)\s+(?:[^>]*?\s+)?(href|HREF)=["'](?P<url>[^"']+)""")
+_SIMPLE_LINK = re.compile(r"""(?P<url>http[s]?://[-a-zA-Z0-9@:%_+.~#?&/=]+)""")
+
+
+def _links(text: str, simple_links: bool) -> list[str]:
+    """The links of a listing page, as fsspec's HTTP driver finds them."""
+    links = [m.group("url") for m in _HREF.finditer(text)]
+    if simple_links:
+        links = [m.group("url") for m in _SIMPLE_LINK.finditer(text)] + links
+    return links
+
+
+def _resolve_links(url: str, links: list[str], same_schema: bool) -> set[str]:
+    """The entries of folder `url` among `links` (fsspec's rules): same-host absolute paths
+    and relative links below it, full URLs below it, no parent link."""
+    out: set[str] = set()
+    parts = urlparse(url)
+    below = url.rstrip("/") + "/"
+    for link in links:
+        if link.startswith("/") and len(link) > 1:  # an absolute path on this server
+            link = f"{parts.scheme}://{parts.netloc}{link}"
+        if link.startswith("http"):
+            if same_schema and link.startswith(below):
+                out.add(link)
+            elif link.replace("https", "http").startswith(below.replace("https", "http")):
+                out.add(link)  # http <-> https may cross
+        elif link not in ("..", "../"):
+            out.add("/".join([url.rstrip("/"), link.lstrip("/")]))
+    return out
 
 
 def open_model_repo(
