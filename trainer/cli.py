@@ -26,8 +26,10 @@ from types import ModuleType
 
 from rnnserve import add_version_flag
 from rnnserve.trainer.errors import TrainerError
+from rnnserve.trainer.given_flags import given, refuse_unused
 from rnnserve.trainer.recipe import average_from, recipe_for
 from rnnserve.trainer.staging import package_dir
+from rnnserve.trainer.wording import plural
 
 ARCHS = ("rnn", "gru", "lstm", "ngram", "hmm", "mlp")
 
@@ -362,12 +364,17 @@ def run_train(args: argparse.Namespace) -> int:
             raise TrainerError(f"{flag} applies to rnn/gru/lstm, not {args.arch}")
         if args.resume:  # it was ignored: a fresh model replaced what the user meant to go on
             raise TrainerError(f"--resume continues rnn/gru/lstm training, not {args.arch}")
+        refuse_unused(
+            getattr(args, "argv", None) or [], COUNT_MODEL_UNUSED[args.arch],
+            f"--arch {args.arch}", COUNT_MODEL_FLAGS[args.arch],
+        )  # fmt: skip
         path = train_count_model(
             args.arch, data, out=Path(args.out), name=name, version=args.version, n=args.n,
             alpha=args.alpha, states=args.states, hmm_method=args.hmm_method, epochs=args.epochs,
             seed=args.seed, progress=progress,
         )  # fmt: skip
     else:
+        refuse_unused(getattr(args, "argv", None) or [], COUNT_MODEL_ONLY, f"--arch {args.arch}")
         model = ModelConfig(
             args.arch, 1, args.hidden, args.layers, args.embed, bidirectional, args.dropout,
             args.weight_drop,
@@ -421,12 +428,25 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 MODEL_FLAGS = ("hidden", "layers", "embed", "dropout", "weight_drop")
-
-
-def _given(argv: list[str], dest: str) -> bool:
-    """Whether the flag of `dest` is on the command line (train takes no abbreviations)."""
-    flag = "--" + dest.replace("_", "-")
-    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
+# `train` flags an n-gram or HMM has no use for, by who uses them: given with --arch ngram|hmm
+# they were silently ignored (`--hidden 999 --lr 5` trained the same n-gram as without them)
+RECURRENT_ONLY_FLAGS = (
+    "num_steps", "batch_size", "hidden", "embed", "layers", "dropout", "weight_drop", "lr",
+    "lr_decay", "average_from", "patience", "time_budget", "optimizer", "weight_decay", "clip",
+    "bptt", "bptt_k", "bptt_p", "sampling", "device", "threads", "run_dir", "dist_timeout",
+)  # fmt: skip
+COUNT_MODEL_UNUSED = {
+    "ngram": {"rnn/gru/lstm": RECURRENT_ONLY_FLAGS, "hmm": ("states", "hmm_method"),
+              "hmm and rnn/gru/lstm": ("epochs", "seed")},
+    "hmm": {"rnn/gru/lstm": RECURRENT_ONLY_FLAGS, "ngram": ("n", "alpha")},
+}  # fmt: skip
+# and the other way: the count models' own flags, which rnn/gru/lstm would ignore
+COUNT_MODEL_ONLY = {"ngram": ("n", "alpha"), "hmm": ("states", "hmm_method")}
+COUNT_MODEL_FLAGS = {  # the refusal's hint: what the model does take
+    "ngram": " (an n-gram takes --n and --alpha, beside the corpus and tokenizer flags)",
+    "hmm": " (an HMM takes --states, --hmm-method, --epochs and --seed, beside the corpus and "
+    "tokenizer flags)",
+}
 
 
 def _follow_resumed_run(args: argparse.Namespace) -> bool:
@@ -447,22 +467,22 @@ def _follow_resumed_run(args: argparse.Namespace) -> bool:
     config, tokenizer = checkpoint.get("model_config"), checkpoint.get("tokenizer")
     if not isinstance(config, dict) or not isinstance(tokenizer, dict):
         return False  # a count model's or a damaged one: the resume refuses it by name
-    if not _given(argv, "arch") and config.get("arch") in ("rnn", "gru", "lstm"):
+    if not given(argv, "arch") and config.get("arch") in ("rnn", "gru", "lstm"):
         args.arch = config["arch"]
-    if not _given(argv, "level") and tokenizer.get("level") in ("char", "word"):
+    if not given(argv, "level") and tokenizer.get("level") in ("char", "word"):
         args.level = tokenizer["level"]
-    if not _given(argv, "keep_punctuation") and "letters_only" in tokenizer:
+    if not given(argv, "keep_punctuation") and "letters_only" in tokenizer:
         args.keep_punctuation = not tokenizer["letters_only"]
     data = checkpoint.get("data")
-    if not _given(argv, "min_freq") and isinstance(data, dict) and "min_freq" in data:
+    if not given(argv, "min_freq") and isinstance(data, dict) and "min_freq" in data:
         args.min_freq = data["min_freq"]  # the vocabulary's: kept whatever the flag says
     for dest, value in recipe_for(args.level, args.arch).flag_defaults().items():
-        if not _given(argv, dest):
+        if not given(argv, dest):
             setattr(args, dest, value)
     for dest in MODEL_FLAGS:
-        if not _given(argv, dest) and dest in config:
+        if not given(argv, dest) and dest in config:
             setattr(args, dest, config[dest])
-    given_direction = _given(argv, "bidirectional") or _given(argv, "task")
+    given_direction = given(argv, "bidirectional") or given(argv, "task")
     return not given_direction and bool(config.get("bidirectional"))
 
 
@@ -605,7 +625,7 @@ def run_ended(args: argparse.Namespace) -> int:
         done = int(history[-1].get("epoch") or 0) if history else 0
         if args.epochs is not None and 0 < args.epochs <= done:  # exit 1 sent a Job on to a
             raise TrainerError(  # `train --resume` that refuses it: "raise --epochs"
-                f"{file}: the run is not over and has {done} epochs already, so --epochs "
+                f"{file}: the run is not over and has {plural(done, 'epoch')} already, so --epochs "
                 f"{args.epochs} cannot continue it (`train --resume` refuses it): raise --epochs"
             )
         print(f"{file}: after epoch {done} the run has epochs left to train")

@@ -36,6 +36,7 @@ from rnnserve.trainer.models import RNN_ARCHS, ModelConfig, build_model
 from rnnserve.trainer.plot import plot_history
 from rnnserve.trainer.retry import export_or_keep
 from rnnserve.trainer.train import TrainConfig, fit, make_optimizer, resolve_device
+from rnnserve.trainer.wording import plural
 
 COUNT_ARCHS = ("ngram", "hmm")
 ALL_ARCHS = (*RNN_ARCHS, *COUNT_ARCHS)
@@ -186,7 +187,9 @@ def train_recurrent(
             stopper.replay(history)
         log(f"resuming {resume} after epoch {start}")
         if start >= train_config.epochs:
-            raise TrainerError(f"checkpoint already has {start} epochs; raise --epochs to continue")
+            raise TrainerError(
+                f"checkpoint already has {plural(start, 'epoch')}; raise --epochs to continue"
+            )
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None and ended is None:
         _writable_run_dir(run_dir)
@@ -371,7 +374,9 @@ def run_ended(checkpoint: dict[str, Any], epochs: int) -> str | None:
     if history[-1].get("stopped"):
         why = f"the run stopped after epoch {done} ({history[-1]['stopped']})"
     elif done >= planned:
-        why = f"the run ended with all its {planned} epochs"
+        why = "the run ended with " + (
+            "its 1 epoch" if planned == 1 else f"all its {plural(planned, 'epoch')}"
+        )
     else:
         return None
     return f"{why}: exporting it without training (--epochs above {planned} trains on)"

@@ -33,6 +33,7 @@ from rnnserve.trainer.time_budget import (
     further_epochs,
     scaled_average_from,
 )
+from rnnserve.trainer.wording import epoch_span, plural
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -295,7 +296,8 @@ def fit(
         stop = None
         if epoch < cfg.epochs and not average.count and stopper.should_stop():
             # once averaging has begun the mean, not the last weights, is what improves
-            stop = f"early stopping: no better validation perplexity for {cfg.patience} epochs"
+            waited = plural(cfg.patience, "epoch")
+            stop = f"early stopping: no better validation perplexity for {waited}"
         elif epoch < cfg.epochs and last_epoch == epoch:
             stop = f"time budget: another epoch would not fit in --time-budget {cfg.time_budget:g}s"
         if epoch == cfg.epochs or stop:
@@ -338,7 +340,7 @@ def _drop_stale_average(
     with --average-from 0, or later than those epochs): exported, it would replace the
     weights trained since with old ones, or average across a gap."""
     log(
-        f"dropped the running mean of epochs {epoch - average.count}-{epoch - 1}: "
+        f"dropped the running mean of {epoch_span(epoch - average.count, epoch - 1)}: "
         f"--average-from {average_from} " + ("is off" if not average_from else "starts later")
     )
     average.reset()
@@ -379,13 +381,19 @@ def _finish(
     """The run's last epoch: the model becomes the mean of the averaged epochs, or the best
     epoch's weights when those score better on the validation split."""
     epoch = record["epoch"]
-    if average.count:
+    if average.count == 1:  # the mean of one epoch is its weights: nothing to load or score again
+        record["averaged_epochs"] = 1
+        log(
+            f"weights averaged over epoch {epoch} alone: the mean of one epoch is its own "
+            f"weights (val ppl {record['val_ppl']:.3f})"
+        )
+    elif average.count:
         average.copy_to(model)
         record["val_ppl_last_weights"] = record["val_ppl"]
         record["val_ppl"] = perplexity(model, val_ids, device, cluster=cluster)
         record["averaged_epochs"] = average.count
         log(
-            f"weights averaged over epochs {epoch - average.count + 1}-{epoch}: "
+            f"weights averaged over {epoch_span(epoch - average.count + 1, epoch)}: "
             f"val ppl {record['val_ppl_last_weights']:.3f} -> {record['val_ppl']:.3f}"
         )
     if stopper.restore_if_better(model, record["val_ppl"]):

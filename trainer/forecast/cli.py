@@ -14,8 +14,9 @@ from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.forecast.flags import MLP_HIDDEN, RECURRENT_HIDDEN, add_series_arguments
 from rnnserve.trainer.forecast.models import FORECAST_ARCHS
 from rnnserve.trainer.forecast.pipeline import run_forecast
-from rnnserve.trainer.forecast.series import MISSING_POLICIES, SPLITS, load_candidates
-from rnnserve.trainer.forecast.train import ForecastTrainConfig
+from rnnserve.trainer.forecast.series import MISSING_POLICIES, SPLITS, Series, load_candidates
+from rnnserve.trainer.forecast.train import AUTO_STEPS, ForecastTrainConfig, auto_num_steps
+from rnnserve.trainer.given_flags import refuse_unused
 from rnnserve.trainer.staging import package_dir
 
 # Common flags whose language-model defaults do not suit a 1000-value series.
@@ -109,20 +110,26 @@ def _rollout(given: int | None, num_steps: int | None) -> int:
     return DEFAULT_ROLLOUT if num_steps is None else min(DEFAULT_ROLLOUT, num_steps)
 
 
+def _rollout_fits(rollout: int, config: ForecastTrainConfig, candidates: list[Series]) -> None:
+    """A --rollout the user gave must fit in the automatic --num-steps too (the docs: "at most
+    --num-steps"): it was cut to them silently (`--rollout 150` trained with 100)."""
+    steps = min(auto_num_steps(config, series) for series in candidates)
+    if rollout > steps:
+        raise TrainerError(
+            f"--rollout {rollout} is above --num-steps, which is {steps} here (not given: at "
+            f"most {AUTO_STEPS}, fewer on a short training part); the rollout must fit in a "
+            f"window: lower --rollout or give --num-steps {rollout}"
+        )
+
+
 # `train` flags of the language models that a forecaster has no use for: given with --task
 # forecast they were silently ignored (`--optimizer sgd`, `--time-budget 60` looked followed)
 TEXT_ONLY_FLAGS = (
     "embed", "dropout", "weight_drop", "lr_decay", "average_from", "time_budget", "optimizer",
     "weight_decay", "bptt", "bptt_k", "bptt_p", "sampling", "threads", "n", "alpha", "states",
     "hmm_method", "level", "keep_punctuation", "min_freq", "val_fraction", "max_tokens",
-    "run_dir",
+    "run_dir", "dist_timeout",
 )  # fmt: skip
-
-
-def _text_only_flags(argv: list[str]) -> list[str]:
-    """The TEXT_ONLY_FLAGS on the command line, as spelt there (`train` takes no abbreviations)."""
-    flags = ["--" + dest.replace("_", "-") for dest in TEXT_ONLY_FLAGS]
-    return [f for f in flags if any(a == f or a.startswith(f + "=") for a in argv)]
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -133,18 +140,17 @@ def run_train(args: argparse.Namespace) -> int:
         raise TrainerError("--task forecast reads --series FILE.csv --column NAME, not --corpus")
     if getattr(args, "resume", None):
         raise TrainerError("--resume is not supported for --task forecast (runs take seconds)")
-    ignored = _text_only_flags(getattr(args, "argv", None) or [])
-    if ignored:
-        raise TrainerError(
-            f"{', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} to the language"
-            " models, not to --task forecast (its flags: `rnn-trainer train --task forecast"
-            " --help`)"
-        )
+    refuse_unused(
+        getattr(args, "argv", None) or [], {"the language models": TEXT_ONLY_FLAGS},
+        "--task forecast", " (its flags: `rnn-trainer train --task forecast --help`)",
+    )  # fmt: skip
     config = config_from_args(args)
     series, *alternatives = load_candidates(
         args.series, args.column, config.tau, args.missing, split=args.split,
         val_size=args.val_size, transform=args.transform, season=args.season,
     )  # fmt: skip
+    if args.rollout is not None and args.num_steps is None:
+        _rollout_fits(args.rollout, config, [series, *alternatives])
     default = f"{'sine' if args.series is None else 'series'}-{config.arch}"
     name = default if args.name is None else args.name  # "" is refused, not replaced
     version = str(getattr(args, "version", "1") or "1")
@@ -162,6 +168,8 @@ def run_train(args: argparse.Namespace) -> int:
         + " or ".join(s.representation.name for s in [series, *alternatives])
         + (" (the validation tail decides)" if alternatives else "")
     )
+    if series.filled:
+        print(series.filled.describe(series.held_out))
     run_forecast(
         config,
         series,

@@ -105,6 +105,8 @@ def run_forecast(
             "num_values": len(series.values),
             "num_train": series.num_train,
             "held_out": series.held_out,
+            # the CSV's missing cells, by how they were filled (absent: none were missing)
+            **({"missing_filled": series.filled.to_manifest()} if series.filled else {}),
             "representation": series.representation.name,
             # {candidate: validation score}; none without a validation tail (inf is not JSON)
             "representation_scores": finite_scores(picked.val_scores),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import numpy as np
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.forecast.detect import candidate_representations, choose_representation
 from rnnserve.trainer.forecast.representation import TRANSFORMS, Representation
+from rnnserve.trainer.wording import plural
 
 TEXTBOOK_LENGTH = 1000
 TEXTBOOK_NOISE_STD = 0.2
@@ -211,6 +212,41 @@ class Normaliser:
 
 
 @dataclass(frozen=True)
+class Filled:
+    """The missing cells of a CSV column a run filled, by how: said in one line and recorded
+    in manifest.training (`missing_filled`), where they used to be filled silently."""
+
+    file: str
+    column: str
+    interpolated: int = 0  # before the held-out values, linearly (at an end: the nearest value)
+    repeated: int = 0  # among the held-out values: the last value before each (no look-ahead)
+
+    @property
+    def total(self) -> int:
+        return self.interpolated + self.repeated
+
+    def describe(self, held_out: str) -> str:
+        """`s.csv: filled 3 missing cells of column 'level': ...` (`held_out`: "test" or
+        "validation", as Series.held_out)."""
+        part = "validation tail" if held_out == "validation" else "test part"
+        how = []
+        if self.interpolated:  # at either end of the part, the nearest value (np.interp)
+            how.append(f"{self.interpolated} before the {part} by linear interpolation")
+        if self.repeated:
+            how.append(f"{self.repeated} in the {part} by repeating the last value before it")
+        return (
+            f"{self.file}: filled {plural(self.total, 'missing cell')} of column "
+            f"{self.column!r}: "
+            + ", ".join(how)
+            + f" (--missing error refuses {'it' if self.total == 1 else 'them'})"
+        )
+
+    def to_manifest(self) -> dict[str, object]:
+        return {"column": self.column, "interpolated": self.interpolated,
+                "repeated": self.repeated}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Series:
     """A raw series, where its held-out part starts, its representation and normalisation.
 
@@ -223,6 +259,7 @@ class Series:
     source: str  # "textbook" or "<file>:<column>", recorded in manifest.training
     representation: Representation = field(default_factory=Representation)
     held_out: str = "test"  # "test" (the textbook split) or "validation" (a tail split)
+    filled: Filled | None = None  # missing CSV cells filled before the split (None: none)
 
     @property
     def normalised(self) -> np.ndarray:  # float32 [T]
@@ -367,16 +404,21 @@ def load_candidates(
     split = split or ("textbook" if path is None else "tail")
     if split not in SPLITS:
         raise SeriesError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if np.isnan(values).any():  # gaps filled without looking past the held-out boundary
+    filled = None
+    gaps = np.isnan(values)
+    if gaps.any():  # gaps filled without looking past the held-out boundary
         n = len(values)
         held = default_val_size(n) if val_size is None else val_size
-        cut = n - held if split == "tail" else round(n * TRAIN_FRACTION)
-        values = fill_without_look_ahead(values, min(max(cut, 1), n), source)
+        cut = min(max(n - held if split == "tail" else round(n * TRAIN_FRACTION), 1), n)
+        values = fill_without_look_ahead(values, cut, source)
+        filled = Filled(str(path), str(column), int(gaps[:cut].sum()), int(gaps[cut:].sum()))
     if split == "tail":
-        return tail_candidates(values, tau, source, val_size, transform or "auto", season)
-    rep = None
-    if transform not in (None, "level") or season:
-        rep = choose_representation(
-            values[: round(len(values) * TRAIN_FRACTION)], transform or "level", season
-        )  # --season alone keeps the textbook's levels (no first differences)
-    return [split_series(values, tau, source, rep)]
+        found = tail_candidates(values, tau, source, val_size, transform or "auto", season)
+    else:
+        rep = None
+        if transform not in (None, "level") or season:
+            rep = choose_representation(
+                values[: round(len(values) * TRAIN_FRACTION)], transform or "level", season
+            )  # --season alone keeps the textbook's levels (no first differences)
+        found = [split_series(values, tau, source, rep)]
+    return [replace(series, filled=filled) for series in found]

@@ -32,6 +32,7 @@ from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.forecast.models import build_model
 from rnnserve.trainer.forecast.series import Series
 from rnnserve.trainer.train import resolve_device
+from rnnserve.trainer.wording import plural
 
 ORIGIN_STRIDE = 8  # steps between rollout origins in a training subsequence
 AUTO_STEPS = 100  # --num-steps when not given: this, or what a short series allows
@@ -155,7 +156,7 @@ def fit_forecaster(
             # newest values (the tail itself) train the model too
             epochs = max(1, round((best + 1) * REFIT_FRACTION))
             if progress:
-                print(f"refit on all {len(series.values)} values for {epochs} epochs")
+                print(f"refit on all {len(series.values)} values for {plural(epochs, 'epoch')}")
             again = replace(config, epochs=epochs, lr=config.lr * config.min_lr_ratio,
                             min_lr_ratio=1.0)  # fmt: skip
             model, more, *_ = _train(again, series, progress, len(series.values), False, model)
@@ -163,6 +164,14 @@ def fit_forecaster(
         return TrainedForecaster(model, history, score)
     finally:
         torch.set_num_threads(threads)
+
+
+def auto_num_steps(config: ForecastTrainConfig, series: Series, end: int | None = None) -> int:
+    """--num-steps when not given: as long as the training range values[:end] (default: the
+    training part) allows after the warm-up, at most AUTO_STEPS."""
+    end = series.num_train if end is None else end
+    usable = end - series.representation.lost  # the values a window can start in
+    return max(1, min(AUTO_STEPS, usable - config.resolved_warmup() - 1))
 
 
 def _train(
@@ -184,8 +193,10 @@ def _train(
     lost = series.representation.lost
     train = series.normalised[lost:end]
     steps = config.num_steps
-    if steps is None:  # auto: as long as the training range allows, at most AUTO_STEPS
-        steps = max(1, min(AUTO_STEPS, len(train) - warmup - 1))
+    if steps is None:
+        steps = auto_num_steps(config, series, end)
+    # the default rollout fits the automatic windows; the CLI refuses a --rollout the user
+    # gave above them (forecast/cli.py), so only a library caller's is cut here
     rollout = min(config.rollout, steps) if config.num_steps is None else config.rollout
     if steps < 1 or config.epochs < 1 or config.batch_size < 1:
         raise TrainerError("--num-steps, --epochs and --batch-size must be at least 1")

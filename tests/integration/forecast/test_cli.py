@@ -157,3 +157,42 @@ def test_a_name_or_version_the_server_cannot_serve_is_refused_before_training(
     assert main(argv) == 2
     assert "error: " in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_filled_cells_are_said_and_recorded(tmp_path: Path, capsys) -> None:
+    """A CSV's missing cells were filled silently: the run says how many, of which column and
+    how, and the manifest records it beside the series."""
+    csv = sine_csv(tmp_path / "s.csv", gap=True)  # one gap, at row 50: before the tail
+    argv = ["train", "--task", "forecast", "--arch", "mlp", "--series", str(csv), "--column",
+            "level", "--out", str(tmp_path / "models"), "--name", "gap", *TINY]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    said = [line for line in out.splitlines() if "missing cell" in line]
+    assert said == [
+        f"{csv}: filled 1 missing cell of column 'level': 1 before the validation tail by "
+        "linear interpolation (--missing error refuses it)"
+    ]
+    manifest = json.loads((tmp_path / "models" / "gap" / "1" / "manifest.json").read_text())
+    assert manifest["training"]["missing_filled"] == {
+        "column": "level", "interpolated": 1, "repeated": 0,
+    }  # fmt: skip
+
+
+def test_a_rollout_above_the_automatic_num_steps_is_refused_naming_both(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """`--rollout 150` without --num-steps trained with a rollout of 100 (the automatic
+    windows), silently: it is refused before training, naming both flags."""
+    from rnnserve.trainer.forecast import pipeline
+
+    def trained(*args, **kwargs):
+        raise AssertionError("the model trained with a rollout it cut")
+
+    monkeypatch.setattr(pipeline, "train_on_best_representation", trained)
+    argv = ["train", "--task", "forecast", "--arch", "mlp", "--epochs", "1", "--hidden", "4",
+            "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+    assert main([*argv, "--rollout", "150"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --rollout 150 is above --num-steps, which is 100 here"), err
+    assert "give --num-steps 150" in err and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())

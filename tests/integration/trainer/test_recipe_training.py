@@ -82,4 +82,43 @@ def test_the_default_recipe_trains_and_exports_through_the_cli(tmp_path, capsys)
     assert manifest.hyperparameters["dropout"] == CHAR.dropout
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["averaged_epochs"] == 1
-    assert "weights averaged over epochs 2-2" in capsys.readouterr().out
+    assert "weights averaged over epoch 2 alone" in capsys.readouterr().out
+
+
+def test_a_one_epoch_average_is_the_last_epoch_and_is_validated_once(monkeypatch) -> None:
+    """`--epochs 2 --average-from 2` said "averaged over epochs 2-2" and scored the same
+    weights twice: a mean of one epoch is that epoch's weights, said so, scored once."""
+    from rnnserve.trainer import train as train_module
+
+    scored: list[int] = []
+
+    def counted(*args, **kwargs):
+        scored.append(1)
+        return perplexity(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "perplexity", counted)
+    data = [0, 1, 2, 1] * 300, [0, 1, 2, 1] * 30
+    lines: list[str] = []
+    averaged_model, plain_model = _model(), _model()
+    cfg = TrainConfig(epochs=2, num_steps=8, batch_size=8, average_from=2)
+    averaged = fit(averaged_model, *data, cfg, progress=False, log=lines.append)
+    assert len(scored) == 2  # once per epoch, not a third time for the "mean"
+    assert "weights averaged over epoch 2 alone: the mean of one epoch is its own weights" in (
+        "\n".join(lines)
+    )
+    assert not any("epochs 2-2" in line for line in lines)
+    last = averaged[-1]
+    assert last["averaged_epochs"] == 1 and "val_ppl_last_weights" not in last
+    plain = fit(plain_model, *data, TrainConfig(epochs=2, num_steps=8, batch_size=8), **QUIET)
+    assert last["val_ppl"] == plain[-1]["val_ppl"]
+    for (name, a), b in zip(averaged_model.state_dict().items(),
+                            plain_model.state_dict().values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+
+
+def test_counts_of_one_epoch_are_singular() -> None:
+    """Patience 1 stopped the run "for 1 epochs"."""
+    train, val = [0, 1, 2] * 400, [2, 1, 0] * 40  # learning train makes val worse
+    cfg = TrainConfig(epochs=12, num_steps=8, batch_size=8, lr=0.05, patience=1)
+    last = fit(_model(), train, val, cfg, **QUIET)[-1]
+    assert last["stopped"] == "early stopping: no better validation perplexity for 1 epoch"

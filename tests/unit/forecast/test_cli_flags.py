@@ -17,6 +17,7 @@ from rnnserve.trainer.cli import main
         (["--time-budget=60", "--dropout", "0.3"], "--dropout, --time-budget apply"),
         (["--threads", "2"], "--threads applies"),
         (["--max-tokens", "500"], "--max-tokens applies"),
+        (["--dist-timeout", "30"], "--dist-timeout applies"),  # forecasting trains in one process
     ],
 )
 def test_text_model_flags_are_refused_not_ignored(

@@ -9,6 +9,7 @@ import pytest
 
 from rnnserve.trainer.forecast.series import (
     TEXTBOOK_NOISE_STD,
+    Filled,
     Normaliser,
     SeriesError,
     load_candidates,
@@ -183,3 +184,23 @@ def test_gaps_before_the_held_out_values_are_not_filled_from_them(tmp_path: Path
     loaded = [load_candidates(p, "v", tau=4, split=split)[0].values for p in paths]
     assert np.array_equal(loaded[0][:cut], loaded[1][:cut])
     assert not np.isnan(loaded[0]).any()
+
+
+@pytest.mark.parametrize("split", ["tail", "textbook"])
+def test_the_filled_cells_are_counted_by_how(tmp_path: Path, split: str) -> None:
+    """Gaps were filled without a word: each series now says how many cells were filled and
+    how (interpolated before the held-out part, the last value repeated inside it)."""
+    rows = [f"{i},{'' if i in (10, 11, 195) else 3 + np.sin(0.05 * i)}" for i in range(200)]
+    path = write_csv(tmp_path / "s.csv", "t,level\n" + "\n".join(rows) + "\n")
+    candidates = load_candidates(path, "level", tau=4, split=split, season=0)
+    for series in candidates:
+        assert series.filled == Filled(str(path), "level", interpolated=2, repeated=1)
+    part = "validation tail" if split == "tail" else "test part"
+    assert candidates[0].filled.describe(candidates[0].held_out) == (
+        f"{path}: filled 3 missing cells of column 'level': 2 before the {part} by linear "
+        f"interpolation, 1 in the {part} by repeating the last value before it "
+        "(--missing error refuses them)"
+    )
+    whole = write_csv(tmp_path / "whole.csv", "t,level\n" + "\n".join(
+        f"{i},{3 + np.sin(0.05 * i)}" for i in range(200)))  # fmt: skip
+    assert load_candidates(whole, "level", tau=4, split=split)[0].filled is None

@@ -14,6 +14,7 @@ from rnnserve.trainer.forecast.train import (
     ORIGIN_STRIDE,
     ForecastTrainConfig,
     _loss,
+    fit_forecaster,
     train_forecaster,
 )
 
@@ -126,3 +127,15 @@ def test_refit_trains_on_the_whole_series_after_the_tail_chose_the_weights() -> 
     refit_model, refit_history = train_forecaster(replace(config, refit=True), series)
     assert len(refit_history) > len(history)  # the short pass over all 400 values
     assert not torch.allclose(refit_model.net[0].weight, model.net[0].weight)
+
+
+def test_a_refit_of_one_epoch_is_said_in_the_singular(tmp_path, capsys) -> None:
+    """A one-epoch refit printed "refit on all 200 values for 1 epochs"."""
+    from rnnserve.trainer.forecast.series import tail_split
+
+    values = load_series(None, None, tau=4).values[:200].astype(np.float64)
+    series = tail_split(values, 4, "sine", val_size=20, transform="level", season=0)
+    config = ForecastTrainConfig(arch="mlp", hidden=4, epochs=2, num_steps=16, rollout=0)
+    fit_forecaster(config, series, progress=True)
+    out = capsys.readouterr().out
+    assert "refit on all 200 values for 1 epoch\n" in out, out

@@ -128,3 +128,63 @@ def test_the_parser_does_not_import_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_one_epoch_is_said_in_the_singular(tmp_path: Path, capsys) -> None:
+    """`ended` and `--resume` said "has 1 epochs already", "ended with all its 1 epochs"."""
+    from rnnserve.trainer.pipeline import run_ended
+
+    history = [{"epoch": 1, "train_ppl": 9.0, "val_ppl": 9.0}]
+    checkpoint = {"model_config": {"arch": "gru"}, "state_dict": {}, "vocab": ["a"],
+                  "epoch": 1, "history": history, "train_config": {"epochs": 1}}  # fmt: skip
+    assert run_ended(checkpoint, 1).startswith("the run ended with its 1 epoch: exporting it")
+    checkpoint["train_config"] = {"epochs": 40}
+    save_checkpoint(checkpoint, tmp_path / "checkpoint.pt")
+    assert main(["ended", str(tmp_path), "--epochs", "1"]) == 2
+    assert "has 1 epoch already, so --epochs 1 cannot continue it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        (["--arch", "ngram", "--hidden", "999", "--lr=5"],
+         "--hidden, --lr apply to rnn/gru/lstm, not to --arch ngram (an n-gram takes --n and "
+         "--alpha, beside the corpus and tokenizer flags)"),
+        (["--arch", "ngram", "--layers", "3", "--states", "4", "--epochs", "2"],
+         "--layers applies to rnn/gru/lstm, --states applies to hmm, --epochs applies to hmm "
+         "and rnn/gru/lstm, not to --arch ngram"),
+        (["--arch", "hmm", "--num-steps", "8", "--dropout", "0.1", "--run-dir", "r"],
+         "--num-steps, --dropout, --run-dir apply to rnn/gru/lstm, not to --arch hmm (an HMM "
+         "takes --states"),
+        (["--arch", "hmm", "--n", "2"], "--n applies to ngram, not to --arch hmm"),
+        (["--arch", "gru", "--n", "3", "--states", "4"],
+         "--n applies to ngram, --states applies to hmm, not to --arch gru"),
+        (["--arch", "lstm", "--hmm-method=gradient"],
+         "--hmm-method applies to hmm, not to --arch lstm"),
+    ],
+)  # fmt: skip
+def test_count_models_refuse_the_flags_they_would_ignore(
+    tmp_path: Path, capsys, given: list[str], said: str
+) -> None:
+    """`--arch ngram --hidden 999 --lr 5` trained the same n-gram as without them."""
+    out = tmp_path / "models"
+    argv = ["train", *given, "--max-tokens", "2000", "--no-progress", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {said}"), err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "given", [["--arch", "ngram", "--n", "2", "--alpha", "0.5"],
+              ["--arch", "hmm", "--states", "2", "--epochs", "1", "--seed", "3"]],
+)  # fmt: skip
+def test_count_models_take_their_own_flags_and_not_the_recipe_s(
+    tmp_path: Path, capsys, given: list[str]
+) -> None:
+    """The recipe's defaults (--hidden 512, --time-budget 420, ...) are no flags the user gave."""
+    out = tmp_path / "models"
+    argv = ["train", *given, "--level", "char", "--max-tokens", "2000", "--val-fraction", "0.2",
+            "--no-progress", "--out", str(out), "--name", "m"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (out / "m" / "1" / "model.onnx").is_file()
