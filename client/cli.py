@@ -12,9 +12,15 @@ failed to load; 130 interrupted.
 
 from __future__ import annotations
 
+import os
+
+# gRPC's C core writes its own log lines to stderr (a TLS handshake that fails: an "I1201
+# 03:09:07 ... Handshake failed ..." line per attempt around the one `error:` line the command
+# prints). It reads GRPC_VERBOSITY once, when grpc is imported; one set in the environment wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import argparse
 import difflib
-import os
 import sys
 from collections.abc import Sequence
 
@@ -43,11 +49,67 @@ class _Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
         """A flag no parser knows (`generate --promt`) was refused under the top-level usage,
         which lists no generate flag: the subcommand's usage, and the likely flag, instead."""
+        misplaced = misplaced_flag(self, list(sys.argv[1:] if args is None else args))
+        if misplaced is not None:
+            sub, flag, command = misplaced
+            sub.error(
+                f"{flag} is a flag of {command}: give it after the subcommand, "
+                f"as in `rnn-client {command} {flag} ...`"
+            )
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             parser, message = unrecognized(self, parsed, extras)
             parser.error(message)
         return parsed
+
+
+def misplaced_flag(
+    parser: argparse.ArgumentParser, argv: list[str]
+) -> tuple[argparse.ArgumentParser, str, str] | None:
+    """(subcommand parser, flag, subcommand) for the first flag of the subcommand given before
+    it (`rnn-client --no-failover generate ...`); None when there is none. argparse refused
+    such a flag confusingly: "unrecognized arguments: --no-failover (did you mean
+    --no-failover?)", "invalid choice: 'lstm'" for `--model lstm generate`, or "the following
+    arguments are required: --model" for `--model=lstm generate`."""
+    commands = next(
+        (a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None
+    )
+    if not commands:
+        return None
+    skip, before = False, []
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        if token == "--":
+            return None
+        if token in commands:
+            sub = commands[token]
+            for flag in before:
+                action = _option(sub, flag)
+                if action is not None:  # named in full: `--max` abbreviates --max-tokens
+                    full = next(o for o in action.option_strings if o.startswith(flag))
+                    return sub, full, token
+            return None
+        if token.startswith("-"):
+            name = token.split("=", 1)[0]
+            action = _option(parser, name)
+            if action is None:
+                before.append(name)
+            else:  # a global flag: its value (if it takes one and has no "=") is no command
+                skip = action.nargs != 0 and "=" not in token
+    return None
+
+
+def _option(parser: argparse.ArgumentParser, name: str) -> argparse.Action | None:
+    """The action `parser` runs for option `name`, spelt out or abbreviated as argparse
+    allows (a prefix of one option only); None if it has none."""
+    if name in parser._option_string_actions:
+        return parser._option_string_actions[name]
+    if not name.startswith("--"):
+        return None
+    actions = {a for o, a in parser._option_string_actions.items() if o.startswith(name)}
+    return actions.pop() if len(actions) == 1 else None
 
 
 def unrecognized(
@@ -64,6 +126,7 @@ def unrecognized(
         for extra in extras
         if extra.startswith("--")
         for match in difflib.get_close_matches(extra.split("=", 1)[0], sorted(known), n=1)
+        if match != extra.split("=", 1)[0]  # a known flag in the wrong place: no typo to fix
     ]
     message = f"unrecognized arguments: {' '.join(extras)}"
     if guesses:

@@ -6,6 +6,7 @@ and auth behave identically whichever one a caller picks.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ class TlsConfig:
     def __post_init__(self) -> None:
         if (self.cert_chain is None) != (self.private_key is None):
             raise ValueError("TLS client certificate and key must be given together")
+        for name in _PEM:
+            _check_pem(getattr(self, name), name, f"TlsConfig.{name}")
 
     @classmethod
     def from_files(
@@ -49,8 +52,13 @@ class TlsConfig:
         key: str | Path | None = None,
         server_name: str | None = None,
     ) -> TlsConfig:
-        """Read PEM files; raises ValueError naming the file that cannot be read."""
-        return cls(_read(ca, "CA"), _read(cert, "cert"), _read(key, "key"), server_name)
+        """Read PEM files; raises ValueError naming the file that cannot be read or holds no
+        PEM block of its kind (a key given as the CA, cert and key swapped)."""
+        files = {"root_ca": (ca, "CA"), "cert_chain": (cert, "cert"), "private_key": (key, "key")}
+        data = {name: _read(path, what) for name, (path, what) in files.items()}
+        for name, (path, what) in files.items():
+            _check_pem(data[name], name, f"TLS {what} file {path}")
+        return cls(server_name=server_name, **data)
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
@@ -58,6 +66,22 @@ class TlsConfig:
             private_key=self.private_key,
             certificate_chain=self.cert_chain,
         )
+
+
+# What each TlsConfig field must hold. gRPC takes anything and fails only when it dials:
+# every call then ended UNAVAILABLE after its retries ("server down", exit 14), the cause
+# buried in C-core log lines, the error naming some address's "Connection refused".
+_CERT = ("certificate", "-----BEGIN CERTIFICATE-----", rb"-----BEGIN CERTIFICATE-----")
+_KEY = ("private key", "-----BEGIN ... PRIVATE KEY-----", rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+_PEM = {"root_ca": _CERT, "cert_chain": _CERT, "private_key": _KEY}
+
+
+def _check_pem(data: bytes | None, name: str, source: str) -> None:
+    """ValueError naming `source` when `data` (None: not given) has no PEM block of the kind
+    field `name` needs."""
+    kind, line, block = _PEM[name]
+    if data is not None and not (isinstance(data, bytes) and re.search(block, data)):
+        raise ValueError(f"{source} holds no PEM {kind} (no {line} line)")
 
 
 def _read(path: str | Path | None, what: str) -> bytes | None:

@@ -78,7 +78,12 @@ def generate_request(
 
 def score_request(model: str, texts: str | Iterable[str], version: str = "") -> pb.ScoreRequest:
     _require_model(model)
+    if isinstance(texts, bytes):  # list() made it [97, 98, ...]: protobuf's "bad argument type"
+        raise InvalidArgument("texts: must be a str or a list of str, not bytes")
     texts = [texts] if isinstance(texts, str) else list(texts)
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str | bytes)), None)
+    if bad is not None:
+        raise InvalidArgument(f"texts[{bad}]: must be a str, not {type(texts[bad]).__name__}")
     if not texts:
         raise InvalidArgument("texts: at least one text is required")
     _check_text(version=version, **{f"texts[{i}]": t for i, t in enumerate(texts)})

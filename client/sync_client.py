@@ -203,6 +203,7 @@ class RnnClient:
     ) -> None:
         self.addresses = address_list(address)
         self.address = ",".join(self.addresses)
+        resolve_timeout(None, timeout)  # refused here, not by every call (ValueError each)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.state_every = checked_state_every(state_every)

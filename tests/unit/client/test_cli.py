@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -369,6 +373,71 @@ def test_a_misspelt_flag_gets_the_subcommand_usage_and_a_suggestion(capsys) -> N
     assert (
         err.splitlines()[-1] == "error: unrecognized arguments: --promt hi (did you mean --prompt?)"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag", "command"),
+    [
+        (["--no-failover", "generate", "--model", "m"], "--no-failover", "generate"),
+        (["--model", "lstm", "generate", "--prompt", "a"], "--model", "generate"),
+        (["--model=lstm", "generate", "--prompt", "a"], "--model", "generate"),
+        (["--timeout", "5", "--max", "3", "generate", "--model", "m"], "--max-tokens", "generate"),
+        (["--fitted", "forecast", "--model", "m", "--history-file", "h", "--horizon", "2"],
+         "--fitted", "forecast"),
+    ],
+)  # fmt: skip
+def test_a_subcommand_flag_before_the_subcommand_says_where_it_goes(capsys, argv, flag, command):
+    """argparse said "unrecognized arguments: --no-failover (did you mean --no-failover?)",
+    "invalid choice: 'lstm'" or "the following arguments are required: --model"."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 64
+    assert err.startswith(f"usage: rnn-client {command} ")
+    assert err.splitlines()[-1] == (
+        f"error: {flag} is a flag of {command}: give it after the subcommand, "
+        f"as in `rnn-client {command} {flag} ...`"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--json", "--timeout", "5", "generate", "--model", "lstm", "--prompt", "abc"],
+        ["--timeout=5", "--json", "score", "--model", "lstm", "ab"],
+        ["--addr", "{address}", "models"],  # an abbreviated global flag, and its value
+    ],
+)
+def test_global_flags_before_the_subcommand_still_work(fake, capsys, argv) -> None:
+    address = fake[1]
+    argv = [a.format(address=address) for a in argv]
+    if "--addr" not in argv:
+        argv = ["--address", address, *argv]
+    assert main(argv) == 0, capsys.readouterr().err
+
+
+def test_a_failed_tls_handshake_prints_one_line_not_grpc_log_lines(fake) -> None:
+    """gRPC's C core wrote "I1201 ... Handshake failed ..." lines to stderr, one per attempt,
+    around the `error:` line (`--tls` to a plaintext server, or an untrusted certificate)."""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    argv = [sys.executable, "-m", "rnnserve.client.cli", "--address", fake[1], "--tls"]
+    done = subprocess.run(
+        [*argv, "--timeout", "10", "models"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 14
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: UNAVAILABLE: ") and "handshake" in line.lower()
+
+
+def test_the_package_loads_its_names_when_used() -> None:
+    """rnn-client can quiet grpc only if importing rnnserve.client loads no grpc itself."""
+    import rnnserve.client as package
+
+    assert sorted(package.__all__) == sorted(package._EXPORTS)
+    for name, module in package._EXPORTS.items():
+        assert getattr(package, name) is getattr(importlib.import_module(module), name)
+    code = "import sys, rnnserve.client; assert 'grpc' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_bad_csv_exits_64_with_the_reason(cli, tmp_path) -> None:

@@ -217,6 +217,22 @@ def test_forecast_history_that_is_not_numbers_names_the_value(client, fake, hist
 
 
 @pytest.mark.parametrize(
+    ("texts", "message"),
+    [
+        (b"the time", "texts: must be a str or a list of str, not bytes"),
+        (["the time", 42], "texts[1]: must be a str, not int"),
+        ([None], "texts[0]: must be a str, not NoneType"),
+    ],
+)
+def test_score_texts_that_are_not_text_name_the_text(client, fake, texts, message) -> None:
+    """Protobuf's TypeError "bad argument type for built-in operation" named nothing (bytes
+    were read as a list of ints)."""
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        client.score("lstm", texts)
+    assert sum(fake[0].calls.values()) == 0
+
+
+@pytest.mark.parametrize(
     ("call", "field"),
     [
         (lambda c: c.generate("lstm", "ab", max_tokens=2**40), "max_tokens"),
@@ -460,3 +476,13 @@ def test_close_ends_a_wait_ready_with_cancelled() -> None:
     thread.join(10)
     assert not thread.is_alive(), "wait_ready went on waiting after close()"
     assert isinstance(out.get("error"), Cancelled), out
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan")])
+def test_a_timeout_that_is_no_deadline_is_refused_when_the_client_is_made(timeout) -> None:
+    """RnnClient(timeout=0) was accepted; every call then raised the ValueError."""
+    from rnnserve.client import AsyncRnnClient
+
+    for make in (RnnClient, AsyncRnnClient):
+        with pytest.raises(ValueError, match=r"timeout must be > 0 seconds"):
+            make("127.0.0.1:1", timeout=timeout)

@@ -77,3 +77,44 @@ def test_tls_server_name_alone_implies_tls(monkeypatch) -> None:
     assert seen["tls"] == TlsConfig(server_name="rnnserve")
     cli.make_client(cli.build_parser().parse_args(["models"]))
     assert seen["tls"] is None
+
+
+@pytest.mark.parametrize(
+    ("flag", "given", "says"),
+    [
+        ("--tls-ca", "client.key", "TLS CA file {d}/client.key holds no PEM certificate"),
+        ("--tls-cert", "client.key", "TLS cert file {d}/client.key holds no PEM certificate"),
+        ("--tls-key", "client.pem", "TLS key file {d}/client.pem holds no PEM private key"),
+        ("--tls-ca", "junk.txt", "TLS CA file {d}/junk.txt holds no PEM certificate"),
+    ],
+)
+def test_a_tls_file_of_the_wrong_kind_is_bad_usage_naming_it(
+    mtls_server, capsys, flag, given, says
+):
+    """A key given as the CA (or cert and key swapped) was taken by gRPC and failed only when
+    it dialled: exit 14 UNAVAILABLE "server down" after the retries, the error naming some
+    address's "Connection refused", C-core log lines around it."""
+    address, d = mtls_server
+    (d / "junk.txt").write_text("not a certificate\n")
+    files = {
+        "--tls-ca": "ca.pem",
+        "--tls-cert": "client.pem",
+        "--tls-key": "client.key",
+        flag: given,
+    }
+    argv = ["--address", address, "--timeout", "5"]
+    for option, name in files.items():
+        argv += [option, str(d / name)]
+    assert main([*argv, "models"]) == 64
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: " + says.format(d=d))
+
+
+def test_tls_config_refuses_bytes_that_are_not_pem(mtls_server) -> None:
+    _address, d = mtls_server
+    cert, key = (d / "client.pem").read_bytes(), (d / "client.key").read_bytes()
+    with pytest.raises(ValueError, match=r"TlsConfig.root_ca holds no PEM certificate"):
+        TlsConfig(root_ca=key)
+    with pytest.raises(ValueError, match=r"TlsConfig.private_key holds no PEM private key"):
+        TlsConfig(cert_chain=cert, private_key=cert)
+    TlsConfig(root_ca=(d / "ca.pem").read_bytes(), cert_chain=cert, private_key=key)  # fine
