@@ -42,6 +42,17 @@ class GraphInterface:
     time_major: bool = False
     notes: list[str] = field(default_factory=list)  # what was inferred, for the record
     input_dtype: str = "int64"  # the graph's own token dtype (one of TOKEN_DTYPES)
+    guessed_pairs: bool = False  # some state input had several outputs its shape fits
+
+    def pair_hint(self) -> str:
+        """What to add to a failed step check when the state pairs were a guess."""
+        if not self.guessed_pairs:
+            return ""
+        shown = ", ".join(f"{s.input}->{s.output}" for s in self.states)
+        return (
+            f"; the state pairs were inferred as {shown}: if another output carries an"
+            " input's next state, name each pair with --state INPUT:OUTPUT"
+        )
 
 
 def misfit(detail: str) -> TrainerError:
@@ -79,13 +90,26 @@ def _pick_input(inputs: dict[str, Tensor], name: str | None) -> Tensor:
         found = [t for t in inputs.values() if t.dtype in TOKEN_DTYPES and len(t.dims) == 2]
         if len(found) != 1:
             some = "no int64 or int32 input" if not found else "several int64 or int32 inputs"
+            values = [  # [batch, time(, 1)] both unfixed: a state has one unfixed axis
+                t for t in inputs.values() if t.dtype == "float32" and len(t.dims) in (2, 3)
+                and not any(isinstance(d, int) for d in t.dims[:2])
+            ]  # fmt: skip
+            if not found and values:  # --input would only move the refusal to its dtype
+                raise misfit(
+                    f"there is no token input ({some} of rank 2; the inputs are"
+                    f" {_listing(inputs)}); float values in, like {values[0].name}, make a"
+                    " forecaster, and `rnn-trainer package` makes language models (task lm)"
+                    " only: a forecaster is made by `rnn-trainer train --task forecast`"
+                    " (docs/forecasting.md)"
+                )
             raise misfit(
                 f"cannot tell the token input ({some} of rank 2); the inputs are"
                 f" {_listing(inputs)}; name it with --input"
             )
         chosen = found[0]
     if chosen.dtype not in TOKEN_DTYPES:
-        raise misfit(f"token input {chosen.describe()} must hold int64 (or int32) token ids")
+        raise misfit(f"token input {chosen.describe()} must hold int64 (or int32) token ids"
+                     " (`rnn-trainer package` makes language models only)")  # fmt: skip
     if len(chosen.dims) != 2:
         raise misfit(f"token input {chosen.describe()} must have 2 axes: [batch, time]")
     return chosen
@@ -102,6 +126,20 @@ def _pick_output(outputs: dict[str, Tensor], name: str | None, vocab_size: int) 
         if not found and len(scoring) == 1:  # scores the vocabulary, not as the server reads
             found = scoring  # the checks below say what is wrong with it (dtype, axes)
         if not found:
+            near = [  # [batch, time, fixed size]: a state has a fixed layers axis
+                t for t in outputs.values() if t.dtype == "float32" and len(t.dims) == 3
+                and not any(isinstance(d, int) for d in t.dims[:2])
+            ]  # fmt: skip
+            if len(near) == 1:  # --output would only restate it: say what is off, and by how much
+                size = near[0].dims[2]
+                off = f"{abs(size - vocab_size)} {'more' if size > vocab_size else 'fewer'}"
+                raise misfit(
+                    f"no output scores {vocab_size} tokens per step, the vocabulary's size: the"
+                    f" logits output {near[0].describe()} scores {size}, {off}; package the"
+                    " vocabulary the model was trained with, one token per id (a space is a"
+                    " line holding one space; a token holding a line break needs a .json"
+                    " vocabulary)"
+                )
             raise misfit(
                 f"no output scores {vocab_size} tokens per step, the vocabulary's size (the"
                 f" outputs are {_listing(outputs)}); is the vocabulary the one the model was"
@@ -175,15 +213,34 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
     return all(x == y for x, y in zip(a.dims, b.dims, strict=True) if isinstance(x, int))
 
 
+def _common(a: str, b: str) -> int:
+    """Length of the longest run of characters two names share (h0 ~ hn: 1, h0 ~ cn: 0)."""
+    best = 0
+    for i in range(len(a)):
+        for j in range(len(b)):
+            k = 0
+            while i + k < len(a) and j + k < len(b) and a[i + k] == b[j + k]:
+                k += 1
+            best = max(best, k)
+    return best
+
+
 def _pair_states(
     inputs: dict[str, Tensor], outputs: dict[str, Tensor], notes: list[str]
-) -> list[tuple[Tensor, Tensor, int | None]]:
-    """Each remaining input with the first remaining output of the same dtype and sizes
-    (graph order, which torch.onnx.export keeps: h0, c0 -> hn, cn)."""
+) -> tuple[list[tuple[Tensor, Tensor, int | None]], bool]:
+    """Each remaining input with a remaining output of the same dtype and sizes: of several,
+    the one whose name shares the longest run with the input's (h0 -> hn, c0 -> cn whatever
+    order the outputs come in), then the first in graph order (torch.onnx.export keeps it).
+
+    Also returns whether any input had several outputs to choose from (a guess the step
+    check may refute; its message then names --state)."""
     free = dict(outputs)
     pairs = []
+    ambiguous = False
     for t in inputs.values():
-        match = next((o for o in free.values() if _same_layout(t, o)), None)
+        fits = [o for o in free.values() if _same_layout(t, o)]
+        ambiguous = ambiguous or len(fits) > 1
+        match = max(fits, key=lambda o: _common(t.name, o.name)) if fits else None  # first of ties
         if match is None:
             raise misfit(
                 f"state input {t.describe()} has no output of the same dtype and shape to read"
@@ -196,7 +253,7 @@ def _pair_states(
         notes.append(
             "state pairs inferred: " + ", ".join(f"{i.name}->{o.name}" for i, o, _ in pairs)
         )
-    return pairs
+    return pairs, ambiguous
 
 
 def _state_spec(inp: Tensor, out: Tensor, axis: int | None) -> StateSpec:
@@ -255,8 +312,9 @@ def resolve(
     logits = _pick_output(outputs, output_name, vocab_size)
     rest_in = {k: v for k, v in inputs.items() if k != token.name}
     rest_out = {k: v for k, v in outputs.items() if k != logits.name}
+    guessed = False
     if states is None:
-        pairs = _pair_states(rest_in, rest_out, notes)
+        pairs, guessed = _pair_states(rest_in, rest_out, notes)
     else:
         pairs = []
         for text in states:
@@ -277,14 +335,16 @@ def resolve(
                          " server feeds only tokens and state")  # fmt: skip
     specs = [_state_spec(i, o, axis) for i, o, axis in pairs]
     if layout is None:
-        guessed = _time_major(token, specs, inputs)
-        time_major = bool(guessed)
-        if guessed is not None:
-            notes.append(f"layout inferred: {'time-major' if guessed else 'batch-major'}")
+        major = _time_major(token, specs, inputs)
+        time_major = bool(major)
+        if major is not None:
+            notes.append(f"layout inferred: {'time-major' if major else 'batch-major'}")
     elif layout in ("batch-major", "time-major"):
         time_major = layout == "time-major"
     else:
         raise TrainerError(f"--layout must be batch-major or time-major, got {layout!r}")
     if token.dtype != "int64":
         notes.append(f"token input {token.name} is {token.dtype}: the server's int64 ids are cast")
-    return GraphInterface(token.name, logits.name, specs, time_major, notes, token.dtype)
+    return GraphInterface(
+        token.name, logits.name, specs, time_major, notes, token.dtype, guessed_pairs=guessed
+    )

@@ -16,7 +16,7 @@ import onnx
 
 from rnnserve.artifact.manifest import ARCHITECTURES, ONNX_FILE, Manifest, sha256_file
 from rnnserve.artifact.tokenizer import LEVELS, Tokenizer, TokenizerConfig
-from rnnserve.artifact.vocab import RESERVED, Vocab
+from rnnserve.artifact.vocab import EOS, RESERVED, UNK, Vocab
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.graph_adapt import VocabMap, adapt, map_vocab
 from rnnserve.trainer.graph_check import reduced_precision
@@ -47,11 +47,19 @@ class PackageRequest:
 
 
 def read_vocab(path: Path) -> list[str]:
-    """One token per line, line i = id i - 1 (a space is a line holding one space)."""
+    """One token per line, line i = id i - 1 (a space is a line holding one space); or, for a
+    `.json` file, a list of tokens by id or an object token -> id (vocab.json, `stoi`).
+
+    Why JSON too: a token holding a line break (a char model's newline) cannot be a line, and
+    vocabularies saved by other code are often JSON, which read as lines gave a misleading
+    size mismatch.
+    """
     try:
         text = Path(path).read_text(encoding="utf-8-sig")  # a BOM is no token
     except (OSError, UnicodeDecodeError) as exc:
         raise TrainerError(f"cannot read the vocabulary {path}: {exc}") from exc
+    if Path(path).suffix.lower() == ".json":
+        return _json_vocab(path, text)
     lines = [line.removesuffix("\r") for line in text.split("\n")]
     if lines and lines[-1] == "":
         lines.pop()
@@ -64,9 +72,53 @@ def read_vocab(path: Path) -> list[str]:
                 f"vocabulary {path}: line {number} repeats {token!r} (first on line {seen[token]})"
             )
         seen[token] = number
-    if len(lines) < 2:
-        raise TrainerError(f"vocabulary {path} has {len(lines)} tokens; a model needs at least 2")
-    return lines
+    return _enough(path, lines)
+
+
+def _enough(path: Path, tokens: list[str]) -> list[str]:
+    if len(tokens) < 2:
+        raise TrainerError(f"vocabulary {path} has {len(tokens)} tokens; a model needs at least 2")
+    return tokens
+
+
+def _json_vocab(path: Path, text: str) -> list[str]:
+    """A JSON list of tokens (index = id) or an object token -> id with ids 0..n-1."""
+    expected = 'a JSON list of tokens by id (["<unk>", "the", ...]) or an object token -> id'
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise TrainerError(
+            f"vocabulary {path} is not valid JSON ({exc}); expected {expected} (or one token"
+            " per line in a file not named .json)"
+        ) from exc
+    if isinstance(data, dict):
+        by_id: dict[int, str] = {}
+        for token, index in data.items():
+            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                raise TrainerError(f"vocabulary {path}: the id of {token!r} must be an integer"
+                                   f" >= 0, got {index!r}")  # fmt: skip
+            if index in by_id:
+                raise TrainerError(f"vocabulary {path}: {token!r} and {by_id[index]!r} both have"
+                                   f" id {index}")  # fmt: skip
+            by_id[index] = token
+        gap = next((i for i in range(len(by_id)) if i not in by_id), None)
+        if gap is not None:
+            raise TrainerError(f"vocabulary {path}: no token has id {gap}; ids must run 0 to"
+                               f" {len(by_id) - 1} without gaps (the logits' columns)")  # fmt: skip
+        data = [by_id[i] for i in range(len(by_id))]
+    if not isinstance(data, list):
+        raise TrainerError(f"vocabulary {path}: expected {expected}, got a JSON"
+                           f" {type(data).__name__}")  # fmt: skip
+    seen: dict[str, int] = {}
+    for index, token in enumerate(data):
+        if not isinstance(token, str) or token == "":
+            raise TrainerError(f"vocabulary {path}: the token of id {index} must be a non-empty"
+                               f" string, got {token!r}")  # fmt: skip
+        if token in seen:
+            raise TrainerError(f"vocabulary {path}: id {index} repeats {token!r} (first at id"
+                               f" {seen[token]})")  # fmt: skip
+        seen[token] = index
+    return _enough(path, data)
 
 
 def tokenizer_spec(spec: str, lowercase: bool = True, letters_only: bool = False):
@@ -119,6 +171,22 @@ def architecture_of(graph: onnx.GraphProto, given: str | None) -> str:
     return found[0]
 
 
+def _left_to_right(graph: onnx.GraphProto) -> None:
+    """Refuses a bidirectional or reversed recurrent op: each of its steps reads later tokens,
+    which a server feeding one token per call never has (the step check would fail with a
+    number instead of the reason)."""
+    for node in graph.node:
+        if node.op_type not in RECURRENT_OPS:
+            continue
+        direction = next((a.s.decode() for a in node.attribute if a.name == "direction"), "")
+        if direction in ("bidirectional", "reverse"):
+            raise TrainerError(
+                f"the graph does not fit: its {node.op_type} op {node.name!r} runs {direction}:"
+                " each step reads tokens after it, but the server decodes left to right, one"
+                " token per call; package a left-to-right model (bidirectional=False)"
+            )
+
+
 def _load(path: Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path))
@@ -158,6 +226,7 @@ def package_model(request: PackageRequest) -> Path:
     """
     target = package_dir(request.out, request.name, request.version)
     model = _load(request.onnx_path)
+    _left_to_right(model.graph)
     graph_tokens = read_vocab(request.vocab_path)
     iface: GraphInterface = resolve(
         model.graph, len(graph_tokens), input_name=request.input_name,
@@ -173,7 +242,10 @@ def package_model(request: PackageRequest) -> Path:
     with staged(target) as tmp:
         onnx_path = tmp / ONNX_FILE
         onnx.save(adapt(model, iface, mapping), str(onnx_path))
-        parity = check_package_graph(onnx_path, iface, len(vocab), probe, source)
+        try:
+            parity = check_package_graph(onnx_path, iface, len(vocab), probe, source)
+        except TrainerError as exc:  # pairs swapped by a guess fail here, not by their shape
+            raise TrainerError(f"{exc}{iface.pair_hint()}") from exc
         manifest = Manifest(
             name=request.name,
             version=request.version,
@@ -198,8 +270,38 @@ def package_model(request: PackageRequest) -> Path:
         )
         manifest.save(tmp)
         Manifest.load(tmp)  # what the server will do: fail here, not there
-    request.notes[:] = [*iface.notes, *_unreachable_note(vocab, request.tokenizer)]
+    request.notes[:] = [
+        *iface.notes, *_unreachable_note(vocab, request.tokenizer), *_reserved_notes(graph_tokens)
+    ]  # fmt: skip
     return target
+
+
+# other spellings of <unk> and <eos> (torchtext, Hugging Face, GPT-2, fairseq): the server knows
+# only its own, so unknown text would be fed as id 0 and Generate would never stop at them
+UNK_LIKE = ("<UNK>", "[UNK]", "<oov>", "<OOV>", "<unknown>", "UNK")
+EOS_LIKE = ("</s>", "<EOS>", "[EOS]", "<|endoftext|>", "<end>", "<END>", "<eot>", "[SEP]")
+
+
+def _reserved_notes(graph_tokens: list[str]) -> list[str]:
+    """Notes for a vocabulary without <unk> or <eos>: what the server does instead, and the
+    line to rename when the vocabulary spells them another way."""
+    notes = []
+    if UNK not in graph_tokens:
+        other = next((t for t in UNK_LIKE if t in graph_tokens), None)
+        fix = f"; rename {other!r} to <unk> in the vocabulary to feed that" if other else ""
+        notes.append(
+            f"note: the vocabulary has no <unk>: a token it lacks is fed as id 0"
+            f" ({graph_tokens[0]!r}) and scored as <unk>, which the model gives no probability"
+            f" (log-probability -1e4){fix}"
+        )
+    if EOS not in graph_tokens:
+        other = next((t for t in EOS_LIKE if t in graph_tokens), None)
+        if other:
+            notes.append(
+                f"note: the vocabulary has no <eos>, so Generate never stops at {other!r}; rename"
+                " it to <eos> in the vocabulary if it ends your texts"
+            )
+    return notes
 
 
 def _unreachable_note(vocab: Vocab, config: TokenizerConfig) -> list[str]:
