@@ -24,6 +24,7 @@ from rnnserve.artifact.manifest import (
     ManifestError,
     is_version_name,
 )
+from rnnserve.artifact.ort_errors import ort_reason
 from rnnserve.server.errors import BadRequest, UnknownModel, UnsupportedTask
 from rnnserve.server.runtime import OnnxModel
 
@@ -391,6 +392,5 @@ def _log_not_serving(entry: ModelVersion) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else type(exc).__name__
-    return first[:500]
+    """A failure's reason for NOT_SERVING and the log: ORT's without its C++ noise."""
+    return ort_reason(str(exc), limit=500) or type(exc).__name__

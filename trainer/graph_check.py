@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from rnnserve.artifact.manifest import StateSpec
+from rnnserve.artifact.ort_errors import ort_reason
 from rnnserve.trainer.errors import TrainerError
 
 LOGPROB_TOL = 1e-3  # nats, absolute, on log-softmax(logits)
@@ -108,42 +109,8 @@ class OrtGraph:
         return np.concatenate(outs, axis=1), current
 
 
-# ORT prefixes its reason with the C++ source line and signature (300 characters of it cut
-# the reason off) and, for a file, the staging path the user never sees
-_ORT_NOISE = re.compile(r"Load model from .*? failed:|/onnxruntime_src/\S+:\d+ [^\n]*?\) ")
-
-
 def _first_line(exc: BaseException) -> str:
     return ort_reason(str(exc)) or type(exc).__name__
-
-
-# ORT's refusals of a graph newer than it, whose actionable part came after the 300th character
-_ORT_OPSET = re.compile(
-    r"Opset (\d+) is under development.*?Current official support for domain (\S+) is till"
-    r" opset (\d+)",
-    re.S,
-)
-_ORT_IR = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
-
-
-def ort_reason(text: str) -> str:
-    """The first line of an ORT error message without its source-line and path noise, at
-    most 300 characters (also for a child process's message: precision._loads_in_child); a
-    graph too new for this onnxruntime is said with what to export instead."""
-    text = _ORT_NOISE.sub("", text).strip()
-    if found := _ORT_OPSET.search(text):
-        opset, domain, top = found.groups()
-        return (
-            f"the graph's {domain} opset {opset} is newer than onnxruntime {ort.__version__}"
-            f" runs (up to opset {top}); export with opset_version={top} or lower (the"
-            " server's onnxruntime must run it too)"
-        )
-    if found := _ORT_IR.search(text):
-        return (
-            f"{found.group(0)} (onnxruntime {ort.__version__}); save the graph with an onnx"
-            f" package that writes IR version {found.group(2)} or lower"
-        )
-    return (text.splitlines() or [""])[0][:300]
 
 
 def log_probs(logits: np.ndarray) -> np.ndarray:

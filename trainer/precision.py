@@ -44,6 +44,7 @@ from rnnserve.artifact.manifest import (
     Manifest,
     sha256_file,
 )
+from rnnserve.artifact.ort_errors import ort_reason
 from rnnserve.trainer import probe as probes
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.exportable import state_from_spec
@@ -51,7 +52,6 @@ from rnnserve.trainer.graph_check import (
     OrtGraph,
     check_symbolic_axes,
     log_probs,
-    ort_reason,
     reduced_precision,
 )
 from rnnserve.trainer.staging import package_dir, staged

@@ -229,3 +229,25 @@ def test_a_model_folder_whose_name_is_not_utf8_is_ignored_with_one_warning(
     assert repository.names() == ["m"]
     warned = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
     assert len(warned) == 1 and "mod\\udce8le" in warned[0], warned
+
+
+def test_a_graph_too_new_for_onnxruntime_says_which_opset_to_export(tmp_path: Path) -> None:
+    """ORT's refusal starts with its C++ source line and signature: cut at 500 characters, the
+    NOT_SERVING reason lost the one part a user can act on (the opset this onnxruntime runs)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from rnnserve.server.runtime import OnnxModel
+
+    _publish(tmp_path, "m/1")
+    x = helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"])
+    y = helper.make_tensor_value_info("logits", TensorProto.INT64, ["batch", "time"])
+    graph = helper.make_graph([helper.make_node("Identity", ["tokens"], ["logits"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 1000)])
+    onnx.save(model, str(tmp_path / "m" / "1" / "model.onnx"))
+    repository = Repository(tmp_path, lambda path, manifest: OnnxModel(path, manifest, [], 1))
+    repository.scan()
+    (entry,) = [v for v in repository.versions("m") if v.version == "1"]
+    assert entry.status == "NOT_SERVING"
+    assert "opset 1000 is newer than onnxruntime" in entry.reason, entry.reason
+    assert "onnxruntime_src" not in entry.reason
