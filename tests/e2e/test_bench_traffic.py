@@ -38,7 +38,10 @@ def test_traffic_quick_run_writes_every_section(model_repo: Path, tmp_path: Path
     assert {"config", "server", "machine", "client", "models", "wall_s"} <= results.keys()
     res = results["models"]["lstm"]
     ceiling = res["ceiling"]
-    assert 0 < ceiling["single"]["step_p50_s"] < ceiling["single"]["prefill_p50_s"] < 0.1
+    # no order between them: on this tiny model (hidden 16) ORT's per-call overhead is most
+    # of both, and a busy machine has put a one-token step above a 16-token prefill
+    assert 0 < ceiling["single"]["step_p50_s"] < 0.1
+    assert 0 < ceiling["single"]["prefill_p50_s"] < 0.1
     assert [r["batch"] for r in ceiling["static"]] == [1, 4]
     steps = {r["batch"]: r for r in ceiling["steps_only"]}  # the two-thread bound
     assert all(steps[b]["tokens_per_s"] > 0 for b in (1, 4))
