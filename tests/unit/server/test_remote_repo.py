@@ -15,15 +15,6 @@ from tests.tools import need_module
 fsspec = need_module("fsspec", "the [remote] extra")
 
 
-@pytest.fixture
-def url(tmp_path: Path):
-    """A memory:// repository of its own (the memory filesystem is one per process)."""
-    fs = fsspec.filesystem("memory")
-    root = f"/{tmp_path.name}"
-    yield f"memory://{root}", fs, root
-    fs.rm(root, recursive=True)
-
-
 def _publish(fs, root: str, tag: str) -> None:
     fs.pipe(f"{root}/{tag}/manifest.json", b"{}")
     fs.pipe(f"{root}/{tag}/model.onnx", tag.encode())

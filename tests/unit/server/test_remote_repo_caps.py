@@ -104,15 +104,6 @@ def test_a_listing_page_over_the_cap_is_not_read_whole_and_the_rest_syncs(
     assert all(sent < SENT_LIMIT for sent in handler.endless["/models/"]), "read whole"
 
 
-@pytest.fixture
-def url(tmp_path: Path):
-    """A memory:// repository of its own (the memory filesystem is one per process)."""
-    fs = fsspec.filesystem("memory")
-    root = f"/{tmp_path.name}"
-    yield f"memory://{root}", fs, root
-    fs.rm(root, recursive=True)
-
-
 def test_a_version_refused_for_its_size_is_not_downloaded_again_until_it_changes(
     url, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
