@@ -11,13 +11,18 @@ import argparse
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rnnserve.trainer.errors import TrainerError, os_reason
 from rnnserve.trainer.forecast.flags import MLP_HIDDEN, RECURRENT_HIDDEN, add_series_arguments
 from rnnserve.trainer.forecast.metrics import finite_scores
-from rnnserve.trainer.forecast.series import MISSING_POLICIES, load_csv
+from rnnserve.trainer.forecast.series import (
+    MISSING_POLICIES,
+    describe_dropped,
+    read_csv_column,
+)
 
 if TYPE_CHECKING:  # torch is imported only when a backtest runs, not to build the parser
     from rnnserve.trainer.forecast.train import ForecastTrainConfig
@@ -75,7 +80,12 @@ def run(args: argparse.Namespace) -> int:
         raise TrainerError(f"--lr must be a positive finite number, got {args.lr}")
     from rnnserve.trainer.forecast.backtest import backtest, format_scores
 
-    values = load_csv(args.series, args.column, args.missing, keep_gaps=True)
+    read = read_csv_column(args.series, args.column, args.missing)
+    values = read.values  # NaN gaps: backtest() fills them from the past only
+    if read.leading or read.trailing:
+        print(describe_dropped(str(args.series), args.column, read.leading, read.trailing))
+    for warning in read.spikes:
+        print(warning, file=sys.stderr)
     configs = configs_from_args(args)
     out = Path(args.out_dir)
     stem = args.name or file_stem(args.column)

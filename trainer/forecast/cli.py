@@ -8,6 +8,7 @@ smaller model) never change the language models' defaults.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from rnnserve.trainer.errors import TrainerError
@@ -170,6 +171,8 @@ def run_train(args: argparse.Namespace) -> int:
     )
     if series.filled:
         print(series.filled.describe(series.held_out))
+    for warning in series.warnings:
+        print(warning, file=sys.stderr)
     run_forecast(
         config,
         series,

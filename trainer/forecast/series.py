@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -33,7 +34,9 @@ SPLITS = ("tail", "textbook")  # a small validation tail, or the textbook's 60 %
 MIN_DEFAULT_VAL, MAX_DEFAULT_VAL = 16, 64
 MIN_TRAIN_AFTER_WINDOW = 8  # training examples a series must offer beyond the window tau
 _MISSING_TEXT = {"", "na", "nan", "null", "none", "n/a", "?", "-"}
+_GROUPED = re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?([eE][+-]?\d+)?$")  # 1,234.5
 MAX_ABS = 1e150  # squares (std, least squares) of larger values overflow float64
+SPIKE_STEPS = 100  # a jump and a return this many typical steps: a data error, most likely
 RELATIVE_FLAT = 1e-9  # std at most this fraction of the largest |value|: a constant series
 
 
@@ -58,6 +61,10 @@ def _parse_cell(text: str) -> float | None:
     try:
         value = float(stripped)
     except ValueError:
+        if _GROUPED.match(stripped):  # "100,691.17": a spreadsheet's display format
+            plain = stripped.replace(",", "")
+            raise ValueError(f"not a finite number: write it without thousands separators "
+                             f"({plain})") from None  # fmt: skip
         raise ValueError("not a finite number") from None
     if math.isnan(value):
         return None
@@ -76,18 +83,23 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def load_csv(
-    path: Path | str, column: str, missing: str = "interpolate", keep_gaps: bool = False
-) -> np.ndarray:
-    """Read one numeric column of a CSV file with a header row, as float64 [rows] (float32
-    would merge nearby values of a large level: 1e9 + 20 sin(t) would read as constant).
+@dataclass(frozen=True)
+class CsvColumn:
+    """One CSV column as read: NaN where an inner cell is missing. Empty cells before its
+    first number and after its last are not part of the series (a column that starts late
+    or ends early in a file with other columns, or rows of dates still to come): they are
+    dropped and counted, where filling them invented a flat run that the validation tail
+    scored and the refit trained on."""
 
-    Missing cells (empty, NA, NaN, null, ?) are linearly interpolated between their
-    neighbours (held constant before the first / after the last known value) when `missing`
-    is "interpolate"; with "error" the first one is reported by its line number. With
-    `keep_gaps` they stay NaN, for a caller that must fill them without looking ahead
-    (`fill_without_look_ahead`).
-    """
+    values: np.ndarray  # float64, first and last values finite
+    leading: int = 0  # empty cells dropped before the first value
+    trailing: int = 0  # empty cells dropped after the last value
+    spikes: tuple[str, ...] = ()  # a warning per isolated spike (find_spikes), by file line
+
+
+def read_csv_column(path: Path | str, column: str, missing: str = "interpolate") -> CsvColumn:
+    """The column's values from the first number to the last, NaN for missing cells among
+    them (`missing` "error": the first such cell is refused with its line number)."""
     if missing not in MISSING_POLICIES:
         choices = ", ".join(MISSING_POLICIES)
         raise SeriesError(f"--missing must be one of {choices}, got {missing!r}")
@@ -122,18 +134,15 @@ def load_csv(
     # time step to fill, unless only blank lines follow. With more columns it has no date.
     blank_is_missing = len(header) == 1
     values: list[float | None] = []
+    lines: list[int] = []  # the file line of each value
     pending: list[int] = []  # lines of blank rows not yet known to be inside the data
     for line, row in enumerate(rows[1:], start=2):
         if not row or all(not cell.strip() for cell in row):
             if blank_is_missing:
                 pending.append(line)
             continue  # blank line
-        if pending and missing == "error":
-            raise SeriesError(
-                f"{path}:{pending[0]}: column {column!r} has a missing value "
-                "(use --missing interpolate to fill it)"
-            )
         values += [None] * len(pending)
+        lines += pending
         pending = []
         cell = row[index] if index < len(row) else ""
         try:
@@ -142,18 +151,69 @@ def load_csv(
             raise SeriesError(
                 f"{path}:{line}: column {column!r} holds {cell.strip()!r}, {exc}"
             ) from None
-        if value is None and missing == "error":
-            raise SeriesError(
-                f"{path}:{line}: column {column!r} has a missing value "
-                "(use --missing interpolate to fill it)"
-            )
         values.append(value)
-    what = f"column {column!r} of {path}"
+        lines.append(line)
+    known = [i for i, v in enumerate(values) if v is not None]
+    if not known:
+        raise SeriesError(f"column {column!r} of {path} has no numeric values")
+    first, last = known[0], known[-1]
+    inside = values[first : last + 1]
+    if missing == "error" and None in inside:
+        raise SeriesError(
+            f"{path}:{lines[first + inside.index(None)]}: column {column!r} has a missing value "
+            "(use --missing interpolate to fill it)"
+        )
+    array = np.array([np.nan if v is None else v for v in inside], dtype=np.float64)
+    spikes = tuple(
+        f"warning: {path}:{lines[first + i]}: column {column!r} jumps to {array[i]:.6g} and "
+        f"back ({array[i - 1]:.6g} before, {array[i + 1]:.6g} after: {ratio:.2g} times a "
+        "typical step); a data error? Every model and AR(tau) fit it as a value (an empty "
+        "cell there would be interpolated)"
+        for i, ratio in find_spikes(array)
+    )
+    return CsvColumn(array, first, len(values) - 1 - last, spikes)
+
+
+def find_spikes(values: np.ndarray, limit: int = 3) -> list[tuple[int, float]]:
+    """(index, size) of the first `limit` values that jump at least SPIKE_STEPS typical
+    steps away from both neighbours and back: a step is a first difference, typical its
+    median absolute deviation (scaled to a standard deviation). Why: one such value (1e6 in a
+    series of 10s) sets the normalisation's std, and the models and AR(tau) then forecast
+    hundreds off the level, with nothing said; real series move at most ~16 typical steps
+    (the benchmark's and statsmodels' macro series). NaN gaps are skipped."""
+    x = np.asarray(values, dtype=np.float64)
+    steps = np.diff(x)
+    known = steps[np.isfinite(steps)]
+    if len(known) < 3:
+        return []
+    centre = float(np.median(known))
+    spread = np.abs(known - centre)
+    typical = 1.4826 * float(np.median(spread)) or float(np.mean(spread))
+    if not typical > 0:
+        return []
+    up, down = steps[:-1] - centre, steps[1:] - centre  # into x[i] and out of it, i = 1..
+    size = np.minimum(np.abs(up), np.abs(down)) / typical
+    spiked = (up * down < 0) & (size >= SPIKE_STEPS)  # NaN compares False: a gap is no spike
+    return [(int(i) + 1, float(size[i])) for i in np.flatnonzero(spiked)[:limit]]
+
+
+def load_csv(
+    path: Path | str, column: str, missing: str = "interpolate", keep_gaps: bool = False
+) -> np.ndarray:
+    """Read one numeric column of a CSV file with a header row, as float64 [rows] (float32
+    would merge nearby values of a large level: 1e9 + 20 sin(t) would read as constant).
+
+    The series runs from the column's first number to its last (empty cells outside are
+    dropped: read_csv_column). Missing cells (empty, NA, NaN, null, ?) among them are
+    linearly interpolated between their neighbours when `missing` is "interpolate"; with
+    "error" the first one is reported by its line number. With `keep_gaps` they stay NaN,
+    for a caller that must fill them without looking ahead (`fill_without_look_ahead`).
+    """
+    values = read_csv_column(path, column, missing).values
     if keep_gaps:
-        if all(v is None for v in values):
-            raise SeriesError(f"{what} has no numeric values")
-        return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-    return _interpolate(values, what)
+        return values
+    return _interpolate([None if math.isnan(v) else float(v) for v in values],
+                        f"column {column!r} of {path}")  # fmt: skip
 
 
 def fill_without_look_ahead(values: np.ndarray, cut: int, what: str) -> np.ndarray:
@@ -213,13 +273,16 @@ class Normaliser:
 
 @dataclass(frozen=True)
 class Filled:
-    """The missing cells of a CSV column a run filled, by how: said in one line and recorded
-    in manifest.training (`missing_filled`), where they used to be filled silently."""
+    """The missing cells of a CSV column a run filled, by how, and the empty cells it
+    dropped at either end: said in one line and recorded in manifest.training
+    (`missing_filled`), where they used to be filled silently."""
 
     file: str
     column: str
     interpolated: int = 0  # before the held-out values, linearly (at an end: the nearest value)
     repeated: int = 0  # among the held-out values: the last value before each (no look-ahead)
+    leading: int = 0  # empty cells before the first value: not part of the series
+    trailing: int = 0  # empty cells after the last value: not part of the series
 
     @property
     def total(self) -> int:
@@ -234,16 +297,37 @@ class Filled:
             how.append(f"{self.interpolated} before the {part} by linear interpolation")
         if self.repeated:
             how.append(f"{self.repeated} in the {part} by repeating the last value before it")
-        return (
-            f"{self.file}: filled {plural(self.total, 'missing cell')} of column "
-            f"{self.column!r}: "
-            + ", ".join(how)
-            + f" (--missing error refuses {'it' if self.total == 1 else 'them'})"
-        )
+        said = []
+        if how:
+            said.append(
+                f"{self.file}: filled {plural(self.total, 'missing cell')} of column "
+                f"{self.column!r}: "
+                + ", ".join(how)
+                + f" (--missing error refuses {'it' if self.total == 1 else 'them'})"
+            )
+        if self.leading or self.trailing:
+            said.append(describe_dropped(self.file, self.column, self.leading, self.trailing))
+        return "; ".join(said)
 
     def to_manifest(self) -> dict[str, object]:
-        return {"column": self.column, "interpolated": self.interpolated,
-                "repeated": self.repeated}  # fmt: skip
+        entry: dict[str, object] = {"column": self.column, "interpolated": self.interpolated,
+                                    "repeated": self.repeated}  # fmt: skip
+        if self.leading or self.trailing:  # absent when the column fills the file
+            entry.update(leading=self.leading, trailing=self.trailing)
+        return entry
+
+
+def describe_dropped(file: str, column: str, leading: int, trailing: int) -> str:
+    """`s.csv: ignored 5 empty cells of column 'v' after its last value ...`."""
+    where = []
+    if leading:
+        where.append(f"{plural(leading, 'empty cell')} before its first value")
+    if trailing:
+        where.append(f"{plural(trailing, 'empty cell')} after its last value")
+    return (
+        f"{file}: ignored {' and '.join(where)} in column {column!r}: the series runs from "
+        "its first value to its last"
+    )
 
 
 @dataclass(frozen=True)
@@ -260,6 +344,7 @@ class Series:
     representation: Representation = field(default_factory=Representation)
     held_out: str = "test"  # "test" (the textbook split) or "validation" (a tail split)
     filled: Filled | None = None  # missing CSV cells filled before the split (None: none)
+    warnings: tuple[str, ...] = ()  # what the CSV holds that looks wrong (find_spikes)
 
     @property
     def normalised(self) -> np.ndarray:  # float32 [T]
@@ -357,7 +442,12 @@ def tail_candidates(
     if season is not None and (season < 0 or season == 1):
         raise SeriesError(f"--season must be auto, 0 (none) or a period >= 2, got {season}")
     if season and 2 * season + tau + MIN_TRAIN_AFTER_WINDOW > num_train:
-        raise SeriesError(f"--season {season} needs at least two seasons of training values")
+        needed = 2 * season + tau + MIN_TRAIN_AFTER_WINDOW
+        raise SeriesError(
+            f"--season {season} needs at least {needed} training values (two seasons, --tau "
+            f"{tau} and {MIN_TRAIN_AFTER_WINDOW} more); series {source} has {num_train} before "
+            f"its held-out {val} (--val-size)"
+        )
     if num_train < tau + MIN_TRAIN_AFTER_WINDOW + 1:
         raise SeriesError(
             f"series {source} has {n} values; with --tau {tau} and --val-size {val} it needs "
@@ -395,23 +485,30 @@ def load_candidates(
         raise SeriesError(f"--tau must be at least 1, got {tau}")
     if path is None and column:  # a forgotten --series would train on the sine instead
         raise SeriesError(f"--column {column} needs --series FILE.csv (the file to read it from)")
+    leading = trailing = 0  # empty cells dropped at the column's ends (read_csv_column)
+    warnings: tuple[str, ...] = ()
     if path is None:
         values, source = textbook_series(), "textbook"
     elif not column:
         raise SeriesError("--series needs --column NAME (the CSV column to forecast)")
     else:
-        values, source = load_csv(path, column, missing, keep_gaps=True), f"{path}:{column}"
+        read = read_csv_column(path, column, missing)
+        values, source = read.values, f"{path}:{column}"
+        leading, trailing, warnings = read.leading, read.trailing, read.spikes
     split = split or ("textbook" if path is None else "tail")
     if split not in SPLITS:
         raise SeriesError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     filled = None
+    if leading or trailing:
+        filled = Filled(str(path), str(column), leading=leading, trailing=trailing)
     gaps = np.isnan(values)
     if gaps.any():  # gaps filled without looking past the held-out boundary
         n = len(values)
         held = default_val_size(n) if val_size is None else val_size
         cut = min(max(n - held if split == "tail" else round(n * TRAIN_FRACTION), 1), n)
         values = fill_without_look_ahead(values, cut, source)
-        filled = Filled(str(path), str(column), int(gaps[:cut].sum()), int(gaps[cut:].sum()))
+        filled = Filled(str(path), str(column), int(gaps[:cut].sum()), int(gaps[cut:].sum()),
+                        leading, trailing)  # fmt: skip
     if split == "tail":
         found = tail_candidates(values, tau, source, val_size, transform or "auto", season)
     else:
@@ -421,4 +518,4 @@ def load_candidates(
                 values[: round(len(values) * TRAIN_FRACTION)], transform or "level", season
             )  # --season alone keeps the textbook's levels (no first differences)
         found = [split_series(values, tau, source, rep)]
-    return [replace(series, filled=filled) for series in found]
+    return [replace(series, filled=filled, warnings=warnings) for series in found]

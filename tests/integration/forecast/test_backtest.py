@@ -101,3 +101,19 @@ def test_backtest_records_the_representation_each_model_chose(tmp_path: Path) ->
     scores = report["validation_scores"]["mlp"]
     assert set(scores) == {"diff", "level"}
     assert report["representations"]["mlp"] == min(scores, key=scores.get)
+
+
+def test_backtest_ignores_empty_cells_after_the_last_value(tmp_path: Path, capsys) -> None:
+    """Rows of dates still to come (an empty value) were filled by repeating the last value:
+    they took 20 % of the test window's places and were never scored."""
+    rows = [f"d{i},{np.sin(0.4 * i) + 0.01 * i:.5f}" for i in range(120)]
+    csv = tmp_path / "load.csv"
+    csv.write_text("date,load\n" + "\n".join(rows + [f"d{i}," for i in range(120, 125)]) + "\n")
+    argv = ["backtest", "--series", str(csv), "--column", "load", "--arch", "mlp", "--epochs"]
+    argv += ["1", "--hidden", "4", "--season", "0", "--no-plot", "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ignored 5 empty cells after its last value in column 'load'" in out
+    assert "missing values filled" not in out
+    report = json.loads((tmp_path / "load.json").read_text())
+    assert (report["num_values"], report["test_size"]) == (120, 24)

@@ -12,6 +12,7 @@ from rnnserve.trainer.forecast.series import (
     Filled,
     Normaliser,
     SeriesError,
+    find_spikes,
     load_candidates,
     load_csv,
     load_series,
@@ -19,6 +20,8 @@ from rnnserve.trainer.forecast.series import (
     tail_split,
     textbook_series,
 )
+
+DATA = Path(__file__).resolve().parents[3] / "bench" / "data"
 
 
 def write_csv(path: Path, text: str) -> Path:
@@ -68,8 +71,40 @@ def test_csv_column_is_read(tmp_path: Path) -> None:
 
 def test_missing_values_are_interpolated(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "s.csv", "t,v\n0,NA\n1,1\n2,\n3,?\n4,4\n5,nan\n\n")
-    # leading gap takes the first value, inner gaps are linear, trailing gap the last value
-    assert load_csv(path, "v", "interpolate").tolist() == [1.0, 1.0, 2.0, 3.0, 4.0, 4.0]
+    # inner gaps are linear; the empty cells before the first and after the last value are
+    # not part of the series
+    assert load_csv(path, "v", "interpolate").tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize("split", ["tail", "textbook"])
+def test_empty_cells_at_either_end_are_not_part_of_the_series(tmp_path: Path, split) -> None:
+    """A column that ends before its file does (dates of months still to come, a column
+    shorter than another) had its last value repeated into every empty row: `train` scored
+    the model on those invented values in its validation tail and refit on them. The series
+    now runs from the column's first value to its last, and says what it dropped."""
+    rows = [f"2000-{i:03d}," + ("" if i < 3 or i >= 197 else f"{10 + np.sin(0.3 * i):.4f}")
+            for i in range(200)]  # fmt: skip
+    path = write_csv(tmp_path / "s.csv", "date,sales\n" + "\n".join(rows) + "\n")
+    expected = [float(f"{10 + np.sin(0.3 * i):.4f}") for i in range(3, 197)]
+    for missing in ("interpolate", "error"):  # outside the series: no gap to refuse
+        assert load_csv(path, "sales", missing).tolist() == expected
+    series = load_candidates(path, "sales", tau=4, split=split, season=0)[0]
+    assert series.values.tolist() == expected
+    assert series.filled == Filled(str(path), "sales", leading=3, trailing=3)
+    assert series.filled.describe(series.held_out) == (
+        f"{path}: ignored 3 empty cells before its first value and 3 empty cells after its "
+        "last value in column 'sales': the series runs from its first value to its last"
+    )
+    assert series.filled.to_manifest() == {
+        "column": "sales", "interpolated": 0, "repeated": 0, "leading": 3, "trailing": 3,
+    }  # fmt: skip
+    # a gap inside the series is still one, refused by its line or filled and counted
+    rows[100] = "2000-100,"
+    write_csv(path, "date,sales\n" + "\n".join(rows) + "\n")
+    with pytest.raises(SeriesError, match=r"s\.csv:102: column 'sales' has a missing value"):
+        load_csv(path, "sales", "error")
+    filled = load_candidates(path, "sales", tau=4, split=split, season=0)[0].filled
+    assert (filled.total, filled.leading, filled.trailing) == (1, 3, 3)
 
 
 def test_empty_cells_of_a_one_column_file_are_missing_values(tmp_path: Path) -> None:
@@ -94,6 +129,13 @@ def test_missing_values_refused_with_line_number(tmp_path: Path) -> None:
         ("1.5\n2\n3\n", "v", r"\(columns: 1\.5\); its first row holds numbers.*header row"),
         ("a\n1\nabc\n", "a", r":3: column 'a' holds 'abc', not a finite number"),
         ("a\n1\ninf\n", "a", r"not a finite number"),
+        # a spreadsheet's display format: say what to write instead
+        (
+            'd,a\n1,2\n2,"100,691.17"\n',
+            "a",
+            r":3: column 'a' holds '100,691\.17', not a finite number: write it without "
+            r"thousands separators \(100691\.17\)$",
+        ),
         ("a\nNA\n", "a", r"has no numeric values"),
         ("", "a", r"is empty"),
     ],
@@ -204,3 +246,35 @@ def test_the_filled_cells_are_counted_by_how(tmp_path: Path, split: str) -> None
     whole = write_csv(tmp_path / "whole.csv", "t,level\n" + "\n".join(
         f"{i},{3 + np.sin(0.05 * i)}" for i in range(200)))  # fmt: skip
     assert load_candidates(whole, "level", tau=4, split=split)[0].filled is None
+
+
+def test_a_season_too_long_for_the_series_says_how_many_values_it_needs() -> None:
+    """The message "needs at least two seasons of training values" read as met by 180 values
+    and --season 90: the check also counts the window and 8 training examples."""
+    values = np.sin(np.arange(200.0)) + 0.01 * np.arange(200.0)
+    with pytest.raises(SeriesError, match=(
+        r"--season 90 needs at least 196 training values \(two seasons, --tau 8 and 8 more\); "
+        r"series s has 180 before its held-out 20 \(--val-size\)$"
+    )):  # fmt: skip
+        tail_split(values, 8, "s", season=90)
+    assert tail_split(values, 8, "s", season=82).season == 82  # 2 * 82 + 8 + 8 = 180
+
+
+def test_a_lone_huge_value_is_warned_about_by_its_line(tmp_path: Path) -> None:
+    """One 1e6 among values near 12 set the normalisation's std, and the GRU then forecast
+    408 for a series at 14 (AR(tau) about 5,800 off), with nothing said."""
+    values = [f"{12 + np.sin(0.5 * i) + 0.01 * i:.4f}" for i in range(200)]
+    values[120] = "1e6"
+    path = write_csv(tmp_path / "s.csv", "t,y\n" + "".join(f"{i},{v}\n" for i, v in
+                                                          enumerate(values)))  # fmt: skip
+    (warning,) = load_candidates(path, "y", tau=4, season=0)[0].warnings
+    assert warning.startswith(f"warning: {path}:122: column 'y' jumps to 1e+06 and back (")
+    assert "a data error?" in warning
+    # a level shift, a trend or a real series' largest moves are no spike
+    shifted = [10.0] * 50 + [1e4] * 50
+    assert find_spikes(np.array(shifted) + np.sin(np.arange(100.0))) == []
+    assert find_spikes(np.exp(np.arange(100.0) / 5)) == []
+    for file, column in (("co2.csv", "co2"), ("sunspots.csv", "sunactivity"),
+                         ("nile.csv", "volume"), ("macro.csv", "cpi"), ("macro.csv", "unemp"),
+                         ("elnino.csv", "temperature")):  # fmt: skip
+        assert find_spikes(load_csv(DATA / file, column, keep_gaps=True)) == [], file
