@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -56,16 +57,21 @@ def read_series(path: str | Path, column: str | None = None) -> Series:
         rows = rows[1:]
     width = _width(header if header else [cell.strip() for cell in rows[0][1]])
     index, name = _pick_column(path, header, width, column)
+    cells = [(line, row[index].strip() if index < len(row) else "") for line, row in rows]
+    # empty cells before the column's first value and after its last are no data (other
+    # columns run longer: future dates with no value yet), as `rnn-trainer` reads them
+    filled = [i for i, (_, cell) in enumerate(cells) if cell]
+    cells = cells[filled[0] : filled[-1] + 1] if filled else []
     values = []
-    for line, row in rows:
-        cell = row[index].strip() if index < len(row) else ""
+    for line, cell in cells:
         if not cell:
             raise SeriesFileError(f"{path} line {line}: missing value in {name}")
         try:
             value = float(cell)
         except ValueError:
+            hint = " (write it without thousands separators)" if _GROUPED.match(cell) else ""
             raise SeriesFileError(
-                f"{path} line {line}: {cell!r} in {name} is not a number"
+                f"{path} line {line}: {cell!r} in {name} is not a number{hint}"
             ) from None
         if not math.isfinite(value):
             raise SeriesFileError(f"{path} line {line}: {cell!r} in {name} is not finite")
@@ -73,6 +79,10 @@ def read_series(path: str | Path, column: str | None = None) -> Series:
     if not values:
         raise SeriesFileError(f"{path} has a header but no values")
     return Series(values, name)
+
+
+# a spreadsheet's display format, as rnn-trainer's CSV reader words it
+_GROUPED = re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?([eE][+-]?\d+)?$")  # 1,234.5
 
 
 def _is_header(rows: list[tuple[int, list[str]]]) -> bool:

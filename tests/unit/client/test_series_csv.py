@@ -32,7 +32,7 @@ def test_no_header_single_column_and_blank_lines(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("text", "column", "message"),
     [
-        ("t,x\n1,\n", None, "line 2: missing value in x"),
+        ("t,x\n1,4\n2,\n3,4\n", None, "line 3: missing value in x"),
         ("t,x\n1,abc\n", None, "line 2: 'abc' in x is not a number"),
         ("x\n1\nnan\n", None, "line 3: 'nan' in x is not finite"),
         ("t,x\n1,2\n", "y", "no column 'y' (columns: t, x)"),
@@ -56,7 +56,7 @@ def test_line_numbers_count_the_blank_lines_skipped(tmp_path) -> None:
     with pytest.raises(SeriesFileError, match=r"line 6: 'abc' in x is not a number"):
         read_series(write(tmp_path, "x\n0.1\n\n0.2\n\nabc\n"))
     with pytest.raises(SeriesFileError, match=r"line 5: missing value in x"):
-        read_series(write(tmp_path, '\nt,x\n"1\n2",0.5\n3,\n'))
+        read_series(write(tmp_path, '\nt,x\n"1\n2",0.5\n3,\n4,1\n'))
 
 
 def test_utf8_byte_order_mark_is_not_part_of_the_first_cell(tmp_path) -> None:
@@ -114,3 +114,18 @@ def test_a_column_of_digit_like_characters_is_an_unknown_name(tmp_path, column) 
     "invalid literal for int() with base 10", naming neither the file nor the columns."""
     with pytest.raises(SeriesFileError, match=r"no column .* \(columns: t, x\)$"):
         read_series(write(tmp_path, "t,x\n1,2\n"), column)
+
+
+def test_empty_cells_around_the_columns_values_are_no_data(tmp_path) -> None:
+    """Other columns run longer (dates with no value yet): rnn-trainer reads such a file, so
+    `rnn-client forecast --history-file` must too; an empty cell between values is refused."""
+    path = write(tmp_path, "t,x\n1,\n2,0.5\n3,1.5\n4,\n5,\n")
+    assert read_series(path, "x").values == [0.5, 1.5]
+    with pytest.raises(SeriesFileError, match="line 3: missing value in x"):
+        read_series(write(tmp_path, "t,x\n1,0.5\n2,\n3,1.5\n"), "x")
+
+
+def test_a_number_with_thousands_separators_is_said_so(tmp_path) -> None:
+    path = write(tmp_path, 't,x\n1,"100,691.17"\n')
+    with pytest.raises(SeriesFileError, match=r"not a number \(write it without thousands"):
+        read_series(path, "x")
