@@ -61,6 +61,13 @@ REAL_SERIES = {
     "elnino": ("elnino.csv", "temperature", "season (monthly sea temperature, Nino 1+2)"),
     "sunspots": ("sunspots.csv", "sunactivity", "cycle of ~11 years (yearly sunspots)"),
     "nile": ("nile.csv", "volume", "level shift in 1898 (yearly Nile flow)"),
+    # added in session 17, untuned: the series a trial ran the defaults on, beside the five
+    # the forecasters were developed on
+    "realgdp": ("macro.csv", "realgdp", "trend with recessions (quarterly US real GDP)"),
+    "unemp": ("macro.csv", "unemp", "business cycle (quarterly US unemployment rate)"),
+    "infl": ("macro.csv", "infl", "noisy, persistent (quarterly US inflation)"),
+    "tbilrate": ("macro.csv", "tbilrate", "level shifts (quarterly US 3-month T-bill rate)"),
+    "elec_equip": ("elec_equip.csv", "turnover", "trend + season (monthly euro-area orders)"),
 }
 REAL_TAU = 8
 REAL_EPOCHS = 300  # at most: early stopping on the validation tail ends most runs sooner
