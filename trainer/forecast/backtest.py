@@ -59,6 +59,9 @@ class BacktestResult:
     train_seconds: dict[str, float] = field(default_factory=dict)
     representations: dict[str, str] = field(default_factory=dict)  # {model: what it learned}
     val_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # {model: {rep: s}}
+    # the file's gaps filled (fill_without_look_ahead): (interpolated before the test window,
+    # repeated in it), as Filled counts them for the report's `missing_filled`
+    filled: tuple[int, int] = (0, 0)
 
     def best(self, kind: str, k: int, metric: str = "mase") -> str:
         """Name of the best model ("model") or baseline ("baseline") at horizon k."""
@@ -127,9 +130,10 @@ def backtest(
     first = max(max(p.tau for p in everyone) - 1, series.num_train - k_max, 0)
     results = [predict(p, series, k_max, first) for p in everyone]
     scores = {r.name: held_out_errors(r, series, horizons, unobserved) for r in results}
+    filled = (int(unobserved[: n - test].sum()), int(unobserved[n - test :].sum()))
     return BacktestResult(
         source, series, fit.representation.name, scores, results, list(configs), seconds,
-        chosen, val_scores,
+        chosen, val_scores, filled,
     )  # fmt: skip
 
 

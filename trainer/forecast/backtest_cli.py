@@ -20,6 +20,7 @@ from rnnserve.trainer.forecast.flags import MLP_HIDDEN, RECURRENT_HIDDEN, add_se
 from rnnserve.trainer.forecast.metrics import finite_scores
 from rnnserve.trainer.forecast.series import (
     MISSING_POLICIES,
+    Filled,
     describe_dropped,
     read_csv_column,
 )
@@ -104,9 +105,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"k=16 MASE: best model {best} {result.scores[best][16]['mase']:.3f}, "
           f"best baseline {base} {result.scores[base][16]['mase']:.3f}")  # fmt: skip
     target = out / f"{stem}.json"
+    counts = (*result.filled, read.leading, read.trailing)  # Filled's order
+    filled = Filled(str(args.series), args.column, *counts) if any(counts) else None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)  # --name may name a subdirectory
-        target.write_text(json.dumps(report(result, configs), indent=2) + "\n")
+        target.write_text(json.dumps(report(result, configs, filled), indent=2) + "\n")
     except OSError as exc:
         raise TrainerError(f"cannot write {target}: {os_reason(exc)}") from None
     print(f"wrote {target}")
@@ -128,13 +131,15 @@ def _strict(scores: dict[str, float]) -> dict[str, float | None]:
     return {m: v if math.isfinite(v) else None for m, v in scores.items()}
 
 
-def report(result, configs: dict[str, ForecastTrainConfig]) -> dict:
-    """The JSON record of one backtest."""
+def report(result, configs: dict[str, ForecastTrainConfig], filled: Filled | None = None) -> dict:
+    """The JSON record of one backtest; `filled`: the file's cells that were missing, as
+    manifest.training records them (`missing_filled`, absent when none were)."""
     series = result.series
     return {
         "series": result.source,
         "num_values": len(series.values),
         "test_size": len(series.values) - series.num_train,
+        **({"missing_filled": filled.to_manifest()} if filled else {}),
         "representation": result.representation,  # the automatic choice
         "representations": result.representations,  # what each model learned (select.py)
         "validation_scores": {m: finite_scores(s) for m, s in result.val_scores.items()},

@@ -8,6 +8,7 @@ smaller model) never change the language models' defaults.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(series.filled.describe(series.held_out))
     for warning in series.warnings:
         print(warning, file=sys.stderr)
-    run_forecast(
+    run = run_forecast(
         config,
         series,
         out=out,
@@ -183,4 +184,12 @@ def run_train(args: argparse.Namespace) -> int:
         progress=not getattr(args, "no_progress", False),
         alternatives=alternatives,
     )
+    if run.versus_naive is not None:
+        held = len(series.values) - series.num_train
+        command = shlex.join(
+            ["rnn-trainer", "backtest", "--series", str(args.series), "--column", str(args.column)]
+        )
+        note = run.versus_naive.note(held, command)
+        if note:
+            print(note)
     return 0

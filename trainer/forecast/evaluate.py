@@ -9,6 +9,7 @@ i >= num_train, each predicted from origin t = i - k. Errors are in the series' 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rnnserve.trainer.forecast.baselines import LastValue, SeasonalNaive
 from rnnserve.trainer.forecast.metrics import METRICS, errors, mase_scale
 from rnnserve.trainer.forecast.series import Series
 
@@ -159,3 +161,69 @@ def metrics_for_manifest(row: dict[int, float], prefix: str = "mse") -> dict[str
     """{mse_k1, mse_k4, ...} for manifest.metrics, leaving out a horizon with no held-out
     target (NaN): JSON has no NaN, and strict readers (JavaScript) refuse the manifest."""
     return {f"{prefix}_k{k}": float(v) for k, v in row.items() if np.isfinite(v)}
+
+
+# the trivial forecasts a learned model must beat to be worth serving (baselines.py's names)
+NAIVE_NAMES = (LastValue.name, SeasonalNaive.name)
+
+
+@dataclass
+class VersusNaive:
+    """The model's held-out MSE beside naive's (and seasonal naive's, with a season) at every
+    horizon of the table: a model worse than repeating the last value at every horizon used
+    to be exported without a word (untuned infl and tbilrate in the README)."""
+
+    model: str
+    table: dict[str, dict[int, float]]  # {the model and each naive baseline: {k: mse}}
+
+    def scored(self, baseline: str) -> list[int]:
+        """The horizons where both have a score (NaN: no held-out target at that k)."""
+        mine, theirs = self.table[self.model], self.table[baseline]
+        return [k for k in mine if not (math.isnan(mine[k]) or math.isnan(theirs[k]))]
+
+    @property
+    def worse_than(self) -> list[str]:
+        """The naive baselines whose MSE is below the model's at every scored horizon."""
+        mine = self.table[self.model]
+        return [
+            name for name in self.table if name != self.model and self.scored(name)
+            and all(mine[k] > self.table[name][k] for k in self.scored(name))
+        ]  # fmt: skip
+
+    def to_manifest(self) -> dict[str, object]:
+        """manifest.training.validation_vs_naive: {model, naive[, seasonal-naive]: {mse_k1,
+        ...}, worse_than: [the baselines it loses to at every horizon]}."""
+        entry: dict[str, object] = {
+            "model" if name == self.model else name: metrics_for_manifest(row)
+            for name, row in self.table.items()
+        }
+        entry["worse_than"] = self.worse_than
+        return entry
+
+    def note(self, held: int, command: str) -> str | None:
+        """One `note:` line when the model loses to a naive forecast at every horizon (None
+        otherwise); `held`: the tail's length, `command`: the backtest to run instead."""
+        losers = self.worse_than
+        if not losers:
+            return None
+        mine = self.table[self.model]
+        horizons = [k for k in mine if all(k in self.scored(name) for name in losers)]
+        numbers = "; ".join(
+            f"k={k}: {mine[k]:.4g} vs " + ", ".join(f"{n} {self.table[n][k]:.4g}" for n in losers)
+            for k in horizons
+        )
+        what = " and ".join(
+            "naive (the last value repeated)" if n == LastValue.name
+            else f"{n} (the value one season back)" for n in losers
+        )  # fmt: skip
+        return (
+            f"note: on the validation tail ({held} values) the {self.model} forecasts worse "
+            f"than {what} at every horizon: MSE {numbers}; compare it with the baselines out "
+            f"of sample before serving it: {command}"
+        )
+
+
+def versus_naive(table: dict[str, dict[int, float]], model: str) -> VersusNaive:
+    """The model's row of evaluate_all's table beside the naive baselines' rows in it."""
+    rows = {model: table[model], **{n: table[n] for n in NAIVE_NAMES if n in table}}
+    return VersusNaive(model, rows)

@@ -21,11 +21,13 @@ from rnnserve.trainer.forecast.evaluate import (
     KStepResult,
     LevelForecaster,
     TorchForecaster,
+    VersusNaive,
     evaluate_all,
     format_table,
     held_out_errors,
     metrics_for_manifest,
     predict,
+    versus_naive,
 )
 from rnnserve.trainer.forecast.intervals import manifest_intervals
 from rnnserve.trainer.forecast.metrics import finite_scores
@@ -45,6 +47,8 @@ class ForecastRun:
     path: Path | None = None  # the package directory, when exported
     plot: Path | None = None
     history: list[float] = field(default_factory=list)
+    # the model beside naive on the validation tail (None for the textbook split's test)
+    versus_naive: VersusNaive | None = None
 
 
 def baselines(series: Series, tau: int) -> list:
@@ -85,6 +89,8 @@ def run_forecast(
         f"({held} held-out values, series units):")  # fmt: skip
     log(format_table(table))
     run = ForecastRun(model, table, results, history=history)
+    if series.held_out == "validation":  # a test range is the user's to judge, not a note's
+        run.versus_naive = versus_naive(table, config.arch)
     warmed = max(predictor.tau - 1, config.resolved_warmup() + series.representation.lost)
     full = predict(predictor, series, max(HORIZONS), first_origin=warmed)  # whole series
     manifest_series = series.manifest_series(min_history(model))
@@ -114,6 +120,8 @@ def run_forecast(
             "final_train_mse": history[-1],
             "baselines": {k: metrics_for_manifest(v) for k, v in table.items() if k != config.arch},
         }
+        if run.versus_naive is not None:  # {model, naive, ...: {mse_k1, ...}, worse_than}
+            training["validation_vs_naive"] = run.versus_naive.to_manifest()
         run.path = export_model(
             model,
             Path(out),

@@ -117,3 +117,22 @@ def test_backtest_ignores_empty_cells_after_the_last_value(tmp_path: Path, capsy
     assert "missing values filled" not in out
     report = json.loads((tmp_path / "load.json").read_text())
     assert (report["num_values"], report["test_size"]) == (120, 24)
+    assert report["missing_filled"] == {
+        "column": "load", "interpolated": 0, "repeated": 0, "leading": 0, "trailing": 5,
+    }  # fmt: skip
+
+
+def test_backtest_report_records_the_missing_cells_it_filled(tmp_path: Path, capsys) -> None:
+    """The line said how many missing values were filled, but the JSON report did not keep
+    the count: it is `missing_filled`, in manifest.training's shape."""
+    cells = [f"{np.sin(0.4 * i) + 0.01 * i:.5f}" for i in range(120)]
+    for i in (40, 41, 100, 110, 111):  # 2 before the test window (the last 24), 3 in it
+        cells[i] = ""
+    csv = tmp_path / "load.csv"
+    csv.write_text("date,load\n" + "\n".join(f"d{i},{c}" for i, c in enumerate(cells)) + "\n")
+    argv = ["backtest", "--series", str(csv), "--column", "load", "--arch", "mlp", "--epochs"]
+    argv += ["1", "--hidden", "2", "--season", "0", "--no-plot", "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    assert "5 missing values filled from the past only" in capsys.readouterr().out
+    report = json.loads((tmp_path / "load.json").read_text())
+    assert report["missing_filled"] == {"column": "load", "interpolated": 2, "repeated": 3}

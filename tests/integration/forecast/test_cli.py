@@ -69,11 +69,13 @@ def test_train_csv_keeps_the_representation_its_validation_tail_prefers(tmp_path
     assert manifest["series"]["representation"]["name"] == chosen  # what the server undoes
 
 
-def test_textbook_manifest_is_strict_json(tmp_path: Path) -> None:
+def test_textbook_manifest_is_strict_json(tmp_path: Path, capsys) -> None:
     """The textbook split has no validation tail, so no validation score: it used to be
-    written as `Infinity`, which strict JSON readers (JavaScript, Go) refuse."""
+    written as `Infinity`, which strict JSON readers (JavaScript, Go) refuse. Nor is the
+    model compared with naive there (no note, no record): the test range is for the user."""
     argv = ["train", "--task", "forecast", "--arch", "mlp", "--out", str(tmp_path), *TINY]
     assert main([*argv, "--name", "sine"]) == 0
+    assert "note:" not in capsys.readouterr().out
     text = (tmp_path / "sine" / "1" / "manifest.json").read_text()
 
     def refuse(constant: str) -> None:
@@ -81,6 +83,34 @@ def test_textbook_manifest_is_strict_json(tmp_path: Path) -> None:
 
     manifest = json.loads(text, parse_constant=refuse)
     assert manifest["training"]["representation_scores"] == {}
+    assert "validation_vs_naive" not in manifest["training"]
+
+
+def test_a_model_worse_than_naive_on_the_validation_tail_is_said_and_recorded(
+    tmp_path: Path, capsys
+) -> None:
+    """A model that forecasts the tail worse than repeating the last value at every horizon
+    (untuned infl and tbilrate in the README) was exported without a word: one `note:` line
+    names the numbers and the backtest to run; the manifest records the comparison."""
+    steps = np.random.default_rng(0).normal(0, 1, 200)
+    csv = tmp_path / "walk.csv"  # a random walk: naive is the best forecast there is
+    csv.write_text("t,level\n" + "\n".join(f"{i},{v:.5f}" for i, v in enumerate(steps.cumsum())))
+    argv = ["train", "--task", "forecast", "--arch", "mlp", "--series", str(csv), "--column"]
+    argv += ["level", "--out", str(tmp_path / "models"), "--name", "walk", *TINY]
+    assert main([*argv, "--transform", "diff", "--season", "0"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1, notes
+    assert "validation tail (20 values) the mlp forecasts worse than naive" in notes[0]
+    assert f"rnn-trainer backtest --series {csv} --column level" in notes[0]
+    manifest = json.loads((tmp_path / "models" / "walk" / "1" / "manifest.json").read_text())
+    training = manifest["training"]
+    record = training["validation_vs_naive"]
+    assert record["worse_than"] == ["naive"] and set(record) == {"model", "naive", "worse_than"}
+    assert record["naive"] == training["baselines"]["naive"]  # the same table, not a rescoring
+    assert all(record["model"][k] > record["naive"][k] for k in record["naive"])
+    for key, naive in record["naive"].items():  # the numbers the note names
+        k, model = key.removeprefix("mse_k"), record["model"][key]
+        assert f"k={k}: {model:.4g} vs naive {naive:.4g}" in notes[0]
 
 
 @pytest.mark.parametrize(

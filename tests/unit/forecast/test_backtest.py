@@ -83,3 +83,8 @@ def test_missing_targets_are_not_scored() -> None:
     expected = float(np.mean([(filled[t] - filled[t - 1]) ** 2 for t in observed]))
     assert math.isclose(result.scores["naive"][1]["mse"], expected, rel_tol=1e-12)
     assert np.array_equal(filled[100:103], [filled[99]] * 3)  # repeated, not interpolated
+    # counted for the report's missing_filled: 4 before the window, 3 in it
+    assert result.filled == (4, 3)
+    whole = backtest(np.arange(120.0) + np.sin(np.arange(120.0)), "s", {}, test_size=24,
+                     horizons=(1,), log=lambda _: None)  # fmt: skip
+    assert whole.filled == (0, 0)

@@ -7,6 +7,7 @@ import math
 from types import SimpleNamespace
 
 from rnnserve.trainer.forecast.backtest_cli import report
+from rnnserve.trainer.forecast.series import Filled
 
 
 def test_a_diverged_models_scores_are_null_in_the_report() -> None:
@@ -25,3 +26,22 @@ def test_a_diverged_models_scores_are_null_in_the_report() -> None:
     back = json.loads(text)["scores"]
     assert back["gru"]["16"] == {"mase": None, "smape": None, "mse": None}
     assert back["naive"]["16"] == {"mase": 1.0, "smape": 12.5, "mse": 4.0}
+
+
+def test_the_filled_cells_are_recorded_as_the_manifest_records_them() -> None:
+    """The backtest said how many missing values it filled, but its report did not keep it:
+    `missing_filled` has manifest.training's shape, and is absent when nothing was missing."""
+    result = SimpleNamespace(
+        series=SimpleNamespace(values=[1.0] * 40, num_train=24, season=0), source="s.csv:v",
+        representation="level", representations={}, val_scores={}, scores={"naive": {16: {}}},
+        models=[], train_seconds={},
+    )  # fmt: skip
+    assert "missing_filled" not in report(result, {})
+    filled = Filled("s.csv", "v", interpolated=4, repeated=3)
+    assert report(result, {}, filled)["missing_filled"] == {
+        "column": "v", "interpolated": 4, "repeated": 3,
+    }  # fmt: skip
+    ends = Filled("s.csv", "v", trailing=5)
+    assert report(result, {}, ends)["missing_filled"] == {
+        "column": "v", "interpolated": 0, "repeated": 0, "leading": 0, "trailing": 5,
+    }  # fmt: skip

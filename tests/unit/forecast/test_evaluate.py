@@ -88,3 +88,62 @@ def test_manifest_metrics_leave_out_horizons_without_targets() -> None:
     # JSON has no NaN: a horizon no held-out target reaches is left out, not written as NaN
     row = {1: 0.5, 4: 0.7, 16: float("nan"), 64: float("nan")}
     assert metrics_for_manifest(row, "mase") == {"mase_k1": 0.5, "mase_k4": 0.7}
+
+
+def _versus(model: list[float], naive: list[float], seasonal: list[float] | None = None):
+    from rnnserve.trainer.forecast.evaluate import versus_naive
+
+    horizons = (1, 4, 16, 64)
+    table = {"gru": dict(zip(horizons, model, strict=True)),
+             "naive": dict(zip(horizons, naive, strict=True)),
+             "drift": dict.fromkeys(horizons, 0.0)}  # fmt: skip
+    if seasonal is not None:
+        table["seasonal-naive"] = dict(zip(horizons, seasonal, strict=True))
+    return versus_naive(table, "gru")
+
+
+def test_a_model_worse_than_naive_at_every_horizon_gets_a_note() -> None:
+    """Only the naive forecasts count (not drift, which beats everything here); a horizon
+    with no held-out target (NaN) is not scored, nor written to the manifest."""
+    nan = float("nan")
+    versus = _versus([2.0, 3.0, 5.0, nan], [1.0, 2.0, 4.0, nan])
+    assert versus.worse_than == ["naive"]
+    assert versus.to_manifest() == {
+        "model": {"mse_k1": 2.0, "mse_k4": 3.0, "mse_k16": 5.0},
+        "naive": {"mse_k1": 1.0, "mse_k4": 2.0, "mse_k16": 4.0},
+        "worse_than": ["naive"],
+    }
+    note = versus.note(20, "rnn-trainer backtest --series s.csv --column v")
+    assert note == (
+        "note: on the validation tail (20 values) the gru forecasts worse than naive (the last "
+        "value repeated) at every horizon: MSE k=1: 2 vs naive 1; k=4: 3 vs naive 2; k=16: 5 "
+        "vs naive 4; compare it with the baselines out of sample before serving it: "
+        "rnn-trainer backtest --series s.csv --column v"
+    )
+
+
+def test_a_model_better_than_naive_at_one_horizon_gets_no_note() -> None:
+    versus = _versus([2.0, 3.0, 5.0, 6.0], [1.0, 2.0, 4.0, 6.5])
+    assert versus.worse_than == [] and versus.note(20, "x") is None
+    assert versus.to_manifest()["worse_than"] == []
+    tie = _versus([1.0, 2.0, 4.0, 6.0], [1.0, 2.0, 4.0, 6.0])  # not worse: no note
+    assert tie.note(20, "x") is None
+
+
+def test_with_a_season_the_seasonal_naive_forecast_counts_too() -> None:
+    versus = _versus([2.0, 3.0, 5.0, 6.0], [1.0, 4.0, 4.0, 9.0], seasonal=[1.0, 2.0, 3.0, 4.0])
+    assert versus.worse_than == ["seasonal-naive"]
+    note = versus.note(64, "cmd")
+    assert note is not None and "worse than seasonal-naive (the value one season back)" in note
+    assert "k=4: 3 vs seasonal-naive 2;" in note and "vs naive" not in note
+    both = _versus([2.0, 3.0, 5.0, 6.0], [1.0, 2.0, 4.0, 5.0], seasonal=[1.5, 2.5, 4.5, 5.5])
+    assert both.worse_than == ["naive", "seasonal-naive"]
+    assert "k=1: 2 vs naive 1, seasonal-naive 1.5;" in str(both.note(64, "cmd"))
+    assert set(both.to_manifest()) == {"model", "naive", "seasonal-naive", "worse_than"}
+
+
+def test_a_model_whose_forecasts_overflow_is_worse_but_its_inf_is_not_written() -> None:
+    """inf has no JSON spelling (strict readers refuse the manifest)."""
+    inf = float("inf")
+    versus = _versus([inf, inf, inf, inf], [1.0, 2.0, 4.0, 5.0])
+    assert versus.worse_than == ["naive"] and versus.to_manifest()["model"] == {}
