@@ -22,7 +22,7 @@ from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import ModelVersion, Repository
 from rnnserve.server.resume import StateSigner
 from rnnserve.server.runtime import Runtime
-from rnnserve.server.scoring import ScoreResult, encode_texts, score
+from rnnserve.server.scoring import Encoded, ScoreResult, encode_texts, score
 from rnnserve.server.settings import Settings
 from rnnserve.server.text import TextCodec
 
@@ -134,6 +134,13 @@ class Engine:
         removed since still scores, its session lives while held."""
         s = self.settings
         encoded = encode_texts(codec, texts, s.max_score_texts, s.max_prompt_tokens)
+        return await self.score_encoded(entry, codec, encoded, top)
+
+    async def score_encoded(
+        self, entry: ModelVersion, codec: TextCodec, encoded: list[Encoded], top: int = 0
+    ) -> list[ScoreResult]:
+        """Score token ids read already (OpenAI logprobs add the reserved <eos>, which no
+        text can bring) on a held version, in one --max-calls slot."""
         with self.calls.held():
             return await score(entry.model, self.runtime, codec, encoded, top)
 

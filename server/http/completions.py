@@ -259,6 +259,21 @@ def token_logprobs(
     }
 
 
+def ended(
+    logprobs: dict, token: str, value: float, top: dict[str, float] | None, offset: int
+) -> dict:
+    """`logprobs` with the end-of-sequence token that ended the completion as its last entry,
+    as vLLM lists it (it counts in completion_tokens): `token` its vocabulary name, which the
+    text lacks (as vLLM's "</s>"), at `offset`, the end of the text."""
+    tops = logprobs["top_logprobs"]
+    return {
+        "tokens": [*logprobs["tokens"], token],
+        "token_logprobs": [*logprobs["token_logprobs"], value],
+        "top_logprobs": None if tops is None else [*tops, top],
+        "text_offset": [*logprobs["text_offset"], offset],
+    }
+
+
 def past_text(text: str, pieces: list[str]) -> str:
     """What a completion's tokens (`pieces`, each token's streamed text) spell past its
     `text`: on a stop string, the stop string and whatever its last token held after it (the

@@ -169,14 +169,16 @@ class KServeRoutes:
         m = request.match_info
         name = m["name"]
         call.model = self.engine.model_label(name)
-        self.engine.repository.get(name, m.get("version", ""))  # unknown: 404, whatever the body
+        # ModelMetadata's lookup, whatever the body: unknown or none ready 404, a named version
+        # that does not serve 503
+        version = self.status.ready_version(name, m.get("version", "")).version
         head, inputs = parse_infer(await read_body(request), request.headers.get(HEADER_LENGTH))
         params = _params(head, "request")
         refuse_sequence(params)
         timeout = request_timeout(params)
         names, binary = _wanted(head)
         deadline = start + timeout if timeout is not None else None
-        version, outputs = await infer(self.engine, name, m.get("version", ""), inputs, deadline)
+        version, outputs = await infer(self.engine, name, version, inputs, deadline)
         body: dict = {"model_name": name, "model_version": version}
         if isinstance(head.get("id"), str):
             body["id"] = head["id"]

@@ -32,6 +32,7 @@ from rnnserve.server.http import completions as oa
 from rnnserve.server.http.calls import Call, HttpCalls, json_response, read_json
 from rnnserve.server.http.errors import openai_error
 from rnnserve.server.repository import ModelVersion
+from rnnserve.server.scoring import ScoreResult
 from rnnserve.server.service import CANNOT_OPEN
 from rnnserve.server.text import Encoded, TextCodec
 
@@ -185,7 +186,8 @@ class OpenAIRoutes:
             lp = None
             if req.logprobs is not None:
                 tail = oa.past_text(got.text, [codec.piece(t) for t in got.ids])
-                lp = await self._logprobs(req, pinned, prompt, enc, got.text, tail)
+                eos = got.finish == "eos"
+                lp = await self._logprobs(req, pinned, prompt, enc, got.text, tail, eos)
             choices.append(oa.choice(i, text, got.finish, lp))
         used = oa.usage(sum(len(p.ids) for p in prompts), sum(d.tokens for d in done))
         body = oa.completion(call.request_id, int(time.time()), req.model, choices, used)
@@ -222,11 +224,15 @@ class OpenAIRoutes:
         enc: Encoded,
         text: str,
         tail: str = "",
+        eos: bool = False,
     ) -> dict:
         """Per-token log-probabilities of the completion (and of the prompt with echo; its
         first token has none: it conditions the rest). `tail`: what the tokens spelled past
         `text` (a stop string, cut from the text): its tokens are reported too, as vLLM
-        reports every generated token, and as a stream's last message carries them.
+        reports every generated token, and as a stream's last message carries them. `eos`:
+        the model ended the completion with its end-of-sequence token, which has no text but
+        counts in completion_tokens: as vLLM, it is listed last (`<eos>`, at the text's end),
+        scored in the same pass, after the text's tokens.
 
         prompt + completion is tokenized first: the tokenizer may merge the two (a run of
         spaces is one token), so only the joined text says whether there is a second token to
@@ -234,7 +240,7 @@ class OpenAIRoutes:
         codec, generated = pinned.codec, text + tail
         whole = codec.tokenizer.tokenize(prompt + generated)
         limit = self.engine.settings.max_prompt_tokens
-        if len(whole) > limit:
+        if len(whole) > limit:  # an <eos> after them adds one step: at most `limit` still
             raise BadRequest(
                 "logprobs",
                 f"prompt + completion have {len(whole)} tokens, more than the {limit} "
@@ -242,21 +248,36 @@ class OpenAIRoutes:
             )
         tokens, values = list(whole[:1]), [None]
         top: list | None = [None] if req.logprobs else None
-        if len(whole) >= 2 and (generated or req.echo):
-            # on the pinned version, not looked up again: a reload may have removed it since
-            (scored,) = await self.engine.score_version(
-                pinned.entry, pinned.codec, [prompt + generated], req.logprobs or 0
-            )
+        if len(whole) + (1 if eos else 0) >= 2 and (generated or req.echo or eos):
+            scored = await self._score(pinned, whole, eos, req.logprobs or 0)
             tokens += scored.tokens
             values += scored.token_logprobs
             if top is not None:
                 top += scored.top_logprobs
         keep = 0 if req.echo else len(enc.tokens)
         shown = prompt + generated if req.echo else generated
-        return oa.token_logprobs(
-            shown, tokens[keep:], values[keep:], codec.tokenizer.normalize,
-            top[keep:] if top is not None else None,
+        n = len(tokens) - 1 if eos else len(tokens)  # the <eos> is found nowhere in the text
+        found = oa.token_logprobs(
+            shown, tokens[keep:n], values[keep:n], codec.tokenizer.normalize,
+            top[keep:n] if top is not None else None,
         )  # fmt: skip
+        if eos:
+            found = oa.ended(found, tokens[-1], values[-1], top[-1] if top else None, len(shown))
+        return found
+
+    async def _score(self, pinned: Pinned, tokens: list[str], eos: bool, top: int) -> ScoreResult:
+        """Engine.score_version of a text's `tokens` (read already), and with `eos` the
+        end-of-sequence token after them, which no text can bring ("<eos>" in a text is its
+        characters, or a word, not the reserved token); on the pinned version, not looked up
+        again: a reload may have removed it since."""
+        vocab = pinned.codec.vocab
+        ids, names = vocab.encode(tokens), list(tokens)
+        if eos:
+            ids.append(vocab.eos)
+            names.append(vocab.idx_to_token[vocab.eos])
+        read = Encoded(ids, names, vocab.count_unknown(tokens))
+        (scored,) = await self.engine.score_encoded(pinned.entry, pinned.codec, [read], top)
+        return scored
 
     async def _stream(
         self,

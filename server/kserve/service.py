@@ -78,8 +78,9 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         start = time.perf_counter()
         model = require(request.model_name, "model_name")
-        # an unknown model or version is NOT_FOUND whatever the tensors (as REST's 404)
-        self.engine.repository.get(model, request.model_version)
+        # looked up as ModelMetadata looks it up (Triton's one lookup), whatever the tensors:
+        # unknown or none ready NOT_FOUND, a named version that does not serve UNAVAILABLE
+        version = self.status.ready_version(model, request.model_version).version
         params = parameter_values(request.parameters)
         refuse_sequence(params)
         timeout = request_timeout(params)  # the gRPC deadline, if sooner, ends the call too
@@ -87,7 +88,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         for o in request.outputs:
             refuse_unsupported(f"outputs[{o.name}]", o.parameters)
         deadline = start + timeout if timeout is not None else None
-        version, outputs = await infer(self.engine, model, request.model_version, inputs, deadline)
+        version, outputs = await infer(self.engine, model, version, inputs, deadline)
         outputs = select(outputs, [o.name for o in request.outputs])
         response = pb.ModelInferResponse(model_name=model, model_version=version, id=request.id)
         for t in outputs:

@@ -1,6 +1,7 @@
-"""KServe v2 as Triton answers it: model metadata of a model or version that does not serve
-is an error (not a 200 listing no version), and a request's `parameters.timeout`
-(microseconds) is its deadline; `priority` is accepted, and ignored. REST and gRPC alike."""
+"""KServe v2 as Triton answers it: model metadata and infer of a model or version that does
+not serve are the same error (not a 200 listing no version, nor infer's FAILED_PRECONDITION),
+and a request's `parameters.timeout` (microseconds) is its deadline; `priority` is accepted,
+and ignored. REST and gRPC alike."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from rnnserve.kserve import grpc_predict_v2_pb2 as kpb
 from rnnserve.kserve import grpc_predict_v2_pb2_grpc as kpb_grpc
+from rnnserve.v1 import rnnserve_pb2 as pb
 from tests.integration.http.conftest import http_server
 from tests.integration.http.eos_model import NAME, build_repo
 from tests.integration.server.harness import ServerThread
@@ -79,13 +81,56 @@ def test_metadata_of_a_named_version_that_does_not_serve_is_unavailable(server, 
     assert _rest(server, f"/v2/models/{NAME}/versions/9")[0] == 404
 
 
+@pytest.mark.parametrize(
+    ("name", "version", "http", "code"),
+    [
+        ("broken", "", 404, grpc.StatusCode.NOT_FOUND),  # "has no available versions"
+        (NAME, "2", 503, grpc.StatusCode.UNAVAILABLE),  # "version '2' is not at ready state"
+    ],
+)
+def test_infer_and_ready_look_the_model_up_as_metadata_does(
+    server, kserve, name: str, version: str, http: int, code: grpc.StatusCode
+) -> None:
+    """Triton's infer uses its metadata's model lookup; here infer still answered
+    FAILED_PRECONDITION (400) "is NOT_SERVING" where metadata said 404 / 503. Now both
+    transports answer infer with metadata's status and message, and ModelReady says false
+    (REST 400). The rnnserve.v1 answer is unchanged (client/failover.py reads it)."""
+    path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "")
+    status, metadata = _rest(server, path)
+    assert status == http
+    assert _rest(server, path + "/infer", _infer_body()) == (http, metadata)
+    assert _rest(server, path + "/ready") == (400, {"name": name, "ready": False})
+    with pytest.raises(grpc.RpcError) as err:
+        kserve.ModelInfer(_grpc_request(name=name, version=version), timeout=30)
+    assert (err.value.code(), err.value.details()) == (code, metadata["error"])
+    ask = kpb.ModelReadyRequest(name=name, version=version)
+    assert not kserve.ModelReady(ask, timeout=10).ready
+    with pytest.raises(grpc.RpcError) as err:
+        score = pb.ScoreRequest(model=name, version=version, texts=["abcde"])
+        server.stub.Score(score, timeout=30)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_infer_of_the_serving_version_still_answers(server, kserve) -> None:
+    """Beside the broken version 2, version 1 serves: asked by number or not, it answers."""
+    for path in (f"/v2/models/{NAME}", f"/v2/models/{NAME}/versions/1"):
+        status, body = _rest(server, path + "/infer", _infer_body())
+        assert status == 200 and body["model_version"] == "1"
+        assert _rest(server, path + "/ready")[0] == 200
+    for version in ("", "1"):
+        reply = kserve.ModelInfer(_grpc_request(version=version), timeout=30)
+        assert reply.model_version == "1"
+
+
 def _infer_body(**parameters: object) -> dict:
     text = {"name": "text", "datatype": "BYTES", "shape": [1], "data": ["abcde"]}
     return {"inputs": [text], "parameters": parameters}
 
 
-def _grpc_request(**parameters: kpb.InferParameter) -> kpb.ModelInferRequest:
-    request = kpb.ModelInferRequest(model_name=NAME)
+def _grpc_request(
+    name: str = NAME, version: str = "", **parameters: kpb.InferParameter
+) -> kpb.ModelInferRequest:
+    request = kpb.ModelInferRequest(model_name=name, model_version=version)
     t = request.inputs.add(name="text", datatype="BYTES", shape=[1])
     t.contents.bytes_contents.append(b"abcde")
     for key, value in parameters.items():

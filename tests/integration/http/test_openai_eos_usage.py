@@ -1,6 +1,7 @@
-"""/v1/completions usage and stream framing with a model that ends on <eos> (the tiny zoo's
-never do): `completion_tokens` counts every token the model generated, the end-of-sequence
-token included (vLLM's count), the same in plain and streamed responses; and with
+"""/v1/completions usage, logprobs and stream framing with a model that ends on <eos> (the
+tiny zoo's never do): `completion_tokens` counts every token the model generated, the
+end-of-sequence token included (vLLM's count), the same in plain and streamed responses; a
+plain response's `logprobs` list that <eos> too (as vLLM); and with
 `stream_options.include_usage` every chunk but the last says `"usage": null` (OpenAI's)."""
 
 from __future__ import annotations
@@ -99,3 +100,60 @@ def test_include_usage_chunks_say_usage_null_until_the_last(eos_server: ServerTh
     assert last["choices"] == []
     assert last["usage"] == {"prompt_tokens": 2, "completion_tokens": 8, "total_tokens": 10}
     assert all("usage" not in c for c in events())
+
+
+@pytest.mark.parametrize(
+    ("prompt", "echo", "tokens", "offsets"),
+    [
+        ("a", False, ["b", "c", "d", "e", "<eos>"], [0, 1, 2, 3, 4]),
+        ("a", True, ["a", "b", "c", "d", "e", "<eos>"], [0, 1, 2, 3, 4, 5]),
+        ("e", False, ["<eos>"], [0]),  # <eos> first: the one token generated
+        ("c", True, ["c", "d", "e", "<eos>"], [0, 1, 2, 3]),
+    ],
+)
+def test_logprobs_list_the_eos_that_ended_the_completion(
+    client: openai.OpenAI, prompt: str, echo: bool, tokens: list[str], offsets: list[int]
+) -> None:
+    """The <eos> counted in completion_tokens was missing from `logprobs` (re-scoring the
+    text cannot read it back: it has no text). vLLM lists it last, under its vocabulary name
+    and at the text's end; here it is scored in the same pass, after the text's tokens: its
+    value is the model's log-probability of <eos> there (certain after "e"; after any other
+    token it would be -40), and `top_logprobs` ranks it among the alternatives."""
+    done = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=10, temperature=0, logprobs=2, echo=echo
+    )
+    (choice,) = done.choices
+    lp = choice.logprobs
+    assert choice.finish_reason == "stop" and lp.tokens == tokens and lp.text_offset == offsets
+    assert "<eos>" not in choice.text and offsets[-1] == len(choice.text)
+    generated = lp.tokens[len(prompt) :] if echo else lp.tokens  # one character a token
+    assert len(generated) == done.usage.completion_tokens  # vLLM's: one entry a token
+    assert lp.token_logprobs[-1] == pytest.approx(0.0, abs=1e-6)
+    assert lp.top_logprobs[-1]["<eos>"] == lp.token_logprobs[-1]
+    assert sorted(lp.top_logprobs[-1].values())[0] == pytest.approx(-40.0, abs=1e-3)
+    assert (lp.token_logprobs[0] is None) == echo
+
+
+def test_no_eos_in_the_logprobs_of_a_completion_that_did_not_end_on_it(
+    client: openai.OpenAI,
+) -> None:
+    """Cut by max_tokens (length) or by a stop string (stop, but no <eos> generated): the
+    logprobs hold the generated tokens alone, the stop string's included (as vLLM)."""
+    cut = client.completions.create(model=NAME, prompt="a", max_tokens=4, logprobs=0)
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.choices[0].logprobs.tokens == ["b", "c", "d", "e"]
+    stopped = client.completions.create(
+        model=NAME, prompt="a", max_tokens=10, logprobs=0, stop=["d"], temperature=0
+    )
+    (choice,) = stopped.choices
+    assert (choice.text, choice.finish_reason) == ("bc", "stop")
+    assert choice.logprobs.tokens == ["b", "c", "d"] and stopped.usage.completion_tokens == 3
+
+
+def test_each_prompt_of_a_list_lists_its_own_eos(client: openai.OpenAI) -> None:
+    done = client.completions.create(
+        model=NAME, prompt=["a", "c", "e"], max_tokens=10, logprobs=0, seed=3
+    )
+    got = [c.logprobs.tokens for c in done.choices]
+    assert got == [["b", "c", "d", "e", "<eos>"], ["d", "e", "<eos>"], ["<eos>"]]
+    assert sum(len(t) for t in got) == done.usage.completion_tokens

@@ -284,20 +284,22 @@ def test_one_request_is_served_by_one_version(client, server, monkeypatch) -> No
     """The default version is resolved once per request: every prompt's stream asks for it by
     number and the logprobs are scored on its session, so a reload mid-request cannot split
     it."""
+    from rnnserve.server import engine as engine_module
+
     engine = server.app.engine
     asked: list[tuple[str, object]] = []
-    generate, score = engine.generate, engine.score_version
+    generate, score = engine.generate, engine_module.score
 
     def recording_generate(model, version, params, deadline):
         asked.append(("generate", version))
         return generate(model, version, params, deadline)
 
-    async def recording_score(entry, *args):
-        asked.append(("score", entry.model))
-        return await score(entry, *args)
+    async def recording_score(model, *args):  # scoring.score: the session scored on
+        asked.append(("score", model))
+        return await score(model, *args)
 
     monkeypatch.setattr(engine, "generate", recording_generate)
-    monkeypatch.setattr(engine, "score_version", recording_score)
+    monkeypatch.setattr(engine_module, "score", recording_score)
     client.completions.create(model="lstm", prompt=["the", "time"], max_tokens=4, logprobs=0)
     default = server.stub.GetModel(pb.GetModelRequest(model="lstm")).default_version
     session = engine.repository.get("lstm", default).model
