@@ -39,6 +39,10 @@ class Chunk:
     logprob: float = 0.0
     finish_reason: str | None = None
     state: bytes = b""
+    # the last message of a stream the model ended (finish "eos"): the end-of-sequence
+    # token's logprob, which `logprob` leaves out as `token_ids` leave out its id; not sent
+    # over gRPC (GenerateResponse has no field for it), OpenAI streams list it as `<eos>`
+    eos_logprob: float | None = None
 
 
 class OutputBuffer:
@@ -71,13 +75,15 @@ class OutputBuffer:
         self._sealed = _merge(self._sealed, chunk) if self._sealed else chunk
         self._event.set()
 
-    def finish(self, reason: str, state: bytes = b"") -> None:
-        """The last message gets the reason; with a final `state` everything pending goes out
-        as one message (the state follows its last token)."""
+    def finish(self, reason: str, state: bytes = b"", eos_logprob: float | None = None) -> None:
+        """The last message gets the reason (and `eos_logprob`, for a stream the model
+        ended); with a final `state` everything pending goes out as one message (the state
+        follows its last token)."""
         chunk = self._pending or Chunk()
         if self._sealed is not None and (state or not (chunk.token_ids or chunk.text)):
             chunk, self._sealed = _merge(self._sealed, chunk), None
         chunk.finish_reason, chunk.state = reason, state or chunk.state
+        chunk.eos_logprob = eos_logprob
         self._pending = chunk
         self._closed = True
         self._event.set()
@@ -162,6 +168,7 @@ class Stream:
         self.joined_at = 0.0
         self.on_cancel: Callable[[], None] | None = None  # the decode loop's, if it must know
         self._pending_reason = ""
+        self._eos_logprob: float | None = None  # of the end-of-sequence token that ended it
 
     @property
     def finish_reason(self) -> str | None:
@@ -225,6 +232,8 @@ class Stream:
         if reason is not None:
             self.finished = True
             self._pending_reason = reason
+            if reason == "eos":  # not shown, but generated: the last message carries it
+                self._eos_logprob = logprobs[n - 1]
         return n
 
     def _snapshot(self, count: int) -> list[np.ndarray] | None:
@@ -256,13 +265,14 @@ class Stream:
         return self.signer(state, self.last_token, self.progress())
 
     def close(self) -> None:
-        """Ends a finished stream: the last message gets the reason and, when the decode
-        thread copied the state after the last token, the resume state. That one carries no
-        progress: a finished stream is not continued but started again from its state (with
-        the next request's own max_tokens and sampling)."""
+        """Ends a finished stream: the last message gets the reason (and the logprob of the
+        end-of-sequence token that ended it) and, when the decode thread copied the state
+        after the last token, the resume state. That one carries no progress: a finished
+        stream is not continued but started again from its state (with the next request's
+        own max_tokens and sampling)."""
         token = b""
         if self.signer is not None:
             state = self._snapshot(self.stopper.count)
             if state is not None:
                 token = self.signer(state, self.last_token, None)
-        self.buffer.finish(self._pending_reason, token)
+        self.buffer.finish(self._pending_reason, token, self._eos_logprob)

@@ -1,4 +1,5 @@
-"""Thin OpenAI-compatible handlers: GET /v1/models, POST /v1/completions (plain and SSE).
+"""Thin OpenAI-compatible handlers: GET /v1/models, POST /v1/completions (plain and SSE),
+and POST /v1/chat/completions refused with the reason (these models have no chat template).
 
 Each prompt is one Engine.generate stream, exactly what rnnserve.v1 Generate runs; logprobs
 come from scoring the prompt and the completion as Engine.score does (the same log-softmax,
@@ -104,6 +105,11 @@ class OpenAIRoutes:
                 "/v1/completions",
                 calls.endpoint("openai.Completions", self.completions, openai_error),
             ),
+            # refused, with the reason: counted as the completions call it should have been
+            web.post(
+                "/v1/chat/completions",
+                calls.endpoint("openai.Completions", self.chat, openai_error),
+            ),
         ]
 
     # -- models -----------------------------------------------------------------------------
@@ -144,6 +150,30 @@ class OpenAIRoutes:
         if not self._serves(entry):  # not listed now, but it comes back: retry, not gone
             raise EngineUnavailable(f"model {name}/{entry.version} is NOT_SERVING: {CANNOT_OPEN}")
         return json_response(self._card(name), request_id=call.request_id)
+
+    # -- chat -------------------------------------------------------------------------------
+    async def chat(self, request: web.Request, call: Call) -> web.Response:
+        """Refused as vLLM refuses chat for a base model without a chat template: 400
+        invalid_request_error saying why, after the model is looked up (an unknown one is
+        the 404 model_not_found that completions answer). These are character- or word-level
+        language models trained on plain text: no roles, turns or template to render
+        `messages` with, so the client is pointed to /v1/completions and a `prompt`. Users of
+        OpenAI clients try chat first; a bare 404 read as a wrong URL or model."""
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise BadRequest("request", "the body must be a JSON object")
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            raise BadRequest("model", "is required (a model name from GET /v1/models)")
+        call.model = self.engine.model_label(name)
+        entry = self._lm(name)
+        level = self.engine.codec(entry).tokenizer.config.level
+        raise BadRequest(
+            "model",
+            f"{name!r} is a {level}-level language model with no chat template (it continues "
+            "plain text: no roles or turns), so POST /v1/chat/completions cannot serve it; "
+            "send the text to continue as `prompt` to POST /v1/completions",
+        )
 
     # -- completions ------------------------------------------------------------------------
     async def completions(self, request: web.Request, call: Call) -> web.StreamResponse:
@@ -333,6 +363,8 @@ class OpenAIRoutes:
                     event = {**head, "choices": [oa.choice(i, prompt, None, lp)]}
                     await response.write(_event(event))
             offsets = [len(p) if req.echo else 0 for p in req.prompts]
+            vocab = pinned.codec.vocab
+            eos_name = vocab.idx_to_token[vocab.eos]
             async for i, c in _prepend(first, rest):
                 generated += oa.generated(c.token_ids, c.finish_reason)
                 lp = None
@@ -343,6 +375,10 @@ class OpenAIRoutes:
                     pieces = [pinned.codec.piece(t) for t in c.token_ids]
                     lp = oa.message_logprobs(pieces, c.logprob, offsets[i])
                     offsets[i] += sum(len(p) for p in pieces)
+                    if c.finish_reason == "eos" and c.eos_logprob is not None:
+                        # as in a plain response (and vLLM's last chunk): the <eos> the
+                        # model ended on, with no text, at the end of what was spelled
+                        lp = oa.ended(lp, eos_name, c.eos_logprob, None, offsets[i])
                 event = {**head, "choices": [oa.choice(i, c.text, c.finish_reason, lp)]}
                 await response.write(_event(event))
             if req.include_usage:

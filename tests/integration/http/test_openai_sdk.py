@@ -270,8 +270,9 @@ def test_stream_refused_by_the_engine_gets_its_status(client) -> None:
 
 
 def test_chat_and_embeddings_say_what_to_use_instead(client) -> None:
-    """Not served (these models have no chat format): a 404 that names /v1/completions."""
-    with pytest.raises(openai.NotFoundError) as err:
+    """Not served (these models have no chat template): chat is a 400 (as vLLM answers for a
+    base model without one) and embeddings a 404, each naming /v1/completions."""
+    with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="lstm", messages=[{"role": "user", "content": "hi"}])
     assert "/v1/completions" in err.value.body["message"]
     assert err.value.body["type"] == "invalid_request_error"
