@@ -58,7 +58,7 @@ def adapt(model: onnx.ModelProto, iface: GraphInterface, vocab: VocabMap) -> onn
     return out
 
 
-def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
+def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Every node input named `old` (also in subgraphs, which may read outer names)."""
     for node in graph.node:
         for i, name in enumerate(node.input):
@@ -66,10 +66,10 @@ def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
                 node.input[i] = new
         for attr in node.attribute:
             for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                _rename_uses(sub, old, new)
+                rename_uses(sub, old, new)
 
 
-def _swap_first_axes(value: onnx.ValueInfoProto) -> None:
+def swap_first_axes(value: onnx.ValueInfoProto) -> None:
     dims = value.type.tensor_type.shape.dim
     first, second = copy.deepcopy(dims[0]), copy.deepcopy(dims[1])
     dims[0].CopyFrom(second)
@@ -80,7 +80,7 @@ def _adapt_input(
     graph: onnx.GraphProto, name: str, time_major: bool, vocab: VocabMap, cast: bool
 ) -> None:
     inner = f"{PREFIX}in_{name}"  # "in_"/"out_": a tensor named "ids" must not meet ours
-    _rename_uses(graph, name, inner)
+    rename_uses(graph, name, inner)
     nodes, current = [], name
     if vocab.to_graph is not None:
         table = numpy_helper.from_array(np.asarray(vocab.to_graph, np.int64), f"{PREFIX}ids_in")
@@ -100,7 +100,7 @@ def _adapt_input(
     for i, node in enumerate(nodes):
         graph.node.insert(i, node)
     if time_major:
-        _swap_first_axes(value)
+        swap_first_axes(value)
 
 
 def _adapt_output(graph: onnx.GraphProto, name: str, time_major: bool, vocab: VocabMap) -> None:
@@ -109,7 +109,7 @@ def _adapt_output(graph: onnx.GraphProto, name: str, time_major: bool, vocab: Vo
         for i, produced in enumerate(node.output):
             if produced == name:
                 node.output[i] = inner
-    _rename_uses(graph, name, inner)
+    rename_uses(graph, name, inner)
     stale = [v for v in graph.value_info if v.name == name]
     for v in stale:
         graph.value_info.remove(v)
@@ -137,7 +137,7 @@ def _adapt_output(graph: onnx.GraphProto, name: str, time_major: bool, vocab: Vo
     graph.node.append(helper.make_node("Identity", [current], [name]))
     value = next(v for v in graph.output if v.name == name)
     if time_major:
-        _swap_first_axes(value)
+        swap_first_axes(value)
     if vocab.to_graph is not None:
         last = value.type.tensor_type.shape.dim[2]
         last.Clear()

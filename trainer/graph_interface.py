@@ -77,14 +77,14 @@ def graph_inputs(graph: onnx.GraphProto) -> dict[str, Tensor]:
     return {k: v for k, v in tensors(graph.input).items() if k not in weights}
 
 
-def _listing(values: dict[str, Tensor]) -> str:
+def listing(values: dict[str, Tensor]) -> str:
     return ", ".join(t.describe() for t in values.values()) or "none"
 
 
 def _pick_input(inputs: dict[str, Tensor], name: str | None) -> Tensor:
     if name is not None:
         if name not in inputs:
-            raise misfit(f"there is no input {name!r}; the inputs are {_listing(inputs)}")
+            raise misfit(f"there is no input {name!r}; the inputs are {listing(inputs)}")
         chosen = inputs[name]
     else:
         found = [t for t in inputs.values() if t.dtype in TOKEN_DTYPES and len(t.dims) == 2]
@@ -97,14 +97,14 @@ def _pick_input(inputs: dict[str, Tensor], name: str | None) -> Tensor:
             if not found and values:  # --input would only move the refusal to its dtype
                 raise misfit(
                     f"there is no token input ({some} of rank 2; the inputs are"
-                    f" {_listing(inputs)}); float values in, like {values[0].name}, make a"
-                    " forecaster, and `rnn-trainer package` makes language models (task lm)"
-                    " only: a forecaster is made by `rnn-trainer train --task forecast`"
-                    " (docs/forecasting.md)"
+                    f" {listing(inputs)}); float values in, like {values[0].name}, make a"
+                    " forecaster, and without --task `rnn-trainer package` makes language"
+                    " models: package it with --task forecast and its normalisation"
+                    " (docs/trainer.md)"
                 )
             raise misfit(
                 f"cannot tell the token input ({some} of rank 2); the inputs are"
-                f" {_listing(inputs)}; name it with --input"
+                f" {listing(inputs)}; name it with --input"
             )
         chosen = found[0]
     if chosen.dtype not in TOKEN_DTYPES:
@@ -118,7 +118,7 @@ def _pick_input(inputs: dict[str, Tensor], name: str | None) -> Tensor:
 def _pick_output(outputs: dict[str, Tensor], name: str | None, vocab_size: int) -> Tensor:
     if name is not None:
         if name not in outputs:
-            raise misfit(f"there is no output {name!r}; the outputs are {_listing(outputs)}")
+            raise misfit(f"there is no output {name!r}; the outputs are {listing(outputs)}")
         chosen = outputs[name]
     else:
         scoring = [t for t in outputs.values() if t.dims and _fits(t.dims[-1], vocab_size)]
@@ -142,12 +142,12 @@ def _pick_output(outputs: dict[str, Tensor], name: str | None, vocab_size: int) 
                 )
             raise misfit(
                 f"no output scores {vocab_size} tokens per step, the vocabulary's size (the"
-                f" outputs are {_listing(outputs)}); is the vocabulary the one the model was"
+                f" outputs are {listing(outputs)}); is the vocabulary the one the model was"
                 " trained with? If so, name the logits with --output"
             )
         if len(found) > 1:
             raise misfit(
-                f"cannot tell the logits output: {_listing({t.name: t for t in found})} all"
+                f"cannot tell the logits output: {listing({t.name: t for t in found})} all"
                 " could be [batch, time, vocabulary]; name it with --output"
             )
         chosen = found[0]
@@ -171,7 +171,7 @@ def _fits(dim: Dim, vocab_size: int) -> bool:
     return not isinstance(dim, int) or dim == vocab_size
 
 
-def _parse_state(
+def parse_state(
     text: str, inputs: dict[str, Tensor], outputs: dict[str, Tensor]
 ) -> tuple[str, str, int | None]:
     """INPUT:OUTPUT[:AXIS]; names may hold colons themselves (tf2onnx's "h0:0"), so a split
@@ -207,13 +207,13 @@ def _integer(text: str) -> int | None:
         return None
 
 
-def _same_layout(a: Tensor, b: Tensor) -> bool:
+def same_layout(a: Tensor, b: Tensor) -> bool:
     if a.dtype != b.dtype or len(a.dims) != len(b.dims):
         return False
     return all(x == y for x, y in zip(a.dims, b.dims, strict=True) if isinstance(x, int))
 
 
-def _common(a: str, b: str) -> int:
+def shared_run(a: str, b: str) -> int:
     """Length of the longest run of characters two names share (h0 ~ hn: 1, h0 ~ cn: 0)."""
     best = 0
     for i in range(len(a)):
@@ -238,13 +238,14 @@ def _pair_states(
     pairs = []
     ambiguous = False
     for t in inputs.values():
-        fits = [o for o in free.values() if _same_layout(t, o)]
+        fits = [o for o in free.values() if same_layout(t, o)]
         ambiguous = ambiguous or len(fits) > 1
-        match = max(fits, key=lambda o: _common(t.name, o.name)) if fits else None  # first of ties
+        # the first of ties
+        match = max(fits, key=lambda o: shared_run(t.name, o.name)) if fits else None
         if match is None:
             raise misfit(
                 f"state input {t.describe()} has no output of the same dtype and shape to read"
-                f" the next state from (outputs left: {_listing(free)}); a recurrent graph must"
+                f" the next state from (outputs left: {listing(free)}); a recurrent graph must"
                 " return its state, or name the pair with --state INPUT:OUTPUT"
             )
         del free[match.name]
@@ -256,8 +257,8 @@ def _pair_states(
     return pairs, ambiguous
 
 
-def _state_spec(inp: Tensor, out: Tensor, axis: int | None) -> StateSpec:
-    if not _same_layout(inp, out):
+def state_spec(inp: Tensor, out: Tensor, axis: int | None) -> StateSpec:
+    if not same_layout(inp, out):
         raise misfit(f"state input {inp.describe()} and output {out.describe()} differ in dtype"
                      " or shape; the output is fed back as the next call's input")  # fmt: skip
     if inp.dtype not in ("float32", "int64"):
@@ -318,11 +319,11 @@ def resolve(
     else:
         pairs = []
         for text in states:
-            i, o, axis = _parse_state(text, rest_in, rest_out)
+            i, o, axis = parse_state(text, rest_in, rest_out)
             if i not in rest_in:
-                raise misfit(f"--state {text!r}: no state input {i!r}; left: {_listing(rest_in)}")
+                raise misfit(f"--state {text!r}: no state input {i!r}; left: {listing(rest_in)}")
             if o not in rest_out:
-                raise misfit(f"--state {text!r}: no output {o!r}; left: {_listing(rest_out)}")
+                raise misfit(f"--state {text!r}: no output {o!r}; left: {listing(rest_out)}")
             for taken in pairs:  # one tensor in two pairs would carry one state twice
                 if i == taken[0].name or o == taken[1].name:
                     both = i if i == taken[0].name else o
@@ -333,7 +334,7 @@ def resolve(
         if unfed:
             raise misfit(f"input {unfed[0]!r} is neither the token input nor a state input; the"
                          " server feeds only tokens and state")  # fmt: skip
-    specs = [_state_spec(i, o, axis) for i, o, axis in pairs]
+    specs = [state_spec(i, o, axis) for i, o, axis in pairs]
     if layout is None:
         major = _time_major(token, specs, inputs)
         time_major = bool(major)

@@ -3,7 +3,9 @@
 Why: a user with a recurrent model trained by their own code should not need this trainer to
 serve it. The graph's interface is named or inferred (trainer/graph_interface.py), fitted to
 the contract at its edges (trainer/graph_adapt.py), checked like an export
-(trainer/package_check.py) and published atomically (trainer/staging.py).
+(trainer/package_check.py) and published atomically (trainer/staging.py). A forecaster
+(`--task forecast`) takes the same road through trainer/package_forecast.py, which shares
+the loading, the source record and the publishing below.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -171,10 +174,10 @@ def architecture_of(graph: onnx.GraphProto, given: str | None) -> str:
     return found[0]
 
 
-def _left_to_right(graph: onnx.GraphProto) -> None:
-    """Refuses a bidirectional or reversed recurrent op: each of its steps reads later tokens,
-    which a server feeding one token per call never has (the step check would fail with a
-    number instead of the reason)."""
+def left_to_right(graph: onnx.GraphProto, unit: str = "token") -> None:
+    """Refuses a bidirectional or reversed recurrent op: each of its steps reads later tokens
+    (or values), which a server feeding one per call never has (the step check would fail
+    with a number instead of the reason)."""
     for node in graph.node:
         if node.op_type not in RECURRENT_OPS:
             continue
@@ -182,12 +185,29 @@ def _left_to_right(graph: onnx.GraphProto) -> None:
         if direction in ("bidirectional", "reverse"):
             raise TrainerError(
                 f"the graph does not fit: its {node.op_type} op {node.name!r} runs {direction}:"
-                " each step reads tokens after it, but the server decodes left to right, one"
-                " token per call; package a left-to-right model (bidirectional=False)"
+                f" each step reads {unit}s after it, but the server runs left to right, one"
+                f" {unit} per call; package a left-to-right model (bidirectional=False)"
             )
 
 
-def _load(path: Path) -> onnx.ModelProto:
+def source_record(path: Path, layout: str, inferred: list[str]) -> dict[str, Any]:
+    """manifest.training's account of a packaged graph, either task: the file it came from,
+    its digest, the layout it was read in and what was inferred."""
+    return {
+        "source_onnx": str(Path(path).resolve()),
+        "source_sha256": sha256_file(Path(path)),
+        "layout": layout,
+        "inferred": inferred,
+    }
+
+
+def save_manifest(directory: Path, manifest: Manifest) -> None:
+    """Writes manifest.json and reads it back as the server will: fail here, not there."""
+    manifest.save(directory)
+    Manifest.load(directory)
+
+
+def load_graph(path: Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path))
     except FileNotFoundError as exc:
@@ -225,8 +245,8 @@ def package_model(request: PackageRequest) -> Path:
     behind on failure.
     """
     target = package_dir(request.out, request.name, request.version)
-    model = _load(request.onnx_path)
-    _left_to_right(model.graph)
+    model = load_graph(request.onnx_path)
+    left_to_right(model.graph)
     graph_tokens = read_vocab(request.vocab_path)
     iface: GraphInterface = resolve(
         model.graph, len(graph_tokens), input_name=request.input_name,
@@ -246,6 +266,7 @@ def package_model(request: PackageRequest) -> Path:
             parity = check_package_graph(onnx_path, iface, len(vocab), probe, source)
         except TrainerError as exc:  # pairs swapped by a guess fail here, not by their shape
             raise TrainerError(f"{exc}{iface.pair_hint()}") from exc
+        layout = "time-major" if iface.time_major else "batch-major"
         manifest = Manifest(
             name=request.name,
             version=request.version,
@@ -258,18 +279,14 @@ def package_model(request: PackageRequest) -> Path:
             tokenizer=request.tokenizer,
             vocab=vocab.to_list(),
             training={
-                "source_onnx": str(Path(request.onnx_path).resolve()),
-                "source_sha256": sha256_file(Path(request.onnx_path)),
-                "layout": "time-major" if iface.time_major else "batch-major",
+                **source_record(request.onnx_path, layout, iface.notes),
                 "token_dtype": iface.input_dtype,  # int32: the server's int64 ids are cast
                 "vocab_renumbered": mapping.to_graph is not None,
-                "inferred": iface.notes,
             },
             onnx_sha256=sha256_file(onnx_path),
             parity=parity,
         )
-        manifest.save(tmp)
-        Manifest.load(tmp)  # what the server will do: fail here, not there
+        save_manifest(tmp, manifest)
     request.notes[:] = [
         *iface.notes, *_unreachable_note(vocab, request.tokenizer), *_reserved_notes(graph_tokens)
     ]  # fmt: skip

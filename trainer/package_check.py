@@ -77,7 +77,7 @@ def check_interface(
             )
 
 
-def _nudged(state: list[np.ndarray], seed: int) -> list[np.ndarray]:
+def nudged(state: list[np.ndarray], seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     out = []
     for s in state:
@@ -113,7 +113,7 @@ def check_package_graph(
     if window.shape != (rows, time, vocab_size):
         raise failure("logits shape", f"{list(window.shape)} for {rows} rows of {time} tokens,"
                                       f" expected {[rows, time, vocab_size]}")  # fmt: skip
-    twin, twin_state = graph.run(x, _nudged(state0, seed))
+    twin, twin_state = graph.run(x, nudged(state0, seed))
     lp, noise = log_probs(window), log_probs(twin) - log_probs(window)
     stepped, stepped_state = graph.step_through(x, state0)
     name = f"{time} single steps vs one call of {time}"

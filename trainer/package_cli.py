@@ -9,14 +9,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from rnnserve.trainer import precision_cli
+from rnnserve.trainer import package_forecast_cli, precision_cli
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx", required=True, help="the graph, exported by your own code")
-    p.add_argument("--vocab", required=True, help="token list: one token per line, line 1 = id 0")
+    p.add_argument("--vocab", help="token list: one token per line, line 1 = id 0 (task lm)")
     p.add_argument(
-        "--tokenizer", required=True, metavar="char|word|FILE.json",
+        "--tokenizer", metavar="char|word|FILE.json",
         help="how text becomes those tokens: a level, or a JSON file of tokenizer settings",
     )  # fmt: skip
     p.add_argument("--keep-case", action="store_true", help="do not lowercase (char|word)")
@@ -38,10 +38,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default=None, help="sample text the check feeds (default: the"
                                                 " model's own samples)")  # fmt: skip
     precision_cli.add_arguments(p)
+    package_forecast_cli.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from rnnserve.trainer.package import PackageRequest, package_model, tokenizer_spec
+
+    package_forecast_cli.refuse_across_tasks(args)
+    if args.task == "forecast":
+        return package_forecast_cli.run(args)
 
     converting = args.precision != "fp32"
     fp32_dir = tempfile.TemporaryDirectory() if converting else None  # fp32 first, then converted
