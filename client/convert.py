@@ -17,7 +17,6 @@ from rnnserve.client.results import (
     ReloadResult,
     ScoreResult,
     StateTensor,
-    TokenEvent,
     VersionInfo,
 )
 from rnnserve.v1 import rnnserve_pb2 as pb
@@ -183,18 +182,6 @@ def _check_text(**fields: object) -> None:
 def finish_reason(code: int) -> str | None:
     """The reason ("length", "stop" or "eos") a FinishReason names; None: not the last."""
     return _FINISH.get(code)
-
-
-def token_event(msg: pb.GenerateResponse) -> TokenEvent:
-    ids = tuple(msg.token_ids) or ((msg.token_id,) if msg.token_id >= 0 else ())
-    return TokenEvent(
-        text=msg.text,
-        token_id=msg.token_id,
-        token_ids=ids,
-        logprob=msg.logprob,
-        finish_reason=_FINISH.get(msg.finish_reason),
-        state=msg.state or None,
-    )
 
 
 def score_results(msg: pb.ScoreResponse) -> list[ScoreResult]:

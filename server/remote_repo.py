@@ -195,13 +195,10 @@ class RemoteRepository:
             marks.append([rel, info.get("size"), change])
         return marks
 
-    def remote_versions(self) -> dict[tuple[str, str], str]:
-        """(name, version) -> the version folder's remote path, for positive integer versions."""
-        return self._listed()[0]
-
     def _listed(self) -> tuple[dict[tuple[str, str], str], dict[str, str]]:
-        """remote_versions, and the models whose folder's listing was too large to read (name
-        -> why): those are skipped, the others synced; any other listing failure raises."""
+        """(name, version) -> the version folder's remote path (positive integer versions),
+        and the models whose folder's listing was too large to read (name -> why): those are
+        skipped, the others synced; any other listing failure raises."""
         found, unlisted = {}, {}
         for model in self._children(self.root):
             if model.get("type") != "directory":

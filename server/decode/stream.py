@@ -15,7 +15,6 @@ stream's state only for the tokens that need one (`snapshots`), not on every ste
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -165,7 +164,6 @@ class Stream:
         self.tokens = 0
         self.finished = False
         self.cancelled = False
-        self.joined_at = 0.0
         self.on_cancel: Callable[[], None] | None = None  # the decode loop's, if it must know
         self._pending_reason = ""
         self._eos_logprob: float | None = None  # of the end-of-sequence token that ended it
@@ -187,12 +185,6 @@ class Stream:
         if not self.cancelled and self.on_cancel is not None:
             self.on_cancel()
         self.cancelled = True
-
-    def accept(self, token_id: int, logprob: float, at: float | None = None) -> bool:
-        """Records one sampled token made at perf_counter() `at` (now if None); True when the
-        stream finished."""
-        self.accept_run([token_id], [logprob], [time.perf_counter() if at is None else at])
-        return self.finished
 
     def wants_state(self, count: int) -> bool:
         """Decode thread: whether the state after token number `count` must be copied."""
