@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # plot_history loads it itself, at its first plot
 import pytest
 
 from rnnserve.trainer import plot
@@ -15,8 +19,8 @@ def test_the_curve_marks_whole_epochs_only(
 ) -> None:
     """One epoch was drawn on an axis of 0.96, 0.98, ..., 1.04; three at 1.0, 1.25, ..."""
     figures = []
-    close = plot.plt.close
-    monkeypatch.setattr(plot.plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
     history = [{"epoch": e, "train_ppl": 20.0 - e, "val_ppl": 18.0 - e, "uniform_ppl": 31.0}
                for e in range(1, epochs + 1)]  # fmt: skip
     assert plot.plot_history(history, tmp_path / "curve.png").is_file()
@@ -31,8 +35,8 @@ def test_the_perplexity_axis_reads_plain_numbers(
 ) -> None:
     """A run between 25 and 31 had its axis labelled 2.5×10¹ ... 3.1×10¹ (log axis defaults)."""
     figures = []
-    close = plot.plt.close
-    monkeypatch.setattr(plot.plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
     history = [{"epoch": 1, "train_ppl": high, "val_ppl": high, "uniform_ppl": high},
                {"epoch": 2, "train_ppl": low, "val_ppl": low, "uniform_ppl": high}]  # fmt: skip
     plot.plot_history(history, tmp_path / "curve.png")
