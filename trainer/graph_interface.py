@@ -225,36 +225,72 @@ def shared_run(a: str, b: str) -> int:
     return best
 
 
-def _pair_states(
+def loose_layout(a: Tensor, b: Tensor) -> bool:
+    """Same dtype and rank, and each size fixed in both is the same: an exporter leaves open
+    sizes it cannot infer (a window's next state [batch, Slicewindow_out_dim_1])."""
+    return (a.dtype, len(a.dims)) == (b.dtype, len(b.dims)) and all(
+        x == y for x, y in zip(a.dims, b.dims, strict=True)
+        if isinstance(x, int) and isinstance(y, int)
+    )  # fmt: skip
+
+
+def as_fed_back(inp: Tensor, out: Tensor) -> Tensor:
+    """The state output read in its input's shape when it fits loosely: it is fed back as
+    that input, and the run at batch 2 (check_interface) checks the shape it comes back in."""
+    return Tensor(out.name, inp.dtype, inp.dims) if loose_layout(inp, out) else out
+
+
+def pair_states(
     inputs: dict[str, Tensor], outputs: dict[str, Tensor], notes: list[str]
 ) -> tuple[list[tuple[Tensor, Tensor, int | None]], bool]:
-    """Each remaining input with a remaining output of the same dtype and sizes: of several,
-    the one whose name shares the longest run with the input's (h0 -> hn, c0 -> cn whatever
-    order the outputs come in), then the first in graph order (torch.onnx.export keeps it).
+    """Each remaining input with a remaining output of the same dtype and sizes (or, when
+    none has them, a loose fit: sizes the exporter left open): of several, the one whose name
+    shares the longest run with the input's (h0 -> hn, c0 -> cn whatever order the outputs
+    come in), then the first in graph order (torch.onnx.export keeps it).
 
     Also returns whether any input had several outputs to choose from (a guess the step
     check may refute; its message then names --state)."""
     free = dict(outputs)
-    pairs = []
+    pairs: list[tuple[Tensor, Tensor, int | None]] = []
     ambiguous = False
     for t in inputs.values():
         fits = [o for o in free.values() if same_layout(t, o)]
+        fits = fits or [o for o in free.values() if loose_layout(t, o)]
         ambiguous = ambiguous or len(fits) > 1
-        # the first of ties
-        match = max(fits, key=lambda o: shared_run(t.name, o.name)) if fits else None
-        if match is None:
+        if not fits:
             raise misfit(
                 f"state input {t.describe()} has no output of the same dtype and shape to read"
                 f" the next state from (outputs left: {listing(free)}); a recurrent graph must"
                 " return its state, or name the pair with --state INPUT:OUTPUT"
             )
+        match = max(fits, key=lambda o: shared_run(t.name, o.name))  # the first of ties
         del free[match.name]
-        pairs.append((t, match, None))
+        pairs.append((t, as_fed_back(t, match), None))
     if pairs:
         notes.append(
             "state pairs inferred: " + ", ".join(f"{i.name}->{o.name}" for i, o, _ in pairs)
         )
     return pairs, ambiguous
+
+
+def named_pairs(
+    states: list[str], inputs: dict[str, Tensor], outputs: dict[str, Tensor]
+) -> list[tuple[Tensor, Tensor, int | None]]:
+    """The pairs `--state INPUT:OUTPUT[:AXIS]` names, each input and output at most once."""
+    pairs: list[tuple[Tensor, Tensor, int | None]] = []
+    for text in states:
+        i, o, axis = parse_state(text, inputs, outputs)
+        if i not in inputs:
+            raise misfit(f"--state {text!r}: no state input {i!r}; left: {listing(inputs)}")
+        if o not in outputs:
+            raise misfit(f"--state {text!r}: no output {o!r}; left: {listing(outputs)}")
+        for taken in pairs:  # one tensor in two pairs would carry one state twice
+            if i == taken[0].name or o == taken[1].name:
+                both = i if i == taken[0].name else o
+                raise misfit(f"--state {text!r}: {both!r} is already in the pair"
+                             f" {taken[0].name}:{taken[1].name}")  # fmt: skip
+        pairs.append((inputs[i], as_fed_back(inputs[i], outputs[o]), axis))
+    return pairs
 
 
 def state_spec(inp: Tensor, out: Tensor, axis: int | None) -> StateSpec:
@@ -315,21 +351,9 @@ def resolve(
     rest_out = {k: v for k, v in outputs.items() if k != logits.name}
     guessed = False
     if states is None:
-        pairs, guessed = _pair_states(rest_in, rest_out, notes)
+        pairs, guessed = pair_states(rest_in, rest_out, notes)
     else:
-        pairs = []
-        for text in states:
-            i, o, axis = parse_state(text, rest_in, rest_out)
-            if i not in rest_in:
-                raise misfit(f"--state {text!r}: no state input {i!r}; left: {listing(rest_in)}")
-            if o not in rest_out:
-                raise misfit(f"--state {text!r}: no output {o!r}; left: {listing(rest_out)}")
-            for taken in pairs:  # one tensor in two pairs would carry one state twice
-                if i == taken[0].name or o == taken[1].name:
-                    both = i if i == taken[0].name else o
-                    raise misfit(f"--state {text!r}: {both!r} is already in the pair"
-                                 f" {taken[0].name}:{taken[1].name}")  # fmt: skip
-            pairs.append((rest_in[i], rest_out[o], axis))
+        pairs = named_pairs(states, rest_in, rest_out)
         unfed = sorted(set(rest_in) - {i.name for i, _, _ in pairs})
         if unfed:
             raise misfit(f"input {unfed[0]!r} is neither the token input nor a state input; the"

@@ -10,6 +10,7 @@ nudged by a few float32 ulps, since there is no float64 twin to ask.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,15 @@ def check_interface(
             " to 1); the server applies log-softmax, so export the logits or log_softmax"
             " instead of softmax"
         )
+    check_state_shapes(iface, state, rows=2)
+
+
+def check_state_shapes(iface: GraphInterface, state: list[np.ndarray], rows: int) -> None:
+    """Each next state comes back in the shape its input takes (at `rows` rows): the server
+    feeds it straight back."""
     for spec, tensor in zip(iface.states, state, strict=True):
         want = list(spec.shape)
-        want[spec.batch_axis] = 2
+        want[spec.batch_axis] = rows
         if list(tensor.shape) != want:
             raise misfit(
                 f"state output {spec.output!r} comes back with shape {list(tensor.shape)};"
@@ -113,36 +120,62 @@ def check_package_graph(
     if window.shape != (rows, time, vocab_size):
         raise failure("logits shape", f"{list(window.shape)} for {rows} rows of {time} tokens,"
                                       f" expected {[rows, time, vocab_size]}")  # fmt: skip
+    return graph_only_parity(
+        graph, iface, x, state0, (window, window_state), seed, score=log_probs,
+        tol=LOGPROB_TOL, what="log-probabilities", argmax=True, probe_source=chosen.source,
+    )  # fmt: skip
+
+
+def graph_only_parity(
+    graph: OrtGraph,
+    iface: GraphInterface,
+    x: np.ndarray,
+    state0: list[np.ndarray],
+    called: tuple[np.ndarray, list[np.ndarray]],
+    seed: int,
+    *,
+    score: Callable[[np.ndarray], np.ndarray],
+    tol: float,
+    what: str,
+    argmax: bool,
+    probe_source: str,
+) -> dict[str, Any]:
+    """The checks a graph without a torch model gets, on `score(output)` (log-probabilities
+    of a language model's logits, a forecaster's predictions as they are): one call over the
+    probe (`called`: its output and final state) == as many single steps with the state fed
+    back, state included, and a row alone == the same row in a batch; the rounding drift is
+    the graph's own, from a rerun with the initial state nudged. Returns manifest.parity."""
+    window, window_state = called
+    time = x.shape[1]
     twin, twin_state = graph.run(x, nudged(state0, seed))
-    lp, noise = log_probs(window), log_probs(twin) - log_probs(window)
+    want = score(window)
+    noise = np.asarray(score(twin), np.float64) - want
     stepped, stepped_state = graph.step_through(x, state0)
     name = f"{time} single steps vs one call of {time}"
-    worst, bound = agree(name, log_probs(stepped), lp, noise, tol=LOGPROB_TOL,
-                         what="log-probabilities")  # fmt: skip
-    top1 = agree_argmax(name, log_probs(stepped), lp, bound)
+    worst, bound = agree(name, score(stepped), want, noise, tol=tol, what=what)
+    top1 = agree_argmax(name, score(stepped), want, bound) if argmax else None
     tols = state_tol(window_state)
     for i, spec in enumerate(iface.states):
-        want = window_state[i]
+        expected = window_state[i]
         drift = None
-        if np.issubdtype(want.dtype, np.floating):
-            drift = np.asarray(twin_state[i], np.float64) - want
-        agree(f"state after {name}", stepped_state[i], want, drift, tol=tols[i],
+        if np.issubdtype(expected.dtype, np.floating):
+            drift = np.asarray(twin_state[i], np.float64) - expected
+        agree(f"state after {name}", stepped_state[i], expected, drift, tol=tols[i],
               what=f"values of state {spec.name!r}", time_axis=None)  # fmt: skip
     first_row = [np.take(state0[i], [0], axis=s.batch_axis) for i, s in enumerate(iface.states)]
     alone, _ = graph.run(x[:1], first_row)
     rows_name = "a row alone vs the same row in a batch (the state batch axes)"
-    separate, _ = agree(rows_name, log_probs(alone), lp[:1], noise[:1], tol=LOGPROB_TOL,
-                        what="log-probabilities")  # fmt: skip
+    separate, _ = agree(rows_name, score(alone), want[:1], noise[:1], tol=tol, what=what)
     return {
         "ok": True,
-        "compared": "log-probabilities",
+        "compared": what,
         "reference": "the graph itself (no torch model): steps vs one call, rows alone",
-        "tolerance": LOGPROB_TOL,
+        "tolerance": tol,
         "safety_factor": SAFETY,
         "max_abs_diff": max(worst, separate),
         "max_rounding_drift": float(np.max(np.abs(noise))) if noise.size else 0.0,
         "argmax_agreement": top1,
-        "probe": chosen.source,
+        "probe": probe_source,
         "time_lengths": [1, time],
         "stepwise": f"ok: {time} single steps, state carried, == one call",
         "symbolic_axes": True,

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from rnnserve.artifact.manifest import StateSpec
@@ -28,13 +27,10 @@ from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.exportable import state_from_spec
 from rnnserve.trainer.graph_adapt import PREFIX, rename_uses, swap_first_axes
 from rnnserve.trainer.graph_check import (
-    SAFETY,
     VALUE_TOL,
     OrtGraph,
-    agree,
     check_symbolic_axes,
     failure,
-    state_tol,
 )
 from rnnserve.trainer.graph_interface import (
     GraphInterface,
@@ -42,13 +38,12 @@ from rnnserve.trainer.graph_interface import (
     graph_inputs,
     listing,
     misfit,
-    parse_state,
-    same_layout,
-    shared_run,
+    named_pairs,
+    pair_states,
     state_spec,
     tensors,
 )
-from rnnserve.trainer.package_check import nudged
+from rnnserve.trainer.package_check import check_state_shapes, graph_only_parity
 
 CONTRACT = "values float32 [batch, time, 1] -> prediction float32 [batch, time, 1] plus state"
 MIN_WINDOW_OPSET = 10  # Slice with its bounds as inputs
@@ -235,50 +230,6 @@ def _taken(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def _loose_layout(a: Tensor, b: Tensor) -> bool:
-    """Same dtype and rank, and each size fixed in both is the same: an exporter leaves open
-    sizes it cannot infer (a window's next state [batch, Slicewindow_out_dim_1])."""
-    return (a.dtype, len(a.dims)) == (b.dtype, len(b.dims)) and all(
-        x == y for x, y in zip(a.dims, b.dims, strict=True)
-        if isinstance(x, int) and isinstance(y, int)
-    )  # fmt: skip
-
-
-def _as_fed_back(inp: Tensor, out: Tensor) -> Tensor:
-    """The state output read in its input's shape, when it fits loosely: it is fed back as
-    that input, and check_forecast_interface checks the shape it comes back in."""
-    return Tensor(out.name, inp.dtype, inp.dims) if _loose_layout(inp, out) else out
-
-
-def _pair_states(
-    inputs: dict[str, Tensor], outputs: dict[str, Tensor], notes: list[str]
-) -> tuple[list[tuple[Tensor, Tensor, int | None]], bool]:
-    """graph_interface._pair_states (an output of the same layout, of several the one whose
-    name shares the longest run with the input's), with a loose fit when there is no exact
-    one. Also returns whether any input had several outputs to choose from."""
-    free = dict(outputs)
-    pairs: list[tuple[Tensor, Tensor, int | None]] = []
-    ambiguous = False
-    for t in inputs.values():
-        fits = [o for o in free.values() if same_layout(t, o)]
-        fits = fits or [o for o in free.values() if _loose_layout(t, o)]
-        ambiguous = ambiguous or len(fits) > 1
-        if not fits:
-            raise misfit(
-                f"state input {t.describe()} has no output of the same dtype and shape to read"
-                f" the next state from (outputs left: {listing(free)}); a recurrent graph must"
-                " return its state, or name the pair with --state INPUT:OUTPUT"
-            )
-        match = max(fits, key=lambda o: shared_run(t.name, o.name))  # the first of ties
-        del free[match.name]
-        pairs.append((t, _as_fed_back(t, match), None))
-    if pairs:
-        notes.append(
-            "state pairs inferred: " + ", ".join(f"{i.name}->{o.name}" for i, o, _ in pairs)
-        )
-    return pairs, ambiguous
-
-
 def resolve_forecast(
     model: onnx.ModelProto,
     *,
@@ -309,19 +260,9 @@ def resolve_forecast(
     notes: list[str] = []
     guessed = False
     if states is None:
-        pairs, guessed = _pair_states(rest_in, rest_out, notes)
+        pairs, guessed = pair_states(rest_in, rest_out, notes)
     else:
-        pairs = []
-        for text in states:
-            i, o, axis = parse_state(text, rest_in, rest_out)
-            if i not in rest_in or o not in rest_out:
-                raise misfit(f"--state {text!r}: no state input {i!r} or output {o!r}; left:"
-                             f" {listing(rest_in)} -> {listing(rest_out)}")  # fmt: skip
-            taken = [(p.name, q.name) for p, q, _ in pairs if i == p.name or o == q.name]
-            if taken:  # one tensor in two pairs would carry one state twice
-                raise misfit(f"--state {text!r}: {i if i == taken[0][0] else o!r} is already in"
-                             f" the pair {taken[0][0]}:{taken[0][1]}")  # fmt: skip
-            pairs.append((rest_in[i], _as_fed_back(rest_in[i], rest_out[o]), axis))
+        pairs = named_pairs(states, rest_in, rest_out)
         unfed = sorted(set(rest_in) - {i.name for i, _, _ in pairs})
         if unfed:
             raise misfit(f"input {unfed[0]!r} is neither the values input nor a state input; the"
@@ -470,14 +411,7 @@ def check_forecast_interface(
     if out.shape != (2, 3, 1):
         raise misfit(f"output {iface.output!r} comes back with shape {list(out.shape)} for 2"
                      " rows of 3 values; expected [batch, time, 1]")  # fmt: skip
-    for spec, tensor in zip(iface.states, state, strict=True):
-        want = list(spec.shape)
-        want[spec.batch_axis] = 2
-        if list(tensor.shape) != want:
-            raise misfit(
-                f"state output {spec.output!r} comes back with shape {list(tensor.shape)};"
-                f" its input {spec.input!r} takes {want}: the next call could not read it"
-            )
+    check_state_shapes(iface, state, rows=2)
 
 
 def carried_window(adapted: bytes, found: ForecastInterface) -> int | None:
@@ -515,36 +449,15 @@ def check_forecast_graph(
     if window.shape != (rows, time, 1):
         raise failure("predictions shape", f"{list(window.shape)} for {rows} rows of {time}"
                                            f" values, expected {[rows, time, 1]}")  # fmt: skip
-    twin, twin_state = graph.run(x, nudged(state0, seed))
-    noise = np.asarray(twin, np.float64) - window
-    stepped, stepped_state = graph.step_through(x, state0)
-    name = f"{time} single steps vs one call of {time}"
-    worst, _ = agree(name, stepped, window, noise, tol=VALUE_TOL, what="predictions")
-    tols = state_tol(window_state)
-    for i, spec in enumerate(iface.states):
-        drift = np.asarray(twin_state[i], np.float64) - window_state[i]
-        agree(f"state after {name}", stepped_state[i], window_state[i], drift, tol=tols[i],
-              what=f"values of state {spec.name!r}", time_axis=None)  # fmt: skip
-    first_row = [np.take(state0[i], [0], axis=s.batch_axis) for i, s in enumerate(iface.states)]
-    alone, _ = graph.run(x[:1], first_row)
-    rows_name = "a row alone vs the same row in a batch (the state batch axes)"
-    separate, _ = agree(rows_name, alone, window[:1], noise[:1], tol=VALUE_TOL,
-                        what="predictions")  # fmt: skip
-    return {
-        "ok": True,
-        "compared": "predictions",
-        "reference": "the graph itself (no torch model): steps vs one call, rows alone",
-        "tolerance": VALUE_TOL,
-        "safety_factor": SAFETY,
-        "max_abs_diff": max(worst, separate),
-        "max_rounding_drift": float(np.max(np.abs(noise))) if noise.size else 0.0,
-        "argmax_agreement": None,
-        "probe": chosen.source,
-        "time_lengths": [1, time],
-        "stepwise": f"ok: {time} single steps, state carried, == one call",
-        "symbolic_axes": True,
-        "onnxruntime": ort.__version__,
-    }
+    return graph_only_parity(
+        graph, iface, x, state0, (window, window_state), seed, score=_as_is, tol=VALUE_TOL,
+        what="predictions", argmax=False, probe_source=chosen.source,
+    )  # fmt: skip
+
+
+def _as_is(values: np.ndarray) -> np.ndarray:
+    """A forecaster's predictions are compared as they are (in normalised units)."""
+    return values
 
 
 class OrtForecaster:
