@@ -83,6 +83,9 @@ class ServerLog(logging.LoggerAdapter):
             self.logger.info(f"{msg} (a malformed request, answered 400): %s", *args, why)
 
 
+CALLS = web.AppKey("calls", HttpCalls)  # the app's HttpCalls, which HttpServer.stop marks cut
+
+
 def build_web_app(
     engine: Engine,
     status: KServeStatus,
@@ -92,6 +95,7 @@ def build_web_app(
 ) -> web.Application:
     calls = HttpCalls(interceptor, health_guards)
     app = web.Application(client_max_size=max_body, middlewares=[json_not_found])
+    app[CALLS] = calls
     app.add_routes(OpenAIRoutes(engine, status.health).routes(calls))
     app.add_routes(KServeRoutes(engine, status).routes(calls))
     return app
@@ -142,6 +146,9 @@ class HttpServer:
         cleanup = asyncio.ensure_future(runner.cleanup())
         done, _ = await asyncio.wait({cleanup}, timeout=grace)
         if not done and server is not None:
+            calls = self.app.get(CALLS)
+            if calls is not None:  # what is cut from here on counts as the server's failure
+                calls.cut = True
             for connection in server.connections:
                 connection.force_close()
         await cleanup

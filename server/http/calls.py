@@ -114,6 +114,10 @@ class HttpCalls:
     def __init__(self, interceptor: CallInterceptor, health_guards: Sequence[Guard] = ()):
         self.interceptor = interceptor
         self.health_guards = list(health_guards)
+        # set by HttpServer.stop as --grace runs out and it closes the connections left: a
+        # request it cuts is the server's failure (its client sees the connection drop), so
+        # it counts UNAVAILABLE, as a gRPC call cut then does, not a client's CANCELLED
+        self.cut = False
 
     def endpoint(self, rpc: str, handler: Handler, errors: ErrorBody) -> Handler:
         """An aiohttp handler that runs `handler` as one logged, counted, guarded call."""
@@ -153,6 +157,8 @@ class HttpCalls:
                 body = errors(code, message, exc)
                 return json_response(body, http_status(code), call.request_id)
             finally:
+                if self.cut and code == grpc.StatusCode.CANCELLED:
+                    code = grpc.StatusCode.UNAVAILABLE
                 icpt._end(rpc, call.model, code, start, message, span)
 
         return run

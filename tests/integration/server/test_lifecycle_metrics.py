@@ -4,6 +4,9 @@ status of the streams a shutdown cuts when --grace runs out."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
+import json
 import re
 import shutil
 import time
@@ -102,5 +105,50 @@ def test_a_stream_cut_when_the_grace_runs_out_counts_as_what_its_client_sees(
     count = "rnnserve_request_duration_seconds_count"
     labels = {"rpc": "Generate", "model": "lstm", "code": "UNAVAILABLE"}
     assert reg.get_sample_value(count, labels) == 1
+    srv.app = None  # shut down already
+    srv.stop()
+
+
+def test_an_http_stream_cut_when_the_grace_runs_out_counts_as_unavailable(
+    model_repo: Path,
+) -> None:
+    """The HTTP port's twin of the test above: at the end of --grace the server closes the
+    connections still streaming; their clients see the connection drop, the server's doing,
+    but the metrics and the access line said CANCELLED, a client's own."""
+    from tests.integration.http.conftest import http_server
+
+    srv = http_server(model_repo, max_tokens=1_000_000)
+    app = srv.app
+    # greedy, as the gRPC test's: OpenAI's default temperature 1 samples, and a sampled
+    # stream of the tiny model reaches <eos> before the shutdown
+    body = json.dumps({"model": "lstm", "prompt": "the", "max_tokens": 1_000_000,
+                       "temperature": 0, "stream": True}).encode()  # fmt: skip
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{app.http.port}/v1/completions", body,
+        {"Content-Type": "application/json"},
+    )  # fmt: skip
+    reply = urllib.request.urlopen(request, timeout=60)
+    assert reply.readline().startswith(b"data: ")  # the stream runs (minutes of tokens)
+    srv.run(app.shutdown(grace=0.5, delay=0.0), timeout=30)
+    with contextlib.suppress(OSError, http.client.HTTPException):
+        while reply.read(65536):
+            pass
+    reply.close()
+    reg = app.metrics.registry
+
+    def errors(code: str) -> float | None:
+        return reg.get_sample_value(
+            "rnnserve_errors_total", {"rpc": "openai.Completions", "code": code}
+        )
+
+    end = time.monotonic() + 10  # the handler records its end as its cancellation unwinds
+    while errors("UNAVAILABLE") is None and errors("CANCELLED") is None:
+        assert time.monotonic() < end, [
+            (m.name, s.labels, s.value) for m in reg.collect() for s in m.samples
+            if "errors" in s.name or "request_duration_seconds_count" in s.name
+        ]
+        srv.run(asyncio.sleep(0.05))
+    assert errors("CANCELLED") is None
+    assert errors("UNAVAILABLE") == 1
     srv.app = None  # shut down already
     srv.stop()
