@@ -16,6 +16,10 @@ trace_id: contextvars.ContextVar[str] = contextvars.ContextVar("trace_id", defau
 # an `Authorization: ...` header quoted in a message, up to the quote or line end around it
 # (the placeholder of rnnserve's own "send 'authorization: Bearer <token>'" hints is no secret)
 _CREDENTIALS = re.compile(r"(?i)(authorization\s*:\s*)(?!\s|bearer <token>')[^'\"\r\n]+")
+# a bearer value quoted without its header name: aiohttp's "Got more than 8190 bytes" error
+# for an over-long header quotes the start of the value alone (b'Bearer S8S8...'); only at
+# the start of a quotation, so prose ("invalid bearer token") stays as it is
+_BEARER = re.compile(r"(?i)(['\"]bearer\s+)(?!<token>|<redacted>)[^\s'\"]+")
 
 
 def scrub(text: str) -> str:
@@ -23,7 +27,7 @@ def scrub(text: str) -> str:
 
     Why: aiohttp quotes the header line it cannot parse in its error ("Invalid header value
     char: b'Authorization: Bearer <the token>\\x01'"), which went to the log as it was."""
-    return _CREDENTIALS.sub(r"\1<redacted>", text)
+    return _BEARER.sub(r"\1<redacted>", _CREDENTIALS.sub(r"\1<redacted>", text))
 
 
 class JsonFormatter(logging.Formatter):

@@ -196,7 +196,9 @@ class StateSigner:
             progress = _progress(header["stream"]) if "stream" in header else None
         except (BadRequest, OtherWeights):
             raise
-        except (ValueError, KeyError, TypeError) as exc:
+        # OverflowError: int() of an infinity, float() of a 400-digit integer; RecursionError:
+        # a deeply nested header (version 1 tokens reach json.loads only here)
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise BadRequest("state", f"resume token is malformed: {exc}") from exc
         return Resumed(tensors, last, progress)
 
@@ -216,9 +218,9 @@ class StateSigner:
         if iat > now + CLOCK_SKEW:
             raise BadRequest(
                 "state",
-                f"resume token was made in the future ({_when(iat)}, {iat - now:.0f} s ahead "
-                f"of this replica's clock, more than the {CLOCK_SKEW} s allowed): check the "
-                "replicas' clocks",
+                f"resume token was made in the future ({_when(iat)}, {iat - math.floor(now)} s "
+                f"ahead of this replica's clock, more than the {CLOCK_SKEW} s allowed): check "
+                "the replicas' clocks",
             )
         # in whole seconds, as `iat` is: now - iat counted a token made at x.95 and checked
         # at x+1.05 as over a second old, so --state-max-age 1 refused tokens 0.1 s old
@@ -254,8 +256,8 @@ def _when(seconds: float) -> str:
     """A UTC time as ISO 8601, or plain seconds when out of datetime's range."""
     try:
         return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (OverflowError, ValueError, OSError):
-        return f"{seconds:.0f} s since the epoch"
+    except (OverflowError, ValueError, OSError):  # round(): "{:.0f}" of a huge int overflows
+        return f"{round(seconds)} s since the epoch"
 
 
 def _key_id_of(body: bytes, head_len: int) -> str:

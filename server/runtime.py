@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from rnnserve.artifact.external_data import check_self_contained
 from rnnserve.artifact.manifest import Manifest, ManifestError, StateSpec
 from rnnserve.server import decode_head
 from rnnserve.server.model_image import ModelImage
@@ -93,6 +94,9 @@ class OnnxModel:
                 f"{Path(path).name} sha256 {digest[:12]}... does not match the manifest's "
                 f"{manifest.onnx_sha256[:12]}..."
             )
+        # before onnxruntime sees them: it would read a tensor's external file from wherever
+        # its location leads, relative to the working directory (`/` in the image)
+        check_self_contained(data)
         self.args = (Path(path), manifest, list(providers), intra_op_threads, with_head, digest)
         folder = Path(path).parent  # <model>/<version>: the memfd's name in /proc/<pid>/fd
         image_name = f"{folder.parent.name}/{folder.name}"

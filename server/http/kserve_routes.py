@@ -49,10 +49,10 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[dict, list[Tens
     """The request's JSON header and its input tensors (JSON `data` or binary parts)."""
     binary = b""
     if header_length is not None:
-        try:
-            n = int(header_length)
-        except ValueError:
-            raise BadRequest(HEADER_LENGTH, f"is not an integer: {header_length!r}") from None
+        # decimal ASCII digits only: int() also takes " 1_0 ", "+5" and other scripts' digits
+        if not (header_length.isascii() and header_length.isdigit()):
+            raise BadRequest(HEADER_LENGTH, f"is not an integer: {header_length!r}")
+        n = int(header_length)
         if not 0 <= n <= len(body):
             raise BadRequest(HEADER_LENGTH, f"{n} is outside the body ({len(body)} bytes)")
         body, binary = body[:n], body[n:]

@@ -242,3 +242,10 @@ def test_no_sequence_passes() -> None:
     """tritonclient sends no sequence parameters unless asked; 0 / "" / false mean none."""
     for params in ({}, {"sequence_id": 0}, {"sequence_id": ""}, {"sequence_start": False}):
         refuse_sequence(params)
+
+
+@pytest.mark.parametrize("length", [" 2", "+2", "2_0", "\u0662", "-1", "two", ""])
+def test_the_header_length_is_plain_decimal_digits(length: str) -> None:
+    """int() took " 2", "+2", "2_0" and Arabic-Indic digits as lengths."""
+    with pytest.raises(BadRequest, match="Inference-Header-Content-Length"):
+        parse_infer(b'{"inputs": []}', length)

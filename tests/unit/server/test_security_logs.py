@@ -44,3 +44,14 @@ def test_the_auth_hint_and_other_lines_are_left_as_they_are() -> None:
     hint = "missing 'authorization: Bearer <token>' metadata"
     entry = _line("openai.Models UNAUTHENTICATED", error=hint, rpc="openai.Models")
     assert entry["error"] == hint and entry["msg"] == "openai.Models UNAUTHENTICATED"
+
+
+def test_a_bearer_value_quoted_without_its_header_name_is_not_logged() -> None:
+    """aiohttp's error for a header over 8190 bytes quotes the start of the value alone."""
+    msg = "Got more than 8190 bytes (10007) when reading Header value is too long."
+    msg += f" b'Bearer {TOKEN}S8S8'"
+    entry = _line(msg)
+    assert TOKEN not in json.dumps(entry)
+    assert entry["msg"].endswith("b'Bearer <redacted>'"), entry["msg"]
+    prose = _line("openai.Models UNAUTHENTICATED", error="invalid bearer token")
+    assert prose["error"] == "invalid bearer token"
