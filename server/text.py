@@ -12,6 +12,7 @@ from rnnserve.artifact.manifest import Manifest
 from rnnserve.artifact.tokenizer import Tokenizer
 from rnnserve.artifact.vocab import RESERVED, Vocab
 from rnnserve.server.errors import BadRequest
+from rnnserve.server.stopping import MAX_STOP_CHARS
 
 # UAX #15's stream-safe limit: no real text has more non-starters in a row
 MAX_COMBINING_RUN = 30
@@ -80,6 +81,27 @@ class TextCodec:
 
     def piece(self, token_id: int) -> str:
         return self._pieces[token_id]
+
+    def stop_form(self, stop: str, field: str) -> str:
+        """`stop` as this model's streamed text would spell it, so that a stop string written
+        as text is written matches: that text is normalised (lower case, NFKC, one space per
+        run of whitespace) and, at word level, has a space before every token ("isn't." is
+        streamed " isn ' t ."), so "Filby." or "isn't" never matched. A leading or trailing
+        space stays one (a word boundary); a stop with no token (only whitespace, such as
+        "\n", or only what letters_only erases) is kept as sent: made " ", it would stop at
+        the first space. BadRequest(field) when normalising makes it over 4x
+        MAX_STOP_CHARS (NFKC expands some characters 18x): the checker holds back text as
+        long as it."""
+        tokens = self.tokenizer.tokenize(stop, limit=4 * MAX_STOP_CHARS)
+        if not tokens or not "".join(tokens).strip():
+            return stop
+        form = self.tokenizer.normalize(stop)
+        if self.tokenizer.separator:  # word level: whitespace is not a token
+            lead = " " if form.startswith(" ") else ""
+            form = lead + self.tokenizer.detokenize(tokens) + (" " if form.endswith(" ") else "")
+        if len(form) > 4 * MAX_STOP_CHARS:
+            raise BadRequest(field, f"is over {4 * MAX_STOP_CHARS} characters once normalised")
+        return form
 
     def __len__(self) -> int:
         return len(self.vocab)

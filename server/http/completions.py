@@ -6,6 +6,7 @@ docs/protocols.md lists them.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -223,15 +224,44 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def folded(text: str, normalize: Callable[[str], str]) -> str:
-    """`text` with each character as the tokenizer normalises it, where that is one character
-    ("T" -> "t", "," -> " " with letters_only), so the same length: tokens come from the
-    normalised text, and are found in this where they stand in the text the client sees."""
+@dataclass(frozen=True)
+class Folded:
+    """`text` with each character as the tokenizer normalises it on its own, and where each
+    character of that came from. Tokens come from the normalised text and are searched for
+    in `search`, then reported where they stand in the text the client sees."""
+
+    search: str
+    # (where a character's normal form starts in search, its index in text, where it ends)
+    # for each character whose normal form is not one character long, in order
+    marks: list[tuple[int, int, int]]
+
+    def origin(self, at: int) -> int:
+        """The index in the text of the character `search[at]` comes from."""
+        k = bisect.bisect_right(self.marks, (at, math.inf)) - 1
+        if k < 0:
+            return at
+        _, index, end = self.marks[k]
+        return index if at < end else at - (end - index - 1)
+
+
+def folded(text: str, normalize: Callable[[str], str]) -> Folded:
+    """`text` with each character replaced by its own normal form: "T" -> "t", "," -> " "
+    with letters_only, and "…" -> "...", "ﬁ" -> "fi", "İ" -> "i̇" (NFKC and lower() may give
+    several characters; each of them maps back to the one it came from). Such a character
+    was kept as it was, so its tokens were not found and the search for them ran on to a
+    later "." or "i" of the text, which misplaced every token after it."""
     each: dict[str, str] = {}  # once per distinct character: a prompt may be megabytes
     for ch in set(text):
-        norm = normalize(ch)
-        each[ch] = norm if len(norm) == 1 else ch
-    return "".join(each[ch] for ch in text)
+        each[ch] = normalize(ch) or ch
+    marks: list[tuple[int, int, int]] = []
+    if any(len(norm) != 1 for norm in each.values()):
+        at = 0
+        for i, ch in enumerate(text):
+            size = len(each[ch])
+            if size != 1:
+                marks.append((at, i, at + size))
+            at += size
+    return Folded("".join(each[ch] for ch in text), marks)
 
 
 def token_logprobs(
@@ -243,14 +273,21 @@ def token_logprobs(
 ) -> dict:
     """OpenAI's legacy logprobs object for `text`, whose tokens are `tokens` (normalised by
     `normalize`, the tokenizer's: each offset is where its token stands in `text`); `top`:
-    each token's likeliest alternatives (logprobs > 0), else null."""
-    search = folded(text, normalize) if normalize is not None else text
-    offsets, at = [], 0
+    each token's likeliest alternatives (logprobs > 0), else null. A token not found (its
+    characters compose only in the whole text's normal form) stands at the next character
+    that is not a space, and the search goes on from there."""
+    fold = folded(text, normalize) if normalize is not None else Folded(text, [])
+    search, offsets, at = fold.search, [], 0
     for tok in tokens:
         found = search.find(tok, at) if tok else -1
-        at = found if found >= 0 else at
-        offsets.append(at)
-        at += len(tok) if found >= 0 else 0
+        if found >= 0:
+            offsets.append(fold.origin(found))
+            at = found + len(tok)
+            continue
+        start = at
+        while not tok.isspace() and start < len(search) and search[start].isspace():
+            start += 1
+        offsets.append(fold.origin(start))
     return {
         "tokens": tokens,
         "token_logprobs": values,
