@@ -110,7 +110,13 @@ class Generator:
         if p.state_every < 0:
             raise BadRequest("state_every", f"must be 0 or more, got {p.state_every}")
         p.sampling.validate(len(self.codec))
-        validate_stop(p.stop)
+        # stop strings in the form the model's text has (lower case, NFKC; at word level a
+        # space before each token): "isn't." is streamed " isn ' t .", so as sent it never
+        # matched; the checker, check_continuation and a checkpoint's Progress.stop all hold
+        # this form
+        p.stop = [
+            self.codec.stop_form(s, f"stop[{i}]") for i, s in enumerate(validate_stop(p.stop))
+        ]
         resumed = None
         if p.state:
             m = self.entry.manifest

@@ -28,16 +28,22 @@ CANNOT_OPEN = (
 )
 
 
-def version_info(entry: ModelVersion, health: ModelHealth | None = None) -> pb.VersionInfo:
+def version_info(
+    entry: ModelVersion, health: ModelHealth | None = None, max_infill_vocab: int | None = None
+) -> pb.VersionInfo:
     """A version as ListModels/GetModel describe it; with `health`, a loaded version that no
-    decode process can open is NOT_SERVING, as grpc.health.v1 and KServe ModelReady say."""
+    decode process can open is NOT_SERVING, as grpc.health.v1 and KServe ModelReady say.
+    `rpcs` leaves out Infill for a language model whose vocabulary is over --max-infill-vocab
+    (every such call is refused: a word model of the built-in corpus has 4,601 words)."""
     status, reason = entry.status, entry.reason
     if entry.serving and health is not None and not health.serves(entry):
         status, reason = "NOT_SERVING", CANNOT_OPEN
-    info = pb.VersionInfo(
-        version=entry.version, status=status, status_reason=reason, rpcs=entry.rpcs
-    )
+    rpcs = entry.rpcs
     m = entry.manifest
+    too_many = max_infill_vocab is not None and m is not None and m.vocab_size > max_infill_vocab
+    if too_many and m is not None and m.task == "lm":
+        rpcs = [rpc for rpc in rpcs if rpc != "Infill"]
+    info = pb.VersionInfo(version=entry.version, status=status, status_reason=reason, rpcs=rpcs)
     if m is not None:
         info.task, info.architecture = m.task, m.architecture
         info.hyperparameters.update({k: str(v) for k, v in m.hyperparameters.items()})
@@ -62,7 +68,7 @@ def model_info(
     return pb.ModelInfo(
         name=name,
         default_version=default.version if default else "",
-        versions=[version_info(v, health) for v in versions],
+        versions=[version_info(v, health, engine.settings.max_infill_vocab) for v in versions],
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -250,18 +251,16 @@ def folded(text: str, normalize: Callable[[str], str]) -> Folded:
     several characters; each of them maps back to the one it came from). Such a character
     was kept as it was, so its tokens were not found and the search for them ran on to a
     later "." or "i" of the text, which misplaced every token after it."""
-    each: dict[str, str] = {}  # once per distinct character: a prompt may be megabytes
-    for ch in set(text):
-        each[ch] = normalize(ch) or ch
+    # once per distinct character, and str.translate / re in C: a prompt may be megabytes
+    each = {ch: normalize(ch) or ch for ch in set(text)}
+    grown = "".join(re.escape(ch) for ch, norm in each.items() if len(norm) != 1)
     marks: list[tuple[int, int, int]] = []
-    if any(len(norm) != 1 for norm in each.values()):
-        at = 0
-        for i, ch in enumerate(text):
-            size = len(each[ch])
-            if size != 1:
-                marks.append((at, i, at + size))
-            at += size
-    return Folded("".join(each[ch] for ch in text), marks)
+    extra = 0  # how much longer search is than text before the character at hand
+    for found in re.finditer(f"[{grown}]", text) if grown else ():
+        i, size = found.start(), len(each[found.group()])
+        marks.append((i + extra, i, i + extra + size))
+        extra += size - 1
+    return Folded(text.translate({ord(ch): norm for ch, norm in each.items()}), marks)
 
 
 def token_logprobs(

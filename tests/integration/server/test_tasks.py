@@ -315,3 +315,21 @@ def test_calls_past_max_calls_are_refused_not_queued(model_repo: Path) -> None:
         assert srv.stub.Score(request, timeout=30).results[0].num_tokens > 0  # freed
     finally:
         srv.stop()
+
+
+def test_rpcs_leave_out_infill_past_max_infill_vocab(stub, model_repo: Path) -> None:
+    """GetModel listed Infill for a language model whose vocabulary is over
+    --max-infill-vocab, and every Infill call to it was refused (FAILED_PRECONDITION)."""
+    from tests.integration.server.harness import ServerThread, make_settings
+
+    assert "Infill" in stub.GetModel(pb.GetModelRequest(model="lstm")).versions[0].rpcs
+    srv = ServerThread(make_settings(model_repo, max_infill_vocab=8)).start()
+    try:
+        (version,) = srv.stub.GetModel(pb.GetModelRequest(model="lstm")).versions
+        assert version.vocab_size > 8 and list(version.rpcs) == ["Generate", "Score"]
+        request = pb.InfillRequest(model="lstm", left="the ", right="ime machine")
+        with pytest.raises(grpc.RpcError) as refused:
+            srv.stub.Infill(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        srv.stop()
