@@ -21,6 +21,7 @@ from rnnserve.server.engine import Engine
 from rnnserve.server.http.calls import HttpCalls, json_response
 from rnnserve.server.http.kserve_routes import KServeRoutes
 from rnnserve.server.http.openai_routes import OpenAIRoutes
+from rnnserve.server.http.vllm_routes import VLLMRoutes
 from rnnserve.server.interceptors import CallInterceptor, Guard
 from rnnserve.server.kserve.status import KServeStatus
 
@@ -98,6 +99,7 @@ def build_web_app(
     app[CALLS] = calls
     app.add_routes(OpenAIRoutes(engine, status.health).routes(calls))
     app.add_routes(KServeRoutes(engine, status).routes(calls))
+    app.add_routes(VLLMRoutes(engine, status).routes(calls))
     return app
 
 

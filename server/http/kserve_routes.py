@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import time
 
+import grpc
 from aiohttp import web
 
 from rnnserve.server.engine import Engine
 from rnnserve.server.errors import BadRequest
 from rnnserve.server.http.calls import Call, HttpCalls, json_response, loads, read_body
 from rnnserve.server.http.errors import kserve_error
+from rnnserve.server.interceptors import bounded
 from rnnserve.server.kserve.mapping import infer, select
 from rnnserve.server.kserve.status import KServeStatus
 from rnnserve.server.kserve.tensors import (
@@ -24,10 +26,15 @@ from rnnserve.server.kserve.tensors import (
     to_json,
     to_raw,
 )
+from rnnserve.server.kserve.triton import model_config, repository_index
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MODEL = "/v2/models/{name}"
 VERSION = "/v2/models/{name}/versions/{version}"
+REPOSITORY_MODEL = "/v2/repository/models/{name}"
+
+# Triton's own words in its default model control mode ("none"), which scripts match on
+NO_MODEL_CONTROL = "explicit model load / unload is not allowed"
 
 
 def _params(obj: dict, where: str) -> dict:
@@ -139,6 +146,12 @@ class KServeRoutes:
             web.get(VERSION, api("ModelMetadata", self.model_metadata)),
             web.post(MODEL + "/infer", api("ModelInfer", self.infer)),
             web.post(VERSION + "/infer", api("ModelInfer", self.infer)),
+            # Triton's extensions: model configuration, repository index, model control
+            web.get(MODEL + "/config", api("ModelConfig", self.model_config)),
+            web.get(VERSION + "/config", api("ModelConfig", self.model_config)),
+            web.post("/v2/repository/index", api("RepositoryIndex", self.repository_index)),
+            web.post(REPOSITORY_MODEL + "/load", api("RepositoryModelLoad", self.no_control)),
+            web.post(REPOSITORY_MODEL + "/unload", api("RepositoryModelUnload", self.no_control)),
         ]
 
     # -- health: 200 when true; 503 (server) or 400 (model, as the protocol asks) when not --
@@ -200,3 +213,46 @@ class KServeRoutes:
             content_type="application/octet-stream",
             headers={HEADER_LENGTH: str(len(head_bytes)), "x-request-id": call.request_id},
         )
+
+    # -- Triton's extensions ----------------------------------------------------------------
+    async def model_config(self, request: web.Request, call: Call) -> web.Response:
+        """Triton's model configuration of the version metadata describes (the same lookup:
+        unknown or none ready 404, a named version that does not serve 503)."""
+        m = request.match_info
+        call.model = self.engine.model_label(m["name"])
+        entry = self.status.ready_version(m["name"], m.get("version", ""))
+        return json_response(model_config(m["name"], entry), request_id=call.request_id)
+
+    async def repository_index(self, request: web.Request, call: Call) -> web.Response:
+        """Triton's index; the body is empty (tritonclient sends none) or {"ready": bool}."""
+        raw = await read_body(request)
+        body = loads(raw) if raw.strip() else {}
+        if not isinstance(body, dict):
+            raise BadRequest("request", "the body must be empty or an object")
+        unknown = sorted(set(body) - {"ready"})
+        if unknown:
+            raise BadRequest(unknown[0], "is not an index request field (only `ready`)")
+        ready = body.get("ready", False)
+        if not isinstance(ready, bool):  # "false" would read as true
+            raise BadRequest("ready", f"must be true or false, got {ready!r}")
+        found = repository_index(self.engine.repository, self.status.health, ready)
+        return json_response(found, request_id=call.request_id)
+
+    async def no_control(self, request: web.Request, call: Call) -> web.Response:
+        """Load / unload refused as Triton refuses them outside its explicit model control
+        mode: 503 with its words. This server serves what its repository holds; a rescan
+        loads and unloads. Counted FAILED_PRECONDITION, not UNAVAILABLE: the caller asked
+        for what this server does not do, which must not fire the server-side error-rate
+        alert (UNAVAILABLE counts there). The message is cut as `_fail` cuts others."""
+        name = request.match_info["name"]
+        call.model = self.engine.model_label(name)
+        action = request.path.rsplit("/", 1)[-1]
+        message = (
+            f"{NO_MODEL_CONTROL}: cannot {action} {name!r}; this server serves every "
+            "version its model repository holds (Triton's default model control mode, "
+            "none): add or remove the version's directory there, then rescan with "
+            "`rnn-client reload` (rnnserve.v1 Admin.ReloadModels), SIGHUP or --poll-interval"
+        )
+        call.code, call.message = grpc.StatusCode.FAILED_PRECONDITION, bounded(message)
+        body = kserve_error(call.code, call.message, None)
+        return json_response(body, 503, call.request_id)

@@ -86,6 +86,18 @@ async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield item
 
 
+def lm_version(engine: Engine, name: str) -> ModelVersion:
+    """The model's default version, which can Generate. One that cannot (a forecaster, a
+    bidirectional model, none SERVING) is not in GET /v1/models, so it is NOT_FOUND here too,
+    as OpenAI and vLLM answer for a model their list does not show; the message keeps the
+    reason (gRPC callers still get FAILED_PRECONDITION). vLLM's /tokenize and /detokenize
+    (server/http/vllm_routes.py) look models up the same way."""
+    try:
+        return engine.lookup(name, "", "Generate")
+    except UnsupportedTask as exc:
+        raise UnknownModel(f"{exc} (GET /v1/models lists the models served here)") from None
+
+
 def _event(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
@@ -134,14 +146,7 @@ class OpenAIRoutes:
         return json_response(body, request_id=call.request_id)
 
     def _lm(self, name: str) -> ModelVersion:
-        """The model's default version, which can Generate. One that cannot (a forecaster,
-        a bidirectional model, none SERVING) is not in GET /v1/models, so it is NOT_FOUND
-        here too, as OpenAI and vLLM answer for a model their list does not show; the
-        message keeps the reason (gRPC callers still get FAILED_PRECONDITION)."""
-        try:
-            return self.engine.lookup(name, "", "Generate")
-        except UnsupportedTask as exc:
-            raise UnknownModel(f"{exc} (GET /v1/models lists the models served here)") from None
+        return lm_version(self.engine, name)
 
     async def model(self, request: web.Request, call: Call) -> web.Response:
         name = request.match_info["model"]

@@ -113,5 +113,44 @@ def refusals(tc, client) -> dict:
     return out
 
 
+def aux_endpoints(url: str) -> dict:
+    """Run by test_aux_endpoints.py (`python -c`, over REST): what tritonclient.http makes of
+    Triton's model configuration, repository index and model control, and an infer whose
+    tensors are built from the configuration alone, as a generic Triton client builds them."""
+    import tritonclient.http as tc
+    from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+
+    client = tc.InferenceServerClient(url=url)
+    out: dict = {
+        "config": {m: client.get_model_config(m) for m in ("lstm", "bilstm", "sine-gru")},
+        "config_v1": client.get_model_config("lstm", model_version="1"),
+        "index": client.get_model_repository_index(),
+    }
+    config = out["config"]["sine-gru"]
+    values = {"history": np.sin(np.arange(12) / 2), "horizon": np.array([4])}
+    inputs = []
+    for spec in config["input"]:
+        datatype = spec["data_type"].removeprefix("TYPE_").replace("STRING", "BYTES")
+        value = values[spec["name"]].astype(triton_to_np_dtype(datatype))
+        assert all(d in (-1, n) for d, n in zip(spec["dims"], value.shape, strict=True))
+        item = tc.InferInput(spec["name"], list(value.shape), datatype)
+        item.set_data_from_numpy(value)
+        inputs.append(item)
+    got = client.infer("sine-gru", inputs)
+    out["forecast_outputs"] = sorted(o["name"] for o in got.get_response()["outputs"])
+    calls = {
+        "load": lambda: client.load_model("lstm"),
+        "unload": lambda: client.unload_model("lstm", unload_dependents=True),
+        "config_unknown": lambda: client.get_model_config("nope"),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+            out[name] = ["", ""]
+        except InferenceServerException as exc:
+            out[name] = [str(exc.status()), exc.message()]
+    return out
+
+
 if __name__ == "__main__":
     main()

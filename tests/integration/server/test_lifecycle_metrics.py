@@ -144,7 +144,9 @@ def test_an_http_stream_cut_when_the_grace_runs_out_counts_as_unavailable(
     end = time.monotonic() + 10  # the handler records its end as its cancellation unwinds
     while errors("UNAVAILABLE") is None and errors("CANCELLED") is None:
         assert time.monotonic() < end, [
-            (m.name, s.labels, s.value) for m in reg.collect() for s in m.samples
+            (m.name, s.labels, s.value)
+            for m in reg.collect()
+            for s in m.samples
             if "errors" in s.name or "request_duration_seconds_count" in s.name
         ]
         srv.run(asyncio.sleep(0.05))

@@ -115,7 +115,8 @@ def test_routes_do_not_cut_long_streams(parse) -> None:
     hcm, routes = _routes(parse)
     assert routes, "no routes: the loop below would check nothing"
     for route in routes:
-        http = route.match.prefix in ("/v1/", "/v2")  # OpenAI and KServe REST
+        # OpenAI and KServe REST, vLLM's /health, /version, /tokenize, /detokenize
+        http = route.match.prefix in ("/v1/", "/v2") or route.match.HasField("safe_regex")
         assert route.route.cluster == ("rnnserve-http" if http else "rnnserve")
         assert route.route.HasField("timeout"), f"{route.match}: Envoy's default is 15 s"
         assert route.route.timeout.ToSeconds() == 0, "0 = no per-request timeout (streams)"
@@ -127,8 +128,10 @@ def _route_for(routes, path: str):
     """The first route Envoy matches for a request path (path or prefix matches)."""
     for route in routes:
         kind = route.match.WhichOneof("path_specifier")
-        if (kind == "path" and path == route.match.path) or (
-            kind == "prefix" and path.startswith(route.match.prefix)
+        if (
+            (kind == "path" and path == route.match.path)
+            or (kind == "prefix" and path.startswith(route.match.prefix))
+            or (kind == "safe_regex" and re.fullmatch(route.match.safe_regex.regex, path))
         ):
             return route
     raise AssertionError(f"no route for {path}")
@@ -230,11 +233,12 @@ def test_http_routes_retry_on_another_replica_only_before_the_request_was_sent(p
     unary = next(path for path, streaming in _methods() if not streaming)
     grpc_policy = _route_for(routes, unary).route.retry_policy
     http_routes = [r for r in routes if r.route.cluster == "rnnserve-http"]
-    for path in ("/v1/completions", "/v1/models", "/v2/models/lstm/infer", "/v2/health/ready"):
+    for path in ("/v1/completions", "/v1/models", "/v2/models/lstm/infer", "/v2/health/ready",
+                 "/tokenize", "/detokenize", "/version", "/health"):  # fmt: skip
         assert _route_for(routes, path) in http_routes, path
     assert _envoy_release() >= RETRY_BEFORE_SENT_SINCE, "older Envoy rejects reset-before-request"
     for route in http_routes:
-        where = route.match.prefix or route.match.path
+        where = route.match.prefix or route.match.path or route.match.safe_regex.regex
         assert route.route.HasField("retry_policy"), f"{where}: a refused connection is final"
         policy = route.route.retry_policy
         retry_on = set(policy.retry_on.split(","))
