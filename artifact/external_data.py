@@ -52,40 +52,20 @@ def refuse_external(data: bytes) -> None:
             )
 
 
-def _tensors(model: Any) -> Iterator[tuple[str, Any]]:
-    """Every TensorProto of the model, named for the message: initializers (sparse too),
-    tensors in node attributes, in subgraphs (If, Loop, Scan), functions and training info."""
-    yield from _graph_tensors(model.graph)
-    for function in model.functions:
-        for node in function.node:
-            yield from _node_tensors(node)
-    for info in model.training_info:
-        yield from _graph_tensors(info.initialization)
-        yield from _graph_tensors(info.algorithm)
-
-
-def _graph_tensors(graph: Any) -> Iterator[tuple[str, Any]]:
-    for tensor in graph.initializer:
-        yield f"initializer {tensor.name!r}", tensor
-    for sparse in graph.sparse_initializer:
-        yield f"sparse initializer {sparse.values.name!r}", sparse.values
-        yield f"sparse initializer {sparse.values.name!r}", sparse.indices
-    for node in graph.node:
-        yield from _node_tensors(node)
-
-
-def _node_tensors(node: Any) -> Iterator[tuple[str, Any]]:
-    where = f"node {node.name or node.op_type!r}"
-    for attr in node.attribute:
-        if attr.HasField("t"):
-            yield where, attr.t
-        for tensor in attr.tensors:
-            yield where, tensor
-        sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
-        for st in [*sparse, *attr.sparse_tensors]:
-            yield where, st.values
-            yield where, st.indices
-        if attr.HasField("g"):
-            yield from _graph_tensors(attr.g)
-        for graph in attr.graphs:
-            yield from _graph_tensors(graph)
+def _tensors(message: Any, where: str = "model") -> Iterator[tuple[str, Any]]:
+    """Every TensorProto in `message`, at any depth, named for the message by the path to it:
+    a walk over the fields protobuf reports set, not a list of where tensors may sit, so none
+    is missed (a function's attribute defaults, which onnxruntime inlines, were), nor one a
+    later onnx.proto adds."""
+    if message.DESCRIPTOR.name == "TensorProto":
+        yield f"tensor {message.name!r} ({where})" if message.name else where, message
+        return
+    for field, value in message.ListFields():
+        if field.type != field.TYPE_MESSAGE:
+            continue
+        repeated = getattr(field, "is_repeated", None)  # protobuf >= 5.28; `label` before
+        if repeated is None:
+            repeated = field.label == field.LABEL_REPEATED
+        values = value if repeated else [value]
+        for item in values:
+            yield from _tensors(item, f"{where}.{field.name}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rnnserve.server import tracing
 from rnnserve.server.decode.limiter import StreamLimiter
@@ -133,6 +133,11 @@ class Generator:
         if resumed is not None:
             ids = [resumed.last_token, *ids]
             if not p.prompt and resumed.progress is not None:
+                # a checkpoint from a replica of an earlier release holds the stop strings as
+                # sent; compared in the form this one matches them in
+                at = resumed.progress
+                stop = tuple(self.codec.stop_form(s, "stop") for s in at.stop)
+                resumed.progress = replace(at, stop=stop)
                 check_continuation(p, max_tokens, resumed.progress)
             else:
                 resumed.progress = None  # a new prompt after the state: a new stream from it

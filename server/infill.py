@@ -32,6 +32,19 @@ DEFAULT_TOP_K = 5
 MAX_LOGIT_ELEMENTS = 32_000_000  # per ORT call, as in scoring (time-windowed alike)
 
 
+def infill_refusal(entry: ModelVersion, max_infill_vocab: int) -> str:
+    """Why a language model cannot Infill ("" when it can): a vocabulary over
+    --max-infill-vocab, every token of which would be scored as a candidate. One rule for the
+    call, GetModel's `rpcs` and Triton's model config."""
+    m = entry.manifest
+    if m is None or m.task != "lm" or m.vocab_size <= max_infill_vocab:
+        return ""
+    return (
+        f"model {entry.name} has {m.vocab_size} tokens, more than --max-infill-vocab "
+        f"{max_infill_vocab}: scoring every candidate would be too costly"
+    )
+
+
 @dataclass
 class Candidate:
     text: str
@@ -76,11 +89,9 @@ async def infill(
             )
         scores = await runtime.call(_bidirectional_sync, model, lids, rids, codec.vocab.unk)
     else:
-        if vocab > settings.max_infill_vocab:
-            raise UnsupportedTask(
-                f"model {entry.name} has {vocab} tokens, more than --max-infill-vocab "
-                f"{settings.max_infill_vocab}: scoring every candidate would be too costly"
-            )
+        why = infill_refusal(entry, settings.max_infill_vocab)
+        if why:
+            raise UnsupportedTask(why)
         start = entry.manifest.start_log_probs
         stop = threading.Event()
         try:

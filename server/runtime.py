@@ -105,6 +105,9 @@ class OnnxModel:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # ONNX protobuf only, as check_self_contained reads it: onnxruntime otherwise also
+        # takes its own ORT flatbuffer format, recognised from the bytes, which it does not
+        options.add_session_config_entry("session.load_model_format", "ONNX")
         self.session = ort.InferenceSession(data, options, providers=list(providers))
         self.manifest = manifest
         self.specs: list[StateSpec] = list(manifest.state)

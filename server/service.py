@@ -9,6 +9,7 @@ import grpc
 from rnnserve.server.engine import Engine, require
 from rnnserve.server.generation import GenerateParams
 from rnnserve.server.health import ModelHealth
+from rnnserve.server.infill import infill_refusal
 from rnnserve.server.repository import ModelVersion
 from rnnserve.server.sampling import SamplingParams
 from rnnserve.v1 import rnnserve_pb2 as pb
@@ -28,6 +29,13 @@ CANNOT_OPEN = (
 )
 
 
+def served_rpcs(entry: ModelVersion, max_infill_vocab: int) -> list[str]:
+    """The RPCs the version answers: its task's, less Infill past --max-infill-vocab."""
+    if infill_refusal(entry, max_infill_vocab):
+        return [rpc for rpc in entry.rpcs if rpc != "Infill"]
+    return entry.rpcs
+
+
 def version_info(
     entry: ModelVersion, health: ModelHealth | None = None, max_infill_vocab: int | None = None
 ) -> pb.VersionInfo:
@@ -38,11 +46,8 @@ def version_info(
     status, reason = entry.status, entry.reason
     if entry.serving and health is not None and not health.serves(entry):
         status, reason = "NOT_SERVING", CANNOT_OPEN
-    rpcs = entry.rpcs
+    rpcs = entry.rpcs if max_infill_vocab is None else served_rpcs(entry, max_infill_vocab)
     m = entry.manifest
-    too_many = max_infill_vocab is not None and m is not None and m.vocab_size > max_infill_vocab
-    if too_many and m is not None and m.task == "lm":
-        rpcs = [rpc for rpc in rpcs if rpc != "Infill"]
     info = pb.VersionInfo(version=entry.version, status=status, status_reason=reason, rpcs=rpcs)
     if m is not None:
         info.task, info.architecture = m.task, m.architecture

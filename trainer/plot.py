@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rnnserve.trainer.plot_path import pyplot
+
 
 def plot_history(history: list[dict], path: Path, title: str = "training") -> Path:
-    """Train and validation perplexity per epoch, with the uniform baseline |V| for scale.
-    matplotlib loads here, at the first plot: every `rnn-trainer` process (a refused flag,
-    each rank of a data-parallel run) would otherwise pay its 0.3-0.4 s import first."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Train and validation perplexity per epoch, with the uniform baseline |V| for scale."""
+    plt = pyplot()  # loaded here, at the first plot
     from matplotlib.ticker import LogFormatter, MaxNLocator
 
     epochs = [r["epoch"] for r in history]

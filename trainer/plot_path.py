@@ -1,4 +1,5 @@
-"""Where a plot goes: its format, by the file's suffix, checked before the work that draws it.
+"""Where a plot goes: its format, by the file's suffix, checked before the work that draws it;
+and matplotlib itself, loaded at the first plot (`pyplot`).
 
 Shared by `stats --plot` and the forecasting plots: a directory, a file in the way of the
 folder, or an unknown suffix failed only after the counting or the training was done, `.svg`
@@ -28,3 +29,17 @@ def plot_format(path: Path, flag: str = "--plot", example: str = "plot.png") -> 
     if fmt not in PLOT_FORMATS:
         raise TrainerError(f"{flag} {path}: unknown image suffix .{fmt}; use .png, .svg or .pdf")
     return fmt
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display), loaded at the first plot: every
+    `rnn-trainer` process would otherwise pay its 0.3-0.4 s import before checking its flags.
+    A missing matplotlib is a TrainerError saying what to install."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise TrainerError("plotting needs matplotlib: pip install 'rnnserve[train]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

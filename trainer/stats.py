@@ -113,11 +113,7 @@ def plot_format(path: Path) -> str:
 def plot_zipf(all_counts: dict[int, Counter], path: Path, title: str) -> None:
     """log-log frequency vs rank for each order, in the format of the file's suffix
     (plot_format; matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plot_path.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for n, counts in all_counts.items():
         freqs = sorted(counts.values(), reverse=True)

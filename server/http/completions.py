@@ -274,7 +274,7 @@ def token_logprobs(
     `normalize`, the tokenizer's: each offset is where its token stands in `text`); `top`:
     each token's likeliest alternatives (logprobs > 0), else null. A token not found (its
     characters compose only in the whole text's normal form) stands at the next character
-    that is not a space, and the search goes on from there."""
+    that is not a space, and the search goes on after that character."""
     fold = folded(text, normalize) if normalize is not None else Folded(text, [])
     search, offsets, at = fold.search, [], 0
     for tok in tokens:
@@ -287,6 +287,8 @@ def token_logprobs(
         while not tok.isspace() and start < len(search) and search[start].isspace():
             start += 1
         offsets.append(fold.origin(start))
+        if tok:  # it stands there: the next token is searched for after it
+            at = min(start + 1, len(search))
     return {
         "tokens": tokens,
         "token_logprobs": values,

@@ -49,7 +49,7 @@ def _has_intervals(entry: ModelVersion) -> bool:
         return False
 
 
-def model_config(name: str, entry: ModelVersion) -> dict:
+def model_config(name: str, entry: ModelVersion, rpcs: list[str]) -> dict:
     """Triton's ModelConfig (its JSON field names) for the version `entry`.
 
     max_batch_size 0: infer has no batch dimension for Triton to add (a `text` tensor of any
@@ -58,9 +58,11 @@ def model_config(name: str, entry: ModelVersion) -> dict:
     --max-batch is the decode batch of Generate streams, which infer does not use. The
     inputs of all the task's use cases are listed, each `optional` unless every use case
     needs it (an lm model scores `text` or fills `left` + `right`); outputs are those of
-    all its use cases, `lower` / `upper` only when the forecaster has intervals."""
+    all its use cases, `lower` / `upper` only when the forecaster has intervals. `rpcs`:
+    what the version answers (GetModel's), so that an lm model past --max-infill-vocab lists
+    no `left` / `right`."""
     task = entry.manifest.task if entry.manifest else ""
-    sigs = signatures_for(task)
+    sigs = [sig for sig in signatures_for(task) if sig.rpc in rpcs]
     inputs: dict[str, tuple[TensorSpec, bool]] = {}
     outputs: dict[str, TensorSpec] = {}
     for sig in sigs:

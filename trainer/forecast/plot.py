@@ -13,18 +13,7 @@ import numpy as np
 from rnnserve.trainer.errors import TrainerError
 from rnnserve.trainer.forecast.evaluate import KStepResult
 from rnnserve.trainer.forecast.series import Series
-from rnnserve.trainer.plot_path import plot_format
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise TrainerError("plotting needs matplotlib: pip install 'rnnserve[train]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from rnnserve.trainer.plot_path import plot_format, pyplot
 
 
 def draw_k_step(ax, series: Series, result: KStepResult, horizons=(1, 4, 16, 64), title=""):
@@ -60,7 +49,7 @@ def draw_mse_bars(ax, table: dict[str, dict[int, float]], horizons=(1, 4, 16, 64
 
 def plot_k_step(series: Series, result: KStepResult, path: Path, title: str = "") -> Path:
     """PNG of `draw_k_step` (the textbook's figure)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     draw_k_step(ax, series, result, title=title)
     return _save(fig, plt, path)
@@ -70,7 +59,7 @@ def plot_report(
     series: Series, result: KStepResult, table: dict[str, dict[int, float]], path: Path
 ) -> Path:
     """Two panels: the textbook figure for one model, and the MSE bars of all predictors."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.5))
     draw_k_step(left, series, result)
     draw_mse_bars(right, table)
@@ -80,7 +69,7 @@ def plot_report(
 def plot_backtest(result, path: Path, k: int = 16, context: int | None = None) -> Path:
     """Two panels for one backtest (backtest.BacktestResult): the test window with the
     k-step forecasts of the best model and the best baseline, and MASE bars by horizon."""
-    plt = _pyplot()
+    plt = pyplot()
     series = result.series
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.5))
     start = max(0, series.num_train - (context or 2 * (len(series.values) - series.num_train)))

@@ -72,7 +72,9 @@ def test_a_package_reading_a_file_outside_it_is_not_served(
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "outside model.onnx" in err.value.details()
         info = server.stub.GetModel(pb.GetModelRequest(model="leaky"))
-        assert info.versions[0].status_reason.startswith("initializer 'leaked' keeps its data")
+        assert info.versions[0].status_reason.startswith(
+            "tensor 'leaked' (model.graph.initializer) keeps its data"
+        )
         # the rest of the repository serves
         ok = server.stub.Forecast(pb.ForecastRequest(model="sine-mlp", history=history, horizon=1))
         assert len(ok.forecast) == 1

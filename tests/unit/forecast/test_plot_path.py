@@ -15,7 +15,7 @@ from rnnserve.trainer.forecast import plot
 
 def test_a_plot_without_a_suffix_is_written_where_it_is_named(tmp_path: Path) -> None:
     """`--plot out` wrote out.png (matplotlib adds the suffix) and said "wrote out"."""
-    plt = plot._pyplot()
+    plt = plot.pyplot()
     fig, _ax = plt.subplots()
     written = plot._save(fig, plt, tmp_path / "out")
     assert written == tmp_path / "out"

@@ -15,6 +15,7 @@ import json
 import struct
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -280,3 +281,25 @@ def test_tokens_from_another_model_or_key_are_refused(server, model_repo: Path) 
     finally:
         stranger.stop()
         old_only.stop()
+
+
+def test_a_checkpoint_whose_stop_strings_were_kept_as_sent_still_continues(
+    server, model_repo: Path
+) -> None:
+    """Replicas before stop strings were matched in the model's text form (lower case here)
+    signed checkpoints with the stop strings as sent: continuing one with the same request
+    on a newer replica was refused ("stop is ('the',) but ... had ('The',)")."""
+    kw = dict(model="lstm", max_tokens=60, state_every=4, stop=["The Time", "Zq"],
+              sampling=pb.SamplingParams(temperature=0.9, seed=5))  # fmt: skip
+    msgs = _generate(server.stub, prompt=PROMPT, **kw)
+    at = next(i for i, m in enumerate(msgs) if m.state and not m.finish_reason)
+    signer = server.app.engine.signer
+    manifest = Manifest.load(model_repo / "lstm" / "1")
+    resumed = signer.verify(msgs[at].state, "lstm", "1", manifest.state, len(manifest.vocab),
+                            weights=manifest.onnx_sha256)  # fmt: skip
+    assert resumed.progress.stop == ("the time", "zq")  # this release keeps the matched form
+    as_sent = replace(resumed.progress, stop=("The Time", "Zq"))  # an earlier release's token
+    old = signer.sign("lstm", "1", resumed.state, resumed.last_token, as_sent,
+                      weights=manifest.onnx_sha256)  # fmt: skip
+    rest = _generate(server.stub, **kw, state=old)
+    assert _ids(rest) == _ids(msgs[at + 1 :])

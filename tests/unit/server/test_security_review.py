@@ -117,7 +117,25 @@ def _in_sparse(location: str) -> onnx.ModelProto:
     return _model([helper.make_node("Identity", ["S"], ["Y"])], sparse=[sparse])
 
 
-@pytest.mark.parametrize("build", [_in_initializer, _in_constant, _in_subgraph, _in_sparse])
+def _in_function_default(location: str) -> onnx.ModelProto:
+    """A model-local function whose Constant takes its value from an attribute default, which
+    onnxruntime copies in when it inlines the call: the first walk of known places missed it."""
+    const = helper.make_node("Constant", [], ["y"])
+    ref = onnx.AttributeProto(name="value", ref_attr_name="v", type=onnx.AttributeProto.TENSOR)
+    const.attribute.append(ref)
+    function = helper.make_function(
+        "local", "Leak", [], ["y"], [const], [helper.make_opsetid("", 17)]
+    )
+    function.attribute_proto.append(helper.make_attribute("v", _external("c", location)))
+    model = _model([helper.make_node("Leak", [], ["Y"], domain="local")])
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    model.functions.append(function)
+    return model
+
+
+@pytest.mark.parametrize(
+    "build", [_in_initializer, _in_constant, _in_subgraph, _in_sparse, _in_function_default]
+)
 @pytest.mark.parametrize("location", ["etc/hostname", "../../secret", "/etc/hostname"])
 def test_external_data_anywhere_in_the_graph_is_refused(build, location: str) -> None:
     with pytest.raises(ExternalDataError, match=r"outside model\.onnx"):

@@ -116,3 +116,11 @@ def test_a_word_level_stream_stops_on_a_stop_string_written_as_text() -> None:
     checker = StopChecker(max_tokens=10, stop=[codec.stop_form("isn't", "stop[0]")])
     out = [checker.feed(i, p) for i, p in list(zip(ids, pieces, strict=True))[:4]]
     assert "".join(text for text, _ in out) == " late " and out[-1][1] == STOP
+
+
+def test_the_token_after_one_not_found_is_searched_for_after_it() -> None:
+    """ "e" + U+0301 composes to "é" only in the whole text's normal form, so that token is not
+    found; the search stayed where it was and put the next "e" on the same character."""
+    text = "e\u0301e"
+    found = token_logprobs(text, ["é", "e"], [None, None], Tokenizer().normalize)
+    assert found["text_offset"] == [0, 2]
