@@ -17,13 +17,12 @@ import struct
 from pathlib import Path
 
 import grpc
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 from rnnserve.v1 import rnnserve_pb2 as pb
 from tests.integration.server.harness import ServerThread, make_settings
-
-onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper  # noqa: E402
 
 SECRET = b"S"  # one byte: the graph below leaks byte 0 of the file as the forecast
 

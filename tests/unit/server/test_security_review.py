@@ -16,19 +16,19 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
-onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper  # noqa: E402
-
-from rnnserve.artifact.external_data import (  # noqa: E402
+from rnnserve.artifact.external_data import (
     ExternalDataError,
     check_self_contained,
     refuse_external,
 )
-from rnnserve.artifact.manifest import StateSpec  # noqa: E402
-from rnnserve.server.errors import BadRequest  # noqa: E402
-from rnnserve.server.resume import StateSigner  # noqa: E402
+from rnnserve.artifact.manifest import StateSpec
+from rnnserve.server.errors import BadRequest
+from rnnserve.server.resume import StateSigner
 
 KEY = b"0123456789abcdef0123456789abcdef"
 SPECS = [StateSpec("h", "h_in", "h_out", [1, -1, 3], 1)]
@@ -155,7 +155,6 @@ def test_onnxruntime_reads_a_file_outside_the_package_without_the_check(
     """The threat itself: a session built from a package's bytes (as the server builds it)
     reads a file named relative to the working directory. If onnxruntime ever stops doing
     so, this test says the check guards against nothing new."""
-    ort = pytest.importorskip("onnxruntime")
     (tmp_path / "secret").write_bytes(b"KEY!")
     package = tmp_path / "models" / "evil" / "1"
     package.mkdir(parents=True)
