@@ -274,9 +274,11 @@ def pair_states(
 
 
 def named_pairs(
-    states: list[str], inputs: dict[str, Tensor], outputs: dict[str, Tensor]
+    states: list[str], inputs: dict[str, Tensor], outputs: dict[str, Tensor], fed: str
 ) -> list[tuple[Tensor, Tensor, int | None]]:
-    """The pairs `--state INPUT:OUTPUT[:AXIS]` names, each input and output at most once."""
+    """The pairs `--state INPUT:OUTPUT[:AXIS]` names, each input and output at most once,
+    and every input left named by one: the server feeds only the `fed` input ("token",
+    "values") and state."""
     pairs: list[tuple[Tensor, Tensor, int | None]] = []
     for text in states:
         i, o, axis = parse_state(text, inputs, outputs)
@@ -290,6 +292,11 @@ def named_pairs(
                 raise misfit(f"--state {text!r}: {both!r} is already in the pair"
                              f" {taken[0].name}:{taken[1].name}")  # fmt: skip
         pairs.append((inputs[i], as_fed_back(inputs[i], outputs[o]), axis))
+    unfed = sorted(set(inputs) - {i.name for i, _, _ in pairs})
+    if unfed:
+        feeds = "tokens" if fed == "token" else fed
+        raise misfit(f"input {unfed[0]!r} is neither the {fed} input nor a state input; the"
+                     f" server feeds only {feeds} and state")  # fmt: skip
     return pairs
 
 
@@ -353,11 +360,7 @@ def resolve(
     if states is None:
         pairs, guessed = pair_states(rest_in, rest_out, notes)
     else:
-        pairs = named_pairs(states, rest_in, rest_out)
-        unfed = sorted(set(rest_in) - {i.name for i, _, _ in pairs})
-        if unfed:
-            raise misfit(f"input {unfed[0]!r} is neither the token input nor a state input; the"
-                         " server feeds only tokens and state")  # fmt: skip
+        pairs = named_pairs(states, rest_in, rest_out, "token")
     specs = [state_spec(i, o, axis) for i, o, axis in pairs]
     if layout is None:
         major = _time_major(token, specs, inputs)

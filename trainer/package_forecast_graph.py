@@ -262,11 +262,7 @@ def resolve_forecast(
     if states is None:
         pairs, guessed = pair_states(rest_in, rest_out, notes)
     else:
-        pairs = named_pairs(states, rest_in, rest_out)
-        unfed = sorted(set(rest_in) - {i.name for i, _, _ in pairs})
-        if unfed:
-            raise misfit(f"input {unfed[0]!r} is neither the values input nor a state input; the"
-                         " server feeds only values and state")  # fmt: skip
+        pairs = named_pairs(states, rest_in, rest_out, "values")
     specs = [state_spec(i, o, axis) for i, o, axis in pairs]
     if not specs:
         raise misfit(

@@ -29,6 +29,18 @@ REFUSED = {
     "presence_penalty": "penalties are not supported; it must be 0",
     "frequency_penalty": "penalties are not supported; it must be 0",
     "logit_bias": "logit_bias is not supported",
+    # vLLM's extensions, which clients written for vLLM send at their defaults
+    "repetition_penalty": "penalties are not supported; it must be 1",
+    "length_penalty": "beam search is not done; it must be 1",
+    "use_beam_search": "beam search is not done; it must be false",
+    "min_tokens": "min_tokens is not supported (a completion ends when the model makes "
+    "<eos>); it must be 0",
+    "min_p": "min_p is not supported (use top_p or top_k); it must be 0",
+    "ignore_eos": "ignore_eos is not supported; it must be false",
+    "stop_token_ids": "stop_token_ids is not supported; use stop strings",
+    "include_stop_str_in_output": "the stop string is never returned; it must be false",
+    "skip_special_tokens": "special tokens are never in the text; it must be true",
+    "spaces_between_special_tokens": "special tokens are never in the text; it must be true",
 }
 NEUTRAL: dict[str, tuple] = {
     "n": (None, 1),
@@ -37,7 +49,18 @@ NEUTRAL: dict[str, tuple] = {
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
+    "repetition_penalty": (None, 1, 1.0),
+    "length_penalty": (None, 1, 1.0),
+    "use_beam_search": (None, False),
+    "min_tokens": (None, 0),
+    "min_p": (None, 0, 0.0),
+    "ignore_eos": (None, False),
+    "stop_token_ids": (None, []),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True),
 }
+FLAG = "true or false"
 KIND = {
     "n": "an integer",
     "best_of": "an integer",
@@ -45,6 +68,16 @@ KIND = {
     "presence_penalty": "a number",
     "frequency_penalty": "a number",
     "logit_bias": "an object",
+    "repetition_penalty": "a number",
+    "length_penalty": "a number",
+    "use_beam_search": FLAG,
+    "min_tokens": "an integer",
+    "min_p": "a number",
+    "ignore_eos": FLAG,
+    "stop_token_ids": "a list of integers",
+    "include_stop_str_in_output": FLAG,
+    "skip_special_tokens": FLAG,
+    "spaces_between_special_tokens": FLAG,
 }
 ACCEPTED = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
@@ -131,7 +164,9 @@ def parse_completion(body: object, max_tokens_limit: int | None = None) -> Compl
         raise BadRequest(unknown[0], "is not a completions field this server knows")
     for name, why in REFUSED.items():
         value = body.get(name)
-        if isinstance(value, bool):  # True == 1 and False == 0: they would pass as neutral
+        # True == 1 and False == 0 (and 1.0 == True): either would pass as the other's neutral
+        flag = KIND[name] == FLAG
+        if value is not None and isinstance(value, bool) != flag:
             raise BadRequest(name, f"must be {KIND[name]}, got {value!r}")
         if value not in NEUTRAL[name]:
             raise BadRequest(name, why)

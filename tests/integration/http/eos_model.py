@@ -18,14 +18,20 @@ NEXT = {"a": "b", "b": "c", "c": "d", "d": "e", "e": "<eos>"}
 NAME = "eos"
 
 
-def _graph(path: Path) -> None:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
+def lookup_table() -> np.ndarray:
+    """Logits [token, next token]: 20 for the certain next token, -20 for every other."""
     size = len(VOCAB)
     table = np.full((size, size), -20.0, dtype=np.float32)
     for i, token in enumerate(VOCAB):
         table[i, VOCAB.index(NEXT.get(token, "a"))] = 20.0
+    return table
+
+
+def _graph(path: Path, table: np.ndarray) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    size = len(VOCAB)
     graph = helper.make_graph(
         [
             helper.make_node("Gather", ["table", "tokens"], ["logits"], axis=0),
@@ -47,13 +53,14 @@ def _graph(path: Path) -> None:
     onnx.save(model, path)
 
 
-def build_repo(out: Path, name: str = NAME) -> Path:
-    """`out` as a model repository holding `name`/1, the model above; returns `out`."""
+def build_repo(out: Path, name: str = NAME, table: np.ndarray | None = None) -> Path:
+    """`out` as a model repository holding `name`/1, the model above (or the lookup of
+    `table`, logits [token, next token]); returns `out`."""
     from rnnserve.trainer import cli
 
     work = out.parent / f"{out.name}-src"
     work.mkdir(parents=True, exist_ok=True)
-    _graph(work / "model.onnx")
+    _graph(work / "model.onnx", lookup_table() if table is None else table)
     (work / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     args = ["package", "--onnx", str(work / "model.onnx"), "--vocab", str(work / "vocab.txt"),
             "--tokenizer", "char", "--arch", "rnn", "--name", name, "--out", str(out)]  # fmt: skip

@@ -22,61 +22,25 @@ from rnnserve.server.sampling import Sampler, SamplingParams
 from rnnserve.server.stopping import StopChecker
 from rnnserve.v1 import rnnserve_pb2 as pb
 from tests.integration.http.conftest import http_server
-from tests.integration.http.eos_model import NEXT, VOCAB
+from tests.integration.http.eos_model import VOCAB, build_repo, lookup_table
 from tests.integration.server.harness import ServerThread
 
 NAME = "soft-eos"
 EOS_LOGPROB = -math.log1p(math.exp(-1.0))  # <eos> after "e": logit 1 against "a"'s 0
 
 
-def _graph(path: Path) -> None:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    size = len(VOCAB)
-    table = np.full((size, size), -20.0, dtype=np.float32)
-    for i, token in enumerate(VOCAB):
-        table[i, VOCAB.index(NEXT.get(token, "a"))] = 20.0
+def _table() -> np.ndarray:
+    """eos_model's lookup with the softer row after "e"."""
+    table = lookup_table()
     e = VOCAB.index("e")
     table[e, :] = -20.0
     table[e, VOCAB.index("<eos>")], table[e, VOCAB.index("a")] = 1.0, 0.0
-    graph = helper.make_graph(
-        [
-            helper.make_node("Gather", ["table", "tokens"], ["logits"], axis=0),
-            helper.make_node("Identity", ["h0"], ["hn"]),
-        ],
-        NAME,
-        [
-            helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"]),
-            helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "batch", 1]),
-        ],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "time", size]),
-            helper.make_tensor_value_info("hn", TensorProto.FLOAT, [1, "batch", 1]),
-        ],
-        [numpy_helper.from_array(table, "table")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
-
-
-def _repo(out: Path) -> Path:
-    from rnnserve.trainer import cli
-
-    work = out.parent / f"{out.name}-src"
-    work.mkdir(parents=True, exist_ok=True)
-    _graph(work / "model.onnx")
-    (work / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    args = ["package", "--onnx", str(work / "model.onnx"), "--vocab", str(work / "vocab.txt"),
-            "--tokenizer", "char", "--arch", "rnn", "--name", NAME, "--out", str(out)]  # fmt: skip
-    assert cli.main(args) == 0
-    return out
+    return table
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _repo(tmp_path_factory.mktemp("soft-eos") / "models")
+    return build_repo(tmp_path_factory.mktemp("soft-eos") / "models", NAME, _table())
 
 
 @pytest.fixture(scope="module")

@@ -234,3 +234,30 @@ def test_a_streamed_message_reports_the_text_its_tokens_spell() -> None:
     assert lp == {"tokens": ["cd"], "token_logprobs": [-1.5], "top_logprobs": None,
                   "text_offset": [7]}  # fmt: skip
     assert message_logprobs([], 0.0, 7)["tokens"] == []
+
+
+VLLM_DEFAULTS = {
+    "repetition_penalty": 1.0, "length_penalty": 1, "use_beam_search": False, "min_tokens": 0,
+    "min_p": 0.0, "ignore_eos": False, "stop_token_ids": [],
+    "include_stop_str_in_output": False, "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+}  # fmt: skip
+
+
+def test_vllms_sampling_extensions_at_their_defaults_are_accepted() -> None:
+    """Clients written for vLLM send these at their defaults; each was an "unknown field"."""
+    req = parse_completion({"model": "m", "prompt": "a", **VLLM_DEFAULTS})
+    assert req.prompts == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("repetition_penalty", 1.2), ("min_tokens", 5), ("min_p", 0.1), ("ignore_eos", True),
+     ("stop_token_ids", [3]), ("skip_special_tokens", False), ("use_beam_search", True),
+     ("ignore_eos", 0), ("skip_special_tokens", 1), ("min_tokens", False)],
+)  # fmt: skip
+def test_vllms_sampling_extensions_otherwise_are_refused_by_name(name: str, value) -> None:
+    """A value other than the default, or a number for a flag (0 == False would pass as it)."""
+    with pytest.raises(BadRequest) as err:
+        parse_completion({"model": "m", "prompt": "a", name: value})
+    assert err.value.field == name
