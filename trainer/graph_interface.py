@@ -273,6 +273,20 @@ def pair_states(
     return pairs, ambiguous
 
 
+def state_pairs(
+    states: list[str] | None,
+    inputs: dict[str, Tensor],
+    outputs: dict[str, Tensor],
+    fed: str,
+    notes: list[str],
+) -> tuple[list[tuple[Tensor, Tensor, int | None]], bool]:
+    """The state pairs `--state` names (`states`), else those inferred (pair_states); and
+    whether the inference had to choose among several outputs."""
+    if states is None:
+        return pair_states(inputs, outputs, notes)
+    return named_pairs(states, inputs, outputs, fed), False
+
+
 def named_pairs(
     states: list[str], inputs: dict[str, Tensor], outputs: dict[str, Tensor], fed: str
 ) -> list[tuple[Tensor, Tensor, int | None]]:
@@ -356,11 +370,7 @@ def resolve(
     logits = _pick_output(outputs, output_name, vocab_size)
     rest_in = {k: v for k, v in inputs.items() if k != token.name}
     rest_out = {k: v for k, v in outputs.items() if k != logits.name}
-    guessed = False
-    if states is None:
-        pairs, guessed = pair_states(rest_in, rest_out, notes)
-    else:
-        pairs = named_pairs(states, rest_in, rest_out, "token")
+    pairs, guessed = state_pairs(states, rest_in, rest_out, "token", notes)
     specs = [state_spec(i, o, axis) for i, o, axis in pairs]
     if layout is None:
         major = _time_major(token, specs, inputs)

@@ -38,8 +38,7 @@ from rnnserve.trainer.graph_interface import (
     graph_inputs,
     listing,
     misfit,
-    named_pairs,
-    pair_states,
+    state_pairs,
     state_spec,
     tensors,
 )
@@ -258,11 +257,7 @@ def resolve_forecast(
     rest_in = {k: v for k, v in inputs.items() if k != values.name}
     rest_out = {k: v for k, v in outputs.items() if k != prediction.name}
     notes: list[str] = []
-    guessed = False
-    if states is None:
-        pairs, guessed = pair_states(rest_in, rest_out, notes)
-    else:
-        pairs = named_pairs(states, rest_in, rest_out, "values")
+    pairs, guessed = state_pairs(states, rest_in, rest_out, "values", notes)
     specs = [state_spec(i, o, axis) for i, o, axis in pairs]
     if not specs:
         raise misfit(

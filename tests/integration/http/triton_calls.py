@@ -69,7 +69,6 @@ def main() -> None:
 def refusals(tc, client) -> dict:
     """What each unserved Triton extension answers: {call: [status, message]} ("" when the
     call succeeded, which it should not)."""
-    from tritonclient.utils import InferenceServerException
 
     def text() -> object:
         item = tc.InferInput("text", [1], "BYTES")
@@ -103,14 +102,7 @@ def refusals(tc, client) -> dict:
         "timeout": lambda: client.infer("lstm", [text()], timeout=1),
         "time_enough": lambda: client.infer("lstm", [text()], priority=3, timeout=30_000_000),
     }
-    out = {}
-    for name, call in calls.items():
-        try:
-            call()
-            out[name] = ["", ""]
-        except InferenceServerException as exc:
-            out[name] = [str(exc.status()), exc.message()]
-    return out
+    return _outcomes(calls, {})
 
 
 def aux_endpoints(url: str) -> dict:
@@ -118,7 +110,7 @@ def aux_endpoints(url: str) -> dict:
     Triton's model configuration, repository index and model control, and an infer whose
     tensors are built from the configuration alone, as a generic Triton client builds them."""
     import tritonclient.http as tc
-    from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+    from tritonclient.utils import triton_to_np_dtype
 
     client = tc.InferenceServerClient(url=url)
     out: dict = {
@@ -143,6 +135,13 @@ def aux_endpoints(url: str) -> dict:
         "unload": lambda: client.unload_model("lstm", unload_dependents=True),
         "config_unknown": lambda: client.get_model_config("nope"),
     }
+    return _outcomes(calls, out)
+
+
+def _outcomes(calls: dict, out: dict) -> dict:
+    """Each call's [status, message] into `out` (["", ""] when it succeeded)."""
+    from tritonclient.utils import InferenceServerException
+
     for name, call in calls.items():
         try:
             call()
